@@ -1,0 +1,1 @@
+"""The ``mergevid`` command line (typer + rich). Heavy imports happen inside commands."""

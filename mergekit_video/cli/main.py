@@ -1,0 +1,63 @@
+"""``mergevid``: the command-line entry point.
+
+Sub-command groups live in their own modules and register themselves on the apps
+defined here; everything heavy (torch, open_clip, decord) is imported inside commands
+so that ``mergevid --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from .. import __version__
+from .errors import run_app
+
+app = typer.Typer(
+    name="mergevid",
+    help="Build, train and merge mixtures of experts in video models (MoTE).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Video dataset tools: synthetic data, preparation.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (results are written as JSON and to docs/benchmarks.md).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"mergevid {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """mergekit_video command line."""
+    if debug:
+        os.environ["MERGEVID_DEBUG"] = "1"
+
+
+def _register_commands() -> None:
+    # Each module adds its commands to the apps above.
+    from . import commands  # noqa: F401
+    from . import data_cmds  # noqa: F401
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    return run_app(app, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

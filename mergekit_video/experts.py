@@ -1,0 +1,346 @@
+"""Expert containers: N same-structure modules behind a router, merged for inference.
+
+:class:`ExpertContainer` is a drop-in replacement for one module (say an FFN):
+
+- in **train** mode its router picks the expert(s) that run (per batch, sample or token);
+- in **eval** mode it runs one dense module holding the merge of the experts
+  (``mean`` by default, MoTE Eq. 6). The merge is computed once and cached until an
+  expert tensor changes (tracked by tensor version counters);
+- :meth:`ExpertContainer.merged_forward` runs a differentiable forward with weights
+  Σ wᵢ·θᵢ through :func:`torch.func.functional_call` (used by weight-merging regularization);
+- :meth:`ExpertContainer.collapse` returns a dense module of the experts' own class.
+
+A *routing plan* overrides what a container does for the next forwards without touching
+the model's code. :func:`routing_plan` sets one on every container of a model; the
+helpers :func:`use_expert`, :func:`use_merge_weights` and :func:`use_merge` cover the
+common cases. A plan is one of
+
+- ``"routed"`` / ``"merged"``: the train / eval behaviour, whatever the mode;
+- an ``int`` i: expert i alone;
+- a ``[N]`` tensor of merge coefficients: :meth:`merged_forward` with those weights;
+- a list of ``(batch_size, plan)`` segments: the batch is split along dim 0 and each
+  segment runs its own plan (two training paths in one batched forward).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .merging import is_output_space, linear_combination, merge_coefficients, merge_state_dicts
+from .routers import Router, RouterOutput, build_router
+
+Plan = Union[str, int, torch.Tensor, Sequence[tuple[int, Any]]]
+
+
+def check_same_structure(experts: Sequence[nn.Module]) -> None:
+    """Raise ``ValueError`` naming the first tensor in which the experts differ."""
+    if len(experts) == 0:
+        raise ValueError("ExpertContainer needs at least one expert")
+    ref = experts[0]
+    ref_sd = ref.state_dict()
+    ref_ids = {id(p) for p in ref.parameters()}
+    for i, e in enumerate(experts[1:], 1):
+        if e is ref or any(id(p) in ref_ids for p in e.parameters()):
+            raise ValueError(f"expert {i} shares parameters with expert 0; pass independent copies (copy.deepcopy)")
+        if type(e) is not type(ref):
+            raise ValueError(f"expert {i} is a {type(e).__name__} but expert 0 is a {type(ref).__name__}")
+        sd = e.state_dict()
+        for k, t in ref_sd.items():
+            if k not in sd:
+                raise ValueError(f"expert {i} has no tensor {k!r}, which expert 0 has")
+            if sd[k].shape != t.shape:
+                raise ValueError(
+                    f"tensor {k!r} differs: expert 0 has shape {tuple(t.shape)}, expert {i} has {tuple(sd[k].shape)}"
+                )
+            if sd[k].dtype != t.dtype:
+                raise ValueError(f"tensor {k!r} differs: expert 0 has dtype {t.dtype}, expert {i} has {sd[k].dtype}")
+        for k in sd:
+            if k not in ref_sd:
+                raise ValueError(f"expert {i} has tensor {k!r}, which expert 0 lacks")
+
+
+class ExpertEnsemble(nn.Module):
+    """Output-space "merge": runs all N experts and averages their outputs (N forwards)."""
+
+    def __init__(self, experts: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        w = torch.full((len(experts),), 1.0 / len(experts)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        self.register_buffer("weights", w / w.sum(), persistent=False)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = None
+        for w, e in zip(self.weights.tolist(), self.experts):
+            y = e(x, *args, **kwargs) * w
+            out = y if out is None else out + y
+        return out
+
+
+class ExpertContainer(nn.Module):
+    """N experts of one structure behind a router; a merged dense module in eval.
+
+    Args:
+        experts: modules of one class with identical tensor names, shapes and dtypes.
+        router: a :class:`~mergekit_video.routers.Router` or a registered router name.
+        merge: merge strategy used in eval mode and by :meth:`collapse` by default
+            (a registered name such as ``"mean"`` or ``"ensemble"``).
+        merge_kwargs: keyword arguments for the merge strategy.
+        router_kwargs: keyword arguments when ``router`` is a name.
+
+    State-dict keys are ``experts.{i}.<expert keys>`` plus the router's own (if any).
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[nn.Module],
+        router: str | Router = "multinomial",
+        merge: str = "mean",
+        *,
+        merge_kwargs: Mapping[str, Any] | None = None,
+        router_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        experts = list(experts)
+        check_same_structure(experts)
+        self.experts = nn.ModuleList(experts)
+        self.router = build_router(router, num_experts=len(experts), **dict(router_kwargs or {}))
+        if self.router.num_experts != len(experts):
+            raise ValueError(f"router is built for {self.router.num_experts} experts but the container has {len(experts)}")
+        self.merge = merge
+        self.merge_kwargs: dict[str, Any] = dict(merge_kwargs or {})
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        self.last_routing: RouterOutput | None = None
+        self.merge_count = 0  # how many times the eval merge was computed
+        self._plan: Plan | None = None
+        object.__setattr__(self, "_merge_cache", None)  # (key, module); not a submodule
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    # -- public API ---------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        plan = self._plan
+        if plan is None:
+            plan = "routed" if self.training else "merged"
+        if isinstance(plan, (list, tuple)):
+            return self._segmented_forward(plan, x, args, kwargs)
+        return self._run(plan, x, args, kwargs)
+
+    def merged_forward(self, x: torch.Tensor, weights: torch.Tensor | Sequence[float], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Forward with weights Σ wᵢ·θᵢ, differentiable in the experts and in ``weights``.
+
+        Args:
+            x: input of the expert module.
+            weights: ``[N]`` coefficients (not renormalised).
+        """
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        if w.numel() != self.num_experts:
+            raise ValueError(f"merged_forward got {w.numel()} weights for {self.num_experts} experts")
+        return functional_call(self.experts[0], self._merged_tensors(w), (x, *args), kwargs, strict=True)
+
+    def collapse(self, strategy: str | None = None, *, base: nn.Module | Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> nn.Module:
+        """Return a dense module of the experts' own class holding the merged weights.
+
+        ``strategy="ensemble"`` returns an :class:`ExpertEnsemble` instead (no weight merge).
+        ``base`` is the pre-expert module or its state dict, for task-arithmetic strategies.
+        """
+        if strategy is None:
+            strategy, kwargs = self.merge, {**self.merge_kwargs, **kwargs}
+        if is_output_space(strategy):
+            return ExpertEnsemble([copy.deepcopy(e) for e in self.experts], **kwargs)
+        with torch.no_grad():
+            base_sd = base.state_dict() if isinstance(base, nn.Module) else base
+            coeff = merge_coefficients(strategy, self.num_experts, **kwargs)
+            if coeff is not None:
+                merged = {k: v.detach() for k, v in self._merged_tensors(coeff.float()).items()}
+            else:
+                merged = merge_state_dicts([e.state_dict() for e in self.experts], strategy, base=base_sd, **kwargs)
+            dense = copy.deepcopy(self.experts[0])
+            dense.load_state_dict(merged)
+        dense.train(self.training)
+        return dense
+
+    def merged_module(self) -> nn.Module:
+        """The cached eval-mode dense module, recomputed only after an expert tensor changed."""
+        key = self._cache_key()
+        cache = self._merge_cache
+        if cache is None or cache[0] != key:
+            dense = self.collapse()
+            dense.eval()
+            for p in dense.parameters():
+                p.requires_grad_(False)
+            object.__setattr__(self, "_merge_cache", (key, dense))
+            self.merge_count += 1
+            cache = self._merge_cache
+        return cache[1]
+
+    def invalidate_merge(self) -> None:
+        """Drop the cached merge (needed only after writing expert tensors through ``.data``)."""
+        object.__setattr__(self, "_merge_cache", None)
+
+    def set_merge(self, strategy: str, **kwargs: Any) -> None:
+        """Change the eval merge strategy (invalidates the cache)."""
+        self.merge, self.merge_kwargs = strategy, dict(kwargs)
+        self.invalidate_merge()
+
+    # -- internals -----------------------------------------------------------------
+    def _cache_key(self) -> tuple:
+        tensors = [t for e in self.experts for t in (*e.parameters(), *e.buffers())]
+        spec = (self.merge, tuple(sorted((k, repr(v)) for k, v in self.merge_kwargs.items())))
+        return spec + tuple((id(t), t._version, t.data_ptr(), t.dtype) for t in tensors)
+
+    def _merged_tensors(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        per_expert = [dict(e.named_parameters()) | dict(e.named_buffers()) for e in self.experts]
+        out = {}
+        for name, ref in per_expert[0].items():
+            if ref.is_floating_point():
+                out[name] = linear_combination([p[name] for p in per_expert], weights)
+            else:
+                out[name] = ref
+        return out
+
+    def _run(self, plan: Plan, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        if isinstance(plan, str):
+            if plan == "routed":
+                return self._routed_forward(x, args, kwargs)
+            if plan == "merged":
+                return self.merged_module()(x, *args, **kwargs)
+            raise ValueError(f"unknown routing plan {plan!r}; expected 'routed', 'merged', an int or weights")
+        if isinstance(plan, int):
+            return self.experts[plan](x, *args, **kwargs)
+        if isinstance(plan, torch.Tensor):
+            return self.merged_forward(x, plan, *args, **kwargs)
+        raise TypeError(f"unsupported routing plan of type {type(plan).__name__}")
+
+    def _segmented_forward(self, segments: Sequence[tuple[int, Any]], x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        sizes = [int(n) for n, _ in segments]
+        if sum(sizes) != x.shape[0]:
+            raise ValueError(f"plan segments cover {sum(sizes)} samples but the batch has {x.shape[0]}")
+        outs = [self._run(p, part, args, kwargs) for (_, p), part in zip(segments, x.split(sizes, dim=0))]
+        return torch.cat(outs, dim=0)
+
+    def _routed_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        routing = self.router(x)
+        self.last_routing = routing
+        self.aux_losses = routing.aux_losses
+        if routing.granularity == "batch":
+            expert = int(routing.indices.reshape(-1)[0])  # CPU tensor for stochastic routers: no sync
+            return self.experts[expert](x, *args, **kwargs)
+        if args or kwargs:
+            raise ValueError("per-sample and per-token routing pass only the input tensor to the experts")
+        flat = x if routing.granularity == "sample" else x.reshape(-1, x.shape[-1])  # [G, ...]
+        indices = routing.indices.to(flat.device)
+        weights = routing.weights.to(flat.device)
+        out = None
+        for e, expert in enumerate(self.experts):
+            pos, slot = (indices == e).nonzero(as_tuple=True)
+            if pos.numel() == 0:
+                continue
+            y = expert(flat[pos])
+            y = y * weights[pos, slot].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+            if out is None:
+                out = y.new_zeros((flat.shape[0], *y.shape[1:]))
+            out = out.index_add(0, pos, y)
+        if out is None:  # no routing slots at all (empty input)
+            out = self.experts[0](flat)
+        if routing.granularity == "token":
+            out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, merge={self.merge!r}"
+
+
+# -- model-wide helpers -------------------------------------------------------------------
+
+
+def find_containers(model: nn.Module) -> list[tuple[str, ExpertContainer]]:
+    """All (qualified name, container) pairs in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertContainer)]
+
+
+def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Sum of the routers' auxiliary losses from the last forward, by loss name."""
+    total: dict[str, torch.Tensor] = {}
+    for _, c in find_containers(model):
+        for k, v in c.aux_losses.items():
+            total[k] = total[k] + v if k in total else v
+    return total
+
+
+@contextmanager
+def routing_plan(
+    model: nn.Module,
+    plan: Plan | Mapping[str, Plan] | Callable[[str, ExpertContainer], Plan],
+) -> Iterator[list[tuple[str, ExpertContainer]]]:
+    """Set a routing plan on every container of ``model`` for the duration of the block.
+
+    ``plan`` is one plan for all containers, a mapping from container name to plan, or a
+    callable ``(name, container) -> plan``. Plans nest: the previous ones are restored.
+    """
+    containers = find_containers(model)
+    if not containers:
+        raise ValueError("routing_plan: the model has no ExpertContainer (did you call add_experts?)")
+    previous = [c._plan for _, c in containers]
+    try:
+        for name, c in containers:
+            if callable(plan) and not isinstance(plan, torch.Tensor):
+                c._plan = plan(name, c)
+            elif isinstance(plan, Mapping):
+                if name not in plan:
+                    raise KeyError(f"routing plan has no entry for container {name!r}")
+                c._plan = plan[name]
+            else:
+                c._plan = plan
+        yield containers
+    finally:
+        for (_, c), p in zip(containers, previous):
+            c._plan = p
+
+
+def use_expert(model: nn.Module, index: int) -> Any:
+    """Context manager: every container runs expert ``index`` alone (per-expert evaluation)."""
+    return routing_plan(model, int(index))
+
+
+def use_merge_weights(model: nn.Module, weights: torch.Tensor | Mapping[str, torch.Tensor]) -> Any:
+    """Context manager: containers run :meth:`ExpertContainer.merged_forward` with ``weights``."""
+    if isinstance(weights, Mapping):
+        return routing_plan(model, {k: torch.as_tensor(v) for k, v in weights.items()})
+    return routing_plan(model, torch.as_tensor(weights))
+
+
+@contextmanager
+def use_merge(model: nn.Module, strategy: str, **kwargs: Any) -> Iterator[None]:
+    """Context manager: evaluate with another merge strategy, restoring the old one after."""
+    containers = find_containers(model)
+    previous = [(c.merge, c.merge_kwargs) for _, c in containers]
+    try:
+        for _, c in containers:
+            c.set_merge(strategy, **kwargs)
+        with routing_plan(model, "merged"):
+            yield
+    finally:
+        for (_, c), (s, kw) in zip(containers, previous):
+            c.set_merge(s, **kw)
+
+
+def router_generator_states(model: nn.Module) -> dict[str, torch.Tensor]:
+    """RNG states of every router generator, keyed by container name (for checkpoints)."""
+    return {name: c.router.generator.get_state() for name, c in find_containers(model)}
+
+
+def load_router_generator_states(model: nn.Module, states: Mapping[str, torch.Tensor]) -> None:
+    """Restore states saved by :func:`router_generator_states`."""
+    for name, c in find_containers(model):
+        if name not in states:
+            raise KeyError(f"no saved router RNG state for container {name!r}")
+        c.router.generator.set_state(states[name].cpu() if isinstance(states[name], torch.Tensor) else states[name])

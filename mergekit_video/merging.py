@@ -1,0 +1,351 @@
+"""Merge strategies: functions that combine N same-shaped tensors into one.
+
+Every strategy is registered in :data:`~mergekit_video.registry.MERGES` and has the
+signature ``fn(tensors, *, base=None, **kwargs) -> Tensor``. :func:`merge_state_dicts`
+applies a strategy key by key. Strategies that are a fixed linear combination
+(``mean``, ``weighted``, ``temperature_softmax``) also expose ``fn.coefficients(n, **kw)``
+so that callers can merge whole modules with one weighted sum and differentiate through it.
+
+The task-arithmetic family (task arithmetic, TIES, DARE) is one configurable class,
+:class:`GeneralizedTaskArithmetic`, as in mergekit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .registry import MERGES
+
+Tensor = torch.Tensor
+MergeFn = Callable[..., Tensor]
+
+
+def _check_same_shape(tensors: Sequence[Tensor]) -> None:
+    if len(tensors) == 0:
+        raise ValueError("merge needs at least one tensor")
+    shape = tensors[0].shape
+    for i, t in enumerate(tensors[1:], 1):
+        if t.shape != shape:
+            raise ValueError(f"cannot merge tensors of different shapes: #0 {tuple(shape)} vs #{i} {tuple(t.shape)}")
+
+
+def linear_combination(tensors: Sequence[Tensor], coefficients: Tensor) -> Tensor:
+    """Σ_i c_i · θ_i, accumulated in at least float32 and cast back to the input dtype.
+
+    Differentiable in both the tensors and the coefficients.
+    """
+    _check_same_shape(tensors)
+    dtype = tensors[0].dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    coeff = coefficients.to(device=tensors[0].device, dtype=acc)
+    stacked = torch.stack([t.to(acc) for t in tensors])  # [N, ...]
+    return torch.tensordot(coeff, stacked, dims=1).to(dtype)
+
+
+def _linear_strategy(coefficients_fn: Callable[..., Tensor]) -> Callable[[Callable], MergeFn]:
+    def wrap(doc_fn: Callable) -> MergeFn:
+        def merge(tensors: Sequence[Tensor], *, base: Tensor | None = None, **kw: Any) -> Tensor:
+            return linear_combination(tensors, coefficients_fn(len(tensors), **kw))
+
+        merge.__name__ = doc_fn.__name__
+        merge.__qualname__ = doc_fn.__qualname__
+        merge.__doc__ = doc_fn.__doc__
+        merge.__module__ = doc_fn.__module__
+        merge.coefficients = coefficients_fn  # type: ignore[attr-defined]
+        return merge
+
+    return wrap
+
+
+# -- linear strategies -----------------------------------------------------------------
+
+
+def mean_coefficients(n: int) -> Tensor:
+    """``[n]`` uniform weights 1/n."""
+    return torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+
+def weighted_coefficients(n: int, weights: Sequence[float] | Tensor, normalize: bool = True) -> Tensor:
+    """``[n]`` user weights, divided by their sum when ``normalize``."""
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != n:
+        raise ValueError(f"weighted merge got {w.numel()} weights for {n} tensors")
+    if normalize:
+        total = w.sum()
+        if total.abs() < 1e-12:
+            raise ValueError("weighted merge weights sum to zero and cannot be normalised")
+        w = w / total
+    return w
+
+
+def temperature_softmax_coefficients(n: int, tau: float) -> Tensor:
+    """w_i = softmax(i/τ), i = 1..n (MoTE Eq. 7).
+
+    τ = ±∞ gives the mean; τ → 0⁺ puts all weight on the last expert and τ → 0⁻ on the
+    first (``tau=0.0`` and ``tau=-0.0`` select those limits exactly).
+    """
+    tau = float(tau)
+    if math.isinf(tau):
+        return mean_coefficients(n)
+    if tau == 0.0:
+        w = torch.zeros(n, dtype=torch.float64)
+        w[-1 if math.copysign(1.0, tau) > 0 else 0] = 1.0
+        return w
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return torch.softmax(i / tau, dim=0)
+
+
+@MERGES.register("mean")
+@_linear_strategy(mean_coefficients)
+def mean(tensors, *, base=None):
+    """Uniform average θ = (1/N) Σ θ_i (MoTE Eq. 6; model soups, Wortsman et al. 2022)."""
+
+
+@MERGES.register("weighted")
+@_linear_strategy(weighted_coefficients)
+def weighted(tensors, *, base=None, weights, normalize=True):
+    """Linear merge θ = Σ w_i θ_i / Σ w_i with user weights (``weights=[...]``)."""
+
+
+@MERGES.register("temperature_softmax")
+@_linear_strategy(temperature_softmax_coefficients)
+def temperature_softmax(tensors, *, base=None, tau):
+    """θ = Σ softmax(i/τ)_i θ_i over expert index i = 1..N (MoTE Eq. 7)."""
+
+
+def merge_coefficients(strategy: str | MergeFn, n: int, **kwargs: Any) -> Tensor | None:
+    """``[n]`` weights if ``strategy`` is a fixed linear combination, else None."""
+    fn = MERGES.get(strategy) if isinstance(strategy, str) else strategy
+    coeff_fn = getattr(fn, "coefficients", None)
+    return None if coeff_fn is None else coeff_fn(n, **kwargs)
+
+
+# -- task-arithmetic family -------------------------------------------------------------
+
+
+def _magnitude_trim(delta: Tensor, density: float) -> Tensor:
+    """Keep the top ``density`` fraction of entries of ``delta`` by magnitude (TIES "trim")."""
+    if density >= 1.0:
+        return delta
+    k = int(round(density * delta.numel()))
+    if k <= 0:
+        return torch.zeros_like(delta)
+    flat = delta.abs().flatten()
+    threshold = flat.kthvalue(flat.numel() - k + 1).values
+    return delta * (delta.abs() >= threshold)
+
+
+def _bernoulli_drop(delta: Tensor, drop_rate: float, generator: torch.Generator | None) -> Tensor:
+    """DARE: drop entries with probability p, rescale survivors by 1/(1-p)."""
+    if drop_rate <= 0.0:
+        return delta
+    if drop_rate >= 1.0:
+        return torch.zeros_like(delta)
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) >= drop_rate
+    return delta * keep.to(delta.device) / (1.0 - drop_rate)
+
+
+@dataclass(frozen=True)
+class GeneralizedTaskArithmetic:
+    """Task arithmetic, TIES and DARE as one configurable merge (after mergekit).
+
+    θ = base + λ · combine({ w_i · sparsify(θ_i − base) })
+
+    Args:
+        sparsification: ``None``, ``"magnitude"`` (TIES trim to ``density``) or
+            ``"bernoulli"`` (DARE drop with rate ``drop_rate``, rescale 1/(1−p)).
+        sign_consensus: elect a per-entry sign by the sum of the task vectors and keep
+            only agreeing entries (TIES, Yadav et al. 2023).
+        disjoint_mean: divide by the summed weights of the entries that contributed
+            (TIES "disjoint merge") instead of summing.
+    """
+
+    sparsification: str | None = None
+    sign_consensus: bool = False
+    disjoint_mean: bool = False
+
+    def __call__(
+        self,
+        tensors: Sequence[Tensor],
+        *,
+        base: Tensor | None = None,
+        weights: Sequence[float] | None = None,
+        lam: float = 1.0,
+        density: float = 1.0,
+        drop_rate: float = 0.0,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        _check_same_shape(tensors)
+        if base is None:
+            raise ValueError(
+                "task-arithmetic merges need base= (the weights the experts were tuned from); "
+                "for experts upcycled with add_experts(init='copy'), pass the original module's weights"
+            )
+        if base.shape != tensors[0].shape:
+            raise ValueError(f"base shape {tuple(base.shape)} differs from tensor shape {tuple(tensors[0].shape)}")
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(int(seed))
+        dtype = tensors[0].dtype
+        b = base.float()
+        w = torch.ones(len(tensors), dtype=torch.float32) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        if w.numel() != len(tensors):
+            raise ValueError(f"got {w.numel()} weights for {len(tensors)} tensors")
+        deltas = []
+        for t in tensors:
+            d = t.float() - b
+            if self.sparsification == "magnitude":
+                d = _magnitude_trim(d, density)
+            elif self.sparsification == "bernoulli":
+                d = _bernoulli_drop(d, drop_rate, generator)
+            elif self.sparsification is not None:
+                raise ValueError(f"unknown sparsification {self.sparsification!r}")
+            deltas.append(d)
+        stacked = torch.stack(deltas)  # [N, ...]
+        wv = w.to(stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+        weighted_deltas = stacked * wv
+        if self.sign_consensus:
+            elected = torch.sign(weighted_deltas.sum(dim=0))
+            mask = (torch.sign(stacked) == elected) & (stacked != 0)
+        else:
+            mask = torch.ones_like(stacked, dtype=torch.bool)
+        merged = (weighted_deltas * mask).sum(dim=0)
+        if self.disjoint_mean:
+            divisor = (wv * mask).sum(dim=0)
+            merged = torch.where(divisor.abs() > 1e-12, merged / divisor.clamp_min(1e-12), torch.zeros_like(merged))
+        return (b + lam * merged).to(dtype)
+
+
+_task_arithmetic = GeneralizedTaskArithmetic()
+_ties = GeneralizedTaskArithmetic(sparsification="magnitude", sign_consensus=True, disjoint_mean=True)
+_dare_linear = GeneralizedTaskArithmetic(sparsification="bernoulli")
+_dare_ties = GeneralizedTaskArithmetic(sparsification="bernoulli", sign_consensus=True, disjoint_mean=True)
+
+
+@MERGES.register("task_arithmetic")
+def task_arithmetic(tensors, *, base=None, lam: float = 1.0, weights=None):
+    """θ = base + λ · Σ w_i (θ_i − base) (Ilharco et al. 2023, "Editing models with task arithmetic")."""
+    return _task_arithmetic(tensors, base=base, lam=lam, weights=weights)
+
+
+@MERGES.register("ties")
+def ties(tensors, *, base=None, density: float = 0.2, lam: float = 1.0, weights=None):
+    """TIES: trim task vectors to top ``density`` by magnitude, elect sign, disjoint mean (Yadav et al. 2023)."""
+    return _ties(tensors, base=base, density=density, lam=lam, weights=weights)
+
+
+@MERGES.register("dare")
+def dare(
+    tensors,
+    *,
+    base=None,
+    drop_rate: float = 0.9,
+    combine: str = "linear",
+    lam: float = 1.0,
+    weights=None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+):
+    """DARE: Bernoulli-drop task vectors with rate p, rescale by 1/(1−p), then linear or TIES combine (Yu et al. 2024)."""
+    if combine not in ("linear", "ties"):
+        raise ValueError(f"dare combine must be 'linear' or 'ties', got {combine!r}")
+    impl = _dare_linear if combine == "linear" else _dare_ties
+    return impl(tensors, base=base, drop_rate=drop_rate, lam=lam, weights=weights, seed=seed, generator=generator)
+
+
+@MERGES.register("slerp")
+def slerp(tensors, *, base=None, t: float = 0.5, eps: float = 1e-8):
+    """Spherical interpolation between two tensors: sin((1−t)Ω)/sin Ω · θ₀ + sin(tΩ)/sin Ω · θ₁ (Shoemake 1985).
+
+    Ω is the angle between the flattened tensors; nearly colinear tensors fall back to lerp.
+    """
+    if len(tensors) != 2:
+        raise ValueError(f"slerp merges exactly two tensors, got {len(tensors)}")
+    _check_same_shape(tensors)
+    v0, v1 = tensors[0].float(), tensors[1].float()
+    n0, n1 = v0.flatten().norm(), v1.flatten().norm()
+    if n0 < eps or n1 < eps:
+        return ((1 - t) * v0 + t * v1).to(tensors[0].dtype)
+    dot = torch.clamp((v0.flatten() / n0) @ (v1.flatten() / n1), -1.0, 1.0)
+    if dot.abs() > 1 - 1e-6:
+        out = (1 - t) * v0 + t * v1
+    else:
+        omega = torch.arccos(dot)
+        so = torch.sin(omega)
+        out = torch.sin((1 - t) * omega) / so * v0 + torch.sin(t * omega) / so * v1
+    return out.to(tensors[0].dtype)
+
+
+@MERGES.register("ensemble")
+def ensemble(tensors, *, base=None):
+    """Not a weight merge: keep all N experts and average their outputs (N forwards)."""
+    raise TypeError(
+        "'ensemble' averages expert outputs and has no merged weights; "
+        "use ExpertContainer.collapse('ensemble') or set merge='ensemble' on the container"
+    )
+
+
+ensemble.output_space = True  # type: ignore[attr-defined]
+
+
+def is_output_space(strategy: str | MergeFn) -> bool:
+    """True for strategies such as ``ensemble`` that combine outputs, not weights."""
+    fn = MERGES.get(strategy) if isinstance(strategy, str) else strategy
+    return bool(getattr(fn, "output_space", False))
+
+
+def resolve_strategy(strategy: str | MergeFn) -> MergeFn:
+    """Registry lookup for names; callables pass through."""
+    return MERGES.get(strategy) if isinstance(strategy, str) else strategy
+
+
+def merge_tensors(tensors: Sequence[Tensor], strategy: str | MergeFn = "mean", *, base: Tensor | None = None, **kwargs: Any) -> Tensor:
+    """Merge one list of tensors with ``strategy``; non-float tensors must be identical."""
+    fn = resolve_strategy(strategy)
+    if is_output_space(fn):
+        fn(tensors)  # raises the explanatory TypeError
+    if not tensors[0].is_floating_point():
+        for i, t in enumerate(tensors[1:], 1):
+            if not torch.equal(t, tensors[0]):
+                raise ValueError(f"non-float tensors differ between #0 and #{i} and cannot be merged")
+        return tensors[0].clone()
+    return fn(tensors, base=base, **kwargs)
+
+
+def merge_state_dicts(
+    state_dicts: Sequence[Mapping[str, Tensor]],
+    strategy: str | MergeFn = "mean",
+    base: Mapping[str, Tensor] | None = None,
+    **kwargs: Any,
+) -> dict[str, Tensor]:
+    """Apply ``strategy`` key by key over ``state_dicts``.
+
+    All state dicts must have the same keys and shapes; ``base`` (when given) too.
+    A ``seed`` keyword seeds one generator consumed in key order, so stochastic
+    strategies (DARE) are reproducible.
+    """
+    if not state_dicts:
+        raise ValueError("merge_state_dicts needs at least one state dict")
+    keys = list(state_dicts[0].keys())
+    for i, sd in enumerate(state_dicts[1:], 1):
+        if set(sd.keys()) != set(keys):
+            diff = sorted(set(sd.keys()) ^ set(keys))
+            raise ValueError(f"state dict #{i} has different keys from #0; first difference: {diff[0]!r}")
+    if base is not None:
+        missing = [k for k in keys if k not in base]
+        if missing:
+            raise ValueError(f"base state dict is missing {missing[0]!r}")
+    fn = resolve_strategy(strategy)
+    if kwargs.get("seed") is not None and "generator" in inspect.signature(fn).parameters:
+        kwargs = dict(kwargs)
+        kwargs["generator"] = torch.Generator().manual_seed(int(kwargs.pop("seed")))
+    out = {}
+    for k in keys:
+        out[k] = merge_tensors([sd[k] for sd in state_dicts], fn, base=None if base is None else base[k], **kwargs)
+    return out

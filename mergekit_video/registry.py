@@ -1,0 +1,195 @@
+"""Named registries of pluggable parts, and plugin loading.
+
+One :class:`Registry` per kind of part (``ROUTERS``, ``MERGES``, ``REGULARIZERS``, ...).
+Built-in parts register themselves when their module is imported; the registry imports
+that module the first time it is used, together with every installed package that
+declares the ``mergekit_video.plugins`` entry-point group.
+
+    @ROUTERS.register("my_router")
+    class MyRouter(Router): ...
+
+    router = ROUTERS.build("my_router", num_experts=4)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PLUGIN_ENTRY_POINT_GROUP = "mergekit_video.plugins"
+
+_entry_points_loaded = False
+_imported_plugin_modules: set[str] = set()
+
+
+class RegistryError(KeyError):
+    """Raised for unknown or duplicate names; its message is meant for the user."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def load_entry_point_plugins() -> list[str]:
+    """Import every installed package that declares the ``mergekit_video.plugins`` group.
+
+    Runs once per process; returns the names of the entry points that were loaded.
+    A plugin that fails to import is logged and skipped, so one broken package does
+    not take the whole toolkit down.
+    """
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return []
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=PLUGIN_ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+            loaded.append(ep.name)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
+            log.warning("plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
+    return loaded
+
+
+def import_plugins(modules: Iterable[str]) -> None:
+    """Import plugin modules by dotted name (a recipe's ``plugins:`` key).
+
+    Raises ``ImportError`` naming the module when one cannot be imported.
+    """
+    for name in modules:
+        if name in _imported_plugin_modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(
+                f"plugin module {name!r} (from the recipe's 'plugins:' key) could not be imported: {exc}"
+            ) from exc
+        _imported_plugin_modules.add(name)
+
+
+class Registry:
+    """A name → object table for one kind of part.
+
+    Args:
+        kind: what is registered, used in messages ("router", "merge strategy", ...).
+        builtin_module: dotted module whose import registers the built-in parts.
+    """
+
+    def __init__(self, kind: str, *, builtin_module: str | None = None) -> None:
+        self.kind = kind
+        self._builtin_module = builtin_module
+        self._builtins_loaded = builtin_module is None
+        self._entries: dict[str, Any] = {}
+
+    # -- registration -------------------------------------------------------------
+    def register(self, name: str, obj: Any = None, *, override: bool = False) -> Any:
+        """Register ``obj`` under ``name``; usable as a decorator when ``obj`` is omitted.
+
+        Raises :class:`RegistryError` if ``name`` exists, unless ``override=True``.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
+
+        def _add(o: Any) -> Any:
+            if name in self._entries and not override and self._entries[name] is not o:
+                existing = self._entries[name]
+                where = getattr(existing, "__module__", "?")
+                raise RegistryError(
+                    f"{self.kind} {name!r} is already registered (by {where}); "
+                    f"pass override=True to replace it"
+                )
+            self._entries[name] = o
+            return o
+
+        return _add if obj is None else _add(obj)
+
+    # -- lookup ----------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        if not self._builtins_loaded:
+            self._builtins_loaded = True
+            importlib.import_module(self._builtin_module)  # type: ignore[arg-type]
+        load_entry_point_plugins()
+
+    def get(self, name: str) -> Any:
+        """Return the object registered as ``name``; unknown names list close matches."""
+        self._ensure_loaded()
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(str(name), self._entries, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}{hint} (registered: {', '.join(sorted(self._entries))})"
+            ) from None
+
+    def build(self, name: str, /, **kwargs: Any) -> Any:
+        """Call the registered factory ``name`` with keyword arguments."""
+        factory = self.get(name)
+        if not callable(factory):
+            raise TypeError(f"{self.kind} {name!r} is not callable and cannot be built")
+        return factory(**kwargs)
+
+    def names(self) -> list[str]:
+        """Sorted registered names."""
+        self._ensure_loaded()
+        return sorted(self._entries)
+
+    def doc(self, name: str) -> str:
+        """First line of the registered object's docstring."""
+        doc = (getattr(self.get(name), "__doc__", None) or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def items(self) -> list[tuple[str, Any]]:
+        """(name, object) pairs in name order."""
+        self._ensure_loaded()
+        return sorted(self._entries.items())
+
+    def __contains__(self, name: object) -> bool:
+        self._ensure_loaded()
+        return name in self._entries
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {len(self._entries)} entries)"
+
+
+ROUTERS = Registry("router", builtin_module="mergekit_video.routers")
+MERGES = Registry("merge strategy", builtin_module="mergekit_video.merging")
+REGULARIZERS = Registry("regularizer", builtin_module="mergekit_video.regularizers")
+
+REGISTRIES: dict[str, Registry] = {
+    "routers": ROUTERS,
+    "merges": MERGES,
+    "regularizers": REGULARIZERS,
+}
+
+
+def get_registry(kind: str) -> Registry:
+    """Return the registry for ``kind`` (``routers``, ``merges``, ...)."""
+    try:
+        return REGISTRIES[kind]
+    except KeyError:
+        close = difflib.get_close_matches(kind, REGISTRIES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise RegistryError(
+            f"unknown registry {kind!r}{hint} (known: {', '.join(REGISTRIES)})"
+        ) from None
+
+
+def add_registry(key: str, registry: Registry) -> Registry:
+    """Add a registry for another kind of part (used by later subsystems)."""
+    if key in REGISTRIES and REGISTRIES[key] is not registry:
+        raise RegistryError(f"registry {key!r} already exists")
+    REGISTRIES[key] = registry
+    return registry
+
+
+def callable_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of a callable, for messages."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -1,0 +1,222 @@
+"""Routers decide which expert(s) process an input.
+
+Every router is an ``nn.Module`` whose forward returns a :class:`RouterOutput` holding
+the chosen expert indices, their combination weights and the router's auxiliary losses
+(empty for the stochastic routers). Stochastic routers draw from their own
+``torch.Generator`` so that routing can be reproduced and checkpointed.
+
+Granularity says what one routing decision covers:
+
+- ``"batch"``: the whole batch goes to one expert (MoTE, Eq. 5). indices ``[1, k]``.
+- ``"sample"``: one decision per sample. indices ``[B, k]``.
+- ``"token"``: one decision per token (all leading dims flattened). indices ``[N, k]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import ROUTERS
+
+GRANULARITIES = ("batch", "sample", "token")
+
+
+@dataclass
+class RouterOutput:
+    """Routing decision for one forward.
+
+    Attributes:
+        indices: ``[G, k]`` long expert indices, G = 1 / B / tokens by granularity.
+        weights: ``[G, k]`` combination weights (sum to 1 over k).
+        aux_losses: auxiliary losses to add to the task loss (unweighted).
+        granularity: one of ``batch``, ``sample``, ``token``.
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    granularity: str
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _check_granularity(granularity: str) -> str:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"router granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return granularity
+
+
+def num_groups(x: torch.Tensor, granularity: str) -> int:
+    """How many routing decisions ``x`` needs at ``granularity``."""
+    if granularity == "batch":
+        return 1
+    if granularity == "sample":
+        return x.shape[0]
+    return math.prod(x.shape[:-1])
+
+
+def default_generator(seed: int | None = None) -> torch.Generator:
+    """A CPU generator seeded from ``seed``, or from the global torch RNG when None.
+
+    Drawing the seed from the global RNG means ``torch.manual_seed`` before model
+    construction makes routing reproducible without any extra argument.
+    """
+    g = torch.Generator()
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    g.manual_seed(seed)
+    return g
+
+
+class Router(nn.Module):
+    """Base class: holds ``num_experts``, ``granularity`` and a CPU ``generator``.
+
+    Subclasses implement :meth:`route`. The generator is part of the checkpointed RNG
+    state (see :func:`mergekit_video.experts.router_generator_states`).
+    """
+
+    stochastic: bool = True
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        granularity: str = "batch",
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.num_experts = int(num_experts)
+        self.granularity = _check_granularity(granularity)
+        self.generator = generator if generator is not None else default_generator(seed)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        return self.route(x)
+
+    def route(self, x: torch.Tensor) -> RouterOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _single_choice(self, idx: torch.Tensor, device: torch.device) -> RouterOutput:
+        # idx: [G] long on CPU
+        indices = idx.view(-1, 1).to(device)
+        weights = torch.ones(indices.shape, device=device)
+        return RouterOutput(indices=indices, weights=weights, granularity=self.granularity)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, granularity={self.granularity!r}"
+
+
+def multinomial_probs(num_experts: int, temperature: float = 1.0) -> torch.Tensor:
+    """P(i) = exp(i/T) / Σ_j exp(j/T) for i = 1..N (MoTE Eq. 5), as a ``[N]`` float64 tensor."""
+    i = torch.arange(1, num_experts + 1, dtype=torch.float64)
+    return torch.softmax(i / temperature, dim=0)
+
+
+@ROUTERS.register("multinomial")
+class MultinomialRouter(Router):
+    """Stochastic routing with P(i) ∝ exp(i / temperature), i = 1..N (MoTE Eq. 5)."""
+
+    def __init__(self, *, num_experts: int, temperature: float = 1.0, **kw) -> None:
+        super().__init__(num_experts=num_experts, **kw)
+        if temperature == 0:
+            raise ValueError("multinomial router temperature must be non-zero")
+        self.temperature = float(temperature)
+
+    def route(self, x: torch.Tensor) -> RouterOutput:
+        g = num_groups(x, self.granularity)
+        probs = multinomial_probs(self.num_experts, self.temperature)  # CPU: no device sync
+        idx = torch.multinomial(probs.expand(g, -1), 1, replacement=True, generator=self.generator)
+        return self._single_choice(idx.view(-1), x.device)
+
+
+@ROUTERS.register("random")
+class RandomRouter(Router):
+    """Uniform stochastic routing: every expert is equally likely (THOR, Zuo et al. 2021)."""
+
+    def route(self, x: torch.Tensor) -> RouterOutput:
+        g = num_groups(x, self.granularity)
+        idx = torch.randint(0, self.num_experts, (g,), generator=self.generator)
+        return self._single_choice(idx, x.device)
+
+
+@ROUTERS.register("fixed")
+class FixedRouter(Router):
+    """Always routes to expert ``expert`` (MoTE Table 2d "Fixed")."""
+
+    stochastic = False
+
+    def __init__(self, *, num_experts: int, expert: int = 0, **kw) -> None:
+        super().__init__(num_experts=num_experts, **kw)
+        if not -num_experts <= expert < num_experts:
+            raise ValueError(f"fixed router expert={expert} is out of range for {num_experts} experts")
+        self.expert = expert % num_experts
+
+    def route(self, x: torch.Tensor) -> RouterOutput:
+        g = num_groups(x, self.granularity)
+        return self._single_choice(torch.full((g,), self.expert, dtype=torch.long), x.device)
+
+
+@ROUTERS.register("topk")
+class TopKRouter(Router):
+    """Learned linear gate with top-k selection and softmax-renormalised weights.
+
+    Auxiliary losses (Switch Transformer, Fedus et al. 2022; ST-MoE, Zoph et al. 2022):
+
+    - ``load_balance`` = N · Σ_i f_i · P_i, with f_i the fraction of routing slots sent
+      to expert i and P_i the mean gate probability of expert i;
+    - ``z_loss`` = mean over groups of logsumexp(gate logits)².
+
+    Args:
+        dim: input feature size (last dim of x).
+        k: experts per group.
+        granularity: ``token`` or ``sample`` (a sample is represented by its mean token).
+    """
+
+    stochastic = False
+
+    def __init__(self, *, num_experts: int, dim: int, k: int = 1, granularity: str = "token", **kw) -> None:
+        if granularity == "batch":
+            raise ValueError("topk router works at 'token' or 'sample' granularity, not 'batch'")
+        super().__init__(num_experts=num_experts, granularity=granularity, **kw)
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"topk router k={k} must be in [1, {num_experts}]")
+        self.k = int(k)
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=0.02)
+
+    def route(self, x: torch.Tensor) -> RouterOutput:
+        if self.granularity == "sample":
+            feats = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)  # [B, D]
+        else:
+            feats = x.reshape(-1, x.shape[-1])  # [N, D]
+        logits = self.gate(feats).float()  # [G, E]
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = probs.topk(self.k, dim=-1)  # [G, k]
+        weights = top_p / top_p.sum(dim=-1, keepdim=True)
+        # Switch load balancing over all k slots
+        dispatch = F.one_hot(top_i, self.num_experts).float().sum(dim=1)  # [G, E]
+        frac = dispatch.mean(dim=0) / self.k
+        mean_prob = probs.mean(dim=0)
+        load_balance = self.num_experts * (frac * mean_prob).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return RouterOutput(
+            indices=top_i,
+            weights=weights.to(x.dtype),
+            granularity=self.granularity,
+            aux_losses={"load_balance": load_balance, "z_loss": z_loss},
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", k={self.k}"
+
+
+def build_router(router: str | Router, **kwargs) -> Router:
+    """Return ``router`` if it is already a Router, else build it from the registry."""
+    if isinstance(router, nn.Module):
+        return router
+    return ROUTERS.build(router, **kwargs)

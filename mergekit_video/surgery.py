@@ -1,0 +1,193 @@
+"""Model surgery: turn modules of any backbone into expert containers, and back.
+
+    names = add_experts(model, "transformer.resblocks.*.mlp", num_experts=4)
+    ...train...
+    collapse_experts(model)             # plain modules again, original state-dict keys
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .experts import ExpertContainer, find_containers
+from .registry import ROUTERS
+from .routers import Router
+
+EXPERT_INITS = ("normal", "copy", "copy_noise")
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+class SurgeryError(ValueError):
+    """A target pattern or surgery argument does not fit the model."""
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
+    """Qualified names of the submodules matching the glob(s) in ``target``.
+
+    A module inside an already-matched module, or inside an ExpertContainer, is skipped.
+    Raises :class:`SurgeryError` showing the nearest module names when a pattern matches nothing.
+    """
+    patterns = [target] if isinstance(target, str) else list(target)
+    names = [n for n, _ in model.named_modules() if n]
+    inside_container = {n for cname, _ in find_containers(model) for n in names if n.startswith(cname + ".")}
+    matched: list[str] = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat) and n not in inside_container]
+        if not hits:
+            raise SurgeryError(f"target pattern {pat!r} matches no module; nearest module names: {nearest_names(pat, names)}")
+        matched.extend(h for h in hits if h not in matched)
+    # drop nested matches: keep outermost
+    return [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
+
+
+def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> str:
+    """A short, comma-separated list of the module names closest to ``pattern``."""
+    probe = pattern.replace("*", "0").replace("?", "0")
+    close = difflib.get_close_matches(probe, names, n=n, cutoff=0.3)
+    if not close:
+        close = list(names[:n])
+    return ", ".join(repr(c) for c in close)
+
+
+@torch.no_grad()
+def reinit_normal_(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> nn.Module:
+    """MoTE expert init: Linear/Conv/Embedding weights ~ N(0, std), biases 0, norms 1/0.
+
+    Other parameters are drawn from N(0, std) too, except those named ``bias`` (zeroed).
+    """
+    for m in module.modules():
+        own = dict(m.named_parameters(recurse=False))
+        if not own:
+            continue
+        if isinstance(m, _NORMS):
+            if getattr(m, "weight", None) is not None:
+                m.weight.fill_(1.0)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+            continue
+        for pname, p in own.items():
+            if pname == "bias" or pname.endswith("_bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(std).to(p))
+    return module
+
+
+def _build_router(router: str | Router, num_experts: int, module: nn.Module, router_kw: dict[str, Any]) -> Router:
+    if isinstance(router, nn.Module):
+        return copy.deepcopy(router)
+    cls = ROUTERS.get(router)
+    params = inspect.signature(cls).parameters
+    kw = dict(router_kw)
+    if "dim" in params and "dim" not in kw:
+        linear = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+        if linear is None:
+            raise SurgeryError(f"router {router!r} needs dim=...; it could not be inferred (no nn.Linear in the module)")
+        kw["dim"] = linear.in_features
+    return cls(num_experts=num_experts, **kw)
+
+
+def add_experts(
+    model: nn.Module,
+    target: str | Sequence[str],
+    num_experts: int,
+    router: str | Router = "multinomial",
+    init: str = "normal",
+    merge: str = "mean",
+    *,
+    noise_std: float = 0.01,
+    init_std: float = 0.02,
+    generator: torch.Generator | None = None,
+    merge_kwargs: Mapping[str, Any] | None = None,
+    **router_kw: Any,
+) -> list[str]:
+    """Replace every submodule matching ``target`` with an :class:`ExpertContainer` of N copies.
+
+    Args:
+        model: any ``nn.Module``; modified in place.
+        target: glob or globs over qualified module names (``"blocks.*.mlp"``).
+        num_experts: N.
+        router: registered router name (each container gets its own router) or a Router
+            to copy. ``router_kw`` go to its constructor; ``dim`` is inferred for gated routers.
+        init: ``"normal"`` re-initialises every expert independently (Linear weights
+            N(0, 0.02), biases 0, as MoTE does); ``"copy"`` upcycles (each expert starts as
+            the original weights); ``"copy_noise"`` copies then adds N(0, noise_std²) noise.
+        merge: eval-mode merge strategy of the containers.
+        generator: RNG for the ``normal`` / ``copy_noise`` inits (the global RNG if None).
+
+    Returns:
+        The qualified names of the replaced modules.
+    """
+    if init not in EXPERT_INITS:
+        raise SurgeryError(f"init must be one of {EXPERT_INITS}, got {init!r}")
+    if num_experts < 1:
+        raise SurgeryError(f"num_experts must be >= 1, got {num_experts}")
+    names = match_modules(model, target)
+    for name in names:
+        original = model.get_submodule(name)
+        experts = []
+        for _ in range(num_experts):
+            e = copy.deepcopy(original)
+            if init == "normal":
+                reinit_normal_(e, std=init_std, generator=generator)
+            elif init == "copy_noise":
+                with torch.no_grad():
+                    for p in e.parameters():
+                        p.add_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(noise_std).to(p))
+            experts.append(e)
+        container = ExpertContainer(
+            experts,
+            _build_router(router, num_experts, original, router_kw),
+            merge,
+            merge_kwargs=merge_kwargs,
+        )
+        container.to(next(original.parameters(), torch.empty(0)).device)
+        container.train(original.training)
+        parent, child = _get_parent(model, name)
+        setattr(parent, child, container)
+    return names
+
+
+def collapse_experts(
+    model: nn.Module,
+    strategy: str = "mean",
+    *,
+    base: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Replace every container in ``model`` by its collapsed dense module (in place).
+
+    With a weight-merge strategy the result has exactly the original module classes and
+    state-dict keys, so it loads into the unmodified backbone. ``base`` (the model before
+    surgery, or its state dict) supplies per-container base weights for task arithmetic.
+    Returns ``model``.
+    """
+    containers = find_containers(model)
+    if not containers:
+        raise SurgeryError("collapse_experts: the model has no ExpertContainer")
+    base_sd = base.state_dict() if isinstance(base, nn.Module) else base
+    # outermost first so that nested containers collapse with their parent
+    for name, container in containers:
+        sub_base = None
+        if base_sd is not None:
+            prefix = name + "."
+            sub_base = {k[len(prefix):]: v for k, v in base_sd.items() if k.startswith(prefix)}
+            if not sub_base:
+                raise SurgeryError(f"base has no tensors under {name!r}")
+        dense = container.collapse(strategy, base=sub_base, **kwargs)
+        parent, child = _get_parent(model, name)
+        setattr(parent, child, dense)
+    return model
