@@ -16,6 +16,7 @@ helpers :func:`use_expert`, :func:`use_merge_weights` and :func:`use_merge` cove
 common cases. A plan is one of
 
 - ``"routed"`` / ``"merged"``: the train / eval behaviour, whatever the mode;
+- ``"ensemble"``: every expert runs on all inputs and the outputs are averaged;
 - an ``int`` i: expert i alone;
 - a ``[N]`` tensor of merge coefficients: :meth:`merged_forward` with those weights;
 - a list of ``(batch_size, plan)`` segments: the batch is split along dim 0 and each
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .merging import is_output_space, linear_combination, merge_coefficients, merge_state_dicts
+from .merging import is_output_space, linear_combination, merge_coefficients, merge_state_dicts, resolve_strategy
 from .routers import Router, RouterOutput, build_router
 
 Plan = Union[str, int, torch.Tensor, Sequence[tuple[int, Any]]]
@@ -113,6 +114,7 @@ class ExpertContainer(nn.Module):
         self.router = build_router(router, num_experts=len(experts), **dict(router_kwargs or {}))
         if self.router.num_experts != len(experts):
             raise ValueError(f"router is built for {self.router.num_experts} experts but the container has {len(experts)}")
+        resolve_strategy(merge)  # fail now on an unknown name, not at the first eval forward
         self.merge = merge
         self.merge_kwargs: dict[str, Any] = dict(merge_kwargs or {})
         self.aux_losses: dict[str, torch.Tensor] = {}
@@ -159,12 +161,15 @@ class ExpertContainer(nn.Module):
         with torch.no_grad():
             base_sd = base.state_dict() if isinstance(base, nn.Module) else base
             coeff = merge_coefficients(strategy, self.num_experts, **kwargs)
+            dense = copy.deepcopy(self.experts[0])
             if coeff is not None:
-                merged = {k: v.detach() for k, v in self._merged_tensors(coeff.float()).items()}
+                # every parameter and buffer, non-persistent buffers included (not in state_dict)
+                for name, value in self._merged_tensors(coeff.float()).items():
+                    owner, _, leaf = name.rpartition(".")
+                    getattr(dense.get_submodule(owner), leaf).copy_(value)
             else:
                 merged = merge_state_dicts([e.state_dict() for e in self.experts], strategy, base=base_sd, **kwargs)
-            dense = copy.deepcopy(self.experts[0])
-            dense.load_state_dict(merged)
+                dense.load_state_dict(merged)
         dense.train(self.training)
         return dense
 
@@ -188,6 +193,7 @@ class ExpertContainer(nn.Module):
 
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
         """Change the eval merge strategy (invalidates the cache)."""
+        resolve_strategy(strategy)
         self.merge, self.merge_kwargs = strategy, dict(kwargs)
         self.invalidate_merge()
 
@@ -213,7 +219,9 @@ class ExpertContainer(nn.Module):
                 return self._routed_forward(x, args, kwargs)
             if plan == "merged":
                 return self.merged_module()(x, *args, **kwargs)
-            raise ValueError(f"unknown routing plan {plan!r}; expected 'routed', 'merged', an int or weights")
+            if plan == "ensemble":  # every expert sees all data; outputs averaged (differentiable)
+                return sum(e(x, *args, **kwargs) for e in self.experts) / self.num_experts
+            raise ValueError(f"unknown routing plan {plan!r}; expected 'routed', 'merged', 'ensemble', an int or weights")
         if isinstance(plan, int):
             return self.experts[plan](x, *args, **kwargs)
         if isinstance(plan, torch.Tensor):

@@ -97,8 +97,13 @@ def temperature_softmax_coefficients(n: int, tau: float) -> Tensor:
         w = torch.zeros(n, dtype=torch.float64)
         w[-1 if math.copysign(1.0, tau) > 0 else 0] = 1.0
         return w
+    if math.isnan(tau):
+        raise ValueError("temperature_softmax tau must not be NaN")
     i = torch.arange(1, n + 1, dtype=torch.float64)
-    return torch.softmax(i / tau, dim=0)
+    # subtract the largest logit before dividing: (i − i*)/τ ≤ 0 never overflows to ±inf/NaN,
+    # even for subnormal τ (i* = n for τ > 0, 1 for τ < 0)
+    top = float(n) if tau > 0 else 1.0
+    return torch.softmax((i - top) / tau, dim=0)
 
 
 @MERGES.register("mean")
@@ -347,5 +352,8 @@ def merge_state_dicts(
         kwargs["generator"] = torch.Generator().manual_seed(int(kwargs.pop("seed")))
     out = {}
     for k in keys:
-        out[k] = merge_tensors([sd[k] for sd in state_dicts], fn, base=None if base is None else base[k], **kwargs)
+        try:
+            out[k] = merge_tensors([sd[k] for sd in state_dicts], fn, base=None if base is None else base[k], **kwargs)
+        except ValueError as exc:  # name the offending tensor
+            raise ValueError(f"cannot merge tensor {k!r}: {exc}") from exc
     return out

@@ -98,6 +98,9 @@ class Registry:
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
 
         def _add(o: Any) -> Any:
+            # Built-ins first, so that an override registered before the first lookup
+            # is not clobbered (or refused) when the built-in module is imported later.
+            self._load_builtins()
             if name in self._entries and not override and self._entries[name] is not o:
                 existing = self._entries[name]
                 where = getattr(existing, "__module__", "?")
@@ -111,10 +114,13 @@ class Registry:
         return _add if obj is None else _add(obj)
 
     # -- lookup ----------------------------------------------------------------------
-    def _ensure_loaded(self) -> None:
+    def _load_builtins(self) -> None:
         if not self._builtins_loaded:
             self._builtins_loaded = True
             importlib.import_module(self._builtin_module)  # type: ignore[arg-type]
+
+    def _ensure_loaded(self) -> None:
+        self._load_builtins()
         load_entry_point_plugins()
 
     def get(self, name: str) -> Any:

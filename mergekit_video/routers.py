@@ -194,7 +194,7 @@ class TopKRouter(Router):
             feats = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)  # [B, D]
         else:
             feats = x.reshape(-1, x.shape[-1])  # [N, D]
-        logits = self.gate(feats).float()  # [G, E]
+        logits = self.gate(feats.to(self.gate.weight.dtype)).float()  # [G, E]; model may be bf16, gate fp32
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.k, dim=-1)  # [G, k]
         weights = top_p / top_p.sum(dim=-1, keepdim=True)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .experts import ExpertContainer, find_containers
 from .registry import ROUTERS
-from .routers import Router
+from .routers import Router, default_generator
 
 EXPERT_INITS = ("normal", "copy", "copy_noise")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -86,12 +86,22 @@ def reinit_normal_(module: nn.Module, std: float = 0.02, generator: torch.Genera
     return module
 
 
-def _build_router(router: str | Router, num_experts: int, module: nn.Module, router_kw: dict[str, Any]) -> Router:
+def _build_router(
+    router: str | Router, num_experts: int, module: nn.Module, router_kw: dict[str, Any], index: int = 0
+) -> Router:
+    # Every container must route independently: a copied router gets a fresh generator
+    # seeded from the template's, and an explicit seed becomes seed + container index.
     if isinstance(router, nn.Module):
-        return copy.deepcopy(router)
+        r = copy.deepcopy(router)
+        template = getattr(router, "generator", None)
+        if isinstance(template, torch.Generator):
+            r.generator = default_generator(int(torch.randint(0, 2**62, (1,), generator=template)))
+        return r
     cls = ROUTERS.get(router)
     params = inspect.signature(cls).parameters
     kw = dict(router_kw)
+    if kw.get("seed") is not None:
+        kw["seed"] = int(kw["seed"]) + index
     if "dim" in params and "dim" not in kw:
         linear = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
         if linear is None:
@@ -122,6 +132,8 @@ def add_experts(
         num_experts: N.
         router: registered router name (each container gets its own router) or a Router
             to copy. ``router_kw`` go to its constructor; ``dim`` is inferred for gated routers.
+            Containers route independently: ``seed=s`` gives container i the seed s + i, and
+            a copied Router gets a generator seeded from the template's generator.
         init: ``"normal"`` re-initialises every expert independently (Linear weights
             N(0, 0.02), biases 0, as MoTE does); ``"copy"`` upcycles (each expert starts as
             the original weights); ``"copy_noise"`` copies then adds N(0, noise_std²) noise.
@@ -136,7 +148,7 @@ def add_experts(
     if num_experts < 1:
         raise SurgeryError(f"num_experts must be >= 1, got {num_experts}")
     names = match_modules(model, target)
-    for name in names:
+    for index, name in enumerate(names):
         original = model.get_submodule(name)
         experts = []
         for _ in range(num_experts):
@@ -150,7 +162,7 @@ def add_experts(
             experts.append(e)
         container = ExpertContainer(
             experts,
-            _build_router(router, num_experts, original, router_kw),
+            _build_router(router, num_experts, original, router_kw, index),
             merge,
             merge_kwargs=merge_kwargs,
         )
