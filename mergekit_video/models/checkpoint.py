@@ -1,0 +1,144 @@
+"""Saving, loading and dense export of VideoCLIP models.
+
+A model directory holds
+
+- ``config.json``: rebuilds the architecture without any recipe;
+- ``clip.safetensors``: the open_clip model with open_clip's own keys (loads into
+  ``open_clip.create_model(name)``);
+- ``head.safetensors``: the temporal head (with ``source_class_features``).
+
+:func:`load` also reads trainer checkpoints, whose ``model.safetensors`` holds the same
+tensors under ``clip.`` / ``head.`` prefixes and whose ``state.json`` carries the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..surgery import collapse_experts
+from ..utils.io import atomic_write_json, _fsync_dir
+from .video_clip import VideoCLIP, video_clip_from_config
+
+CONFIG_FILE = "config.json"
+CLIP_FILE = "clip.safetensors"
+HEAD_FILE = "head.safetensors"
+MODEL_FILE = "model.safetensors"
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    seen: dict[int, str] = {}
+    flat = {}
+    for k, v in tensors.items():
+        t = v.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:  # tied tensors: store an independent copy
+            t = t.clone()
+        elif ptr is not None:
+            seen[ptr] = k
+        flat[k] = t.contiguous()
+    save_file(flat, str(path), metadata=metadata)
+
+
+def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: bool = False, extra_config: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``directory`` atomically (temp dir, then rename).
+
+    An existing directory is only replaced with ``overwrite=True``.
+    """
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        config = copy.deepcopy(model.config)
+        config["head"]["num_source_classes"] = int(model.head.source_class_features.shape[0])
+        if extra_config:
+            config.update(extra_config)
+        _save_tensors(tmp / CLIP_FILE, model.clip.state_dict(), {"format": "open_clip"})
+        _save_tensors(tmp / HEAD_FILE, model.head.state_dict(), {"format": "mergekit_video/temporal_head"})
+        atomic_write_json(tmp / CONFIG_FILE, config)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if directory.exists():
+            backup = directory.with_name(f".{directory.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            os.replace(directory, backup)
+            os.replace(tmp, directory)
+            shutil.rmtree(backup)
+        else:
+            os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    model.config = config
+    return directory
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The model config of a model directory or trainer checkpoint."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return json.loads((path / CONFIG_FILE).read_text())
+    state = path / "state.json"
+    if state.is_file():
+        cfg = json.loads(state.read_text()).get("extra", {}).get("model_config")
+        if cfg:
+            return cfg
+    raise FileNotFoundError(f"{path} is not a mergekit_video model directory or checkpoint (no {CONFIG_FILE})")
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict: bool = True) -> VideoCLIP:
+    """Load a saved VideoCLIP (model directory, export, or trainer checkpoint) in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    config = read_config(path)
+    model = video_clip_from_config(config)
+    if (path / CLIP_FILE).is_file():
+        clip_sd = load_file(str(path / CLIP_FILE))
+        head_sd = load_file(str(path / HEAD_FILE))
+    elif (path / MODEL_FILE).is_file():
+        full = load_file(str(path / MODEL_FILE))
+        clip_sd = {k[5:]: v for k, v in full.items() if k.startswith("clip.")}
+        head_sd = {k[5:]: v for k, v in full.items() if k.startswith("head.")}
+    else:
+        raise FileNotFoundError(f"{path} has no {CLIP_FILE}/{HEAD_FILE} or {MODEL_FILE}")
+    model.clip.load_state_dict(clip_sd, strict=strict)
+    model.head.load_state_dict(head_sd, strict=strict)
+    model.freeze_text()
+    return model.to(device).eval()
+
+
+def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: str | None = None, overwrite: bool = False, **merge_kwargs: Any) -> Path:
+    """Collapse the head's experts and save a plain model.
+
+    The exported head has the plain-FFN structure with exactly the baseline's keys and
+    parameter count; ``clip.safetensors`` loads into plain open_clip. ``strategy=None`` uses
+    each container's own merge (mean, or the weights recorded at conversion).
+    """
+    dense = copy.deepcopy(model).cpu().eval()
+    if dense.head.has_experts:
+        collapse_experts(dense.head, strategy, **merge_kwargs)
+    dense.config["head"]["num_experts"] = 0
+    dense.config["exported_from"] = {"num_experts": int(model.config["head"]["num_experts"]), "merge": strategy or model.config["head"]["merge"]}
+    return save_model(dense, directory, overwrite=overwrite)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,202 @@
+"""VideoCLIP: an open_clip CLIP encoding frames, plus the MoTE temporal head.
+
+frames ``[B, T, 3, H, W]`` → visual encoder per frame → e ``[B, T, D]`` →
+z = mean_T(e + ρ·h(e)) → cosine logits against class text features (MoTE Eq. 1–2, 11).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .clip import ClassFeatureCache, build_clip_from_config, create_clip, encode_class_names
+from .prompts import MOTE_TEMPLATES, resolve_templates
+from .temporal import TemporalHead
+
+CONFIG_FORMAT = "mergekit_video/video_clip"
+CONFIG_VERSION = 1
+
+
+class VideoCLIP(nn.Module):
+    """CLIP frame encoder + :class:`TemporalHead`.
+
+    Public surface: ``.visual`` (the open_clip visual tower), ``.head``, ``.logit_scale``
+    (CLIP's log-scale parameter; use ``logit_scale.exp()``), :meth:`encode_frames`,
+    :meth:`encode_text` and :meth:`class_features`. The whole open_clip model is kept
+    under ``.clip`` (its text tower frozen) so that the CLIP part of the state dict loads
+    into plain open_clip.
+
+    Args:
+        clip: an open_clip ``CLIP``.
+        head: the temporal head (width = CLIP embedding size).
+        config: the JSON-able config that rebuilds this model (see :func:`build_video_clip`).
+    """
+
+    def __init__(self, *, clip: nn.Module, head: TemporalHead, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.clip = clip
+        self.head = head
+        self.config = copy.deepcopy(config)
+        self.freeze_text()
+
+    # -- public surface ------------------------------------------------------------
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def model_name(self) -> str:
+        return self.config["clip"]["name"]
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames ``[B, T, 3, H, W]`` → per-frame CLIP features e ``[B, T, D]``."""
+        b, t = frames.shape[:2]
+        feats = self.visual(frames.flatten(0, 1))  # [B*T, D]
+        return feats.view(b, t, -1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[C, L]`` → text features ``[C, D]`` (frozen text tower)."""
+        return self.clip.encode_text(tokens)
+
+    def forward(self, frames: torch.Tensor, class_features: torch.Tensor, modulation: bool = False) -> torch.Tensor:
+        """Cosine logits ``[B, C]`` (unscaled; multiply by ``logit_scale.exp()`` for a loss)."""
+        return self.head(self.encode_frames(frames), class_features, modulation=modulation)
+
+    @torch.no_grad()
+    def class_features(
+        self,
+        class_names: Sequence[str],
+        *,
+        templates: Sequence[str] | str = MOTE_TEMPLATES,
+        cache: ClassFeatureCache | None = None,
+    ) -> torch.Tensor:
+        """Prompt-ensembled class text features ``[C, D]`` (Table 8 templates), cached when ``cache`` is given."""
+        if self.config["clip"].get("text_weights") == "missing":
+            raise ValueError(
+                "this model has no text-tower weights (it was converted from a checkpoint without them); "
+                "rebuild it with pretrained text weights (mergevid convert ... --clip-pretrained openai|/path/to/clip.pt) "
+                "or pass precomputed class features"
+            )
+        templates = resolve_templates(templates)
+        device = self.logit_scale.device
+        if cache is None:
+            return encode_class_names(self.clip, class_names, templates=templates, model_name=self.model_name, device=device).cpu()
+        return cache.get_or_compute(self.clip, class_names, model_name=self.model_name, templates=templates, device=device)
+
+    # -- parameter handling -----------------------------------------------------------
+    def freeze_text(self) -> None:
+        """Freeze the text tower (everything in ``.clip`` except the visual tower and the logit scale)."""
+        for name, p in self.clip.named_parameters():
+            if not (name.startswith("visual.") or name == "logit_scale"):
+                p.requires_grad_(False)
+
+    def set_grad_checkpointing(self, clip: bool = True, head: bool = False) -> None:
+        """Gradient checkpointing for the CLIP visual tower (and optionally the temporal head)."""
+        self.clip.set_grad_checkpointing(clip)
+        self.head.set_grad_checkpointing(head)
+
+    def clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict with open_clip's own keys (loads into ``open_clip.create_model(name)``)."""
+        return self.clip.state_dict()
+
+
+def head_config(
+    *,
+    width: int,
+    layers: int,
+    num_experts: int = 4,
+    heads: int | None = None,
+    num_positions: int = 77,
+    router: str = "multinomial",
+    router_kwargs: dict[str, Any] | None = None,
+    expert_init: str = "normal",
+    merge: str = "mean",
+    merge_kwargs: dict[str, Any] | None = None,
+    tfm_k: int = 5,
+    tfm_gamma: float = 0.05,
+    num_source_classes: int = 0,
+) -> dict[str, Any]:
+    """The JSON-able constructor arguments of a :class:`TemporalHead`."""
+    return {
+        "width": width,
+        "layers": layers,
+        "heads": heads or max(1, width // 64),
+        "num_positions": num_positions,
+        "num_experts": num_experts,
+        "router": router,
+        "router_kwargs": dict(router_kwargs or {}),
+        "expert_init": expert_init,
+        "merge": merge,
+        "merge_kwargs": dict(merge_kwargs or {}),
+        "tfm_k": tfm_k,
+        "tfm_gamma": tfm_gamma,
+        "num_source_classes": num_source_classes,
+    }
+
+
+def build_video_clip(
+    *,
+    clip_name: str,
+    pretrained: str | None = None,
+    force_quick_gelu: bool | None = None,
+    cache_dir: str | None = None,
+    temporal_layers: int = 6,
+    num_experts: int = 4,
+    router: str = "multinomial",
+    router_kwargs: dict[str, Any] | None = None,
+    expert_init: str = "normal",
+    merge: str = "mean",
+    merge_kwargs: dict[str, Any] | None = None,
+    tfm_k: int = 5,
+    tfm_gamma: float = 0.05,
+    num_positions: int = 77,
+    grad_checkpointing: bool = False,
+) -> VideoCLIP:
+    """Build a VideoCLIP with a MoTE head (``num_experts=0`` gives the Text4Vis baseline head).
+
+    The head width is the CLIP embedding size; heads = width // 64.
+    """
+    clip, clip_cfg = create_clip(clip_name, pretrained=pretrained, force_quick_gelu=force_quick_gelu, cache_dir=cache_dir)
+    clip_cfg["text_weights"] = "pretrained" if pretrained else "random"
+    width = int(clip_cfg["model_cfg"]["embed_dim"])
+    hcfg = head_config(
+        width=width,
+        layers=temporal_layers,
+        num_experts=num_experts,
+        num_positions=num_positions,
+        router=router,
+        router_kwargs=router_kwargs,
+        expert_init=expert_init,
+        merge=merge,
+        merge_kwargs=merge_kwargs,
+        tfm_k=tfm_k,
+        tfm_gamma=tfm_gamma,
+    )
+    model = VideoCLIP(clip=clip, head=TemporalHead(**hcfg), config=model_config_dict(clip_cfg, hcfg))
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def model_config_dict(clip_cfg: dict[str, Any], hcfg: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The config stored next to saved weights."""
+    return {"format": CONFIG_FORMAT, "format_version": CONFIG_VERSION, "clip": clip_cfg, "head": hcfg, **extra}
+
+
+def video_clip_from_config(config: dict[str, Any]) -> VideoCLIP:
+    """Rebuild the architecture (random weights, no download) from a saved config."""
+    if config.get("format") != CONFIG_FORMAT:
+        raise ValueError(f"not a mergekit_video model config (format={config.get('format')!r}, expected {CONFIG_FORMAT!r})")
+    if int(config.get("format_version", 0)) > CONFIG_VERSION:
+        raise ValueError(f"model config version {config['format_version']} is newer than this mergekit_video supports ({CONFIG_VERSION})")
+    clip = build_clip_from_config(config["clip"]["model_cfg"])
+    head = TemporalHead(**config["head"])
+    return VideoCLIP(clip=clip, head=head, config=config)
