@@ -1,0 +1,196 @@
+"""Routers: routing statistics, shapes per granularity, reproducibility, topk auxiliary losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergekit_video.registry import ROUTERS
+from mergekit_video.routers import (
+    FixedRouter,
+    MultinomialRouter,
+    RouterOutput,
+    TopKRouter,
+    build_router,
+    default_generator,
+    multinomial_probs,
+    num_groups,
+)
+
+DRAWS = 20_000
+
+
+def _freqs(indices: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.bincount(indices.reshape(-1), minlength=n).double() / indices.numel()
+
+
+def test_multinomial_probs_by_hand():
+    # softmax([1, 2, 3]) = e^i / (e + e² + e³)
+    e = math.e
+    z = e + e**2 + e**3
+    assert torch.allclose(multinomial_probs(3), torch.tensor([e / z, e**2 / z, e**3 / z], dtype=torch.float64))
+    # temperature 2: softmax([0.5, 1, 1.5]); temperature -1 reverses the order
+    assert torch.allclose(multinomial_probs(3, 2.0), torch.softmax(torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64), 0))
+    assert torch.allclose(multinomial_probs(3, -1.0), multinomial_probs(3).flip(0))
+
+
+def test_multinomial_batch_frequencies():
+    """MoTE Eq. 5 at batch granularity: one draw per forward, 20k forwards."""
+    router = ROUTERS.build("multinomial", num_experts=4, seed=1234)
+    x = torch.zeros(8, 5)
+    idx = torch.cat([router(x).indices for _ in range(DRAWS)])  # [DRAWS, 1]
+    expected = torch.softmax(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64), 0)
+    assert (_freqs(idx, 4) - expected).abs().max() <= 0.01
+
+
+@pytest.mark.parametrize("n, temperature", [(4, 2.0), (3, 0.5), (4, -1.0)])
+def test_multinomial_frequencies_other_temperatures(n, temperature):
+    router = ROUTERS.build("multinomial", num_experts=n, temperature=temperature, granularity="sample", seed=99)
+    idx = router(torch.zeros(DRAWS, 2)).indices
+    expected = torch.softmax(torch.arange(1, n + 1, dtype=torch.float64) / temperature, 0)
+    assert (_freqs(idx, n) - expected).abs().max() <= 0.01
+
+
+@pytest.mark.parametrize("granularity, shape, groups", [("sample", (DRAWS, 3, 4), DRAWS), ("token", (40, DRAWS // 40, 4), DRAWS)])
+def test_multinomial_sample_and_token_frequencies(granularity, shape, groups):
+    router = MultinomialRouter(num_experts=5, temperature=1.0, granularity=granularity, seed=7)
+    out = router(torch.zeros(shape))
+    assert out.indices.shape == (groups, 1) and out.indices.dtype == torch.long
+    assert torch.equal(out.weights, torch.ones(groups, 1))
+    assert out.granularity == granularity and out.aux_losses == {}
+    assert (_freqs(out.indices, 5) - multinomial_probs(5)).abs().max() <= 0.01
+
+
+def test_random_router_is_uniform():
+    out = ROUTERS.build("random", num_experts=4, granularity="sample", seed=3)(torch.zeros(DRAWS, 2))
+    assert (_freqs(out.indices, 4) - 0.25).abs().max() <= 0.01
+
+
+@pytest.mark.parametrize("granularity, groups", [("batch", 1), ("sample", 2), ("token", 6)])
+@pytest.mark.parametrize("name", ["multinomial", "random", "fixed"])
+def test_shapes_per_granularity(name, granularity, groups):
+    x = torch.zeros(2, 3, 4)  # [B, T, D]
+    assert num_groups(x, granularity) == groups
+    out = ROUTERS.build(name, num_experts=3, granularity=granularity)(x)
+    assert isinstance(out, RouterOutput)
+    assert out.indices.shape == (groups, 1) and out.weights.shape == (groups, 1)
+    assert int(out.indices.min()) >= 0 and int(out.indices.max()) < 3
+
+
+def test_seeded_reproducibility_and_generator_state():
+    x = torch.zeros(4, 2)
+
+    def seq(router, k=50):
+        return [int(router(x).indices) for _ in range(k)]
+
+    a, b = MultinomialRouter(num_experts=4, seed=5), MultinomialRouter(num_experts=4, seed=5)
+    assert seq(a) == seq(b)
+    assert seq(MultinomialRouter(num_experts=4, seed=6)) != seq(MultinomialRouter(num_experts=4, seed=5))
+    # an explicit generator is used as is
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert seq(ROUTERS.build("random", num_experts=4, generator=g1)) == seq(ROUTERS.build("random", num_experts=4, generator=g2))
+    # without a seed, the generator is seeded from the global RNG: torch.manual_seed reproduces
+    torch.manual_seed(0)
+    r1 = MultinomialRouter(num_experts=4)
+    torch.manual_seed(0)
+    r2 = MultinomialRouter(num_experts=4)
+    assert seq(r1) == seq(r2)
+    # saving and restoring the generator state replays the same decisions
+    state = r1.generator.get_state()
+    first = seq(r1)
+    r1.generator.set_state(state)
+    assert seq(r1) == first
+    assert default_generator(3).initial_seed() == 3
+
+
+def test_fixed_router():
+    r = FixedRouter(num_experts=4, expert=2, granularity="token")
+    assert torch.equal(r(torch.zeros(2, 3, 5)).indices, torch.full((6, 1), 2))
+    assert int(FixedRouter(num_experts=4, expert=-1)(torch.zeros(1, 1)).indices) == 3
+    assert FixedRouter.stochastic is False and MultinomialRouter.stochastic is True
+    with pytest.raises(ValueError, match=r"^fixed router expert=4 is out of range for 4 experts$"):
+        FixedRouter(num_experts=4, expert=4)
+
+
+def test_router_argument_errors():
+    with pytest.raises(ValueError, match=r"^num_experts must be >= 1, got 0$"):
+        MultinomialRouter(num_experts=0)
+    with pytest.raises(ValueError, match=r"router granularity must be one of \('batch', 'sample', 'token'\), got 'frame'"):
+        MultinomialRouter(num_experts=2, granularity="frame")
+    with pytest.raises(ValueError, match=r"^multinomial router temperature must be non-zero$"):
+        MultinomialRouter(num_experts=2, temperature=0)
+    with pytest.raises(ValueError, match=r"^topk router works at 'token' or 'sample' granularity, not 'batch'$"):
+        TopKRouter(num_experts=2, dim=3, granularity="batch")
+    with pytest.raises(ValueError, match=r"^topk router k=3 must be in \[1, 2\]$"):
+        TopKRouter(num_experts=2, dim=3, k=3)
+
+
+def test_build_router_passes_modules_through():
+    r = FixedRouter(num_experts=2)
+    assert build_router(r) is r
+    assert isinstance(build_router("fixed", num_experts=2, expert=1), FixedRouter)
+
+
+# -- topk: auxiliary losses pinned by hand ----------------------------------------------------
+#
+# Gate W = I (3×3), so the logits are the tokens themselves:
+#   t1 = [ln 3, ln 2, 0] → e^logits = [3, 2, 1], Σ = 6 → p1 = [1/2, 1/3, 1/6],  logsumexp = ln 6
+#   t2 = [0, ln 4, ln 3] → e^logits = [1, 4, 3], Σ = 8 → p2 = [1/8, 1/2, 3/8],  logsumexp = ln 8
+# mean gate probability P = [(1/2+1/8)/2, (1/3+1/2)/2, (1/6+3/8)/2] = [5/16, 5/12, 13/48]
+# z_loss = (ln²6 + ln²8) / 2 for any k.
+#   k = 1: top-1 = [0, 1], f = [1/2, 1/2, 0]
+#          load_balance = 3·(1/2·5/16 + 1/2·5/12) = 3·35/96 = 105/96
+#   k = 2: top-2 = {0, 1} and {1, 2}; slots per expert [1, 2, 1] / (G·k = 4) → f = [1/4, 1/2, 1/4]
+#          load_balance = 3·(1/4·5/16 + 1/2·5/12 + 1/4·13/48) = 3·68/192 = 204/192
+#          weights: t1 [1/2, 1/3] / (5/6) = [3/5, 2/5];  t2 [1/2, 3/8] / (7/8) = [4/7, 3/7]
+TOKENS = torch.tensor([[math.log(3), math.log(2), 0.0], [0.0, math.log(4), math.log(3)]])
+Z_LOSS = (math.log(6) ** 2 + math.log(8) ** 2) / 2
+
+
+def _identity_gate(router: TopKRouter) -> TopKRouter:
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(3))
+    return router
+
+
+def test_topk_k1_aux_losses_pinned():
+    r = _identity_gate(ROUTERS.build("topk", num_experts=3, dim=3, k=1))
+    out = r(TOKENS)
+    assert torch.equal(out.indices, torch.tensor([[0], [1]]))
+    assert torch.allclose(out.weights, torch.ones(2, 1))
+    assert out.aux_losses["load_balance"].item() == pytest.approx(105 / 96, abs=1e-6)
+    assert out.aux_losses["z_loss"].item() == pytest.approx(Z_LOSS, abs=1e-5)
+
+
+def test_topk_k2_aux_losses_and_weights_pinned():
+    r = _identity_gate(TopKRouter(num_experts=3, dim=3, k=2))
+    out = r(TOKENS.view(1, 2, 3))  # [B, T, D]: token granularity flattens B·T
+    assert torch.equal(out.indices, torch.tensor([[0, 1], [1, 2]]))
+    assert torch.allclose(out.weights, torch.tensor([[3 / 5, 2 / 5], [4 / 7, 3 / 7]]), atol=1e-6)
+    assert out.aux_losses["load_balance"].item() == pytest.approx(204 / 192, abs=1e-6)
+    assert out.aux_losses["z_loss"].item() == pytest.approx(Z_LOSS, abs=1e-5)
+    # the auxiliary losses are differentiable in the gate
+    (out.aux_losses["load_balance"] + out.aux_losses["z_loss"]).backward()
+    assert r.gate.weight.grad is not None and r.gate.weight.grad.abs().sum() > 0
+
+
+def test_topk_sample_granularity_routes_the_mean_token():
+    r = _identity_gate(TopKRouter(num_experts=3, dim=3, k=1, granularity="sample"))
+    # sample b = two tokens whose mean is TOKENS[b]
+    d = torch.tensor([0.3, -0.2, 0.1])
+    x = torch.stack([torch.stack([t + d, t - d]) for t in TOKENS])  # [2, 2, 3]
+    out = r(x)
+    assert torch.equal(out.indices, torch.tensor([[0], [1]]))
+    assert out.aux_losses["load_balance"].item() == pytest.approx(105 / 96, abs=1e-6)
+    assert out.aux_losses["z_loss"].item() == pytest.approx(Z_LOSS, abs=1e-5)
+
+
+def test_topk_gate_init_and_bf16_input():
+    torch.manual_seed(0)
+    r = TopKRouter(num_experts=8, dim=256, k=2)
+    assert r.gate.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert "k=2" in repr(r)
+    out = r(torch.randn(4, 256, dtype=torch.bfloat16))  # a bf16 model with an fp32 gate
+    assert out.weights.dtype == torch.bfloat16 and out.indices.shape == (4, 2)
