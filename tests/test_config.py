@@ -1,0 +1,424 @@
+"""Recipes: YAML loading, overrides, interpolation, instantiation, validation, saving."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from mergekit_video.config import (
+    Component,
+    ConfigError,
+    Field,
+    InstantiationError,
+    Section,
+    ValidationError,
+    apply_overrides,
+    dump_recipe,
+    instantiate,
+    iter_schema,
+    load_recipe,
+    parse_override,
+    resolve_interpolations,
+    save_resolved_recipe,
+    select,
+    validate_recipe,
+    with_defaults,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# a plugin module written per test session: components for instantiate() and a registered router
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    name = f"cfgtest_plugin_{uuid.uuid4().hex[:8]}"
+    root = tmp_path_factory.mktemp("plugin")
+    (root / f"{name}.py").write_text(textwrap.dedent('''
+        from mergekit_video.registry import ROUTERS
+
+        class Head:
+            """A toy head."""
+            def __init__(self, *, dim, scale=1.0, layers=()):
+                self.dim, self.scale, self.layers = dim, scale, list(layers)
+
+        def make_model(*, head, name="m", blocks=()):
+            return {"head": head, "name": name, "blocks": list(blocks)}
+
+        def add(*, a, b):
+            return a + b
+
+        def explode(*, x):
+            raise RuntimeError(f"boom {x}")
+
+        class Nested:
+            class Inner:
+                def __init__(self, *, v):
+                    self.v = v
+
+        @ROUTERS.register("cfgtest_router", override=True)
+        def cfgtest_router(*, num_experts):
+            return ("router", num_experts)
+    '''))
+    sys.path.insert(0, str(root))
+    yield name
+    sys.path.remove(str(root))
+
+
+# ---------------------------------------------------------------------------------------------
+# overrides
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, op, key, value",
+    [
+        ("train.epochs=3", "set", "train.epochs", 3),
+        ("train.lr=5e-5", "set", "train.lr", 5e-5),
+        ("train.lr=1.5E+3", "set", "train.lr", 1500.0),
+        ("model.routers=[a,b]", "set", "model.routers", ["a", "b"]),
+        ("data.root=null", "set", "data.root", None),
+        ("name='007'", "set", "name", "007"),
+        ("name=007", "set", "name", 7),
+        ("flag=true", "set", "flag", True),
+        ("opt={lr: 0.1, betas: [0.9, 0.99]}", "set", "opt", {"lr": 0.1, "betas": [0.9, 0.99]}),
+        ("data.root=/tmp/a b", "set", "data.root", "/tmp/a b"),
+        ("expr=a=b", "set", "expr", "a=b"),
+        ("~model.tfm", "delete", "model.tfm", None),
+        ("+train.new=1", "add", "train.new", 1),
+        ("layers.0.dim=8", "set", "layers.0.dim", 8),
+    ],
+)
+def test_parse_override(text, op, key, value):
+    ov = parse_override(text)
+    assert (ov.op, ov.key, ov.value) == (op, key, value)
+    assert type(ov.value) is type(value)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("train.epochs", "neither 'key=value' nor '~key'"),
+        ("~a=1", "takes no value"),
+        ("a=", "has no value"),
+        ("a..b=1", "not a dotted key"),
+        ("a=[1,2", "cannot parse value"),
+    ],
+)
+def test_parse_override_errors(text, needle):
+    with pytest.raises(ConfigError, match="override") as e:
+        parse_override(text)
+    assert needle in str(e.value)
+
+
+def test_apply_overrides_set_add_delete_and_list_indices():
+    cfg = {"train": {"epochs": 30, "lr": 1e-3}, "layers": [{"dim": 4}, {"dim": 5}], "model": {"tfm": True, "d": 1}}
+    out = apply_overrides(
+        cfg, ["train.epochs=3", "train.new.deep=1", "layers.1.dim=7", "~layers.0", "~model.tfm", "+extra=[1, 2]"]
+    )
+    assert out == {
+        "train": {"epochs": 3, "lr": 1e-3, "new": {"deep": 1}},
+        "layers": [{"dim": 7}],
+        "model": {"d": 1},
+        "extra": [1, 2],
+    }
+    assert cfg["train"]["epochs"] == 30 and len(cfg["layers"]) == 2  # input untouched
+    # negative index and a whole-list replacement
+    assert apply_overrides({"l": [1, 2, 3]}, ["l.-1=9"]) == {"l": [1, 2, 9]}
+    assert apply_overrides({"l": [1, 2, 3]}, ["l=[]"]) == {"l": []}
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.epochs.x=1", "cannot go into 'train.epochs', which is a int (30), not a mapping"),
+        ("data.x=1", "cannot go into 'data', which is null"),
+        ("~train.epoch", "key 'train.epoch' does not exist; did you mean 'epochs'?"),
+        ("~nope.x", "key 'nope' does not exist"),
+        ("+train.epochs=2", "'train.epochs' already exists; drop the '+'"),
+        ("layers.5.dim=1", "out of range"),
+        ("layers.x=1", "use an integer index"),
+    ],
+)
+def test_apply_overrides_errors_name_the_key(override, needle):
+    cfg = {"train": {"epochs": 30}, "data": None, "layers": [{"dim": 4}]}
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(cfg, [override])
+    assert needle in str(e.value)
+    assert override in str(e.value)
+
+
+def test_select():
+    cfg = {"a": {"b": [10, {"c": 3}]}}
+    assert select(cfg, "a.b.1.c") == 3
+    assert select(cfg, "a.b.0") == 10
+    assert select(cfg, "a.x", default=None) is None
+    with pytest.raises(KeyError, match="a.x"):
+        select(cfg, "a.x")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML + interpolation
+# ---------------------------------------------------------------------------------------------
+def test_load_recipe_yaml_floats_overrides_then_interpolation(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(textwrap.dedent("""
+        output_dir: runs/a
+        data:
+          root: ${output_dir}/data
+          frames: 8
+        train:
+          lr: 5e-5
+          clip_lr: 3.0e-6
+          wd: 1e2
+          frames: ${data.frames}
+          name: run-${data.frames}f
+    """))
+    cfg = load_recipe(p, ["output_dir=/tmp/x", "data.frames=16"])
+    assert cfg["data"]["root"] == "/tmp/x/data"  # interpolation sees the overridden value
+    assert cfg["train"]["lr"] == 5e-5 and isinstance(cfg["train"]["lr"], float)
+    assert cfg["train"]["clip_lr"] == 3e-6
+    assert cfg["train"]["wd"] == 100.0 and isinstance(cfg["train"]["wd"], float)
+    assert cfg["train"]["frames"] == 16 and isinstance(cfg["train"]["frames"], int)
+    assert cfg["train"]["name"] == "run-16f"
+
+
+def test_load_recipe_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "dup.yaml").write_text("a: 1\nb: 2\na: 3\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'a' at line 3 .*first defined at line 1"):
+        load_recipe(tmp_path / "dup.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_recipe(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    assert load_recipe(_write(tmp_path / "empty.yaml", "")) == {}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_interpolation_types_lists_env_and_escapes(monkeypatch):
+    monkeypatch.setenv("CFGTEST_ROOT", "/data/k400")
+    monkeypatch.delenv("CFGTEST_UNSET", raising=False)
+    cfg = {
+        "dims": [512, 768],
+        "model": {"width": "${dims.1}", "layers": "${dims}", "copy": "${model.width}"},
+        "root": "${env:CFGTEST_ROOT}/train",
+        "fallback": "${env:CFGTEST_UNSET,4}",
+        "fallback_str": "${env:CFGTEST_UNSET,/x}",
+        "literal": "\\${not.a.ref}",
+        "ok": True,
+        "mixed": "flag=${ok} w=${model.width}",
+        "alias": "${model}",
+        "through": "${alias.width}",
+    }
+    out = resolve_interpolations(cfg)
+    assert out["model"] == {"width": 768, "layers": [512, 768], "copy": 768}
+    assert out["root"] == "/data/k400/train"
+    assert out["fallback"] == 4 and out["fallback_str"] == "/x"
+    assert out["literal"] == "${not.a.ref}"
+    assert out["mixed"] == "flag=true w=768"
+    assert out["alias"] == out["model"] and out["alias"] is not out["model"]
+    assert out["through"] == 768
+    assert cfg["model"]["width"] == "${dims.1}"  # input untouched
+
+
+@pytest.mark.parametrize(
+    "cfg, needle",
+    [
+        ({"a": "${b}", "b": "${c}", "c": "${a}"}, "interpolation cycle: a -> b -> c -> a"),
+        ({"a": {"b": "${a}"}}, "interpolation cycle: a -> a.b -> a"),
+        ({"data": {"root": 1}, "x": "${data.rot}"}, "x: '${data.rot}' refers to a missing key 'data.rot'; did you mean 'data.root'"),
+        ({"l": [1], "x": "${l.3}"}, "x: '${l.3}' refers to a missing key"),
+        ({"d": {"k": 1}, "x": "p/${d}"}, "x: '${d}' is dict and cannot be formatted"),
+        ({"x": "${env:CFGTEST_SURELY_UNSET_VAR}"}, "environment variable 'CFGTEST_SURELY_UNSET_VAR' is not set"),
+        ({"x": "${oc:foo}"}, "unknown interpolation resolver 'oc'"),
+    ],
+)
+def test_interpolation_errors(cfg, needle):
+    with pytest.raises(ConfigError) as e:
+        resolve_interpolations(cfg)
+    assert needle in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# instantiate
+# ---------------------------------------------------------------------------------------------
+def test_instantiate_dotted_paths_nested_lists_and_kwargs(plugin):
+    node = {
+        "_component_": f"{plugin}.make_model",
+        "name": "tiny",
+        "head": {"_component_": f"{plugin}.Head", "dim": 8, "layers": [{"_component_": f"{plugin}.add", "a": 1, "b": 2}, 5]},
+        "blocks": [{"_component_": f"{plugin}:Nested.Inner", "v": 3}, {"plain": {"_component_": f"{plugin}.add", "a": 2, "b": 2}}],
+    }
+    out = instantiate(node, _path="model", name="override")
+    assert out["name"] == "override"  # caller kwargs win over recipe keys
+    assert out["head"].dim == 8 and out["head"].scale == 1.0 and out["head"].layers == [3, 5]
+    assert out["blocks"][0].v == 3
+    assert out["blocks"][1] == {"plain": 4}  # plain mappings stay dicts, their components are built
+    assert instantiate(None) is None
+
+
+def test_instantiate_partial_and_registry_refs(plugin):
+    fn = instantiate({"_component_": f"{plugin}.add", "_partial_": True, "a": 40})
+    assert isinstance(fn, functools.partial) and fn(b=2) == 42
+    assert instantiate({"_component_": "routers:cfgtest_router", "num_experts": 4}) == ("router", 4)
+    router = instantiate({"_component_": "routers:fixed", "num_experts": 4, "expert": 2}, _path="model.router")
+    assert type(router).__name__ == "FixedRouter" and router.expert == 2 and router.num_experts == 4
+
+
+@pytest.mark.parametrize(
+    "node, needle",
+    [
+        ({"_component_": "{p}.Head", "dim": 8, "dimm": 3},
+         "model.head.dimm: unknown argument 'dimm' for {p}.Head; did you mean 'dim'? (allowed: dim, scale, layers)"),
+        ({"_component_": "{p}.Head"}, "model.head: missing required argument 'dim' for {p}.Head (allowed: dim, scale, layers)"),
+        ({"_component_": "{p}.Hed", "dim": 1}, "model.head._component_: '{p}' has no attribute 'Hed' (from '{p}.Hed'); did you mean 'Head'?"),
+        ({"_component_": "cfgtest_no_such_pkg.x.Y"}, "model.head._component_: cannot import 'cfgtest_no_such_pkg.x.Y'"),
+        ({"_component_": "routers:multinomal"}, "model.head._component_: unknown router 'multinomal'; did you mean 'multinomial'?"),
+        ({"_component_": "routerz:fixed"}, "model.head._component_: unknown registry 'routerz'; did you mean 'routers'?"),
+        ({"_component_": "{p}"}, "is a module, not a callable"),
+        ({"_component_": "{p}.Head", "_partial_": "yes", "dim": 1}, "model.head._partial_: must be true or false"),
+        ({"dim": 1}, "model.head: expected a mapping with a '_component_' key"),
+    ],
+)
+def test_instantiate_errors_name_key_path(plugin, node, needle):
+    node = {k: v.format(p=plugin) if isinstance(v, str) else v for k, v in node.items()}
+    with pytest.raises(ConfigError) as e:
+        instantiate(node, _path="model.head")
+    assert needle.format(p=plugin) in str(e.value)
+
+
+def test_instantiate_wraps_target_errors_with_key_path(plugin):
+    node = {"_component_": "{p}.make_model", "head": {"_component_": "{p}.explode", "x": 7}}
+    node = {"_component_": f"{plugin}.make_model", "head": {"_component_": f"{plugin}.explode", "x": 7}}
+    with pytest.raises(InstantiationError) as e:
+        instantiate(node, _path="model")
+    assert str(e.value) == f"model.head: building {plugin}.explode failed: RuntimeError: boom 7"
+    assert isinstance(e.value.__cause__, RuntimeError)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+SCHEMA = {
+    "train": Section(
+        {
+            "epochs": Field(int, required=True, min=1, doc="training epochs"),
+            "lr": Field(float, min=0, exclusive_min=True, default=5e-5),
+            "precision": Field(str, choices=["auto", "bf16", "fp16", "fp32"], default="auto"),
+            "dropout": Field(float, min=0, max=1, nullable=True, default=None),
+            "groups": Field(list, item=Section({"name": Field(str, required=True), "lr": Field(float)}), default=[]),
+        },
+        required=True,
+    ),
+    "optimizer": Component(runtime_kwargs=("params",)),
+    "seed": Field(int, default=0),
+}
+
+
+def test_validate_lists_all_problems_with_key_and_allowed_values(plugin):
+    cfg = {
+        "trian": {},
+        "plugins": [plugin, "cfgtest_missing_plugin"],
+        "train": {"epochs": "ten", "lr": 0.0, "precision": "bf61", "dropout": 1.5, "groups": [{"lr": 1}, {"name": "x", "lrr": 1}]},
+        "optimizer": {"_component_": "torch.optim.AdamW", "lrr": 0.1},
+        "head": {"_component_": f"{plugin}.Head", "dim": 1, "width": 2},
+        "router": {"_component_": "routers:cfgtest_router", "num_experts": 2},
+        "seed": True,
+    }
+    with pytest.raises(ValidationError) as e:
+        validate_recipe(cfg, SCHEMA, source="r.yaml")
+    got = {p.path: p.message for p in e.value.problems}
+    assert got == {
+        "plugins.1": "plugin module 'cfgtest_missing_plugin' (from the recipe's 'plugins:' key) could not be imported: "
+        "No module named 'cfgtest_missing_plugin'",
+        "output_dir": "is required (every file a run produces is written under this folder)",
+        "train.epochs": "expected int, got str ('ten')",
+        "train.lr": "must be > 0, got 0.0",
+        "train.precision": "'bf61' is not one of: 'auto', 'bf16', 'fp16', 'fp32'; did you mean 'bf16'?",
+        "train.dropout": "must be <= 1, got 1.5",
+        "train.groups.0.name": "is required",
+        "train.groups.1.lrr": "unknown key; did you mean 'lr'? (known keys here: name, lr)",
+        "optimizer.lrr": "unknown argument 'lrr' for torch.optim.adamw.AdamW; did you mean 'lr'? (allowed: params, lr, "
+        "betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused)",
+        "trian": "unknown key; did you mean 'train'? (known keys here: output_dir, plugins, train, optimizer, seed)",
+        "head": "unknown key (known keys here: output_dir, plugins, train, optimizer, seed)",
+        "router": "unknown key (known keys here: output_dir, plugins, train, optimizer, seed)",
+        "seed": "expected int, got bool (True)",
+        "head.width": f"unknown argument 'width' for {plugin}.Head (allowed: dim, scale, layers)",
+    }
+    text = str(e.value)
+    assert text.startswith("recipe r.yaml is invalid (14 problems):\n  - ")
+    assert isinstance(e.value, ValueError)
+
+
+def test_validate_component_required_args_and_runtime_kwargs(plugin):
+    base = {"output_dir": "o", "train": {"epochs": 1}}
+    validate_recipe({**base, "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.1}}, SCHEMA)  # params at runtime
+    with pytest.raises(ValidationError) as e:
+        validate_recipe({**base, "optimizer": {"_component_": f"{plugin}.add", "a": 1}}, SCHEMA)
+    assert [str(p) for p in e.value.problems] == [
+        f"optimizer: missing required argument 'b' for {plugin}.add (allowed: a, b)"
+    ]
+    with pytest.raises(ValidationError) as e:
+        validate_recipe({**base, "optimizer": {"_component_": "torch.optim.Adamw"}}, SCHEMA)
+    assert e.value.problems[0].path == "optimizer._component_"
+    assert "did you mean 'AdamW'?" in e.value.problems[0].message
+
+
+def test_validate_without_schema_checks_output_dir_plugins_and_components(plugin):
+    validate_recipe({"output_dir": "o", "anything": {"goes": 1}})
+    with pytest.raises(ValidationError) as e:
+        validate_recipe({"output_dir": " ", "plugins": "x", "m": [{"_component_": "routers:nope"}]})
+    assert [p.path for p in e.value.problems] == ["plugins", "output_dir", "m.0._component_"]
+    assert e.value.problems[0].message == "expected list, got str ('x')"
+
+
+def test_plugins_make_registered_parts_valid(plugin):
+    cfg = {"output_dir": "o", "plugins": [plugin], "r": {"_component_": "routers:cfgtest_router", "num_experts": 3}}
+    validate_recipe(cfg)
+    assert instantiate(cfg["r"]) == ("router", 3)
+
+
+def test_with_defaults_and_iter_schema():
+    out = with_defaults({"output_dir": "o", "train": {"epochs": 2, "lr": 1e-3}}, SCHEMA)
+    assert out["train"] == {"epochs": 2, "lr": 1e-3, "precision": "auto", "dropout": None, "groups": []}
+    assert out["seed"] == 0
+    validate_recipe(out, SCHEMA)
+    keys = [k for k, _ in iter_schema(Section(SCHEMA))]
+    assert keys == ["train", "train.epochs", "train.lr", "train.precision", "train.dropout", "train.groups",
+                    "train.groups.*.name", "train.groups.*.lr", "optimizer", "seed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------------
+def test_save_resolved_recipe_round_trip_and_no_overwrite(tmp_path):
+    cfg = {"output_dir": "o", "lr": 5e-5, "lit": "${not_a_ref}", "l": [1, None, True], "d": {"k": "v"}}
+    path = tmp_path / "out" / "recipe.yaml"
+    save_resolved_recipe(cfg, path)
+    assert load_recipe(path) == cfg
+    mtime = path.stat().st_mtime_ns
+    save_resolved_recipe(cfg, path)  # same content: no-op
+    assert path.stat().st_mtime_ns == mtime
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        save_resolved_recipe({**cfg, "lr": 1.0}, path)
+    assert load_recipe(path)["lr"] == 5e-5
+    save_resolved_recipe({**cfg, "lr": 1.0}, path, overwrite=True)
+    assert load_recipe(path)["lr"] == 1.0
+    assert "\\${not_a_ref}" in dump_recipe(cfg)
+    assert not [p for p in path.parent.iterdir() if p.name != "recipe.yaml"]  # no temp files left
+
+
+def test_import_is_light():
+    code = "import sys, mergekit_video.config; bad = {'torch', 'open_clip', 'timm', 'decord'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
