@@ -1,0 +1,267 @@
+"""Merge strategies pinned on small hand-computed examples, and merge_state_dicts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergekit_video import merge_state_dicts
+from mergekit_video.merging import (
+    GeneralizedTaskArithmetic,
+    is_output_space,
+    linear_combination,
+    merge_coefficients,
+    merge_tensors,
+    temperature_softmax_coefficients,
+)
+from mergekit_video.registry import MERGES
+
+
+def T(*v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def close(a: torch.Tensor, b, atol: float = 1e-6) -> bool:
+    return torch.allclose(a, torch.as_tensor(b, dtype=a.dtype), atol=atol)
+
+
+# -- linear strategies ---------------------------------------------------------------------------
+
+
+def test_mean_and_weighted_by_hand():
+    a, b = T(0, 4), T(2, 0)
+    assert close(MERGES.get("mean")([a, b]), [1, 2])
+    # (1·[0, 4] + 3·[2, 0]) / (1 + 3) = [6, 4] / 4
+    assert close(MERGES.get("weighted")([a, b], weights=[1, 3]), [1.5, 1.0])
+    assert close(MERGES.get("weighted")([a, b], weights=[1, 3], normalize=False), [6.0, 4.0])
+    with pytest.raises(ValueError, match=r"^weighted merge got 3 weights for 2 tensors$"):
+        MERGES.get("weighted")([a, b], weights=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"^weighted merge weights sum to zero and cannot be normalised$"):
+        MERGES.get("weighted")([a, b], weights=[1, -1])
+
+
+def test_temperature_softmax_weights():
+    # τ = 1, N = 3: softmax([1, 2, 3]) = [e, e², e³] / (e + e² + e³)
+    e = math.e
+    z = e + e**2 + e**3
+    assert torch.allclose(temperature_softmax_coefficients(3, 1.0), torch.tensor([e / z, e**2 / z, e**3 / z], dtype=torch.float64))
+    # τ = −1 reverses the weights
+    assert torch.allclose(temperature_softmax_coefficients(3, -1.0), torch.tensor([e**3 / z, e**2 / z, e / z], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("tau", [math.inf, -math.inf])
+def test_temperature_softmax_infinite_tau_is_mean(tau):
+    ts = [torch.randn(3, 4) for _ in range(4)]
+    assert torch.equal(temperature_softmax_coefficients(4, tau), torch.full((4,), 0.25, dtype=torch.float64))
+    assert torch.allclose(MERGES.get("temperature_softmax")(ts, tau=tau), MERGES.get("mean")(ts), atol=1e-7)
+    # a very large finite τ is close to the mean as well
+    assert torch.allclose(temperature_softmax_coefficients(4, 1e9), temperature_softmax_coefficients(4, math.inf), atol=1e-8)
+
+
+@pytest.mark.parametrize("tau, pick", [(1e-3, -1), (1e-9, -1), (5e-324, -1), (0.0, -1), (-1e-3, 0), (-1e-9, 0), (-5e-324, 0), (-0.0, 0)])
+def test_temperature_softmax_zero_limits(tau, pick):
+    """τ → 0⁺ selects the last expert, τ → 0⁻ the first (also for exact ±0.0 and subnormal τ)."""
+    ts = [torch.randn(5) for _ in range(3)]
+    w = temperature_softmax_coefficients(3, tau)
+    assert not torch.isnan(w).any()
+    expected = torch.zeros(3, dtype=torch.float64)
+    expected[pick] = 1.0
+    assert torch.equal(w, expected)
+    assert torch.equal(MERGES.get("temperature_softmax")(ts, tau=tau), ts[pick])
+
+
+def test_temperature_softmax_nan_tau():
+    with pytest.raises(ValueError, match=r"^temperature_softmax tau must not be NaN$"):
+        temperature_softmax_coefficients(3, math.nan)
+
+
+def test_merge_coefficients_only_for_linear_strategies():
+    assert torch.equal(merge_coefficients("mean", 4), torch.full((4,), 0.25, dtype=torch.float64))
+    assert torch.allclose(merge_coefficients("weighted", 2, weights=[1, 3]), torch.tensor([0.25, 0.75], dtype=torch.float64))
+    assert torch.equal(merge_coefficients("temperature_softmax", 3, tau=0.0), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    for name in ("task_arithmetic", "ties", "dare", "slerp", "ensemble"):
+        assert merge_coefficients(name, 3) is None
+
+
+def test_linear_combination_dtype_and_gradient():
+    a = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    b = torch.tensor([3.0, 4.0], dtype=torch.bfloat16)
+    out = linear_combination([a, b], torch.tensor([0.25, 0.75], dtype=torch.float64))
+    assert out.dtype == torch.bfloat16 and close(out.float(), [2.5, 3.5])
+    c = torch.tensor([0.5, 0.5], requires_grad=True)
+    x, y = T(1, 2).requires_grad_(), T(3, 5).requires_grad_()
+    linear_combination([x, y], c).sum().backward()
+    assert close(c.grad, [3.0, 8.0])  # d/dc_i Σ_j (c·θ)_j = Σ_j θ_i[j]
+    assert close(x.grad, [0.5, 0.5]) and close(y.grad, [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"^merge needs at least one tensor$"):
+        linear_combination([], torch.ones(0))
+    with pytest.raises(ValueError, match=r"^cannot merge tensors of different shapes: #0 \(2,\) vs #1 \(3,\)$"):
+        MERGES.get("mean")([T(1, 2), T(1, 2, 3)])
+
+
+# -- task-arithmetic family ----------------------------------------------------------------------
+
+
+def test_task_arithmetic_by_hand():
+    base = T(1, 1, 1)
+    a, b = T(2, 0, 1), T(1, 3, 1)  # task vectors [1, −1, 0] and [0, 2, 0]
+    ta = MERGES.get("task_arithmetic")
+    assert close(ta([a, b], base=base, lam=0.5), [1.5, 1.5, 1.0])  # 1 + 0.5·[1, 1, 0]
+    assert close(ta([a, b], base=base), [2.0, 2.0, 1.0])  # λ = 1 by default
+    assert close(ta([a, b], base=base, weights=[2, 1]), [3.0, 1.0, 1.0])  # 1 + 2·[1, −1, 0] + [0, 2, 0]
+
+
+def test_ties_by_hand():
+    # base = 0.5 everywhere; task vectors τ_i = θ_i − base
+    #   τ1 = [ 3, −1,   0.5, −2  ]  top-2 by |·| (density 0.5 of 4) → [ 3, 0,  0, −2  ]
+    #   τ2 = [−4,  2,   1,   −0.2]                                  → [−4, 2,  0,  0  ]
+    #   τ3 = [ 1,  0.1, −3,  −1.5]                                  → [ 0, 0, −3, −1.5]
+    # elected sign = sign(Σ) = sign([−1, 2, −3, −3.5]) = [−, +, −, −]
+    # disjoint mean of the agreeing non-zero entries: [−4, 2, −3, (−2 − 1.5)/2 = −1.75]
+    # θ = 0.5 + [−4, 2, −3, −1.75] = [−3.5, 2.5, −2.5, −1.25]
+    base = torch.full((4,), 0.5)
+    taus = [T(3, -1, 0.5, -2), T(-4, 2, 1, -0.2), T(1, 0.1, -3, -1.5)]
+    thetas = [base + t for t in taus]
+    ties = MERGES.get("ties")
+    assert close(ties(thetas, base=base, density=0.5), [-3.5, 2.5, -2.5, -1.25])
+    # λ scales the merged task vector: 0.5 + 0.5·[−4, 2, −3, −1.75]
+    assert close(ties(thetas, base=base, density=0.5, lam=0.5), [-1.5, 1.5, -1.0, -0.375])
+    # density 1 (no trim): Σ = [0, 1.1, −1.5, −3.7] → signs [0, +, −, −]
+    #   e0: elected 0 → 0;  e1: mean(2, 0.1) = 1.05;  e2: −3;  e3: mean(−2, −0.2, −1.5) = −3.7/3
+    assert close(ties(thetas, base=base, density=1.0), [0.5, 0.5 + 1.05, 0.5 - 3.0, 0.5 - 3.7 / 3])
+
+
+# DARE hand example. base = 1; task vectors d1 = [2, 0, 1, −1], d2 = [3, 4, −2, 1].
+# The drop mask comes from the seeded generator, drawn tensor after tensor:
+#   torch.rand(4) → u1 = [0.4963, 0.7682, 0.0885, 0.1320], then u2 = [0.3074, 0.6341, 0.4901, 0.8964];
+#   an entry is dropped iff u < p. With p = 0.1: d1 loses entry 2 (0.0885), d2 keeps all;
+#   survivors are rescaled by 1/(1 − p) = 1/0.9:
+#   d1' = [2, 0, 0, −1]/0.9,  d2' = [3, 4, −2, 1]/0.9
+DARE_BASE = torch.ones(4)
+DARE_THETAS = [DARE_BASE + T(2, 0, 1, -1), DARE_BASE + T(3, 4, -2, 1)]
+DARE_U = [0.4963, 0.7682, 0.0885, 0.1320, 0.3074, 0.6341, 0.4901, 0.8964]
+
+
+def test_dare_rng_stream_is_the_documented_one():
+    assert torch.allclose(torch.rand(8, generator=torch.Generator().manual_seed(0)), torch.tensor(DARE_U), atol=1e-4)
+
+
+def test_dare_linear_by_hand():
+    # linear: 1 + (d1' + d2') = 1 + [5, 4, −2, 0]/0.9
+    out = MERGES.get("dare")(DARE_THETAS, base=DARE_BASE, drop_rate=0.1, seed=0)
+    assert close(out, [1 + 5 / 0.9, 1 + 4 / 0.9, 1 - 2 / 0.9, 1.0], atol=1e-5)
+    # the same with an explicit generator
+    out_g = MERGES.get("dare")(DARE_THETAS, base=DARE_BASE, drop_rate=0.1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, out_g)
+
+
+def test_dare_ties_by_hand():
+    # sign(d1' + d2') = sign([5, 4, −2, 0]) = [+, +, −, 0]
+    # e0: mean(2, 3)/0.9 = 2.5/0.9;  e1: only d2' is non-zero → 4/0.9;  e2: only d2' (d1' dropped) → −2/0.9;
+    # e3: elected sign 0 → 0
+    out = MERGES.get("dare")(DARE_THETAS, base=DARE_BASE, drop_rate=0.1, combine="ties", seed=0)
+    assert close(out, [1 + 2.5 / 0.9, 1 + 4 / 0.9, 1 - 2 / 0.9, 1.0], atol=1e-5)
+
+
+def test_dare_limits_statistics_and_seeds():
+    dare = MERGES.get("dare")
+    ta = MERGES.get("task_arithmetic")
+    assert torch.equal(dare(DARE_THETAS, base=DARE_BASE, drop_rate=0.0), ta(DARE_THETAS, base=DARE_BASE))
+    assert torch.equal(dare(DARE_THETAS, base=DARE_BASE, drop_rate=1.0), DARE_BASE)
+    # the rescale keeps the task vector unbiased: E[drop(d)] = d
+    base, theta = torch.zeros(100_000), torch.ones(100_000)
+    out = dare([theta], base=base, drop_rate=0.9, seed=1)
+    assert (out != 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.04)
+    assert torch.equal(dare([theta], base=base, drop_rate=0.9, seed=1), out)
+    assert not torch.equal(dare([theta], base=base, drop_rate=0.9, seed=2), out)
+    with pytest.raises(ValueError, match=r"^dare combine must be 'linear' or 'ties', got 'mean'$"):
+        dare(DARE_THETAS, base=DARE_BASE, combine="mean")
+
+
+def test_task_arithmetic_family_errors():
+    ta = MERGES.get("task_arithmetic")
+    with pytest.raises(ValueError, match=r"^task-arithmetic merges need base= \(the weights the experts were tuned from\)"):
+        ta(DARE_THETAS)
+    with pytest.raises(ValueError, match=r"^base shape \(3,\) differs from tensor shape \(4,\)$"):
+        ta(DARE_THETAS, base=torch.ones(3))
+    with pytest.raises(ValueError, match=r"^got 3 weights for 2 tensors$"):
+        ta(DARE_THETAS, base=DARE_BASE, weights=[1, 1, 1])
+    with pytest.raises(ValueError, match=r"^unknown sparsification 'random'$"):
+        GeneralizedTaskArithmetic(sparsification="random")(DARE_THETAS, base=DARE_BASE)
+
+
+# -- slerp, ensemble ----------------------------------------------------------------------------
+
+
+def test_slerp():
+    slerp = MERGES.get("slerp")
+    v0, v1 = T(1, 0), T(0, 1)  # orthogonal: Ω = π/2
+    assert close(slerp([v0, v1], t=0.0), v0)
+    assert close(slerp([v0, v1], t=1.0), v1)
+    # t = 1/2: sin(π/4)/sin(π/2)·(v0 + v1) = [1/√2, 1/√2] (stays on the unit circle; lerp would give norm 1/√2)
+    assert close(slerp([v0, v1]), [1 / math.sqrt(2), 1 / math.sqrt(2)])
+    # t = 1/3: the point at angle π/6 = [cos π/6, sin π/6]
+    assert close(slerp([v0, v1], t=1 / 3), [math.sqrt(3) / 2, 0.5])
+    assert close(slerp([T(2, 0), T(0, 2)]), [math.sqrt(2), math.sqrt(2)])
+    # colinear and zero tensors fall back to lerp
+    assert close(slerp([T(1, 1), T(2, 2)], t=0.5), [1.5, 1.5])
+    assert close(slerp([T(0, 0), T(2, 4)], t=0.25), [0.5, 1.0])
+    assert slerp([v0.half(), v1.half()]).dtype == torch.float16
+    with pytest.raises(ValueError, match=r"^slerp merges exactly two tensors, got 3$"):
+        slerp([v0, v1, v0])
+
+
+def test_ensemble_is_not_a_weight_merge():
+    assert is_output_space("ensemble") and not is_output_space("mean")
+    msg = r"^'ensemble' averages expert outputs and has no merged weights; use ExpertContainer.collapse\('ensemble'\)"
+    with pytest.raises(TypeError, match=msg):
+        MERGES.get("ensemble")([T(1), T(2)])
+    with pytest.raises(TypeError, match=msg):
+        merge_state_dicts([{"w": T(1)}, {"w": T(2)}], "ensemble")
+
+
+# -- merge_state_dicts -----------------------------------------------------------------------------
+
+
+def test_merge_state_dicts_key_by_key():
+    sds = [{"w": T(1, 2), "b": T(0), "n": torch.tensor(3)}, {"w": T(3, 6), "b": T(1), "n": torch.tensor(3)}]
+    out = merge_state_dicts(sds)  # mean by default
+    assert list(out) == ["w", "b", "n"]
+    assert close(out["w"], [2, 4]) and close(out["b"], [0.5])
+    assert out["n"].dtype == torch.int64 and int(out["n"]) == 3  # equal integer tensors are copied
+    base = {"w": T(1, 1), "b": T(0), "n": torch.tensor(3)}
+    ta = merge_state_dicts(sds, "task_arithmetic", base=base, lam=0.5)
+    assert close(ta["w"], [1 + 0.5 * (0 + 2), 1 + 0.5 * (1 + 5)])  # 1 + 0.5·([0, 1] + [2, 5])
+    # a callable strategy is accepted too
+    assert close(merge_state_dicts(sds, lambda ts, base=None: ts[1])["w"], [3, 6])
+
+
+def test_merge_state_dicts_seed_is_consumed_in_key_order():
+    a = [torch.randn(50) for _ in range(2)]
+    b = [torch.randn(50) for _ in range(2)]
+    base = {"a": torch.zeros(50), "b": torch.zeros(50)}
+    out = merge_state_dicts([{"a": a[0], "b": b[0]}, {"a": a[1], "b": b[1]}], "dare", base=base, drop_rate=0.5, seed=3)
+    g = torch.Generator().manual_seed(3)
+    dare = MERGES.get("dare")
+    assert torch.equal(out["a"], dare(a, base=base["a"], drop_rate=0.5, generator=g))
+    assert torch.equal(out["b"], dare(b, base=base["b"], drop_rate=0.5, generator=g))
+
+
+def test_merge_state_dicts_errors():
+    with pytest.raises(ValueError, match=r"^merge_state_dicts needs at least one state dict$"):
+        merge_state_dicts([])
+    with pytest.raises(ValueError, match=r"^state dict #1 has different keys from #0; first difference: 'c'$"):
+        merge_state_dicts([{"w": T(1)}, {"w": T(1), "c": T(2)}])
+    with pytest.raises(ValueError, match=r"^base state dict is missing 'w'$"):
+        merge_state_dicts([{"w": T(1)}, {"w": T(2)}], "task_arithmetic", base={"v": T(0)})
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': cannot merge tensors of different shapes: #0 \(1,\) vs #1 \(2,\)$"):
+        merge_state_dicts([{"w": T(1)}, {"w": T(1, 2)}])
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': base shape \(2,\) differs from tensor shape \(1,\)$"):
+        merge_state_dicts([{"w": T(1)}, {"w": T(2)}], "ties", base={"w": T(0, 0)})
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'n': non-float tensors differ between #0 and #1 and cannot be merged$"):
+        merge_state_dicts([{"n": torch.tensor(1)}, {"n": torch.tensor(2)}])
+    with pytest.raises(ValueError, match=r"^non-float tensors differ between #0 and #1"):
+        merge_tensors([torch.tensor(1), torch.tensor(2)])
