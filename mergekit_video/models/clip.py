@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,37 @@ def register_bundled_model_configs() -> None:
 
     open_clip.add_model_config(_BUNDLED_CONFIG_DIR)
     _configs_registered = True
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether downloads can reach ``host`` (False when offline mode is set or a connection fails fast)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # cannot probe through a proxy; let the download try
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Make huggingface_hub resolve from its local cache only (fails fast instead of retrying for a minute)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
@@ -126,15 +158,17 @@ def create_clip(
                 f"{pretrained!r} is neither an open_clip pretrained tag for {model_name} nor a file "
                 f"(set {recipe_key}); tags for {model_name}: {', '.join(tags) or 'none'}"
             )
+    offline = pretrained is not None and not os.path.isfile(pretrained) and not hub_reachable()
     try:
-        model = open_clip.create_model(
+        with _hub_offline() if offline else contextlib.nullcontext():
+            model = open_clip.create_model(
             model_name,
-            pretrained=pretrained,
-            force_quick_gelu=quick_gelu,
-            cache_dir=cache_dir,
-            device="cpu",
-            precision="fp32",
-        )
+                pretrained=pretrained,
+                force_quick_gelu=quick_gelu,
+                cache_dir=cache_dir,
+                device="cpu",
+                precision="fp32",
+            )
     except Exception as exc:  # noqa: BLE001 - rewrap download/load failures for the user
         if pretrained is None:
             raise
@@ -145,7 +179,7 @@ def create_clip(
             ) from exc
         raise PretrainedWeightsError(
             f"could not download the {model_name} weights for pretrained tag {pretrained!r} "
-            f"(no network access?). Download them on a machine with internet, e.g. "
+            f"({'no network access' if offline else 'download failed'}). Download them on a machine with internet, e.g. "
             f"`open_clip.create_model('{model_name}', pretrained='{pretrained}')` (or the OpenAI .pt file), "
             f"then pass the local file: set {recipe_key}=/path/to/weights.pt "
             f"(on the command line: `mergevid run RECIPE {recipe_key}=/path/to/weights.pt`)."

@@ -1,0 +1,103 @@
+"""Import of official MoTE checkpoints: key mapping, shape inference, logits equal to the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mergekit_video.models import load, save_model
+from mergekit_video.models.convert import ConversionError, convert_official, infer_architecture, load_official_checkpoint
+from official_reference import RefVideoCLIP, RefVideoHeader, RefVisualTransformer
+
+
+def _official_checkpoint(*, width=64, layers=2, image=32, patch=8, embed=64, t_layers=2, experts=4, classes=7, fusion=None, seed=0):
+    torch.manual_seed(seed)
+    visual = RefVisualTransformer(image, patch, width, layers, embed)
+    clip = RefVideoCLIP(visual)
+    head = RefVideoHeader(embed, t_layers, experts, classes)
+    with torch.no_grad():
+        for p in head.parameters():  # non-trivial values everywhere (biases, LN affine too)
+            p.normal_(0, 0.05)
+        head.spe_cls_feature.copy_(F.normalize(torch.randn(classes, embed), dim=-1))
+        for blk in head.transformer.resblocks:
+            if experts:
+                blk.mlp.mote_fusion_weight.copy_(torch.zeros(experts) if fusion is None else torch.tensor(fusion))
+        for p in visual.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ckpt = {
+        "epoch": 19,
+        "model_state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()},
+        "fusion_model_state_dict": {f"module.{k}": v for k, v in head.state_dict().items()},
+        "optimizer_state_dict": {"state": {}, "param_groups": []},
+    }
+    return ckpt, clip.eval(), head.eval()
+
+
+def _compare(model, clip, head, classes=9, atol=1e-4):
+    grid = int(round((clip.visual.positional_embedding.shape[0] - 1) ** 0.5))
+    size = clip.visual.conv1.weight.shape[-1] * grid
+    frames = torch.randn(3, 8, 3, size, size)
+    cls = F.normalize(torch.randn(classes, head.frame_position_embeddings.weight.shape[1]), dim=-1)
+    with torch.no_grad():
+        e_ref = clip.encode_image(frames)
+        e_ours = model.encode_frames(frames)
+        assert (e_ref - e_ours).abs().max() < atol
+        for tfm in (True, False):
+            ref = head(e_ref, cls, modulation=tfm)
+            ours = model(frames, cls, modulation=tfm)
+            assert (ref - ours).abs().max() <= atol, f"TFM={tfm}: max diff {(ref - ours).abs().max():.2e}"
+    assert torch.allclose(model.logit_scale, clip.logit_scale)
+
+
+def test_convert_round_trip_matches_official_logits(tmp_path):
+    ckpt, clip, head = _official_checkpoint()
+    path = tmp_path / "mote_official.pt"
+    torch.save(ckpt, path)
+    model = convert_official(load_official_checkpoint(path))
+    arch = infer_architecture(
+        {k[7:]: v for k, v in ckpt["model_state_dict"].items()}, {k[7:]: v for k, v in ckpt["fusion_model_state_dict"].items()}
+    )
+    assert (arch.image_size, arch.patch_size, arch.vision_width, arch.vision_layers, arch.embed_dim) == (32, 8, 64, 2, 64)
+    assert (arch.temporal_layers, arch.num_experts, arch.num_source_classes) == (2, 4, 7)
+    assert model.config["clip"]["name"] == "mergevid-tiny-vit"
+    assert model.config["converted_from"]["epoch"] == 19
+    _compare(model, clip, head)
+    # save → load keeps everything, including the 7 source classes
+    save_model(model, tmp_path / "converted")
+    again = load(tmp_path / "converted")
+    assert again.head.source_class_features.shape == (7, 64)
+    _compare(again, clip, head)
+    with pytest.raises(ValueError, match="no text-tower weights"):
+        again.class_features(["x"])
+
+
+def test_convert_nonzero_fusion_weights_and_baseline(tmp_path):
+    ckpt, clip, head = _official_checkpoint(fusion=[0.5, -1.0, 2.0, 0.0], seed=1)
+    model = convert_official(ckpt)
+    assert model.config["head"]["merge"] == "weighted"
+    _compare(model, clip, head)
+    ckpt0, clip0, head0 = _official_checkpoint(experts=0, seed=2)
+    base = convert_official(ckpt0)
+    assert base.config["head"]["num_experts"] == 0
+    _compare(base, clip0, head0)
+
+
+def test_convert_infers_other_sizes_without_a_matching_open_clip_config():
+    ckpt, clip, head = _official_checkpoint(width=128, layers=1, image=48, patch=16, embed=96, t_layers=3, experts=2, classes=5, seed=3)
+    model = convert_official(ckpt)
+    cfg = model.config["clip"]["model_cfg"]
+    assert cfg["vision_cfg"] == {"image_size": 48, "layers": 1, "width": 128, "patch_size": 16}
+    assert model.config["head"]["layers"] == 3 and model.config["head"]["num_experts"] == 2
+    _compare(model, clip, head)
+
+
+def test_convert_rejects_foreign_files(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(ConversionError, match="not an official MoTE checkpoint"):
+        load_official_checkpoint(bad)
+    ckpt, _, _ = _official_checkpoint()
+    ckpt["fusion_model_state_dict"]["module.extra.thing"] = torch.zeros(1)
+    with pytest.raises(ConversionError, match="unexpected key 'extra.thing'"):
+        convert_official(ckpt)

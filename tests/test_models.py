@@ -1,0 +1,216 @@
+"""MoTE model: head structure, objective, TFM, evaluation, save/load, dense export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mergekit_video.experts import find_containers
+from mergekit_video.models import MoTEObjective, TemporalHead, build_video_clip, export_dense, load, save_model
+from mergekit_video.models.checkpoint import count_parameters
+from mergekit_video.models.clip import ClassFeatureCache, encode_class_names, needs_quick_gelu
+from mergekit_video.models.modulation import semantic_association
+from mergekit_video.models.prompts import MOTE_TEMPLATES
+from mergekit_video.models.temporal import LAYER_NORM_EPS, cosine_logits
+
+TINY = "mergevid-tiny-vit"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_video_clip(clip_name=TINY, temporal_layers=2, num_experts=4)
+
+
+@pytest.fixture(scope="module")
+def classes(model):
+    return model.class_features(["running", "jumping", "swimming", "climbing", "dancing", "eating"], templates="single")
+
+
+def test_head_structure_matches_reference_spec():
+    head = TemporalHead(width=128, layers=3, num_experts=4)
+    assert head.frame_position_embeddings.weight.shape == (77, 128)
+    block = head.transformer.resblocks[0]
+    assert block.attn.heads == 2  # D // 64
+    assert block.ln_1.eps == LAYER_NORM_EPS == 1e-12
+    assert [n for n, _ in find_containers(head)] == [f"transformer.resblocks.{i}.mlp" for i in range(3)]
+    expert = block.mlp.experts[0]
+    assert expert.c_fc.weight.shape == (512, 128) and expert.c_proj.weight.shape == (128, 512)
+    # N(0, 0.02) init, zero biases, independent experts
+    w = torch.cat([c.experts[i].c_fc.weight.flatten() for _, c in find_containers(head) for i in range(4)])
+    assert abs(w.std().item() - 0.02) < 1e-3
+    assert block.mlp.experts[0].c_fc.bias.abs().sum() == 0
+    assert not torch.equal(block.mlp.experts[0].c_fc.weight, block.mlp.experts[1].c_fc.weight)
+    assert abs(head.frame_position_embeddings.weight.std().item() - 0.02) < 2e-3
+
+
+def test_quick_gelu_decision():
+    assert needs_quick_gelu("ViT-L-14", "openai")
+    assert needs_quick_gelu("ViT-B-16-quickgelu", None)
+    assert not needs_quick_gelu("ViT-B-16", None)
+
+
+def test_prompt_ensemble_normalises_per_template_then_renormalises(model):
+    names = ["archery", "bowling"]
+    feats = encode_class_names(model.clip, names, templates=MOTE_TEMPLATES[:3], model_name=TINY)
+    import open_clip
+
+    tok = open_clip.get_tokenizer(TINY)
+    with torch.no_grad():
+        per = [F.normalize(model.clip.encode_text(tok([t.format(n) for n in names])), dim=-1) for t in MOTE_TEMPLATES[:3]]
+    expected = F.normalize(torch.stack(per).mean(0), dim=-1)
+    assert torch.allclose(feats, expected, atol=1e-6)
+    assert len(MOTE_TEMPLATES) == 28
+
+
+def test_class_feature_cache_hits_on_second_call(model, tmp_path):
+    cache = ClassFeatureCache(directory=tmp_path)
+    a = model.class_features(["a", "b"], templates="single", cache=cache)
+    b = model.class_features(["a", "b"], templates="single", cache=cache)
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert torch.equal(a, b)
+    model.class_features(["a", "c"], templates="single", cache=cache)  # other class list: other key
+    assert cache.misses == 2
+
+
+def test_train_step_lowers_loss_on_fixed_batch(classes):
+    torch.manual_seed(1)
+    head = TemporalHead(width=64, layers=2, num_experts=4, router_kwargs={"seed": 0})
+    objective = MoTEObjective(wmr={"seed": 0})
+    feats = F.normalize(torch.randn(6, 8, 64), dim=-1)
+    labels = torch.arange(6)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    head.train()
+    losses = []
+    for _ in range(30):
+        out = objective(head, feats, classes, labels, torch.tensor(100.0))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert set(out.terms) == {"te", "wmr", "mse"}
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fused_paths_equal_separate_forwards(classes):
+    torch.manual_seed(2)
+    feats = torch.randn(4, 8, 64)
+    labels = torch.tensor([0, 1, 2, 3])
+    outs = []
+    for fuse in (True, False):
+        torch.manual_seed(3)
+        head = TemporalHead(width=64, layers=2, num_experts=4, router_kwargs={"seed": 5}).train()
+        obj = MoTEObjective(wmr={"seed": 7}, fuse_paths=fuse)
+        o = obj(head, feats, classes, labels, torch.tensor(50.0))
+        o.loss.backward()
+        outs.append((o, head.transformer.resblocks[0].mlp.experts[3].c_fc.weight.grad.clone()))
+    (a, ga), (b, gb) = outs
+    assert a.taus == b.taus
+    assert torch.allclose(a.logits, b.logits, atol=1e-6) and torch.allclose(a.logits_wmr, b.logits_wmr, atol=1e-6)
+    assert torch.allclose(a.loss, b.loss, atol=1e-6)
+    assert torch.allclose(ga, gb, atol=1e-6)
+
+
+def test_loss_terms_follow_eq10(classes):
+    torch.manual_seed(4)
+    head = TemporalHead(width=64, layers=1, num_experts=2, router="fixed", router_kwargs={"expert": 1}).train()
+    obj = MoTEObjective(wmr={"sampling": "point"}, wmr_weight=0.5, mse_weight=0.1, fuse_paths=False)
+    feats, labels, s = torch.randn(3, 4, 64), torch.tensor([0, 1, 2]), 20.0
+    out = obj(head, feats, classes, labels, torch.tensor(s))
+    with torch.no_grad():
+        exp_path = cosine_logits(feats + head.temporal_features(feats), classes)  # train mode: fixed router → expert 1
+        head.eval()
+        wmr_feats = feats + head.temporal_features(feats)  # τ = ∞ → mean merge, as eval
+    ce = F.cross_entropy(s * exp_path, labels)
+    ce_wmr = F.cross_entropy(s * cosine_logits(wmr_feats, classes), labels)
+    mse = F.mse_loss(wmr_feats, feats)
+    assert math.isclose(out.loss.item(), (ce + 0.5 * ce_wmr + 0.1 * mse).item(), rel_tol=1e-5)
+    assert out.taus == {"transformer.resblocks.0.mlp": math.inf}
+
+
+def test_baseline_and_switches(classes):
+    head = TemporalHead(width=64, layers=1, num_experts=0).train()
+    with pytest.raises(ValueError, match="WMR needs experts"):
+        MoTEObjective()(head, torch.randn(2, 4, 64), classes, torch.tensor([0, 1]), 10.0)
+    out = MoTEObjective(wmr_weight=0, mse_weight=0)(head, torch.randn(2, 4, 64), classes, torch.tensor([0, 1]), 10.0)
+    assert set(out.terms) == {"te"} and out.logits_wmr is None
+    moe = TemporalHead(width=64, layers=1, num_experts=2).train()
+    for kind in ("kl", "mse"):
+        o = MoTEObjective(wmr_loss=kind)(moe, torch.randn(2, 4, 64), classes, torch.tensor([0, 1]), 10.0)
+        assert o.terms["wmr"] >= 0
+    o = MoTEObjective(expert_data="all")(moe, torch.randn(2, 4, 64), classes, torch.tensor([0, 1]), 10.0)
+    assert torch.isfinite(o.loss)
+
+
+def test_tfm_matches_hand_built_case():
+    # D = 2, unit class vectors at known angles; T = 2 frames averaging to direction (1, 0).
+    frames = torch.tensor([[[1.0, 0.2], [1.0, -0.2]]])  # mean (1, 0)
+    target = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    c, s = math.cos(0.3), math.sin(0.3)
+    source = torch.tensor([[c, s], [0.0, -1.0], [-1.0, 0.0]])
+    # K = 2: nearest targets to (1,0): t0 (1), t1 (0) [tie with t1 vs t2? t2 = -1, so t1]
+    # nearest sources: s0 (cos .3), s1 (0)
+    # S = [[t0·s0, t0·s1], [t1·s0, t1·s1]] = [[cos.3, 0], [sin.3, -1]]; row max = [cos.3, sin.3]
+    m = (c + s) / 2
+    expected = math.exp(-(1 - m) / 0.05)
+    rho = semantic_association(frames, target, source, k=2, gamma=0.05)
+    assert rho.shape == (1,)
+    assert math.isclose(rho.item(), expected, rel_tol=1e-5)
+    # ρ modulates the temporal term only: z = e + ρ·h(e)
+    head = TemporalHead(width=2, layers=1, heads=1, num_experts=0, tfm_k=2).eval()
+    head.set_source_class_features(source)
+    with torch.no_grad():
+        e, h = frames, head.temporal_features(frames)
+        assert torch.allclose(head(frames, target, modulation=True), cosine_logits(e + expected * h, target), atol=1e-6)
+        assert torch.allclose(head(frames, target, modulation=False), cosine_logits(e + h, target), atol=1e-6)
+
+
+def test_evaluation_is_deterministic_and_leaves_global_rng(model, classes):
+    model.eval()
+    model.head.set_source_class_features(classes[:4])
+    frames = torch.randn(2, 8, 3, 32, 32)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        a = model(frames, classes, modulation=True)
+        b = model(frames, classes, modulation=True)
+    assert torch.equal(a, b)
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(c.merge_count == 1 for _, c in find_containers(model.head))
+
+
+def test_merged_eval_equals_collapsed_export_and_param_counts(model, classes, tmp_path):
+    model.eval()
+    model.head.set_source_class_features(classes[:5])
+    frames = torch.randn(2, 8, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(frames, classes, modulation=True)
+    save_model(model, tmp_path / "mote")
+    with pytest.raises(FileExistsError):
+        save_model(model, tmp_path / "mote")
+    reloaded = load(tmp_path / "mote")
+    export_dense(model, tmp_path / "dense")
+    dense = load(tmp_path / "dense")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(frames, classes, modulation=True), ref, atol=1e-6)
+        assert torch.allclose(dense(frames, classes, modulation=True), ref, atol=1e-5)
+    baseline = build_video_clip(clip_name=TINY, temporal_layers=2, num_experts=0)
+    assert sorted(dense.head.state_dict()) == sorted(k for k in baseline.head.state_dict())
+    assert count_parameters(dense.head) == count_parameters(baseline.head)
+    assert dense.head.source_class_features.shape == (5, 64)
+    # the CLIP part loads into plain open_clip
+    import open_clip
+    from safetensors.torch import load_file
+
+    plain = open_clip.create_model(TINY)
+    plain.load_state_dict(load_file(str(tmp_path / "dense" / "clip.safetensors")), strict=True)
+
+
+def test_temporal_module_parameter_counts_match_paper_table_2c():
+    # ViT-L/14 head: 6 layers, D = 768. Paper: 42.6M merged vs 127.6M with 4 experts.
+    plain = count_parameters(TemporalHead(width=768, layers=6, num_experts=0))
+    moe = count_parameters(TemporalHead(width=768, layers=6, num_experts=4))
+    assert round(plain / 1e6, 1) == 42.6
+    assert round(moe / 1e6, 1) == 127.6
