@@ -1,0 +1,416 @@
+"""ExpertContainer: structure checks, routed training, cached merged eval, merged_forward, plans, collapse."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergekit_video import ExpertContainer
+from mergekit_video.experts import (
+    ExpertEnsemble,
+    collect_aux_losses,
+    find_containers,
+    load_router_generator_states,
+    router_generator_states,
+    routing_plan,
+    use_expert,
+    use_merge,
+    use_merge_weights,
+)
+from mergekit_video.registry import RegistryError
+from mergekit_video.routers import FixedRouter, MultinomialRouter, TopKRouter
+
+
+class MLP(nn.Module):
+    """Toy FFN expert: fc2(gelu(fc1(x)))."""
+
+    def __init__(self, dim: int = 4, hidden: int = 8, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def experts(n: int = 3, seed: int = 0, **kw) -> list[MLP]:
+    torch.manual_seed(seed)
+    return [MLP(**kw) for _ in range(n)]
+
+
+def mean_sd(mods) -> dict[str, torch.Tensor]:
+    sds = [m.state_dict() for m in mods]
+    return {k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]}
+
+
+def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# -- construction ------------------------------------------------------------------------------------
+
+
+def test_structure_errors_name_the_tensor():
+    m = MLP()
+    cases = [
+        ([], r"^ExpertContainer needs at least one expert$"),
+        ([m, m], r"^expert 1 shares parameters with expert 0; pass independent copies \(copy.deepcopy\)$"),
+        ([MLP(), nn.Linear(4, 4)], r"^expert 1 is a Linear but expert 0 is a MLP$"),
+        ([MLP(hidden=8), MLP(hidden=6)], r"^tensor 'fc1.weight' differs: expert 0 has shape \(8, 4\), expert 1 has \(6, 4\)$"),
+        ([MLP(), MLP().double()], r"^tensor 'fc1.weight' differs: expert 0 has dtype torch.float32, expert 1 has torch.float64$"),
+        ([MLP(), MLP(bias=False)], r"^expert 1 has no tensor 'fc1.bias', which expert 0 has$"),
+        ([MLP(bias=False), MLP()], r"^expert 1 has tensor 'fc1.bias', which expert 0 lacks$"),
+    ]
+    for mods, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            ExpertContainer(mods, "fixed")
+    shared = MLP()
+    other = MLP()
+    other.fc2 = shared.fc2  # one shared submodule is enough to refuse
+    with pytest.raises(ValueError, match=r"^expert 1 shares parameters with expert 0"):
+        ExpertContainer([shared, other], "fixed")
+
+
+def test_router_and_merge_argument_errors():
+    with pytest.raises(ValueError, match=r"^router is built for 3 experts but the container has 2$"):
+        ExpertContainer(experts(2), FixedRouter(num_experts=3))
+    with pytest.raises(RegistryError, match=r"^unknown merge strategy 'meen'; did you mean 'mean'\?"):
+        ExpertContainer(experts(2), "fixed", merge="meen")
+    with pytest.raises(RegistryError, match=r"^unknown router 'topq'; did you mean 'topk'\?"):
+        ExpertContainer(experts(2), "topq")
+    c = ExpertContainer(experts(2), "multinomial", router_kwargs={"temperature": 2.0, "seed": 1})
+    assert c.router.temperature == 2.0 and c.num_experts == 2
+    assert repr(c).startswith("ExpertContainer(\n") and "num_experts=2, merge='mean'" in repr(c)
+    with pytest.raises(RegistryError, match=r"^unknown merge strategy 'max'"):
+        c.set_merge("max")
+    # state-dict keys: experts.{i}.<expert keys>
+    assert sorted(c.state_dict()) == sorted(f"experts.{i}.{k}" for i in range(2) for k in MLP().state_dict())
+
+
+# -- eval: one cached merge ---------------------------------------------------------------------------
+
+
+def test_eval_equals_dense_mean_and_merges_once():
+    mods = experts(3)
+    c = ExpertContainer(copy.deepcopy(mods), "multinomial").eval()
+    dense = MLP()
+    dense.load_state_dict(mean_sd(mods))  # MoTE Eq. 6 by hand
+    x = torch.randn(5, 7, 4)
+    outs = [c(x) for _ in range(4)]
+    assert maxdiff(outs[0], dense(x)) <= 1e-6
+    assert c.merge_count == 1  # four eval forwards, one merge
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert c.last_routing is None  # the router never ran
+    assert all(not p.requires_grad for p in c.merged_module().parameters())
+
+
+def test_merge_cache_invalidation():
+    c = ExpertContainer(experts(3), "multinomial", router_kwargs={"seed": 0})
+    x = torch.randn(6, 4)
+    c.eval()
+    c(x)
+    assert c.merge_count == 1
+    # an optimizer step changes the experts: the next eval forward merges again, with the new weights
+    c.train()
+    opt = torch.optim.SGD(c.parameters(), lr=0.5)
+    c(x).pow(2).sum().backward()
+    opt.step()
+    c.eval()
+    c(x)
+    c(x)
+    assert c.merge_count == 2
+    dense = MLP()
+    dense.load_state_dict(mean_sd(c.experts))
+    assert maxdiff(c(x), dense(x)) <= 1e-6
+    # load_state_dict writes in place: invalidated
+    other = ExpertContainer(experts(3, seed=5), "multinomial")
+    c.load_state_dict(other.state_dict())
+    c(x)
+    assert c.merge_count == 3
+    dense.load_state_dict(mean_sd(other.experts))
+    assert maxdiff(c(x), dense(x)) <= 1e-6
+    # changing the strategy invalidates; a no-op does not
+    c.set_merge("temperature_softmax", tau=0.0)
+    assert maxdiff(c(x), c.experts[-1](x)) <= 1e-6
+    assert c.merge_count == 4
+    # writes through .data are invisible to version counters: invalidate_merge() is the escape hatch
+    with torch.no_grad():
+        c.experts[2].fc2.bias.data += 1.0
+    c(x)
+    assert c.merge_count == 4
+    c.invalidate_merge()
+    assert maxdiff(c(x), c.experts[-1](x)) <= 1e-6
+    assert c.merge_count == 5
+    # a dtype change (new tensors) is seen as well
+    c.double()
+    c(x.double())
+    assert c.merge_count == 6 and c.merged_module().fc1.weight.dtype == torch.float64
+
+
+# -- merged_forward ----------------------------------------------------------------------------------
+
+
+def test_merged_forward_matches_functional_forward_and_gradients():
+    mods = experts(3)
+    c = ExpertContainer(mods, "multinomial")
+    ref = [{k: v.detach().clone().requires_grad_() for k, v in m.named_parameters()} for m in mods]
+    w = torch.tensor([0.2, 0.3, 0.5], requires_grad=True)
+    w_ref = w.detach().clone().requires_grad_()
+    x = torch.randn(5, 4)
+
+    # hand-built functional forward with θ = Σ w_i θ_i
+    def merged(name):
+        return sum(w_ref[i] * ref[i][name] for i in range(3))
+
+    h = F.gelu(F.linear(x, merged("fc1.weight"), merged("fc1.bias")))
+    y_ref = F.linear(h, merged("fc2.weight"), merged("fc2.bias"))
+    y = c.merged_forward(x, w)
+    assert maxdiff(y, y_ref) <= 1e-6
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    for i, m in enumerate(mods):
+        for k, p in m.named_parameters():
+            assert p.grad is not None and maxdiff(p.grad, ref[i][k].grad) <= 1e-6, (i, k)
+    assert maxdiff(w.grad, w_ref.grad) <= 1e-5
+    # the expert gradients are w_i times the gradient of the merged tensor
+    assert maxdiff(mods[0].fc1.weight.grad / 0.2, mods[2].fc1.weight.grad / 0.5) <= 1e-5
+    with pytest.raises(ValueError, match=r"^merged_forward got 2 weights for 3 experts$"):
+        c.merged_forward(x, [0.5, 0.5])
+
+
+# -- train: routing -------------------------------------------------------------------------------------
+
+
+def test_batch_routing_runs_the_chosen_expert():
+    c = ExpertContainer(experts(4), "multinomial", router_kwargs={"seed": 3}).train()
+    x = torch.randn(3, 4)
+    seen = set()
+    for _ in range(30):
+        y = c(x)
+        idx = int(c.last_routing.indices)
+        seen.add(idx)
+        assert torch.equal(y, c.experts[idx](x))
+    assert len(seen) >= 3 and c.aux_losses == {}
+
+
+def test_sample_routing_per_sample():
+    c = ExpertContainer(experts(3), "random", router_kwargs={"granularity": "sample", "seed": 0}).train()
+    x = torch.randn(16, 5, 4)  # [B, T, D]
+    y = c(x)
+    idx = c.last_routing.indices.view(-1)
+    assert idx.shape == (16,) and len(set(idx.tolist())) == 3
+    expected = torch.cat([c.experts[int(i)](x[b : b + 1]) for b, i in enumerate(idx)])
+    assert y.shape == x.shape and maxdiff(y, expected) <= 1e-6
+    with pytest.raises(ValueError, match=r"^per-sample and per-token routing pass only the input tensor to the experts$"):
+        c(x, torch.ones(1))
+
+
+def test_topk_token_routing_combines_weighted_experts():
+    torch.manual_seed(0)
+    mods = [nn.Linear(4, 4) for _ in range(3)]
+    router = TopKRouter(num_experts=3, dim=4, k=2)
+    with torch.no_grad():
+        router.gate.weight.normal_()
+    c = ExpertContainer(mods, router).train()
+    x = torch.randn(2, 5, 4)  # [B, T, D] → 10 tokens
+    y = c(x)
+    r = c.last_routing
+    assert r.indices.shape == (10, 2) and y.shape == x.shape
+    tokens = x.reshape(10, 4)
+    expected = torch.stack(
+        [sum(r.weights[t, j] * mods[int(r.indices[t, j])](tokens[t]) for j in range(2)) for t in range(10)]
+    ).view(2, 5, 4)
+    assert maxdiff(y, expected) <= 1e-6
+    assert set(c.aux_losses) == {"load_balance", "z_loss"}
+    # two containers: collect_aux_losses sums them
+    model = nn.Sequential(c, ExpertContainer([nn.Linear(4, 4) for _ in range(3)], TopKRouter(num_experts=3, dim=4)))
+    model.train()(x)
+    total = collect_aux_losses(model)
+    assert torch.allclose(total["load_balance"], model[0].aux_losses["load_balance"] + model[1].aux_losses["load_balance"])
+    # and the gate learns from the task loss through the routing weights
+    y.sum().backward()
+    assert router.gate.weight.grad is not None
+
+
+# -- routing plans --------------------------------------------------------------------------------------
+
+
+def _two_layer():
+    torch.manual_seed(1)
+    return nn.Sequential(
+        ExpertContainer([MLP() for _ in range(3)], "multinomial"),
+        ExpertContainer([MLP() for _ in range(3)], "multinomial"),
+    )
+
+
+def test_routing_plans():
+    model = _two_layer()
+    x = torch.randn(5, 4)
+    a, b = model[0], model[1]
+    with use_expert(model, 1) as containers:
+        assert [n for n, _ in containers] == ["0", "1"]
+        assert torch.equal(model(x), b.experts[1](a.experts[1](x)))
+    model.train()
+    with routing_plan(model, "merged"):  # the eval behaviour in train mode
+        assert maxdiff(model(x), b.merged_module()(a.merged_module()(x))) <= 1e-6
+    model.eval()
+    with routing_plan(model, "routed"):  # the train behaviour in eval mode
+        model(x)
+        assert a.last_routing is not None
+    w = torch.tensor([0.1, 0.2, 0.7])
+    with use_merge_weights(model, w):
+        assert maxdiff(model(x), b.merged_forward(a.merged_forward(x, w), w)) <= 1e-6
+    with use_merge_weights(model, {"0": [1.0, 0.0, 0.0], "1": [0.0, 0.0, 1.0]}):
+        assert maxdiff(model(x), b.experts[2](a.experts[0](x))) <= 1e-6
+    with routing_plan(model, lambda name, c: 0 if name == "0" else 2):
+        assert torch.equal(model(x), b.experts[2](a.experts[0](x)))
+    with routing_plan(model, "ensemble"):  # every expert on all inputs, outputs averaged, differentiable
+        h = sum(e(x) for e in a.experts) / 3
+        assert maxdiff(model(x), sum(e(h) for e in b.experts) / 3) <= 1e-6
+    # segments: samples 0-1 through expert 0, samples 2-4 through the merge
+    with routing_plan(model, [(2, 0), (3, "merged")]):
+        y = model(x)
+    assert torch.equal(y[:2], b.experts[0](a.experts[0](x[:2])))
+    assert maxdiff(y[2:], b.merged_module()(a.merged_module()(x[2:]))) <= 1e-6
+    # plans nest and are restored
+    with use_expert(model, 0):
+        with use_expert(model, 2):
+            assert a._plan == 2
+        assert a._plan == 0
+    assert a._plan is None and b._plan is None
+    with use_merge(model, "temperature_softmax", tau=-0.0):  # τ → 0⁻: the first expert
+        assert maxdiff(model(x), b.experts[0](a.experts[0](x))) <= 1e-6
+        assert a.merge == "temperature_softmax"
+    assert a.merge == "mean" and a.merge_kwargs == {}
+
+
+def test_routing_plan_errors():
+    model = _two_layer()
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"^routing_plan: the model has no ExpertContainer \(did you call add_experts\?\)$"):
+        with routing_plan(nn.Linear(2, 2), 0):
+            pass
+    with pytest.raises(KeyError, match=r"routing plan has no entry for container '1'"):
+        with routing_plan(model, {"0": 1}):
+            pass
+    assert model[0]._plan is None  # restored after the failure
+    with pytest.raises(ValueError, match=r"^unknown routing plan 'dense'; expected 'routed', 'merged', 'ensemble', an int or weights$"):
+        with routing_plan(model, "dense"):
+            model(x)
+    with pytest.raises(ValueError, match=r"^plan segments cover 4 samples but the batch has 5$"):
+        with routing_plan(model, [(2, 0), (2, 1)]):
+            model(x)
+    with pytest.raises(TypeError, match=r"^unsupported routing plan of type float$"):
+        with routing_plan(model, 0.5):
+            model(x)
+
+
+def test_router_generator_states_round_trip():
+    model = _two_layer().train()
+    x = torch.randn(2, 4)
+    states = router_generator_states(model)
+    assert set(states) == {"0", "1"}
+
+    def run():
+        out = []
+        for _ in range(20):
+            model(x)
+            out.append((int(model[0].last_routing.indices), int(model[1].last_routing.indices)))
+        return out
+
+    first = run()
+    load_router_generator_states(model, states)
+    assert run() == first
+    with pytest.raises(KeyError, match=r"no saved router RNG state for container '1'"):
+        load_router_generator_states(model, {"0": states["0"]})
+    assert [n for n, _ in find_containers(model)] == ["0", "1"]
+
+
+# -- collapse ---------------------------------------------------------------------------------------------
+
+
+def test_collapse_mean_weighted_and_task_arithmetic():
+    mods = experts(3)
+    c = ExpertContainer(copy.deepcopy(mods), "multinomial").eval()
+    x = torch.randn(4, 4)
+    dense = c.collapse()
+    assert type(dense) is MLP and dense.state_dict().keys() == mods[0].state_dict().keys()
+    assert not dense.training
+    ref = MLP()
+    ref.load_state_dict(mean_sd(mods))
+    assert maxdiff(dense(x), ref(x)) <= 1e-6
+    assert dense.fc1.weight.requires_grad and dense.fc1.weight.data_ptr() != c.experts[0].fc1.weight.data_ptr()
+    w = c.collapse("weighted", weights=[0.0, 0.0, 1.0])
+    assert maxdiff(w(x), mods[2](x)) <= 1e-6
+    # task arithmetic against a base module: θ = base + Σ(θ_i − base)
+    base = MLP()
+    ta = c.collapse("task_arithmetic", base=base)
+    sds = [m.state_dict() for m in mods]
+    for k, v in base.state_dict().items():
+        assert maxdiff(ta.state_dict()[k], v + sum(sd[k] - v for sd in sds)) <= 1e-5
+    # the same with the base given as a state dict
+    assert maxdiff(c.collapse("task_arithmetic", base=base.state_dict())(x), ta(x)) <= 1e-6
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'fc1.weight': task-arithmetic merges need base="):
+        c.collapse("ties")
+
+
+def test_ensemble_collapse_and_eval():
+    mods = experts(3)
+    x = torch.randn(4, 4)
+    mean_out = sum(m(x) for m in mods) / 3
+    c = ExpertContainer(copy.deepcopy(mods), "multinomial")
+    ens = c.collapse("ensemble")
+    assert isinstance(ens, ExpertEnsemble) and len(ens.experts) == 3
+    assert maxdiff(ens(x), mean_out) <= 1e-6
+    weighted = c.collapse("ensemble", weights=[1.0, 0.0, 3.0])  # normalised to [1/4, 0, 3/4]
+    assert maxdiff(weighted(x), 0.25 * mods[0](x) + 0.75 * mods[2](x)) <= 1e-6
+    # a container whose eval merge is the ensemble: N forwards, cached like any merge
+    c2 = ExpertContainer(copy.deepcopy(mods), "multinomial", merge="ensemble").eval()
+    assert maxdiff(c2(x), mean_out) <= 1e-6
+    c2(x)
+    assert c2.merge_count == 1
+
+
+class WithBuffers(nn.Module):
+    """Expert with a BatchNorm (persistent buffers) and a non-persistent buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.register_buffer("scale", torch.ones(3), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x)) * self.scale
+
+
+def test_collapse_merges_buffers_including_non_persistent():
+    torch.manual_seed(0)
+    mods = [WithBuffers() for _ in range(2)]
+    for i, m in enumerate(mods):
+        m.scale.fill_(float(i + 1))  # 1 and 2 → merged 1.5
+        m.bn.running_mean.fill_(float(2 * i))  # 0 and 2 → merged 1
+    c = ExpertContainer(copy.deepcopy(mods), "fixed").eval()
+    dense = c.collapse()
+    assert torch.equal(dense.scale, torch.full((3,), 1.5))
+    assert torch.equal(dense.bn.running_mean, torch.ones(3))
+    assert int(dense.bn.num_batches_tracked) == 0
+    x = torch.randn(4, 3)
+    assert maxdiff(c(x), dense(x)) <= 1e-6
+    assert dense.state_dict().keys() == mods[0].state_dict().keys()
+
+
+def test_container_deepcopy_and_train_flag():
+    c = ExpertContainer(experts(2), MultinomialRouter(num_experts=2, seed=0))
+    d = copy.deepcopy(c)
+    x = torch.randn(2, 4)
+    d.train()(x)
+    c.train()(x)
+    assert torch.equal(c.last_routing.indices, d.last_routing.indices)  # the generator state is copied
+    assert c.collapse().training and not c.eval().collapse().training
