@@ -123,6 +123,21 @@ class ExpertContainer(nn.Module):
         self._plan: Plan | None = None
         object.__setattr__(self, "_merge_cache", None)  # (key, module); not a submodule
 
+    def __getattr__(self, name: str) -> Any:
+        # Drop-in replacement: attributes the container lacks are read from expert 0, so
+        # backbone code that inspects its module (open_clip's text tower reads
+        # ``resblocks[0].mlp.c_fc.weight.dtype``) keeps working after surgery.
+        try:
+            return super().__getattr__(name)
+        except AttributeError as err:
+            experts = self.__dict__.get("_modules", {}).get("experts")
+            if experts is None or name.startswith("__") or len(experts) == 0:
+                raise
+            try:
+                return getattr(experts[0], name)
+            except AttributeError:
+                raise err from None
+
     @property
     def num_experts(self) -> int:
         return len(self.experts)

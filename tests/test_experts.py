@@ -406,6 +406,15 @@ def test_collapse_merges_buffers_including_non_persistent():
     assert dense.state_dict().keys() == mods[0].state_dict().keys()
 
 
+def test_attribute_reads_fall_back_to_expert_zero():
+    """Backbone code that inspects its module (open_clip reads ``mlp.c_fc.weight.dtype``) keeps working."""
+    c = ExpertContainer(experts(2), "fixed")
+    assert c.fc1 is c.experts[0].fc1 and c.fc1.weight.dtype == torch.float32
+    assert c.router.num_experts == 2  # the container's own attributes win
+    with pytest.raises(AttributeError, match=r"'ExpertContainer' object has no attribute 'nope'"):
+        c.nope
+
+
 def test_container_deepcopy_and_train_flag():
     c = ExpertContainer(experts(2), MultinomialRouter(num_experts=2, seed=0))
     d = copy.deepcopy(c)
