@@ -1,0 +1,150 @@
+"""Annotation lists, class-name CSVs and few-shot subsets.
+
+Formats (one video per line; blank lines and ``#`` comments ignored; paths may contain spaces):
+- ``video``:  ``relative/path.mp4 label``
+- ``frames``: ``folder num_frames label`` (TSN frame folders)
+Class names: a CSV ``id,name`` with a header, ids ``0..C-1`` (MoTE's ``*_labels.csv``).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LIST_FORMATS = ("video", "frames")
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One annotated video: path relative to the dataset root, class id, frame count (frame folders)."""
+
+    path: str
+    label: int
+    num_frames: int | None = None
+
+
+def read_annotation_list(path: str | os.PathLike, list_format: str = "video") -> list[VideoRecord]:
+    """Parse an annotation list into :class:`VideoRecord` objects; errors name the file and line."""
+    if list_format not in LIST_FORMATS:
+        raise ValueError(f"list_format must be one of {LIST_FORMATS}, got {list_format!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation list not found: {path}")
+    fields = 2 if list_format == "video" else 3
+    example = "relative/path.mp4 label" if list_format == "video" else "folder num_frames label"
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=fields - 1)
+            if len(parts) != fields:
+                raise ValueError(f"{path}:{lineno}: expected '{example}', got {line!r}")
+            try:
+                label = int(parts[-1])
+                num_frames = int(parts[1]) if fields == 3 else None
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: expected '{example}' with integer fields, got {line!r}") from None
+            if label < 0:
+                raise ValueError(f"{path}:{lineno}: negative label {label}")
+            if num_frames is not None and num_frames < 0:
+                raise ValueError(f"{path}:{lineno}: negative frame count {num_frames}")
+            records.append(VideoRecord(path=parts[0], label=label, num_frames=num_frames))
+    if not records:
+        raise ValueError(f"annotation list {path} has no entries")
+    return records
+
+
+def write_annotation_list(path: str | os.PathLike, records: list[VideoRecord], *, overwrite: bool = True) -> Path:
+    """Write records atomically in the format they carry (with frame counts if they have them)."""
+    from ..utils.io import atomic_write_text
+
+    lines = []
+    for r in records:
+        if any(c in r.path for c in "\n\r"):
+            raise ValueError(f"path {r.path!r} contains a newline")
+        lines.append(f"{r.path} {r.label}" if r.num_frames is None else f"{r.path} {r.num_frames} {r.label}")
+    return atomic_write_text(path, "\n".join(lines) + "\n", overwrite=overwrite)
+
+
+def read_class_names(csv_path: str | os.PathLike) -> list[str]:
+    """Class names from a CSV ``id,name`` with a header; ids must be exactly ``0..C-1`` (any order)."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class-name CSV not found: {path}")
+    names: dict[int, str] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if header is None or len(header) < 2:
+            raise ValueError(f"{path}: expected a header 'id,name'")
+        for lineno, row in enumerate(rows, 2):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{path}:{lineno}: expected 'id,name', got {row!r}")
+            try:
+                cid = int(row[0])
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: class id {row[0]!r} is not an integer") from None
+            if cid in names:
+                raise ValueError(f"{path}:{lineno}: duplicate class id {cid}")
+            names[cid] = ",".join(row[1:]).strip()
+    if not names:
+        raise ValueError(f"{path}: no classes")
+    missing = sorted(set(range(len(names))) - names.keys())
+    if missing:
+        raise ValueError(f"{path}: class ids must be 0..{len(names) - 1}; missing {missing[:10]}")
+    return [names[i] for i in range(len(names))]
+
+
+def write_class_names(path: str | os.PathLike, names: list[str], *, overwrite: bool = True) -> Path:
+    """Write an ``id,name`` CSV atomically."""
+    import io
+
+    from ..utils.io import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "name"])
+    for i, n in enumerate(names):
+        w.writerow([i, n])
+    return atomic_write_text(path, buf.getvalue(), overwrite=overwrite)
+
+
+def few_shot_subset(dataset_or_records: Any, *, shots: int, seed: int, repeat_to_full: bool = True) -> Any:
+    """K-shot training subset: ``shots`` videos per class drawn with a generator seeded by ``seed``.
+
+    The draw depends only on the records and ``seed``, so every DDP rank gets the same subset.
+    With ``repeat_to_full`` the subset is repeated ``len(full) // len(subset)`` times, keeping an
+    epoch about as long as on the full set (the paper's few-shot protocol, after Text4Vis).
+    Takes a :class:`VideoDataset` (returns a copy over the subset) or a list of records (returns a list).
+    """
+    import torch
+
+    if shots <= 0:
+        raise ValueError(f"shots must be positive, got {shots}")
+    records = list(getattr(dataset_or_records, "records", dataset_or_records))
+    if not records:
+        raise ValueError("few_shot_subset: no records")
+    by_class: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
+        by_class.setdefault(r.label, []).append(i)
+    g = torch.Generator().manual_seed(int(seed))
+    chosen: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        if len(members) < shots:
+            raise ValueError(f"few_shot_subset: class {label} has {len(members)} videos, fewer than shots={shots}")
+        pick = torch.randperm(len(members), generator=g)[:shots].tolist()
+        chosen.extend(members[j] for j in sorted(pick))
+    subset = [records[i] for i in chosen]
+    if repeat_to_full:
+        subset = subset * max(1, len(records) // len(subset))
+    if hasattr(dataset_or_records, "with_records"):
+        return dataset_or_records.with_records(subset)
+    return subset

@@ -1,0 +1,235 @@
+"""``VideoDataset``: annotation list -> sampled, decoded, transformed clips, with a bad-data policy.
+
+Data flows one way: record -> frame indices (``sampling``) -> decode (``readers``, under a time
+limit) -> transform (``transforms``) -> item dict. All randomness of an item comes from a
+generator seeded by ``(seed, epoch, index, attempt)``, so items are the same whatever the worker
+count, and resuming mid-epoch reproduces them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .annotations import LIST_FORMATS, VideoRecord, read_annotation_list, read_class_names
+from .failures import ON_ERROR_POLICIES, FailureRecord, report_resampled, report_skipped
+from .readers import BACKENDS, DEFAULT_IMAGE_TEMPLATE, VideoReadError, open_video
+from .sampling import dense_indices, multi_clip_indices, segment_indices
+from .transforms import TestTransform, TrainTransform
+from .watchdog import ReadTimeoutError, run_with_timeout
+
+log = logging.getLogger("mergekit_video.data")
+
+SAMPLING_MODES = ("segment", "dense")
+MAX_RESAMPLE_ATTEMPTS = 20
+
+
+class LabelError(ValueError):
+    """A label outside ``0..C-1`` for the given class names; ``path`` names the video."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+BAD_DATA_ERRORS = (VideoReadError, ReadTimeoutError, LabelError)
+
+
+def item_generator(seed: int, epoch: int, index: int, attempt: int = 0) -> torch.Generator:
+    """A CPU generator for one item, seeded from ``(seed, epoch, index, attempt)`` by SeedSequence."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(index), int(attempt)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Video clips from an annotation list, for training (random views) or testing (fixed views).
+
+    Train item: ``{"frames": [T,3,H,W], "label": int, "index": int}``; test item:
+    ``{"frames": [V,T,3,H,W], ...}`` with ``V = num_clips * num_crops`` in clip-major order.
+    ``frames`` are CLIP-normalised float, or uint8 with ``normalize=False`` (normalise on the GPU
+    with :func:`normalize_frames`). Keys may be an int or an ``(index, epoch)`` pair from
+    :class:`VideoSampler`.
+
+    Bad data (unreadable, empty, truncated or missing file, a read past ``read_timeout_s``, a label
+    outside the class names) follows ``on_error``: ``"raise"`` (default at test; the error names
+    the file), ``"skip"`` (the item is ``None``; :func:`collate_videos` drops it and lists its path
+    in the batch's ``"failed"``), or ``"resample"`` (default in training; logged once per file, then
+    another index is drawn with the item's generator). ``failures`` / ``error_count`` keep this
+    process's records.
+    """
+
+    def __init__(
+        self,
+        *,
+        list_file: str | os.PathLike,
+        root: str | os.PathLike,
+        num_frames: int = 8,
+        train: bool,
+        class_names: list[str] | str | os.PathLike | None = None,
+        list_format: str = "video",
+        backend: str = "decord",
+        sampling: str = "segment",
+        clip_len: int | None = None,
+        stride: int = 8,
+        num_clips: int = 1,
+        num_crops: int = 1,
+        input_size: int = 224,
+        short_side: int | None = None,
+        decode_short_side: int | None = None,
+        flip: bool = True,
+        grayscale_p: float = 0.2,
+        scale: tuple[float, float] = (0.08, 1.0),
+        normalize: bool = True,
+        on_error: str | None = None,
+        read_timeout_s: float | None = 60.0,
+        seed: int = 0,
+        image_template: str = DEFAULT_IMAGE_TEMPLATE,
+        num_threads: int = 1,
+        records: Sequence[VideoRecord] | None = None,
+    ) -> None:
+        if list_format not in LIST_FORMATS:
+            raise ValueError(f"list_format must be one of {LIST_FORMATS}, got {list_format!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if list_format == "frames" and backend not in ("frames", "auto"):
+            backend = "frames"
+        if list_format == "video" and backend == "frames":
+            raise ValueError("backend='frames' needs list_format='frames' (folder num_frames label)")
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        on_error = on_error or ("resample" if train else "raise")
+        if on_error not in ON_ERROR_POLICIES:
+            raise ValueError(f"on_error must be one of {ON_ERROR_POLICIES}, got {on_error!r}")
+        if num_frames <= 0:
+            raise ValueError(f"num_frames must be positive, got {num_frames}")
+        if num_clips <= 0:
+            raise ValueError(f"num_clips must be positive, got {num_clips}")
+        if train and (num_clips != 1 or num_crops != 1):
+            raise ValueError("training takes one random view per item; num_clips and num_crops must be 1 when train=True")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.list_file = Path(list_file)
+        self.root = Path(root)
+        self.records: list[VideoRecord] = list(records) if records is not None else read_annotation_list(self.list_file, list_format)
+        if isinstance(class_names, (str, os.PathLike)):
+            class_names = read_class_names(class_names)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.num_frames, self.train, self.list_format, self.backend = num_frames, train, list_format, backend
+        self.sampling, self.clip_len, self.stride = sampling, clip_len or num_frames, stride
+        self.num_clips, self.num_crops, self.input_size = num_clips, num_crops, input_size
+        self.decode_short_side, self.normalize, self.on_error = decode_short_side, normalize, on_error
+        self.read_timeout_s, self.seed, self.image_template, self.num_threads = read_timeout_s, seed, image_template, num_threads
+        if train:
+            self.transform: Any = TrainTransform(size=input_size, scale=scale, flip_p=0.5 if flip else 0.0, grayscale_p=grayscale_p, normalize=normalize)
+        else:
+            self.transform = TestTransform(short_side=short_side or input_size, crop=input_size, num_crops=num_crops, normalize=normalize)
+        self._reset_failures()
+
+    # ----------------------------------------------------------------- bookkeeping
+    def _reset_failures(self) -> None:
+        self.failures: list[FailureRecord] = []
+        self._logged: set[str] = set()
+
+    @property
+    def error_count(self) -> int:
+        """Bad items met by this process (each failed attempt counts once)."""
+        return len(self.failures)
+
+    @property
+    def labels(self) -> list[int]:
+        """Class id of every record, in list order."""
+        return [r.label for r in self.records]
+
+    @property
+    def num_views(self) -> int:
+        """Views per test item (``num_clips * num_crops``); 1 in training."""
+        return self.num_clips * self.num_crops
+
+    def with_records(self, records: Sequence[VideoRecord]) -> VideoDataset:
+        """A copy of this dataset over other records (same sampling and transforms)."""
+        new = copy.copy(self)
+        new.records = list(records)
+        new._reset_failures()
+        return new
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def path_of(self, index: int) -> Path:
+        """Absolute path of a record's video (or frame folder)."""
+        return self.root / self.records[index].path
+
+    # ----------------------------------------------------------------- loading
+    def _indices(self, n: int, generator: torch.Generator) -> list[list[int]]:
+        if self.sampling == "segment":
+            if self.train:
+                return [segment_indices(n, self.num_frames, train=True, generator=generator)]
+            return multi_clip_indices(n, self.num_frames, self.num_clips)
+        if self.train:
+            return [dense_indices(n, self.clip_len, self.stride, train=True, generator=generator)]
+        return [dense_indices(n, self.clip_len, self.stride, train=False, clip_index=k, num_clips=self.num_clips) for k in range(self.num_clips)]
+
+    def _decode(self, record: VideoRecord, generator: torch.Generator) -> torch.Tensor:
+        path = self.root / record.path
+        reader = open_video(path, backend=self.backend, short_side=self.decode_short_side, num_frames=record.num_frames,
+                            num_threads=self.num_threads, image_template=self.image_template)
+        try:
+            views = self._indices(reader.num_frames, generator)
+            return reader.get_frames([i for v in views for i in v])  # [K*T, H, W, 3]
+        finally:
+            reader.close()
+
+    def load(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        """Decode and transform record ``index`` (no error policy): ``[T,3,S,S]`` or ``[V,T,3,S,S]``."""
+        record = self.records[index]
+        path = self.root / record.path
+        if self.class_names is not None and not 0 <= record.label < len(self.class_names):
+            raise LabelError(f"{path}: label {record.label} out of range for {len(self.class_names)} classes", path=str(path))
+        frames = run_with_timeout(lambda: self._decode(record, generator), self.read_timeout_s, what=str(path))
+        if self.train:
+            return self.transform(frames, generator)  # [T, 3, S, S]
+        k, t = self.num_clips, frames.shape[0] // self.num_clips
+        views = self.transform(frames)  # [C, K*T, 3, S, S]
+        views = views.unflatten(1, (k, t)).transpose(0, 1)  # [K, C, T, 3, S, S], clip-major
+        return views.reshape(k * self.num_crops, t, *views.shape[-3:]).contiguous()
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        if isinstance(key, (tuple, list)):
+            index, epoch = int(key[0]), int(key[1])
+        else:
+            index, epoch = int(key), 0
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"index {index} out of range for {len(self.records)} videos in {self.list_file}")
+        current = index
+        for attempt in range(MAX_RESAMPLE_ATTEMPTS):
+            g = item_generator(self.seed, epoch, index, attempt)
+            try:
+                frames = self.load(current, g)
+            except BAD_DATA_ERRORS as e:
+                path = str(self.path_of(current))
+                self.failures.append(FailureRecord(path=path, index=current, epoch=epoch, error=str(e), action=self.on_error))
+                if self.on_error == "raise":
+                    raise
+                if path not in self._logged:
+                    self._logged.add(path)
+                    log.warning("bad video (%s): %s", self.on_error, e)
+                if self.on_error == "skip":
+                    report_skipped(path)
+                    return None
+                report_resampled(path)
+                current = int(torch.randint(len(self.records), (1,), generator=g).item())
+                continue
+            return {"frames": frames, "label": self.records[current].label, "index": current}
+        raise RuntimeError(f"{MAX_RESAMPLE_ATTEMPTS} bad videos in a row while resampling item {index} of {self.list_file}; "
+                           f"last: {self.failures[-1].path}: {self.failures[-1].error}")
+
+    def __repr__(self) -> str:
+        return (f"VideoDataset({self.list_file}, {len(self)} videos, T={self.num_frames}, train={self.train}, "
+                f"sampling={self.sampling}, views={self.num_clips}x{self.num_crops}, backend={self.backend}, on_error={self.on_error})")

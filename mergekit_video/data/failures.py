@@ -1,0 +1,65 @@
+"""Bad-data bookkeeping shared by the dataset and the collate function.
+
+The dataset (in a DataLoader worker, or the main process with ``num_workers=0``) fetches every item
+of a batch and then collates them in the same thread. A skipped item returns ``None``; its path is
+left here, and :func:`mergekit_video.data.collate_videos` takes it into the batch's ``"failed"``
+list, so the main process learns which videos failed without sharing state across processes.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+
+ON_ERROR_POLICIES = ("raise", "skip", "resample")
+
+_local = threading.local()
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """One bad item: the file, its list index, the epoch, what went wrong and what was done."""
+
+    path: str
+    index: int
+    epoch: int
+    error: str
+    action: str  # "raise" | "skip" | "resample"
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON reports."""
+        return asdict(self)
+
+
+def _pending(name: str) -> list[str]:
+    lst = getattr(_local, name, None)
+    if lst is None:
+        lst = []
+        setattr(_local, name, lst)
+    return lst
+
+
+def report_skipped(path: str) -> None:
+    """Note that the item for ``path`` was skipped (the dataset returned ``None``)."""
+    _pending("skipped").append(path)
+
+
+def report_resampled(path: str) -> None:
+    """Note that ``path`` was bad and replaced by another item."""
+    _pending("resampled").append(path)
+
+
+def take_skipped(count: int) -> list[str]:
+    """The paths of the last ``count`` skipped items (a batch's ``None`` entries); clears the list."""
+    lst = _pending("skipped")
+    taken = lst[len(lst) - count :] if count > 0 else []
+    lst.clear()
+    return taken
+
+
+def take_resampled() -> list[str]:
+    """Paths resampled since the last call; clears the list."""
+    lst = _pending("resampled")
+    taken = list(lst)
+    lst.clear()
+    return taken

@@ -1,0 +1,164 @@
+"""Batches: a resumable, DDP-sharding sampler, the collate function and ``build_loader``."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler, get_worker_info
+
+from .failures import take_resampled, take_skipped
+
+
+class VideoSampler(Sampler):
+    """Yields ``(index, epoch)`` keys; the order depends only on ``(seed, epoch)``.
+
+    Like ``DistributedSampler``: every rank computes the same permutation and takes the disjoint
+    slice ``rank::num_replicas``; without ``drop_last`` the permutation is padded by wrapping round
+    so all ranks get ``ceil(N / R)`` items (an evaluator can drop repeats by ``"index"``); with it
+    the tail is dropped. ``set_start(k)`` resumes mid-epoch by skipping this rank's first ``k``
+    keys without decoding them; it holds until ``set_epoch`` moves to another epoch.
+    """
+
+    def __init__(self, *, length: int, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0, drop_last: bool = False) -> None:
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
+        self.length, self.shuffle, self.seed = length, shuffle, int(seed)
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+        if drop_last:
+            self.num_samples = length // num_replicas
+        else:
+            self.num_samples = math.ceil(length / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (reshuffles); moving to a different epoch clears ``set_start``."""
+        if int(epoch) != self.epoch:
+            self.start = 0
+        self.epoch = int(epoch)
+
+    def set_start(self, sample_offset: int) -> None:
+        """Skip this rank's first ``sample_offset`` keys of the current epoch (resume)."""
+        if not 0 <= sample_offset <= self.num_samples:
+            raise ValueError(f"sample_offset must be in [0, {self.num_samples}], got {sample_offset}")
+        self.start = int(sample_offset)
+
+    def order(self) -> list[int]:
+        """This rank's full index order for the current epoch (before ``set_start``)."""
+        if self.shuffle:
+            state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
+            g = torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+            indices = torch.randperm(self.length, generator=g).tolist()
+        else:
+            indices = list(range(self.length))
+        if self.total_size > len(indices) and indices:
+            reps = math.ceil((self.total_size - len(indices)) / len(indices))
+            indices += (indices * reps)[: self.total_size - len(indices)]
+        indices = indices[: self.total_size]
+        return indices[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return iter([(i, epoch) for i in self.order()[self.start :]])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; inside a DataLoader worker, straight into shared memory (no extra copy)."""
+    elem = tensors[0]
+    shape = tuple(elem.shape)
+    for t in tensors[1:]:
+        if tuple(t.shape) != shape or t.dtype != elem.dtype:
+            raise ValueError(f"cannot batch clips of shapes {shape} and {tuple(t.shape)} (or dtypes {elem.dtype}/{t.dtype})")
+    out = None
+    if get_worker_info() is not None:
+        storage = elem._typed_storage()._new_shared(len(tensors) * elem.numel(), device=elem.device)
+        out = elem.new(storage).resize_(len(tensors), *shape)
+    return torch.stack(list(tensors), out=out)
+
+
+def collate_videos(batch: Sequence[dict | None]) -> dict:
+    """Stack dataset items into ``{"frames": [B,...], "label": [B], "index": [B], "failed": [...], "resampled": [...]}``.
+
+    ``None`` items (skipped bad videos) are dropped and their paths listed in ``"failed"``;
+    ``"resampled"`` lists bad videos the dataset replaced. An all-failed batch has B = 0.
+    """
+    items = [b for b in batch if b is not None]
+    failed = take_skipped(len(batch) - len(items))
+    resampled = take_resampled()
+    if not items:
+        return {"frames": torch.empty(0), "label": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long),
+                "failed": failed, "resampled": resampled}
+    return {
+        "frames": _stack([it["frames"] for it in items]),
+        "label": torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
+        "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long),
+        "failed": failed,
+        "resampled": resampled,
+    }
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: distinct, reproducible ``random``/NumPy seeds per worker.
+
+    torch is already seeded per worker by the loader (base seed from its seeded generator + id).
+    Dataset items do not depend on these seeds (they use per-item generators); user code might.
+    """
+    info = get_worker_info()
+    seed = info.seed if info is not None else torch.initial_seed()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def build_loader(
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool,
+    num_replicas: int = 1,
+    rank: int = 0,
+    persistent_workers: bool = True,
+    pin_memory: bool | None = None,
+    prefetch_factor: int | None = None,
+) -> DataLoader:
+    """A DataLoader over ``dataset`` with a :class:`VideoSampler` (``loader.sampler``) and :func:`collate_videos`.
+
+    Call ``loader.sampler.set_epoch(e)`` each epoch (and ``set_start`` to resume). ``pin_memory``
+    defaults to on when CUDA is available; workers persist across epochs when ``num_workers > 0``.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    sampler = VideoSampler(length=len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    kwargs = {}
+    if num_workers > 0:
+        kwargs["persistent_workers"] = persistent_workers
+        if prefetch_factor is not None:
+            kwargs["prefetch_factor"] = prefetch_factor
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_videos,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(int(seed)),
+        **kwargs,
+    )

@@ -1,0 +1,408 @@
+"""Video readers: decord (default), PyAV (fallback and cross-check) and frame folders.
+
+Every reader decodes only the frames asked for, in one pass over sorted unique indices, and
+returns them as a uint8 tensor ``[T, H, W, 3]`` in the order asked (repeats allowed). A short-side
+resize can happen at decode time (decord's ``width``/``height``, swscale for PyAV). Any failure
+(missing, empty, corrupt or truncated file) raises :class:`VideoReadError` naming the file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+BACKENDS = ("auto", "decord", "pyav", "frames")
+DEFAULT_IMAGE_TEMPLATE = "img_{:05d}.jpg"  # TSN frame folders, 1-based
+
+
+class VideoReadError(RuntimeError):
+    """A video could not be read; the message and ``path`` name the file."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+
+
+@runtime_checkable
+class VideoReader(Protocol):
+    """What the dataset needs from a video: its length and a batched frame read."""
+
+    @property
+    def num_frames(self) -> int:
+        """Number of frames in the video."""
+        ...
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Frames at ``indices`` (0-based, any order, repeats allowed) as uint8 ``[T, H, W, 3]``."""
+        ...
+
+    def close(self) -> None:
+        """Release the file and decoder."""
+        ...
+
+
+def decord_available() -> bool:
+    """True when decord can be imported (it has no wheel for macOS arm64 or aarch64)."""
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resize_dims(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(height, width) with the short side scaled to ``short_side`` and the aspect ratio kept."""
+    if short_side <= 0:
+        raise ValueError(f"short_side must be positive, got {short_side}")
+    scale = short_side / min(height, width)
+    if height <= width:
+        return short_side, max(1, round(width * scale))
+    return max(1, round(height * scale)), short_side
+
+
+@functools.lru_cache(maxsize=65536)
+def _probe_cached(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: no video stream", path=path)
+            cc = container.streams.video[0].codec_context
+            h, w = int(cc.height), int(cc.width)
+    except VideoReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any container error means an unreadable file
+        raise VideoReadError(f"{path}: cannot open ({type(e).__name__}: {e})", path=path) from e
+    if h <= 0 or w <= 0:
+        raise VideoReadError(f"{path}: invalid frame size {w}x{h}", path=path)
+    return h, w
+
+
+def probe_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of a video's first stream, read from the header with PyAV.
+
+    Costs about 5 ms per file (the container probe), cached per process by path, size and mtime.
+    """
+    path = str(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise VideoReadError(f"{path}: {e.strerror or e}", path=path) from e
+    return _probe_cached(path, st.st_mtime_ns, st.st_size)
+
+
+def _plan(indices: Sequence[int], num_frames: int, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sorted unique indices to decode, and the gather order back to ``indices`` (None if identity)."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size == 0:
+        raise ValueError(f"{path}: no frame indices requested")
+    if idx.min() < 0 or idx.max() >= num_frames:
+        bad = idx[(idx < 0) | (idx >= num_frames)]
+        raise IndexError(f"{path}: frame indices {bad.tolist()[:8]} out of range for {num_frames} frames")
+    uniq, inv = np.unique(idx, return_inverse=True)
+    if uniq.size == idx.size and np.array_equal(uniq, idx):
+        return uniq, None
+    return uniq, inv
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise VideoReadError(f"{path}: no such file" if not path.exists() else f"{path}: not a file", path=path)
+    if path.stat().st_size == 0:
+        raise VideoReadError(f"{path}: empty file (0 bytes)", path=path)
+
+
+class DecordReader:
+    """decord backend: one ``get_batch`` call on sorted unique indices (decord seeks internally).
+
+    Open one reader per item and close it after use: long-lived decord readers are known to leak.
+    ``num_threads=1`` suits DataLoader workers, which parallelise over videos instead.
+    """
+
+    def __init__(self, *, path: str | os.PathLike, short_side: int | None = None, num_threads: int = 1) -> None:
+        import decord
+
+        self.path = Path(path)
+        _check_file(self.path)
+        height = width = -1
+        if short_side:
+            height, width = resize_dims(*probe_size(self.path), short_side)
+        try:
+            self._vr = decord.VideoReader(str(self.path), ctx=decord.cpu(0), width=width, height=height, num_threads=num_threads)
+            self._num_frames = len(self._vr)
+        except Exception as e:  # noqa: BLE001 - decord raises RuntimeError/DECORDError/AssertionError
+            raise VideoReadError(f"{self.path}: decord cannot open it ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+        if self._num_frames <= 0:
+            raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
+
+    @property
+    def num_frames(self) -> int:
+        """Number of frames (decord's packet index)."""
+        return self._num_frames
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Decode ``indices`` in one ``get_batch`` call; uint8 ``[T, H, W, 3]``."""
+        if self._vr is None:
+            raise VideoReadError(f"{self.path}: reader is closed", path=self.path)
+        uniq, inv = _plan(indices, self._num_frames, str(self.path))
+        try:
+            frames = torch.from_numpy(self._vr.get_batch(uniq.tolist()).asnumpy())  # [N, H, W, 3]
+        except Exception as e:  # noqa: BLE001
+            raise VideoReadError(f"{self.path}: decoding frames failed ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+        return frames if inv is None else frames[torch.from_numpy(inv)]
+
+    def close(self) -> None:
+        """Free the decoder."""
+        self._vr = None
+
+    def __enter__(self) -> DecordReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PyAVReader:
+    """PyAV backend: indexes packet timestamps once, then seeks to the keyframe before each needed
+    frame only when that skips decoding, and matches frames by timestamp.
+
+    The fallback where decord has no wheel, and a cross-check of decord's frames.
+    """
+
+    def __init__(self, *, path: str | os.PathLike, short_side: int | None = None, num_threads: int = 1) -> None:
+        import av
+
+        self.path = Path(path)
+        _check_file(self.path)
+        try:
+            self._container = av.open(str(self.path))
+        except Exception as e:  # noqa: BLE001
+            raise VideoReadError(f"{self.path}: PyAV cannot open it ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+        try:
+            self._index(num_threads)
+        except Exception:
+            self.close()
+            raise
+        self._size: tuple[int, int] | None = None
+        if short_side:
+            cc = self._stream.codec_context
+            self._size = resize_dims(int(cc.height), int(cc.width), short_side)
+
+    def _index(self, num_threads: int) -> None:
+        if not self._container.streams.video:
+            raise VideoReadError(f"{self.path}: no video stream", path=self.path)
+        self._stream = self._container.streams.video[0]
+        self._stream.codec_context.thread_count = max(0, int(num_threads))
+        pts: list[int | None] = []
+        key: list[bool] = []
+        try:
+            for pkt in self._container.demux(self._stream):
+                if pkt.size == 0:  # flush packet
+                    continue
+                pts.append(pkt.pts)
+                key.append(bool(pkt.is_keyframe))
+        except Exception as e:  # noqa: BLE001
+            raise VideoReadError(f"{self.path}: corrupt container ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+        header = int(self._stream.frames or 0)
+        if not pts:
+            raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
+        if header > 0 and len(pts) < header:
+            raise VideoReadError(f"{self.path}: truncated (header lists {header} frames, file holds {len(pts)})", path=self.path)
+        self._num_frames = len(pts)
+        if any(p is None for p in pts):
+            self._pts: list[int] | None = None  # no timestamps: decode from the start, counting
+            self._key_pts: list[int] = []
+        else:
+            self._pts = sorted(pts)  # display order
+            self._key_pts = sorted(p for p, k in zip(pts, key) if k)
+
+    @property
+    def num_frames(self) -> int:
+        """Number of video packets (one per frame)."""
+        return self._num_frames
+
+    def _to_array(self, frame) -> np.ndarray:
+        if self._size is None:
+            return frame.to_ndarray(format="rgb24")
+        h, w = self._size
+        return frame.to_ndarray(format="rgb24", width=w, height=h)
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Decode ``indices`` in one forward pass with keyframe seeks; uint8 ``[T, H, W, 3]``."""
+        if self._container is None:
+            raise VideoReadError(f"{self.path}: reader is closed", path=self.path)
+        uniq, inv = _plan(indices, self._num_frames, str(self.path))
+        try:
+            arrays = self._decode_sequential(uniq) if self._pts is None else self._decode_seeking(uniq)
+        except VideoReadError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise VideoReadError(f"{self.path}: decoding frames failed ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+        frames = torch.from_numpy(np.stack(arrays))  # [N, H, W, 3]
+        return frames if inv is None else frames[torch.from_numpy(inv)]
+
+    def _decode_sequential(self, uniq: np.ndarray) -> list[np.ndarray]:
+        wanted = set(uniq.tolist())
+        last = int(uniq[-1])
+        got: dict[int, np.ndarray] = {}
+        self._container.seek(0)
+        for i, frame in enumerate(self._container.decode(self._stream)):
+            if i in wanted:
+                got[i] = self._to_array(frame)
+            if i >= last:
+                break
+        missing = wanted - got.keys()
+        if missing:
+            raise VideoReadError(f"{self.path}: frames {sorted(missing)[:8]} could not be decoded (truncated?)", path=self.path)
+        return [got[i] for i in uniq.tolist()]
+
+    def _decode_seeking(self, uniq: np.ndarray) -> list[np.ndarray]:
+        assert self._pts is not None
+        targets = [self._pts[i] for i in uniq.tolist()]
+        wanted = set(targets)
+        got: dict[int, np.ndarray] = {}
+        frames_iter = None
+        pos: int | None = None  # pts of the last frame decoded by frames_iter
+        for target in targets:
+            if target in got:
+                continue
+            k = bisect.bisect_right(self._key_pts, target) - 1
+            key = self._key_pts[k] if k >= 0 else self._pts[0]
+            # Seek when nothing is open, when the target is behind us, or when a keyframe lies
+            # between the current position and the target (seeking skips the frames in between).
+            if frames_iter is None or pos is None or pos >= target or key > pos:
+                self._container.seek(key, stream=self._stream, backward=True, any_frame=False)
+                frames_iter = self._container.decode(self._stream)
+                pos = None
+            for frame in frames_iter:
+                if frame.pts is None:
+                    continue
+                pos = int(frame.pts)
+                if pos in wanted and pos not in got:
+                    got[pos] = self._to_array(frame)
+                if pos >= target:
+                    break
+            else:
+                frames_iter = None
+            if target not in got:
+                idx = self._pts.index(target)
+                raise VideoReadError(f"{self.path}: frame {idx} could not be decoded (truncated or corrupt)", path=self.path)
+        return [got[t] for t in targets]
+
+    def close(self) -> None:
+        """Close the container."""
+        c, self._container = getattr(self, "_container", None), None
+        if c is not None:
+            c.close()
+
+    def __enter__(self) -> PyAVReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FrameFolderReader:
+    """Frame-folder backend: one JPEG (or PNG) per frame, ``img_{:05d}.jpg`` numbered from 1 (TSN)."""
+
+    def __init__(
+        self,
+        *,
+        path: str | os.PathLike,
+        num_frames: int | None = None,
+        short_side: int | None = None,
+        image_template: str = DEFAULT_IMAGE_TEMPLATE,
+        index_base: int = 1,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise VideoReadError(f"{self.path}: frame folder not found", path=self.path)
+        self.image_template = image_template
+        self.index_base = index_base
+        self.short_side = short_side
+        if num_frames is None:
+            suffix = Path(image_template.format(index_base)).suffix
+            num_frames = sum(1 for name in os.listdir(self.path) if name.endswith(suffix))
+        if num_frames <= 0:
+            raise VideoReadError(f"{self.path}: frame folder holds no frames", path=self.path)
+        self._num_frames = int(num_frames)
+
+    @property
+    def num_frames(self) -> int:
+        """Number of frames (from the annotation list, else counted in the folder)."""
+        return self._num_frames
+
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Decode the needed images (libjpeg-turbo through torchvision); uint8 ``[T, H, W, 3]``."""
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
+        uniq, inv = _plan(indices, self._num_frames, str(self.path))
+        images = []
+        for i in uniq.tolist():
+            f = self.path / self.image_template.format(i + self.index_base)
+            try:
+                images.append(decode_image(read_file(str(f)), mode=ImageReadMode.RGB))  # [3, H, W]
+            except Exception as e:  # noqa: BLE001
+                raise VideoReadError(f"{f}: cannot read frame ({type(e).__name__}: {_first_line(e)})", path=f) from e
+        if len({tuple(im.shape) for im in images}) > 1:
+            raise VideoReadError(f"{self.path}: frames have different sizes", path=self.path)
+        frames = torch.stack(images)  # [N, 3, H, W]
+        if self.short_side:
+            from torchvision.transforms.v2.functional import resize
+
+            h, w = resize_dims(frames.shape[-2], frames.shape[-1], self.short_side)
+            frames = resize(frames, [h, w], antialias=True)
+        frames = frames.permute(0, 2, 3, 1)  # [N, H, W, 3] view
+        return frames if inv is None else frames[torch.from_numpy(inv)]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self) -> FrameFolderReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_video(
+    path: str | os.PathLike,
+    *,
+    backend: str = "decord",
+    short_side: int | None = None,
+    num_frames: int | None = None,
+    num_threads: int = 1,
+    image_template: str = DEFAULT_IMAGE_TEMPLATE,
+) -> VideoReader:
+    """Open a video (or a frame folder) with the chosen backend.
+
+    ``backend="auto"`` picks frames for a directory, else decord when installed, else PyAV.
+    ``short_side`` resizes at decode time (aspect kept). ``num_frames`` is the frame count of a
+    frame folder (from a ``folder num_frames label`` list); video backends ignore it.
+    Raises :class:`VideoReadError` naming the file when it cannot be opened.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    path = Path(path)
+    if backend == "auto":
+        backend = "frames" if path.is_dir() else ("decord" if decord_available() else "pyav")
+    if backend == "frames":
+        return FrameFolderReader(path=path, num_frames=num_frames, short_side=short_side, image_template=image_template)
+    if backend == "decord":
+        if not decord_available():
+            raise ImportError("decord is not installed (no wheel for this platform); use backend='pyav' or 'auto'")
+        return DecordReader(path=path, short_side=short_side, num_threads=num_threads)
+    return PyAVReader(path=path, short_side=short_side, num_threads=num_threads)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -1,0 +1,101 @@
+"""Which frames to decode: TSN sparse segments, dense clips, multi-clip test views.
+
+All functions return 0-based frame indices. Videos shorter than the number of frames asked for
+loop (index ``% num_frames``). Training randomness comes only from the ``generator`` passed in,
+so a seeded generator gives the same indices on every run and every worker.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check(num_frames: int, count: int, name: str) -> None:
+    if num_frames <= 0:
+        raise ValueError(f"video has {num_frames} frames; need at least 1")
+    if count <= 0:
+        raise ValueError(f"{name} must be positive, got {count}")
+
+
+def _randint(high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in [0, high)."""
+    return int(torch.randint(high, (1,), generator=generator).item())
+
+
+def segment_indices(num_frames: int, num_segments: int, *, train: bool, generator: torch.Generator | None = None) -> list[int]:
+    """TSN sparse sampling: split the video into ``num_segments`` equal segments, take one frame each.
+
+    Segment ``i`` covers frames ``[i*N//T, (i+1)*N//T)``. Training takes a uniformly random frame
+    inside each segment; testing takes the segment centre ``(2i+1)*N // (2T)`` (the MoTE / TSN
+    protocol). With fewer frames than segments the video loops: training starts at a random frame,
+    testing at frame 0.
+    """
+    _check(num_frames, num_segments, "num_segments")
+    n, t = num_frames, num_segments
+    if n < t:
+        start = _randint(n, generator) if train else 0
+        return [(start + i) % n for i in range(t)]
+    if not train:
+        return [min((2 * i + 1) * n // (2 * t), (i + 1) * n // t - 1) for i in range(t)]
+    starts = torch.tensor([i * n // t for i in range(t + 1)])
+    lengths = starts[1:] - starts[:-1]  # each >= 1 since n >= t
+    offsets = (torch.rand(t, generator=generator, dtype=torch.float64) * lengths).long()
+    offsets = torch.minimum(offsets, lengths - 1)
+    return (starts[:-1] + offsets).tolist()
+
+
+def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int) -> list[list[int]]:
+    """Test-time temporal views for sparse sampling: ``num_clips`` sets of segment frames.
+
+    View ``k`` takes frame ``floor(N/T * (x + (k + 0.5)/K))`` in segment ``x``: the views shift the
+    start evenly across the first segment, and one view (K=1) is the segment centre, identical to
+    ``segment_indices(train=False)``. (MoTE's code spreads the starts with
+    ``linspace(0, N/T - 1, K)``; both cover the segment evenly.) Short videos loop, view ``k``
+    starting at frame ``k*N//K``.
+    """
+    _check(num_frames, num_segments, "num_segments")
+    if num_clips <= 0:
+        raise ValueError(f"num_clips must be positive, got {num_clips}")
+    n, t, k_total = num_frames, num_segments, num_clips
+    views = []
+    for k in range(k_total):
+        if n < t:
+            shift = k * n // k_total
+            views.append([(shift + x) % n for x in range(t)])
+        else:
+            # exact integer form of floor(n * (2*K*x + 2*k + 1) / (2*T*K))
+            views.append([min(n * (2 * k_total * x + 2 * k + 1) // (2 * t * k_total), n - 1) for x in range(t)])
+    return views
+
+
+def dense_indices(
+    num_frames: int,
+    clip_len: int,
+    stride: int,
+    *,
+    train: bool,
+    generator: torch.Generator | None = None,
+    clip_index: int = 0,
+    num_clips: int = 1,
+) -> list[int]:
+    """Dense sampling (I3D/SlowFast style): ``clip_len`` frames ``stride`` apart from one start.
+
+    The clip spans ``(clip_len-1)*stride + 1`` frames. Training draws the start uniformly in
+    ``[0, N - span]``; testing with one clip centres it, with ``num_clips`` clips places clip
+    ``clip_index`` at ``round(clip_index * (N - span) / (num_clips - 1))`` (first clip at the start,
+    last at the end). Videos shorter than the span loop.
+    """
+    _check(num_frames, clip_len, "clip_len")
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if not 0 <= clip_index < num_clips:
+        raise ValueError(f"clip_index {clip_index} out of range for num_clips={num_clips}")
+    span = (clip_len - 1) * stride + 1
+    max_start = max(0, num_frames - span)
+    if train:
+        start = _randint(max_start + 1, generator)
+    elif num_clips == 1:
+        start = max_start // 2
+    else:
+        start = (2 * clip_index * max_start + (num_clips - 1)) // (2 * (num_clips - 1))  # round half up
+    return [(start + j * stride) % num_frames for j in range(clip_len)]
