@@ -1,0 +1,381 @@
+"""Surgery: add_experts / collapse_experts on a toy model, an open_clip CLIP and a timm ViT."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mergekit_video as mv
+from mergekit_video.experts import ExpertContainer, find_containers
+from mergekit_video.registry import RegistryError
+from mergekit_video.routers import MultinomialRouter, TopKRouter
+from mergekit_video.surgery import SurgeryError, match_modules, nearest_names, reinit_normal_
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ToyBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class Toy(nn.Module):
+    """embed → 2 residual MLP blocks → head; a plain nn.Module backbone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.blocks = nn.ModuleList([ToyBlock() for _ in range(2)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def toy(seed: int = 0) -> Toy:
+    torch.manual_seed(seed)
+    return Toy()
+
+
+def shapes(model: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# -- toy model ----------------------------------------------------------------------------------------
+
+
+def test_add_experts_replaces_matches_and_returns_names():
+    m = toy()
+    names = mv.add_experts(m, "blocks.*.mlp", num_experts=3)
+    assert names == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert [n for n, _ in find_containers(m)] == names
+    c = m.blocks[0].mlp
+    assert isinstance(c, ExpertContainer) and c.num_experts == 3 and c.merge == "mean"
+    assert isinstance(c.router, MultinomialRouter) and c.training
+    assert type(c.experts[0]) is nn.Sequential
+    assert m(torch.randn(2, 4)).shape == (2, 3)
+    # the eval module is built with the container's strategy and kwargs
+    m2 = toy()
+    mv.add_experts(m2.eval(), ["blocks.0.mlp"], 2, merge="temperature_softmax", merge_kwargs={"tau": 0.0})
+    c2 = m2.blocks[0].mlp
+    assert not c2.training
+    x = torch.randn(3, 16)
+    assert maxdiff(c2(x), c2.experts[1](x)) <= 1e-6
+
+
+def test_init_normal_matches_mote():
+    m = toy()
+    original = copy.deepcopy(m.blocks[0].mlp)
+    mv.add_experts(m, "blocks.*.mlp", 4, init="normal")
+    experts = m.blocks[0].mlp.experts
+    w = torch.cat([torch.cat([e[0].weight.flatten(), e[3].weight.flatten()]) for e in experts])  # 4 × 2048 draws
+    assert w.mean().item() == pytest.approx(0.0, abs=1e-3)
+    assert w.std().item() == pytest.approx(0.02, rel=0.03)
+    for e in experts:
+        assert torch.equal(e[0].bias, torch.zeros(64)) and torch.equal(e[3].bias, torch.zeros(16))
+        assert torch.equal(e[1].weight, torch.ones(64)) and torch.equal(e[1].bias, torch.zeros(64))  # norms: 1 / 0
+        assert not torch.equal(e[0].weight, original[0].weight)
+    assert all(not torch.equal(experts[i][0].weight, experts[j][0].weight) for i in range(4) for j in range(i + 1, 4))
+    # init_std and the generator
+    a, b = toy(), toy()
+    mv.add_experts(a, "blocks.0.mlp", 2, init_std=0.1, generator=torch.Generator().manual_seed(5))
+    mv.add_experts(b, "blocks.0.mlp", 2, init_std=0.1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.blocks[0].mlp.experts[1][0].weight, b.blocks[0].mlp.experts[1][0].weight)
+    assert a.blocks[0].mlp.experts[0][0].weight.std().item() == pytest.approx(0.1, rel=0.1)
+
+
+def test_reinit_normal_other_parameters():
+    class P(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(4000))
+            self.attn_bias = nn.Parameter(torch.ones(3))
+
+    p = reinit_normal_(P(), std=0.05, generator=torch.Generator().manual_seed(0))
+    assert p.gamma.std().item() == pytest.approx(0.05, rel=0.05)
+    assert torch.equal(p.attn_bias, torch.zeros(3))  # "*_bias" is zeroed like "bias"
+
+
+def test_init_copy_and_copy_noise():
+    m = toy()
+    ref = copy.deepcopy(m)
+    mv.add_experts(m, "blocks.*.mlp", 3, init="copy")
+    for i in range(2):
+        for e in m.blocks[i].mlp.experts:
+            assert all(torch.equal(v, ref.blocks[i].mlp.state_dict()[k]) for k, v in e.state_dict().items())
+    x = torch.randn(5, 4)
+    assert maxdiff(m.eval()(x), ref.eval()(x)) <= 1e-6  # upcycled experts: the merge is the original model
+    n = toy()
+    mv.add_experts(n, "blocks.0.mlp", 3, init="copy_noise", noise_std=0.05, generator=torch.Generator().manual_seed(0))
+    experts = n.blocks[0].mlp.experts
+    d = torch.cat([(e[0].weight - ref.blocks[0].mlp[0].weight).flatten() for e in experts])
+    assert d.std().item() == pytest.approx(0.05, rel=0.05) and d.mean().item() == pytest.approx(0.0, abs=2e-3)
+    assert not torch.equal(experts[0][0].weight, experts[1][0].weight)
+
+
+def test_multiple_and_nested_patterns():
+    m = toy()
+    assert match_modules(m, ["blocks.*", "blocks.*.mlp"]) == ["blocks.0", "blocks.1"]  # outermost wins
+    assert match_modules(m, ["head", "embed", "head"]) == ["head", "embed"]
+    names = mv.add_experts(m, ["embed", "blocks.1.mlp"], 2, router="fixed", expert=1)
+    assert names == ["embed", "blocks.1.mlp"]
+    assert m.embed.router.expert == 1
+    # modules inside a container are not matched again
+    with pytest.raises(SurgeryError, match=r"^target pattern 'blocks.1.mlp.experts.\*' matches no module"):
+        mv.add_experts(m, "blocks.1.mlp.experts.*", 2)
+
+
+def test_surgery_errors():
+    m = toy()
+    with pytest.raises(SurgeryError) as err:
+        mv.add_experts(m, "block.*.mlp", 2)
+    msg = str(err.value)
+    assert msg.startswith("target pattern 'block.*.mlp' matches no module; nearest module names: 'blocks.0.mlp'")
+    assert isinstance(err.value, ValueError)
+    assert nearest_names("zzz", ["a", "b"], n=1) == "'a'"  # nothing close: the first names
+    with pytest.raises(SurgeryError, match=r"^init must be one of \('normal', 'copy', 'copy_noise'\), got 'zeros'$"):
+        mv.add_experts(m, "head", 2, init="zeros")
+    with pytest.raises(SurgeryError, match=r"^num_experts must be >= 1, got 0$"):
+        mv.add_experts(m, "head", 0)
+    with pytest.raises(SurgeryError, match=r"^router 'topk' needs dim=...; it could not be inferred \(no nn.Linear in the module\)$"):
+        mv.add_experts(m, "blocks.0.norm", 2, router="topk")
+    with pytest.raises(RegistryError, match=r"^unknown router 'multinomail'; did you mean 'multinomial'"):
+        mv.add_experts(m, "head", 2, router="multinomail")
+    with pytest.raises(SurgeryError, match=r"^collapse_experts: the model has no ExpertContainer$"):
+        mv.collapse_experts(m)
+    assert isinstance(m.head, nn.Linear)  # failed calls changed nothing
+    mv.add_experts(m, "blocks.*.mlp", 2)
+    with pytest.raises(SurgeryError, match=r"^base has no tensors under 'blocks.0.mlp'$"):
+        mv.collapse_experts(m, "task_arithmetic", base={"head.weight": torch.zeros(3, 16)})
+
+
+def test_collapse_loads_into_the_unmodified_backbone():
+    m = toy()
+    plain = toy(seed=1)  # a fresh, unmodified backbone
+    mv.add_experts(m, "blocks.*.mlp", 3)
+    x = torch.randn(6, 4)
+    m.train()(x)  # one routed step
+    m.eval()
+    y_eval = m(x)
+    assert mv.collapse_experts(m) is m
+    assert not find_containers(m) and type(m.blocks[0].mlp) is nn.Sequential
+    assert shapes(m) == shapes(plain)  # same keys (in order) and shapes
+    assert list(m.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(m.state_dict(), strict=True)
+    assert maxdiff(plain.eval()(x), y_eval) <= 1e-6
+
+
+def test_collapse_task_arithmetic_and_ties_with_base():
+    base = toy()
+    m = copy.deepcopy(base)
+    mv.add_experts(m, "blocks.*.mlp", 2, init="copy_noise", noise_std=0.1)
+    thetas = [e.state_dict() for e in m.blocks[0].mlp.experts]
+    b = base.blocks[0].mlp.state_dict()
+    ta = mv.collapse_experts(copy.deepcopy(m), "task_arithmetic", base=base, lam=0.5)
+    k = "0.weight"
+    expected = b[k] + 0.5 * ((thetas[0][k] - b[k]) + (thetas[1][k] - b[k]))
+    assert maxdiff(ta.blocks[0].mlp.state_dict()[k], expected) <= 1e-6
+    ties = mv.collapse_experts(copy.deepcopy(m), "ties", base=base.state_dict(), density=0.5)
+    delta = ties.blocks[0].mlp.state_dict()[k] - b[k]
+    # with two experts every entry in the union of their top-50% sets survives the sign election
+    # (the elected sign is that of the larger entry), and nothing else does
+    top = []
+    for th in thetas:
+        d = (th[k] - b[k]).abs().flatten()
+        top.append(d >= d.sort(descending=True).values[d.numel() // 2 - 1])
+    assert torch.equal((delta != 0).flatten(), top[0] | top[1])
+    assert shapes(ties) == shapes(base)
+
+
+def test_routers_are_independent_per_container():
+    def sequences(model, k=30):
+        x = torch.randn(2, 4)
+        out = {n: [] for n, _ in find_containers(model)}
+        for _ in range(k):
+            model.train()(x)
+            for n, c in find_containers(model):
+                out[n].append(int(c.last_routing.indices))
+        return list(out.values())
+
+    a, b = toy(), toy()
+    mv.add_experts(a, "blocks.*.mlp", 4, seed=0)
+    mv.add_experts(b, "blocks.*.mlp", 4, seed=0)
+    sa = sequences(a)
+    assert sa == sequences(b)  # reproducible from the seed
+    assert sa[0] != sa[1]  # but the two layers do not route in lockstep
+    assert [c.router.generator.initial_seed() for _, c in find_containers(a)] == [0, 1]
+    # a Router instance as template: each container gets its own generator
+    t = toy()
+    template = MultinomialRouter(num_experts=4, seed=0)
+    mv.add_experts(t, "blocks.*.mlp", 4, router=template)
+    s0, s1 = sequences(t)
+    assert s0 != s1
+    assert all(c.router is not template for _, c in find_containers(t))
+
+
+def test_topk_router_infers_dim_and_runs_in_bf16():
+    m = toy()
+    mv.add_experts(m, "blocks.*.mlp", 4, router="topk", k=2)
+    r = m.blocks[0].mlp.router
+    assert isinstance(r, TopKRouter) and r.gate.in_features == 16 and r.k == 2
+    y = m.train()(torch.randn(2, 5, 4))
+    assert y.shape == (2, 5, 3)
+    aux = mv.experts.collect_aux_losses(m)
+    assert set(aux) == {"load_balance", "z_loss"}
+    h = toy().to(torch.bfloat16)
+    mv.add_experts(h, "blocks.*.mlp", 2, router="topk")
+    assert h.blocks[0].mlp.router.gate.weight.dtype == torch.float32
+    assert h.train()(torch.randn(3, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_surgery_on_cuda_with_bf16_autocast():
+    m = toy().cuda()
+    mv.add_experts(m, "blocks.*.mlp", 3, router="topk")
+    assert m.blocks[0].mlp.router.gate.weight.is_cuda
+    x = torch.randn(4, 4, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        m.train()(x).float().sum().backward()
+        y = m.eval()(x)
+    mv.collapse_experts(m)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert (m(x) - y).abs().max().item() <= 1e-2
+    assert m.blocks[0].mlp[0].weight.is_cuda
+
+
+# -- open_clip ------------------------------------------------------------------------------------------
+
+OC_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def clip_factory(tmp_path_factory):
+    import open_clip
+
+    d = tmp_path_factory.mktemp("oc_cfg")
+    (d / "mkv-test-tiny.json").write_text(json.dumps(OC_CFG))
+    open_clip.add_model_config(d)
+
+    def make(seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return open_clip.create_model("mkv-test-tiny", pretrained=None)
+
+    return make
+
+
+def _clip_outputs(model, images, text):
+    return model.encode_image(images), model.encode_text(text)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "visual.transformer.resblocks.*.mlp",  # visual tower
+        "transformer.resblocks.*.mlp",  # text tower (CLIP keeps it at the top level)
+    ],
+)
+def test_open_clip_surgery_and_collapse(clip_factory, target):
+    model = clip_factory(0)
+    names = mv.add_experts(model, target, 3, init="normal")
+    assert names == [target.replace("*", "0"), target.replace("*", "1")]
+    images = torch.randn(2, 3, 32, 32)
+    text = torch.randint(0, 100, (2, 16))
+    img, txt = _clip_outputs(model.train(), images, text)
+    (img.sum() + txt.sum()).backward()
+    c = model.get_submodule(names[0])
+    assert c.last_routing is not None
+    assert all(e.c_fc.weight.grad is not None for e in c.experts if e.c_fc.weight.grad is not None)
+    assert any(e.c_fc.weight.grad is not None for e in c.experts)
+    model.eval()
+    with torch.no_grad():
+        ref = _clip_outputs(model, images, text)
+    mv.collapse_experts(model)
+    fresh = clip_factory(1)
+    assert shapes(model) == shapes(fresh)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        out = _clip_outputs(fresh.eval(), images, text)
+    assert max(maxdiff(a, b) for a, b in zip(out, ref)) <= 1e-5
+
+
+def test_open_clip_copy_init_keeps_the_model(clip_factory):
+    model = clip_factory(0)
+    ref = clip_factory(0).eval()
+    mv.add_experts(model, ["visual.transformer.resblocks.*.mlp", "transformer.resblocks.*.mlp"], 2, init="copy")
+    assert len(find_containers(model)) == 4
+    images, text = torch.randn(2, 3, 32, 32), torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        a = _clip_outputs(model.eval(), images, text)
+        b = _clip_outputs(ref, images, text)
+        with mv.experts.use_expert(model, 1):
+            c = _clip_outputs(model, images, text)
+    assert max(maxdiff(u, v) for u, v in zip(a, b)) <= 1e-5
+    assert max(maxdiff(u, v) for u, v in zip(c, b)) <= 1e-5
+
+
+# -- timm ---------------------------------------------------------------------------------------------
+
+
+def _vit(seed: int = 0) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, embed_dim=32, num_heads=2, num_classes=5)
+
+
+@pytest.mark.parametrize("router", ["multinomial", "topk"])
+def test_timm_vit_surgery_and_collapse(router):
+    model = _vit(0)
+    names = mv.add_experts(model, "blocks.*.mlp", 3, router=router)
+    assert names == ["blocks.0.mlp", "blocks.1.mlp"]
+    x = torch.randn(2, 3, 32, 32)
+    logits = model.train()(x)
+    assert logits.shape == (2, 5)
+    if router == "topk":
+        assert model.blocks[0].mlp.router.gate.in_features == 32
+        assert model.blocks[0].mlp.last_routing.indices.shape == (2 * 5, 1)  # 4 patches + cls per image
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    mv.collapse_experts(model)
+    plain = _vit(1)
+    assert shapes(model) == shapes(plain)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert maxdiff(plain.eval()(x), ref) <= 1e-5
+
+
+# -- the delivery check -----------------------------------------------------------------------------------
+
+
+def test_core_api_demo_script_passes():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "core_api_demo.py")], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ALL CHECKS PASSED" in out.stdout
+    assert "FAIL" not in out.stdout
