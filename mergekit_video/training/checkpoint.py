@@ -1,0 +1,529 @@
+"""Training checkpoints: atomic, safetensors-based, with pruning and ``resume: auto``.
+
+Layout of ``directory``::
+
+    step_00000100/
+        model.safetensors       model state (tied tensors stored once, re-tied on load)
+        optimizer.safetensors   optimizer state tensors, flattened
+        state.json              step, epoch, metrics, extra, RNG states, scheduler/scaler state,
+                                and the JSON structure that rebuilds optimizer.state_dict() exactly
+    step_00000200/
+    latest                      text file: name of the newest complete checkpoint
+
+A checkpoint is written whole into a hidden temp folder next to its final place, every file
+and the folder are fsynced, then the folder is renamed into place and ``latest`` is updated
+atomically. A crash mid-save leaves a hidden ``.tmp-*`` folder that is never picked (and is
+removed by the next save); the previous checkpoint stays ``latest``.
+
+Only one process (rank 0) may write to a directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..utils.io import atomic_write_text
+
+__all__ = ["CheckpointManager", "CheckpointState", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_FORMAT = "mergekit_video.checkpoint"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_LATEST = "latest"
+_MODEL_FILE = "model.safetensors"
+_OPTIM_FILE = "optimizer.safetensors"
+_STATE_FILE = "state.json"
+_MARKERS = ("__tensor__", "__tuple__", "__items__")
+
+
+# ----------------------------------------------------------------------------------------------
+# Nested state <-> (JSON, tensors)
+# ----------------------------------------------------------------------------------------------
+class _Encoder:
+    """Turns nested state (dicts with any keys, tuples, tensors, numbers) into JSON.
+
+    Tensors go to ``self.tensors`` under generated keys (``inline=False``, for safetensors) or
+    are embedded as base64 (``inline=True``, for small states such as RNG byte tensors).
+    """
+
+    def __init__(self, *, inline: bool, what: str) -> None:
+        self.inline = inline
+        self.what = what
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._by_id: dict[int, str] = {}
+
+    def encode(self, obj: Any, path: str = "") -> Any:
+        if isinstance(obj, torch.Tensor):
+            return {"__tensor__": self._tensor(obj, path)}
+        if isinstance(obj, (bool, int, float, str)) or obj is None:
+            return obj
+        if isinstance(obj, tuple):
+            return {"__tuple__": [self.encode(v, f"{path}.{i}") for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [self.encode(v, f"{path}.{i}") for i, v in enumerate(obj)]
+        if isinstance(obj, Mapping):
+            if all(isinstance(k, str) for k in obj) and not any(k in _MARKERS for k in obj):
+                return {k: self.encode(v, f"{path}.{k}") for k, v in obj.items()}
+            return {"__items__": [[self.encode(k, path), self.encode(v, f"{path}.{k}")] for k, v in obj.items()]}
+        if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalar
+            return obj.item()
+        raise TypeError(f"checkpoint: cannot store {self.what}{path} of type {type(obj).__name__}")
+
+    def _tensor(self, t: torch.Tensor, path: str) -> Any:
+        t = t.detach()
+        if self.inline:
+            flat = t.to("cpu").contiguous().reshape(-1)
+            raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+            return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                    "data": base64.b64encode(raw).decode("ascii")}
+        if id(t) in self._by_id:  # the same tensor object twice: store once
+            return self._by_id[id(t)]
+        key = path.lstrip(".") or "tensor"
+        while key in self.tensors:
+            key += "_"
+        self.tensors[key] = t
+        self._by_id[id(t)] = key
+        return key
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor] | None = None) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1:
+            (k, v), = obj.items()
+            if k == "__tensor__":
+                return _decode_tensor(v, tensors)
+            if k == "__tuple__":
+                return tuple(_decode(x, tensors) for x in v)
+            if k == "__items__":
+                return {_decode(a, tensors): _decode(b, tensors) for a, b in v}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _decode_tensor(ref: Any, tensors: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    if isinstance(ref, str):
+        if tensors is None or ref not in tensors:
+            raise ValueError(f"checkpoint is inconsistent: tensor {ref!r} is missing from its safetensors file")
+        return tensors[ref]
+    dtype = getattr(torch, ref["dtype"])
+    raw = base64.b64decode(ref["data"])
+    if not raw:
+        return torch.empty(ref["shape"], dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(ref["shape"]).clone()
+
+
+def _for_safetensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU, contiguous tensors that share no storage, plus aliases for tied entries.
+
+    Entries that are the same view of the same storage (tied weights) are stored once and
+    listed in ``aliases`` (name -> stored name); other storage sharing is broken by cloning.
+    """
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    used: set[int] = set()
+    for k, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"checkpoint: {k!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        if t.numel():
+            sig = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if sig in views:
+                aliases[k] = views[sig]
+                continue
+            views[sig] = k
+        c = t.to("cpu").contiguous()
+        if c.numel():
+            # a view into a larger storage, or a storage already stored: give it its own copy
+            if c.untyped_storage().nbytes() != c.numel() * c.element_size() or c.untyped_storage().data_ptr() in used:
+                c = c.clone()
+            used.add(c.untyped_storage().data_ptr())
+        out[k] = c
+    return out, aliases
+
+
+# ----------------------------------------------------------------------------------------------
+# File-system helpers
+# ----------------------------------------------------------------------------------------------
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_state_json(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's state.json if ``path`` is a complete checkpoint, else None."""
+    try:
+        meta = json.loads((path / _STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("complete") is not True:
+        return None
+    if not (path / _MODEL_FILE).is_file():
+        return None
+    if meta.get("optimizer") is not None and not (path / _OPTIM_FILE).is_file():
+        return None
+    return meta
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename out of the way first, so a crash mid-delete never leaves a half checkpoint."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _state_dict_of(obj: Any) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj
+    if callable(getattr(obj, "state_dict", None)):
+        return obj.state_dict()
+    raise TypeError(f"checkpoint: expected an object with state_dict() or a dict, got {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class CheckpointState:
+    """Everything a checkpoint holds, as loaded on the CPU.
+
+    ``optimizer_state`` equals the saved ``optimizer.state_dict()`` (tensors, tuples, int param
+    ids, param_groups and non-tensor entries). ``rng`` is a
+    :func:`mergekit_video.training.rng.capture_rng_state` snapshot.
+    """
+
+    path: Path
+    step: int
+    epoch: int
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any] | None = None
+    scheduler_state: dict[str, Any] | None = None
+    scaler_state: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def restore(
+        self,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        generators: Mapping[str, torch.Generator] | None = None,
+        strict: bool = True,
+    ) -> None:
+        """Load the states into the given live objects and restore the RNG streams.
+
+        Pass the unwrapped model (not the DDP wrapper). Anything given that the checkpoint
+        lacks is an error; pass ``generators`` (possibly empty) to restore the RNG states.
+        """
+        if model is not None:
+            model.load_state_dict(self.model_state, strict=strict)
+        for obj, state, what in ((optimizer, self.optimizer_state, "optimizer"),
+                                 (scheduler, self.scheduler_state, "scheduler"),
+                                 (scaler, self.scaler_state, "scaler")):
+            if obj is None:
+                continue
+            if state is None:
+                raise ValueError(f"checkpoint {self.path} has no {what} state to restore")
+            obj.load_state_dict(state)
+        if generators is not None:
+            if self.rng is None:
+                raise ValueError(f"checkpoint {self.path} has no RNG state to restore")
+            from .rng import restore_rng_state
+
+            restore_rng_state(self.rng, generators, strict=strict)
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes the checkpoints of one run.
+
+    Args:
+        directory: where checkpoints live (usually ``{output_dir}/checkpoints``).
+        keep_last: how many of the newest checkpoints to keep (None keeps all).
+        keep_best: also keep the best checkpoint by ``best_metric``.
+        best_metric: metric name (from ``save(metrics=...)``) that ranks checkpoints.
+        best_mode: ``max`` or ``min``.
+    """
+
+    def __init__(
+        self,
+        *,
+        directory: str | os.PathLike,
+        keep_last: int | None = 3,
+        keep_best: bool = True,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+    ) -> None:
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+            raise ValueError(f"keep_last must be an int >= 1 or None (keep all), got {keep_last!r}")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+
+    # -- writing ---------------------------------------------------------------------------
+    def save(
+        self,
+        *,
+        step: int,
+        epoch: int,
+        model_state: Mapping[str, Any],
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        rng: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write checkpoint ``step_{step:08d}`` atomically, update ``latest``, prune; return its path.
+
+        ``optimizer``/``scheduler``/``scaler`` are live objects (their ``state_dict()`` is
+        taken) or state dicts. ``model_state`` non-tensor entries go to state.json. Saving a
+        step that exists replaces it.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp_dirs()
+        name = f"step_{step:08d}"
+        final = self.directory / name
+
+        model_tensors = {k: v for k, v in model_state.items() if isinstance(v, torch.Tensor)}
+        model_other = {k: v for k, v in model_state.items() if not isinstance(v, torch.Tensor)}
+        stored, aliases = _for_safetensors(model_tensors)
+        inline = _Encoder(inline=True, what="")
+        meta: dict[str, Any] = {
+            "format": _FORMAT,
+            "version": FORMAT_VERSION,
+            "step": step,
+            "epoch": int(epoch),
+            "time": time.time(),
+            "torch_version": torch.__version__,
+            "metrics": {str(k): _metric_value(v) for k, v in (metrics or {}).items()},
+            "model": {"aliases": aliases, "non_tensor": inline.encode(model_other, "model"),
+                      "keys": list(model_state),
+                      # nn.Module.state_dict() carries per-module versions used when loading
+                      "metadata": inline.encode(getattr(model_state, "_metadata", None), "model._metadata")},
+            "optimizer": None,
+            "scheduler": inline.encode(_state_dict_of(scheduler), "scheduler"),
+            "scaler": inline.encode(_state_dict_of(scaler), "scaler"),
+            "rng": inline.encode(dict(rng) if rng is not None else None, "rng"),
+            "extra": inline.encode(dict(extra or {}), "extra"),
+        }
+        optim_state = _state_dict_of(optimizer)
+        optim_tensors: dict[str, torch.Tensor] = {}
+        if optim_state is not None:
+            enc = _Encoder(inline=False, what="optimizer")
+            meta["optimizer"] = enc.encode(optim_state)
+            optim_tensors, optim_aliases = _for_safetensors(enc.tensors)
+            meta["optimizer_aliases"] = optim_aliases
+        meta["complete"] = True
+
+        from safetensors.torch import save_file
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.directory))
+        try:
+            save_file(stored, str(tmp / _MODEL_FILE), metadata={"format": "pt"})
+            if optim_state is not None:
+                save_file(optim_tensors, str(tmp / _OPTIM_FILE), metadata={"format": "pt"})
+            (tmp / _STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            for f in tmp.iterdir():
+                _fsync_file(f)
+            _fsync_dir(tmp)
+            if final.exists():
+                _remove_tree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(self.directory / _LATEST, name + "\n")
+        self.prune()
+        return final
+
+    def _remove_stale_temp_dirs(self) -> None:
+        for p in self.directory.glob(".tmp-step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.directory.glob(".trash-step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def prune(self) -> list[Path]:
+        """Delete checkpoints beyond the newest ``keep_last``, sparing the best and ``latest``."""
+        ckpts = self.checkpoints()
+        keep = set(ckpts if self.keep_last is None else ckpts[-self.keep_last:])
+        if self.keep_best and (best := self.best()) is not None:
+            keep.add(best)
+        if (latest := self.latest()) is not None:
+            keep.add(latest)
+        removed = [c for c in ckpts if c not in keep]
+        for c in removed:
+            _remove_tree(c)
+        return removed
+
+    # -- finding ---------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints in this directory, oldest step first."""
+        return _complete_checkpoints(self.directory)
+
+    def latest(self) -> Path | None:
+        """The checkpoint named by ``latest`` (or, if that is missing or broken, the newest
+        complete one); None when there is none. Half-written checkpoints are never returned."""
+        return _latest_in(self.directory)
+
+    def best(self) -> Path | None:
+        """The checkpoint with the best ``best_metric`` (earliest on ties); None without one."""
+        if self.best_metric is None:
+            return None
+        best, best_v = None, None
+        for c in self.checkpoints():
+            meta = _read_state_json(c) or {}
+            v = (meta.get("metrics") or {}).get(self.best_metric)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:  # skip missing / NaN
+                continue
+            if best_v is None or (v > best_v if self.best_mode == "max" else v < best_v):
+                best, best_v = c, v
+        return best
+
+    def resolve_resume(self, resume: str | os.PathLike | None) -> Path | None:
+        """The checkpoint to resume from.
+
+        ``None``/``"none"``/``False``: start fresh. ``"auto"``: :meth:`latest` (None when there is
+        no checkpoint yet). A path: that checkpoint, or the latest one inside a checkpoint
+        directory; a path that does not exist or holds no checkpoint is an error.
+        """
+        if resume is None or resume is False or (isinstance(resume, str) and resume.strip().lower() in ("", "none", "null", "false", "never")):
+            return None
+        if isinstance(resume, str) and resume.strip().lower() == "auto":
+            return self.latest()
+        p = Path(resume)
+        if not p.exists():
+            raise FileNotFoundError(f"resume={str(resume)!r}: no such checkpoint (use 'auto', a checkpoint folder, or null)")
+        if _read_state_json(p) is not None:
+            return p
+        found = _latest_in(p) if p.is_dir() else None
+        if found is None:
+            raise ValueError(f"resume={str(resume)!r} is not a complete checkpoint (no valid {_STATE_FILE}) "
+                             f"and holds no checkpoints")
+        return found
+
+    # -- reading ---------------------------------------------------------------------------
+    def load(self, path: str | os.PathLike) -> CheckpointState:
+        """Read a checkpoint (tensors on the CPU); raises ValueError for incomplete ones."""
+        return load_checkpoint(path)
+
+
+def _metric_value(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if hasattr(v, "item") and hasattr(v, "dtype"):
+        return v.item()
+    return v
+
+
+def _complete_checkpoints(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and _read_state_json(p) is not None:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _latest_in(directory: Path) -> Path | None:
+    pointer = directory / _LATEST
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except OSError:
+        name = ""
+    if name and _STEP_DIR.match(name) and _read_state_json(directory / name) is not None:
+        return directory / name
+    ckpts = _complete_checkpoints(directory)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
+    """Read the checkpoint folder ``path`` (see :class:`CheckpointManager`)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a folder")
+    meta = _read_state_json(path)
+    if meta is None:
+        raise ValueError(f"checkpoint {path} is incomplete or not a mergekit_video checkpoint")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format version {meta['version']}; this mergekit_video reads up to "
+                         f"{FORMAT_VERSION} (upgrade mergekit_video)")
+    stored = load_file(str(path / _MODEL_FILE), device="cpu")
+    non_tensor = _decode(meta["model"].get("non_tensor") or {})
+    aliases = meta["model"].get("aliases") or {}
+    model_state: dict[str, Any] = OrderedDict()
+    if meta["model"].get("metadata") is not None:
+        model_state._metadata = _decode(meta["model"]["metadata"])  # type: ignore[attr-defined]
+    for k in meta["model"].get("keys") or list(stored):
+        if k in stored:
+            model_state[k] = stored[k]
+        elif k in aliases:
+            model_state[k] = stored[aliases[k]]  # re-tied: the same tensor object
+        elif k in non_tensor:
+            model_state[k] = non_tensor[k]
+        else:
+            raise ValueError(f"checkpoint {path} is inconsistent: model entry {k!r} is missing")
+    optimizer_state = None
+    if meta.get("optimizer") is not None:
+        tensors = load_file(str(path / _OPTIM_FILE), device="cpu")
+        for k, target in (meta.get("optimizer_aliases") or {}).items():
+            tensors[k] = tensors[target]
+        optimizer_state = _decode(meta["optimizer"], tensors)
+    return CheckpointState(
+        path=path,
+        step=int(meta["step"]),
+        epoch=int(meta["epoch"]),
+        model_state=model_state,
+        optimizer_state=optimizer_state,
+        scheduler_state=_decode(meta.get("scheduler")),
+        scaler_state=_decode(meta.get("scaler")),
+        rng=_decode(meta.get("rng")),
+        extra=_decode(meta.get("extra")) or {},
+        metrics=meta.get("metrics") or {},
+    )

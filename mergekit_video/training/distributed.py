@@ -1,0 +1,176 @@
+"""DDP plumbing: process-group setup from torchrun's environment, and small collectives.
+
+``torchrun --nproc-per-node N mergevid run recipe.yaml`` sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them (NCCL
+on CUDA, gloo on the CPU). Without them it is a single process and every helper here is a
+cheap no-op, so the trainer calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "is_main_process",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size``, its ``device`` and the ``backend``
+    (``nccl``/``gloo``, None for a single process)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the process that writes files and prints)."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def init_distributed(*, backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group described by torchrun's environment variables.
+
+    Single-process fallback when ``WORLD_SIZE`` is unset or 1: no process group, device
+    ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``. With several processes the
+    backend is ``nccl`` on CUDA and ``gloo`` on the CPU unless ``backend`` says otherwise;
+    each process uses GPU ``LOCAL_RANK``. Calling it again returns the existing group's info.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    cuda = torch.cuda.is_available()
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+    if world == 1:
+        return DistInfo(0, 1, local_rank, device, None)
+    if not dist.is_available():  # pragma: no cover - torch built without distributed
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = backend or ("nccl" if cuda else "gloo")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with torchrun")
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank, world, local_rank, device, backend)
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one member is active."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0, and in a single process."""
+    return get_rank() == 0
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if not is_distributed():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def all_reduce_mean(values: Mapping[str, float | int | torch.Tensor]) -> dict[str, float]:
+    """Average scalar metrics over all processes; returns Python floats in sorted key order.
+
+    Values are numbers or one-element tensors (any device; detached). Every rank must pass the
+    same keys. One collective (and one device sync) for the whole dict.
+    """
+    keys = sorted(values)
+    scalars = []
+    for k in keys:
+        v = values[k]
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                raise ValueError(f"all_reduce_mean: {k!r} has {v.numel()} elements, expected a scalar")
+            scalars.append(v.detach().reshape(()).to(torch.float64))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            scalars.append(torch.tensor(float(v), dtype=torch.float64))
+        else:
+            raise TypeError(f"all_reduce_mean: {k!r} is a {type(v).__name__}, expected a number or a scalar tensor")
+    if not keys:
+        return {}
+    if not is_distributed():
+        return dict(zip(keys, torch.stack([s.cpu() for s in scalars]).tolist()))
+    device = _collective_device()
+    buf = torch.stack([s.to(device) for s in scalars])  # [K]
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf /= dist.get_world_size()
+    return dict(zip(keys, buf.cpu().tolist()))
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from rank ``src`` to all ranks; returns it everywhere."""
+    if not is_distributed():
+        return obj
+    holder = [obj if get_rank() == src else None]
+    device = _collective_device() if dist.get_backend() == "nccl" else None
+    dist.broadcast_object_list(holder, src=src, device=device)
+    return holder[0]
+
+
+def cleanup() -> None:
+    """Leave and destroy the process group, if one is active."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,328 @@
+"""The MoTE training loop: device-agnostic, DDP, accumulation, exact resume.
+
+One optimizer step = ``grad_accumulation`` micro-batches. Checkpoints are taken on step
+boundaries and record the model, optimizer, scheduler, scaler, every RNG (global, the
+routers' and WMR's generators), the step, the epoch and how many micro-batches of the
+epoch were consumed, so ``resume`` continues with exactly the batches, routing draws and
+τ draws an uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..experts import find_containers
+from ..models.objective import MoTEObjective, MoTEStepOutput
+from .precision import autocast_context, make_grad_scaler
+
+log = logging.getLogger(__name__)
+
+
+class TrainStep(nn.Module):
+    """Model + objective as one module (what DDP wraps): frames → MoTE loss (Eq. 10)."""
+
+    def __init__(self, *, model: nn.Module, objective: MoTEObjective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, frames: torch.Tensor, labels: torch.Tensor, class_features: torch.Tensor) -> MoTEStepOutput:
+        e = self.model.encode_frames(frames).float()  # [B, T, D]
+        return self.objective(self.model.head, e, class_features, labels, self.model.logit_scale.exp())
+
+
+@dataclass
+class TrainState:
+    """Progress counters saved in checkpoints."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    best_metric: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def named_generators(model: nn.Module, objective: MoTEObjective) -> dict[str, torch.Generator]:
+    """Every RNG the training step draws from, by a stable name."""
+    gens = {f"router:{name}": c.router.generator for name, c in find_containers(model)}
+    gens.update({f"objective:{k}": g for k, g in objective.generators().items()})
+    return gens
+
+
+class Trainer:
+    """Runs epochs of MoTE training.
+
+    Args:
+        model: the (unwrapped) VideoCLIP on ``device``.
+        objective: the MoTE objective.
+        loader: training DataLoader whose ``sampler`` supports ``set_epoch`` / ``set_start``.
+        class_features: ``[C, D]`` training class text features (frozen).
+        optimizer, scheduler: stepped once per optimizer step.
+        device / precision: ``auto`` = bf16 autocast on CUDA, fp32 on CPU.
+        epochs: epochs to train; ``max_steps`` stops earlier.
+        grad_accumulation: micro-batches per optimizer step.
+        checkpoints: a ``CheckpointManager`` (None: no checkpoints).
+        save_every_steps: checkpoint period in optimizer steps (besides every epoch end).
+        evaluate_fn: ``epoch -> {metric: value}`` called every ``eval_every_epochs``.
+        best_metric: key of ``evaluate_fn``'s result that selects the best checkpoint.
+        metrics: a ``MetricsLogger`` (JSONL / TensorBoard), progress: a ``TrainProgress``.
+        dist: ``DistInfo`` for DDP (None: single process).
+        compile: ``torch.compile`` the visual tower.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        objective: MoTEObjective,
+        loader: Any,
+        class_features: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        device: torch.device,
+        precision: str = "auto",
+        epochs: int,
+        max_steps: int | None = None,
+        grad_accumulation: int = 1,
+        clip_grad_norm: float | None = None,
+        log_every: int = 10,
+        checkpoints: Any = None,
+        save_every_steps: int | None = None,
+        evaluate_fn: Callable[[int], dict[str, float]] | None = None,
+        eval_every_epochs: int = 1,
+        best_metric: str | None = None,
+        metrics: Any = None,
+        progress: Any = None,
+        dist: Any = None,
+        compile: bool = False,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        if grad_accumulation < 1:
+            raise ValueError(f"train.grad_accumulation must be >= 1, got {grad_accumulation}")
+        self.model = model
+        self.objective = objective
+        self.loader = loader
+        self.class_features = class_features.to(device)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.device = device
+        self.precision = precision
+        self.scaler = make_grad_scaler(device, precision)
+        self.epochs = int(epochs)
+        self.grad_accumulation = int(grad_accumulation)
+        self.steps_per_epoch = max(1, len(loader) // self.grad_accumulation)
+        self.total_steps = self.epochs * self.steps_per_epoch if max_steps is None else min(int(max_steps), self.epochs * self.steps_per_epoch)
+        self.clip_grad_norm = clip_grad_norm
+        self.log_every = max(1, int(log_every))
+        self.checkpoints = checkpoints
+        self.save_every_steps = save_every_steps
+        self.evaluate_fn = evaluate_fn
+        self.eval_every_epochs = max(1, int(eval_every_epochs))
+        self.best_metric = best_metric
+        self.metrics = metrics
+        self.progress = progress
+        self.dist = dist
+        self.extra_state = extra_state
+        self.state = TrainState()
+        self.generators = named_generators(model, objective)
+        if compile:
+            model.visual.compile()
+        self.step_module: nn.Module = TrainStep(model=model, objective=objective)
+        if dist is not None and dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # experts left unused by the routed path need find_unused_parameters when no WMR path runs
+            unused = bool(find_containers(model)) and not objective.uses_wmr_path
+            self.step_module = DDP(
+                self.step_module,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=unused,
+            )
+
+    # -- checkpoints --------------------------------------------------------------------
+    def checkpoint_payload(self) -> dict[str, Any]:
+        """Everything a checkpoint stores besides the metrics."""
+        from .rng import capture_rng_state
+
+        extra = {
+            "batches_in_epoch": self.state.batches_in_epoch,
+            "best_metric": self.state.best_metric,
+            "history": self.state.history,
+            "model_config": self.model.config,
+        }
+        if self.extra_state is not None:
+            extra.update(self.extra_state())
+        return {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "model_state": self.model.state_dict(),
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "rng": capture_rng_state(self.generators),
+            "extra": extra,
+        }
+
+    def save_checkpoint(self, metrics: dict[str, float] | None = None) -> Any:
+        """Write a checkpoint (main process only); returns its path."""
+        if self.checkpoints is None or not _is_main(self.dist):
+            return None
+        return self.checkpoints.save(**self.checkpoint_payload(), metrics=metrics)
+
+    def resume(self, ckpt: Any) -> None:
+        """Restore from a loaded ``CheckpointState``."""
+        from .rng import restore_rng_state
+
+        self.model.load_state_dict(ckpt.model_state, strict=True)
+        if ckpt.optimizer_state is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+        if ckpt.scheduler_state is not None:
+            self.scheduler.load_state_dict(ckpt.scheduler_state)
+        if self.scaler is not None and ckpt.scaler_state:
+            self.scaler.load_state_dict(ckpt.scaler_state)
+        if ckpt.rng:
+            restore_rng_state(ckpt.rng, self.generators)
+        extra = ckpt.extra or {}
+        self.state = TrainState(
+            step=int(ckpt.step),
+            epoch=int(ckpt.epoch),
+            batches_in_epoch=int(extra.get("batches_in_epoch", 0)),
+            best_metric=extra.get("best_metric"),
+            history=list(extra.get("history", [])),
+        )
+        if self.state.batches_in_epoch >= self.steps_per_epoch * self.grad_accumulation:
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+        log.info("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batches_in_epoch)
+
+    # -- training -----------------------------------------------------------------------
+    def _micro_step(self, batch: dict[str, Any], sync: bool) -> MoTEStepOutput:
+        from ..data import normalize_frames
+
+        frames = batch["frames"].to(self.device, non_blocking=True)
+        if frames.dtype == torch.uint8:
+            frames = normalize_frames(frames)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        no_sync = getattr(self.step_module, "no_sync", None)
+        ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        with ctx:
+            with autocast_context(self.device, self.precision):
+                out = self.step_module(frames, labels, self.class_features)
+            loss = out.loss / self.grad_accumulation
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        return out
+
+    def _optimizer_step(self) -> float | None:
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm
+
+    def fit(self) -> TrainState:
+        """Train until ``epochs`` (or ``max_steps``) are done; returns the final state."""
+        from .distributed import all_reduce_mean
+
+        self.model.train()
+        window: dict[str, torch.Tensor] = {}
+        window_count, window_clips, window_start = 0, 0, time.perf_counter()
+        world = self.dist.world_size if self.dist is not None else 1
+        usable = self.steps_per_epoch * self.grad_accumulation  # micro-batches used per epoch
+        while self.state.epoch < self.epochs and self.state.step < self.total_steps:
+            sampler = getattr(self.loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.state.epoch)
+            if hasattr(sampler, "set_start"):
+                sampler.set_start(self.state.batches_in_epoch * self.loader.batch_size)
+            for batch in self.loader:
+                if self.state.batches_in_epoch >= usable:
+                    break  # an incomplete accumulation cycle at the epoch end is dropped
+                self.state.batches_in_epoch += 1
+                sync = self.state.batches_in_epoch % self.grad_accumulation == 0
+                out = self._micro_step(batch, sync)
+                for k, v in {"loss": out.loss.detach(), **out.terms}.items():
+                    window[k] = window[k] + v if k in window else v.clone()
+                window_count += 1
+                window_clips += int(batch["label"].shape[0]) * world
+                if not sync:
+                    continue
+                grad_norm = self._optimizer_step()
+                self.state.step += 1
+                if self.state.step % self.log_every == 0 or self.state.step == self.total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    logs = all_reduce_mean({k: v / window_count for k, v in window.items()})
+                    logs["lr"] = self.optimizer.param_groups[0]["lr"]
+                    logs["clips_per_s"] = window_clips / elapsed
+                    if grad_norm is not None:
+                        logs["grad_norm"] = grad_norm
+                    self._log(logs)
+                    window, window_count, window_clips, window_start = {}, 0, 0, time.perf_counter()
+                if self.save_every_steps and self.state.step % self.save_every_steps == 0:
+                    self.save_checkpoint()
+                if self.state.step >= self.total_steps:
+                    break
+            if self.state.batches_in_epoch < usable:  # stopped by max_steps inside the epoch
+                self.save_checkpoint()
+                break
+            finished_epoch = self.state.epoch
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+            metrics = None
+            if self.evaluate_fn is not None and ((finished_epoch + 1) % self.eval_every_epochs == 0 or self.state.epoch >= self.epochs):
+                metrics = self.evaluate_fn(finished_epoch)
+                self.model.train()
+                self.state.history.append({"epoch": finished_epoch, "step": self.state.step, **metrics})
+                if self.metrics is not None:
+                    self.metrics.log({f"val/{k}": v for k, v in metrics.items()}, step=self.state.step, epoch=finished_epoch)
+                if self.best_metric and self.best_metric in metrics:
+                    value = metrics[self.best_metric]
+                    if self.state.best_metric is None or value > self.state.best_metric:
+                        self.state.best_metric = value
+            self.save_checkpoint(metrics)
+        return self.state
+
+    def _log(self, logs: dict[str, float]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(logs, step=self.state.step, epoch=self.state.epoch)
+        if self.progress is not None:
+            self.progress.update(self.state.step, total=self.total_steps, **logs)
+
+
+def _is_main(dist: Any) -> bool:
+    return dist is None or dist.rank == 0
+
+
+def steps_per_epoch(num_batches: int, grad_accumulation: int) -> int:
+    """Optimizer steps in one epoch of ``num_batches`` micro-batches."""
+    return max(1, num_batches // max(1, grad_accumulation))
+
+
+def warmup_steps(warmup_epochs: float, steps_in_epoch: int) -> int:
+    """Warm-up length in optimizer steps."""
+    return int(math.ceil(warmup_epochs * steps_in_epoch))
+
+
+def iterate_forever(loader: Iterable[Any]) -> Iterable[Any]:  # pragma: no cover - benchmarking helper
+    """Cycle a loader (for benchmarks)."""
+    while True:
+        yield from loader

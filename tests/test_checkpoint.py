@@ -1,0 +1,260 @@
+"""Checkpoints: exact resume, optimizer state round trip, atomicity, pruning, tied tensors, resume paths."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mergekit_video.training.checkpoint import CheckpointManager, CheckpointState
+from mergekit_video.training.optim import build_optimizer, build_param_groups
+from mergekit_video.training.rng import capture_rng_state, restore_rng_state, seed_everything
+from mergekit_video.training.schedule import cosine_with_warmup
+
+
+# ---------------------------------------------------------------------------------------------
+# a small run: MLP with dropout (global torch RNG), data from a named generator, target noise
+# from Python's random and NumPy, AdamW with two param groups, cosine schedule with warm-up
+# ---------------------------------------------------------------------------------------------
+class _Run:
+    def __init__(self, seed: int) -> None:
+        seed_everything(seed)
+        self.model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.GELU(), nn.Dropout(0.2), nn.Linear(16, 1))
+        groups = build_param_groups(self.model, groups=[{"name": "first", "match": "0.*", "lr": 3e-3}],
+                                    lr=1e-2, weight_decay=0.2, no_decay_norm_bias_embedding=True)
+        self.opt = build_optimizer(groups, lr=1e-2, weight_decay=0.2, betas=(0.9, 0.999))
+        self.sched = cosine_with_warmup(self.opt, warmup_steps=3, total_steps=12, min_lr_ratio=0.1)
+        self.data_gen = torch.Generator().manual_seed(seed + 100)
+
+    def steps(self, start: int, end: int) -> list[float]:
+        losses = []
+        self.model.train()
+        for _ in range(start, end):
+            x = torch.randn(8, 6, generator=self.data_gen)  # [B, 6]
+            noise = 1e-2 * (random.random() + float(np.random.randn()))
+            y = x.sum(1, keepdim=True) + noise  # [B, 1]
+            loss = nn.functional.mse_loss(self.model(x), y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            losses.append(loss.item())
+        return losses
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"data": self.data_gen}
+
+
+def test_resume_auto_reproduces_uninterrupted_losses_exactly(tmp_path):
+    full = _Run(seed=0)
+    reference = full.steps(0, 12)
+
+    first = _Run(seed=0)
+    mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=2)
+    losses = first.steps(0, 3)
+    mgr.save(step=3, epoch=0, model_state=first.model.state_dict(), optimizer=first.opt, scheduler=first.sched,
+             rng=capture_rng_state(first.generators()))
+    losses += first.steps(3, 5)
+    mgr.save(step=5, epoch=1, model_state=first.model.state_dict(), optimizer=first.opt, scheduler=first.sched,
+             rng=capture_rng_state(first.generators()), extra={"samples_seen": 40})
+    first.steps(5, 7)  # "crash": these steps are lost
+
+    second = _Run(seed=123)  # fresh process: other weights, other RNG streams
+    mgr2 = CheckpointManager(directory=tmp_path / "ckpt", keep_last=2)
+    path = mgr2.resolve_resume("auto")
+    assert path == tmp_path / "ckpt" / "step_00000005"
+    state = mgr2.load(path)
+    assert (state.step, state.epoch, state.extra) == (5, 1, {"samples_seen": 40})
+    state.restore(model=second.model, optimizer=second.opt, scheduler=second.sched, generators=second.generators())
+    losses += second.steps(5, 12)
+
+    assert losses == reference  # bit-identical floats
+    for a, b in zip(full.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    assert second.sched.get_last_lr() == full.sched.get_last_lr()
+
+
+def _assert_same(a, b, where="state"):
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("kind", ["adamw_groups", "sgd_momentum", "adam_amsgrad"])
+def test_optimizer_and_scheduler_state_dicts_round_trip_exactly(tmp_path, kind):
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    if kind == "adamw_groups":
+        groups = build_param_groups(model, groups=[{"name": "a", "match": ["0.*"], "lr": 0.5}], lr=0.1,
+                                    weight_decay=0.2, no_decay_norm_bias_embedding=True)
+        opt = build_optimizer(groups, lr=0.1, weight_decay=0.2)
+    elif kind == "sgd_momentum":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=0.1, amsgrad=True, betas=(0.8, 0.9))
+    sched = cosine_with_warmup(opt, warmup_steps=1, total_steps=5)
+    for _ in range(2):
+        model(torch.randn(5, 3)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+    mgr = CheckpointManager(directory=tmp_path)
+    state = mgr.load(mgr.save(step=2, epoch=0, model_state=model.state_dict(), optimizer=opt, scheduler=sched))
+    _assert_same(opt.state_dict(), state.optimizer_state, "optimizer")
+    _assert_same(sched.state_dict(), state.scheduler_state, "scheduler")
+    _assert_same(model.state_dict(), state.model_state, "model")
+    assert state.model_state._metadata == model.state_dict()._metadata  # module versions kept
+
+
+def test_rng_state_survives_the_checkpoint_for_every_source(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    mgr = CheckpointManager(directory=tmp_path)
+    path = mgr.save(step=0, epoch=0, model_state={"w": torch.zeros(1)}, rng=capture_rng_state({"router": g}))
+
+    def draws():
+        return (random.random(), float(np.random.rand()), torch.rand(3).tolist(), torch.rand(2, generator=g).tolist())
+
+    expected = draws()
+    draws()  # move every stream on
+    mgr.load(path).restore(generators={"router": g})
+    assert draws() == expected
+
+
+def test_crash_mid_save_keeps_previous_checkpoint_latest(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    mgr = CheckpointManager(directory=tmp_path)
+    model = nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    first = mgr.save(step=100, epoch=0, model_state=model.state_dict(), optimizer=opt)
+
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def dying_save(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # model file written, crash while writing the optimizer file
+            with open(filename, "wb") as f:
+                f.write(b"\x00" * 10)
+            raise KeyboardInterrupt
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(step=200, epoch=1, model_state=model.state_dict(), optimizer=opt)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    assert mgr.latest() == first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step_")] == ["step_00000100"]
+    assert not list(tmp_path.glob(".tmp-*"))  # cleaned up on the way out
+
+    # a hard crash (no cleanup) leaves a temp folder; a bogus step folder and a dangling pointer
+    (tmp_path / ".tmp-step_00000300-abc").mkdir()
+    (tmp_path / ".tmp-step_00000300-abc" / "state.json").write_text("{")
+    (tmp_path / "step_00000400").mkdir()
+    (tmp_path / "step_00000400" / "state.json").write_text(json.dumps({"format": "mergekit_video.checkpoint"}))
+    assert mgr.latest() == first and mgr.checkpoints() == [first]
+    (tmp_path / "latest").write_text("step_00000999\n")
+    assert mgr.latest() == first  # pointer broken: newest complete checkpoint
+    with pytest.raises(ValueError, match="incomplete"):
+        mgr.load(tmp_path / "step_00000400")
+    third = mgr.save(step=500, epoch=2, model_state=model.state_dict())
+    assert mgr.latest() == third and (tmp_path / "latest").read_text().strip() == "step_00000500"
+    assert not list(tmp_path.glob(".tmp-*"))  # the stale temp folder is removed by the next save
+
+
+@pytest.mark.parametrize(
+    "keep_last, keep_best, mode, metric, expected",
+    [
+        (2, True, "max", "acc", [2, 5, 6]),
+        (2, False, "max", "acc", [5, 6]),
+        (2, True, "min", "loss", [4, 5, 6]),
+        (None, True, "max", "acc", [1, 2, 3, 4, 5, 6]),
+        (1, True, "max", None, [6]),
+    ],
+)
+def test_pruning_keeps_last_k_and_best(tmp_path, keep_last, keep_best, mode, metric, expected):
+    mgr = CheckpointManager(directory=tmp_path, keep_last=keep_last, keep_best=keep_best, best_metric=metric, best_mode=mode)
+    accs = [0.1, 0.9, 0.3, 0.2, 0.4, 0.5]
+    losses = [3.0, 2.0, 2.5, 1.0, 1.5, 1.2]
+    for step, (a, lo) in enumerate(zip(accs, losses), start=1):
+        mgr.save(step=step, epoch=step, model_state={"w": torch.full((2,), float(step))},
+                 metrics={"acc": a, "loss": torch.tensor(lo)})
+    assert [int(p.name.split("_")[1]) for p in mgr.checkpoints()] == expected
+    assert mgr.latest().name == "step_00000006"
+    if metric == "acc":  # best among the checkpoints that still exist
+        assert mgr.best().name == ("step_00000002" if keep_best else "step_00000006")
+    if metric == "loss":
+        assert mgr.best().name == "step_00000004"
+
+
+def test_tied_and_overlapping_tensors(tmp_path):
+    emb = nn.Embedding(5, 3)
+    head = nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight  # tied
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    sd = model.state_dict()
+    base = torch.arange(12.0)
+    sd["qkv.q"], sd["qkv.k"] = base[:4], base[4:8]  # views of one storage
+    mgr = CheckpointManager(directory=tmp_path)
+    state = mgr.load(mgr.save(step=1, epoch=0, model_state=sd))
+    assert state.model_state["head.weight"] is state.model_state["emb.weight"]
+    assert torch.equal(state.model_state["emb.weight"], emb.weight)
+    assert state.model_state["qkv.k"].tolist() == [4.0, 5.0, 6.0, 7.0]
+    assert list(state.model_state) == list(sd)
+    fresh = nn.ModuleDict({"emb": nn.Embedding(5, 3), "head": nn.Linear(3, 5, bias=False)})
+    fresh.load_state_dict({k: v for k, v in state.model_state.items() if not k.startswith("qkv")})
+    assert torch.equal(fresh["head"].weight, emb.weight)
+
+
+def test_resolve_resume_paths(tmp_path):
+    mgr = CheckpointManager(directory=tmp_path / "ckpt")
+    assert mgr.resolve_resume("auto") is None  # nothing yet: start fresh
+    for off in (None, "none", False, "null"):
+        assert mgr.resolve_resume(off) is None
+    a = mgr.save(step=1, epoch=0, model_state={"w": torch.zeros(1)})
+    b = mgr.save(step=2, epoch=0, model_state={"w": torch.ones(1)})
+    assert mgr.resolve_resume("auto") == b
+    assert mgr.resolve_resume(str(a)) == a
+    assert mgr.resolve_resume(tmp_path / "ckpt") == b
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        mgr.resolve_resume(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        mgr.resolve_resume(tmp_path / "empty")
+
+
+def test_restore_errors_and_saving_same_step_replaces(tmp_path):
+    mgr = CheckpointManager(directory=tmp_path)
+    model = nn.Linear(2, 1)
+    p = mgr.save(step=3, epoch=0, model_state=model.state_dict())
+    state = mgr.load(p)
+    assert isinstance(state, CheckpointState) and state.optimizer_state is None and state.rng is None
+    with pytest.raises(ValueError, match="no optimizer state"):
+        state.restore(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="no RNG state"):
+        state.restore(generators={})
+    mgr.save(step=3, epoch=1, model_state={"weight": torch.zeros(1, 2), "bias": torch.zeros(1)})
+    assert mgr.load(p).epoch == 1 and mgr.checkpoints() == [p]
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(directory=tmp_path, keep_last=0)
+    with pytest.raises(ValueError, match="best_mode"):
+        CheckpointManager(directory=tmp_path, best_mode="maximum")
+
+
+def test_rng_restore_strict_names():
+    state = capture_rng_state({"a": torch.Generator()})
+    with pytest.raises(ValueError, match=r"in the checkpoint only \['a'\], in the running model only \['b'\]"):
+        restore_rng_state(state, {"b": torch.Generator()})
+    restore_rng_state(state, {"b": torch.Generator()}, strict=False)
