@@ -67,7 +67,7 @@ def encode_video(
                     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
                 if frame.width != width or frame.height != height or frame.format.name != "yuv420p":
                     frame = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BILINEAR")
-                frame.pts = None
+                frame.pts, frame.time_base = count, 1 / rate  # constant frame rate, whatever the source stamps
                 for packet in stream.encode(frame):
                     container.mux(packet)
                 count += 1

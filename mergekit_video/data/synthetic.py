@@ -61,6 +61,21 @@ class SyntheticDataset:
     novel_class_names: list[str]
 
 
+def synthetic_layout(root: str | os.PathLike) -> SyntheticDataset:
+    """The :class:`SyntheticDataset` of a dataset already written under ``root`` (nothing is written)."""
+    from .annotations import read_class_names
+
+    root = Path(root)
+    train_list, class_csv = root / "train.txt", root / "classes.csv"
+    if not train_list.is_file() or not class_csv.is_file():
+        raise FileNotFoundError(f"{root} holds no synthetic dataset (train.txt and classes.csv missing)")
+    val_list, novel_list, novel_csv = root / "val.txt", root / "novel.txt", root / "novel_classes.csv"
+    has_novel = novel_list.is_file() and novel_csv.is_file()
+    return SyntheticDataset(root=root, train_list=train_list, val_list=val_list if val_list.is_file() else None, class_csv=class_csv,
+                            novel_list=novel_list if has_novel else None, novel_class_csv=novel_csv if has_novel else None,
+                            class_names=read_class_names(class_csv), novel_class_names=read_class_names(novel_csv) if has_novel else [])
+
+
 def _mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
     dx, dy = np.abs(xx - cx), np.abs(yy - cy)
     if shape == "circle":
