@@ -1,0 +1,243 @@
+"""The example plugin package: loaded through its entry point and through a recipe's ``plugins:`` key.
+
+It registers the router ``cyclic`` and the merge strategy ``median``; the tests use both by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mergekit_video as mv
+from mergekit_video import registry as reg_mod
+from mergekit_video.registry import MERGES, REGISTRIES, ROUTERS, import_plugins, load_entry_point_plugins
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins" / "mergekit-video-example"
+PLUGIN_SRC = PLUGIN_DIR / "src"
+MODULE = "mergekit_video_example"
+
+
+def _forget_plugin() -> None:
+    for name in [m for m in sys.modules if m == MODULE or m.startswith(MODULE + ".")]:
+        del sys.modules[name]
+    reg_mod._imported_plugin_modules.discard(MODULE)
+
+
+@pytest.fixture()
+def clean_registries(monkeypatch):
+    """Registries without the plugin's parts, entry points not yet loaded; restored afterwards."""
+    for r in REGISTRIES.values():
+        r.names()  # built-ins in
+    saved = {k: dict(r._entries) for k, r in REGISTRIES.items()}
+    _forget_plugin()
+    ROUTERS._entries.pop("cyclic", None)
+    MERGES._entries.pop("median", None)
+    monkeypatch.setattr(reg_mod, "_entry_points_loaded", False)
+    importlib.invalidate_caches()
+    yield
+    for k, r in REGISTRIES.items():
+        if k in saved:
+            r._entries.clear()
+            r._entries.update(saved[k])
+    _forget_plugin()
+
+
+def _declared_entry_points() -> str:
+    """The ``[project.entry-points."mergekit_video.plugins"]`` table of the plugin's pyproject, as entry_points.txt."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    meta = tomllib.loads((PLUGIN_DIR / "pyproject.toml").read_text())
+    group = meta["project"]["entry-points"][reg_mod.PLUGIN_ENTRY_POINT_GROUP]
+    return f"[{reg_mod.PLUGIN_ENTRY_POINT_GROUP}]\n" + "".join(f"{k} = {v}\n" for k, v in group.items())
+
+
+def _fake_install(site: Path, entry_points: str, name: str = "mergekit_video_example") -> None:
+    """A minimal installed distribution: a .dist-info folder with METADATA and entry_points.txt."""
+    info = site / f"{name}-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(entry_points)
+
+
+def _use_plugin_parts() -> None:
+    """Use both plugin parts by name through the public API."""
+    router = ROUTERS.build("cyclic", num_experts=3)
+    x = torch.zeros(2, 4)
+    assert [int(router(x).indices) for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    median = MERGES.get("median")
+    assert torch.equal(median([torch.tensor([1.0]), torch.tensor([9.0]), torch.tensor([2.0])]), torch.tensor([2.0]))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    assert mv.add_experts(model, ["0", "2"], 3, router="cyclic", merge="median") == ["0", "2"]
+    model.train()(x)
+    assert int(model[0].last_routing.indices) == 0
+
+
+def test_plugin_pyproject_declares_the_entry_point():
+    assert _declared_entry_points() == "[mergekit_video.plugins]\nexample = mergekit_video_example\n"
+
+
+def test_recipe_plugins_key_path(clean_registries, monkeypatch):
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    assert "cyclic" not in ROUTERS and "median" not in MERGES
+    import_plugins([MODULE])
+    assert "cyclic" in ROUTERS.names() and "median" in MERGES.names()
+    _use_plugin_parts()
+
+
+def test_entry_point_path(clean_registries, monkeypatch, tmp_path):
+    _fake_install(tmp_path, _declared_entry_points())
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "cyclic" not in ROUTERS._entries
+    # the first registry use loads every installed plugin, once per process
+    assert "cyclic" in ROUTERS.names()
+    assert MODULE in sys.modules
+    assert ROUTERS.doc("cyclic").startswith("Round-robin routing")
+    assert MERGES.doc("median").startswith("Coordinate-wise median")
+    assert load_entry_point_plugins() == []  # already done
+    _use_plugin_parts()
+
+
+def test_broken_entry_point_is_logged_and_skipped(clean_registries, monkeypatch, tmp_path, caplog):
+    _fake_install(tmp_path, _declared_entry_points())
+    _fake_install(tmp_path, "[mergekit_video.plugins]\nbroken = mkv_no_such_plugin_module\n", name="mkv_broken_plugin")
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="mergekit_video.registry"):
+        loaded = load_entry_point_plugins()
+    assert "example" in loaded and "broken" not in loaded
+    assert any(
+        "plugin 'broken' (mkv_no_such_plugin_module) failed to load: No module named 'mkv_no_such_plugin_module'" in r.getMessage()
+        for r in caplog.records
+    )
+    assert "cyclic" in ROUTERS  # the good plugin still works
+
+
+def _can_build_offline() -> bool:
+    """setuptools ≥ 61 (PEP 621) that builds wheels itself (≥ 70.1) or has ``wheel`` beside it."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(p) for p in version("setuptools").split(".")[:2])
+    except Exception:  # noqa: BLE001 - not installed or odd version string
+        return False
+    return (major, minor) >= (70, 1) or ((major, minor) >= (61, 0) and importlib.util.find_spec("wheel") is not None)
+
+
+@pytest.mark.skipif(not _can_build_offline(), reason="needs setuptools (and wheel, for setuptools < 70.1) to build offline")
+def test_pip_install_then_entry_point(clean_registries, monkeypatch, tmp_path):
+    """A real ``pip install`` of the plugin package (offline, into a target folder)."""
+    src = tmp_path / "src-copy"
+    shutil.copytree(PLUGIN_DIR, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = tmp_path / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(target), str(src)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert (target / MODULE / "__init__.py").is_file()
+    monkeypatch.syspath_prepend(str(target))
+    assert "median" in MERGES.names()
+    assert Path(sys.modules[MODULE].__file__).is_relative_to(target)
+    _use_plugin_parts()
+
+
+def test_mergevid_ls_lists_plugin_parts(clean_registries, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mergekit_video.cli.main import app
+
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    import_plugins([MODULE])
+    for kind, name, doc in (("routers", "cyclic", "Round-robin routing"), ("merges", "median", "Coordinate-wise median")):
+        result = CliRunner().invoke(app, ["ls", kind], env={"COLUMNS": "400"})
+        assert result.exit_code == 0
+        row = [ln for ln in result.output.splitlines() if f" {name} " in ln]
+        assert row and doc in row[0]
+
+
+# -- behaviour of the plugin parts -------------------------------------------------------------------
+
+
+@pytest.fixture()
+def plugin(clean_registries, monkeypatch):
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    import_plugins([MODULE])
+    return sys.modules[MODULE]
+
+
+def test_cyclic_router(plugin):
+    r = ROUTERS.build("cyclic", num_experts=4, offset=2)
+    x = torch.zeros(3, 5, 8)  # [B, T, D]
+    assert [int(r(x).indices) for _ in range(5)] == [2, 3, 0, 1, 2]  # (2 + t) mod 4
+    s = ROUTERS.build("cyclic", num_experts=4, granularity="sample")
+    assert s(x).indices.view(-1).tolist() == [0, 1, 2]
+    assert s(x).indices.view(-1).tolist() == [3, 0, 1]  # continues where the last forward stopped
+    t = ROUTERS.build("cyclic", num_experts=4, granularity="token")
+    counts = torch.bincount(t(torch.zeros(4, 10, 8)).indices.view(-1), minlength=4)
+    assert counts.tolist() == [10, 10, 10, 10]  # every expert gets exactly its share
+    assert not plugin.CyclicRouter.stochastic
+    assert repr(r) == "CyclicRouter(num_experts=4, granularity='batch', offset=2, step=5)"
+
+
+def test_cyclic_router_state_survives_a_checkpoint(plugin):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    mv.add_experts(model, "0", 3, router="cyclic")
+    x = torch.zeros(2, 4)
+    for _ in range(4):
+        model.train()(x)
+    sd = model.state_dict()
+    assert sd["0.router._extra_state"] == {"step": 4}
+    fresh = nn.Sequential(nn.Linear(4, 4))
+    mv.add_experts(fresh, "0", 3, router="cyclic")
+    fresh.load_state_dict(sd)
+    fresh.train()(x)
+    assert int(fresh[0].last_routing.indices) == 4 % 3
+
+
+def test_median_merge_by_hand(plugin):
+    median = MERGES.get("median")
+    a, b, c, d = (torch.tensor(v) for v in ([1.0, -2.0], [5.0, 0.0], [2.0, 7.0], [4.0, 100.0]))
+    assert torch.equal(median([a, b, c]), torch.tensor([2.0, 0.0]))  # middle of {1, 2, 5} and {−2, 0, 7}
+    # even N: mean of the two middle values: {1, 2, 4, 5} → (2 + 4)/2, {−2, 0, 7, 100} → (0 + 7)/2
+    assert torch.equal(median([a, b, c, d]), torch.tensor([3.0, 3.5]))
+    assert torch.equal(median([a, b, c], base=torch.zeros(2)), median([a, b, c]))  # base does not matter
+    assert median([a.bfloat16(), b.bfloat16(), c.bfloat16()]).dtype == torch.bfloat16
+    # robust to one outlying expert, unlike the mean
+    outlier = [torch.zeros(3), torch.zeros(3), torch.full((3,), 1e3)]
+    assert torch.equal(median(outlier), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"^median merge needs at least one tensor$"):
+        median([])
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': cannot merge tensors of different shapes"):
+        mv.merge_state_dicts([{"w": a}, {"w": torch.zeros(3)}], "median")
+
+
+def test_median_as_container_merge_and_collapse(plugin):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 4))
+    plain = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 4))
+    mv.add_experts(model, ["0", "2"], 3, merge="median")
+    x = torch.randn(5, 4)
+    model.eval()
+    y = model(x)
+    c = model[0]
+    sds = [e.state_dict() for e in c.experts]
+    merged = mv.merge_state_dicts(sds, "median")
+    assert torch.equal(merged["weight"], torch.stack([sd["weight"] for sd in sds]).median(dim=0).values)
+    dense = nn.Linear(4, 6)
+    dense.load_state_dict(merged)
+    assert (c(x) - dense(x)).abs().max().item() <= 1e-6
+    mv.collapse_experts(model, "median")
+    plain.load_state_dict(model.state_dict(), strict=True)
+    assert (plain(x) - y).abs().max().item() <= 1e-6
