@@ -1,0 +1,382 @@
+"""Training infrastructure: RNG, schedule, param groups, optimizer, precision, distributed, metrics."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import socket
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mergekit_video.training.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    is_main_process,
+)
+from mergekit_video.training.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, summary_table
+from mergekit_video.training.optim import build_optimizer, build_param_groups, describe_param_groups
+from mergekit_video.training.precision import autocast_context, make_grad_scaler, resolve_precision
+from mergekit_video.training.rng import capture_rng_state, restore_rng_state, seed_everything
+from mergekit_video.training.schedule import cosine_with_warmup
+
+# ---------------------------------------------------------------------------------------------
+# RNG
+# ---------------------------------------------------------------------------------------------
+
+
+def _draw(g: torch.Generator) -> tuple:
+    return (random.random(), random.gauss(0, 1), np.random.rand(2).tolist(), float(np.random.randn()),
+            torch.rand(3).tolist(), torch.randint(0, 1000, (2,), generator=g).tolist())
+
+
+def test_rng_capture_restore_reproduces_every_source():
+    g = torch.Generator().manual_seed(3)
+    seed_everything(11)
+    _draw(g)  # leaves a cached gaussian in random and numpy
+    state = capture_rng_state({"router": g})
+    first = _draw(g)
+    second = _draw(g)
+    assert first != second
+    restore_rng_state(state, {"router": g})
+    assert _draw(g) == first
+    assert _draw(g) == second
+    json.dumps({k: v for k, v in state.items() if k in ("python", "numpy")})  # JSON-ready parts
+
+
+def test_seed_everything_rank_offsets():
+    assert seed_everything(5, rank=2) == 7
+    a = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    seed_everything(7)
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == a
+    with pytest.raises(ValueError, match="seed"):
+        seed_everything(-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rng_cuda_states():
+    state = capture_rng_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    x = torch.rand(4, device="cuda")
+    restore_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule
+# ---------------------------------------------------------------------------------------------
+def _lrs(sched, opt, n):
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_with_warmup_values():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = cosine_with_warmup(opt, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    lrs = _lrs(sched, opt, 131)
+    assert lrs[0] == pytest.approx(2.0 / 11)  # from ~0, never exactly 0
+    assert lrs[9] == pytest.approx(2.0 * 10 / 11)
+    assert lrs[10] == pytest.approx(2.0)  # end of warm-up: the base lr
+    assert lrs[60] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # half way through the cosine
+    assert lrs[35] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25))))
+    assert lrs[110] == pytest.approx(0.2) and lrs[130] == pytest.approx(0.2)  # end and beyond: min lr
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))
+
+
+def test_cosine_schedule_state_dict_round_trip_and_errors():
+    def make():
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, cosine_with_warmup(opt, warmup_steps=3, total_steps=20)
+
+    opt, sched = make()
+    _lrs(sched, opt, 7)
+    state = sched.state_dict()
+    assert state["lr_lambdas"] == [{"warmup_steps": 3, "total_steps": 20, "min_lr_ratio": 0.0}]
+    expected = _lrs(sched, opt, 5)
+    opt2, sched2 = make()
+    opt2.load_state_dict(opt.state_dict())  # noqa: keeps lrs consistent with the scheduler
+    sched2.load_state_dict(state)
+    opt2.param_groups[0]["lr"] = state["_last_lr"][0]
+    assert _lrs(sched2, opt2, 5) == expected
+    for kw, needle in [({"warmup_steps": 30, "total_steps": 20}, "warmup_steps"),
+                       ({"warmup_steps": 0, "total_steps": 0}, "total_steps"),
+                       ({"warmup_steps": 0, "total_steps": 5, "min_lr_ratio": 1.5}, "min_lr_ratio")]:
+        with pytest.raises(ValueError, match=needle):
+            cosine_with_warmup(opt, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# param groups and optimizer
+# ---------------------------------------------------------------------------------------------
+class _Tower(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(10, 4)
+        self.positional_embedding = nn.Parameter(torch.zeros(3, 4))
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.visual = _Tower()
+        self.temporal = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def test_build_param_groups_assignment_and_no_decay():
+    model = _Model()
+    groups = build_param_groups(model, groups=[{"name": "clip", "match": "visual.*", "lr": 3e-6},
+                                               {"name": "head", "match": ["head.*"], "weight_decay": 0.05}],
+                                lr=5e-5, weight_decay=0.2, no_decay_norm_bias_embedding=True)
+    got = {g["name"]: (sorted(g["param_names"]), g["lr"], g["weight_decay"]) for g in groups}
+    assert got == {
+        "clip": (["visual.proj.weight"], 3e-6, 0.2),
+        "clip/no_decay": (["visual.norm.bias", "visual.norm.weight", "visual.positional_embedding",
+                           "visual.proj.bias", "visual.tok.weight"], 3e-6, 0.0),
+        "head": (["head.weight"], 5e-5, 0.05),
+        "head/no_decay": (["head.bias"], 5e-5, 0.0),
+        "default": (["temporal.weight"], 5e-5, 0.2),
+        "default/no_decay": (["temporal.bias"], 5e-5, 0.0),
+    }
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    in_groups = [id(p) for g in groups for p in g["params"]]
+    assert sorted(in_groups) == sorted(trainable)  # every trainable param exactly once, frozen ones out
+    rows = describe_param_groups(groups)
+    assert sum(r["parameters"] for r in rows) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    plain = build_param_groups(model, lr=1e-3, weight_decay=0.1)
+    assert [(g["name"], len(g["params"]), g["weight_decay"]) for g in plain] == [("default", 10, 0.1)]
+
+
+def test_build_param_groups_first_match_wins_and_errors():
+    model = _Model()
+    groups = build_param_groups(model, groups=[{"name": "a", "match": "visual.proj.*"}, {"name": "b", "match": "visual.*"}],
+                                lr=1.0, weight_decay=0.0)
+    assert sorted(next(g for g in groups if g["name"] == "a")["param_names"]) == ["visual.proj.bias", "visual.proj.weight"]
+    with pytest.raises(ValueError, match=r"param group 'x': pattern 'visaul\.\*' matches no trainable parameter"):
+        build_param_groups(model, groups=[{"name": "x", "match": "visaul.*"}], lr=1.0, weight_decay=0.0)
+    with pytest.raises(ValueError, match="frozen"):  # frozen params do not count as matches
+        build_param_groups(model, groups=[{"name": "x", "match": "frozen.*"}], lr=1.0, weight_decay=0.0)
+    with pytest.raises(ValueError, match=r"groups\[0\]: unknown key\(s\) \['lrr'\]"):
+        build_param_groups(model, groups=[{"name": "x", "match": "head.*", "lrr": 1}], lr=1.0, weight_decay=0.0)
+    with pytest.raises(ValueError, match=r"groups\[1\].name: 'x' is used twice"):
+        build_param_groups(model, groups=[{"name": "x", "match": "head.*"}, {"name": "x", "match": "temporal.*"}],
+                           lr=1.0, weight_decay=0.0)
+
+
+def test_no_weight_decay_hook():
+    model = _Model()
+    model.no_weight_decay = lambda: {"temporal.weight"}
+    groups = build_param_groups(model, lr=1.0, weight_decay=0.1, no_decay_norm_bias_embedding=True)
+    nd = next(g for g in groups if g["name"] == "default/no_decay")
+    assert "temporal.weight" in nd["param_names"] and "visual.proj.weight" not in nd["param_names"]
+
+
+def test_build_optimizer_kernels_and_groups():
+    model = _Model()
+    groups = build_param_groups(model, groups=[{"name": "clip", "match": "visual.*", "lr": 3e-6}], lr=5e-5, weight_decay=0.2)
+    opt = build_optimizer(groups, lr=5e-5, weight_decay=0.2, betas=(0.9, 0.999))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [(g["name"], g["lr"], g["weight_decay"], g["betas"]) for g in opt.param_groups] == [
+        ("clip", 3e-6, 0.2, (0.9, 0.999)), ("default", 5e-5, 0.2, (0.9, 0.999))]
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]  # CPU: foreach
+    sgd = build_optimizer(model.head.parameters(), name="SGD", lr=0.1, momentum=0.9)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adamx'; did you mean 'adam'\?"):
+        build_optimizer(model.head.parameters(), name="adamx", lr=0.1)
+    with pytest.raises(ValueError, match="betas"):
+        build_optimizer(model.head.parameters(), lr=0.1, betas=(0.9, 1.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_build_optimizer_fused_on_cuda():
+    p = nn.Parameter(torch.zeros(4, device="cuda"))
+    assert build_optimizer([p], lr=0.1).defaults["fused"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# precision
+# ---------------------------------------------------------------------------------------------
+def test_precision_on_cpu():
+    assert resolve_precision("cpu", "auto") == "fp32"
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast_context("cpu", "auto"):
+        assert (a @ b).dtype == torch.float32
+    with autocast_context(torch.device("cpu"), "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    assert make_grad_scaler("cpu", "auto") is None
+    with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
+        resolve_precision("cpu", "fp16")
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp16, fp32, got 'fp8'"):
+        resolve_precision("cpu", "fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_precision_on_cuda():
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    assert resolve_precision("cuda", "auto") == expected
+    a = torch.randn(4, 4, device="cuda")
+    with autocast_context("cuda", "fp16"):
+        assert (a @ a).dtype == torch.float16
+    assert isinstance(make_grad_scaler("cuda", "fp16"), torch.amp.GradScaler)
+    assert make_grad_scaler("cuda", "bf16") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+# ---------------------------------------------------------------------------------------------
+def test_distributed_single_process(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = init_distributed()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert info == DistInfo(rank=0, world_size=1, local_rank=0, device=device, backend=None)
+    assert info.is_main and not info.is_distributed and is_main_process()
+    barrier()
+    out = all_reduce_mean({"loss": torch.tensor(1.5), "acc": 0.25, "n": 3})
+    assert out == {"acc": 0.25, "loss": 1.5, "n": 3.0} and all(type(v) is float for v in out.values())
+    assert broadcast_object({"a": [1]}) == {"a": [1]}
+    with pytest.raises(ValueError, match="'x' has 2 elements"):
+        all_reduce_mean({"x": torch.ones(2)})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        init_distributed()
+    cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
+    info = init_distributed(timeout_s=60)
+    try:
+        mean = all_reduce_mean({"loss": torch.tensor(1.0 + 2 * rank), "acc": 0.5 + 0.2 * rank})
+        obj = broadcast_object({"from": rank, "seed": 1234} if rank == 0 else None)
+        barrier()
+        result = {"info": [info.rank, info.world_size, info.backend, str(info.device)], "mean": mean, "obj": obj,
+                  "main": is_main_process()}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        cleanup()
+
+
+def test_two_process_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    # fork is ~50x faster than spawn (no torch re-import); spawn once CUDA is initialised (fork-unsafe)
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method=method)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["info"] == [0, 2, "gloo", "cpu"] and r1["info"] == [1, 2, "gloo", "cpu"]
+    assert r0["mean"] == r1["mean"] == {"acc": pytest.approx(0.6), "loss": 2.0}
+    assert r0["obj"] == r1["obj"] == {"from": 0, "seed": 1234}
+    assert (r0["main"], r1["main"]) == (True, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics and progress
+# ---------------------------------------------------------------------------------------------
+def test_metrics_logger_jsonl_and_resume(tmp_path):
+    with MetricsLogger(output_dir=tmp_path) as log:
+        for step in (10, 20, 30):
+            log.log({"loss": torch.tensor(step / 10), "lr": 1e-4, "split": "train"}, step=step, epoch=step // 20)
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["epoch"], r["loss"], r["lr"], r["split"]) for r in recs] == [
+        (10, 0, 1.0, 1e-4, "train"), (20, 1, 2.0, 1e-4, "train"), (30, 1, 3.0, 1e-4, "train")]
+    assert all(isinstance(r["time"], float) for r in recs)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "lo')  # torn line from a crash
+    with MetricsLogger(output_dir=tmp_path, resume_step=20) as log:  # resumed from the step-20 checkpoint
+        log.log({"loss": 9.0}, step=30)
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(10, 1.0), (20, 2.0), (30, 9.0)]
+    with pytest.raises(ValueError, match="reserved"):
+        MetricsLogger(output_dir=tmp_path).log({"step": 1}, step=1)
+    MetricsLogger(output_dir=tmp_path / "off", enabled=False).log({"loss": 1.0}, step=1)
+    assert not (tmp_path / "off").exists()
+
+
+def test_metrics_logger_tensorboard_missing_is_a_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"tensorboard=True needs the 'tensorboard' package"):
+            MetricsLogger(output_dir=tmp_path, tensorboard=True)
+    else:
+        with MetricsLogger(output_dir=tmp_path, tensorboard=True) as log:
+            log.log({"loss": 1.0}, step=1)
+        assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_train_progress_plain_lines_when_not_a_tty():
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=200)
+    with TrainProgress(total_steps=4, description="train", console=console, log_every=2, enabled=True) as prog:
+        for step in range(1, 5):
+            prog.update(step=step, loss=1.0 / step, lr=5e-5, clips=8)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("train step 2/4 loss 0.5 lr 5e-05 ")
+    assert lines[1].startswith("train step 4/4 loss 0.25 lr 5e-05 ")
+    assert "clips/s eta 0:00:00" in lines[1]
+    assert prog.clips_per_s > 0
+    off = TrainProgress(total_steps=4, enabled=False)
+    off.update(step=1, loss=1.0)  # no console, no output, no error
+
+
+def test_train_progress_rich_bar_on_a_terminal():
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=160)
+    with TrainProgress(total_steps=3, description="mote", console=console, enabled=True) as prog:
+        for step in range(1, 4):
+            prog.update(step=step, loss=0.125, lr=1e-3, clips=4)
+    out = buf.getvalue()
+    assert "mote" in out and "3/3" in out and "loss 0.125" in out and "lr 0.001" in out
+
+
+def test_summary_table():
+    from rich.console import Console
+
+    rows = [{"model": "expert 0", "top1": 81.25, "zs_hm": 60.123456},
+            {"model": "merged", "top1": 83.5, "zs_hm": None, "note": True}]
+    table = summary_table(rows, "results")
+    assert [c.header for c in table.columns] == ["model", "top1", "zs_hm", "note"]
+    buf = io.StringIO()
+    print_summary(rows, "results", console=Console(file=buf, width=120))
+    out = buf.getvalue()
+    for cell in ("results", "expert 0", "81.25", "60.1235", "83.5", "yes"):
+        assert cell in out
+    assert out.count(" - ") >= 2  # missing cells
