@@ -31,7 +31,8 @@ class RouterOutput:
     """Routing decision for one forward.
 
     Attributes:
-        indices: ``[G, k]`` long expert indices, G = 1 / B / tokens by granularity.
+        indices: ``[G, k]`` long expert indices, G = 1 / B / tokens by granularity
+            (on the input's device; on the CPU for the stochastic routers' batch decisions).
         weights: ``[G, k]`` combination weights (sum to 1 over k).
         aux_losses: auxiliary losses to add to the task loss (unweighted).
         granularity: one of ``batch``, ``sample``, ``token``.
@@ -102,7 +103,10 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def _single_choice(self, idx: torch.Tensor, device: torch.device) -> RouterOutput:
-        # idx: [G] long on CPU
+        # idx: [G] long on CPU. A batch-level decision stays on the CPU: the container reads it
+        # with int(), which would otherwise force a device sync in every routed forward.
+        if self.granularity == "batch":
+            device = torch.device("cpu")
         indices = idx.view(-1, 1).to(device)
         weights = torch.ones(indices.shape, device=device)
         return RouterOutput(indices=indices, weights=weights, granularity=self.granularity)

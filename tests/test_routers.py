@@ -79,6 +79,16 @@ def test_shapes_per_granularity(name, granularity, groups):
     assert int(out.indices.min()) >= 0 and int(out.indices.max()) < 3
 
 
+@pytest.mark.parametrize("name", ["multinomial", "random", "fixed"])
+def test_batch_decisions_stay_on_cpu(name):
+    """A batch-level decision is read with int() by the container: kept on the CPU, it needs no device sync."""
+    x = torch.empty(2, 4, device="meta")  # any non-CPU device
+    out = ROUTERS.build(name, num_experts=3)(x)
+    assert out.indices.device.type == "cpu" and out.weights.device.type == "cpu"
+    out = ROUTERS.build(name, num_experts=3, granularity="sample")(x)
+    assert out.indices.device.type == "meta"  # per-sample decisions go to the input's device
+
+
 def test_seeded_reproducibility_and_generator_state():
     x = torch.zeros(4, 2)
 
