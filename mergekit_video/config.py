@@ -53,6 +53,7 @@ __all__ = [
     "instantiate",
     "iter_schema",
     "load_recipe",
+    "load_recipe_plugins",
     "parse_override",
     "print_validation_error",
     "recipe_schema",
@@ -937,6 +938,25 @@ def validate_recipe(
         v.walk_components(cfg, "")
     if v.problems:
         raise ValidationError(_dedupe(v.problems), source=source)
+
+
+def load_recipe_plugins(cfg: Mapping[str, Any]) -> list[str]:
+    """Import the modules listed under the recipe's ``plugins:`` key; return their names.
+
+    :func:`validate_recipe` does this too; runners that skip validation call it before
+    :func:`instantiate`. Raises :class:`ConfigError` naming ``plugins.<i>``.
+    """
+    plugins = cfg.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+        raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
+    from .registry import import_plugins
+
+    for i, mod in enumerate(plugins):
+        try:
+            import_plugins([mod])
+        except ImportError as exc:
+            raise ConfigError(f"plugins.{i}: {exc}") from exc
+    return list(plugins)
 
 
 def check_components(cfg: Mapping[str, Any]) -> list[Problem]:

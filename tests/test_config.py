@@ -22,6 +22,7 @@ from mergekit_video.config import (
     instantiate,
     iter_schema,
     load_recipe,
+    load_recipe_plugins,
     parse_override,
     resolve_interpolations,
     save_resolved_recipe,
@@ -387,6 +388,9 @@ def test_plugins_make_registered_parts_valid(plugin):
     cfg = {"output_dir": "o", "plugins": [plugin], "r": {"_component_": "routers:cfgtest_router", "num_experts": 3}}
     validate_recipe(cfg)
     assert instantiate(cfg["r"]) == ("router", 3)
+    assert load_recipe_plugins(cfg) == [plugin]
+    with pytest.raises(ConfigError, match="plugins.1: plugin module 'cfgtest_nope'"):
+        load_recipe_plugins({"plugins": [plugin, "cfgtest_nope"]})
 
 
 def test_with_defaults_and_iter_schema():
