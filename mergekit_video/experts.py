@@ -193,7 +193,10 @@ class ExpertContainer(nn.Module):
         key = self._cache_key()
         cache = self._merge_cache
         if cache is None or cache[0] != key:
-            dense = self.collapse()
+            # built outside inference mode: a cache filled inside torch.inference_mode() would
+            # hold inference tensors and break a later eval forward that needs autograd
+            with torch.inference_mode(False):
+                dense = self.collapse()
             dense.eval()
             for p in dense.parameters():
                 p.requires_grad_(False)
@@ -216,7 +219,8 @@ class ExpertContainer(nn.Module):
     def _cache_key(self) -> tuple:
         tensors = [t for e in self.experts for t in (*e.parameters(), *e.buffers())]
         spec = (self.merge, tuple(sorted((k, repr(v)) for k, v in self.merge_kwargs.items())))
-        return spec + tuple((id(t), t._version, t.data_ptr(), t.dtype) for t in tensors)
+        # inference tensors (a model built under torch.inference_mode) have no version counter
+        return spec + tuple((id(t), 0 if t.is_inference() else t._version, t.data_ptr(), t.dtype) for t in tensors)
 
     def _merged_tensors(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         per_expert = [dict(e.named_parameters()) | dict(e.named_buffers()) for e in self.experts]

@@ -152,6 +152,22 @@ def test_merge_cache_invalidation():
     assert c.merge_count == 6 and c.merged_module().fc1.weight.dtype == torch.float64
 
 
+def test_merge_cached_under_inference_mode_still_supports_autograd():
+    c = ExpertContainer(experts(2), "fixed").eval()
+    with torch.inference_mode():
+        y = c(torch.randn(3, 4))
+    assert y.is_inference() and c.merge_count == 1
+    x = torch.randn(3, 4, requires_grad=True)
+    c(x).sum().backward()  # the cached dense module holds ordinary tensors
+    assert x.grad is not None and c.merge_count == 1
+    # a model built inside inference mode (inference tensors, no version counters) also evaluates
+    with torch.inference_mode():
+        d = ExpertContainer(experts(2), "fixed").eval()
+        d(torch.randn(3, 4))
+        d(torch.randn(3, 4))
+    assert d.merge_count == 1
+
+
 # -- merged_forward ----------------------------------------------------------------------------------
 
 
