@@ -96,6 +96,17 @@ def test_recipe_plugins_key_path(clean_registries, monkeypatch):
     _use_plugin_parts()
 
 
+def test_recipe_loader_imports_listed_plugins(clean_registries, monkeypatch):
+    """The recipe layer hands its ``plugins:`` list to import_plugins."""
+    from mergekit_video.config import load_recipe_plugins
+
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    recipe = {"output_dir": "runs/x", "plugins": [MODULE], "model": {"router": "cyclic", "merge": "median"}}
+    assert load_recipe_plugins(recipe) == [MODULE]
+    assert ROUTERS.build(recipe["model"]["router"], num_experts=2).num_experts == 2
+    assert MERGES.get(recipe["model"]["merge"]) is sys.modules[MODULE].median
+
+
 def test_entry_point_path(clean_registries, monkeypatch, tmp_path):
     _fake_install(tmp_path, _declared_entry_points())
     monkeypatch.syspath_prepend(str(PLUGIN_SRC))
