@@ -1,25 +1,56 @@
-"""Top-level commands: ls, validate, run, eval, convert, export, bench train/head."""
+"""Top-level commands: ls, validate, run, eval, convert, export, bench train / head."""
 
 from __future__ import annotations
 
+import enum
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .main import app
+from .errors import UserError
+from .main import app, bench_app
+
+OVERRIDES_HELP = "Recipe overrides: key=value (YAML value), ~key to remove a key."
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _load_validated(recipe: Path, overrides: list[str]) -> dict:
+    """Load, override, validate (every problem listed) and fill defaults."""
+    from ..config import load_recipe, validate_recipe, with_defaults
+    from ..runners.schema import RUNNER_NAMES, SCHEMAS
+
+    if not recipe.is_file():
+        raise FileNotFoundError(f"recipe {recipe} does not exist")
+    cfg = load_recipe(recipe, overrides)
+    runner = cfg.get("runner")
+    if runner not in SCHEMAS:
+        import difflib
+
+        close = difflib.get_close_matches(str(runner), RUNNER_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{recipe}: key 'runner' must be one of {', '.join(RUNNER_NAMES)}, got {runner!r}{hint}")
+    schema = SCHEMAS[runner]
+    validate_recipe(cfg, schema, source=str(recipe))
+    return with_defaults(cfg, schema)
 
 
 @app.command("ls")
-def ls_cmd(kind: Optional[str] = typer.Argument(None, help="routers | merges | regularizers (default: all)")) -> None:
+def ls_cmd(kind: Optional[str] = typer.Argument(None, help="routers | merges | regularizers | runners (default: all)")) -> None:
     """List registered parts with their one-line docs."""
-    from rich.console import Console
     from rich.table import Table
 
     from ..registry import REGISTRIES, get_registry
 
-    kinds = [kind] if kind else list(REGISTRIES)
-    console = Console()
-    for k in kinds:
+    import mergekit_video.runners  # noqa: F401  (adds the runners registry)
+
+    console = _console()
+    for k in [kind] if kind else list(REGISTRIES):
         reg = get_registry(k)
         table = Table(title=k, show_header=True, header_style="bold")
         table.add_column("name", style="cyan", no_wrap=True)
@@ -27,3 +58,183 @@ def ls_cmd(kind: Optional[str] = typer.Argument(None, help="routers | merges | r
         for name in reg.names():
             table.add_row(name, reg.doc(name))
         console.print(table)
+
+
+@app.command("validate")
+def validate_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Validate a recipe (types, allowed values, components, plugins) without running anything heavy."""
+    cfg = _load_validated(recipe, overrides or [])
+    _console().print(f"[green]ok[/] {recipe}: runner '{cfg['runner']}', output_dir {cfg['output_dir']}")
+
+
+@app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (e.g. recipes/mote_vitl14.yaml)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an output_dir that holds a different recipe."),
+) -> None:
+    """Run a recipe: train and/or evaluate; everything is written under its output_dir.
+
+    Multi-GPU: torchrun --nproc_per_node=8 -m mergekit_video run RECIPE
+    """
+    from ..runners import run_recipe
+
+    cfg = _load_validated(recipe, overrides or [])
+    run_recipe(cfg, overwrite=overwrite, console=_console())
+
+
+@app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval_cmd(
+    target: Path = typer.Argument(..., help="An evaluate/compare recipe YAML, or a saved model / checkpoint directory."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    list_file: Optional[Path] = typer.Option(None, "--list", help="Annotation list (with a model directory)."),
+    class_csv: Optional[Path] = typer.Option(None, "--classes", help="Class CSV 'id,name' (with --list)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder the list's paths are relative to."),
+    views: str = typer.Option("1x1", "--views", help="clips x crops, e.g. 1x1, 4x3, 3x1."),
+    num_frames: int = typer.Option(8, "--frames"),
+    input_size: int = typer.Option(224, "--input-size"),
+    compare: bool = typer.Option(False, "--compare", help="Also evaluate each expert, other merges and ensembles."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where results go (default: runs/eval/<model name>)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Evaluate a model: with a recipe, or a model directory plus --list/--classes."""
+    from ..runners import run_recipe
+
+    if target.suffix in (".yaml", ".yml"):
+        cfg = _load_validated(target, overrides or [])
+    else:
+        if not target.exists():
+            raise FileNotFoundError(f"{target} does not exist")
+        if list_file is None or class_csv is None:
+            raise UserError("evaluating a model directory needs --list and --classes (and usually --root)")
+        try:
+            clips, crops = (int(v) for v in views.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--views must look like 1x1 or 4x3, got {views!r}") from None
+        import tempfile
+
+        import yaml
+
+        recipe = {
+            "runner": "compare" if compare else "evaluate",
+            "output_dir": str(output_dir or Path("runs") / "eval" / target.resolve().name),
+            "checkpoint": str(target),
+            "eval": {
+                "datasets": [
+                    {
+                        "name": list_file.stem,
+                        "kind": "close_set",
+                        "root": str(root or list_file.parent),
+                        "list": str(list_file),
+                        "class_csv": str(class_csv),
+                        "num_clips": clips,
+                        "num_crops": crops,
+                        "num_frames": num_frames,
+                        "input_size": input_size,
+                    }
+                ],
+                "summary": {"close_set": list_file.stem},
+            },
+        }
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(recipe, f)
+        cfg = _load_validated(Path(f.name), overrides or [])
+    run_recipe(cfg, overwrite=overwrite, console=_console())
+
+
+class ConvertFormat(str, enum.Enum):
+    mote_official = "mote-official"
+
+
+@app.command("convert")
+def convert_cmd(
+    fmt: ConvertFormat = typer.Argument(..., help="Source format."),
+    checkpoint: Path = typer.Argument(..., help="The checkpoint to convert."),
+    output: Path = typer.Argument(..., help="Model directory to write."),
+    clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="CLIP weights for the text tower (tag such as 'openai', or a local file)."),
+    clip_name: Optional[str] = typer.Option(None, "--clip-name", help="open_clip architecture (default: inferred from shapes)."),
+    interpolate_alpha: Optional[float] = typer.Option(None, "--interpolate-alpha", help="Reproduce the official test.py patching (0.99) with the --clip-pretrained weights."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Convert an official MoTE checkpoint (github.com/ZMHH-H/MoTE) into a mergekit_video model."""
+    from ..models.checkpoint import save_model
+    from ..models.convert import convert_official, load_official_checkpoint
+
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    model = convert_official(
+        load_official_checkpoint(checkpoint), clip_name=clip_name, clip_pretrained=clip_pretrained, interpolate_alpha=interpolate_alpha
+    )
+    save_model(model, output, overwrite=overwrite)
+    cfg = model.config
+    _console().print(
+        f"[green]converted[/] {checkpoint} → {output}: {cfg['clip']['name']} + {cfg['head']['layers']}-layer head, "
+        f"{cfg['head']['num_experts']} experts, {cfg['head']['num_source_classes']} source classes"
+        + ("" if clip_pretrained else " (no text-tower weights: pass --clip-pretrained to evaluate on new class names)")
+    )
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="Model directory or trainer checkpoint."),
+    output: Path = typer.Argument(..., help="Directory to write."),
+    dense: bool = typer.Option(False, "--dense", help="Collapse the experts into plain FFNs (the baseline's structure and keys)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Merge strategy for --dense (default: the model's own, mean)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Export a model directory (from a trainer checkpoint), optionally collapsed to a dense model."""
+    from ..models.checkpoint import count_parameters, export_dense, load, save_model
+
+    model = load(checkpoint)
+    if dense:
+        export_dense(model, output, strategy=strategy, overwrite=overwrite)
+        out = load(output)
+        _console().print(f"[green]exported dense[/] → {output}: temporal head {count_parameters(out.head) / 1e6:.2f}M params (was {count_parameters(model.head) / 1e6:.2f}M); clip.safetensors loads into open_clip.create_model('{out.model_name}')")
+    else:
+        save_model(model, output, overwrite=overwrite)
+        _console().print(f"[green]exported[/] → {output}")
+
+
+@bench_app.command("head")
+def bench_head_cmd(
+    output: Path = typer.Option(Path("bench_head.json"), "--output", help="JSON results file."),
+    device: str = typer.Option("auto", "--device"),
+    steps: int = typer.Option(50, "--steps", help="Timed iterations per measurement."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    frames: int = typer.Option(8, "--frames"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Append the table to this markdown file (e.g. docs/benchmarks.md)."),
+) -> None:
+    """Temporal head alone: MoTE train step vs plain-FFN step, merged eval vs plain eval (B/16 and L/14 shapes)."""
+    from ..training.benchmark import bench_head, render_head_markdown
+    from ..utils.io import atomic_write_json
+
+    res = bench_head(device=device, steps=steps, batch_size=batch_size, frames=frames)
+    atomic_write_json(output, res)
+    md = render_head_markdown(res)
+    _console().print(md)
+    if markdown:
+        with open(markdown, "a", encoding="utf-8") as f:
+            f.write("\n" + md + "\n")
+
+
+@bench_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_train_cmd(
+    recipe: Path = typer.Argument(..., help="A mote recipe (model, objective, batch size, frames)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    steps: int = typer.Option(10, "--steps"),
+    warmup: int = typer.Option(3, "--warmup"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-device batch (default: the recipe's total batch)."),
+    output: Path = typer.Option(Path("bench_train.json"), "--output"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the plain-FFN baseline and report the MoTE overhead."),
+) -> None:
+    """Clips/s of a full training step (visual tower + head + WMR) on synthetic in-memory input; MFU on CUDA."""
+    from ..training.benchmark import bench_train, render_train_markdown
+    from ..utils.io import atomic_write_json
+
+    cfg = _load_validated(recipe, overrides or [])
+    res = bench_train(cfg, steps=steps, warmup=warmup, batch_size=batch_size, baseline=baseline)
+    atomic_write_json(output, res)
+    _console().print(render_train_markdown(res))

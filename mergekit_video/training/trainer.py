@@ -74,7 +74,8 @@ class Trainer:
         save_every_steps: checkpoint period in optimizer steps (besides every epoch end).
         evaluate_fn: ``epoch -> {metric: value}`` called every ``eval_every_epochs``.
         best_metric: key of ``evaluate_fn``'s result that selects the best checkpoint.
-        metrics: a ``MetricsLogger`` (JSONL / TensorBoard), progress: a ``TrainProgress``.
+        metrics: a ``MetricsLogger`` (JSONL / TensorBoard); ``show_progress``: a rich progress
+            bar (loss, lr, clips/s, ETA) on the main process.
         dist: ``DistInfo`` for DDP (None: single process).
         compile: ``torch.compile`` the visual tower.
     """
@@ -101,7 +102,8 @@ class Trainer:
         eval_every_epochs: int = 1,
         best_metric: str | None = None,
         metrics: Any = None,
-        progress: Any = None,
+        show_progress: bool = True,
+        console: Any = None,
         dist: Any = None,
         compile: bool = False,
         extra_state: Callable[[], dict[str, Any]] | None = None,
@@ -129,7 +131,9 @@ class Trainer:
         self.eval_every_epochs = max(1, int(eval_every_epochs))
         self.best_metric = best_metric
         self.metrics = metrics
-        self.progress = progress
+        self.show_progress = show_progress
+        self.console = console
+        self.progress: Any = None
         self.dist = dist
         self.extra_state = extra_state
         self.state = TrainState()
@@ -242,10 +246,15 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until ``epochs`` (or ``max_steps``) are done; returns the final state."""
         from .distributed import all_reduce_mean
+        from .metrics import TrainProgress
 
         self.model.train()
+        if self.show_progress and _is_main(self.dist):
+            self.progress = TrainProgress(total_steps=max(self.total_steps, 1), start_step=self.state.step, console=self.console, log_every=self.log_every)
+            self.progress.start()
         window: dict[str, torch.Tensor] = {}
         window_count, window_clips, window_start = 0, 0, time.perf_counter()
+        self._clips_reported = 0
         world = self.dist.world_size if self.dist is not None else 1
         usable = self.steps_per_epoch * self.grad_accumulation  # micro-batches used per epoch
         while self.state.epoch < self.epochs and self.state.step < self.total_steps:
@@ -268,6 +277,8 @@ class Trainer:
                     continue
                 grad_norm = self._optimizer_step()
                 self.state.step += 1
+                new_clips, self._clips_reported = window_clips - self._clips_reported, window_clips
+                logs: dict[str, float] = {}
                 if self.state.step % self.log_every == 0 or self.state.step == self.total_steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     logs = all_reduce_mean({k: v / window_count for k, v in window.items()})
@@ -275,8 +286,12 @@ class Trainer:
                     logs["clips_per_s"] = window_clips / elapsed
                     if grad_norm is not None:
                         logs["grad_norm"] = grad_norm
-                    self._log(logs)
+                    if self.metrics is not None:
+                        self.metrics.log(logs, step=self.state.step, epoch=self.state.epoch)
                     window, window_count, window_clips, window_start = {}, 0, 0, time.perf_counter()
+                    self._clips_reported = 0
+                if self.progress is not None:
+                    self.progress.update(step=self.state.step, loss=logs.get("loss"), lr=logs.get("lr"), clips=new_clips)
                 if self.save_every_steps and self.state.step % self.save_every_steps == 0:
                     self.save_checkpoint()
                 if self.state.step >= self.total_steps:
@@ -299,13 +314,9 @@ class Trainer:
                     if self.state.best_metric is None or value > self.state.best_metric:
                         self.state.best_metric = value
             self.save_checkpoint(metrics)
-        return self.state
-
-    def _log(self, logs: dict[str, float]) -> None:
-        if self.metrics is not None:
-            self.metrics.log(logs, step=self.state.step, epoch=self.state.epoch)
         if self.progress is not None:
-            self.progress.update(self.state.step, total=self.total_steps, **logs)
+            self.progress.stop()
+        return self.state
 
 
 def _is_main(dist: Any) -> bool:

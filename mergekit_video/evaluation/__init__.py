@@ -1,0 +1,1 @@
+"""Evaluation: close-set, zero-shot and few-shot accuracy, per-expert and per-merge comparisons."""

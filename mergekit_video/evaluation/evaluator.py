@@ -1,0 +1,231 @@
+"""Streaming multi-variant evaluation of a VideoCLIP.
+
+Each batch is decoded and sent through the CLIP visual tower **once**; every head variant
+(merged experts with TFM off/on, each expert alone, other merge strategies, per-layer
+output ensembling, the logit ensemble of Figure 3 / Table 2c) then runs on the same frame
+features. Multi-view testing (clips × crops) averages the per-view class probabilities,
+as the official implementation does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ContextManager
+
+import torch
+
+from ..experts import find_containers, use_expert, use_merge
+from .metrics import topk_hits
+
+VIEW_REDUCTIONS = ("softmax_mean", "logit_mean")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the head at evaluation.
+
+    Attributes:
+        name: label in tables and JSON.
+        kind: ``merged`` (the model as configured), ``expert``, ``merge`` (another merge
+            strategy), ``logit_ensemble`` (mean of the experts' probabilities).
+        context: ``head -> context manager`` that sets the routing; None for the default.
+        modulation: temporal feature modulation on (Eq. 11).
+        members: for ``logit_ensemble``, the expert variant names averaged.
+    """
+
+    name: str
+    kind: str = "merged"
+    context: Callable[[torch.nn.Module], ContextManager] | None = None
+    modulation: bool = False
+    members: tuple[str, ...] = ()
+
+
+def tfm_suffix(modulation: bool) -> str:
+    return "+tfm" if modulation else ""
+
+
+def build_variants(
+    head: torch.nn.Module,
+    *,
+    modulation: Sequence[bool] = (False, True),
+    merges: Sequence[dict[str, Any]] = (),
+    experts: bool = False,
+    logit_ensemble: bool = False,
+) -> list[Variant]:
+    """The standard set: merged (per TFM setting), optional other merges, each expert and their logit ensemble.
+
+    ``merges`` entries are ``{"name": strategy, **kwargs}`` (e.g. ``{"name": "temperature_softmax", "tau": 0.6}``).
+    """
+    n = max((c.num_experts for _, c in find_containers(head)), default=0)
+    out: list[Variant] = []
+    for mod in modulation:
+        sfx = tfm_suffix(mod)
+        out.append(Variant(name=f"merged{sfx}" if n else f"model{sfx}", modulation=mod))
+        if not n:
+            continue
+        for spec in merges:
+            spec = dict(spec)
+            strategy = spec.pop("name")
+            label = strategy + ("(" + ",".join(f"{k}={v}" for k, v in spec.items()) + ")" if spec else "")
+            out.append(Variant(name=f"{label}{sfx}", kind="merge", modulation=mod, context=_merge_ctx(strategy, spec)))
+        if experts or logit_ensemble:
+            names = []
+            for i in range(n):
+                names.append(f"expert_{i}{sfx}")
+                out.append(Variant(name=names[-1], kind="expert", modulation=mod, context=_expert_ctx(i)))
+            if logit_ensemble:
+                out.append(Variant(name=f"logit_ensemble{sfx}", kind="logit_ensemble", modulation=mod, members=tuple(names)))
+    return out
+
+
+def _merge_ctx(strategy: str, kwargs: dict[str, Any]) -> Callable[[torch.nn.Module], ContextManager]:
+    return lambda head: use_merge(head, strategy, **kwargs)
+
+
+def _expert_ctx(i: int) -> Callable[[torch.nn.Module], ContextManager]:
+    return lambda head: use_expert(head, i)
+
+
+@dataclass
+class VariantResult:
+    """Accuracy of one variant (percent)."""
+
+    top1: float
+    top5: float
+    num_videos: int
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation pass produced."""
+
+    dataset: str
+    variants: dict[str, VariantResult]
+    num_videos: int
+    num_failed: int = 0
+    failed: list[str] = field(default_factory=list)
+    views: tuple[int, int] = (1, 1)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "num_videos": self.num_videos,
+            "num_failed": self.num_failed,
+            "failed": self.failed,
+            "views": list(self.views),
+            "seconds": round(self.seconds, 2),
+            "variants": {k: vars(v) for k, v in self.variants.items()},
+        }
+
+
+def _autocast(device: torch.device, precision: str) -> ContextManager:
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cuda" and precision == "fp16":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, Any]],
+    class_features: torch.Tensor,
+    *,
+    variants: Sequence[Variant] | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+    view_reduce: str = "softmax_mean",
+    dataset_name: str = "",
+    views: tuple[int, int] = (1, 1),
+    ks: Sequence[int] = (1, 5),
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Top-k accuracy of every variant over ``loader`` (batches from ``collate_videos``).
+
+    Args:
+        model: a :class:`~mergekit_video.models.VideoCLIP` (unwrapped from DDP).
+        class_features: ``[C, D]`` target class text features.
+        view_reduce: ``softmax_mean`` (average per-view probabilities of the unscaled cosine
+            logits, as the official code) or ``logit_mean``.
+        progress: called with the number of videos after each batch.
+
+    In DDP every rank evaluates its shard; results are gathered and de-duplicated by
+    dataset index, so padded samples never count twice.
+    """
+    if view_reduce not in VIEW_REDUCTIONS:
+        raise ValueError(f"view_reduce must be one of {VIEW_REDUCTIONS}, got {view_reduce!r}")
+    device = torch.device(device)
+    head = model.head
+    variants = list(variants or build_variants(head, modulation=(False,)))
+    was_training = model.training
+    model.eval()
+    cls = class_features.to(device)
+    records: dict[int, dict[str, tuple[bool, ...]]] = {}
+    failed: list[str] = []
+    start = time.perf_counter()
+    from ..data import normalize_frames
+
+    for batch in loader:
+        failed.extend(batch.get("failed", []))
+        frames = batch["frames"].to(device, non_blocking=True)
+        if frames.dtype == torch.uint8:
+            frames = normalize_frames(frames)
+        if frames.dim() == 5:  # [B, T, 3, H, W] → one view
+            frames = frames.unsqueeze(1)
+        b, v = frames.shape[:2]
+        labels = batch["label"].to(device)
+        with _autocast(device, precision):
+            e = model.encode_frames(frames.flatten(0, 1)).float()  # [B*V, T, D]
+        probs: dict[str, torch.Tensor] = {}
+        for var in variants:
+            if var.kind == "logit_ensemble":
+                probs[var.name] = torch.stack([probs[m] for m in var.members]).mean(0)
+                continue
+            ctx = var.context(head) if var.context else contextlib.nullcontext()
+            with ctx, _autocast(device, precision):
+                logits = head(e, cls, modulation=var.modulation).float()  # [B*V, C]
+            per_view = logits.softmax(-1) if view_reduce == "softmax_mean" else logits
+            probs[var.name] = per_view.view(b, v, -1).mean(1)  # [B, C]
+        hits = {name: topk_hits(p, labels, ks) for name, p in probs.items()}
+        for j, idx in enumerate(batch["index"].tolist()):
+            records[idx] = {name: tuple(bool(h[k][j]) for k in ks) for name, h in hits.items()}
+        if progress is not None:
+            progress(len(records))
+    model.train(was_training)
+    records, failed = _gather(records, failed)
+    n = len(records)
+    results = {}
+    for var in variants:
+        counts = [sum(r[var.name][i] for r in records.values()) for i in range(len(ks))]
+        results[var.name] = VariantResult(
+            top1=100.0 * counts[0] / max(n, 1), top5=100.0 * counts[-1] / max(n, 1), num_videos=n
+        )
+    return EvalResult(
+        dataset=dataset_name,
+        variants=results,
+        num_videos=n,
+        num_failed=len(set(failed)),
+        failed=sorted(set(failed)),
+        views=views,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _gather(records: dict[int, Any], failed: list[str]) -> tuple[dict[int, Any], list[str]]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return records, failed
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (records, failed))
+    merged: dict[int, Any] = {}
+    all_failed: list[str] = []
+    for recs, fails in gathered:
+        merged.update(recs)
+        all_failed.extend(fails)
+    return merged, all_failed

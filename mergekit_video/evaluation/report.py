@@ -1,0 +1,126 @@
+"""Results: summary scores, JSON, rich tables and the close-set vs zero-shot plot (MoTE Figure 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..utils.io import atomic_path, atomic_write_json
+from .evaluator import EvalResult
+from .metrics import harmonic_mean, mean_std, trade_off
+
+
+def summarize(
+    results: Mapping[str, Sequence[EvalResult]],
+    *,
+    close_set: str | None,
+    zero_shot: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Per-variant summary across datasets.
+
+    ``results`` maps a dataset name to its per-split results (one entry for close-set). For
+    every variant: each dataset's top-1 as mean ± std over splits, then HM_ZS (harmonic mean
+    over the zero-shot datasets) and Trade-off (harmonic mean of the close-set top-1 and HM_ZS).
+    """
+    variant_names: list[str] = []
+    for splits in results.values():
+        for r in splits:
+            variant_names.extend(v for v in r.variants if v not in variant_names)
+    table: dict[str, Any] = {}
+    for var in variant_names:
+        row: dict[str, Any] = {}
+        for ds, splits in results.items():
+            top1 = [r.variants[var].top1 for r in splits if var in r.variants]
+            top5 = [r.variants[var].top5 for r in splits if var in r.variants]
+            if not top1:
+                continue
+            m, s = mean_std(top1)
+            row[ds] = {"top1": m, "top1_std": s, "top5": mean_std(top5)[0], "splits": top1}
+        zs = [row[d]["top1"] for d in zero_shot if d in row]
+        if zero_shot and len(zs) == len(zero_shot):
+            row["HM_ZS"] = harmonic_mean(zs)
+            if close_set and close_set in row:
+                row["trade_off"] = trade_off(row[close_set]["top1"], row["HM_ZS"])
+        table[var] = row
+    return table
+
+
+def write_results(path: str | Path, payload: Mapping[str, Any], *, overwrite: bool = True) -> Path:
+    """Atomically write the results JSON."""
+    return atomic_write_json(path, payload, overwrite=overwrite)
+
+
+def results_table(summary: Mapping[str, Any], *, datasets: Sequence[str], title: str = "Results") -> Any:
+    """A rich table: one row per variant, top-1 per dataset (± std over splits), HM_ZS, Trade-off."""
+    from rich.table import Table
+
+    table = Table(title=title, header_style="bold")
+    table.add_column("variant", style="cyan", no_wrap=True)
+    for d in datasets:
+        table.add_column(f"{d} top-1", justify="right")
+    show_hm = any("HM_ZS" in r for r in summary.values())
+    show_to = any("trade_off" in r for r in summary.values())
+    if show_hm:
+        table.add_column("HM_ZS", justify="right")
+    if show_to:
+        table.add_column("Trade-off", justify="right")
+    for var, row in summary.items():
+        cells = []
+        for d in datasets:
+            if d not in row:
+                cells.append("-")
+            elif len(row[d]["splits"]) > 1:
+                cells.append(f"{row[d]['top1']:.1f} ± {row[d]['top1_std']:.1f}")
+            else:
+                cells.append(f"{row[d]['top1']:.1f}")
+        if show_hm:
+            cells.append(f"{row['HM_ZS']:.1f}" if "HM_ZS" in row else "-")
+        if show_to:
+            cells.append(f"{row['trade_off']:.1f}" if "trade_off" in row else "-")
+        table.add_row(var, *cells)
+    return table
+
+
+def plot_tradeoff(
+    summary: Mapping[str, Any],
+    path: str | Path,
+    *,
+    close_set: str,
+    zero_shot: Sequence[str],
+    title: str = "Close-set vs zero-shot",
+) -> Path | None:
+    """PNG scatter of close-set top-1 (x) against zero-shot top-1 (y; HM_ZS over several datasets) per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for var, row in summary.items():
+        if close_set not in row:
+            continue
+        if len(zero_shot) > 1 and "HM_ZS" in row:
+            y = row["HM_ZS"]
+        elif zero_shot and zero_shot[0] in row:
+            y = row[zero_shot[0]]["top1"]
+        else:
+            continue
+        points.append((var, row[close_set]["top1"], y))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for var, x, y in points:
+        marker = "o" if var.startswith("expert_") else ("*" if var.startswith(("merged", "model")) else "s")
+        ax.scatter([x], [y], marker=marker, s=90 if marker == "*" else 45)
+        ax.annotate(var, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(f"{close_set} top-1 (%)")
+    ax.set_ylabel("HM_ZS (%)" if len(zero_shot) > 1 else f"{zero_shot[0]} top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

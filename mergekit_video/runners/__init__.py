@@ -1,0 +1,31 @@
+"""Runners turn a validated recipe into a run: ``setup → train → evaluate → save → cleanup``.
+
+Data flows one way: recipe → components (model, objective, data, optimizer) → runner →
+metrics, checkpoints and results under ``output_dir``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..registry import Registry, add_registry
+
+RUNNERS = add_registry("runners", Registry("runner", builtin_module="mergekit_video.runners.builtin"))
+
+
+def build_runner(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = None) -> Any:
+    """The runner named by the recipe's ``runner`` key."""
+    return RUNNERS.build(cfg["runner"], cfg=cfg, overwrite=overwrite, console=console)
+
+
+def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = None) -> Any:
+    """Run all phases of a validated recipe; ``cleanup`` runs even when a phase fails."""
+    runner = build_runner(cfg, overwrite=overwrite, console=console)
+    try:
+        runner.setup()
+        runner.train()
+        runner.evaluate()
+        runner.save()
+    finally:
+        runner.cleanup()
+    return runner

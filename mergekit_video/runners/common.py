@@ -1,0 +1,265 @@
+"""Pieces shared by the runners: devices, output folders, datasets, class features, evaluation suites."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def select_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → ``cuda:<local_rank>`` when CUDA is available, else CPU; explicit specs are checked."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={spec!r} was requested but CUDA is not available (set device=auto or cpu)")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> Path:
+    """Create ``output_dir`` and save the resolved recipe there.
+
+    A folder holding a *different* recipe is never reused silently: that raises unless
+    ``overwrite`` (``--overwrite``) is given. The same recipe (a rerun / resume) is fine.
+    """
+    from ..config import save_resolved_recipe
+
+    out = Path(cfg["output_dir"])
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved_recipe(cfg, out / "recipe.yaml", overwrite=overwrite)
+    return out
+
+
+def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: bool = True) -> dict[str, Any]:
+    """Write the synthetic dataset under ``{output_dir}/data`` (once) and point the data keys at it."""
+    syn = data_cfg.get("synthetic")
+    if not syn:
+        return data_cfg
+    from ..data import write_synthetic_dataset
+
+    root = output_dir / "data"
+    marker = root / "train.txt"
+    if main and not marker.exists():
+        write_synthetic_dataset(
+            root,
+            num_classes=syn.get("num_classes", 6),
+            videos_per_class=syn.get("videos_per_class", 8),
+            val_per_class=syn.get("val_per_class", 4),
+            num_novel_classes=syn.get("num_novel_classes", 4),
+            frames=syn.get("frames", 32),
+            size=tuple(syn.get("size", [64, 64])),
+            seed=syn.get("seed", 0),
+            overwrite=False,
+        )
+    _barrier()
+    from ..data.synthetic import synthetic_layout
+
+    layout = synthetic_layout(root)
+    out = dict(data_cfg)
+    out.update(
+        root=str(layout.root),
+        train_list=str(layout.train_list),
+        val_list=str(layout.val_list),
+        class_csv=str(layout.class_csv),
+        novel_list=str(layout.novel_list),
+        novel_class_csv=str(layout.novel_class_csv),
+    )
+    return out
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def class_names_from(csv_path: str | os.PathLike) -> list[str]:
+    """Class names from an ``id,name`` CSV."""
+    from ..data import read_class_names
+
+    return read_class_names(csv_path)
+
+
+def class_features(model: Any, names: Sequence[str], text_cfg: dict[str, Any]) -> torch.Tensor:
+    """Prompt-ensembled class features ``[C, D]`` (cached on disk)."""
+    from ..models.clip import ClassFeatureCache
+
+    cache = ClassFeatureCache(directory=text_cfg.get("cache_dir"))
+    return model.class_features(names, templates=text_cfg.get("templates", "mote"), cache=cache)
+
+
+@dataclass
+class EvalSplit:
+    """One annotation list to evaluate, with its classes."""
+
+    list_file: str
+    class_csv: str
+
+
+@dataclass
+class EvalSuiteEntry:
+    """One dataset of an evaluation suite (close-set, or zero-shot over several splits)."""
+
+    name: str
+    kind: str
+    root: str
+    splits: list[EvalSplit]
+    list_format: str = "video"
+    num_clips: int = 1
+    num_crops: int = 1
+    num_frames: int = 8
+    input_size: int = 224
+    on_error: str = "raise"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def eval_suite(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None) -> list[EvalSuiteEntry]:
+    """Turn the recipe's ``eval.datasets`` into entries; paths default to the training data's."""
+    data_cfg = data_cfg or {}
+    entries = []
+    for i, ds in enumerate(eval_cfg.get("datasets") or []):
+        root = ds.get("root") or data_cfg.get("root")
+        if not root:
+            raise ValueError(f"eval.datasets.{i}.root is not set (and there is no data.root to default to)")
+        if ds.get("splits"):
+            splits = [EvalSplit(s["list"], s.get("class_csv") or ds.get("class_csv")) for s in ds["splits"]]
+        elif ds.get("list"):
+            splits = [EvalSplit(ds["list"], ds.get("class_csv"))]
+        else:
+            raise ValueError(f"eval.datasets.{i} ({ds.get('name')}) needs 'list' or 'splits'")
+        for j, s in enumerate(splits):
+            if not s.class_csv:
+                raise ValueError(f"eval.datasets.{i}.splits.{j}: no class_csv for {s.list_file}")
+        entries.append(
+            EvalSuiteEntry(
+                name=ds["name"],
+                kind=ds["kind"],
+                root=root,
+                splits=splits,
+                list_format=ds.get("list_format", "video"),
+                num_clips=ds.get("num_clips", 1),
+                num_crops=ds.get("num_crops", 1),
+                num_frames=ds.get("num_frames") or data_cfg.get("num_frames", 8),
+                input_size=ds.get("input_size") or data_cfg.get("input_size", 224),
+                on_error=ds.get("on_error", "raise"),
+            )
+        )
+    return entries
+
+
+def build_eval_loader(entry: EvalSuiteEntry, split: EvalSplit, *, eval_cfg: dict[str, Any], data_cfg: dict[str, Any], normalize: bool, dist: Any, seed: int) -> Any:
+    """A test-mode loader (fixed views, no shuffling, sharded across ranks)."""
+    from ..data import VideoDataset, build_loader
+
+    ds = VideoDataset(
+        list_file=split.list_file,
+        root=entry.root,
+        num_frames=entry.num_frames,
+        train=False,
+        class_names=class_names_from(split.class_csv),
+        list_format=entry.list_format,
+        backend=data_cfg.get("backend", "decord"),
+        num_clips=entry.num_clips,
+        num_crops=entry.num_crops,
+        input_size=entry.input_size,
+        normalize=normalize,
+        on_error=entry.on_error,
+        read_timeout_s=data_cfg.get("read_timeout_s", 60.0),
+        seed=seed,
+    )
+    return build_loader(
+        ds,
+        batch_size=eval_cfg.get("batch_size", 16),
+        num_workers=eval_cfg.get("num_workers", 4),
+        shuffle=False,
+        seed=seed,
+        drop_last=False,
+        num_replicas=dist.world_size if dist else 1,
+        rank=dist.rank if dist else 0,
+        persistent_workers=False,
+    )
+
+
+def run_eval_suite(
+    model: Any,
+    *,
+    cfg: dict[str, Any],
+    data_cfg: dict[str, Any] | None,
+    device: torch.device,
+    dist: Any,
+    output_dir: Path,
+    console: Any = None,
+    title: str = "Evaluation",
+) -> dict[str, Any]:
+    """Evaluate every dataset/split of ``cfg['eval']`` with all requested variants; write JSON, table, plot."""
+    from ..evaluation.evaluator import build_variants, evaluate
+    from ..evaluation.report import plot_tradeoff, results_table, summarize, write_results
+
+    eval_cfg = cfg.get("eval") or {}
+    data_cfg = data_cfg or {}
+    entries = eval_suite(eval_cfg, data_cfg)
+    if not entries:
+        return {}
+    compare = eval_cfg.get("compare") or {}
+    variants = build_variants(
+        model.head,
+        modulation=eval_cfg.get("modulation", [False, True]),
+        merges=compare.get("merges", []),
+        experts=bool(compare.get("experts", False)),
+        logit_ensemble=bool(compare.get("logit_ensemble", False)),
+    )
+    normalize = device.type != "cuda"  # on CUDA frames travel as uint8 and are normalised on the GPU
+    main = dist is None or dist.rank == 0
+    results: dict[str, list[Any]] = {}
+    for entry in entries:
+        for k, split in enumerate(entry.splits):
+            loader = build_eval_loader(entry, split, eval_cfg=eval_cfg, data_cfg=data_cfg, normalize=normalize, dist=dist, seed=cfg.get("seed", 0))
+            names = loader.dataset.class_names
+            feats = class_features(model, names, cfg.get("text") or {})
+            label = entry.name if len(entry.splits) == 1 else f"{entry.name}/split{k + 1}"
+            if main and console is not None:
+                console.print(f"[bold]evaluating[/] {label}: {len(loader.dataset)} videos, {len(names)} classes, views {entry.num_clips}x{entry.num_crops}")
+            res = evaluate(
+                model,
+                loader,
+                feats,
+                variants=variants,
+                device=device,
+                precision=cfg.get("precision", "auto"),
+                view_reduce=eval_cfg.get("view_reduce", "softmax_mean"),
+                dataset_name=label,
+                views=(entry.num_clips, entry.num_crops),
+            )
+            if res.num_failed and main:
+                log.warning("%s: %d videos failed to decode and were skipped: %s", label, res.num_failed, res.failed[:5])
+            results.setdefault(entry.name, []).append(res)
+    summary_cfg = eval_cfg.get("summary") or {}
+    close = summary_cfg.get("close_set") or next((e.name for e in entries if e.kind == "close_set"), None)
+    zero = summary_cfg.get("zero_shot") or [e.name for e in entries if e.kind == "zero_shot"]
+    summary = summarize(results, close_set=close, zero_shot=zero)
+    payload = {
+        "summary": summary,
+        "datasets": {name: [r.to_dict() for r in rs] for name, rs in results.items()},
+        "failed_videos": sum(r.num_failed for rs in results.values() for r in rs),
+    }
+    if main:
+        write_results(output_dir / "results.json", payload)
+        if console is not None:
+            console.print(results_table(summary, datasets=list(results), title=title))
+        if eval_cfg.get("plot", True) and close and zero:
+            path = plot_tradeoff(summary, output_dir / "tradeoff.png", close_set=close, zero_shot=zero)
+            if path is not None and console is not None:
+                console.print(f"plot: {path}")
+    return payload

@@ -1,0 +1,79 @@
+"""The ``evaluate`` and ``compare`` runners: evaluate a saved model (or a built one) on a suite of datasets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import instantiate
+from .common import ensure_synthetic_data, prepare_output_dir, run_eval_suite, select_device
+
+#: Merge strategies compared by default (besides each expert and the logit ensemble).
+DEFAULT_COMPARE_MERGES = (
+    {"name": "temperature_softmax", "tau": 0.6},
+    {"name": "temperature_softmax", "tau": -0.6},
+    {"name": "ensemble"},
+)
+
+
+class EvaluateRunner:
+    """Evaluate ``checkpoint`` (a model directory, dense export or trainer checkpoint) on ``eval.datasets``."""
+
+    compare_defaults = False
+
+    def __init__(self, *, cfg: dict[str, Any], overwrite: bool = False, console: Any = None) -> None:
+        self.cfg = cfg
+        self.overwrite = overwrite
+        self.console = console
+        self.results: dict[str, Any] = {}
+
+    def setup(self) -> None:
+        from ..models.checkpoint import load
+        from ..training.distributed import init_distributed
+        from ..training.rng import seed_everything
+
+        cfg = self.cfg
+        self.dist = init_distributed()
+        self.main = self.dist.rank == 0
+        self.device = select_device(cfg.get("device", "auto"), self.dist.local_rank)
+        self.output_dir = prepare_output_dir(cfg, overwrite=self.overwrite, main=self.main)
+        seed_everything(cfg.get("seed", 0))
+        self.data_cfg = ensure_synthetic_data(dict(cfg.get("data") or {}), self.output_dir, main=self.main)
+        if cfg.get("checkpoint"):
+            self.model = load(cfg["checkpoint"], device=self.device)
+        elif cfg.get("model"):
+            self.model = instantiate(cfg["model"], _path="model").to(self.device).eval()
+        else:
+            raise ValueError("set 'checkpoint' (a saved model) or 'model' (a _component_ that builds one)")
+        if self.compare_defaults:
+            ev = dict(cfg.get("eval") or {})
+            compare = dict(ev.get("compare") or {})
+            compare.setdefault("merges", list(DEFAULT_COMPARE_MERGES))
+            compare.setdefault("experts", True)
+            compare.setdefault("logit_ensemble", True)
+            ev["compare"] = compare
+            self.cfg = {**cfg, "eval": ev}
+
+    def train(self) -> None:
+        """Nothing to train."""
+
+    def evaluate(self) -> dict[str, Any]:
+        self.results = run_eval_suite(
+            self.model, cfg=self.cfg, data_cfg=self.data_cfg, device=self.device, dist=self.dist,
+            output_dir=self.output_dir, console=self.console if self.main else None,
+            title=f"{self.cfg.get('runner')} results",
+        )
+        return self.results
+
+    def save(self) -> None:
+        """Results are written by :meth:`evaluate`."""
+
+    def cleanup(self) -> None:
+        from ..training.distributed import cleanup
+
+        cleanup()
+
+
+class CompareRunner(EvaluateRunner):
+    """Compare merge strategies on one model: each expert, the configured merge, other merges, ensembles."""
+
+    compare_defaults = True

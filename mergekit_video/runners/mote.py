@@ -1,0 +1,262 @@
+"""The ``mote`` runner: build, train and evaluate a MoTE (or baseline) video model from a recipe."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from ..config import instantiate
+from .common import (
+    class_features,
+    class_names_from,
+    ensure_synthetic_data,
+    prepare_output_dir,
+    run_eval_suite,
+    select_device,
+)
+
+log = logging.getLogger(__name__)
+
+
+class MoTERunner:
+    """Recipe runner: ``setup`` → ``train`` → ``evaluate`` → ``save`` → ``cleanup``.
+
+    Everything the run produces lands under ``output_dir``: ``recipe.yaml``,
+    ``metrics.jsonl``, ``checkpoints/``, ``model/`` (and ``model_dense/``), ``results.json``,
+    ``tradeoff.png``.
+    """
+
+    def __init__(self, *, cfg: dict[str, Any], overwrite: bool = False, console: Any = None) -> None:
+        self.cfg = cfg
+        self.overwrite = overwrite
+        self.console = console
+        self.results: dict[str, Any] = {}
+
+    # -- setup ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        from ..training.checkpoint import CheckpointManager
+        from ..training.distributed import init_distributed
+        from ..training.metrics import MetricsLogger
+        from ..training.rng import seed_everything
+
+        cfg = self.cfg
+        self.dist = init_distributed()
+        self.main = self.dist.rank == 0
+        self.device = select_device(cfg.get("device", "auto"), self.dist.local_rank)
+        self.output_dir = prepare_output_dir(cfg, overwrite=self.overwrite, main=self.main)
+        seed_everything(cfg.get("seed", 0))  # same on every rank: identical model init and routing draws
+        self.data_cfg = ensure_synthetic_data(dict(cfg["data"]), self.output_dir, main=self.main)
+
+        # model + frozen class text features
+        self.model = instantiate(cfg["model"], _path="model")
+        if cfg["train"].get("grad_checkpointing"):
+            self.model.set_grad_checkpointing(True)
+        self.model.to(self.device)
+        self.train_class_names = class_names_from(self.data_cfg["class_csv"])
+        self.class_features = class_features(self.model, self.train_class_names, cfg.get("text") or {})
+        self.model.head.set_source_class_features(self.class_features)  # y_f of TFM, saved with the model
+        if cfg["train"].get("freeze_visual"):
+            for p in self.model.visual.parameters():
+                p.requires_grad_(False)
+        self.objective = instantiate(cfg["objective"], _path="objective")
+
+        # data
+        self.train_loader = self._train_loader()
+        # optimisation
+        self.optimizer, self.scheduler = self._optimizer()
+        self.checkpoints = CheckpointManager(
+            directory=self.output_dir / "checkpoints",
+            keep_last=cfg["train"].get("keep_last", 2),
+            keep_best=True,
+            best_metric="top1",
+            best_mode="max",
+        )
+        self.trainer = self._trainer()
+        resume = cfg["train"].get("resume", "auto")
+        ckpt_path = self.checkpoints.resolve_resume(resume) if resume else None
+        if ckpt_path is not None:
+            self.trainer.resume(self.checkpoints.load(ckpt_path))
+            if self.main and self.console is not None:
+                self.console.print(f"[bold]resumed[/] from {ckpt_path} (step {self.trainer.state.step})")
+        self.metrics = MetricsLogger(
+            output_dir=self.output_dir,
+            tensorboard=cfg["train"].get("tensorboard", False),
+            enabled=self.main,
+            resume_step=self.trainer.state.step if ckpt_path is not None else None,
+        )
+        self.trainer.metrics = self.metrics
+
+    def _train_loader(self) -> Any:
+        from ..data import VideoDataset, build_loader, few_shot_subset
+
+        d, cfg = self.data_cfg, self.cfg
+        world = self.dist.world_size
+        accum = cfg["train"].get("grad_accumulation", 1)
+        total = d.get("batch_size", 144)
+        if total % (world * accum):
+            raise ValueError(
+                f"data.batch_size={total} is the total batch; it must be divisible by processes ({world}) "
+                f"× train.grad_accumulation ({accum})"
+            )
+        ds = VideoDataset(
+            list_file=d["train_list"],
+            root=d["root"],
+            num_frames=d.get("num_frames", 8),
+            train=True,
+            class_names=self.train_class_names,
+            list_format=d.get("list_format", "video"),
+            backend=d.get("backend", "decord"),
+            sampling=d.get("sampling", "segment"),
+            input_size=d.get("input_size", 224),
+            decode_short_side=d.get("decode_short_side"),
+            flip=d.get("flip", True),
+            normalize=self.device.type != "cuda",
+            on_error=d.get("on_error", "resample"),
+            read_timeout_s=d.get("read_timeout_s", 60.0),
+            seed=cfg.get("seed", 0),
+        )
+        if d.get("few_shot"):
+            fs = d["few_shot"]
+            ds = few_shot_subset(ds, shots=fs["shots"], seed=fs.get("seed", 0), repeat_to_full=fs.get("repeat_to_full", True))
+        per_rank = total // (world * accum)
+        if len(ds) < per_rank * world:
+            raise ValueError(f"the training list has {len(ds)} videos, fewer than one batch of {per_rank * world}")
+        return build_loader(
+            ds,
+            batch_size=per_rank,
+            num_workers=d.get("num_workers", 8),
+            shuffle=True,
+            seed=cfg.get("seed", 0),
+            drop_last=True,
+            num_replicas=world,
+            rank=self.dist.rank,
+        )
+
+    def _optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        from ..training.optim import build_optimizer, build_param_groups
+        from ..training.schedule import cosine_with_warmup
+        from ..training.trainer import steps_per_epoch, warmup_steps
+
+        o, s, t = self.cfg["optimizer"], self.cfg["schedule"], self.cfg["train"]
+        groups = build_param_groups(
+            self.model,
+            groups=[{"name": "clip", "match": ["clip.*"], "lr": o.get("clip_lr", 3e-6)}] if any(
+                p.requires_grad for n, p in self.model.named_parameters() if n.startswith("clip.")
+            ) else [],
+            lr=o.get("lr", 5e-5),
+            weight_decay=o.get("weight_decay", 0.2),
+            no_decay_norm_bias_embedding=o.get("no_decay_norm_bias_embedding", False),
+        )
+        optimizer = build_optimizer(
+            groups, name=o.get("name", "adamw"), lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2),
+            betas=tuple(o.get("betas", (0.9, 0.999))), eps=o.get("eps", 1e-8),
+        )
+        per_epoch = steps_per_epoch(len(self.train_loader), t.get("grad_accumulation", 1))
+        total = per_epoch * s["epochs"]
+        if t.get("max_steps"):
+            total = min(total, t["max_steps"])
+        scheduler = cosine_with_warmup(
+            optimizer,
+            warmup_steps=min(warmup_steps(s.get("warmup_epochs", 5), per_epoch), max(total - 1, 0)),
+            total_steps=max(total, 1),
+            min_lr_ratio=s.get("min_lr_ratio", 0.0),
+        )
+        return optimizer, scheduler
+
+    def _trainer(self) -> Any:
+        from ..training.trainer import Trainer
+
+        t = self.cfg["train"]
+        return Trainer(
+            model=self.model,
+            objective=self.objective,
+            loader=self.train_loader,
+            class_features=self.class_features,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            device=self.device,
+            precision=self.cfg.get("precision", "auto"),
+            epochs=self.cfg["schedule"]["epochs"],
+            max_steps=t.get("max_steps"),
+            grad_accumulation=t.get("grad_accumulation", 1),
+            clip_grad_norm=t.get("clip_grad_norm"),
+            log_every=t.get("log_every", 10),
+            checkpoints=self.checkpoints,
+            save_every_steps=t.get("save_every_steps"),
+            evaluate_fn=self._validate if self.data_cfg.get("val_list") else None,
+            eval_every_epochs=t.get("eval_every_epochs", 1),
+            best_metric="top1",
+            metrics=None,
+            console=self.console,
+            dist=self.dist,
+            compile=t.get("compile", False),
+        )
+
+    def _validate(self, epoch: int) -> dict[str, float]:
+        """Close-set accuracy on ``data.val_list`` (merged experts, TFM off, single view) for model selection."""
+        from ..data import VideoDataset, build_loader
+        from ..evaluation.evaluator import evaluate
+
+        d = self.data_cfg
+        clips, crops = self.cfg["train"].get("val_views", [1, 1])
+        if not hasattr(self, "_val_loader"):
+            ds = VideoDataset(
+                list_file=d["val_list"], root=d["root"], num_frames=d.get("num_frames", 8), train=False,
+                class_names=self.train_class_names, list_format=d.get("list_format", "video"),
+                backend=d.get("backend", "decord"), num_clips=clips, num_crops=crops,
+                input_size=d.get("input_size", 224), normalize=self.device.type != "cuda",
+                on_error="skip", read_timeout_s=d.get("read_timeout_s", 60.0), seed=self.cfg.get("seed", 0),
+            )
+            ev = self.cfg.get("eval") or {}
+            self._val_loader = build_loader(
+                ds, batch_size=ev.get("batch_size", 16), num_workers=ev.get("num_workers", 4), shuffle=False,
+                seed=self.cfg.get("seed", 0), drop_last=False, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                persistent_workers=False,
+            )
+        res = evaluate(self.model, self._val_loader, self.class_features, device=self.device,
+                       precision=self.cfg.get("precision", "auto"), dataset_name="val", views=(clips, crops))
+        v = next(iter(res.variants.values()))
+        if self.main and self.console is not None:
+            self.console.print(f"epoch {epoch}: val top-1 {v.top1:.2f}  top-5 {v.top5:.2f}  ({res.num_videos} videos, {res.num_failed} failed)")
+        return {"top1": v.top1, "top5": v.top5, "failed": float(res.num_failed)}
+
+    # -- phases -----------------------------------------------------------------------------
+    def train(self) -> None:
+        start = time.perf_counter()
+        if self.main and self.console is not None:
+            n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            self.console.print(
+                f"[bold]training[/] {self.model.model_name} + {self.model.config['head']['layers']}-layer head "
+                f"({self.model.config['head']['num_experts']} experts), {n / 1e6:.2f}M trainable params, "
+                f"{self.trainer.total_steps} steps on {self.device}"
+            )
+        self.trainer.fit()
+        self.train_seconds = time.perf_counter() - start
+
+    def evaluate(self) -> dict[str, Any]:
+        self.results = run_eval_suite(
+            self.model, cfg=self.cfg, data_cfg=self.data_cfg, device=self.device, dist=self.dist,
+            output_dir=self.output_dir, console=self.console if self.main else None, title=f"{self.cfg.get('runner')} results",
+        )
+        return self.results
+
+    def save(self) -> None:
+        from ..models.checkpoint import export_dense, save_model
+
+        if not self.main:
+            return
+        save_model(self.model, self.output_dir / "model", overwrite=True)
+        if self.cfg["train"].get("export_dense", True) and self.model.head.has_experts:
+            export_dense(self.model, self.output_dir / "model_dense", overwrite=True)
+        if self.console is not None:
+            self.console.print(f"model: {self.output_dir / 'model'}")
+
+    def cleanup(self) -> None:
+        from ..training.distributed import cleanup
+
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        cleanup()

@@ -1,0 +1,179 @@
+"""Recipe schemas of the runners (validated before anything heavy runs)."""
+
+from __future__ import annotations
+
+from ..config import Component, Field, Section, recipe_schema
+
+DEVICE = Field(str, default="auto", doc="auto | cuda | cuda:N | cpu")
+PRECISION = Field(str, default="auto", choices=("auto", "bf16", "fp16", "fp32"), doc="auto: bf16 autocast on CUDA, fp32 on CPU")
+RUNNER_NAMES = ("mote", "evaluate", "compare")
+
+SYNTHETIC = Section(
+    {
+        "num_classes": Field(int, default=6, min=2),
+        "videos_per_class": Field(int, default=8, min=1),
+        "val_per_class": Field(int, default=4, min=1),
+        "num_novel_classes": Field(int, default=4, min=0),
+        "frames": Field(int, default=32, min=1),
+        "size": Field(list, default=[64, 64], item=Field(int, min=8)),
+        "seed": Field(int, default=0),
+    },
+    nullable=True,
+    doc="write a synthetic mp4 dataset under {output_dir}/data and use its lists (offline quickstart)",
+)
+
+FEW_SHOT = Section(
+    {
+        "shots": Field(int, required=True, choices=(1, 2, 4, 8, 16, 32)),
+        "seed": Field(int, default=0),
+        "repeat_to_full": Field(bool, default=True, doc="repeat the K-shot subset to the full dataset size"),
+    },
+    nullable=True,
+)
+
+DATA = Section(
+    {
+        "root": Field(str, nullable=True, doc="folder the annotation paths are relative to"),
+        "train_list": Field(str, nullable=True),
+        "val_list": Field(str, nullable=True),
+        "class_csv": Field(str, nullable=True, doc="CSV 'id,name' with a header"),
+        "synthetic": SYNTHETIC,
+        "list_format": Field(str, default="video", choices=("video", "frames")),
+        "backend": Field(str, default="decord", choices=("decord", "pyav", "frames", "auto")),
+        "num_frames": Field(int, default=8, min=1, max=77),
+        "sampling": Field(str, default="segment", choices=("segment", "dense")),
+        "input_size": Field(int, default=224, min=8),
+        "batch_size": Field(int, default=144, min=1, doc="total batch over all processes and accumulation steps"),
+        "num_workers": Field(int, default=8, min=0),
+        "flip": Field(bool, default=True, doc="random horizontal flip (off for SSv2)"),
+        "decode_short_side": Field(int, nullable=True, default=None, min=8),
+        "on_error": Field(str, default="resample", choices=("raise", "skip", "resample")),
+        "read_timeout_s": Field(float, default=60.0, min=0, exclusive_min=True),
+        "few_shot": FEW_SHOT,
+    },
+    required=True,
+)
+
+SPLIT = Section({"list": Field(str, required=True), "class_csv": Field(str, nullable=True)})
+
+EVAL_DATASET = Section(
+    {
+        "name": Field(str, required=True),
+        "kind": Field(str, required=True, choices=("close_set", "zero_shot", "few_shot")),
+        "root": Field(str, nullable=True),
+        "list": Field(str, nullable=True, doc="one annotation list (close-set)"),
+        "class_csv": Field(str, nullable=True),
+        "splits": Field(list, nullable=True, item=SPLIT, doc="zero-shot splits: [{list, class_csv}], mean ± std reported"),
+        "list_format": Field(str, default="video", choices=("video", "frames")),
+        "num_clips": Field(int, default=1, min=1),
+        "num_crops": Field(int, default=1, choices=(1, 3)),
+        "num_frames": Field(int, nullable=True, min=1, max=77),
+        "input_size": Field(int, nullable=True, min=8),
+        "on_error": Field(str, default="raise", choices=("raise", "skip")),
+    }
+)
+
+COMPARE = Section(
+    {
+        "merges": Field(list, default=[], item=Field(dict), doc="[{name: strategy, ...kwargs}] evaluated besides the configured merge"),
+        "experts": Field(bool, default=True, doc="evaluate each expert alone (Figure 3)"),
+        "logit_ensemble": Field(bool, default=True, doc="average the experts' probabilities (Table 2c)"),
+    },
+    nullable=True,
+)
+
+EVAL = Section(
+    {
+        "batch_size": Field(int, default=16, min=1),
+        "num_workers": Field(int, default=4, min=0),
+        "view_reduce": Field(str, default="softmax_mean", choices=("softmax_mean", "logit_mean")),
+        "modulation": Field(list, default=[False, True], item=Field(bool), doc="TFM settings to evaluate"),
+        "datasets": Field(list, default=[], item=EVAL_DATASET),
+        "compare": COMPARE,
+        "summary": Section(
+            {"close_set": Field(str, nullable=True), "zero_shot": Field(list, default=[], item=Field(str))},
+            nullable=True,
+        ),
+        "plot": Field(bool, default=True),
+    },
+)
+
+TEXT = Section(
+    {
+        "templates": Field((str, list), default="mote", doc="'mote' (28 templates of Table 8), 'single', or a list"),
+        "cache_dir": Field(str, nullable=True, default=None),
+    }
+)
+
+OPTIMIZER = Section(
+    {
+        "name": Field(str, default="adamw", choices=("adamw", "adam", "sgd")),
+        "lr": Field(float, default=5e-5, min=0, exclusive_min=True, doc="new parameters (temporal head)"),
+        "clip_lr": Field(float, default=3e-6, min=0, doc="CLIP visual tower and logit scale"),
+        "weight_decay": Field(float, default=0.2, min=0),
+        "betas": Field(list, default=[0.9, 0.999], item=Field(float, min=0, max=1)),
+        "eps": Field(float, default=1e-8, min=0, exclusive_min=True),
+        "no_decay_norm_bias_embedding": Field(bool, default=False),
+    }
+)
+
+SCHEDULE = Section(
+    {
+        "epochs": Field(int, default=30, min=1),
+        "warmup_epochs": Field(float, default=5, min=0),
+        "min_lr_ratio": Field(float, default=0.0, min=0, max=1),
+    }
+)
+
+TRAIN = Section(
+    {
+        "grad_accumulation": Field(int, default=1, min=1),
+        "max_steps": Field(int, nullable=True, default=None, min=1),
+        "log_every": Field(int, default=10, min=1),
+        "eval_every_epochs": Field(int, default=1, min=1),
+        "val_views": Field(list, default=[1, 1], item=Field(int, min=1), doc="[clips, crops] of the per-epoch validation"),
+        "save_every_steps": Field(int, nullable=True, default=None, min=1),
+        "keep_last": Field(int, default=2, min=1),
+        "resume": Field(str, nullable=True, default="auto", doc="auto | a checkpoint path | null"),
+        "compile": Field(bool, default=False),
+        "clip_grad_norm": Field(float, nullable=True, default=None, min=0, exclusive_min=True),
+        "freeze_visual": Field(bool, default=False),
+        "grad_checkpointing": Field(bool, default=False, doc="recompute CLIP blocks in backward"),
+        "tensorboard": Field(bool, default=False),
+        "export_dense": Field(bool, default=True, doc="also write the collapsed (plain-FFN) model"),
+    }
+)
+
+COMMON = {
+    "runner": Field(str, required=True, choices=RUNNER_NAMES),
+    "seed": Field(int, default=0),
+    "device": DEVICE,
+    "precision": PRECISION,
+    "text": TEXT,
+    "eval": EVAL,
+}
+
+MOTE_SCHEMA = recipe_schema(
+    {
+        **COMMON,
+        "model": Component(required=True, doc="builds the VideoCLIP, e.g. mergekit_video.models.build_video_clip"),
+        "objective": Component(required=True, doc="the training loss, e.g. mergekit_video.models.MoTEObjective"),
+        "data": DATA,
+        "optimizer": OPTIMIZER,
+        "schedule": SCHEDULE,
+        "train": TRAIN,
+    },
+    doc="train MoTE, then evaluate",
+)
+
+EVALUATE_SCHEMA = recipe_schema(
+    {
+        **COMMON,
+        "checkpoint": Field(str, nullable=True, doc="a saved model / export / trainer checkpoint"),
+        "model": Component(nullable=True, doc="or build a model (e.g. zero-shot CLIP) when no checkpoint is given"),
+        "data": Section({"synthetic": SYNTHETIC, "root": Field(str, nullable=True)}, nullable=True),
+    },
+    doc="evaluate a model",
+)
+
+SCHEMAS = {"mote": MOTE_SCHEMA, "evaluate": EVALUATE_SCHEMA, "compare": EVALUATE_SCHEMA}

@@ -1,0 +1,257 @@
+"""Benchmarks of training and evaluation steps (``mergevid bench head`` / ``mergevid bench train``).
+
+Timings are measured, written as JSON and rendered as markdown for ``docs/benchmarks.md``;
+nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+#: Dense bf16 tensor-core peak FLOP/s by device name fragment (vendor data sheets, no sparsity).
+PEAK_BF16_FLOPS = (
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100", 989.4e12),
+    ("A100", 312.0e12),
+    ("L40S", 362.0e12),
+    ("L4", 121.0e12),
+    ("RTX 4090", 165.2e12),
+    ("A10", 125.0e12),
+)
+
+HEAD_SHAPES = (("ViT-B/16 head", 512, 4), ("ViT-L/14 head", 768, 6))
+
+
+def describe_device(device: torch.device) -> str:
+    """A human description of the machine measured."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of a CUDA device, None when unknown or on CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for frag, flops in PEAK_BF16_FLOPS:
+        if frag in name:
+            return flops
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], *, device: torch.device, steps: int, warmup: int = 3) -> float:
+    """Median seconds per call of ``fn`` over ``steps`` timed calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device):
+    import contextlib
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def bench_head(*, device: str = "auto", steps: int = 50, batch_size: int = 32, frames: int = 8, num_experts: int = 4, num_classes: int = 400) -> dict[str, Any]:
+    """Time the temporal head alone at the ViT-B/16 and ViT-L/14 shapes.
+
+    Per shape: the MoTE train step (expert path + WMR path + MSE + AdamW, fused paths), the
+    same with two separate temporal forwards (the usual implementation), the plain-FFN
+    baseline step; merged eval vs plain eval, and eval that re-merges on every forward.
+    """
+    from ..models.objective import MoTEObjective
+    from ..models.temporal import TemporalHead
+    from ..training.optim import build_optimizer
+
+    dev = _resolve_device(device)
+    out: dict[str, Any] = {"device": describe_device(dev), "batch_size": batch_size, "frames": frames, "num_experts": num_experts, "shapes": {}}
+    for name, width, layers in HEAD_SHAPES:
+        torch.manual_seed(0)
+        feats = F.normalize(torch.randn(batch_size, frames, width, device=dev), dim=-1)
+        classes = F.normalize(torch.randn(num_classes, width, device=dev), dim=-1)
+        labels = torch.randint(0, num_classes, (batch_size,), device=dev)
+        scale = torch.tensor(100.0, device=dev)
+
+        def train_step_fn(head: TemporalHead, objective: MoTEObjective) -> Callable[[], None]:
+            opt = build_optimizer(head.parameters(), lr=1e-4, weight_decay=0.2)
+
+            def step() -> None:
+                with _autocast(dev):
+                    loss = objective(head, feats, classes, labels, scale).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            return step
+
+        mote = TemporalHead(width=width, layers=layers, num_experts=num_experts).to(dev).train()
+        plain = TemporalHead(width=width, layers=layers, num_experts=0).to(dev).train()
+        t_mote = time_fn(train_step_fn(mote, MoTEObjective(fuse_paths=True)), device=dev, steps=steps)
+        t_mote_unfused = time_fn(train_step_fn(copy.deepcopy(mote), MoTEObjective(fuse_paths=False)), device=dev, steps=steps)
+        t_plain = time_fn(train_step_fn(plain, MoTEObjective(wmr_weight=0, mse_weight=0)), device=dev, steps=steps)
+
+        mote.eval()
+        plain.eval()
+
+        @torch.no_grad()
+        def eval_fn(head: TemporalHead, remerge: bool = False) -> Callable[[], None]:
+            def run() -> None:
+                if remerge:
+                    for m in head.modules():
+                        if hasattr(m, "invalidate_merge"):
+                            m.invalidate_merge()
+                with torch.no_grad(), _autocast(dev):
+                    head(feats, classes)
+
+            return run
+
+        e_mote = time_fn(eval_fn(mote), device=dev, steps=steps)
+        e_plain = time_fn(eval_fn(plain), device=dev, steps=steps)
+        e_remerge = time_fn(eval_fn(mote, remerge=True), device=dev, steps=steps)
+        out["shapes"][name] = {
+            "width": width,
+            "layers": layers,
+            "train_ms": {"mote_fused": 1e3 * t_mote, "mote_two_forwards": 1e3 * t_mote_unfused, "plain": 1e3 * t_plain},
+            "eval_ms": {"mote_merged_cached": 1e3 * e_mote, "plain": 1e3 * e_plain, "mote_remerge_every_forward": 1e3 * e_remerge},
+            "train_ratio_mote_vs_plain": t_mote / t_plain,
+            "train_ratio_two_forwards_vs_plain": t_mote_unfused / t_plain,
+            "eval_ratio_merged_vs_plain": e_mote / e_plain,
+            "eval_ratio_remerge_vs_plain": e_remerge / e_plain,
+        }
+    return out
+
+
+def render_head_markdown(res: dict[str, Any]) -> str:
+    """Markdown table of :func:`bench_head` results."""
+    lines = [
+        f"`mergevid bench head` on {res['device']}; batch {res['batch_size']}, {res['frames']} frames, {res['num_experts']} experts.",
+        "",
+        "| shape | MoTE train step (ms) | ratio vs plain | two separate forwards: ratio | merged eval (ms) | ratio vs plain | re-merge every forward: ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res["shapes"].items():
+        lines.append(
+            f"| {name} (D={r['width']}, L={r['layers']}) | {r['train_ms']['mote_fused']:.2f} | {r['train_ratio_mote_vs_plain']:.2f}× | "
+            f"{r['train_ratio_two_forwards_vs_plain']:.2f}× | {r['eval_ms']['mote_merged_cached']:.3f} | "
+            f"{r['eval_ratio_merged_vs_plain']:.2f}× | {r['eval_ratio_remerge_vs_plain']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def count_step_flops(step: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``step`` (forward + backward) counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_size: int | None = None, baseline: bool = True) -> dict[str, Any]:
+    """Clips/s of full training steps (visual tower + head + objective + AdamW) on synthetic in-memory frames.
+
+    The model is built from the recipe without pretrained weights (speed does not depend on
+    them); frames are uint8 on the device, normalised on the device as in training.
+    """
+    from ..config import instantiate
+    from ..data import normalize_frames
+    from ..training.optim import build_optimizer, build_param_groups
+    from ..training.trainer import TrainStep
+
+    dev = _resolve_device(cfg.get("device", "auto"))
+    data = cfg["data"]
+    b = int(batch_size or data.get("batch_size", 144))
+    t = int(data.get("num_frames", 8))
+    size = int(data.get("input_size", 224))
+    results: dict[str, Any] = {"device": describe_device(dev), "batch_size": b, "frames": t, "input_size": size, "runs": {}}
+    variants = [("mote", cfg["model"], cfg["objective"])]
+    if baseline:
+        base_model = {**cfg["model"], "num_experts": 0}
+        base_obj = {**cfg["objective"], "wmr_weight": 0.0, "mse_weight": 0.0}
+        variants.append(("baseline", base_model, base_obj))
+    for label, model_cfg, obj_cfg in variants:
+        torch.manual_seed(0)
+        model = instantiate({**model_cfg, "pretrained": None}, _path="model").to(dev).train()
+        if cfg.get("train", {}).get("grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        objective = instantiate(obj_cfg, _path="objective")
+        step_module = TrainStep(model=model, objective=objective)
+        o = cfg.get("optimizer", {})
+        groups = build_param_groups(model, groups=[{"name": "clip", "match": ["clip.*"], "lr": o.get("clip_lr", 3e-6)}], lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
+        opt = build_optimizer(groups, lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
+        classes = F.normalize(torch.randn(400, model.head.width, device=dev), dim=-1)
+        frames_u8 = torch.randint(0, 256, (b, t, 3, size, size), dtype=torch.uint8, device=dev)
+        labels = torch.randint(0, 400, (b,), device=dev)
+
+        def step() -> None:
+            frames = normalize_frames(frames_u8)
+            with _autocast(dev):
+                loss = step_module(frames, labels, classes).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        seconds = time_fn(step, device=dev, steps=steps, warmup=warmup)
+        run: dict[str, Any] = {"step_s": seconds, "clips_per_s": b / seconds}
+        peak = peak_flops(dev)
+        if dev.type == "cuda":
+            flops = count_step_flops(step)
+            run["flops_per_step"] = flops
+            run["achieved_tflops"] = flops / seconds / 1e12
+            run["mfu"] = None if peak is None else flops / seconds / peak
+            run["peak_tflops"] = None if peak is None else peak / 1e12
+            run["max_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        results["runs"][label] = run
+        del model, opt, step_module
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+    if "baseline" in results["runs"]:
+        results["overhead_mote_vs_baseline"] = results["runs"]["mote"]["step_s"] / results["runs"]["baseline"]["step_s"]
+    return results
+
+
+def render_train_markdown(res: dict[str, Any]) -> str:
+    """Markdown table of :func:`bench_train` results."""
+    lines = [
+        f"`mergevid bench train` on {res['device']}; batch {res['batch_size']}, {res['frames']} frames at {res['input_size']}px.",
+        "",
+        "| run | step (s) | clips/s | MFU | TFLOP/s |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in res["runs"].items():
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        tf = f"{r['achieved_tflops']:.1f}" if r.get("achieved_tflops") is not None else "n/a"
+        lines.append(f"| {label} | {r['step_s']:.3f} | {r['clips_per_s']:.1f} | {mfu} | {tf} |")
+    if "overhead_mote_vs_baseline" in res:
+        lines.append(f"\nMoTE step / baseline step: {res['overhead_mote_vs_baseline']:.3f}×")
+    return "\n".join(lines)
