@@ -976,7 +976,11 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 
 
 def with_defaults(cfg: Mapping[str, Any], schema: Section | Mapping[str, Spec]) -> dict[str, Any]:
-    """A deep copy of ``cfg`` with every absent key that has a ``default`` in ``schema`` filled in."""
+    """A deep copy of ``cfg`` with every absent key that has a ``default`` in ``schema`` filled in.
+
+    Absent sections are created when they get defaults, except nullable ones (optional blocks
+    such as ``data.synthetic`` whose presence switches a feature on).
+    """
     section = schema if isinstance(schema, Section) else Section(dict(schema))
     out = copy.deepcopy(dict(cfg))
     _fill(out, section)
@@ -995,7 +999,7 @@ def _fill(node: dict, section: Section) -> bool:
             if k in node:
                 if isinstance(node[k], dict):
                     added |= _fill(node[k], spec)
-            else:
+            elif not spec.nullable:  # an absent optional (nullable) section stays absent: it is a feature switch
                 child: dict = {}
                 if _fill(child, spec):
                     node[k] = child

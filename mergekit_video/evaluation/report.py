@@ -109,15 +109,22 @@ def plot_tradeoff(
         points.append((var, row[close_set]["top1"], y))
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    for var, x, y in points:
-        marker = "o" if var.startswith("expert_") else ("*" if var.startswith(("merged", "model")) else "s")
-        ax.scatter([x], [y], marker=marker, s=90 if marker == "*" else 45)
-        ax.annotate(var, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel(f"{close_set} top-1 (%)")
-    ax.set_ylabel("HM_ZS (%)" if len(zero_shot) > 1 else f"{zero_shot[0]} top-1 (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    panels = [("TFM off", [p for p in points if not p[0].endswith("+tfm")]), ("TFM on", [p for p in points if p[0].endswith("+tfm")])]
+    panels = [(t, pts) for t, pts in panels if pts]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.8), dpi=120, squeeze=False, sharey=True)
+    for ax, (panel_title, pts) in zip(axes[0], panels):
+        groups: dict[tuple[float, float], list[str]] = {}
+        for var, x, y in pts:  # coincident points share one label
+            groups.setdefault((round(x, 3), round(y, 3)), []).append(var.removesuffix("+tfm"))
+        for (x, y), names in groups.items():
+            kinds = {"expert" if n.startswith("expert_") else "merged" if n.startswith(("merged", "model")) else "other" for n in names}
+            marker = "*" if "merged" in kinds else ("o" if kinds == {"expert"} else "s")
+            ax.scatter([x], [y], marker=marker, s=120 if marker == "*" else 45, zorder=3)
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.set_xlabel(f"{close_set} top-1 (%)")
+        ax.set_title(f"{title} ({panel_title})" if len(panels) > 1 else title)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("HM_ZS (%)" if len(zero_shot) > 1 else f"{zero_shot[0]} top-1 (%)")
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
