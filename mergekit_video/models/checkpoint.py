@@ -60,8 +60,7 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        config = copy.deepcopy(model.config)
-        config["head"]["num_source_classes"] = int(model.head.source_class_features.shape[0])
+        config = model.config
         if extra_config:
             config.update(extra_config)
         _save_tensors(tmp / CLIP_FILE, model.clip.state_dict(), {"format": "open_clip"})
@@ -134,8 +133,8 @@ def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: st
     dense = copy.deepcopy(model).cpu().eval()
     if dense.head.has_experts:
         collapse_experts(dense.head, strategy, **merge_kwargs)
-    dense.config["head"]["num_experts"] = 0
-    dense.config["exported_from"] = {"num_experts": int(model.config["head"]["num_experts"]), "merge": strategy or model.config["head"]["merge"]}
+    dense.head.config["num_experts"] = 0
+    dense.config = {**dense.config, "exported_from": {"num_experts": int(model.head.config["num_experts"]), "merge": strategy or model.head.config["merge"]}}
     return save_model(dense, directory, overwrite=overwrite)
 
 

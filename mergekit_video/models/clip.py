@@ -185,7 +185,7 @@ def create_clip(
             f"(on the command line: `mergevid run RECIPE {recipe_key}=/path/to/weights.pt`)."
         ) from exc
     model.eval()
-    config = {"name": model_name, "pretrained": pretrained, "quick_gelu": quick_gelu, "model_cfg": cfg}
+    config = {"name": model_name, "pretrained": pretrained, "quick_gelu": bool(cfg.get("quick_gelu", False)), "model_cfg": cfg}
     return model, config
 
 

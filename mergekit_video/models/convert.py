@@ -34,7 +34,7 @@ import torch
 
 from .clip import build_clip_from_config, create_clip, model_config, register_bundled_model_configs
 from .temporal import TemporalHead
-from .video_clip import VideoCLIP, head_config, model_config_dict
+from .video_clip import VideoCLIP, model_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def convert_official(
         if len(ws) > 1:
             raise ConversionError("per-layer mote_fusion_weight values differ; one merge per model is supported")
         merge, merge_kwargs = "weighted", {"weights": list(next(iter(ws)))}
-    hcfg = head_config(
+    head = TemporalHead(
         width=arch.embed_dim,
         layers=arch.temporal_layers,
         num_experts=arch.num_experts,
@@ -215,7 +215,6 @@ def convert_official(
         merge_kwargs=merge_kwargs,
         num_source_classes=arch.num_source_classes,
     )
-    head = TemporalHead(**hcfg)
     missing = set(head.state_dict()) - set(head_sd)
     if missing:
         raise ConversionError(f"official head lacks {sorted(missing)[0]!r} (and {len(missing) - 1} more)")
@@ -223,7 +222,7 @@ def convert_official(
     full_clip_sd = clip.state_dict()
     full_clip_sd.update(clip_sd)
     clip.load_state_dict(full_clip_sd, strict=True)
-    config = model_config_dict(clip_cfg, hcfg, converted_from={"format": "mote-official", "epoch": _epoch(ckpt)})
+    config = model_config_dict(clip_cfg, head.config, converted_from={"format": "mote-official", "epoch": _epoch(ckpt)})
     return VideoCLIP(clip=clip, head=head, config=config).eval()
 
 

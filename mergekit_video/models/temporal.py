@@ -165,6 +165,13 @@ class TemporalHead(nn.Module):
     ) -> None:
         super().__init__()
         heads = heads or max(1, width // 64)
+        #: JSON-able constructor arguments: ``TemporalHead(**head.config)`` rebuilds the architecture
+        self.config: dict[str, Any] = {
+            "width": width, "layers": layers, "heads": heads, "num_positions": num_positions,
+            "num_experts": num_experts, "router": router, "router_kwargs": dict(router_kwargs or {}),
+            "expert_init": expert_init, "merge": merge, "merge_kwargs": dict(merge_kwargs or {}),
+            "tfm_k": tfm_k, "tfm_gamma": tfm_gamma, "num_source_classes": num_source_classes,
+        }
         self.width, self.num_positions = width, num_positions
         self.tfm_k, self.tfm_gamma = int(tfm_k), float(tfm_gamma)
         self.frame_position_embeddings = nn.Embedding(num_positions, width)
@@ -219,12 +226,14 @@ class TemporalHead(nn.Module):
         if features.dim() != 2 or features.shape[1] != self.width:
             raise ValueError(f"source class features must be [C, {self.width}], got {tuple(features.shape)}")
         self.source_class_features = features.detach().to(self.frame_position_embeddings.weight)
+        self.config["num_source_classes"] = int(features.shape[0])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         key = prefix + "source_class_features"
         if key in state_dict and state_dict[key].shape != self.source_class_features.shape:
             # the class count is data, not architecture: resize before loading
             self.source_class_features = torch.zeros_like(state_dict[key], device=self.source_class_features.device)
+            self.config["num_source_classes"] = int(state_dict[key].shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property

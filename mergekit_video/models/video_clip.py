@@ -40,8 +40,17 @@ class VideoCLIP(nn.Module):
         super().__init__()
         self.clip = clip
         self.head = head
-        self.config = copy.deepcopy(config)
+        self.config = config
         self.freeze_text()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The config that rebuilds this model; its ``head`` part is always the live head's."""
+        return {**self._config, "head": dict(self.head.config)}
+
+    @config.setter
+    def config(self, value: dict[str, Any]) -> None:
+        self._config = {k: copy.deepcopy(v) for k, v in value.items() if k != "head"}
 
     # -- public surface ------------------------------------------------------------
     @property
@@ -108,40 +117,6 @@ class VideoCLIP(nn.Module):
         return self.clip.state_dict()
 
 
-def head_config(
-    *,
-    width: int,
-    layers: int,
-    num_experts: int = 4,
-    heads: int | None = None,
-    num_positions: int = 77,
-    router: str = "multinomial",
-    router_kwargs: dict[str, Any] | None = None,
-    expert_init: str = "normal",
-    merge: str = "mean",
-    merge_kwargs: dict[str, Any] | None = None,
-    tfm_k: int = 5,
-    tfm_gamma: float = 0.05,
-    num_source_classes: int = 0,
-) -> dict[str, Any]:
-    """The JSON-able constructor arguments of a :class:`TemporalHead`."""
-    return {
-        "width": width,
-        "layers": layers,
-        "heads": heads or max(1, width // 64),
-        "num_positions": num_positions,
-        "num_experts": num_experts,
-        "router": router,
-        "router_kwargs": dict(router_kwargs or {}),
-        "expert_init": expert_init,
-        "merge": merge,
-        "merge_kwargs": dict(merge_kwargs or {}),
-        "tfm_k": tfm_k,
-        "tfm_gamma": tfm_gamma,
-        "num_source_classes": num_source_classes,
-    }
-
-
 def build_video_clip(
     *,
     clip_name: str,
@@ -166,9 +141,8 @@ def build_video_clip(
     """
     clip, clip_cfg = create_clip(clip_name, pretrained=pretrained, force_quick_gelu=force_quick_gelu, cache_dir=cache_dir)
     clip_cfg["text_weights"] = "pretrained" if pretrained else "random"
-    width = int(clip_cfg["model_cfg"]["embed_dim"])
-    hcfg = head_config(
-        width=width,
+    head = TemporalHead(
+        width=int(clip_cfg["model_cfg"]["embed_dim"]),
         layers=temporal_layers,
         num_experts=num_experts,
         num_positions=num_positions,
@@ -180,7 +154,7 @@ def build_video_clip(
         tfm_k=tfm_k,
         tfm_gamma=tfm_gamma,
     )
-    model = VideoCLIP(clip=clip, head=TemporalHead(**hcfg), config=model_config_dict(clip_cfg, hcfg))
+    model = VideoCLIP(clip=clip, head=head, config=model_config_dict(clip_cfg, head.config))
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
