@@ -31,16 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .surgery import add_experts, collapse_experts
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mergekit_video' has no attribute {name!r}")
-    import importlib
+from .utils.lazy import lazy_exports  # noqa: E402  (light: no torch)
 
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -5,37 +5,29 @@ Light on import: submodules import open_clip only when a CLIP is built.
 
 from __future__ import annotations
 
-from typing import Any
+from ..utils.lazy import lazy_exports
 
 _LAZY = {
-    "VideoCLIP": "mergekit_video.models.video_clip",
-    "build_video_clip": "mergekit_video.models.video_clip",
-    "video_clip_from_config": "mergekit_video.models.video_clip",
-    "TemporalHead": "mergekit_video.models.temporal",
-    "TemporalTransformer": "mergekit_video.models.temporal",
-    "cosine_logits": "mergekit_video.models.temporal",
-    "semantic_association": "mergekit_video.models.modulation",
-    "MoTEObjective": "mergekit_video.models.objective",
-    "MoTEStepOutput": "mergekit_video.models.objective",
-    "create_clip": "mergekit_video.models.clip",
-    "encode_class_names": "mergekit_video.models.clip",
-    "ClassFeatureCache": "mergekit_video.models.clip",
-    "MOTE_TEMPLATES": "mergekit_video.models.prompts",
-    "save_model": "mergekit_video.models.checkpoint",
-    "load": "mergekit_video.models.checkpoint",
-    "export_dense": "mergekit_video.models.checkpoint",
-    "convert_official": "mergekit_video.models.convert",
+    "VideoCLIP": ".video_clip",
+    "build_video_clip": ".video_clip",
+    "video_clip_from_config": ".video_clip",
+    "TemporalHead": ".temporal",
+    "TemporalTransformer": ".temporal",
+    "cosine_logits": ".temporal",
+    "semantic_association": ".modulation",
+    "MoTEObjective": ".objective",
+    "MoTEStepOutput": ".objective",
+    "create_clip": ".clip",
+    "encode_class_names": ".clip",
+    "ClassFeatureCache": ".clip",
+    "MOTE_TEMPLATES": ".prompts",
+    "save_model": ".checkpoint",
+    "load": ".checkpoint",
+    "export_dense": ".checkpoint",
+    "convert_official": ".convert",
 }
 
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mergekit_video.models' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -6,8 +6,9 @@ Importing this package is light; the names below are imported from their modules
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..utils.lazy import lazy_exports
 
 _LAZY = {
     "CheckpointManager": "checkpoint",
@@ -54,14 +55,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .schedule import cosine_with_warmup
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mergekit_video.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, {k: f".{m}" for k, m in _LAZY.items()}, globals())
