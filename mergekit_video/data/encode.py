@@ -68,6 +68,7 @@ def encode_video(
                 if frame.width != width or frame.height != height or frame.format.name != "yuv420p":
                     frame = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BILINEAR")
                 frame.pts, frame.time_base = count, 1 / rate  # constant frame rate, whatever the source stamps
+                frame.pict_type = 0  # NONE: a decoded source I-frame would otherwise force a keyframe
                 for packet in stream.encode(frame):
                     container.mux(packet)
                 count += 1

@@ -72,22 +72,38 @@ class VideoSampler(Sampler):
         return self.num_samples - self.start
 
 
+def _memory_order(t: torch.Tensor) -> list[int] | None:
+    """Dimension order in which ``t`` is contiguous (e.g. channels-last), or None."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return order if t.permute(order).is_contiguous() else None
+
+
 def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack``; inside a DataLoader worker, straight into shared memory (no extra copy)."""
+    """``torch.stack`` that keeps the items' memory order (channels-last items stack at memcpy speed into a
+    channels-last batch); inside a DataLoader worker it writes straight into shared memory."""
     elem = tensors[0]
     shape = tuple(elem.shape)
     for t in tensors[1:]:
         if tuple(t.shape) != shape or t.dtype != elem.dtype:
             raise ValueError(f"cannot batch clips of shapes {shape} and {tuple(t.shape)} (or dtypes {elem.dtype}/{t.dtype})")
+    order = _memory_order(elem)
+    if order is None or any(t.stride() != elem.stride() for t in tensors[1:]):
+        order = list(range(elem.dim()))
+    items = [t.permute(order) for t in tensors]
     out = None
     if get_worker_info() is not None:
         storage = elem._typed_storage()._new_shared(len(tensors) * elem.numel(), device=elem.device)
-        out = elem.new(storage).resize_(len(tensors), *shape)
-    return torch.stack(list(tensors), out=out)
+        out = elem.new(storage).resize_(len(tensors), *items[0].shape)
+    batch = torch.stack(items, out=out)  # [B, *permuted]
+    inverse = [0] + [1 + order.index(d) for d in range(elem.dim())]
+    return batch.permute(inverse)
 
 
 def collate_videos(batch: Sequence[dict | None]) -> dict:
     """Stack dataset items into ``{"frames": [B,...], "label": [B], "index": [B], "failed": [...], "resampled": [...]}``.
+
+    Float frames come out contiguous; uint8 frames keep the items' channels-last memory order
+    (``normalize_frames`` on the GPU returns contiguous float).
 
     ``None`` items (skipped bad videos) are dropped and their paths listed in ``"failed"``;
     ``"resampled"`` lists bad videos the dataset replaced. An all-failed batch has B = 0.

@@ -139,7 +139,11 @@ def _prepare_one(job: dict) -> dict:
         next(gen)  # opens the input and fixes the output size
         n = encode_video(out, (f for f in gen), width=box["width"], height=box["height"], fps=box["fps"], gop=job["gop"],
                          fastdecode=job["fastdecode"], preset=job["preset"], crf=job["crf"], threads=job["threads"])
-        info = verify_output(out, gop=job["gop"], height=box["height"], width=box["width"], frames=n)
+        try:
+            info = verify_output(out, gop=job["gop"], height=box["height"], width=box["width"], frames=n)
+        except Exception:
+            out.unlink(missing_ok=True)  # a rerun must not mistake it for a finished file
+            raise
         return {"ok": True, "src": job["rel"], "out": job["out_rel"], **info}
     except Exception as e:  # noqa: BLE001 - one bad video must not stop the run
         return {"ok": False, "src": job["rel"], "out": job["out_rel"], "error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}

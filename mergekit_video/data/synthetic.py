@@ -91,11 +91,13 @@ def _mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: f
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_clip(cls: tuple[str, str, str], *, frames: int, size: tuple[int, int], rng: np.random.Generator, texture: float = 0.0) -> np.ndarray:
+def render_clip(cls: tuple[str, str, str], *, frames: int, size: tuple[int, int], rng: np.random.Generator, texture: float = 0.0,
+                noise: float = 0.0) -> np.ndarray:
     """Frames ``[N, H, W, 3]`` uint8 of one video of class ``cls`` with random placement and speed.
 
     ``texture`` (0..1) adds a slowly panning noise background, which makes decoding cost like
-    real footage (flat backgrounds compress to almost nothing).
+    real footage (flat backgrounds compress to almost nothing); ``noise`` is the standard deviation
+    of per-frame sensor-like grain (unpredictable, so it raises the bitrate like camera footage).
     """
     colour, shape, motion = cls
     h, w = size
@@ -128,6 +130,8 @@ def render_clip(cls: tuple[str, str, str], *, frames: int, size: tuple[int, int]
         if texture > 0:
             img += tex[:, i : i + w, None]  # pans one pixel per frame
         img[_mask(shape, xx, yy, cx[i], cy[i], r[i])] = fg
+        if noise > 0:
+            img += noise * rng.standard_normal((h, w, 3), dtype=np.float32)
         out[i] = np.clip(img, 0, 255).astype(np.uint8)
     return out
 
@@ -137,9 +141,9 @@ def _slug(name: str) -> str:
 
 
 def _write_one(job: tuple) -> None:
-    path, cls, frames, size, fps, gop, texture, preset, seed_key = job
+    path, cls, frames, size, fps, gop, texture, noise, preset, seed_key = job
     rng = np.random.default_rng(seed_key)
-    clip = render_clip(cls, frames=frames, size=size, rng=rng, texture=texture)
+    clip = render_clip(cls, frames=frames, size=size, rng=rng, texture=texture, noise=noise)
     encode_video(path, clip, width=size[1], height=size[0], fps=fps, gop=gop, preset=preset)
 
 
@@ -156,6 +160,7 @@ def write_synthetic_dataset(
     fps: float = 15.0,
     gop: int | None = None,
     texture: float = 0.0,
+    noise: float = 0.0,
     preset: str | None = "veryfast",
     seed: int = 0,
     workers: int = 1,
@@ -163,7 +168,8 @@ def write_synthetic_dataset(
 ) -> SyntheticDataset:
     """Write train/val/novel H.264 mp4 sets, annotation lists and class CSVs under ``root``.
 
-    ``size`` is (height, width), both even. ``gop=None`` keeps x264's default keyframe interval
+    ``size`` is (height, width), both even. ``texture``/``noise`` make the pictures cost like real
+    footage to decode (see :func:`render_clip`). ``gop=None`` keeps x264's default keyframe interval
     (250), like raw downloads; ``preset=None`` keeps x264's default preset (medium) too. The same ``seed`` gives the same pictures. An existing non-empty
     ``root`` is refused unless ``overwrite=True`` (which rewrites the files named above).
     """
@@ -190,7 +196,7 @@ def write_synthetic_dataset(
             slug = _slug(class_name(cls))
             for i in range(per_class):
                 rel = f"videos/{split}/{slug}/{slug}_{i:04d}.mp4"
-                jobs.append((root / rel, cls, frames, (h, w), fps, gop, texture, preset, [seed, split_id, label, i]))
+                jobs.append((root / rel, cls, frames, (h, w), fps, gop, texture, noise, preset, [seed, split_id, label, i]))
                 lists[split].append(VideoRecord(path=rel, label=label))
     if workers > 1 and len(jobs) > 1:
         from concurrent.futures import ProcessPoolExecutor

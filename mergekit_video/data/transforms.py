@@ -52,7 +52,8 @@ def normalize_frames(
     scale = 1.0 / s
     if x.dtype == torch.uint8:
         scale = scale / 255.0
-    out = x.to(compute).mul_(scale).sub_(m / s)  # (x/255 - mean) / std
+    # One pass converts dtype and layout (channels-last views become contiguous), two more scale and shift.
+    out = x.to(compute, memory_format=torch.contiguous_format).mul_(scale).sub_(m / s)  # (x/255 - mean) / std
     return out.to(dtype) if compute != dtype else out
 
 
@@ -96,6 +97,12 @@ def random_resized_crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def _warm_import() -> None:
+    # torchvision's functional API takes ~1 s to import: pay it when a transform is built (in the main
+    # process, before DataLoader workers fork), not on the first clip of every worker.
+    import torchvision.transforms.v2.functional  # noqa: F401
+
+
 def _resize(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     from torchvision.transforms.v2.functional import resize
 
@@ -105,9 +112,8 @@ def _resize(x: torch.Tensor, size: list[int]) -> torch.Tensor:
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    """Luma replicated on 3 channels; ``[T, 3, H, W]`` uint8 -> uint8."""
-    w = torch.tensor(_LUMA, dtype=torch.float32).view(1, 3, 1, 1)
-    luma = (x.float() * w).sum(dim=1, keepdim=True)
+    """Luma replicated on 3 channels; ``[T, 3, H, W]`` uint8 -> uint8 (float stays float)."""
+    luma = x[:, 0:1].float().mul_(_LUMA[0]).add_(x[:, 1:2].float(), alpha=_LUMA[1]).add_(x[:, 2:3].float(), alpha=_LUMA[2])
     if x.dtype == torch.uint8:
         luma = luma.round_().clamp_(0, 255).to(torch.uint8)
     return luma.expand(-1, 3, -1, -1)
@@ -141,6 +147,7 @@ class TrainTransform:
         for name, p in (("flip_p", flip_p), ("grayscale_p", grayscale_p)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
+        _warm_import()
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
         self.flip_p, self.grayscale_p, self.normalize = flip_p, grayscale_p, normalize
 
@@ -159,8 +166,10 @@ class TrainTransform:
             x = x.flip(-1)
         if params["grayscale"]:
             x = _grayscale(x)
-        x = x.contiguous()
-        return normalize_frames(x) if self.normalize else x
+        if self.normalize:
+            return normalize_frames(x)  # contiguous float [T, 3, S, S]
+        # uint8 stays channels-last in memory (no transpose on the CPU); normalize_frames on the GPU makes it contiguous.
+        return x.contiguous(memory_format=torch.channels_last)
 
     def __call__(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment one clip: uint8 ``[T,H,W,3]`` or ``[T,3,H,W]`` -> ``[T,3,size,size]`` float (uint8 if not normalising)."""
@@ -197,6 +206,7 @@ class TestTransform:
             raise ValueError(f"crop ({crop}) must not exceed short_side ({short_side})")
         if num_crops not in (1, 3):
             raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
+        _warm_import()
         self.short_side, self.crop, self.num_crops, self.normalize = short_side, crop, num_crops, normalize
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
@@ -213,8 +223,9 @@ class TestTransform:
         else:
             tops = crop_offsets(h, c, self.num_crops)
             lefts = [(w - c) // 2] * self.num_crops
-        views = torch.stack([x[:, :, t : t + c, l : l + c] for t, l in zip(tops, lefts)])  # [V, T, 3, c, c]
-        return normalize_frames(views) if self.normalize else views
+        crops = [x[:, :, t : t + c, l : l + c] for t, l in zip(tops, lefts)]
+        views = crops[0].unsqueeze(0) if len(crops) == 1 else torch.stack(crops)  # [V, T, 3, c, c]
+        return normalize_frames(views) if self.normalize else views.contiguous()
 
     def __repr__(self) -> str:
         return f"TestTransform(short_side={self.short_side}, crop={self.crop}, num_crops={self.num_crops}, normalize={self.normalize})"
