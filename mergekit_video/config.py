@@ -695,7 +695,8 @@ class Field:
         type: accepted Python type(s): ``int``, ``float`` (ints accepted), ``str``, ``bool``,
             ``list``, ``dict``; a tuple for several; None accepts anything.
         required: the key must be present.
-        choices: allowed values ("one of"), listed in the error message.
+        choices: allowed values ("one of"), listed in the error message; a callable returning
+            them is evaluated at validation time (e.g. a registry's names, plugins included).
         min, max: inclusive numeric bounds; ``exclusive_min`` makes ``min`` strict (``lr > 0``).
         default: filled in by :func:`with_defaults` when the key is absent.
         doc: one-line description (shown by :func:`iter_schema`).
@@ -706,7 +707,7 @@ class Field:
     type: Any = None
     _: dataclasses.KW_ONLY
     required: bool = False
-    choices: Sequence[Any] | None = None
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
     min: float | None = None
     max: float | None = None
     exclusive_min: bool = False
@@ -742,6 +743,8 @@ class Component:
     nullable: bool = False
     runtime_kwargs: tuple[str, ...] = ()
     doc: str = ""
+    fields: Mapping[str, Field | Section] = dataclasses.field(default_factory=dict)
+    """Value checks for the component's arguments (types, choices, bounds), when present."""
 
 
 Spec = Field | Section | Component
@@ -824,7 +827,8 @@ class _Validator:
         if isinstance(spec, Component):
             return f"a mapping with {COMPONENT_KEY!r}"
         if spec.choices is not None:
-            return "one of " + ", ".join(repr(c) for c in spec.choices)
+            choices = spec.choices() if callable(spec.choices) else spec.choices
+            return "one of " + ", ".join(repr(c) for c in choices)
         return _type_name(spec.type) if spec.type is not None else "a value"
 
     def section(self, value: Any, spec: Section, path: str) -> None:
@@ -848,9 +852,10 @@ class _Validator:
         if not _type_ok(value, spec.type):
             self.add(path, f"expected {_type_name(spec.type)}, got {_value_kind(value)} ({value!r})")
             return
-        if spec.choices is not None and value not in spec.choices:
-            allowed = ", ".join(repr(c) for c in spec.choices)
-            self.add(path, f"{value!r} is not one of: {allowed}{_did_you_mean(value, spec.choices)}")
+        choices = spec.choices() if callable(spec.choices) else spec.choices
+        if choices is not None and value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            self.add(path, f"{value!r} is not one of: {allowed}{_did_you_mean(value, choices)}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if spec.min is not None and (value < spec.min or (spec.exclusive_min and value == spec.min)):
                 self.add(path, f"must be {'>' if spec.exclusive_min else '>='} {spec.min}, got {value!r}")
@@ -866,6 +871,9 @@ class _Validator:
             return
         self.checked_components.add(path)
         self.component_node(value, path, allow_missing=spec.runtime_kwargs)
+        for k, sub in spec.fields.items():
+            if k in value:
+                self.check(value[k], sub, _join(path, k))
 
     def component_node(self, value: Mapping[str, Any], path: str, *, allow_missing: Iterable[str] | bool) -> None:
         try:

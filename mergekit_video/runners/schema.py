@@ -4,6 +4,49 @@ from __future__ import annotations
 
 from ..config import Component, Field, Section, recipe_schema
 
+
+def _names(kind: str):
+    def names() -> list[str]:
+        from ..registry import get_registry
+
+        return get_registry(kind).names()
+
+    return names
+
+
+MODEL_FIELDS = {
+    "clip_name": Field(str, doc="open_clip architecture, e.g. ViT-B-16, ViT-L-14"),
+    "pretrained": Field(str, nullable=True, doc="open_clip tag (openai), a local file, or null"),
+    "temporal_layers": Field(int, min=1),
+    "num_experts": Field(int, min=0, doc="0 = plain FFN (baseline)"),
+    "router": Field(str, choices=_names("routers")),
+    "expert_init": Field(str, choices=("normal", "copy", "copy_noise")),
+    "merge": Field(str, choices=_names("merges")),
+    "tfm_k": Field(int, min=1),
+    "tfm_gamma": Field(float, min=0, exclusive_min=True),
+    "num_positions": Field(int, min=1),
+    "grad_checkpointing": Field(bool),
+}
+
+OBJECTIVE_FIELDS = {
+    "wmr_weight": Field(float, min=0, doc="λ of Eq. 10"),
+    "mse_weight": Field(float, min=0, doc="η of Eq. 10"),
+    "wmr_loss": Field(str, choices=("ce", "kl", "mse")),
+    "expert_data": Field(str, choices=("routed", "all")),
+    "aux_weight": Field(float, min=0),
+    "fuse_paths": Field(bool),
+    "label_smoothing": Field(float, min=0, max=1),
+    "wmr": Section(
+        {
+            "beta": Field(float, min=0, exclusive_min=True),
+            "num_powers": Field(int, min=1),
+            "sampling": Field(str, choices=("discrete", "point", "normal", "uniform")),
+            "seed": Field(int, nullable=True),
+        },
+        nullable=True,
+    ),
+}
+
 DEVICE = Field(str, default="auto", doc="auto | cuda | cuda:N | cpu")
 PRECISION = Field(str, default="auto", choices=("auto", "bf16", "fp16", "fp32"), doc="auto: bf16 autocast on CUDA, fp32 on CPU")
 RUNNER_NAMES = ("mote", "evaluate", "compare")
@@ -156,8 +199,8 @@ COMMON = {
 MOTE_SCHEMA = recipe_schema(
     {
         **COMMON,
-        "model": Component(required=True, doc="builds the VideoCLIP, e.g. mergekit_video.models.build_video_clip"),
-        "objective": Component(required=True, doc="the training loss, e.g. mergekit_video.models.MoTEObjective"),
+        "model": Component(required=True, doc="builds the VideoCLIP, e.g. mergekit_video.models.build_video_clip", fields=MODEL_FIELDS),
+        "objective": Component(required=True, doc="the training loss, e.g. mergekit_video.models.MoTEObjective", fields=OBJECTIVE_FIELDS),
         "data": DATA,
         "optimizer": OPTIMIZER,
         "schedule": SCHEDULE,
@@ -170,7 +213,7 @@ EVALUATE_SCHEMA = recipe_schema(
     {
         **COMMON,
         "checkpoint": Field(str, nullable=True, doc="a saved model / export / trainer checkpoint"),
-        "model": Component(nullable=True, doc="or build a model (e.g. zero-shot CLIP) when no checkpoint is given"),
+        "model": Component(nullable=True, doc="or build a model when no checkpoint is given", fields=MODEL_FIELDS),
         "data": Section({"synthetic": SYNTHETIC, "root": Field(str, nullable=True)}, nullable=True),
     },
     doc="evaluate a model",
