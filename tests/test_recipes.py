@@ -1,0 +1,263 @@
+"""Shipped recipes: every one validates; overrides work on them; the paper's hyper-parameters are pinned.
+
+Nothing heavy runs here: recipes are loaded and validated, the optimizer / schedule / training
+loader are built by the ``mote`` runner on the tiny random-weight CLIP (no downloads).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergekit_video.cli.commands import _load_validated
+from mergekit_video.cli.errors import UserError
+from mergekit_video.cli.main import main as cli_main
+from mergekit_video.config import ValidationError
+from mergekit_video.runners.schema import SCHEMAS
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+
+def _recipe(name: str) -> Path:
+    return REPO / "recipes" / name
+
+
+# ---------------------------------------------------------------------------------------------
+# every shipped recipe validates
+# ---------------------------------------------------------------------------------------------
+def test_all_expected_recipes_are_shipped():
+    names = {p.name for p in RECIPES}
+    expected = {
+        "mote_vitb16.yaml", "mote_vitl14.yaml", "text4vis_baseline_vitl14.yaml", "quickstart.yaml",
+        "zeroshot_ucf101.yaml", "zeroshot_hmdb51.yaml", "zeroshot_k600.yaml",
+        "fewshot_ucf101.yaml", "fewshot_hmdb51.yaml",
+    }
+    assert expected <= names, f"missing recipes: {sorted(expected - names)}"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_validates(path):
+    cfg = _load_validated(path, [])
+    assert cfg["runner"] in SCHEMAS
+    assert isinstance(cfg["output_dir"], str) and cfg["output_dir"]
+    # defaults are filled in: validation of the filled recipe still passes (a fixed point)
+    from mergekit_video.config import validate_recipe
+
+    validate_recipe(cfg, SCHEMAS[cfg["runner"]], source=str(path))
+    # everything a run writes goes under output_dir: the text cache of the quickstart included
+    if cfg.get("text", {}).get("cache_dir"):
+        assert cfg["text"]["cache_dir"].startswith(cfg["output_dir"])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_mergevid_validate_command(path, capsys):
+    assert cli_main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ok" in out and path.name in out.replace("\n", "")
+
+
+def test_zero_shot_recipes_have_three_splits_and_3x1_views():
+    for name, dataset in (("zeroshot_ucf101.yaml", "ucf101"), ("zeroshot_hmdb51.yaml", "hmdb51"), ("zeroshot_k600.yaml", "k600")):
+        cfg = _load_validated(_recipe(name), [])
+        ds = [d for d in cfg["eval"]["datasets"] if d["kind"] == "zero_shot"]
+        assert [d["name"] for d in ds] == [dataset]
+        assert len(ds[0]["splits"]) == 3
+        assert (ds[0]["num_clips"], ds[0]["num_crops"]) == (3, 1)
+    # K600's three splits each have their own 160 class names
+    k600 = _load_validated(_recipe("zeroshot_k600.yaml"), [])["eval"]["datasets"][0]
+    assert len({s["class_csv"] for s in k600["splits"]}) == 3
+    # the trade-off recipe: K400 4x3 + the three zero-shot datasets → HM_ZS and Trade-off
+    allcfg = _load_validated(_recipe("zeroshot_all.yaml"), [])
+    assert allcfg["eval"]["summary"] == {"close_set": "k400", "zero_shot": ["ucf101", "hmdb51", "k600"]}
+    k400 = allcfg["eval"]["datasets"][0]
+    assert (k400["num_clips"], k400["num_crops"]) == (4, 3)
+
+
+def test_few_shot_recipes():
+    for name in ("fewshot_ucf101.yaml", "fewshot_hmdb51.yaml"):
+        cfg = _load_validated(_recipe(name), [])
+        assert cfg["data"]["few_shot"]["shots"] in (2, 4, 8, 16)
+        assert all(d["kind"] == "few_shot" and (d["num_clips"], d["num_crops"]) == (1, 1) for d in cfg["eval"]["datasets"])
+        # output_dir follows the shot count through interpolation
+        cfg8 = _load_validated(_recipe(name), ["data.few_shot.shots=8"])
+        assert cfg8["output_dir"].endswith("_k8") and cfg8["data"]["few_shot"]["shots"] == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# overrides and key removal on real recipes
+# ---------------------------------------------------------------------------------------------
+def test_overrides_on_real_recipes(tmp_path):
+    cfg = _load_validated(
+        _recipe("mote_vitb16.yaml"),
+        ["optimizer.lr=1e-4", "data.batch_size=72", "eval.datasets.0.num_clips=1", "model.num_experts=2", "~model.tfm_gamma"],
+    )
+    assert cfg["optimizer"]["lr"] == 1e-4 and isinstance(cfg["optimizer"]["lr"], float)
+    assert cfg["data"]["batch_size"] == 72
+    assert cfg["eval"]["datasets"][0]["num_clips"] == 1 and cfg["eval"]["datasets"][0]["num_crops"] == 3
+    assert cfg["model"]["num_experts"] == 2
+    assert "tfm_gamma" not in cfg["model"]  # removed (components get no schema defaults)
+    # a removed schema key comes back with its default
+    cfg = _load_validated(_recipe("mote_vitl14.yaml"), ["~train.grad_checkpointing", "~eval.datasets"])
+    assert cfg["train"]["grad_checkpointing"] is False
+    assert cfg["eval"]["datasets"] == []
+    # ${output_dir} interpolation follows the override
+    q = _load_validated(QUICKSTART, [f"output_dir={tmp_path}/qs"])
+    assert q["text"]["cache_dir"] == f"{tmp_path}/qs/cache"
+    assert q["eval"]["datasets"][0]["list"] == f"{tmp_path}/qs/data/val.txt"
+    # removing the synthetic block and naming real lists
+    q = _load_validated(QUICKSTART, ["~data.synthetic", "data.root=/d", "data.train_list=/d/train.txt", "data.class_csv=/d/c.csv"])
+    assert "synthetic" not in q["data"] and q["data"]["train_list"] == "/d/train.txt"
+
+
+# ---------------------------------------------------------------------------------------------
+# validation errors name the key and the allowed values
+# ---------------------------------------------------------------------------------------------
+def _problems(overrides, recipe=QUICKSTART):
+    with pytest.raises(ValidationError) as e:
+        _load_validated(recipe, overrides)
+    return {p.path: p.message for p in e.value.problems}, str(e.value)
+
+
+def test_bad_runner_names_allowed_values():
+    with pytest.raises(UserError, match=r"key 'runner' must be one of mote, evaluate, compare, got 'motee' \(did you mean 'mote'\?\)"):
+        _load_validated(QUICKSTART, ["runner=motee"])
+
+
+def test_bad_choice_unknown_key_wrong_type_all_listed():
+    probs, text = _problems(["precision=fp8", "train.log_evry=3", "schedule.epochs=abc", "eval.datasets.1.kind=open_set", "data.num_frames=0"])
+    assert probs["precision"] == "'fp8' is not one of: 'auto', 'bf16', 'fp16', 'fp32'"
+    assert probs["train.log_evry"].startswith("unknown key; did you mean 'log_every'?")
+    assert "known keys here: grad_accumulation" in probs["train.log_evry"]
+    assert probs["schedule.epochs"] == "expected int, got str ('abc')"
+    assert probs["eval.datasets.1.kind"].startswith("'open_set' is not one of: 'close_set', 'zero_shot', 'few_shot'")
+    assert probs["data.num_frames"] == "must be >= 1, got 0"
+    assert text.splitlines()[0] == f"recipe {QUICKSTART} is invalid (5 problems):"
+
+
+def test_missing_required_and_bad_component():
+    probs, _ = _problems(["~objective", "model._component_=mergekit_video.models.no_such_builder"])
+    assert probs["objective"].startswith("is required")
+    assert probs["model._component_"].startswith("'mergekit_video.models' has no attribute 'no_such_builder'")
+    probs, _ = _problems(["model.num_expertz=4"])
+    assert probs["model.num_expertz"].startswith("unknown argument 'num_expertz' for mergekit_video.models.video_clip.build_video_clip; did you mean 'num_experts'?")
+
+
+def test_missing_recipe_file():
+    with pytest.raises(FileNotFoundError, match="recipe nope.yaml does not exist"):
+        _load_validated(Path("nope.yaml"), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's hyper-parameters (Table 6, §4.1) in the training recipes, and what the runner makes of them
+# ---------------------------------------------------------------------------------------------
+PAPER = [
+    # recipe, CLIP, epochs, temporal layers, experts
+    ("mote_vitb16.yaml", "ViT-B-16", 30, 4, 4),
+    ("mote_vitl14.yaml", "ViT-L-14", 20, 6, 4),
+    ("text4vis_baseline_vitl14.yaml", "ViT-L-14", 20, 6, 0),
+]
+
+
+@pytest.mark.parametrize("name,clip,epochs,layers,experts", PAPER, ids=[p[0].split(".")[0] for p in PAPER])
+def test_paper_hyper_parameters_in_recipe(name, clip, epochs, layers, experts):
+    cfg = _load_validated(_recipe(name), [])
+    o, s, d, m, obj = cfg["optimizer"], cfg["schedule"], cfg["data"], cfg["model"], cfg["objective"]
+    assert (o["name"], o["weight_decay"], list(o["betas"])) == ("adamw", 0.2, [0.9, 0.999])
+    assert (o["lr"], o["clip_lr"]) == (5e-5, 3e-6)
+    assert (s["epochs"], s["warmup_epochs"], s["min_lr_ratio"]) == (epochs, 5, 0.0)
+    assert (d["batch_size"], d["num_frames"], d["input_size"], d["sampling"], d["flip"]) == (144, 8, 224, "segment", True)
+    assert (m["clip_name"], m["pretrained"], m["temporal_layers"], m["num_experts"]) == (clip, "openai", layers, experts)
+    assert (m["tfm_k"], m["tfm_gamma"]) == (5, 0.05)
+    assert cfg["train"]["grad_accumulation"] == 1 and cfg["text"]["templates"] == "mote"
+    k400 = cfg["eval"]["datasets"][0]
+    assert (k400["kind"], k400["num_clips"], k400["num_crops"]) == ("close_set", 4, 3)
+    from mergekit_video.config import instantiate
+
+    objective = instantiate(obj, _path="objective")
+    if experts:
+        assert m["router"] == "multinomial" and m["merge"] == "mean" and m["expert_init"] == "normal"
+        assert (objective.wmr_weight, objective.mse_weight) == (0.5, 0.1)  # λ, η (Eq. 10)
+        assert objective.wmr.beta == 0.6
+        # τ ∈ {±0.6, ±1.2, ±2.4, ±4.8, ±9.6, ∞}
+        assert objective.wmr.candidates() == pytest.approx([-9.6, -4.8, -2.4, -1.2, -0.6, 0.6, 1.2, 2.4, 4.8, 9.6, math.inf])
+        assert cfg["eval"]["modulation"] == [False, True]
+    else:
+        assert (objective.wmr_weight, objective.mse_weight) == (0.0, 0.0)
+
+
+def _tiny_model(experts: int):
+    from mergekit_video.models import build_video_clip
+
+    torch.manual_seed(0)
+    return build_video_clip(clip_name="mergevid-tiny-vit", pretrained=None, temporal_layers=2, num_experts=experts)
+
+
+@pytest.mark.parametrize("name,clip,epochs,layers,experts", PAPER, ids=[p[0].split(".")[0] for p in PAPER])
+def test_runner_optimizer_and_schedule_follow_the_recipe(name, clip, epochs, layers, experts):
+    """AdamW with CLIP at 3e-6 and new parameters at 5e-5, wd 0.2; 5 warm-up epochs, cosine to 0 at the end."""
+    from mergekit_video.runners.mote import MoTERunner
+
+    cfg = _load_validated(_recipe(name), [])
+    runner = MoTERunner(cfg=cfg)
+    runner.model = _tiny_model(experts)  # the recipe's optimizer on a small model (no download)
+    runner.train_loader = [None] * 10  # 10 batches per epoch
+    opt, sched = runner._optimizer()
+    assert isinstance(opt, torch.optim.AdamW)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["clip"]["initial_lr"] == 3e-6 and groups["default"]["initial_lr"] == 5e-5
+    assert all(g["weight_decay"] == 0.2 and tuple(g["betas"]) == (0.9, 0.999) for g in opt.param_groups)
+    clip_names = set(groups["clip"]["param_names"])
+    assert clip_names and all(n.startswith("clip.") for n in clip_names)
+    assert all(n.startswith("head.") for n in groups["default"]["param_names"])
+    # every trainable parameter is optimised exactly once
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in runner.model.parameters() if p.requires_grad)
+    lam = sched.lr_lambdas[0]
+    assert (lam.warmup_steps, lam.total_steps) == (50, 10 * epochs)
+    assert lam(0) == pytest.approx(1 / 51) and lam(50) == 1.0 and lam(10 * epochs) == 0.0
+    assert lam(50 + (10 * epochs - 50) // 2) == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("name", ["mote_vitb16.yaml", "mote_vitl14.yaml"])
+def test_runner_training_loader_has_the_paper_augmentations(name, tmp_path):
+    """RandomResizedCrop area [0.08, 1], ratio [3/4, 4/3] to 224, flip 0.5, grayscale 0.2; 8 frames; batch 144."""
+    from mergekit_video.runners.mote import MoTERunner
+    from mergekit_video.training.distributed import DistInfo
+
+    (tmp_path / "train.txt").write_text("".join(f"v{i}.mp4 {i % 400}\n" for i in range(300)))
+    cfg = _load_validated(_recipe(name), [f"data.root={tmp_path}", f"data.train_list={tmp_path}/train.txt", "data.num_workers=0"])
+    runner = MoTERunner(cfg=cfg)
+    runner.dist = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    runner.device = torch.device("cpu")
+    runner.data_cfg = cfg["data"]
+    runner.train_class_names = [f"c{i}" for i in range(400)]
+    loader = runner._train_loader()
+    ds, tf = loader.dataset, loader.dataset.transform
+    assert (loader.batch_size, loader.drop_last, len(loader)) == (144, True, 2)
+    assert (ds.train, ds.num_frames, ds.sampling, ds.on_error) == (True, 8, "segment", "resample")
+    assert (tf.size, tf.scale, tf.ratio, tf.flip_p, tf.grayscale_p) == (224, (0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.2)
+    # the total batch is split over processes × accumulation steps
+    runner.dist = DistInfo(1, 3, 1, torch.device("cpu"), "gloo")
+    assert runner._train_loader().batch_size == 48
+    runner.cfg = {**cfg, "train": {**cfg["train"], "grad_accumulation": 5}}
+    with pytest.raises(ValueError, match=r"data.batch_size=144 is the total batch; it must be divisible by processes \(3\) × train.grad_accumulation \(5\)"):
+        runner._train_loader()
+
+
+def test_quickstart_recipe_is_offline_and_small():
+    cfg = _load_validated(QUICKSTART, [])
+    assert cfg["model"]["clip_name"] == "mergevid-tiny-vit" and cfg["model"]["pretrained"] is None
+    assert cfg["data"]["synthetic"] and cfg["runner"] == "mote"
+    syn = cfg["data"]["synthetic"]
+    per_epoch = syn["num_classes"] * syn["videos_per_class"] // cfg["data"]["batch_size"]
+    assert 200 <= per_epoch * cfg["schedule"]["epochs"] <= 400  # "a few hundred steps"
+    assert cfg["eval"]["modulation"] == [False, True]
+    merges = [m["name"] for m in cfg["eval"]["compare"]["merges"]]
+    assert "temperature_softmax" in merges and "ensemble" in merges
+    assert cfg["eval"]["compare"]["experts"] and cfg["eval"]["compare"]["logit_ensemble"]
+    assert {d["kind"] for d in cfg["eval"]["datasets"]} == {"close_set", "zero_shot"}
