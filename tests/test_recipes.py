@@ -139,6 +139,12 @@ def test_bad_choice_unknown_key_wrong_type_all_listed():
     assert text.splitlines()[0] == f"recipe {QUICKSTART} is invalid (5 problems):"
 
 
+def test_component_argument_choices_come_from_the_registries():
+    probs, _ = _problems(["model.router=bogus", "model.merge=avg"])
+    assert probs["model.router"] == "'bogus' is not one of: 'fixed', 'multinomial', 'random', 'topk'"
+    assert probs["model.merge"].startswith("'avg' is not one of: ") and "'mean'" in probs["model.merge"] and "'temperature_softmax'" in probs["model.merge"]
+
+
 def test_missing_required_and_bad_component():
     probs, _ = _problems(["~objective", "model._component_=mergekit_video.models.no_such_builder"])
     assert probs["objective"].startswith("is required")
