@@ -141,7 +141,9 @@ def test_bad_choice_unknown_key_wrong_type_all_listed():
 
 def test_component_argument_choices_come_from_the_registries():
     probs, _ = _problems(["model.router=bogus", "model.merge=avg"])
-    assert probs["model.router"] == "'bogus' is not one of: 'fixed', 'multinomial', 'random', 'topk'"
+    # (plugins may register more routers, so the built-ins are checked, not the whole list)
+    assert probs["model.router"].startswith("'bogus' is not one of: ")
+    assert all(f"'{r}'" in probs["model.router"] for r in ("fixed", "multinomial", "random", "topk"))
     assert probs["model.merge"].startswith("'avg' is not one of: ") and "'mean'" in probs["model.merge"] and "'temperature_softmax'" in probs["model.merge"]
 
 
