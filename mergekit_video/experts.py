@@ -209,6 +209,16 @@ class ExpertContainer(nn.Module):
         """Drop the cached merge (needed only after writing expert tensors through ``.data``)."""
         object.__setattr__(self, "_merge_cache", None)
 
+    def train(self, mode: bool = True) -> ExpertContainer:
+        """Switching to training mode drops the cached merge: the experts are about to change.
+
+        Tensor version counters already catch in-place updates; this also covers updates
+        that bypass them (writes through ``.data``, kernels that do not bump versions).
+        """
+        if mode:
+            self.invalidate_merge()
+        return super().train(mode)
+
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
         """Change the eval merge strategy (invalidates the cache)."""
         resolve_strategy(strategy)

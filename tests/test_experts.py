@@ -150,6 +150,16 @@ def test_merge_cache_invalidation():
     c.double()
     c(x.double())
     assert c.merge_count == 6 and c.merged_module().fc1.weight.dtype == torch.float64
+    # a train() → eval() round trip always re-merges, even after writes no version counter saw
+    with torch.no_grad():
+        c.experts[2].fc2.bias.data -= 1.0
+    c.train()
+    c.eval()
+    c(x.double())
+    assert c.merge_count == 7
+    dense.load_state_dict({k: v.double() for k, v in mean_sd(c.experts).items()})
+    dense.double()
+    assert maxdiff(c(x.double()), dense(x.double())) <= 1e-9
 
 
 def test_merge_cached_under_inference_mode_still_supports_autograd():
