@@ -163,11 +163,17 @@ def convert_cmd(
     from ..models.checkpoint import save_model
     from ..models.convert import convert_official, load_official_checkpoint
 
+    from ..models.convert import ConversionError
+
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    model = convert_official(
-        load_official_checkpoint(checkpoint), clip_name=clip_name, clip_pretrained=clip_pretrained, interpolate_alpha=interpolate_alpha
-    )
+    try:
+        ckpt = load_official_checkpoint(checkpoint)
+    except (FileNotFoundError, ConversionError):
+        raise
+    except Exception as e:  # torch.load of a foreign file fails with pickle internals (e.g. "KeyError: 101")
+        raise UserError(f"{checkpoint} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    model = convert_official(ckpt, clip_name=clip_name, clip_pretrained=clip_pretrained, interpolate_alpha=interpolate_alpha)
     save_model(model, output, overwrite=overwrite)
     cfg = model.config
     _console().print(

@@ -1,0 +1,227 @@
+"""``mergevid``: fast help, version, one-line errors (``--debug`` for the traceback), convert → export → open_clip."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mergekit_video
+from mergekit_video.cli.main import main as cli_main
+from official_reference import RefVideoCLIP, RefVideoHeader, RefVisualTransformer
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+HEAVY = ("torch", "open_clip", "decord", "av", "matplotlib", "timm", "numpy", "safetensors", "einops")
+
+
+def _mergevid(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script's entry point in a fresh interpreter."""
+    code = "import sys; from mergekit_video.cli.main import main; sys.exit(main())"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})}, cwd=cwd or REPO,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# help and version stay light
+# ---------------------------------------------------------------------------------------------
+def test_help_imports_nothing_heavy():
+    """Building the app and rendering every command's help imports no torch / open_clip / decord / av."""
+    code = f"""
+import sys, click, typer.main
+from mergekit_video.cli.main import app
+cmd = typer.main.get_command(app)
+ctx = click.Context(cmd, info_name="mergevid")
+text = cmd.get_help(ctx)
+names = sorted(cmd.list_commands(ctx))
+for name in names:
+    sub = cmd.get_command(ctx, name)
+    sub.get_help(click.Context(sub, info_name=name, parent=ctx))
+    if isinstance(sub, click.Group):
+        for leaf in sub.list_commands(ctx):
+            c = sub.get_command(ctx, leaf)
+            c.get_help(click.Context(c, info_name=leaf, parent=ctx))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
+print(",".join(names))
+print("HEAVY:" + ",".join(heavy))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    names, heavy = res.stdout.strip().splitlines()[-2:]
+    assert heavy == "HEAVY:", f"--help imported heavy modules: {heavy}"
+    assert {"run", "eval", "validate", "ls", "convert", "export", "bench", "data"} <= set(names.split(","))
+
+
+def test_help_and_version_from_the_command_line():
+    res = _mergevid("--help")
+    assert res.returncode == 0 and "Usage" in res.stdout and "run" in res.stdout and "bench" in res.stdout
+    res = _mergevid("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"mergevid {mergekit_video.__version__}"
+    res = _mergevid("bench", "--help")
+    assert res.returncode == 0 and "head" in res.stdout and "train" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: one clear message, exit code 1, no traceback unless --debug
+# ---------------------------------------------------------------------------------------------
+def _assert_one_message(res: subprocess.CompletedProcess, message: str) -> None:
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr + res.stdout
+    first = res.stderr.strip().splitlines()[0]
+    assert first.startswith(f"error: {message}"), res.stderr
+    assert "--debug" in res.stderr
+
+
+def test_missing_recipe_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    _assert_one_message(_mergevid("run", "no_such_recipe.yaml", cwd=tmp_path), "recipe no_such_recipe.yaml does not exist")
+    res = _mergevid("--debug", "run", "no_such_recipe.yaml", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "Traceback (most recent call last)" in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "FileNotFoundError: recipe no_such_recipe.yaml does not exist"
+    # MERGEVID_DEBUG=1 does the same
+    res = _mergevid("validate", "no_such_recipe.yaml", env={"MERGEVID_DEBUG": "1"}, cwd=tmp_path)
+    assert "Traceback (most recent call last)" in res.stderr
+
+
+def test_unknown_registry_in_ls():
+    _assert_one_message(_mergevid("ls", "routerz"), "unknown registry 'routerz'; did you mean 'routers'? (known: routers, merges, regularizers, runners")
+    res = _mergevid("ls", "runners")
+    assert res.returncode == 0 and all(r in res.stdout for r in ("mote", "evaluate", "compare"))
+
+
+def test_invalid_recipe_lists_problems_without_traceback(capsys):
+    rc = cli_main(["validate", str(QUICKSTART), "precision=fp8", "train.log_evry=1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    lines = [ln.strip() for ln in err.strip().splitlines()]
+    assert lines[0] == f"error: recipe {QUICKSTART} is invalid (2 problems):"
+    assert "- precision: 'fp8' is not one of: 'auto', 'bf16', 'fp16', 'fp32'" in lines
+    assert any(ln.startswith("- train.log_evry: unknown key; did you mean 'log_every'?") for ln in lines)
+    # a bad override is named too
+    rc = cli_main(["validate", str(QUICKSTART), "train"])
+    assert rc == 1 and "override 'train' is neither 'key=value' nor '~key'" in capsys.readouterr().err
+
+
+def test_convert_rejects_non_mote_files(tmp_path, capsys):
+    foreign = tmp_path / "resnet.pt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, foreign)
+    assert cli_main(["convert", "mote-official", str(foreign), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {foreign} is not an official MoTE checkpoint (expected model_state_dict and fusion_model_state_dict; found ['state_dict'])")
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("hello")
+    assert cli_main(["convert", "mote-official", str(garbage), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {garbage} is not a readable PyTorch checkpoint")
+    assert cli_main(["convert", "mote-official", str(tmp_path / "missing.pt"), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: official checkpoint {tmp_path / 'missing.pt'} does not exist")
+    assert cli_main(["export", str(foreign), str(tmp_path / "out")]) == 1
+    assert "is not a mergekit_video model directory or checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# convert an official checkpoint, export it dense, load the export into plain open_clip
+# ---------------------------------------------------------------------------------------------
+def _official_checkpoint(*, experts=4, classes=7, seed=0):
+    """An official-format MoTE checkpoint of the tiny ViT (32 px, patch 8, width 64, 2 temporal layers)."""
+    torch.manual_seed(seed)
+    visual = RefVisualTransformer(32, 8, 64, 2, 64)
+    clip = RefVideoCLIP(visual)
+    head = RefVideoHeader(64, 2, experts, classes)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+        head.spe_cls_feature.copy_(F.normalize(torch.randn(classes, 64), dim=-1))
+        for blk in head.transformer.resblocks:
+            blk.mlp.mote_fusion_weight.zero_()
+    ckpt = {
+        "epoch": 19,
+        "model_state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()},
+        "fusion_model_state_dict": {f"module.{k}": v for k, v in head.state_dict().items()},
+        "optimizer_state_dict": {"state": {}, "param_groups": []},
+    }
+    return ckpt, clip.eval(), head.eval()
+
+
+def _digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(directory.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_convert_export_dense_and_load_into_open_clip(tmp_path, capsys):
+    import open_clip
+    from safetensors.torch import load_file
+
+    from mergekit_video.models import build_video_clip, load
+    from mergekit_video.models.clip import register_bundled_model_configs
+
+    ckpt, ref_clip, ref_head = _official_checkpoint()
+    src = tmp_path / "mote_official.pt"
+    torch.save(ckpt, src)
+    converted, dense = tmp_path / "converted", tmp_path / "dense"
+
+    assert cli_main(["convert", "mote-official", str(src), str(converted)]) == 0
+    out = capsys.readouterr().out
+    assert "mergevid-tiny-vit + 2-layer head, 4 experts, 7 source classes" in out.replace("\n", " ")
+    model = load(converted)
+    torch.manual_seed(1)
+    frames = torch.randn(2, 8, 3, 32, 32)
+    cls = F.normalize(torch.randn(5, 64), dim=-1)
+    with torch.no_grad():
+        ref_logits = ref_head(ref_clip.encode_image(frames), cls, modulation=True)
+        ours = model(frames, cls, modulation=True)
+    assert (ours - ref_logits).abs().max() < 1e-4
+
+    # refusing to overwrite: the existing output stays byte-identical
+    before = _digest(converted)
+    assert cli_main(["convert", "mote-official", str(src), str(converted)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {converted} exists; pass --overwrite to replace it")
+    assert _digest(converted) == before
+    assert cli_main(["convert", "mote-official", str(src), str(converted), "--overwrite"]) == 0
+    capsys.readouterr()
+
+    # dense export: the baseline's structure and keys, the merged model's outputs
+    assert cli_main(["export", str(converted), str(dense), "--dense"]) == 0
+    assert "exported dense" in capsys.readouterr().out
+    dense_model = load(dense)
+    assert dense_model.config["head"]["num_experts"] == 0
+    assert dense_model.config["exported_from"] == {"num_experts": 4, "merge": "mean"}
+    baseline = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=0)
+    head_sd = load_file(str(dense / "head.safetensors"))
+    base_sd = {k: v for k, v in baseline.head.state_dict().items()}
+    assert set(head_sd) - {"source_class_features"} == set(base_sd) - {"source_class_features"}
+    assert all(head_sd[k].shape == base_sd[k].shape for k in base_sd if k != "source_class_features")
+    with torch.no_grad():
+        for tfm in (False, True):
+            merged = model(frames, cls, modulation=tfm)
+            assert (dense_model(frames, cls, modulation=tfm) - merged).abs().max() < 1e-5
+
+    # clip.safetensors loads strictly into plain open_clip and encodes frames as our model does
+    register_bundled_model_configs()
+    oc = open_clip.create_model(dense_model.model_name, pretrained=None)
+    oc.load_state_dict(load_file(str(dense / "clip.safetensors")), strict=True)
+    oc.eval()
+    with torch.no_grad():
+        e_oc = oc.encode_image(frames.flatten(0, 1)).view(2, 8, -1)
+        assert (e_oc - dense_model.encode_frames(frames)).abs().max() < 1e-5
+        assert (e_oc - ref_clip.encode_image(frames)).abs().max() < 1e-4
+
+    before = _digest(dense)
+    assert cli_main(["export", str(converted), str(dense), "--dense"]) == 1
+    assert "exists" in capsys.readouterr().err and _digest(dense) == before
+    assert cli_main(["export", str(converted), str(dense), "--dense", "--overwrite"]) == 0
+    # a plain (non-dense) export keeps the experts
+    assert cli_main(["export", str(converted), str(tmp_path / "copy")]) == 0
+    assert load(tmp_path / "copy").config["head"]["num_experts"] == 4
