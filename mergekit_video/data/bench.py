@@ -11,9 +11,13 @@ with the same DataLoader harness (same videos, order, workers and batch size), i
   flip / grayscale per frame, per-frame ``to_tensor``, then normalise.
 
 Train pipelines draw the same frame indices for the same video (same per-item generator), so the
-floor decodes exactly the frames the others decode. Passes are interleaved across pipelines and
-the median of ``repeats`` timed rounds (after a warm-up round) is reported; ratios are medians of
-per-round ratios, which pairs passes run back to back and so resists load from other processes.
+floor decodes exactly the frames the others decode. A round runs every pipeline, back to back, on
+the same chunk of ``batch_size`` videos (order alternating between rounds); ``repeats`` sweeps over
+all chunks follow a warm-up sweep. Costs are CPU seconds (the worker's own clock, all threads, plus
+the main process), so other load on a shared machine inflates them far less than wall time; ratios
+are medians of per-round ratios, pairing passes that ran seconds apart. Wall-clock figures are
+reported too. The harness measures the cost per core: with W workers, throughput scales up to
+W times until the cores are saturated.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def _stack_collate(batch: list[torch.Tensor]) -> torch.Tensor:
     return _stack(batch)
 
 
-def _batch_size(batch: Any) -> int:
+def _batch_size(batch: Any) -> int:  # noqa: D103
     return int(batch["label"].shape[0]) if isinstance(batch, dict) else int(batch.shape[0])
 
 
@@ -196,55 +200,74 @@ def _pipelines(records: list[VideoRecord], root: Path, *, num_frames: int, input
     }
 
 
-def _proc_cpu_seconds(pid: int) -> float | None:
-    """user+system CPU seconds of a process (all its threads), from /proc; None where unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+class _ChunkSampler(torch.utils.data.Sampler):
+    """Yields the indices currently set; lets one persistent loader run pass after pass over chosen videos."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(list(self.indices))
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
-def _cpu_now(loader: DataLoader) -> float | None:
-    """CPU seconds used so far by this process plus the loader's worker processes."""
-    total = time.process_time()
-    it = getattr(loader, "_iterator", None)
-    for w in getattr(it, "_workers", []) or []:
-        cpu = _proc_cpu_seconds(w.pid)
-        if cpu is None:
-            return None
-        total += cpu
-    return total
+class _TimedCollate:
+    """Wraps a collate function; also returns the worker's CPU seconds (all threads) when the batch is ready."""
+
+    def __init__(self, collate: Callable) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: list) -> tuple[Any, float, int]:
+        return self.collate(batch), time.process_time(), os.getpid()
 
 
-def _measure_set(pipelines: dict[str, tuple[Dataset, Callable]], *, workers: int, batch_size: int, repeats: int,
+def _measure_set(pipelines: dict[str, tuple[Dataset, Callable]], *, num_videos: int, workers: int, batch_size: int, repeats: int,
                  log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """clips per wall second and clips per CPU second, per pass; rounds visit the pipelines in alternating order."""
-    loaders = {}
+    """clips per wall second and clips per CPU second, per pass.
+
+    A round runs every pipeline on the same chunk of ``batch_size`` videos, back to back, in an order
+    that alternates between rounds; ``repeats`` sweeps over all chunks. CPU time is the worker's own
+    clock (all its threads, read at the end of each collate) plus the main process's.
+    """
+    loaders, samplers = {}, {}
     for name, (ds, collate) in pipelines.items():
+        samplers[name] = _ChunkSampler()
         kwargs = {"persistent_workers": True} if workers > 0 else {}
-        loaders[name] = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate, **kwargs)
+        loaders[name] = DataLoader(ds, batch_size=batch_size, sampler=samplers[name], num_workers=workers,
+                                   collate_fn=_TimedCollate(collate), **kwargs)
     wall: dict[str, list[float]] = {name: [] for name in loaders}
     cpu: dict[str, list[float]] = {name: [] for name in loaders}
+    last_cpu: dict[tuple[str, int], float] = {}
     names = list(loaders)
+    chunks = [list(range(i, min(i + batch_size, num_videos))) for i in range(0, num_videos, batch_size)]
+    rounds = [(0, c) for c in chunks] + [(r, c) for r in range(1, repeats + 1) for c in chunks]  # sweep 0 warms up
     try:
-        for rep in range(repeats + 1):  # round 0 warms the page cache and starts the workers
-            order = names if rep % 2 == 0 else names[::-1]
+        for k, (rep, chunk) in enumerate(rounds):
+            order = names if k % 2 == 0 else names[::-1]
             for name in order:
-                loader = loaders[name]
-                c0, t0, n = _cpu_now(loader), time.perf_counter(), 0  # persistent workers are up after round 0
-                iterator = iter(loader)
-                for batch in iterator:
+                samplers[name].indices = chunk
+                m0, t0, n, used = time.process_time(), time.perf_counter(), 0, 0.0
+                for batch, worker_cpu, pid in loaders[name]:
                     n += _batch_size(batch)
-                t1, c1 = time.perf_counter(), _cpu_now(loader)
+                    key = (name, pid)
+                    if workers == 0:
+                        pass
+                    elif key in last_cpu:
+                        used += worker_cpu - last_cpu[key]
+                    else:
+                        used = float("nan")  # first batch of a worker: no baseline yet
+                    last_cpu[key] = worker_cpu
+                t1, m1 = time.perf_counter(), time.process_time()
                 if rep > 0:
                     wall[name].append(n / (t1 - t0))
-                    if c0 is not None and c1 is not None and c1 > c0:
-                        cpu[name].append(n / (c1 - c0))
-            if rep > 0:
-                log(f"  round {rep}/{repeats} clips/s (wall | per CPU-s): "
-                    + ", ".join(f"{k} {wall[k][-1]:.1f}|{cpu[k][-1] if cpu[k] else float('nan'):.1f}" for k in names))
+                    total = used + (m1 - m0)
+                    if total == total and total > 0:  # not NaN
+                        cpu[name].append(n / total)
+        for name in names:
+            log(f"  {name:18s} clips/s wall {statistics.median(wall[name]):7.2f}   per CPU-s "
+                f"{statistics.median(cpu[name]) if cpu[name] else float('nan'):7.2f}   ({len(wall[name])} passes)")
     finally:
         for loader in loaders.values():
             it = getattr(loader, "_iterator", None)
@@ -350,10 +373,10 @@ def run_data_benchmark(
         log(f"measuring {name}: {desc}")
         pipes = _pipelines(records, root_dir, num_frames=num_frames, input_size=input_size, seed=seed)
         load_before = _loadavg()
-        wall, cpu = _measure_set(pipes, workers=workers, batch_size=batch_size, repeats=repeats, log=log)
+        wall, cpu = _measure_set(pipes, num_videos=len(records), workers=workers, batch_size=batch_size, repeats=repeats, log=log)
         entry = {"description": desc, "encoding": _keyframe_summary([root_dir / records[0].path]),
                  "load_average_before_after": [load_before, _loadavg()]}
-        if all(len(v) == repeats for v in cpu.values()):
+        if all(len(v) == len(wall[k]) for k, v in cpu.items()):
             entry.update(_summarise(cpu, workers))
             entry["basis"] = "clips per CPU second (workers + main process), robust to other load on the machine"
             entry["wall_clock"] = _summarise(wall, workers)

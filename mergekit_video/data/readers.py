@@ -341,26 +341,30 @@ class FrameFolderReader:
         return self._num_frames
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
-        """Decode the needed images (libjpeg-turbo through torchvision); uint8 ``[T, H, W, 3]``."""
-        from torchvision.io import ImageReadMode, decode_image, read_file
+        """Decode the needed images with PIL (JPEG draft mode shrinks at decode time); uint8 ``[T, H, W, 3]``."""
+        from PIL import Image
 
         uniq, inv = _plan(indices, self._num_frames, str(self.path))
         images = []
         for i in uniq.tolist():
             f = self.path / self.image_template.format(i + self.index_base)
             try:
-                images.append(decode_image(read_file(str(f)), mode=ImageReadMode.RGB))  # [3, H, W]
+                with Image.open(f) as im:
+                    if self.short_side:
+                        h, w = resize_dims(im.height, im.width, self.short_side)
+                        im.draft("RGB", (w, h))  # JPEG: decode at the smallest 1/2^k scale still >= (w, h)
+                    images.append(np.asarray(im.convert("RGB")))  # [H, W, 3]
             except Exception as e:  # noqa: BLE001
                 raise VideoReadError(f"{f}: cannot read frame ({type(e).__name__}: {_first_line(e)})", path=f) from e
-        if len({tuple(im.shape) for im in images}) > 1:
+        if len({im.shape for im in images}) > 1:
             raise VideoReadError(f"{self.path}: frames have different sizes", path=self.path)
-        frames = torch.stack(images)  # [N, 3, H, W]
+        frames = torch.from_numpy(np.stack(images))  # [N, H, W, 3]
         if self.short_side:
-            from torchvision.transforms.v2.functional import resize
+            h, w = resize_dims(frames.shape[1], frames.shape[2], self.short_side)
+            if (h, w) != tuple(frames.shape[1:3]):
+                from torchvision.transforms.v2.functional import resize
 
-            h, w = resize_dims(frames.shape[-2], frames.shape[-1], self.short_side)
-            frames = resize(frames, [h, w], antialias=True)
-        frames = frames.permute(0, 2, 3, 1)  # [N, H, W, 3] view
+                frames = resize(frames.permute(0, 3, 1, 2), [h, w], antialias=True).permute(0, 2, 3, 1)  # channels-last view
         return frames if inv is None else frames[torch.from_numpy(inv)]
 
     def close(self) -> None:

@@ -1,0 +1,231 @@
+"""VideoDataset: items, multi-view protocols, determinism, annotation formats, few-shot, bad-data policies."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from data_helpers import frame_ids, tiny_synthetic, write_bad_files, write_frame_folder, write_level_video  # noqa: F401
+
+from mergekit_video.data import (VideoDataset, VideoReadError, VideoRecord, build_loader, collate_videos, few_shot_subset,
+                                 read_annotation_list, read_class_names)
+from mergekit_video.data.datasets import LabelError
+from mergekit_video.data.watchdog import ReadTimeoutError
+
+
+def make(ds_info, **kw):
+    kw.setdefault("list_file", ds_info.train_list)
+    kw.setdefault("root", ds_info.root)
+    kw.setdefault("class_names", ds_info.class_names)
+    kw.setdefault("input_size", 32)
+    kw.setdefault("num_frames", 4)
+    return VideoDataset(**kw)
+
+
+def test_train_and_test_items(tiny_synthetic):
+    tr = make(tiny_synthetic, train=True)
+    assert len(tr) == 9 and tr.on_error == "resample"
+    item = tr[4]
+    assert item["frames"].shape == (4, 3, 32, 32) and item["frames"].dtype == torch.float32
+    assert item["label"] == tr.records[4].label and item["index"] == 4
+    te = make(tiny_synthetic, list_file=tiny_synthetic.val_list, train=False, num_clips=4, num_crops=3, short_side=40)
+    assert te.on_error == "raise" and te.num_views == 12
+    assert te[0]["frames"].shape == (12, 4, 3, 32, 32)  # 4x3 close-set views
+    zs = make(tiny_synthetic, list_file=tiny_synthetic.novel_list, class_names=tiny_synthetic.novel_class_names, train=False,
+              num_clips=3, num_crops=1)
+    assert zs[0]["frames"].shape == (3, 4, 3, 32, 32)  # 3x1 zero-shot views
+    u8 = make(tiny_synthetic, train=True, normalize=False)[4]["frames"]
+    assert u8.dtype == torch.uint8 and u8.shape == (4, 3, 32, 32)
+
+
+def test_views_are_clip_major(tiny_synthetic):
+    kw = {"list_file": tiny_synthetic.val_list, "train": False, "short_side": 40}
+    v43 = make(tiny_synthetic, num_clips=4, num_crops=3, **kw)[1]["frames"]
+    v41 = make(tiny_synthetic, num_clips=4, num_crops=1, **kw)[1]["frames"]
+    v13 = make(tiny_synthetic, num_clips=1, num_crops=3, **kw)[1]["frames"]
+    grid = v43.view(4, 3, *v43.shape[1:])  # [clip, crop, T, 3, H, W]
+    assert torch.equal(grid[:, 1], v41)  # the centre crop of every clip
+    assert not torch.equal(grid[0, 0], grid[0, 2])  # left and right crops differ (landscape 48x64 frames)
+    assert v13.shape == (3, 4, 3, 32, 32)
+
+
+def test_items_are_reproducible_from_seed_epoch_and_index(tiny_synthetic):
+    a, b = make(tiny_synthetic, train=True, seed=3), make(tiny_synthetic, train=True, seed=3)
+    assert torch.equal(a[(2, 5)]["frames"], b[(2, 5)]["frames"])
+    assert torch.equal(a[2]["frames"], a[(2, 0)]["frames"])
+    assert not torch.equal(a[(2, 5)]["frames"], a[(2, 6)]["frames"])  # another epoch, another view
+    assert not torch.equal(a[(2, 5)]["frames"], make(tiny_synthetic, train=True, seed=4)[(2, 5)]["frames"])
+
+
+def test_same_batches_whatever_the_worker_count(tiny_synthetic):
+    ds = make(tiny_synthetic, train=True, seed=1)
+    runs = []
+    for workers in (0, 2):
+        loader = build_loader(ds, batch_size=4, num_workers=workers, shuffle=True, seed=11, drop_last=False, persistent_workers=False)
+        loader.sampler.set_epoch(2)
+        runs.append(list(loader))
+    assert len(runs[0]) == len(runs[1]) == 3
+    for x, y in zip(*runs):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["frames"], y["frames"]) and x["failed"] == []
+    assert runs[0][0]["frames"].shape == (4, 4, 3, 32, 32)
+
+
+def test_resume_mid_epoch_reproduces_the_remaining_batches(tiny_synthetic):
+    ds = make(tiny_synthetic, train=True, seed=2)
+    full = build_loader(ds, batch_size=2, num_workers=0, shuffle=True, seed=5, drop_last=True)
+    full.sampler.set_epoch(1)
+    want = list(full)
+    resumed = build_loader(ds, batch_size=2, num_workers=0, shuffle=True, seed=5, drop_last=True)
+    resumed.sampler.set_epoch(1)
+    resumed.sampler.set_start(4)  # two batches done
+    got = list(resumed)
+    assert len(got) == len(want) - 2
+    for x, y in zip(got, want[2:]):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["frames"], y["frames"])
+
+
+def test_annotation_lists_and_class_csv(tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text("# comment\nclass a/my video.mp4 3\n\nb/x.mp4 0\n")
+    recs = read_annotation_list(lst)
+    assert recs == [VideoRecord("class a/my video.mp4", 3), VideoRecord("b/x.mp4", 0)]
+    frames = tmp_path / "frames.txt"
+    frames.write_text("vids/a 120 2\n")
+    assert read_annotation_list(frames, "frames") == [VideoRecord("vids/a", 2, 120)]
+    lst.write_text("a.mp4 zero\n")
+    with pytest.raises(ValueError, match=r"list.txt:1"):
+        read_annotation_list(lst)
+    csv = tmp_path / "labels.csv"
+    csv.write_text('id,name\n1,"Baby, Crawling"\n0,Archery\n')
+    assert read_class_names(csv) == ["Archery", "Baby, Crawling"]
+    csv.write_text("id,name\n0,a\n2,c\n")
+    with pytest.raises(ValueError, match="missing"):
+        read_class_names(csv)
+    csv.write_text("id,name\n0,a\n0,b\n")
+    with pytest.raises(ValueError, match="duplicate"):
+        read_class_names(csv)
+
+
+def test_frame_folder_dataset_and_short_videos_loop(tmp_path):
+    write_frame_folder(tmp_path / "v0", 5)
+    write_frame_folder(tmp_path / "v1", 20)
+    lst = tmp_path / "frames.txt"
+    lst.write_text("v0 5 0\nv1 20 1\n")
+    ds = VideoDataset(list_file=lst, root=tmp_path, list_format="frames", num_frames=8, train=False, input_size=16, normalize=False)
+    assert ds.backend == "frames"
+    reader_frames = ds._decode(ds.records[0], torch.Generator())
+    assert frame_ids(reader_frames) == [0, 1, 2, 3, 4, 0, 1, 2]  # 5 frames, T=8: loops
+    assert frame_ids(ds._decode(ds.records[1], torch.Generator())) == [1, 3, 6, 8, 11, 13, 16, 18]  # segment centres
+    assert ds[1]["frames"].shape == (1, 8, 3, 16, 16)
+
+
+def test_few_shot_subset_is_seeded_and_repeats_to_full_size():
+    recs = [VideoRecord(f"c{c}/{i}.mp4", c) for c in range(5) for i in range(20)]
+    a = few_shot_subset(recs, shots=4, seed=7, repeat_to_full=False)
+    assert len(a) == 20 and all(sum(r.label == c for r in a) == 4 for c in range(5))
+    assert a == few_shot_subset(list(reversed(recs))[::-1], shots=4, seed=7, repeat_to_full=False)  # same on every rank
+    assert a != few_shot_subset(recs, shots=4, seed=8, repeat_to_full=False)
+    full = few_shot_subset(recs, shots=4, seed=7)
+    assert len(full) == 100 and full[:20] == a and full[20:40] == a  # 100 // 20 = 5 copies
+    with pytest.raises(ValueError, match="fewer than shots"):
+        few_shot_subset(recs, shots=21, seed=0)
+
+
+def test_few_shot_of_a_dataset_keeps_its_settings(tiny_synthetic):
+    ds = make(tiny_synthetic, train=True)
+    sub = few_shot_subset(ds, shots=2, seed=0)
+    assert isinstance(sub, VideoDataset) and len(sub) == 6 and sub.num_frames == ds.num_frames
+    assert sub[0]["frames"].shape == (4, 3, 32, 32)
+
+
+@pytest.fixture()
+def bad_list(tmp_path, tiny_synthetic):
+    """Two good videos then: truncated, zero-byte, text-as-mp4, missing, and a label out of range."""
+    bad = write_bad_files(tmp_path / "bad")
+    good = [r for r in read_annotation_list(tiny_synthetic.train_list)][:2]
+    lines = [f"{tiny_synthetic.root / r.path} {r.label}" for r in good]
+    lines += [f"{bad[k]} 0" for k in ("truncated", "zero", "text", "missing")]
+    lines.append(f"{tiny_synthetic.root / good[0].path} 7")  # label 7 with 3 classes
+    lst = tmp_path / "bad.txt"
+    lst.write_text("\n".join(lines) + "\n")
+    return lst, bad
+
+
+def bad_dataset(bad_list, tiny_synthetic, **kw):
+    return VideoDataset(list_file=bad_list[0], root="/", class_names=tiny_synthetic.class_names, num_frames=4, input_size=16, **kw)
+
+
+def test_on_error_raise_names_the_file(bad_list, tiny_synthetic):
+    ds = bad_dataset(bad_list, tiny_synthetic, train=False)
+    assert ds.on_error == "raise"
+    for i, kind in zip(range(2, 6), ("truncated", "zero", "text", "missing")):
+        with pytest.raises(VideoReadError, match=str(bad_list[1][kind])):
+            ds[i]
+    with pytest.raises(LabelError, match="label 7 out of range for 3 classes"):
+        ds[6]
+    assert ds.error_count == 5 and [f.action for f in ds.failures] == ["raise"] * 5
+
+
+def test_on_error_skip_drops_items_and_reports_their_paths(bad_list, tiny_synthetic):
+    ds = bad_dataset(bad_list, tiny_synthetic, train=False, on_error="skip")
+    assert ds[0] is not None and ds[3] is None
+    loader = build_loader(ds, batch_size=4, num_workers=2, shuffle=False, seed=0, drop_last=False, persistent_workers=False)
+    batches = list(loader)
+    assert [b["frames"].shape[0] for b in batches] == [2, 0]
+    failed = [p for b in batches for p in b["failed"]]
+    bad = bad_list[1]
+    assert sorted(failed[:2]) == sorted([str(bad["truncated"]), str(bad["zero"])])
+    assert set(failed) == {str(bad[k]) for k in ("truncated", "zero", "text", "missing")} | {ds.records[6].path}
+    assert len(failed) == 5 and batches[1]["label"].numel() == 0
+    # in-process, the dataset keeps the records
+    assert collate_videos([ds[2], ds[0]])["failed"] == [str(bad["truncated"])]
+    assert ds.error_count == 2
+
+
+def test_on_error_resample_logs_once_and_is_deterministic(bad_list, tiny_synthetic, caplog):
+    ds = bad_dataset(bad_list, tiny_synthetic, train=True, seed=4)
+    assert ds.on_error == "resample"
+    with caplog.at_level(logging.WARNING, logger="mergekit_video.data"):
+        items = [ds[(i, 0)] for i in range(7)] + [ds[(3, 0)]]
+    assert all(it is not None and it["frames"].shape == (4, 3, 16, 16) for it in items)
+    assert all(it["index"] in (0, 1) for it in items[2:])  # replaced by a good video
+    assert torch.equal(items[3]["frames"], items[-1]["frames"])  # same key, same replacement
+    paths = [f.path for f in ds.failures]
+    assert ds.error_count == len(paths) >= 5
+    logged = [r for r in caplog.records if "bad video" in r.getMessage()]
+    assert len(logged) == len(set(paths))  # once per file
+    batch = collate_videos([ds[(2, 1)], ds[(0, 1)]])
+    assert batch["frames"].shape[0] == 2 and str(bad_list[1]["truncated"]) in batch["resampled"]
+
+
+def test_hung_reads_hit_the_time_limit(tmp_path, tiny_synthetic, monkeypatch):
+    import time
+
+    import mergekit_video.data.datasets as datasets_mod
+
+    def stuck(*args, **kwargs):
+        time.sleep(2)
+
+    ds = make(tiny_synthetic, train=False, read_timeout_s=0.2)
+    monkeypatch.setattr(datasets_mod, "open_video", stuck)
+    t0 = time.perf_counter()
+    with pytest.raises(ReadTimeoutError, match=str(ds.path_of(0))):
+        ds[0]
+    ds.on_error = "skip"
+    assert ds[1] is None
+    assert time.perf_counter() - t0 < 1.5 and ds.error_count == 2
+
+
+def test_dataset_validates_arguments(tiny_synthetic):
+    with pytest.raises(ValueError, match="num_clips and num_crops must be 1"):
+        make(tiny_synthetic, train=True, num_clips=2)
+    with pytest.raises(ValueError, match="on_error"):
+        make(tiny_synthetic, train=False, on_error="ignore")
+    with pytest.raises(ValueError, match="list_format"):
+        make(tiny_synthetic, train=False, list_format="csv")
+    with pytest.raises(FileNotFoundError):
+        make(tiny_synthetic, train=False, list_file=tiny_synthetic.root / "nope.txt")
+    with pytest.raises(IndexError):
+        make(tiny_synthetic, train=False)[99]
+    assert make(tiny_synthetic, train=False, class_names=tiny_synthetic.class_csv).class_names == tiny_synthetic.class_names

@@ -1,0 +1,72 @@
+"""VideoSampler (order, DDP shards, resume) and collate_videos."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergekit_video.data import VideoSampler, collate_videos
+from mergekit_video.data.failures import report_skipped
+
+
+def keys(s: VideoSampler) -> list[int]:
+    out = list(s)
+    assert all(e == s.epoch for _, e in out)
+    return [i for i, _ in out]
+
+
+def test_order_depends_only_on_seed_and_epoch():
+    a = VideoSampler(length=50, shuffle=True, seed=3)
+    b = VideoSampler(length=50, shuffle=True, seed=3)
+    assert keys(a) == keys(b) and sorted(keys(a)) == list(range(50)) and keys(a) != list(range(50))
+    a.set_epoch(1)
+    assert keys(a) != keys(b)
+    b.set_epoch(1)
+    assert keys(a) == keys(b)
+    assert keys(VideoSampler(length=5, shuffle=False, seed=0)) == [0, 1, 2, 3, 4]
+
+
+def test_ddp_shards_are_disjoint_and_padded_like_distributed_sampler():
+    shards = [VideoSampler(length=10, shuffle=True, seed=1, num_replicas=3, rank=r) for r in range(3)]
+    got = [keys(s) for s in shards]
+    assert all(len(g) == 4 for g in got) and all(len(s) == 4 for s in shards)  # ceil(10 / 3)
+    flat = sorted(i for g in got for i in g)
+    assert set(flat) == set(range(10)) and len(flat) == 12  # two videos repeated to pad
+    # every rank sees the same permutation, sliced rank::3
+    assert [got[r][k] for k in range(4) for r in range(3)][:10] == VideoSampler(length=10, shuffle=True, seed=1).order()
+    dropped = [keys(VideoSampler(length=10, shuffle=True, seed=1, num_replicas=3, rank=r, drop_last=True)) for r in range(3)]
+    assert all(len(g) == 3 for g in dropped) and len({i for g in dropped for i in g}) == 9
+    with pytest.raises(ValueError):
+        VideoSampler(length=10, shuffle=False, seed=0, num_replicas=2, rank=2)
+
+
+def test_set_start_skips_without_changing_the_order():
+    s = VideoSampler(length=20, shuffle=True, seed=0, num_replicas=2, rank=1)
+    s.set_epoch(4)
+    full = keys(s)
+    s.set_start(6)
+    assert keys(s) == full[6:] and len(s) == 4
+    s.set_epoch(4)  # same epoch: still resuming
+    assert len(s) == 4
+    s.set_epoch(5)  # next epoch starts from the top
+    assert len(s) == 10
+    with pytest.raises(ValueError):
+        s.set_start(11)
+
+
+def test_collate_stacks_and_reports_skipped_items():
+    items = [{"frames": torch.full((2, 3, 4, 4), float(i)), "label": i, "index": 10 + i} for i in range(3)]
+    report_skipped("/data/bad.mp4")
+    batch = collate_videos([items[0], None, items[1], items[2]])
+    assert batch["frames"].shape == (3, 2, 3, 4, 4) and batch["frames"][2, 0, 0, 0, 0] == 2.0
+    assert batch["label"].tolist() == [0, 1, 2] and batch["index"].tolist() == [10, 11, 12]
+    assert batch["failed"] == ["/data/bad.mp4"] and batch["label"].dtype == torch.long
+    assert collate_videos(items)["failed"] == []  # the report was consumed
+    with pytest.raises(ValueError, match="cannot batch"):
+        collate_videos([items[0], {"frames": torch.zeros(3, 3, 4, 4), "label": 0, "index": 0}])
+
+
+def test_collate_keeps_channels_last_uint8_batches_exact():
+    frames = [torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8).permute(0, 3, 1, 2) for _ in range(3)]
+    batch = collate_videos([{"frames": f, "label": 0, "index": i} for i, f in enumerate(frames)])["frames"]
+    assert batch.shape == (3, 2, 3, 5, 6) and torch.equal(batch, torch.stack(frames))

@@ -1,0 +1,119 @@
+"""Readers: the right frames for any index order, decord vs PyAV agreement, frame folders, bad files, time limit."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from data_helpers import frame_ids, level, write_bad_files, write_frame_folder, write_level_video, write_textured_video
+
+from mergekit_video.data import VideoReadError, open_video
+from mergekit_video.data.readers import decord_available
+from mergekit_video.data.watchdog import ReadTimeoutError, run_with_timeout
+
+BACKENDS = ["pyav"] + (["decord"] if decord_available() else [])
+
+
+@pytest.fixture(scope="module")
+def level_video(tmp_path_factory):
+    return write_level_video(tmp_path_factory.mktemp("lv") / "levels.mp4", 40, gop=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reader_returns_the_frames_asked_for_in_order(level_video, backend):
+    with open_video(level_video, backend=backend) as r:
+        assert r.num_frames == 40
+        idx = [5, 0, 17, 39, 5, 24, 8]  # unsorted, repeated, across several GOPs
+        frames = r.get_frames(idx)
+        assert frames.shape == (7, 48, 64, 3) and frames.dtype == torch.uint8
+        assert frame_ids(frames) == idx
+        assert frame_ids(r.get_frames([38, 2])) == [38, 2]  # a second call seeks back
+        with pytest.raises(IndexError):
+            r.get_frames([40])
+
+
+@pytest.mark.skipif(not decord_available(), reason="decord not installed")
+def test_pyav_and_decord_give_the_same_frames(tmp_path):
+    path = write_textured_video(tmp_path / "tex.mp4", 48, gop=12)
+    idx = [0, 3, 11, 12, 13, 30, 47, 20]
+    a = open_video(path, backend="decord").get_frames(idx).float()
+    b = open_video(path, backend="pyav").get_frames(idx).float()
+    assert a.shape == b.shape
+    assert (a - b).abs().mean().item() < 1.0  # same decoder and colour conversion: within decoding tolerance
+    # long GOP (x264 default 250 > length): every frame depends on frame 0
+    path = write_textured_video(tmp_path / "longgop.mp4", 40, gop=None)
+    a = open_video(path, backend="decord").get_frames([39, 1]).float()
+    b = open_video(path, backend="pyav").get_frames([39, 1]).float()
+    assert (a - b).abs().mean().item() < 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_time_short_side_resize(level_video, backend):
+    frames = open_video(level_video, backend=backend, short_side=32).get_frames([3, 9])
+    assert frames.shape == (2, 32, 43, 3)  # 48x64 -> 32 x round(64 * 32/48)
+    assert frame_ids(frames) == [3, 9]
+
+
+def test_frame_folder_reader(tmp_path):
+    folder = write_frame_folder(tmp_path / "vid", 12)
+    r = open_video(folder, backend="auto")
+    assert r.num_frames == 12
+    assert frame_ids(r.get_frames([11, 0, 4, 4])) == [11, 0, 4, 4]
+    assert open_video(folder, backend="frames", num_frames=10).num_frames == 10  # the list's count wins
+    assert open_video(folder, backend="frames", short_side=16).get_frames([1]).shape == (1, 16, 20, 3)
+    (folder / "img_00005.jpg").unlink()
+    with pytest.raises(VideoReadError, match="img_00005.jpg"):
+        r.get_frames([4])
+    with pytest.raises(VideoReadError, match="frame folder not found"):
+        open_video(tmp_path / "nope", backend="frames")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["truncated", "zero", "text", "missing"])
+def test_bad_files_raise_an_error_naming_the_file(tmp_path, backend, kind):
+    path = write_bad_files(tmp_path)[kind]
+    with pytest.raises(VideoReadError) as info:
+        with open_video(path, backend=backend) as r:
+            r.get_frames(list(range(0, r.num_frames, 3)))
+    assert str(path) in str(info.value) and info.value.path == str(path)
+
+
+def test_truncated_faststart_file_is_caught_by_pyav(tmp_path):
+    # moov atom first: the container opens, the sample table lists frames that are not in the file
+    import av
+    import numpy as np
+
+    path = tmp_path / "fs.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(30):
+            img = np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    for backend in BACKENDS:
+        with pytest.raises(VideoReadError, match="fs.mp4"):
+            open_video(path, backend=backend).get_frames([0, 29])
+
+
+def test_open_video_validates_backend(level_video):
+    with pytest.raises(ValueError, match="unknown video backend"):
+        open_video(level_video, backend="opencv")
+    assert frame_ids(open_video(level_video, backend="auto").get_frames([7])) == [7]
+    assert level(7) == 51
+
+
+def test_time_limit_abandons_a_stuck_read_and_recovers():
+    t0 = time.perf_counter()
+    with pytest.raises(ReadTimeoutError, match="stuck.mp4"):
+        run_with_timeout(lambda: time.sleep(3), 0.2, what="stuck.mp4")
+    assert time.perf_counter() - t0 < 1.5
+    assert run_with_timeout(lambda: 41 + 1, 5.0) == 42  # a fresh helper thread serves the next read
+    with pytest.raises(KeyError):
+        run_with_timeout(lambda: {}["x"], 5.0)  # errors from the read propagate unchanged
+    assert run_with_timeout(lambda: 7, None) == 7

@@ -1,0 +1,99 @@
+"""Frame sampling: TSN segments, multi-clip test views, dense clips; indices checked by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergekit_video.data import dense_indices, multi_clip_indices, segment_indices
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_segment_test_indices_are_segment_centres_by_hand():
+    # 300 frames, 8 segments of 37.5 frames: centres 18.75, 56.25, 93.75, ... floored
+    assert segment_indices(300, 8, train=False) == [18, 56, 93, 131, 168, 206, 243, 281]
+    # 10 frames, 4 segments [0,2) [2,5) [5,7) [7,10): centres floor(1.25), floor(3.75), floor(6.25), floor(8.75)
+    assert segment_indices(10, 4, train=False) == [1, 3, 6, 8]
+    assert segment_indices(8, 8, train=False) == list(range(8))
+    assert segment_indices(1, 1, train=False) == [0]
+
+
+def test_segment_train_indices_stay_in_their_segment_and_cover_it_uniformly():
+    g = gen(0)
+    counts = torch.zeros(40, dtype=torch.long)
+    for _ in range(2000):
+        idx = segment_indices(40, 4, train=True, generator=g)  # segments of 10 frames
+        for i, v in enumerate(idx):
+            assert 10 * i <= v < 10 * (i + 1)
+            counts[v] += 1
+    # each frame drawn ~200 times (binomial sd ~13.4): all within 6 sd, every frame reachable
+    assert counts.min() > 200 - 80 and counts.max() < 200 + 80
+
+
+@pytest.mark.parametrize("n", [8, 9, 13, 31, 100, 257])
+@pytest.mark.parametrize("t", [1, 3, 8])
+def test_segment_indices_in_range_sorted_and_in_segment(n, t):
+    if n < t:
+        return
+    for train in (False, True):
+        idx = segment_indices(n, t, train=train, generator=gen(n * t))
+        assert len(idx) == t and idx == sorted(idx)
+        for i, v in enumerate(idx):
+            assert i * n // t <= v < (i + 1) * n // t
+
+
+def test_short_videos_loop():
+    assert segment_indices(5, 8, train=False) == [0, 1, 2, 3, 4, 0, 1, 2]
+    idx = segment_indices(5, 8, train=True, generator=gen(3))
+    start = idx[0]
+    assert idx == [(start + i) % 5 for i in range(8)]
+    assert dense_indices(10, 4, 4, train=False) == [0, 4, 8, 2]  # span 13 > 10 frames: wraps round
+
+
+def test_segment_train_is_reproducible_from_the_generator():
+    a = [segment_indices(300, 8, train=True, generator=gen(7)) for _ in range(2)]
+    assert a[0] == a[1]
+    assert segment_indices(300, 8, train=True, generator=gen(8)) != a[0]
+
+
+def test_multi_clip_views_shift_across_the_first_segment_by_hand():
+    # one view is the segment centre, like segment_indices(train=False)
+    assert multi_clip_indices(300, 8, 1) == [segment_indices(300, 8, train=False)]
+    views = multi_clip_indices(300, 8, 4)
+    # view k takes floor(37.5 * (x + (k + 0.5) / 4)) in segment x
+    assert [v[0] for v in views] == [4, 14, 23, 32]
+    assert views[0][:3] == [4, 42, 79]
+    assert views[3][-1] == 295
+    for v in views:
+        for x, i in enumerate(v):
+            assert x * 300 // 8 <= i < (x + 1) * 300 // 8
+    assert len({tuple(v) for v in views}) == 4
+    # short video: views loop from staggered starts
+    assert multi_clip_indices(4, 6, 2) == [[0, 1, 2, 3, 0, 1], [2, 3, 0, 1, 2, 3]]
+
+
+def test_dense_indices_by_hand():
+    # 100 frames, 8 frames 4 apart: span 29, last start 71
+    assert dense_indices(100, 8, 4, train=False) == [35 + 4 * j for j in range(8)]
+    starts = [dense_indices(100, 8, 4, train=False, clip_index=k, num_clips=3)[0] for k in range(3)]
+    assert starts == [0, 36, 71]  # 35.5 rounds half up
+    g = gen(0)
+    for _ in range(200):
+        idx = dense_indices(100, 8, 4, train=True, generator=g)
+        assert 0 <= idx[0] <= 71 and idx == [idx[0] + 4 * j for j in range(8)]
+
+
+def test_sampling_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        segment_indices(0, 8, train=False)
+    with pytest.raises(ValueError):
+        segment_indices(10, 0, train=False)
+    with pytest.raises(ValueError):
+        multi_clip_indices(10, 4, 0)
+    with pytest.raises(ValueError):
+        dense_indices(10, 4, 0, train=False)
+    with pytest.raises(ValueError):
+        dense_indices(10, 4, 2, train=False, clip_index=3, num_clips=3)
