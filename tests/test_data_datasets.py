@@ -178,6 +178,7 @@ def test_on_error_skip_drops_items_and_reports_their_paths(bad_list, tiny_synthe
     assert sorted(failed[:2]) == sorted([str(bad["truncated"]), str(bad["zero"])])
     assert set(failed) == {str(bad[k]) for k in ("truncated", "zero", "text", "missing")} | {ds.records[6].path}
     assert len(failed) == 5 and batches[1]["label"].numel() == 0
+    assert batches[1]["frames"].shape == (0, 1, 4, 3, 16, 16) == (0, *ds.item_shape)  # keeps its rank
     # in-process, the dataset keeps the records
     assert collate_videos([ds[2], ds[0]])["failed"] == [str(bad["truncated"])]
     assert ds.error_count == 2

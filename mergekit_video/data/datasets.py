@@ -152,6 +152,13 @@ class VideoDataset(torch.utils.data.Dataset):
         """Views per test item (``num_clips * num_crops``); 1 in training."""
         return self.num_clips * self.num_crops
 
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """Shape of ``item["frames"]``: ``(T, 3, S, S)`` in training, ``(V, T, 3, S, S)`` at test."""
+        t = self.clip_len if self.sampling == "dense" else self.num_frames
+        clip = (t, 3, self.input_size, self.input_size)
+        return clip if self.train else (self.num_views, *clip)
+
     def with_records(self, records: Sequence[VideoRecord]) -> VideoDataset:
         """A copy of this dataset over other records (same sampling and transforms)."""
         new = copy.copy(self)
@@ -221,7 +228,7 @@ class VideoDataset(torch.utils.data.Dataset):
                     self._logged.add(path)
                     log.warning("bad video (%s): %s", self.on_error, e)
                 if self.on_error == "skip":
-                    report_skipped(path)
+                    report_skipped(path, shape=self.item_shape, dtype=torch.float32 if self.normalize else torch.uint8)
                     return None
                 report_resampled(path)
                 current = int(torch.randint(len(self.records), (1,), generator=g).item())

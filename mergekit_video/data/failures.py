@@ -39,9 +39,14 @@ def _pending(name: str) -> list[str]:
     return lst
 
 
-def report_skipped(path: str) -> None:
-    """Note that the item for ``path`` was skipped (the dataset returned ``None``)."""
+def report_skipped(path: str, *, shape: tuple[int, ...] | None = None, dtype=None) -> None:
+    """Note that the item for ``path`` was skipped (the dataset returned ``None``).
+
+    ``shape``/``dtype`` of the item it would have been let an all-skipped batch keep its rank (B = 0).
+    """
     _pending("skipped").append(path)
+    if shape is not None:
+        _local.empty_like = (tuple(shape), dtype)
 
 
 def report_resampled(path: str) -> None:
@@ -55,6 +60,11 @@ def take_skipped(count: int) -> list[str]:
     taken = lst[len(lst) - count :] if count > 0 else []
     lst.clear()
     return taken
+
+
+def take_empty_like() -> tuple[tuple[int, ...], object] | None:
+    """(shape, dtype) of the last skipped item, if the dataset gave it."""
+    return getattr(_local, "empty_like", None)
 
 
 def take_resampled() -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, get_worker_info
 
-from .failures import take_resampled, take_skipped
+from .failures import take_empty_like, take_resampled, take_skipped
 
 
 class VideoSampler(Sampler):
@@ -106,13 +106,16 @@ def collate_videos(batch: Sequence[dict | None]) -> dict:
     (``normalize_frames`` on the GPU returns contiguous float).
 
     ``None`` items (skipped bad videos) are dropped and their paths listed in ``"failed"``;
-    ``"resampled"`` lists bad videos the dataset replaced. An all-failed batch has B = 0.
+    ``"resampled"`` lists bad videos the dataset replaced. An all-failed batch has B = 0 (frames
+    ``[0, ...]`` with the item's shape when the dataset reported it): skip it.
     """
     items = [b for b in batch if b is not None]
     failed = take_skipped(len(batch) - len(items))
     resampled = take_resampled()
     if not items:
-        return {"frames": torch.empty(0), "label": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long),
+        like = take_empty_like()
+        frames = torch.empty((0, *like[0]), dtype=like[1]) if like else torch.empty(0)  # [0, ...item shape]
+        return {"frames": frames, "label": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long),
                 "failed": failed, "resampled": resampled}
     return {
         "frames": _stack([it["frames"] for it in items]),
