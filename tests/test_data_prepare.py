@@ -1,0 +1,143 @@
+"""Synthetic dataset, `data prepare` (GOP, short side, verification, resume, failures), CLI and bench plumbing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import tiny_synthetic, write_bad_files  # noqa: F401
+
+from mergekit_video.data import open_video, read_annotation_list, read_class_names, write_synthetic_dataset
+from mergekit_video.data.encode import keyframe_indices, video_info
+from mergekit_video.data.prepare import prepare_dataset
+from mergekit_video.data.synthetic import COLOURS, class_catalogue, synthetic_layout
+
+
+def test_synthetic_dataset_layout_and_classes(tiny_synthetic):
+    ds = tiny_synthetic
+    assert ds.class_names == ["red circle moving left", "red circle moving right", "green square moving up"]
+    assert ds.novel_class_names == ["green square moving down", "blue triangle growing"]
+    assert not set(ds.class_names) & set(ds.novel_class_names)
+    assert read_class_names(ds.class_csv) == ds.class_names and read_class_names(ds.novel_class_csv) == ds.novel_class_names
+    train, val, novel = (read_annotation_list(p) for p in (ds.train_list, ds.val_list, ds.novel_list))
+    assert (len(train), len(val), len(novel)) == (9, 3, 2)
+    assert [r.label for r in train] == [0, 0, 0, 1, 1, 1, 2, 2, 2] and {r.label for r in novel} == {0, 1}
+    info = video_info(ds.root / train[0].path)
+    assert (info["width"], info["height"], info["frames"], info["codec"]) == (64, 48, 24, "h264")
+    assert keyframe_indices(ds.root / train[0].path)[0] == [0]  # x264's default GOP (250) > 24 frames
+    assert synthetic_layout(ds.root) == ds
+    assert len({c for c in class_catalogue()}) == len(class_catalogue()) == 144
+
+
+def test_synthetic_motion_is_what_the_class_name_says(tiny_synthetic):
+    ds = tiny_synthetic
+    red = torch.tensor(COLOURS["red"], dtype=torch.float32)
+    for rec in read_annotation_list(ds.train_list)[:6:3]:  # one "moving left", one "moving right"
+        frames = open_video(ds.root / rec.path, backend="pyav").get_frames([0, 23]).float()  # [2, H, W, 3]
+        mask = ((frames - red).abs().sum(-1) < 90).float()  # red pixels
+        xs = torch.arange(frames.shape[2], dtype=torch.float32)
+        centre = [(m.sum(0) * xs).sum() / m.sum() for m in mask]
+        moved = (centre[1] - centre[0]).item()
+        assert (moved < -10) if "left" in ds.class_names[rec.label] else (moved > 10)
+
+
+def test_synthetic_refuses_non_empty_root_and_is_seeded(tmp_path):
+    root = tmp_path / "syn"
+    root.mkdir()
+    (root / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_synthetic_dataset(root, num_classes=1, videos_per_class=1, val_per_class=0, num_novel_classes=0, frames=4, size=(16, 16))
+    a = write_synthetic_dataset(tmp_path / "a", num_classes=1, videos_per_class=1, val_per_class=0, num_novel_classes=0, frames=6, size=(32, 32), seed=5)
+    b = write_synthetic_dataset(tmp_path / "b", num_classes=1, videos_per_class=1, val_per_class=0, num_novel_classes=0, frames=6, size=(32, 32), seed=5)
+    assert a.val_list is None and a.novel_list is None
+    rel = read_annotation_list(a.train_list)[0].path
+    fa = open_video(a.root / rel, backend="pyav").get_frames(range(6))
+    assert torch.equal(fa, open_video(b.root / rel, backend="pyav").get_frames(range(6)))
+    with pytest.raises(ValueError, match="even"):
+        write_synthetic_dataset(tmp_path / "c", size=(31, 32))
+
+
+@pytest.fixture()
+def prepare_input(tmp_path, tiny_synthetic):
+    """Three synthetic videos plus a missing and a zero-byte file, in one list."""
+    bad = write_bad_files(tmp_path / "bad")
+    good = read_annotation_list(tiny_synthetic.train_list)[:3]
+    lst = tmp_path / "in.txt"
+    lines = [f"{r.path} {r.label}" for r in good] + [f"{bad['missing']} 1", f"{bad['zero']} 2"]
+    lst.write_text("\n".join(lines) + "\n")
+    return lst, good
+
+
+def test_prepare_sets_gop_and_short_side_verifies_and_resumes(tmp_path, tiny_synthetic, prepare_input):
+    lst, good = prepare_input
+    out = tmp_path / "prepared"
+    rep = prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=out, short_side=32, gop=8, workers=2, progress=False)
+    assert (rep.total, rep.encoded, rep.skipped, rep.failed) == (5, 3, 0, 2)
+    report = json.loads(rep.report_path.read_text())
+    assert {f["path"].rsplit("/", 1)[1] for f in report["failures"]} == {"missing.mp4", "zero.mp4"}
+    new = read_annotation_list(rep.list_file)
+    assert [(r.path, r.label) for r in new] == [(r.path, r.label) for r in good]  # failures left out, labels kept
+    for r in new:
+        path = out / r.path
+        keys, n = keyframe_indices(path)  # packet keyframe flags
+        assert n == 24 and keys == [0, 8, 16]
+        info = video_info(path)
+        assert (info["height"], info["width"]) == (32, 42)  # 48x64 -> short side 32, even width
+        assert open_video(path, backend="pyav").get_frames([0, 23]).shape == (2, 32, 42, 3)
+    mtimes = {r.path: (out / r.path).stat().st_mtime_ns for r in new}
+    again = prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=out, short_side=32, gop=8, workers=1, progress=False)
+    assert (again.encoded, again.skipped, again.failed) == (0, 3, 2)  # finished files skipped, failures retried and listed
+    assert {r.path: (out / r.path).stat().st_mtime_ns for r in new} == mtimes
+    with pytest.raises(ValueError, match="other settings"):
+        prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=out, short_side=32, gop=4, progress=False)
+
+
+def test_prepare_recovers_outputs_missing_from_the_manifest(tmp_path, tiny_synthetic, prepare_input):
+    lst, good = prepare_input
+    out = tmp_path / "prepared"
+    prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=out, short_side=32, gop=8, workers=1, progress=False)
+    manifest = json.loads((out / "prepare_manifest.json").read_text())
+    first = good[0].path
+    del manifest["files"][first]  # as if the run stopped before recording it
+    (out / "prepare_manifest.json").write_text(json.dumps(manifest))
+    rep = prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=out, short_side=32, gop=8, workers=1, progress=False)
+    assert (rep.encoded, rep.skipped) == (0, 3)  # verified by decoding, not re-encoded
+
+
+def test_cli_synth_and_prepare(tmp_path, capsys):
+    from mergekit_video.cli.main import main
+
+    root = tmp_path / "syn"
+    assert main(["data", "synth", str(root), "--classes", "2", "--videos-per-class", "1", "--val-per-class", "0",
+                 "--novel-classes", "0", "--frames", "8", "--size", "32x48"]) == 0
+    assert read_class_names(root / "classes.csv") == ["red circle moving left", "red circle moving right"]
+    assert main(["data", "synth", str(root), "--classes", "2"]) == 1  # refuses a non-empty folder
+    assert "not empty" in capsys.readouterr().err
+    with open(root / "train.txt", "a") as f:
+        f.write("videos/missing.mp4 0\n")
+    code = main(["data", "prepare", str(root / "train.txt"), str(tmp_path / "prep"), "--short-side", "16", "--gop", "4", "--workers", "1"])
+    captured = capsys.readouterr()
+    assert code == 1 and "1 of 3 videos failed" in captured.err and "missing.mp4" in captured.err
+    assert len(read_annotation_list(tmp_path / "prep" / "train.txt")) == 2
+
+
+def test_bench_pipelines_decode_the_same_frames(tiny_synthetic):
+    from mergekit_video.data.bench import _measure_set, _pipelines, _summarise, watchdog_overhead_us
+
+    recs = read_annotation_list(tiny_synthetic.train_list)[:2]
+    pipes = _pipelines(recs, tiny_synthetic.root, num_frames=4, input_size=32, seed=0)
+    floor = pipes["floor_train"][0][1]  # [T, H, W, 3] uint8 at full size
+    ours = pipes["ours_train"][0]
+    import mergekit_video.data.datasets as dmod
+
+    decoded = ours._decode(ours.records[1], dmod.item_generator(0, 0, 1, 0))
+    assert torch.equal(decoded, floor)  # same indices from the same per-item generator
+    assert pipes["naive_train"][0][1].shape == (4, 3, 32, 32) and pipes["naive_test"][0][0].shape == (4, 3, 32, 32)
+    wall, cpu = _measure_set(pipes, num_videos=2, workers=0, batch_size=2, repeats=1, log=lambda s: None)
+    assert all(len(v) == 1 and v[0] > 0 for v in wall.values())
+    summary = _summarise({k: [2.0] if k.startswith("ours") else [4.0] for k in wall}, 0)
+    assert summary["fraction_of_decode_floor"] == 0.5 and summary["speedup_vs_naive"]["train"] == 0.5
+    assert watchdog_overhead_us(calls=200) < 5000
+    assert np.isfinite(list(cpu.values())[0][0])
