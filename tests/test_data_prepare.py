@@ -141,3 +141,28 @@ def test_bench_pipelines_decode_the_same_frames(tiny_synthetic):
     assert summary["fraction_of_decode_floor"] == 0.5 and summary["speedup_vs_naive"]["train"] == 0.5
     assert watchdog_overhead_us(calls=200) < 5000
     assert np.isfinite(list(cpu.values())[0][0])
+
+
+def test_prepare_never_writes_outside_its_folder_or_over_foreign_files(tmp_path, tiny_synthetic):
+    from mergekit_video.data.prepare import output_relpath
+
+    root = tiny_synthetic.root
+    assert output_relpath(str(root / "videos/a.avi"), root, folder=False) == "videos/a.mp4"
+    assert output_relpath("/elsewhere/b.mp4", root, folder=False) == "elsewhere/b.mp4"
+    assert output_relpath("frames/v1", root, folder=True) == "frames/v1.mp4"
+    with pytest.raises(ValueError, match="leaves the output folder"):
+        output_relpath("../up.mp4", root, folder=False)
+    rec = read_annotation_list(tiny_synthetic.train_list)[0]
+    src = root / rec.path
+    lst = tmp_path / "abs.txt"
+    lst.write_text(f"{src} {rec.label}\n../escape.mp4 0\n")
+    out = tmp_path / "out"
+    foreign = out / rec.path  # where the absolute path under root maps to
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("a user's file")
+    before = src.read_bytes()
+    rep = prepare_dataset(list_file=lst, root=root, out_dir=out, short_side=32, gop=8, workers=1, progress=False)
+    assert rep.failed == 2 and rep.encoded == 0
+    assert foreign.read_text() == "a user's file" and src.read_bytes() == before
+    errors = " ".join(f["error"] for f in rep.failures)
+    assert "not a finished output" in errors and "leaves the output folder" in errors

@@ -149,6 +149,27 @@ def _prepare_one(job: dict) -> dict:
         return {"ok": False, "src": job["rel"], "out": job["out_rel"], "error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
 
 
+def output_relpath(path: str, root: Path, *, folder: bool) -> str:
+    """Where a listed video goes under the output folder: its path relative to ``root``, suffix ``.mp4``.
+
+    Absolute paths outside ``root`` lose their anchor; ``..`` is refused, so nothing lands outside
+    the output folder (or on top of a source).
+    """
+    p = Path(path)
+    if p.is_absolute():
+        for base in (root, root.resolve()):
+            try:
+                p = p.relative_to(base)
+                break
+            except ValueError:
+                continue
+        else:
+            p = Path(*p.parts[1:])
+    if ".." in p.parts or not p.parts:
+        raise ValueError(f"{path}: refusing a path that leaves the output folder")
+    return str(p) + ".mp4" if folder else str(p.with_suffix(".mp4"))
+
+
 def _source_stamp(src: Path) -> dict:
     try:
         if src.is_dir():
@@ -206,35 +227,44 @@ def prepare_dataset(
                              f"use another output folder or remove {manifest_path}")
         manifest["files"] = old.get("files", {})
 
-    jobs, done, seen = [], {}, set()
+    jobs, done, seen, early_failures = [], {}, set(), []
     for r in records:
         if r.path in seen:
             continue
         seen.add(r.path)
-        out_rel = (r.path.rstrip("/") + ".mp4") if list_format == "frames" else str(Path(r.path).with_suffix(".mp4"))
-        src, out = root / r.path, out_dir / out_rel
+        src = root / r.path
+        try:
+            out_rel = output_relpath(r.path.rstrip("/"), root, folder=list_format == "frames")
+        except ValueError as e:
+            early_failures.append({"ok": False, "src": r.path, "out": None, "error": f"ValueError: {e}"})
+            continue
+        out = out_dir / out_rel
         stamp = _source_stamp(src)
         entry = manifest["files"].get(out_rel)
         if entry and out.is_file() and entry.get("source") == r.path and entry.get("source_stamp") == stamp \
                 and entry.get("out_size") == out.stat().st_size:
             done[r.path] = {"ok": True, "skipped": True, "src": r.path, "out": out_rel}
             continue
-        if out.is_file() and not entry:
-            # Finished before a crash that kept the manifest from recording it: verify, then keep.
+        if out.exists() and not entry:
+            # Finished before a crash kept the manifest from recording it (outputs are written
+            # atomically, so a file here is complete): verify it and keep it. Anything else in the
+            # way is not ours, and is never overwritten.
             try:
                 info = verify_output(out, gop=gop)
-                h, w = info["height"], info["width"]
-                if min(h, w) <= short_side:
-                    done[r.path] = {"ok": True, "skipped": True, "src": r.path, "out": out_rel, **info}
-                    manifest["files"][out_rel] = {"source": r.path, "source_stamp": stamp, "out_size": out.stat().st_size, **info}
-                    continue
-            except Exception:  # noqa: BLE001 - re-encode it
-                pass
+                if min(info["height"], info["width"]) > short_side:
+                    raise ValueError(f"short side {min(info['height'], info['width'])} > {short_side}")
+            except Exception as e:  # noqa: BLE001
+                early_failures.append({"ok": False, "src": r.path, "out": out_rel,
+                                       "error": f"{out} exists and is not a finished output of these settings ({e}); remove it"})
+                continue
+            done[r.path] = {"ok": True, "skipped": True, "src": r.path, "out": out_rel, **info}
+            manifest["files"][out_rel] = {"source": r.path, "source_stamp": stamp, "out_size": out.stat().st_size, **info}
+            continue
         jobs.append({"src": str(src), "out": str(out), "rel": r.path, "out_rel": out_rel, "short_side": short_side, "gop": gop,
                      "fastdecode": fastdecode, "preset": preset, "crf": crf, "threads": 1 if workers > 1 else 0,
                      "list_format": list_format, "num_frames": r.num_frames, "fps": fps, "stamp": stamp})
 
-    results: list[dict] = []
+    results: list[dict] = list(early_failures)
 
     def record(res: dict, job: dict) -> None:
         results.append(res)
