@@ -78,7 +78,10 @@ def test_normalize_frames_matches_the_clip_formula():
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     expected = (x.float() / 255 - mean) / std
     torch.testing.assert_close(normalize_frames(x), expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(normalize_frames(x.float() / 255), expected, rtol=0, atol=1e-5)
+    unit = x.float() / 255
+    kept = unit.clone()
+    torch.testing.assert_close(normalize_frames(unit), expected, rtol=0, atol=1e-5)
+    assert torch.equal(unit, kept)  # the input is not modified
     assert normalize_frames(x, dtype=torch.bfloat16).dtype == torch.bfloat16
     cl = x[0].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last uint8, as the train path gives
     out = normalize_frames(cl)

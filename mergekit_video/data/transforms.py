@@ -52,8 +52,11 @@ def normalize_frames(
     scale = 1.0 / s
     if x.dtype == torch.uint8:
         scale = scale / 255.0
-    # One pass converts dtype and layout (channels-last views become contiguous), two more scale and shift.
-    out = x.to(compute, memory_format=torch.contiguous_format).mul_(scale).sub_(m / s)  # (x/255 - mean) / std
+    # One pass converts dtype and layout (channels-last views become contiguous), one more scales and shifts.
+    out = x.to(compute, memory_format=torch.contiguous_format)
+    if out.data_ptr() == x.data_ptr():
+        out = out.clone()  # never modify the caller's float tensor
+    out = torch.addcmul(-m / s, out, scale, out=out)  # (x/255 - mean) / std
     return out.to(dtype) if compute != dtype else out
 
 
