@@ -89,7 +89,7 @@ def bench_data_cmd(
     videos: int = typer.Option(24, "--videos", help="Videos per file set (synthetic, or the first N of --list)."),
     num_frames: int = typer.Option(8, "--num-frames", help="Frames per clip (T)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Clips per batch."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed passes per pipeline (median reported)."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed sweeps over the videos per pipeline (medians reported)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where the synthetic and prepared sets are kept (reused)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
