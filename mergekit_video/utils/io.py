@@ -26,6 +26,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; give the file the mode open() would
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -36,6 +37,18 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _default_file_mode() -> int:
+    """0o666 less the process umask (read without changing it, where /proc allows), else 0o644."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
 
 
 def _fsync_dir(directory: Path) -> None:
