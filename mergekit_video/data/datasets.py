@@ -231,7 +231,10 @@ class VideoDataset(torch.utils.data.Dataset):
                     report_skipped(path, shape=self.item_shape, dtype=torch.float32 if self.normalize else torch.uint8)
                     return None
                 report_resampled(path)
-                current = int(torch.randint(len(self.records), (1,), generator=g).item())
+                # A fresh generator with the item's seed: the choice does not depend on where the
+                # failure happened, and never races a timed-out read still holding ``g``.
+                choose = item_generator(self.seed, epoch, index, attempt)
+                current = int(torch.randint(len(self.records), (1,), generator=choose).item())
                 continue
             return {"frames": frames, "label": self.records[current].label, "index": current}
         raise RuntimeError(f"{MAX_RESAMPLE_ATTEMPTS} bad videos in a row while resampling item {index} of {self.list_file}; "
