@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,9 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Environment variable naming a folder where every rank dumps its final weights (see ``MoTERunner.save``).
+DUMP_RANK_STATE_ENV = "MERGEVID_DUMP_RANK_STATE"
 
 
 class MoTERunner:
@@ -244,8 +249,20 @@ class MoTERunner:
         return self.results
 
     def save(self) -> None:
+        """Write ``model/`` (and ``model_dense/``) on the main process.
+
+        Debug hook: with ``MERGEVID_DUMP_RANK_STATE=<dir>`` every rank also writes the weights it
+        holds to ``<dir>/rank<r>.safetensors`` (the DDP test checks that the ranks agree).
+        """
         from ..models.checkpoint import export_dense, save_model
 
+        dump = os.environ.get(DUMP_RANK_STATE_ENV)
+        if dump:
+            from ..utils.io import atomic_save_safetensors
+
+            state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}  # clone: no shared storage
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            atomic_save_safetensors(Path(dump) / f"rank{self.dist.rank}.safetensors", state)
         if not self.main:
             return
         save_model(self.model, self.output_dir / "model", overwrite=True)
@@ -255,8 +272,24 @@ class MoTERunner:
             self.console.print(f"model: {self.output_dir / 'model'}")
 
     def cleanup(self) -> None:
+        """Close the metrics files, stop the loader workers and leave the process group."""
         from ..training.distributed import cleanup
 
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+        _stop_workers(getattr(self, "train_loader", None))
+        _stop_workers(getattr(self, "_val_loader", None))
         cleanup()
+
+
+def _stop_workers(loader: Any) -> None:
+    """Shut down a DataLoader's persistent workers now.
+
+    Left to the garbage collector (the runner and its trainer form a reference cycle), the
+    worker queues may be finalised before the iterator, and each worker then waits out
+    DataLoader's 5 s join timeout before being killed.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
