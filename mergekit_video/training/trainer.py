@@ -243,6 +243,11 @@ class Trainer:
         self.scheduler.step()
         return grad_norm
 
+    def _step_lr(self) -> float:
+        """Learning rate of the new parameters (the ``default`` group, else the first) for the coming step."""
+        groups = self.optimizer.param_groups
+        return float(next((g["lr"] for g in groups if g.get("name") == "default"), groups[0]["lr"]))
+
     def fit(self) -> TrainState:
         """Train until ``epochs`` (or ``max_steps``) are done; returns the final state."""
         from .distributed import all_reduce_mean
@@ -275,6 +280,7 @@ class Trainer:
                 window_clips += int(batch["label"].shape[0]) * world
                 if not sync:
                     continue
+                lr = self._step_lr()  # the lr this step uses (the scheduler moves on inside _optimizer_step)
                 grad_norm = self._optimizer_step()
                 self.state.step += 1
                 new_clips, self._clips_reported = window_clips - self._clips_reported, window_clips
@@ -282,7 +288,7 @@ class Trainer:
                 if self.state.step % self.log_every == 0 or self.state.step == self.total_steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     logs = all_reduce_mean({k: v / window_count for k, v in window.items()})
-                    logs["lr"] = self.optimizer.param_groups[0]["lr"]
+                    logs["lr"] = lr
                     logs["clips_per_s"] = window_clips / elapsed
                     if grad_norm is not None:
                         logs["grad_norm"] = grad_norm
