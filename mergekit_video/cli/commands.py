@@ -209,15 +209,18 @@ def bench_head_cmd(
     output: Path = typer.Option(Path("bench_head.json"), "--output", help="JSON results file."),
     device: str = typer.Option("auto", "--device"),
     steps: int = typer.Option(50, "--steps", help="Timed iterations per measurement."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed iterations before each measurement."),
     batch_size: int = typer.Option(32, "--batch-size"),
     frames: int = typer.Option(8, "--frames"),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", help="Head shape WIDTHxLAYERS, repeatable (default: 512x4 and 768x6, the ViT-B/16 and ViT-L/14 heads)."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Append the table to this markdown file (e.g. docs/benchmarks.md)."),
 ) -> None:
     """Temporal head alone: MoTE train step vs plain-FFN step, merged eval vs plain eval (B/16 and L/14 shapes)."""
-    from ..training.benchmark import bench_head, render_head_markdown
+    from ..training.benchmark import HEAD_SHAPES, bench_head, head_shape, render_head_markdown
     from ..utils.io import atomic_write_json
 
-    res = bench_head(device=device, steps=steps, batch_size=batch_size, frames=frames)
+    shapes = [head_shape(s) for s in shape] if shape else HEAD_SHAPES
+    res = bench_head(device=device, steps=steps, warmup=warmup, batch_size=batch_size, frames=frames, shapes=shapes)
     atomic_write_json(output, res)
     md = render_head_markdown(res)
     _console().print(md)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -80,12 +80,36 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def bench_head(*, device: str = "auto", steps: int = 50, batch_size: int = 32, frames: int = 8, num_experts: int = 4, num_classes: int = 400) -> dict[str, Any]:
-    """Time the temporal head alone at the ViT-B/16 and ViT-L/14 shapes.
+def head_shape(spec: str) -> tuple[str, int, int]:
+    """``"WIDTHxLAYERS"`` → ``(name, width, layers)``; the paper's shapes keep their names (``512x4`` = ViT-B/16 head)."""
+    try:
+        width, layers = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a head shape looks like WIDTHxLAYERS (e.g. 512x4), got {spec!r}") from None
+    if width < 64 or width % 64 or layers < 1:
+        raise ValueError(f"head shape {spec!r}: the width must be a positive multiple of 64 (heads of 64) and layers >= 1")
+    name = next((n for n, w, l in HEAD_SHAPES if (w, l) == (width, layers)), f"{width}x{layers} head")
+    return name, width, layers
 
-    Per shape: the MoTE train step (expert path + WMR path + MSE + AdamW, fused paths), the
-    same with two separate temporal forwards (the usual implementation), the plain-FFN
-    baseline step; merged eval vs plain eval, and eval that re-merges on every forward.
+
+def bench_head(
+    *,
+    device: str = "auto",
+    steps: int = 50,
+    warmup: int = 3,
+    batch_size: int = 32,
+    frames: int = 8,
+    num_experts: int = 4,
+    num_classes: int = 400,
+    shapes: Sequence[tuple[str, int, int]] = HEAD_SHAPES,
+) -> dict[str, Any]:
+    """Time the temporal head alone, by default at the ViT-B/16 and ViT-L/14 shapes.
+
+    Per shape ``(name, width, layers)``: the MoTE train step (expert path + WMR path + MSE +
+    AdamW, fused paths), the same with two separate temporal forwards (the usual
+    implementation), the plain-FFN baseline step; merged eval vs plain eval, and eval that
+    re-merges on every forward. Each measurement is the median of ``steps`` timed calls after
+    ``warmup`` untimed ones.
     """
     from ..models.objective import MoTEObjective
     from ..models.temporal import TemporalHead
@@ -93,7 +117,7 @@ def bench_head(*, device: str = "auto", steps: int = 50, batch_size: int = 32, f
 
     dev = _resolve_device(device)
     out: dict[str, Any] = {"device": describe_device(dev), "batch_size": batch_size, "frames": frames, "num_experts": num_experts, "shapes": {}}
-    for name, width, layers in HEAD_SHAPES:
+    for name, width, layers in shapes:
         torch.manual_seed(0)
         feats = F.normalize(torch.randn(batch_size, frames, width, device=dev), dim=-1)
         classes = F.normalize(torch.randn(num_classes, width, device=dev), dim=-1)
@@ -114,9 +138,9 @@ def bench_head(*, device: str = "auto", steps: int = 50, batch_size: int = 32, f
 
         mote = TemporalHead(width=width, layers=layers, num_experts=num_experts).to(dev).train()
         plain = TemporalHead(width=width, layers=layers, num_experts=0).to(dev).train()
-        t_mote = time_fn(train_step_fn(mote, MoTEObjective(fuse_paths=True)), device=dev, steps=steps)
-        t_mote_unfused = time_fn(train_step_fn(copy.deepcopy(mote), MoTEObjective(fuse_paths=False)), device=dev, steps=steps)
-        t_plain = time_fn(train_step_fn(plain, MoTEObjective(wmr_weight=0, mse_weight=0)), device=dev, steps=steps)
+        t_mote = time_fn(train_step_fn(mote, MoTEObjective(fuse_paths=True)), device=dev, steps=steps, warmup=warmup)
+        t_mote_unfused = time_fn(train_step_fn(copy.deepcopy(mote), MoTEObjective(fuse_paths=False)), device=dev, steps=steps, warmup=warmup)
+        t_plain = time_fn(train_step_fn(plain, MoTEObjective(wmr_weight=0, mse_weight=0)), device=dev, steps=steps, warmup=warmup)
 
         mote.eval()
         plain.eval()
@@ -133,9 +157,9 @@ def bench_head(*, device: str = "auto", steps: int = 50, batch_size: int = 32, f
 
             return run
 
-        e_mote = time_fn(eval_fn(mote), device=dev, steps=steps)
-        e_plain = time_fn(eval_fn(plain), device=dev, steps=steps)
-        e_remerge = time_fn(eval_fn(mote, remerge=True), device=dev, steps=steps)
+        e_mote = time_fn(eval_fn(mote), device=dev, steps=steps, warmup=warmup)
+        e_plain = time_fn(eval_fn(plain), device=dev, steps=steps, warmup=warmup)
+        e_remerge = time_fn(eval_fn(mote, remerge=True), device=dev, steps=steps, warmup=warmup)
         out["shapes"][name] = {
             "width": width,
             "layers": layers,
