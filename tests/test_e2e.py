@@ -1,0 +1,639 @@
+"""End to end: the quickstart through the CLI, exact resume, DDP with 2 processes, evaluators, benchmarks.
+
+Everything runs offline on the CPU with the tiny random-weight CLIP and small synthetic mp4 sets.
+One short quickstart run (module fixture) is shared by the output / eval / overwrite tests; the
+in-process training runs share one synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from mergekit_video.cli.commands import _load_validated
+from mergekit_video.cli.main import main as cli_main
+from mergekit_video.evaluation.evaluator import EvalResult, Variant, VariantResult, build_variants, evaluate
+from mergekit_video.evaluation.report import results_table, summarize
+from mergekit_video.training.metrics import read_metrics
+from mergekit_video.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+#: the quickstart's dataset, made small: 6 classes × 4 training videos, 2 val / novel videos per class, 16 frames at 32 px
+SMALL_DATA = dict(num_classes=6, videos_per_class=4, val_per_class=2, num_novel_classes=4, frames=16, size=(32, 32), seed=0)
+SMALL_DATA_OVERRIDES = [
+    "data.synthetic.videos_per_class=4", "data.synthetic.val_per_class=2", "data.synthetic.frames=16", "data.synthetic.size=[32,32]",
+]
+#: 24 training videos, batch 6 → 4 optimizer steps per epoch (2 with accumulation 2 ... per 4 micro-batches)
+TRAIN_OVERRIDES = [
+    "data.batch_size=6", "schedule.epochs=2", "schedule.warmup_epochs=1", "train.log_every=1", "train.save_every_steps=3",
+    "train.keep_last=5", "train.export_dense=false", "eval.num_workers=0", "eval.datasets=[]", "~eval.summary",
+]
+STEPS = 8  # 2 epochs × 4 steps
+
+
+def _mergevid_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "mergevid"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mergekit_video"]
+
+
+def _load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {f"clip.{k}": v for k, v in load_file(str(model_dir / "clip.safetensors")).items()}
+    out.update({f"head.{k}": v for k, v in load_file(str(model_dir / "head.safetensors")).items()})
+    return out
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel())
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def _val_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "val/top1" in r]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared data and runs
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory) -> Path:
+    from mergekit_video.data import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    write_synthetic_dataset(root, **SMALL_DATA)
+    return root
+
+
+def _new_run_dir(path: Path, data: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "data").symlink_to(data, target_is_directory=True)  # the runner finds data/train.txt and writes nothing
+    return path
+
+
+def _run_in_process(out: Path, overrides: list[str]) -> object:
+    """``mergevid run recipes/quickstart.yaml output_dir=out ...`` in this process; returns the runner."""
+    from mergekit_video.runners import build_runner
+
+    cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, *overrides])
+    runner = build_runner(cfg)
+    try:
+        runner.setup()
+        runner.train()
+        runner.evaluate()
+        runner.save()
+    finally:
+        runner.cleanup()
+    return runner
+
+
+@pytest.fixture(scope="module")
+def reference_runs(synthetic_data, tmp_path_factory):
+    """Uninterrupted runs, one per (num_workers, grad_accumulation), made on first use."""
+    runs: dict[tuple[int, int], Path] = {}
+
+    def get(workers: int, accum: int) -> Path:
+        if (workers, accum) not in runs:
+            out = _new_run_dir(tmp_path_factory.mktemp("reference") / "run", synthetic_data)
+            _run_in_process(out, [f"data.num_workers={workers}", f"train.grad_accumulation={accum}"])
+            runs[workers, accum] = out
+        return runs[workers, accum]
+
+    return get
+
+
+QUICK_OVERRIDES = [*SMALL_DATA_OVERRIDES, "data.batch_size=6", "schedule.epochs=5", "schedule.warmup_epochs=1", "train.log_every=1", "train.keep_last=2"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """A short quickstart through the real command line (writes its own synthetic data)."""
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    res = subprocess.run(
+        [*_mergevid_cmd(), "run", str(QUICKSTART), f"output_dir={out}", *QUICK_OVERRIDES],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path_factory.getbasetemp(),
+    )
+    assert res.returncode == 0, f"quickstart failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return out, res
+
+
+# ---------------------------------------------------------------------------------------------
+# the quickstart through the CLI
+# ---------------------------------------------------------------------------------------------
+VARIANTS = ["merged", "temperature_softmax(tau=0.6)", "temperature_softmax(tau=-0.6)", "ensemble",
+            "expert_0", "expert_1", "expert_2", "expert_3", "logit_ensemble"]
+
+
+def test_quickstart_writes_everything_under_output_dir(quick_run):
+    out, res = quick_run
+    for name in ("recipe.yaml", "metrics.jsonl", "results.json", "tradeoff.png", "data/train.txt", "data/val.txt", "data/novel.txt"):
+        assert (out / name).is_file(), name
+    for name in ("checkpoints", "model", "model_dense", "cache"):
+        assert (out / name).is_dir(), name
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the saved recipe is the resolved, validated one
+    saved = _load_validated(out / "recipe.yaml", [])
+    assert saved == _load_validated(QUICKSTART, [f"output_dir={out}", *QUICK_OVERRIDES])
+    # the runner wrote the synthetic set it was asked for: 6 × 4 train, 6 × 2 val, 4 × 2 novel
+    assert [len((out / "data" / f).read_text().splitlines()) for f in ("train.txt", "val.txt", "novel.txt")] == [24, 12, 8]
+    # checkpoints at every epoch end (steps 4, 8, ..., 20): the last k=2 kept; the best (validated
+    # at the last epoch only: eval_every_epochs=10) is the last one
+    from mergekit_video.training.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(directory=out / "checkpoints", best_metric="top1")
+    assert [p.name for p in manager.checkpoints()] == ["step_00000016", "step_00000020"]
+    assert manager.latest().name == "step_00000020" and manager.best().name == "step_00000020"
+    for c in manager.checkpoints():
+        assert {"model.safetensors", "optimizer.safetensors", "state.json"} <= {p.name for p in c.iterdir()}
+    last = manager.load(manager.latest())
+    assert (last.step, last.epoch, last.extra["batches_in_epoch"]) == (20, 5, 0)
+    assert {"python", "numpy", "torch"} <= set(last.rng)  # global RNGs, plus every generator the step draws from:
+    assert sorted(last.rng["generators"]) == ["objective:wmr", "router:head.transformer.resblocks.0.mlp", "router:head.transformer.resblocks.1.mlp"]
+    # the console shows the results table and the plot
+    assert "mote results" in res.stdout and "tradeoff.png" in res.stdout.replace("\n", "")
+
+
+def test_quickstart_metrics(quick_run):
+    out, _ = quick_run
+    train = _train_records(out)
+    assert [r["step"] for r in train] == list(range(1, 21))  # log_every=1, each step once
+    for r in train:
+        assert {"loss", "te", "wmr", "mse", "lr", "clips_per_s", "epoch"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["clips_per_s"] > 0
+        # Eq. 10: loss = TE + λ·WMR + η·MSE with λ = 0.5, η = 0.1
+        assert r["loss"] == pytest.approx(r["te"] + 0.5 * r["wmr"] + 0.1 * r["mse"], rel=1e-5)
+    losses = [r["loss"] for r in train]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1  # training makes progress
+    # the lr each step used for the new parameters: 4 warm-up steps towards 1e-3, then cosine (reaching 0 after step 20)
+    lrs = [r["lr"] for r in train]
+    assert lrs[:5] == pytest.approx([1e-3 * (i + 1) / 5 for i in range(4)] + [1e-3])
+    assert lrs[12] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    assert lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 15 / 16))) and lrs[-1] > 0
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    val = _val_records(out)
+    assert val and val[-1]["step"] == 20 and 0 <= val[-1]["val/top1"] <= 100
+
+
+def test_quickstart_results(quick_run):
+    out, _ = quick_run
+    res = json.loads((out / "results.json").read_text())
+    expected = [v + sfx for sfx in ("", "+tfm") for v in VARIANTS]
+    assert sorted(res["summary"]) == sorted(expected)
+    assert res["failed_videos"] == 0
+    val, novel = res["datasets"]["val"][0], res["datasets"]["novel"][0]
+    assert (val["num_videos"], val["views"], novel["num_videos"], novel["views"]) == (12, [2, 1], 8, [3, 1])
+    assert sorted(val["variants"]) == sorted(expected)
+    for name, row in res["summary"].items():
+        assert row["val"]["top1"] == val["variants"][name]["top1"]
+        assert round(row["val"]["top1"] * 12 / 100, 6).is_integer()  # a whole number of the 12 videos
+        assert row["HM_ZS"] == row["novel"]["top1"]  # one zero-shot dataset
+        a, b = row["val"]["top1"], row["HM_ZS"]
+        assert row["trade_off"] == pytest.approx(0.0 if min(a, b) == 0 else 2 * a * b / (a + b))
+
+
+def test_dense_export_has_the_baselines_keys_and_accuracy(quick_run, tmp_path, capsys):
+    from mergekit_video.models import build_video_clip, load
+
+    out, _ = quick_run
+    dense = load(out / "model_dense")
+    baseline = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=0)
+    assert set(dense.state_dict()) == set(baseline.state_dict())
+    assert {k: tuple(v.shape) for k, v in load_file(str(out / "model_dense" / "head.safetensors")).items() if k != "source_class_features"} == {
+        k: tuple(v.shape) for k, v in baseline.head.state_dict().items() if k != "source_class_features"}
+    # `mergevid eval <model dir> --list --classes` on the val set, with the run's views: the dense
+    # export scores exactly what the merged MoTE model scored in the run (TFM off and on)
+    run_res = json.loads((out / "results.json").read_text())["datasets"]["val"][0]["variants"]
+    data = out / "data"
+    for model_dir, names in (("model_dense", ("model", "model+tfm")), ("model", ("merged", "merged+tfm"))):
+        ev_out = tmp_path / f"eval_{model_dir}"
+        rc = cli_main(["eval", str(out / model_dir), "--list", str(data / "val.txt"), "--classes", str(data / "classes.csv"),
+                       "--root", str(data), "--views", "2x1", "--frames", "8", "--input-size", "32", "--output-dir", str(ev_out)])
+        assert rc == 0, capsys.readouterr().err
+        ev = json.loads((ev_out / "results.json").read_text())["datasets"]["val"][0]
+        assert ev["num_videos"] == 12 and ev["views"] == [2, 1]
+        for ours, theirs in zip(names, ("merged", "merged+tfm")):
+            assert ev["variants"][ours]["top1"] == run_res[theirs]["top1"]
+            assert ev["variants"][ours]["top5"] == run_res[theirs]["top5"]
+    assert "evaluate results" in capsys.readouterr().out
+
+
+def test_rerun_with_a_different_recipe_refuses_without_overwrite(quick_run, capsys):
+    out, _ = quick_run
+    before = (out / "recipe.yaml").read_bytes()
+    rc = cli_main(["run", str(QUICKSTART), f"output_dir={out}", *QUICK_OVERRIDES, "schedule.epochs=6"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "holds a different recipe; refusing to overwrite it" in err.replace("\n", " ") and "--overwrite" in err
+    assert (out / "recipe.yaml").read_bytes() == before
+    assert [r["step"] for r in _train_records(out)] == list(range(1, 21))  # nothing trained or appended
+
+
+def test_eval_suite_zero_shot_splits_mean_and_std(quick_run, tmp_path):
+    """Zero-shot over 2 splits through the runners' evaluation: mean ± population std of the splits."""
+    from mergekit_video.models import load
+    from mergekit_video.runners.common import run_eval_suite
+
+    out, _ = quick_run
+    data = out / "data"
+    novel = (data / "novel.txt").read_text().splitlines()
+    (tmp_path / "s1.txt").write_text("\n".join(novel[:4]) + "\n")  # 2 split lists over the 4 novel classes
+    (tmp_path / "s2.txt").write_text("\n".join(novel[4:]) + "\n")
+    cfg = {
+        "seed": 0, "text": {"templates": "mote", "cache_dir": str(tmp_path / "cache")},
+        "eval": {
+            "batch_size": 4, "num_workers": 0, "modulation": [False], "plot": False,
+            "datasets": [
+                {"name": "val", "kind": "close_set", "root": str(data), "list": str(data / "val.txt"), "class_csv": str(data / "classes.csv")},
+                {"name": "novel", "kind": "zero_shot", "root": str(data), "class_csv": str(data / "novel_classes.csv"), "num_clips": 3,
+                 "splits": [{"list": str(tmp_path / "s1.txt")}, {"list": str(tmp_path / "s2.txt")}]},
+            ],
+            "summary": {"close_set": "val", "zero_shot": ["novel"]},
+        },
+    }
+    payload = run_eval_suite(load(out / "model"), cfg=cfg, data_cfg={"num_frames": 8, "input_size": 32}, device=torch.device("cpu"),
+                             dist=None, output_dir=tmp_path)
+    splits = payload["datasets"]["novel"]
+    assert [s["dataset"] for s in splits] == ["novel/split1", "novel/split2"]
+    assert [s["num_videos"] for s in splits] == [4, 4]
+    s1, s2 = (s["variants"]["merged"]["top1"] for s in splits)
+    row = payload["summary"]["merged"]
+    assert row["novel"]["splits"] == [s1, s2]
+    assert row["novel"]["top1"] == pytest.approx((s1 + s2) / 2)
+    assert row["novel"]["top1_std"] == pytest.approx(abs(s1 - s2) / 2)
+    assert row["HM_ZS"] == pytest.approx(row["novel"]["top1"])
+    assert json.loads((tmp_path / "results.json").read_text())["summary"] == json.loads(json.dumps(payload["summary"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# exact resume (issue 5 §3)
+# ---------------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """Stands for the process being killed."""
+
+
+def _die_after_checkpoint(monkeypatch, step: int) -> None:
+    original = Trainer.save_checkpoint
+
+    def save_then_die(self, metrics=None):
+        path = original(self, metrics)
+        if self.state.step == step:
+            raise Interrupted
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+
+
+def _die_during_step(monkeypatch, step: int) -> None:
+    original = Trainer._optimizer_step
+
+    def crash(self):
+        if self.state.step == step - 1:  # optimizer step `step` never completes
+            raise Interrupted
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", crash)
+
+
+RESUME_CASES = [
+    # workers, accumulation, how the first run dies, resume point (step, epoch, micro-batches of the epoch consumed)
+    pytest.param(0, 1, ("after_checkpoint", 3), (3, 0, 3), id="workers0-accum1-killed-after-mid-epoch-checkpoint"),
+    pytest.param(2, 2, ("during_step", 8), (6, 1, 4), id="workers2-accum2-killed-two-steps-after-mid-epoch-checkpoint"),
+]
+
+
+@pytest.mark.parametrize("workers,accum,death,resume_at", RESUME_CASES)
+def test_resume_reproduces_the_uninterrupted_run(workers, accum, death, resume_at, reference_runs, synthetic_data, tmp_path, monkeypatch):
+    from mergekit_video.runners import build_runner
+
+    reference = reference_runs(workers, accum)
+    overrides = [f"data.num_workers={workers}", f"train.grad_accumulation={accum}"]
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+
+    kind, step = death
+    (_die_after_checkpoint if kind == "after_checkpoint" else _die_during_step)(monkeypatch, step)
+    with pytest.raises(Interrupted):
+        _run_in_process(out, overrides)
+    monkeypatch.undo()
+    logged = [r["step"] for r in _train_records(out)]
+    assert logged == list(range(1, step + 1 if kind == "after_checkpoint" else step))
+    assert not (out / "model").exists()
+
+    # a fresh runner on the same output_dir resumes from the last checkpoint (resume: auto)
+    cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, *overrides])
+    runner = build_runner(cfg)
+    try:
+        runner.setup()
+        st = runner.trainer.state
+        assert (st.step, st.epoch, st.batches_in_epoch) == resume_at
+        runner.train()
+        runner.evaluate()
+        runner.save()
+    finally:
+        runner.cleanup()
+
+    ref, got = _train_records(reference), _train_records(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # the lines after the checkpoint were replaced, not duplicated
+    for a, b in zip(ref, got):
+        for key in ("loss", "te", "wmr", "mse", "lr"):
+            assert abs(a[key] - b[key]) <= 1e-6, f"step {a['step']}: {key} {a[key]} (uninterrupted) != {b[key]} (resumed)"
+        assert a["epoch"] == b["epoch"]
+    assert [(r["step"], r["val/top1"]) for r in _val_records(reference)] == [(r["step"], r["val/top1"]) for r in _val_records(out)]
+    assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: 2 processes with gloo through torchrun
+# ---------------------------------------------------------------------------------------------
+def _eval_list_with_a_corrupt_video(data: Path, root: Path) -> tuple[Path, Path]:
+    """9 entries (8 good val videos and one corrupt mp4) under ``root``: an odd count, so DDP pads a shard."""
+    root.mkdir()
+    (root / "videos").symlink_to(data / "videos", target_is_directory=True)
+    bad = root / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(512))
+    lines = (data / "val.txt").read_text().splitlines()[:8]
+    lines.insert(4, "bad.mp4 0")
+    (root / "odd.txt").write_text("\n".join(lines) + "\n")
+    return root / "odd.txt", bad
+
+
+def test_ddp_two_processes_agree_and_count_every_video_once(reference_runs, synthetic_data, tmp_path):
+    from mergekit_video.models import load
+    from mergekit_video.runners.common import class_features
+    from mergekit_video.runners.mote import DUMP_RANK_STATE_ENV
+
+    reference = reference_runs(0, 1)  # the same recipe in one process (batch 6 = 2 ranks × 3)
+    out = _new_run_dir(tmp_path / "ddp", synthetic_data)
+    odd, bad = _eval_list_with_a_corrupt_video(synthetic_data, tmp_path / "evalroot")
+    dump = tmp_path / "rank_states"
+    dataset = (f"[{{name: odd, kind: close_set, root: {odd.parent}, list: {odd}, class_csv: {synthetic_data / 'classes.csv'}, "
+               f"num_clips: 2, num_crops: 1, on_error: skip}}]")
+    overrides = [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", f"eval.datasets={dataset}", "eval.summary={close_set: odd}"]
+    env = {**os.environ, DUMP_RANK_STATE_ENV: str(dump), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "mergekit_video", "run", str(QUICKSTART), *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert res.returncode == 0, f"torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-4000:]}"
+
+    # the ranks hold bit-identical weights, and rank 0 saved exactly those
+    r0, r1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
+    assert set(r0) == set(r1) and all(torch.equal(r0[k], r1[k]) for k in r0)
+    saved = _load_state(out / "model")
+    assert all(torch.equal(saved[k], r0[k]) for k in saved)
+    # ... and trained what one process trains on the whole batch (all-reduced gradients and metrics)
+    got, ref = _train_records(out), _train_records(reference)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # rank 0 alone writes metrics
+    for a, b in zip(ref, got):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["lr"] == b["lr"]
+    assert _max_diff(_load_state(reference / "model"), saved) <= 2e-3
+
+    # evaluation under DDP counts every video once: 8 decoded (one shard padded), 1 failed
+    results = json.loads((out / "results.json").read_text())
+    odd_res = results["datasets"]["odd"][0]
+    assert (odd_res["num_videos"], odd_res["num_failed"], odd_res["failed"], results["failed_videos"]) == (8, 1, [str(bad)], 1)
+    # ... with the accuracies one process gets on the same list
+    from mergekit_video.data import VideoDataset, build_loader, read_class_names
+
+    model = load(out / "model")
+    names = read_class_names(synthetic_data / "classes.csv")
+    ds = VideoDataset(list_file=odd, root=odd.parent, num_frames=8, train=False, class_names=names, num_clips=2, num_crops=1,
+                      input_size=32, on_error="skip")
+    loader = build_loader(ds, batch_size=4, num_workers=0, shuffle=False, seed=0, drop_last=False)
+    single = evaluate(model, loader, class_features(model, names, {"templates": "mote"}), variants=build_variants(model.head, modulation=(False, True)))
+    assert single.num_videos == 8 and single.failed == [str(bad)]
+    for name, v in single.variants.items():
+        assert (v.top1, v.top5) == (odd_res["variants"][name]["top1"], odd_res["variants"][name]["top5"]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluator
+# ---------------------------------------------------------------------------------------------
+class _LogitsHead(torch.nn.Module):
+    def forward(self, e: torch.Tensor, cls: torch.Tensor, modulation: bool = False) -> torch.Tensor:
+        return e.mean(1)  # [N, T, C] → [N, C]: the "features" are the logits themselves
+
+
+class _LogitsModel(torch.nn.Module):
+    """A stand-in VideoCLIP: frames ``[N, T, C, 1, 1]`` are per-frame class logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = _LogitsHead()
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        return frames.flatten(2)  # [N, T, C]
+
+
+def test_multi_view_averages_softmax_probabilities_and_counts_each_video_once():
+    # video 0 (label 0): view A is sure of class 0, view B hesitates between 1 and 2
+    #   mean of probabilities: p0 = (0.98670 + 0.00275) / 2 = 0.4947 > p1 = 0.2526 → class 0 (hit)
+    #   mean of logits: [2.5, 2.6, 2.6] → class 1 or 2 (miss)
+    # video 1 (label 2): both views say class 2
+    views = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 5.2, 5.2]], [[0.0, 0.0, 4.0], [0.0, 1.0, 4.0]]])  # [B=2, V=2, C=3]
+    frames = views[:, :, None, :, None, None]  # [B, V, T=1, C, 1, 1]
+    batch = {"frames": frames, "label": torch.tensor([0, 2]), "index": torch.tensor([0, 1]), "failed": []}
+    # the same video again (a padded DDP shard repeats indices) and a failed one
+    again = {"frames": frames[1:], "label": torch.tensor([2]), "index": torch.tensor([1]), "failed": ["/x/bad.mp4"]}
+    cls = torch.zeros(3, 1)
+    soft = evaluate(_LogitsModel(), [batch, again], cls, view_reduce="softmax_mean", views=(2, 1))
+    logit = evaluate(_LogitsModel(), [batch, again], cls, view_reduce="logit_mean", views=(2, 1))
+    assert list(soft.variants) == ["model"]
+    assert (soft.variants["model"].top1, soft.variants["model"].top5) == (100.0, 100.0)  # top-5 clipped to 3 classes
+    assert (logit.variants["model"].top1, logit.variants["model"].top5) == (50.0, 100.0)
+    assert (soft.num_videos, soft.num_failed, soft.failed, soft.views) == (2, 1, ["/x/bad.mp4"], (2, 1))
+    with pytest.raises(ValueError, match="view_reduce must be one of"):
+        evaluate(_LogitsModel(), [batch], cls, view_reduce="max")
+
+
+def _collapsed(model, strategy: str, **kw):
+    from mergekit_video.surgery import collapse_experts
+
+    dense = copy.deepcopy(model)
+    collapse_experts(dense.head, strategy, **kw)
+    return dense.eval()
+
+
+def test_variants_equal_the_collapsed_models_and_the_ensemble_of_their_probabilities():
+    """Each variant's predictions are those of an independent dense model: the mean merge, each
+    expert alone, another merge; the logit ensemble averages the experts' view-averaged probabilities."""
+    from mergekit_video.models import build_video_clip
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=4)
+    with torch.no_grad():  # experts far apart, so that their predictions differ
+        for n, p in model.head.named_parameters():
+            if ".experts." in n and p.dim() == 2:
+                p.mul_(25.0)
+    model.head.set_source_class_features(F.normalize(torch.randn(6, 64), dim=-1))
+    model.eval()
+    n_videos, n_classes = 16, 10
+    frames = torch.randn(n_videos, 2, 8, 3, 32, 32)  # 2 views per video
+    cls = F.normalize(torch.randn(n_classes, 64), dim=-1)
+    variants = build_variants(model.head, modulation=(False, True), merges=[{"name": "temperature_softmax", "tau": 0.6}], experts=True, logit_ensemble=True)
+    assert [v.name for v in variants][:8] == ["merged", "temperature_softmax(tau=0.6)", "expert_0", "expert_1", "expert_2", "expert_3", "logit_ensemble", "merged+tfm"]
+
+    @torch.no_grad()
+    def probs(m, tfm):  # view-averaged softmax of a dense model, [N, C]
+        return torch.stack([m(frames[:, v], cls, modulation=tfm).softmax(-1) for v in range(2)]).mean(0)
+
+    refs = {}
+    for tfm, sfx in ((False, ""), (True, "+tfm")):
+        refs["merged" + sfx] = probs(_collapsed(model, "mean"), tfm)
+        refs["temperature_softmax(tau=0.6)" + sfx] = probs(_collapsed(model, "temperature_softmax", tau=0.6), tfm)
+        for i in range(4):
+            refs[f"expert_{i}" + sfx] = probs(_collapsed(model, "weighted", weights=[float(i == j) for j in range(4)]), tfm)
+        refs["logit_ensemble" + sfx] = torch.stack([refs[f"expert_{i}" + sfx] for i in range(4)]).mean(0)
+    assert len({tuple(p.argmax(-1).tolist()) for p in refs.values()}) >= 4  # the variants disagree somewhere
+
+    def loader(labels):
+        return [{"frames": frames[i:i + 4], "label": labels[i:i + 4], "index": torch.arange(i, i + 4), "failed": []} for i in range(0, n_videos, 4)]
+
+    for name, ref in refs.items():
+        # labels = the reference's own top-1: the variant must score 100 %, the others what the reference predicts of them
+        res = evaluate(model, loader(ref.argmax(-1)), cls, variants=variants)
+        assert res.variants[name].top1 == 100.0, name
+        for other, o in refs.items():
+            expected = 100.0 * (o.argmax(-1) == ref.argmax(-1)).float().mean().item()
+            assert res.variants[other].top1 == pytest.approx(expected), (name, other)
+        top5 = ref.topk(5, -1).indices[:, -1]  # labels ranked 5th by the reference: top-5 hits, top-1 misses
+        res = evaluate(model, loader(top5), cls, variants=variants)
+        assert (res.variants[name].top1, res.variants[name].top5) == (0.0, 100.0), name
+
+
+def test_failed_videos_are_counted_and_skipped(synthetic_data, tmp_path):
+    from mergekit_video.data import VideoDataset, build_loader, read_class_names
+    from mergekit_video.data.readers import VideoReadError
+
+    odd, bad = _eval_list_with_a_corrupt_video(synthetic_data, tmp_path / "evalroot")
+    names = read_class_names(synthetic_data / "classes.csv")
+    model = _LogitsModelFromFrames(len(names))
+
+    def run(on_error):
+        ds = VideoDataset(list_file=odd, root=odd.parent, num_frames=4, train=False, class_names=names, num_clips=1, input_size=16, on_error=on_error)
+        return evaluate(model, build_loader(ds, batch_size=3, num_workers=0, shuffle=False, seed=0, drop_last=False), torch.zeros(len(names), 1))
+
+    res = run("skip")
+    assert (res.num_videos, res.num_failed, res.failed) == (8, 1, [str(bad)])
+    assert res.variants["model"].num_videos == 8
+    with pytest.raises(VideoReadError, match="bad.mp4"):
+        run("raise")
+
+
+class _LogitsModelFromFrames(torch.nn.Module):
+    """Any frames → constant logits (the failed-video bookkeeping does not depend on the model)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.head = _LogitsHead()
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(frames.shape[0], frames.shape[1], self.num_classes)
+
+
+def _res(dataset: str, **top1: float) -> EvalResult:
+    return EvalResult(dataset=dataset, variants={k: VariantResult(top1=v, top5=min(100.0, v + 10), num_videos=100) for k, v in top1.items()}, num_videos=100)
+
+
+def test_summary_scores_by_hand():
+    """HM_ZS = 3 / (1/72 + 1/52 + 1/61) = 60.5900...; Trade-off = 2 / (1/80 + 1/60.590) = 68.9551...."""
+    results = {
+        "k400": [_res("k400", A=80.0, B=90.0)],
+        "ucf": [_res("ucf/split1", A=70.0, B=0.0), _res("ucf/split2", A=72.0, B=0.0), _res("ucf/split3", A=74.0, B=0.0)],
+        "hmdb": [_res(f"hmdb/split{i}", A=v, B=40.0) for i, v in enumerate((50.0, 52.0, 54.0), 1)],
+        "k600": [_res(f"k600/split{i}", A=v, B=40.0) for i, v in enumerate((60.0, 61.0, 62.0), 1)],
+    }
+    s = summarize(results, close_set="k400", zero_shot=["ucf", "hmdb", "k600"])
+    a = s["A"]
+    assert (a["ucf"]["top1"], a["hmdb"]["top1"], a["k600"]["top1"]) == (72.0, 52.0, 61.0)
+    assert a["ucf"]["top1_std"] == pytest.approx(1.6329932)  # population std of 70, 72, 74: sqrt(8/3)
+    assert a["k600"]["top1_std"] == pytest.approx(0.8164966)  # sqrt(2/3)
+    assert a["ucf"]["splits"] == [70.0, 72.0, 74.0] and a["ucf"]["top5"] == 82.0
+    assert a["HM_ZS"] == pytest.approx(60.59004, abs=1e-4)
+    assert a["trade_off"] == pytest.approx(68.95513, abs=1e-4)
+    # a zero on one zero-shot dataset makes the harmonic means 0
+    assert (s["B"]["HM_ZS"], s["B"]["trade_off"]) == (0.0, 0.0)
+    # without a close-set dataset there is no Trade-off; with a zero-shot dataset missing, no HM_ZS
+    assert "trade_off" not in summarize(results, close_set=None, zero_shot=["ucf"])["A"]
+    assert "HM_ZS" not in summarize({"k400": results["k400"]}, close_set="k400", zero_shot=["ucf"])["A"]
+    # the rich table shows mean ± std over splits
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(results_table(s, datasets=list(results)))
+    text = console.export_text()
+    assert "72.0 ± 1.6" in text and "60.6" in text and "69.0" in text
+
+
+def test_variant_labels_and_plain_models():
+    from mergekit_video.models import build_video_clip
+
+    plain = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=0)
+    assert [v.name for v in build_variants(plain.head, merges=[{"name": "mean"}], experts=True)] == ["model", "model+tfm"]
+    assert Variant(name="x").kind == "merged"
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks (JSON with the documented keys; no speed is asserted)
+# ---------------------------------------------------------------------------------------------
+def test_bench_head_writes_json_and_markdown(tmp_path, capsys):
+    """Small head shapes keep this quick on a CPU; the default shapes are the paper's two heads."""
+    from mergekit_video.training.benchmark import HEAD_SHAPES, head_shape
+
+    assert HEAD_SHAPES == (("ViT-B/16 head", 512, 4), ("ViT-L/14 head", 768, 6))
+    assert head_shape("768x6") == ("ViT-L/14 head", 768, 6) and head_shape("64x2") == ("64x2 head", 64, 2)
+    out, md = tmp_path / "head.json", tmp_path / "bench.md"
+    md.write_text("# Benchmarks\n")
+    args = ["bench", "head", "--steps", "2", "--warmup", "0", "--batch-size", "2", "--device", "cpu", "--shape", "64x2", "--shape", "128x1"]
+    assert cli_main([*args, "--output", str(out), "--markdown", str(md)]) == 0
+    res = json.loads(out.read_text())
+    assert {"device", "batch_size", "frames", "num_experts", "shapes"} <= set(res)
+    assert (res["batch_size"], res["frames"], res["num_experts"]) == (2, 8, 4)
+    assert list(res["shapes"]) == ["64x2 head", "128x1 head"]
+    for name, (width, layers) in (("64x2 head", (64, 2)), ("128x1 head", (128, 1))):
+        r = res["shapes"][name]
+        assert (r["width"], r["layers"]) == (width, layers)
+        assert set(r["train_ms"]) == {"mote_fused", "mote_two_forwards", "plain"}
+        assert set(r["eval_ms"]) == {"mote_merged_cached", "plain", "mote_remerge_every_forward"}
+        assert all(v > 0 for v in (*r["train_ms"].values(), *r["eval_ms"].values()))
+        tm, em = r["train_ms"], r["eval_ms"]
+        assert r["train_ratio_mote_vs_plain"] == pytest.approx(tm["mote_fused"] / tm["plain"])
+        assert r["train_ratio_two_forwards_vs_plain"] == pytest.approx(tm["mote_two_forwards"] / tm["plain"])
+        assert r["eval_ratio_merged_vs_plain"] == pytest.approx(em["mote_merged_cached"] / em["plain"])
+        assert r["eval_ratio_remerge_vs_plain"] == pytest.approx(em["mote_remerge_every_forward"] / em["plain"])
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n") and "| 64x2 head (D=64, L=2) |" in text and "| 128x1 head (D=128, L=1) |" in text
+    assert "bench head" in capsys.readouterr().out
+    assert cli_main(["bench", "head", "--shape", "100x2", "--output", str(out)]) == 1
+    assert "head shape '100x2': the width must be a positive multiple of 64" in capsys.readouterr().err
+
+
+def test_bench_train_writes_json(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "0", "--batch-size", "2", "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {"device", "batch_size", "frames", "input_size", "runs", "overhead_mote_vs_baseline"} <= set(res)
+    assert (res["batch_size"], res["frames"], res["input_size"]) == (2, 8, 32)
+    assert sorted(res["runs"]) == ["baseline", "mote"]
+    for r in res["runs"].values():
+        assert r["step_s"] > 0 and r["clips_per_s"] == pytest.approx(2 / r["step_s"])
+        assert "mfu" not in r  # CPU: no MFU
+    assert res["overhead_mote_vs_baseline"] == pytest.approx(res["runs"]["mote"]["step_s"] / res["runs"]["baseline"]["step_s"])
+    assert "MoTE step / baseline step" in capsys.readouterr().out
+    # --no-baseline times MoTE alone
+    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "0", "--batch-size", "2", "--no-baseline", "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert sorted(res["runs"]) == ["mote"] and "overhead_mote_vs_baseline" not in res
