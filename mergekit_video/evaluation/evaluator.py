@@ -172,6 +172,8 @@ def evaluate(
 
     for batch in loader:
         failed.extend(batch.get("failed", []))
+        if batch["label"].numel() == 0:  # every item of the batch failed (on_error: skip)
+            continue
         frames = batch["frames"].to(device, non_blocking=True)
         if frames.dtype == torch.uint8:
             frames = normalize_frames(frames)
