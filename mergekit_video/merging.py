@@ -43,9 +43,17 @@ def linear_combination(tensors: Sequence[Tensor], coefficients: Tensor) -> Tenso
     _check_same_shape(tensors)
     dtype = tensors[0].dtype
     acc = torch.promote_types(dtype, torch.float32)
-    coeff = coefficients.to(device=tensors[0].device, dtype=acc)
-    stacked = torch.stack([t.to(acc) for t in tensors])  # [N, ...]
-    return torch.tensordot(coeff, stacked, dims=1).to(dtype)
+    if coefficients.requires_grad:  # learned coefficients: differentiate through them too
+        coeff = coefficients.to(device=tensors[0].device, dtype=acc)
+        stacked = torch.stack([t.to(acc) for t in tensors])  # [N, ...]
+        return torch.tensordot(coeff, stacked, dims=1).to(dtype)
+    # constant coefficients: a chain of scaled adds reads every tensor once and writes one result
+    # (no [N, ...] stack), and its backward hands each tensor its own scaled gradient
+    coeff = coefficients.detach().to("cpu", torch.float64).tolist()
+    out = tensors[0].to(acc) * coeff[0]
+    for c, t in zip(coeff[1:], tensors[1:]):
+        out = torch.add(out, t.to(acc), alpha=c)
+    return out.to(dtype)
 
 
 def _linear_strategy(coefficients_fn: Callable[..., Tensor]) -> Callable[[Callable], MergeFn]:

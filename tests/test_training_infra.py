@@ -198,7 +198,21 @@ def test_build_optimizer_kernels_and_groups():
     assert isinstance(opt, torch.optim.AdamW)
     assert [(g["name"], g["lr"], g["weight_decay"], g["betas"]) for g in opt.param_groups] == [
         ("clip", 3e-6, 0.2, (0.9, 0.999)), ("default", 5e-5, 0.2, (0.9, 0.999))]
-    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]  # CPU: foreach
+    assert opt.defaults["fused"] is True  # fused kernels exist on the CPU too
+    forced = build_optimizer(groups, lr=5e-5, weight_decay=0.2, fused=False)
+    assert forced.defaults["foreach"] is True and not forced.defaults["fused"]
+    # fused and foreach AdamW agree on a step
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    fused_result = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(ref[n])
+    forced.step()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, fused_result[n], atol=1e-7), n
     sgd = build_optimizer(model.head.parameters(), name="SGD", lr=0.1, momentum=0.9)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
     with pytest.raises(ValueError, match=r"unknown optimizer 'adamx'; did you mean 'adam'\?"):
