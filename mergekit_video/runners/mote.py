@@ -118,7 +118,7 @@ class MoTERunner:
             input_size=d.get("input_size", 224),
             decode_short_side=d.get("decode_short_side"),
             flip=d.get("flip", True),
-            normalize=self.device.type != "cuda",
+            normalize=False,  # uint8 out of the workers; normalised on the device in one op
             on_error=d.get("on_error", "resample"),
             read_timeout_s=d.get("read_timeout_s", 60.0),
             seed=cfg.get("seed", 0),
@@ -212,7 +212,7 @@ class MoTERunner:
                 list_file=d["val_list"], root=d["root"], num_frames=d.get("num_frames", 8), train=False,
                 class_names=self.train_class_names, list_format=d.get("list_format", "video"),
                 backend=d.get("backend", "decord"), num_clips=clips, num_crops=crops,
-                input_size=d.get("input_size", 224), normalize=self.device.type != "cuda",
+                input_size=d.get("input_size", 224), normalize=False,  # uint8 out of the workers; normalised on the device in one op
                 on_error="skip", read_timeout_s=d.get("read_timeout_s", 60.0), seed=self.cfg.get("seed", 0),
             )
             ev = self.cfg.get("eval") or {}
