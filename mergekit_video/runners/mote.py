@@ -238,8 +238,14 @@ class MoTERunner:
                 f"({self.model.config['head']['num_experts']} experts), {n / 1e6:.2f}M trainable params, "
                 f"{self.trainer.total_steps} steps on {self.device}"
             )
-        self.trainer.fit()
+        state = self.trainer.fit()
         self.train_seconds = time.perf_counter() - start
+        if self.main and self.console is not None and state.history:
+            from ..training.metrics import print_summary
+
+            rows = [{"epoch": h["epoch"], "step": h["step"], "val top-1": h.get("top1"), "val top-5": h.get("top5")} for h in state.history]
+            title = f"training: {state.step} steps in {self.train_seconds:.0f} s, best val top-1 {state.best_metric:.2f}" if state.best_metric is not None else "training"
+            print_summary(rows, title, console=self.console)
 
     def evaluate(self) -> dict[str, Any]:
         self.results = run_eval_suite(
