@@ -96,6 +96,15 @@ def test_unknown_registry_in_ls():
     assert res.returncode == 0 and all(r in res.stdout for r in ("mote", "evaluate", "compare"))
 
 
+def test_usage_errors_are_clicks_message_with_exit_code_2():
+    res = _mergevid("convert", "foo", "a", "b")
+    assert res.returncode == 2
+    assert "Invalid value for 'fmt'" in res.stderr and "'foo' is not one of 'mote-official'" in res.stderr
+    assert "Traceback" not in res.stderr and "BadParameter" not in res.stderr
+    res = _mergevid("run")
+    assert res.returncode == 2 and "Missing argument 'recipe'" in res.stderr
+
+
 def test_invalid_recipe_lists_problems_without_traceback(capsys):
     rc = cli_main(["validate", str(QUICKSTART), "precision=fp8", "train.log_evry=1"])
     err = capsys.readouterr().err

@@ -8,6 +8,21 @@ from typing import Any
 
 import click
 
+try:  # recent typer vendors its own copy of click
+    from typer._click import exceptions as _typer_click
+except ImportError:  # pragma: no cover
+    _typer_click = click.exceptions
+
+
+def _both(name: str) -> tuple[type, ...]:
+    """click's exception class ``name`` and typer's vendored one, when it has it."""
+    return tuple({c for c in (getattr(click.exceptions, name, None), getattr(_typer_click, name, None)) if c is not None})
+
+
+_EXIT = _both("Exit")
+_ABORT = _both("Abort")
+_CLICK_ERRORS = _both("ClickException")
+
 
 class UserError(Exception):
     """An error whose message is meant for the user as is (bad config, missing file, ...)."""
@@ -22,12 +37,12 @@ def run_app(app: Any, argv: list[str]) -> int:
     debug = _debug_requested(argv)
     try:
         app(args=argv, prog_name="mergevid", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         print("Aborted.", file=sys.stderr)
         return 130
-    except click.ClickException as e:
+    except _CLICK_ERRORS as e:  # usage errors: click's own message and exit code 2
         e.show()
         return e.exit_code
     except KeyboardInterrupt:
