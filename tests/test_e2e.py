@@ -87,17 +87,10 @@ def _new_run_dir(path: Path, data: Path) -> Path:
 
 def _run_in_process(out: Path, overrides: list[str]) -> object:
     """``mergevid run recipes/quickstart.yaml output_dir=out ...`` in this process; returns the runner."""
-    from mergekit_video.runners import build_runner
+    from mergekit_video.runners import run_recipe
 
     cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, *overrides])
-    runner = build_runner(cfg)
-    try:
-        runner.setup()
-        runner.train()
-        runner.evaluate()
-        runner.save()
-    finally:
-        runner.cleanup()
+    runner = run_recipe(cfg)
     return runner
 
 

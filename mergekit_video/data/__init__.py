@@ -5,7 +5,9 @@ Importing this package is light; each name is imported from its module on first 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..utils.lazy import lazy_exports
 
 _LAZY = {
     # readers
@@ -65,16 +67,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .watchdog import ReadTimeoutError
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mergekit_video.data' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, {k: f".{m}" for k, m in _LAZY.items()}, globals())

@@ -26,6 +26,30 @@ def select_device(spec: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+@dataclass
+class RunContext:
+    """Where and how a run executes: process group, device and output folder."""
+
+    dist: Any
+    main: bool
+    device: torch.device
+    output_dir: Path
+
+
+def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
+    """Common start of every runner: DDP from torchrun's environment, device, output folder
+    (with the resolved recipe), and the same seed on every rank (identical model init and routing)."""
+    from ..training.distributed import init_distributed
+    from ..training.rng import seed_everything
+
+    dist = init_distributed()
+    main = dist.rank == 0
+    device = select_device(cfg.get("device", "auto"), dist.local_rank)
+    output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
+    seed_everything(cfg.get("seed", 0))
+    return RunContext(dist=dist, main=main, device=device, output_dir=output_dir)
+
+
 def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> Path:
     """Create ``output_dir`` and save the resolved recipe there.
 

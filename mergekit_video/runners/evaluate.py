@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import instantiate
-from .common import ensure_synthetic_data, prepare_output_dir, run_eval_suite, select_device
+from .common import ensure_synthetic_data, run_eval_suite, start_run
 
 #: Merge strategies compared by default (besides each expert and the logit ensemble).
 DEFAULT_COMPARE_MERGES = (
@@ -28,15 +28,10 @@ class EvaluateRunner:
 
     def setup(self) -> None:
         from ..models.checkpoint import load
-        from ..training.distributed import init_distributed
-        from ..training.rng import seed_everything
 
         cfg = self.cfg
-        self.dist = init_distributed()
-        self.main = self.dist.rank == 0
-        self.device = select_device(cfg.get("device", "auto"), self.dist.local_rank)
-        self.output_dir = prepare_output_dir(cfg, overwrite=self.overwrite, main=self.main)
-        seed_everything(cfg.get("seed", 0))
+        ctx = start_run(cfg, overwrite=self.overwrite)
+        self.dist, self.main, self.device, self.output_dir = ctx.dist, ctx.main, ctx.device, ctx.output_dir
         self.data_cfg = ensure_synthetic_data(dict(cfg.get("data") or {}), self.output_dir, main=self.main)
         if cfg.get("checkpoint"):
             self.model = load(cfg["checkpoint"], device=self.device)

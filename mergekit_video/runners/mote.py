@@ -15,9 +15,8 @@ from .common import (
     class_features,
     class_names_from,
     ensure_synthetic_data,
-    prepare_output_dir,
     run_eval_suite,
-    select_device,
+    start_run,
 )
 
 log = logging.getLogger(__name__)
@@ -43,16 +42,11 @@ class MoTERunner:
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
         from ..training.checkpoint import CheckpointManager
-        from ..training.distributed import init_distributed
         from ..training.metrics import MetricsLogger
-        from ..training.rng import seed_everything
 
         cfg = self.cfg
-        self.dist = init_distributed()
-        self.main = self.dist.rank == 0
-        self.device = select_device(cfg.get("device", "auto"), self.dist.local_rank)
-        self.output_dir = prepare_output_dir(cfg, overwrite=self.overwrite, main=self.main)
-        seed_everything(cfg.get("seed", 0))  # same on every rank: identical model init and routing draws
+        ctx = start_run(cfg, overwrite=self.overwrite)
+        self.dist, self.main, self.device, self.output_dir = ctx.dist, ctx.main, ctx.device, ctx.output_dir
         self.data_cfg = ensure_synthetic_data(dict(cfg["data"]), self.output_dir, main=self.main)
 
         # model + frozen class text features
