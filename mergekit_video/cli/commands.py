@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -123,6 +124,7 @@ def eval_cmd(
             "output_dir": str(output_dir or Path("runs") / "eval" / target.resolve().name),
             "checkpoint": str(target),
             "eval": {
+                "num_workers": min(4, os.cpu_count() or 1),
                 "datasets": [
                     {
                         "name": list_file.stem,
