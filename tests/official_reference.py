@@ -163,3 +163,28 @@ class RefVideoCLIP(nn.Module):
     def encode_image(self, frames):  # [B, T, 3, H, W]
         b, t = frames.shape[:2]
         return self.visual(frames.flatten(0, 1)).view(b, t, -1)
+
+
+def official_checkpoint(*, width=64, layers=2, image=32, patch=8, embed=64, t_layers=2, experts=4, classes=7, fusion=None, seed=0):
+    """A random official-format checkpoint (``epoch``, ``model_state_dict``, ``fusion_model_state_dict``,
+    ``optimizer_state_dict``, keys with ``module.``) and the reference modules holding its weights."""
+    torch.manual_seed(seed)
+    visual = RefVisualTransformer(image, patch, width, layers, embed)
+    clip = RefVideoCLIP(visual)
+    head = RefVideoHeader(embed, t_layers, experts, classes)
+    with torch.no_grad():
+        for p in head.parameters():  # non-trivial values everywhere (biases, LN affine too)
+            p.normal_(0, 0.05)
+        head.spe_cls_feature.copy_(F.normalize(torch.randn(classes, embed), dim=-1))
+        for blk in head.transformer.resblocks:
+            if experts:
+                blk.mlp.mote_fusion_weight.copy_(torch.zeros(experts) if fusion is None else torch.tensor(fusion))
+        for p in visual.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ckpt = {
+        "epoch": 19,
+        "model_state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()},
+        "fusion_model_state_dict": {f"module.{k}": v for k, v in head.state_dict().items()},
+        "optimizer_state_dict": {"state": {}, "param_groups": []},
+    }
+    return ckpt, clip.eval(), head.eval()

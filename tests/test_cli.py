@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import mergekit_video
 from mergekit_video.cli.main import main as cli_main
-from official_reference import RefVideoCLIP, RefVideoHeader, RefVisualTransformer
+from official_reference import official_checkpoint as _official_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -138,27 +138,6 @@ def test_convert_rejects_non_mote_files(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # convert an official checkpoint, export it dense, load the export into plain open_clip
 # ---------------------------------------------------------------------------------------------
-def _official_checkpoint(*, experts=4, classes=7, seed=0):
-    """An official-format MoTE checkpoint of the tiny ViT (32 px, patch 8, width 64, 2 temporal layers)."""
-    torch.manual_seed(seed)
-    visual = RefVisualTransformer(32, 8, 64, 2, 64)
-    clip = RefVideoCLIP(visual)
-    head = RefVideoHeader(64, 2, experts, classes)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0, 0.05)
-        head.spe_cls_feature.copy_(F.normalize(torch.randn(classes, 64), dim=-1))
-        for blk in head.transformer.resblocks:
-            blk.mlp.mote_fusion_weight.zero_()
-    ckpt = {
-        "epoch": 19,
-        "model_state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()},
-        "fusion_model_state_dict": {f"module.{k}": v for k, v in head.state_dict().items()},
-        "optimizer_state_dict": {"state": {}, "param_groups": []},
-    }
-    return ckpt, clip.eval(), head.eval()
-
-
 def _digest(directory: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(directory.rglob("*")):

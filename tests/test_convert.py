@@ -8,30 +8,7 @@ import torch.nn.functional as F
 
 from mergekit_video.models import load, save_model
 from mergekit_video.models.convert import ConversionError, convert_official, infer_architecture, load_official_checkpoint
-from official_reference import RefVideoCLIP, RefVideoHeader, RefVisualTransformer
-
-
-def _official_checkpoint(*, width=64, layers=2, image=32, patch=8, embed=64, t_layers=2, experts=4, classes=7, fusion=None, seed=0):
-    torch.manual_seed(seed)
-    visual = RefVisualTransformer(image, patch, width, layers, embed)
-    clip = RefVideoCLIP(visual)
-    head = RefVideoHeader(embed, t_layers, experts, classes)
-    with torch.no_grad():
-        for p in head.parameters():  # non-trivial values everywhere (biases, LN affine too)
-            p.normal_(0, 0.05)
-        head.spe_cls_feature.copy_(F.normalize(torch.randn(classes, embed), dim=-1))
-        for blk in head.transformer.resblocks:
-            if experts:
-                blk.mlp.mote_fusion_weight.copy_(torch.zeros(experts) if fusion is None else torch.tensor(fusion))
-        for p in visual.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    ckpt = {
-        "epoch": 19,
-        "model_state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()},
-        "fusion_model_state_dict": {f"module.{k}": v for k, v in head.state_dict().items()},
-        "optimizer_state_dict": {"state": {}, "param_groups": []},
-    }
-    return ckpt, clip.eval(), head.eval()
+from official_reference import official_checkpoint as _official_checkpoint
 
 
 def _compare(model, clip, head, classes=9, atol=1e-4):
