@@ -35,6 +35,30 @@ def _check_same_shape(tensors: Sequence[Tensor]) -> None:
             raise ValueError(f"cannot merge tensors of different shapes: #0 {tuple(shape)} vs #{i} {tuple(t.shape)}")
 
 
+class _WeightedSum(torch.autograd.Function):
+    """Σ_i c_i · θ_i for constant coefficients, written into one output buffer.
+
+    The out-of-place chain ``c0·θ0 + c1·θ1 + ...`` allocates a fresh tensor per term; on a CPU
+    every fresh multi-megabyte buffer is page-faulted in, which costs more than the arithmetic.
+    Forward allocates the result once and accumulates in place; backward hands θ_i the
+    gradient c_i·g (itself differentiable, so double backward works).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, coeff: tuple[float, ...], acc: torch.dtype, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.coeff = coeff
+        ctx.dtypes = [t.dtype for t in tensors]
+        out = torch.mul(tensors[0].to(acc), coeff[0])
+        for c, t in zip(coeff[1:], tensors[1:]):
+            out.add_(t, alpha=c)
+        return out.to(tensors[0].dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grads = [None if not need else (grad * c).to(dtype) for c, dtype, need in zip(ctx.coeff, ctx.dtypes, ctx.needs_input_grad[2:])]
+        return (None, None, *grads)
+
+
 def linear_combination(tensors: Sequence[Tensor], coefficients: Tensor) -> Tensor:
     """Σ_i c_i · θ_i, accumulated in at least float32 and cast back to the input dtype.
 
@@ -47,13 +71,12 @@ def linear_combination(tensors: Sequence[Tensor], coefficients: Tensor) -> Tenso
         coeff = coefficients.to(device=tensors[0].device, dtype=acc)
         stacked = torch.stack([t.to(acc) for t in tensors])  # [N, ...]
         return torch.tensordot(coeff, stacked, dims=1).to(dtype)
-    # constant coefficients: a chain of scaled adds reads every tensor once and writes one result
-    # (no [N, ...] stack), and its backward hands each tensor its own scaled gradient
-    coeff = coefficients.detach().to("cpu", torch.float64).tolist()
-    out = tensors[0].to(acc) * coeff[0]
-    for c, t in zip(coeff[1:], tensors[1:]):
-        out = torch.add(out, t.to(acc), alpha=c)
-    return out.to(dtype)
+    # constant coefficients: one output buffer, each tensor read once (no [N, ...] stack);
+    # backward hands each tensor its own scaled gradient
+    coeff = tuple(coefficients.detach().to("cpu", torch.float64).tolist())
+    if len(coeff) != len(tensors):
+        raise ValueError(f"{len(coeff)} coefficients for {len(tensors)} tensors")
+    return _WeightedSum.apply(coeff, acc, *tensors)
 
 
 def _linear_strategy(coefficients_fn: Callable[..., Tensor]) -> Callable[[Callable], MergeFn]:

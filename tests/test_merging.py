@@ -265,3 +265,26 @@ def test_merge_state_dicts_errors():
         merge_state_dicts([{"n": torch.tensor(1)}, {"n": torch.tensor(2)}])
     with pytest.raises(ValueError, match=r"^non-float tensors differ between #0 and #1"):
         merge_tensors([torch.tensor(1), torch.tensor(2)])
+
+
+def test_linear_combination_constant_coefficients_gradients_and_double_backward():
+    torch.manual_seed(0)
+    xs = [torch.randn(5, 3, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    coeff = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    out = linear_combination(xs, coeff)
+    ref = sum(c * x for c, x in zip(coeff.tolist(), xs))
+    assert torch.allclose(out, ref, atol=0, rtol=1e-15)
+    g = torch.randn(5, 3, dtype=torch.float64)
+    out.backward(g)
+    for c, x in zip(coeff.tolist(), xs):
+        assert torch.equal(x.grad, g * c)  # each tensor gets its own scaled gradient
+    inputs = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    coeff = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *ts: linear_combination(list(ts), coeff), inputs)
+    assert torch.autograd.gradgradcheck(lambda *ts: linear_combination(list(ts), coeff), inputs)
+    # a frozen tensor gets no gradient; a mismatched coefficient count is an error
+    frozen = torch.ones(3, dtype=torch.float64)
+    linear_combination([inputs[0], frozen], torch.tensor([0.5, 0.5])).sum().backward()
+    assert frozen.grad is None
+    with pytest.raises(ValueError, match=r"^3 coefficients for 2 tensors$"):
+        linear_combination(inputs[:2], torch.ones(3))
