@@ -394,3 +394,29 @@ def test_summary_table():
     for cell in ("results", "expert 0", "81.25", "60.1235", "83.5", "yes"):
         assert cell in out
     assert out.count(" - ") >= 2  # missing cells
+
+
+def test_cpu_allocator_tuning_is_opt_out_and_idempotent(monkeypatch):
+    import sys
+
+    from mergekit_video.utils import cpu
+
+    monkeypatch.setattr(cpu, "_tuned", False)
+    monkeypatch.setenv(cpu.ENV_SWITCH, "0")
+    assert cpu.tune_cpu_allocator() is False and cpu._tuned is False
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert cpu.tune_cpu_allocator() is False  # a preloaded allocator is left alone
+    monkeypatch.delenv("LD_PRELOAD")
+    applied = cpu.tune_cpu_allocator()
+    assert applied is sys.platform.startswith("linux")  # glibc's mallopt accepts both settings
+    assert cpu.tune_cpu_allocator() is applied  # once per process
+
+
+def test_time_interleaved_alternates_and_returns_medians():
+    from mergekit_video.training.benchmark import time_interleaved
+
+    calls: list[str] = []
+    res = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, device=torch.device("cpu"), steps=3, warmup=2)
+    assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]  # warm-up each, then rounds
+    assert set(res) == {"a", "b"} and all(v >= 0 for v in res.values())

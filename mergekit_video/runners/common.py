@@ -45,6 +45,10 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
     dist = init_distributed()
     main = dist.rank == 0
     device = select_device(cfg.get("device", "auto"), dist.local_rank)
+    if device.type == "cpu":
+        from ..utils.cpu import tune_cpu_allocator
+
+        tune_cpu_allocator()  # keep freed tensor buffers in the process between steps
     output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
     seed_everything(cfg.get("seed", 0))
     return RunContext(dist=dist, main=main, device=device, output_dir=output_dir)

@@ -68,6 +68,35 @@ def time_fn(fn: Callable[[], Any], *, device: torch.device, steps: int, warmup: 
     return times[len(times) // 2]
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, steps: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation.
+
+    Every round calls each function once, so slow drifts of a shared machine (other
+    tenants, frequency changes) hit all of them alike and their ratios stay meaningful.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def _prepare_device(device: torch.device) -> bool:
+    """Process tuning before timing; True when the CPU allocator was tuned (see :mod:`..utils.cpu`)."""
+    if device.type != "cpu":
+        return False
+    from ..utils.cpu import tune_cpu_allocator
+
+    return tune_cpu_allocator()
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,14 +138,16 @@ def bench_head(
     AdamW, fused paths), the same with two separate temporal forwards (the usual
     implementation), the plain-FFN baseline step; merged eval vs plain eval, and eval that
     re-merges on every forward. Each measurement is the median of ``steps`` timed calls after
-    ``warmup`` untimed ones.
+    ``warmup`` untimed ones; the variants compared are called in alternation. On the CPU the
+    allocator is tuned first, as in training (:func:`..utils.cpu.tune_cpu_allocator`).
     """
     from ..models.objective import MoTEObjective
     from ..models.temporal import TemporalHead
     from ..training.optim import build_optimizer
 
     dev = _resolve_device(device)
-    out: dict[str, Any] = {"device": describe_device(dev), "batch_size": batch_size, "frames": frames, "num_experts": num_experts, "shapes": {}}
+    tuned = _prepare_device(dev)
+    out: dict[str, Any] = {"device": describe_device(dev), "cpu_allocator_tuned": tuned, "batch_size": batch_size, "frames": frames, "num_experts": num_experts, "shapes": {}}
     for name, width, layers in shapes:
         torch.manual_seed(0)
         feats = F.normalize(torch.randn(batch_size, frames, width, device=dev), dim=-1)
@@ -138,9 +169,17 @@ def bench_head(
 
         mote = TemporalHead(width=width, layers=layers, num_experts=num_experts).to(dev).train()
         plain = TemporalHead(width=width, layers=layers, num_experts=0).to(dev).train()
-        t_mote = time_fn(train_step_fn(mote, MoTEObjective(fuse_paths=True)), device=dev, steps=steps, warmup=warmup)
-        t_mote_unfused = time_fn(train_step_fn(copy.deepcopy(mote), MoTEObjective(fuse_paths=False)), device=dev, steps=steps, warmup=warmup)
-        t_plain = time_fn(train_step_fn(plain, MoTEObjective(wmr_weight=0, mse_weight=0)), device=dev, steps=steps, warmup=warmup)
+        train = time_interleaved(
+            {
+                "mote": train_step_fn(mote, MoTEObjective(fuse_paths=True)),
+                "mote_unfused": train_step_fn(copy.deepcopy(mote), MoTEObjective(fuse_paths=False)),
+                "plain": train_step_fn(plain, MoTEObjective(wmr_weight=0, mse_weight=0)),
+            },
+            device=dev,
+            steps=steps,
+            warmup=warmup,
+        )
+        t_mote, t_mote_unfused, t_plain = train["mote"], train["mote_unfused"], train["plain"]
 
         mote.eval()
         plain.eval()
@@ -157,9 +196,13 @@ def bench_head(
 
             return run
 
-        e_mote = time_fn(eval_fn(mote), device=dev, steps=steps, warmup=warmup)
-        e_plain = time_fn(eval_fn(plain), device=dev, steps=steps, warmup=warmup)
-        e_remerge = time_fn(eval_fn(mote, remerge=True), device=dev, steps=steps, warmup=warmup)
+        evals = time_interleaved(
+            {"mote": eval_fn(mote), "plain": eval_fn(plain), "remerge": eval_fn(mote, remerge=True)},
+            device=dev,
+            steps=steps,
+            warmup=warmup,
+        )
+        e_mote, e_plain, e_remerge = evals["mote"], evals["plain"], evals["remerge"]
         out["shapes"][name] = {
             "width": width,
             "layers": layers,
@@ -212,11 +255,12 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
     from ..training.trainer import TrainStep
 
     dev = _resolve_device(cfg.get("device", "auto"))
+    tuned = _prepare_device(dev)
     data = cfg["data"]
     b = int(batch_size or data.get("batch_size", 144))
     t = int(data.get("num_frames", 8))
     size = int(data.get("input_size", 224))
-    results: dict[str, Any] = {"device": describe_device(dev), "batch_size": b, "frames": t, "input_size": size, "runs": {}}
+    results: dict[str, Any] = {"device": describe_device(dev), "cpu_allocator_tuned": tuned, "batch_size": b, "frames": t, "input_size": size, "runs": {}}
     variants = [("mote", cfg["model"], cfg["objective"])]
     if baseline:
         base_model = {**cfg["model"], "num_experts": 0}
