@@ -8,6 +8,7 @@ in-process training runs share one synthetic dataset.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -314,6 +315,9 @@ def test_resume_reproduces_the_uninterrupted_run(workers, accum, death, resume_a
 
     reference = reference_runs(workers, accum)
     overrides = [f"data.num_workers={workers}", f"train.grad_accumulation={accum}"]
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    if tensorboard:  # the resumed run must also replace, not duplicate, its TensorBoard events
+        overrides.append("train.tensorboard=true")
     out = _new_run_dir(tmp_path / "run", synthetic_data)
 
     kind, step = death
@@ -346,6 +350,14 @@ def test_resume_reproduces_the_uninterrupted_run(workers, accum, death, resume_a
         assert a["epoch"] == b["epoch"]
     assert [(r["step"], r["val/top1"]) for r in _val_records(reference)] == [(r["step"], r["val/top1"]) for r in _val_records(out)]
     assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) <= 1e-6
+    if tensorboard:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        tb_loss = [(e.step, e.value) for e in events.Scalars("loss")]
+        assert [s for s, _ in tb_loss] == list(range(1, STEPS + 1))
+        assert all(abs(v - r["loss"]) <= 1e-6 * max(1.0, abs(v)) for (_, v), r in zip(tb_loss, got))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -339,16 +339,35 @@ def test_metrics_logger_jsonl_and_resume(tmp_path):
     assert not (tmp_path / "off").exists()
 
 
-def test_metrics_logger_tensorboard_missing_is_a_clear_error(tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=r"tensorboard=True needs the 'tensorboard' package"):
-            MetricsLogger(output_dir=tmp_path, tensorboard=True)
-    else:
-        with MetricsLogger(output_dir=tmp_path, tensorboard=True) as log:
-            log.log({"loss": 1.0}, step=1)
-        assert list((tmp_path / "tensorboard").iterdir())
+def test_metrics_logger_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were absent
+    with pytest.raises(ImportError, match=r"tensorboard=True needs the 'tensorboard' package \(pip install 'mergekit_video\[tensorboard\]'\)"):
+        MetricsLogger(output_dir=tmp_path, tensorboard=True)
+
+
+def _tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_metrics_logger_tensorboard_scalars_and_resume_purge(tmp_path):
+    pytest.importorskip("tensorboard")
+    with MetricsLogger(output_dir=tmp_path, tensorboard=True) as log:
+        for step in range(1, 6):
+            log.log({"loss": float(step), "lr": 0.1, "note": "text", "flag": True}, step=step, epoch=0.5)
+    # the run is resumed from its step-3 checkpoint and logs steps 4..5 again, with other values
+    with MetricsLogger(output_dir=tmp_path, tensorboard=True, resume_step=3) as log:
+        for step in (4, 5):
+            log.log({"loss": 10.0 * step, "lr": 0.1}, step=step)
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert set(scalars) == {"loss", "lr"}  # strings and booleans are JSONL-only
+    assert scalars["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]  # no duplicate steps
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1.0, 2.0, 3.0, 40.0, 50.0]
 
 
 def test_train_progress_plain_lines_when_not_a_tty():

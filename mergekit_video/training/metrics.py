@@ -81,7 +81,9 @@ class MetricsLogger:
                     "metrics: tensorboard=True needs the 'tensorboard' package "
                     "(pip install 'mergekit_video[tensorboard]'), or set tensorboard: false"
                 ) from exc
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            # on resume, events the interrupted run wrote after the checkpoint are purged
+            purge = None if resume_step is None else int(resume_step) + 1
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=purge)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             from ..utils.io import atomic_write_text
