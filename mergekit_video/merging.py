@@ -13,6 +13,7 @@ The task-arithmetic family (task arithmetic, TIES, DARE) is one configurable cla
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from typing import Any
 import torch
 
 from .registry import MERGES
+
+log = logging.getLogger(__name__)
+NON_FLOAT_POLICIES = ("first", "error")
 
 Tensor = torch.Tensor
 MergeFn = Callable[..., Tensor]
@@ -341,16 +345,36 @@ def resolve_strategy(strategy: str | MergeFn) -> MergeFn:
     return MERGES.get(strategy) if isinstance(strategy, str) else strategy
 
 
-def merge_tensors(tensors: Sequence[Tensor], strategy: str | MergeFn = "mean", *, base: Tensor | None = None, **kwargs: Any) -> Tensor:
-    """Merge one list of tensors with ``strategy``; non-float tensors must be identical."""
+def merge_tensors(
+    tensors: Sequence[Tensor],
+    strategy: str | MergeFn = "mean",
+    *,
+    base: Tensor | None = None,
+    non_float: str = "first",
+    name: str | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    """Merge one list of tensors with ``strategy``.
+
+    Non-float tensors (counters such as BatchNorm's ``num_batches_tracked``, index or mask
+    buffers) are not weights and are never averaged: identical ones are copied; differing ones
+    are taken from ``base`` when given, else from tensor #0, with a warning
+    (``non_float="first"``), or raise (``non_float="error"``).
+    """
     fn = resolve_strategy(strategy)
     if is_output_space(fn):
         fn(tensors)  # raises the explanatory TypeError
     if not tensors[0].is_floating_point():
-        for i, t in enumerate(tensors[1:], 1):
-            if not torch.equal(t, tensors[0]):
-                raise ValueError(f"non-float tensors differ between #0 and #{i} and cannot be merged")
-        return tensors[0].clone()
+        if non_float not in NON_FLOAT_POLICIES:
+            raise ValueError(f"non_float must be one of {NON_FLOAT_POLICIES}, got {non_float!r}")
+        differ = next((i for i, t in enumerate(tensors[1:], 1) if not torch.equal(t, tensors[0])), None)
+        if differ is None:
+            return tensors[0].clone()
+        if non_float == "error":
+            raise ValueError(f"non-float tensors differ between #0 and #{differ} and cannot be merged")
+        source = "the base" if base is not None else "#0"
+        log.warning("non-float tensor %s differs between #0 and #%d; kept %s's value", repr(name) if name else "", differ, source)
+        return (base if base is not None else tensors[0]).clone()
     return fn(tensors, base=base, **kwargs)
 
 
@@ -358,11 +382,13 @@ def merge_state_dicts(
     state_dicts: Sequence[Mapping[str, Tensor]],
     strategy: str | MergeFn = "mean",
     base: Mapping[str, Tensor] | None = None,
+    non_float: str = "first",
     **kwargs: Any,
 ) -> dict[str, Tensor]:
     """Apply ``strategy`` key by key over ``state_dicts``.
 
     All state dicts must have the same keys and shapes; ``base`` (when given) too.
+    Non-float tensors follow ``non_float`` (see :func:`merge_tensors`).
     A ``seed`` keyword seeds one generator consumed in key order, so stochastic
     strategies (DARE) are reproducible.
     """
@@ -384,7 +410,7 @@ def merge_state_dicts(
     out = {}
     for k in keys:
         try:
-            out[k] = merge_tensors([sd[k] for sd in state_dicts], fn, base=None if base is None else base[k], **kwargs)
+            out[k] = merge_tensors([sd[k] for sd in state_dicts], fn, base=None if base is None else base[k], non_float=non_float, name=k, **kwargs)
         except ValueError as exc:  # name the offending tensor
             raise ValueError(f"cannot merge tensor {k!r}: {exc}") from exc
     return out

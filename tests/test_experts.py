@@ -447,3 +447,24 @@ def test_container_deepcopy_and_train_flag():
     c.train()(x)
     assert torch.equal(c.last_routing.indices, d.last_routing.indices)  # the generator state is copied
     assert c.collapse().training and not c.eval().collapse().training
+
+
+def test_collapse_batchnorm_experts_with_differing_step_counters():
+    # experts with BatchNorm that saw different numbers of batches: weights and running
+    # statistics merge, the integer step counter is copied (the base's for TIES)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    experts = [copy.deepcopy(base) for _ in range(2)]
+    for steps, e in zip((2, 3), experts):
+        e.train()
+        for _ in range(steps):
+            e(torch.randn(8, 4))
+        with torch.no_grad():
+            e[0].weight.add_(torch.randn(4, 4))
+    container = ExpertContainer(experts, router="fixed")
+    mean = container.collapse("mean")
+    assert torch.allclose(mean[1].running_mean, (experts[0][1].running_mean + experts[1][1].running_mean) / 2)
+    assert mean[1].num_batches_tracked.item() == 2
+    ties = container.collapse("ties", base=base, density=1.0)
+    assert ties[1].num_batches_tracked.item() == 0  # the base module's counter
+    assert set(ties.state_dict()) == set(base.state_dict())

@@ -262,9 +262,26 @@ def test_merge_state_dicts_errors():
     with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': base shape \(2,\) differs from tensor shape \(1,\)$"):
         merge_state_dicts([{"w": T(1)}, {"w": T(2)}], "ties", base={"w": T(0, 0)})
     with pytest.raises(ValueError, match=r"^cannot merge tensor 'n': non-float tensors differ between #0 and #1 and cannot be merged$"):
-        merge_state_dicts([{"n": torch.tensor(1)}, {"n": torch.tensor(2)}])
+        merge_state_dicts([{"n": torch.tensor(1)}, {"n": torch.tensor(2)}], non_float="error")
     with pytest.raises(ValueError, match=r"^non-float tensors differ between #0 and #1"):
-        merge_tensors([torch.tensor(1), torch.tensor(2)])
+        merge_tensors([torch.tensor(1), torch.tensor(2)], non_float="error")
+    with pytest.raises(ValueError, match=r"^non_float must be one of \('first', 'error'\), got 'max'$"):
+        merge_tensors([torch.tensor(1), torch.tensor(2)], non_float="max")
+
+
+@pytest.mark.parametrize("strategy,kw", [("mean", {}), ("ties", {"density": 0.5}), ("dare", {"drop_rate": 0.5, "seed": 0}), ("task_arithmetic", {})])
+def test_non_float_buffers_are_copied_not_merged(strategy, kw, caplog):
+    # BatchNorm experts trained apart: their step counters differ, their weights merge
+    sds = [{"w": T(1.0, -2.0), "num_batches_tracked": torch.tensor(n)} for n in (5, 7)]
+    base = {"w": T(0.0, 0.0), "num_batches_tracked": torch.tensor(3)}
+    needs_base = strategy != "mean"
+    with caplog.at_level("WARNING", logger="mergekit_video.merging"):
+        out = merge_state_dicts(sds, strategy, base=base if needs_base else None, **kw)
+    assert out["num_batches_tracked"].dtype == torch.int64
+    assert out["num_batches_tracked"].item() == (3 if needs_base else 5)  # the base's, else #0's
+    assert "non-float tensor 'num_batches_tracked' differs between #0 and #1" in caplog.text
+    same = merge_state_dicts([{"idx": torch.tensor([1, 2])}] * 2, strategy, base={"idx": torch.tensor([0, 0])} if needs_base else None, **kw)
+    assert torch.equal(same["idx"], torch.tensor([1, 2]))  # identical non-float tensors are copied as they are
 
 
 def test_linear_combination_constant_coefficients_gradients_and_double_backward():
