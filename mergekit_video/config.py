@@ -702,6 +702,9 @@ class Field:
         doc: one-line description (shown by :func:`iter_schema`).
         nullable: ``null`` is accepted.
         item: schema of every element when the value is a list.
+        path: ``"file"``, ``"dir"`` or ``"exists"`` when the value names a filesystem path that
+            :func:`check_paths` checks (not :func:`validate_recipe`: shipped recipes name
+            datasets that exist only on the user's machine).
     """
 
     type: Any = None
@@ -715,6 +718,7 @@ class Field:
     doc: str = ""
     nullable: bool = False
     item: Field | Section | Component | None = None
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -946,6 +950,40 @@ def validate_recipe(
         v.walk_components(cfg, "")
     if v.problems:
         raise ValidationError(_dedupe(v.problems), source=source)
+
+
+_PATH_KINDS = {"file": ("is_file", "file not found"), "dir": ("is_dir", "folder not found"), "exists": ("exists", "path not found")}
+
+
+def check_paths(cfg: Mapping[str, Any], schema: Section) -> list[Problem]:
+    """Problems for every path-valued key (``Field(path=...)``) whose file or folder is missing.
+
+    Runners call this once synthetic data is written and before anything heavy is built, so a
+    mistyped list fails in a second with its key instead of after the model is built;
+    ``mergevid validate --check-paths`` runs it on demand.
+    """
+    problems: list[Problem] = []
+
+    def walk(value: Any, spec: Spec, path: str) -> None:
+        if value is None:
+            return
+        if isinstance(spec, (Section, Component)) and isinstance(value, Mapping):
+            for k, sub in spec.fields.items():
+                if k in value:
+                    walk(value[k], sub, _join(path, k))
+        elif isinstance(spec, Field):
+            if spec.path is not None and isinstance(value, str):
+                test, what = _PATH_KINDS[spec.path]
+                p = Path(value).expanduser()
+                if not getattr(p, test)():
+                    hint = " (it is a folder)" if spec.path == "file" and p.is_dir() else " (it is a file)" if spec.path == "dir" and p.is_file() else ""
+                    problems.append(Problem(path, f"{what}: {value}{hint}"))
+            elif spec.item is not None and isinstance(value, list):
+                for i, v in enumerate(value):
+                    walk(v, spec.item, _join(path, i))
+
+    walk(cfg, schema, "")
+    return problems
 
 
 def load_recipe_plugins(cfg: Mapping[str, Any]) -> list[str]:

@@ -118,6 +118,34 @@ def test_invalid_recipe_lists_problems_without_traceback(capsys):
     assert rc == 1 and "override 'train' is neither 'key=value' nor '~key'" in capsys.readouterr().err
 
 
+def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    recipe = REPO / "recipes" / "mote_vitb16.yaml"
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("a.mp4 0\n")
+    over = [f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path}", f"data.train_list={lists / 'train.txt'}", f"data.val_list={lists}", "model.pretrained=null"]
+    # validate passes (the shipped recipes name datasets of the user's machine) unless asked to check paths
+    assert cli_main(["validate", str(recipe), *over]) == 0
+    capsys.readouterr()
+    assert cli_main(["validate", "--check-paths", str(recipe), *over]) == 1
+    err = capsys.readouterr().err
+    assert f"- data.val_list: file not found: {lists} (it is a folder)" in err
+    assert "- data.class_csv: file not found: /datasets/kinetics400/lists/kinetics_400_labels.csv" in err
+    assert "data.root" not in err and "data.train_list" not in err
+    # a run fails the same way, before the ViT-B/16 is built
+    import mergekit_video.models.video_clip as video_clip
+
+    def no_build(**kw):
+        raise AssertionError("the model was built before the paths were checked")
+
+    monkeypatch.setattr(video_clip, "build_video_clip", no_build)
+    assert cli_main(["run", str(recipe), *over]) == 1
+    assert "- data.val_list: file not found" in capsys.readouterr().err
+    # synthetic data is written by the run: nothing to check up front
+    assert cli_main(["validate", "--check-paths", str(QUICKSTART), f"output_dir={tmp_path / 'q'}"]) == 0
+    assert "data.synthetic is set" in capsys.readouterr().out
+
+
 def test_convert_rejects_non_mote_files(tmp_path, capsys):
     foreign = tmp_path / "resnet.pt"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, foreign)

@@ -426,3 +426,30 @@ def test_save_resolved_recipe_round_trip_and_no_overwrite(tmp_path):
 def test_import_is_light():
     code = "import sys, mergekit_video.config; bad = {'torch', 'open_clip', 'timm', 'decord'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_check_paths_names_missing_files_and_folders(tmp_path):
+    from mergekit_video.config import Field, Section, check_paths
+
+    (tmp_path / "list.txt").write_text("")
+    schema = Section(
+        {
+            "root": Field(str, path="dir"),
+            "list": Field(str, path="file"),
+            "ckpt": Field(str, path="exists", nullable=True),
+            "name": Field(str),
+            "splits": Field(list, item=Section({"list": Field(str, path="file")})),
+        }
+    )
+    cfg = {
+        "root": str(tmp_path / "list.txt"),
+        "list": str(tmp_path / "list.txt"),
+        "ckpt": None,
+        "name": "/not/a/path/check",
+        "splits": [{"list": str(tmp_path / "list.txt")}, {"list": str(tmp_path / "missing.txt")}],
+    }
+    problems = [str(p) for p in check_paths(cfg, schema)]
+    assert problems == [
+        f"root: folder not found: {tmp_path / 'list.txt'} (it is a file)",
+        f"splits.1.list: file not found: {tmp_path / 'missing.txt'}",
+    ]

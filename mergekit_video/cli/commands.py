@@ -65,9 +65,18 @@ def ls_cmd(kind: Optional[str] = typer.Argument(None, help="routers | merges | r
 def validate_cmd(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    check_paths: bool = typer.Option(False, "--check-paths", help="Also check that the lists, class CSVs, data roots and checkpoint exist."),
 ) -> None:
     """Validate a recipe (types, allowed values, components, plugins) without running anything heavy."""
     cfg = _load_validated(recipe, overrides or [])
+    if check_paths:
+        from ..runners.common import check_recipe_paths
+
+        data = cfg.get("data") or {}
+        if data.get("synthetic"):  # written by the run itself under output_dir
+            _console().print("[yellow]note[/]: data.synthetic is set; its files are written when the recipe runs")
+        else:
+            check_recipe_paths(cfg)
     _console().print(f"[green]ok[/] {recipe}: runner '{cfg['runner']}', output_dir {cfg['output_dir']}")
 
 

@@ -84,6 +84,31 @@ def _hub_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = previous
 
 
+class _DropOpenClipErrors(logging.Filter):
+    """Drops the ERROR records open_clip sends to the root logger while we re-raise its failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "open_clip" in record.pathname)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip_errors() -> Iterator[None]:
+    """Silence open_clip's own "Failed to download" log line: the error we raise says it better.
+
+    A NullHandler on the root logger for the duration also keeps ``logging.error`` from calling
+    ``basicConfig()`` and changing the process's logging setup.
+    """
+    root = logging.getLogger()
+    drop, null = _DropOpenClipErrors(), logging.NullHandler()
+    root.addFilter(drop)
+    root.addHandler(null)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        root.removeHandler(null)
+
+
 def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
     """True when the weights were trained with QuickGELU (OpenAI tags, ``-quickgelu`` names, tags marked so)."""
     if model_name.endswith("-quickgelu") or (pretrained or "").lower() == "openai":
@@ -126,7 +151,7 @@ def create_clip(
     pretrained: str | None = None,
     force_quick_gelu: bool | None = None,
     cache_dir: str | None = None,
-    recipe_key: str = "model.clip.pretrained",
+    recipe_key: str = "model.pretrained",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build an open_clip CLIP model and return ``(model, config)``.
 
@@ -160,9 +185,9 @@ def create_clip(
             )
     offline = pretrained is not None and not os.path.isfile(pretrained) and not hub_reachable()
     try:
-        with _hub_offline() if offline else contextlib.nullcontext():
+        with _hub_offline() if offline else contextlib.nullcontext(), _quiet_open_clip_errors():
             model = open_clip.create_model(
-            model_name,
+                model_name,
                 pretrained=pretrained,
                 force_quick_gelu=quick_gelu,
                 cache_dir=cache_dir,

@@ -106,6 +106,22 @@ def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: b
     return out
 
 
+def check_recipe_paths(cfg: dict[str, Any], data_cfg: dict[str, Any] | None = None) -> None:
+    """Fail fast, naming the key, when a list, class CSV, data root or checkpoint of the recipe is missing.
+
+    Called after :func:`ensure_synthetic_data` (whose files then exist) and before the model is built.
+    """
+    from ..config import ValidationError, check_paths
+    from .schema import SCHEMAS
+
+    schema = SCHEMAS.get(cfg.get("runner", ""))
+    if schema is None:
+        return
+    problems = check_paths({**cfg, "data": data_cfg} if data_cfg else cfg, schema)
+    if problems:
+        raise ValidationError(problems)
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 

@@ -12,6 +12,7 @@ import torch
 
 from ..config import instantiate
 from .common import (
+    check_recipe_paths,
     class_features,
     class_names_from,
     ensure_synthetic_data,
@@ -48,6 +49,7 @@ class MoTERunner:
         ctx = start_run(cfg, overwrite=self.overwrite)
         self.dist, self.main, self.device, self.output_dir = ctx.dist, ctx.main, ctx.device, ctx.output_dir
         self.data_cfg = ensure_synthetic_data(dict(cfg["data"]), self.output_dir, main=self.main)
+        check_recipe_paths(cfg, self.data_cfg)  # before anything heavy is built
 
         # model + frozen class text features
         self.model = instantiate(cfg["model"], _path="model")

@@ -76,10 +76,10 @@ FEW_SHOT = Section(
 
 DATA = Section(
     {
-        "root": Field(str, nullable=True, doc="folder the annotation paths are relative to"),
-        "train_list": Field(str, nullable=True),
-        "val_list": Field(str, nullable=True),
-        "class_csv": Field(str, nullable=True, doc="CSV 'id,name' with a header"),
+        "root": Field(str, nullable=True, path="dir", doc="folder the annotation paths are relative to"),
+        "train_list": Field(str, nullable=True, path="file"),
+        "val_list": Field(str, nullable=True, path="file"),
+        "class_csv": Field(str, nullable=True, path="file", doc="CSV 'id,name' with a header"),
         "synthetic": SYNTHETIC,
         "list_format": Field(str, default="video", choices=("video", "frames")),
         "backend": Field(str, default="decord", choices=("decord", "pyav", "frames", "auto")),
@@ -97,15 +97,15 @@ DATA = Section(
     required=True,
 )
 
-SPLIT = Section({"list": Field(str, required=True), "class_csv": Field(str, nullable=True)})
+SPLIT = Section({"list": Field(str, required=True, path="file"), "class_csv": Field(str, nullable=True, path="file")})
 
 EVAL_DATASET = Section(
     {
         "name": Field(str, required=True),
         "kind": Field(str, required=True, choices=("close_set", "zero_shot", "few_shot")),
-        "root": Field(str, nullable=True),
-        "list": Field(str, nullable=True, doc="one annotation list (close-set)"),
-        "class_csv": Field(str, nullable=True),
+        "root": Field(str, nullable=True, path="dir"),
+        "list": Field(str, nullable=True, path="file", doc="one annotation list (close-set)"),
+        "class_csv": Field(str, nullable=True, path="file"),
         "splits": Field(list, nullable=True, item=SPLIT, doc="zero-shot splits: [{list, class_csv}], mean ± std reported"),
         "list_format": Field(str, default="video", choices=("video", "frames")),
         "num_clips": Field(int, default=1, min=1),
@@ -212,7 +212,7 @@ MOTE_SCHEMA = recipe_schema(
 EVALUATE_SCHEMA = recipe_schema(
     {
         **COMMON,
-        "checkpoint": Field(str, nullable=True, doc="a saved model / export / trainer checkpoint"),
+        "checkpoint": Field(str, nullable=True, path="exists", doc="a saved model / export / trainer checkpoint"),
         "model": Component(nullable=True, doc="or build a model when no checkpoint is given", fields=MODEL_FIELDS),
         "data": Section({"synthetic": SYNTHETIC, "root": Field(str, nullable=True)}, nullable=True),
     },
