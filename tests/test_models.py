@@ -214,3 +214,24 @@ def test_temporal_module_parameter_counts_match_paper_table_2c():
     moe = count_parameters(TemporalHead(width=768, layers=6, num_experts=4))
     assert round(plain / 1e6, 1) == 42.6
     assert round(moe / 1e6, 1) == 127.6
+
+
+def test_failed_download_names_the_recipe_key_and_stays_quiet(tmp_path, monkeypatch, capfd, caplog):
+    import logging
+
+    import mergekit_video.models.clip as clip_mod
+
+    monkeypatch.setattr(clip_mod, "hub_reachable", lambda *a, **k: False)  # as on an offline machine
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    with caplog.at_level(logging.ERROR), pytest.raises(clip_mod.PretrainedWeightsError) as info:
+        clip_mod.create_clip("ViT-B-32", pretrained="openai", cache_dir=str(tmp_path))  # empty cache: nothing to load
+    msg = str(info.value)
+    assert msg.startswith("could not download the ViT-B-32 weights for pretrained tag 'openai' (no network access).")
+    assert "set model.pretrained=/path/to/weights.pt" in msg
+    assert "mergevid run RECIPE model.pretrained=/path/to/weights.pt" in msg
+    assert not [r for r in caplog.records if "open_clip" in r.pathname]  # open_clip's own error line is dropped
+    assert "Failed to download" not in capfd.readouterr().err
+    assert root.handlers == handlers  # logging setup untouched (no basicConfig side effect)
+    with pytest.raises(FileNotFoundError, match=r"^pretrained weights file '/no/such/ViT-B-32.pt' does not exist \(set model.pretrained\)$"):
+        clip_mod.create_clip("ViT-B-32", pretrained="/no/such/ViT-B-32.pt")
