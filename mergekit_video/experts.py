@@ -140,6 +140,7 @@ class ExpertContainer(nn.Module):
 
     @property
     def num_experts(self) -> int:
+        """N, the number of experts."""
         return len(self.experts)
 
     # -- public API ---------------------------------------------------------------

@@ -143,19 +143,19 @@ def temperature_softmax_coefficients(n: int, tau: float) -> Tensor:
 
 @MERGES.register("mean")
 @_linear_strategy(mean_coefficients)
-def mean(tensors, *, base=None):
+def mean(tensors: Sequence[Tensor], *, base: Tensor | None = None) -> Tensor:
     """Uniform average θ = (1/N) Σ θ_i (MoTE Eq. 6; model soups, Wortsman et al. 2022)."""
 
 
 @MERGES.register("weighted")
 @_linear_strategy(weighted_coefficients)
-def weighted(tensors, *, base=None, weights, normalize=True):
+def weighted(tensors: Sequence[Tensor], *, base: Tensor | None = None, weights: Sequence[float] | Tensor, normalize: bool = True) -> Tensor:
     """Linear merge θ = Σ w_i θ_i / Σ w_i with user weights (``weights=[...]``)."""
 
 
 @MERGES.register("temperature_softmax")
 @_linear_strategy(temperature_softmax_coefficients)
-def temperature_softmax(tensors, *, base=None, tau):
+def temperature_softmax(tensors: Sequence[Tensor], *, base: Tensor | None = None, tau: float) -> Tensor:
     """θ = Σ softmax(i/τ)_i θ_i over expert index i = 1..N (MoTE Eq. 7)."""
 
 
@@ -269,29 +269,29 @@ _dare_ties = GeneralizedTaskArithmetic(sparsification="bernoulli", sign_consensu
 
 
 @MERGES.register("task_arithmetic")
-def task_arithmetic(tensors, *, base=None, lam: float = 1.0, weights=None):
+def task_arithmetic(tensors: Sequence[Tensor], *, base: Tensor | None = None, lam: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
     """θ = base + λ · Σ w_i (θ_i − base) (Ilharco et al. 2023, "Editing models with task arithmetic")."""
     return _task_arithmetic(tensors, base=base, lam=lam, weights=weights)
 
 
 @MERGES.register("ties")
-def ties(tensors, *, base=None, density: float = 0.2, lam: float = 1.0, weights=None):
+def ties(tensors: Sequence[Tensor], *, base: Tensor | None = None, density: float = 0.2, lam: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
     """TIES: trim task vectors to top ``density`` by magnitude, elect sign, disjoint mean (Yadav et al. 2023)."""
     return _ties(tensors, base=base, density=density, lam=lam, weights=weights)
 
 
 @MERGES.register("dare")
 def dare(
-    tensors,
+    tensors: Sequence[Tensor],
     *,
-    base=None,
+    base: Tensor | None = None,
     drop_rate: float = 0.9,
     combine: str = "linear",
     lam: float = 1.0,
-    weights=None,
+    weights: Sequence[float] | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
-):
+) -> Tensor:
     """DARE: Bernoulli-drop task vectors with rate p, rescale by 1/(1−p), then linear or TIES combine (Yu et al. 2024)."""
     if combine not in ("linear", "ties"):
         raise ValueError(f"dare combine must be 'linear' or 'ties', got {combine!r}")
@@ -300,7 +300,7 @@ def dare(
 
 
 @MERGES.register("slerp")
-def slerp(tensors, *, base=None, t: float = 0.5, eps: float = 1e-8):
+def slerp(tensors: Sequence[Tensor], *, base: Tensor | None = None, t: float = 0.5, eps: float = 1e-8) -> Tensor:
     """Spherical interpolation between two tensors: sin((1−t)Ω)/sin Ω · θ₀ + sin(tΩ)/sin Ω · θ₁ (Shoemake 1985).
 
     Ω is the angle between the flattened tensors; nearly colinear tensors fall back to lerp.
@@ -323,7 +323,7 @@ def slerp(tensors, *, base=None, t: float = 0.5, eps: float = 1e-8):
 
 
 @MERGES.register("ensemble")
-def ensemble(tensors, *, base=None):
+def ensemble(tensors: Sequence[Tensor], *, base: Tensor | None = None) -> Tensor:
     """Not a weight merge: keep all N experts and average their outputs (N forwards)."""
     raise TypeError(
         "'ensemble' averages expert outputs and has no merged weights; "

@@ -98,9 +98,11 @@ class WeightMergingRegularizer:
             yield dict(self.last_taus)
 
     def state_dict(self) -> dict[str, Any]:
+        """The τ sampler's RNG state (for exact resume)."""
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the RNG state saved by :meth:`state_dict`."""
         self.generator.set_state(state["generator"])
 
 

@@ -100,6 +100,7 @@ class Router(nn.Module):
         return self.route(x)
 
     def route(self, x: torch.Tensor) -> RouterOutput:  # pragma: no cover - abstract
+        """Decide where ``x`` (``[B, ...]`` or ``[B, S, D]``) goes: indices, weights and auxiliary losses."""
         raise NotImplementedError
 
     def _single_choice(self, idx: torch.Tensor, device: torch.device) -> RouterOutput:
@@ -132,6 +133,7 @@ class MultinomialRouter(Router):
         self.temperature = float(temperature)
 
     def route(self, x: torch.Tensor) -> RouterOutput:
+        """One expert per group (batch, sample or token) drawn with P(i) ∝ exp(i / temperature) (Eq. 5)."""
         g = num_groups(x, self.granularity)
         probs = multinomial_probs(self.num_experts, self.temperature)  # CPU: no device sync
         idx = torch.multinomial(probs.expand(g, -1), 1, replacement=True, generator=self.generator)
@@ -143,6 +145,7 @@ class RandomRouter(Router):
     """Uniform stochastic routing: every expert is equally likely (THOR, Zuo et al. 2021)."""
 
     def route(self, x: torch.Tensor) -> RouterOutput:
+        """One expert per group drawn uniformly."""
         g = num_groups(x, self.granularity)
         idx = torch.randint(0, self.num_experts, (g,), generator=self.generator)
         return self._single_choice(idx, x.device)
@@ -161,6 +164,7 @@ class FixedRouter(Router):
         self.expert = expert % num_experts
 
     def route(self, x: torch.Tensor) -> RouterOutput:
+        """Every group goes to the configured expert."""
         g = num_groups(x, self.granularity)
         return self._single_choice(torch.full((g,), self.expert, dtype=torch.long), x.device)
 
@@ -194,6 +198,7 @@ class TopKRouter(Router):
         nn.init.normal_(self.gate.weight, std=0.02)
 
     def route(self, x: torch.Tensor) -> RouterOutput:
+        """Top-k of the gate's softmax per token or sample, renormalised; aux: load-balance and z-loss."""
         if self.granularity == "sample":
             feats = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)  # [B, D]
         else:

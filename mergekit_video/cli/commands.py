@@ -157,6 +157,8 @@ def eval_cmd(
 
 
 class ConvertFormat(str, enum.Enum):
+    """Checkpoint formats ``mergevid convert`` reads."""
+
     mote_official = "mote-official"
 
 

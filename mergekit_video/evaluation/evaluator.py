@@ -44,6 +44,7 @@ class Variant:
 
 
 def tfm_suffix(modulation: bool) -> str:
+    """The variant-label suffix for temporal feature modulation (``+tfm`` when on)."""
     return "+tfm" if modulation else ""
 
 
@@ -111,6 +112,7 @@ class EvalResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, as written to ``results.json``."""
         return {
             "dataset": self.dataset,
             "num_videos": self.num_videos,

@@ -238,6 +238,7 @@ class TemporalHead(nn.Module):
 
     @property
     def has_experts(self) -> bool:
+        """Whether any FFN is an :class:`~mergekit_video.experts.ExpertContainer`."""
         return bool(find_containers(self))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -55,14 +55,17 @@ class VideoCLIP(nn.Module):
     # -- public surface ------------------------------------------------------------
     @property
     def visual(self) -> nn.Module:
+        """The open_clip visual tower."""
         return self.clip.visual
 
     @property
     def logit_scale(self) -> nn.Parameter:
+        """CLIP's log logit scale (the scale s is its exponential)."""
         return self.clip.logit_scale
 
     @property
     def model_name(self) -> str:
+        """The open_clip architecture name."""
         return self.config["clip"]["name"]
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
