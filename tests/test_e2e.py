@@ -360,6 +360,13 @@ def test_resume_reproduces_the_uninterrupted_run(workers, accum, death, resume_a
         assert all(abs(v - r["loss"]) <= 1e-6 * max(1.0, abs(v)) for (_, v), r in zip(tb_loss, got))
 
 
+def test_grad_clipping_logs_the_pre_clip_norm(synthetic_data, tmp_path):
+    out = _new_run_dir(tmp_path / "clip", synthetic_data)
+    _run_in_process(out, ["data.num_workers=0", "train.clip_grad_norm=0.5", "train.max_steps=3"])
+    norms = [r["grad_norm"] for r in _train_records(out)]
+    assert len(norms) == 3 and all(isinstance(n, float) and math.isfinite(n) and n > 0 for n in norms)
+
+
 def test_compiled_visual_tower_trains_like_eager(reference_runs, synthetic_data, tmp_path):
     """``train.compile=true`` (torch.compile of the visual tower): same losses, same checkpoint keys."""
     reference = reference_runs(0, 1)

@@ -228,12 +228,12 @@ class Trainer:
                 loss.backward()
         return out
 
-    def _optimizer_step(self) -> float | None:
-        grad_norm = None
+    def _optimizer_step(self) -> torch.Tensor | None:
+        grad_norm = None  # stays on the device: read only on logging steps (no sync per step)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm).detach()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -291,7 +291,7 @@ class Trainer:
                     logs["lr"] = lr
                     logs["clips_per_s"] = window_clips / elapsed
                     if grad_norm is not None:
-                        logs["grad_norm"] = grad_norm
+                        logs["grad_norm"] = float(grad_norm)
                     if self.metrics is not None:
                         self.metrics.log(logs, step=self.state.step, epoch=self.state.epoch)
                     window, window_count, window_clips, window_start = {}, 0, 0, time.perf_counter()
