@@ -235,3 +235,25 @@ def test_failed_download_names_the_recipe_key_and_stays_quiet(tmp_path, monkeypa
     assert root.handlers == handlers  # logging setup untouched (no basicConfig side effect)
     with pytest.raises(FileNotFoundError, match=r"^pretrained weights file '/no/such/ViT-B-32.pt' does not exist \(set model.pretrained\)$"):
         clip_mod.create_clip("ViT-B-32", pretrained="/no/such/ViT-B-32.pt")
+
+
+def test_tokenizer_failures_say_what_to_install_or_cache(monkeypatch):
+    import open_clip
+
+    from mergekit_video.models.clip import TokenizerUnavailableError, load_tokenizer
+
+    assert load_tokenizer(TINY)(["a video of running"]).shape == (1, 77)  # bundled BPE: no download
+
+    def missing_package(name):
+        raise ImportError("No module named 'transformers'", name="transformers")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", missing_package)
+    with pytest.raises(TokenizerUnavailableError, match=r"^the ViT-B-16-SigLIP text tokenizer needs the 'transformers' package: pip install transformers$"):
+        load_tokenizer("ViT-B-16-SigLIP")
+
+    def offline(name):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", offline)
+    with pytest.raises(TokenizerUnavailableError, match=r"point HF_HOME at that cache"):
+        load_tokenizer("ViT-B-16-SigLIP")

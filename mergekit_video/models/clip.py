@@ -38,6 +38,10 @@ _configs_registered = False
 TEXT_TOWER_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "attn_mask")
 
 
+class TokenizerUnavailableError(RuntimeError):
+    """The text tokenizer of a CLIP model could not be loaded (missing package or no download)."""
+
+
 class PretrainedWeightsError(RuntimeError):
     """Pretrained weights could not be obtained; the message says how to point at a local file."""
 
@@ -214,6 +218,29 @@ def create_clip(
     return model, config
 
 
+def load_tokenizer(model_name: str) -> Any:
+    """open_clip's tokenizer for ``model_name``, with a clear error when it cannot be loaded.
+
+    OpenAI-style models use the BPE vocabulary bundled with open_clip; others (SigLIP, MT5...)
+    use a Hugging Face tokenizer, which needs ``transformers`` and a download (or a local cache).
+    """
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(model_name)
+    except ImportError as exc:
+        raise TokenizerUnavailableError(
+            f"the {model_name} text tokenizer needs the {exc.name or 'missing'!r} package: pip install {exc.name or 'transformers'}"
+        ) from exc
+    except OSError as exc:  # Hugging Face Hub download or local-cache miss
+        raise TokenizerUnavailableError(
+            f"could not load the {model_name} text tokenizer from the Hugging Face Hub ({type(exc).__name__}). "
+            f"On an offline machine, run open_clip.get_tokenizer('{model_name}') once where there is internet "
+            "and point HF_HOME at that cache; or choose an OpenAI-style model (ViT-B-16, ViT-L-14), whose "
+            "tokenizer ships with open_clip."
+        ) from exc
+
+
 def text_tower_state(clip_model: nn.Module) -> dict[str, torch.Tensor]:
     """The text-tower tensors of a standard open_clip CLIP (everything except ``visual`` and the logit scale)."""
     sd = clip_model.state_dict()
@@ -252,7 +279,7 @@ def encode_class_names(
         if model_name is None:
             raise ValueError("encode_class_names needs tokenizer= or model_name=")
         register_bundled_model_configs()
-        tokenizer = open_clip.get_tokenizer(model_name)
+        tokenizer = load_tokenizer(model_name)
     if device is None:
         device = next(clip_model.parameters()).device
     was_training = clip_model.training
