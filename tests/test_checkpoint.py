@@ -258,3 +258,27 @@ def test_rng_restore_strict_names():
     with pytest.raises(ValueError, match=r"in the checkpoint only \['a'\], in the running model only \['b'\]"):
         restore_rng_state(state, {"b": torch.Generator()})
     restore_rng_state(state, {"b": torch.Generator()}, strict=False)
+
+
+def test_load_resume_auto_falls_back_past_an_unreadable_checkpoint(tmp_path, caplog):
+    from mergekit_video.training.checkpoint import _MODEL_FILE
+
+    mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=5)
+    paths = [mgr.save(step=s, epoch=0, model_state={"w": torch.full((64,), float(s))}) for s in (1, 2, 3)]
+    assert mgr.load_resume(None) is None
+    path, state = mgr.load_resume("auto")
+    assert path == paths[-1] and state.step == 3
+    # the newest tensor file is truncated (a full disk, a copy cut short): its JSON still says complete
+    model_file = paths[-1] / _MODEL_FILE
+    model_file.write_bytes(model_file.read_bytes()[:40])
+    with caplog.at_level("WARNING", logger="mergekit_video.training.checkpoint"):
+        path, state = mgr.load_resume("auto")
+    assert path == paths[1] and state.step == 2 and torch.equal(state.model_state["w"], torch.full((64,), 2.0))
+    assert f"checkpoint {paths[-1]} is unreadable" in caplog.text
+    assert model_file.exists()  # left in place for the user to inspect
+    with pytest.raises(ValueError, match=r"^checkpoint file .*step_00000003/model.safetensors is unreadable \(SafetensorError: "):
+        mgr.load_resume(str(paths[-1]))  # an explicit path is read as given
+    for p in paths[:2]:
+        (p / _MODEL_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^resume=auto: no readable checkpoint in .*step_00000003: .*set train.resume=null"):
+        mgr.load_resume("auto")

@@ -77,9 +77,10 @@ class MoTERunner:
         )
         self.trainer = self._trainer()
         resume = cfg["train"].get("resume", "auto")
-        ckpt_path = self.checkpoints.resolve_resume(resume) if resume else None
-        if ckpt_path is not None:
-            self.trainer.resume(self.checkpoints.load(ckpt_path))
+        found = self.checkpoints.load_resume(resume) if resume else None
+        ckpt_path = None if found is None else found[0]
+        if found is not None:
+            self.trainer.resume(found[1])
             if self.main and self.console is not None:
                 self.console.print(f"[bold]resumed[/] from {ckpt_path} (step {self.trainer.state.step})")
         self.metrics = MetricsLogger(

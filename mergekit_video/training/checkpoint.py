@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,6 +37,8 @@ from typing import Any
 import torch
 
 from ..utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointManager", "CheckpointState", "FORMAT_VERSION"]
 
@@ -444,6 +447,31 @@ class CheckpointManager:
                              f"and holds no checkpoints")
         return found
 
+    def load_resume(self, resume: str | os.PathLike | None) -> tuple[Path, CheckpointState] | None:
+        """Resolve ``resume`` (see :meth:`resolve_resume`) and read that checkpoint.
+
+        With ``"auto"``, a checkpoint whose files cannot be read (a truncated tensor file after a
+        full disk, say) is reported with a warning and the next older one is tried; it is left in
+        place. An explicit path is read as given, and its errors propagate.
+        """
+        path = self.resolve_resume(resume)
+        if path is None:
+            return None
+        if not (isinstance(resume, str) and resume.strip().lower() == "auto"):
+            return path, self.load(path)
+        candidates = [path] + [c for c in reversed(self.checkpoints()) if c != path]
+        failures = []
+        for candidate in candidates:
+            try:
+                return candidate, self.load(candidate)
+            except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+                failures.append(f"{candidate.name}: {type(exc).__name__}: {exc}")
+                log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", candidate, type(exc).__name__, exc)
+        raise ValueError(
+            f"resume=auto: no readable checkpoint in {self.directory} ({'; '.join(failures)}); "
+            "set train.resume=null to start fresh in a new output_dir"
+        )
+
     # -- reading ---------------------------------------------------------------------------
     def load(self, path: str | os.PathLike) -> CheckpointState:
         """Read a checkpoint (tensors on the CPU); raises ValueError for incomplete ones."""
@@ -481,10 +509,18 @@ def _latest_in(directory: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
-    """Read the checkpoint folder ``path`` (see :class:`CheckpointManager`)."""
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file on the CPU; an unreadable one is a ValueError naming it."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for truncated files
+        raise ValueError(f"checkpoint file {file} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
+    """Read the checkpoint folder ``path`` (see :class:`CheckpointManager`)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a folder")
@@ -494,7 +530,7 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
     if meta.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format version {meta['version']}; this mergekit_video reads up to "
                          f"{FORMAT_VERSION} (upgrade mergekit_video)")
-    stored = load_file(str(path / _MODEL_FILE), device="cpu")
+    stored = _read_tensors(path / _MODEL_FILE)
     non_tensor = _decode(meta["model"].get("non_tensor") or {})
     aliases = meta["model"].get("aliases") or {}
     model_state: dict[str, Any] = OrderedDict()
@@ -511,7 +547,7 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
             raise ValueError(f"checkpoint {path} is inconsistent: model entry {k!r} is missing")
     optimizer_state = None
     if meta.get("optimizer") is not None:
-        tensors = load_file(str(path / _OPTIM_FILE), device="cpu")
+        tensors = _read_tensors(path / _OPTIM_FILE)
         for k, target in (meta.get("optimizer_aliases") or {}).items():
             tensors[k] = tensors[target]
         optimizer_state = _decode(meta["optimizer"], tensors)
