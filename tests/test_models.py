@@ -257,3 +257,10 @@ def test_tokenizer_failures_say_what_to_install_or_cache(monkeypatch):
     monkeypatch.setattr(open_clip, "get_tokenizer", offline)
     with pytest.raises(TokenizerUnavailableError, match=r"point HF_HOME at that cache"):
         load_tokenizer("ViT-B-16-SigLIP")
+
+
+def test_load_names_an_unreadable_weights_file(model, tmp_path):
+    save_model(model, tmp_path / "m")
+    (tmp_path / "m" / "head.safetensors").write_bytes(b"\x00" * 8)
+    with pytest.raises(ValueError, match=r"^.*/m/head\.safetensors is unreadable \(SafetensorError: "):
+        load(tmp_path / "m")

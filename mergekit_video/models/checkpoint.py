@@ -101,7 +101,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict: bool = True) -> VideoCLIP:
     """Load a saved VideoCLIP (model directory, export, or trainer checkpoint) in eval mode."""
-    from safetensors.torch import load_file
+    from ..utils.io import read_safetensors
 
     path = Path(path)
     if not path.exists():
@@ -109,10 +109,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
     config = read_config(path)
     model = video_clip_from_config(config)
     if (path / CLIP_FILE).is_file():
-        clip_sd = load_file(str(path / CLIP_FILE))
-        head_sd = load_file(str(path / HEAD_FILE))
+        clip_sd = read_safetensors(path / CLIP_FILE)
+        head_sd = read_safetensors(path / HEAD_FILE)
     elif (path / MODEL_FILE).is_file():
-        full = load_file(str(path / MODEL_FILE))
+        full = read_safetensors(path / MODEL_FILE)
         clip_sd = {k[5:]: v for k, v in full.items() if k.startswith("clip.")}
         head_sd = {k[5:]: v for k, v in full.items() if k.startswith("head.")}
     else:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -509,16 +509,6 @@ def _latest_in(directory: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's safetensors file on the CPU; an unreadable one is a ValueError naming it."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(file), device="cpu")
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for truncated files
-        raise ValueError(f"checkpoint file {file} is unreadable ({type(exc).__name__}: {exc})") from exc
-
-
 def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
     """Read the checkpoint folder ``path`` (see :class:`CheckpointManager`)."""
     path = Path(path)
@@ -530,7 +520,7 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
     if meta.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format version {meta['version']}; this mergekit_video reads up to "
                          f"{FORMAT_VERSION} (upgrade mergekit_video)")
-    stored = _read_tensors(path / _MODEL_FILE)
+    stored = read_safetensors(path / _MODEL_FILE)
     non_tensor = _decode(meta["model"].get("non_tensor") or {})
     aliases = meta["model"].get("aliases") or {}
     model_state: dict[str, Any] = OrderedDict()
@@ -547,7 +537,7 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
             raise ValueError(f"checkpoint {path} is inconsistent: model entry {k!r} is missing")
     optimizer_state = None
     if meta.get("optimizer") is not None:
-        tensors = _read_tensors(path / _OPTIM_FILE)
+        tensors = read_safetensors(path / _OPTIM_FILE)
         for k, target in (meta.get("optimizer_aliases") or {}).items():
             tensors[k] = tensors[target]
         optimizer_state = _decode(meta["optimizer"], tensors)

@@ -89,6 +89,16 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
     return atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata), overwrite=overwrite)
 
 
+def read_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict:
+    """The tensors of a safetensors file; an unreadable (truncated, foreign) file is a ValueError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for bad files
+        raise ValueError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
