@@ -214,8 +214,9 @@ def test_dense_export_has_the_baselines_keys_and_accuracy(quick_run, tmp_path, c
     data = out / "data"
     for model_dir, names in (("model_dense", ("model", "model+tfm")), ("model", ("merged", "merged+tfm"))):
         ev_out = tmp_path / f"eval_{model_dir}"
+        size = ["--input-size", "32"] if model_dir == "model_dense" else []  # default: the model's own frame size
         rc = cli_main(["eval", str(out / model_dir), "--list", str(data / "val.txt"), "--classes", str(data / "classes.csv"),
-                       "--root", str(data), "--views", "2x1", "--frames", "8", "--input-size", "32", "--output-dir", str(ev_out)])
+                       "--root", str(data), "--views", "2x1", "--frames", "8", *size, "--output-dir", str(ev_out)])
         assert rc == 0, capsys.readouterr().err
         ev = json.loads((ev_out / "results.json").read_text())["datasets"]["val"][0]
         assert ev["num_videos"] == 12 and ev["views"] == [2, 1]
@@ -223,6 +224,26 @@ def test_dense_export_has_the_baselines_keys_and_accuracy(quick_run, tmp_path, c
             assert ev["variants"][ours]["top1"] == run_res[theirs]["top1"]
             assert ev["variants"][ours]["top5"] == run_res[theirs]["top5"]
     assert "evaluate results" in capsys.readouterr().out
+    # a frame size the ViT cannot take is named before anything runs
+    rc = cli_main(["eval", str(out / "model"), "--list", str(data / "val.txt"), "--classes", str(data / "classes.csv"),
+                   "--root", str(data), "--input-size", "224", "--output-dir", str(tmp_path / "eval_224")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "eval.datasets.0.input_size=224, but the model's visual tower takes 32x32 frames" in err
+
+
+def test_input_size_defaults_to_the_models_and_mismatches_name_the_key():
+    from mergekit_video.runners.common import eval_suite, resolve_input_size
+
+    assert resolve_input_size("data.input_size", None, 336) == 336
+    assert resolve_input_size("data.input_size", None, None) == 224
+    assert resolve_input_size("data.input_size", 224, 224) == 224
+    with pytest.raises(ValueError, match=r"^data.input_size=224, but the model's visual tower takes 32x32 frames \(set data.input_size=32 or leave it unset\)$"):
+        resolve_input_size("data.input_size", 224, 32)
+    ds = {"name": "v", "kind": "close_set", "root": "/r", "list": "/r/v.txt", "class_csv": "/r/c.csv"}
+    assert eval_suite({"datasets": [ds]}, {}, model_input_size=32)[0].input_size == 32
+    assert eval_suite({"datasets": [ds]}, {"input_size": 32}, model_input_size=32)[0].input_size == 32
+    with pytest.raises(ValueError, match=r"^eval.datasets.0.input_size=64, but"):
+        eval_suite({"datasets": [{**ds, "input_size": 64}]}, {}, model_input_size=32)
 
 
 def test_rerun_with_a_different_recipe_refuses_without_overwrite(quick_run, capsys):

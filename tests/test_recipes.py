@@ -243,6 +243,7 @@ def test_runner_training_loader_has_the_paper_augmentations(name, tmp_path):
     runner.dist = DistInfo(0, 1, 0, torch.device("cpu"), None)
     runner.device = torch.device("cpu")
     runner.data_cfg = cfg["data"]
+    runner.input_size = cfg["data"]["input_size"]
     runner.train_class_names = [f"c{i}" for i in range(400)]
     loader = runner._train_loader()
     ds, tf = loader.dataset, loader.dataset.transform

@@ -105,7 +105,7 @@ def eval_cmd(
     root: Optional[Path] = typer.Option(None, "--root", help="Folder the list's paths are relative to."),
     views: str = typer.Option("1x1", "--views", help="clips x crops, e.g. 1x1, 4x3, 3x1."),
     num_frames: int = typer.Option(8, "--frames"),
-    input_size: int = typer.Option(224, "--input-size"),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Frame size (default: the model's, e.g. 224)."),
     compare: bool = typer.Option(False, "--compare", help="Also evaluate each expert, other merges and ensembles."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where results go (default: runs/eval/<model name>)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
@@ -144,7 +144,7 @@ def eval_cmd(
                         "num_clips": clips,
                         "num_crops": crops,
                         "num_frames": num_frames,
-                        "input_size": input_size,
+                        **({"input_size": input_size} if input_size else {}),
                     }
                 ],
                 "summary": {"close_set": list_file.stem},

@@ -64,6 +64,14 @@ class VideoCLIP(nn.Module):
         return self.clip.logit_scale
 
     @property
+    def input_size(self) -> int | None:
+        """The frame size (square side, pixels) the visual tower takes; None when it is not fixed."""
+        size = getattr(self.clip.visual, "image_size", None)
+        if isinstance(size, (tuple, list)):
+            return int(size[0]) if len(set(size)) == 1 else None
+        return int(size) if isinstance(size, int) else None
+
+    @property
     def model_name(self) -> str:
         """The open_clip architecture name."""
         return self.config["clip"]["name"]

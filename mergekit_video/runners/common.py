@@ -169,8 +169,28 @@ class EvalSuiteEntry:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def eval_suite(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None) -> list[EvalSuiteEntry]:
-    """Turn the recipe's ``eval.datasets`` into entries; paths default to the training data's."""
+def resolve_input_size(key: str, value: int | None, model_size: int | None) -> int:
+    """The frame size for ``key``: the recipe's value, else the model's; a mismatch names the key.
+
+    A ViT's position embeddings fix its input size, so frames of another size fail deep inside
+    the model; this says which key to change instead.
+    """
+    if value is None:
+        return int(model_size or 224)
+    if model_size is not None and int(value) != int(model_size):
+        raise ValueError(
+            f"{key}={value}, but the model's visual tower takes {model_size}x{model_size} frames "
+            f"(set {key}={model_size} or leave it unset)"
+        )
+    return int(value)
+
+
+def eval_suite(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None, *, model_input_size: int | None = None) -> list[EvalSuiteEntry]:
+    """Turn the recipe's ``eval.datasets`` into entries; paths and sizes default to the training data's.
+
+    ``model_input_size`` (the visual tower's frame size) is the default input size and is
+    checked against every size the recipe sets.
+    """
     data_cfg = data_cfg or {}
     entries = []
     for i, ds in enumerate(eval_cfg.get("datasets") or []):
@@ -196,7 +216,11 @@ def eval_suite(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None) -> lis
                 num_clips=ds.get("num_clips", 1),
                 num_crops=ds.get("num_crops", 1),
                 num_frames=ds.get("num_frames") or data_cfg.get("num_frames", 8),
-                input_size=ds.get("input_size") or data_cfg.get("input_size", 224),
+                input_size=resolve_input_size(
+                    f"eval.datasets.{i}.input_size" if ds.get("input_size") else "data.input_size",
+                    ds.get("input_size") or data_cfg.get("input_size"),
+                    model_input_size,
+                ),
                 on_error=ds.get("on_error", "raise"),
             )
         )
@@ -253,7 +277,7 @@ def run_eval_suite(
 
     eval_cfg = cfg.get("eval") or {}
     data_cfg = data_cfg or {}
-    entries = eval_suite(eval_cfg, data_cfg)
+    entries = eval_suite(eval_cfg, data_cfg, model_input_size=getattr(model, "input_size", None))
     if not entries:
         return {}
     compare = eval_cfg.get("compare") or {}

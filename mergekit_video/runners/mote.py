@@ -16,6 +16,7 @@ from .common import (
     class_features,
     class_names_from,
     ensure_synthetic_data,
+    resolve_input_size,
     run_eval_suite,
     start_run,
 )
@@ -56,6 +57,7 @@ class MoTERunner:
         if cfg["train"].get("grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
         self.model.to(self.device)
+        self.input_size = resolve_input_size("data.input_size", self.data_cfg.get("input_size"), self.model.input_size)
         self.train_class_names = class_names_from(self.data_cfg["class_csv"])
         self.class_features = class_features(self.model, self.train_class_names, cfg.get("text") or {})
         self.model.head.set_source_class_features(self.class_features)  # y_f of TFM, saved with the model
@@ -112,7 +114,7 @@ class MoTERunner:
             list_format=d.get("list_format", "video"),
             backend=d.get("backend", "decord"),
             sampling=d.get("sampling", "segment"),
-            input_size=d.get("input_size", 224),
+            input_size=self.input_size,
             decode_short_side=d.get("decode_short_side"),
             flip=d.get("flip", True),
             normalize=False,  # uint8 out of the workers; normalised on the device in one op
@@ -209,7 +211,7 @@ class MoTERunner:
                 list_file=d["val_list"], root=d["root"], num_frames=d.get("num_frames", 8), train=False,
                 class_names=self.train_class_names, list_format=d.get("list_format", "video"),
                 backend=d.get("backend", "decord"), num_clips=clips, num_crops=crops,
-                input_size=d.get("input_size", 224), normalize=False,  # uint8 out of the workers; normalised on the device in one op
+                input_size=self.input_size, normalize=False,  # uint8 out of the workers; normalised on the device in one op
                 on_error="skip", read_timeout_s=d.get("read_timeout_s", 60.0), seed=self.cfg.get("seed", 0),
             )
             ev = self.cfg.get("eval") or {}

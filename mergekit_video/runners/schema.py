@@ -85,7 +85,7 @@ DATA = Section(
         "backend": Field(str, default="decord", choices=("decord", "pyav", "frames", "auto")),
         "num_frames": Field(int, default=8, min=1, max=77),
         "sampling": Field(str, default="segment", choices=("segment", "dense")),
-        "input_size": Field(int, default=224, min=8),
+        "input_size": Field(int, nullable=True, default=None, min=8, doc="frame size; default: the model's (224 for ViT-B/16, ViT-L/14)"),
         "batch_size": Field(int, default=144, min=1, doc="total batch over all processes and accumulation steps"),
         "num_workers": Field(int, default=8, min=0),
         "flip": Field(bool, default=True, doc="random horizontal flip (off for SSv2)"),

@@ -259,7 +259,7 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
     data = cfg["data"]
     b = int(batch_size or data.get("batch_size", 144))
     t = int(data.get("num_frames", 8))
-    size = int(data.get("input_size", 224))
+    size = data.get("input_size")  # None: the model's own frame size (set once the model is built)
     results: dict[str, Any] = {"device": describe_device(dev), "cpu_allocator_tuned": tuned, "batch_size": b, "frames": t, "input_size": size, "runs": {}}
     variants = [("mote", cfg["model"], cfg["objective"])]
     if baseline:
@@ -276,6 +276,9 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
         o = cfg.get("optimizer", {})
         groups = build_param_groups(model, groups=[{"name": "clip", "match": ["clip.*"], "lr": o.get("clip_lr", 3e-6)}], lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
         opt = build_optimizer(groups, lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
+        if size is None:
+            size = int(model.input_size or 224)
+            results["input_size"] = size
         classes = F.normalize(torch.randn(400, model.head.width, device=dev), dim=-1)
         frames_u8 = torch.randint(0, 256, (b, t, 3, size, size), dtype=torch.uint8, device=dev)
         labels = torch.randint(0, 400, (b,), device=dev)
