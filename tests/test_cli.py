@@ -118,6 +118,14 @@ def test_invalid_recipe_lists_problems_without_traceback(capsys):
     assert rc == 1 and "override 'train' is neither 'key=value' nor '~key'" in capsys.readouterr().err
 
 
+def test_cross_key_problems_are_named_before_anything_runs(capsys):
+    rc = cli_main(["validate", str(QUICKSTART), "model.num_experts=0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"error: recipe {QUICKSTART} is invalid (1 problem):" in err
+    assert "- objective.wmr_weight: the weight-merging regularizer needs experts, but model.num_experts is 0" in err
+    assert cli_main(["validate", str(QUICKSTART), "model.num_experts=0", "objective.wmr_weight=0"]) == 0  # the baseline
+
+
 def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path, capsys, monkeypatch):
     recipe = REPO / "recipes" / "mote_vitb16.yaml"
     lists = tmp_path / "lists"

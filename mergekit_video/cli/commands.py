@@ -23,8 +23,8 @@ def _console():
 
 def _load_validated(recipe: Path, overrides: list[str]) -> dict:
     """Load, override, validate (every problem listed) and fill defaults."""
-    from ..config import load_recipe, validate_recipe, with_defaults
-    from ..runners.schema import RUNNER_NAMES, SCHEMAS
+    from ..config import ValidationError, load_recipe, validate_recipe, with_defaults
+    from ..runners.schema import CROSS_CHECKS, RUNNER_NAMES, SCHEMAS
 
     if not recipe.is_file():
         raise FileNotFoundError(f"recipe {recipe} does not exist")
@@ -38,7 +38,12 @@ def _load_validated(recipe: Path, overrides: list[str]) -> dict:
         raise UserError(f"{recipe}: key 'runner' must be one of {', '.join(RUNNER_NAMES)}, got {runner!r}{hint}")
     schema = SCHEMAS[runner]
     validate_recipe(cfg, schema, source=str(recipe))
-    return with_defaults(cfg, schema)
+    full = with_defaults(cfg, schema)
+    cross = CROSS_CHECKS.get(runner)
+    problems = cross(full) if cross else []
+    if problems:
+        raise ValidationError(problems, source=str(recipe))
+    return full
 
 
 @app.command("ls")

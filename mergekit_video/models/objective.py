@@ -114,7 +114,7 @@ class MoTEObjective:
         """Loss and logits for frame features ``[B, T, D]``, class features ``[C, D]`` and labels ``[B]``."""
         has_experts = bool(find_containers(head))
         if not has_experts and self.wmr_weight > 0:
-            raise ValueError("WMR needs experts: set model.head.num_experts > 0 or objective.wmr_weight=0")
+            raise ValueError("WMR needs experts: set model.num_experts > 0 or objective.wmr_weight=0")
         expert_plan = "routed" if self.expert_data == "routed" else "ensemble"
         b = frame_features.shape[0]
         taus: dict[str, float] = {}

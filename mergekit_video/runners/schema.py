@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..config import Component, Field, Section, recipe_schema
+from typing import Any
+
+from ..config import Component, Field, Problem, Section, recipe_schema
 
 
 def _names(kind: str):
@@ -220,3 +222,20 @@ EVALUATE_SCHEMA = recipe_schema(
 )
 
 SCHEMAS = {"mote": MOTE_SCHEMA, "evaluate": EVALUATE_SCHEMA, "compare": EVALUATE_SCHEMA}
+
+
+def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
+    """Combinations of keys that are each valid alone but not together (``mote`` runner)."""
+    problems = []
+    model, objective = cfg.get("model") or {}, cfg.get("objective") or {}
+    if model.get("num_experts") == 0 and (objective.get("wmr_weight") or 0) > 0:
+        problems.append(Problem(
+            "objective.wmr_weight",
+            "the weight-merging regularizer needs experts, but model.num_experts is 0 (the plain-FFN baseline): "
+            "set objective.wmr_weight=0 or model.num_experts>0",
+        ))
+    return problems
+
+
+#: Per-runner checks across keys, run after the schema.
+CROSS_CHECKS = {"mote": mote_cross_checks}
