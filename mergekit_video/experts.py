@@ -215,10 +215,20 @@ class ExpertContainer(nn.Module):
 
         Tensor version counters already catch in-place updates; this also covers updates
         that bypass them (writes through ``.data``, kernels that do not bump versions).
+        Switching mode also forgets the last routing and its auxiliary losses.
         """
         if mode:
             self.invalidate_merge()
+        if mode != self.training:
+            self.aux_losses, self.last_routing = {}, None
         return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles leave out the last forward's routing: its auxiliary losses are
+        # graph tensors (deepcopy refuses them), and the cached merge is rebuilt on demand
+        state = self.__dict__.copy()
+        state["aux_losses"], state["last_routing"], state["_merge_cache"] = {}, None, None
+        return state
 
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
         """Change the eval merge strategy (invalidates the cache)."""

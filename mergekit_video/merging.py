@@ -332,6 +332,14 @@ def ensemble(tensors: Sequence[Tensor], *, base: Tensor | None = None) -> Tensor
 
 
 ensemble.output_space = True  # type: ignore[attr-defined]
+for _fn in (task_arithmetic, ties, dare):
+    _fn.requires_base = True  # type: ignore[attr-defined]
+
+
+def requires_base(strategy: str | MergeFn) -> bool:
+    """Whether ``strategy`` merges relative to a base (``base=``: the weights the experts were tuned from)."""
+    fn = MERGES.get(strategy) if isinstance(strategy, str) else strategy
+    return bool(getattr(fn, "requires_base", False))
 
 
 def is_output_space(strategy: str | MergeFn) -> bool:

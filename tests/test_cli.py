@@ -124,6 +124,12 @@ def test_cross_key_problems_are_named_before_anything_runs(capsys):
     assert rc == 1 and f"error: recipe {QUICKSTART} is invalid (1 problem):" in err
     assert "- objective.wmr_weight: the weight-merging regularizer needs experts, but model.num_experts is 0" in err
     assert cli_main(["validate", str(QUICKSTART), "model.num_experts=0", "objective.wmr_weight=0"]) == 0  # the baseline
+    # task-arithmetic merges need a base model, which MoTE experts do not have
+    rc = cli_main(["validate", str(QUICKSTART), "model.merge=ties", "eval.compare.merges=[{name: mean}, {name: dare, drop_rate: 0.5}]"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "(2 problems)" in err
+    assert "- model.merge: 'ties' merges relative to a base model, and the experts of a MoTE model have none" in err
+    assert "- eval.compare.merges.1.name: 'dare' merges relative to a base model" in err
 
 
 def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path, capsys, monkeypatch):

@@ -468,3 +468,19 @@ def test_collapse_batchnorm_experts_with_differing_step_counters():
     ties = container.collapse("ties", base=base, density=1.0)
     assert ties[1].num_batches_tracked.item() == 0  # the base module's counter
     assert set(ties.state_dict()) == set(base.state_dict())
+
+
+def test_copies_leave_out_the_last_routing_and_mode_switches_forget_it():
+    import pickle
+
+    torch.manual_seed(0)
+    container = ExpertContainer([nn.Linear(4, 4) for _ in range(3)], router="topk", router_kwargs={"k": 2, "dim": 4})
+    container.train()
+    container(torch.randn(2, 5, 4)).sum().backward()
+    assert set(container.aux_losses) == {"load_balance", "z_loss"} and container.aux_losses["z_loss"].grad_fn is not None
+    for clone in (copy.deepcopy(container), pickle.loads(pickle.dumps(container))):  # graph tensors are not copied
+        assert clone.aux_losses == {} and clone.last_routing is None
+        assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), container.state_dict().values()))
+    assert set(container.aux_losses) == {"load_balance", "z_loss"}  # the original keeps them for its loss
+    container.eval()
+    assert container.aux_losses == {} and container.last_routing is None

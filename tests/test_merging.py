@@ -305,3 +305,9 @@ def test_linear_combination_constant_coefficients_gradients_and_double_backward(
     assert frozen.grad is None
     with pytest.raises(ValueError, match=r"^3 coefficients for 2 tensors$"):
         linear_combination(inputs[:2], torch.ones(3))
+
+
+def test_requires_base_marks_the_task_arithmetic_family():
+    from mergekit_video.merging import requires_base
+
+    assert [n for n in MERGES.names() if requires_base(n)] == ["dare", "task_arithmetic", "ties"]

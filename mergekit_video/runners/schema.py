@@ -224,9 +224,37 @@ EVALUATE_SCHEMA = recipe_schema(
 SCHEMAS = {"mote": MOTE_SCHEMA, "evaluate": EVALUATE_SCHEMA, "compare": EVALUATE_SCHEMA}
 
 
+_NO_BASE = (
+    "merges relative to a base model, and the experts of a MoTE model have none (each is trained from its "
+    "own init); use mean, weighted or temperature_softmax here, or ExpertContainer.collapse(strategy, base=...) "
+    "in Python for experts upcycled from a known module"
+)
+
+
+def _base_merge_problems(cfg: dict[str, Any]) -> list[Problem]:
+    """Task-arithmetic merges (task_arithmetic, TIES, DARE) named where no base weights exist."""
+    from ..merging import requires_base
+
+    problems = []
+    merge = (cfg.get("model") or {}).get("merge")
+    if isinstance(merge, str) and requires_base(merge):
+        problems.append(Problem("model.merge", f"{merge!r} {_NO_BASE}"))
+    compare = ((cfg.get("eval") or {}).get("compare") or {}).get("merges") or []
+    for i, spec in enumerate(compare):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(name, str) and requires_base(name):
+            problems.append(Problem(f"eval.compare.merges.{i}.name", f"{name!r} {_NO_BASE}"))
+    return problems
+
+
+def evaluate_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
+    """Combinations of keys that are each valid alone but not together (``evaluate``/``compare`` runners)."""
+    return _base_merge_problems(cfg)
+
+
 def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
     """Combinations of keys that are each valid alone but not together (``mote`` runner)."""
-    problems = []
+    problems = _base_merge_problems(cfg)
     model, objective = cfg.get("model") or {}, cfg.get("objective") or {}
     if model.get("num_experts") == 0 and (objective.get("wmr_weight") or 0) > 0:
         problems.append(Problem(
@@ -238,4 +266,4 @@ def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
 
 
 #: Per-runner checks across keys, run after the schema.
-CROSS_CHECKS = {"mote": mote_cross_checks}
+CROSS_CHECKS = {"mote": mote_cross_checks, "evaluate": evaluate_cross_checks, "compare": evaluate_cross_checks}
