@@ -34,11 +34,14 @@ class RunContext:
     main: bool
     device: torch.device
     output_dir: Path
+    data_cfg: dict[str, Any]
 
 
 def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
     """Common start of every runner: DDP from torchrun's environment, device, output folder
-    (with the resolved recipe), and the same seed on every rank (identical model init and routing)."""
+    (with the resolved recipe), the same seed on every rank (identical model init and routing),
+    synthetic data when the recipe asks for it, and a check that every path the recipe names exists
+    (before anything heavy is built)."""
     from ..training.distributed import init_distributed
     from ..training.rng import seed_everything
 
@@ -51,7 +54,9 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
         tune_cpu_allocator()  # keep freed tensor buffers in the process between steps
     output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
     seed_everything(cfg.get("seed", 0))
-    return RunContext(dist=dist, main=main, device=device, output_dir=output_dir)
+    data_cfg = ensure_synthetic_data(dict(cfg.get("data") or {}), output_dir, main=main)
+    check_recipe_paths(cfg, data_cfg)
+    return RunContext(dist=dist, main=main, device=device, output_dir=output_dir, data_cfg=data_cfg)
 
 
 def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import instantiate
-from .common import check_recipe_paths, ensure_synthetic_data, run_eval_suite, start_run
+from .common import run_eval_suite, start_run
 
 #: Merge strategies compared by default (besides each expert and the logit ensemble).
 DEFAULT_COMPARE_MERGES = (
@@ -32,8 +32,7 @@ class EvaluateRunner:
         cfg = self.cfg
         ctx = start_run(cfg, overwrite=self.overwrite)
         self.dist, self.main, self.device, self.output_dir = ctx.dist, ctx.main, ctx.device, ctx.output_dir
-        self.data_cfg = ensure_synthetic_data(dict(cfg.get("data") or {}), self.output_dir, main=self.main)
-        check_recipe_paths(cfg, self.data_cfg)  # before anything heavy is built
+        self.data_cfg = ctx.data_cfg  # synthetic data written, every named path checked
         if cfg.get("checkpoint"):
             self.model = load(cfg["checkpoint"], device=self.device)
         elif cfg.get("model"):

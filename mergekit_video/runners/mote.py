@@ -12,10 +12,8 @@ import torch
 
 from ..config import instantiate
 from .common import (
-    check_recipe_paths,
     class_features,
     class_names_from,
-    ensure_synthetic_data,
     resolve_input_size,
     run_eval_suite,
     start_run,
@@ -49,8 +47,7 @@ class MoTERunner:
         cfg = self.cfg
         ctx = start_run(cfg, overwrite=self.overwrite)
         self.dist, self.main, self.device, self.output_dir = ctx.dist, ctx.main, ctx.device, ctx.output_dir
-        self.data_cfg = ensure_synthetic_data(dict(cfg["data"]), self.output_dir, main=self.main)
-        check_recipe_paths(cfg, self.data_cfg)  # before anything heavy is built
+        self.data_cfg = ctx.data_cfg  # synthetic data written, every named path checked
 
         # model + frozen class text features
         self.model = instantiate(cfg["model"], _path="model")
