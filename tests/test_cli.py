@@ -118,6 +118,21 @@ def test_invalid_recipe_lists_problems_without_traceback(capsys):
     assert rc == 1 and "override 'train' is neither 'key=value' nor '~key'" in capsys.readouterr().err
 
 
+def test_cli_renders_library_warnings_once(capsys, monkeypatch):
+    import logging
+
+    monkeypatch.setenv("MERGEVID_DEBUG", "0")  # --debug below sets it; restored after this test
+
+    logger = logging.getLogger("mergekit_video")
+    assert cli_main(["ls", "merges"]) == 0 and cli_main(["ls", "routers"]) == 0
+    ours = [h for h in logger.handlers if getattr(h, "_mergevid", False)]
+    assert len(ours) == 1 and logger.level == logging.INFO and logger.propagate  # one handler however often main runs
+    assert cli_main(["--debug", "ls", "merges"]) == 0 and logger.level == logging.DEBUG
+    logger.setLevel(logging.INFO)
+    logging.getLogger("mergekit_video.data").warning("bad video (resample): /x.mp4: truncated")
+    assert "bad video (resample): /x.mp4: truncated" in capsys.readouterr().err
+
+
 def test_cross_key_problems_are_named_before_anything_runs(capsys):
     rc = cli_main(["validate", str(QUICKSTART), "model.num_experts=0"])
     err = capsys.readouterr().err

@@ -625,11 +625,13 @@ def test_summary_scores_by_hand():
     assert "72.0 ± 1.6" in text and "60.6" in text and "69.0" in text
 
 
-def test_variant_labels_and_plain_models():
+def test_variant_labels_and_plain_models(caplog):
     from mergekit_video.models import build_video_clip
 
     plain = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=0)
-    assert [v.name for v in build_variants(plain.head, merges=[{"name": "mean"}], experts=True)] == ["model", "model+tfm"]
+    with caplog.at_level("WARNING", logger="mergekit_video.evaluation.evaluator"):
+        assert [v.name for v in build_variants(plain.head, merges=[{"name": "mean"}], experts=True)] == ["model", "model+tfm"]
+    assert "the model has no experts" in caplog.text  # a comparison that has nothing to compare says so
     assert Variant(name="x").kind == "merged"
 
 

@@ -43,6 +43,27 @@ def _root(
     """mergekit_video command line."""
     if debug:
         os.environ["MERGEVID_DEBUG"] = "1"
+    configure_logging(debug=debug)
+
+
+def configure_logging(*, debug: bool = False) -> None:
+    """Library log records (bad videos, checkpoint fallbacks, merge warnings) go to stderr through rich.
+
+    INFO and above by default, DEBUG with ``--debug``. Records still propagate, so an
+    application's own handlers (and pytest's) see them too.
+    """
+    import logging
+
+    logger = logging.getLogger("mergekit_video")
+    if not any(getattr(h, "_mergevid", False) for h in logger.handlers):
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._mergevid = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def _register_commands() -> None:

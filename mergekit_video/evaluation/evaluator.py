@@ -10,6 +10,7 @@ as the official implementation does.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import torch
 
 from ..experts import find_containers, use_expert, use_merge
 from .metrics import topk_hits
+
+log = logging.getLogger(__name__)
 
 VIEW_REDUCTIONS = ("softmax_mean", "logit_mean")
 
@@ -61,6 +64,8 @@ def build_variants(
     ``merges`` entries are ``{"name": strategy, **kwargs}`` (e.g. ``{"name": "temperature_softmax", "tau": 0.6}``).
     """
     n = max((c.num_experts for _, c in find_containers(head)), default=0)
+    if not n and (merges or experts or logit_ensemble):
+        log.warning("the model has no experts (a dense export or the plain-FFN baseline): only the model itself is evaluated")
     out: list[Variant] = []
     for mod in modulation:
         sfx = tfm_suffix(mod)
