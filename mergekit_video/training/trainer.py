@@ -206,7 +206,7 @@ class Trainer:
         if self.state.batches_in_epoch >= self.steps_per_epoch * self.grad_accumulation:
             self.state.epoch += 1
             self.state.batches_in_epoch = 0
-        log.info("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batches_in_epoch)
+        log.debug("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batches_in_epoch)
 
     # -- training -----------------------------------------------------------------------
     def _micro_step(self, batch: dict[str, Any], sync: bool) -> MoTEStepOutput:
