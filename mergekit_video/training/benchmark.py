@@ -98,9 +98,9 @@ def _prepare_device(device: torch.device) -> bool:
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from ..utils.device import select_device
+
+    return select_device(device)
 
 
 def _autocast(device: torch.device):

@@ -1,0 +1,17 @@
+"""Device selection shared by runners and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def select_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → ``cuda:<local_rank>`` when CUDA is available, else CPU; explicit specs are checked."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={spec!r} was requested but CUDA is not available (set device=auto or cpu)")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
