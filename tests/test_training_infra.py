@@ -439,3 +439,15 @@ def test_time_interleaved_alternates_and_returns_medians():
     res = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, device=torch.device("cpu"), steps=3, warmup=2)
     assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]  # warm-up each, then rounds
     assert set(res) == {"a", "b"} and all(v >= 0 for v in res.values())
+
+
+def test_select_device(monkeypatch):
+    from mergekit_video.utils.device import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device("auto") == torch.device("cpu") and select_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^device='cuda:1' was requested but CUDA is not available \(set device=auto or cpu\)$"):
+        select_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device("auto", local_rank=3) == torch.device("cuda:3")  # one GPU per torchrun process
+    assert select_device("cuda", local_rank=2) == torch.device("cuda:2") and select_device("cuda:0", local_rank=2) == torch.device("cuda:0")
