@@ -381,6 +381,72 @@ def test_resume_reproduces_the_uninterrupted_run(workers, accum, death, resume_a
         assert all(abs(v - r["loss"]) <= 1e-6 * max(1.0, abs(v)) for (_, v), r in zip(tb_loss, got))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_stops_after_the_step_and_the_rerun_resumes_exactly(workers, reference_runs, synthetic_data, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM (or Ctrl-C) mid-step: the step finishes, its checkpoint is written, the rerun continues exactly."""
+    import signal
+
+    from mergekit_video.runners import build_runner
+    from mergekit_video.training.trainer import TrainingInterrupted
+
+    reference = reference_runs(workers, 1)
+    overrides = [f"data.num_workers={workers}"]
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    original = Trainer._optimizer_step
+
+    def signal_during_step_5(self):
+        if self.state.step == 4:  # optimizer step 5 is under way
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", signal_during_step_5)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as info:
+        _run_in_process(out, overrides)
+    monkeypatch.undo()
+    assert (info.value.step, info.value.signal_name) == (5, "SIGTERM")
+    assert str(info.value).startswith("stopped by SIGTERM after step 5; checkpoint saved in ")
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the trainer's handler is removed again
+    assert (out / "checkpoints" / "step_00000005").is_dir() and not (out / "model").exists()
+    assert [r["step"] for r in _train_records(out)] == [1, 2, 3, 4, 5]
+
+    cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, *overrides])
+    runner = build_runner(cfg)
+    try:
+        runner.setup()
+        st = runner.trainer.state
+        assert (st.step, st.epoch, st.batches_in_epoch) == (5, 1, 1)  # 4 steps per epoch
+        runner.train()
+        runner.evaluate()
+        runner.save()
+    finally:
+        runner.cleanup()
+    ref, got = _train_records(reference), _train_records(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, f"step {a['step']}: {a['loss']} (uninterrupted) != {b['loss']} (resumed)"
+    assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) <= 1e-6
+
+
+def test_cli_reports_an_interrupted_run_with_exit_code_130(capsys):
+    import typer
+
+    from mergekit_video.cli.errors import reraise_interrupts, run_app
+    from mergekit_video.training.trainer import TrainingInterrupted
+
+    def train() -> None:
+        raise TrainingInterrupted("stopped by SIGTERM after step 5; checkpoint saved in runs/x/checkpoints. Rerun the same command to resume.", step=5, signal_name="SIGTERM")
+
+    app = typer.Typer()
+    app.command("run")(lambda: reraise_interrupts(train))
+    app.command("other")(lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert run_app(app, ["run"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "Interrupted: stopped by SIGTERM after step 5; checkpoint saved in runs/x/checkpoints. Rerun the same command to resume."
+    )
+    assert run_app(app, ["other"]) == 130 and capsys.readouterr().err.strip() == "Interrupted."  # was exit code 0
+
+
 def test_grad_clipping_logs_the_pre_clip_norm(synthetic_data, tmp_path):
     out = _new_run_dir(tmp_path / "clip", synthetic_data)
     _run_in_process(out, ["data.num_workers=0", "train.clip_grad_norm=0.5", "train.max_steps=3"])

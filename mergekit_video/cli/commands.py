@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, reraise_interrupts
 from .main import app, bench_app
 
 OVERRIDES_HELP = "Recipe overrides: key=value (YAML value), ~key to remove a key."
@@ -98,7 +98,7 @@ def run_cmd(
     from ..runners import run_recipe
 
     cfg = _load_validated(recipe, overrides or [])
-    run_recipe(cfg, overwrite=overwrite, console=_console())
+    reraise_interrupts(run_recipe, cfg, overwrite=overwrite, console=_console())
 
 
 @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -158,7 +158,7 @@ def eval_cmd(
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             yaml.safe_dump(recipe, f)
         cfg = _load_validated(Path(f.name), overrides or [])
-    run_recipe(cfg, overwrite=overwrite, console=_console())
+    reraise_interrupts(run_recipe, cfg, overwrite=overwrite, console=_console())
 
 
 class ConvertFormat(str, enum.Enum):

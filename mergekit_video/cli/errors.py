@@ -28,6 +28,22 @@ class UserError(Exception):
     """An error whose message is meant for the user as is (bad config, missing file, ...)."""
 
 
+class Interrupted(Exception):
+    """A command stopped by Ctrl-C or SIGTERM; the message says what was kept (e.g. the checkpoint).
+
+    typer turns a ``KeyboardInterrupt`` into a bare exit code 130 and drops its message, so
+    long-running commands re-raise it as this (see :func:`reraise_interrupts`).
+    """
+
+
+def reraise_interrupts(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; a ``KeyboardInterrupt`` (e.g. the trainer's ``TrainingInterrupted``) becomes :class:`Interrupted`."""
+    try:
+        return fn(*args, **kwargs)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(str(exc)) from exc
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("MERGEVID_DEBUG") == "1"
 
@@ -36,7 +52,13 @@ def run_app(app: Any, argv: list[str]) -> int:
     """Run a typer app, turning exceptions into one red line on stderr and exit code 1."""
     debug = _debug_requested(argv)
     try:
-        app(args=argv, prog_name="mergevid", standalone_mode=False)
+        rv = app(args=argv, prog_name="mergevid", standalone_mode=False)
+        if rv == 130:  # typer's answer to a KeyboardInterrupt outside reraise_interrupts
+            print("Interrupted.", file=sys.stderr)
+            return 130
+    except Interrupted as e:
+        print(f"Interrupted: {e}" if str(e) else "Interrupted.", file=sys.stderr)
+        return 130
     except _EXIT as e:
         return e.exit_code
     except _ABORT:

@@ -131,7 +131,14 @@ def seed_worker(worker_id: int) -> None:
 
     torch is already seeded per worker by the loader (base seed from its seeded generator + id).
     Dataset items do not depend on these seeds (they use per-item generators); user code might.
+    Workers also ignore SIGINT and SIGTERM: Ctrl-C or a scheduler's SIGTERM reaches the whole
+    process group, and the main process decides how to stop (the trainer finishes its step and
+    saves a checkpoint); torch already ends workers whose parent died.
     """
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     info = get_worker_info()
     seed = info.seed if info is not None else torch.initial_seed()
     random.seed(seed)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +60,25 @@ def named_generators(model: nn.Module, objective: MoTEObjective) -> dict[str, to
     return gens
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM right after an optimizer step, whose checkpoint was saved.
+
+    A ``KeyboardInterrupt``, so callers that do not know it still stop; ``mergevid`` prints its
+    message and exits with 130. Rerunning the same command resumes from that checkpoint.
+    """
+
+    def __init__(self, message: str, *, step: int, signal_name: str) -> None:
+        super().__init__(message)
+        self.step, self.signal_name = step, signal_name
+
+
 class Trainer:
     """Runs epochs of MoTE training.
+
+    SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption notice) stop training gracefully:
+    the step in progress finishes, a checkpoint is written at that step (resumable exactly, like
+    any mid-epoch checkpoint) and :class:`TrainingInterrupted` is raised. Under DDP the ranks
+    agree on the step to stop at. A second signal stops at once.
 
     Args:
         model: the (unwrapped) VideoCLIP on ``device``.
@@ -78,6 +97,7 @@ class Trainer:
             bar (loss, lr, clips/s, ETA) on the main process.
         dist: ``DistInfo`` for DDP (None: single process).
         compile: ``torch.compile`` the visual tower.
+        stop_on_signals: handle SIGINT/SIGTERM as above (main thread only).
     """
 
     def __init__(
@@ -107,6 +127,7 @@ class Trainer:
         dist: Any = None,
         compile: bool = False,
         extra_state: Callable[[], dict[str, Any]] | None = None,
+        stop_on_signals: bool = True,
     ) -> None:
         if grad_accumulation < 1:
             raise ValueError(f"train.grad_accumulation must be >= 1, got {grad_accumulation}")
@@ -136,6 +157,8 @@ class Trainer:
         self.progress: Any = None
         self.dist = dist
         self.extra_state = extra_state
+        self.stop_on_signals = bool(stop_on_signals)
+        self._stop_signal: int | None = None
         self.state = TrainState()
         self.generators = named_generators(model, objective)
         if compile:
@@ -249,14 +272,70 @@ class Trainer:
         return float(next((g["lr"] for g in groups if g.get("name") == "default"), groups[0]["lr"]))
 
     def fit(self) -> TrainState:
-        """Train until ``epochs`` (or ``max_steps``) are done; returns the final state."""
-        from .distributed import all_reduce_mean
+        """Train until ``epochs`` (or ``max_steps``) are done; returns the final state.
+
+        Raises :class:`TrainingInterrupted` after a stop signal (see the class docstring).
+        """
         from .metrics import TrainProgress
 
         self.model.train()
         if self.show_progress and _is_main(self.dist):
             self.progress = TrainProgress(total_steps=max(self.total_steps, 1), start_step=self.state.step, console=self.console, log_every=self.log_every)
             self.progress.start()
+        try:
+            with self._signals_stop_training():
+                self._fit_loop()
+        finally:
+            if self.progress is not None:
+                self.progress.stop()
+        return self.state
+
+    @contextlib.contextmanager
+    def _signals_stop_training(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set a flag that the loop reads after each step; a second one stops at once."""
+        self._stop_signal = None
+        if not self.stop_on_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (one all-reduce per step under DDP)."""
+        flag = self._stop_signal is not None
+        if self.dist is not None and self.dist.world_size > 1:
+            import torch.distributed as torch_dist
+
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+            flag = bool(t.item() > 0)
+        return flag
+
+    def _stop_after_step(self, saved: bool) -> None:
+        if not saved:
+            self.save_checkpoint()
+        name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a signal on another rank"
+        where = f" in {self.checkpoints.directory}" if self.checkpoints is not None else ""
+        raise TrainingInterrupted(
+            f"stopped by {name} after step {self.state.step}; checkpoint saved{where}. "
+            "Rerun the same command to resume.",
+            step=self.state.step,
+            signal_name=name,
+        )
+
+    def _fit_loop(self) -> None:
+        from .distributed import all_reduce_mean
+
         window: dict[str, torch.Tensor] = {}
         window_count, window_clips, window_start = 0, 0, time.perf_counter()
         self._clips_reported = 0
@@ -298,8 +377,11 @@ class Trainer:
                     self._clips_reported = 0
                 if self.progress is not None:
                     self.progress.update(step=self.state.step, loss=logs.get("loss"), lr=logs.get("lr"), clips=new_clips)
-                if self.save_every_steps and self.state.step % self.save_every_steps == 0:
+                saved = bool(self.save_every_steps and self.state.step % self.save_every_steps == 0)
+                if saved:
                     self.save_checkpoint()
+                if self._stop_requested():
+                    self._stop_after_step(saved)
                 if self.state.step >= self.total_steps:
                     break
             if self.state.batches_in_epoch < usable:  # stopped by max_steps inside the epoch
@@ -320,9 +402,6 @@ class Trainer:
                     if self.state.best_metric is None or value > self.state.best_metric:
                         self.state.best_metric = value
             self.save_checkpoint(metrics)
-        if self.progress is not None:
-            self.progress.stop()
-        return self.state
 
 
 def _is_main(dist: Any) -> bool:
