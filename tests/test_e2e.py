@@ -323,6 +323,35 @@ def _die_during_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(Trainer, "_optimizer_step", crash)
 
 
+def _resume_to_the_end(out: Path, overrides: list[str]) -> tuple[int, int, int]:
+    """A fresh runner on ``out`` (resume: auto) runs to the end; returns the (step, epoch, batches) it resumed at."""
+    from mergekit_video.runners import build_runner
+
+    runner = build_runner(_load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, *overrides]))
+    try:
+        runner.setup()
+        st = runner.trainer.state
+        resumed_at = (st.step, st.epoch, st.batches_in_epoch)
+        runner.train()
+        runner.evaluate()
+        runner.save()
+    finally:
+        runner.cleanup()
+    return resumed_at
+
+
+def _assert_same_run(reference: Path, out: Path) -> None:
+    """Per-step losses, lr, validation scores and final weights of ``out`` equal the uninterrupted ``reference``."""
+    ref, got = _train_records(reference), _train_records(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # the lines after the checkpoint were replaced, not duplicated
+    for a, b in zip(ref, got):
+        for key in ("loss", "te", "wmr", "mse", "lr"):
+            assert abs(a[key] - b[key]) <= 1e-6, f"step {a['step']}: {key} {a[key]} (uninterrupted) != {b[key]} (resumed)"
+        assert a["epoch"] == b["epoch"]
+    assert [(r["step"], r["val/top1"]) for r in _val_records(reference)] == [(r["step"], r["val/top1"]) for r in _val_records(out)]
+    assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) <= 1e-6
+
+
 RESUME_CASES = [
     # workers, accumulation, how the first run dies, resume point (step, epoch, micro-batches of the epoch consumed)
     pytest.param(0, 1, ("after_checkpoint", 3), (3, 0, 3), id="workers0-accum1-killed-after-mid-epoch-checkpoint"),
@@ -332,8 +361,6 @@ RESUME_CASES = [
 
 @pytest.mark.parametrize("workers,accum,death,resume_at", RESUME_CASES)
 def test_resume_reproduces_the_uninterrupted_run(workers, accum, death, resume_at, reference_runs, synthetic_data, tmp_path, monkeypatch):
-    from mergekit_video.runners import build_runner
-
     reference = reference_runs(workers, accum)
     overrides = [f"data.num_workers={workers}", f"train.grad_accumulation={accum}"]
     tensorboard = importlib.util.find_spec("tensorboard") is not None
@@ -351,26 +378,8 @@ def test_resume_reproduces_the_uninterrupted_run(workers, accum, death, resume_a
     assert not (out / "model").exists()
 
     # a fresh runner on the same output_dir resumes from the last checkpoint (resume: auto)
-    cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, *overrides])
-    runner = build_runner(cfg)
-    try:
-        runner.setup()
-        st = runner.trainer.state
-        assert (st.step, st.epoch, st.batches_in_epoch) == resume_at
-        runner.train()
-        runner.evaluate()
-        runner.save()
-    finally:
-        runner.cleanup()
-
-    ref, got = _train_records(reference), _train_records(out)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # the lines after the checkpoint were replaced, not duplicated
-    for a, b in zip(ref, got):
-        for key in ("loss", "te", "wmr", "mse", "lr"):
-            assert abs(a[key] - b[key]) <= 1e-6, f"step {a['step']}: {key} {a[key]} (uninterrupted) != {b[key]} (resumed)"
-        assert a["epoch"] == b["epoch"]
-    assert [(r["step"], r["val/top1"]) for r in _val_records(reference)] == [(r["step"], r["val/top1"]) for r in _val_records(out)]
-    assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) <= 1e-6
+    assert _resume_to_the_end(out, overrides) == resume_at
+    _assert_same_run(reference, out)
     if tensorboard:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -378,7 +387,7 @@ def test_resume_reproduces_the_uninterrupted_run(workers, accum, death, resume_a
         events.Reload()
         tb_loss = [(e.step, e.value) for e in events.Scalars("loss")]
         assert [s for s, _ in tb_loss] == list(range(1, STEPS + 1))
-        assert all(abs(v - r["loss"]) <= 1e-6 * max(1.0, abs(v)) for (_, v), r in zip(tb_loss, got))
+        assert all(abs(v - r["loss"]) <= 1e-6 * max(1.0, abs(v)) for (_, v), r in zip(tb_loss, _train_records(out)))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -386,7 +395,6 @@ def test_sigterm_stops_after_the_step_and_the_rerun_resumes_exactly(workers, ref
     """A scheduler's SIGTERM (or Ctrl-C) mid-step: the step finishes, its checkpoint is written, the rerun continues exactly."""
     import signal
 
-    from mergekit_video.runners import build_runner
     from mergekit_video.training.trainer import TrainingInterrupted
 
     reference = reference_runs(workers, 1)
@@ -410,22 +418,8 @@ def test_sigterm_stops_after_the_step_and_the_rerun_resumes_exactly(workers, ref
     assert (out / "checkpoints" / "step_00000005").is_dir() and not (out / "model").exists()
     assert [r["step"] for r in _train_records(out)] == [1, 2, 3, 4, 5]
 
-    cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, *overrides])
-    runner = build_runner(cfg)
-    try:
-        runner.setup()
-        st = runner.trainer.state
-        assert (st.step, st.epoch, st.batches_in_epoch) == (5, 1, 1)  # 4 steps per epoch
-        runner.train()
-        runner.evaluate()
-        runner.save()
-    finally:
-        runner.cleanup()
-    ref, got = _train_records(reference), _train_records(out)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for a, b in zip(ref, got):
-        assert abs(a["loss"] - b["loss"]) <= 1e-6, f"step {a['step']}: {a['loss']} (uninterrupted) != {b['loss']} (resumed)"
-    assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) <= 1e-6
+    assert _resume_to_the_end(out, overrides) == (5, 1, 1)  # 4 steps per epoch
+    _assert_same_run(reference, out)
 
 
 def test_cli_reports_an_interrupted_run_with_exit_code_130(capsys):
