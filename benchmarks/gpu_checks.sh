@@ -2,7 +2,8 @@
 # Every GPU check of the project in one prepared run (about 6-8 minutes on an H100/H200):
 #   1. the CUDA tests (pytest -m gpu: bf16 training, merged eval = dense export, quickstart on CUDA, MFU);
 #   2. mergevid bench head (MoTE vs plain train step, merged vs plain eval; B/16 and L/14 head shapes);
-#   3. mergevid bench train for ViT-B/16 and ViT-L/14 at 8 frames (clips/s, MFU, MoTE/baseline).
+#   3. mergevid bench train for ViT-B/16 and ViT-L/14 at 8 frames (clips/s, MFU, MoTE/baseline),
+#      then ViT-L/14 again with torch.compile of the visual tower.
 # Results land in $OUT (default ./gpu_out): gpu.txt, pytest_gpu.log, bench_*.json, log.txt.
 # With the device tool:  benchmarks/fetch_gpu_wheels.sh  (here), then
 #   run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=590)
@@ -40,4 +41,8 @@ for spec in "b16 recipes/mote_vitb16.yaml" "l14 recipes/mote_vitl14.yaml"; do
     fi
   done
 done
+# last (the longest, and optional when time runs out): ViT-L/14 with torch.compile of the visual tower
+bs=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['batch_size'])" "$OUT/bench_train_l14.json" 2>/dev/null || echo 24)
+echo "== bench train l14 batch $bs, torch.compile"
+timeout 300 $PY -m mergekit_video bench train recipes/mote_vitl14.yaml train.compile=true --batch-size "$bs" --steps "$STEPS" --warmup 3 --no-baseline --output "$OUT/bench_train_l14_compiled.json"
 ls -l "$OUT"

@@ -734,7 +734,8 @@ def test_bench_train_writes_json(tmp_path, capsys):
     out = tmp_path / "train.json"
     assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "0", "--batch-size", "2", "--output", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert {"device", "batch_size", "frames", "input_size", "runs", "overhead_mote_vs_baseline"} <= set(res)
+    assert {"device", "batch_size", "frames", "input_size", "runs", "overhead_mote_vs_baseline", "compile", "grad_checkpointing"} <= set(res)
+    assert (res["compile"], res["grad_checkpointing"]) == (False, False)  # the quickstart recipe's train settings
     assert (res["batch_size"], res["frames"], res["input_size"]) == (2, 8, 32)
     assert sorted(res["runs"]) == ["baseline", "mote"]
     for r in res["runs"].values():

@@ -247,7 +247,9 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
     """Clips/s of full training steps (visual tower + head + objective + AdamW) on synthetic in-memory frames.
 
     The model is built from the recipe without pretrained weights (speed does not depend on
-    them); frames are uint8 on the device, normalised on the device as in training.
+    them); frames are uint8 on the device, normalised on the device as in training. The
+    recipe's ``train.grad_checkpointing`` and ``train.compile`` apply, as in training. On CUDA,
+    FLOPs are counted on one eager step, for MFU.
     """
     from ..config import instantiate
     from ..data import normalize_frames
@@ -260,7 +262,12 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
     b = int(batch_size or data.get("batch_size", 144))
     t = int(data.get("num_frames", 8))
     size = data.get("input_size")  # None: the model's own frame size (set once the model is built)
-    results: dict[str, Any] = {"device": describe_device(dev), "cpu_allocator_tuned": tuned, "batch_size": b, "frames": t, "input_size": size, "runs": {}}
+    train_cfg = cfg.get("train") or {}
+    compile_visual = bool(train_cfg.get("compile"))
+    results: dict[str, Any] = {
+        "device": describe_device(dev), "cpu_allocator_tuned": tuned, "batch_size": b, "frames": t, "input_size": size,
+        "compile": compile_visual, "grad_checkpointing": bool(train_cfg.get("grad_checkpointing")), "runs": {},
+    }
     variants = [("mote", cfg["model"], cfg["objective"])]
     if baseline:
         base_model = {**cfg["model"], "num_experts": 0}
@@ -269,7 +276,7 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
     for label, model_cfg, obj_cfg in variants:
         torch.manual_seed(0)
         model = instantiate({**model_cfg, "pretrained": None}, _path="model").to(dev).train()
-        if cfg.get("train", {}).get("grad_checkpointing"):
+        if results["grad_checkpointing"]:
             model.set_grad_checkpointing(True)
         objective = instantiate(obj_cfg, _path="objective")
         step_module = TrainStep(model=model, objective=objective)
@@ -291,11 +298,14 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        # FLOPs are counted on one eager step (FlopCounterMode does not see inside compiled graphs)
+        flops = count_step_flops(step) if dev.type == "cuda" else None
+        if compile_visual:
+            model.visual.compile()  # as train.compile=true does; compiled during the warm-up steps
         seconds = time_fn(step, device=dev, steps=steps, warmup=warmup)
         run: dict[str, Any] = {"step_s": seconds, "clips_per_s": b / seconds}
         peak = peak_flops(dev)
-        if dev.type == "cuda":
-            flops = count_step_flops(step)
+        if flops is not None:
             run["flops_per_step"] = flops
             run["achieved_tflops"] = flops / seconds / 1e12
             run["mfu"] = None if peak is None else flops / seconds / peak
@@ -314,7 +324,8 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
 def render_train_markdown(res: dict[str, Any]) -> str:
     """Markdown table of :func:`bench_train` results."""
     lines = [
-        f"`mergevid bench train` on {res['device']}; batch {res['batch_size']}, {res['frames']} frames at {res['input_size']}px.",
+        f"`mergevid bench train` on {res['device']}; batch {res['batch_size']}, {res['frames']} frames at {res['input_size']}px"
+        f"{', torch.compile' if res.get('compile') else ''}{', grad checkpointing' if res.get('grad_checkpointing') else ''}.",
         "",
         "| run | step (s) | clips/s | MFU | TFLOP/s |",
         "|---|---|---|---|---|",
