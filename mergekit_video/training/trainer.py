@@ -324,14 +324,17 @@ class Trainer:
     def _stop_after_step(self, saved: bool) -> None:
         if not saved:
             self.save_checkpoint()
+        if self.dist is not None and self.dist.world_size > 1:
+            import torch.distributed as torch_dist
+
+            torch_dist.barrier()  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
         name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a signal on another rank"
-        where = f" in {self.checkpoints.directory}" if self.checkpoints is not None else ""
-        raise TrainingInterrupted(
-            f"stopped by {name} after step {self.state.step}; checkpoint saved{where}. "
-            "Rerun the same command to resume.",
-            step=self.state.step,
-            signal_name=name,
+        kept = (
+            f"checkpoint saved in {self.checkpoints.directory}. Rerun the same command to resume."
+            if self.checkpoints is not None
+            else "no checkpoint was written (checkpoints are off)."
         )
+        raise TrainingInterrupted(f"stopped by {name} after step {self.state.step}; {kept}", step=self.state.step, signal_name=name)
 
     def _fit_loop(self) -> None:
         from .distributed import all_reduce_mean
