@@ -544,6 +544,46 @@ class _LogitsModel(torch.nn.Module):
         return frames.flatten(2)  # [N, T, C]
 
 
+_SIGTERM_RANK1_AT_STEP_5 = """
+import os, signal
+if os.environ.get("LOCAL_RANK") == "1":  # torchrun's rank-1 process only (not the agent)
+    from mergekit_video.training.trainer import Trainer
+    _original = Trainer._optimizer_step
+    def _signal_during_step_5(self):
+        if self.state.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _original(self)
+    Trainer._optimizer_step = _signal_during_step_5
+"""
+
+
+def test_ddp_sigterm_on_one_rank_stops_both_at_the_same_step_and_resumes(reference_runs, synthetic_data, tmp_path):
+    reference = reference_runs(0, 1)
+    out = _new_run_dir(tmp_path / "ddp", synthetic_data)
+    inject = tmp_path / "inject"  # a sitecustomize that signals rank 1 during step 5 (test-only fault injection)
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_SIGTERM_RANK1_AT_STEP_5)
+    overrides = [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", "eval.datasets=[]"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "mergekit_video", "run", str(QUICKSTART), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert res.returncode != 0  # an interrupted job reports failure, so a scheduler can requeue it
+    assert "Interrupted: stopped by SIGTERM after step 5; checkpoint saved in" in res.stderr, res.stderr[-3000:]
+    assert "Interrupted: stopped by a signal on another rank after step 5" in res.stderr  # rank 0 stopped at the same step
+    assert (out / "checkpoints" / "step_00000005").is_dir() and not (out / "model").exists()
+
+    env.pop("PYTHONPATH")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert res.returncode == 0, f"resumed torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert "step_00000005 (step 5)" in res.stdout.replace("\n", "")  # "resumed from .../step_00000005 (step 5)", wrapped by rich
+    got, ref = _train_records(out), _train_records(reference)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["lr"] == b["lr"]
+    assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) <= 2e-3
+
+
 def test_multi_view_averages_softmax_probabilities_and_counts_each_video_once():
     # video 0 (label 0): view A is sure of class 0, view B hesitates between 1 and 2
     #   mean of probabilities: p0 = (0.98670 + 0.00275) / 2 = 0.4947 > p1 = 0.2526 → class 0 (hit)
