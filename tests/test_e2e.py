@@ -766,7 +766,10 @@ def test_bench_head_writes_json_and_markdown(tmp_path, capsys):
     text = md.read_text()
     assert text.startswith("# Benchmarks\n") and "| 64x2 head (D=64, L=2) |" in text and "| 128x1 head (D=128, L=1) |" in text
     assert "bench head" in capsys.readouterr().out
-    assert cli_main(["bench", "head", "--shape", "100x2", "--output", str(out)]) == 1
+    before = out.read_bytes()
+    assert cli_main([*args, "--output", str(out)]) == 1  # results are never replaced silently, and nothing ran
+    assert f"{out} exists; pass --overwrite to replace it" in capsys.readouterr().err and out.read_bytes() == before
+    assert cli_main(["bench", "head", "--shape", "100x2", "--output", str(out), "--overwrite"]) == 1
     assert "head shape '100x2': the width must be a positive multiple of 64" in capsys.readouterr().err
 
 
@@ -784,6 +787,8 @@ def test_bench_train_writes_json(tmp_path, capsys):
     assert res["overhead_mote_vs_baseline"] == pytest.approx(res["runs"]["mote"]["step_s"] / res["runs"]["baseline"]["step_s"])
     assert "MoTE step / baseline step" in capsys.readouterr().out
     # --no-baseline times MoTE alone
-    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "0", "--batch-size", "2", "--no-baseline", "--output", str(out)]) == 0
+    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "0", "--batch-size", "2", "--no-baseline", "--output", str(out)]) == 1
+    assert f"{out} exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "0", "--batch-size", "2", "--no-baseline", "--output", str(out), "--overwrite"]) == 0
     res = json.loads(out.read_text())
     assert sorted(res["runs"]) == ["mote"] and "overhead_mote_vs_baseline" not in res

@@ -46,6 +46,12 @@ def _load_validated(recipe: Path, overrides: list[str]) -> dict:
     return full
 
 
+def _refuse_existing(output: Path, overwrite: bool) -> None:
+    """Check before a long benchmark runs that its results will not replace a file silently."""
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+
+
 @app.command("ls")
 def ls_cmd(kind: Optional[str] = typer.Argument(None, help="routers | merges | regularizers | runners (default: all)")) -> None:
     """List registered parts with their one-line docs."""
@@ -232,14 +238,16 @@ def bench_head_cmd(
     frames: int = typer.Option(8, "--frames"),
     shape: Optional[list[str]] = typer.Option(None, "--shape", help="Head shape WIDTHxLAYERS, repeatable (default: 512x4 and 768x6, the ViT-B/16 and ViT-L/14 heads)."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Append the table to this markdown file (e.g. docs/benchmarks.md)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Temporal head alone: MoTE train step vs plain-FFN step, merged eval vs plain eval (B/16 and L/14 shapes)."""
     from ..training.benchmark import HEAD_SHAPES, bench_head, head_shape, render_head_markdown
     from ..utils.io import atomic_write_json
 
+    _refuse_existing(output, overwrite)
     shapes = [head_shape(s) for s in shape] if shape else HEAD_SHAPES
     res = bench_head(device=device, steps=steps, warmup=warmup, batch_size=batch_size, frames=frames, shapes=shapes)
-    atomic_write_json(output, res)
+    atomic_write_json(output, res, overwrite=overwrite)
     md = render_head_markdown(res)
     _console().print(md)
     if markdown:
@@ -256,12 +264,14 @@ def bench_train_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-device batch (default: the recipe's total batch)."),
     output: Path = typer.Option(Path("bench_train.json"), "--output"),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the plain-FFN baseline and report the MoTE overhead."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Clips/s of a full training step (visual tower + head + WMR) on synthetic in-memory input; MFU on CUDA."""
     from ..training.benchmark import bench_train, render_train_markdown
     from ..utils.io import atomic_write_json
 
+    _refuse_existing(output, overwrite)
     cfg = _load_validated(recipe, overrides or [])
     res = bench_train(cfg, steps=steps, warmup=warmup, batch_size=batch_size, baseline=baseline)
-    atomic_write_json(output, res)
+    atomic_write_json(output, res, overwrite=overwrite)
     _console().print(render_train_markdown(res))
