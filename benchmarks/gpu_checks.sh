@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one prepared run (about 6-8 minutes on an H100/H200):
+# Every GPU check of the project in one prepared run (about 8-10 minutes on an H100/H200; the
+# optional compiled ViT-L/14 run comes last, so a 10-minute limit cuts only it):
 #   1. the CUDA tests (pytest -m gpu: bf16 training, merged eval = dense export, quickstart on CUDA, MFU);
 #   2. mergevid bench head (MoTE vs plain train step, merged vs plain eval; B/16 and L/14 head shapes);
 #   3. mergevid bench train for ViT-B/16 and ViT-L/14 at 8 frames (clips/s, MFU, MoTE/baseline),
