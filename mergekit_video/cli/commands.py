@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import UserError, reraise_interrupts
+from .errors import UserError, refuse_existing_output, reraise_interrupts
 from .main import app, bench_app
 
 OVERRIDES_HELP = "Recipe overrides: key=value (YAML value), ~key to remove a key."
@@ -44,12 +44,6 @@ def _load_validated(recipe: Path, overrides: list[str]) -> dict:
     if problems:
         raise ValidationError(problems, source=str(recipe))
     return full
-
-
-def _refuse_existing(output: Path, overwrite: bool) -> None:
-    """Check before a long benchmark runs that its results will not replace a file silently."""
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
 
 
 @app.command("ls")
@@ -244,7 +238,7 @@ def bench_head_cmd(
     from ..training.benchmark import HEAD_SHAPES, bench_head, head_shape, render_head_markdown
     from ..utils.io import atomic_write_json
 
-    _refuse_existing(output, overwrite)
+    refuse_existing_output(output, overwrite)
     shapes = [head_shape(s) for s in shape] if shape else HEAD_SHAPES
     res = bench_head(device=device, steps=steps, warmup=warmup, batch_size=batch_size, frames=frames, shapes=shapes)
     atomic_write_json(output, res, overwrite=overwrite)
@@ -270,7 +264,7 @@ def bench_train_cmd(
     from ..training.benchmark import bench_train, render_train_markdown
     from ..utils.io import atomic_write_json
 
-    _refuse_existing(output, overwrite)
+    refuse_existing_output(output, overwrite)
     cfg = _load_validated(recipe, overrides or [])
     res = bench_train(cfg, steps=steps, warmup=warmup, batch_size=batch_size, baseline=baseline)
     atomic_write_json(output, res, overwrite=overwrite)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .errors import refuse_existing_output
 from .main import bench_app, data_app
 
 
@@ -96,8 +97,7 @@ def bench_data_cmd(
     """Clips/s of our train/test pipelines vs a naive per-frame PIL pipeline vs the decode floor."""
     from ..data.bench import format_table, run_data_benchmark
 
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    refuse_existing_output(output, overwrite)
     results = run_data_benchmark(list_file=list_file, root=root, workers=workers, num_videos=videos, num_frames=num_frames,
                                  batch_size=batch_size, repeats=repeats, work_dir=work_dir, output=output, overwrite=overwrite,
                                  log=typer.echo)

@@ -36,6 +36,12 @@ class Interrupted(Exception):
     """
 
 
+def refuse_existing_output(output: Any, overwrite: bool) -> None:
+    """Before a long command runs: its ``--output`` file is never replaced without ``--overwrite``."""
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+
+
 def reraise_interrupts(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; a ``KeyboardInterrupt`` (e.g. the trainer's ``TrainingInterrupted``) becomes :class:`Interrupted`."""
     try:

@@ -55,17 +55,7 @@ def _sync(device: torch.device) -> None:
 
 def time_fn(fn: Callable[[], Any], *, device: torch.device, steps: int, warmup: int = 3) -> float:
     """Median seconds per call of ``fn`` over ``steps`` timed calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+    return time_interleaved({"fn": fn}, device=device, steps=steps, warmup=warmup)["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, steps: int, warmup: int = 3) -> dict[str, float]:
