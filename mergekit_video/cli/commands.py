@@ -23,26 +23,32 @@ def _console():
 
 def _load_validated(recipe: Path, overrides: list[str]) -> dict:
     """Load, override, validate (every problem listed) and fill defaults."""
-    from ..config import ValidationError, load_recipe, validate_recipe, with_defaults
-    from ..runners.schema import CROSS_CHECKS, RUNNER_NAMES, SCHEMAS
+    from ..config import load_recipe
 
     if not recipe.is_file():
         raise FileNotFoundError(f"recipe {recipe} does not exist")
-    cfg = load_recipe(recipe, overrides)
+    return _validated(load_recipe(recipe, overrides), source=str(recipe))
+
+
+def _validated(cfg: dict, *, source: str) -> dict:
+    """Validate a loaded recipe against its runner's schema and cross-checks; fill defaults."""
+    from ..config import ValidationError, validate_recipe, with_defaults
+    from ..runners.schema import CROSS_CHECKS, RUNNER_NAMES, SCHEMAS
+
     runner = cfg.get("runner")
     if runner not in SCHEMAS:
         import difflib
 
         close = difflib.get_close_matches(str(runner), RUNNER_NAMES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"{recipe}: key 'runner' must be one of {', '.join(RUNNER_NAMES)}, got {runner!r}{hint}")
+        raise UserError(f"{source}: key 'runner' must be one of {', '.join(RUNNER_NAMES)}, got {runner!r}{hint}")
     schema = SCHEMAS[runner]
-    validate_recipe(cfg, schema, source=str(recipe))
+    validate_recipe(cfg, schema, source=source)
     full = with_defaults(cfg, schema)
     cross = CROSS_CHECKS.get(runner)
     problems = cross(full) if cross else []
     if problems:
-        raise ValidationError(problems, source=str(recipe))
+        raise ValidationError(problems, source=source)
     return full
 
 
@@ -129,10 +135,6 @@ def eval_cmd(
             clips, crops = (int(v) for v in views.lower().split("x"))
         except ValueError:
             raise UserError(f"--views must look like 1x1 or 4x3, got {views!r}") from None
-        import tempfile
-
-        import yaml
-
         recipe = {
             "runner": "compare" if compare else "evaluate",
             "output_dir": str(output_dir or Path("runs") / "eval" / target.resolve().name),
@@ -155,9 +157,10 @@ def eval_cmd(
                 "summary": {"close_set": list_file.stem},
             },
         }
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(recipe, f)
-        cfg = _load_validated(Path(f.name), overrides or [])
+        from ..config import apply_overrides, resolve_interpolations
+
+        recipe = resolve_interpolations(apply_overrides(recipe, overrides or []))
+        cfg = _validated(recipe, source=f"eval recipe for {target}")
     reraise_interrupts(run_recipe, cfg, overwrite=overwrite, console=_console())
 
 
