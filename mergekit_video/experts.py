@@ -381,6 +381,41 @@ def use_merge(model: nn.Module, strategy: str, **kwargs: Any) -> Iterator[None]:
             c.set_merge(s, **kw)
 
 
+def checkpoint_routed(module: nn.Module, function: Callable[..., Any], *args: Any) -> Any:
+    """:func:`torch.utils.checkpoint.checkpoint` (non-reentrant) for code that runs containers of ``module``.
+
+    A plain checkpoint replays only the global RNGs, so the recomputation in backward would
+    draw new experts from the routers' own generators and run without the routing plan of
+    the original forward (its context has exited by then); the recomputed tensors would not
+    match. Here the recomputation sees each container's plan and router generator state as
+    they were in the original forward; the current plans, generator states and routing
+    records are put back afterwards.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    containers = [c for _, c in find_containers(module)]
+    recorded = [(c._plan, c.router.generator.get_state()) for c in containers]
+    calls = 0
+
+    def run(*inner: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the original forward
+            return function(*inner)
+        current = [(c._plan, c.router.generator.get_state(), c.aux_losses, c.last_routing) for c in containers]
+        try:
+            for c, (plan, state) in zip(containers, recorded):
+                c._plan = plan
+                c.router.generator.set_state(state)
+            return function(*inner)
+        finally:
+            for c, (plan, state, aux, last) in zip(containers, current):
+                c._plan, c.aux_losses, c.last_routing = plan, aux, last
+                c.router.generator.set_state(state)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
 def router_generator_states(model: nn.Module) -> dict[str, torch.Tensor]:
     """RNG states of every router generator, keyed by container name (for checkpoints)."""
     return {name: c.router.generator.get_state() for name, c in find_containers(model)}

@@ -12,6 +12,7 @@ from torch import nn
 from mergekit_video import ExpertContainer
 from mergekit_video.experts import (
     ExpertEnsemble,
+    checkpoint_routed,
     collect_aux_losses,
     find_containers,
     load_router_generator_states,
@@ -484,3 +485,24 @@ def test_copies_leave_out_the_last_routing_and_mode_switches_forget_it():
     assert set(container.aux_losses) == {"load_balance", "z_loss"}  # the original keeps them for its loss
     container.eval()
     assert container.aux_losses == {} and container.last_routing is None
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+def test_checkpoint_routed_recomputes_with_the_original_routing(granularity):
+    # per-sample random routing: a plain checkpoint would redraw the experts in backward
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), ExpertContainer(experts(4), router="random", router_kwargs={"seed": 3, "granularity": granularity}))
+
+    x = torch.randn(6, 4)
+    direct, ckpt = build(), build()
+    direct(x).pow(2).sum().backward()
+    out = checkpoint_routed(ckpt, ckpt, x)
+    before = ckpt[1].router.generator.get_state()
+    routing = ckpt[1].last_routing
+    out.pow(2).sum().backward()
+    assert torch.equal(ckpt[1].router.generator.get_state(), before) and ckpt[1].last_routing is routing
+    for (name, a), b in zip(direct.named_parameters(), ckpt.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        assert a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-6), name
+    assert sum(p.grad is not None for p in ckpt[1].experts.parameters()) >= 2  # several experts were used
