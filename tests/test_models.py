@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mergekit_video.experts import find_containers
+from mergekit_video.experts import find_containers, routing_plan
 from mergekit_video.models import MoTEObjective, TemporalHead, build_video_clip, export_dense, load, save_model
 from mergekit_video.models.checkpoint import count_parameters
 from mergekit_video.models.clip import ClassFeatureCache, encode_class_names, needs_quick_gelu
@@ -95,7 +95,9 @@ def test_train_step_lowers_loss_on_fixed_batch(classes):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_fused_paths_equal_separate_forwards(classes):
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_fused_paths_equal_separate_forwards(classes, grad_checkpointing):
+    # fused: one [2B] forward whose first attention runs once on [B] and is shared by both paths
     torch.manual_seed(2)
     feats = torch.randn(4, 8, 64)
     labels = torch.tensor([0, 1, 2, 3])
@@ -103,15 +105,42 @@ def test_fused_paths_equal_separate_forwards(classes):
     for fuse in (True, False):
         torch.manual_seed(3)
         head = TemporalHead(width=64, layers=2, num_experts=4, router_kwargs={"seed": 5}).train()
+        head.set_grad_checkpointing(grad_checkpointing)
         obj = MoTEObjective(wmr={"seed": 7}, fuse_paths=fuse)
         o = obj(head, feats, classes, labels, torch.tensor(50.0))
         o.loss.backward()
-        outs.append((o, head.transformer.resblocks[0].mlp.experts[3].c_fc.weight.grad.clone()))
+        blocks = head.transformer.resblocks
+        grads = [blocks[0].mlp.experts[3].c_fc.weight.grad, blocks[0].attn.in_proj_weight.grad, blocks[0].ln_2.weight.grad,
+                 blocks[1].attn.in_proj_weight.grad, head.frame_position_embeddings.weight.grad]
+        outs.append((o, [g.clone() for g in grads]))
     (a, ga), (b, gb) = outs
     assert a.taus == b.taus
     assert torch.allclose(a.logits, b.logits, atol=1e-6) and torch.allclose(a.logits_wmr, b.logits_wmr, atol=1e-6)
     assert torch.allclose(a.loss, b.loss, atol=1e-6)
-    assert torch.allclose(ga, gb, atol=1e-6)
+    for x, y in zip(ga, gb):
+        assert x.abs().sum() > 0 and torch.allclose(x, y, atol=1e-6)
+
+
+def test_copies_share_the_first_attention_and_route_each_segment():
+    torch.manual_seed(0)
+    head = TemporalHead(width=64, layers=2, num_experts=3).eval()
+    e = torch.randn(5, 8, 64)
+    with torch.no_grad(), routing_plan(head, [(5, 0), (5, 2)]):
+        both = head.video_features(e, copies=2)  # [10, T, D]
+    with torch.no_grad():
+        with routing_plan(head, 0):
+            first = head.video_features(e)
+        with routing_plan(head, 2):
+            second = head.video_features(e)
+        rho = torch.rand(5)
+        with routing_plan(head, [(5, 0), (5, 2)]):
+            modulated = head.video_features(e, rho, copies=2)
+        with routing_plan(head, 2):
+            modulated_second = head.video_features(e, rho)
+    assert both.shape == (10, 8, 64)
+    assert torch.allclose(both[:5], first, atol=1e-6) and torch.allclose(both[5:], second, atol=1e-6)
+    assert not torch.allclose(first, second)
+    assert torch.allclose(modulated[5:], modulated_second, atol=1e-6)
 
 
 def test_loss_terms_follow_eq10(classes):
@@ -264,3 +293,29 @@ def test_load_names_an_unreadable_weights_file(model, tmp_path):
     (tmp_path / "m" / "head.safetensors").write_bytes(b"\x00" * 8)
     with pytest.raises(ValueError, match=r"^.*/m/head\.safetensors is unreadable \(SafetensorError: "):
         load(tmp_path / "m")
+
+
+def test_head_grad_checkpointing_replays_the_routing_and_leaves_the_routers_in_step(classes):
+    # recomputation in backward must draw the same experts; later steps must route as without checkpointing
+    torch.manual_seed(2)
+    feats, labels = torch.randn(4, 8, 64), torch.tensor([0, 1, 2, 3])
+    runs = []
+    for ckpt in (False, True):
+        torch.manual_seed(3)
+        head = TemporalHead(width=64, layers=3, num_experts=4, router_kwargs={"seed": 5}).train()
+        head.set_grad_checkpointing(ckpt)
+        obj = MoTEObjective(wmr={"seed": 7})
+        opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+        losses, routes = [], []
+        for _ in range(4):
+            out = obj(head, feats, classes, labels, torch.tensor(50.0))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(out.loss.item())
+            routes.append([int(c.last_routing.indices.reshape(-1)[0]) for _, c in find_containers(head)])
+        runs.append((losses, routes, head.state_dict()))
+    (la, ra, sa), (lb, rb, sb) = runs
+    assert ra == rb and len({tuple(r) for r in ra}) > 1
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(la, lb))
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)

@@ -64,7 +64,8 @@ class MoTEObjective:
         expert_data: ``routed`` (one expert per batch) or ``all`` (every expert sees every
             batch, outputs averaged; Table 2a "All").
         aux_weight: weight of the routers' auxiliary losses (``topk`` routers only).
-        fuse_paths: run the expert and WMR paths as one batched forward.
+        fuse_paths: run the expert and WMR paths as one batched forward ([2B, T, D]) that
+            computes the first block's attention half once for both.
         label_smoothing: for the cross-entropy terms.
     """
 
@@ -125,7 +126,7 @@ class MoTEObjective:
             if self.fuse_paths:
                 plan = {name: [(b, expert_plan), (b, w)] for name, w in wmr_plan.items()}
                 with routing_plan(head, plan):
-                    both = head.video_features(torch.cat([frame_features, frame_features]))  # [2B, T, D]
+                    both = head.video_features(frame_features, copies=2)  # [2B, T, D]
                 feats, feats_wmr = both[:b], both[b:]
             else:
                 with routing_plan(head, expert_plan):

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..experts import find_containers
+from ..experts import checkpoint_routed, find_containers
 from ..surgery import add_experts
 from .modulation import semantic_association
 
@@ -81,9 +80,18 @@ class TemporalBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.mlp = FeedForward(width=width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """``[B, T, D]`` → ``[copies·B, T, D]``.
+
+        With ``copies > 1`` the attention half runs once on ``x`` and its output is stacked
+        ``copies`` times before the FFN, which sees a batch of ``copies`` identical segments
+        (the expert and WMR paths of MoTE training, routed per segment).
+        """
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        h = self.ln_2(x)
+        if copies > 1:
+            x, h = x.repeat(copies, 1, 1), h.repeat(copies, 1, 1)  # [copies·B, T, D]
+        return x + self.mlp(h)
 
 
 class TemporalTransformer(nn.Module):
@@ -95,12 +103,14 @@ class TemporalTransformer(nn.Module):
         self.resblocks = nn.ModuleList([TemporalBlock(width=width, heads=heads) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """``[B, T, D]`` → ``[copies·B, T, D]``: ``copies`` identical inputs share the first attention."""
+        for i, block in enumerate(self.resblocks):
+            n = copies if i == 0 else 1
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint_routed(block, block, x, n)  # recomputation replays the routing
             else:
-                x = block(x)
+                x = block(x, n)
         return x
 
 
@@ -192,21 +202,27 @@ class TemporalHead(nn.Module):
         self.register_buffer("source_class_features", torch.zeros(num_source_classes, width))
 
     # -- features -------------------------------------------------------------------
-    def temporal_features(self, frame_features: torch.Tensor) -> torch.Tensor:
-        """h(e): ``[B, T, D]`` → ``[B, T, D]`` (position embeddings + temporal transformer)."""
+    def temporal_features(self, frame_features: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """h(e): ``[B, T, D]`` → ``[copies·B, T, D]`` (position embeddings + temporal transformer).
+
+        ``copies > 1`` runs the same input through several routing segments at once (see
+        :meth:`ExpertContainer.forward` plans): the work before the first FFN is shared.
+        """
         t = frame_features.shape[1]
         if t > self.num_positions:
             raise ValueError(f"{t} frames exceed the {self.num_positions} frame position embeddings")
         x = frame_features + self.frame_position_embeddings.weight[:t].to(frame_features.dtype)  # [B, T, D]
-        return self.transformer(x).to(frame_features.dtype)
+        return self.transformer(x, copies).to(frame_features.dtype)
 
-    def video_features(self, frame_features: torch.Tensor, rho: torch.Tensor | float | None = None) -> torch.Tensor:
-        """Per-frame video features e + ρ·h(e), ``[B, T, D]`` (ρ = 1 when None)."""
-        h = self.temporal_features(frame_features)
+    def video_features(self, frame_features: torch.Tensor, rho: torch.Tensor | float | None = None, copies: int = 1) -> torch.Tensor:
+        """Per-frame video features e + ρ·h(e), ``[copies·B, T, D]`` (ρ = 1 when None)."""
+        h = self.temporal_features(frame_features, copies)
+        if copies > 1:
+            frame_features = frame_features.repeat(copies, 1, 1)  # [copies·B, T, D]
         if rho is None:
             return frame_features + h
         if isinstance(rho, torch.Tensor):
-            rho = rho.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))  # [B, 1, 1]
+            rho = rho.to(h.dtype).view(-1, *([1] * (h.dim() - 1))).repeat(copies, 1, 1)  # [copies·B, 1, 1]
         return frame_features + rho * h
 
     def modulation_weights(self, frame_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
