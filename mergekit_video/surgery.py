@@ -170,7 +170,32 @@ def add_experts(
         container.train(original.training)
         parent, child = _get_parent(model, name)
         setattr(parent, child, container)
+    warn_plain_checkpointing(model)
     return names
+
+
+def warn_plain_checkpointing(model: nn.Module) -> None:
+    """Warn when a module that checkpoints with plain ``torch.utils.checkpoint`` holds stochastic routers.
+
+    Such a module (``grad_checkpointing = True``, as open_clip and timm set it, and no
+    ``replays_routing``) would recompute its forward in backward with newly drawn experts.
+    Called by :func:`add_experts`; call it after turning checkpointing on in a backbone that has experts.
+    """
+    for name, module in model.named_modules():
+        if getattr(module, "grad_checkpointing", False) is not True or getattr(module, "replays_routing", False):
+            continue
+        stochastic = [n for n, c in find_containers(module) if getattr(c.router, "stochastic", True)]
+        if stochastic:
+            import warnings
+
+            warnings.warn(
+                f"{name or type(model).__name__} has gradient checkpointing on and now holds stochastic routers "
+                f"({stochastic[0]}...): a plain torch.utils.checkpoint recomputes with newly drawn experts, which "
+                "gives wrong gradients. Turn its checkpointing off, or checkpoint with "
+                "mergekit_video.experts.checkpoint_routed.",
+                stacklevel=3,
+            )
+            return
 
 
 def collapse_experts(

@@ -379,3 +379,39 @@ def test_core_api_demo_script_passes():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ALL CHECKS PASSED" in out.stdout
     assert "FAIL" not in out.stdout
+
+
+def test_add_experts_warns_when_a_plain_checkpointing_backbone_gets_stochastic_routers():
+    import warnings
+
+    from mergekit_video.models.temporal import TemporalTransformer
+
+    class Backbone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.grad_checkpointing = True  # as open_clip's Transformer / timm models set it
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
+
+    with pytest.warns(UserWarning, match=r"gradient checkpointing on and now holds stochastic routers \(blocks.0.0"):
+        mv.add_experts(Backbone(), "blocks.*.0", 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mv.add_experts(Backbone(), "blocks.*.0", 2, router="fixed")  # deterministic routing recomputes alike
+        ours = TemporalTransformer(width=64, layers=1, heads=1)
+        ours.grad_checkpointing = True  # checkpoints with checkpoint_routed
+        mv.add_experts(ours, "resblocks.*.mlp", 2)
+
+
+def test_video_clip_warns_when_checkpointing_a_tower_with_stochastic_experts():
+    import warnings
+
+    from mergekit_video.models import build_video_clip
+
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.set_grad_checkpointing(clip=True, head=True)  # experts only in the head: replayed, no warning
+        model.set_grad_checkpointing(clip=False)
+        mv.add_experts(model.visual, "transformer.resblocks.0.mlp", 2)
+    with pytest.warns(UserWarning, match=r"visual.transformer has gradient checkpointing on .*\(resblocks.0.mlp"):
+        model.set_grad_checkpointing(clip=True)

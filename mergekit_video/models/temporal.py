@@ -97,6 +97,8 @@ class TemporalBlock(nn.Module):
 class TemporalTransformer(nn.Module):
     """L :class:`TemporalBlock` s of width D; batch-first ``[B, T, D]``."""
 
+    replays_routing = True  # its gradient checkpointing is experts.checkpoint_routed
+
     def __init__(self, *, width: int, layers: int, heads: int) -> None:
         super().__init__()
         self.width, self.layers = width, layers

@@ -120,8 +120,11 @@ class VideoCLIP(nn.Module):
 
     def set_grad_checkpointing(self, clip: bool = True, head: bool = False) -> None:
         """Gradient checkpointing for the CLIP visual tower (and optionally the temporal head)."""
+        from ..surgery import warn_plain_checkpointing
+
         self.clip.set_grad_checkpointing(clip)
         self.head.set_grad_checkpointing(head)
+        warn_plain_checkpointing(self)  # experts added to the CLIP tower would be re-routed
 
     def clip_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict with open_clip's own keys (loads into ``open_clip.create_model(name)``)."""
