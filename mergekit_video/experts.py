@@ -7,7 +7,7 @@
   (``mean`` by default, MoTE Eq. 6). The merge is computed once and cached until an
   expert tensor changes (tracked by tensor version counters);
 - :meth:`ExpertContainer.merged_forward` runs a differentiable forward with weights
-  Σ wᵢ·θᵢ through :func:`torch.func.functional_call` (used by weight-merging regularization);
+  Σ wᵢ·θᵢ, as :func:`torch.func.functional_call` would (used by weight-merging regularization);
 - :meth:`ExpertContainer.collapse` returns a dense module of the experts' own class.
 
 A *routing plan* overrides what a container does for the next forwards without touching
@@ -26,18 +26,37 @@ common cases. A plan is one of
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.nn.modules import module as _module
 
-from .merging import is_output_space, linear_combination, merge_coefficients, merge_state_dicts, resolve_strategy
+from .merging import is_output_space, linear_combinations, merge_coefficients, merge_state_dicts, resolve_strategy
 from .routers import Router, RouterOutput, build_router
 
 Plan = Union[str, int, torch.Tensor, Sequence[tuple[int, Any]]]
+
+# Module structure changes (a submodule, parameter or buffer registered anywhere) bump this
+# counter; lookups that walk a module tree (the containers of a model, the tensors of the
+# experts) are cached against it instead of being redone in every forward.
+_structure_epoch = 0
+
+
+def _bump_structure_epoch(*_: Any) -> None:
+    global _structure_epoch
+    _structure_epoch += 1
+
+
+_module.register_module_module_registration_hook(_bump_structure_epoch)
+_module.register_module_parameter_registration_hook(_bump_structure_epoch)
+_module.register_module_buffer_registration_hook(_bump_structure_epoch)
+
+#: One tensor name of the experts → where each expert keeps it: ``(owner._parameters or owner._buffers, leaf)``.
+_Slot = tuple[str, list[tuple[dict, str]]]
 
 
 def check_same_structure(experts: Sequence[nn.Module]) -> None:
@@ -162,7 +181,19 @@ class ExpertContainer(nn.Module):
         w = torch.as_tensor(weights, dtype=torch.float32)
         if w.numel() != self.num_experts:
             raise ValueError(f"merged_forward got {w.numel()} weights for {self.num_experts} experts")
-        return functional_call(self.experts[0], self._merged_tensors(w), (x, *args), kwargs, strict=True)
+        slots = self._tensor_slots()
+        merged = self._merge_slots(slots, w)
+        # expert 0's code runs on the merged tensors, swapped into its own parameter and buffer
+        # slots for the call, as functional_call does, without its per-call bookkeeping
+        targets = [refs[0] for _, refs in slots]
+        originals = [d[leaf] for d, leaf in targets]
+        try:
+            for (d, leaf), t in zip(targets, merged):
+                d[leaf] = t
+            return self.experts[0](x, *args, **kwargs)
+        finally:
+            for (d, leaf), t in zip(targets, originals):
+                d[leaf] = t
 
     def collapse(self, strategy: str | None = None, *, base: nn.Module | Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> nn.Module:
         """Return a dense module of the experts' own class holding the merged weights.
@@ -228,6 +259,7 @@ class ExpertContainer(nn.Module):
         # graph tensors (deepcopy refuses them), and the cached merge is rebuilt on demand
         state = self.__dict__.copy()
         state["aux_losses"], state["last_routing"], state["_merge_cache"] = {}, None, None
+        state.pop("_slots_cache", None)  # refers to the experts' own dicts
         return state
 
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
@@ -237,21 +269,53 @@ class ExpertContainer(nn.Module):
         self.invalidate_merge()
 
     # -- internals -----------------------------------------------------------------
+    def _tensor_slots(self) -> list[_Slot]:
+        """Every parameter and buffer name of the experts with each expert's slot, cached per module structure."""
+        cached = self.__dict__.get("_slots_cache")
+        if cached is not None and cached[0] == _structure_epoch:
+            return cached[1]
+        slots: list[_Slot] = []
+        names = [n for n, _ in self.experts[0].named_parameters()] + [n for n, _ in self.experts[0].named_buffers()]
+        for name in names:
+            prefix, _, leaf = name.rpartition(".")
+            refs = []
+            for e in self.experts:
+                owner = e.get_submodule(prefix)
+                refs.append((owner._parameters if leaf in owner._parameters else owner._buffers, leaf))
+            slots.append((name, refs))
+        object.__setattr__(self, "_slots_cache", (_structure_epoch, slots))
+        return slots
+
+    def _slot_tensors(self) -> list[list[torch.Tensor]]:
+        """``[slot][expert]`` current tensors (a deleted tensor refreshes the slots)."""
+        try:
+            return [[d[leaf] for d, leaf in refs] for _, refs in self._tensor_slots()]
+        except KeyError:
+            object.__setattr__(self, "_slots_cache", None)
+            return [[d[leaf] for d, leaf in refs] for _, refs in self._tensor_slots()]
+
     def _cache_key(self) -> tuple:
-        tensors = [t for e in self.experts for t in (*e.parameters(), *e.buffers())]
-        spec = (self.merge, tuple(sorted((k, repr(v)) for k, v in self.merge_kwargs.items())))
-        # inference tensors (a model built under torch.inference_mode) have no version counter
-        return spec + tuple((id(t), 0 if t.is_inference() else t._version, t.data_ptr(), t.dtype) for t in tensors)
+        spec = (self.merge, tuple(sorted((k, repr(v)) for k, v in self.merge_kwargs.items())) if self.merge_kwargs else ())
+        tensors = [t for ts in self._slot_tensors() for t in ts]
+        try:  # in-place writes bump version counters; replaced storage moves data_ptr
+            state = tuple([(t._version, t.data_ptr()) for t in tensors])
+        except RuntimeError:  # inference tensors (built under torch.inference_mode) have no version counter
+            state = tuple([(0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors])
+        return spec + state
+
+    def _merge_slots(self, slots: list[_Slot], weights: torch.Tensor) -> list[torch.Tensor]:
+        """Merged tensor per slot: Σ wᵢ·θᵢ for floating tensors (one multi-tensor op), expert 0's otherwise."""
+        tensors = self._slot_tensors()
+        floating = [i for i, ts in enumerate(tensors) if ts[0].is_floating_point()]
+        merged = linear_combinations([tensors[i] for i in floating], weights)
+        out = [ts[0] for ts in tensors]
+        for i, m in zip(floating, merged):
+            out[i] = m
+        return out
 
     def _merged_tensors(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        per_expert = [dict(e.named_parameters()) | dict(e.named_buffers()) for e in self.experts]
-        out = {}
-        for name, ref in per_expert[0].items():
-            if ref.is_floating_point():
-                out[name] = linear_combination([p[name] for p in per_expert], weights)
-            else:
-                out[name] = ref
-        return out
+        slots = self._tensor_slots()
+        return {name: t for (name, _), t in zip(slots, self._merge_slots(slots, weights))}
 
     def _run(self, plan: Plan, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         if isinstance(plan, str):
@@ -310,9 +374,16 @@ class ExpertContainer(nn.Module):
 # -- model-wide helpers -------------------------------------------------------------------
 
 
+_containers_cache: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[str, ExpertContainer]]]] = weakref.WeakKeyDictionary()
+
+
 def find_containers(model: nn.Module) -> list[tuple[str, ExpertContainer]]:
-    """All (qualified name, container) pairs in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertContainer)]
+    """All (qualified name, container) pairs in module order (cached until a module is registered anywhere)."""
+    cached = _containers_cache.get(model)
+    if cached is None or cached[0] != _structure_epoch:
+        cached = (_structure_epoch, [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertContainer)])
+        _containers_cache[model] = cached
+    return list(cached[1])
 
 
 def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:

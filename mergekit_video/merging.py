@@ -39,28 +39,73 @@ def _check_same_shape(tensors: Sequence[Tensor]) -> None:
             raise ValueError(f"cannot merge tensors of different shapes: #0 {tuple(shape)} vs #{i} {tuple(t.shape)}")
 
 
-class _WeightedSum(torch.autograd.Function):
-    """Σ_i c_i · θ_i for constant coefficients, written into one output buffer.
+class _WeightedSums(torch.autograd.Function):
+    """Σ_i c_i · θ_i for K groups of N tensors at once, with constant coefficients.
 
-    The out-of-place chain ``c0·θ0 + c1·θ1 + ...`` allocates a fresh tensor per term; on a CPU
-    every fresh multi-megabyte buffer is page-faulted in, which costs more than the arithmetic.
-    Forward allocates the result once and accumulates in place; backward hands θ_i the
-    gradient c_i·g (itself differentiable, so double backward works).
+    Forward allocates each result once and accumulates in place with multi-tensor
+    (``torch._foreach_*``) ops: N kernel launches for all K groups, not N·K. Backward hands
+    θ_i the gradients c_i·g, again one multi-tensor op per i (differentiable, so double
+    backward works). The out-of-place chain ``c0·θ0 + c1·θ1 + ...`` would allocate a fresh
+    tensor per term; on a CPU every fresh multi-megabyte buffer is page-faulted in, which
+    costs more than the arithmetic.
     """
 
     @staticmethod
-    def forward(ctx: Any, coeff: tuple[float, ...], acc: torch.dtype, *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.coeff = coeff
+    def forward(ctx: Any, coeff: tuple[float, ...], num_groups: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        # tensors: expert-major, tensors[i * num_groups + k] is θ_i of group k
+        n = len(coeff)
+        ctx.coeff, ctx.num_groups = coeff, num_groups
         ctx.dtypes = [t.dtype for t in tensors]
-        out = torch.mul(tensors[0].to(acc), coeff[0])
-        for c, t in zip(coeff[1:], tensors[1:]):
-            out.add_(t, alpha=c)
-        return out.to(tensors[0].dtype)
+        per_expert = [list(tensors[i * num_groups:(i + 1) * num_groups]) for i in range(n)]
+        out = torch._foreach_mul([t.to(torch.promote_types(t.dtype, torch.float32)) for t in per_expert[0]], coeff[0])
+        for c, ts in zip(coeff[1:], per_expert[1:]):
+            torch._foreach_add_(out, ts, alpha=c)
+        return tuple(o if o.dtype == t.dtype else o.to(t.dtype) for o, t in zip(out, per_expert[0]))
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grads = [None if not need else (grad * c).to(dtype) for c, dtype, need in zip(ctx.coeff, ctx.dtypes, ctx.needs_input_grad[2:])]
-        return (None, None, *grads)
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        k = ctx.num_groups
+        out: list[Tensor | None] = []
+        for i, c in enumerate(ctx.coeff):
+            needs = ctx.needs_input_grad[2 + i * k:2 + (i + 1) * k]
+            if not any(needs):
+                out.extend([None] * k)
+                continue
+            scaled = torch._foreach_mul(list(grads), c)
+            dtypes = ctx.dtypes[i * k:(i + 1) * k]
+            out.extend(None if not need else g if g.dtype == d else g.to(d) for g, d, need in zip(scaled, dtypes, needs))
+        return (None, None, *out)
+
+
+def linear_combinations(groups: Sequence[Sequence[Tensor]], coefficients: Tensor) -> list[Tensor]:
+    """Σ_i c_i · θ_i for each group of N tensors (one group per parameter of a module).
+
+    With constant coefficients, all groups are combined by one autograd node with
+    multi-tensor kernels (see :class:`_WeightedSums`); this is how an expert container
+    merges its experts in every WMR forward. Accumulates in at least float32 and casts back
+    to each group's dtype. Differentiable in the tensors and, when ``coefficients``
+    requires grad, in the coefficients.
+    """
+    if not groups:
+        return []
+    n = len(groups[0])
+    if n == 0:
+        raise ValueError("merge needs at least one tensor")
+    if coefficients.requires_grad:  # learned coefficients: differentiate through them too
+        return [_stacked_combination(g, coefficients) for g in groups]
+    coeff = tuple(coefficients.detach().to("cpu", torch.float64).tolist())
+    if len(coeff) != n:
+        raise ValueError(f"{len(coeff)} coefficients for {n} tensors")
+    flat = [g[i] for i in range(n) for g in groups]  # expert-major
+    return list(_WeightedSums.apply(coeff, len(groups), *flat))
+
+
+def _stacked_combination(tensors: Sequence[Tensor], coefficients: Tensor) -> Tensor:
+    dtype = tensors[0].dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    coeff = coefficients.to(device=tensors[0].device, dtype=acc)
+    stacked = torch.stack([t.to(acc) for t in tensors])  # [N, ...]
+    return torch.tensordot(coeff, stacked, dims=1).to(dtype)
 
 
 def linear_combination(tensors: Sequence[Tensor], coefficients: Tensor) -> Tensor:
@@ -69,18 +114,7 @@ def linear_combination(tensors: Sequence[Tensor], coefficients: Tensor) -> Tenso
     Differentiable in both the tensors and the coefficients.
     """
     _check_same_shape(tensors)
-    dtype = tensors[0].dtype
-    acc = torch.promote_types(dtype, torch.float32)
-    if coefficients.requires_grad:  # learned coefficients: differentiate through them too
-        coeff = coefficients.to(device=tensors[0].device, dtype=acc)
-        stacked = torch.stack([t.to(acc) for t in tensors])  # [N, ...]
-        return torch.tensordot(coeff, stacked, dims=1).to(dtype)
-    # constant coefficients: one output buffer, each tensor read once (no [N, ...] stack);
-    # backward hands each tensor its own scaled gradient
-    coeff = tuple(coefficients.detach().to("cpu", torch.float64).tolist())
-    if len(coeff) != len(tensors):
-        raise ValueError(f"{len(coeff)} coefficients for {len(tensors)} tensors")
-    return _WeightedSum.apply(coeff, acc, *tensors)
+    return linear_combinations([tensors], coefficients)[0]
 
 
 def _linear_strategy(coefficients_fn: Callable[..., Tensor]) -> Callable[[Callable], MergeFn]:

@@ -506,3 +506,43 @@ def test_checkpoint_routed_recomputes_with_the_original_routing(granularity):
         assert (a.grad is None) == (b.grad is None), name
         assert a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-6), name
     assert sum(p.grad is not None for p in ckpt[1].experts.parameters()) >= 2  # several experts were used
+
+
+def test_merged_forward_swaps_tensors_only_for_the_call():
+    c = ExpertContainer(experts(3), "multinomial")
+    first = c.experts[0]
+    before = {n: p for n, p in first.named_parameters()}
+    x = torch.randn(5, 4)
+    w = torch.tensor([0.2, 0.3, 0.5])
+    dense = MLP()
+    dense.load_state_dict({k: sum(wi * sd[k] for wi, sd in zip(w, (e.state_dict() for e in c.experts))) for k in before})
+    assert maxdiff(c.merged_forward(x, w), dense(x)) <= 1e-6
+    assert all(p is before[n] for n, p in first.named_parameters())  # expert 0 keeps its own parameters
+    with pytest.raises(RuntimeError):
+        c.merged_forward(torch.randn(5, 3), w)  # wrong width: the forward raises inside the swap
+    assert all(p is before[n] for n, p in first.named_parameters())
+    assert all(isinstance(p, nn.Parameter) for p in first.parameters())
+
+
+def test_structure_changes_refresh_the_cached_lookups():
+    model = nn.Sequential(MLP(), MLP())
+    assert find_containers(model) == []
+    from mergekit_video import add_experts, collapse_experts
+
+    add_experts(model, "0", 2)
+    assert [n for n, _ in find_containers(model)] == ["0"]  # a registration after the first lookup is seen
+    c = model[0].eval()
+    x = torch.randn(3, 4)
+    c(x)
+    # replace a submodule of one expert: the merge uses the new weights
+    c.experts[1].fc1 = nn.Linear(4, 8)
+    dense = MLP()
+    dense.load_state_dict(mean_sd(c.experts))
+    assert maxdiff(c(x), dense(x)) <= 1e-6
+    # replace a parameter object: the merge follows too
+    with torch.no_grad():
+        c.experts[0].fc2.weight = nn.Parameter(torch.randn(4, 8))
+    dense.load_state_dict(mean_sd(c.experts))
+    assert maxdiff(c(x), dense(x)) <= 1e-6
+    collapse_experts(model)
+    assert find_containers(model) == []
