@@ -166,7 +166,9 @@ class ExpertContainer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         plan = self._plan
         if plan is None:
-            plan = "routed" if self.training else "merged"
+            if not self.training:  # the eval fast path: the cached merge
+                return self._merged_call()(x, *args, **kwargs)
+            plan = "routed"
         if isinstance(plan, (list, tuple)):
             return self._segmented_forward(plan, x, args, kwargs)
         return self._run(plan, x, args, kwargs)
@@ -222,6 +224,11 @@ class ExpertContainer(nn.Module):
 
     def merged_module(self) -> nn.Module:
         """The cached eval-mode dense module, recomputed only after an expert tensor changed."""
+        self._merged_call()
+        return self._merge_cache[1]
+
+    def _merged_call(self) -> Callable[..., Any]:
+        """The cached merge's forward (refreshed when the key changed)."""
         key = self._cache_key()
         cache = self._merge_cache
         if cache is None or cache[0] != key:
@@ -235,7 +242,10 @@ class ExpertContainer(nn.Module):
             object.__setattr__(self, "_merge_cache", (key, dense))
             self.merge_count += 1
             cache = self._merge_cache
-        return cache[1]
+        dense = cache[1]
+        # a private module: skip nn.Module.__call__ unless some hook wants to see the call
+        hooked = dense._forward_hooks or dense._forward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks
+        return dense if hooked else dense.forward
 
     def invalidate_merge(self) -> None:
         """Drop the cached merge (needed only after writing expert tensors through ``.data``)."""
@@ -283,7 +293,8 @@ class ExpertContainer(nn.Module):
                 owner = e.get_submodule(prefix)
                 refs.append((owner._parameters if leaf in owner._parameters else owner._buffers, leaf))
             slots.append((name, refs))
-        object.__setattr__(self, "_slots_cache", (_structure_epoch, slots))
+        flat = [ref for _, refs in slots for ref in refs]
+        object.__setattr__(self, "_slots_cache", (_structure_epoch, slots, flat))
         return slots
 
     def _slot_tensors(self) -> list[list[torch.Tensor]]:
@@ -296,12 +307,16 @@ class ExpertContainer(nn.Module):
 
     def _cache_key(self) -> tuple:
         spec = (self.merge, tuple(sorted((k, repr(v)) for k, v in self.merge_kwargs.items())) if self.merge_kwargs else ())
-        tensors = [t for ts in self._slot_tensors() for t in ts]
+        self._tensor_slots()
+        flat = self._slots_cache[2]
         try:  # in-place writes bump version counters; replaced storage moves data_ptr
-            state = tuple([(t._version, t.data_ptr()) for t in tensors])
+            state = [(t._version, t.data_ptr()) for t in [d[leaf] for d, leaf in flat]]
+        except KeyError:  # a tensor was deleted: rebuild the slots
+            object.__setattr__(self, "_slots_cache", None)
+            return self._cache_key()
         except RuntimeError:  # inference tensors (built under torch.inference_mode) have no version counter
-            state = tuple([(0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors])
-        return spec + state
+            state = [(0 if t.is_inference() else t._version, t.data_ptr()) for t in [d[leaf] for d, leaf in flat]]
+        return (spec, state)
 
     def _merge_slots(self, slots: list[_Slot], weights: torch.Tensor) -> list[torch.Tensor]:
         """Merged tensor per slot: Σ wᵢ·θᵢ for floating tensors (one multi-tensor op), expert 0's otherwise."""
@@ -322,7 +337,7 @@ class ExpertContainer(nn.Module):
             if plan == "routed":
                 return self._routed_forward(x, args, kwargs)
             if plan == "merged":
-                return self.merged_module()(x, *args, **kwargs)
+                return self._merged_call()(x, *args, **kwargs)
             if plan == "ensemble":  # every expert sees all data; outputs averaged (differentiable)
                 return sum(e(x, *args, **kwargs) for e in self.experts) / self.num_experts
             raise ValueError(f"unknown routing plan {plan!r}; expected 'routed', 'merged', 'ensemble', an int or weights")

@@ -546,3 +546,19 @@ def test_structure_changes_refresh_the_cached_lookups():
     assert maxdiff(c(x), dense(x)) <= 1e-6
     collapse_experts(model)
     assert find_containers(model) == []
+
+
+def test_eval_fast_path_still_runs_hooks_of_the_merged_module():
+    c = ExpertContainer(experts(2), "multinomial")
+    seen = []
+    c.experts[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))  # copied into the merged module
+    c.eval()
+    c(torch.randn(3, 4))
+    assert seen == [torch.Size([3, 4])]
+    outer = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: outer.append(type(m).__name__))
+    try:
+        c(torch.randn(3, 4))
+    finally:
+        handle.remove()
+    assert outer.count("MLP") == 1 and outer.count("ExpertContainer") == 1  # global hooks see the merged module too
