@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one prepared run (about 8-10 minutes on an H100/H200; the
+# Every GPU check of the project in one prepared run (165 s on an H200, measured 2026-11-26; the
 # optional compiled ViT-L/14 run comes last, so a 10-minute limit cuts only it):
 #   1. the CUDA tests (pytest -m gpu: bf16 training, merged eval = dense export, quickstart on CUDA, MFU);
 #   2. mergevid bench head (MoTE vs plain train step, merged vs plain eval; B/16 and L/14 head shapes);
