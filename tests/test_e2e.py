@@ -441,6 +441,23 @@ def test_cli_reports_an_interrupted_run_with_exit_code_130(capsys):
     assert run_app(app, ["other"]) == 130 and capsys.readouterr().err.strip() == "Interrupted."  # was exit code 0
 
 
+def test_cli_turns_out_of_memory_into_what_to_change(capsys):
+    import typer
+
+    from mergekit_video.cli.errors import run_app
+
+    def train() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.20 GiB is free. Including non-PyTorch memory, this process has 78 GiB in use")
+
+    app = typer.Typer()
+    app.command("run")(train)
+    app.command("other")(lambda: None)
+    assert run_app(app, ["run"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: the device ran out of memory. Lower the per-device batch (data.batch_size is the total over processes;" in err
+    assert "set train.grad_checkpointing=true. (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.20 GiB is free)" in err
+
+
 def test_grad_clipping_logs_the_pre_clip_norm(synthetic_data, tmp_path):
     out = _new_run_dir(tmp_path / "clip", synthetic_data)
     _run_in_process(out, ["data.num_workers=0", "train.clip_grad_norm=0.5", "train.max_steps=3"])

@@ -50,6 +50,16 @@ def reraise_interrupts(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise Interrupted(str(exc)) from exc
 
 
+def out_of_memory_message(torch_message: str) -> str:
+    """What to change when the device runs out of memory, with torch's first sentences."""
+    detail = ". ".join(torch_message.split(". ")[:3]).strip().rstrip(".")
+    return (
+        "the device ran out of memory. Lower the per-device batch (data.batch_size is the total over "
+        "processes; --batch-size for mergevid bench), raise train.grad_accumulation, or set "
+        f"train.grad_checkpointing=true. ({detail})"
+    )
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("MERGEVID_DEBUG") == "1"
 
@@ -82,7 +92,9 @@ def run_app(app: Any, argv: list[str]) -> int:
         from rich.console import Console
 
         msg = str(e) or type(e).__name__
-        if not isinstance(e, (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, TypeError)):
+        if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError; torch is not imported here
+            msg = out_of_memory_message(msg)
+        elif not isinstance(e, (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, TypeError)):
             msg = f"{type(e).__name__}: {msg}"
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {msg}\n[dim](run with --debug for the traceback)[/]", markup=True, soft_wrap=True)
         return 1
