@@ -183,8 +183,8 @@ class ExpertContainer(nn.Module):
         w = torch.as_tensor(weights, dtype=torch.float32)
         if w.numel() != self.num_experts:
             raise ValueError(f"merged_forward got {w.numel()} weights for {self.num_experts} experts")
-        slots = self._tensor_slots()
-        merged = self._merge_slots(slots, w)
+        merged = self._merge_slots(w)
+        slots = self._tensor_slots()  # refreshed by _merge_slots if a tensor was deleted
         # expert 0's code runs on the merged tensors, swapped into its own parameter and buffer
         # slots for the call, as functional_call does, without its per-call bookkeeping
         targets = [refs[0] for _, refs in slots]
@@ -297,28 +297,31 @@ class ExpertContainer(nn.Module):
         object.__setattr__(self, "_slots_cache", (_structure_epoch, slots, flat))
         return slots
 
-    def _slot_tensors(self) -> list[list[torch.Tensor]]:
-        """``[slot][expert]`` current tensors (a deleted tensor refreshes the slots)."""
-        try:
-            return [[d[leaf] for d, leaf in refs] for _, refs in self._tensor_slots()]
-        except KeyError:
-            object.__setattr__(self, "_slots_cache", None)
-            return [[d[leaf] for d, leaf in refs] for _, refs in self._tensor_slots()]
+    def _slot_tensors(self, *, flat: bool = False) -> list:
+        """Current tensors, ``[slot][expert]`` (or flat); a deleted tensor refreshes the slots."""
+        for attempt in range(2):
+            self._tensor_slots()
+            _, slots, refs = self._slots_cache
+            try:
+                if flat:
+                    return [d[leaf] for d, leaf in refs]
+                return [[d[leaf] for d, leaf in slot_refs] for _, slot_refs in slots]
+            except KeyError:
+                if attempt:
+                    raise
+                object.__setattr__(self, "_slots_cache", None)
+        raise AssertionError("unreachable")
 
     def _cache_key(self) -> tuple:
         spec = (self.merge, tuple(sorted((k, repr(v)) for k, v in self.merge_kwargs.items())) if self.merge_kwargs else ())
-        self._tensor_slots()
-        flat = self._slots_cache[2]
+        tensors = self._slot_tensors(flat=True)
         try:  # in-place writes bump version counters; replaced storage moves data_ptr
-            state = [(t._version, t.data_ptr()) for t in [d[leaf] for d, leaf in flat]]
-        except KeyError:  # a tensor was deleted: rebuild the slots
-            object.__setattr__(self, "_slots_cache", None)
-            return self._cache_key()
+            state = [(t._version, t.data_ptr()) for t in tensors]
         except RuntimeError:  # inference tensors (built under torch.inference_mode) have no version counter
-            state = [(0 if t.is_inference() else t._version, t.data_ptr()) for t in [d[leaf] for d, leaf in flat]]
+            state = [(0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors]
         return (spec, state)
 
-    def _merge_slots(self, slots: list[_Slot], weights: torch.Tensor) -> list[torch.Tensor]:
+    def _merge_slots(self, weights: torch.Tensor) -> list[torch.Tensor]:
         """Merged tensor per slot: Σ wᵢ·θᵢ for floating tensors (one multi-tensor op), expert 0's otherwise."""
         tensors = self._slot_tensors()
         floating = [i for i, ts in enumerate(tensors) if ts[0].is_floating_point()]
@@ -329,8 +332,8 @@ class ExpertContainer(nn.Module):
         return out
 
     def _merged_tensors(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        slots = self._tensor_slots()
-        return {name: t for (name, _), t in zip(slots, self._merge_slots(slots, weights))}
+        merged = self._merge_slots(weights)
+        return {name: t for (name, _), t in zip(self._tensor_slots(), merged)}
 
     def _run(self, plan: Plan, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         if isinstance(plan, str):
