@@ -26,6 +26,8 @@ common cases. A plan is one of
 from __future__ import annotations
 
 import copy
+import operator
+import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -54,6 +56,8 @@ def _bump_structure_epoch(*_: Any) -> None:
 _module.register_module_module_registration_hook(_bump_structure_epoch)
 _module.register_module_parameter_registration_hook(_bump_structure_epoch)
 _module.register_module_buffer_registration_hook(_bump_structure_epoch)
+
+_version_of = operator.attrgetter("_version")
 
 #: One tensor name of the experts → where each expert keeps it: ``(owner._parameters or owner._buffers, leaf)``.
 _Slot = tuple[str, list[tuple[dict, str]]]
@@ -133,14 +137,12 @@ class ExpertContainer(nn.Module):
         self.router = build_router(router, num_experts=len(experts), **dict(router_kwargs or {}))
         if self.router.num_experts != len(experts):
             raise ValueError(f"router is built for {self.router.num_experts} experts but the container has {len(experts)}")
-        resolve_strategy(merge)  # fail now on an unknown name, not at the first eval forward
-        self.merge = merge
-        self.merge_kwargs: dict[str, Any] = dict(merge_kwargs or {})
+        object.__setattr__(self, "_merge_cache", None)  # (epoch, tensors, versions, module); not a submodule
+        self.set_merge(merge, **dict(merge_kwargs or {}))  # fails now on an unknown name, not at the first eval forward
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: RouterOutput | None = None
         self.merge_count = 0  # how many times the eval merge was computed
         self._plan: Plan | None = None
-        object.__setattr__(self, "_merge_cache", None)  # (key, module); not a submodule
 
     def __getattr__(self, name: str) -> Any:
         # Drop-in replacement: attributes the container lacks are read from expert 0, so
@@ -161,6 +163,20 @@ class ExpertContainer(nn.Module):
     def num_experts(self) -> int:
         """N, the number of experts."""
         return len(self.experts)
+
+    @property
+    def merge(self) -> str:
+        """The eval merge strategy; assigning one (with default arguments) invalidates the cached merge."""
+        return self._merge
+
+    @merge.setter
+    def merge(self, strategy: str) -> None:
+        self.set_merge(strategy)
+
+    @property
+    def merge_kwargs(self) -> Mapping[str, Any]:
+        """Keyword arguments of the eval merge strategy (read-only; change them with :meth:`set_merge`)."""
+        return types.MappingProxyType(self._merge_kwargs)
 
     # -- public API ---------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -225,31 +241,62 @@ class ExpertContainer(nn.Module):
     def merged_module(self) -> nn.Module:
         """The cached eval-mode dense module, recomputed only after an expert tensor changed."""
         self._merged_call()
-        return self._merge_cache[1]
+        return self._merge_cache[3]
 
     def _merged_call(self) -> Callable[..., Any]:
-        """The cached merge's forward (refreshed when the key changed)."""
-        key = self._cache_key()
+        """The cached merge's forward, merged again first if an expert tensor changed.
+
+        The check runs on every eval forward, so it is kept to one version-counter read per
+        expert tensor: in-place writes (optimizer steps, ``load_state_dict``) bump versions,
+        and registering a new parameter, buffer or module anywhere bumps ``_structure_epoch``.
+        Device and dtype moves go through :meth:`_apply`, which drops the cache.
+        """
         cache = self._merge_cache
-        if cache is None or cache[0] != key:
-            # built outside inference mode: a cache filled inside torch.inference_mode() would
-            # hold inference tensors and break a later eval forward that needs autograd
-            with torch.inference_mode(False):
-                dense = self.collapse()
-            dense.eval()
-            for p in dense.parameters():
-                p.requires_grad_(False)
-            object.__setattr__(self, "_merge_cache", (key, dense))
-            self.merge_count += 1
-            cache = self._merge_cache
-        dense = cache[1]
+        if cache is None or cache[0] != _structure_epoch or (cache[2] is not None and list(map(_version_of, cache[1])) != cache[2]):
+            cache = self._refresh_merge(cache)
+        dense = cache[3]
         # a private module: skip nn.Module.__call__ unless some hook wants to see the call
-        hooked = dense._forward_hooks or dense._forward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks
-        return dense if hooked else dense.forward
+        if dense._forward_hooks or dense._forward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return dense
+        return dense.forward
+
+    def _refresh_merge(self, cache: tuple | None) -> tuple:
+        """Merge again, unless only the structure epoch moved and the same unchanged tensors remain."""
+        if cache is not None and cache[2] is not None:
+            tensors = self._slot_tensors(flat=True)
+            same = len(tensors) == len(cache[1]) and all(a is b for a, b in zip(tensors, cache[1]))
+            if same and list(map(_version_of, tensors)) == cache[2]:
+                cache = (_structure_epoch, *cache[1:])  # a module registered elsewhere: still valid
+                object.__setattr__(self, "_merge_cache", cache)
+                return cache
+        return self._remerge()
+
+    def _remerge(self) -> tuple:
+        # built outside inference mode: a cache filled inside torch.inference_mode() would
+        # hold inference tensors and break a later eval forward that needs autograd
+        with torch.inference_mode(False):
+            dense = self.collapse()
+        dense.eval()
+        for p in dense.parameters():
+            p.requires_grad_(False)
+        tensors = self._slot_tensors(flat=True)
+        try:
+            versions = list(map(_version_of, tensors))
+        except RuntimeError:  # inference tensors (a model built under inference_mode) have no version counter
+            versions = None
+        cache = (_structure_epoch, tensors, versions, dense)
+        object.__setattr__(self, "_merge_cache", cache)
+        self.merge_count += 1
+        return cache
 
     def invalidate_merge(self) -> None:
         """Drop the cached merge (needed only after writing expert tensors through ``.data``)."""
         object.__setattr__(self, "_merge_cache", None)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> ExpertContainer:
+        # .to() / .cuda() / .double() replace tensor data without bumping versions
+        self.invalidate_merge()
+        return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> ExpertContainer:
         """Switching to training mode drops the cached merge: the experts are about to change.
@@ -275,7 +322,8 @@ class ExpertContainer(nn.Module):
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
         """Change the eval merge strategy (invalidates the cache)."""
         resolve_strategy(strategy)
-        self.merge, self.merge_kwargs = strategy, dict(kwargs)
+        object.__setattr__(self, "_merge", strategy)
+        object.__setattr__(self, "_merge_kwargs", dict(kwargs))
         self.invalidate_merge()
 
     # -- internals -----------------------------------------------------------------
@@ -311,15 +359,6 @@ class ExpertContainer(nn.Module):
                     raise
                 object.__setattr__(self, "_slots_cache", None)
         raise AssertionError("unreachable")
-
-    def _cache_key(self) -> tuple:
-        spec = (self.merge, tuple(sorted((k, repr(v)) for k, v in self.merge_kwargs.items())) if self.merge_kwargs else ())
-        tensors = self._slot_tensors(flat=True)
-        try:  # in-place writes bump version counters; replaced storage moves data_ptr
-            state = [(t._version, t.data_ptr()) for t in tensors]
-        except RuntimeError:  # inference tensors (built under torch.inference_mode) have no version counter
-            state = [(0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors]
-        return (spec, state)
 
     def _merge_slots(self, weights: torch.Tensor) -> list[torch.Tensor]:
         """Merged tensor per slot: Σ wᵢ·θᵢ for floating tensors (one multi-tensor op), expert 0's otherwise."""

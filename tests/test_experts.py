@@ -161,6 +161,30 @@ def test_merge_cache_invalidation():
     assert maxdiff(c(x.double()), c.experts[-1](x.double())) <= 1e-9  # τ → 0⁺ merge = last expert
 
 
+def test_merge_cache_survives_unrelated_modules_and_tracks_strategy_assignment():
+    c = ExpertContainer(experts(3), "multinomial").eval()
+    x = torch.randn(6, 4)
+    c(x)
+    MLP()  # registering modules elsewhere moves the structure epoch, not the experts
+    c(x)
+    assert c.merge_count == 1
+    # replacing an expert tensor (a registration) is seen
+    c.experts[1].fc1.bias = nn.Parameter(torch.zeros(8))
+    c(x)
+    assert c.merge_count == 2
+    dense = MLP()
+    dense.load_state_dict(mean_sd(c.experts))
+    assert maxdiff(c(x), dense(x)) <= 1e-6
+    # set_merge and assigning the strategy invalidate; the arguments are read-only outside set_merge
+    c.set_merge("temperature_softmax", tau=0.0)
+    assert maxdiff(c(x), c.experts[-1](x)) <= 1e-6 and c.merge_count == 3
+    with pytest.raises(TypeError):
+        c.merge_kwargs["tau"] = float("inf")
+    c.merge = "mean"  # the strategy's own defaults
+    assert dict(c.merge_kwargs) == {}
+    assert maxdiff(c(x), dense(x)) <= 1e-6 and c.merge_count == 4
+
+
 def test_merge_cached_under_inference_mode_still_supports_autograd():
     c = ExpertContainer(experts(2), "fixed").eval()
     with torch.inference_mode():
