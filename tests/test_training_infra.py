@@ -109,7 +109,7 @@ def test_cosine_schedule_state_dict_round_trip_and_errors():
     assert state["lr_lambdas"] == [{"warmup_steps": 3, "total_steps": 20, "min_lr_ratio": 0.0}]
     expected = _lrs(sched, opt, 5)
     opt2, sched2 = make()
-    opt2.load_state_dict(opt.state_dict())  # noqa: keeps lrs consistent with the scheduler
+    opt2.load_state_dict(opt.state_dict())  # keeps lrs consistent with the scheduler
     sched2.load_state_dict(state)
     opt2.param_groups[0]["lr"] = state["_last_lr"][0]
     assert _lrs(sched2, opt2, 5) == expected

@@ -273,8 +273,6 @@ def encode_class_names(
     For every template: encode all classes, L2-normalise; then average over templates and
     L2-normalise again (the official implementation's order).
     """
-    import open_clip
-
     if tokenizer is None:
         if model_name is None:
             raise ValueError("encode_class_names needs tokenizer= or model_name=")

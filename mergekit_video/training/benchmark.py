@@ -241,11 +241,6 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
     recipe's ``train.grad_checkpointing`` and ``train.compile`` apply, as in training. On CUDA,
     FLOPs are counted on one eager step, for MFU.
     """
-    from ..config import instantiate
-    from ..data import normalize_frames
-    from ..training.optim import build_optimizer, build_param_groups
-    from ..training.trainer import TrainStep
-
     dev = _resolve_device(cfg.get("device", "auto"))
     tuned = _prepare_device(dev)
     data = cfg["data"]
@@ -264,51 +259,66 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
         base_obj = {**cfg["objective"], "wmr_weight": 0.0, "mse_weight": 0.0}
         variants.append(("baseline", base_model, base_obj))
     for label, model_cfg, obj_cfg in variants:
-        torch.manual_seed(0)
-        model = instantiate({**model_cfg, "pretrained": None}, _path="model").to(dev).train()
-        if results["grad_checkpointing"]:
-            model.set_grad_checkpointing(True)
-        objective = instantiate(obj_cfg, _path="objective")
-        step_module = TrainStep(model=model, objective=objective)
-        o = cfg.get("optimizer", {})
-        groups = build_param_groups(model, groups=[{"name": "clip", "match": ["clip.*"], "lr": o.get("clip_lr", 3e-6)}], lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
-        opt = build_optimizer(groups, lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
-        if size is None:
-            size = int(model.input_size or 224)
-            results["input_size"] = size
-        classes = F.normalize(torch.randn(400, model.head.width, device=dev), dim=-1)
-        frames_u8 = torch.randint(0, 256, (b, t, 3, size, size), dtype=torch.uint8, device=dev)
-        labels = torch.randint(0, 400, (b,), device=dev)
-
-        def step() -> None:
-            frames = normalize_frames(frames_u8)
-            with _autocast(dev):
-                loss = step_module(frames, labels, classes).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        # FLOPs are counted on one eager step (FlopCounterMode does not see inside compiled graphs)
-        flops = count_step_flops(step) if dev.type == "cuda" else None
-        if compile_visual:
-            model.visual.compile()  # as train.compile=true does; compiled during the warm-up steps
-        seconds = time_fn(step, device=dev, steps=steps, warmup=warmup)
-        run: dict[str, Any] = {"step_s": seconds, "clips_per_s": b / seconds}
-        peak = peak_flops(dev)
-        if flops is not None:
-            run["flops_per_step"] = flops
-            run["achieved_tflops"] = flops / seconds / 1e12
-            run["mfu"] = None if peak is None else flops / seconds / peak
-            run["peak_tflops"] = None if peak is None else peak / 1e12
-            run["max_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        run, size = _time_train_variant(
+            cfg, model_cfg, obj_cfg, dev=dev, batch_size=b, frames=t, size=size, steps=steps, warmup=warmup,
+            grad_checkpointing=results["grad_checkpointing"], compile_visual=compile_visual,
+        )
+        results["input_size"] = size
         results["runs"][label] = run
-        del model, opt, step_module
-        if dev.type == "cuda":
+        if dev.type == "cuda":  # the variant's model and optimizer are gone with its scope
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
     if "baseline" in results["runs"]:
         results["overhead_mote_vs_baseline"] = results["runs"]["mote"]["step_s"] / results["runs"]["baseline"]["step_s"]
     return results
+
+
+def _time_train_variant(
+    cfg: dict[str, Any], model_cfg: dict[str, Any], obj_cfg: dict[str, Any], *, dev: torch.device, batch_size: int, frames: int,
+    size: int | None, steps: int, warmup: int, grad_checkpointing: bool, compile_visual: bool,
+) -> tuple[dict[str, Any], int]:
+    """Build one model + objective + AdamW from the recipe and time its training step; returns (run, input size)."""
+    from ..config import instantiate
+    from ..data import normalize_frames
+    from ..training.optim import build_optimizer, build_param_groups
+    from ..training.trainer import TrainStep
+
+    torch.manual_seed(0)
+    model = instantiate({**model_cfg, "pretrained": None}, _path="model").to(dev).train()
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    objective = instantiate(obj_cfg, _path="objective")
+    step_module = TrainStep(model=model, objective=objective)
+    o = cfg.get("optimizer", {})
+    groups = build_param_groups(model, groups=[{"name": "clip", "match": ["clip.*"], "lr": o.get("clip_lr", 3e-6)}], lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
+    opt = build_optimizer(groups, lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
+    size = int(size or model.input_size or 224)  # None: the model's own frame size
+    classes = F.normalize(torch.randn(400, model.head.width, device=dev), dim=-1)
+    frames_u8 = torch.randint(0, 256, (batch_size, frames, 3, size, size), dtype=torch.uint8, device=dev)
+    labels = torch.randint(0, 400, (batch_size,), device=dev)
+
+    def step() -> None:
+        clips = normalize_frames(frames_u8)  # [B, T, 3, H, W] float, on the device as in training
+        with _autocast(dev):
+            loss = step_module(clips, labels, classes).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # FLOPs are counted on one eager step (FlopCounterMode does not see inside compiled graphs)
+    flops = count_step_flops(step) if dev.type == "cuda" else None
+    if compile_visual:
+        model.visual.compile()  # as train.compile=true does; compiled during the warm-up steps
+    seconds = time_fn(step, device=dev, steps=steps, warmup=warmup)
+    run: dict[str, Any] = {"step_s": seconds, "clips_per_s": batch_size / seconds}
+    peak = peak_flops(dev)
+    if flops is not None:
+        run["flops_per_step"] = flops
+        run["achieved_tflops"] = flops / seconds / 1e12
+        run["mfu"] = None if peak is None else flops / seconds / peak
+        run["peak_tflops"] = None if peak is None else peak / 1e12
+        run["max_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return run, size
 
 
 def render_train_markdown(res: dict[str, Any]) -> str:
