@@ -1,0 +1,393 @@
+"""Recipe schemas (Field, Section, Component) and validation: types, choices, bounds, paths, components."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    COMPONENT_KEY,
+    MISSING,
+    PARTIAL_KEY,
+    SPECIAL_KEYS,
+    ConfigError,
+    Problem,
+    ValidationError,
+    did_you_mean,
+    join_key,
+)
+from .components import check_call, resolve_component
+
+_TYPE_NAMES = {int: "int", float: "float", str: "str", bool: "bool", list: "list", dict: "mapping", type(None): "null"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """A leaf key of a recipe schema.
+
+    Args:
+        type: accepted Python type(s): ``int``, ``float`` (ints accepted), ``str``, ``bool``,
+            ``list``, ``dict``; a tuple for several; None accepts anything.
+        required: the key must be present.
+        choices: allowed values ("one of"), listed in the error message; a callable returning
+            them is evaluated at validation time (e.g. a registry's names, plugins included).
+        min, max: inclusive numeric bounds; ``exclusive_min`` makes ``min`` strict (``lr > 0``).
+        default: filled in by :func:`with_defaults` when the key is absent.
+        doc: one-line description (shown by :func:`iter_schema`).
+        nullable: ``null`` is accepted.
+        item: schema of every element when the value is a list.
+        path: ``"file"``, ``"dir"`` or ``"exists"`` when the value names a filesystem path that
+            :func:`check_paths` checks (not :func:`validate_recipe`: shipped recipes name
+            datasets that exist only on the user's machine).
+    """
+
+    type: Any = None
+    _: dataclasses.KW_ONLY
+    required: bool = False
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
+    min: float | None = None
+    max: float | None = None
+    exclusive_min: bool = False
+    default: Any = MISSING
+    doc: str = ""
+    nullable: bool = False
+    item: Field | Section | Component | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class Section:
+    """A mapping in a recipe schema: its known keys (unknown keys are errors unless ``allow_unknown``)."""
+
+    fields: Mapping[str, Field | Section | Component] = dataclasses.field(default_factory=dict)
+    _: dataclasses.KW_ONLY
+    required: bool = False
+    nullable: bool = False
+    allow_unknown: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Component:
+    """A ``_component_`` node in a recipe schema.
+
+    Its target must import (or be a registry entry), its keys must be parameters of the target
+    (checked against the signature, nothing is instantiated), and required parameters must be
+    given, except ``runtime_kwargs`` that the runner passes to :func:`instantiate` itself.
+    """
+
+    _: dataclasses.KW_ONLY
+    required: bool = False
+    nullable: bool = False
+    runtime_kwargs: tuple[str, ...] = ()
+    doc: str = ""
+    fields: Mapping[str, Field | Section] = dataclasses.field(default_factory=dict)
+    """Value checks for the component's arguments (types, choices, bounds), when present."""
+
+
+Spec = Field | Section | Component
+
+BASE_FIELDS: dict[str, Spec] = {
+    "output_dir": Field(str, required=True, doc="every file a run produces is written under this folder"),
+    "plugins": Field(list, item=Field(str), default=[], doc="modules imported before validation (they register parts)"),
+}
+
+
+def recipe_schema(fields: Mapping[str, Spec] | Section, *, doc: str = "") -> Section:
+    """A top-level recipe schema: ``fields`` plus ``output_dir`` (required) and ``plugins``."""
+    if isinstance(fields, Section):
+        merged = {**BASE_FIELDS, **fields.fields}
+        return dataclasses.replace(fields, fields=merged, required=True)
+    return Section({**BASE_FIELDS, **fields}, required=True, doc=doc)
+
+
+def iter_schema(schema: Section, prefix: str = "") -> Iterator[tuple[str, Spec]]:
+    """(dotted key, spec) for every key of ``schema``, depth first (for ``--explain`` tables)."""
+    for k, spec in schema.fields.items():
+        p = join_key(prefix, k)
+        yield p, spec
+        if isinstance(spec, Section):
+            yield from iter_schema(spec, p)
+        elif isinstance(spec, Field) and isinstance(spec.item, Section):
+            yield from iter_schema(spec.item, f"{p}.*")
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    return _TYPE_NAMES.get(t, getattr(t, "__name__", str(t)))
+
+
+def _value_kind(v: Any) -> str:
+    return _TYPE_NAMES.get(type(v), type(v).__name__)
+
+
+def _type_ok(value: Any, t: Any) -> bool:
+    if t is None:
+        return True
+    types = t if isinstance(t, tuple) else (t,)
+    for ty in types:
+        if ty is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if ty is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if ty is dict and isinstance(value, Mapping):
+            return True
+        if ty not in (int, float, dict) and isinstance(value, ty):
+            return True
+    return False
+
+
+class _Validator:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.checked_components: set[str] = set()
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message))
+
+    def check(self, value: Any, spec: Spec, path: str) -> None:
+        if value is None:
+            if not spec.nullable:
+                self.add(path, f"must not be null (expected {self._expected(spec)})")
+            return
+        if isinstance(spec, Section):
+            self.section(value, spec, path)
+        elif isinstance(spec, Component):
+            self.component(value, spec, path)
+        else:
+            self.field(value, spec, path)
+
+    @staticmethod
+    def _expected(spec: Spec) -> str:
+        if isinstance(spec, Section):
+            return "a mapping"
+        if isinstance(spec, Component):
+            return f"a mapping with {COMPONENT_KEY!r}"
+        if spec.choices is not None:
+            choices = spec.choices() if callable(spec.choices) else spec.choices
+            return "one of " + ", ".join(repr(c) for c in choices)
+        return _type_name(spec.type) if spec.type is not None else "a value"
+
+    def section(self, value: Any, spec: Section, path: str) -> None:
+        if not isinstance(value, Mapping):
+            self.add(path, f"expected a mapping, got {_value_kind(value)} ({value!r})")
+            return
+        for k, sub in spec.fields.items():
+            if k not in value:
+                if sub.required:
+                    doc = f" ({sub.doc})" if sub.doc else ""
+                    self.add(join_key(path, k), f"is required{doc}")
+                continue
+            self.check(value[k], sub, join_key(path, k))
+        if not spec.allow_unknown:
+            for k in value:
+                if k not in spec.fields:
+                    known = ", ".join(spec.fields) or "(none)"
+                    self.add(join_key(path, k), f"unknown key{did_you_mean(k, spec.fields)} (known keys here: {known})")
+
+    def field(self, value: Any, spec: Field, path: str) -> None:
+        if not _type_ok(value, spec.type):
+            self.add(path, f"expected {_type_name(spec.type)}, got {_value_kind(value)} ({value!r})")
+            return
+        choices = spec.choices() if callable(spec.choices) else spec.choices
+        if choices is not None and value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            self.add(path, f"{value!r} is not one of: {allowed}{did_you_mean(value, choices)}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if spec.min is not None and (value < spec.min or (spec.exclusive_min and value == spec.min)):
+                self.add(path, f"must be {'>' if spec.exclusive_min else '>='} {spec.min}, got {value!r}")
+            if spec.max is not None and value > spec.max:
+                self.add(path, f"must be <= {spec.max}, got {value!r}")
+        if spec.item is not None and isinstance(value, list):
+            for i, v in enumerate(value):
+                self.check(v, spec.item, join_key(path, i))
+
+    def component(self, value: Any, spec: Component, path: str) -> None:
+        if not isinstance(value, Mapping) or COMPONENT_KEY not in value:
+            self.add(path, f"expected a mapping with a {COMPONENT_KEY!r} key, got {_value_kind(value)}")
+            return
+        self.checked_components.add(path)
+        self.component_node(value, path, allow_missing=spec.runtime_kwargs)
+        for k, sub in spec.fields.items():
+            if k in value:
+                self.check(value[k], sub, join_key(path, k))
+
+    def component_node(self, value: Mapping[str, Any], path: str, *, allow_missing: Iterable[str] | bool) -> None:
+        try:
+            fn = resolve_component(value[COMPONENT_KEY], path=path)
+        except ConfigError as exc:
+            msg = str(exc)
+            prefix = join_key(path, COMPONENT_KEY) + ": "
+            self.add(join_key(path, COMPONENT_KEY), msg[len(prefix):] if msg.startswith(prefix) else msg)
+            return
+        partial = value.get(PARTIAL_KEY, False)
+        if not isinstance(partial, bool):
+            self.add(join_key(path, PARTIAL_KEY), f"must be true or false, got {partial!r}")
+        keys = [str(k) for k in value if k not in SPECIAL_KEYS]
+        for msg in check_call(fn, keys, path=path, allow_missing=True if partial is True else allow_missing):
+            where, _, text = msg.partition(": ")
+            self.add(where if where != "<recipe>" else "", text)
+
+    def walk_components(self, node: Any, path: str) -> None:
+        """Check every ``_component_`` node that no Component spec covered (imports + unknown kwargs)."""
+        if isinstance(node, Mapping):
+            if COMPONENT_KEY in node and path not in self.checked_components:
+                self.checked_components.add(path)
+                self.component_node(node, path, allow_missing=True)
+            for k, v in node.items():
+                if k not in SPECIAL_KEYS:
+                    self.walk_components(v, join_key(path, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                self.walk_components(v, join_key(path, i))
+
+
+def validate_recipe(
+    cfg: Mapping[str, Any],
+    schema: Section | Mapping[str, Spec] | None = None,
+    *,
+    check_components: bool = True,
+    load_plugins: bool = True,
+    source: str | None = None,
+) -> None:
+    """Check a loaded recipe; raise :class:`ValidationError` listing every problem found.
+
+    Checks, in order: ``output_dir`` (required string) and ``plugins`` (imported via
+    :func:`mergekit_video.registry.import_plugins`, so that plugin parts are known); ``schema``
+    (types, required keys, choices, bounds, unknown keys with suggestions) when given; every
+    ``_component_`` target imports (or is registered) and its keys are parameters of the target.
+    Nothing is instantiated.
+    """
+    v = _Validator()
+    if not isinstance(cfg, Mapping):
+        raise ValidationError([Problem("", f"a recipe must be a mapping, got {_value_kind(cfg)}")], source=source)
+    plugins = cfg.get("plugins") or []
+    if load_plugins and isinstance(plugins, list):
+        # first: plugin modules register parts that components below may refer to
+        from ..registry import import_plugins
+
+        for i, mod in enumerate(plugins):
+            if isinstance(mod, str):
+                try:
+                    import_plugins([mod])
+                except ImportError as exc:
+                    v.add(f"plugins.{i}", str(exc))
+    full = recipe_schema(schema if schema is not None else Section(allow_unknown=True))
+    if schema is None or (isinstance(schema, Section) and schema.allow_unknown):
+        full = dataclasses.replace(full, allow_unknown=True)
+    v.section(cfg, full, "")
+    if isinstance(cfg.get("output_dir"), str) and not cfg["output_dir"].strip():
+        v.add("output_dir", "must not be empty")
+    if check_components:
+        # a Section's Component specs were checked above; now every other _component_ node
+        v.walk_components(cfg, "")
+    if v.problems:
+        raise ValidationError(_dedupe(v.problems), source=source)
+
+
+_PATH_KINDS = {"file": ("is_file", "file not found"), "dir": ("is_dir", "folder not found"), "exists": ("exists", "path not found")}
+
+
+def check_paths(cfg: Mapping[str, Any], schema: Section) -> list[Problem]:
+    """Problems for every path-valued key (``Field(path=...)``) whose file or folder is missing.
+
+    Runners call this once synthetic data is written and before anything heavy is built, so a
+    mistyped list fails in a second with its key instead of after the model is built;
+    ``mergevid validate --check-paths`` runs it on demand.
+    """
+    problems: list[Problem] = []
+
+    def walk(value: Any, spec: Spec, path: str) -> None:
+        if value is None:
+            return
+        if isinstance(spec, (Section, Component)) and isinstance(value, Mapping):
+            for k, sub in spec.fields.items():
+                if k in value:
+                    walk(value[k], sub, join_key(path, k))
+        elif isinstance(spec, Field):
+            if spec.path is not None and isinstance(value, str):
+                test, what = _PATH_KINDS[spec.path]
+                p = Path(value).expanduser()
+                if not getattr(p, test)():
+                    hint = " (it is a folder)" if spec.path == "file" and p.is_dir() else " (it is a file)" if spec.path == "dir" and p.is_file() else ""
+                    problems.append(Problem(path, f"{what}: {value}{hint}"))
+            elif spec.item is not None and isinstance(value, list):
+                for i, v in enumerate(value):
+                    walk(v, spec.item, join_key(path, i))
+
+    walk(cfg, schema, "")
+    return problems
+
+
+def load_recipe_plugins(cfg: Mapping[str, Any]) -> list[str]:
+    """Import the modules listed under the recipe's ``plugins:`` key; return their names.
+
+    :func:`validate_recipe` does this too; runners that skip validation call it before
+    :func:`instantiate`. Raises :class:`ConfigError` naming ``plugins.<i>``.
+    """
+    plugins = cfg.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+        raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
+    from ..registry import import_plugins
+
+    for i, mod in enumerate(plugins):
+        try:
+            import_plugins([mod])
+        except ImportError as exc:
+            raise ConfigError(f"plugins.{i}: {exc}") from exc
+    return list(plugins)
+
+
+def check_components(cfg: Mapping[str, Any]) -> list[Problem]:
+    """Problems with the ``_component_`` nodes of ``cfg`` (import + unknown arguments), without raising."""
+    v = _Validator()
+    v.walk_components(cfg, "")
+    return v.problems
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen, out = set(), []
+    for p in problems:
+        if (p.path, p.message) not in seen:
+            seen.add((p.path, p.message))
+            out.append(p)
+    return out
+
+
+def with_defaults(cfg: Mapping[str, Any], schema: Section | Mapping[str, Spec]) -> dict[str, Any]:
+    """A deep copy of ``cfg`` with every absent key that has a ``default`` in ``schema`` filled in.
+
+    Absent sections are created when they get defaults, except nullable ones (optional blocks
+    such as ``data.synthetic`` whose presence switches a feature on).
+    """
+    section = schema if isinstance(schema, Section) else Section(dict(schema))
+    out = copy.deepcopy(dict(cfg))
+    _fill(out, section)
+    return out
+
+
+def _fill(node: dict, section: Section) -> bool:
+    """Fill defaults into ``node``; return True when anything was added."""
+    added = False
+    for k, spec in section.fields.items():
+        if isinstance(spec, Field):
+            if k not in node and spec.default is not MISSING:
+                node[k] = copy.deepcopy(spec.default)
+                added = True
+        elif isinstance(spec, Section):
+            if k in node:
+                if isinstance(node[k], dict):
+                    added |= _fill(node[k], spec)
+            elif not spec.nullable:  # an absent optional (nullable) section stays absent: it is a feature switch
+                child: dict = {}
+                if _fill(child, spec):
+                    node[k] = child
+                    added = True
+    return added
+
+
