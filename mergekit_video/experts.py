@@ -137,7 +137,7 @@ class ExpertContainer(nn.Module):
         self.router = build_router(router, num_experts=len(experts), **dict(router_kwargs or {}))
         if self.router.num_experts != len(experts):
             raise ValueError(f"router is built for {self.router.num_experts} experts but the container has {len(experts)}")
-        object.__setattr__(self, "_merge_cache", None)  # (epoch, tensors, versions, module); not a submodule
+        object.__setattr__(self, "_merge_cache", None)  # (tensors merged, their versions, module); not a submodule
         self.set_merge(merge, **dict(merge_kwargs or {}))  # fails now on an unknown name, not at the first eval forward
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: RouterOutput | None = None
@@ -241,35 +241,40 @@ class ExpertContainer(nn.Module):
     def merged_module(self) -> nn.Module:
         """The cached eval-mode dense module, recomputed only after an expert tensor changed."""
         self._merged_call()
-        return self._merge_cache[3]
+        return self._merge_cache[2]
 
     def _merged_call(self) -> Callable[..., Any]:
-        """The cached merge's forward, merged again first if an expert tensor changed.
-
-        The check runs on every eval forward, so it is kept to one version-counter read per
-        expert tensor: in-place writes (optimizer steps, ``load_state_dict``) bump versions,
-        and registering a new parameter, buffer or module anywhere bumps ``_structure_epoch``.
-        Device and dtype moves go through :meth:`_apply`, which drops the cache.
-        """
+        """The cached merge's forward, merged again first if an expert tensor changed."""
         cache = self._merge_cache
-        if cache is None or cache[0] != _structure_epoch or (cache[2] is not None and list(map(_version_of, cache[1])) != cache[2]):
-            cache = self._refresh_merge(cache)
-        dense = cache[3]
+        if cache is None or not self._merge_is_current(cache):
+            cache = self._remerge()
+        dense = cache[2]
         # a private module: skip nn.Module.__call__ unless some hook wants to see the call
         if dense._forward_hooks or dense._forward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return dense
         return dense.forward
 
-    def _refresh_merge(self, cache: tuple | None) -> tuple:
-        """Merge again, unless only the structure epoch moved and the same unchanged tensors remain."""
-        if cache is not None and cache[2] is not None:
-            tensors = self._slot_tensors(flat=True)
-            same = len(tensors) == len(cache[1]) and all(a is b for a, b in zip(tensors, cache[1]))
-            if same and list(map(_version_of, tensors)) == cache[2]:
-                cache = (_structure_epoch, *cache[1:])  # a module registered elsewhere: still valid
-                object.__setattr__(self, "_merge_cache", cache)
-                return cache
-        return self._remerge()
+    def _merge_is_current(self, cache: tuple) -> bool:
+        """Whether the experts still hold the tensors the cache was merged from, unchanged.
+
+        This runs on every eval forward, so it reads each expert tensor's slot and version
+        counter and nothing else: in-place writes (optimizer steps, ``load_state_dict``) bump
+        versions; a replaced tensor (``torch.func.functional_call``, ``load_state_dict(assign=True)``,
+        a new ``nn.Parameter``) is another object in the slot. Device and dtype moves go through
+        :meth:`_apply`, which drops the cache.
+        """
+        slots = self.__dict__.get("_slots_cache")
+        if slots is None or slots[0] != _structure_epoch:
+            self._tensor_slots()
+            slots = self._slots_cache
+        try:
+            tensors = [d[leaf] for d, leaf in slots[2]]
+        except KeyError:  # a tensor was deleted: the merge is stale and the slots are re-read on re-merging
+            return False
+        merged_from, versions = cache[0], cache[1]
+        if len(tensors) != len(merged_from) or not all(map(operator.is_, tensors, merged_from)):
+            return False
+        return versions is None or list(map(_version_of, tensors)) == versions
 
     def _remerge(self) -> tuple:
         # built outside inference mode: a cache filled inside torch.inference_mode() would
@@ -284,7 +289,7 @@ class ExpertContainer(nn.Module):
             versions = list(map(_version_of, tensors))
         except RuntimeError:  # inference tensors (a model built under inference_mode) have no version counter
             versions = None
-        cache = (_structure_epoch, tensors, versions, dense)
+        cache = (tensors, versions, dense)
         object.__setattr__(self, "_merge_cache", cache)
         self.merge_count += 1
         return cache

@@ -185,6 +185,20 @@ def test_merge_cache_survives_unrelated_modules_and_tracks_strategy_assignment()
     assert maxdiff(c(x), dense(x)) <= 1e-6 and c.merge_count == 4
 
 
+def test_eval_merge_follows_tensors_swapped_in_by_functional_call():
+    c = ExpertContainer(experts(3), "multinomial").eval()
+    other = ExpertContainer(experts(3, seed=7), "multinomial")
+    params = {k: v.detach() for k, v in other.named_parameters()}
+    dense = MLP()
+    dense.load_state_dict(mean_sd(other.experts))
+    x = torch.randn(6, 4)
+    y0 = c(x)  # no module is registered from here on
+    y = torch.func.functional_call(c, params, (x,))  # swaps tensors into the slots, no registration
+    assert maxdiff(y, dense(x)) <= 1e-6
+    assert maxdiff(c(x), y0) <= 1e-6  # the original tensors are back: merged from them again
+    assert c.merge_count == 3
+
+
 def test_merge_cached_under_inference_mode_still_supports_autograd():
     c = ExpertContainer(experts(2), "fixed").eval()
     with torch.inference_mode():
