@@ -269,3 +269,24 @@ def test_convert_export_dense_and_load_into_open_clip(tmp_path, capsys):
     # a plain (non-dense) export keeps the experts
     assert cli_main(["export", str(converted), str(tmp_path / "copy")]) == 0
     assert load(tmp_path / "copy").config["head"]["num_experts"] == 4
+
+
+class _UnreadableItems(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        raise FileNotFoundError(f"videos/clip_{i}.mp4: no such file")
+
+
+def test_worker_errors_are_one_line_without_the_worker_traceback():
+    from mergekit_video.cli.errors import without_worker_traceback
+
+    loader = torch.utils.data.DataLoader(_UnreadableItems(), batch_size=1, num_workers=1)
+    try:
+        next(iter(loader))
+    except FileNotFoundError as err:
+        raw = str(err)
+    assert "Original Traceback" in raw  # what torch re-raises with
+    assert without_worker_traceback(raw) == "videos/clip_0.mp4: no such file (in DataLoader worker process 0)"
+    assert without_worker_traceback("plain message") == "plain message"

@@ -70,3 +70,35 @@ def test_collate_keeps_channels_last_uint8_batches_exact():
     frames = [torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8).permute(0, 3, 1, 2) for _ in range(3)]
     batch = collate_videos([{"frames": f, "label": 0, "index": i} for i, f in enumerate(frames)])["frames"]
     assert batch.shape == (3, 2, 3, 5, 6) and torch.equal(batch, torch.stack(frames))
+
+
+_ERROR_MID_EPOCH = """
+import sys, torch
+from mergekit_video.data.loader import build_loader
+
+class Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        raise RuntimeError(f"unreadable item {i}")
+
+loader = build_loader(Broken(), batch_size=2, num_workers=1, shuffle=False, seed=0, drop_last=False)
+try:
+    for _ in loader:
+        pass
+except RuntimeError as err:
+    kept = err  # its traceback keeps the loader's iterator, hence the worker, alive until exit
+sys.exit(3)
+"""
+
+
+def test_an_error_mid_epoch_does_not_hang_the_exit_on_workers_that_ignore_sigterm():
+    import subprocess
+    import sys
+
+    # workers ignore SIGTERM (the trainer decides how to stop); multiprocessing's exit handler
+    # would terminate-and-join them forever if the loader did not kill leftovers itself
+    proc = subprocess.run([sys.executable, "-c", _ERROR_MID_EPOCH], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "Exception ignored" not in proc.stderr

@@ -60,6 +60,24 @@ def out_of_memory_message(torch_message: str) -> str:
     )
 
 
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
+
+
+def without_worker_traceback(message: str) -> str:
+    """A DataLoader worker's error as one line: torch re-raises it with the worker's whole traceback in the message.
+
+    ``"Caught VideoReadError in DataLoader worker process 0.\nOriginal Traceback ...\nmod.VideoReadError: a.mp4: ..."``
+    becomes ``"a.mp4: ... (in DataLoader worker process 0)"`` (the caller names the type).
+    """
+    head, sep, traceback_text = message.partition(_WORKER_TRACEBACK)
+    lines = [line for line in traceback_text.splitlines() if line.strip()]
+    if not sep or not lines:
+        return message
+    _, colon, detail = lines[-1].partition(": ")
+    where = head.strip().rstrip(".").partition(" in ")[2]
+    return f"{detail if colon else lines[-1]} (in {where})" if where else (detail if colon else lines[-1])
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("MERGEVID_DEBUG") == "1"
 
@@ -91,7 +109,7 @@ def run_app(app: Any, argv: list[str]) -> int:
             raise
         from rich.console import Console
 
-        msg = str(e) or type(e).__name__
+        msg = without_worker_traceback(str(e)) or type(e).__name__
         if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError; torch is not imported here
             msg = out_of_memory_message(msg)
         elif not isinstance(e, (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, TypeError)):

@@ -133,7 +133,8 @@ def seed_worker(worker_id: int) -> None:
     Dataset items do not depend on these seeds (they use per-item generators); user code might.
     Workers also ignore SIGINT and SIGTERM: Ctrl-C or a scheduler's SIGTERM reaches the whole
     process group, and the main process decides how to stop (the trainer finishes its step and
-    saves a checkpoint); torch already ends workers whose parent died.
+    saves a checkpoint); torch already ends workers whose parent died, and the main process kills
+    the ones still alive when it exits (:func:`_reap_workers_at_exit`).
     """
     import signal
 
@@ -143,6 +144,38 @@ def seed_worker(worker_id: int) -> None:
     seed = info.seed if info is not None else torch.initial_seed()
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+_reaper_registered = False
+
+
+def _reap_workers_at_exit() -> None:
+    """At interpreter exit: stop DataLoader workers that are still alive, without waiting on them.
+
+    multiprocessing's own exit handler sends SIGTERM to daemonic children and then joins them;
+    workers ignore SIGTERM (see :func:`seed_worker`), so a loader whose iterator was never shut
+    down (an error raised mid-epoch keeps it referenced by the traceback) would hang the exit.
+    Registered after multiprocessing's handler, this one runs first.
+    """
+    import multiprocessing
+    import signal
+
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as worker failures
+    for p in workers:
+        p.kill()
+    for p in workers:
+        p.join(timeout=5)
+
+
+def _register_worker_reaper() -> None:
+    global _reaper_registered
+    if not _reaper_registered:
+        import atexit
+
+        atexit.register(_reap_workers_at_exit)
+        _reaper_registered = True
 
 
 def build_loader(
@@ -173,6 +206,7 @@ def build_loader(
         pin_memory = torch.cuda.is_available()
     kwargs = {}
     if num_workers > 0:
+        _register_worker_reaper()
         kwargs["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor
