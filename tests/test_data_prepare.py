@@ -166,3 +166,13 @@ def test_prepare_never_writes_outside_its_folder_or_over_foreign_files(tmp_path,
     assert foreign.read_text() == "a user's file" and src.read_bytes() == before
     errors = " ".join(f["error"] for f in rep.failures)
     assert "not a finished output" in errors and "leaves the output folder" in errors
+
+
+def test_prepare_refuses_to_replace_a_list_it_did_not_write(tmp_path, tiny_synthetic):
+    out = tmp_path / "mine"
+    out.mkdir()
+    users = out / tiny_synthetic.train_list.name
+    users.write_text("my own list\n")
+    with pytest.raises(FileExistsError, match="not written by `mergevid data prepare`"):
+        prepare_dataset(list_file=tiny_synthetic.train_list, root=tiny_synthetic.root, out_dir=out, short_side=32, gop=8, workers=1, progress=False)
+    assert users.read_text() == "my own list\n" and sorted(p.name for p in out.iterdir()) == [users.name]

@@ -202,7 +202,8 @@ def prepare_dataset(
     ``fps``), with the short side scaled to ``short_side`` and a keyframe every ``gop`` frames. A
     new list ``out_dir/<list name>`` names the outputs; failures are left out of it and listed in
     ``out_dir/prepare_report.json``. Re-running skips outputs recorded as finished and verified.
-    An ``out_dir`` prepared with other settings is refused rather than overwritten.
+    An ``out_dir`` prepared with other settings is refused rather than overwritten, and so is
+    one where the new list or the report would replace a file this command did not write.
     """
     t0 = time.perf_counter()
     list_file, root, out_dir = Path(list_file), Path(root), Path(out_dir)
@@ -213,6 +214,14 @@ def prepare_dataset(
         raise FileNotFoundError(f"dataset root not found: {root}")
     if out_dir.resolve() == root.resolve():
         raise ValueError(f"out_dir must differ from the dataset root ({root}); sources would be overwritten")
+    new_list = out_dir / list_file.name
+    if new_list.resolve() == list_file.resolve():
+        new_list = out_dir / (list_file.stem + ".prepared" + list_file.suffix)
+    if not (out_dir / MANIFEST).is_file():  # a folder no earlier run of this command wrote into
+        for mine in (new_list, out_dir / REPORT):
+            if mine.exists():
+                raise FileExistsError(f"{mine} exists and was not written by `mergevid data prepare`; "
+                                      "prepare into another folder so that it is not overwritten")
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     settings = {"short_side": short_side, "gop": gop, "fastdecode": fastdecode, "preset": preset, "crf": crf,
@@ -305,9 +314,6 @@ def prepare_dataset(
 
     failures = [{"path": str(root / r["src"]), "error": r["error"]} for r in results if not r["ok"]]
     new_records = [VideoRecord(path=done[r.path]["out"], label=r.label) for r in records if done.get(r.path, {}).get("ok")]
-    new_list = out_dir / list_file.name
-    if new_list.resolve() == list_file.resolve():
-        new_list = out_dir / (list_file.stem + ".prepared" + list_file.suffix)
     if new_records:
         write_annotation_list(new_list, new_records)
     report = PrepareReport(out_dir=out_dir, list_file=new_list, report_path=out_dir / REPORT, total=len(seen),
