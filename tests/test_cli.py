@@ -269,6 +269,12 @@ def test_convert_export_dense_and_load_into_open_clip(tmp_path, capsys):
     # a plain (non-dense) export keeps the experts
     assert cli_main(["export", str(converted), str(tmp_path / "copy")]) == 0
     assert load(tmp_path / "copy").config["head"]["num_experts"] == 4
+    # exporting onto the input (or a folder holding it) would destroy it, --overwrite or not
+    before = _digest(converted)
+    for target in (converted, converted.parent):
+        assert cli_main(["export", str(converted), str(target), "--overwrite"]) == 1
+        assert "is or contains the input" in capsys.readouterr().err
+    assert _digest(converted) == before
 
 
 class _UnreadableItems(torch.utils.data.Dataset):

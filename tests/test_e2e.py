@@ -38,7 +38,7 @@ SMALL_DATA_OVERRIDES = [
 ]
 #: 24 training videos, batch 6 → 4 optimizer steps per epoch (2 with accumulation 2 ... per 4 micro-batches)
 TRAIN_OVERRIDES = [
-    "data.batch_size=6", "schedule.epochs=2", "schedule.warmup_epochs=1", "train.log_every=1", "train.save_every_steps=3",
+    *SMALL_DATA_OVERRIDES, "data.batch_size=6", "schedule.epochs=2", "schedule.warmup_epochs=1", "train.log_every=1", "train.save_every_steps=3",
     "train.keep_last=5", "train.export_dense=false", "eval.num_workers=0", "eval.datasets=[]", "~eval.summary",
 ]
 STEPS = 8  # 2 epochs × 4 steps

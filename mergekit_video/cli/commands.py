@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import UserError, refuse_existing_output, reraise_interrupts
+from .errors import UserError, refuse_existing_output, refuse_replacing_input, reraise_interrupts
 from .main import app, bench_app
 
 OVERRIDES_HELP = "Recipe overrides: key=value (YAML value), ~key to remove a key."
@@ -182,12 +182,10 @@ def convert_cmd(
 ) -> None:
     """Convert an official MoTE checkpoint (github.com/ZMHH-H/MoTE) into a mergekit_video model."""
     from ..models.checkpoint import save_model
-    from ..models.convert import convert_official, load_official_checkpoint
+    from ..models.convert import ConversionError, convert_official, load_official_checkpoint
 
-    from ..models.convert import ConversionError
-
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    refuse_replacing_input(output, checkpoint)
+    refuse_existing_output(output, overwrite)
     try:
         ckpt = load_official_checkpoint(checkpoint)
     except (FileNotFoundError, ConversionError):
@@ -215,6 +213,7 @@ def export_cmd(
     """Export a model directory (from a trainer checkpoint), optionally collapsed to a dense model."""
     from ..models.checkpoint import count_parameters, export_dense, load, save_model
 
+    refuse_replacing_input(output, checkpoint)
     model = load(checkpoint)
     if dense:
         export_dense(model, output, strategy=strategy, overwrite=overwrite)

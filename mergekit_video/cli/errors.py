@@ -42,6 +42,13 @@ def refuse_existing_output(output: Any, overwrite: bool) -> None:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
 
 
+def refuse_replacing_input(output: Any, source: Any) -> None:
+    """An output directory that is, or holds, the command's input would destroy it when replaced."""
+    out, src = output.resolve(), source.resolve()
+    if out == src or out in src.parents:
+        raise UserError(f"{output} is or contains the input {source}; write to another directory")
+
+
 def reraise_interrupts(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; a ``KeyboardInterrupt`` (e.g. the trainer's ``TrainingInterrupted``) becomes :class:`Interrupted`."""
     try:

@@ -12,7 +12,9 @@ from the training ones. Layout under ``root``::
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,10 @@ def class_catalogue() -> list[tuple[str, str, str]]:
 def class_name(cls: tuple[str, str, str]) -> str:
     """Readable class name, e.g. ``"red circle moving left"``."""
     return " ".join(cls)
+
+
+#: Written last into every synthetic dataset: the arguments that made it (what a rerun compares).
+SETTINGS_FILE = "synthetic.json"
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,11 @@ def write_synthetic_dataset(
     ``size`` is (height, width), both even. ``texture``/``noise`` make the pictures cost like real
     footage to decode (see :func:`render_clip`). ``gop=None`` keeps x264's default keyframe interval
     (250), like raw downloads; ``preset=None`` keeps x264's default preset (medium) too. The same ``seed`` gives the same pictures. An existing non-empty
-    ``root`` is refused unless ``overwrite=True`` (which rewrites the files named above).
+    ``root`` is refused unless ``overwrite=True`` (which replaces the files named above).
+
+    The dataset is written into a hidden staging folder beside ``root`` and moved into place when
+    complete, so an interrupted write leaves no half dataset in ``root`` (the next call clears the
+    staging folder). ``root/synthetic.json`` records the arguments (see :func:`synthetic_settings`).
     """
     root = Path(root)
     catalogue = class_catalogue()
@@ -187,6 +197,13 @@ def write_synthetic_dataset(
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise FileExistsError(f"{root} is not empty; pass overwrite=True (--overwrite) to write into it")
     novel_per_class = val_per_class if novel_per_class is None else novel_per_class
+    settings = {"num_classes": num_classes, "videos_per_class": videos_per_class, "val_per_class": val_per_class,
+                "num_novel_classes": num_novel_classes, "novel_per_class": novel_per_class, "frames": frames, "size": [h, w],
+                "fps": fps, "gop": gop, "texture": texture, "noise": noise, "preset": preset, "seed": seed}
+    staging = root.parent / f".{root.name}.partial"
+    if staging.exists():  # left by an interrupted write
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     train_cls, novel_cls = catalogue[:num_classes], catalogue[num_classes : num_classes + num_novel_classes]
 
     jobs, lists = [], {"train": [], "val": [], "novel": []}
@@ -196,7 +213,7 @@ def write_synthetic_dataset(
             slug = _slug(class_name(cls))
             for i in range(per_class):
                 rel = f"videos/{split}/{slug}/{slug}_{i:04d}.mp4"
-                jobs.append((root / rel, cls, frames, (h, w), fps, gop, texture, noise, preset, [seed, split_id, label, i]))
+                jobs.append((staging / rel, cls, frames, (h, w), fps, gop, texture, noise, preset, [seed, split_id, label, i]))
                 lists[split].append(VideoRecord(path=rel, label=label))
     if workers > 1 and len(jobs) > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -208,13 +225,39 @@ def write_synthetic_dataset(
             _write_one(job)
 
     names, novel_names = [class_name(c) for c in train_cls], [class_name(c) for c in novel_cls]
-    write_annotation_list(root / "train.txt", lists["train"])
+    write_annotation_list(staging / "train.txt", lists["train"])
     if lists["val"]:
-        write_annotation_list(root / "val.txt", lists["val"])
-    write_class_names(root / "classes.csv", names)
-    novel_list = novel_csv = None
+        write_annotation_list(staging / "val.txt", lists["val"])
+    write_class_names(staging / "classes.csv", names)
     if novel_cls and lists["novel"]:
-        novel_list = write_annotation_list(root / "novel.txt", lists["novel"])
-        novel_csv = write_class_names(root / "novel_classes.csv", novel_names)
-    return SyntheticDataset(root=root, train_list=root / "train.txt", val_list=root / "val.txt" if lists["val"] else None, class_csv=root / "classes.csv",
-                            novel_list=novel_list, novel_class_csv=novel_csv, class_names=names, novel_class_names=novel_names)
+        write_annotation_list(staging / "novel.txt", lists["novel"])
+        write_class_names(staging / "novel_classes.csv", novel_names)
+    (staging / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    _publish(staging, root)
+    return synthetic_layout(root)
+
+
+def _publish(staging: Path, root: Path) -> None:
+    """Move a finished dataset from ``staging`` into ``root``, replacing the entries it names."""
+    if not root.exists() or not any(root.iterdir()):
+        if root.exists():
+            root.rmdir()
+        os.replace(staging, root)
+        return
+    for entry in staging.iterdir():
+        target = root / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(entry, target)
+    staging.rmdir()
+
+
+def synthetic_settings(root: str | os.PathLike) -> dict | None:
+    """The arguments a synthetic dataset under ``root`` was written with (None if there is none)."""
+    path = Path(root) / SETTINGS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,47 +45,74 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
         tune_cpu_allocator()  # keep freed tensor buffers in the process between steps
     output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
     seed_everything(cfg.get("seed", 0))
-    data_cfg = ensure_synthetic_data(dict(cfg.get("data") or {}), output_dir, main=main)
+    data_cfg = ensure_synthetic_data(dict(cfg.get("data") or {}), output_dir, main=main, overwrite=overwrite)
     check_recipe_paths(cfg, data_cfg)
     return RunContext(dist=dist, main=main, device=device, output_dir=output_dir, data_cfg=data_cfg)
+
+
+#: What a run writes under its output_dir besides ``recipe.yaml`` and the synthetic ``data/``.
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "model", "model_dense", "results.json", "tradeoff.png", "tensorboard")
 
 
 def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> Path:
     """Create ``output_dir`` and save the resolved recipe there.
 
-    A folder holding a *different* recipe is never reused silently: that raises unless
-    ``overwrite`` (``--overwrite``) is given. The same recipe (a rerun / resume) is fine.
+    Nothing there is replaced without ``overwrite`` (``--overwrite``): a folder holding files but
+    no ``recipe.yaml``, or the outputs of a *different* recipe, is refused. The same recipe (a rerun,
+    a resume) is fine, and so is a changed recipe when the earlier run left no outputs (it failed
+    at start-up). With ``overwrite``, the outputs of an earlier, different run are removed first
+    (:data:`RUN_OUTPUTS`), so that the new run neither resumes from nor appends to them.
     """
-    from ..config import save_resolved_recipe
+    from ..config import dump_recipe, save_resolved_recipe
 
     out = Path(cfg["output_dir"])
     if main:
+        saved = out / "recipe.yaml"
+        # data/ is checked on its own (ensure_synthetic_data); a run writes nothing else there
+        if not saved.exists() and out.is_dir() and any(p.name != "data" for p in out.iterdir()) and not overwrite:
+            raise FileExistsError(f"output_dir {out} holds files but no recipe.yaml of an earlier run; "
+                                  "choose another output_dir, or pass --overwrite to write into it")
+        outputs = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+        same = saved.is_file() and saved.read_text(encoding="utf-8") == dump_recipe(cfg)
+        if overwrite and not same:
+            for path in outputs:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            outputs = []
         out.mkdir(parents=True, exist_ok=True)
-        save_resolved_recipe(cfg, out / "recipe.yaml", overwrite=overwrite)
+        save_resolved_recipe(cfg, saved, overwrite=overwrite or not outputs)
     return out
 
 
-def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: bool = True) -> dict[str, Any]:
-    """Write the synthetic dataset under ``{output_dir}/data`` (once) and point the data keys at it."""
+def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Write the synthetic dataset under ``{output_dir}/data`` (once) and point the data keys at it.
+
+    A dataset already there is reused when it was written with the recipe's ``data.synthetic``
+    settings; other contents of that folder are replaced only with ``overwrite`` (``--overwrite``).
+    """
     syn = data_cfg.get("synthetic")
     if not syn:
         return data_cfg
-    from ..data import write_synthetic_dataset
+    from ..data.synthetic import synthetic_settings, write_synthetic_dataset
 
     root = output_dir / "data"
-    marker = root / "train.txt"
-    if main and not marker.exists():
-        write_synthetic_dataset(
-            root,
-            num_classes=syn.get("num_classes", 6),
-            videos_per_class=syn.get("videos_per_class", 8),
-            val_per_class=syn.get("val_per_class", 4),
-            num_novel_classes=syn.get("num_novel_classes", 4),
-            frames=syn.get("frames", 32),
-            size=tuple(syn.get("size", [64, 64])),
-            seed=syn.get("seed", 0),
-            overwrite=False,
-        )
+    wanted = {
+        "num_classes": syn.get("num_classes", 6),
+        "videos_per_class": syn.get("videos_per_class", 8),
+        "val_per_class": syn.get("val_per_class", 4),
+        "num_novel_classes": syn.get("num_novel_classes", 4),
+        "frames": syn.get("frames", 32),
+        "size": list(syn.get("size", [64, 64])),
+        "seed": syn.get("seed", 0),
+    }
+    recorded = synthetic_settings(root)
+    if main and not (recorded is not None and all(recorded.get(k) == v for k, v in wanted.items())):
+        if root.is_dir() and any(root.iterdir()) and not overwrite:
+            why = "was written with other data.synthetic settings" if recorded else "holds files that data.synthetic did not write"
+            raise FileExistsError(f"{root} {why}; pass --overwrite to rewrite it, or use another output_dir")
+        write_synthetic_dataset(root, **{**wanted, "size": tuple(wanted["size"])}, overwrite=overwrite)
     _barrier()
     from ..data.synthetic import synthetic_layout
 
@@ -268,7 +296,12 @@ def run_eval_suite(
 ) -> dict[str, Any]:
     """Evaluate every dataset/split of ``cfg['eval']`` with all requested variants; write JSON, table, plot."""
     from ..evaluation.evaluator import build_variants, evaluate
-    from ..evaluation.report import plot_tradeoff, results_table, summarize, write_results
+    from ..evaluation.report import (
+        plot_tradeoff,
+        results_table,
+        summarize,
+        write_results,
+    )
 
     eval_cfg = cfg.get("eval") or {}
     data_cfg = data_cfg or {}
