@@ -12,6 +12,7 @@ The task-arithmetic family (task arithmetic, TIES, DARE) is one configurable cla
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -122,10 +123,7 @@ def _linear_strategy(coefficients_fn: Callable[..., Tensor]) -> Callable[[Callab
         def merge(tensors: Sequence[Tensor], *, base: Tensor | None = None, **kw: Any) -> Tensor:
             return linear_combination(tensors, coefficients_fn(len(tensors), **kw))
 
-        merge.__name__ = doc_fn.__name__
-        merge.__qualname__ = doc_fn.__qualname__
-        merge.__doc__ = doc_fn.__doc__
-        merge.__module__ = doc_fn.__module__
+        functools.update_wrapper(merge, doc_fn)  # name, doc and the declared signature (``inspect.signature``)
         merge.coefficients = coefficients_fn  # type: ignore[attr-defined]
         return merge
 

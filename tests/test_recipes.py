@@ -270,3 +270,19 @@ def test_quickstart_recipe_is_offline_and_small():
     assert "temperature_softmax" in merges and "ensemble" in merges
     assert cfg["eval"]["compare"]["experts"] and cfg["eval"]["compare"]["logit_ensemble"]
     assert {d["kind"] for d in cfg["eval"]["datasets"]} == {"close_set", "zero_shot"}
+
+
+def test_cross_key_problems_are_found_before_the_run():
+    probs, _ = _problems(["eval.compare.merges=[{tau: 1}]"])
+    assert probs["eval.compare.merges.0.name"] == "is required"
+    probs, _ = _problems([  # checked once every key is valid on its own
+        "eval.compare.merges=[{name: mean}, {name: temperature_softmax, tauu: 1}, {name: temperature_softmax}]",
+        "eval.summary.close_set=nope", "device=tpu", "data.synthetic.size=[63,64]",
+    ])
+    assert probs["eval.compare.merges.1.tauu"].startswith("unknown argument 'tauu' for mergekit_video.merging.temperature_softmax; did you mean 'tau'?")
+    assert probs["eval.compare.merges.2"].startswith("missing required argument 'tau'")
+    assert probs["eval.summary.close_set"].startswith("'nope' is not an evaluated dataset (eval.datasets has 'val'")
+    assert probs["device"] == "'tpu' is not a device: use auto, cpu, cuda, cuda:N or mps"
+    assert probs["data.synthetic.size"] == "must be [height, width], both even, got [63, 64]"
+    probs, _ = _problems(["data.synthetic.size=[64]"])
+    assert "data.synthetic.size" in probs

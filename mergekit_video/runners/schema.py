@@ -60,7 +60,7 @@ SYNTHETIC = Section(
         "val_per_class": Field(int, default=4, min=1),
         "num_novel_classes": Field(int, default=4, min=0),
         "frames": Field(int, default=32, min=1),
-        "size": Field(list, default=[64, 64], item=Field(int, min=8)),
+        "size": Field(list, default=[64, 64], item=Field(int, min=16), doc="[height, width], even"),
         "seed": Field(int, default=0),
     },
     nullable=True,
@@ -120,7 +120,10 @@ EVAL_DATASET = Section(
 
 COMPARE = Section(
     {
-        "merges": Field(list, default=[], item=Field(dict), doc="[{name: strategy, ...kwargs}] evaluated besides the configured merge"),
+        "merges": Field(
+            list, default=[], doc="[{name: strategy, ...kwargs}] evaluated besides the configured merge",
+            item=Section({"name": Field(str, required=True, choices=_names("merges"))}, allow_unknown=True),
+        ),
         "experts": Field(bool, default=True, doc="evaluate each expert alone (Figure 3)"),
         "logit_ensemble": Field(bool, default=True, doc="average the experts' probabilities (Table 2c)"),
     },
@@ -247,14 +250,70 @@ def _base_merge_problems(cfg: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def _compare_merge_arguments(cfg: dict[str, Any]) -> list[Problem]:
+    """The keyword arguments of each ``eval.compare.merges`` entry against its strategy's signature."""
+    from ..config.components import check_call
+    from ..registry import MERGES
+
+    problems = []
+    compare = ((cfg.get("eval") or {}).get("compare") or {}).get("merges") or []
+    for i, spec in enumerate(compare):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str) or name not in MERGES.names():
+            continue  # the schema reports it
+        kwargs = [str(k) for k in spec if k != "name"]
+        for msg in check_call(MERGES.get(name), kwargs, path=f"eval.compare.merges.{i}", allow_missing=("tensors", "base")):
+            where, _, text = msg.partition(": ")
+            problems.append(Problem(where, text))
+    return problems
+
+
+def _summary_problems(cfg: dict[str, Any]) -> list[Problem]:
+    """``eval.summary`` names datasets of ``eval.datasets`` (when there are any: no evaluation, no summary)."""
+    eval_cfg = cfg.get("eval") or {}
+    summary = eval_cfg.get("summary") or {}
+    names = [d.get("name") for d in eval_cfg.get("datasets") or [] if isinstance(d, dict)]
+    if not names:
+        return []
+    known = f"eval.datasets has {', '.join(repr(n) for n in names)}"
+    problems = []
+    close = summary.get("close_set")
+    if isinstance(close, str) and close not in names:
+        problems.append(Problem("eval.summary.close_set", f"{close!r} is not an evaluated dataset ({known})"))
+    for i, name in enumerate(summary.get("zero_shot") or []):
+        if isinstance(name, str) and name not in names:
+            problems.append(Problem(f"eval.summary.zero_shot.{i}", f"{name!r} is not an evaluated dataset ({known})"))
+    return problems
+
+
+def _device_problems(cfg: dict[str, Any]) -> list[Problem]:
+    import re
+
+    device = cfg.get("device", "auto")
+    if isinstance(device, str) and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        return [Problem("device", f"{device!r} is not a device: use auto, cpu, cuda, cuda:N or mps")]
+    return []
+
+
+def _synthetic_problems(cfg: dict[str, Any]) -> list[Problem]:
+    size = ((cfg.get("data") or {}).get("synthetic") or {}).get("size")
+    if isinstance(size, list) and (len(size) != 2 or any(isinstance(v, int) and v % 2 for v in size)):
+        return [Problem("data.synthetic.size", f"must be [height, width], both even, got {size!r}")]
+    return []
+
+
+def _common_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
+    return [*_base_merge_problems(cfg), *_compare_merge_arguments(cfg), *_summary_problems(cfg), *_device_problems(cfg), *_synthetic_problems(cfg)]
+
+
 def evaluate_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
     """Combinations of keys that are each valid alone but not together (``evaluate``/``compare`` runners)."""
-    return _base_merge_problems(cfg)
+    return _common_cross_checks(cfg)
 
 
 def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
     """Combinations of keys that are each valid alone but not together (``mote`` runner)."""
-    problems = _base_merge_problems(cfg)
+    problems = _common_cross_checks(cfg)
     model, objective = cfg.get("model") or {}, cfg.get("objective") or {}
     if model.get("num_experts") == 0 and (objective.get("wmr_weight") or 0) > 0:
         problems.append(Problem(
