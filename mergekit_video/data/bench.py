@@ -178,7 +178,7 @@ def _raw_synthetic_set(work_dir: Path, num_videos: int, log: Callable[[str], Non
     classes = 6
     write_synthetic_dataset(root, num_classes=classes, videos_per_class=math.ceil(num_videos / classes), val_per_class=0,
                             num_novel_classes=0, frames=RAW_CLIP["frames"], size=RAW_CLIP["size"], fps=RAW_CLIP["fps"], gop=None,
-                            texture=RAW_CLIP["texture"], noise=RAW_CLIP["noise"], preset=None, workers=os.cpu_count() or 1, overwrite=True)
+                            texture=RAW_CLIP["texture"], noise=RAW_CLIP["noise"], preset=None, crf=None, workers=os.cpu_count() or 1, overwrite=True)
     atomic_write_json(marker, config)
     return read_annotation_list(root / "train.txt")[:num_videos], root
 

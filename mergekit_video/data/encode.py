@@ -32,6 +32,26 @@ def x264_options(*, gop: int | None, fastdecode: bool = False, preset: str | Non
     return opts
 
 
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB → ``[H·3/2, W]`` uint8 planar YUV 4:2:0 (BT.601, limited range).
+
+    The layout ``av.VideoFrame.from_ndarray(..., format="yuv420p")`` takes: Y rows, then the U and
+    V planes (each ``[H/2, W/2]``) packed two rows per row. Converting here rather than through
+    swscale keeps encodes of the same pictures byte-identical across processes: swscale's RGB
+    path gave rare run-to-run differences, and a seeded synthetic dataset must not change.
+    """
+    h, w, _ = rgb.shape
+    x = rgb.astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 16.0 + 0.256788 * r + 0.504129 * g + 0.097906 * b  # [H, W]
+    quad = x.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))  # [H/2, W/2, 3]; chroma of the 2x2 mean
+    qr, qg, qb = quad[..., 0], quad[..., 1], quad[..., 2]
+    u = 128.0 - 0.148223 * qr - 0.290993 * qg + 0.439216 * qb
+    v = 128.0 + 0.439216 * qr - 0.367788 * qg - 0.071427 * qb
+    y8, u8, v8 = (np.clip(np.rint(p), 0, 255).astype(np.uint8) for p in (y, u, v))
+    return np.concatenate([y8, u8.reshape(h // 4, w), v8.reshape(h // 4, w)], axis=0)
+
+
 def encode_video(
     path: str | os.PathLike,
     frames: Iterable[Any],
@@ -64,7 +84,10 @@ def encode_video(
             stream.codec_context.thread_count = max(0, int(threads))
             for frame in frames:
                 if isinstance(frame, np.ndarray):
-                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                    if frame.shape[:2] == (height, width) and height % 4 == 0:
+                        frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+                    else:
+                        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
                 if frame.width != width or frame.height != height or frame.format.name != "yuv420p":
                     frame = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BILINEAR")
                 frame.pts, frame.time_base = count, 1 / rate  # constant frame rate, whatever the source stamps

@@ -147,10 +147,10 @@ def _slug(name: str) -> str:
 
 
 def _write_one(job: tuple) -> None:
-    path, cls, frames, size, fps, gop, texture, noise, preset, seed_key = job
+    path, cls, frames, size, fps, gop, texture, noise, preset, crf, seed_key = job
     rng = np.random.default_rng(seed_key)
     clip = render_clip(cls, frames=frames, size=size, rng=rng, texture=texture, noise=noise)
-    encode_video(path, clip, width=size[1], height=size[0], fps=fps, gop=gop, preset=preset)
+    encode_video(path, clip, width=size[1], height=size[0], fps=fps, gop=gop, preset=preset, crf=crf)
 
 
 def write_synthetic_dataset(
@@ -168,6 +168,7 @@ def write_synthetic_dataset(
     texture: float = 0.0,
     noise: float = 0.0,
     preset: str | None = "veryfast",
+    crf: int | None = 0,
     seed: int = 0,
     workers: int = 1,
     overwrite: bool = False,
@@ -176,7 +177,12 @@ def write_synthetic_dataset(
 
     ``size`` is (height, width), both even. ``texture``/``noise`` make the pictures cost like real
     footage to decode (see :func:`render_clip`). ``gop=None`` keeps x264's default keyframe interval
-    (250), like raw downloads; ``preset=None`` keeps x264's default preset (medium) too. The same ``seed`` gives the same pictures. An existing non-empty
+    (250), like raw downloads; ``preset=None`` keeps x264's default preset (medium) too.
+
+    The same ``seed`` gives the same pictures, and with ``crf=0`` (lossless, the default) the
+    same decoded frames in every process: x264's lossy choices are not always identical across
+    processes, a lossless stream decodes to exactly the rendered frames whatever they were.
+    ``crf=None`` keeps x264's default quality (lossy, about 40% smaller). An existing non-empty
     ``root`` is refused unless ``overwrite=True`` (which replaces the files named above).
 
     The dataset is written into a hidden staging folder beside ``root`` and moved into place when
@@ -199,7 +205,7 @@ def write_synthetic_dataset(
     novel_per_class = val_per_class if novel_per_class is None else novel_per_class
     settings = {"num_classes": num_classes, "videos_per_class": videos_per_class, "val_per_class": val_per_class,
                 "num_novel_classes": num_novel_classes, "novel_per_class": novel_per_class, "frames": frames, "size": [h, w],
-                "fps": fps, "gop": gop, "texture": texture, "noise": noise, "preset": preset, "seed": seed}
+                "fps": fps, "gop": gop, "texture": texture, "noise": noise, "preset": preset, "crf": crf, "seed": seed}
     staging = root.parent / f".{root.name}.partial"
     if staging.exists():  # left by an interrupted write
         shutil.rmtree(staging)
@@ -213,7 +219,7 @@ def write_synthetic_dataset(
             slug = _slug(class_name(cls))
             for i in range(per_class):
                 rel = f"videos/{split}/{slug}/{slug}_{i:04d}.mp4"
-                jobs.append((staging / rel, cls, frames, (h, w), fps, gop, texture, noise, preset, [seed, split_id, label, i]))
+                jobs.append((staging / rel, cls, frames, (h, w), fps, gop, texture, noise, preset, crf, [seed, split_id, label, i]))
                 lists[split].append(VideoRecord(path=rel, label=label))
     if workers > 1 and len(jobs) > 1:
         from concurrent.futures import ProcessPoolExecutor
