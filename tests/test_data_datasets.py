@@ -230,3 +230,24 @@ def test_dataset_validates_arguments(tiny_synthetic):
     with pytest.raises(IndexError):
         make(tiny_synthetic, train=False)[99]
     assert make(tiny_synthetic, train=False, class_names=tiny_synthetic.class_csv).class_names == tiny_synthetic.class_names
+
+
+def test_bad_videos_met_by_several_workers_are_logged_once_by_the_main_process(bad_list, tiny_synthetic, caplog):
+    from mergekit_video.data.failures import note_batch_failures
+
+    ds = bad_dataset(bad_list, tiny_synthetic, train=True, seed=1)  # on_error: resample
+    loader = build_loader(ds, batch_size=2, num_workers=2, shuffle=True, seed=0, drop_last=False)
+    seen: set[str] = set()
+    met = 0
+    with caplog.at_level(logging.WARNING, logger="mergekit_video.data"):
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            for batch in loader:
+                assert set(batch["errors"]) == set(batch["resampled"])  # each bad path with its reason
+                assert all(path in reason for path, reason in batch["errors"].items() if "label" not in reason)
+                met += len(batch["resampled"])
+                note_batch_failures(batch, seen)
+    bad = {str(bad_list[1][k]) for k in ("truncated", "zero", "text", "missing")}
+    assert bad <= seen and met >= 2 * len(bad)  # met in both epochs
+    logged = [r.getMessage() for r in caplog.records if "bad video" in r.getMessage()]
+    assert len(logged) == len(seen)  # once per file

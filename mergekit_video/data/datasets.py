@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from torch.utils.data import get_worker_info
+
 from .annotations import LIST_FORMATS, VideoRecord, read_annotation_list, read_class_names
-from .failures import ON_ERROR_POLICIES, FailureRecord, report_resampled, report_skipped
+from .failures import ON_ERROR_POLICIES, FailureRecord, report_error, report_resampled, report_skipped
 from .readers import BACKENDS, DEFAULT_IMAGE_TEMPLATE, VideoReadError, open_video
 from .sampling import dense_indices, multi_clip_indices, segment_indices
 from .transforms import TestTransform, TrainTransform
@@ -135,7 +137,7 @@ class VideoDataset(torch.utils.data.Dataset):
     # ----------------------------------------------------------------- bookkeeping
     def _reset_failures(self) -> None:
         self.failures: list[FailureRecord] = []
-        self._logged: set[str] = set()
+        self._logged: set[str] = set()  # failures met in this process, logged once each
 
     @property
     def error_count(self) -> int:
@@ -224,7 +226,9 @@ class VideoDataset(torch.utils.data.Dataset):
                 self.failures.append(FailureRecord(path=path, index=current, epoch=epoch, error=str(e), action=self.on_error))
                 if self.on_error == "raise":
                     raise
-                if path not in self._logged:
+                if get_worker_info() is not None:  # the main process logs it once, whatever the number of workers
+                    report_error(path, str(e))
+                elif path not in self._logged:
                     self._logged.add(path)
                     log.warning("bad video (%s): %s", self.on_error, e)
                 if self.on_error == "skip":

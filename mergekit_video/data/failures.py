@@ -4,16 +4,20 @@ The dataset (in a DataLoader worker, or the main process with ``num_workers=0``)
 of a batch and then collates them in the same thread. A skipped item returns ``None``; its path is
 left here, and :func:`mergekit_video.data.collate_videos` takes it into the batch's ``"failed"``
 list, so the main process learns which videos failed without sharing state across processes.
+The reasons travel the same way (``"errors"``), so that the main process logs each bad file once
+(:func:`note_batch_failures`) however many workers met it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import asdict, dataclass
 
 ON_ERROR_POLICIES = ("raise", "skip", "resample")
 
 _local = threading.local()
+log = logging.getLogger("mergekit_video.data")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,41 @@ def report_skipped(path: str, *, shape: tuple[int, ...] | None = None, dtype=Non
 def report_resampled(path: str) -> None:
     """Note that ``path`` was bad and replaced by another item."""
     _pending("resampled").append(path)
+
+
+def report_error(path: str, reason: str) -> None:
+    """Note why ``path`` failed (collected into the batch's ``"errors"``)."""
+    _pending_errors()[path] = reason
+
+
+def _pending_errors() -> dict[str, str]:
+    errors = getattr(_local, "errors", None)
+    if errors is None:
+        errors = _local.errors = {}
+    return errors
+
+
+def take_errors() -> dict[str, str]:
+    """Reasons reported since the last call, by path; clears them."""
+    errors = _pending_errors()
+    taken = dict(errors)
+    errors.clear()
+    return taken
+
+
+def note_batch_failures(batch: dict, seen: set[str]) -> None:
+    """Add a collated batch's bad videos (skipped or resampled) to ``seen``, logging the new ones.
+
+    Only failures met in DataLoader workers come with a reason (``"errors"``) and are logged here,
+    once per ``seen`` set however many workers met them; a dataset read in the main process logs
+    its own failures.
+    """
+    errors = batch.get("errors") or {}
+    for key, action in (("failed", "skip"), ("resampled", "resample")):
+        for path in batch.get(key) or ():
+            if path not in seen and path in errors:
+                log.warning("bad video (%s): %s", action, errors[path])
+            seen.add(path)
 
 
 def take_skipped(count: int) -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, get_worker_info
 
-from .failures import take_empty_like, take_resampled, take_skipped
+from .failures import take_empty_like, take_errors, take_resampled, take_skipped
 
 
 class VideoSampler(Sampler):
@@ -100,29 +100,32 @@ def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def collate_videos(batch: Sequence[dict | None]) -> dict:
-    """Stack dataset items into ``{"frames": [B,...], "label": [B], "index": [B], "failed": [...], "resampled": [...]}``.
+    """Stack dataset items into ``{"frames": [B,...], "label": [B], "index": [B], "failed": [...], "resampled": [...], "errors": {...}}``.
 
     Float frames come out contiguous; uint8 frames keep the items' channels-last memory order
     (``normalize_frames`` on the GPU returns contiguous float).
 
     ``None`` items (skipped bad videos) are dropped and their paths listed in ``"failed"``;
-    ``"resampled"`` lists bad videos the dataset replaced. An all-failed batch has B = 0 (frames
+    ``"resampled"`` lists bad videos the dataset replaced; ``"errors"`` maps each bad path to
+    what went wrong. An all-failed batch has B = 0 (frames
     ``[0, ...]`` with the item's shape when the dataset reported it): skip it.
     """
     items = [b for b in batch if b is not None]
     failed = take_skipped(len(batch) - len(items))
     resampled = take_resampled()
+    errors = take_errors()
     if not items:
         like = take_empty_like()
         frames = torch.empty((0, *like[0]), dtype=like[1]) if like else torch.empty(0)  # [0, ...item shape]
         return {"frames": frames, "label": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long),
-                "failed": failed, "resampled": resampled}
+                "failed": failed, "resampled": resampled, "errors": errors}
     return {
         "frames": _stack([it["frames"] for it in items]),
         "label": torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
         "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long),
         "failed": failed,
         "resampled": resampled,
+        "errors": errors,
     }
 
 

@@ -18,6 +18,7 @@ from typing import Any, ContextManager
 
 import torch
 
+from ..data.failures import note_batch_failures
 from ..experts import find_containers, use_expert, use_merge
 from .metrics import topk_hits
 
@@ -174,10 +175,12 @@ def evaluate(
     cls = class_features.to(device)
     records: dict[int, dict[str, tuple[bool, ...]]] = {}
     failed: list[str] = []
+    bad_seen: set[str] = set()
     start = time.perf_counter()
     from ..data import normalize_frames
 
     for batch in loader:
+        note_batch_failures(batch, bad_seen)  # logs each new bad video once
         failed.extend(batch.get("failed", []))
         if batch["label"].numel() == 0:  # every item of the batch failed (on_error: skip)
             continue

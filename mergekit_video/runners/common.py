@@ -339,7 +339,8 @@ def run_eval_suite(
                 views=(entry.num_clips, entry.num_crops),
             )
             if res.num_failed and main:
-                log.warning("%s: %d videos failed to decode and were skipped: %s", label, res.num_failed, res.failed[:5])
+                shown = ", ".join(res.failed[:5]) + (f", and {res.num_failed - 5} more" if res.num_failed > 5 else "")
+                log.warning("%s: %d videos failed to decode and were skipped: %s", label, res.num_failed, shown)
             results.setdefault(entry.name, []).append(res)
     summary_cfg = eval_cfg.get("summary") or {}
     close = summary_cfg.get("close_set") or next((e.name for e in entries if e.kind == "close_set"), None)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.failures import note_batch_failures
 from ..experts import find_containers
 from ..models.objective import MoTEObjective, MoTEStepOutput
 from .precision import autocast_context, make_grad_scaler
@@ -160,6 +161,7 @@ class Trainer:
         self.stop_on_signals = bool(stop_on_signals)
         self._stop_signal: int | None = None
         self.state = TrainState()
+        self.bad_videos: set[str] = set()  # distinct bad files met (skipped or resampled), logged once each
         self.generators = named_generators(model, objective)
         if compile:
             model.visual.compile()
@@ -354,6 +356,7 @@ class Trainer:
                 if self.state.batches_in_epoch >= usable:
                     break  # an incomplete accumulation cycle at the epoch end is dropped
                 self.state.batches_in_epoch += 1
+                note_batch_failures(batch, self.bad_videos)
                 sync = self.state.batches_in_epoch % self.grad_accumulation == 0
                 out = self._micro_step(batch, sync)
                 for k, v in {"loss": out.loss.detach(), **out.terms}.items():
@@ -374,6 +377,8 @@ class Trainer:
                     logs["clips_per_s"] = window_clips / elapsed
                     if grad_norm is not None:
                         logs["grad_norm"] = float(grad_norm)
+                    if self.bad_videos:
+                        logs["bad_videos"] = float(len(self.bad_videos))  # distinct bad files this process has met
                     if self.metrics is not None:
                         self.metrics.log(logs, step=self.state.step, epoch=self.state.epoch)
                     window, window_count, window_clips, window_start = {}, 0, 0, time.perf_counter()
