@@ -133,7 +133,7 @@ def model_config(model_name: str, *, quick_gelu: bool = False) -> dict[str, Any]
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         known = ", ".join(m for m in open_clip.list_models() if not m.startswith(("EVA", "coca", "hf-")))[:400]
-        raise ValueError(f"unknown open_clip model {model_name!r} (model.clip.name); known models include: {known} ...")
+        raise ValueError(f"unknown open_clip model {model_name!r} (recipe key model.clip_name); known models include: {known} ...")
     cfg = copy.deepcopy(cfg)
     if quick_gelu:
         cfg["quick_gelu"] = True

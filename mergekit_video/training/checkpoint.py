@@ -438,7 +438,7 @@ class CheckpointManager:
             return self.latest()
         p = Path(resume)
         if not p.exists():
-            raise FileNotFoundError(f"resume={str(resume)!r}: no such checkpoint (use 'auto', a checkpoint folder, or null)")
+            raise FileNotFoundError(f"train.resume={str(resume)!r}: no such checkpoint (use 'auto', a checkpoint folder, or null)")
         if _read_state_json(p) is not None:
             return p
         found = _latest_in(p) if p.is_dir() else None
