@@ -95,7 +95,7 @@ def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: b
     syn = data_cfg.get("synthetic")
     if not syn:
         return data_cfg
-    from ..data.synthetic import synthetic_settings, write_synthetic_dataset
+    from ..data.synthetic import synthetic_layout, synthetic_settings, write_synthetic_dataset
 
     root = output_dir / "data"
     wanted = {
@@ -114,8 +114,6 @@ def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: b
             raise FileExistsError(f"{root} {why}; pass --overwrite to rewrite it, or use another output_dir")
         write_synthetic_dataset(root, **{**wanted, "size": tuple(wanted["size"])}, overwrite=overwrite)
     _barrier()
-    from ..data.synthetic import synthetic_layout
-
     layout = synthetic_layout(root)
     out = dict(data_cfg)
     out.update(
