@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from .merging import is_output_space, linear_combinations, merge_coefficients, merge_state_dicts, resolve_strategy
+from .merging import check_merge_arguments, is_output_space, linear_combinations, merge_coefficients, merge_state_dicts
 from .routers import Router, RouterOutput, build_router
 
 Plan = Union[str, int, torch.Tensor, Sequence[tuple[int, Any]]]
@@ -183,6 +183,8 @@ class ExpertContainer(nn.Module):
         plan = self._plan
         if plan is None:
             if not self.training:  # the eval fast path: the cached merge
+                if torch.is_grad_enabled() and "_eval_grad_warned" not in self.__dict__:
+                    self._warn_if_experts_need_grad()
                 return self._merged_call()(x, *args, **kwargs)
             plan = "routed"
         if isinstance(plan, (list, tuple)):
@@ -221,6 +223,10 @@ class ExpertContainer(nn.Module):
         """
         if strategy is None:
             strategy, kwargs = self.merge, {**self.merge_kwargs, **kwargs}
+        if base is None:  # a task-arithmetic eval merge keeps its base among its arguments
+            base = kwargs.pop("base", None)
+        else:
+            kwargs.pop("base", None)
         if is_output_space(strategy):
             return ExpertEnsemble([copy.deepcopy(e) for e in self.experts], **kwargs)
         with torch.no_grad():
@@ -237,6 +243,18 @@ class ExpertContainer(nn.Module):
                 dense.load_state_dict(merged)
         dense.train(self.training)
         return dense
+
+    def _warn_if_experts_need_grad(self) -> None:
+        if any(p.requires_grad for p in self.experts.parameters()):
+            import warnings
+
+            warnings.warn(
+                "an eval-mode ExpertContainer runs its cached merge, which is a constant: gradients reach the "
+                "input but not the experts. To train through the merge, use train mode, or "
+                "use_merge_weights(model, weights) (differentiable, MoTE Eq. 7); for evaluation, torch.no_grad().",
+                stacklevel=3,
+            )
+            object.__setattr__(self, "_eval_grad_warned", True)
 
     def merged_module(self) -> nn.Module:
         """The cached eval-mode dense module, recomputed only after an expert tensor changed."""
@@ -326,7 +344,7 @@ class ExpertContainer(nn.Module):
 
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
         """Change the eval merge strategy (invalidates the cache)."""
-        resolve_strategy(strategy)
+        check_merge_arguments(strategy, kwargs)
         object.__setattr__(self, "_merge", strategy)
         object.__setattr__(self, "_merge_kwargs", dict(kwargs))
         self.invalidate_merge()

@@ -385,6 +385,16 @@ def resolve_strategy(strategy: str | MergeFn) -> MergeFn:
     return MERGES.get(strategy) if isinstance(strategy, str) else strategy
 
 
+def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the strategy when ``kwargs`` do not fit its signature (unknown or missing)."""
+    fn = resolve_strategy(strategy)
+    try:
+        inspect.signature(fn).bind([], **{k: v for k, v in kwargs.items() if k != "seed" or "generator" not in inspect.signature(fn).parameters})
+    except TypeError as exc:
+        name = strategy if isinstance(strategy, str) else getattr(fn, "__name__", "merge")
+        raise ValueError(f"merge strategy {name!r}: {exc}") from None
+
+
 def merge_tensors(
     tensors: Sequence[Tensor],
     strategy: str | MergeFn = "mean",
@@ -404,6 +414,13 @@ def merge_tensors(
     fn = resolve_strategy(strategy)
     if is_output_space(fn):
         fn(tensors)  # raises the explanatory TypeError
+    odd = next((i for i, t in enumerate(tensors) if not isinstance(t, Tensor)), None)
+    if odd is not None:
+        raise ValueError(f"#{odd} is a {type(tensors[odd]).__name__}, not a tensor (only tensors can be merged)")
+    _check_same_shape(tensors)  # non-float tensors too
+    for i, t in enumerate(tensors[1:], 1):
+        if t.is_floating_point() != tensors[0].is_floating_point():
+            raise ValueError(f"dtype {t.dtype} of #{i} and {tensors[0].dtype} of #0: a float and a non-float tensor")
     if not tensors[0].is_floating_point():
         if non_float not in NON_FLOAT_POLICIES:
             raise ValueError(f"non_float must be one of {NON_FLOAT_POLICIES}, got {non_float!r}")

@@ -48,6 +48,10 @@ def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat) and n not in inside_container]
         if not hits:
             raise SurgeryError(f"target pattern {pat!r} matches no module; nearest module names: {nearest_names(pat, names)}")
+        again = next((h for h in hits if isinstance(model.get_submodule(h), ExpertContainer)), None)
+        if again is not None:
+            raise SurgeryError(f"{again!r} (matched by {pat!r}) already is an ExpertContainer: add_experts ran on it "
+                               "before; collapse_experts first, or target other modules")
         matched.extend(h for h in hits if h not in matched)
     # drop nested matches: keep outermost
     return [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
@@ -66,13 +70,15 @@ def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> str:
 def reinit_normal_(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> nn.Module:
     """MoTE expert init: Linear/Conv/Embedding weights ~ N(0, std), biases 0, norms 1/0.
 
-    Other parameters are drawn from N(0, std) too, except those named ``bias`` (zeroed).
+    Norms are the torch ones and any module whose class name ends in ``Norm`` (RMSNorm, timm's
+    RmsNorm, LayerNorm2d). An Embedding's ``padding_idx`` row stays zero. Other parameters are
+    drawn from N(0, std) too, except those named ``bias`` (zeroed).
     """
     for m in module.modules():
         own = dict(m.named_parameters(recurse=False))
         if not own:
             continue
-        if isinstance(m, _NORMS):
+        if isinstance(m, _NORMS) or type(m).__name__.lower().endswith(("norm", "norm2d", "normfp32")):
             if getattr(m, "weight", None) is not None:
                 m.weight.fill_(1.0)
             if getattr(m, "bias", None) is not None:
@@ -83,6 +89,8 @@ def reinit_normal_(module: nn.Module, std: float = 0.02, generator: torch.Genera
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(std).to(p))
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            m.weight[m.padding_idx].zero_()
     return module
 
 
@@ -148,6 +156,7 @@ def add_experts(
     if num_experts < 1:
         raise SurgeryError(f"num_experts must be >= 1, got {num_experts}")
     names = match_modules(model, target)
+    containers = []  # every container is built before the first is swapped in: an error leaves the model as it was
     for index, name in enumerate(names):
         original = model.get_submodule(name)
         experts = []
@@ -168,6 +177,8 @@ def add_experts(
         )
         container.to(next(original.parameters(), torch.empty(0)).device)
         container.train(original.training)
+        containers.append(container)
+    for name, container in zip(names, containers):
         parent, child = _get_parent(model, name)
         setattr(parent, child, container)
     warn_plain_checkpointing(model)
@@ -216,15 +227,24 @@ def collapse_experts(
     if not containers:
         raise SurgeryError("collapse_experts: the model has no ExpertContainer")
     base_sd = base.state_dict() if isinstance(base, nn.Module) else base
-    # outermost first so that nested containers collapse with their parent
-    for name, container in containers:
+    # outermost first so that nested containers collapse with their parent; every dense module is
+    # built before the first is swapped in, so an error leaves the model as it was
+    denses = []
+    for index, (name, container) in enumerate(containers):
         sub_base = None
         if base_sd is not None:
             prefix = name + "."
             sub_base = {k[len(prefix):]: v for k, v in base_sd.items() if k.startswith(prefix)}
             if not sub_base:
                 raise SurgeryError(f"base has no tensors under {name!r}")
-        dense = container.collapse(strategy, base=sub_base, **kwargs)
+        kw = dict(kwargs)
+        if kw.get("seed") is not None:  # stochastic merges (DARE): each container draws its own masks
+            kw["seed"] = int(kw["seed"]) + index
+        try:
+            denses.append(container.collapse(strategy, base=sub_base, **kw))
+        except (ValueError, TypeError) as exc:
+            raise SurgeryError(f"collapsing {name!r} with {strategy!r}: {exc}") from exc
+    for (name, _), dense in zip(containers, denses):
         parent, child = _get_parent(model, name)
         setattr(parent, child, dense)
     return model

@@ -600,3 +600,18 @@ def test_eval_fast_path_still_runs_hooks_of_the_merged_module():
     finally:
         handle.remove()
     assert outer.count("MLP") == 1 and outer.count("ExpertContainer") == 1  # global hooks see the merged module too
+
+
+def test_eval_with_grad_warns_once_that_the_experts_get_no_gradient():
+    c = ExpertContainer(experts(2), "multinomial").eval()
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="gradients reach the input but not the experts"):
+        c(x).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in c.experts.parameters())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c(x)  # once per container
+        with torch.no_grad():
+            c(x)

@@ -311,3 +311,12 @@ def test_requires_base_marks_the_task_arithmetic_family():
     from mergekit_video.merging import requires_base
 
     assert [n for n in MERGES.names() if requires_base(n)] == ["dare", "task_arithmetic", "ties"]
+
+
+def test_merge_state_dicts_names_keys_that_are_not_mergeable():
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'router._extra_state': #0 is a dict, not a tensor"):
+        merge_state_dicts([{"w": T(1), "router._extra_state": {"step": 1}}, {"w": T(2), "router._extra_state": {"step": 2}}])
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'n': cannot merge tensors of different shapes"):
+        merge_state_dicts([{"n": torch.tensor([1])}, {"n": torch.tensor([1, 2])}])
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': dtype torch.int64 of #1 and torch.float32 of #0"):
+        merge_state_dicts([{"w": T(1)}, {"w": torch.tensor([1])}])

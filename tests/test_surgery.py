@@ -415,3 +415,55 @@ def test_video_clip_warns_when_checkpointing_a_tower_with_stochastic_experts():
         mv.add_experts(model.visual, "transformer.resblocks.0.mlp", 2)
     with pytest.warns(UserWarning, match=r"visual.transformer has gradient checkpointing on .*\(resblocks.0.mlp"):
         model.set_grad_checkpointing(clip=True)
+
+
+def test_surgery_is_atomic_and_refuses_a_second_pass_on_containers():
+    m = toy()
+    mv.add_experts(m, "blocks.*.mlp", 2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(SurgeryError, match=r"'blocks.0.mlp' \(matched by 'blocks.\*.mlp'\) already is an ExpertContainer"):
+        mv.add_experts(m, "blocks.*.mlp", 2)
+    # a router that cannot be built for the second target: nothing was replaced for the first
+    with pytest.raises(SurgeryError, match="needs dim"):
+        mv.add_experts(m, ["head", "blocks.*.norm"], 2, router="topk")
+    assert isinstance(m.head, nn.Linear) and all(isinstance(b.norm, nn.LayerNorm) for b in m.blocks)
+    assert m.state_dict().keys() == before.keys()
+    # a collapse that fails for one container leaves every container in place
+    partial_base = {k: v for k, v in toy().state_dict().items() if k.startswith("blocks.0.")}
+    with pytest.raises(SurgeryError, match="base has no tensors under 'blocks.1.mlp'"):
+        mv.collapse_experts(m, "ties", base=partial_base, density=0.5)
+    assert len(find_containers(m)) == 2
+
+
+def test_eval_merge_with_a_base_and_per_container_dare_masks():
+    base = toy()
+    m = copy.deepcopy(base)
+    mv.add_experts(m, "blocks.0.mlp", 2, init="copy_noise", noise_std=0.1)
+    c = m.blocks[0].mlp
+    c.set_merge("task_arithmetic", base=base.blocks[0].mlp.state_dict(), lam=1.0)
+    c.eval()
+    expected = c.collapse("task_arithmetic", base=base.blocks[0].mlp, lam=1.0)
+    x = torch.randn(3, 16)
+    assert maxdiff(c(x), expected(x)) <= 1e-6
+    with pytest.raises(ValueError, match="merge strategy 'temperature_softmax'"):
+        c.set_merge("temperature_softmax")  # tau is required
+    # DARE with a seed: each container draws its own drop masks
+    d = copy.deepcopy(base)
+    mv.add_experts(d, "blocks.*.mlp", 2, init="copy")
+    for blk in d.blocks:  # same experts in both layers: only the masks can differ
+        blk.mlp.load_state_dict(d.blocks[0].mlp.state_dict())
+    dare = mv.collapse_experts(copy.deepcopy(d), "dare", base=base, drop_rate=0.5, seed=0)
+    assert not torch.equal(dare.blocks[0].mlp[0].weight, dare.blocks[1].mlp[0].weight)
+
+
+def test_normal_init_keeps_rms_norms_and_padding_rows():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.RMSNorm(8)
+            self.emb = nn.Embedding(5, 8, padding_idx=0)
+            self.fc = nn.Linear(8, 8)
+
+    b = reinit_normal_(Block(), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(b.norm.weight, torch.ones(8)) and torch.equal(b.emb.weight[0], torch.zeros(8))
+    assert b.fc.weight.std().item() == pytest.approx(0.02, rel=0.3) and torch.equal(b.fc.bias, torch.zeros(8))
