@@ -1,7 +1,7 @@
 """Recipes: YAML files turned into plain dicts, overridden, interpolated, validated, instantiated.
 
 A recipe is a YAML mapping. Nodes with a ``_component_`` key name what to build: a dotted
-import path (``mergekit_video.models.build_mote_model``) or a registry reference
+import path (``mergekit_video.models.build_video_clip``) or a registry reference
 ``registry:name`` (``routers:multinomial``, ``merges:ties``). Every recipe has an
 ``output_dir`` key and may list ``plugins:`` (modules imported before validation).
 

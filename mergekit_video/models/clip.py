@@ -46,6 +46,11 @@ class PretrainedWeightsError(RuntimeError):
     """Pretrained weights could not be obtained; the message says how to point at a local file."""
 
 
+def bundled_model_names() -> list[str]:
+    """Names of the open_clip model configs shipped with mergekit_video (``mergevid-tiny-vit``)."""
+    return sorted(p.stem for p in _BUNDLED_CONFIG_DIR.glob("*.json"))
+
+
 def register_bundled_model_configs() -> None:
     """Make the model configs shipped with mergekit_video (e.g. ``mergevid-tiny-vit``) known to open_clip."""
     global _configs_registered
