@@ -41,7 +41,7 @@ def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
     Raises :class:`SurgeryError` showing the nearest module names when a pattern matches nothing.
     """
     patterns = [target] if isinstance(target, str) else list(target)
-    names = [n for n, _ in model.named_modules() if n]
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]  # a shared module under every name
     inside_container = {n for cname, _ in find_containers(model) for n in names if n.startswith(cname + ".")}
     matched: list[str] = []
     for pat in patterns:
@@ -149,16 +149,27 @@ def add_experts(
         generator: RNG for the ``normal`` / ``copy_noise`` inits (the global RNG if None).
 
     Returns:
-        The qualified names of the replaced modules.
+        The qualified names of the replaced modules. A module shared under several names (tied
+        weights) becomes one container under all of them, and all of them are returned.
     """
     if init not in EXPERT_INITS:
         raise SurgeryError(f"init must be one of {EXPERT_INITS}, got {init!r}")
     if num_experts < 1:
         raise SurgeryError(f"num_experts must be >= 1, got {num_experts}")
-    names = match_modules(model, target)
+    matched = match_modules(model, target)
+    # a module reachable under several names (tied weights) becomes one container under all of them
+    aliases: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+    groups: list[list[str]] = []
+    for name in matched:
+        group = aliases[id(model.get_submodule(name))]
+        if group not in groups:
+            groups.append(group)
+    names = [n for group in groups for n in group]
     containers = []  # every container is built before the first is swapped in: an error leaves the model as it was
-    for index, name in enumerate(names):
-        original = model.get_submodule(name)
+    for index, group in enumerate(groups):
+        original = model.get_submodule(group[0])
         experts = []
         for _ in range(num_experts):
             e = copy.deepcopy(original)
@@ -178,9 +189,10 @@ def add_experts(
         container.to(next(original.parameters(), torch.empty(0)).device)
         container.train(original.training)
         containers.append(container)
-    for name, container in zip(names, containers):
-        parent, child = _get_parent(model, name)
-        setattr(parent, child, container)
+    for group, container in zip(groups, containers):
+        for name in group:
+            parent, child = _get_parent(model, name)
+            setattr(parent, child, container)
     warn_plain_checkpointing(model)
     return names
 

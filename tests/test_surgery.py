@@ -467,3 +467,18 @@ def test_normal_init_keeps_rms_norms_and_padding_rows():
     b = reinit_normal_(Block(), generator=torch.Generator().manual_seed(0))
     assert torch.equal(b.norm.weight, torch.ones(8)) and torch.equal(b.emb.weight[0], torch.zeros(8))
     assert b.fc.weight.std().item() == pytest.approx(0.02, rel=0.3) and torch.equal(b.fc.bias, torch.zeros(8))
+
+
+def test_a_shared_module_becomes_one_container_under_all_its_names():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+            self.head = self.shared  # tied
+
+    for target in ("head", "shared"):
+        m = Tied()
+        names = mv.add_experts(m, target, 2)
+        assert sorted(names) == ["head", "shared"]
+        assert isinstance(m.head, ExpertContainer) and m.head is m.shared  # still tied
+        assert len(find_containers(m)) == 1
