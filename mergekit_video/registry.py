@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,6 +26,26 @@ PLUGIN_ENTRY_POINT_GROUP = "mergekit_video.plugins"
 
 _entry_points_loaded = False
 _imported_plugin_modules: set[str] = set()
+
+
+def _keyword_parameters(factory: Any) -> list[str] | None:
+    """Keyword arguments ``factory`` accepts, following a class's ``**kwargs`` up its bases; None if open-ended."""
+    owners = [c.__init__ for c in factory.__mro__ if "__init__" in vars(c)] if inspect.isclass(factory) else [factory]
+    names: list[str] = []
+    for fn in owners:
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # no signature to read (builtins): the call reports
+            return None
+        names += [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self" and n not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return names
+    return None
+
+
+def _close(word: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class RegistryError(KeyError):
@@ -140,6 +161,12 @@ class Registry:
         factory = self.get(name)
         if not callable(factory):
             raise TypeError(f"{self.kind} {name!r} is not callable and cannot be built")
+        accepted = _keyword_parameters(factory)
+        if accepted is not None:
+            unknown = [k for k in kwargs if k not in accepted]
+            if unknown:
+                raise TypeError(f"{self.kind} {name!r} got an unexpected argument {unknown[0]!r}{_close(unknown[0], accepted)} "
+                                f"(accepted arguments: {', '.join(accepted) or 'none'})")
         return factory(**kwargs)
 
     def names(self) -> list[str]:

@@ -115,7 +115,7 @@ def _build_router(
         if linear is None:
             raise SurgeryError(f"router {router!r} needs dim=...; it could not be inferred (no nn.Linear in the module)")
         kw["dim"] = linear.in_features
-    return cls(num_experts=num_experts, **kw)
+    return ROUTERS.build(router, num_experts=num_experts, **kw)
 
 
 def add_experts(

@@ -216,3 +216,11 @@ def test_mergevid_ls_all_and_unknown_kind(capsys):
     capsys.readouterr()
     assert main(["ls", "merge"]) == 1  # one-line error through the CLI's error handler
     assert "unknown registry 'merge'; did you mean 'merges'?" in capsys.readouterr().err
+
+
+def test_build_names_the_part_and_its_arguments_on_a_typo():
+    from mergekit_video.registry import ROUTERS
+
+    with pytest.raises(TypeError, match=r"^router 'multinomial' got an unexpected argument 'temprature' \(did you mean 'temperature'\?\) "
+                                        r"\(accepted arguments: num_experts, temperature, granularity, generator, seed\)$"):
+        ROUTERS.build("multinomial", num_experts=2, temprature=2.0)
