@@ -232,7 +232,7 @@ class ExpertContainer(nn.Module):
         with torch.no_grad():
             base_sd = base.state_dict() if isinstance(base, nn.Module) else base
             coeff = merge_coefficients(strategy, self.num_experts, **kwargs)
-            dense = copy.deepcopy(self.experts[0])
+            dense = self._copy_of_first_expert()
             if coeff is not None:
                 # every parameter and buffer, non-persistent buffers included (not in state_dict)
                 for name, value in self._merged_tensors(coeff.float()).items():
@@ -255,6 +255,19 @@ class ExpertContainer(nn.Module):
                 stacklevel=3,
             )
             object.__setattr__(self, "_eval_grad_warned", True)
+
+    def _copy_of_first_expert(self) -> nn.Module:
+        """``deepcopy(experts[0])``, also while its slots hold graph tensors (``torch.func.functional_call``)."""
+        targets = [refs[0] for _, refs in self._tensor_slots()]
+        originals = [d[leaf] for d, leaf in targets]
+        try:
+            for (d, leaf), t in zip(targets, originals):
+                if isinstance(t, torch.Tensor) and not t.is_leaf:
+                    d[leaf] = t.detach()  # deepcopy refuses non-leaf tensors; the copy's values are overwritten anyway
+            return copy.deepcopy(self.experts[0])
+        finally:
+            for (d, leaf), t in zip(targets, originals):
+                d[leaf] = t
 
     def merged_module(self) -> nn.Module:
         """The cached eval-mode dense module, recomputed only after an expert tensor changed."""

@@ -197,6 +197,14 @@ def test_eval_merge_follows_tensors_swapped_in_by_functional_call():
     assert maxdiff(y, dense(x)) <= 1e-6
     assert maxdiff(c(x), y0) <= 1e-6  # the original tensors are back: merged from them again
     assert c.merge_count == 3
+    # tensors that carry a graph (e.g. params * 2 of a meta-learning step) merge as constants
+    graph_params = {k: v * 2 for k, v in c.named_parameters()}
+    y2 = torch.func.functional_call(c, graph_params, (x,))
+    dense.load_state_dict(mean_sd(c.experts))
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.mul_(2)
+    assert maxdiff(y2, dense(x)) <= 1e-6
 
 
 def test_merge_cached_under_inference_mode_still_supports_autograd():
