@@ -532,12 +532,23 @@ def use_merge_weights(model: nn.Module, weights: torch.Tensor | Mapping[str, tor
 
 @contextmanager
 def use_merge(model: nn.Module, strategy: str, **kwargs: Any) -> Iterator[None]:
-    """Context manager: evaluate with another merge strategy, restoring the old one after."""
+    """Context manager: evaluate with another merge strategy, restoring the old one after.
+
+    ``base`` (task-arithmetic strategies) is the model before surgery or its state dict; each
+    container gets the part under its own name, as in :func:`~mergekit_video.surgery.collapse_experts`.
+    """
     containers = find_containers(model)
-    previous = [(c.merge, c.merge_kwargs) for _, c in containers]
+    previous = [(c.merge, dict(c.merge_kwargs)) for _, c in containers]
+    base = kwargs.pop("base", None)
+    base_sd = base.state_dict() if isinstance(base, nn.Module) else base
     try:
-        for _, c in containers:
-            c.set_merge(strategy, **kwargs)
+        for name, c in containers:
+            kw = dict(kwargs)
+            if base_sd is not None:
+                kw["base"] = {k[len(name) + 1 :]: v for k, v in base_sd.items() if k.startswith(name + ".")}
+                if not kw["base"]:
+                    raise KeyError(f"use_merge: base has no tensors under {name!r}")
+            c.set_merge(strategy, **kw)
         with routing_plan(model, "merged"):
             yield
     finally:

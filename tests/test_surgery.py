@@ -482,3 +482,18 @@ def test_a_shared_module_becomes_one_container_under_all_its_names():
         assert sorted(names) == ["head", "shared"]
         assert isinstance(m.head, ExpertContainer) and m.head is m.shared  # still tied
         assert len(find_containers(m)) == 1
+
+
+def test_use_merge_with_a_whole_model_base_equals_the_collapse():
+    from mergekit_video.experts import use_merge
+
+    base = toy()
+    m = copy.deepcopy(base)
+    mv.add_experts(m, "blocks.*.mlp", 2, init="copy_noise", noise_std=0.1)
+    m.eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad(), use_merge(m, "ties", base=base, density=0.5):
+        y = m(x)
+    assert m.blocks[0].mlp.merge == "mean"  # restored
+    dense = mv.collapse_experts(copy.deepcopy(m), "ties", base=base, density=0.5)
+    assert maxdiff(y, dense(x)) <= 1e-6
