@@ -389,7 +389,7 @@ def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any]) ->
     """Raise ``ValueError`` naming the strategy when ``kwargs`` do not fit its signature (unknown or missing)."""
     fn = resolve_strategy(strategy)
     try:
-        inspect.signature(fn).bind([], **{k: v for k, v in kwargs.items() if k != "seed" or "generator" not in inspect.signature(fn).parameters})
+        inspect.signature(fn).bind([], **kwargs)
     except TypeError as exc:
         name = strategy if isinstance(strategy, str) else getattr(fn, "__name__", "merge")
         raise ValueError(f"merge strategy {name!r}: {exc}") from None
