@@ -153,7 +153,7 @@ _reaper_registered = False
 
 
 def _reap_workers_at_exit() -> None:
-    """At interpreter exit: stop DataLoader workers that are still alive, without waiting on them.
+    """At interpreter exit: kill the daemonic children still alive (DataLoader workers), as multiprocessing would terminate them.
 
     multiprocessing's own exit handler sends SIGTERM to daemonic children and then joins them;
     workers ignore SIGTERM (see :func:`seed_worker`), so a loader whose iterator was never shut
