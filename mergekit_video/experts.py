@@ -530,6 +530,12 @@ def use_merge_weights(model: nn.Module, weights: torch.Tensor | Mapping[str, tor
     return routing_plan(model, torch.as_tensor(weights))
 
 
+def state_dict_under(state_dict: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The entries of a whole-model ``state_dict`` under module ``name``, with that prefix removed."""
+    prefix = name + "."
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 @contextmanager
 def use_merge(model: nn.Module, strategy: str, **kwargs: Any) -> Iterator[None]:
     """Context manager: evaluate with another merge strategy, restoring the old one after.
@@ -545,7 +551,7 @@ def use_merge(model: nn.Module, strategy: str, **kwargs: Any) -> Iterator[None]:
         for name, c in containers:
             kw = dict(kwargs)
             if base_sd is not None:
-                kw["base"] = {k[len(name) + 1 :]: v for k, v in base_sd.items() if k.startswith(name + ".")}
+                kw["base"] = state_dict_under(base_sd, name)
                 if not kw["base"]:
                     raise KeyError(f"use_merge: base has no tensors under {name!r}")
             c.set_merge(strategy, **kw)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .experts import ExpertContainer, find_containers
+from .experts import ExpertContainer, find_containers, state_dict_under
 from .registry import ROUTERS
 from .routers import Router, default_generator
 
@@ -245,8 +245,7 @@ def collapse_experts(
     for index, (name, container) in enumerate(containers):
         sub_base = None
         if base_sd is not None:
-            prefix = name + "."
-            sub_base = {k[len(prefix):]: v for k, v in base_sd.items() if k.startswith(prefix)}
+            sub_base = state_dict_under(base_sd, name)
             if not sub_base:
                 raise SurgeryError(f"base has no tensors under {name!r}")
         kw = dict(kwargs)
