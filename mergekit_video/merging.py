@@ -85,14 +85,15 @@ def linear_combinations(groups: Sequence[Sequence[Tensor]], coefficients: Tensor
     multi-tensor kernels (see :class:`_WeightedSums`); this is how an expert container
     merges its experts in every WMR forward. Accumulates in at least float32 and casts back
     to each group's dtype. Differentiable in the tensors and, when ``coefficients``
-    requires grad, in the coefficients.
+    requires grad, in the coefficients; composes with ``torch.func`` transforms.
     """
     if not groups:
         return []
     n = len(groups[0])
     if n == 0:
         raise ValueError("merge needs at least one tensor")
-    if coefficients.requires_grad:  # learned coefficients: differentiate through them too
+    if coefficients.requires_grad or torch._C._are_functorch_transforms_active():
+        # learned coefficients, or under torch.func (grad, vmap, jacrev): plain differentiable ops
         return [_stacked_combination(g, coefficients) for g in groups]
     coeff = tuple(coefficients.detach().to("cpu", torch.float64).tolist())
     if len(coeff) != n:

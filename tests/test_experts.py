@@ -255,6 +255,34 @@ def test_merged_forward_matches_functional_forward_and_gradients():
         c.merged_forward(x, [0.5, 0.5])
 
 
+def test_merged_forward_composes_with_torch_func_grad_and_vmap():
+    class MergedWith(nn.Module):  # functional_call calls forward, so route it to merged_forward
+        def __init__(self, container: ExpertContainer, w: torch.Tensor) -> None:
+            super().__init__()
+            self.container, self.w = container, w
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.container.merged_forward(x, self.w)
+
+    c = ExpertContainer(experts(3), "multinomial")
+    w = torch.tensor([0.2, 0.3, 0.5])
+    wrapper = MergedWith(c, w)
+    params = {k: v.detach() for k, v in wrapper.named_parameters()}
+    x = torch.randn(5, 4)
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(wrapper, p, (x,)).square().sum()
+
+    grads = torch.func.grad(loss)(params)  # torch.func.grad over every expert parameter
+    wrapper(x).square().sum().backward()
+    assert grads.keys() == dict(wrapper.named_parameters()).keys()
+    for k, p in wrapper.named_parameters():
+        assert maxdiff(grads[k], p.grad) <= 1e-6, k
+    with torch.no_grad():
+        per_sample = torch.func.vmap(lambda row: c.merged_forward(row, w))(x)  # vmap over the batch
+        assert maxdiff(per_sample, c.merged_forward(x, w)) <= 1e-6
+
+
 # -- train: routing -------------------------------------------------------------------------------------
 
 
