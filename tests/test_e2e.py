@@ -390,6 +390,25 @@ def test_resume_reproduces_the_uninterrupted_run(workers, accum, death, resume_a
         assert all(abs(v - r["loss"]) <= 1e-6 * max(1.0, abs(v)) for (_, v), r in zip(tb_loss, _train_records(out)))
 
 
+def test_resume_inside_a_logging_window_logs_the_same_averages(reference_runs, synthetic_data, tmp_path, monkeypatch):
+    """log_every=2 and a checkpoint at step 3: the step-4 line after the resume still averages steps 3 and 4."""
+    reference = {r["step"]: r for r in _train_records(reference_runs(0, 1))}  # logged every step
+    overrides = ["data.num_workers=0", "train.log_every=2"]
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    _die_after_checkpoint(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        _run_in_process(out, overrides)
+    monkeypatch.undo()
+    assert [r["step"] for r in _train_records(out)] == [2]
+    assert _resume_to_the_end(out, overrides) == (3, 0, 3)
+    got = _train_records(out)
+    assert [r["step"] for r in got] == [2, 4, 6, 8]
+    for r in got:
+        for key in ("loss", "te", "wmr", "mse"):
+            expected = (reference[r["step"] - 1][key] + reference[r["step"]][key]) / 2
+            assert abs(r[key] - expected) <= 1e-6, f"step {r['step']}: {key} {r[key]} != {expected}"
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_stops_after_the_step_and_the_rerun_resumes_exactly(workers, reference_runs, synthetic_data, tmp_path, monkeypatch):
     """A scheduler's SIGTERM (or Ctrl-C) mid-step: the step finishes, its checkpoint is written, the rerun continues exactly."""

@@ -162,6 +162,10 @@ class Trainer:
         self._stop_signal: int | None = None
         self.state = TrainState()
         self.bad_videos: set[str] = set()  # distinct bad files met (skipped or resampled), logged once each
+        # loss terms summed over the micro-batches since the last metrics line; saved in checkpoints
+        # so that the first line after a resume averages the same micro-batches as without one
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._loss_count = 0
         self.generators = named_generators(model, objective)
         if compile:
             model.visual.compile()
@@ -178,8 +182,12 @@ class Trainer:
             )
 
     # -- checkpoints --------------------------------------------------------------------
-    def checkpoint_payload(self) -> dict[str, Any]:
-        """Everything a checkpoint stores besides the metrics."""
+    def checkpoint_payload(self, *, loss_window: dict[str, Any]) -> dict[str, Any]:
+        """Everything a checkpoint stores besides the metrics.
+
+        ``loss_window`` holds the loss sums not yet logged, from ``_loss_window()`` (which is a
+        collective under DDP, so every rank computes it).
+        """
         from .rng import capture_rng_state
 
         extra = {
@@ -187,6 +195,7 @@ class Trainer:
             "best_metric": self.state.best_metric,
             "history": self.state.history,
             "model_config": self.model.config,
+            "loss_window": loss_window,
         }
         if self.extra_state is not None:
             extra.update(self.extra_state())
@@ -203,9 +212,18 @@ class Trainer:
 
     def save_checkpoint(self, metrics: dict[str, float] | None = None) -> Any:
         """Write a checkpoint (main process only); returns its path."""
-        if self.checkpoints is None or not _is_main(self.dist):
+        if self.checkpoints is None:
             return None
-        return self.checkpoints.save(**self.checkpoint_payload(), metrics=metrics)
+        loss_window = self._loss_window()  # a collective under DDP: every rank calls save_checkpoint
+        if not _is_main(self.dist):
+            return None
+        return self.checkpoints.save(**self.checkpoint_payload(loss_window=loss_window), metrics=metrics)
+
+    def _loss_window(self) -> dict[str, Any]:
+        """The loss sums not yet logged, averaged over ranks (identical on every rank after a resume)."""
+        from .distributed import all_reduce_mean
+
+        return {"count": self._loss_count, "sums": all_reduce_mean(self._loss_sums) if self._loss_sums else {}}
 
     def resume(self, ckpt: Any) -> None:
         """Restore from a loaded ``CheckpointState``."""
@@ -228,6 +246,9 @@ class Trainer:
             best_metric=extra.get("best_metric"),
             history=list(extra.get("history", [])),
         )
+        window = extra.get("loss_window") or {}
+        self._loss_count = int(window.get("count", 0))
+        self._loss_sums = {k: torch.tensor(float(v), dtype=torch.float64, device=self.device) for k, v in window.get("sums", {}).items()}
         if self.state.batches_in_epoch >= self.steps_per_epoch * self.grad_accumulation:
             self.state.epoch += 1
             self.state.batches_in_epoch = 0
@@ -341,8 +362,7 @@ class Trainer:
     def _fit_loop(self) -> None:
         from .distributed import all_reduce_mean
 
-        window: dict[str, torch.Tensor] = {}
-        window_count, window_clips, window_start = 0, 0, time.perf_counter()
+        window_clips, window_start = 0, time.perf_counter()  # throughput counts this process's time only
         self._clips_reported = 0
         world = self.dist.world_size if self.dist is not None else 1
         usable = self.steps_per_epoch * self.grad_accumulation  # micro-batches used per epoch
@@ -359,9 +379,10 @@ class Trainer:
                 note_batch_failures(batch, self.bad_videos)
                 sync = self.state.batches_in_epoch % self.grad_accumulation == 0
                 out = self._micro_step(batch, sync)
+                sums = self._loss_sums
                 for k, v in {"loss": out.loss.detach(), **out.terms}.items():
-                    window[k] = window[k] + v if k in window else v.clone()
-                window_count += 1
+                    sums[k] = sums[k] + v if k in sums else v.detach().to(torch.float64)
+                self._loss_count += 1
                 window_clips += int(batch["label"].shape[0]) * world
                 if not sync:
                     continue
@@ -372,7 +393,7 @@ class Trainer:
                 logs: dict[str, float] = {}
                 if self.state.step % self.log_every == 0 or self.state.step == self.total_steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    logs = all_reduce_mean({k: v / window_count for k, v in window.items()})
+                    logs = all_reduce_mean({k: v / self._loss_count for k, v in self._loss_sums.items()})
                     logs["lr"] = lr
                     logs["clips_per_s"] = window_clips / elapsed
                     if grad_norm is not None:
@@ -381,7 +402,8 @@ class Trainer:
                         logs["bad_videos"] = float(len(self.bad_videos))  # distinct bad files this process has met
                     if self.metrics is not None:
                         self.metrics.log(logs, step=self.state.step, epoch=self.state.epoch)
-                    window, window_count, window_clips, window_start = {}, 0, 0, time.perf_counter()
+                    self._loss_sums, self._loss_count = {}, 0
+                    window_clips, window_start = 0, time.perf_counter()
                     self._clips_reported = 0
                 if self.progress is not None:
                     self.progress.update(step=self.state.step, loss=logs.get("loss"), lr=logs.get("lr"), clips=new_clips)
