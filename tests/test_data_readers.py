@@ -117,3 +117,20 @@ def test_time_limit_abandons_a_stuck_read_and_recovers():
     with pytest.raises(KeyError):
         run_with_timeout(lambda: {}["x"], 5.0)  # errors from the read propagate unchanged
     assert run_with_timeout(lambda: 7, None) == 7
+
+
+def test_slow_reads_that_finish_late_leave_no_thread_and_do_not_add_up():
+    import threading
+
+    from mergekit_video.data import watchdog
+
+    time.sleep(0.1)
+    still_stuck = sum(h.thread.is_alive() for h in watchdog._abandoned)  # left by other tests of this process
+    before = threading.active_count()
+    for i in range(watchdog.MAX_ABANDONED_THREADS + 4):  # more timeouts than the give-up limit, one at a time
+        with pytest.raises(ReadTimeoutError, match=rf"slow{i}\.mp4: no result after 0.01 s") as info:
+            run_with_timeout(lambda: time.sleep(0.06), 0.01, what=f"slow{i}.mp4")
+        assert str(info.value).endswith(f"; {still_stuck + 1} read(s) stuck in this process")
+        time.sleep(0.1)  # the slow read returns; its abandoned helper thread ends
+    assert run_with_timeout(lambda: 5, 1.0) == 5
+    assert threading.active_count() <= before + 1  # at most the current helper is left

@@ -3,7 +3,9 @@
 decord is known to hang on some broken files. Its C calls go through ctypes, which releases the
 GIL, so a waiting Python thread keeps running while the helper thread is stuck: after the time
 limit the caller gets :class:`ReadTimeoutError` and carries on with a fresh helper thread. The
-stuck thread is a daemon, abandoned (it cannot be killed), so it never blocks process exit.
+stuck thread is a daemon, abandoned (it cannot be killed), so it never blocks process exit; it
+ends by itself if its read ever returns. Only reads still stuck count towards
+``MAX_ABANDONED_THREADS``: slow reads that finish late cost nothing lasting.
 The hand-off costs tens of microseconds per call (measured by ``mergevid bench data``).
 """
 
@@ -17,7 +19,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-MAX_ABANDONED_THREADS = 16  # past this many stuck reads, a process is too damaged to carry on
+MAX_ABANDONED_THREADS = 16  # past this many reads stuck at once, a process is too damaged to carry on
 
 
 class ReadTimeoutError(TimeoutError):
@@ -50,15 +52,16 @@ class _Helper:
 
 
 _state = threading.local()
-_abandoned = 0
+_abandoned: list[_Helper] = []  # helpers left behind a timed-out read, in this process
 _pid = os.getpid()
 
 
 def _helper() -> _Helper:
     # One helper per (process, calling thread); a forked DataLoader worker starts its own.
-    global _abandoned, _pid
+    global _pid
     if os.getpid() != _pid:
-        _pid, _abandoned = os.getpid(), 0
+        _pid = os.getpid()
+        _abandoned.clear()
         _state.__dict__.clear()
     h = getattr(_state, "helper", None)
     if h is None or not h.thread.is_alive() or getattr(_state, "pid", None) != _pid:
@@ -73,7 +76,6 @@ def run_with_timeout(fn: Callable[[], T], timeout_s: float | None, *, what: str 
     ``timeout_s=None`` (or <= 0) calls ``fn`` directly, with no thread. Exceptions raised by ``fn``
     propagate unchanged. ``what`` (usually the file path) is named in the timeout message.
     """
-    global _abandoned
     if timeout_s is None or timeout_s <= 0:
         return fn()
     helper = _helper()
@@ -81,11 +83,14 @@ def run_with_timeout(fn: Callable[[], T], timeout_s: float | None, *, what: str 
     done = threading.Event()
     helper.jobs.put((fn, box, done))
     if not done.wait(timeout_s):
-        # Abandon the stuck thread; the next call gets a fresh one.
+        # Abandon the stuck thread (it exits once its read returns); the next call gets a fresh one.
         _state.helper = None
-        _abandoned += 1
-        msg = f"{what}: no result after {timeout_s:g} s (decoder hung); abandoned {_abandoned} stuck read(s) in this process"
-        if _abandoned > MAX_ABANDONED_THREADS:
+        helper.jobs.put(None)
+        _abandoned[:] = [h for h in _abandoned if h.thread.is_alive()]
+        _abandoned.append(helper)
+        stuck = len(_abandoned)
+        msg = f"{what}: no result after {timeout_s:g} s (decoder hung); {stuck} read(s) stuck in this process"
+        if stuck > MAX_ABANDONED_THREADS:
             raise RuntimeError(msg + f"; more than {MAX_ABANDONED_THREADS}, giving up")
         raise ReadTimeoutError(msg, path=what)
     ok, value = box[0]
