@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
-from data_helpers import tiny_synthetic, write_bad_files  # noqa: F401
+from data_helpers import tiny_synthetic, write_bad_files, write_level_video  # noqa: F401
 
 from mergekit_video.data import open_video, read_annotation_list, read_class_names, write_synthetic_dataset
 from mergekit_video.data.encode import keyframe_indices, video_info
-from mergekit_video.data.prepare import prepare_dataset
+from mergekit_video.data.prepare import _prepare_one, prepare_dataset
 from mergekit_video.data.synthetic import COLOURS, class_catalogue, synthetic_layout
 
 
@@ -193,3 +196,80 @@ def test_synthetic_videos_decode_to_exactly_the_rendered_frames(tmp_path):
             decoded = [f.to_ndarray(format="yuv420p") for f in c.decode(video=0)]
         assert len(decoded) == 6
         assert all(np.array_equal(d, rgb_to_yuv420p(r)) for d, r in zip(decoded, rendered))
+
+
+def _level_sources(folder, names, n=12):
+    """Tiny level-coded videos named ``names`` under ``folder``; returns prepare's keyword arguments."""
+    src = folder / "src"
+    src.mkdir(parents=True)
+    for name in names:
+        write_level_video(src / name, n=n)
+    lst = src / "list.txt"
+    lst.write_text("".join(f"{name} {i}\n" for i, name in enumerate(names)))
+    return {"list_file": lst, "root": src, "out_dir": folder / "out", "short_side": 32, "gop": 4, "workers": 1, "progress": False}
+
+
+def test_prepare_reports_output_name_collisions_and_encodes_a_file_listed_twice_once(tmp_path):
+    kw = _level_sources(tmp_path, ["x.avi", "x.mp4", "y.mp4"])  # x.avi and x.mp4 both map to out/x.mp4
+    with open(kw["list_file"], "a") as f:
+        f.write(f"{kw['root'] / 'y.mp4'} 5\n")  # y.mp4 again, by its absolute path...
+    (tmp_path / "link").symlink_to(kw["root"])
+    kw["root"] = tmp_path / "link"  # ... which does not start with the root's name
+    for run in range(2):  # the rerun sees the same failures (and accepts the folder: the manifest was written)
+        rep = prepare_dataset(**kw)
+        assert (rep.total, rep.encoded, rep.skipped, rep.failed) == (3, 1 - run, run, 2)
+        assert sorted(f["path"].rsplit("/", 1)[1] for f in rep.failures) == ["x.avi", "x.mp4"]
+        assert all("collision: x.avi and x.mp4" in f["error"] for f in rep.failures)
+        assert not (kw["out_dir"] / "x.mp4").exists()  # neither source overwrote the other
+        assert [(r.path, r.label) for r in read_annotation_list(rep.list_file)] == [("y.mp4", 2), ("y.mp4", 5)]
+
+
+def test_prepare_drops_the_stale_output_of_a_source_that_no_longer_encodes(tmp_path):
+    kw = _level_sources(tmp_path, ["v0.mp4", "v1.mp4"])
+    assert prepare_dataset(**kw).encoded == 2
+    (kw["root"] / "v0.mp4").write_text("replaced by a corrupt file\n")
+    for run in range(2):  # the failure stays reported: the old output is never taken for a finished one
+        rep = prepare_dataset(**kw)
+        assert (rep.encoded, rep.skipped, rep.failed) == (0, 1, 1) and rep.failures[0]["path"].endswith("v0.mp4")
+        assert not (kw["out_dir"] / "v0.mp4").exists()
+        assert [r.path for r in read_annotation_list(rep.list_file)] == ["v1.mp4"]
+    (kw["root"] / "v1.mp4").write_bytes(b"")
+    rep = prepare_dataset(**kw)  # nothing left: the new list is empty rather than the previous run's
+    assert rep.failed == 2 and rep.list_file.read_text() == "\n"
+
+
+def test_prepare_recovers_a_folder_whose_manifest_was_lost_and_checks_the_settings(tmp_path):
+    kw = _level_sources(tmp_path, ["v0.mp4", "v1.mp4"])
+    out = kw["out_dir"]
+    prepare_dataset(**kw)
+    for name in ("prepare_manifest.json", "prepare_report.json", "list.txt"):  # as if killed before writing them
+        (out / name).unlink()
+    rep = prepare_dataset(**{**kw, "short_side": 40})  # outputs of another short side are not adopted (32 < 40 < 48)
+    assert rep.failed == 2 and all("size 42x32, expected 52x40" in f["error"] for f in rep.failures)
+    for name in ("prepare_manifest.json", "prepare_report.json", "list.txt"):
+        (out / name).unlink()
+    rep = prepare_dataset(**kw)  # nothing to encode: every output recovered, and the manifest written
+    assert (rep.encoded, rep.skipped, rep.failed) == (0, 2, 0)
+    assert set(json.loads((out / "prepare_manifest.json").read_text())["files"]) == {"v0.mp4", "v1.mp4"}
+    assert (prepare_dataset(**kw).skipped, prepare_dataset(**kw).failed) == (2, 0)  # and the next run accepts the folder
+
+
+def _die_on_crash_me(job):
+    """Stands in for a decoder segfault or an out-of-memory kill on one file (pickled by reference into forked workers)."""
+    if "crash_me" in job["rel"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _prepare_one(job)
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patched worker function reaches workers only when they fork")
+def test_prepare_survives_a_worker_that_dies_and_names_its_file(tmp_path, monkeypatch):
+    import mergekit_video.data.prepare as prepare_module
+
+    kw = _level_sources(tmp_path, ["v0.mp4", "crash_me.mp4", "v2.mp4", "v3.mp4", "v4.mp4"], n=8)
+    monkeypatch.setattr(prepare_module, "_prepare_one", _die_on_crash_me)
+    for run, workers in enumerate((2, 1)):
+        rep = prepare_dataset(**{**kw, "workers": workers})
+        assert (rep.encoded, rep.skipped, rep.failed) == (4 - 4 * run, 4 * run, 1)  # the rest finish; the rerun retries it
+        assert rep.failures[0]["path"].endswith("crash_me.mp4") and "worker process died" in rep.failures[0]["error"]
+        assert [r.path for r in read_annotation_list(rep.list_file)] == ["v0.mp4", "v2.mp4", "v3.mp4", "v4.mp4"]
+        assert "crash_me.mp4" not in json.loads((kw["out_dir"] / "prepare_manifest.json").read_text())["files"]

@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any
 
 from ..utils.io import atomic_write_json
 from .annotations import VideoRecord, read_annotation_list, write_annotation_list
-from .encode import encode_video, keyframe_indices
+from .encode import encode_video, keyframe_indices, video_info
 
 MANIFEST = "prepare_manifest.json"
 REPORT = "prepare_report.json"
@@ -181,6 +184,79 @@ def _source_stamp(src: Path) -> dict:
         return {"size": -1, "mtime_ns": -1}
 
 
+def _failure(job: dict, error: str) -> dict:
+    return {"ok": False, "src": job["rel"], "out": job["out_rel"], "error": error}
+
+
+WORKER_DIED = ("the worker process died while preparing this file (a decoder crash or an out-of-memory kill); "
+               "it is tried again on the next run")
+
+
+def _run_jobs(jobs: list[dict], workers: int) -> Iterator[tuple[dict, dict]]:
+    """Yield ``(job, result)`` for every job, each run by :func:`_prepare_one` in a worker process.
+
+    At most ``workers`` jobs are in flight. A worker that dies (segfault, out-of-memory kill)
+    breaks its pool: each job then in flight gets one more try alone in a fresh one-process pool,
+    so the file that kills its worker again is the one reported (:data:`WORKER_DIED`), and the
+    remaining jobs go on in a fresh pool.
+    """
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    def died(f: Future) -> bool:
+        return isinstance(f.exception(), BrokenProcessPool)
+
+    def result(f: Future, job: dict) -> dict:
+        e = f.exception()
+        return f.result() if e is None else _failure(job, f"{type(e).__name__}: {e}".splitlines()[0][:500])
+
+    queue = deque(jobs)
+    while queue:
+        suspects: list[dict] = []
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(queue)))
+        try:
+            inflight: dict[Future, dict] = {}
+            while (queue or inflight) and not suspects:
+                broken = False
+                while queue and len(inflight) < workers and not broken:
+                    try:
+                        inflight[pool.submit(_prepare_one, queue[0])] = queue[0]
+                        queue.popleft()
+                    except BrokenProcessPool:
+                        broken = True
+                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                if broken or any(died(f) for f in finished):
+                    finished = set(inflight)  # the pool is broken: every job in flight ends now
+                    wait(finished)
+                    if not inflight:
+                        break  # an idle worker died: start a fresh pool
+                for f in [f for f in inflight if f in finished]:
+                    job = inflight.pop(f)
+                    if died(f):
+                        suspects.append(job)
+                    else:
+                        yield job, result(f, job)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for job in suspects:
+            with ProcessPoolExecutor(max_workers=1) as alone:
+                f = alone.submit(_prepare_one, job)
+                wait([f])
+            yield job, (_failure(job, WORKER_DIED) if died(f) else result(f, job))
+
+
+def _expected_size(src: Path, *, list_format: str, num_frames: int | None, short_side: int) -> tuple[int, int]:
+    """(height, width) that :func:`_prepare_one` gives the output of ``src``."""
+    if list_format == "frames":
+        from .readers import FrameFolderReader
+
+        h, w = FrameFolderReader(path=src, num_frames=num_frames).get_frames([0]).shape[1:3]  # [1, H, W, 3]
+    else:
+        info = video_info(src)
+        h, w = info["height"], info["width"]
+    return target_size(int(h), int(w), short_side)
+
+
 def prepare_dataset(
     *,
     list_file: str | os.PathLike,
@@ -201,7 +277,10 @@ def prepare_dataset(
     Outputs keep their relative paths (suffix ``.mp4``; frame folders become ``folder.mp4`` at
     ``fps``), with the short side scaled to ``short_side`` and a keyframe every ``gop`` frames. A
     new list ``out_dir/<list name>`` names the outputs; failures are left out of it and listed in
-    ``out_dir/prepare_report.json``. Re-running skips outputs recorded as finished and verified.
+    ``out_dir/prepare_report.json``. Sources whose outputs would share a name (``x.avi`` and
+    ``x.mp4``) all fail, and nothing is encoded for them. A failed source loses the output an
+    earlier run made of it, so every rerun tries it again and reports it until it encodes; so does
+    a source whose worker process died. Re-running skips outputs recorded as finished and verified.
     An ``out_dir`` prepared with other settings is refused rather than overwritten, and so is
     one where the new list or the report would replace a file this command did not write.
     """
@@ -236,87 +315,109 @@ def prepare_dataset(
                              f"use another output folder or remove {manifest_path}")
         manifest["files"] = old.get("files", {})
 
-    jobs, done, seen, early_failures = [], {}, set(), []
+    # One source per file: a video listed twice (say by a relative and an absolute path) is encoded once.
+    key_of = {r.path: os.path.abspath(os.path.join(root, r.path)) for r in records}
+    sources: dict[str, VideoRecord] = {}
     for r in records:
-        if r.path in seen:
-            continue
-        seen.add(r.path)
-        src = root / r.path
+        sources.setdefault(key_of[r.path], r)
+
+    early_failures: list[dict] = []
+    by_out: dict[str, list[str]] = {}  # output path -> the sources that map to it
+    for key, r in sources.items():
         try:
-            out_rel = output_relpath(r.path.rstrip("/"), root, folder=list_format == "frames")
+            by_out.setdefault(output_relpath(r.path.rstrip("/"), root, folder=list_format == "frames"), []).append(key)
         except ValueError as e:
             early_failures.append({"ok": False, "src": r.path, "out": None, "error": f"ValueError: {e}"})
-            continue
+
+    jobs: list[dict] = []
+    done: dict[str, dict] = {}  # source key -> result
+    alias: dict[str, str] = {}  # source key -> key of the same file under another name (through a symlink)
+    for out_rel, keys in by_out.items():
         out = out_dir / out_rel
+        if len(keys) > 1 and len({os.path.realpath(k) for k in keys}) == 1:
+            alias.update((k, keys[0]) for k in keys[1:])
+            keys = keys[:1]
+        if len(keys) > 1:  # x.avi and x.mp4 would both become x.mp4: none of them is encoded
+            paths = [sources[k].path for k in keys]
+            names = ", ".join(paths[:-1]) + " and " + paths[-1]
+            for k in keys:
+                early_failures.append({"ok": False, "src": sources[k].path, "out": out_rel,
+                                       "error": f"output name collision: {names} would be written to the same file {out}; "
+                                                "none was encoded: rename all but one of them"})
+            continue
+        key, r = keys[0], sources[keys[0]]
+        src = root / r.path
         stamp = _source_stamp(src)
         entry = manifest["files"].get(out_rel)
         if entry and out.is_file() and entry.get("source") == r.path and entry.get("source_stamp") == stamp \
                 and entry.get("out_size") == out.stat().st_size:
-            done[r.path] = {"ok": True, "skipped": True, "src": r.path, "out": out_rel}
+            done[key] = {"ok": True, "skipped": True, "src": r.path, "out": out_rel}
             continue
         if out.exists() and not entry:
             # Finished before a crash kept the manifest from recording it (outputs are written
-            # atomically, so a file here is complete): verify it and keep it. Anything else in the
+            # atomically, so a file here is complete; the manifest, written before any encoding,
+            # holds the settings it was made with): verify it and keep it. Anything else in the
             # way is not ours, and is never overwritten.
             try:
-                info = verify_output(out, gop=gop)
-                if min(info["height"], info["width"]) > short_side:
-                    raise ValueError(f"short side {min(info['height'], info['width'])} > {short_side}")
+                height, width = _expected_size(src, list_format=list_format, num_frames=r.num_frames, short_side=short_side)
+            except Exception as e:  # noqa: BLE001
+                early_failures.append({"ok": False, "src": r.path, "out": out_rel,
+                                       "error": f"{out} exists and its source cannot be read to check it: "
+                                                f"{type(e).__name__}: {e}".splitlines()[0][:500]})
+                continue
+            try:
+                info = verify_output(out, gop=gop, height=height, width=width)
             except Exception as e:  # noqa: BLE001
                 early_failures.append({"ok": False, "src": r.path, "out": out_rel,
                                        "error": f"{out} exists and is not a finished output of these settings ({e}); remove it"})
                 continue
-            done[r.path] = {"ok": True, "skipped": True, "src": r.path, "out": out_rel, **info}
+            done[key] = {"ok": True, "skipped": True, "src": r.path, "out": out_rel, **info}
             manifest["files"][out_rel] = {"source": r.path, "source_stamp": stamp, "out_size": out.stat().st_size, **info}
             continue
-        jobs.append({"src": str(src), "out": str(out), "rel": r.path, "out_rel": out_rel, "short_side": short_side, "gop": gop,
-                     "fastdecode": fastdecode, "preset": preset, "crf": crf, "threads": 1 if workers > 1 else 0,
+        jobs.append({"src": str(src), "out": str(out), "rel": r.path, "key": key, "out_rel": out_rel, "short_side": short_side,
+                     "gop": gop, "fastdecode": fastdecode, "preset": preset, "crf": crf, "threads": 1 if workers > 1 else 0,
                      "list_format": list_format, "num_frames": r.num_frames, "fps": fps, "stamp": stamp})
 
     results: list[dict] = list(early_failures)
 
     def record(res: dict, job: dict) -> None:
         results.append(res)
-        done[job["rel"]] = res
+        done[job["key"]] = res
+        out = Path(job["out"])
         if res["ok"]:
-            out = Path(job["out"])
             manifest["files"][job["out_rel"]] = {"source": job["rel"], "source_stamp": job["stamp"], "out_size": out.stat().st_size,
                                                  **{k: res[k] for k in ("frames", "height", "width", "keyframes")}}
-        else:
-            manifest["files"].pop(job["out_rel"], None)
+        elif manifest["files"].pop(job["out_rel"], None) is not None and out.is_file():
+            out.unlink()  # an earlier run's output of a source that no longer encodes: never reused as finished
 
-    last_save = time.monotonic()
+    atomic_write_json(manifest_path, manifest)  # before any encoding: the settings of every file to come
     if jobs:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        pool = None
-        if workers > 1 and len(jobs) > 1:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)))
-            futures = {pool.submit(_prepare_one, j): j for j in jobs}  # processes start before the progress thread
         columns = (TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("failed: {task.fields[failed]}"),
                    TimeElapsedColumn(), TimeRemainingColumn())
+        last_save = time.monotonic()
         try:
-            with Progress(*columns, disable=not progress, transient=False) as bar:
+            # no refresh thread: worker pools may be forked mid-run (after a worker died)
+            with Progress(*columns, disable=not progress, transient=False, auto_refresh=False) as bar:
                 task = bar.add_task("prepare", total=len(jobs), failed=0)
-                stream = ((futures[f], f.result()) for f in as_completed(futures)) if pool else ((j, _prepare_one(j)) for j in jobs)
-                for job, res in stream:
-                    record(res, job)
-                    bar.update(task, advance=1, failed=sum(not r["ok"] for r in results))
-                    if time.monotonic() - last_save > 5.0:
-                        atomic_write_json(manifest_path, manifest)
-                        last_save = time.monotonic()
+                bar.refresh()
+                with closing(_run_jobs(jobs, workers)) as stream:  # closing: the pool shuts down on an error too
+                    for job, res in stream:
+                        record(res, job)
+                        bar.update(task, advance=1, failed=sum(not r["ok"] for r in results), refresh=True)
+                        if time.monotonic() - last_save > 5.0:
+                            atomic_write_json(manifest_path, manifest)
+                            last_save = time.monotonic()
         finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
             atomic_write_json(manifest_path, manifest)
 
     failures = [{"path": str(root / r["src"]), "error": r["error"]} for r in results if not r["ok"]]
-    new_records = [VideoRecord(path=done[r.path]["out"], label=r.label) for r in records if done.get(r.path, {}).get("ok")]
-    if new_records:
-        write_annotation_list(new_list, new_records)
-    report = PrepareReport(out_dir=out_dir, list_file=new_list, report_path=out_dir / REPORT, total=len(seen),
+    key_of = {path: alias.get(key, key) for path, key in key_of.items()}
+    new_records = [VideoRecord(path=done[key_of[r.path]]["out"], label=r.label) for r in records
+                   if done.get(key_of[r.path], {}).get("ok")]
+    write_annotation_list(new_list, new_records)  # even when empty: an earlier run's list must not outlive its files
+    report = PrepareReport(out_dir=out_dir, list_file=new_list, report_path=out_dir / REPORT, total=len(sources) - len(alias),
                            encoded=sum(r["ok"] for r in results), skipped=sum(1 for d in done.values() if d.get("skipped")),
                            failed=len(failures), failures=failures, seconds=round(time.perf_counter() - t0, 3), settings=settings)
     atomic_write_json(report.report_path, {**report.to_dict(), "source_list": str(list_file), "root": str(root)})
