@@ -319,3 +319,109 @@ def test_head_grad_checkpointing_replays_the_routing_and_leaves_the_routers_in_s
     assert ra == rb and len({tuple(r) for r in ra}) > 1
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(la, lb))
     assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+
+
+# -- CLIP builds: QuickGELU from local files, custom-text towers, the text-feature cache key --------------
+@pytest.fixture(scope="module")
+def extra_clip_configs(tmp_path_factory):
+    """Tiny open_clip configs: plain GELU (as ViT-B-16's config) and a custom-text (``text.*``) layout."""
+    import json
+
+    import open_clip
+
+    base = {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+    }
+    d = tmp_path_factory.mktemp("clip_cfgs")
+    (d / "mkv-test-gelu.json").write_text(json.dumps(base))
+    (d / "mkv-test-customtext.json").write_text(json.dumps({**base, "custom_text": True}))
+    open_clip.add_model_config(d)
+    return "mkv-test-gelu", "mkv-test-customtext"
+
+
+def _module_holding(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module whose state dict is exactly ``tensors`` (dotted names become submodules)."""
+    root = torch.nn.Module()
+    for key, value in tensors.items():
+        *path, leaf = key.split(".")
+        owner = root
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_buffer(leaf, value.clone())
+    return root
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_openai_torchscript_file_gets_quick_gelu_and_a_plain_state_dict_needs_the_flag(extra_clip_configs, tmp_path):
+    import open_clip
+
+    from mergekit_video.models.clip import create_clip, is_torchscript_archive
+
+    name = extra_clip_configs[0]
+    torch.manual_seed(0)
+    openai_like = open_clip.create_model(name, force_quick_gelu=True).eval()
+    # OpenAI released TorchScript archives: the CLIP state dict plus three metadata entries
+    released = {k: v for k, v in openai_like.state_dict().items() if k != "attn_mask"}
+    released |= {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408)}
+    torch.jit.script(_module_holding(released)).save(str(tmp_path / "ViT-openai.pt"))
+    torch.save(openai_like.state_dict(), tmp_path / "resaved.pt")
+    assert is_torchscript_archive(tmp_path / "ViT-openai.pt") and not is_torchscript_archive(tmp_path / "resaved.pt")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = openai_like.encode_image(images)
+        built = {}
+        for label, path, force in [("jit", "ViT-openai.pt", None), ("plain", "resaved.pt", None), ("forced", "resaved.pt", True)]:
+            model, cfg = create_clip(name, pretrained=str(tmp_path / path), force_quick_gelu=force)
+            built[label] = (cfg["quick_gelu"], (model.encode_image(images) - expected).abs().max().item())
+    assert built["jit"] == (True, 0.0)
+    assert built["forced"] == (True, 0.0)
+    assert built["plain"][0] is False and built["plain"][1] > 1e-4  # GELU on QuickGELU weights: other features
+    # False turns QuickGELU off even where the config has it
+    model, cfg = create_clip(TINY, force_quick_gelu=False)
+    assert cfg["quick_gelu"] is False and cfg["model_cfg"]["quick_gelu"] is False
+    assert not any(type(m).__name__ == "QuickGELU" for m in model.modules())
+
+
+def test_text_feature_cache_keys_on_activation_and_on_custom_text_weights(extra_clip_configs, tmp_path):
+    from mergekit_video.models.clip import text_tower_state
+
+    gelu, custom = extra_clip_configs
+    cache = ClassFeatureCache(directory=tmp_path / "cache")
+    names = ["a", "b"]
+    feats = {}
+    for label, kw in [("gelu", {}), ("quick", {"force_quick_gelu": True})]:
+        torch.manual_seed(0)  # the same weights, built with either activation
+        m = build_video_clip(clip_name=gelu, temporal_layers=1, num_experts=0, **kw)
+        feats[label] = (m.class_features(names, templates="single", cache=cache), m.class_features(names, templates="single"))
+    assert (cache.misses, cache.hits) == (2, 0)
+    for cached, fresh in feats.values():
+        assert torch.equal(cached, fresh)
+    assert (feats["gelu"][1] - feats["quick"][1]).abs().max() > 1e-4
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(build_video_clip(clip_name=custom, temporal_layers=1, num_experts=0))
+    assert all(k.startswith("text.") for k in text_tower_state(models[0].clip))
+    a = models[0].class_features(names, templates="single", cache=cache)
+    b = models[1].class_features(names, templates="single", cache=cache)
+    assert (cache.misses, cache.hits) == (4, 0)  # other text weights: another entry
+    assert torch.equal(b, models[1].class_features(names, templates="single")) and not torch.equal(a, b)
+
+
+def test_custom_text_model_saves_and_loads(extra_clip_configs, tmp_path, classes):
+    custom = extra_clip_configs[1]
+    torch.manual_seed(0)
+    m = build_video_clip(clip_name=custom, temporal_layers=1, num_experts=2).eval()
+    save_model(m, tmp_path / "m")
+    back = load(tmp_path / "m").eval()
+    assert type(back.clip).__name__ == "CustomTextCLIP"
+    frames = torch.randn(2, 3, 3, 32, 32)
+    text = m.class_features(["a", "b", "c"], templates="single")
+    with torch.no_grad():
+        assert torch.equal(back(frames, text), m(frames, text))
+    assert torch.equal(back.class_features(["a", "b", "c"], templates="single"), text)

@@ -2,12 +2,13 @@
 
 - :func:`create_clip` builds any open_clip model by name with weights from an open_clip
   pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...), a local checkpoint file, or none
-  (random weights, offline). OpenAI weights get QuickGELU.
+  (random weights, offline). OpenAI weights get QuickGELU (the ``openai`` tag, or a local
+  OpenAI TorchScript ``.pt`` file).
 - :func:`encode_class_names` computes class text features with the 28 templates of MoTE
   Table 8: encode every template for every class, L2-normalise per template, average
   over templates, renormalise.
-- :class:`ClassFeatureCache` keeps those features on disk, keyed by (model name, text
-  weights hash, class names, templates).
+- :class:`ClassFeatureCache` keeps those features on disk, keyed by (model name and
+  architecture, text weights hash, class names, templates).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +37,8 @@ log = logging.getLogger(__name__)
 _BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 _configs_registered = False
 
-#: open_clip state-dict prefixes that belong to the text tower (standard CLIP layout).
-TEXT_TOWER_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "attn_mask")
+#: open_clip state-dict entries that are neither the text tower nor used by it.
+NON_TEXT_PREFIXES = ("visual.", "logit_scale", "logit_bias")
 
 
 class TokenizerUnavailableError(RuntimeError):
@@ -118,11 +121,30 @@ def _quiet_open_clip_errors() -> Iterator[None]:
         root.removeHandler(null)
 
 
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TorchScript archive, the format of OpenAI's released CLIP ``.pt`` files.
+
+    ``torch.save`` zips hold ``data.pkl``; TorchScript zips also hold ``constants.pkl`` and ``code/``.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
-    """True when the weights were trained with QuickGELU (OpenAI tags, ``-quickgelu`` names, tags marked so)."""
+    """True when the weights were trained with QuickGELU.
+
+    That is: ``-quickgelu`` names, the ``openai`` tag and tags open_clip marks so, and local
+    OpenAI TorchScript files (``ViT-B-16.pt`` as OpenAI released it). A plain state dict of
+    OpenAI weights cannot be told apart: set ``force_quick_gelu`` for it.
+    """
     if model_name.endswith("-quickgelu") or (pretrained or "").lower() == "openai":
         return True
-    if pretrained and not os.path.isfile(pretrained):
+    if pretrained and os.path.isfile(pretrained):
+        return is_torchscript_archive(pretrained)
+    if pretrained:
         import open_clip
 
         cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
@@ -130,8 +152,11 @@ def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
     return False
 
 
-def model_config(model_name: str, *, quick_gelu: bool = False) -> dict[str, Any]:
-    """The open_clip architecture config (``embed_dim``, ``vision_cfg``, ``text_cfg``) of ``model_name``."""
+def model_config(model_name: str, *, quick_gelu: bool | None = None) -> dict[str, Any]:
+    """The open_clip architecture config (``embed_dim``, ``vision_cfg``, ``text_cfg``) of ``model_name``.
+
+    ``quick_gelu`` True / False sets the activation; None keeps the config's own.
+    """
     import open_clip
 
     register_bundled_model_configs()
@@ -140,18 +165,27 @@ def model_config(model_name: str, *, quick_gelu: bool = False) -> dict[str, Any]
         known = ", ".join(m for m in open_clip.list_models() if not m.startswith(("EVA", "coca", "hf-")))[:400]
         raise ValueError(f"unknown open_clip model {model_name!r} (recipe key model.clip_name); known models include: {known} ...")
     cfg = copy.deepcopy(cfg)
-    if quick_gelu:
-        cfg["quick_gelu"] = True
+    if quick_gelu is not None:
+        cfg["quick_gelu"] = bool(quick_gelu)
     return cfg
 
 
 def build_clip_from_config(cfg: dict[str, Any]) -> nn.Module:
-    """Instantiate an open_clip ``CLIP`` directly from an architecture config (no name lookup, random weights)."""
-    from open_clip.model import CLIP
+    """Instantiate an open_clip model directly from an architecture config (no name lookup, random weights).
+
+    The class is chosen as open_clip's factory does: ``CustomTextCLIP`` for ``custom_text``
+    configs and Hugging Face text towers (SigLIP, ViTamin, ...), ``CoCa`` for a
+    ``multimodal_cfg``, else ``CLIP``.
+    """
+    from open_clip.model import CLIP, CustomTextCLIP
 
     cfg = copy.deepcopy(cfg)
-    cfg.pop("custom_text", None)
-    return CLIP(**cfg)
+    custom_text = bool(cfg.pop("custom_text", False)) or "hf_model_name" in cfg.get("text_cfg", {})
+    if "multimodal_cfg" in cfg:
+        from open_clip.coca_model import CoCa
+
+        return CoCa(**cfg)
+    return CustomTextCLIP(**cfg) if custom_text else CLIP(**cfg)
 
 
 def create_clip(
@@ -167,7 +201,9 @@ def create_clip(
     Args:
         model_name: open_clip architecture name (``ViT-B-16``, ``ViT-L-14``, ``mergevid-tiny-vit``...).
         pretrained: an open_clip tag, a local checkpoint file, or None / ``"none"`` for random weights.
-        force_quick_gelu: force QuickGELU on (True) or off (False); None decides from the tag.
+        force_quick_gelu: QuickGELU on (True) or off (False); None switches it on when the
+            name or the weights need it (see :func:`needs_quick_gelu`) and otherwise keeps the
+            config's own. Set it to True for OpenAI weights saved as a plain state dict.
         cache_dir: download cache for tags.
         recipe_key: the recipe key to name in error messages.
 
@@ -180,8 +216,12 @@ def create_clip(
     register_bundled_model_configs()
     if isinstance(pretrained, str) and pretrained.lower() in ("", "none", "null", "random"):
         pretrained = None
-    quick_gelu = needs_quick_gelu(model_name, pretrained) if force_quick_gelu is None else bool(force_quick_gelu)
+    if force_quick_gelu is None:
+        quick_gelu = True if needs_quick_gelu(model_name, pretrained) else None  # None: the config's own
+    else:
+        quick_gelu = bool(force_quick_gelu)
     cfg = model_config(model_name, quick_gelu=quick_gelu)
+    quick_gelu = bool(cfg.get("quick_gelu", False))
 
     if pretrained is not None and not os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(model_name.removesuffix("-quickgelu"))
@@ -192,16 +232,25 @@ def create_clip(
                 f"{pretrained!r} is neither an open_clip pretrained tag for {model_name} nor a file "
                 f"(set {recipe_key}); tags for {model_name}: {', '.join(tags) or 'none'}"
             )
-    offline = pretrained is not None and not os.path.isfile(pretrained) and not hub_reachable()
+    local_file = pretrained is not None and os.path.isfile(pretrained)
+    # OpenAI's .pt files are TorchScript archives: torch.load refuses them with weights_only=True and
+    # hands them to torch.jit.load otherwise, whose unpickler builds tensors only (no Python objects)
+    torchscript = local_file and is_torchscript_archive(pretrained)
+    offline = pretrained is not None and not local_file and not hub_reachable()
     try:
-        with _hub_offline() if offline else contextlib.nullcontext(), _quiet_open_clip_errors():
+        with _hub_offline() if offline else contextlib.nullcontext(), _quiet_open_clip_errors(), warnings.catch_warnings():
+            # expected for OpenAI's TorchScript files
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated")
             model = open_clip.create_model(
                 model_name,
                 pretrained=pretrained,
-                force_quick_gelu=quick_gelu,
                 cache_dir=cache_dir,
                 device="cpu",
                 precision="fp32",
+                force_quick_gelu=quick_gelu,  # open_clip checks it against the tag's activation
+                quick_gelu=quick_gelu,  # a constructor argument: also turns QuickGELU off when asked
+                weights_only=not torchscript,
             )
     except Exception as exc:  # noqa: BLE001 - rewrap download/load failures for the user
         if pretrained is None:
@@ -216,7 +265,9 @@ def create_clip(
             f"({'no network access' if offline else 'download failed'}). Download them on a machine with internet, e.g. "
             f"`open_clip.create_model('{model_name}', pretrained='{pretrained}')` (or the OpenAI .pt file), "
             f"then pass the local file: set {recipe_key}=/path/to/weights.pt "
-            f"(on the command line: `mergevid run RECIPE {recipe_key}=/path/to/weights.pt`)."
+            f"(on the command line: `mergevid run RECIPE {recipe_key}=/path/to/weights.pt`). "
+            "OpenAI's own .pt files get QuickGELU automatically; for OpenAI weights re-saved as a plain "
+            "state dict also set model.force_quick_gelu=true."
         ) from exc
     model.eval()
     config = {"name": model_name, "pretrained": pretrained, "quick_gelu": bool(cfg.get("quick_gelu", False)), "model_cfg": cfg}
@@ -247,9 +298,13 @@ def load_tokenizer(model_name: str) -> Any:
 
 
 def text_tower_state(clip_model: nn.Module) -> dict[str, torch.Tensor]:
-    """The text-tower tensors of a standard open_clip CLIP (everything except ``visual`` and the logit scale)."""
+    """The text-tower tensors of an open_clip model: everything except ``visual`` and the logit scale and bias.
+
+    Covers both layouts: ``CLIP`` (``token_embedding``, ``transformer``, ``ln_final``,
+    ``text_projection``...) and ``CustomTextCLIP`` (``text.*``).
+    """
     sd = clip_model.state_dict()
-    return {k: v for k, v in sd.items() if k.startswith(TEXT_TOWER_PREFIXES)}
+    return {k: v for k, v in sd.items() if not k.startswith(NON_TEXT_PREFIXES)}
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -303,7 +358,7 @@ def encode_class_names(
 class ClassFeatureCache:
     """On-disk cache of class text features.
 
-    Key: (model name, hash of the text-tower weights, class names, templates). Files are
+    Key: (model name and architecture, hash of the text-tower weights, class names, templates). Files are
     safetensors written atomically under ``directory`` (default ``$MERGEKIT_VIDEO_CACHE`` or
     ``~/.cache/mergekit_video``), in ``text_features/``.
     """
@@ -315,9 +370,25 @@ class ClassFeatureCache:
         self.misses = 0
 
     @staticmethod
-    def key(model_name: str, weights_hash: str, class_names: Sequence[str], templates: Sequence[str]) -> str:
-        """The cache key (a hex digest) of one feature set."""
-        payload = json.dumps([model_name, weights_hash, list(class_names), list(templates)], ensure_ascii=False)
+    def key(
+        model_name: str,
+        weights_hash: str,
+        class_names: Sequence[str],
+        templates: Sequence[str],
+        *,
+        architecture: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The cache key (a hex digest) of one feature set.
+
+        ``architecture`` is what the weights do not pin down: the open_clip config (heads,
+        activation, context length...) and the text tower's module classes.
+        """
+        payload = json.dumps(
+            [model_name, weights_hash, list(class_names), list(templates), architecture or {}],
+            ensure_ascii=False,
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     def get_or_compute(
@@ -328,13 +399,21 @@ class ClassFeatureCache:
         model_name: str,
         templates: Sequence[str] = MOTE_TEMPLATES,
         weights_hash: str | None = None,
+        model_cfg: Mapping[str, Any] | None = None,
         device: str | torch.device | None = None,
     ) -> torch.Tensor:
-        """Load cached features or compute and store them. Returns ``[C, D]`` float32 on CPU."""
+        """Load cached features or compute and store them. Returns ``[C, D]`` float32 on CPU.
+
+        ``model_cfg`` is the open_clip architecture config the model was built from (it enters
+        the key with the text tower's module classes, so that QuickGELU and GELU builds of the
+        same weights never share an entry).
+        """
         from safetensors.torch import load_file
 
         weights_hash = weights_hash or tensors_hash(text_tower_state(clip_model))
-        key = self.key(model_name, weights_hash, class_names, templates)
+        modules = sorted({type(m).__name__ for n, m in clip_model.named_modules() if not n.startswith("visual")})
+        architecture = {"model_cfg": dict(model_cfg or {}), "text_modules": modules}
+        key = self.key(model_name, weights_hash, class_names, templates, architecture=architecture)
         path = self.directory / f"{key}.safetensors"
         if path.is_file():
             try:

@@ -109,7 +109,9 @@ class VideoCLIP(nn.Module):
         device = self.logit_scale.device
         if cache is None:
             return encode_class_names(self.clip, class_names, templates=templates, model_name=self.model_name, device=device).cpu()
-        return cache.get_or_compute(self.clip, class_names, model_name=self.model_name, templates=templates, device=device)
+        return cache.get_or_compute(
+            self.clip, class_names, model_name=self.model_name, templates=templates, model_cfg=self.config["clip"].get("model_cfg"), device=device
+        )
 
     # -- parameter handling -----------------------------------------------------------
     def freeze_text(self) -> None:
