@@ -5,7 +5,8 @@ decodes nearly all of it. Re-encoding with a short GOP (a keyframe every ``gop``
 scene-cut keyframes), x264's ``fastdecode`` tuning and a smaller short side makes every later epoch
 cheaper. The run is parallel with a progress bar, resumable (finished, verified outputs recorded
 in ``prepare_manifest.json`` are skipped), checks that every output decodes, writes a new
-annotation list, and lists every failure in ``prepare_report.json``: none is dropped silently.
+annotation list, and lists every failure in ``prepare_report.json``: none is dropped silently,
+whether two sources would share an output name, a source no longer encodes or its worker died.
 Audio is not kept. Videos are never upscaled: a short side already at or below the target stays.
 """
 
