@@ -266,7 +266,7 @@ class GeneralizedTaskArithmetic:
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
         dtype = tensors[0].dtype
-        b = base.float()
+        b = base.to(tensors[0].device).float()  # a base kept on the CPU (a saved state dict) for CUDA experts
         w = torch.ones(len(tensors), dtype=torch.float32) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         if w.numel() != len(tensors):
             raise ValueError(f"got {w.numel()} weights for {len(tensors)} tensors")

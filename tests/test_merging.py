@@ -193,6 +193,24 @@ def test_task_arithmetic_family_errors():
         GeneralizedTaskArithmetic(sparsification="random")(DARE_THETAS, base=DARE_BASE)
 
 
+def test_task_arithmetic_family_moves_the_base_to_the_tensors_device():
+    # a base kept on the CPU (a saved state dict) for experts elsewhere: meta stands in for CUDA
+    thetas = [t.to("meta") for t in DARE_THETAS]
+    for name, kw in (("task_arithmetic", {}), ("ties", {"density": 0.5}), ("dare", {"drop_rate": 0.1, "seed": 0})):
+        out = MERGES.get(name)(thetas, base=DARE_BASE, **kw)
+        assert (out.device.type, out.shape, out.dtype) == ("meta", DARE_BASE.shape, torch.float32), name
+    # a float64 base is computed against in float32, as before: the numbers of a float32 base
+    ta = MERGES.get("task_arithmetic")
+    assert torch.equal(ta(DARE_THETAS, base=DARE_BASE.double(), lam=0.5), ta(DARE_THETAS, base=DARE_BASE, lam=0.5))
+
+
+@pytest.mark.gpu
+def test_task_arithmetic_family_with_cuda_experts_and_a_cpu_base():
+    ties = MERGES.get("ties")
+    out = ties([t.cuda() for t in DARE_THETAS], base=DARE_BASE, density=0.5)
+    assert out.is_cuda and torch.allclose(out.cpu(), ties(DARE_THETAS, base=DARE_BASE, density=0.5))
+
+
 # -- slerp, ensemble ----------------------------------------------------------------------------
 
 
