@@ -134,3 +134,26 @@ def test_slow_reads_that_finish_late_leave_no_thread_and_do_not_add_up():
         time.sleep(0.1)  # the slow read returns; its abandoned helper thread ends
     assert run_with_timeout(lambda: 5, 1.0) == 5
     assert threading.active_count() <= before + 1  # at most the current helper is left
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frames_cut_by_an_edit_list_are_not_counted(tmp_path, backend):
+    """A stream-copy trim (``ffmpeg -ss ... -c copy``) keeps 10 leading frames that an edit list discards."""
+    import av
+
+    src = write_level_video(tmp_path / "src.mp4", 40, gop=None)  # one keyframe: the cut frames are needed to decode
+    trimmed = tmp_path / "trimmed.mp4"
+    with av.open(str(src)) as inp, av.open(str(trimmed), "w", format="mp4") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        shift = 10 * int(1 / (stream_in.time_base * stream_in.average_rate))  # 10 frames in stream ticks
+        for packet in inp.demux(stream_in):
+            if packet.dts is None:
+                continue
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = stream_out
+            out.mux(packet)
+    with open_video(trimmed, backend=backend) as r:
+        assert r.num_frames == 30
+        assert frame_ids(r.get_frames([0, 5, 17, 29])) == [10, 15, 27, 39]

@@ -137,11 +137,22 @@ class DecordReader:
             height, width = resize_dims(*probe_size(self.path), short_side)
         try:
             self._vr = decord.VideoReader(str(self.path), ctx=decord.cpu(0), width=width, height=height, num_threads=num_threads)
-            self._num_frames = len(self._vr)
+            self._num_frames = len(self._vr) - self._discarded_leading_frames()
         except Exception as e:  # noqa: BLE001 - decord raises RuntimeError/DECORDError/AssertionError
             raise VideoReadError(f"{self.path}: decord cannot open it ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
         if self._num_frames <= 0:
             raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
+
+    def _discarded_leading_frames(self) -> int:
+        """Frames an edit list cuts from the start (``ffmpeg -ss ... -c copy`` trims).
+
+        decord counts them (at negative timestamps) but decodes only the frames after them,
+        so its indices past the real count would repeat the last frame.
+        """
+        if len(self._vr) == 0 or self._vr.get_frame_timestamp(0)[0] >= 0:
+            return 0
+        starts = self._vr.get_frame_timestamp(np.arange(len(self._vr)))[:, 0]  # [N] seconds, from the index
+        return int((starts < 0).sum())
 
     @property
     def num_frames(self) -> int:
@@ -202,27 +213,32 @@ class PyAVReader:
         self._stream = self._container.streams.video[0]
         self._stream.codec_context.thread_count = max(0, int(num_threads))
         pts: list[int | None] = []
-        key: list[bool] = []
+        key_pts: list[int | None] = []  # keyframes, discarded ones included: seek targets
+        packets = 0
         try:
             for pkt in self._container.demux(self._stream):
                 if pkt.size == 0:  # flush packet
                     continue
+                packets += 1
+                if pkt.is_keyframe:
+                    key_pts.append(pkt.pts)
+                if pkt.is_discard:  # cut by an edit list: decoded for reference, never output
+                    continue
                 pts.append(pkt.pts)
-                key.append(bool(pkt.is_keyframe))
         except Exception as e:  # noqa: BLE001
             raise VideoReadError(f"{self.path}: corrupt container ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
         header = int(self._stream.frames or 0)
         if not pts:
             raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
-        if header > 0 and len(pts) < header:
-            raise VideoReadError(f"{self.path}: truncated (header lists {header} frames, file holds {len(pts)})", path=self.path)
+        if header > 0 and packets < header:
+            raise VideoReadError(f"{self.path}: truncated (header lists {header} frames, file holds {packets})", path=self.path)
         self._num_frames = len(pts)
         if any(p is None for p in pts):
             self._pts: list[int] | None = None  # no timestamps: decode from the start, counting
             self._key_pts: list[int] = []
         else:
             self._pts = sorted(pts)  # display order
-            self._key_pts = sorted(p for p, k in zip(pts, key) if k)
+            self._key_pts = sorted(p for p in key_pts if p is not None)
 
     @property
     def num_frames(self) -> int:
