@@ -102,3 +102,30 @@ def test_an_error_mid_epoch_does_not_hang_the_exit_on_workers_that_ignore_sigter
     proc = subprocess.run([sys.executable, "-c", _ERROR_MID_EPOCH], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert "Exception ignored" not in proc.stderr
+
+
+class _WorkerRandom(torch.utils.data.Dataset):
+    """Items drawn from the worker's global RNGs (what user code in a dataset would use)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, key: object) -> dict:  # the VideoSampler yields (index, ...) keys
+        import random
+
+        import numpy as np
+
+        draws = [torch.randint(10**9, ()).item(), random.randrange(10**9), int(np.random.randint(10**9))]
+        return {"frames": torch.tensor(draws), "label": 0, "index": 0}  # the draws ride in "frames"
+
+
+def test_workers_of_different_ranks_draw_different_streams_and_each_rank_repeats_itself():
+    from mergekit_video.data.loader import build_loader
+
+    def draws(rank: int) -> torch.Tensor:
+        loader = build_loader(_WorkerRandom(), batch_size=2, num_workers=1, shuffle=False, seed=7, drop_last=False, num_replicas=2, rank=rank, persistent_workers=False, pin_memory=False)
+        return torch.cat([b["frames"] for b in loader])
+
+    r0, r1 = draws(0), draws(1)
+    assert torch.equal(r0, draws(0))  # reproducible from the seed
+    assert not torch.isin(r0, r1).any()  # no shared draw between ranks: torch, random and NumPy streams all differ

@@ -150,6 +150,7 @@ def seed_worker(worker_id: int) -> None:
 
 
 _reaper_registered = False
+WORKER_SEED_RANK_STRIDE = 1_000_003  # a prime: rank r's loader generator starts from seed + r * stride
 
 
 def _reap_workers_at_exit() -> None:
@@ -199,6 +200,7 @@ def build_loader(
 
     Call ``loader.sampler.set_epoch(e)`` each epoch (and ``set_start`` to resume). ``pin_memory``
     defaults to on when CUDA is available; workers persist across epochs when ``num_workers > 0``.
+    Worker seeds depend on ``seed`` and ``rank``: every worker of every DDP rank is distinct.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -222,6 +224,6 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(int(seed)),
+        generator=torch.Generator().manual_seed(int(seed) + WORKER_SEED_RANK_STRIDE * int(rank)),  # draws the workers' base seed
         **kwargs,
     )
