@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -88,6 +89,24 @@ def test_missing_recipe_is_one_line_and_debug_shows_the_traceback(tmp_path):
     # MERGEVID_DEBUG=1 does the same
     res = _mergevid("validate", "no_such_recipe.yaml", env={"MERGEVID_DEBUG": "1"}, cwd=tmp_path)
     assert "Traceback (most recent call last)" in res.stderr
+
+
+def test_debug_is_a_global_flag_anywhere_on_the_command_line(monkeypatch, tmp_path):
+    """``--debug`` after the overrides is not an override: the real error's traceback is shown."""
+    import logging
+
+    from mergekit_video.config import ValidationError
+
+    monkeypatch.setenv("MERGEVID_DEBUG", "0")  # --debug sets it; restored after this test
+    try:
+        for command in ("run", "validate"):
+            with pytest.raises(ValidationError, match="precision: 'fp8' is not one of"):
+                cli_main([command, str(QUICKSTART), f"output_dir={tmp_path}", "precision=fp8", "--debug"])
+        with pytest.raises(FileNotFoundError, match="recipe no_such.yaml does not exist"):
+            cli_main(["validate", "--debug", "no_such.yaml"])
+    finally:
+        logging.getLogger("mergekit_video").setLevel(logging.INFO)
+    assert not (tmp_path / "recipe.yaml").exists()
 
 
 def test_unknown_registry_in_ls():

@@ -85,13 +85,24 @@ def without_worker_traceback(message: str) -> str:
     return f"{detail if colon else lines[-1]} (in {where})" if where else (detail if colon else lines[-1])
 
 
-def _debug_requested(argv: list[str]) -> bool:
-    return "--debug" in argv or os.environ.get("MERGEVID_DEBUG") == "1"
+def global_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` with every ``--debug`` moved in front of the command (it is a global flag).
+
+    ``mergevid run RECIPE key=value --debug`` would otherwise hand ``--debug`` to the command
+    (as a recipe override, or an unknown option); returns the new argv and whether it was given.
+    """
+    rest = [a for a in argv if a != "--debug"]
+    given = len(rest) != len(argv)
+    return (["--debug", *rest] if given else rest), given
 
 
 def run_app(app: Any, argv: list[str]) -> int:
-    """Run a typer app, turning exceptions into one red line on stderr and exit code 1."""
-    debug = _debug_requested(argv)
+    """Run a typer app, turning exceptions into one red line on stderr and exit code 1.
+
+    ``--debug`` is accepted anywhere on the command line and shows the traceback instead.
+    """
+    argv, given = global_debug_flag(list(argv))
+    debug = given or os.environ.get("MERGEVID_DEBUG") == "1"
     try:
         rv = app(args=argv, prog_name="mergevid", standalone_mode=False)
         if rv == 130:  # typer's answer to a KeyboardInterrupt outside reraise_interrupts
