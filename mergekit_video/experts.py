@@ -133,6 +133,12 @@ class ExpertContainer(nn.Module):
         super().__init__()
         experts = list(experts)
         check_same_structure(experts)
+        nested = next((n for n, m in experts[0].named_modules() if isinstance(m, ExpertContainer)), None)
+        if nested is not None:  # merging, collapsing and surgery assume experts of plain modules
+            raise ValueError(
+                f"expert 0 holds an ExpertContainer{f' at {nested!r}' if nested else ''}: containers cannot be nested; "
+                "collapse it first (collapse_experts) or put experts beside it"
+            )
         self.experts = nn.ModuleList(experts)
         self.router = build_router(router, num_experts=len(experts), **dict(router_kwargs or {}))
         if self.router.num_experts != len(experts):
@@ -536,24 +542,53 @@ def state_dict_under(state_dict: Mapping[str, torch.Tensor], name: str) -> dict[
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+def per_container_merge_kwargs(
+    containers: Sequence[tuple[str, ExpertContainer]],
+    kwargs: Mapping[str, Any],
+    base: nn.Module | Mapping[str, torch.Tensor] | None = None,
+) -> list[dict[str, Any]]:
+    """The arguments each container gets from one model-wide merge call, in the order of ``containers``.
+
+    ``containers`` is :func:`find_containers` of the model. Container i gets ``seed + i`` in
+    place of ``seed``, so that stochastic merges (DARE) draw their own masks per container,
+    reproducibly; with ``base`` (the model before surgery or its state dict) it gets ``base=``
+    the entries under its own name. :func:`use_merge`,
+    :func:`~mergekit_video.surgery.collapse_experts` and ``add_experts(merge_kwargs=...)``
+    all derive their per-container arguments here, so an evaluated merge and the exported
+    collapse are the same weights.
+
+    Raises:
+        ValueError: ``base`` has no tensors under a container's name.
+    """
+    base_sd = base.state_dict() if isinstance(base, nn.Module) else base
+    out = []
+    for index, (name, _) in enumerate(containers):
+        kw = dict(kwargs)
+        if kw.get("seed") is not None:
+            kw["seed"] = int(kw["seed"]) + index
+        if base_sd is not None:
+            kw["base"] = state_dict_under(base_sd, name)
+            if not kw["base"]:
+                raise ValueError(f"base has no tensors under {name!r}")
+        out.append(kw)
+    return out
+
+
 @contextmanager
 def use_merge(model: nn.Module, strategy: str, **kwargs: Any) -> Iterator[None]:
     """Context manager: evaluate with another merge strategy, restoring the old one after.
 
-    ``base`` (task-arithmetic strategies) is the model before surgery or its state dict; each
-    container gets the part under its own name, as in :func:`~mergekit_video.surgery.collapse_experts`.
+    The containers get the arguments :func:`~mergekit_video.surgery.collapse_experts` would
+    give them (:func:`per_container_merge_kwargs`): ``base`` (task-arithmetic strategies, the
+    model before surgery or its state dict) is sliced per container, and ``seed`` becomes
+    ``seed + i`` for container i. The merge evaluated here is the one ``collapse_experts``
+    exports with the same arguments.
     """
     containers = find_containers(model)
     previous = [(c.merge, dict(c.merge_kwargs)) for _, c in containers]
     base = kwargs.pop("base", None)
-    base_sd = base.state_dict() if isinstance(base, nn.Module) else base
     try:
-        for name, c in containers:
-            kw = dict(kwargs)
-            if base_sd is not None:
-                kw["base"] = state_dict_under(base_sd, name)
-                if not kw["base"]:
-                    raise KeyError(f"use_merge: base has no tensors under {name!r}")
+        for (_, c), kw in zip(containers, per_container_merge_kwargs(containers, kwargs, base)):
             c.set_merge(strategy, **kw)
         with routing_plan(model, "merged"):
             yield

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .experts import ExpertContainer, find_containers, state_dict_under
+from .experts import ExpertContainer, find_containers, per_container_merge_kwargs
 from .registry import ROUTERS
 from .routers import Router, default_generator
 
@@ -34,27 +34,65 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def _container_names(model: nn.Module) -> dict[str, ExpertContainer]:
+    """Every container of ``model`` under every name it has (a shared container under each alias)."""
+    return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, ExpertContainer)}
+
+
+def _enclosing_container(name: str, containers: Mapping[str, ExpertContainer]) -> str | None:
+    """The name of a container that ``name`` lies inside (under any alias of the container), or None."""
+    parts = name.split(".")
+    return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in containers), None)
+
+
+def _check_not_nested(name: str, containers: Mapping[str, ExpertContainer], pattern: str | None = None) -> None:
+    """Refuse a target inside a container or holding one: containers do not nest."""
+    how = f" (matched by {pattern!r})" if pattern is not None else ""
+    outer = _enclosing_container(name, containers)
+    if outer is not None:
+        raise SurgeryError(f"{name!r}{how} lies inside the ExpertContainer {outer!r}: containers cannot be nested; "
+                           "collapse_experts first, or target modules outside the container")
+    inner = next((c for c in containers if c.startswith(name + ".")), None)
+    if inner is not None:
+        raise SurgeryError(f"{name!r}{how} holds the ExpertContainer {inner!r}: containers cannot be nested; "
+                           "collapse_experts first, or target modules beside the container")
+
+
 def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
     """Qualified names of the submodules matching the glob(s) in ``target``.
 
-    A module inside an already-matched module, or inside an ExpertContainer, is skipped.
-    Raises :class:`SurgeryError` showing the nearest module names when a pattern matches nothing.
+    A module inside an already-matched module is skipped (globs' ``*`` also matches dots), and
+    so is a module inside an ExpertContainer, under any of the container's names. Containers
+    do not nest: a pattern that matches only modules inside containers, or a match that holds
+    a container, raises :class:`SurgeryError` naming the container. Raises it too, showing the
+    nearest module names, when a pattern matches nothing.
     """
     patterns = [target] if isinstance(target, str) else list(target)
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]  # a shared module under every name
-    inside_container = {n for cname, _ in find_containers(model) for n in names if n.startswith(cname + ".")}
+    containers = _container_names(model)
+    inside_container = {n for n in names if _enclosing_container(n, containers) is not None}
     matched: list[str] = []
+    matched_by: dict[str, str] = {}
     for pat in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pat) and n not in inside_container]
-        if not hits:
+        everywhere = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not everywhere:
             raise SurgeryError(f"target pattern {pat!r} matches no module; nearest module names: {nearest_names(pat, names)}")
-        again = next((h for h in hits if isinstance(model.get_submodule(h), ExpertContainer)), None)
+        hits = [n for n in everywhere if n not in inside_container]
+        if not hits:
+            _check_not_nested(everywhere[0], containers, pat)
+        again = next((h for h in hits if h in containers), None)
         if again is not None:
             raise SurgeryError(f"{again!r} (matched by {pat!r}) already is an ExpertContainer: add_experts ran on it "
                                "before; collapse_experts first, or target other modules")
-        matched.extend(h for h in hits if h not in matched)
+        for h in hits:
+            if h not in matched:
+                matched.append(h)
+                matched_by[h] = pat
     # drop nested matches: keep outermost
-    return [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
+    outermost = [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
+    for n in outermost:
+        _check_not_nested(n, containers, matched_by[n])
+    return outermost
 
 
 def nearest_names(pattern: str, names: Sequence[str], n: int = 5) -> str:
@@ -167,6 +205,9 @@ def add_experts(
         if group not in groups:
             groups.append(group)
     names = [n for group in groups for n in group]
+    containers_by_name = _container_names(model)
+    for n in names:  # an alias of a matched module may lie inside a container (an expert reachable elsewhere)
+        _check_not_nested(n, containers_by_name)
     containers = []  # every container is built before the first is swapped in: an error leaves the model as it was
     for index, group in enumerate(groups):
         original = model.get_submodule(group[0])
@@ -193,6 +234,13 @@ def add_experts(
         for name in group:
             parent, child = _get_parent(model, name)
             setattr(parent, child, container)
+    if merge_kwargs and merge_kwargs.get("seed") is not None:
+        # a seeded stochastic merge (DARE): container i merges with seed + i, as collapse_experts does
+        new = {id(c) for c in containers}
+        everywhere = find_containers(model)
+        for (_, c), kw in zip(everywhere, per_container_merge_kwargs(everywhere, merge_kwargs)):
+            if id(c) in new:
+                c.set_merge(merge, **kw)
     warn_plain_checkpointing(model)
     return names
 
@@ -231,31 +279,40 @@ def collapse_experts(
     """Replace every container in ``model`` by its collapsed dense module (in place).
 
     With a weight-merge strategy the result has exactly the original module classes and
-    state-dict keys, so it loads into the unmodified backbone. ``base`` (the model before
-    surgery, or its state dict) supplies per-container base weights for task arithmetic.
-    Returns ``model``.
+    state-dict keys, so it loads into the unmodified backbone; a container shared under
+    several names (tied weights) becomes one dense module under all of them. ``base`` (the
+    model before surgery, or its state dict) supplies per-container base weights for task
+    arithmetic, and ``seed=s`` gives container i the seed s + i (DARE), as :func:`use_merge`
+    does (see :func:`~mergekit_video.experts.per_container_merge_kwargs`). Atomic: on an
+    error (raised as :class:`SurgeryError`) the model is unchanged. Returns ``model``.
     """
     containers = find_containers(model)
     if not containers:
         raise SurgeryError("collapse_experts: the model has no ExpertContainer")
-    base_sd = base.state_dict() if isinstance(base, nn.Module) else base
-    # outermost first so that nested containers collapse with their parent; every dense module is
-    # built before the first is swapped in, so an error leaves the model as it was
+    if containers[0][0] == "":
+        raise SurgeryError("collapse_experts: the model itself is an ExpertContainer; use its collapse() method")
+    names = _container_names(model)
+    for name in names:
+        outer = _enclosing_container(name, names)
+        if outer is not None:
+            raise SurgeryError(f"the ExpertContainer {name!r} lies inside the ExpertContainer {outer!r}: "
+                               "nested containers cannot be collapsed")
+    aliases: dict[int, list[str]] = {}
+    for name, c in names.items():  # a shared container is replaced under every name, by one dense module
+        aliases.setdefault(id(c), []).append(name)
+    try:  # each container's slice of base and, for seeded merges (DARE), seed + index
+        per_container = per_container_merge_kwargs(containers, kwargs, base)
+    except ValueError as exc:
+        raise SurgeryError(str(exc)) from None
+    # every dense module is built before the first is swapped in, so an error leaves the model as it was
     denses = []
-    for index, (name, container) in enumerate(containers):
-        sub_base = None
-        if base_sd is not None:
-            sub_base = state_dict_under(base_sd, name)
-            if not sub_base:
-                raise SurgeryError(f"base has no tensors under {name!r}")
-        kw = dict(kwargs)
-        if kw.get("seed") is not None:  # stochastic merges (DARE): each container draws its own masks
-            kw["seed"] = int(kw["seed"]) + index
+    for (name, container), kw in zip(containers, per_container):
         try:
-            denses.append(container.collapse(strategy, base=sub_base, **kw))
+            denses.append(container.collapse(strategy, **kw))
         except (ValueError, TypeError) as exc:
             raise SurgeryError(f"collapsing {name!r} with {strategy!r}: {exc}") from exc
-    for (name, _), dense in zip(containers, denses):
-        parent, child = _get_parent(model, name)
-        setattr(parent, child, dense)
+    for (_, container), dense in zip(containers, denses):
+        for name in aliases[id(container)]:
+            parent, child = _get_parent(model, name)
+            setattr(parent, child, dense)
     return model

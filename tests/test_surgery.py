@@ -139,9 +139,10 @@ def test_multiple_and_nested_patterns():
     names = mv.add_experts(m, ["embed", "blocks.1.mlp"], 2, router="fixed", expert=1)
     assert names == ["embed", "blocks.1.mlp"]
     assert m.embed.router.expert == 1
-    # modules inside a container are not matched again
-    with pytest.raises(SurgeryError, match=r"^target pattern 'blocks.1.mlp.experts.\*' matches no module"):
+    # modules inside a container are not matched again: containers do not nest
+    with pytest.raises(SurgeryError, match=r"^'blocks.1.mlp.experts.0' \(matched by 'blocks.1.mlp.experts.\*'\) lies inside the ExpertContainer 'blocks.1.mlp'"):
         mv.add_experts(m, "blocks.1.mlp.experts.*", 2)
+    assert match_modules(m, "*.0") == ["blocks.0"]  # a broad glob skips the insides of containers (blocks.1.mlp.experts.0)
 
 
 def test_surgery_errors():
@@ -482,6 +483,74 @@ def test_a_shared_module_becomes_one_container_under_all_its_names():
         assert sorted(names) == ["head", "shared"]
         assert isinstance(m.head, ExpertContainer) and m.head is m.shared  # still tied
         assert len(find_containers(m)) == 1
+
+
+def test_a_shared_container_collapses_to_one_dense_module_under_all_its_names():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a
+
+    m, plain = Tied(), Tied()
+    mv.add_experts(m, "a", 3)
+    c = m.a
+    expected_w = sum(e.weight for e in c.experts) / 3
+    mv.collapse_experts(m)
+    assert m.a is m.b and type(m.a) is nn.Linear and not find_containers(m)
+    assert list(m.state_dict()) == list(plain.state_dict()) == ["a.weight", "a.bias", "b.weight", "b.bias"]
+    assert maxdiff(m.b.weight, expected_w) <= 1e-7
+    plain.load_state_dict(m.state_dict())  # strict
+
+
+def test_containers_do_not_nest():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(4, 4))
+            self.b = self.a
+
+    for alias in ("a", "b"):  # inside a shared container, under either of its names
+        m = Shared()
+        mv.add_experts(m, "a", 2)
+        with pytest.raises(SurgeryError, match=rf"^'{alias}.experts.0.0' \(matched by '{alias}.experts.0.0'\) lies inside the ExpertContainer '{alias}'"):
+            mv.add_experts(m, f"{alias}.experts.0.0", 2)
+        assert type(m.a.experts[0][0]) is nn.Linear
+    # a target holding a container
+    m = toy()
+    mv.add_experts(m, "blocks.*.mlp", 2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(SurgeryError, match=r"^'blocks.0' \(matched by 'blocks.\[01\]'\) holds the ExpertContainer 'blocks.0.mlp'"):
+        mv.add_experts(m, "blocks.[01]", 2)
+    assert all(type(b) is ToyBlock for b in m.blocks) and m.state_dict().keys() == before.keys()
+    with pytest.raises(ValueError, match=r"^expert 0 holds an ExpertContainer at 'mlp': containers cannot be nested"):
+        ExpertContainer([copy.deepcopy(m.blocks[0]) for _ in range(2)])
+    # nested by hand: collapse_experts refuses before changing anything
+    m.blocks[1] = ExpertContainer([copy.deepcopy(m.blocks[1].mlp.experts[0]) for _ in range(2)])
+    m.blocks[1].experts[0][1] = ExpertContainer([nn.LayerNorm(64), nn.LayerNorm(64)])
+    keys = list(m.state_dict())
+    with pytest.raises(SurgeryError, match=r"^the ExpertContainer 'blocks.1.experts.0.1' lies inside the ExpertContainer 'blocks.1'"):
+        mv.collapse_experts(m)
+    assert list(m.state_dict()) == keys and len(find_containers(m)) == 3
+
+
+def test_seeded_dare_is_the_same_in_use_merge_collapse_experts_and_add_experts():
+    from mergekit_video.experts import use_merge
+
+    base = toy()
+    m = copy.deepcopy(base)
+    mv.add_experts(m, "blocks.*.mlp", 3, init="copy_noise", noise_std=0.1)
+    m.eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad(), use_merge(m, "dare", base=base, drop_rate=0.5, seed=0):
+        y = m(x)
+        assert [c.merge_kwargs["seed"] for _, c in find_containers(m)] == [0, 1]
+    dense = mv.collapse_experts(copy.deepcopy(m), "dare", base=base, drop_rate=0.5, seed=0)
+    assert maxdiff(y, dense(x)) == 0.0
+    d = toy()
+    mv.add_experts(d, "embed", 2)
+    mv.add_experts(d, "blocks.*.mlp", 2, merge="dare", merge_kwargs={"seed": 5, "drop_rate": 0.5})
+    assert [(n, c.merge_kwargs.get("seed")) for n, c in find_containers(d)] == [("embed", None), ("blocks.0.mlp", 6), ("blocks.1.mlp", 7)]
 
 
 def test_use_merge_with_a_whole_model_base_equals_the_collapse():
