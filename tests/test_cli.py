@@ -109,6 +109,13 @@ def test_debug_is_a_global_flag_anywhere_on_the_command_line(monkeypatch, tmp_pa
     assert not (tmp_path / "recipe.yaml").exists()
 
 
+def test_eval_views_take_one_or_three_crops(tmp_path, capsys):
+    args = ["eval", str(tmp_path), "--list", str(tmp_path / "v.txt"), "--classes", str(tmp_path / "c.csv"), "--output-dir", str(tmp_path / "out")]
+    assert cli_main([*args, "--views", "2x2"]) == 1
+    assert "error: --views 2x2: CLIPSxCROPS takes clips >= 1 and crops 1 or 3" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_registry_in_ls():
     _assert_one_message(_mergevid("ls", "routerz"), "unknown registry 'routerz'; did you mean 'routers'? (known: routers, merges, regularizers, runners")
     res = _mergevid("ls", "runners")

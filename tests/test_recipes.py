@@ -139,6 +139,29 @@ def test_bad_choice_unknown_key_wrong_type_all_listed():
     assert text.splitlines()[0] == f"recipe {QUICKSTART} is invalid (5 problems):"
 
 
+def test_views_and_optimizer_numbers_are_checked_before_the_run():
+    """Values that used to pass validation and fail after the model and data were built."""
+    probs, _ = _problems(["train.val_views=[1,2]", "optimizer.betas=[0.9,0.99,1]", "eval.datasets.0.num_crops=2"])
+    assert probs == {
+        "train.val_views.1": "crops: 2 is not one of: 1, 3",
+        "optimizer.betas": "expected a list of 2 ([beta1, beta2]), got 3 items ([0.9, 0.99, 1])",
+        "eval.datasets.0.num_crops": "2 is not one of: 1, 3",
+    }
+    probs, _ = _problems(["train.val_views=[0]", "optimizer.betas=[1.0,0.999]", "optimizer.eps=0", "optimizer.lr=.nan",
+                          "optimizer.weight_decay=-0.1", "optimizer.clip_lr=.inf", "schedule.min_lr_ratio=1.5"])
+    assert probs == {
+        "train.val_views": "expected a list of 2 ([clips, crops]), got 1 item ([0])",
+        "optimizer.betas.0": "beta1: must be < 1, got 1.0",
+        "optimizer.eps": "must be > 0, got 0",
+        "optimizer.lr": "must be a finite number, got nan",
+        "optimizer.weight_decay": "must be >= 0, got -0.1",
+        "optimizer.clip_lr": "must be a finite number, got inf",
+        "schedule.min_lr_ratio": "must be <= 1, got 1.5",
+    }
+    cfg = _load_validated(QUICKSTART, ["train.val_views=[4,3]", "optimizer.betas=[0,0.5]"])
+    assert (cfg["train"]["val_views"], cfg["optimizer"]["betas"]) == ([4, 3], [0, 0.5])
+
+
 def test_component_argument_choices_come_from_the_registries():
     probs, _ = _problems(["model.router=bogus", "model.merge=avg"])
     # (plugins may register more routers, so the built-ins are checked, not the whole list)

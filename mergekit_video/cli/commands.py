@@ -135,6 +135,8 @@ def eval_cmd(
             clips, crops = (int(v) for v in views.lower().split("x"))
         except ValueError:
             raise UserError(f"--views must look like 1x1 or 4x3, got {views!r}") from None
+        if clips < 1 or crops not in (1, 3):
+            raise UserError(f"--views {views}: CLIPSxCROPS takes clips >= 1 and crops 1 or 3")
         recipe = {
             "runner": "compare" if compare else "evaluate",
             "output_dir": str(output_dir or Path("runs") / "eval" / target.resolve().name),

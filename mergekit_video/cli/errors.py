@@ -126,12 +126,13 @@ def run_app(app: Any, argv: list[str]) -> int:
         if debug:
             raise
         from rich.console import Console
+        from rich.markup import escape
 
         msg = without_worker_traceback(str(e)) or type(e).__name__
         if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError; torch is not imported here
             msg = out_of_memory_message(msg)
         elif not isinstance(e, (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, TypeError)):
             msg = f"{type(e).__name__}: {msg}"
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {msg}\n[dim](run with --debug for the traceback)[/]", markup=True, soft_wrap=True)
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(msg)}\n[dim](run with --debug for the traceback)[/]", markup=True, soft_wrap=True)
         return 1
     return 0

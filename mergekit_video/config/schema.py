@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +36,14 @@ class Field:
         required: the key must be present.
         choices: allowed values ("one of"), listed in the error message; a callable returning
             them is evaluated at validation time (e.g. a registry's names, plugins included).
-        min, max: inclusive numeric bounds; ``exclusive_min`` makes ``min`` strict (``lr > 0``).
+        min, max: inclusive numeric bounds; ``exclusive_min`` / ``exclusive_max`` make them
+            strict (``lr > 0``, ``beta < 1``). Numbers must be finite (no ``.nan``/``.inf``).
         default: filled in by :func:`with_defaults` when the key is absent.
         doc: one-line description (shown by :func:`iter_schema`).
         nullable: ``null`` is accepted.
         item: schema of every element when the value is a list.
+        items: schemas by position when the value is a list of fixed length (``[clips, crops]``);
+            the list must have exactly that many elements, named by each spec's ``doc``.
         path: ``"file"``, ``"dir"`` or ``"exists"`` when the value names a filesystem path that
             :func:`check_paths` checks (not :func:`validate_recipe`: shipped recipes name
             datasets that exist only on the user's machine).
@@ -52,10 +56,12 @@ class Field:
     min: float | None = None
     max: float | None = None
     exclusive_min: bool = False
+    exclusive_max: bool = False
     default: Any = MISSING
     doc: str = ""
     nullable: bool = False
     item: Field | Section | Component | None = None
+    items: tuple[Field, ...] | None = None
     path: str | None = None
 
 
@@ -198,14 +204,26 @@ class _Validator:
         if choices is not None and value not in choices:
             allowed = ", ".join(repr(c) for c in choices)
             self.add(path, f"{value!r} is not one of: {allowed}{did_you_mean(value, choices)}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            self.add(path, f"must be a finite number, got {value!r}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             if spec.min is not None and (value < spec.min or (spec.exclusive_min and value == spec.min)):
                 self.add(path, f"must be {'>' if spec.exclusive_min else '>='} {spec.min}, got {value!r}")
-            if spec.max is not None and value > spec.max:
-                self.add(path, f"must be <= {spec.max}, got {value!r}")
+            if spec.max is not None and (value > spec.max or (spec.exclusive_max and value == spec.max)):
+                self.add(path, f"must be {'<' if spec.exclusive_max else '<='} {spec.max}, got {value!r}")
         if spec.item is not None and isinstance(value, list):
             for i, v in enumerate(value):
                 self.check(v, spec.item, join_key(path, i))
+        if spec.items is not None and isinstance(value, list):
+            if len(value) != len(spec.items):
+                names = ", ".join(s.doc or "?" for s in spec.items)
+                self.add(path, f"expected a list of {len(spec.items)} ([{names}]), got {len(value)} item{'s' * (len(value) != 1)} ({value!r})")
+            else:
+                for i, (v, sub) in enumerate(zip(value, spec.items)):
+                    before = len(self.problems)
+                    self.check(v, sub, join_key(path, i))
+                    if sub.doc:  # say which element: "train.val_views.1: crops: 2 is not one of: 1, 3"
+                        self.problems[before:] = [Problem(p.path, f"{sub.doc}: {p.message}") for p in self.problems[before:]]
 
     def component(self, value: Any, spec: Component, path: str) -> None:
         if not isinstance(value, Mapping) or COMPONENT_KEY not in value:

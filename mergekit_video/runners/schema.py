@@ -99,6 +99,9 @@ DATA = Section(
     required=True,
 )
 
+#: ``[clips, crops]`` of a test-mode loader: any number of temporal clips, 1 (centre) or 3 spatial crops.
+VIEWS = (Field(int, min=1, doc="clips"), Field(int, choices=(1, 3), doc="crops"))
+
 SPLIT = Section({"list": Field(str, required=True, path="file"), "class_csv": Field(str, nullable=True, path="file")})
 
 EVAL_DATASET = Section(
@@ -159,7 +162,9 @@ OPTIMIZER = Section(
         "lr": Field(float, default=5e-5, min=0, exclusive_min=True, doc="new parameters (temporal head)"),
         "clip_lr": Field(float, default=3e-6, min=0, doc="CLIP visual tower and logit scale"),
         "weight_decay": Field(float, default=0.2, min=0),
-        "betas": Field(list, default=[0.9, 0.999], item=Field(float, min=0, max=1)),
+        "betas": Field(list, default=[0.9, 0.999], items=(Field(float, min=0, max=1, exclusive_max=True, doc="beta1"),
+                                                          Field(float, min=0, max=1, exclusive_max=True, doc="beta2")),
+                       doc="Adam(W) [beta1, beta2], each in [0, 1)"),
         "eps": Field(float, default=1e-8, min=0, exclusive_min=True),
         "no_decay_norm_bias_embedding": Field(bool, default=False),
     }
@@ -179,7 +184,7 @@ TRAIN = Section(
         "max_steps": Field(int, nullable=True, default=None, min=1),
         "log_every": Field(int, default=10, min=1),
         "eval_every_epochs": Field(int, default=1, min=1),
-        "val_views": Field(list, default=[1, 1], item=Field(int, min=1), doc="[clips, crops] of the per-epoch validation"),
+        "val_views": Field(list, default=[1, 1], items=VIEWS, doc="[clips, crops] of the per-epoch validation (crops: 1 or 3)"),
         "save_every_steps": Field(int, nullable=True, default=None, min=1),
         "keep_last": Field(int, default=2, min=1),
         "resume": Field(str, nullable=True, default="auto", doc="auto | a checkpoint path | null"),
