@@ -298,7 +298,8 @@ class ExpertContainer(nn.Module):
         counter and nothing else: in-place writes (optimizer steps, ``load_state_dict``) bump
         versions; a replaced tensor (``torch.func.functional_call``, ``load_state_dict(assign=True)``,
         a new ``nn.Parameter``) is another object in the slot. Device and dtype moves go through
-        :meth:`_apply`, which drops the cache.
+        :meth:`_apply`, which drops the cache. Inference tensors (a model built under
+        ``torch.inference_mode()``) have no version counter: their merge is never current.
         """
         slots = self.__dict__.get("_slots_cache")
         if slots is None or slots[0] != _structure_epoch:
@@ -311,7 +312,7 @@ class ExpertContainer(nn.Module):
         merged_from, versions = cache[0], cache[1]
         if len(tensors) != len(merged_from) or not all(map(operator.is_, tensors, merged_from)):
             return False
-        return versions is None or list(map(_version_of, tensors)) == versions
+        return versions is not None and list(map(_version_of, tensors)) == versions
 
     def _remerge(self) -> tuple:
         # built outside inference mode: a cache filled inside torch.inference_mode() would
@@ -325,7 +326,17 @@ class ExpertContainer(nn.Module):
         try:
             versions = list(map(_version_of, tensors))
         except RuntimeError:  # inference tensors (a model built under inference_mode) have no version counter
-            versions = None
+            versions = None  # changes cannot be seen: every eval forward merges again
+            if "_no_versions_warned" not in self.__dict__:
+                import warnings
+
+                warnings.warn(
+                    "ExpertContainer experts are inference tensors (created under torch.inference_mode()), which "
+                    "have no version counters: the eval merge cannot be cached and is recomputed in every forward. "
+                    "Build or load the model outside inference_mode to cache it.",
+                    stacklevel=4,
+                )
+                object.__setattr__(self, "_no_versions_warned", True)
         cache = (tensors, versions, dense)
         object.__setattr__(self, "_merge_cache", cache)
         self.merge_count += 1
@@ -359,6 +370,7 @@ class ExpertContainer(nn.Module):
         state = self.__dict__.copy()
         state["aux_losses"], state["last_routing"], state["_merge_cache"] = {}, None, None
         state.pop("_slots_cache", None)  # refers to the experts' own dicts
+        state.pop("_no_versions_warned", None)
         return state
 
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
