@@ -253,6 +253,33 @@ def test_restore_errors_and_saving_same_step_replaces(tmp_path):
         CheckpointManager(directory=tmp_path, best_mode="maximum")
 
 
+def test_update_state_rewrites_only_the_json_and_reprunes(tmp_path):
+    """The end-of-epoch validation's metrics, history and RNG join the checkpoint saved before it."""
+    mgr = CheckpointManager(directory=tmp_path, keep_last=1, best_metric="acc")
+    model, gen = nn.Linear(3, 2), torch.Generator().manual_seed(0)
+    opt = build_optimizer(model.parameters(), lr=0.1, betas=(0.9, 0.99))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    mgr.save(step=4, epoch=0, model_state=model.state_dict(), metrics={"acc": 0.5})
+    p = mgr.save(step=8, epoch=1, model_state=model.state_dict(), optimizer=opt, rng=capture_rng_state({"g": gen}),
+                 extra={"batches_in_epoch": 4, "history": []})
+    assert [c.name for c in mgr.checkpoints()] == ["step_00000004", "step_00000008"]  # 4 is the best so far
+    tensors = {f: (p / f).stat() for f in ("model.safetensors", "optimizer.safetensors")}
+    torch.randn(5, generator=gen)  # the validation draws from an RNG stream
+    after_validation = capture_rng_state({"g": gen})
+    assert mgr.update_state(8, epoch=2, rng=after_validation, extra={"batches_in_epoch": 0, "history": [{"acc": 0.75}]},
+                            metrics={"acc": torch.tensor(0.75)}) == p
+    assert {f: ((p / f).stat().st_ino, (p / f).stat().st_mtime_ns) for f in tensors} == {f: (st.st_ino, st.st_mtime_ns) for f, st in tensors.items()}
+    state = mgr.load(p)
+    assert (state.step, state.epoch, state.metrics, state.extra) == (8, 2, {"acc": 0.75}, {"batches_in_epoch": 0, "history": [{"acc": 0.75}]})
+    assert torch.equal(state.rng["generators"]["g"], after_validation["generators"]["g"])
+    assert torch.equal(state.model_state["weight"], model.weight) and state.optimizer_state["state"][0]["step"].item() == 1.0
+    assert [c.name for c in mgr.checkpoints()] == ["step_00000008"] and mgr.best() == p  # the new best: 4 was pruned
+    assert sorted(f.name for f in p.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint .*step_00000005 to update"):
+        mgr.update_state(5, metrics={})
+
+
 def test_rng_restore_strict_names():
     state = capture_rng_state({"a": torch.Generator()})
     with pytest.raises(ValueError, match=r"in the checkpoint only \['a'\], in the running model only \['b'\]"):

@@ -441,6 +441,67 @@ def test_sigterm_stops_after_the_step_and_the_rerun_resumes_exactly(workers, ref
     _assert_same_run(reference, out)
 
 
+def _spy_checkpoint_writes(monkeypatch) -> list[tuple[str, int]]:
+    """(``save`` or ``update_state``, step) for every checkpoint write of the runs that follow."""
+    from mergekit_video.training.checkpoint import CheckpointManager
+
+    writes: list[tuple[str, int]] = []
+    save, update = CheckpointManager.save, CheckpointManager.update_state
+    monkeypatch.setattr(CheckpointManager, "save", lambda self, **kw: (writes.append(("save", kw["step"])), save(self, **kw))[1])
+    monkeypatch.setattr(CheckpointManager, "update_state", lambda self, step, **kw: (writes.append(("update_state", step)), update(self, step, **kw))[1])
+    return writes
+
+
+def test_stop_after_the_last_step_of_an_epoch_validates_it_on_resume(reference_runs, synthetic_data, tmp_path, monkeypatch):
+    """SIGTERM during step 8 (the last of the last epoch): the stop checkpoint is taken before that
+    epoch's validation, and the resumed run validates it (it used to skip to the next epoch)."""
+    reference = reference_runs(0, 1)
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    original = Trainer._optimizer_step
+
+    def signal_during_step_8(self):
+        if self.state.step == 7:
+            self._stop_signal = 15  # what the SIGTERM handler sets
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", signal_during_step_8)
+    from mergekit_video.training.trainer import TrainingInterrupted
+
+    writes = _spy_checkpoint_writes(monkeypatch)
+    with pytest.raises(TrainingInterrupted):
+        _run_in_process(out, ["data.num_workers=0"])
+    assert writes == [("save", 3), ("save", 4), ("save", 6), ("save", 8)] and _val_records(out) == []
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    writes.clear()
+    assert _resume_to_the_end(out, ["data.num_workers=0"]) == (8, 1, 4)  # all 4 steps of epoch 1 done, its end pending
+    assert writes == [("update_state", 8)]  # the validation's metrics join the step-8 checkpoint; no tensors rewritten
+    _assert_same_run(reference, out)
+    state = json.loads((out / "checkpoints" / "step_00000008" / "state.json").read_text())
+    assert (state["epoch"], state["extra"]["batches_in_epoch"]) == (2, 0)
+    assert state["metrics"]["top1"] == _val_records(reference)[-1]["val/top1"]
+
+
+def test_a_failed_validation_keeps_the_trained_epoch_and_the_rerun_validates_it(reference_runs, synthetic_data, tmp_path, monkeypatch):
+    """The epoch-end checkpoint is written before validation: a validation error loses no training."""
+    from mergekit_video.runners.mote import MoTERunner
+
+    reference = reference_runs(0, 1)
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    monkeypatch.setattr(MoTERunner, "_validate", lambda self, epoch: (_ for _ in ()).throw(ValueError("a corrupt val video")))
+    with pytest.raises(ValueError, match="a corrupt val video"):
+        _run_in_process(out, ["data.num_workers=0"])
+    monkeypatch.undo()
+    ckpt = out / "checkpoints" / "step_00000008"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["extra"]["batches_in_epoch"], state["metrics"]) == (8, 1, 4, {})
+    tensors = (ckpt / "model.safetensors").stat()
+    assert _resume_to_the_end(out, ["data.num_workers=0"]) == (8, 1, 4)
+    _assert_same_run(reference, out)
+    after = (ckpt / "model.safetensors").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (tensors.st_ino, tensors.st_mtime_ns)  # only state.json was rewritten
+    assert json.loads((ckpt / "state.json").read_text())["metrics"]["top1"] == _val_records(reference)[-1]["val/top1"]
+
+
 def test_cli_reports_an_interrupted_run_with_exit_code_130(capsys):
     import typer
 

@@ -382,6 +382,42 @@ class CheckpointManager:
         self.prune()
         return final
 
+    def update_state(
+        self,
+        step: int,
+        *,
+        epoch: int | None = None,
+        rng: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Rewrite the JSON part of the existing checkpoint ``step`` atomically; return its path.
+
+        For state that changed after :meth:`save` while the model and optimizer did not (the
+        end-of-epoch validation: its metrics, the run's history, the RNG streams its loader drew
+        from): ``state.json`` is replaced in one rename, the tensor files are not written again.
+        Arguments left None keep their saved values; the checkpoints are pruned again (the best
+        one may have changed). Raises ``FileNotFoundError`` when there is no complete checkpoint
+        ``step`` in this directory.
+        """
+        final = self.directory / f"step_{step:08d}"
+        meta = _read_state_json(final)
+        if meta is None:
+            raise FileNotFoundError(f"no complete checkpoint {final} to update")
+        inline = _Encoder(inline=True, what="")
+        meta["time"] = time.time()
+        if epoch is not None:
+            meta["epoch"] = int(epoch)
+        if metrics is not None:
+            meta["metrics"] = {str(k): _metric_value(v) for k, v in metrics.items()}
+        if rng is not None:
+            meta["rng"] = inline.encode(dict(rng), "rng")
+        if extra is not None:
+            meta["extra"] = inline.encode(dict(extra), "extra")
+        atomic_write_text(final / _STATE_FILE, json.dumps(meta, indent=1) + "\n")
+        self.prune()
+        return final
+
     def _remove_stale_temp_dirs(self) -> None:
         for p in self.directory.glob(".tmp-step_*"):
             shutil.rmtree(p, ignore_errors=True)

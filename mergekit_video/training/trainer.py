@@ -4,7 +4,9 @@ One optimizer step = ``grad_accumulation`` micro-batches. Checkpoints are taken 
 boundaries and record the model, optimizer, scheduler, scaler, every RNG (global, the
 routers' and WMR's generators), the step, the epoch and how many micro-batches of the
 epoch were consumed, so ``resume`` continues with exactly the batches, routing draws and
-τ draws an uninterrupted run would have used.
+τ draws an uninterrupted run would have used. An epoch's end is checkpointed before its
+validation; a resume inside an epoch whose steps are done but whose end did not run (a stop
+right after its last step, a failed validation) runs that validation first.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,7 +94,8 @@ class Trainer:
         epochs: epochs to train; ``max_steps`` stops earlier.
         grad_accumulation: micro-batches per optimizer step.
         checkpoints: a ``CheckpointManager`` (None: no checkpoints).
-        save_every_steps: checkpoint period in optimizer steps (besides every epoch end).
+        save_every_steps: checkpoint period in optimizer steps (besides every epoch end, which
+            is written before the epoch's validation and then given its metrics).
         evaluate_fn: ``epoch -> {metric: value}`` called every ``eval_every_epochs``.
         best_metric: key of ``evaluate_fn``'s result that selects the best checkpoint.
         metrics: a ``MetricsLogger`` (JSONL / TensorBoard); ``show_progress``: a rich progress
@@ -160,6 +164,7 @@ class Trainer:
         self.extra_state = extra_state
         self.stop_on_signals = bool(stop_on_signals)
         self._stop_signal: int | None = None
+        self._saved_step: int | None = None  # the step whose checkpoint holds the current state
         self.state = TrainState()
         self.bad_videos: set[str] = set()  # distinct bad files met (skipped or resampled), logged once each
         # loss terms summed over the micro-batches since the last metrics line; saved in checkpoints
@@ -190,6 +195,19 @@ class Trainer:
         """
         from .rng import capture_rng_state
 
+        return {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "model_state": self.model.state_dict(),
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "rng": capture_rng_state(self.generators),
+            "extra": self._extra(loss_window),
+        }
+
+    def _extra(self, loss_window: dict[str, Any]) -> dict[str, Any]:
+        """The progress a checkpoint keeps besides the step and epoch (JSON-able)."""
         extra = {
             "batches_in_epoch": self.state.batches_in_epoch,
             "best_metric": self.state.best_metric,
@@ -199,25 +217,34 @@ class Trainer:
         }
         if self.extra_state is not None:
             extra.update(self.extra_state())
-        return {
-            "step": self.state.step,
-            "epoch": self.state.epoch,
-            "model_state": self.model.state_dict(),
-            "optimizer": self.optimizer,
-            "scheduler": self.scheduler,
-            "scaler": self.scaler,
-            "rng": capture_rng_state(self.generators),
-            "extra": extra,
-        }
+        return extra
 
     def save_checkpoint(self, metrics: dict[str, float] | None = None) -> Any:
         """Write a checkpoint (main process only); returns its path."""
         if self.checkpoints is None:
             return None
         loss_window = self._loss_window()  # a collective under DDP: every rank calls save_checkpoint
+        self._saved_step = self.state.step
         if not _is_main(self.dist):
             return None
         return self.checkpoints.save(**self.checkpoint_payload(loss_window=loss_window), metrics=metrics)
+
+    def _record_closed_epoch(self, metrics: dict[str, float] | None) -> None:
+        """Bring the checkpoint of this step (saved before the validation) up to date.
+
+        Validation changes neither the model nor the optimizer, so only the checkpoint's JSON
+        is rewritten (:meth:`CheckpointManager.update_state`): the next epoch, the metrics, the
+        history and the RNG streams as they are after the validation.
+        """
+        from .rng import capture_rng_state
+
+        if self.checkpoints is None:
+            return
+        loss_window = self._loss_window()  # a collective under DDP, as in save_checkpoint
+        if not _is_main(self.dist):
+            return
+        self.checkpoints.update_state(self.state.step, epoch=self.state.epoch, rng=capture_rng_state(self.generators),
+                                      extra=self._extra(loss_window), metrics=metrics or {})
 
     def _loss_window(self) -> dict[str, Any]:
         """The loss sums not yet logged, averaged over ranks (identical on every rank after a resume)."""
@@ -249,9 +276,11 @@ class Trainer:
         window = extra.get("loss_window") or {}
         self._loss_count = int(window.get("count", 0))
         self._loss_sums = {k: torch.tensor(float(v), dtype=torch.float64, device=self.device) for k, v in window.get("sums", {}).items()}
-        if self.state.batches_in_epoch >= self.steps_per_epoch * self.grad_accumulation:
-            self.state.epoch += 1
-            self.state.batches_in_epoch = 0
+        # a checkpoint of this run's own directory holds this state: closing a finished epoch
+        # (batches_in_epoch == its micro-batches: stopped right after its last step, or its
+        # validation failed) only updates it; one from elsewhere (train.resume=<path>) is saved anew
+        own = self.checkpoints is not None and Path(ckpt.path).resolve().parent == Path(self.checkpoints.directory).resolve()
+        self._saved_step = self.state.step if own else None
         log.debug("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batches_in_epoch)
 
     # -- training -----------------------------------------------------------------------
@@ -366,6 +395,10 @@ class Trainer:
         self._clips_reported = 0
         world = self.dist.world_size if self.dist is not None else 1
         usable = self.steps_per_epoch * self.grad_accumulation  # micro-batches used per epoch
+        if self.state.batches_in_epoch >= usable:
+            # resumed in an epoch whose steps are all done but whose end (validation, checkpoint
+            # with metrics) did not run: stopped right after its last step, or validation failed
+            self._close_epoch()
         while self.state.epoch < self.epochs and self.state.step < self.total_steps:
             sampler = getattr(self.loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
@@ -415,23 +448,40 @@ class Trainer:
                 if self.state.step >= self.total_steps:
                     break
             if self.state.batches_in_epoch < usable:  # stopped by max_steps inside the epoch
-                self.save_checkpoint()
+                if self._saved_step != self.state.step:
+                    self.save_checkpoint()
                 break
-            finished_epoch = self.state.epoch
-            self.state.epoch += 1
-            self.state.batches_in_epoch = 0
-            metrics = None
-            if self.evaluate_fn is not None and ((finished_epoch + 1) % self.eval_every_epochs == 0 or self.state.epoch >= self.epochs):
-                metrics = self.evaluate_fn(finished_epoch)
-                self.model.train()
-                self.state.history.append({"epoch": finished_epoch, "step": self.state.step, **metrics})
-                if self.metrics is not None:
-                    self.metrics.log({f"val/{k}": v for k, v in metrics.items()}, step=self.state.step, epoch=finished_epoch)
-                if self.best_metric and self.best_metric in metrics:
-                    value = metrics[self.best_metric]
-                    if self.state.best_metric is None or value > self.state.best_metric:
-                        self.state.best_metric = value
+            self._close_epoch()
+
+    def _close_epoch(self) -> None:
+        """End of an epoch whose steps are done: validation when due, a checkpoint, the next epoch.
+
+        The trained epoch is checkpointed *before* the validation, so a validation that fails
+        (or is interrupted) loses no training, and resuming from that checkpoint runs the
+        validation again. Afterwards only that checkpoint's JSON is updated (no tensors are
+        written twice); without a validation the checkpoint is written once, closed.
+        """
+        finished = self.state.epoch
+        due = self.evaluate_fn is not None and ((finished + 1) % self.eval_every_epochs == 0 or finished + 1 >= self.epochs)
+        if due and self._saved_step != self.state.step:
+            self.save_checkpoint()
+        metrics = None
+        if due:
+            metrics = self.evaluate_fn(finished)
+            self.model.train()
+            self.state.history.append({"epoch": finished, "step": self.state.step, **metrics})
+            if self.best_metric and self.best_metric in metrics:
+                value = metrics[self.best_metric]
+                if self.state.best_metric is None or value > self.state.best_metric:
+                    self.state.best_metric = value
+        self.state.epoch += 1
+        self.state.batches_in_epoch = 0
+        if self._saved_step == self.state.step and self.checkpoints is not None:
+            self._record_closed_epoch(metrics)
+        else:
             self.save_checkpoint(metrics)
+        if metrics is not None and self.metrics is not None:  # after the checkpoint: a resume never logs them twice
+            self.metrics.log({f"val/{k}": v for k, v in metrics.items()}, step=self.state.step, epoch=finished)
 
 
 def _is_main(dist: Any) -> bool:
