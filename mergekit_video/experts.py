@@ -63,6 +63,44 @@ _version_of = operator.attrgetter("_version")
 _Slot = tuple[str, list[tuple[dict, str]]]
 
 
+class _SlotTable:
+    """Where the experts keep their tensors, built once per module structure (see ``_structure_epoch``).
+
+    ``slots``: one entry per distinct tensor of expert 0 (first name; a tied tensor once), with
+    each expert's slot. ``flat``: every expert's slot, slot-major. ``swaps``: every slot of
+    expert 0 as ``(dict, leaf, slot index)``, a tied tensor under each of its names.
+    ``aliases``: every name of each slot. ``buffers``: the indices of buffer slots.
+    ``verdicts``: per buffer slot, whether the experts hold equal values, cached against the
+    tensors and their versions.
+    """
+
+    __slots__ = ("epoch", "slots", "flat", "swaps", "aliases", "buffers", "verdicts")
+
+    def __init__(self, experts: Sequence[nn.Module]) -> None:
+        self.epoch = _structure_epoch
+        self.slots: list[_Slot] = []
+        self.swaps: list[tuple[dict, str, int]] = []
+        self.aliases: list[list[str]] = []
+        self.buffers: list[int] = []
+        self.verdicts: dict[int, tuple[list, list | None, bool]] = {}
+        e0 = experts[0]
+        index_of: dict[int, int] = {}  # id(tensor of expert 0) → slot index
+        for kind, named in (("_parameters", e0.named_parameters(remove_duplicate=False)), ("_buffers", e0.named_buffers(remove_duplicate=False))):
+            for name, t in named:
+                prefix, _, leaf = name.rpartition(".")
+                own = getattr(e0.get_submodule(prefix), kind)
+                i = index_of.get(id(t))
+                if i is None:  # a new tensor: its slot in every expert, by name
+                    i = index_of[id(t)] = len(self.slots)
+                    self.slots.append((name, [(getattr(e.get_submodule(prefix), kind), leaf) for e in experts]))
+                    self.aliases.append([])
+                    if kind == "_buffers":
+                        self.buffers.append(i)
+                self.aliases[i].append(name)
+                self.swaps.append((own, leaf, i))
+        self.flat = [ref for _, refs in self.slots for ref in refs]
+
+
 def check_same_structure(experts: Sequence[nn.Module]) -> None:
     """Raise ``ValueError`` naming the first tensor in which the experts differ."""
     if len(experts) == 0:
@@ -208,17 +246,17 @@ class ExpertContainer(nn.Module):
         if w.numel() != self.num_experts:
             raise ValueError(f"merged_forward got {w.numel()} weights for {self.num_experts} experts")
         merged = self._merge_slots(w)
-        slots = self._tensor_slots()  # refreshed by _merge_slots if a tensor was deleted
+        swaps = self._slots_cache.swaps  # refreshed by _merge_slots if a tensor was deleted
         # expert 0's code runs on the merged tensors, swapped into its own parameter and buffer
-        # slots for the call, as functional_call does, without its per-call bookkeeping
-        targets = [refs[0] for _, refs in slots]
-        originals = [d[leaf] for d, leaf in targets]
+        # slots (a tied tensor under each of its names) for the call, as functional_call does,
+        # without its per-call bookkeeping
+        originals = [d[leaf] for d, leaf, _ in swaps]
         try:
-            for (d, leaf), t in zip(targets, merged):
-                d[leaf] = t
+            for d, leaf, i in swaps:
+                d[leaf] = merged[i]
             return self.experts[0](x, *args, **kwargs)
         finally:
-            for (d, leaf), t in zip(targets, originals):
+            for (d, leaf, _), t in zip(swaps, originals):
                 d[leaf] = t
 
     def collapse(self, strategy: str | None = None, *, base: nn.Module | Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> nn.Module:
@@ -245,8 +283,14 @@ class ExpertContainer(nn.Module):
                     owner, _, leaf = name.rpartition(".")
                     getattr(dense.get_submodule(owner), leaf).copy_(value)
             else:
-                merged = merge_state_dicts([e.state_dict() for e in self.experts], strategy, base=base_sd, **kwargs)
-                dense.load_state_dict(merged)
+                # buffers equal in every expert (a causal mask of -inf) are kept as they are: task
+                # vectors of -inf entries would be NaN. The dense copy of expert 0 holds them already.
+                kept = self._identical_buffer_names()
+                sds = [{k: v for k, v in e.state_dict().items() if k not in kept} for e in self.experts]
+                merged = merge_state_dicts(sds, strategy, base=base_sd, **kwargs)
+                missing, unexpected = dense.load_state_dict(merged, strict=False)
+                if unexpected or set(missing) - kept:  # pragma: no cover - the experts share one structure
+                    raise RuntimeError(f"collapse: merged keys do not fit the dense module ({missing}, {unexpected})")
         dense.train(self.training)
         return dense
 
@@ -264,7 +308,8 @@ class ExpertContainer(nn.Module):
 
     def _copy_of_first_expert(self) -> nn.Module:
         """``deepcopy(experts[0])``, also while its slots hold graph tensors (``torch.func.functional_call``)."""
-        targets = [refs[0] for _, refs in self._tensor_slots()]
+        self._tensor_slots()
+        targets = [(d, leaf) for d, leaf, _ in self._slots_cache.swaps]
         originals = [d[leaf] for d, leaf in targets]
         try:
             for (d, leaf), t in zip(targets, originals):
@@ -301,12 +346,12 @@ class ExpertContainer(nn.Module):
         :meth:`_apply`, which drops the cache. Inference tensors (a model built under
         ``torch.inference_mode()``) have no version counter: their merge is never current.
         """
-        slots = self.__dict__.get("_slots_cache")
-        if slots is None or slots[0] != _structure_epoch:
+        table = self.__dict__.get("_slots_cache")
+        if table is None or table.epoch != _structure_epoch:
             self._tensor_slots()
-            slots = self._slots_cache
+            table = self._slots_cache
         try:
-            tensors = [d[leaf] for d, leaf in slots[2]]
+            tensors = [d[leaf] for d, leaf in table.flat]
         except KeyError:  # a tensor was deleted: the merge is stale and the slots are re-read on re-merging
             return False
         merged_from, versions = cache[0], cache[1]
@@ -382,42 +427,72 @@ class ExpertContainer(nn.Module):
 
     # -- internals -----------------------------------------------------------------
     def _tensor_slots(self) -> list[_Slot]:
-        """Every parameter and buffer name of the experts with each expert's slot, cached per module structure."""
-        cached = self.__dict__.get("_slots_cache")
-        if cached is not None and cached[0] == _structure_epoch:
-            return cached[1]
-        slots: list[_Slot] = []
-        names = [n for n, _ in self.experts[0].named_parameters()] + [n for n, _ in self.experts[0].named_buffers()]
-        for name in names:
-            prefix, _, leaf = name.rpartition(".")
-            refs = []
-            for e in self.experts:
-                owner = e.get_submodule(prefix)
-                refs.append((owner._parameters if leaf in owner._parameters else owner._buffers, leaf))
-            slots.append((name, refs))
-        flat = [ref for _, refs in slots for ref in refs]
-        object.__setattr__(self, "_slots_cache", (_structure_epoch, slots, flat))
-        return slots
+        """Every distinct parameter and buffer of the experts (first name) with each expert's slot, cached per module structure."""
+        table = self.__dict__.get("_slots_cache")
+        if table is None or table.epoch != _structure_epoch:
+            table = _SlotTable(self.experts)
+            object.__setattr__(self, "_slots_cache", table)
+        return table.slots
 
     def _slot_tensors(self, *, flat: bool = False) -> list:
         """Current tensors, ``[slot][expert]`` (or flat); a deleted tensor refreshes the slots."""
         for attempt in range(2):
             self._tensor_slots()
-            _, slots, refs = self._slots_cache
+            table = self._slots_cache
             try:
                 if flat:
-                    return [d[leaf] for d, leaf in refs]
-                return [[d[leaf] for d, leaf in slot_refs] for _, slot_refs in slots]
+                    return [d[leaf] for d, leaf in table.flat]
+                return [[d[leaf] for d, leaf in slot_refs] for _, slot_refs in table.slots]
             except KeyError:
                 if attempt:
                     raise
                 object.__setattr__(self, "_slots_cache", None)
         raise AssertionError("unreachable")
 
-    def _merge_slots(self, weights: torch.Tensor) -> list[torch.Tensor]:
-        """Merged tensor per slot: Σ wᵢ·θᵢ for floating tensors (one multi-tensor op), expert 0's otherwise."""
+    def _identical_buffers(self, tensors: list[list[torch.Tensor]]) -> list[int]:
+        """Indices of the floating buffer slots whose values are equal in every expert.
+
+        Such buffers (causal masks of -inf, positional tables) are constants of the module, taken
+        from expert 0 rather than combined (0 · -inf is NaN). Parameters are not compared: this
+        runs in every merged forward. The verdict is cached against the buffers and their versions.
+        """
+        table = self._slots_cache
+        same = []
+        for i in table.buffers:
+            ts = tensors[i]
+            if not ts[0].is_floating_point():
+                continue
+            try:
+                versions = list(map(_version_of, ts))
+            except RuntimeError:  # inference tensors: compare every time
+                versions = None
+            known = table.verdicts.get(i)
+            if known is not None and versions is not None and known[1] == versions and all(map(operator.is_, ts, known[0])):
+                equal = known[2]
+            else:
+                try:
+                    equal = all(torch.equal(ts[0], t) for t in ts[1:])
+                except RuntimeError:  # values unavailable (torch.func batched tensors): combined as parameters are
+                    equal = False
+                table.verdicts[i] = (ts, versions, equal)
+            if equal:
+                same.append(i)
+        return same
+
+    def _identical_buffer_names(self) -> set[str]:
+        """Every name (tied aliases included) of the floating buffers equal in every expert."""
         tensors = self._slot_tensors()
-        floating = [i for i, ts in enumerate(tensors) if ts[0].is_floating_point()]
+        aliases = self._slots_cache.aliases
+        return {name for i in self._identical_buffers(tensors) for name in aliases[i]}
+
+    def _merge_slots(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """Merged tensor per slot: Σ wᵢ·θᵢ for floating tensors (one multi-tensor op), expert 0's otherwise.
+
+        Floating buffers equal in every expert are expert 0's too (see :meth:`_identical_buffers`).
+        """
+        tensors = self._slot_tensors()
+        same = self._identical_buffers(tensors) if self._slots_cache.buffers else ()
+        floating = [i for i, ts in enumerate(tensors) if ts[0].is_floating_point() and i not in same]
         merged = linear_combinations([tensors[i] for i in floating], weights)
         out = [ts[0] for ts in tensors]
         for i, m in zip(floating, merged):

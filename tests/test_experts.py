@@ -510,6 +510,76 @@ def test_collapse_merges_buffers_including_non_persistent():
     assert dense.state_dict().keys() == mods[0].state_dict().keys()
 
 
+class CausalAttention(nn.Module):
+    """Single-head attention with a causal mask of -inf (a non-persistent buffer) and a persistent copy."""
+
+    def __init__(self, t: int = 4, d: int = 8) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.register_buffer("mask", torch.full((t, t), float("-inf")).triu(1), persistent=False)
+        self.register_buffer("saved_mask", self.mask.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)  # [B, T, D] each
+        return ((q @ k.transpose(-1, -2) / 8**0.5 + self.mask + self.saved_mask).softmax(-1)) @ v
+
+
+def test_buffers_equal_in_every_expert_are_kept_not_combined():
+    torch.manual_seed(0)
+    c = ExpertContainer([CausalAttention() for _ in range(3)], "fixed")
+    x = torch.randn(2, 4, 8)
+    last = c.experts[2](x)
+    dense = c.collapse("temperature_softmax", tau=0.0)  # coefficients [0, 0, 1]: 0 · -inf would be NaN
+    assert torch.equal(dense.mask, c.experts[0].mask) and maxdiff(dense(x), last) <= 1e-6
+    assert maxdiff(c.merged_forward(x, torch.tensor([0.0, 0.0, 1.0])), last) <= 1e-6
+    base = CausalAttention().state_dict()  # task arithmetic on the persistent mask: -inf − -inf would be NaN
+    ta = c.collapse("task_arithmetic", base=base, lam=0.5)
+    assert torch.equal(ta.saved_mask, c.experts[0].saved_mask)
+    expected = base["qkv.weight"] + 0.5 * sum(e.qkv.weight - base["qkv.weight"] for e in c.experts)
+    assert maxdiff(ta.qkv.weight, expected) <= 1e-6
+    # the verdict follows in-place changes (version counters): differing buffers are combined again
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+    s = ExpertContainer([Scale() for _ in range(3)], "fixed")
+    w, ones = torch.tensor([2.0, 0.0, 0.0]), torch.ones(2)
+    assert torch.equal(s.merged_forward(ones, w), ones)  # equal: expert 0's, not 2 · scale
+    s.experts[1].scale.fill_(3.0)
+    assert torch.equal(s.merged_forward(ones, w), 2 * ones)  # differing: 2·1 + 0·3
+    s.experts[1].scale.fill_(1.0)
+    assert torch.equal(s.merged_forward(ones, w), ones)
+
+
+def test_merged_forward_swaps_every_alias_of_a_tied_parameter():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+            self.down.weight = self.up.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(torch.relu(self.up(x)))
+
+    torch.manual_seed(0)
+    c = ExpertContainer([Tied() for _ in range(3)], "fixed")
+    w = torch.tensor([0.2, 0.3, 0.5], requires_grad=True)
+    x = torch.randn(2, 4)
+    y = c.merged_forward(x, w)
+    merged_w = sum(wi * e.up.weight for wi, e in zip(w, c.experts))
+    y_ref = F.linear(torch.relu(F.linear(x, merged_w)), merged_w)
+    assert maxdiff(y, y_ref) <= 1e-6
+    assert maxdiff(torch.autograd.grad(y.sum(), w)[0], torch.autograd.grad(y_ref.sum(), w)[0]) <= 1e-5
+    e0 = c.experts[0]
+    assert e0.down.weight is e0.up.weight and isinstance(e0.up.weight, nn.Parameter)  # put back under both names
+    dense = c.collapse("weighted", weights=[0.2, 0.3, 0.5])  # collapse already followed the tie
+    assert dense.down.weight is dense.up.weight and maxdiff(dense(x), y_ref) <= 1e-6
+
+
 def test_attribute_reads_fall_back_to_expert_zero():
     """Backbone code that inspects its module (open_clip reads ``mlp.c_fc.weight.dtype``) keeps working."""
     c = ExpertContainer(experts(2), "fixed")
