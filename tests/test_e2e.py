@@ -502,6 +502,23 @@ def test_a_failed_validation_keeps_the_trained_epoch_and_the_rerun_validates_it(
     assert json.loads((ckpt / "state.json").read_text())["metrics"]["top1"] == _val_records(reference)[-1]["val/top1"]
 
 
+def test_resume_from_a_checkpoint_with_another_schedule_length_is_refused(reference_runs, synthetic_data, tmp_path):
+    """train.resume=<a 2-epoch run> with schedule.epochs=3: the checkpoint's 8-step cosine would be
+    restored over the recipe's 12 steps (lr 0 from step 9), so the resume is refused, naming both."""
+    from mergekit_video.runners import run_recipe
+
+    reference = reference_runs(0, 1)
+    out = _new_run_dir(tmp_path / "longer", synthetic_data)
+    for changed, what in (("schedule.epochs=3", "length (schedule.epochs x steps per epoch, capped by train.max_steps): 8 steps in the checkpoint, 12 steps now"),
+                          ("optimizer.lr=2e-3", "base lr per parameter group (optimizer.lr, optimizer.clip_lr): [0.0003, 0.001] in the checkpoint, [0.0003, 0.002] now")):
+        cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", changed, f"train.resume={reference / 'checkpoints'}"])
+        with pytest.raises(ValueError) as info:
+            run_recipe(cfg)
+        assert str(info.value).startswith(f"train.resume: checkpoint {reference / 'checkpoints' / 'step_00000008'} was trained with another lr schedule ({what}).")
+        assert "schedule.epochs, train.max_steps" in str(info.value) and "train.resume=null" in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["cache", "data", "recipe.yaml"]  # nothing trained
+
+
 def test_cli_reports_an_interrupted_run_with_exit_code_130(capsys):
     import typer
 

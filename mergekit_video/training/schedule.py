@@ -7,11 +7,13 @@ recipes give epochs, the runner converts them to iterations (``epochs * steps_pe
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["CosineWithWarmup", "cosine_with_warmup"]
+__all__ = ["CosineWithWarmup", "cosine_with_warmup", "schedule_differences"]
 
 
 class CosineWithWarmup:
@@ -54,3 +56,33 @@ def cosine_with_warmup(
     """
     return LambdaLR(optimizer, CosineWithWarmup(warmup_steps=warmup_steps, total_steps=total_steps,
                                                 min_lr_ratio=min_lr_ratio))
+
+
+#: What each parameter of a :class:`CosineWithWarmup` is called in a message, and the recipe keys behind it.
+_SCHEDULE_PARAMS = {
+    "total_steps": "length (schedule.epochs x steps per epoch, capped by train.max_steps)",
+    "warmup_steps": "warm-up (schedule.warmup_epochs)",
+    "min_lr_ratio": "final lr ratio (schedule.min_lr_ratio)",
+}
+
+
+def schedule_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """How a scheduler state saved in a checkpoint differs from the one built now, in words.
+
+    ``LambdaLR.load_state_dict`` takes the saved lr multipliers (their ``total_steps``, ...) and
+    base lrs over the new ones, so a resume with a changed schedule silently follows the old one
+    (an lr of 0 once its length is past). Compares each group's :class:`CosineWithWarmup`
+    parameters and base lr; an empty list means the same schedule.
+    """
+    problems = []
+    old_fns, new_fns = saved.get("lr_lambdas") or [], current.get("lr_lambdas") or []
+    for old, new in zip(old_fns[:1], new_fns[:1]):  # every group shares one schedule
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            for key, what in _SCHEDULE_PARAMS.items():
+                if key in old and key in new and old[key] != new[key]:
+                    unit = " steps" if key.endswith("steps") else ""
+                    problems.append(f"{what}: {old[key]}{unit} in the checkpoint, {new[key]}{unit} now")
+    old_lrs, new_lrs = list(saved.get("base_lrs") or []), list(current.get("base_lrs") or [])
+    if old_lrs and new_lrs and (len(old_lrs) != len(new_lrs) or any(not math.isclose(a, b, rel_tol=1e-12) for a, b in zip(old_lrs, new_lrs))):
+        problems.append(f"base lr per parameter group (optimizer.lr, optimizer.clip_lr): {old_lrs} in the checkpoint, {new_lrs} now")
+    return problems

@@ -255,7 +255,17 @@ class Trainer:
     def resume(self, ckpt: Any) -> None:
         """Restore from a loaded ``CheckpointState``."""
         from .rng import restore_rng_state
+        from .schedule import schedule_differences
 
+        if ckpt.scheduler_state is not None:
+            differences = schedule_differences(ckpt.scheduler_state, self.scheduler.state_dict())
+            if differences:
+                raise ValueError(
+                    f"train.resume: checkpoint {ckpt.path} was trained with another lr schedule ({'; '.join(differences)}). "
+                    "A resume continues the checkpoint's schedule (a longer run would train at lr 0 past its end): resume "
+                    "with the settings it was trained with (schedule.epochs, train.max_steps, schedule.*, optimizer.lr: see its "
+                    "run's recipe.yaml), or set train.resume=null to start a new run"
+                )
         self.model.load_state_dict(ckpt.model_state, strict=True)
         if ckpt.optimizer_state is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
