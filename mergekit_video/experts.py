@@ -684,20 +684,45 @@ def use_merge(model: nn.Module, strategy: str, **kwargs: Any) -> Iterator[None]:
             c.set_merge(s, **kw)
 
 
+def router_keeps_state(router: nn.Module) -> bool:
+    """Whether ``router`` keeps routing state of its own beyond its generator.
+
+    That is nn.Module extra state (``get_extra_state`` / ``set_extra_state``, saved in the
+    state dict as ``router._extra_state``), such as a round-robin step counter. Like a
+    generator, it advances in every routed forward, so a recomputation must replay it.
+    """
+    return type(router).get_extra_state is not nn.Module.get_extra_state
+
+
+def _routing_state(c: ExpertContainer) -> tuple[Any, torch.Tensor, Any]:
+    """A container's plan, router generator state and router extra state (a copy; None without any)."""
+    extra = copy.deepcopy(c.router.get_extra_state()) if router_keeps_state(c.router) else None
+    return c._plan, c.router.generator.get_state(), extra
+
+
+def _set_routing_state(c: ExpertContainer, state: tuple[Any, torch.Tensor, Any]) -> None:
+    plan, generator_state, extra = state
+    c._plan = plan
+    c.router.generator.set_state(generator_state)
+    if router_keeps_state(c.router):
+        c.router.set_extra_state(copy.deepcopy(extra))
+
+
 def checkpoint_routed(module: nn.Module, function: Callable[..., Any], *args: Any) -> Any:
     """:func:`torch.utils.checkpoint.checkpoint` (non-reentrant) for code that runs containers of ``module``.
 
     A plain checkpoint replays only the global RNGs, so the recomputation in backward would
-    draw new experts from the routers' own generators and run without the routing plan of
-    the original forward (its context has exited by then); the recomputed tensors would not
-    match. Here the recomputation sees each container's plan and router generator state as
-    they were in the original forward; the current plans, generator states and routing
-    records are put back afterwards.
+    draw new experts from the routers' own generators (or advance a stateful router, see
+    :func:`router_keeps_state`) and run without the routing plan of the original forward (its
+    context has exited by then); the recomputed tensors would not match. Here the
+    recomputation sees each container's plan, router generator state and router extra state
+    as they were in the original forward; the current ones, and the routing records, are put
+    back afterwards.
     """
     from torch.utils.checkpoint import checkpoint
 
     containers = [c for _, c in find_containers(module)]
-    recorded = [(c._plan, c.router.generator.get_state()) for c in containers]
+    recorded = [_routing_state(c) for c in containers]
     calls = 0
 
     def run(*inner: Any) -> Any:
@@ -705,16 +730,15 @@ def checkpoint_routed(module: nn.Module, function: Callable[..., Any], *args: An
         calls += 1
         if calls == 1:  # the original forward
             return function(*inner)
-        current = [(c._plan, c.router.generator.get_state(), c.aux_losses, c.last_routing) for c in containers]
+        current = [(_routing_state(c), c.aux_losses, c.last_routing) for c in containers]
         try:
-            for c, (plan, state) in zip(containers, recorded):
-                c._plan = plan
-                c.router.generator.set_state(state)
+            for c, state in zip(containers, recorded):
+                _set_routing_state(c, state)
             return function(*inner)
         finally:
-            for c, (plan, state, aux, last) in zip(containers, current):
-                c._plan, c.aux_losses, c.last_routing = plan, aux, last
-                c.router.generator.set_state(state)
+            for c, (state, aux, last) in zip(containers, current):
+                _set_routing_state(c, state)
+                c.aux_losses, c.last_routing = aux, last
 
     return checkpoint(run, *args, use_reentrant=False)
 

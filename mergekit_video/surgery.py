@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .experts import ExpertContainer, find_containers, per_container_merge_kwargs
+from .experts import ExpertContainer, find_containers, per_container_merge_kwargs, router_keeps_state
 from .registry import ROUTERS
 from .routers import Router, default_generator
 
@@ -246,22 +246,25 @@ def add_experts(
 
 
 def warn_plain_checkpointing(model: nn.Module) -> None:
-    """Warn when a module that checkpoints with plain ``torch.utils.checkpoint`` holds stochastic routers.
+    """Warn when a module that checkpoints with plain ``torch.utils.checkpoint`` holds stochastic or stateful routers.
 
     Such a module (``grad_checkpointing = True``, as open_clip and timm set it, and no
-    ``replays_routing``) would recompute its forward in backward with newly drawn experts.
+    ``replays_routing``) would recompute its forward in backward with newly drawn experts (or,
+    for a router that keeps state such as a round-robin step, the next expert).
     Called by :func:`add_experts`; call it after turning checkpointing on in a backbone that has experts.
     """
     for name, module in model.named_modules():
         if getattr(module, "grad_checkpointing", False) is not True or getattr(module, "replays_routing", False):
             continue
-        stochastic = [n for n, c in find_containers(module) if getattr(c.router, "stochastic", True)]
+        stochastic = [
+            n for n, c in find_containers(module) if getattr(c.router, "stochastic", True) or router_keeps_state(c.router)
+        ]
         if stochastic:
             import warnings
 
             warnings.warn(
-                f"{name or type(model).__name__} has gradient checkpointing on and now holds stochastic routers "
-                f"({stochastic[0]}...): a plain torch.utils.checkpoint recomputes with newly drawn experts, which "
+                f"{name or type(model).__name__} has gradient checkpointing on and now holds stochastic or stateful "
+                f"routers ({stochastic[0]}...): a plain torch.utils.checkpoint recomputes with other experts, which "
                 "gives wrong gradients. Turn its checkpointing off, or checkpoint with "
                 "mergekit_video.experts.checkpoint_routed.",
                 stacklevel=3,

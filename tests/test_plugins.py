@@ -217,6 +217,33 @@ def test_cyclic_router_state_survives_a_checkpoint(plugin):
     assert int(fresh[0].last_routing.indices) == 4 % 3
 
 
+def test_cyclic_router_under_gradient_checkpointing(plugin):
+    from mergekit_video.experts import checkpoint_routed
+    from mergekit_video.surgery import warn_plain_checkpointing
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+        mv.add_experts(m, ["0", "2"], 3, router="cyclic")
+        return m.train()
+
+    plain, ckpt = make(), make()
+    x = torch.randn(5, 4)
+    for _ in range(2):  # the second step runs expert 1: the replayed step is not the initial one
+        plain(x).square().sum().backward()
+        checkpoint_routed(ckpt, ckpt, x).square().sum().backward()
+    def grad(p: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(p, float("nan")) if p.grad is None else p.grad
+
+    for (k, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.equal(grad(p), grad(q)) or (p.grad is None and q.grad is None), k
+    assert ckpt[0].experts[1].weight.grad.abs().sum() > 0 and ckpt[0].experts[2].weight.grad is None
+    assert [ckpt[0].router.step, ckpt[2].router.step] == [2, 2]  # the recomputation did not advance it
+    ckpt.grad_checkpointing = True  # a plain torch.utils.checkpoint would advance the step again
+    with pytest.warns(UserWarning, match="stochastic or stateful routers"):
+        warn_plain_checkpointing(ckpt)
+
+
 def test_median_merge_by_hand(plugin):
     median = MERGES.get("median")
     a, b, c, d = (torch.tensor(v) for v in ([1.0, -2.0], [5.0, 0.0], [2.0, 7.0], [4.0, 100.0]))

@@ -393,7 +393,7 @@ def test_add_experts_warns_when_a_plain_checkpointing_backbone_gets_stochastic_r
             self.grad_checkpointing = True  # as open_clip's Transformer / timm models set it
             self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
 
-    with pytest.warns(UserWarning, match=r"gradient checkpointing on and now holds stochastic routers \(blocks.0.0"):
+    with pytest.warns(UserWarning, match=r"gradient checkpointing on and now holds stochastic or stateful routers \(blocks.0.0"):
         mv.add_experts(Backbone(), "blocks.*.0", 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -32,8 +32,10 @@ class CyclicRouter(Router):
     decisions of one forward are consecutive (sample b of a batch starting at step t
     goes to (offset + t + b) mod N).
 
-    The step counter is saved in the container's state dict (``router._extra_state``)
-    so that a resumed run continues the cycle.
+    The step counter is the router's extra state: it is saved in the container's state
+    dict (``router._extra_state``), so a resumed run continues the cycle, and
+    :func:`mergekit_video.experts.checkpoint_routed` replays it, so a checkpointed forward
+    recomputes with the experts it used (keep routing state there, not in other attributes).
 
     Args:
         num_experts: N.
