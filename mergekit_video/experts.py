@@ -174,7 +174,7 @@ class ExpertContainer(nn.Module):
         nested = next((n for n, m in experts[0].named_modules() if isinstance(m, ExpertContainer)), None)
         if nested is not None:  # merging, collapsing and surgery assume experts of plain modules
             raise ValueError(
-                f"expert 0 holds an ExpertContainer{f' at {nested!r}' if nested else ''}: containers cannot be nested; "
+                f"expert 0 {f'holds an ExpertContainer at {nested!r}' if nested else 'is an ExpertContainer'}: containers cannot be nested; "
                 "collapse it first (collapse_experts) or put experts beside it"
             )
         self.experts = nn.ModuleList(experts)

@@ -256,15 +256,15 @@ def warn_plain_checkpointing(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if getattr(module, "grad_checkpointing", False) is not True or getattr(module, "replays_routing", False):
             continue
-        stochastic = [
+        replay_unsafe = [
             n for n, c in find_containers(module) if getattr(c.router, "stochastic", True) or router_keeps_state(c.router)
         ]
-        if stochastic:
+        if replay_unsafe:
             import warnings
 
             warnings.warn(
                 f"{name or type(model).__name__} has gradient checkpointing on and now holds stochastic or stateful "
-                f"routers ({stochastic[0]}...): a plain torch.utils.checkpoint recomputes with other experts, which "
+                f"routers ({replay_unsafe[0]}...): a plain torch.utils.checkpoint recomputes with other experts, which "
                 "gives wrong gradients. Turn its checkpointing off, or checkpoint with "
                 "mergekit_video.experts.checkpoint_routed.",
                 stacklevel=3,
