@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from mergekit_video.cli.commands import _load_validated
 from mergekit_video.cli.main import main as cli_main
+from mergekit_video.config import dump_recipe
 from mergekit_video.evaluation.evaluator import EvalResult, Variant, VariantResult, build_variants, evaluate
 from mergekit_video.evaluation.report import results_table, summarize
 from mergekit_video.training.metrics import read_metrics
@@ -252,7 +253,9 @@ def test_rerun_with_a_different_recipe_refuses_without_overwrite(quick_run, caps
     rc = cli_main(["run", str(QUICKSTART), f"output_dir={out}", *QUICK_OVERRIDES, "schedule.epochs=6"])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
-    assert "holds a different recipe; refusing to overwrite it" in err.replace("\n", " ") and "--overwrite" in err
+    err = " ".join(err.split())
+    assert f"error: output_dir {out} holds an earlier run of a different recipe (schedule.epochs: 5 -> 6)." in err
+    assert "pass --overwrite to DELETE the earlier run's metrics.jsonl, checkpoints/, model/, model_dense/, results.json, tradeoff.png and train again from step 1" in err
     assert (out / "recipe.yaml").read_bytes() == before
     assert [r["step"] for r in _train_records(out)] == list(range(1, 21))  # nothing trained or appended
 
@@ -388,6 +391,22 @@ def test_resume_reproduces_the_uninterrupted_run(workers, accum, death, resume_a
         tb_loss = [(e.step, e.value) for e in events.Scalars("loss")]
         assert [s for s, _ in tb_loss] == list(range(1, STEPS + 1))
         assert all(abs(v - r["loss"]) <= 1e-6 * max(1.0, abs(v)) for (_, v), r in zip(tb_loss, _train_records(out)))
+
+
+def test_rerun_with_only_results_neutral_settings_changed_resumes(reference_runs, synthetic_data, tmp_path, monkeypatch):
+    """Killed after the step-3 checkpoint, rerun with another train.keep_last: it resumes (it used to be
+    refused, and --overwrite deleted the checkpoints) and records the new recipe."""
+    reference = reference_runs(0, 1)
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    _die_after_checkpoint(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        _run_in_process(out, ["data.num_workers=0"])  # keep_last=5
+    monkeypatch.undo()
+    assert _resume_to_the_end(out, ["data.num_workers=0", "train.keep_last=1"]) == (3, 0, 3)
+    _assert_same_run(reference, out)
+    resumed = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", "train.keep_last=1"])
+    assert (out / "recipe.yaml").read_text() == dump_recipe(resumed)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000008"]  # keep_last=1 (the best is the last)
 
 
 def test_resume_inside_a_logging_window_logs_the_same_averages(reference_runs, synthetic_data, tmp_path, monkeypatch):

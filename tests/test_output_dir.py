@@ -65,6 +65,53 @@ def test_changed_recipe_needs_overwrite_only_when_the_earlier_run_left_outputs(t
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "recipe.yaml"]
 
 
+def test_results_neutral_changes_resume_and_are_recorded(tmp_path, caplog):
+    """data.num_workers, eval.num_workers, train.log_every, train.tensorboard, train.keep_last: a rerun
+    that changes only these keeps the earlier run's outputs (it resumes), with or without --overwrite."""
+    out = tmp_path / "run"
+    first = {"runner": "mote", "output_dir": str(out), "data": {"num_workers": 8}, "train": {"log_every": 10, "keep_last": 2}}
+    prepare_output_dir(first, overwrite=False, main=True)
+    (out / "checkpoints").mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    changed = {**first, "data": {"num_workers": 0}, "train": {"log_every": 1, "keep_last": 2, "tensorboard": True},
+               "eval": {"num_workers": 1}}
+    with caplog.at_level("INFO", logger="mergekit_video"):
+        prepare_output_dir(changed, overwrite=False, main=True)
+    assert (out / "recipe.yaml").read_text() == dump_recipe(changed)
+    assert "data.num_workers: 8 -> 0; train.log_every: 10 -> 1; train.tensorboard: (absent) -> True; eval.num_workers: (absent) -> 1" in caplog.text
+    prepare_output_dir({**changed, "data": {"num_workers": 2}}, overwrite=True, main=True)  # --overwrite deletes nothing here
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.yaml"]
+    assert "num_workers: 2" in (out / "recipe.yaml").read_text()
+
+
+def test_a_different_recipe_is_refused_naming_the_changes_and_what_overwrite_deletes(tmp_path):
+    out = tmp_path / "run"
+    cfg = {"runner": "mote", "output_dir": str(out), "data": {"num_workers": 8}, "schedule": {"epochs": 5}}
+    prepare_output_dir(cfg, overwrite=False, main=True)
+    for name in ("checkpoints", "model"):
+        (out / name).mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    longer = {**cfg, "data": {"num_workers": 0}, "schedule": {"epochs": 6}}
+    with pytest.raises(FileExistsError) as info:
+        prepare_output_dir(longer, overwrite=False, main=True)
+    assert str(info.value) == (
+        f"output_dir {out} holds an earlier run of a different recipe (data.num_workers: 8 -> 0; schedule.epochs: 5 -> 6). "
+        "A run resumes only with the same recipe (it may differ in data.num_workers, eval.num_workers, train.log_every, "
+        "train.tensorboard, train.keep_last). Use another output_dir, or pass --overwrite to DELETE the earlier run's "
+        "metrics.jsonl, checkpoints/, model/ and train again from step 1"
+    )
+    assert (out / "recipe.yaml").read_text() == dump_recipe(cfg)
+    prepare_output_dir(longer, overwrite=True, main=True)
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]
+
+
+def test_output_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("the user's file")
+    with pytest.raises(FileExistsError, match=r"^output_dir .*afile is a file, not a folder; set output_dir to a folder"):
+        prepare_output_dir(_cfg(tmp_path / "afile"), overwrite=True, main=True)
+    assert (tmp_path / "afile").read_text() == "the user's file"
+
+
 def test_synthetic_data_is_reused_only_with_the_recipe_settings(tmp_path):
     out = tmp_path / "run"
     syn = {k: (list(v) if k == "size" else v) for k, v in TINY.items()}

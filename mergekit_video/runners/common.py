@@ -53,19 +53,58 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
 #: What a run writes under its output_dir besides ``recipe.yaml`` and the synthetic ``data/``.
 RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "model", "model_dense", "results.json", "tradeoff.png", "tensorboard")
 
+#: Recipe keys that cannot change what a run computes, only how fast it loads data, how often it
+#: logs and how many checkpoints it keeps: a rerun that changes nothing else resumes the earlier
+#: run and records the new ``recipe.yaml``.
+RESULTS_NEUTRAL_KEYS = ("data.num_workers", "eval.num_workers", "train.log_every", "train.tensorboard", "train.keep_last")
+
+
+def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every key whose value differs between two recipes.
+
+    Mappings are compared key by key (a missing key is ``MISSING``, a missing mapping is empty);
+    lists and other values as a whole.
+    """
+    from ..config import MISSING
+
+    if (isinstance(old, dict) and new is MISSING) or (old is MISSING and isinstance(new, dict)):
+        old, new = (old if old is not MISSING else {}), (new if new is not MISSING else {})
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in [*old, *(k for k in new if k not in old)]:
+            out += recipe_changes(old.get(k, MISSING), new.get(k, MISSING), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new and type(old) is type(new) else [(prefix or "<recipe>", old, new)]
+
+
+def _describe_change(key: str, old: Any, new: Any) -> str:
+    from ..config import MISSING
+
+    def show(v: Any) -> str:
+        text = "(absent)" if v is MISSING else repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return f"{key}: {show(old)} -> {show(new)}"
+
 
 def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> Path:
     """Create ``output_dir`` and save the resolved recipe there.
 
     Nothing there is replaced without ``overwrite`` (``--overwrite``): a folder holding files but
     no ``recipe.yaml``, or the outputs of a *different* recipe, is refused. The same recipe (a rerun,
-    a resume) is fine, and so is a changed recipe when the earlier run left no outputs (it failed
-    at start-up). With ``overwrite``, the outputs of an earlier, different run are removed first
-    (:data:`RUN_OUTPUTS`), so that the new run neither resumes from nor appends to them.
+    a resume) is fine; so is one that differs only in :data:`RESULTS_NEUTRAL_KEYS` (the run resumes
+    and the new ``recipe.yaml`` is recorded), and a changed recipe when the earlier run left no
+    outputs (it failed at start-up). With ``overwrite``, the outputs of an earlier, different run
+    are deleted first (:data:`RUN_OUTPUTS`), so that the new run neither resumes from nor appends
+    to them.
     """
+    import yaml
+
     from ..config import dump_recipe, save_resolved_recipe
 
     out = Path(cfg["output_dir"])
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file, not a folder; set output_dir to a folder (new or of an earlier run)")
     if main:
         saved = out / "recipe.yaml"
         # data/ is checked on its own (ensure_synthetic_data); a run writes nothing else there
@@ -73,8 +112,25 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
             raise FileExistsError(f"output_dir {out} holds files but no recipe.yaml of an earlier run; "
                                   "choose another output_dir, or pass --overwrite to write into it")
         outputs = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
-        same = saved.is_file() and saved.read_text(encoding="utf-8") == dump_recipe(cfg)
-        if overwrite and not same:
+        text = dump_recipe(cfg)
+        previous = saved.read_text(encoding="utf-8") if saved.is_file() else None
+        changes: list[tuple[str, Any, Any]] = []
+        if previous is not None and previous != text:
+            try:
+                changes = recipe_changes(yaml.safe_load(previous), yaml.safe_load(text))
+            except yaml.YAMLError:
+                changes = [("<recipe>", "(unreadable recipe.yaml)", "this recipe")]
+            changes = changes or [("<recipe>", "(another text)", "this recipe")]
+        neutral = bool(changes) and all(key in RESULTS_NEUTRAL_KEYS for key, _, _ in changes)
+        if outputs and changes and not neutral:
+            if not overwrite:
+                names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
+                shown = "; ".join(_describe_change(*c) for c in changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+                raise FileExistsError(
+                    f"output_dir {out} holds an earlier run of a different recipe ({shown}). A run resumes only with the "
+                    f"same recipe (it may differ in {', '.join(RESULTS_NEUTRAL_KEYS)}). Use another output_dir, or pass "
+                    f"--overwrite to DELETE the earlier run's {names} and train again from step 1"
+                )
             for path in outputs:
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
@@ -82,7 +138,10 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                     path.unlink()
             outputs = []
         out.mkdir(parents=True, exist_ok=True)
-        save_resolved_recipe(cfg, saved, overwrite=overwrite or not outputs)
+        if neutral and outputs:
+            log.info("output_dir %s: resuming the earlier run; recipe.yaml records the changed settings (%s), which do not change results",
+                     out, "; ".join(_describe_change(*c) for c in changes))
+        save_resolved_recipe(cfg, saved, overwrite=True)  # atomic; the same text is left alone
     return out
 
 
