@@ -336,8 +336,8 @@ def _resume_to_the_end(out: Path, overrides: list[str]) -> tuple[int, int, int]:
         st = runner.trainer.state
         resumed_at = (st.step, st.epoch, st.batches_in_epoch)
         runner.train()
-        runner.evaluate()
         runner.save()
+        runner.evaluate()
     finally:
         runner.cleanup()
     return resumed_at
@@ -536,6 +536,18 @@ def test_resume_from_a_checkpoint_with_another_schedule_length_is_refused(refere
         assert str(info.value).startswith(f"train.resume: checkpoint {reference / 'checkpoints' / 'step_00000008'} was trained with another lr schedule ({what}).")
         assert "schedule.epochs, train.max_steps" in str(info.value) and "train.resume=null" in str(info.value)
     assert sorted(p.name for p in out.iterdir()) == ["cache", "data", "recipe.yaml"]  # nothing trained
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_model(reference_runs, synthetic_data, tmp_path):
+    """model/ is saved before the final evaluation: a corrupt video (on_error: raise) no longer loses it."""
+    reference = reference_runs(0, 1)
+    odd, bad = _eval_list_with_a_corrupt_video(synthetic_data, tmp_path / "evalroot")
+    dataset = f"[{{name: odd, kind: close_set, root: {odd.parent}, list: {odd}, class_csv: {synthetic_data / 'classes.csv'}, on_error: raise}}]"
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    with pytest.raises(Exception, match="bad.mp4"):
+        _run_in_process(out, ["data.num_workers=0", f"eval.datasets={dataset}", "eval.batch_size=4"])
+    assert not (out / "results.json").exists()
+    assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) == 0.0
 
 
 def test_cli_reports_an_interrupted_run_with_exit_code_130(capsys):

@@ -1,4 +1,4 @@
-"""Runners turn a validated recipe into a run: ``setup → train → evaluate → save → cleanup``.
+"""Runners turn a validated recipe into a run: ``setup → train → save → evaluate → cleanup``.
 
 Data flows one way: recipe → components (model, objective, data, optimizer) → runner →
 metrics, checkpoints and results under ``output_dir``.
@@ -19,13 +19,17 @@ def build_runner(cfg: dict[str, Any], *, overwrite: bool = False, console: Any =
 
 
 def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = None) -> Any:
-    """Run all phases of a validated recipe; ``cleanup`` runs even when a phase fails."""
+    """Run all phases of a validated recipe; ``cleanup`` runs even when a phase fails.
+
+    The trained model is saved before the final evaluation, so an evaluation that fails (a
+    corrupt video with ``on_error: raise``, say) does not lose it.
+    """
     runner = build_runner(cfg, overwrite=overwrite, console=console)
     try:
         runner.setup()
         runner.train()
-        runner.evaluate()
         runner.save()
+        runner.evaluate()
     finally:
         runner.cleanup()
     return runner

@@ -26,7 +26,7 @@ DUMP_RANK_STATE_ENV = "MERGEVID_DUMP_RANK_STATE"
 
 
 class MoTERunner:
-    """Recipe runner: ``setup`` → ``train`` → ``evaluate`` → ``save`` → ``cleanup``.
+    """Recipe runner: ``setup`` → ``train`` → ``save`` → ``evaluate`` → ``cleanup``.
 
     Everything the run produces lands under ``output_dir``: ``recipe.yaml``,
     ``metrics.jsonl``, ``checkpoints/``, ``model/`` (and ``model_dense/``), ``results.json``,
