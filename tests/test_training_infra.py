@@ -245,6 +245,49 @@ def test_precision_on_cpu():
         resolve_precision("cpu", "fp8")
 
 
+class _DtypeProbe(torch.nn.Module):
+    """A stand-in VideoCLIP whose features and logits are matmuls: their dtype shows the autocast in force."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2)
+        self.head = _ProbeHead(self)
+        self.dtypes: list[torch.dtype] = []
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        e = self.proj(frames.flatten(2)[..., :3])  # [N, T, 2]
+        self.dtypes.append(e.dtype)
+        return e
+
+
+class _ProbeHead(torch.nn.Module):
+    def __init__(self, owner: _DtypeProbe) -> None:
+        super().__init__()
+        self.owner = [owner]
+
+    def forward(self, e: torch.Tensor, cls: torch.Tensor, modulation: bool = False) -> torch.Tensor:
+        logits = e.mean(1) @ cls.t()  # [N, C]
+        self.owner[0].dtypes.append(logits.dtype)
+        return logits
+
+
+def test_evaluation_takes_the_trainers_precision_decision(monkeypatch):
+    """The evaluator resolves ``precision`` like the trainer: auto is fp32 on the CPU (and on a GPU
+    without bf16), an explicit bf16 autocasts on the CPU too, fp16 without CUDA is refused."""
+    from mergekit_video.evaluation.evaluator import evaluate
+
+    batch = {"frames": torch.randn(2, 4, 3, 2, 2), "label": torch.tensor([0, 1]), "index": torch.tensor([0, 1]), "failed": []}
+    cls = torch.randn(2, 2)
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        probe = _DtypeProbe()
+        res = evaluate(probe, [batch], cls, precision=precision)
+        assert res.num_videos == 2 and probe.dtypes == [dtype, dtype], precision
+    with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device"):
+        evaluate(_DtypeProbe(), [batch], cls, precision="fp16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a pre-Ampere GPU
+    assert resolve_precision("cuda", "auto") == "fp32"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_precision_on_cuda():

@@ -20,6 +20,7 @@ import torch
 
 from ..data.failures import note_batch_failures
 from ..experts import find_containers, use_expert, use_merge
+from ..training.precision import autocast_context, resolve_precision
 from .metrics import topk_hits
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,6 @@ class EvalResult:
         }
 
 
-def _autocast(device: torch.device, precision: str) -> ContextManager:
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cuda" and precision == "fp16":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -161,6 +154,8 @@ def evaluate(
         view_reduce: ``softmax_mean`` (average per-view probabilities of the unscaled cosine
             logits, as the official code) or ``logit_mean``.
         progress: called with the number of videos after each batch.
+        precision: as the trainer's (:func:`~mergekit_video.training.precision.resolve_precision`):
+            ``auto`` is bf16 autocast on a CUDA device that supports bf16, fp32 otherwise.
 
     In DDP every rank evaluates its shard; results are gathered and de-duplicated by
     dataset index, so padded samples never count twice.
@@ -168,6 +163,7 @@ def evaluate(
     if view_reduce not in VIEW_REDUCTIONS:
         raise ValueError(f"view_reduce must be one of {VIEW_REDUCTIONS}, got {view_reduce!r}")
     device = torch.device(device)
+    precision = resolve_precision(device, precision)  # the trainer's decision (bf16 only where supported)
     head = model.head
     variants = list(variants or build_variants(head, modulation=(False,)))
     was_training = model.training
@@ -191,7 +187,7 @@ def evaluate(
             frames = frames.unsqueeze(1)
         b, v = frames.shape[:2]
         labels = batch["label"].to(device)
-        with _autocast(device, precision):
+        with autocast_context(device, precision):
             e = model.encode_frames(frames.flatten(0, 1)).float()  # [B*V, T, D]
         probs: dict[str, torch.Tensor] = {}
         for var in variants:
@@ -199,7 +195,7 @@ def evaluate(
                 probs[var.name] = torch.stack([probs[m] for m in var.members]).mean(0)
                 continue
             ctx = var.context(head) if var.context else contextlib.nullcontext()
-            with ctx, _autocast(device, precision):
+            with ctx, autocast_context(device, precision):
                 logits = head(e, cls, modulation=var.modulation).float()  # [B*V, C]
             per_view = logits.softmax(-1) if view_reduce == "softmax_mean" else logits
             probs[var.name] = per_view.view(b, v, -1).mean(1)  # [B, C]
