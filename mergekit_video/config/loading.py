@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -24,10 +25,7 @@ class _RecipeLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 line = key_node.start_mark.line + 1
-                raise ConfigError(
-                    f"duplicate key {key!r} at line {line} of {key_node.start_mark.name} "
-                    f"(first defined at line {seen[key] + 1})"
-                )
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first defined at line {seen[key] + 1})")
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -46,8 +44,13 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - SafeLoader subclass
+def _yaml_load(text: str, *, name: str | None = None) -> Any:
+    """Parse YAML text; ``name`` (the file) is what YAML syntax errors point at instead of ``<unicode string>``."""
+    stream: Any = text
+    if name is not None:
+        stream = io.StringIO(text)
+        stream.name = name
+    return yaml.load(stream, Loader=_RecipeLoader)  # noqa: S506 - SafeLoader subclass
 
 
 def dump_recipe(cfg: Mapping[str, Any]) -> str:
@@ -87,7 +90,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
         raise FileNotFoundError(f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
     text = path.read_text(encoding="utf-8")
     try:
-        cfg = _yaml_load(text)
+        cfg = _yaml_load(text, name=str(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
     except ConfigError as exc:
