@@ -494,3 +494,29 @@ def test_select_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert select_device("auto", local_rank=3) == torch.device("cuda:3")  # one GPU per torchrun process
     assert select_device("cuda", local_rank=2) == torch.device("cuda:2") and select_device("cuda:0", local_rank=2) == torch.device("cuda:0")
+
+
+def test_model_flops_leave_out_checkpoint_recomputation_and_scale_with_the_batch():
+    import torch.nn.functional as F
+
+    from mergekit_video.data import normalize_frames
+    from mergekit_video.models import MoTEObjective, build_video_clip
+    from mergekit_video.training.benchmark import _count_model_flops, count_step_flops
+    from mergekit_video.training.trainer import TrainStep
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=2).train()
+    step_module = TrainStep(model=model, objective=MoTEObjective())
+    frames = torch.randint(0, 256, (3, 4, 3, 32, 32), dtype=torch.uint8)
+    labels, classes = torch.tensor([0, 1, 2]), F.normalize(torch.randn(5, 64), dim=-1)
+
+    def step(clips: int = 3) -> None:
+        step_module(normalize_frames(frames[:clips]), labels[:clips], classes).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    plain = count_step_flops(step)
+    model.set_grad_checkpointing(True, head=True)
+    recomputing = count_step_flops(step)
+    assert recomputing > 1.1 * plain  # the counter sees the recomputed forwards
+    assert _count_model_flops(model, step, batch_size=3) == plain  # model FLOPs: without them, per clip x batch
+    assert model.clip.visual.transformer.grad_checkpointing and model.head.transformer.grad_checkpointing  # switched back on

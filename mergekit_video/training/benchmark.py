@@ -223,6 +223,24 @@ def render_head_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _count_model_flops(model: torch.nn.Module, step: Callable[[int], Any], *, batch_size: int) -> int:
+    """Model FLOPs of one training step of ``batch_size`` clips, for MFU.
+
+    Counted on one eager step of a single clip with gradient checkpointing off, times the batch:
+    every counted op (frame encoder, temporal head, logits) is per clip, and model FLOPs leave
+    out what checkpointing recomputes (counted, it would turn MFU into hardware-FLOPs use).
+    ``FlopCounterMode`` does not see inside compiled graphs, hence the eager step.
+    """
+    flags = {m: m.grad_checkpointing for m in model.modules() if isinstance(getattr(m, "grad_checkpointing", None), bool)}
+    for m in flags:  # open_clip, timm and the temporal head keep the switch on their block stacks
+        m.grad_checkpointing = False
+    try:
+        return count_step_flops(lambda: step(1)) * batch_size
+    finally:
+        for m, on in flags.items():
+            m.grad_checkpointing = on
+
+
 def count_step_flops(step: Callable[[], Any]) -> int:
     """FLOPs of one call of ``step`` (forward + backward) counted by ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -239,7 +257,7 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
     The model is built from the recipe without pretrained weights (speed does not depend on
     them); frames are uint8 on the device, normalised on the device as in training. The
     recipe's ``train.grad_checkpointing`` and ``train.compile`` apply, as in training. On CUDA,
-    FLOPs are counted on one eager step, for MFU.
+    model FLOPs are counted for MFU (see :func:`_count_model_flops`).
     """
     dev = _resolve_device(cfg.get("device", "auto"))
     tuned = _prepare_device(dev)
@@ -297,16 +315,15 @@ def _time_train_variant(
     frames_u8 = torch.randint(0, 256, (batch_size, frames, 3, size, size), dtype=torch.uint8, device=dev)
     labels = torch.randint(0, 400, (batch_size,), device=dev)
 
-    def step() -> None:
-        clips = normalize_frames(frames_u8)  # [B, T, 3, H, W] float, on the device as in training
+    def step(clip_count: int = batch_size) -> None:
+        clips = normalize_frames(frames_u8[:clip_count])  # [B, T, 3, H, W] float, on the device as in training
         with _autocast(dev):
-            loss = step_module(clips, labels, classes).loss
+            loss = step_module(clips, labels[:clip_count], classes).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    # FLOPs are counted on one eager step (FlopCounterMode does not see inside compiled graphs)
-    flops = count_step_flops(step) if dev.type == "cuda" else None
+    flops = _count_model_flops(model, step, batch_size=batch_size) if dev.type == "cuda" else None
     if compile_visual:
         model.visual.compile()  # as train.compile=true does; compiled during the warm-up steps
     seconds = time_fn(step, device=dev, steps=steps, warmup=warmup)
