@@ -124,6 +124,6 @@ def test_bench_train_reports_mfu_on_device():
         run = res["runs"][label]
         assert run["clips_per_s"] > 0
         if DEVICE == "cuda":
-            assert run["flops_per_step"] > 0 and run["max_memory_gb"] > 0
+            assert run["flops_per_step"] > 0 and run["max_memory_gib"] > 0
             if "H100" in res["device"] or "H200" in res["device"]:
                 assert 0 < run["mfu"] < 1

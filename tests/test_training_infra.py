@@ -520,3 +520,11 @@ def test_model_flops_leave_out_checkpoint_recomputation_and_scale_with_the_batch
     assert recomputing > 1.1 * plain  # the counter sees the recomputed forwards
     assert _count_model_flops(model, step, batch_size=3) == plain  # model FLOPs: without them, per clip x batch
     assert model.clip.visual.transformer.grad_checkpointing and model.head.transformer.grad_checkpointing  # switched back on
+
+
+def test_peak_flops_by_card_name_takes_the_longest_matching_fragment():
+    from mergekit_video.training.benchmark import peak_flops_for
+
+    cards = {"NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H100 NVL": 835.5e12, "NVIDIA H100 PCIe": 756.0e12, "NVIDIA H200": 989.4e12,
+             "NVIDIA GH200 480GB": 989.4e12, "NVIDIA L40": 181.0e12, "NVIDIA L40S": 362.0e12, "NVIDIA L4": 121.0e12, "Tesla T4": None}
+    assert {name: peak_flops_for(name) for name in cards} == cards

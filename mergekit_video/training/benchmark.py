@@ -16,12 +16,16 @@ import torch
 import torch.nn.functional as F
 
 #: Dense bf16 tensor-core peak FLOP/s by device name fragment (vendor data sheets, no sparsity).
+#: The first fragment found in the name wins, so longer names come before their prefixes.
 PEAK_BF16_FLOPS = (
-    ("H200", 989.4e12),
+    ("H200 NVL", 835.5e12),
+    ("H200", 989.4e12),  # also GH200
+    ("H100 NVL", 835.5e12),
     ("H100 PCIe", 756.0e12),
     ("H100", 989.4e12),
     ("A100", 312.0e12),
     ("L40S", 362.0e12),
+    ("L40", 181.0e12),
     ("L4", 121.0e12),
     ("RTX 4090", 165.2e12),
     ("A10", 125.0e12),
@@ -41,11 +45,12 @@ def peak_flops(device: torch.device) -> float | None:
     """Peak dense bf16 FLOP/s of a CUDA device, None when unknown or on CPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for frag, flops in PEAK_BF16_FLOPS:
-        if frag in name:
-            return flops
-    return None
+    return peak_flops_for(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a card by its name (``"NVIDIA H100 80GB HBM3"``), None when unknown."""
+    return next((flops for frag, flops in PEAK_BF16_FLOPS if frag in device_name), None)
 
 
 def _sync(device: torch.device) -> None:
@@ -334,7 +339,7 @@ def _time_train_variant(
         run["achieved_tflops"] = flops / seconds / 1e12
         run["mfu"] = None if peak is None else flops / seconds / peak
         run["peak_tflops"] = None if peak is None else peak / 1e12
-        run["max_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        run["max_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     return run, size
 
 
