@@ -146,6 +146,30 @@ def test_bench_pipelines_decode_the_same_frames(tiny_synthetic):
     assert np.isfinite(list(cpu.values())[0][0])
 
 
+class _WorkerPid(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import os
+
+        return torch.tensor(os.getpid())
+
+
+def test_bench_passes_give_every_worker_a_batch(monkeypatch):
+    import mergekit_video.data.bench as bench
+
+    pids: list[int] = []
+
+    def count(batch: torch.Tensor) -> int:
+        pids.extend(batch.tolist())
+        return len(batch)
+
+    monkeypatch.setattr(bench, "_batch_size", count)
+    bench._measure_set({"p": (_WorkerPid(), torch.stack)}, num_videos=8, workers=2, batch_size=2, repeats=1, log=lambda s: None)
+    assert len(pids) == 16 and len(set(pids)) == 2  # warm-up and measured sweep; both workers decoded in each pass
+
+
 def test_prepare_never_writes_outside_its_folder_or_over_foreign_files(tmp_path, tiny_synthetic):
     from mergekit_video.data.prepare import output_relpath
 

@@ -5,15 +5,18 @@ with the same DataLoader harness (same videos, order, workers and batch size), i
 
 - ``floor_*``: decode the sampled frames with one decord ``get_batch`` call and nothing else
   (uint8 frames stacked into the batch);
-- ``ours_*``: :class:`VideoDataset` + :func:`collate_videos` as the runners use them: uint8 clips
-  out of the workers, normalised in one batched op on the consumer's device (train; test: 1 clip x
-  1 centre crop); ``ours_*_float`` is the float-output variant (``normalize=True``);
+- ``ours_*``: :class:`VideoDataset` + :func:`collate_videos` as the runners use them, up to the
+  uint8 batch the loader hands over (train; test: 1 clip x 1 centre crop). Training on a GPU
+  normalises that batch on the GPU, so this is the whole CPU cost there; a CPU-only run also
+  normalises it in the main process, which is not timed here: ``ours_*_float`` (``normalize=True``,
+  normalised in the workers) shows that cost;
 - ``naive_*``: the common approach: one decord call per frame, PIL conversion, PIL resize / crop /
   flip / grayscale per frame, per-frame ``to_tensor``, then normalise.
 
 Train pipelines draw the same frame indices for the same video (same per-item generator), so the
 floor decodes exactly the frames the others decode. A round runs every pipeline, back to back, on
-the same chunk of ``batch_size`` videos (order alternating between rounds); ``repeats`` sweeps over
+the same chunk of ``batch_size x workers`` videos (one batch per worker; order alternating between
+rounds); ``repeats`` sweeps over
 all chunks follow a warm-up sweep. Costs are CPU seconds (the worker's own clock, all threads, plus
 the main process), so other load on a shared machine inflates them far less than wall time; ratios
 are medians of per-round ratios, pairing passes that ran seconds apart. Wall-clock figures are
@@ -229,7 +232,8 @@ def _measure_set(pipelines: dict[str, tuple[Dataset, Callable]], *, num_videos: 
                  log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """clips per wall second and clips per CPU second, per pass.
 
-    A round runs every pipeline on the same chunk of ``batch_size`` videos, back to back, in an order
+    A round runs every pipeline on the same chunk of ``batch_size x workers`` videos (a batch for every
+    worker), back to back, in an order
     that alternates between rounds; ``repeats`` sweeps over all chunks. CPU time is the worker's own
     clock (all its threads, read at the end of each collate) plus the main process's.
     """
@@ -243,7 +247,8 @@ def _measure_set(pipelines: dict[str, tuple[Dataset, Callable]], *, num_videos: 
     cpu: dict[str, list[float]] = {name: [] for name in loaders}
     last_cpu: dict[tuple[str, int], float] = {}
     names = list(loaders)
-    chunks = [list(range(i, min(i + batch_size, num_videos))) for i in range(0, num_videos, batch_size)]
+    chunk_size = batch_size * max(1, workers)  # one batch per worker: a persistent loader starts each pass at worker 0
+    chunks = [list(range(i, min(i + chunk_size, num_videos))) for i in range(0, num_videos, chunk_size)]
     rounds = [(0, c) for c in chunks] + [(r, c) for r in range(1, repeats + 1) for c in chunks]  # sweep 0 warms up
     try:
         for k, (rep, chunk) in enumerate(rounds):
