@@ -880,6 +880,58 @@ def test_variant_labels_and_plain_models(caplog):
     assert Variant(name="x").kind == "merged"
 
 
+class _FeatureTableModel(torch.nn.Module):
+    """A stand-in VideoCLIP whose "frames" ``[N, T, 1, 1, 1]`` hold the index of a row of precomputed features."""
+
+    def __init__(self, features: torch.Tensor, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.features, self.head = features, head  # [N, T, D]
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.features[frames[:, 0, 0, 0, 0].long()]
+
+
+def test_bf16_autocast_leaves_the_heads_similarities_and_tfm_in_fp32():
+    """Under bf16 autocast (CUDA's ``auto`` precision, simulated on the CPU) the cosine logits and ρ of
+    Eq. 11 are fp32 and equal to the computation without autocast, as in the official test code. In bf16,
+    CLIP-like class features (sharing one direction, cosines ~0.3) made the best two classes of 20 of these
+    256 videos tie exactly and left 37 distinct values of ρ, 15x off at worst."""
+    from mergekit_video.models import TemporalHead, cosine_logits, semantic_association
+
+    g = torch.Generator().manual_seed(0)
+    n, t, d, c = 256, 4, 512, 200
+    common = F.normalize(torch.randn(d, generator=g), dim=0)
+    cls = F.normalize(0.5 * common + 0.85 * F.normalize(torch.randn(c, d, generator=g), dim=-1), dim=-1)
+    src = F.normalize(cls + 0.3 * F.normalize(torch.randn(c, d, generator=g), dim=-1), dim=-1)  # source classes near the targets
+    labels = torch.randint(0, c, (n,), generator=g)
+    e = (0.45 * common + 0.1 * cls[labels] + 0.9 * F.normalize(torch.randn(n, d, generator=g), dim=-1))[:, None].expand(n, t, d).contiguous()
+    ref_logits, ref_rho = cosine_logits(e, cls), semantic_association(e, cls, src)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, rho = cosine_logits(e, cls), semantic_association(e, cls, src)
+        logits_b, rho_b = cosine_logits(e.bfloat16(), cls), semantic_association(e.bfloat16(), cls, src)  # bf16 inputs: fp32 math
+    assert logits.dtype == rho.dtype == logits_b.dtype == rho_b.dtype == torch.float32
+    assert torch.equal(logits, ref_logits) and torch.equal(rho, ref_rho)
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[:, 0] > top2[:, 1]).all() and rho.unique().numel() == n
+    assert (logits_b - ref_logits).abs().max() < 1e-2  # only the inputs' rounding remains
+    # the evaluator at precision bf16 (autocast around the visual tower and the head) scores what fp32 scores:
+    # a head whose blocks output zero makes h(e) = e + position embedding exactly, in either precision
+    head = TemporalHead(width=d, layers=1, num_experts=0)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if ".ln_" not in name:
+                p.zero_()
+        head.frame_position_embeddings.weight[:t] = 0.3 * F.normalize(torch.randn(t, d, generator=g), dim=-1)
+    head.set_source_class_features(src)
+    model = _FeatureTableModel(e, head)
+    idx = torch.arange(n, dtype=torch.float32)[:, None, None, None, None].expand(n, t, 1, 1, 1)
+    loader = [{"frames": idx[i:i + 64], "label": labels[i:i + 64], "index": torch.arange(i, i + 64), "failed": []} for i in range(0, n, 64)]
+    variants = build_variants(head)
+    fp32, bf16 = (evaluate(model, loader, cls, variants=variants, precision=p) for p in ("fp32", "bf16"))
+    assert {k: (v.top1, v.top5) for k, v in fp32.variants.items()} == {k: (v.top1, v.top5) for k, v in bf16.variants.items()}
+    assert fp32.variants["model"].top1 != fp32.variants["model+tfm"].top1  # ρ matters here (bf16 ρ scored 19.5 / 52.7)
+
+
 # ---------------------------------------------------------------------------------------------
 # benchmarks (JSON with the documented keys; no speed is asserted)
 # ---------------------------------------------------------------------------------------------

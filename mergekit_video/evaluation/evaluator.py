@@ -155,7 +155,10 @@ def evaluate(
             logits, as the official code) or ``logit_mean``.
         progress: called with the number of videos after each batch.
         precision: as the trainer's (:func:`~mergekit_video.training.precision.resolve_precision`):
-            ``auto`` is bf16 autocast on a CUDA device that supports bf16, fp32 otherwise.
+            ``auto`` is bf16 autocast on a CUDA device that supports bf16, fp32 otherwise. Autocast
+            covers the visual tower and the temporal transformer; the class similarities and ρ
+            (Eq. 11) are always fp32 (:func:`~mergekit_video.models.cosine_logits`,
+            :func:`~mergekit_video.models.semantic_association`), as the official test code.
 
     In DDP every rank evaluates its shard; results are gathered and de-duplicated by
     dataset index, so padded samples never count twice.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -31,17 +33,22 @@ def semantic_association(
         source_class_features: ``[C_s, D]`` fine-tuning classes y_f.
 
     Returns:
-        ``[B]`` modulation weights ρ in (0, 1].
+        ``[B]`` fp32 modulation weights ρ in (0, 1].
+
+    Always computed in fp32 with autocast off, as the official test code: ρ amplifies the
+    error of M by 1/γ (20), and bf16 rounding left a few dozen distinct values.
     """
     if source_class_features.numel() == 0:
         raise ValueError("temporal feature modulation needs the source (fine-tuning) class features; none are stored")
-    x = F.normalize(frame_features.mean(dim=1), dim=-1)  # [B, D]
-    yt = target_class_features.to(x.dtype)
-    ys = source_class_features.to(x.dtype)
-    kt, ks = min(k, yt.shape[0]), min(k, ys.shape[0])
-    idx_t = (x @ yt.t()).topk(kt, dim=-1).indices  # [B, K]
-    idx_s = (x @ ys.t()).topk(ks, dim=-1).indices  # [B, K]
-    yt_k, ys_k = yt[idx_t], ys[idx_s]  # [B, K, D]
-    sim = torch.bmm(yt_k, ys_k.transpose(1, 2))  # [B, K, K]
-    m = sim.max(dim=-1).values.mean(dim=-1)  # [B]
-    return torch.exp(-(1.0 - m) / gamma)
+    dev = frame_features.device.type
+    with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext():
+        x = F.normalize(frame_features.float().mean(dim=1), dim=-1)  # [B, D]
+        yt = target_class_features.float()
+        ys = source_class_features.float()
+        kt, ks = min(k, yt.shape[0]), min(k, ys.shape[0])
+        idx_t = (x @ yt.t()).topk(kt, dim=-1).indices  # [B, K]
+        idx_s = (x @ ys.t()).topk(ks, dim=-1).indices  # [B, K]
+        yt_k, ys_k = yt[idx_t], ys[idx_s]  # [B, K, D]
+        sim = torch.bmm(yt_k, ys_k.transpose(1, 2))  # [B, K, K]
+        m = sim.max(dim=-1).values.mean(dim=-1)  # [B]
+        return torch.exp(-(1.0 - m) / gamma)

@@ -12,6 +12,7 @@ experts are merged once (mean, Eq. 6) and cached.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -135,11 +136,16 @@ def cosine_logits(video_features: torch.Tensor, class_features: torch.Tensor) ->
         class_features: ``[C, D]``.
 
     Returns:
-        ``[B, C]`` logits in [−1, 1].
+        ``[B, C]`` fp32 logits in [−1, 1].
+
+    Always computed in fp32 with autocast off, as the official test code: under bf16 the
+    cosines of close classes (CLIP class features share a direction) round to exact ties.
     """
-    z = F.normalize(video_features.mean(dim=1), dim=-1)  # [B, D]
-    y = F.normalize(class_features.to(z.dtype), dim=-1)
-    return z @ y.t()
+    dev = video_features.device.type
+    with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext():
+        z = F.normalize(video_features.float().mean(dim=1), dim=-1)  # [B, D]
+        y = F.normalize(class_features.float(), dim=-1)  # [C, D]
+        return z @ y.t()
 
 
 class TemporalHead(nn.Module):
