@@ -73,6 +73,13 @@ def test_multi_clip_views_shift_across_the_first_segment_by_hand():
     assert len({tuple(v) for v in views}) == 4
     # short video: views loop from staggered starts
     assert multi_clip_indices(4, 6, 2) == [[0, 1, 2, 3, 0, 1], [2, 3, 0, 1, 2, 3]]
+    # uneven segments (T <= N < 2T): every view stays inside its segment, one view is the centre
+    for n, t, k in [(9, 8, 1), (9, 8, 3), (4, 3, 1), (13, 8, 4)]:
+        views = multi_clip_indices(n, t, k)
+        assert all(x * n // t <= i < (x + 1) * n // t for v in views for x, i in enumerate(v)), (n, t, k)
+        if k == 1:
+            assert views == [segment_indices(n, t, train=False)]
+    assert multi_clip_indices(4, 3, 1) == [[0, 1, 3]]  # segments [0,1) [1,2) [2,4); frame 2 would leave segment 1
 
 
 def test_dense_indices_by_hand():

@@ -49,7 +49,8 @@ def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int) -> li
 
     View ``k`` takes frame ``floor(N/T * (x + (k + 0.5)/K))`` in segment ``x``: the views shift the
     start evenly across the first segment, and one view (K=1) is the segment centre, identical to
-    ``segment_indices(train=False)``. (MoTE's code spreads the starts with
+    ``segment_indices(train=False)``. Every view's frame lies inside its segment
+    ``[x*N//T, (x+1)*N//T)``. (MoTE's code spreads the starts with
     ``linspace(0, N/T - 1, K)``; both cover the segment evenly.) Short videos loop, view ``k``
     starting at frame ``k*N//K``.
     """
@@ -63,8 +64,8 @@ def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int) -> li
             shift = k * n // k_total
             views.append([(shift + x) % n for x in range(t)])
         else:
-            # exact integer form of floor(n * (2*K*x + 2*k + 1) / (2*T*K))
-            views.append([min(n * (2 * k_total * x + 2 * k + 1) // (2 * t * k_total), n - 1) for x in range(t)])
+            # exact integer form of floor(n * (2*K*x + 2*k + 1) / (2*T*K)), kept inside segment x
+            views.append([min(n * (2 * k_total * x + 2 * k + 1) // (2 * t * k_total), (x + 1) * n // t - 1) for x in range(t)])
     return views
 
 
