@@ -880,6 +880,68 @@ def test_variant_labels_and_plain_models(caplog):
     assert Variant(name="x").kind == "merged"
 
 
+def test_variants_route_the_visual_towers_experts_too():
+    """With experts in the CLIP tower as well, expert_i / a merge / the logit ensemble are the whole model
+    under that routing (frames encoded once per routing, shared by TFM off/on), not the head alone on the
+    default-merged tower (expert_0 scored 12.5 % against the model run on expert 0)."""
+    from mergekit_video.experts import find_containers, use_expert, use_merge
+    from mergekit_video.models import build_video_clip
+    from mergekit_video.surgery import add_experts
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+    add_experts(model.clip.visual, "transformer.resblocks.*.mlp", 2, init="normal")
+    with torch.no_grad():  # experts far apart, so that the routings disagree
+        for n, p in model.named_parameters():
+            if ".experts." in n and p.dim() == 2:
+                p.mul_(20.0)
+    model.head.set_source_class_features(F.normalize(torch.randn(4, 64), dim=-1))
+    model.eval()
+    assert len(find_containers(model)) == 3 and len(find_containers(model.head)) == 1
+    frames = torch.randn(8, 8, 3, 32, 32)
+    with torch.no_grad():  # class features orthogonal to the tiny tower's dominant direction, so that routings matter
+        u = F.normalize(model.encode_frames(frames).mean((0, 1)), dim=0)
+    r = torch.randn(6, 64)
+    cls = F.normalize(r - (r @ u)[:, None] * u, dim=-1)
+    refs = {}
+    with torch.no_grad():
+        for tfm, sfx in ((False, ""), (True, "+tfm")):
+            refs["merged" + sfx] = model(frames, cls, modulation=tfm).argmax(-1)
+            for i in range(2):
+                with use_expert(model, i):
+                    refs[f"expert_{i}" + sfx] = model(frames, cls, modulation=tfm).argmax(-1)
+            with use_merge(model, "temperature_softmax", tau=0.6):
+                refs["temperature_softmax(tau=0.6)" + sfx] = model(frames, cls, modulation=tfm).argmax(-1)
+        with use_expert(model.head, 1):  # what expert_1 used to be: the head's expert 1 on the default-merged tower
+            head_only = model(frames, cls).argmax(-1)
+    assert refs["expert_0"].tolist() == [5, 1, 1, 5, 1, 1, 5, 1] and refs["expert_1"].tolist() == [5] * 8 and head_only.tolist() == [2] * 8
+    variants = build_variants(model.head, modulation=(False, True), merges=[{"name": "temperature_softmax", "tau": 0.6}], experts=True)
+    calls = []
+    encode = model.encode_frames
+    model.encode_frames = lambda x: calls.append(x.shape[0]) or encode(x)
+    for name in ("expert_0", "expert_1+tfm"):  # labels = one variant's predictions: each variant scores its agreement with them
+        ref = refs[name]
+        res = evaluate(model, [{"frames": frames, "label": ref, "index": torch.arange(8), "failed": []}], cls, variants=variants)
+        assert res.variants[name].top1 == 100.0
+        for other, o in refs.items():
+            assert res.variants[other].top1 == 100.0 * (o == ref).float().mean().item(), (name, other)
+    assert len(calls) == 2 * 4  # 4 routings per batch (merged, one merge, 2 experts), each shared by TFM off and on
+
+    def failing_loader():  # a decode error after one batch: the model's train/eval mode is restored all the same
+        yield {"frames": frames, "label": refs["merged"], "index": torch.arange(8), "failed": []}
+        raise RuntimeError("bad video")
+
+    model.train()
+    with pytest.raises(RuntimeError, match="bad video"):
+        evaluate(model, failing_loader(), cls, variants=variants)
+    assert model.training
+    # expert i of every container needs one expert count: 2 in the tower, 3 in the head is refused
+    other = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=3)
+    add_experts(other.clip.visual, "transformer.resblocks.*.mlp", 2, init="normal")
+    with pytest.raises(ValueError, match="containers have 2 and 3 experts"):
+        evaluate(other, [], cls, variants=build_variants(other.head, experts=True))
+
+
 class _FeatureTableModel(torch.nn.Module):
     """A stand-in VideoCLIP whose "frames" ``[N, T, 1, 1, 1]`` hold the index of a row of precomputed features."""
 

@@ -3,8 +3,9 @@
 Each batch is decoded and sent through the CLIP visual tower **once**; every head variant
 (merged experts with TFM off/on, each expert alone, other merge strategies, per-layer
 output ensembling, the logit ensemble of Figure 3 / Table 2c) then runs on the same frame
-features. Multi-view testing (clips × crops) averages the per-view class probabilities,
-as the official implementation does.
+features. When the visual tower holds experts too, a variant's routing applies to the whole
+model, and the frames are encoded once per routing instead. Multi-view testing (clips × crops)
+averages the per-view class probabilities, as the official implementation does.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class Variant:
         name: label in tables and JSON.
         kind: ``merged`` (the model as configured), ``expert``, ``merge`` (another merge
             strategy), ``logit_ensemble`` (mean of the experts' probabilities).
-        context: ``head -> context manager`` that sets the routing; None for the default.
+        context: ``module -> context manager`` that sets the routing of every expert under
+            ``module`` (the head, or the whole model when its visual tower holds experts too);
+            None for the default. Variants that share one context object share one encoding.
         modulation: temporal feature modulation on (Eq. 11).
         members: for ``logit_ensemble``, the expert variant names averaged.
     """
@@ -64,37 +67,40 @@ def build_variants(
     """The standard set: merged (per TFM setting), optional other merges, each expert and their logit ensemble.
 
     ``merges`` entries are ``{"name": strategy, **kwargs}`` (e.g. ``{"name": "temperature_softmax", "tau": 0.6}``).
+    The TFM-off and TFM-on variants of one routing share its context.
     """
     n = max((c.num_experts for _, c in find_containers(head)), default=0)
     if not n and (merges or experts or logit_ensemble):
         log.warning("the model has no experts (a dense export or the plain-FFN baseline): only the model itself is evaluated")
+    merge_ctx = [_merge_ctx(spec["name"], {k: v for k, v in spec.items() if k != "name"}) for spec in merges]
+    expert_ctx = [_expert_ctx(i) for i in range(n)]
     out: list[Variant] = []
     for mod in modulation:
         sfx = tfm_suffix(mod)
         out.append(Variant(name=f"merged{sfx}" if n else f"model{sfx}", modulation=mod))
         if not n:
             continue
-        for spec in merges:
+        for spec, ctx in zip(merges, merge_ctx):
             spec = dict(spec)
             strategy = spec.pop("name")
             label = strategy + ("(" + ",".join(f"{k}={v}" for k, v in spec.items()) + ")" if spec else "")
-            out.append(Variant(name=f"{label}{sfx}", kind="merge", modulation=mod, context=_merge_ctx(strategy, spec)))
+            out.append(Variant(name=f"{label}{sfx}", kind="merge", modulation=mod, context=ctx))
         if experts or logit_ensemble:
             names = []
             for i in range(n):
                 names.append(f"expert_{i}{sfx}")
-                out.append(Variant(name=names[-1], kind="expert", modulation=mod, context=_expert_ctx(i)))
+                out.append(Variant(name=names[-1], kind="expert", modulation=mod, context=expert_ctx[i]))
             if logit_ensemble:
                 out.append(Variant(name=f"logit_ensemble{sfx}", kind="logit_ensemble", modulation=mod, members=tuple(names)))
     return out
 
 
 def _merge_ctx(strategy: str, kwargs: dict[str, Any]) -> Callable[[torch.nn.Module], ContextManager]:
-    return lambda head: use_merge(head, strategy, **kwargs)
+    return lambda module: use_merge(module, strategy, **kwargs)
 
 
 def _expert_ctx(i: int) -> Callable[[torch.nn.Module], ContextManager]:
-    return lambda head: use_expert(head, i)
+    return lambda module: use_expert(module, i)
 
 
 @dataclass
@@ -169,6 +175,11 @@ def evaluate(
     precision = resolve_precision(device, precision)  # the trainer's decision (bf16 only where supported)
     head = model.head
     variants = list(variants or build_variants(head, modulation=(False,)))
+    # experts outside the head (in the visual tower): a variant's routing covers the whole model
+    whole_model = len(find_containers(model)) > len(find_containers(head))
+    if whole_model:
+        _check_expert_counts(model, variants)
+    routed = model if whole_model else head
     was_training = model.training
     model.eval()
     cls = class_features.to(device)
@@ -178,36 +189,27 @@ def evaluate(
     start = time.perf_counter()
     from ..data import normalize_frames
 
-    for batch in loader:
-        note_batch_failures(batch, bad_seen)  # logs each new bad video once
-        failed.extend(batch.get("failed", []))
-        if batch["label"].numel() == 0:  # every item of the batch failed (on_error: skip)
-            continue
-        frames = batch["frames"].to(device, non_blocking=True)
-        if frames.dtype == torch.uint8:
-            frames = normalize_frames(frames)
-        if frames.dim() == 5:  # [B, T, 3, H, W] → one view
-            frames = frames.unsqueeze(1)
-        b, v = frames.shape[:2]
-        labels = batch["label"].to(device)
-        with autocast_context(device, precision):
-            e = model.encode_frames(frames.flatten(0, 1)).float()  # [B*V, T, D]
-        probs: dict[str, torch.Tensor] = {}
-        for var in variants:
-            if var.kind == "logit_ensemble":
-                probs[var.name] = torch.stack([probs[m] for m in var.members]).mean(0)
+    try:
+        for batch in loader:
+            note_batch_failures(batch, bad_seen)  # logs each new bad video once
+            failed.extend(batch.get("failed", []))
+            if batch["label"].numel() == 0:  # every item of the batch failed (on_error: skip)
                 continue
-            ctx = var.context(head) if var.context else contextlib.nullcontext()
-            with ctx, autocast_context(device, precision):
-                logits = head(e, cls, modulation=var.modulation).float()  # [B*V, C]
-            per_view = logits.softmax(-1) if view_reduce == "softmax_mean" else logits
-            probs[var.name] = per_view.view(b, v, -1).mean(1)  # [B, C]
-        hits = {name: topk_hits(p, labels, ks) for name, p in probs.items()}
-        for j, idx in enumerate(batch["index"].tolist()):
-            records[idx] = {name: tuple(bool(h[k][j]) for k in ks) for name, h in hits.items()}
-        if progress is not None:
-            progress(len(records))
-    model.train(was_training)
+            frames = batch["frames"].to(device, non_blocking=True)
+            if frames.dtype == torch.uint8:
+                frames = normalize_frames(frames)
+            if frames.dim() == 5:  # [B, T, 3, H, W] → one view
+                frames = frames.unsqueeze(1)
+            labels = batch["label"].to(device)
+            probs = _variant_scores(model, frames, cls, variants, routed=routed, per_routing=whole_model,
+                                    device=device, precision=precision, view_reduce=view_reduce)
+            hits = {name: topk_hits(p, labels, ks) for name, p in probs.items()}
+            for j, idx in enumerate(batch["index"].tolist()):
+                records[idx] = {name: tuple(bool(h[k][j]) for k in ks) for name, h in hits.items()}
+            if progress is not None:
+                progress(len(records))
+    finally:
+        model.train(was_training)
     records, failed = _gather(records, failed)
     n = len(records)
     results = {}
@@ -225,6 +227,53 @@ def evaluate(
         views=views,
         seconds=time.perf_counter() - start,
     )
+
+
+def _variant_scores(
+    model: torch.nn.Module,
+    frames: torch.Tensor,
+    cls: torch.Tensor,
+    variants: Sequence[Variant],
+    *,
+    routed: torch.nn.Module,
+    per_routing: bool,
+    device: torch.device,
+    precision: str,
+    view_reduce: str,
+) -> dict[str, torch.Tensor]:
+    """View-averaged class scores ``[B, C]`` of every variant for frames ``[B, V, T, 3, H, W]``.
+
+    The frames are encoded once, or, with ``per_routing`` (experts in the visual tower), once per
+    routing context, under that routing.
+    """
+    b, v = frames.shape[:2]
+    encoded: dict[Any, torch.Tensor] = {}  # frame features [B*V, T, D] by routing context
+    probs: dict[str, torch.Tensor] = {}
+    for var in variants:
+        if var.kind == "logit_ensemble":
+            probs[var.name] = torch.stack([probs[m] for m in var.members]).mean(0)
+            continue
+        key = var.context if per_routing else None
+        with var.context(routed) if var.context else contextlib.nullcontext():
+            if key not in encoded:
+                with autocast_context(device, precision):
+                    encoded[key] = model.encode_frames(frames.flatten(0, 1)).float()  # [B*V, T, D]
+            with autocast_context(device, precision):
+                logits = model.head(encoded[key], cls, modulation=var.modulation).float()  # [B*V, C]
+        per_view = logits.softmax(-1) if view_reduce == "softmax_mean" else logits
+        probs[var.name] = per_view.view(b, v, -1).mean(1)  # [B, C]
+    return probs
+
+
+def _check_expert_counts(model: torch.nn.Module, variants: Sequence[Variant]) -> None:
+    """Per-expert variants over the whole model need one expert count everywhere (expert i of every container)."""
+    counts = sorted({c.num_experts for _, c in find_containers(model)})
+    if len(counts) > 1 and any(v.kind in ("expert", "logit_ensemble") for v in variants):
+        raise ValueError(
+            f"per-expert evaluation runs expert i in every expert container, but this model's containers have "
+            f"{' and '.join(map(str, counts))} experts (the head and the visual tower differ); evaluate without "
+            "per-expert variants (eval.compare.experts: false and eval.compare.logit_ensemble: false)"
+        )
 
 
 def _gather(records: dict[int, Any], failed: list[str]) -> tuple[dict[int, Any], list[str]]:
