@@ -322,3 +322,22 @@ def test_worker_errors_are_one_line_without_the_worker_traceback():
     assert "Original Traceback" in raw  # what torch re-raises with
     assert without_worker_traceback(raw) == "videos/clip_0.mp4: no such file (in DataLoader worker process 0)"
     assert without_worker_traceback("plain message") == "plain message"
+
+
+# ---------------------------------------------------------------------------------------------
+# mergevid eval / the evaluate and compare runners
+# ---------------------------------------------------------------------------------------------
+def test_compare_runner_defaults_do_not_depend_on_which_keys_the_recipe_sets():
+    """The compare runner's default merges (temperature_softmax τ = ±0.6, ensemble) stay when a recipe sets other
+    eval.compare keys (they vanished: the schema filled ``merges: []``); an explicit ``merges: []`` compares none."""
+    from mergekit_video.cli.commands import _validated
+    from mergekit_video.runners.schema import DEFAULT_COMPARE_MERGES
+
+    base = {"runner": "compare", "output_dir": "out", "checkpoint": "model"}
+    merges = [{"name": "temperature_softmax", "tau": 0.6}, {"name": "temperature_softmax", "tau": -0.6}, {"name": "ensemble"}]
+    assert [dict(m) for m in DEFAULT_COMPARE_MERGES] == merges
+    for extra in ({}, {"eval": {}}, {"eval": {"compare": {}}}, {"eval": {"compare": {"experts": True}}}, {"eval": {"compare": {"logit_ensemble": True}}}):
+        assert _validated({**base, **extra}, source="t")["eval"]["compare"] == {"merges": merges, "experts": True, "logit_ensemble": True}, extra
+    chosen = _validated({**base, "eval": {"compare": {"merges": [], "logit_ensemble": False}}}, source="t")["eval"]["compare"]
+    assert chosen == {"merges": [], "experts": True, "logit_ensemble": False}
+    assert "compare" not in _validated({**base, "runner": "evaluate"}, source="t")["eval"]  # evaluate compares nothing unasked

@@ -6,13 +6,7 @@ from typing import Any
 
 from ..config import instantiate
 from .common import run_eval_suite, start_run
-
-#: Merge strategies compared by default (besides each expert and the logit ensemble).
-DEFAULT_COMPARE_MERGES = (
-    {"name": "temperature_softmax", "tau": 0.6},
-    {"name": "temperature_softmax", "tau": -0.6},
-    {"name": "ensemble"},
-)
+from .schema import DEFAULT_COMPARE_MERGES  # noqa: F401  (re-exported: the compare runner's default merges)
 
 
 class EvaluateRunner:
@@ -39,10 +33,10 @@ class EvaluateRunner:
             self.model = instantiate(cfg["model"], _path="model").to(self.device).eval()
         else:
             raise ValueError("set 'checkpoint' (a saved model) or 'model' (a _component_ that builds one)")
-        if self.compare_defaults:
+        if self.compare_defaults:  # a validated recipe has them already (schema); a recipe dict built in Python may not
             ev = dict(cfg.get("eval") or {})
             compare = dict(ev.get("compare") or {})
-            compare.setdefault("merges", list(DEFAULT_COMPARE_MERGES))
+            compare.setdefault("merges", [dict(m) for m in DEFAULT_COMPARE_MERGES])  # absent: the defaults; []: none
             compare.setdefault("experts", True)
             compare.setdefault("logit_ensemble", True)
             ev["compare"] = compare

@@ -121,16 +121,34 @@ EVAL_DATASET = Section(
     }
 )
 
+#: Merge strategies the ``compare`` runner evaluates by default (besides each expert and the logit ensemble).
+DEFAULT_COMPARE_MERGES = (
+    {"name": "temperature_softmax", "tau": 0.6},
+    {"name": "temperature_softmax", "tau": -0.6},
+    {"name": "ensemble"},
+)
+
+_COMPARE_MERGE = Section({"name": Field(str, required=True, choices=_names("merges"))}, allow_unknown=True)
+
 COMPARE = Section(
     {
-        "merges": Field(
-            list, default=[], doc="[{name: strategy, ...kwargs}] evaluated besides the configured merge",
-            item=Section({"name": Field(str, required=True, choices=_names("merges"))}, allow_unknown=True),
-        ),
+        "merges": Field(list, default=[], doc="[{name: strategy, ...kwargs}] evaluated besides the configured merge", item=_COMPARE_MERGE),
         "experts": Field(bool, default=True, doc="evaluate each expert alone (Figure 3)"),
         "logit_ensemble": Field(bool, default=True, doc="average the experts' probabilities (Table 2c)"),
     },
     nullable=True,
+)
+
+#: ``eval.compare`` of the ``compare`` runner: always there, with the default merges unless ``merges`` is given
+#: (an explicit ``merges: []`` compares none); a recipe that sets other keys keeps them.
+COMPARE_RUNNER_COMPARE = Section(
+    {
+        **COMPARE.fields,
+        "merges": Field(
+            list, default=[dict(m) for m in DEFAULT_COMPARE_MERGES], item=_COMPARE_MERGE,
+            doc="[{name: strategy, ...kwargs}] evaluated besides the configured merge (default: temperature_softmax tau ±0.6, ensemble)",
+        ),
+    },
 )
 
 EVAL = Section(
@@ -229,7 +247,15 @@ EVALUATE_SCHEMA = recipe_schema(
     doc="evaluate a model",
 )
 
-SCHEMAS = {"mote": MOTE_SCHEMA, "evaluate": EVALUATE_SCHEMA, "compare": EVALUATE_SCHEMA}
+COMPARE_SCHEMA = recipe_schema(
+    {
+        **EVALUATE_SCHEMA.fields,
+        "eval": Section({**EVAL.fields, "compare": COMPARE_RUNNER_COMPARE}, doc=EVAL.doc),
+    },
+    doc="evaluate a model: each expert, other merges and the ensembles besides the configured merge",
+)
+
+SCHEMAS = {"mote": MOTE_SCHEMA, "evaluate": EVALUATE_SCHEMA, "compare": COMPARE_SCHEMA}
 
 
 _NO_BASE = (
