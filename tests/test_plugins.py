@@ -279,3 +279,28 @@ def test_median_as_container_merge_and_collapse(plugin):
     mv.collapse_experts(model, "median")
     plain.load_state_dict(model.state_dict(), strict=True)
     assert (plain(x) - y).abs().max().item() <= 1e-6
+
+
+def test_a_video_model_with_a_stateful_plugin_router_saves_and_loads(clean_registries, monkeypatch, tmp_path):
+    """The cyclic router's step (``router._extra_state``, not a tensor) survives save_model/load and a trainer checkpoint."""
+    from mergekit_video.models import build_video_clip, load, save_model
+    from mergekit_video.training.checkpoint import CheckpointManager
+
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    import_plugins([MODULE])
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=3, router="cyclic").train()
+    for _ in range(2):
+        model.head(torch.randn(2, 4, 64), torch.randn(5, 64))
+    steps = [m.router.step for m in model.head.modules() if hasattr(m, "router")]
+    assert steps == [2, 2]
+    save_model(model, tmp_path / "model")
+    manager = CheckpointManager(directory=tmp_path / "checkpoints")
+    manager.save(step=1, epoch=0, model_state=model.state_dict(), extra={"model_config": model.config})
+    for path in (tmp_path / "model", tmp_path / "checkpoints" / "step_00000001"):
+        back = load(path)
+        assert [m.router.step for m in back.head.modules() if hasattr(m, "router")] == steps, path
+        assert "non_tensor_state" not in back.config
+        frames, classes = torch.randn(2, 4, 3, 32, 32), torch.randn(5, 64)
+        with torch.no_grad():
+            assert torch.equal(back(frames, classes), model.eval()(frames, classes))

@@ -7,6 +7,9 @@ A model directory holds
   ``open_clip.create_model(name)``);
 - ``head.safetensors``: the temporal head (with ``source_class_features``).
 
+State-dict entries that are not tensors (a stateful router's ``_extra_state``) are kept in
+``config.json`` under ``non_tensor_state``.
+
 :func:`load` also reads trainer checkpoints, whose ``model.safetensors`` holds the same
 tensors under ``clip.`` / ``head.`` prefixes and whose ``state.json`` carries the config.
 """
@@ -28,6 +31,7 @@ from ..utils.io import atomic_write_json, _fsync_dir
 from .video_clip import VideoCLIP, video_clip_from_config
 
 CONFIG_FILE = "config.json"
+NON_TENSOR_KEY = "non_tensor_state"
 CLIP_FILE = "clip.safetensors"
 HEAD_FILE = "head.safetensors"
 MODEL_FILE = "model.safetensors"
@@ -49,6 +53,12 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     save_file(flat, str(path), metadata=metadata)
 
 
+def _split_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensor entries, other entries) of a state dict."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return tensors, {k: v for k, v in state.items() if k not in tensors}
+
+
 def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: bool = False, extra_config: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``directory`` atomically (temp dir, then rename).
 
@@ -60,12 +70,17 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        from ..utils.state_json import StateEncoder
+
         config = model.config
         if extra_config:
             config.update(extra_config)
-        _save_tensors(tmp / CLIP_FILE, model.clip.state_dict(), {"format": "open_clip"})
-        _save_tensors(tmp / HEAD_FILE, model.head.state_dict(), {"format": "mergekit_video/temporal_head"})
-        atomic_write_json(tmp / CONFIG_FILE, config)
+        clip_tensors, clip_other = _split_state(model.clip.state_dict())
+        head_tensors, head_other = _split_state(model.head.state_dict())
+        _save_tensors(tmp / CLIP_FILE, clip_tensors, {"format": "open_clip"})
+        _save_tensors(tmp / HEAD_FILE, head_tensors, {"format": "mergekit_video/temporal_head"})
+        other = {part: StateEncoder(inline=True, what=part).encode(state) for part, state in (("clip", clip_other), ("head", head_other)) if state}
+        atomic_write_json(tmp / CONFIG_FILE, {**config, NON_TENSOR_KEY: other} if other else config)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -90,7 +105,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The model config of a model directory or trainer checkpoint."""
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
-        return json.loads((path / CONFIG_FILE).read_text())
+        config = json.loads((path / CONFIG_FILE).read_text())
+        config.pop(NON_TENSOR_KEY, None)  # state, not architecture: load() reads it
+        return config
     state = path / "state.json"
     if state.is_file():
         cfg = json.loads(state.read_text()).get("extra", {}).get("model_config")
@@ -109,10 +126,15 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
     config = read_config(path)
     model = video_clip_from_config(config)
     if (path / CLIP_FILE).is_file():
-        clip_sd = read_safetensors(path / CLIP_FILE)
-        head_sd = read_safetensors(path / HEAD_FILE)
-    elif (path / MODEL_FILE).is_file():
-        full = read_safetensors(path / MODEL_FILE)
+        from ..utils.state_json import decode_state
+
+        other = json.loads((path / CONFIG_FILE).read_text()).get(NON_TENSOR_KEY) or {}
+        clip_sd = {**read_safetensors(path / CLIP_FILE), **decode_state(other.get("clip") or {})}
+        head_sd = {**read_safetensors(path / HEAD_FILE), **decode_state(other.get("head") or {})}
+    elif (path / MODEL_FILE).is_file():  # a trainer checkpoint: tied tensors and non-tensor entries restored
+        from ..training.checkpoint import load_checkpoint
+
+        full = load_checkpoint(path).model_state
         clip_sd = {k[5:]: v for k, v in full.items() if k.startswith("clip.")}
         head_sd = {k[5:]: v for k, v in full.items() if k.startswith("head.")}
     else:

@@ -20,7 +20,6 @@ Only one process (rank 0) may write to a directory.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from ..utils.io import atomic_write_text, read_safetensors
+from ..utils.state_json import StateEncoder, decode_state
 
 log = logging.getLogger(__name__)
 
@@ -49,87 +49,11 @@ _LATEST = "latest"
 _MODEL_FILE = "model.safetensors"
 _OPTIM_FILE = "optimizer.safetensors"
 _STATE_FILE = "state.json"
-_MARKERS = ("__tensor__", "__tuple__", "__items__")
 
 
 # ----------------------------------------------------------------------------------------------
-# Nested state <-> (JSON, tensors)
+# Tensors for safetensors (nested state <-> JSON is utils.state_json)
 # ----------------------------------------------------------------------------------------------
-class _Encoder:
-    """Turns nested state (dicts with any keys, tuples, tensors, numbers) into JSON.
-
-    Tensors go to ``self.tensors`` under generated keys (``inline=False``, for safetensors) or
-    are embedded as base64 (``inline=True``, for small states such as RNG byte tensors).
-    """
-
-    def __init__(self, *, inline: bool, what: str) -> None:
-        self.inline = inline
-        self.what = what
-        self.tensors: dict[str, torch.Tensor] = {}
-        self._by_id: dict[int, str] = {}
-
-    def encode(self, obj: Any, path: str = "") -> Any:
-        if isinstance(obj, torch.Tensor):
-            return {"__tensor__": self._tensor(obj, path)}
-        if isinstance(obj, (bool, int, float, str)) or obj is None:
-            return obj
-        if isinstance(obj, tuple):
-            return {"__tuple__": [self.encode(v, f"{path}.{i}") for i, v in enumerate(obj)]}
-        if isinstance(obj, list):
-            return [self.encode(v, f"{path}.{i}") for i, v in enumerate(obj)]
-        if isinstance(obj, Mapping):
-            if all(isinstance(k, str) for k in obj) and not any(k in _MARKERS for k in obj):
-                return {k: self.encode(v, f"{path}.{k}") for k, v in obj.items()}
-            return {"__items__": [[self.encode(k, path), self.encode(v, f"{path}.{k}")] for k, v in obj.items()]}
-        if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalar
-            return obj.item()
-        raise TypeError(f"checkpoint: cannot store {self.what}{path} of type {type(obj).__name__}")
-
-    def _tensor(self, t: torch.Tensor, path: str) -> Any:
-        t = t.detach()
-        if self.inline:
-            flat = t.to("cpu").contiguous().reshape(-1)
-            raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-            return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                    "data": base64.b64encode(raw).decode("ascii")}
-        if id(t) in self._by_id:  # the same tensor object twice: store once
-            return self._by_id[id(t)]
-        key = path.lstrip(".") or "tensor"
-        while key in self.tensors:
-            key += "_"
-        self.tensors[key] = t
-        self._by_id[id(t)] = key
-        return key
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor] | None = None) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if len(obj) == 1:
-            (k, v), = obj.items()
-            if k == "__tensor__":
-                return _decode_tensor(v, tensors)
-            if k == "__tuple__":
-                return tuple(_decode(x, tensors) for x in v)
-            if k == "__items__":
-                return {_decode(a, tensors): _decode(b, tensors) for a, b in v}
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    return obj
-
-
-def _decode_tensor(ref: Any, tensors: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-    if isinstance(ref, str):
-        if tensors is None or ref not in tensors:
-            raise ValueError(f"checkpoint is inconsistent: tensor {ref!r} is missing from its safetensors file")
-        return tensors[ref]
-    dtype = getattr(torch, ref["dtype"])
-    raw = base64.b64decode(ref["data"])
-    if not raw:
-        return torch.empty(ref["shape"], dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(ref["shape"]).clone()
-
-
 def _for_safetensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """CPU, contiguous tensors that share no storage, plus aliases for tied entries.
 
@@ -332,7 +256,7 @@ class CheckpointManager:
         model_tensors = {k: v for k, v in model_state.items() if isinstance(v, torch.Tensor)}
         model_other = {k: v for k, v in model_state.items() if not isinstance(v, torch.Tensor)}
         stored, aliases = _for_safetensors(model_tensors)
-        inline = _Encoder(inline=True, what="")
+        inline = StateEncoder(inline=True, what="")
         meta: dict[str, Any] = {
             "format": _FORMAT,
             "version": FORMAT_VERSION,
@@ -354,7 +278,7 @@ class CheckpointManager:
         optim_state = _state_dict_of(optimizer)
         optim_tensors: dict[str, torch.Tensor] = {}
         if optim_state is not None:
-            enc = _Encoder(inline=False, what="optimizer")
+            enc = StateEncoder(inline=False, what="optimizer")
             meta["optimizer"] = enc.encode(optim_state)
             optim_tensors, optim_aliases = _for_safetensors(enc.tensors)
             meta["optimizer_aliases"] = optim_aliases
@@ -404,7 +328,7 @@ class CheckpointManager:
         meta = _read_state_json(final)
         if meta is None:
             raise FileNotFoundError(f"no complete checkpoint {final} to update")
-        inline = _Encoder(inline=True, what="")
+        inline = StateEncoder(inline=True, what="")
         meta["time"] = time.time()
         if epoch is not None:
             meta["epoch"] = int(epoch)
@@ -557,11 +481,11 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
         raise ValueError(f"checkpoint {path} has format version {meta['version']}; this mergekit_video reads up to "
                          f"{FORMAT_VERSION} (upgrade mergekit_video)")
     stored = read_safetensors(path / _MODEL_FILE)
-    non_tensor = _decode(meta["model"].get("non_tensor") or {})
+    non_tensor = decode_state(meta["model"].get("non_tensor") or {})
     aliases = meta["model"].get("aliases") or {}
     model_state: dict[str, Any] = OrderedDict()
     if meta["model"].get("metadata") is not None:
-        model_state._metadata = _decode(meta["model"]["metadata"])  # type: ignore[attr-defined]
+        model_state._metadata = decode_state(meta["model"]["metadata"])  # type: ignore[attr-defined]
     for k in meta["model"].get("keys") or list(stored):
         if k in stored:
             model_state[k] = stored[k]
@@ -576,16 +500,16 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
         tensors = read_safetensors(path / _OPTIM_FILE)
         for k, target in (meta.get("optimizer_aliases") or {}).items():
             tensors[k] = tensors[target]
-        optimizer_state = _decode(meta["optimizer"], tensors)
+        optimizer_state = decode_state(meta["optimizer"], tensors)
     return CheckpointState(
         path=path,
         step=int(meta["step"]),
         epoch=int(meta["epoch"]),
         model_state=model_state,
         optimizer_state=optimizer_state,
-        scheduler_state=_decode(meta.get("scheduler")),
-        scaler_state=_decode(meta.get("scaler")),
-        rng=_decode(meta.get("rng")),
-        extra=_decode(meta.get("extra")) or {},
+        scheduler_state=decode_state(meta.get("scheduler")),
+        scaler_state=decode_state(meta.get("scaler")),
+        rng=decode_state(meta.get("rng")),
+        extra=decode_state(meta.get("extra")) or {},
         metrics=meta.get("metrics") or {},
     )
