@@ -135,6 +135,9 @@ class DecordReader:
         height = width = -1
         if short_side:
             height, width = resize_dims(*probe_size(self.path), short_side)
+        self._size = (height, width) if short_side else None  # decord resizes at decode time
+        self._resize_to: tuple[int, int] | None = None  # set when decord's resize failed: torch resizes
+        self._num_threads = num_threads
         try:
             self._vr = decord.VideoReader(str(self.path), ctx=decord.cpu(0), width=width, height=height, num_threads=num_threads)
             self._num_frames = len(self._vr) - self._discarded_leading_frames()
@@ -164,11 +167,24 @@ class DecordReader:
         if self._vr is None:
             raise VideoReadError(f"{self.path}: reader is closed", path=self.path)
         uniq, inv = _plan(indices, self._num_frames, str(self.path))
-        try:
-            frames = torch.from_numpy(self._vr.get_batch(uniq.tolist()).asnumpy())  # [N, H, W, 3]
-        except Exception as e:  # noqa: BLE001
-            raise VideoReadError(f"{self.path}: decoding frames failed ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+        for attempt in range(2):
+            try:
+                frames = torch.from_numpy(self._vr.get_batch(uniq.tolist()).asnumpy())  # [N, H, W, 3]
+                break
+            except Exception as e:  # noqa: BLE001
+                if attempt or self._size is None or "from_size == to_size" not in str(e):
+                    raise VideoReadError(f"{self.path}: decoding frames failed ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+                self._decode_at_full_size()
+        if self._resize_to is not None:
+            frames = _resize_hwc(frames, *self._resize_to)
         return frames if inv is None else frames[torch.from_numpy(inv)]
+
+    def _decode_at_full_size(self) -> None:
+        """decord's own resize fails for some sizes (a buffer of another width): decode at full size, resize in torch."""
+        import decord
+
+        self._vr = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=self._num_threads)
+        self._resize_to, self._size = self._size, None
 
     def close(self) -> None:
         """Free the decoder."""
@@ -421,6 +437,13 @@ def open_video(
             raise ImportError("decord is not installed (no wheel for this platform); use backend='pyav' or 'auto'")
         return DecordReader(path=path, short_side=short_side, num_threads=num_threads)
     return PyAVReader(path=path, short_side=short_side, num_threads=num_threads)
+
+
+def _resize_hwc(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` resized (antialiased bilinear) to ``[N, height, width, 3]``."""
+    from torchvision.transforms.v2.functional import resize
+
+    return resize(frames.permute(0, 3, 1, 2), [height, width], antialias=True).permute(0, 2, 3, 1).contiguous()
 
 
 def _first_line(e: BaseException) -> str:
