@@ -228,10 +228,14 @@ def test_resolve_resume_paths(tmp_path):
     assert mgr.resolve_resume("auto") == b
     assert mgr.resolve_resume(str(a)) == a
     assert mgr.resolve_resume(tmp_path / "ckpt") == b
+    assert mgr.resolve_resume(tmp_path / "ckpt" / "latest") == b  # the pointer file
+    run = CheckpointManager(directory=tmp_path / "run" / "checkpoints")
+    c = run.save(step=5, epoch=1, model_state={"w": torch.ones(1)})
+    assert mgr.resolve_resume(tmp_path / "run") == c  # another run's output_dir
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         mgr.resolve_resume(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
+    with pytest.raises(ValueError, match=r"not a complete checkpoint .*: give a run's output_dir, its checkpoints/ folder"):
         mgr.resolve_resume(tmp_path / "empty")
 
 

@@ -389,8 +389,10 @@ class CheckpointManager:
         """The checkpoint to resume from.
 
         ``None``/``"none"``/``False``: start fresh. ``"auto"``: :meth:`latest` (None when there is
-        no checkpoint yet). A path: that checkpoint, or the latest one inside a checkpoint
-        directory; a path that does not exist or holds no checkpoint is an error.
+        no checkpoint yet). A path: that checkpoint (a ``step_*`` folder, or the ``latest``
+        pointer file), or the latest one inside a checkpoint directory or inside a run's
+        ``output_dir`` (its ``checkpoints/``); a path that does not exist or holds no checkpoint
+        is an error.
         """
         if resume is None or resume is False or (isinstance(resume, str) and resume.strip().lower() in ("", "none", "null", "false", "never")):
             return None
@@ -399,12 +401,17 @@ class CheckpointManager:
         p = Path(resume)
         if not p.exists():
             raise FileNotFoundError(f"train.resume={str(resume)!r}: no such checkpoint (use 'auto', a checkpoint folder, or null)")
+        if p.is_file() and p.name == _LATEST:  # the pointer file names the latest checkpoint beside it
+            p = p.parent
         if _read_state_json(p) is not None:
             return p
         found = _latest_in(p) if p.is_dir() else None
+        if found is None and (p / "checkpoints").is_dir():  # a run's output_dir
+            found = _latest_in(p / "checkpoints")
         if found is None:
-            raise ValueError(f"resume={str(resume)!r} is not a complete checkpoint (no valid {_STATE_FILE}) "
-                             f"and holds no checkpoints")
+            raise ValueError(f"train.resume={str(resume)!r} is not a complete checkpoint (no valid {_STATE_FILE}) "
+                             "and holds no checkpoints: give a run's output_dir, its checkpoints/ folder or one "
+                             "checkpoints/step_* folder")
         return found
 
     def load_resume(self, resume: str | os.PathLike | None) -> tuple[Path, CheckpointState] | None:
