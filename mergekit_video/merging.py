@@ -325,7 +325,7 @@ def dare(
     seed: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DARE: Bernoulli-drop task vectors with rate p, rescale by 1/(1−p), then linear or TIES combine (Yu et al. 2024)."""
+    """DARE: Bernoulli-drop task vectors with rate p = ``drop_rate``, rescale by 1/(1−p), then linear or TIES combine (Yu et al. 2024)."""
     if combine not in ("linear", "ties"):
         raise ValueError(f"dare combine must be 'linear' or 'ties', got {combine!r}")
     impl = _dare_linear if combine == "linear" else _dare_ties
