@@ -341,3 +341,40 @@ def test_compare_runner_defaults_do_not_depend_on_which_keys_the_recipe_sets():
     chosen = _validated({**base, "eval": {"compare": {"merges": [], "logit_ensemble": False}}}, source="t")["eval"]["compare"]
     assert chosen == {"merges": [], "experts": True, "logit_ensemble": False}
     assert "compare" not in _validated({**base, "runner": "evaluate"}, source="t")["eval"]  # evaluate compares nothing unasked
+
+
+def test_eval_refuses_a_training_recipe(tmp_path, capsys):
+    """``mergevid eval`` with a ``runner: mote`` recipe trained from scratch; it now says what to run instead."""
+    out = tmp_path / "run"
+    assert cli_main(["eval", str(QUICKSTART), f"output_dir={out}"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: {QUICKSTART} has runner 'mote', which trains a model; mergevid eval takes an evaluate or compare recipe" in err
+    assert f"'mergevid eval {out / 'model'} --list LIST --classes CSV'" in err and f"'mergevid run {QUICKSTART}'" in err
+    assert not out.exists()  # nothing written, nothing trained
+
+
+def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluation(tmp_path, capsys, monkeypatch):
+    """Every run saves ``model/``: the default ``runs/eval/<name>`` sent all their evaluations to ``runs/eval/model``."""
+    from mergekit_video.cli.commands import default_eval_dir
+    from mergekit_video.runners.common import prepare_output_dir
+
+    a, b, ckpt = tmp_path / "mote_a" / "model", tmp_path / "mote_b" / "model", tmp_path / "mote_a" / "checkpoints" / "step_00000020"
+    for p in (a, b, ckpt):
+        p.mkdir(parents=True)
+    assert [default_eval_dir(p) for p in (a, b, ckpt)] == [
+        Path("runs/eval/mote_a_model"), Path("runs/eval/mote_b_model"), Path("runs/eval/mote_a_checkpoints_step_00000020")]
+    # through the command: the folder is made (recipe.yaml) before the missing list is named
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["eval", str(a), "--list", str(tmp_path / "v.txt"), "--classes", str(tmp_path / "c.csv")]) == 1
+    assert "eval.datasets.0.list: file not found" in capsys.readouterr().err
+    assert f"checkpoint: {a}" in (tmp_path / "runs" / "eval" / "mote_a_model" / "recipe.yaml").read_text()
+    # a folder holding another recipe's evaluation: the refusal speaks of evaluating, not of training and resuming
+    out = tmp_path / "ev"
+    cfg = {"runner": "evaluate", "output_dir": str(out), "checkpoint": str(a)}
+    prepare_output_dir(cfg, overwrite=False, main=True)
+    (out / "results.json").write_text("{}")
+    with pytest.raises(FileExistsError) as refused:
+        prepare_output_dir({**cfg, "checkpoint": str(b)}, overwrite=False, main=True)
+    msg = str(refused.value)
+    assert msg.startswith(f"output_dir {out} holds the outputs of a different recipe (checkpoint: ")
+    assert msg.endswith("Use another output_dir (mergevid eval: --output-dir DIR), or pass --overwrite to DELETE its results.json and evaluate into it")

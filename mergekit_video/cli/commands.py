@@ -13,6 +13,8 @@ from .errors import UserError, refuse_existing_output, refuse_replacing_input, r
 from .main import app, bench_app
 
 OVERRIDES_HELP = "Recipe overrides: key=value (YAML value), ~key to remove a key."
+#: The runners ``mergevid eval RECIPE`` runs (they train nothing).
+EVAL_RUNNERS = ("evaluate", "compare")
 
 
 def _console():
@@ -107,6 +109,23 @@ def run_cmd(
     reraise_interrupts(run_recipe, cfg, overwrite=overwrite, console=_console())
 
 
+def default_eval_dir(target: Path) -> Path:
+    """``runs/eval/<run>_<model>`` for ``mergevid eval MODEL``: named after the model and the folder holding it.
+
+    Every run saves ``model/``, so the model's own name alone would send every run's evaluation
+    to one folder; a trainer checkpoint is named with its run too (``<run>_checkpoints_step_N``).
+    """
+    path = target.resolve()
+    parts = [path.stem if path.is_file() else path.name]
+    for parent in path.parents:
+        if not parent.name:
+            break
+        parts.insert(0, parent.name)
+        if parent.name != "checkpoints":  # a checkpoint's run is one folder further up
+            break
+    return Path("runs") / "eval" / ("_".join(p for p in parts if p) or "model")
+
+
 @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def eval_cmd(
     target: Path = typer.Argument(..., help="An evaluate/compare recipe YAML, or a saved model / checkpoint directory."),
@@ -118,7 +137,7 @@ def eval_cmd(
     num_frames: int = typer.Option(8, "--frames"),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Frame size (default: the model's, e.g. 224)."),
     compare: bool = typer.Option(False, "--compare", help="Also evaluate each expert, other merges and ensembles."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where results go (default: runs/eval/<model name>)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>, e.g. runs/eval/mote_vitl14_model)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Evaluate a model: with a recipe, or a model directory plus --list/--classes."""
@@ -126,6 +145,13 @@ def eval_cmd(
 
     if target.suffix in (".yaml", ".yml"):
         cfg = _load_validated(target, overrides or [])
+        if cfg["runner"] not in EVAL_RUNNERS:
+            out = Path(cfg["output_dir"]) / "model"
+            raise UserError(
+                f"{target} has runner {cfg['runner']!r}, which trains a model; mergevid eval takes an "
+                f"{' or '.join(EVAL_RUNNERS)} recipe, or a saved model: evaluate what that recipe trained with "
+                f"'mergevid eval {out} --list LIST --classes CSV', or train and evaluate it with 'mergevid run {target}'"
+            )
     else:
         if not target.exists():
             raise FileNotFoundError(f"{target} does not exist")
@@ -139,7 +165,7 @@ def eval_cmd(
             raise UserError(f"--views {views}: CLIPSxCROPS takes clips >= 1 and crops 1 or 3")
         recipe = {
             "runner": "compare" if compare else "evaluate",
-            "output_dir": str(output_dir or Path("runs") / "eval" / target.resolve().name),
+            "output_dir": str(output_dir or default_eval_dir(target)),
             "checkpoint": str(target),
             "eval": {
                 "num_workers": min(4, os.cpu_count() or 1),

@@ -126,6 +126,11 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
             if not overwrite:
                 names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
                 shown = "; ".join(_describe_change(*c) for c in changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+                if cfg.get("runner") in ("evaluate", "compare"):  # nothing to resume: an evaluation reruns whole
+                    raise FileExistsError(
+                        f"output_dir {out} holds the outputs of a different recipe ({shown}). Use another output_dir "
+                        f"(mergevid eval: --output-dir DIR), or pass --overwrite to DELETE its {names} and evaluate into it"
+                    )
                 raise FileExistsError(
                     f"output_dir {out} holds an earlier run of a different recipe ({shown}). A run resumes only with the "
                     f"same recipe (it may differ in {', '.join(RESULTS_NEUTRAL_KEYS)}). Use another output_dir, or pass "
