@@ -105,6 +105,23 @@ def test_a_different_recipe_is_refused_naming_the_changes_and_what_overwrite_del
     assert sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]
 
 
+def test_overwrite_never_deletes_an_input_of_the_run(tmp_path):
+    out = tmp_path / "run"
+    cfg = {"runner": "mote", "output_dir": str(out), "schedule": {"epochs": 5}}
+    prepare_output_dir(cfg, overwrite=False, main=True)
+    (out / "model").mkdir()
+    (out / "model" / "config.json").write_text("{}")
+    evaluate = {"runner": "evaluate", "output_dir": str(out), "checkpoint": str(out / "model")}
+    with pytest.raises(FileExistsError, match=r"--overwrite would delete .*model, which holds checkpoint=.*model, an input of this run"):
+        prepare_output_dir(evaluate, overwrite=True, main=True)
+    assert (out / "model" / "config.json").read_text() == "{}"  # untouched
+    resume = {**cfg, "schedule": {"epochs": 6}, "train": {"resume": str(out / "model")}}
+    with pytest.raises(FileExistsError, match=r"holds train.resume="):
+        prepare_output_dir(resume, overwrite=True, main=True)
+    prepare_output_dir({**cfg, "schedule": {"epochs": 6}, "train": {"resume": "auto"}}, overwrite=True, main=True)
+    assert not (out / "model").exists()  # no input inside: --overwrite deletes as asked
+
+
 def test_output_dir_that_is_a_file_is_named(tmp_path):
     (tmp_path / "afile").write_text("the user's file")
     with pytest.raises(FileExistsError, match=r"^output_dir .*afile is a file, not a folder; set output_dir to a folder"):

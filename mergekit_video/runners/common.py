@@ -136,6 +136,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                     f"same recipe (it may differ in {', '.join(RESULTS_NEUTRAL_KEYS)}). Use another output_dir, or pass "
                     f"--overwrite to DELETE the earlier run's {names} and train again from step 1"
                 )
+            _refuse_deleting_inputs(cfg, outputs)
             for path in outputs:
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
@@ -148,6 +149,23 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                      out, "; ".join(_describe_change(*c) for c in changes))
         save_resolved_recipe(cfg, saved, overwrite=True)  # atomic; the same text is left alone
     return out
+
+
+def _refuse_deleting_inputs(cfg: dict[str, Any], outputs: list[Path]) -> None:
+    """``--overwrite`` deletes ``outputs``: refuse when the run reads a file inside one of them."""
+    train = cfg.get("train") or {}
+    model = cfg.get("model") or {}
+    inputs = [("checkpoint", cfg.get("checkpoint")), ("train.resume", train.get("resume")), ("model.pretrained", model.get("pretrained"))]
+    for key, value in inputs:
+        if not isinstance(value, str) or not value or not os.path.exists(value):  # "auto", tags and null name no file here
+            continue
+        path = Path(value).resolve()
+        for output in outputs:
+            if path == output.resolve() or output.resolve() in path.parents:
+                raise FileExistsError(
+                    f"--overwrite would delete {output}, which holds {key}={value}, an input of this run; "
+                    "choose another output_dir"
+                )
 
 
 def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: bool = True, overwrite: bool = False) -> dict[str, Any]:
