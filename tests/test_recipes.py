@@ -168,6 +168,9 @@ def test_component_argument_choices_come_from_the_registries():
     assert probs["model.router"].startswith("'bogus' is not one of: ")
     assert all(f"'{r}'" in probs["model.router"] for r in ("fixed", "multinomial", "random", "topk"))
     assert probs["model.merge"].startswith("'avg' is not one of: ") and "'mean'" in probs["model.merge"] and "'temperature_softmax'" in probs["model.merge"]
+    from mergekit_video.runners.schema import PLUGIN_HINT  # a part a plugin would register: say how to load it
+
+    assert probs["model.router"].endswith(f"; {PLUGIN_HINT}") and probs["model.merge"].endswith(f"; {PLUGIN_HINT}")
 
 
 def test_missing_required_and_bad_component():
@@ -309,3 +312,4 @@ def test_cross_key_problems_are_found_before_the_run():
     assert probs["data.synthetic.size"] == "must be [height, width], both even, got [63, 64]"
     probs, _ = _problems(["data.synthetic.size=[64]"])
     assert "data.synthetic.size" in probs
+

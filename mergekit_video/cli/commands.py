@@ -97,7 +97,9 @@ def validate_cmd(
 def run_cmd(
     recipe: Path = typer.Argument(..., help="Recipe YAML (e.g. recipes/mote_vitl14.yaml)."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an output_dir that holds a different recipe."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Reuse an output_dir that holds a run of a different recipe: DELETES that run's outputs first."
+    ),
 ) -> None:
     """Run a recipe: train and/or evaluate; everything is written under its output_dir.
 
@@ -138,7 +140,7 @@ def eval_cmd(
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Frame size (default: the model's, e.g. 224)."),
     compare: bool = typer.Option(False, "--compare", help="Also evaluate each expert, other merges and ensembles."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>, e.g. runs/eval/mote_vitl14_model)."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an output folder holding other results: DELETES them first."),
 ) -> None:
     """Evaluate a model: with a recipe, or a model directory plus --list/--classes."""
     from ..runners import run_recipe
@@ -206,7 +208,7 @@ def convert_cmd(
     clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="CLIP weights for the text tower (tag such as 'openai', or a local file)."),
     clip_name: Optional[str] = typer.Option(None, "--clip-name", help="open_clip architecture (default: inferred from shapes)."),
     interpolate_alpha: Optional[float] = typer.Option(None, "--interpolate-alpha", help="Reproduce the official test.py patching (0.99) with the --clip-pretrained weights."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT folder."),
 ) -> None:
     """Convert an official MoTE checkpoint (github.com/ZMHH-H/MoTE) into a mergekit_video model."""
     from ..models.checkpoint import save_model
@@ -244,7 +246,7 @@ def export_cmd(
     output: Path = typer.Argument(..., help="Directory to write."),
     dense: bool = typer.Option(False, "--dense", help="Collapse the experts into plain FFNs (the baseline's structure and keys)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Merge strategy for --dense (default: the model's own, mean)."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT folder."),
 ) -> None:
     """Export a model directory (from a trainer checkpoint), optionally collapsed to a dense model."""
     from ..models.checkpoint import count_parameters, export_dense, load, save_model

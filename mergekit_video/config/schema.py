@@ -44,6 +44,8 @@ class Field:
         item: schema of every element when the value is a list.
         items: schemas by position when the value is a list of fixed length (``[clips, crops]``);
             the list must have exactly that many elements, named by each spec's ``doc``.
+        choices_hint: said after the allowed values when a value is not one of them (where
+            more choices may come from elsewhere, e.g. a plugin).
         path: ``"file"``, ``"dir"`` or ``"exists"`` when the value names a filesystem path that
             :func:`check_paths` checks (not :func:`validate_recipe`: shipped recipes name
             datasets that exist only on the user's machine).
@@ -53,6 +55,7 @@ class Field:
     _: dataclasses.KW_ONLY
     required: bool = False
     choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
+    choices_hint: str | None = None
     min: float | None = None
     max: float | None = None
     exclusive_min: bool = False
@@ -203,7 +206,8 @@ class _Validator:
         choices = spec.choices() if callable(spec.choices) else spec.choices
         if choices is not None and value not in choices:
             allowed = ", ".join(repr(c) for c in choices)
-            self.add(path, f"{value!r} is not one of: {allowed}{did_you_mean(value, choices)}")
+            hint = f"; {spec.choices_hint}" if spec.choices_hint else ""
+            self.add(path, f"{value!r} is not one of: {allowed}{did_you_mean(value, choices)}{hint}")
         if isinstance(value, float) and not math.isfinite(value):
             self.add(path, f"must be a finite number, got {value!r}")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -16,14 +16,16 @@ def _names(kind: str):
     return names
 
 
+PLUGIN_HINT = "a plugin's part? list its module under plugins: in the recipe, or pip install the plugin package"
+
 MODEL_FIELDS = {
     "clip_name": Field(str, doc="open_clip architecture, e.g. ViT-B-16, ViT-L-14"),
     "pretrained": Field(str, nullable=True, doc="open_clip tag (openai), a local file, or null"),
     "temporal_layers": Field(int, min=1),
     "num_experts": Field(int, min=0, doc="0 = plain FFN (baseline)"),
-    "router": Field(str, choices=_names("routers")),
+    "router": Field(str, choices=_names("routers"), choices_hint=PLUGIN_HINT),
     "expert_init": Field(str, choices=("normal", "copy", "copy_noise")),
-    "merge": Field(str, choices=_names("merges")),
+    "merge": Field(str, choices=_names("merges"), choices_hint=PLUGIN_HINT),
     "tfm_k": Field(int, min=1),
     "tfm_gamma": Field(float, min=0, exclusive_min=True),
     "num_positions": Field(int, min=1),
@@ -128,7 +130,7 @@ DEFAULT_COMPARE_MERGES = (
     {"name": "ensemble"},
 )
 
-_COMPARE_MERGE = Section({"name": Field(str, required=True, choices=_names("merges"))}, allow_unknown=True)
+_COMPARE_MERGE = Section({"name": Field(str, required=True, choices=_names("merges"), choices_hint=PLUGIN_HINT)}, allow_unknown=True)
 
 COMPARE = Section(
     {
