@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
+TEE_PID=$!
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -27,6 +28,7 @@ $PY -c "import torch, open_clip; print('torch', torch.__version__, 'cuda', torch
 
 echo "== pytest -m gpu"
 timeout 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+echo "pytest exit status ${PIPESTATUS[0]}"
 
 echo "== bench head"
 timeout 120 $PY -m mergekit_video bench head --steps $((3 * STEPS)) --output "$OUT/bench_head.json"
@@ -47,3 +49,5 @@ bs=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['batch_size'])"
 echo "== bench train l14 batch $bs, torch.compile"
 timeout 300 $PY -m mergekit_video bench train recipes/mote_vitl14.yaml train.compile=true --batch-size "$bs" --steps "$STEPS" --warmup 3 --no-baseline --output "$OUT/bench_train_l14_compiled.json"
 ls -l "$OUT"
+exec >&- 2>&-  # let tee write the end of log.txt before the results are collected
+wait "$TEE_PID"
