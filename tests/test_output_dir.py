@@ -141,3 +141,11 @@ def test_synthetic_data_is_reused_only_with_the_recipe_settings(tmp_path):
         ensure_synthetic_data({"synthetic": more}, out)
     ensure_synthetic_data({"synthetic": more}, out, overwrite=True)
     assert len(train_list.read_text().splitlines()) == 2 * 3
+
+
+def test_recipe_changes_name_the_list_item_that_changed():
+    from mergekit_video.runners.common import recipe_changes
+
+    old = {"eval": {"datasets": [{"name": "ucf", "list": "a.txt"}, {"name": "hmdb", "list": "b.txt"}], "views": [4, 3]}}
+    new = {"eval": {"datasets": [{"name": "ucf", "list": "a.txt"}, {"name": "hmdb", "list": "c.txt"}], "views": [4, 3, 1]}}
+    assert recipe_changes(old, new) == [("eval.datasets.1.list", "b.txt", "c.txt"), ("eval.views", [4, 3], [4, 3, 1])]

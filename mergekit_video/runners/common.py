@@ -62,8 +62,8 @@ RESULTS_NEUTRAL_KEYS = ("data.num_workers", "eval.num_workers", "train.log_every
 def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, old value, new value)`` for every key whose value differs between two recipes.
 
-    Mappings are compared key by key (a missing key is ``MISSING``, a missing mapping is empty);
-    lists and other values as a whole.
+    Mappings are compared key by key (a missing key is ``MISSING``, a missing mapping is empty),
+    lists of the same length item by item (``eval.datasets.1.list``); other values as a whole.
     """
     from ..config import MISSING
 
@@ -74,6 +74,8 @@ def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any,
         for k in [*old, *(k for k in new if k not in old)]:
             out += recipe_changes(old.get(k, MISSING), new.get(k, MISSING), f"{prefix}.{k}" if prefix else str(k))
         return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in recipe_changes(a, b, f"{prefix}.{i}" if prefix else str(i))]
     return [] if old == new and type(old) is type(new) else [(prefix or "<recipe>", old, new)]
 
 
