@@ -386,6 +386,33 @@ def test_openai_torchscript_file_gets_quick_gelu_and_a_plain_state_dict_needs_th
     assert not any(type(m).__name__ == "QuickGELU" for m in model.modules())
 
 
+class _Payload:
+    """Unpickling it writes a marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_dressed_as_torchscript_is_never_unpickled(tmp_path):
+    import zipfile
+
+    from mergekit_video.models.clip import PretrainedWeightsError, create_clip, is_torchscript_archive
+
+    marker = tmp_path / "payload-ran"
+    for extra in ("code/__torch__.py", "sub/constants.pkl"):  # TorchScript-looking records, not at torch's place
+        path = tmp_path / f"ViT-{extra.replace('/', '_')}.pt"
+        torch.save({"x": _Payload(str(marker))}, path)
+        with zipfile.ZipFile(path, "a") as z:
+            z.writestr(z.namelist()[0].split("/")[0] + "/" + extra, "")
+        assert not is_torchscript_archive(path)
+        with pytest.raises(PretrainedWeightsError, match="could not load CLIP weights"):
+            create_clip(TINY, pretrained=str(path))
+    assert not marker.exists()
+
+
 def test_text_feature_cache_keys_on_activation_and_on_custom_text_weights(extra_clip_configs, tmp_path):
     from mergekit_video.models.clip import text_tower_state
 

@@ -97,21 +97,30 @@ def _hub_offline() -> Iterator[None]:
 
 
 class _DropOpenClipErrors(logging.Filter):
-    """Drops the ERROR records open_clip sends to the root logger while we re-raise its failure."""
+    """Drops the ERROR records open_clip sends to the root logger while we re-raise its failure,
+    and its "No pretrained weights loaded" warning where we load the weights ourselves."""
+
+    def __init__(self, *, weights_loaded_here: bool = False) -> None:
+        super().__init__()
+        self.weights_loaded_here = weights_loaded_here
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "open_clip" in record.pathname)
+        if "open_clip" not in record.pathname:
+            return True
+        if self.weights_loaded_here and record.getMessage().startswith("No pretrained weights loaded"):
+            return False
+        return record.levelno < logging.ERROR
 
 
 @contextlib.contextmanager
-def _quiet_open_clip_errors() -> Iterator[None]:
+def _quiet_open_clip_errors(*, weights_loaded_here: bool = False) -> Iterator[None]:
     """Silence open_clip's own "Failed to download" log line: the error we raise says it better.
 
     A NullHandler on the root logger for the duration also keeps ``logging.error`` from calling
     ``basicConfig()`` and changing the process's logging setup.
     """
     root = logging.getLogger()
-    drop, null = _DropOpenClipErrors(), logging.NullHandler()
+    drop, null = _DropOpenClipErrors(weights_loaded_here=weights_loaded_here), logging.NullHandler()
     root.addFilter(drop)
     root.addHandler(null)
     try:
@@ -124,13 +133,27 @@ def _quiet_open_clip_errors() -> Iterator[None]:
 def is_torchscript_archive(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a TorchScript archive, the format of OpenAI's released CLIP ``.pt`` files.
 
-    ``torch.save`` zips hold ``data.pkl``; TorchScript zips also hold ``constants.pkl`` and ``code/``.
+    The test is torch's own: a ``constants.pkl`` record at the archive's top level
+    (``<archive>/constants.pkl``; ``torch.save`` zips hold ``data.pkl`` only). Such files are read
+    with ``torch.jit.load`` (see :func:`_torchscript_state_dict`), never unpickled.
     """
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+            return any(name.count("/") == 1 and name.endswith("/constants.pkl") for name in archive.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
+
+
+#: Entries of OpenAI's TorchScript CLIP state dicts that are not weights.
+_TORCHSCRIPT_METADATA = ("input_resolution", "context_length", "vocab_size")
+
+
+def _torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The weights of a TorchScript CLIP archive (OpenAI's release format), loaded with ``torch.jit.load``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated")
+        archive = torch.jit.load(path, map_location="cpu")
+    return {k: v for k, v in archive.state_dict().items() if k not in _TORCHSCRIPT_METADATA}
 
 
 def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
@@ -233,25 +256,23 @@ def create_clip(
                 f"(set {recipe_key}); tags for {model_name}: {', '.join(tags) or 'none'}"
             )
     local_file = pretrained is not None and os.path.isfile(pretrained)
-    # OpenAI's .pt files are TorchScript archives: torch.load refuses them with weights_only=True and
-    # hands them to torch.jit.load otherwise, whose unpickler builds tensors only (no Python objects)
+    # OpenAI's .pt files are TorchScript archives, which torch.load refuses with weights_only=True:
+    # they are read with torch.jit.load instead (every other file keeps weights_only=True)
     torchscript = local_file and is_torchscript_archive(pretrained)
     offline = pretrained is not None and not local_file and not hub_reachable()
     try:
-        with _hub_offline() if offline else contextlib.nullcontext(), _quiet_open_clip_errors(), warnings.catch_warnings():
-            # expected for OpenAI's TorchScript files
-            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
-            warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated")
+        with _hub_offline() if offline else contextlib.nullcontext(), _quiet_open_clip_errors(weights_loaded_here=torchscript):
             model = open_clip.create_model(
                 model_name,
-                pretrained=pretrained,
+                pretrained=None if torchscript else pretrained,
                 cache_dir=cache_dir,
                 device="cpu",
                 precision="fp32",
                 force_quick_gelu=quick_gelu,  # open_clip checks it against the tag's activation
                 quick_gelu=quick_gelu,  # a constructor argument: also turns QuickGELU off when asked
-                weights_only=not torchscript,
             )
+            if torchscript:
+                model.load_state_dict(_torchscript_state_dict(pretrained), strict=True)
     except Exception as exc:  # noqa: BLE001 - rewrap download/load failures for the user
         if pretrained is None:
             raise
