@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -313,3 +314,21 @@ def test_load_resume_auto_falls_back_past_an_unreadable_checkpoint(tmp_path, cap
         (p / _MODEL_FILE).write_bytes(b"")
     with pytest.raises(ValueError, match=r"^resume=auto: no readable checkpoint in .*step_00000003: .*set train.resume=null"):
         mgr.load_resume("auto")
+
+
+def test_loading_a_model_from_a_trainer_checkpoint_reads_no_optimizer_state(tmp_path, monkeypatch):
+    import mergekit_video.training.checkpoint as tc
+    from mergekit_video.models import build_video_clip, load
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    sum(p.sum() for p in model.parameters() if p.requires_grad).backward()
+    opt.step()
+    path = CheckpointManager(directory=tmp_path).save(step=1, epoch=0, model_state=model.state_dict(), optimizer=opt, extra={"model_config": model.config})
+    reads = []
+    read = tc.read_safetensors
+    monkeypatch.setattr(tc, "read_safetensors", lambda p, *a, **k: reads.append(Path(p).name) or read(p, *a, **k))
+    back = load(path)
+    assert reads == ["model.safetensors"]
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))

@@ -132,9 +132,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
         clip_sd = {**read_safetensors(path / CLIP_FILE), **decode_state(other.get("clip") or {})}
         head_sd = {**read_safetensors(path / HEAD_FILE), **decode_state(other.get("head") or {})}
     elif (path / MODEL_FILE).is_file():  # a trainer checkpoint: tied tensors and non-tensor entries restored
-        from ..training.checkpoint import load_checkpoint
+        from ..training.checkpoint import load_model_state
 
-        full = load_checkpoint(path).model_state
+        full = load_model_state(path)  # the model only: not the optimizer's tensors
         clip_sd = {k[5:]: v for k, v in full.items() if k.startswith("clip.")}
         head_sd = {k[5:]: v for k, v in full.items() if k.startswith("head.")}
     else:

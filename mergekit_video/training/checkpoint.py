@@ -476,9 +476,8 @@ def _latest_in(directory: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
-    """Read the checkpoint folder ``path`` (see :class:`CheckpointManager`)."""
-    path = Path(path)
+def _checked_meta(path: Path) -> dict[str, Any]:
+    """``state.json`` of the checkpoint folder ``path``, with clear errors for anything else."""
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a folder")
     meta = _read_state_json(path)
@@ -487,6 +486,11 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
     if meta.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format version {meta['version']}; this mergekit_video reads up to "
                          f"{FORMAT_VERSION} (upgrade mergekit_video)")
+    return meta
+
+
+def _model_state(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The model state dict of a checkpoint: tied entries re-tied, non-tensor entries restored."""
     stored = read_safetensors(path / _MODEL_FILE)
     non_tensor = decode_state(meta["model"].get("non_tensor") or {})
     aliases = meta["model"].get("aliases") or {}
@@ -502,6 +506,20 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
             model_state[k] = non_tensor[k]
         else:
             raise ValueError(f"checkpoint {path} is inconsistent: model entry {k!r} is missing")
+    return model_state
+
+
+def load_model_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Only the model state dict of the checkpoint folder ``path`` (the optimizer's tensors are not read)."""
+    path = Path(path)
+    return _model_state(path, _checked_meta(path))
+
+
+def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
+    """Read the checkpoint folder ``path`` (see :class:`CheckpointManager`)."""
+    path = Path(path)
+    meta = _checked_meta(path)
+    model_state = _model_state(path, meta)
     optimizer_state = None
     if meta.get("optimizer") is not None:
         tensors = read_safetensors(path / _OPTIM_FILE)
