@@ -44,8 +44,9 @@ def refuse_existing_output(output: Any, overwrite: bool) -> None:
 
 def refuse_replacing_input(output: Any, source: Any) -> None:
     """An output directory that is, or holds, the command's input would destroy it when replaced."""
-    out, src = output.resolve(), source.resolve()
-    if out == src or out in src.parents:
+    from ..utils.io import is_within
+
+    if is_within(source, output):
         raise UserError(f"{output} is or contains the input {source}; write to another directory")
 
 

@@ -53,12 +53,6 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     save_file(flat, str(path), metadata=metadata)
 
 
-def _split_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensor entries, other entries) of a state dict."""
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    return tensors, {k: v for k, v in state.items() if k not in tensors}
-
-
 def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: bool = False, extra_config: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``directory`` atomically (temp dir, then rename).
 
@@ -70,13 +64,13 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        from ..utils.state_json import StateEncoder
+        from ..utils.state_json import StateEncoder, split_tensors
 
         config = model.config
         if extra_config:
             config.update(extra_config)
-        clip_tensors, clip_other = _split_state(model.clip.state_dict())
-        head_tensors, head_other = _split_state(model.head.state_dict())
+        clip_tensors, clip_other = split_tensors(model.clip.state_dict())
+        head_tensors, head_other = split_tensors(model.head.state_dict())
         _save_tensors(tmp / CLIP_FILE, clip_tensors, {"format": "open_clip"})
         _save_tensors(tmp / HEAD_FILE, head_tensors, {"format": "mergekit_video/temporal_head"})
         other = {part: StateEncoder(inline=True, what=part).encode(state) for part, state in (("clip", clip_other), ("head", head_other)) if state}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
+
+from ..utils.device import autocast_disabled
 
 
 def semantic_association(
@@ -40,8 +40,7 @@ def semantic_association(
     """
     if source_class_features.numel() == 0:
         raise ValueError("temporal feature modulation needs the source (fine-tuning) class features; none are stored")
-    dev = frame_features.device.type
-    with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext():
+    with autocast_disabled(frame_features.device.type):
         x = F.normalize(frame_features.float().mean(dim=1), dim=-1)  # [B, D]
         yt = target_class_features.float()
         ys = source_class_features.float()

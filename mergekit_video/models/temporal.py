@@ -12,7 +12,6 @@ experts are merged once (mean, Eq. 6) and cached.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..experts import checkpoint_routed, find_containers
 from ..surgery import add_experts
+from ..utils.device import autocast_disabled
 from .modulation import semantic_association
 
 LAYER_NORM_EPS = 1e-12
@@ -141,8 +141,7 @@ def cosine_logits(video_features: torch.Tensor, class_features: torch.Tensor) ->
     Always computed in fp32 with autocast off, as the official test code: under bf16 the
     cosines of close classes (CLIP class features share a direction) round to exact ties.
     """
-    dev = video_features.device.type
-    with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext():
+    with autocast_disabled(video_features.device.type):
         z = F.normalize(video_features.float().mean(dim=1), dim=-1)  # [B, D]
         y = F.normalize(class_features.float(), dim=-1)  # [C, D]
         return z @ y.t()

@@ -155,15 +155,16 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
 
 def _refuse_deleting_inputs(cfg: dict[str, Any], outputs: list[Path]) -> None:
     """``--overwrite`` deletes ``outputs``: refuse when the run reads a file inside one of them."""
+    from ..utils.io import is_within
+
     train = cfg.get("train") or {}
     model = cfg.get("model") or {}
     inputs = [("checkpoint", cfg.get("checkpoint")), ("train.resume", train.get("resume")), ("model.pretrained", model.get("pretrained"))]
     for key, value in inputs:
         if not isinstance(value, str) or not value or not os.path.exists(value):  # "auto", tags and null name no file here
             continue
-        path = Path(value).resolve()
         for output in outputs:
-            if path == output.resolve() or output.resolve() in path.parents:
+            if is_within(value, output):
                 raise FileExistsError(
                     f"--overwrite would delete {output}, which holds {key}={value}, an input of this run; "
                     "choose another output_dir"

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..utils.io import atomic_write_text, read_safetensors
-from ..utils.state_json import StateEncoder, decode_state
+from ..utils.state_json import StateEncoder, decode_state, split_tensors
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +253,7 @@ class CheckpointManager:
         name = f"step_{step:08d}"
         final = self.directory / name
 
-        model_tensors = {k: v for k, v in model_state.items() if isinstance(v, torch.Tensor)}
-        model_other = {k: v for k, v in model_state.items() if not isinstance(v, torch.Tensor)}
+        model_tensors, model_other = split_tensors(model_state)
         stored, aliases = _for_safetensors(model_tensors)
         inline = StateEncoder(inline=True, what="")
         meta: dict[str, Any] = {

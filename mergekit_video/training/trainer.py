@@ -220,7 +220,11 @@ class Trainer:
         return extra
 
     def save_checkpoint(self, metrics: dict[str, float] | None = None) -> Any:
-        """Write a checkpoint (main process only); returns its path."""
+        """Write a checkpoint; returns its path on the main process, None elsewhere.
+
+        Every rank must call it (the unlogged loss sums are averaged over ranks first); only the
+        main process writes.
+        """
         if self.checkpoints is None:
             return None
         loss_window = self._loss_window()  # a collective under DDP: every rank calls save_checkpoint

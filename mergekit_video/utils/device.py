@@ -1,6 +1,9 @@
-"""Device selection shared by runners and benchmarks."""
+"""Device selection shared by runners and benchmarks, and a region with autocast off."""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Any
 
 import torch
 
@@ -15,3 +18,10 @@ def select_device(spec: str, local_rank: int = 0) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local_rank}")
     return dev
+
+
+def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A region where ops run in their inputs' dtype even inside ``torch.autocast`` (fp32 math in a bf16 step)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

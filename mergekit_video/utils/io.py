@@ -99,6 +99,12 @@ def read_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict:
         raise ValueError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from exc
 
 
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (symlinks resolved)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)

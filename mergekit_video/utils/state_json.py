@@ -89,3 +89,9 @@ def _decode_tensor(ref: Any, tensors: Mapping[str, torch.Tensor] | None) -> torc
     if not raw:
         return torch.empty(ref["shape"], dtype=dtype)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(ref["shape"]).clone()
+
+
+def split_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensor entries, other entries) of a state dict: the first go to safetensors, the others to JSON."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return tensors, {k: v for k, v in state.items() if k not in tensors}
