@@ -22,14 +22,19 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
     """Run all phases of a validated recipe; ``cleanup`` runs even when a phase fails.
 
     The trained model is saved before the final evaluation, so an evaluation that fails (a
-    corrupt video with ``on_error: raise``, say) does not lose it.
+    corrupt video with ``on_error: raise``, say) does not lose it. Under DDP the ranks meet once
+    more before leaving the process group: the main process writes the outputs alone, and a rank
+    that destroyed its group meanwhile could abort at exit.
     """
+    from ..training.distributed import barrier
+
     runner = build_runner(cfg, overwrite=overwrite, console=console)
     try:
         runner.setup()
         runner.train()
         runner.save()
         runner.evaluate()
+        barrier()  # DDP: no rank tears the process group down while another still writes its outputs
     finally:
         runner.cleanup()
     return runner
