@@ -97,16 +97,19 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The model config of a model directory or trainer checkpoint."""
-    path = Path(path)
+    return _read_config_and_state(Path(path))[0]
+
+
+def _read_config_and_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model config, the encoded non-tensor state of a model directory; empty for a trainer checkpoint)."""
     if (path / CONFIG_FILE).is_file():
         config = json.loads((path / CONFIG_FILE).read_text())
-        config.pop(NON_TENSOR_KEY, None)  # state, not architecture: load() reads it
-        return config
+        return config, config.pop(NON_TENSOR_KEY, None) or {}  # state, not architecture
     state = path / "state.json"
     if state.is_file():
         cfg = json.loads(state.read_text()).get("extra", {}).get("model_config")
         if cfg:
-            return cfg
+            return cfg, {}
     raise FileNotFoundError(f"{path} is not a mergekit_video model directory or checkpoint (no {CONFIG_FILE})")
 
 
@@ -117,12 +120,11 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
-    config = read_config(path)
+    config, other = _read_config_and_state(path)
     model = video_clip_from_config(config)
     if (path / CLIP_FILE).is_file():
         from ..utils.state_json import decode_state
 
-        other = json.loads((path / CONFIG_FILE).read_text()).get(NON_TENSOR_KEY) or {}
         clip_sd = {**read_safetensors(path / CLIP_FILE), **decode_state(other.get("clip") or {})}
         head_sd = {**read_safetensors(path / HEAD_FILE), **decode_state(other.get("head") or {})}
     elif (path / MODEL_FILE).is_file():  # a trainer checkpoint: tied tensors and non-tensor entries restored
