@@ -534,13 +534,18 @@ def test_containers_do_not_nest():
     assert list(m.state_dict()) == keys and len(find_containers(m)) == 3
 
 
+def _upcycled_toy(num_experts: int) -> tuple[nn.Module, nn.Module]:
+    """(the toy model, an eval-mode copy whose MLPs are noisy copies of it as experts)."""
+    base = toy()
+    m = copy.deepcopy(base)
+    mv.add_experts(m, "blocks.*.mlp", num_experts, init="copy_noise", noise_std=0.1)
+    return base, m.eval()
+
+
 def test_seeded_dare_is_the_same_in_use_merge_collapse_experts_and_add_experts():
     from mergekit_video.experts import use_merge
 
-    base = toy()
-    m = copy.deepcopy(base)
-    mv.add_experts(m, "blocks.*.mlp", 3, init="copy_noise", noise_std=0.1)
-    m.eval()
+    base, m = _upcycled_toy(3)
     x = torch.randn(3, 4)
     with torch.no_grad(), use_merge(m, "dare", base=base, drop_rate=0.5, seed=0):
         y = m(x)
@@ -556,10 +561,7 @@ def test_seeded_dare_is_the_same_in_use_merge_collapse_experts_and_add_experts()
 def test_use_merge_with_a_whole_model_base_equals_the_collapse():
     from mergekit_video.experts import use_merge
 
-    base = toy()
-    m = copy.deepcopy(base)
-    mv.add_experts(m, "blocks.*.mlp", 2, init="copy_noise", noise_std=0.1)
-    m.eval()
+    base, m = _upcycled_toy(2)
     x = torch.randn(3, 4)
     with torch.no_grad(), use_merge(m, "ties", base=base, density=0.5):
         y = m(x)
