@@ -394,6 +394,9 @@ class ExpertContainer(nn.Module):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> ExpertContainer:
         # .to() / .cuda() / .double() replace tensor data without bumping versions
         self.invalidate_merge()
+        table = self.__dict__.get("_slots_cache")
+        if table is not None:  # the buffer verdicts refer to the tensors before the move: let them go
+            table.verdicts.clear()
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> ExpertContainer:

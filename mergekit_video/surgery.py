@@ -178,8 +178,10 @@ def add_experts(
         num_experts: N.
         router: registered router name (each container gets its own router) or a Router
             to copy. ``router_kw`` go to its constructor; ``dim`` is inferred for gated routers.
-            Containers route independently: ``seed=s`` gives container i the seed s + i, and
-            a copied Router gets a generator seeded from the template's generator.
+            Containers route independently: ``seed=s`` gives the i-th new container the seed
+            s + k + i, where k counts the containers the model had before this call (so a
+            second call with the same seed does not repeat the first call's routing), and a
+            copied Router gets a generator seeded from the template's generator.
         init: ``"normal"`` re-initialises every expert independently (Linear weights
             N(0, 0.02), biases 0, as MoTE does); ``"copy"`` upcycles (each expert starts as
             the original weights); ``"copy_noise"`` copies then adds N(0, noise_std²) noise.
@@ -208,6 +210,9 @@ def add_experts(
     containers_by_name = _container_names(model)
     for n in names:  # an alias of a matched module may lie inside a container (an expert reachable elsewhere)
         _check_not_nested(n, containers_by_name)
+    # router seeds continue after the model's existing containers: a second call with the same seed
+    # (experts in the text tower after the visual tower) does not repeat the first call's routing
+    seed_offset = len({id(c) for c in containers_by_name.values()})
     containers = []  # every container is built before the first is swapped in: an error leaves the model as it was
     for index, group in enumerate(groups):
         original = model.get_submodule(group[0])
@@ -223,7 +228,7 @@ def add_experts(
             experts.append(e)
         container = ExpertContainer(
             experts,
-            _build_router(router, num_experts, original, router_kw, index),
+            _build_router(router, num_experts, original, router_kw, seed_offset + index),
             merge,
             merge_kwargs=merge_kwargs,
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -553,6 +555,12 @@ def test_buffers_equal_in_every_expert_are_kept_not_combined():
     assert torch.equal(s.merged_forward(ones, w), 2 * ones)  # differing: 2·1 + 0·3
     s.experts[1].scale.fill_(1.0)
     assert torch.equal(s.merged_forward(ones, w), ones)
+    # a dtype or device move lets the buffers from before the move go (the verdicts held them)
+    before = weakref.ref(s.experts[1].scale)
+    s.double()
+    gc.collect()
+    assert before() is None
+    assert torch.equal(s.merged_forward(ones.double(), w), ones.double())
 
 
 def test_merged_forward_swaps_every_alias_of_a_tied_parameter():

@@ -224,6 +224,11 @@ def test_routers_are_independent_per_container():
     assert sa == sequences(b)  # reproducible from the seed
     assert sa[0] != sa[1]  # but the two layers do not route in lockstep
     assert [c.router.generator.initial_seed() for _, c in find_containers(a)] == [0, 1]
+    # a second call with the same seed continues after the existing containers
+    c2 = toy()
+    mv.add_experts(c2, "blocks.0.mlp", 4, seed=0)
+    mv.add_experts(c2, "blocks.1.mlp", 4, seed=0)
+    assert [c.router.generator.initial_seed() for _, c in find_containers(c2)] == [0, 1]
     # a Router instance as template: each container gets its own generator
     t = toy()
     template = MultinomialRouter(num_experts=4, seed=0)
