@@ -21,6 +21,7 @@ class EvaluateRunner:
         self.results: dict[str, Any] = {}
 
     def setup(self) -> None:
+        """Prepare the output folder and the data, and load the model (``checkpoint``) or build it (``model``)."""
         from ..models.checkpoint import load
 
         cfg = self.cfg
@@ -46,6 +47,7 @@ class EvaluateRunner:
         """Nothing to train."""
 
     def evaluate(self) -> dict[str, Any]:
+        """Run every dataset of ``eval.datasets``; write ``results.json`` and the plot; return the results."""
         self.results = run_eval_suite(
             self.model, cfg=self.cfg, data_cfg=self.data_cfg, device=self.device, dist=self.dist,
             output_dir=self.output_dir, console=self.console if self.main else None,
@@ -57,6 +59,7 @@ class EvaluateRunner:
         """Results are written by :meth:`evaluate`."""
 
     def cleanup(self) -> None:
+        """Leave the process group (DDP)."""
         from ..training.distributed import cleanup
 
         cleanup()

@@ -41,6 +41,7 @@ class MoTERunner:
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
+        """Build everything the run needs: output folder, data, model, class features, loaders, trainer."""
         from ..training.checkpoint import CheckpointManager
         from ..training.metrics import MetricsLogger
 
@@ -226,6 +227,7 @@ class MoTERunner:
 
     # -- phases -----------------------------------------------------------------------------
     def train(self) -> None:
+        """Train (resuming where the recipe says) and print the per-epoch validation summary."""
         start = time.perf_counter()
         if self.main and self.console is not None:
             n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -244,6 +246,7 @@ class MoTERunner:
             print_summary(rows, title, console=self.console)
 
     def evaluate(self) -> dict[str, Any]:
+        """Evaluate the trained model on ``eval.datasets`` (merge variants, TFM on/off); return the results."""
         self.results = run_eval_suite(
             self.model, cfg=self.cfg, data_cfg=self.data_cfg, device=self.device, dist=self.dist,
             output_dir=self.output_dir, console=self.console if self.main else None, title=f"{self.cfg.get('runner')} results",

@@ -29,6 +29,7 @@ class StateEncoder:
         self._by_id: dict[int, str] = {}
 
     def encode(self, obj: Any, path: str = "") -> Any:
+        """JSON-able form of ``obj``; tensors become references into :attr:`tensors` (or base64 with ``inline``)."""
         if isinstance(obj, torch.Tensor):
             return {"__tensor__": self._tensor(obj, path)}
         if isinstance(obj, (bool, int, float, str)) or obj is None:
