@@ -131,7 +131,7 @@ def check_same_structure(experts: Sequence[nn.Module]) -> None:
 class ExpertEnsemble(nn.Module):
     """Output-space "merge": runs all N experts and averages their outputs (N forwards)."""
 
-    def __init__(self, experts: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
+    def __init__(self, experts: Sequence[nn.Module], *, weights: Sequence[float] | None = None) -> None:
         super().__init__()
         self.experts = nn.ModuleList(experts)
         w = torch.full((len(experts),), 1.0 / len(experts)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
