@@ -36,9 +36,11 @@ from typing import Any, Union
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .merging import check_merge_arguments, is_output_space, linear_combinations, merge_coefficients, merge_state_dicts
+from .merging import check_merge_arguments, is_output_space, linear_combinations, merge_coefficients, merge_state_dicts, merge_tensors
 from .routers import Router, RouterOutput, build_router
+from .utils.warn import warn_user
 
 Plan = Union[str, int, torch.Tensor, Sequence[tuple[int, Any]]]
 
@@ -57,6 +59,21 @@ _module.register_module_module_registration_hook(_bump_structure_epoch)
 _module.register_module_parameter_registration_hook(_bump_structure_epoch)
 _module.register_module_buffer_registration_hook(_bump_structure_epoch)
 
+# Fused optimizer kernels (torch.optim's ``fused=True``) write parameters without bumping their
+# version counters, and optimizers from other libraries may do the same: their steps are counted
+# here, and an eval merge cached before one of them is merged again.
+_unversioned_steps = 0
+
+
+def _count_unversioned_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    global _unversioned_steps
+    if type(optimizer).__module__.startswith("torch.optim.") and not any(g.get("fused") for g in optimizer.param_groups):
+        return  # torch's for-loop and foreach kernels bump versions
+    _unversioned_steps += 1
+
+
+register_optimizer_step_post_hook(_count_unversioned_step)
+
 _version_of = operator.attrgetter("_version")
 
 #: One tensor name of the experts → where each expert keeps it: ``(owner._parameters or owner._buffers, leaf)``.
@@ -70,11 +87,9 @@ class _SlotTable:
     each expert's slot. ``flat``: every expert's slot, slot-major. ``swaps``: every slot of
     expert 0 as ``(dict, leaf, slot index)``, a tied tensor under each of its names.
     ``aliases``: every name of each slot. ``buffers``: the indices of buffer slots.
-    ``verdicts``: per buffer slot, whether the experts hold equal values, cached against the
-    tensors and their versions.
     """
 
-    __slots__ = ("epoch", "slots", "flat", "swaps", "aliases", "buffers", "verdicts")
+    __slots__ = ("epoch", "slots", "flat", "swaps", "aliases", "buffers")
 
     def __init__(self, experts: Sequence[nn.Module]) -> None:
         self.epoch = _structure_epoch
@@ -82,7 +97,6 @@ class _SlotTable:
         self.swaps: list[tuple[dict, str, int]] = []
         self.aliases: list[list[str]] = []
         self.buffers: list[int] = []
-        self.verdicts: dict[int, tuple[list, list | None, bool]] = {}
         e0 = experts[0]
         index_of: dict[int, int] = {}  # id(tensor of expert 0) → slot index
         for kind, named in (("_parameters", e0.named_parameters(remove_duplicate=False)), ("_buffers", e0.named_buffers(remove_duplicate=False))):
@@ -99,6 +113,14 @@ class _SlotTable:
                 self.aliases[i].append(name)
                 self.swaps.append((own, leaf, i))
         self.flat = [ref for _, refs in self.slots for ref in refs]
+
+
+def _merge_buffer(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Σ wᵢ·bᵢ, except where every expert holds the same value: there expert 0's."""
+    same = torch.ones_like(tensors[0], dtype=torch.bool)
+    for t in tensors[1:]:
+        same = same & (t == tensors[0])  # out of place: works on torch.func batched tensors
+    return torch.where(same, tensors[0], linear_combinations([tensors], weights)[0])
 
 
 def check_same_structure(experts: Sequence[nn.Module]) -> None:
@@ -178,10 +200,10 @@ class ExpertContainer(nn.Module):
                 "collapse it first (collapse_experts) or put experts beside it"
             )
         self.experts = nn.ModuleList(experts)
-        self.router = build_router(router, num_experts=len(experts), **dict(router_kwargs or {}))
+        self.router = build_router(router, num_experts=len(experts), module=experts[0], **dict(router_kwargs or {}))
         if self.router.num_experts != len(experts):
             raise ValueError(f"router is built for {self.router.num_experts} experts but the container has {len(experts)}")
-        object.__setattr__(self, "_merge_cache", None)  # (tensors merged, their versions, module); not a submodule
+        object.__setattr__(self, "_merge_cache", None)  # (tensors merged, versions, module, optimizer steps); not a submodule
         self.set_merge(merge, **dict(merge_kwargs or {}))  # fails now on an unknown name, not at the first eval forward
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: RouterOutput | None = None
@@ -271,6 +293,7 @@ class ExpertContainer(nn.Module):
             base = kwargs.pop("base", None)
         else:
             kwargs.pop("base", None)
+        check_merge_arguments(strategy, {**kwargs, "base": base}, num_experts=self.num_experts)
         if is_output_space(strategy):
             return ExpertEnsemble([copy.deepcopy(e) for e in self.experts], **kwargs)
         with torch.no_grad():
@@ -279,7 +302,9 @@ class ExpertContainer(nn.Module):
             dense = self._copy_of_first_expert()
             if coeff is not None:
                 # every parameter and buffer, non-persistent buffers included (not in state_dict)
-                for name, value in self._merged_tensors(coeff.float()).items():
+                for (name, _), ts, value in zip(self._tensor_slots(), self._slot_tensors(), self._merge_slots(coeff.float())):
+                    if not ts[0].is_floating_point():  # counters, indices: never averaged (warns when they differ)
+                        value = merge_tensors(ts, name=name)
                     owner, _, leaf = name.rpartition(".")
                     getattr(dense.get_submodule(owner), leaf).copy_(value)
             else:
@@ -296,13 +321,10 @@ class ExpertContainer(nn.Module):
 
     def _warn_if_experts_need_grad(self) -> None:
         if any(p.requires_grad for p in self.experts.parameters()):
-            import warnings
-
-            warnings.warn(
+            warn_user(
                 "an eval-mode ExpertContainer runs its cached merge, which is a constant: gradients reach the "
                 "input but not the experts. To train through the merge, use train mode, or "
-                "use_merge_weights(model, weights) (differentiable, MoTE Eq. 7); for evaluation, torch.no_grad().",
-                stacklevel=3,
+                "use_merge_weights(model, weights) (differentiable, MoTE Eq. 7); for evaluation, torch.no_grad()."
             )
             object.__setattr__(self, "_eval_grad_warned", True)
 
@@ -355,6 +377,8 @@ class ExpertContainer(nn.Module):
         except KeyError:  # a tensor was deleted: the merge is stale and the slots are re-read on re-merging
             return False
         merged_from, versions = cache[0], cache[1]
+        if cache[3] != _unversioned_steps:  # a fused (or foreign) optimizer stepped since the merge
+            return False
         if len(tensors) != len(merged_from) or not all(map(operator.is_, tensors, merged_from)):
             return False
         return versions is not None and list(map(_version_of, tensors)) == versions
@@ -373,16 +397,13 @@ class ExpertContainer(nn.Module):
         except RuntimeError:  # inference tensors (a model built under inference_mode) have no version counter
             versions = None  # changes cannot be seen: every eval forward merges again
             if "_no_versions_warned" not in self.__dict__:
-                import warnings
-
-                warnings.warn(
+                warn_user(
                     "ExpertContainer experts are inference tensors (created under torch.inference_mode()), which "
                     "have no version counters: the eval merge cannot be cached and is recomputed in every forward. "
-                    "Build or load the model outside inference_mode to cache it.",
-                    stacklevel=4,
+                    "Build or load the model outside inference_mode to cache it."
                 )
                 object.__setattr__(self, "_no_versions_warned", True)
-        cache = (tensors, versions, dense)
+        cache = (tensors, versions, dense, _unversioned_steps)
         object.__setattr__(self, "_merge_cache", cache)
         self.merge_count += 1
         return cache
@@ -394,9 +415,6 @@ class ExpertContainer(nn.Module):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> ExpertContainer:
         # .to() / .cuda() / .double() replace tensor data without bumping versions
         self.invalidate_merge()
-        table = self.__dict__.get("_slots_cache")
-        if table is not None:  # the buffer verdicts refer to the tensors before the move: let them go
-            table.verdicts.clear()
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> ExpertContainer:
@@ -423,7 +441,7 @@ class ExpertContainer(nn.Module):
 
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
         """Change the eval merge strategy (invalidates the cache)."""
-        check_merge_arguments(strategy, kwargs)
+        check_merge_arguments(strategy, kwargs, num_experts=self.num_experts)
         object.__setattr__(self, "_merge", strategy)
         object.__setattr__(self, "_merge_kwargs", dict(kwargs))
         self.invalidate_merge()
@@ -452,59 +470,44 @@ class ExpertContainer(nn.Module):
                 object.__setattr__(self, "_slots_cache", None)
         raise AssertionError("unreachable")
 
-    def _identical_buffers(self, tensors: list[list[torch.Tensor]]) -> list[int]:
-        """Indices of the floating buffer slots whose values are equal in every expert.
-
-        Such buffers (causal masks of -inf, positional tables) are constants of the module, taken
-        from expert 0 rather than combined (0 · -inf is NaN). Parameters are not compared: this
-        runs in every merged forward. The verdict is cached against the buffers and their versions.
-        """
-        table = self._slots_cache
-        same = []
-        for i in table.buffers:
-            ts = tensors[i]
-            if not ts[0].is_floating_point():
-                continue
-            try:
-                versions = list(map(_version_of, ts))
-            except RuntimeError:  # inference tensors: compare every time
-                versions = None
-            known = table.verdicts.get(i)
-            if known is not None and versions is not None and known[1] == versions and all(map(operator.is_, ts, known[0])):
-                equal = known[2]
-            else:
-                try:
-                    equal = all(torch.equal(ts[0], t) for t in ts[1:])
-                except RuntimeError:  # values unavailable (torch.func batched tensors): combined as parameters are
-                    equal = False
-                table.verdicts[i] = (ts, versions, equal)
-            if equal:
-                same.append(i)
-        return same
-
     def _identical_buffer_names(self) -> set[str]:
-        """Every name (tied aliases included) of the floating buffers equal in every expert."""
+        """Every name (tied aliases included) of the floating buffers equal in every expert.
+
+        Such buffers (causal masks of -inf, positional tables) are constants of the module: the
+        task-arithmetic family keeps them as they are (a task vector -inf − -inf would be NaN).
+        """
         tensors = self._slot_tensors()
-        aliases = self._slots_cache.aliases
-        return {name for i in self._identical_buffers(tensors) for name in aliases[i]}
+        table = self._slots_cache
+        return {
+            name
+            for i in table.buffers
+            if tensors[i][0].is_floating_point() and all(torch.equal(tensors[i][0], t) for t in tensors[i][1:])
+            for name in table.aliases[i]
+        }
 
     def _merge_slots(self, weights: torch.Tensor) -> list[torch.Tensor]:
-        """Merged tensor per slot: Σ wᵢ·θᵢ for floating tensors (one multi-tensor op), expert 0's otherwise.
+        """Merged tensor per slot, for ``weights`` ``[N]``.
 
-        Floating buffers equal in every expert are expert 0's too (see :meth:`_identical_buffers`).
+        Floating parameters: Σ wᵢ·θᵢ, one multi-tensor op, differentiable. Floating buffers
+        (BatchNorm running statistics, masks): Σ wᵢ·bᵢ as a constant (a buffer that requires
+        grad breaks BatchNorm), except the entries equal in every expert, which keep expert 0's
+        value (a -inf mask stays -inf: 0 · -inf would be NaN). Other tensors are expert 0's;
+        buffers among them are copies, so a merged forward in training mode (BatchNorm's
+        ``num_batches_tracked``) does not write into expert 0.
         """
         tensors = self._slot_tensors()
-        same = self._identical_buffers(tensors) if self._slots_cache.buffers else ()
-        floating = [i for i, ts in enumerate(tensors) if ts[0].is_floating_point() and i not in same]
-        merged = linear_combinations([tensors[i] for i in floating], weights)
+        buffers = self._slots_cache.buffers
+        params = [i for i, ts in enumerate(tensors) if ts[0].is_floating_point() and i not in buffers]
+        merged = linear_combinations([tensors[i] for i in params], weights)
         out = [ts[0] for ts in tensors]
-        for i, m in zip(floating, merged):
+        for i, m in zip(params, merged):
             out[i] = m
+        if buffers:
+            with torch.no_grad():
+                w = weights.detach()
+                for i in buffers:
+                    out[i] = _merge_buffer(tensors[i], w) if tensors[i][0].is_floating_point() else tensors[i][0].clone()
         return out
-
-    def _merged_tensors(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        merged = self._merge_slots(weights)
-        return {name: t for (name, _), t in zip(self._tensor_slots(), merged)}
 
     def _run(self, plan: Plan, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         if isinstance(plan, str):

@@ -338,7 +338,7 @@ def slerp(tensors: Sequence[Tensor], *, base: Tensor | None = None, t: float = 0
 
     Ω is the angle between the flattened tensors; nearly colinear tensors fall back to lerp.
     """
-    if len(tensors) != 2:
+    if len(tensors) != slerp.num_tensors:
         raise ValueError(f"slerp merges exactly two tensors, got {len(tensors)}")
     _check_same_shape(tensors)
     v0, v1 = tensors[0].float(), tensors[1].float()
@@ -356,8 +356,11 @@ def slerp(tensors: Sequence[Tensor], *, base: Tensor | None = None, t: float = 0
 
 
 @MERGES.register("ensemble")
-def ensemble(tensors: Sequence[Tensor], *, base: Tensor | None = None) -> Tensor:
-    """Not a weight merge: keep all N experts and average their outputs (N forwards)."""
+def ensemble(tensors: Sequence[Tensor], *, base: Tensor | None = None, weights: Sequence[float] | None = None) -> Tensor:
+    """Not a weight merge: keep all N experts and average their outputs (N forwards).
+
+    ``weights`` (renormalised) weight the outputs, as :class:`~mergekit_video.experts.ExpertEnsemble`.
+    """
     raise TypeError(
         "'ensemble' averages expert outputs and has no merged weights; "
         "use ExpertContainer.collapse('ensemble') or set merge='ensemble' on the container"
@@ -365,6 +368,7 @@ def ensemble(tensors: Sequence[Tensor], *, base: Tensor | None = None) -> Tensor
 
 
 ensemble.output_space = True  # type: ignore[attr-defined]
+slerp.num_tensors = 2  # type: ignore[attr-defined]
 for _fn in (task_arithmetic, ties, dare):
     _fn.requires_base = True  # type: ignore[attr-defined]
 
@@ -386,14 +390,32 @@ def resolve_strategy(strategy: str | MergeFn) -> MergeFn:
     return MERGES.get(strategy) if isinstance(strategy, str) else strategy
 
 
-def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the strategy when ``kwargs`` do not fit its signature (unknown or missing)."""
+def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any], *, num_experts: int | None = None) -> None:
+    """Raise ``ValueError`` naming the strategy when ``kwargs`` cannot merge ``num_experts`` experts.
+
+    Checks the keywords against the strategy's signature (unknown or missing), ``base=`` for
+    task-arithmetic strategies, and, with ``num_experts``, the length of ``weights`` and the
+    expert count of strategies that merge a fixed number (``slerp``: two).
+    """
     fn = resolve_strategy(strategy)
+    name = strategy if isinstance(strategy, str) else getattr(fn, "__name__", "merge")
     try:
         inspect.signature(fn).bind([], **kwargs)
     except TypeError as exc:
-        name = strategy if isinstance(strategy, str) else getattr(fn, "__name__", "merge")
         raise ValueError(f"merge strategy {name!r}: {exc}") from None
+    if requires_base(fn) and kwargs.get("base") is None:
+        raise ValueError(
+            f"merge strategy {name!r} needs base= (the weights the experts were tuned from, such as the "
+            "model before add_experts)"
+        )
+    if num_experts is None:
+        return
+    fixed = getattr(fn, "num_tensors", None)
+    if fixed is not None and fixed != num_experts:
+        raise ValueError(f"merge strategy {name!r} merges exactly {fixed} experts, not {num_experts}")
+    weights = kwargs.get("weights")
+    if weights is not None and torch.as_tensor(weights).numel() != num_experts:
+        raise ValueError(f"merge strategy {name!r}: {torch.as_tensor(weights).numel()} weights for {num_experts} experts")
 
 
 def merge_tensors(

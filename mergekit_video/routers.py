@@ -14,6 +14,7 @@ Granularity says what one routing decision covers:
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -224,8 +225,20 @@ class TopKRouter(Router):
         return super().extra_repr() + f", k={self.k}"
 
 
-def build_router(router: str | Router, **kwargs) -> Router:
-    """Return ``router`` if it is already a Router, else build it from the registry."""
+def build_router(router: str | Router, *, module: nn.Module | None = None, **kwargs) -> Router:
+    """Return ``router`` if it is already a Router, else build it from the registry.
+
+    A gated router's ``dim`` (its input width), when not given, is the ``in_features`` of the
+    first ``nn.Linear`` of ``module`` (the expert it routes for).
+    """
     if isinstance(router, nn.Module):
         return router
+    if "dim" not in kwargs and "dim" in inspect.signature(ROUTERS.get(router)).parameters:
+        linear = next((m for m in module.modules() if isinstance(m, nn.Linear)), None) if module is not None else None
+        if linear is None:
+            raise ValueError(
+                f"router {router!r} needs dim= (the width of its input); it could not be inferred "
+                f"({'no nn.Linear in the expert' if module is not None else 'no expert module given'}): pass dim"
+            )
+        kwargs["dim"] = linear.in_features
     return ROUTERS.build(router, **kwargs)

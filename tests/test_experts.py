@@ -462,7 +462,7 @@ def test_collapse_mean_weighted_and_task_arithmetic():
         assert maxdiff(ta.state_dict()[k], v + sum(sd[k] - v for sd in sds)) <= 1e-5
     # the same with the base given as a state dict
     assert maxdiff(c.collapse("task_arithmetic", base=base.state_dict())(x), ta(x)) <= 1e-6
-    with pytest.raises(ValueError, match=r"^cannot merge tensor 'fc1.weight': task-arithmetic merges need base="):
+    with pytest.raises(ValueError, match=r"^merge strategy 'ties' needs base= \(the weights the experts were tuned from"):
         c.collapse("ties")
 
 
@@ -524,6 +524,66 @@ class CausalAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, -1)  # [B, T, D] each
         return ((q @ k.transpose(-1, -2) / 8**0.5 + self.mask + self.saved_mask).softmax(-1)) @ v
+
+
+def test_batchnorm_experts_train_merge_and_collapse_with_their_own_statistics(caplog):
+    torch.manual_seed(0)
+    c = ExpertContainer([WithBuffers() for _ in range(2)], "fixed", router_kwargs={"expert": 1})
+    x = torch.randn(8, 3) + 3
+    c.eval()(x)  # a merge before training
+    c.train()
+    for _ in range(5):
+        c(x)  # expert 1 updates its running statistics (BatchNorm does not bump version counters)
+    e0, e1 = c.experts[0].bn, c.experts[1].bn
+    assert torch.equal(e0.running_mean, torch.zeros(3)) and int(e0.num_batches_tracked) == 0
+    # a merged training forward (WMR) runs with merged constant statistics and leaves expert 0's alone
+    w = torch.tensor([0.5, 0.5], requires_grad=True)
+    c.merged_forward(x, w).sum().backward()
+    assert w.grad is not None and c.experts[0].fc.weight.grad is not None
+    assert torch.equal(e0.running_mean, torch.zeros(3)) and int(e0.num_batches_tracked) == 0
+    # the eval merge and the collapse average the statistics; the counters differ: expert 0's, with a warning
+    c.eval()
+    expected = 0.5 * (e0.running_mean + e1.running_mean)
+    assert maxdiff(c.merged_module().bn.running_mean, expected) <= 1e-7
+    with caplog.at_level("WARNING", logger="mergekit_video.merging"):
+        dense = c.collapse()
+    assert maxdiff(dense.bn.running_mean, expected) <= 1e-7 and int(dense.bn.num_batches_tracked) == 0
+    assert "non-float tensor 'bn.num_batches_tracked' differs between #0 and #1" in caplog.text
+    assert maxdiff(c(x), dense(x)) <= 1e-6
+
+
+def test_an_optimizer_that_does_not_bump_versions_still_refreshes_the_eval_merge():
+    torch.manual_seed(0)
+    c = ExpertContainer(experts(2), "fixed").eval()
+    x = torch.randn(4, 4)
+    for opt in (torch.optim.AdamW(c.parameters(), lr=0.1, fused=True), torch.optim.SGD(c.parameters(), lr=0.1)):
+        before = c(x)
+        with use_merge_weights(c, torch.tensor([0.5, 0.5])):
+            c(x).pow(2).sum().backward()
+        opt.step()  # fused AdamW writes without bumping versions; SGD bumps them
+        after = c(x)
+        c.invalidate_merge()
+        assert maxdiff(after, c(x)) == 0.0 and maxdiff(after, before) > 1e-3
+
+
+def test_merge_arguments_are_checked_against_the_container():
+    c = ExpertContainer(experts(3), "fixed")
+    with pytest.raises(ValueError, match=r"^merge strategy 'slerp' merges exactly 2 experts, not 3$"):
+        c.set_merge("slerp")
+    with pytest.raises(ValueError, match=r"^merge strategy 'weighted': 2 weights for 3 experts$"):
+        c.collapse("weighted", weights=[1, 2])
+    with pytest.raises(ValueError, match=r"^merge strategy 'mean': got an unexpected keyword argument 'tau'$"):
+        c.collapse("mean", tau=2.0)
+    with pytest.raises(ValueError, match=r"^merge strategy 'dare' needs base="):
+        c.set_merge("dare", drop_rate=0.5)
+    # a gated router infers its width from the experts, as add_experts does
+    assert ExpertContainer(experts(2), "topk", router_kwargs={"k": 1}).router.gate.in_features == 4
+    # a weighted ensemble is evaluated as it is exported
+    x = torch.randn(2, 4)
+    c.eval().set_merge("ensemble", weights=[1.0, 0.0, 3.0])
+    expected = 0.25 * c.experts[0](x) + 0.75 * c.experts[2](x)
+    assert maxdiff(c(x), expected) <= 1e-6
+    assert maxdiff(c.collapse()(x), expected) <= 1e-6
 
 
 def test_buffers_equal_in_every_expert_are_kept_not_combined():
