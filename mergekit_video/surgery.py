@@ -10,16 +10,16 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .experts import ExpertContainer, find_containers, per_container_merge_kwargs, router_keeps_state
-from .registry import ROUTERS
-from .routers import Router, default_generator
+from .experts import ExpertContainer, find_containers, per_container_merge_kwargs, router_keeps_state, state_dict_under
+from .merging import requires_base
+from .routers import Router, build_router, default_generator
+from .utils.warn import warn_user
 
 EXPERT_INITS = ("normal", "copy", "copy_noise")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -68,6 +68,8 @@ def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
     nearest module names, when a pattern matches nothing.
     """
     patterns = [target] if isinstance(target, str) else list(target)
+    if not patterns:
+        raise SurgeryError("target is empty: give a glob or a list of globs over module names, such as 'blocks.*.mlp'")
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]  # a shared module under every name
     containers = _container_names(model)
     inside_container = {n for n in names if _enclosing_container(n, containers) is not None}
@@ -143,17 +145,13 @@ def _build_router(
         if isinstance(template, torch.Generator):
             r.generator = default_generator(int(torch.randint(0, 2**62, (1,), generator=template)))
         return r
-    cls = ROUTERS.get(router)
-    params = inspect.signature(cls).parameters
     kw = dict(router_kw)
     if kw.get("seed") is not None:
         kw["seed"] = int(kw["seed"]) + index
-    if "dim" in params and "dim" not in kw:
-        linear = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
-        if linear is None:
-            raise SurgeryError(f"router {router!r} needs dim=...; it could not be inferred (no nn.Linear in the module)")
-        kw["dim"] = linear.in_features
-    return ROUTERS.build(router, num_experts=num_experts, **kw)
+    try:
+        return build_router(router, num_experts=num_experts, module=module, **kw)
+    except ValueError as exc:  # a surgery argument that does not fit (dim not inferable, a bad value)
+        raise SurgeryError(str(exc)) from None
 
 
 def add_experts(
@@ -185,7 +183,11 @@ def add_experts(
         init: ``"normal"`` re-initialises every expert independently (Linear weights
             N(0, 0.02), biases 0, as MoTE does); ``"copy"`` upcycles (each expert starts as
             the original weights); ``"copy_noise"`` copies then adds N(0, noise_std²) noise.
-        merge: eval-mode merge strategy of the containers.
+        merge: eval-mode merge strategy of the containers; ``merge_kwargs`` are its arguments.
+            A task-arithmetic merge (task_arithmetic, ties, dare) merges relative to a base:
+            ``merge_kwargs["base"]`` (the model before surgery, or its state dict), sliced per
+            container, or, for upcycled experts (``copy`` / ``copy_noise``), the module each
+            container replaces.
         generator: RNG for the ``normal`` / ``copy_noise`` inits (the global RNG if None).
 
     Returns:
@@ -213,6 +215,8 @@ def add_experts(
     # router seeds continue after the model's existing containers: a second call with the same seed
     # (experts in the text tower after the visual tower) does not repeat the first call's routing
     seed_offset = len({id(c) for c in containers_by_name.values()})
+    merge_kwargs = dict(merge_kwargs or {})
+    bases = _merge_bases(model, groups, merge, merge_kwargs.pop("base", None) if requires_base(merge) else None, init)
     containers = []  # every container is built before the first is swapped in: an error leaves the model as it was
     for index, group in enumerate(groups):
         original = model.get_submodule(group[0])
@@ -230,7 +234,7 @@ def add_experts(
             experts,
             _build_router(router, num_experts, original, router_kw, seed_offset + index),
             merge,
-            merge_kwargs=merge_kwargs,
+            merge_kwargs={**merge_kwargs, "base": bases[index]} if bases else merge_kwargs,
         )
         container.to(next(original.parameters(), torch.empty(0)).device)
         container.train(original.training)
@@ -245,9 +249,34 @@ def add_experts(
         everywhere = find_containers(model)
         for (_, c), kw in zip(everywhere, per_container_merge_kwargs(everywhere, merge_kwargs)):
             if id(c) in new:
-                c.set_merge(merge, **kw)
+                c.set_merge(merge, **kw, **({"base": c.merge_kwargs["base"]} if bases else {}))
     warn_plain_checkpointing(model)
     return names
+
+
+def _merge_bases(
+    model: nn.Module, groups: list[list[str]], merge: str, base: nn.Module | Mapping[str, torch.Tensor] | None, init: str
+) -> list[dict[str, torch.Tensor]] | None:
+    """Per new container, the base of a task-arithmetic eval merge (None for other merges).
+
+    ``base`` (a module or state dict of the whole model) is sliced under each container's
+    name; without it, upcycled experts merge relative to a copy of the module they replace.
+    """
+    if not requires_base(merge):
+        return None
+    if base is None:
+        if init == "normal":
+            raise SurgeryError(
+                f"merge {merge!r} merges relative to the weights the experts were tuned from, but init='normal' "
+                "re-initialises them: use init='copy' or 'copy_noise', or pass merge_kwargs={'base': ...}"
+            )
+        return [{k: v.detach().clone() for k, v in model.get_submodule(group[0]).state_dict().items()} for group in groups]
+    base_sd = base.state_dict() if isinstance(base, nn.Module) else base
+    bases = [state_dict_under(base_sd, group[0]) for group in groups]
+    empty = next((group[0] for group, b in zip(groups, bases) if not b), None)
+    if empty is not None:
+        raise SurgeryError(f"merge_kwargs base has no tensors under {empty!r}")
+    return bases
 
 
 def warn_plain_checkpointing(model: nn.Module) -> None:
@@ -265,27 +294,27 @@ def warn_plain_checkpointing(model: nn.Module) -> None:
             n for n, c in find_containers(module) if getattr(c.router, "stochastic", True) or router_keeps_state(c.router)
         ]
         if replay_unsafe:
-            import warnings
-
-            warnings.warn(
+            warn_user(
                 f"{name or type(model).__name__} has gradient checkpointing on and now holds stochastic or stateful "
                 f"routers ({replay_unsafe[0]}...): a plain torch.utils.checkpoint recomputes with other experts, which "
                 "gives wrong gradients. Turn its checkpointing off, or checkpoint with "
-                "mergekit_video.experts.checkpoint_routed.",
-                stacklevel=3,
+                "mergekit_video.experts.checkpoint_routed."
             )
             return
 
 
 def collapse_experts(
     model: nn.Module,
-    strategy: str = "mean",
+    strategy: str | None = None,
     *,
     base: nn.Module | Mapping[str, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Replace every container in ``model`` by its collapsed dense module (in place).
 
+    ``strategy=None`` collapses each container with its own eval merge (``merge=`` of
+    :func:`add_experts`: ``"mean"``, MoTE Eq. 6, unless set otherwise), so the export holds the
+    weights eval mode ran; a strategy name merges every container that way, with ``kwargs``.
     With a weight-merge strategy the result has exactly the original module classes and
     state-dict keys, so it loads into the unmodified backbone; a container shared under
     several names (tied weights) becomes one dense module under all of them. ``base`` (the
@@ -318,7 +347,7 @@ def collapse_experts(
         try:
             denses.append(container.collapse(strategy, **kw))
         except (ValueError, TypeError) as exc:
-            raise SurgeryError(f"collapsing {name!r} with {strategy!r}: {exc}") from exc
+            raise SurgeryError(f"collapsing {name!r} with {strategy or container.merge!r}: {exc}") from exc
     for (_, container), dense in zip(containers, denses):
         for name in aliases[id(container)]:
             parent, child = _get_parent(model, name)

@@ -157,8 +157,10 @@ def test_surgery_errors():
         mv.add_experts(m, "head", 2, init="zeros")
     with pytest.raises(SurgeryError, match=r"^num_experts must be >= 1, got 0$"):
         mv.add_experts(m, "head", 0)
-    with pytest.raises(SurgeryError, match=r"^router 'topk' needs dim=...; it could not be inferred \(no nn.Linear in the module\)$"):
+    with pytest.raises(SurgeryError, match=r"^router 'topk' needs dim= \(the width of its input\); it could not be inferred \(no nn.Linear in the expert\): pass dim$"):
         mv.add_experts(m, "blocks.0.norm", 2, router="topk")
+    with pytest.raises(SurgeryError, match=r"^target is empty: give a glob or a list of globs"):
+        mv.add_experts(m, [], 2)
     with pytest.raises(RegistryError, match=r"^unknown router 'multinomail'; did you mean 'multinomial'"):
         mv.add_experts(m, "head", 2, router="multinomail")
     with pytest.raises(SurgeryError, match=r"^collapse_experts: the model has no ExpertContainer$"):
@@ -559,8 +561,24 @@ def test_seeded_dare_is_the_same_in_use_merge_collapse_experts_and_add_experts()
     assert maxdiff(y, dense(x)) == 0.0
     d = toy()
     mv.add_experts(d, "embed", 2)
-    mv.add_experts(d, "blocks.*.mlp", 2, merge="dare", merge_kwargs={"seed": 5, "drop_rate": 0.5})
+    before = copy.deepcopy(d)
+    mv.add_experts(d, "blocks.*.mlp", 2, init="copy_noise", noise_std=0.1, merge="dare", merge_kwargs={"seed": 5, "drop_rate": 0.5})
     assert [(n, c.merge_kwargs.get("seed")) for n, c in find_containers(d)] == [("embed", None), ("blocks.0.mlp", 6), ("blocks.1.mlp", 7)]
+    # upcycled experts merge relative to the module each container replaced
+    for i in range(2):
+        assert torch.equal(d.blocks[i].mlp.merge_kwargs["base"]["0.weight"], before.blocks[i].mlp[0].weight)
+    with torch.no_grad():
+        y = d.eval()(x)
+        assert maxdiff(y, mv.collapse_experts(copy.deepcopy(d))(x)) == 0.0  # each container's own merge
+        assert maxdiff(y, mv.collapse_experts(copy.deepcopy(d), "mean")(x)) > 1e-3
+    # a whole-model base is sliced per container; re-initialised experts have none
+    e = copy.deepcopy(before)
+    mv.add_experts(e, "blocks.*.mlp", 2, init="copy_noise", merge="ties", merge_kwargs={"base": before.state_dict()})
+    assert torch.equal(e.blocks[1].mlp.merge_kwargs["base"]["0.weight"], before.blocks[1].mlp[0].weight)
+    with pytest.raises(SurgeryError, match=r"^merge 'ties' merges relative to the weights the experts were tuned from, but init='normal'"):
+        mv.add_experts(copy.deepcopy(before), "blocks.*.mlp", 2, merge="ties")
+    with pytest.raises(SurgeryError, match=r"^merge_kwargs base has no tensors under 'blocks.0.mlp'$"):
+        mv.add_experts(copy.deepcopy(before), "blocks.*.mlp", 2, init="copy", merge="ties", merge_kwargs={"base": {"x": torch.zeros(1)}})
 
 
 def test_use_merge_with_a_whole_model_base_equals_the_collapse():
