@@ -90,7 +90,7 @@ def import_plugins(modules: Iterable[str]) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             raise ImportError(
-                f"plugin module {name!r} (from the recipe's 'plugins:' key) could not be imported: {exc}"
+                f"plugin module {name!r} could not be imported: {exc}"
             ) from exc
         _imported_plugin_modules.add(name)
 

@@ -342,7 +342,7 @@ def test_validate_lists_all_problems_with_key_and_allowed_values(plugin):
         validate_recipe(cfg, SCHEMA, source="r.yaml")
     got = {p.path: p.message for p in e.value.problems}
     assert got == {
-        "plugins.1": "plugin module 'cfgtest_missing_plugin' (from the recipe's 'plugins:' key) could not be imported: "
+        "plugins.1": "plugin module 'cfgtest_missing_plugin' could not be imported: "
         "No module named 'cfgtest_missing_plugin'",
         "output_dir": "is required (every file a run produces is written under this folder)",
         "train.epochs": "expected int, got str ('ten')",

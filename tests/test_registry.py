@@ -153,7 +153,7 @@ def test_import_plugins_error_and_once(tmp_path, monkeypatch):
     with pytest.raises(ImportError) as err:
         reg_mod.import_plugins(["mkv_no_such_plugin"])
     assert str(err.value).startswith(
-        "plugin module 'mkv_no_such_plugin' (from the recipe's 'plugins:' key) could not be imported: "
+        "plugin module 'mkv_no_such_plugin' could not be imported: "
     )
     (tmp_path / "mkv_counting_plugin.py").write_text("import builtins\nbuiltins.MKV_COUNT = getattr(builtins, 'MKV_COUNT', 0) + 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
