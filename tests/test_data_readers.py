@@ -169,3 +169,20 @@ def test_decord_resize_sizes_it_gets_wrong_fall_back_to_a_torch_resize(tmp_path)
             assert frames.shape == (4, short_side, short_side, 3) and frame_ids(frames) == [0, 5, 17, 5]
             assert (frames.float() - ref.get_frames([0, 5, 17, 5]).float()).abs().max() <= 2  # flat grey frames
             assert frame_ids(r.get_frames([3])) == [3] and r.get_frames([3]).shape == (1, short_side, short_side, 3)
+
+
+@pytest.mark.skipif(not decord_available(), reason="decord not installed")
+def test_widths_decord_cannot_decode_at_all_are_read_with_pyav(tmp_path, caplog, monkeypatch):
+    """decord's frame buffers break for 48-px-wide videos even at full size (4 "channels"): PyAV reads them."""
+    from mergekit_video.data import readers
+
+    monkeypatch.setattr(readers, "_pyav_fallback_logged", False)
+    path = write_level_video(tmp_path / "narrow.mp4", 20, gop=8, h=64, w=48)
+    with caplog.at_level("WARNING", logger="mergekit_video.data.readers"):
+        for short_side in (None, 48):
+            with open_video(path, backend="decord", short_side=short_side) as r, open_video(path, backend="pyav", short_side=short_side) as ref:
+                frames = r.get_frames([0, 5, 17, 5])
+                assert frames.shape == (4, 64, 48, 3) and frame_ids(frames) == [0, 5, 17, 5]
+                assert torch.equal(frames, ref.get_frames([0, 5, 17, 5]))
+                assert frame_ids(r.get_frames([3])) == [3]
+    assert caplog.text.count("decord cannot decode frames of this size") == 1  # said once

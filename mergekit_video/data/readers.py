@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,9 @@ import torch
 
 BACKENDS = ("auto", "decord", "pyav", "frames")
 DEFAULT_IMAGE_TEMPLATE = "img_{:05d}.jpg"  # TSN frame folders, 1-based
+
+log = logging.getLogger(__name__)
+_pyav_fallback_logged = False  # the PyAV fallback is announced once per process
 
 
 class VideoReadError(RuntimeError):
@@ -137,7 +141,8 @@ class DecordReader:
             height, width = resize_dims(*probe_size(self.path), short_side)
         self._size = (height, width) if short_side else None  # decord resizes at decode time
         self._resize_to: tuple[int, int] | None = None  # set when decord's resize failed: torch resizes
-        self._num_threads = num_threads
+        self._short_side, self._num_threads = short_side, num_threads
+        self._pyav: PyAVReader | None = None  # set when decord cannot decode this width at all
         try:
             self._vr = decord.VideoReader(str(self.path), ctx=decord.cpu(0), width=width, height=height, num_threads=num_threads)
             self._num_frames = len(self._vr) - self._discarded_leading_frames()
@@ -164,17 +169,22 @@ class DecordReader:
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
         """Decode ``indices`` in one ``get_batch`` call; uint8 ``[T, H, W, 3]``."""
+        if self._pyav is not None:
+            return self._pyav.get_frames(indices)
         if self._vr is None:
             raise VideoReadError(f"{self.path}: reader is closed", path=self.path)
         uniq, inv = _plan(indices, self._num_frames, str(self.path))
-        for attempt in range(2):
+        while True:
             try:
                 frames = torch.from_numpy(self._vr.get_batch(uniq.tolist()).asnumpy())  # [N, H, W, 3]
                 break
             except Exception as e:  # noqa: BLE001
-                if attempt or self._size is None or "from_size == to_size" not in str(e):
+                if "from_size == to_size" not in str(e):  # not decord's buffer-size bug: a bad file
                     raise VideoReadError(f"{self.path}: decoding frames failed ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
-                self._decode_at_full_size()
+                if self._size is not None:
+                    self._decode_at_full_size()
+                    continue
+                return self._fall_back_to_pyav(indices)
         if self._resize_to is not None:
             frames = _resize_hwc(frames, *self._resize_to)
         return frames if inv is None else frames[torch.from_numpy(inv)]
@@ -186,9 +196,27 @@ class DecordReader:
         self._vr = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=self._num_threads)
         self._resize_to, self._size = self._size, None
 
+    def _fall_back_to_pyav(self, indices: Sequence[int]) -> torch.Tensor:
+        """decord's frame buffers break for some widths (16 or 48 px: rows padded to 4 or 6 "channels",
+        at full size too): PyAV reads this file instead."""
+        global _pyav_fallback_logged
+        if not _pyav_fallback_logged:
+            _pyav_fallback_logged = True
+            log.warning(
+                "%s: decord cannot decode frames of this size (a decord bug for some widths); reading such videos "
+                "with PyAV, which is slower. Re-encoding to another size (mergevid data prepare --short-side) avoids it.",
+                self.path,
+            )
+        self._pyav = PyAVReader(path=self.path, short_side=self._short_side, num_threads=self._num_threads)
+        self._vr = None
+        return self._pyav.get_frames(indices)
+
     def close(self) -> None:
         """Free the decoder."""
         self._vr = None
+        if self._pyav is not None:
+            self._pyav.close()
+            self._pyav = None
 
     def __enter__(self) -> DecordReader:
         return self
