@@ -292,6 +292,24 @@ def test_convert_export_dense_and_load_into_open_clip(tmp_path, capsys):
     assert cli_main(["export", str(converted), str(dense), "--dense"]) == 1
     assert "exists" in capsys.readouterr().err and _digest(dense) == before
     assert cli_main(["export", str(converted), str(dense), "--dense", "--overwrite"]) == 0
+    # another weight merge and its arguments; an output-space "merge" is refused before anything is written
+    tau = tmp_path / "dense_tau"
+    assert cli_main(["export", str(converted), str(tau), "--dense", "--strategy", "temperature_softmax", "--merge-arg", "tau=0.6"]) == 0
+    capsys.readouterr()
+    from mergekit_video.experts import use_merge
+
+    with torch.no_grad(), use_merge(model, "temperature_softmax", tau=0.6):
+        assert (load(tau)(frames, cls) - model(frames, cls)).abs().max() < 1e-5
+    for args, message in (
+        (["--strategy", "ensemble"], "error: a dense export needs a weight merge, but 'ensemble' combines expert outputs"),
+        (["--strategy", "temperature_softmax"], "missing a required argument: 'tau'"),
+        (["--merge-arg", "tau"], "error: --merge-arg 'tau': expected KEY=VALUE, such as tau=0.6"),
+    ):
+        assert cli_main(["export", str(converted), str(tmp_path / "refused"), "--dense", *args]) == 1
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()
+    assert cli_main(["export", str(converted), str(tmp_path / "refused"), "--strategy", "mean"]) == 1
+    assert "add --dense" in capsys.readouterr().err
     # a plain (non-dense) export keeps the experts
     assert cli_main(["export", str(converted), str(tmp_path / "copy")]) == 0
     assert load(tmp_path / "copy").config["head"]["num_experts"] == 4

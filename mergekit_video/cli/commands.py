@@ -245,16 +245,33 @@ def export_cmd(
     checkpoint: Path = typer.Argument(..., help="Model directory or trainer checkpoint."),
     output: Path = typer.Argument(..., help="Directory to write."),
     dense: bool = typer.Option(False, "--dense", help="Collapse the experts into plain FFNs (the baseline's structure and keys)."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="Merge strategy for --dense (default: the model's own, mean)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Weight merge for --dense (default: the model's own, mean)."),
+    merge_arg: Optional[list[str]] = typer.Option(
+        None, "--merge-arg", metavar="KEY=VALUE",
+        help="An argument of the --dense merge strategy, repeatable: --strategy temperature_softmax --merge-arg tau=0.6, "
+        "--strategy weighted --merge-arg weights=[1,2,3,4].",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT folder."),
 ) -> None:
     """Export a model directory (from a trainer checkpoint), optionally collapsed to a dense model."""
+    from ..config.loading import ConfigError, parse_override
     from ..models.checkpoint import count_parameters, export_dense, load, save_model
 
+    merge_kwargs = {}
+    for text in merge_arg or []:
+        try:
+            parsed = parse_override(text)
+        except ConfigError:
+            parsed = None
+        if parsed is None or parsed.op != "set" or len(parsed.keys) != 1:
+            raise UserError(f"--merge-arg {text!r}: expected KEY=VALUE, such as tau=0.6")
+        merge_kwargs[parsed.key] = parsed.value
+    if (strategy or merge_kwargs) and not dense:
+        raise UserError("--strategy and --merge-arg choose the merge of a --dense export; add --dense")
     refuse_replacing_input(output, checkpoint)
     model = load(checkpoint)
     if dense:
-        export_dense(model, output, strategy=strategy, overwrite=overwrite)
+        export_dense(model, output, strategy=strategy, overwrite=overwrite, **merge_kwargs)
         out = load(output)
         _console().print(f"[green]exported dense[/] → {output}: temporal head {count_parameters(out.head) / 1e6:.2f}M params (was {count_parameters(model.head) / 1e6:.2f}M); clip.safetensors loads into open_clip.create_model('{out.model_name}'){_bundled_note(out.model_name)}")
     else:

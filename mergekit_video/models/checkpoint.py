@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from ..experts import find_containers
+from ..merging import is_output_space
 from ..surgery import collapse_experts
 from ..utils.io import atomic_write_json, _fsync_dir
 from .video_clip import VideoCLIP, video_clip_from_config
@@ -148,9 +150,16 @@ def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: st
     parameter count; ``clip.safetensors`` loads into plain open_clip. ``strategy=None`` uses
     each container's own merge (mean, or the weights recorded at conversion).
     """
+    containers = find_containers(model)
+    own = {c.merge for _, c in containers}
+    if any(is_output_space(s) for s in ([strategy] if strategy else own)):
+        raise ValueError(
+            f"a dense export needs a weight merge, but {strategy or sorted(own)[0]!r} combines expert outputs and has "
+            "no merged weights: choose one such as mean, weighted or temperature_softmax"
+        )
     dense = copy.deepcopy(model).cpu().eval()
-    if dense.head.has_experts:
-        collapse_experts(dense.head, strategy, **merge_kwargs)
+    if containers:  # the head's, and any in the visual tower (the export loads into plain open_clip)
+        collapse_experts(dense, strategy, **merge_kwargs)
     dense.head.config["num_experts"] = 0
     dense.config = {**dense.config, "exported_from": {"num_experts": int(model.head.config["num_experts"]), "merge": strategy or model.head.config["merge"]}}
     return save_model(dense, directory, overwrite=overwrite)
