@@ -548,6 +548,12 @@ def test_a_failing_final_evaluation_keeps_the_trained_model(reference_runs, synt
         _run_in_process(out, ["data.num_workers=0", f"eval.datasets={dataset}", "eval.batch_size=4"])
     assert not (out / "results.json").exists()
     assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) == 0.0
+    # the rerun that skips bad videos keeps the trained run (eval.* settings change only the final evaluation)
+    _run_in_process(out, ["data.num_workers=0", f"eval.datasets={dataset.replace('on_error: raise', 'on_error: skip')}", "eval.batch_size=4"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["datasets"]["odd"][0]["num_failed"] == 1
+    assert [r["step"] for r in _train_records(out)] == list(range(1, STEPS + 1))  # nothing trained again
+    assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) == 0.0
 
 
 def test_cli_reports_an_interrupted_run_with_exit_code_130(capsys):

@@ -90,6 +90,7 @@ def test_a_different_recipe_is_refused_naming_the_changes_and_what_overwrite_del
     prepare_output_dir(cfg, overwrite=False, main=True)
     for name in ("checkpoints", "model"):
         (out / name).mkdir()
+        (out / name / "weights").write_text("w")
     (out / "metrics.jsonl").write_text("{}\n")
     longer = {**cfg, "data": {"num_workers": 0}, "schedule": {"epochs": 6}}
     with pytest.raises(FileExistsError) as info:
@@ -97,8 +98,9 @@ def test_a_different_recipe_is_refused_naming_the_changes_and_what_overwrite_del
     assert str(info.value) == (
         f"output_dir {out} holds an earlier run of a different recipe (data.num_workers: 8 -> 0; schedule.epochs: 5 -> 6). "
         "A run resumes only with the same recipe (it may differ in data.num_workers, eval.num_workers, train.log_every, "
-        "train.tensorboard, train.keep_last). Use another output_dir, or pass --overwrite to DELETE the earlier run's "
-        "metrics.jsonl, checkpoints/, model/ and train again from step 1"
+        "train.tensorboard, train.keep_last, and in the eval.* keys of the final evaluation except eval.batch_size). "
+        f"To evaluate its model otherwise: mergevid eval {out / 'model'}. Or use another output_dir, or pass --overwrite "
+        "to DELETE the earlier run's metrics.jsonl, checkpoints/, model/ and train again from step 1"
     )
     assert (out / "recipe.yaml").read_text() == dump_recipe(cfg)
     prepare_output_dir(longer, overwrite=True, main=True)
@@ -149,3 +151,35 @@ def test_recipe_changes_name_the_list_item_that_changed():
     old = {"eval": {"datasets": [{"name": "ucf", "list": "a.txt"}, {"name": "hmdb", "list": "b.txt"}], "views": [4, 3]}}
     new = {"eval": {"datasets": [{"name": "ucf", "list": "a.txt"}, {"name": "hmdb", "list": "c.txt"}], "views": [4, 3, 1]}}
     assert recipe_changes(old, new) == [("eval.datasets.1.list", "b.txt", "c.txt"), ("eval.views", [4, 3], [4, 3, 1])]
+
+
+def test_a_run_that_wrote_only_empty_outputs_takes_a_corrected_recipe(tmp_path):
+    """A run that crashed at its first step left an empty metrics.jsonl and checkpoints/: no outputs."""
+    out = tmp_path / "run"
+    prepare_output_dir(_cfg(out, lr=1), overwrite=False, main=True)
+    (out / "metrics.jsonl").write_text("")
+    (out / "checkpoints").mkdir()
+    prepare_output_dir(_cfg(out, lr=2), overwrite=False, main=True)
+    assert "lr: 2" in (out / "recipe.yaml").read_text()
+
+
+def test_final_evaluation_settings_change_on_a_trained_run(tmp_path, caplog):
+    """eval.* keys (but eval.batch_size, which validation reads) change only the final evaluation of a mote run."""
+    out = tmp_path / "run"
+    cfg = {"runner": "mote", "output_dir": str(out), "eval": {"batch_size": 16, "datasets": [{"name": "val", "on_error": "raise"}]}}
+    prepare_output_dir(cfg, overwrite=False, main=True)
+    (out / "model").mkdir()
+    (out / "model" / "head.safetensors").write_text("w")
+    skip = {**cfg, "eval": {"batch_size": 16, "datasets": [{"name": "val", "on_error": "skip"}]}}
+    with caplog.at_level("INFO", logger="mergekit_video"):
+        prepare_output_dir(skip, overwrite=False, main=True)
+    assert "eval.datasets.0.on_error: 'raise' -> 'skip'" in caplog.text and "the final evaluation runs again" in caplog.text
+    assert (out / "model" / "head.safetensors").exists() and "on_error: skip" in (out / "recipe.yaml").read_text()
+    with pytest.raises(FileExistsError, match=r"eval.batch_size: 16 -> 8"):
+        prepare_output_dir({**skip, "eval": {**skip["eval"], "batch_size": 8}}, overwrite=False, main=True)
+    # an evaluation runner has nothing to resume: other eval settings are another evaluation
+    ev = tmp_path / "eval"
+    prepare_output_dir({**cfg, "runner": "evaluate", "output_dir": str(ev)}, overwrite=False, main=True)
+    (ev / "results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds the outputs of a different recipe"):
+        prepare_output_dir({**skip, "runner": "evaluate", "output_dir": str(ev)}, overwrite=False, main=True)

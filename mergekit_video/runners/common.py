@@ -59,6 +59,21 @@ RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "model", "model_dense", "results.
 RESULTS_NEUTRAL_KEYS = ("data.num_workers", "eval.num_workers", "train.log_every", "train.tensorboard", "train.keep_last")
 
 
+def only_final_evaluation(key: str) -> bool:
+    """Whether a ``mote`` recipe key changes only the final evaluation (``eval.*``), not training.
+
+    The per-epoch validation reads ``eval.batch_size``, so that one is not; a rerun that changes
+    only such keys resumes the trained run and evaluates it again with the new settings.
+    """
+    return key.startswith("eval.") and key != "eval.batch_size"
+
+
+def _holds_output(path: Path) -> bool:
+    """A file with content, or a folder with anything in it (an empty ``metrics.jsonl`` of a run that
+    crashed at start-up is no output)."""
+    return any(path.iterdir()) if path.is_dir() else path.stat().st_size > 0
+
+
 def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, old value, new value)`` for every key whose value differs between two recipes.
 
@@ -113,7 +128,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         if not saved.exists() and out.is_dir() and any(p.name != "data" for p in out.iterdir()) and not overwrite:
             raise FileExistsError(f"output_dir {out} holds files but no recipe.yaml of an earlier run; "
                                   "choose another output_dir, or pass --overwrite to write into it")
-        outputs = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+        outputs = [out / name for name in RUN_OUTPUTS if (out / name).exists() and _holds_output(out / name)]
         text = dump_recipe(cfg)
         previous = saved.read_text(encoding="utf-8") if saved.is_file() else None
         changes: list[tuple[str, Any, Any]] = []
@@ -123,7 +138,8 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
             except yaml.YAMLError:
                 changes = [("<recipe>", "(unreadable recipe.yaml)", "this recipe")]
             changes = changes or [("<recipe>", "(another text)", "this recipe")]
-        neutral = bool(changes) and all(key in RESULTS_NEUTRAL_KEYS for key, _, _ in changes)
+        trains = cfg.get("runner") not in ("evaluate", "compare")
+        neutral = bool(changes) and all(key in RESULTS_NEUTRAL_KEYS or (trains and only_final_evaluation(key)) for key, _, _ in changes)
         if outputs and changes and not neutral:
             if not overwrite:
                 names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
@@ -135,8 +151,9 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                     )
                 raise FileExistsError(
                     f"output_dir {out} holds an earlier run of a different recipe ({shown}). A run resumes only with the "
-                    f"same recipe (it may differ in {', '.join(RESULTS_NEUTRAL_KEYS)}). Use another output_dir, or pass "
-                    f"--overwrite to DELETE the earlier run's {names} and train again from step 1"
+                    f"same recipe (it may differ in {', '.join(RESULTS_NEUTRAL_KEYS)}, and in the eval.* keys of the final "
+                    f"evaluation except eval.batch_size). To evaluate its model otherwise: mergevid eval {out / 'model'}. "
+                    f"Or use another output_dir, or pass --overwrite to DELETE the earlier run's {names} and train again from step 1"
                 )
             _refuse_deleting_inputs(cfg, outputs)
             for path in outputs:
@@ -147,8 +164,9 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
             outputs = []
         out.mkdir(parents=True, exist_ok=True)
         if neutral and outputs:
-            log.info("output_dir %s: resuming the earlier run; recipe.yaml records the changed settings (%s), which do not change results",
-                     out, "; ".join(_describe_change(*c) for c in changes))
+            log.info("output_dir %s: resuming the earlier run; recipe.yaml records the changed settings (%s), which do not change "
+                     "what it trains%s", out, "; ".join(_describe_change(*c) for c in changes),
+                     "; the final evaluation runs again with them" if any(only_final_evaluation(k) for k, _, _ in changes) else "")
         save_resolved_recipe(cfg, saved, overwrite=True)  # atomic; the same text is left alone
     return out
 
