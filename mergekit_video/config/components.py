@@ -71,14 +71,35 @@ def _getattr_chain(obj: Any, owner: str, attrs: Sequence[str], where: str, targe
     if not attrs:
         raise ConfigError(f"{where}: {target!r} is a module, not a callable")
     for attr in attrs:
-        if not hasattr(obj, attr):
+        # not hasattr(): it turns any AttributeError (e.g. one raised while a lazily exported module
+        # imports) into "missing"; only a lookup that fails on this very name of this object is one
+        loading = f"loading {owner}.{attr}" + ("" if f"{owner}.{attr}" == target.replace(":", ".") else f" for {target!r}")
+        try:
+            value = getattr(obj, attr)
+        except AttributeError as exc:
             public = [a for a in dir(obj) if not a.startswith("_")]
-            raise ConfigError(f"{where}: {owner!r} has no attribute {attr!r} (from {target!r}){did_you_mean(attr, public)}")
-        obj = getattr(obj, attr)
+            if _is_missing(exc, obj, attr, public):
+                raise ConfigError(f"{where}: {owner!r} has no attribute {attr!r} (from {target!r}){did_you_mean(attr, public)}") from None
+            raise ConfigError(f"{where}: {loading} failed: AttributeError: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a lazy export whose module fails to import, a raising property
+            raise ConfigError(f"{where}: {loading} failed: {type(exc).__name__}: {exc}") from exc
+        obj = value
         owner = f"{owner}.{attr}"
     if not callable(obj):
         raise ConfigError(f"{where}: {target!r} is a {type(obj).__name__}, not a callable")
     return obj
+
+
+def _is_missing(exc: AttributeError, obj: Any, attr: str, listed: Sequence[str]) -> bool:
+    """Whether ``exc`` from ``getattr(obj, attr)`` means ``attr`` is absent (not an error inside the lookup).
+
+    A name that ``dir(obj)`` lists (a lazy export) is there; an error naming another attribute or
+    another object was raised by code the lookup ran (e.g. a module importing).
+    """
+    if attr in listed:
+        return False
+    name, owner = getattr(exc, "name", None), getattr(exc, "obj", None)
+    return (name is None or name == attr) and (owner is None or owner is obj)
 
 
 def _target_name(fn: Any) -> str:

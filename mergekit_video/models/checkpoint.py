@@ -29,7 +29,7 @@ import torch
 from ..experts import find_containers
 from ..merging import is_output_space
 from ..surgery import collapse_experts
-from ..utils.io import atomic_write_json, _fsync_dir
+from ..utils.io import apply_default_modes, atomic_write_json, _fsync_dir
 from .video_clip import VideoCLIP, video_clip_from_config
 
 CONFIG_FILE = "config.json"
@@ -77,6 +77,7 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         _save_tensors(tmp / HEAD_FILE, head_tensors, {"format": "mergekit_video/temporal_head"})
         other = {part: StateEncoder(inline=True, what=part).encode(state) for part, state in (("clip", clip_other), ("head", head_other)) if state}
         atomic_write_json(tmp / CONFIG_FILE, {**config, NON_TENSOR_KEY: other} if other else config)
+        apply_default_modes(tmp)  # mkdtemp's 0700 and save_file's 0600 -> what mkdir()/open() give
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..utils.io import atomic_write_text, read_safetensors
+from ..utils.io import apply_default_modes, atomic_write_text, read_safetensors
 from ..utils.state_json import StateEncoder, decode_state, split_tensors
 
 log = logging.getLogger(__name__)
@@ -291,6 +291,7 @@ class CheckpointManager:
             if optim_state is not None:
                 save_file(optim_tensors, str(tmp / _OPTIM_FILE), metadata={"format": "pt"})
             (tmp / _STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            apply_default_modes(tmp)  # mkdtemp's 0700 and save_file's 0600 -> what mkdir()/open() give
             for f in tmp.iterdir():
                 _fsync_file(f)
             _fsync_dir(tmp)

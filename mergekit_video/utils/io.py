@@ -1,12 +1,16 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
 
-A crash or Ctrl-C mid-write leaves the previous file intact, never a truncated one.
+A crash or Ctrl-C mid-write leaves the previous file intact, never a truncated one. What is
+renamed into place has the permissions a plain ``open()`` / ``mkdir()`` would have given under
+the process umask (temp files and folders are created 0600 / 0700, and writers such as
+safetensors' ``save_file`` replace the file they are given with a fresh 0600 one).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,10 +30,11 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; give the file the mode open() would
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # after the writer (it may have replaced the file), before the rename: the mode open() gives
+        apply_default_modes(tmp_path)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -39,16 +44,74 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
             tmp_path.unlink()
 
 
-def _default_file_mode() -> int:
-    """0o666 less the process umask (read without changing it, where /proc allows), else 0o644."""
+def _umask_from_proc() -> int | None:
+    """The umask from ``/proc/self/status`` (Linux >= 4.7), or None where that is unavailable."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
                 if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
         pass
-    return 0o644
+    return None
+
+
+def _umask_at_import() -> int:
+    # Only reached where /proc gives no umask. os.umask() can only be read by setting it, so it is
+    # set and restored once, here at import (under the import lock, before this module's writers
+    # can run), never per write: a set/restore pair per call would let another thread create a
+    # file under the temporary umask.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# /proc/self/status is read on every call: it reads the umask without changing it (thread-safe)
+# and follows later os.umask() changes; the import-time value is the fallback elsewhere (macOS).
+_IMPORT_UMASK = None if _umask_from_proc() is not None else _umask_at_import()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status``; else the value at import)."""
+    mask = _umask_from_proc()
+    return mask if mask is not None else (_IMPORT_UMASK if _IMPORT_UMASK is not None else _umask_at_import())
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode a plain ``os.mkdir(path)`` gives a new folder: ``0o777 & ~umask``."""
+    return 0o777 & ~current_umask()
+
+
+def apply_default_modes(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the modes ``open()`` / ``mkdir()`` would.
+
+    For what was written under a temporary name (``mkstemp``: 0600, ``mkdtemp``: 0700, or a writer
+    that made its own file) and is about to be renamed into place. Symlinks are left alone; a
+    folder keeps its set-group-ID bit (inherited from a setgid parent, as ``mkdir()`` would).
+    """
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    root = Path(path)
+    st = os.lstat(root)
+    if stat.S_ISDIR(st.st_mode):
+        os.chmod(root, dir_mode | (st.st_mode & stat.S_ISGID))
+        for parent, dirs, files in os.walk(root):
+            for name in dirs:
+                sub = os.path.join(parent, name)
+                sst = os.lstat(sub)
+                if stat.S_ISDIR(sst.st_mode):
+                    os.chmod(sub, dir_mode | (sst.st_mode & stat.S_ISGID))
+            for name in files:
+                sub = os.path.join(parent, name)
+                if stat.S_ISREG(os.lstat(sub).st_mode):
+                    os.chmod(sub, file_mode)
+    elif stat.S_ISREG(st.st_mode):
+        os.chmod(root, file_mode)
 
 
 def _fsync_dir(directory: Path) -> None:
