@@ -111,11 +111,13 @@ def run_cmd(
     reraise_interrupts(run_recipe, cfg, overwrite=overwrite, console=_console())
 
 
-def default_eval_dir(target: Path) -> Path:
-    """``runs/eval/<run>_<model>`` for ``mergevid eval MODEL``: named after the model and the folder holding it.
+def default_eval_dir(target: Path, list_file: Path | None = None) -> Path:
+    """``runs/eval/<run>_<model>[_<list>]`` for ``mergevid eval MODEL --list LIST``.
 
-    Every run saves ``model/``, so the model's own name alone would send every run's evaluation
-    to one folder; a trainer checkpoint is named with its run too (``<run>_checkpoints_step_N``).
+    Named after the model, the folder holding it and the evaluated list: every run saves
+    ``model/``, so the model's own name alone would send every run's evaluation to one folder
+    (a trainer checkpoint is named with its run too: ``<run>_checkpoints_step_N``), and the
+    list keeps the evaluations of one model on several datasets apart.
     """
     path = target.resolve()
     parts = [path.stem if path.is_file() else path.name]
@@ -125,6 +127,8 @@ def default_eval_dir(target: Path) -> Path:
         parts.insert(0, parent.name)
         if parent.name != "checkpoints":  # a checkpoint's run is one folder further up
             break
+    if list_file is not None:
+        parts.append(list_file.stem)
     return Path("runs") / "eval" / ("_".join(p for p in parts if p) or "model")
 
 
@@ -132,14 +136,21 @@ def default_eval_dir(target: Path) -> Path:
 def eval_cmd(
     target: Path = typer.Argument(..., help="An evaluate/compare recipe YAML, or a saved model / checkpoint directory."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    list_file: Optional[Path] = typer.Option(None, "--list", help="Annotation list (with a model directory)."),
+    list_files: Optional[list[Path]] = typer.Option(
+        None, "--list", help="Annotation list (with a model directory); repeat it for the splits of a --zero-shot dataset."
+    ),
     class_csv: Optional[Path] = typer.Option(None, "--classes", help="Class CSV 'id,name' (with --list)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder the list's paths are relative to."),
     views: str = typer.Option("1x1", "--views", help="clips x crops, e.g. 1x1, 4x3, 3x1."),
     num_frames: int = typer.Option(8, "--frames"),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Frame size (default: the model's, e.g. 224)."),
     compare: bool = typer.Option(False, "--compare", help="Also evaluate each expert, other merges and ensembles."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>, e.g. runs/eval/mote_vitl14_model)."),
+    zero_shot: bool = typer.Option(
+        False, "--zero-shot", help="Classes unseen in training: reported as zero-shot (mean ± std over the --list splits, HM_ZS)."
+    ),
+    output_dir: Optional[Path] = typer.Option(
+        None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>_<list>, e.g. runs/eval/mote_vitl14_model_val)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an output folder holding other results: DELETES them first."),
 ) -> None:
     """Evaluate a model: with a recipe, or a model directory plus --list/--classes."""
@@ -155,36 +166,46 @@ def eval_cmd(
                 f"'mergevid eval {out} --list LIST --classes CSV', or train and evaluate it with 'mergevid run {target}'"
             )
     else:
+        from ..models.checkpoint import read_model_config
+
         if not target.exists():
             raise FileNotFoundError(f"{target} does not exist")
-        if list_file is None or class_csv is None:
+        if not list_files or class_csv is None:
             raise UserError("evaluating a model directory needs --list and --classes (and usually --root)")
+        if len(list_files) > 1 and not zero_shot:
+            raise UserError("several --list files are the splits of one zero-shot dataset: add --zero-shot (close-set takes one list)")
         try:
             clips, crops = (int(v) for v in views.lower().split("x"))
         except ValueError:
             raise UserError(f"--views must look like 1x1 or 4x3, got {views!r}") from None
         if clips < 1 or crops not in (1, 3):
             raise UserError(f"--views {views}: CLIPSxCROPS takes clips >= 1 and crops 1 or 3")
+        if target.is_dir() and not (target / "config.json").is_file() and (target / "model" / "config.json").is_file():
+            _console().print(f"{target} is a run's output_dir: evaluating its trained model, {target / 'model'}")
+            target = target / "model"
+        read_model_config(target)  # not a model: said now, before an output folder is made
+        name = list_files[0].stem
+        lists = [str(f.resolve()) for f in list_files]  # absolute: the same evaluation whatever the working folder
         recipe = {
             "runner": "compare" if compare else "evaluate",
-            "output_dir": str(output_dir or default_eval_dir(target)),
-            "checkpoint": str(target),
+            "output_dir": str(output_dir or default_eval_dir(target, list_files[0])),
+            "checkpoint": str(target.resolve()),
             "eval": {
                 "num_workers": min(4, os.cpu_count() or 1),
                 "datasets": [
                     {
-                        "name": list_file.stem,
-                        "kind": "close_set",
-                        "root": str(root or list_file.parent),
-                        "list": str(list_file),
-                        "class_csv": str(class_csv),
+                        "name": name,
+                        "kind": "zero_shot" if zero_shot else "close_set",
+                        "root": str((root or list_files[0].parent).resolve()),
+                        **({"splits": [{"list": f} for f in lists]} if zero_shot else {"list": lists[0]}),
+                        "class_csv": str(class_csv.resolve()),
                         "num_clips": clips,
                         "num_crops": crops,
                         "num_frames": num_frames,
                         **({"input_size": input_size} if input_size else {}),
                     }
                 ],
-                "summary": {"close_set": list_file.stem},
+                "summary": {"zero_shot": [name]} if zero_shot else {"close_set": name},
             },
         }
         from ..config import apply_overrides, resolve_interpolations

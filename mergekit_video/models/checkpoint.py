@@ -113,7 +113,14 @@ def _read_config_and_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = json.loads(state.read_text()).get("extra", {}).get("model_config")
         if cfg:
             return cfg, {}
-    raise FileNotFoundError(f"{path} is not a mergekit_video model directory or checkpoint (no {CONFIG_FILE})")
+    hint = f"; it holds a run's outputs: its trained model is {path / 'model'}" if (path / "model" / CONFIG_FILE).is_file() else ""
+    raise FileNotFoundError(f"{path} is not a mergekit_video model directory or checkpoint (no {CONFIG_FILE}){hint}")
+
+
+def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The architecture config of a saved model (directory, export or trainer checkpoint); raises
+    ``FileNotFoundError`` naming the path when it holds none."""
+    return _read_config_and_state(Path(path))[0]
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict: bool = True) -> VideoCLIP:
