@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mergekit_video.config import dump_recipe
@@ -183,3 +185,22 @@ def test_final_evaluation_settings_change_on_a_trained_run(tmp_path, caplog):
     (ev / "results.json").write_text("{}")
     with pytest.raises(FileExistsError, match="holds the outputs of a different recipe"):
         prepare_output_dir({**skip, "runner": "evaluate", "output_dir": str(ev)}, overwrite=False, main=True)
+
+
+def test_eval_paths_taken_from_the_data_keys_follow_data_synthetic(tmp_path):
+    """A paper recipe tried on synthetic data: its eval list is ${data.val_list}, resolved before data.synthetic."""
+    from mergekit_video.cli.commands import _load_validated
+    from mergekit_video.runners.common import follow_synthetic_data, start_run
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "mote_vitb16.yaml"
+    syn = "data.synthetic={num_classes: 2, videos_per_class: 1, val_per_class: 1, num_novel_classes: 1, frames: 8, size: [32, 32]}"
+    cfg = _load_validated(recipe, [f"output_dir={tmp_path / 'run'}", syn])
+    assert cfg["eval"]["datasets"][0]["list"] == cfg["data"]["val_list"] != str(tmp_path / "run" / "data" / "val.txt")
+    ctx = start_run(cfg, overwrite=False)  # the paths check passes: nothing points at the absent dataset
+    ds = cfg["eval"]["datasets"][0]
+    assert (ds["list"], ds["class_csv"]) == (ctx.data_cfg["val_list"], ctx.data_cfg["class_csv"]) == (
+        str(tmp_path / "run" / "data" / "val.txt"), str(tmp_path / "run" / "data" / "classes.csv"))
+    # paths of their own are left alone
+    own = {"datasets": [{"name": "ucf", "root": "/ucf", "splits": [{"list": "/ucf/1.txt"}, {"list": "/k/val.txt"}]}]}
+    moved = follow_synthetic_data(own, {"root": "/k", "val_list": "/k/val.txt"}, {"root": "/syn", "val_list": "/syn/val.txt"})
+    assert moved["datasets"][0]["root"] == "/ucf" and [s["list"] for s in moved["datasets"][0]["splits"]] == ["/ucf/1.txt", "/syn/val.txt"]

@@ -45,10 +45,16 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
         tune_cpu_allocator()  # keep freed tensor buffers in the process between steps
     output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
     seed_everything(cfg.get("seed", 0))
-    data_cfg = ensure_synthetic_data(dict(cfg.get("data") or {}), output_dir, main=main, overwrite=overwrite)
+    recipe_data = dict(cfg.get("data") or {})
+    data_cfg = ensure_synthetic_data(recipe_data, output_dir, main=main, overwrite=overwrite)
+    if cfg.get("eval") and data_cfg is not recipe_data:  # eval paths taken from data.* (${data.val_list}) follow it
+        cfg["eval"] = follow_synthetic_data(cfg["eval"], recipe_data, data_cfg)
     check_recipe_paths(cfg, data_cfg)
     return RunContext(dist=dist, main=main, device=device, output_dir=output_dir, data_cfg=data_cfg)
 
+
+#: The ``data.*`` paths that ``data.synthetic`` points at the synthetic dataset.
+SYNTHETIC_DATA_KEYS = ("root", "train_list", "val_list", "class_csv", "novel_list", "novel_class_csv")
 
 #: What a run writes under its output_dir besides ``recipe.yaml`` and the synthetic ``data/``.
 RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "model", "model_dense", "results.json", "tradeoff.png", "tensorboard")
@@ -218,16 +224,31 @@ def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: b
         write_synthetic_dataset(root, **{**wanted, "size": tuple(wanted["size"])}, overwrite=overwrite)
     _barrier()
     layout = synthetic_layout(root)
-    out = dict(data_cfg)
-    out.update(
-        root=str(layout.root),
-        train_list=str(layout.train_list),
-        val_list=str(layout.val_list),
-        class_csv=str(layout.class_csv),
-        novel_list=str(layout.novel_list),
-        novel_class_csv=str(layout.novel_class_csv),
-    )
-    return out
+    return {**data_cfg, **{key: str(getattr(layout, key)) for key in SYNTHETIC_DATA_KEYS}}
+
+
+def follow_synthetic_data(eval_cfg: dict[str, Any], recipe_data: dict[str, Any], data_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``eval`` with every dataset path that equals a ``data.*`` path of the recipe (a paper recipe's
+    ``list: ${data.val_list}``) pointed at the same file of the synthetic data that replaced it."""
+    moved = {recipe_data[k]: data_cfg[k] for k in SYNTHETIC_DATA_KEYS if recipe_data.get(k) and recipe_data[k] != data_cfg.get(k)}
+    if not moved:
+        return eval_cfg
+
+    def follow(entry: dict[str, Any], where: str) -> dict[str, Any]:
+        out = dict(entry)
+        for key in ("root", "list", "class_csv"):
+            if isinstance(out.get(key), str) and out[key] in moved:
+                log.info("data.synthetic: %s.%s follows the data keys to %s", where, key, moved[out[key]])
+                out[key] = moved[out[key]]
+        return out
+
+    datasets = []
+    for i, ds in enumerate(eval_cfg.get("datasets") or []):
+        ds = follow(ds, f"eval.datasets.{i}")
+        if ds.get("splits"):
+            ds["splits"] = [follow(sp, f"eval.datasets.{i}.splits.{j}") for j, sp in enumerate(ds["splits"])]
+        datasets.append(ds)
+    return {**eval_cfg, "datasets": datasets}
 
 
 def check_recipe_paths(cfg: dict[str, Any], data_cfg: dict[str, Any] | None = None) -> None:
