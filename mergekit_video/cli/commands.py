@@ -20,7 +20,10 @@ EVAL_RUNNERS = ("evaluate", "compare")
 def _console():
     from rich.console import Console
 
-    return Console()
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = max(console.width, 160)  # piped to a file or a log: rich's 80 columns would cut tables and lines
+    return console
 
 
 def _load_validated(recipe: Path, overrides: list[str]) -> dict:

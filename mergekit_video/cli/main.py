@@ -81,4 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m mergekit_video.cli.main`: this file runs as __main__, but the commands registered
+    # themselves on the app of the imported module mergekit_video.cli.main; run that one
+    from mergekit_video.cli.main import main as _main
+
+    sys.exit(_main())

@@ -222,7 +222,8 @@ class MoTERunner:
                        precision=self.cfg.get("precision", "auto"), dataset_name="val", views=(clips, crops))
         v = next(iter(res.variants.values()))
         if self.main and self.console is not None:
-            self.console.print(f"epoch {epoch}: val top-1 {v.top1:.2f}  top-5 {v.top5:.2f}  ({res.num_videos} videos, {res.num_failed} failed)")
+            total = self.cfg["schedule"]["epochs"]  # shown 1-based, as the schedule counts them (metrics.jsonl: 0-based)
+            self.console.print(f"epoch {epoch + 1}/{total}: val top-1 {v.top1:.2f}  top-5 {v.top5:.2f}  ({res.num_videos} videos, {res.num_failed} failed)")
         return {"top1": v.top1, "top5": v.top5, "failed": float(res.num_failed)}
 
     # -- phases -----------------------------------------------------------------------------
@@ -241,7 +242,7 @@ class MoTERunner:
         if self.main and self.console is not None and state.history:
             from ..training.metrics import print_summary
 
-            rows = [{"epoch": h["epoch"], "step": h["step"], "val top-1": h.get("top1"), "val top-5": h.get("top5")} for h in state.history]
+            rows = [{"epoch": h["epoch"] + 1, "step": h["step"], "val top-1": h.get("top1"), "val top-5": h.get("top5")} for h in state.history]
             title = f"training: {state.step} steps in {self.train_seconds:.0f} s, best val top-1 {state.best_metric:.2f}" if state.best_metric is not None else "training"
             print_summary(rows, title, console=self.console)
 
