@@ -280,7 +280,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
         for k in r:
             if k not in columns:
                 columns.append(k)
-    table = Table(title=title, header_style="bold")
+    table = Table(title=title, header_style="bold", min_width=len(title))  # the title on one line
     for i, c in enumerate(columns):
         numeric = any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)
         table.add_column(str(c), justify="right" if numeric else "left", style="cyan" if i == 0 else None)
