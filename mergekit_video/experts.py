@@ -36,9 +36,18 @@ from typing import Any, Union
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
+from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .merging import check_merge_arguments, is_output_space, linear_combinations, merge_coefficients, merge_state_dicts, merge_tensors
+from .merging import (
+    check_merge_arguments,
+    is_output_space,
+    linear_combinations,
+    merge_coefficients,
+    merge_state_dicts,
+    merge_tensors,
+    requires_base,
+)
 from .routers import Router, RouterOutput, build_router
 from .utils.warn import warn_user
 
@@ -59,20 +68,18 @@ _module.register_module_module_registration_hook(_bump_structure_epoch)
 _module.register_module_parameter_registration_hook(_bump_structure_epoch)
 _module.register_module_buffer_registration_hook(_bump_structure_epoch)
 
-# Fused optimizer kernels (torch.optim's ``fused=True``) write parameters without bumping their
-# version counters, and optimizers from other libraries may do the same: their steps are counted
-# here, and an eval merge cached before one of them is merged again.
-_unversioned_steps = 0
 
-
-def _count_unversioned_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    global _unversioned_steps
+def _bump_versions_after_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """Fused optimizer kernels (torch.optim's ``fused=True``) write parameters without bumping their
+    version counters, and optimizers from other libraries may do the same: bump those of the
+    parameters the optimizer holds, so that the eval merges cached from exactly those tensors are
+    merged again (torch's for-loop and foreach kernels bump them themselves)."""
     if type(optimizer).__module__.startswith("torch.optim.") and not any(g.get("fused") for g in optimizer.param_groups):
-        return  # torch's for-loop and foreach kernels bump versions
-    _unversioned_steps += 1
+        return
+    increment_version([p for g in optimizer.param_groups for p in g["params"]])
 
 
-register_optimizer_step_post_hook(_count_unversioned_step)
+register_optimizer_step_post_hook(_bump_versions_after_step)
 
 _version_of = operator.attrgetter("_version")
 
@@ -157,6 +164,8 @@ class ExpertEnsemble(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList(experts)
         w = torch.full((len(experts),), 1.0 / len(experts)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        if w.numel() != len(experts) or abs(float(w.sum())) < 1e-12:
+            raise ValueError(f"ensemble weights {w.tolist()} must give one weight per expert ({len(experts)}) and not sum to zero")
         self.register_buffer("weights", w / w.sum(), persistent=False)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -203,7 +212,7 @@ class ExpertContainer(nn.Module):
         self.router = build_router(router, num_experts=len(experts), module=experts[0], **dict(router_kwargs or {}))
         if self.router.num_experts != len(experts):
             raise ValueError(f"router is built for {self.router.num_experts} experts but the container has {len(experts)}")
-        object.__setattr__(self, "_merge_cache", None)  # (tensors merged, versions, module, optimizer steps); not a submodule
+        object.__setattr__(self, "_merge_cache", None)  # (tensors merged, their versions, module); not a submodule
         self.set_merge(merge, **dict(merge_kwargs or {}))  # fails now on an unknown name, not at the first eval forward
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: RouterOutput | None = None
@@ -290,9 +299,8 @@ class ExpertContainer(nn.Module):
         if strategy is None:
             strategy, kwargs = self.merge, {**self.merge_kwargs, **kwargs}
         if base is None:  # a task-arithmetic eval merge keeps its base among its arguments
-            base = kwargs.pop("base", None)
-        else:
-            kwargs.pop("base", None)
+            base = self._with_own_base(strategy, kwargs).pop("base", None)
+        kwargs.pop("base", None)
         check_merge_arguments(strategy, {**kwargs, "base": base}, num_experts=self.num_experts)
         if is_output_space(strategy):
             return ExpertEnsemble([copy.deepcopy(e) for e in self.experts], **kwargs)
@@ -302,9 +310,12 @@ class ExpertContainer(nn.Module):
             dense = self._copy_of_first_expert()
             if coeff is not None:
                 # every parameter and buffer, non-persistent buffers included (not in state_dict)
+                warned = self.__dict__.setdefault("_non_float_warned", set())
                 for (name, _), ts, value in zip(self._tensor_slots(), self._slot_tensors(), self._merge_slots(coeff.float())):
-                    if not ts[0].is_floating_point():  # counters, indices: never averaged (warns when they differ)
+                    # counters, indices: never averaged; expert 0's, with a warning when they differ (once per tensor)
+                    if not ts[0].is_floating_point() and name not in warned and any(not torch.equal(ts[0], t) for t in ts[1:]):
                         value = merge_tensors(ts, name=name)
+                        warned.add(name)
                     owner, _, leaf = name.rpartition(".")
                     getattr(dense.get_submodule(owner), leaf).copy_(value)
             else:
@@ -377,8 +388,6 @@ class ExpertContainer(nn.Module):
         except KeyError:  # a tensor was deleted: the merge is stale and the slots are re-read on re-merging
             return False
         merged_from, versions = cache[0], cache[1]
-        if cache[3] != _unversioned_steps:  # a fused (or foreign) optimizer stepped since the merge
-            return False
         if len(tensors) != len(merged_from) or not all(map(operator.is_, tensors, merged_from)):
             return False
         return versions is not None and list(map(_version_of, tensors)) == versions
@@ -403,7 +412,7 @@ class ExpertContainer(nn.Module):
                     "Build or load the model outside inference_mode to cache it."
                 )
                 object.__setattr__(self, "_no_versions_warned", True)
-        cache = (tensors, versions, dense, _unversioned_steps)
+        cache = (tensors, versions, dense)
         object.__setattr__(self, "_merge_cache", cache)
         self.merge_count += 1
         return cache
@@ -440,11 +449,25 @@ class ExpertContainer(nn.Module):
         return state
 
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
-        """Change the eval merge strategy (invalidates the cache)."""
+        """Change the eval merge strategy (invalidates the cache).
+
+        A ``base`` given once (the weights the experts were tuned from) is the container's: later
+        task-arithmetic merges (``ties``, ``dare``, ...) without one use it.
+        """
+        kwargs = self._with_own_base(strategy, kwargs)
         check_merge_arguments(strategy, kwargs, num_experts=self.num_experts)
         object.__setattr__(self, "_merge", strategy)
         object.__setattr__(self, "_merge_kwargs", dict(kwargs))
+        if kwargs.get("base") is not None:
+            object.__setattr__(self, "_merge_base", kwargs["base"])
         self.invalidate_merge()
+
+    def _with_own_base(self, strategy: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` with the container's own base for a task-arithmetic strategy given none."""
+        own = self.__dict__.get("_merge_base")
+        if own is not None and kwargs.get("base") is None and requires_base(strategy):
+            return {**kwargs, "base": own}
+        return kwargs
 
     # -- internals -----------------------------------------------------------------
     def _tensor_slots(self) -> list[_Slot]:

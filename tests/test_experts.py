@@ -550,6 +550,11 @@ def test_batchnorm_experts_train_merge_and_collapse_with_their_own_statistics(ca
     assert maxdiff(dense.bn.running_mean, expected) <= 1e-7 and int(dense.bn.num_batches_tracked) == 0
     assert "non-float tensor 'bn.num_batches_tracked' differs between #0 and #1" in caplog.text
     assert maxdiff(c(x), dense(x)) <= 1e-6
+    caplog.clear()
+    c.collapse()
+    assert "num_batches_tracked" not in caplog.text  # said once per container, not at every re-merge
+    with pytest.raises(ValueError, match=r"must give one weight per expert \(2\) and not sum to zero"):
+        c.collapse("ensemble", weights=[1.0, -1.0])
 
 
 def test_an_optimizer_that_does_not_bump_versions_still_refreshes_the_eval_merge():
@@ -564,6 +569,18 @@ def test_an_optimizer_that_does_not_bump_versions_still_refreshes_the_eval_merge
         after = c(x)
         c.invalidate_merge()
         assert maxdiff(after, c(x)) == 0.0 and maxdiff(after, before) > 1e-3
+    # steps of an optimizer that holds none of the experts leave their merge cached
+    student = nn.Linear(4, 4)
+    c(x)
+    merges = c.merge_count
+    for fused in (True, False):
+        opt = torch.optim.AdamW(student.parameters(), lr=0.1, fused=fused)
+        for _ in range(3):
+            with torch.no_grad():
+                target = c(x)
+            (student(x) - target).pow(2).sum().backward()
+            opt.step()
+    assert c.merge_count == merges
 
 
 def test_merge_arguments_are_checked_against_the_container():

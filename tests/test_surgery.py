@@ -575,6 +575,19 @@ def test_seeded_dare_is_the_same_in_use_merge_collapse_experts_and_add_experts()
     e = copy.deepcopy(before)
     mv.add_experts(e, "blocks.*.mlp", 2, init="copy_noise", merge="ties", merge_kwargs={"base": before.state_dict()})
     assert torch.equal(e.blocks[1].mlp.merge_kwargs["base"]["0.weight"], before.blocks[1].mlp[0].weight)
+    # the base is the container's: naming a task-arithmetic strategy (a density sweep) needs no base again
+    from mergekit_video.experts import use_merge
+
+    f = toy()
+    mv.add_experts(f, "blocks.*.mlp", 2, init="copy_noise", noise_std=0.1, merge="ties")
+    with torch.no_grad():
+        y = f.eval()(x)
+        assert maxdiff(y, mv.collapse_experts(copy.deepcopy(f), "ties")(x)) == 0.0
+        with use_merge(f, "ties", density=0.5):
+            y_half = f(x)
+        assert maxdiff(y_half, mv.collapse_experts(copy.deepcopy(f), "ties", density=0.5)(x)) == 0.0 and maxdiff(y_half, y) > 0
+        f.blocks[0].mlp.set_merge("mean")
+        f.blocks[0].mlp.set_merge("dare", drop_rate=0.5, seed=1)  # kept across other merges
     with pytest.raises(SurgeryError, match=r"^merge 'ties' merges relative to the weights the experts were tuned from, but init='normal'"):
         mv.add_experts(copy.deepcopy(before), "blocks.*.mlp", 2, merge="ties")
     with pytest.raises(SurgeryError, match=r"^merge_kwargs base has no tensors under 'blocks.0.mlp'$"):
