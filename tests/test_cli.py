@@ -383,28 +383,29 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
         (p / "config.json").write_text("{}")  # enough to be taken for a model here
     assert [default_eval_dir(p) for p in (a, b, ckpt)] == [
         Path("runs/eval/mote_a_model"), Path("runs/eval/mote_b_model"), Path("runs/eval/mote_a_checkpoints_step_00000020")]
-    assert default_eval_dir(a, Path("lists/novel.txt")) == Path("runs/eval/mote_a_model_novel")  # one folder per list
+    assert default_eval_dir(a, tmp_path / "ucf" / "val.txt") == Path("runs/eval/mote_a_model_ucf_val")  # one folder per list
+    assert default_eval_dir(a, tmp_path / "hmdb" / "val.txt") == Path("runs/eval/mote_a_model_hmdb_val")
     # through the command: the folder is made (recipe.yaml) before the missing list is named
     monkeypatch.chdir(tmp_path)
     assert cli_main(["eval", str(a), "--list", "v.txt", "--classes", str(tmp_path / "c.csv")]) == 1
     assert "eval.datasets.0.list: file not found" in capsys.readouterr().err
-    saved = (tmp_path / "runs" / "eval" / "mote_a_model_v" / "recipe.yaml").read_text()
+    saved = (tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_v" / "recipe.yaml").read_text()
     assert f"checkpoint: {a}" in saved and f"list: {tmp_path / 'v.txt'}" in saved  # absolute: the same recipe from any folder
     # a run's output_dir means its model; a folder that holds no model is named before anything is written
     assert cli_main(["eval", str(a.parent), "--list", "w.txt", "--classes", "c.csv"]) == 1
     captured = capsys.readouterr()
     assert f"evaluating its trained model, {a}" in " ".join(captured.out.split())
-    assert f"checkpoint: {a}" in (tmp_path / "runs" / "eval" / "mote_a_model_w" / "recipe.yaml").read_text()
+    assert f"checkpoint: {a}" in (tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_w" / "recipe.yaml").read_text()
     (tmp_path / "empty").mkdir()
     assert cli_main(["eval", "empty", "--list", "x.txt", "--classes", "c.csv"]) == 1
     assert "empty is not a mergekit_video model directory or checkpoint (no config.json)" in capsys.readouterr().err
-    assert not (tmp_path / "runs" / "eval" / "empty_x").exists()
+    assert not list((tmp_path / "runs" / "eval").glob("empty*"))  # nothing written for it
     # zero-shot: the lists are the splits of one dataset
     assert cli_main(["eval", str(a), "--list", "s1.txt", "--list", "s2.txt", "--classes", "c.csv"]) == 1
     assert "several --list files are the splits of one zero-shot dataset: add --zero-shot" in capsys.readouterr().err
     assert cli_main(["eval", str(a), "--zero-shot", "--list", "s1.txt", "--list", "s2.txt", "--classes", "c.csv"]) == 1
     capsys.readouterr()
-    saved = yaml.safe_load((tmp_path / "runs" / "eval" / "mote_a_model_s1" / "recipe.yaml").read_text())
+    saved = yaml.safe_load((tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_s1" / "recipe.yaml").read_text())
     assert saved["eval"]["datasets"][0]["kind"] == "zero_shot" and saved["eval"]["summary"] == {"zero_shot": ["s1"]}
     assert [s["list"] for s in saved["eval"]["datasets"][0]["splits"]] == [str(tmp_path / "s1.txt"), str(tmp_path / "s2.txt")]
     # a folder holding another recipe's evaluation: the refusal speaks of evaluating, not of training and resuming

@@ -100,7 +100,8 @@ def test_a_different_recipe_is_refused_naming_the_changes_and_what_overwrite_del
     assert str(info.value) == (
         f"output_dir {out} holds an earlier run of a different recipe (data.num_workers: 8 -> 0; schedule.epochs: 5 -> 6). "
         "A run resumes only with the same recipe (it may differ in data.num_workers, eval.num_workers, train.log_every, "
-        "train.tensorboard, train.keep_last, and in the eval.* keys of the final evaluation except eval.batch_size). "
+        "train.tensorboard, train.keep_last; until it has results, also in the eval.* keys of the final evaluation but "
+        "eval.batch_size). "
         f"To evaluate its model otherwise: mergevid eval {out / 'model'}. Or use another output_dir, or pass --overwrite "
         "to DELETE the earlier run's metrics.jsonl, checkpoints/, model/ and train again from step 1"
     )
@@ -175,10 +176,15 @@ def test_final_evaluation_settings_change_on_a_trained_run(tmp_path, caplog):
     skip = {**cfg, "eval": {"batch_size": 16, "datasets": [{"name": "val", "on_error": "skip"}]}}
     with caplog.at_level("INFO", logger="mergekit_video"):
         prepare_output_dir(skip, overwrite=False, main=True)
-    assert "eval.datasets.0.on_error: 'raise' -> 'skip'" in caplog.text and "the final evaluation runs again" in caplog.text
+    assert "eval.datasets.0.on_error: 'raise' -> 'skip'" in caplog.text and "the final evaluation runs with them" in caplog.text
     assert (out / "model" / "head.safetensors").exists() and "on_error: skip" in (out / "recipe.yaml").read_text()
     with pytest.raises(FileExistsError, match=r"eval.batch_size: 16 -> 8"):
         prepare_output_dir({**skip, "eval": {**skip["eval"], "batch_size": 8}}, overwrite=False, main=True)
+    # once the run has results, other eval settings would replace them: refused
+    (out / "results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"eval.datasets.0.on_error: 'skip' -> 'raise'"):
+        prepare_output_dir(cfg, overwrite=False, main=True)
+    assert (out / "results.json").read_text() == "{}"
     # an evaluation runner has nothing to resume: other eval settings are another evaluation
     ev = tmp_path / "eval"
     prepare_output_dir({**cfg, "runner": "evaluate", "output_dir": str(ev)}, overwrite=False, main=True)

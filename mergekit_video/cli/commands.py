@@ -115,7 +115,7 @@ def run_cmd(
 
 
 def default_eval_dir(target: Path, list_file: Path | None = None) -> Path:
-    """``runs/eval/<run>_<model>[_<list>]`` for ``mergevid eval MODEL --list LIST``.
+    """``runs/eval/<run>_<model>[_<list folder>_<list>]`` for ``mergevid eval MODEL --list LIST``.
 
     Named after the model, the folder holding it and the evaluated list: every run saves
     ``model/``, so the model's own name alone would send every run's evaluation to one folder
@@ -130,8 +130,9 @@ def default_eval_dir(target: Path, list_file: Path | None = None) -> Path:
         parts.insert(0, parent.name)
         if parent.name != "checkpoints":  # a checkpoint's run is one folder further up
             break
-    if list_file is not None:
-        parts.append(list_file.stem)
+    if list_file is not None:  # its folder too: ucf101/val.txt and hmdb51/val.txt are other datasets
+        listed = list_file.resolve()
+        parts += [listed.parent.name, listed.stem]
     return Path("runs") / "eval" / ("_".join(p for p in parts if p) or "model")
 
 
@@ -152,7 +153,7 @@ def eval_cmd(
         False, "--zero-shot", help="Classes unseen in training: reported as zero-shot (mean ± std over the --list splits, HM_ZS)."
     ),
     output_dir: Optional[Path] = typer.Option(
-        None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>_<list>, e.g. runs/eval/mote_vitl14_model_val)."
+        None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>_<list folder>_<list>, e.g. runs/eval/mote_vitl14_model_ucf101_val)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an output folder holding other results: DELETES them first."),
 ) -> None:

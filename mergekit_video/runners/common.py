@@ -68,8 +68,9 @@ RESULTS_NEUTRAL_KEYS = ("data.num_workers", "eval.num_workers", "train.log_every
 def only_final_evaluation(key: str) -> bool:
     """Whether a ``mote`` recipe key changes only the final evaluation (``eval.*``), not training.
 
-    The per-epoch validation reads ``eval.batch_size``, so that one is not; a rerun that changes
-    only such keys resumes the trained run and evaluates it again with the new settings.
+    The per-epoch validation reads ``eval.batch_size``, so that one is not. While the run has no
+    results yet (its final evaluation failed), a rerun that changes only such keys resumes the
+    trained run and evaluates it with the new settings.
     """
     return key.startswith("eval.") and key != "eval.batch_size"
 
@@ -144,8 +145,9 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
             except yaml.YAMLError:
                 changes = [("<recipe>", "(unreadable recipe.yaml)", "this recipe")]
             changes = changes or [("<recipe>", "(another text)", "this recipe")]
-        trains = cfg.get("runner") not in ("evaluate", "compare")
-        neutral = bool(changes) and all(key in RESULTS_NEUTRAL_KEYS or (trains and only_final_evaluation(key)) for key, _, _ in changes)
+        # a trained run whose final evaluation failed (no results yet) may be evaluated with other eval.* settings
+        unevaluated = cfg.get("runner") not in ("evaluate", "compare") and out / "results.json" not in outputs
+        neutral = bool(changes) and all(key in RESULTS_NEUTRAL_KEYS or (unevaluated and only_final_evaluation(key)) for key, _, _ in changes)
         if outputs and changes and not neutral:
             if not overwrite:
                 names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
@@ -157,8 +159,8 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                     )
                 raise FileExistsError(
                     f"output_dir {out} holds an earlier run of a different recipe ({shown}). A run resumes only with the "
-                    f"same recipe (it may differ in {', '.join(RESULTS_NEUTRAL_KEYS)}, and in the eval.* keys of the final "
-                    f"evaluation except eval.batch_size). To evaluate its model otherwise: mergevid eval {out / 'model'}. "
+                    f"same recipe (it may differ in {', '.join(RESULTS_NEUTRAL_KEYS)}; until it has results, also in the "
+                    f"eval.* keys of the final evaluation but eval.batch_size). To evaluate its model otherwise: mergevid eval {out / 'model'}. "
                     f"Or use another output_dir, or pass --overwrite to DELETE the earlier run's {names} and train again from step 1"
                 )
             _refuse_deleting_inputs(cfg, outputs)
@@ -172,7 +174,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         if neutral and outputs:
             log.info("output_dir %s: resuming the earlier run; recipe.yaml records the changed settings (%s), which do not change "
                      "what it trains%s", out, "; ".join(_describe_change(*c) for c in changes),
-                     "; the final evaluation runs again with them" if any(only_final_evaluation(k) for k, _, _ in changes) else "")
+                     "; the final evaluation runs with them" if any(only_final_evaluation(k) for k, _, _ in changes) else "")
         save_resolved_recipe(cfg, saved, overwrite=True)  # atomic; the same text is left alone
     return out
 
