@@ -1,10 +1,13 @@
-"""Atomic writes end with the modes open()/mkdir() give under the umask; lazy-export import errors reach the user."""
+"""Atomic writes end with the modes open()/mkdir() give in the destination folder (umask, default POSIX ACL);
+lazy-export import errors reach the user."""
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import stat
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +18,7 @@ from torch import nn
 
 from mergekit_video.config import ConfigError
 from mergekit_video.config.components import resolve_component
+from mergekit_video.utils import io as io_mod
 from mergekit_video.utils.io import (
     apply_default_modes,
     atomic_path,
@@ -22,6 +26,7 @@ from mergekit_video.utils.io import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    creation_modes,
     current_umask,
 )
 
@@ -130,6 +135,140 @@ def test_trainer_checkpoint_folder_and_files_get_umask_modes(tmp_path, umask):
     assert len([p for p in step.iterdir() if p.suffix == ".safetensors"]) == 2
     root = tmp_path / "checkpoints"
     assert _tree_modes(root) == _expected(root, file_mode, dir_mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# a folder with a default POSIX ACL: the kernel ignores the umask there, and so must we
+# ---------------------------------------------------------------------------------------------
+_UNDEF = 0xFFFFFFFF  # ACL_UNDEFINED_ID
+_NAMED_UID = 54321  # a named user entry: chmod from the umask would zero the mask and disable it
+
+
+def _set_default_acl(folder: Path) -> None:
+    """``setfacl -d -m u::rwx,u:54321:rwx,g::rwx,m::rwx,o::--- folder`` via the xattr's binary form."""
+    # (tag, perm, id): USER_OBJ 0x01, USER 0x02, GROUP_OBJ 0x04, MASK 0x10, OTHER 0x20; sorted by tag
+    entries = [(0x01, 7, _UNDEF), (0x02, 7, _NAMED_UID), (0x04, 7, _UNDEF), (0x10, 7, _UNDEF), (0x20, 0, _UNDEF)]
+    blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    if not hasattr(os, "setxattr"):
+        pytest.skip("no os.setxattr on this platform: default POSIX ACLs cannot be set")
+    try:
+        os.setxattr(folder, "system.posix_acl_default", blob)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            pytest.skip(f"{folder}'s filesystem does not support default POSIX ACLs ({exc})")
+        raise
+
+
+def _acl(path: Path, kind: str) -> bytes | None:
+    try:
+        return os.getxattr(path, f"system.posix_acl_{kind}", follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return None
+        raise
+
+
+def _perms(path: Path) -> tuple[int, bytes | None, bytes | None]:
+    """Mode bits, access ACL and default ACL: all that decides who may read/write the entry."""
+    return (os.lstat(path).st_mode & 0o7777, _acl(path, "access"), _acl(path, "default") if path.is_dir() else None)
+
+
+def test_default_acl_folder_gets_what_plain_open_and_mkdir_give(tmp_path, umask):
+    from mergekit_video.training.checkpoint import CheckpointManager
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    _set_default_acl(shared)
+    os.close(os.open(shared / "plain", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    os.mkdir(shared / "plaindir", 0o777)
+    ref_file, ref_dir = _perms(shared / "plain"), _perms(shared / "plaindir")
+    assert (ref_file[0], ref_dir[0]) == (0o660, 0o770)  # the ACL, not the umask, decides
+    assert creation_modes(shared) == (0o660, 0o770)
+
+    written = [
+        atomic_write_json(shared / "a.json", {"k": 1}),
+        atomic_save_safetensors(shared / "w.safetensors", {"w": torch.zeros(2)}),
+        atomic_write(shared / "own.bin", lambda p: (p.unlink(), os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)))),
+    ]
+    assert {p.name: _perms(p) for p in written} == {p.name: ref_file for p in written}
+    # a temp folder tree renamed into place (what save_model / CheckpointManager do)
+    tmp = Path(tempfile.mkdtemp(dir=shared))
+    (tmp / "inner").mkdir()
+    (tmp / "inner" / "f").write_bytes(b"1")
+    apply_default_modes(tmp)
+    assert [_perms(tmp), _perms(tmp / "inner"), _perms(tmp / "inner" / "f")] == [ref_dir, ref_dir, ref_file]
+    model = nn.Linear(2, 1)
+    step = CheckpointManager(directory=shared / "ckpt").save(step=1, epoch=0, model_state=model.state_dict())
+    assert _perms(step) == ref_dir
+    assert {p.name: _perms(p) for p in step.iterdir()} == {p.name: ref_file for p in step.iterdir()}
+    # the named user entry stays effective: the ACL mask entry is rw- / rwx, as open()/mkdir() leave it
+    assert struct.pack("<HHI", 0x10, 6, _UNDEF) in ref_file[1] and struct.pack("<HHI", 0x10, 7, _UNDEF) in ref_dir[1]
+
+
+class _Names:
+    """Stands in for ``secrets`` in utils.io: hands out the given probe suffixes, then fresh ones; counts calls."""
+
+    def __init__(self, first: list[str]):
+        self.first, self.calls = list(first), 0
+
+    def token_hex(self, n: int) -> str:
+        self.calls += 1
+        return self.first.pop(0) if self.first else os.urandom(n).hex()
+
+
+def test_probe_leaves_nothing_behind_skips_existing_names_and_is_cached(tmp_path, monkeypatch):
+    folder = tmp_path / "dest"
+    folder.mkdir()
+    # user entries that happen to carry the next probe names: never opened, chmod'ed or removed
+    (folder / ".mergevid-mode-probe-taken1").write_text("mine")
+    os.chmod(folder / ".mergevid-mode-probe-taken1", 0o604)
+    (folder / ".mergevid-mode-probe-taken2").mkdir(mode=0o705)
+    os.chmod(folder / ".mergevid-mode-probe-taken2", 0o705)
+    before = {p.name: (os.lstat(p).st_mode, os.lstat(p).st_ino) for p in folder.iterdir()}
+    names = _Names(["taken1", "free1", "taken2", "free2"])
+    monkeypatch.setattr(io_mod, "secrets", names)
+    monkeypatch.setattr(io_mod, "_MODES_CACHE", {})  # a reused inode may match an earlier test's folder
+    old = os.umask(0o027)
+    try:
+        assert creation_modes(folder) == (0o640, 0o750)
+        assert names.calls == 4  # file: taken1 then free1; folder: taken2 then free2
+        assert {p.name: (os.lstat(p).st_mode, os.lstat(p).st_ino) for p in folder.iterdir()} == before
+        assert (folder / ".mergevid-mode-probe-taken1").read_text() == "mine"
+        assert creation_modes(folder) == (0o640, 0o750) and names.calls == 4  # cached: no new probe
+        os.umask(0o022)
+        assert creation_modes(folder) == (0o644, 0o755) and names.calls == 6  # a new umask: probed again
+        _set_default_acl(folder)
+        assert creation_modes(folder) == (0o660, 0o770) and names.calls == 8  # a new default ACL: probed again
+    finally:
+        os.umask(old)
+    assert {p.name for p in folder.iterdir()} == set(before)
+
+
+def test_probe_that_cannot_be_made_falls_back_to_the_umask_and_leaves_nothing(tmp_path, monkeypatch):
+    folder = tmp_path / "dest"
+    folder.mkdir()
+    names = _Names([])
+    monkeypatch.setattr(io_mod, "secrets", names)
+    monkeypatch.setattr(io_mod, "_MODES_CACHE", {})
+    real_mkdir = os.mkdir
+
+    def refusing_mkdir(path, *args, **kwargs):
+        if os.path.basename(path).startswith(".mergevid-mode-probe-"):
+            raise PermissionError(errno.EACCES, "read-only", path)
+        return real_mkdir(path, *args, **kwargs)
+
+    old = os.umask(0o077)
+    try:
+        monkeypatch.setattr(os, "mkdir", refusing_mkdir)
+        assert creation_modes(folder) == (0o600, 0o700)  # file probe made and removed, folder probe refused
+        monkeypatch.setattr(os, "mkdir", real_mkdir)
+        assert list(folder.iterdir()) == []
+        assert creation_modes(tmp_path / "missing") == (0o600, 0o700)
+        calls = names.calls
+        assert creation_modes(folder) == (0o600, 0o700) and names.calls == calls + 2  # the fallback was not cached
+    finally:
+        os.umask(old)
+    assert list(folder.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,22 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
 
 A crash or Ctrl-C mid-write leaves the previous file intact, never a truncated one. What is
-renamed into place has the permissions a plain ``open()`` / ``mkdir()`` would have given under
-the process umask (temp files and folders are created 0600 / 0700, and writers such as
-safetensors' ``save_file`` replace the file they are given with a fresh 0600 one).
+renamed into place gets the permission bits a plain ``os.open(path, O_CREAT | O_EXCL | O_WRONLY,
+0o666)`` / ``os.mkdir(path, 0o777)`` gives a new file / folder in the destination folder, as the
+kernel reports them for a probe made there (:func:`creation_modes`): ``0o666 & ~umask`` /
+``0o777 & ~umask`` in a plain folder, and what the folder's default POSIX ACL dictates where it has
+one (the umask is then ignored, and the ACL mask entry ends as ``open()`` leaves it, so named
+user/group entries inherited from the default ACL stay effective). Temp files and folders are
+created 0600 / 0700, and writers such as safetensors' ``save_file`` replace the file they are
+given with a fresh 0600 one, hence the chmod before the rename.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -33,7 +40,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # after the writer (it may have replaced the file), before the rename: the mode open() gives
+        # after the writer (it may have replaced the file), before the rename: the mode open() gives there
         apply_default_modes(tmp_path)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
@@ -77,26 +84,116 @@ def current_umask() -> int:
     return mask if mask is not None else (_IMPORT_UMASK if _IMPORT_UMASK is not None else _umask_at_import())
 
 
-def default_file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives a new file: ``0o666 & ~umask``."""
-    return 0o666 & ~current_umask()
+def creation_modes(folder: str | os.PathLike) -> tuple[int, int]:
+    """``(file_mode, folder_mode)``: the permission bits (``0o777`` part) that a plain
+    ``os.open(p, O_CREAT | O_EXCL | O_WRONLY, 0o666)`` / ``os.mkdir(p, 0o777)`` gives a new entry in ``folder``.
+
+    Measured by a probe: a uniquely named hidden file and folder (``.mergevid-mode-probe-<random>``,
+    created with ``O_EXCL`` / ``mkdir``, so never an existing entry) are made in ``folder``, stat'ed and
+    removed in ``finally`` blocks. This follows whatever the kernel applies, the umask or the folder's
+    default POSIX ACL (which overrides the umask). The result is cached per process, keyed on the
+    folder's ``st_dev``/``st_ino``, the current umask and the folder's ``system.posix_acl_default``
+    bytes (one ``stat`` + ``getxattr`` per call), so a changed umask or default ACL is probed again;
+    other ACL kinds (NFSv4) changed on an already probed folder are not noticed. Where no probe can be
+    made (missing or read-only folder), the umask rule ``(0o666 & ~umask, 0o777 & ~umask)`` is returned,
+    uncached.
+    """
+    mask = current_umask()
+    fallback = (0o666 & ~mask, 0o777 & ~mask)
+    folder = os.fspath(folder)
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return fallback
+    key = (st.st_dev, st.st_ino, mask, _default_acl(folder))
+    modes = _MODES_CACHE.get(key)
+    if modes is None:
+        try:
+            modes = _probe_modes(folder)
+        except OSError:
+            return fallback
+        if len(_MODES_CACHE) >= _MODES_CACHE_SIZE:
+            _MODES_CACHE.clear()  # a process writing into very many folders: start over, stay bounded
+        _MODES_CACHE[key] = modes
+    return modes
 
 
-def default_dir_mode() -> int:
-    """The mode a plain ``os.mkdir(path)`` gives a new folder: ``0o777 & ~umask``."""
-    return 0o777 & ~current_umask()
+_PROBE_PREFIX = ".mergevid-mode-probe-"
+_MODES_CACHE: dict[tuple, tuple[int, int]] = {}
+_MODES_CACHE_SIZE = 1024
+
+
+def _default_acl(folder: str) -> bytes | None:
+    """The folder's default POSIX ACL (b"" when it has none), or None where xattrs are unsupported."""
+    if not hasattr(os, "getxattr"):
+        return None
+    try:
+        return os.getxattr(folder, "system.posix_acl_default")
+    except OSError as exc:
+        return b"" if exc.errno == errno.ENODATA else None
+
+
+def _probe_modes(folder: str) -> tuple[int, int]:
+    """Create, stat and remove a probe file and folder in ``folder`` (OSError when it cannot)."""
+    path, fd = _create_unique(folder, lambda p: os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666))
+    try:
+        try:
+            file_mode = stat.S_IMODE(os.fstat(fd).st_mode) & 0o777
+        finally:
+            os.close(fd)
+    finally:
+        _remove(path, os.unlink)
+    path, _ = _create_unique(folder, lambda p: os.mkdir(p, 0o777))
+    try:
+        dir_mode = stat.S_IMODE(os.lstat(path).st_mode) & 0o777
+    finally:
+        _remove(path, os.rmdir)
+    return file_mode, dir_mode
+
+
+def _create_unique(folder: str, create: Callable[[str], Any]) -> tuple[str, Any]:
+    """``create(path)`` on a fresh random probe name in ``folder``; a name that exists is never touched."""
+    for _ in range(100):
+        path = os.path.join(folder, _PROBE_PREFIX + secrets.token_hex(8))
+        try:
+            return path, create(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free probe name in {folder}")
+
+
+def _remove(path: str, remove: Callable[[str], None]) -> None:
+    try:
+        remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def default_file_mode(folder: str | os.PathLike | None = None) -> int:
+    """The permission bits a plain ``open(path, "w")`` gives a new file in ``folder`` (:func:`creation_modes`);
+    without ``folder``, the umask rule ``0o666 & ~umask`` (what it gives in a folder without a default ACL)."""
+    return creation_modes(folder)[0] if folder is not None else 0o666 & ~current_umask()
+
+
+def default_dir_mode(folder: str | os.PathLike | None = None) -> int:
+    """The permission bits a plain ``os.mkdir(path)`` gives a new folder in ``folder`` (:func:`creation_modes`);
+    without ``folder``, the umask rule ``0o777 & ~umask`` (what it gives in a folder without a default ACL)."""
+    return creation_modes(folder)[1] if folder is not None else 0o777 & ~current_umask()
 
 
 def apply_default_modes(path: str | os.PathLike) -> None:
-    """Give ``path`` (and, for a folder, everything under it) the modes ``open()`` / ``mkdir()`` would.
+    """Give ``path`` (and, for a folder, everything under it) the modes ``open()`` / ``mkdir()`` give in its parent.
 
-    For what was written under a temporary name (``mkstemp``: 0600, ``mkdtemp``: 0700, or a writer
-    that made its own file) and is about to be renamed into place. Symlinks are left alone; a
-    folder keeps its set-group-ID bit (inherited from a setgid parent, as ``mkdir()`` would).
+    For what was written under a temporary name next to its destination (``mkstemp``: 0600,
+    ``mkdtemp``: 0700, or a writer that made its own file) and is about to be renamed into place
+    there. The modes are :func:`creation_modes` of ``path``'s parent folder, used at every depth
+    (a new subfolder inherits its parent's default ACL, so nested entries get the same modes).
+    ``chmod`` also sets the owner/mask/other entries of an inherited access ACL, which then equals
+    what a plain ``open()`` / ``mkdir()`` there gives. Symlinks are left alone; a folder keeps its
+    set-group-ID bit (inherited from a setgid parent, as ``mkdir()`` would).
     """
-    mask = current_umask()
-    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
     root = Path(path)
+    file_mode, dir_mode = creation_modes(os.path.dirname(os.path.abspath(root)))
     st = os.lstat(root)
     if stat.S_ISDIR(st.st_mode):
         os.chmod(root, dir_mode | (st.st_mode & stat.S_ISGID))
