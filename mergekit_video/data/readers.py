@@ -124,6 +124,13 @@ def _check_file(path: Path) -> None:
         raise VideoReadError(f"{path}: empty file (0 bytes)", path=path)
 
 
+@functools.lru_cache(maxsize=None)
+def _quiet_decord() -> None:
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)
+
+
 class DecordReader:
     """decord backend: one ``get_batch`` call on sorted unique indices (decord seeks internally).
 
@@ -134,6 +141,8 @@ class DecordReader:
     def __init__(self, *, path: str | os.PathLike, short_side: int | None = None, num_threads: int = 1) -> None:
         import decord
 
+        if not log.isEnabledFor(logging.DEBUG):  # FFmpeg's own lines ("moov atom not found"): our error names the file
+            _quiet_decord()
         self.path = Path(path)
         _check_file(self.path)
         height = width = -1
