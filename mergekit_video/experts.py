@@ -122,6 +122,14 @@ class _SlotTable:
         self.flat = [ref for _, refs in self.slots for ref in refs]
 
 
+def _all_equal(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor equals the first (False where values cannot be read: torch.func batched tensors)."""
+    try:
+        return all(torch.equal(tensors[0], t) for t in tensors[1:])
+    except RuntimeError:
+        return False
+
+
 def _merge_buffer(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Σ wᵢ·bᵢ, except where every expert holds the same value: there expert 0's."""
     same = torch.ones_like(tensors[0], dtype=torch.bool)
@@ -313,7 +321,7 @@ class ExpertContainer(nn.Module):
                 warned = self.__dict__.setdefault("_non_float_warned", set())
                 for (name, _), ts, value in zip(self._tensor_slots(), self._slot_tensors(), self._merge_slots(coeff.float())):
                     # counters, indices: never averaged; expert 0's, with a warning when they differ (once per tensor)
-                    if not ts[0].is_floating_point() and name not in warned and any(not torch.equal(ts[0], t) for t in ts[1:]):
+                    if not ts[0].is_floating_point() and name not in warned and not _all_equal(ts):
                         value = merge_tensors(ts, name=name)
                         warned.add(name)
                     owner, _, leaf = name.rpartition(".")
@@ -504,7 +512,7 @@ class ExpertContainer(nn.Module):
         return {
             name
             for i in table.buffers
-            if tensors[i][0].is_floating_point() and all(torch.equal(tensors[i][0], t) for t in tensors[i][1:])
+            if tensors[i][0].is_floating_point() and _all_equal(tensors[i])
             for name in table.aliases[i]
         }
 
