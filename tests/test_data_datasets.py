@@ -118,6 +118,11 @@ def test_frame_folder_dataset_and_short_videos_loop(tmp_path):
     assert frame_ids(reader_frames) == [0, 1, 2, 3, 4, 0, 1, 2]  # 5 frames, T=8: loops
     assert frame_ids(ds._decode(ds.records[1], torch.Generator())) == [1, 3, 6, 8, 11, 13, 16, 18]  # segment centres
     assert ds[1]["frames"].shape == (1, 8, 3, 16, 16)
+    # the official MoTE test frames: the start of each segment, int(2.5 * x); a short video repeats frames
+    official = VideoDataset(list_file=lst, root=tmp_path, list_format="frames", num_frames=8, train=False, input_size=16,
+                            normalize=False, test_offsets="start")
+    assert frame_ids(official._decode(official.records[1], torch.Generator())) == [0, 2, 5, 7, 10, 12, 15, 17]
+    assert frame_ids(official._decode(official.records[0], torch.Generator())) == [0, 0, 1, 1, 2, 3, 3, 4]
 
 
 def test_few_shot_subset_is_seeded_and_repeats_to_full_size():

@@ -82,6 +82,21 @@ def test_multi_clip_views_shift_across_the_first_segment_by_hand():
     assert multi_clip_indices(4, 3, 1) == [[0, 1, 3]]  # segments [0,1) [1,2) [2,4); frame 2 would leave segment 1
 
 
+def test_start_offsets_are_the_official_mote_test_frames_by_hand():
+    # tick = 300/8 = 37.5; one view (also MoTE's validation): int(37.5 * x), the first frame of each segment
+    assert multi_clip_indices(300, 8, 1, offsets="start") == [[0, 37, 75, 112, 150, 187, 225, 262]]
+    # 4 views: starts linspace(0, 36.5, 4) truncated = [0, 12, 24, 36]; frame int(start + 37.5 * x)
+    views = multi_clip_indices(300, 8, 4, offsets="start")
+    assert [v[0] for v in views] == [0, 12, 24, 36]
+    assert views[1][:3] == [12, 49, 87] and views[3][-1] == 298
+    # 3 views of 10 frames in 4 segments: tick 2.5, starts linspace(0, 1.5, 3) = [0, 0.75, 1.5] → [0, 0, 1]
+    assert multi_clip_indices(10, 4, 3, offsets="start") == [[0, 2, 5, 7], [0, 2, 5, 7], [1, 3, 6, 8]]
+    # a short video repeats frames: int(0.5 * x)
+    assert multi_clip_indices(4, 8, 1, offsets="start") == [[0, 0, 1, 1, 2, 2, 3, 3]]
+    with pytest.raises(ValueError, match=r"offsets must be one of \('centre', 'start'\), got 'end'"):
+        multi_clip_indices(300, 8, 1, offsets="end")
+
+
 def test_dense_indices_by_hand():
     # 100 frames, 8 frames 4 apart: span 29, last start 71
     assert dense_indices(100, 8, 4, train=False) == [35 + 4 * j for j in range(8)]

@@ -284,6 +284,17 @@ def test_runner_training_loader_has_the_paper_augmentations(name, tmp_path):
         runner._train_loader()
 
 
+@pytest.mark.parametrize("name", [p.name for p in RECIPES if p.name != "quickstart.yaml"])
+def test_paper_recipes_evaluate_as_the_official_test_code(name):
+    """fp32 and the official test frames (segment starts), for validation and every eval dataset."""
+    from mergekit_video.runners.common import eval_precision, eval_suite
+
+    cfg = _load_validated(_recipe(name), [])
+    assert eval_precision(cfg) == "fp32" and cfg["eval"]["test_offsets"] == "start"
+    entries = eval_suite(cfg["eval"], cfg.get("data"), model_input_size=224)
+    assert entries and all(e.test_offsets == "start" for e in entries)
+
+
 def test_quickstart_recipe_is_offline_and_small():
     cfg = _load_validated(QUICKSTART, [])
     assert cfg["model"]["clip_name"] == "mergevid-tiny-vit" and cfg["model"]["pretrained"] is None

@@ -23,7 +23,7 @@ from torch.utils.data import get_worker_info
 from .annotations import LIST_FORMATS, VideoRecord, read_annotation_list, read_class_names
 from .failures import ON_ERROR_POLICIES, FailureRecord, report_error, report_resampled, report_skipped
 from .readers import BACKENDS, DEFAULT_IMAGE_TEMPLATE, VideoReadError, open_video
-from .sampling import dense_indices, multi_clip_indices, segment_indices
+from .sampling import TEST_OFFSETS, dense_indices, multi_clip_indices, segment_indices
 from .transforms import TestTransform, TrainTransform
 from .watchdog import ReadTimeoutError, run_with_timeout
 
@@ -54,7 +54,9 @@ class VideoDataset(torch.utils.data.Dataset):
     """Video clips from an annotation list, for training (random views) or testing (fixed views).
 
     Train item: ``{"frames": [T,3,H,W], "label": int, "index": int}``; test item:
-    ``{"frames": [V,T,3,H,W], ...}`` with ``V = num_clips * num_crops`` in clip-major order.
+    ``{"frames": [V,T,3,H,W], ...}`` with ``V = num_clips * num_crops`` in clip-major order; test
+    frames sit at the segment centres or, ``test_offsets="start"``, where the official MoTE test
+    code takes them (:func:`~mergekit_video.data.sampling.multi_clip_indices`).
     ``frames`` are CLIP-normalised float, or uint8 with ``normalize=False`` (normalise on the GPU
     with :func:`normalize_frames`). Keys may be an int or an ``(index, epoch)`` pair from
     :class:`VideoSampler`.
@@ -82,6 +84,7 @@ class VideoDataset(torch.utils.data.Dataset):
         stride: int = 8,
         num_clips: int = 1,
         num_crops: int = 1,
+        test_offsets: str = "centre",
         input_size: int = 224,
         short_side: int | None = None,
         decode_short_side: int | None = None,
@@ -106,6 +109,8 @@ class VideoDataset(torch.utils.data.Dataset):
             raise ValueError("backend='frames' needs list_format='frames' (folder num_frames label)")
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if test_offsets not in TEST_OFFSETS:
+            raise ValueError(f"test_offsets must be one of {TEST_OFFSETS}, got {test_offsets!r}")
         on_error = on_error or ("resample" if train else "raise")
         if on_error not in ON_ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {ON_ERROR_POLICIES}, got {on_error!r}")
@@ -125,7 +130,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.class_names = list(class_names) if class_names is not None else None
         self.num_frames, self.train, self.list_format, self.backend = num_frames, train, list_format, backend
         self.sampling, self.clip_len, self.stride = sampling, clip_len or num_frames, stride
-        self.num_clips, self.num_crops, self.input_size = num_clips, num_crops, input_size
+        self.num_clips, self.num_crops, self.input_size, self.test_offsets = num_clips, num_crops, input_size, test_offsets
         self.decode_short_side, self.normalize, self.on_error = decode_short_side, normalize, on_error
         self.read_timeout_s, self.seed, self.image_template, self.num_threads = read_timeout_s, seed, image_template, num_threads
         if train:
@@ -180,7 +185,7 @@ class VideoDataset(torch.utils.data.Dataset):
         if self.sampling == "segment":
             if self.train:
                 return [segment_indices(n, self.num_frames, train=True, generator=generator)]
-            return multi_clip_indices(n, self.num_frames, self.num_clips)
+            return multi_clip_indices(n, self.num_frames, self.num_clips, offsets=self.test_offsets)
         if self.train:
             return [dense_indices(n, self.clip_len, self.stride, train=True, generator=generator)]
         return [dense_indices(n, self.clip_len, self.stride, train=False, clip_index=k, num_clips=self.num_clips) for k in range(self.num_clips)]

@@ -7,6 +7,7 @@ so a seeded generator gives the same indices on every run and every worker.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -44,20 +45,33 @@ def segment_indices(num_frames: int, num_segments: int, *, train: bool, generato
     return (starts[:-1] + offsets).tolist()
 
 
-def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int) -> list[list[int]]:
+#: Where test views sit in their segments: ``centre`` (TSN) or ``start`` (the MoTE / Text4Vis test code).
+TEST_OFFSETS = ("centre", "start")
+
+
+def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int, *, offsets: str = "centre") -> list[list[int]]:
     """Test-time temporal views for sparse sampling: ``num_clips`` sets of segment frames.
 
-    View ``k`` takes frame ``floor(N/T * (x + (k + 0.5)/K))`` in segment ``x``: the views shift the
-    start evenly across the first segment, and one view (K=1) is the segment centre, identical to
-    ``segment_indices(train=False)``. Every view's frame lies inside its segment
-    ``[x*N//T, (x+1)*N//T)``. (MoTE's code spreads the starts with
-    ``linspace(0, N/T - 1, K)``; both cover the segment evenly.) Short videos loop, view ``k``
-    starting at frame ``k*N//K``.
+    ``offsets="centre"``: view ``k`` takes frame ``floor(N/T * (x + (k + 0.5)/K))`` in segment
+    ``x``: the views shift the start evenly across the first segment, and one view (K=1) is the
+    segment centre, identical to ``segment_indices(train=False)``. Every view's frame lies inside
+    its segment ``[x*N//T, (x+1)*N//T)``. Short videos loop, view ``k`` starting at frame ``k*N//K``.
+
+    ``offsets="start"``, the official MoTE test code (``datasets/video.py``): with ``tick = N/T``
+    and the view starts ``linspace(0, tick - 1, K)`` truncated to integers, view ``k`` takes frame
+    ``int(start_k + tick * x) % N``; one view (K=1, also its validation) takes the first frame of
+    each segment. Short videos repeat frames (``int(tick * x)`` with ``tick < 1``).
     """
     _check(num_frames, num_segments, "num_segments")
     if num_clips <= 0:
         raise ValueError(f"num_clips must be positive, got {num_clips}")
+    if offsets not in TEST_OFFSETS:
+        raise ValueError(f"offsets must be one of {TEST_OFFSETS}, got {offsets!r}")
     n, t, k_total = num_frames, num_segments, num_clips
+    if offsets == "start":
+        tick = n / t
+        starts = np.linspace(0, tick - 1, num=k_total).astype(np.int64).tolist()  # truncated, as linspace(dtype=int) did
+        return [[int(start + tick * x) % n for x in range(t)] for start in starts]
     views = []
     for k in range(k_total):
         if n < t:

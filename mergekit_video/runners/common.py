@@ -68,11 +68,20 @@ RESULTS_NEUTRAL_KEYS = ("data.num_workers", "eval.num_workers", "train.log_every
 def only_final_evaluation(key: str) -> bool:
     """Whether a ``mote`` recipe key changes only the final evaluation (``eval.*``), not training.
 
-    The per-epoch validation reads ``eval.batch_size``, so that one is not. While the run has no
+    The per-epoch validation reads :data:`VALIDATION_KEYS`, so those are not. While the run has no
     results yet (its final evaluation failed), a rerun that changes only such keys resumes the
     trained run and evaluates it with the new settings.
     """
-    return key.startswith("eval.") and key != "eval.batch_size"
+    return key.startswith("eval.") and key not in VALIDATION_KEYS
+
+
+#: ``eval.*`` keys the per-epoch validation of a ``mote`` run reads too.
+VALIDATION_KEYS = ("eval.batch_size", "eval.precision", "eval.test_offsets")
+
+
+def eval_precision(cfg: dict[str, Any]) -> str:
+    """Precision of validation and evaluation: ``eval.precision``, else the run's ``precision``."""
+    return (cfg.get("eval") or {}).get("precision") or cfg.get("precision", "auto")
 
 
 def _holds_output(path: Path) -> bool:
@@ -160,7 +169,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                 raise FileExistsError(
                     f"output_dir {out} holds an earlier run of a different recipe ({shown}). A run resumes only with the "
                     f"same recipe (it may differ in {', '.join(RESULTS_NEUTRAL_KEYS)}; until it has results, also in the "
-                    f"eval.* keys of the final evaluation but eval.batch_size). To evaluate its model otherwise: mergevid eval {out / 'model'}. "
+                    f"eval.* keys of the final evaluation but {', '.join(VALIDATION_KEYS)}). To evaluate its model otherwise: mergevid eval {out / 'model'}. "
                     f"Or use another output_dir, or pass --overwrite to DELETE the earlier run's {names} and train again from step 1"
                 )
             _refuse_deleting_inputs(cfg, outputs)
@@ -313,6 +322,7 @@ class EvalSuiteEntry:
     num_frames: int = 8
     input_size: int = 224
     on_error: str = "raise"
+    test_offsets: str = "centre"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -369,6 +379,7 @@ def eval_suite(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None, *, mod
                     model_input_size,
                 ),
                 on_error=ds.get("on_error", "raise"),
+                test_offsets=ds.get("test_offsets") or eval_cfg.get("test_offsets") or "centre",
             )
         )
     return entries
@@ -388,6 +399,7 @@ def build_eval_loader(entry: EvalSuiteEntry, split: EvalSplit, *, eval_cfg: dict
         backend=data_cfg.get("backend", "decord"),
         num_clips=entry.num_clips,
         num_crops=entry.num_crops,
+        test_offsets=entry.test_offsets,
         input_size=entry.input_size,
         normalize=normalize,
         on_error=entry.on_error,
@@ -457,7 +469,7 @@ def run_eval_suite(
                 feats,
                 variants=variants,
                 device=device,
-                precision=cfg.get("precision", "auto"),
+                precision=eval_precision(cfg),
                 view_reduce=eval_cfg.get("view_reduce", "softmax_mean"),
                 dataset_name=label,
                 views=(entry.num_clips, entry.num_crops),

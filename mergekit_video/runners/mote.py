@@ -14,6 +14,7 @@ from ..config import instantiate
 from .common import (
     class_features,
     class_names_from,
+    eval_precision,
     resolve_input_size,
     run_eval_suite,
     start_run,
@@ -209,6 +210,7 @@ class MoTERunner:
                 list_file=d["val_list"], root=d["root"], num_frames=d.get("num_frames", 8), train=False,
                 class_names=self.train_class_names, list_format=d.get("list_format", "video"),
                 backend=d.get("backend", "decord"), num_clips=clips, num_crops=crops,
+                test_offsets=(self.cfg.get("eval") or {}).get("test_offsets") or "centre",
                 input_size=self.input_size, normalize=False,  # uint8 out of the workers; normalised on the device in one op
                 on_error="skip", read_timeout_s=d.get("read_timeout_s", 60.0), seed=self.cfg.get("seed", 0),
             )
@@ -219,7 +221,7 @@ class MoTERunner:
                 persistent_workers=False,
             )
         res = evaluate(self.model, self._val_loader, self.class_features, device=self.device,
-                       precision=self.cfg.get("precision", "auto"), dataset_name="val", views=(clips, crops))
+                       precision=eval_precision(self.cfg), dataset_name="val", views=(clips, crops))
         v = next(iter(res.variants.values()))
         if self.main and self.console is not None:
             total = self.cfg["schedule"]["epochs"]  # shown 1-based, as the schedule counts them (metrics.jsonl: 0-based)

@@ -117,6 +117,7 @@ EVAL_DATASET = Section(
         "list_format": Field(str, default="video", choices=("video", "frames")),
         "num_clips": Field(int, default=1, min=1),
         "num_crops": Field(int, default=1, choices=(1, 3)),
+        "test_offsets": Field(str, nullable=True, choices=("centre", "start"), doc="default: eval.test_offsets"),
         "num_frames": Field(int, nullable=True, min=1, max=77),
         "input_size": Field(int, nullable=True, min=8),
         "on_error": Field(str, default="raise", choices=("raise", "skip")),
@@ -158,6 +159,14 @@ EVAL = Section(
         "batch_size": Field(int, default=16, min=1),
         "num_workers": Field(int, default=4, min=0),
         "view_reduce": Field(str, default="softmax_mean", choices=("softmax_mean", "logit_mean")),
+        "precision": Field(
+            str, nullable=True, choices=("auto", "bf16", "fp16", "fp32"),
+            doc="validation and evaluation precision; default: the run's 'precision' (the official MoTE code tests in fp32)",
+        ),
+        "test_offsets": Field(
+            str, default="centre", choices=("centre", "start"),
+            doc="where test views sit in their segments: centre (TSN) or start (the official MoTE test code); validation too",
+        ),
         "modulation": Field(list, default=[False, True], item=Field(bool), doc="TFM settings to evaluate"),
         "datasets": Field(list, default=[], item=EVAL_DATASET),
         "compare": COMPARE,
