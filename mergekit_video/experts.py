@@ -25,6 +25,7 @@ common cases. A plan is one of
 
 from __future__ import annotations
 
+import collections
 import copy
 import operator
 import types
@@ -122,6 +123,28 @@ class _SlotTable:
         self.flat = [ref for _, refs in self.slots for ref in refs]
 
 
+def _merge_key(strategy: str, kwargs: Mapping[str, Any]) -> Any:
+    """A hashable key of a merge: tensors and other unhashable arguments by identity and version."""
+
+    def freeze(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            try:
+                return ("tensor", id(v), v._version)
+            except RuntimeError:  # inference tensors have no version: never equal to an earlier key
+                return ("tensor", id(v), object())
+        if isinstance(v, Mapping):
+            return ("map", tuple(sorted((str(k), freeze(x)) for k, x in v.items())))
+        if isinstance(v, (list, tuple)):
+            return ("seq", tuple(freeze(x) for x in v))
+        try:
+            hash(v)
+        except TypeError:
+            return ("object", id(v))
+        return v
+
+    return (strategy, freeze(kwargs))
+
+
 def _all_equal(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether every tensor equals the first (False where values cannot be read: torch.func batched tensors)."""
     try:
@@ -198,6 +221,10 @@ class ExpertContainer(nn.Module):
     State-dict keys are ``experts.{i}.<expert keys>`` plus the router's own (if any).
     """
 
+    #: Merges of other strategies kept for a switch back (see :meth:`set_merge`); each is one dense
+    #: copy of an expert, so lower it for large experts on a small device.
+    merge_pool_size: int = 4
+
     def __init__(
         self,
         experts: Sequence[nn.Module],
@@ -221,6 +248,7 @@ class ExpertContainer(nn.Module):
         if self.router.num_experts != len(experts):
             raise ValueError(f"router is built for {self.router.num_experts} experts but the container has {len(experts)}")
         object.__setattr__(self, "_merge_cache", None)  # (tensors merged, their versions, module); not a submodule
+        object.__setattr__(self, "_merge_pool", collections.OrderedDict())  # merges of other strategies, by _merge_key
         self.set_merge(merge, **dict(merge_kwargs or {}))  # fails now on an unknown name, not at the first eval forward
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: RouterOutput | None = None
@@ -426,8 +454,9 @@ class ExpertContainer(nn.Module):
         return cache
 
     def invalidate_merge(self) -> None:
-        """Drop the cached merge (needed only after writing expert tensors through ``.data``)."""
+        """Drop the cached merges (needed only after writing expert tensors through ``.data``)."""
         object.__setattr__(self, "_merge_cache", None)
+        self.__dict__.get("_merge_pool", {}).clear()
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> ExpertContainer:
         # .to() / .cuda() / .double() replace tensor data without bumping versions
@@ -452,23 +481,34 @@ class ExpertContainer(nn.Module):
         # graph tensors (deepcopy refuses them), and the cached merge is rebuilt on demand
         state = self.__dict__.copy()
         state["aux_losses"], state["last_routing"], state["_merge_cache"] = {}, None, None
+        state["_merge_pool"] = collections.OrderedDict()
         state.pop("_slots_cache", None)  # refers to the experts' own dicts
         state.pop("_no_versions_warned", None)
         return state
 
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
-        """Change the eval merge strategy (invalidates the cache).
+        """Change the eval merge strategy.
 
-        A ``base`` given once (the weights the experts were tuned from) is the container's: later
+        The merge of the strategy set before is kept, with up to :attr:`merge_pool_size` others:
+        switching back and forth (an evaluation comparing merges batch by batch) merges each once,
+        as long as the experts do not change (the same check as every eval forward). A ``base``
+        given once (the weights the experts were tuned from) is the container's: later
         task-arithmetic merges (``ties``, ``dare``, ...) without one use it.
         """
         kwargs = self._with_own_base(strategy, kwargs)
         check_merge_arguments(strategy, kwargs, num_experts=self.num_experts)
+        pool, key = self.__dict__["_merge_pool"], _merge_key(strategy, kwargs)
+        kept = pool.pop(key, (None,))[0]
+        if self._merge_cache is not None and self.merge_pool_size > 0:
+            pool[self._merge_key] = (self._merge_cache, self._merge_kwargs)  # the arguments keep the key's ids alive
+            while len(pool) > self.merge_pool_size:
+                pool.popitem(last=False)  # the least recently used
         object.__setattr__(self, "_merge", strategy)
         object.__setattr__(self, "_merge_kwargs", dict(kwargs))
+        object.__setattr__(self, "_merge_key", key)
+        object.__setattr__(self, "_merge_cache", kept)
         if kwargs.get("base") is not None:
             object.__setattr__(self, "_merge_base", kwargs["base"])
-        self.invalidate_merge()
 
     def _with_own_base(self, strategy: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` with the container's own base for a task-arithmetic strategy given none."""

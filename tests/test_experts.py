@@ -184,7 +184,38 @@ def test_merge_cache_survives_unrelated_modules_and_tracks_strategy_assignment()
         c.merge_kwargs["tau"] = float("inf")
     c.merge = "mean"  # the strategy's own defaults
     assert dict(c.merge_kwargs) == {}
-    assert maxdiff(c(x), dense(x)) <= 1e-6 and c.merge_count == 4
+    assert maxdiff(c(x), dense(x)) <= 1e-6 and c.merge_count == 3  # the mean merged before is kept
+
+
+def test_switching_merges_back_and_forth_merges_each_once():
+    """An evaluation comparing merges sets each strategy for a batch, then the default again."""
+    c = ExpertContainer(experts(3), "fixed").eval()
+    x = torch.randn(6, 4)
+    merges = [("temperature_softmax", {"tau": 0.6}), ("temperature_softmax", {"tau": -0.6}), ("ensemble", {}), ("weighted", {"weights": [1, 2, 3]})]
+    outputs = {}
+    for _ in range(3):  # three batches
+        outputs["mean"] = c(x)
+        for i, (name, kw) in enumerate(merges):
+            with use_merge(c, name, **kw):
+                outputs[i] = c(x)
+    assert c.merge_count == 1 + len(merges)
+    for i, (name, kw) in enumerate(merges):
+        assert maxdiff(outputs[i], c.collapse(name, **kw)(x)) <= 1e-6
+    # a changed expert is seen by every kept merge; invalidate_merge() drops them all
+    with torch.no_grad():
+        c.experts[0].fc1.weight.add_(1.0)
+    with use_merge(c, "temperature_softmax", tau=0.6):
+        assert maxdiff(c(x), c.collapse("temperature_softmax", tau=0.6)(x)) <= 1e-6
+    assert c.merge_count == 1 + len(merges) + 1
+    c.invalidate_merge()
+    c(x)
+    assert c.merge_count == 1 + len(merges) + 2
+    # the pool is bounded; 0 keeps none
+    c.merge_pool_size = 0
+    for name, kw in merges[:2] * 2:
+        with use_merge(c, name, **kw):
+            c(x)
+    assert c.merge_count == 1 + len(merges) + 2 + 4  # each of the four forwards merges again
 
 
 def test_eval_merge_follows_tensors_swapped_in_by_functional_call():
