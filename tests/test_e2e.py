@@ -26,6 +26,7 @@ from mergekit_video.cli.main import main as cli_main
 from mergekit_video.config import dump_recipe
 from mergekit_video.evaluation.evaluator import EvalResult, Variant, VariantResult, build_variants, evaluate
 from mergekit_video.evaluation.report import results_table, summarize
+from mergekit_video.runners.common import LOCK_FILE
 from mergekit_video.training.metrics import read_metrics
 from mergekit_video.training.trainer import Trainer
 
@@ -535,7 +536,68 @@ def test_resume_from_a_checkpoint_with_another_schedule_length_is_refused(refere
             run_recipe(cfg)
         assert str(info.value).startswith(f"train.resume: checkpoint {reference / 'checkpoints' / 'step_00000008'} was trained with another lr schedule ({what}).")
         assert "schedule.epochs, train.max_steps" in str(info.value) and "train.resume=null" in str(info.value)
-    assert sorted(p.name for p in out.iterdir()) == ["cache", "data", "recipe.yaml"]  # nothing trained
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["cache", "data", "recipe.yaml"]  # nothing trained
+
+
+def test_a_crash_before_the_first_checkpoint_then_a_fresh_start_logs_each_step_once(reference_runs, synthetic_data, tmp_path, monkeypatch):
+    reference = reference_runs(0, 1)
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    _die_during_step(monkeypatch, 3)  # steps 1-2 logged, no checkpoint yet (every 3 steps)
+    with pytest.raises(Interrupted):
+        _run_in_process(out, ["data.num_workers=0"])
+    monkeypatch.undo()
+    assert [r["step"] for r in _train_records(out)] == [1, 2]
+    assert _resume_to_the_end(out, ["data.num_workers=0"]) == (0, 0, 0)
+    _assert_same_run(reference, out)  # steps 1..8 once: the crashed attempt's lines were dropped
+
+
+def test_explicit_resume_refuses_other_data_units_and_models_and_yields_to_own_checkpoints(reference_runs, synthetic_data, tmp_path, monkeypatch):
+    """train.resume=<another run's mid-epoch checkpoint>: with another grad_accumulation the epoch's
+    micro-batches would count other videos; another architecture is named; once this run has its
+    own checkpoints, rerunning the same command continues from them."""
+    from mergekit_video.runners import run_recipe
+
+    reference = reference_runs(0, 1)
+    start = reference / "checkpoints" / "step_00000003"  # mid-epoch: 3 of 4 steps
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    for changed, message in (
+        ("train.grad_accumulation=2", r"stopped inside an epoch, counting its data in other units \(grad_accumulation 1 -> 2; micro_batch 6 -> 3\)"),
+        ("model.num_experts=2", r"holds another model than this recipe builds \(Unexpected key\(s\) in state_dict"),
+    ):
+        cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", changed, f"train.resume={start}"])
+        with pytest.raises(ValueError, match=rf"^train.resume: checkpoint {start} " + message):
+            run_recipe(cfg)
+    out = _new_run_dir(tmp_path / "continued", synthetic_data)
+    _die_after_checkpoint(monkeypatch, 6)
+    with pytest.raises(Interrupted):
+        _run_in_process(out, ["data.num_workers=0", f"train.resume={start}"])
+    monkeypatch.undo()
+    assert _resume_to_the_end(out, ["data.num_workers=0", f"train.resume={start}"]) == (6, 1, 2)  # its own step 6, not step 3
+    got, ref = _train_records(out), {r["step"]: r for r in _train_records(reference)}
+    assert [r["step"] for r in got] == list(range(4, STEPS + 1))  # continued from the reference's step 3, each step once
+    assert all(abs(r["loss"] - ref[r["step"]]["loss"]) <= 1e-6 for r in got)
+    assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) <= 1e-6
+
+
+def test_a_kill_between_the_epoch_checkpoint_update_and_its_metrics_line_loses_no_validation(reference_runs, synthetic_data, tmp_path, monkeypatch):
+    from mergekit_video.training.checkpoint import CheckpointManager
+
+    reference = reference_runs(0, 1)
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    original = CheckpointManager.update_state
+
+    def update_then_die(self, step, **kw):
+        original(self, step, **kw)
+        if step == STEPS:  # the quickstart validates at its last epoch (eval_every_epochs: 10)
+            raise Interrupted
+
+    monkeypatch.setattr(CheckpointManager, "update_state", update_then_die)
+    with pytest.raises(Interrupted):
+        _run_in_process(out, ["data.num_workers=0"])
+    monkeypatch.undo()
+    assert _val_records(out) == []  # the epoch's validation is in the checkpoint's history only
+    assert _resume_to_the_end(out, ["data.num_workers=0"]) == (STEPS, 2, 0)
+    _assert_same_run(reference, out)  # its val/top1 line is written on resume, once
 
 
 def test_a_failing_final_evaluation_keeps_the_trained_model(reference_runs, synthetic_data, tmp_path):

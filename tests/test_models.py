@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -216,7 +217,15 @@ def test_merged_eval_equals_collapsed_export_and_param_counts(model, classes, tm
     frames = torch.randn(2, 8, 3, 32, 32)
     with torch.no_grad():
         ref = model(frames, classes, modulation=True)
+    # temp folders of saves killed midway: an old one is swept by the next save, a recent one (a save
+    # that may still run) is left alone
+    old, recent = tmp_path / ".mote.k1lled00", tmp_path / ".mote.runn1ng_"
+    for d in (old, recent):
+        d.mkdir()
+        (d / "head.safetensors").write_text("partial")
+    os.utime(old, (0, 0))
     save_model(model, tmp_path / "mote")
+    assert not old.exists() and recent.exists()
     with pytest.raises(FileExistsError):
         save_model(model, tmp_path / "mote")
     reloaded = load(tmp_path / "mote")

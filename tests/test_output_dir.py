@@ -8,7 +8,7 @@ import pytest
 
 from mergekit_video.config import dump_recipe
 from mergekit_video.data import synthetic
-from mergekit_video.runners.common import ensure_synthetic_data, prepare_output_dir
+from mergekit_video.runners.common import LOCK_FILE, ensure_synthetic_data, prepare_output_dir
 
 TINY = dict(num_classes=2, videos_per_class=2, val_per_class=1, num_novel_classes=1, frames=8, size=(32, 32), seed=0)
 
@@ -64,7 +64,7 @@ def test_changed_recipe_needs_overwrite_only_when_the_earlier_run_left_outputs(t
     prepare_output_dir(_cfg(out, lr=1), overwrite=True, main=True)  # the same recipe: a resume keeps everything
     assert (out / "checkpoints" / "step_1").exists()
     prepare_output_dir(_cfg(out, lr=2), overwrite=True, main=True)  # another run: start clean, no resume or append
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["notes.txt", "recipe.yaml"]
 
 
 def test_results_neutral_changes_resume_and_are_recorded(tmp_path, caplog):
@@ -82,7 +82,7 @@ def test_results_neutral_changes_resume_and_are_recorded(tmp_path, caplog):
     assert (out / "recipe.yaml").read_text() == dump_recipe(changed)
     assert "data.num_workers: 8 -> 0; train.log_every: 10 -> 1; train.tensorboard: (absent) -> True; eval.num_workers: (absent) -> 1" in caplog.text
     prepare_output_dir({**changed, "data": {"num_workers": 2}}, overwrite=True, main=True)  # --overwrite deletes nothing here
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["checkpoints", "metrics.jsonl", "recipe.yaml"]
     assert "num_workers: 2" in (out / "recipe.yaml").read_text()
 
 
@@ -107,7 +107,7 @@ def test_a_different_recipe_is_refused_naming_the_changes_and_what_overwrite_del
     )
     assert (out / "recipe.yaml").read_text() == dump_recipe(cfg)
     prepare_output_dir(longer, overwrite=True, main=True)
-    assert sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml"]
 
 
 def test_overwrite_never_deletes_an_input_of_the_run(tmp_path):
@@ -210,3 +210,37 @@ def test_eval_paths_taken_from_the_data_keys_follow_data_synthetic(tmp_path):
     own = {"datasets": [{"name": "ucf", "root": "/ucf", "splits": [{"list": "/ucf/1.txt"}, {"list": "/k/val.txt"}]}]}
     moved = follow_synthetic_data(own, {"root": "/k", "val_list": "/k/val.txt"}, {"root": "/syn", "val_list": "/syn/val.txt"})
     assert moved["datasets"][0]["root"] == "/ucf" and [s["list"] for s in moved["datasets"][0]["splits"]] == ["/ucf/1.txt", "/syn/val.txt"]
+
+
+def test_one_run_per_output_dir_at_a_time(tmp_path):
+    """A second process is refused while the first holds the folder; a killed holder leaves no stale lock."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from mergekit_video.runners.common import release_output_dir
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from mergekit_video.runners.common import lock_output_dir
+            lock_output_dir(Path({str(out)!r}))
+            print("locked", flush=True)
+            time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FileExistsError, match=rf"^output_dir {out} is in use by another run \(pid {holder.pid}\); wait for it"):
+            prepare_output_dir(_cfg(out), overwrite=True, main=True)
+        assert not (out / "recipe.yaml").exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare_output_dir(_cfg(out), overwrite=False, main=True)  # the kernel released the dead holder's lock
+    prepare_output_dir(_cfg(out), overwrite=False, main=True)  # this process holds it already: fine
+    release_output_dir(out)
+    assert (out / "recipe.yaml").exists()

@@ -19,8 +19,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,21 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     save_file(flat, str(path), metadata=metadata)
 
 
+#: A temp folder of save_model untouched for this long was left by a killed process.
+STALE_TEMP_S = 600.0
+
+
+def _remove_stale_temp_dirs(directory: Path) -> None:
+    """Remove the temp folders (``.<name>.XXXXXXXX``) that saves of ``directory`` killed midway left
+    behind (one model's size each); a folder written to in the last :data:`STALE_TEMP_S` seconds may
+    belong to a save still running and is left alone."""
+    pattern = re.compile(rf"^\.{re.escape(directory.name)}\.[a-z0-9_]{{8}}$")
+    now = time.time()
+    for p in directory.parent.iterdir():
+        if pattern.match(p.name) and p.is_dir() and not p.is_symlink() and now - p.stat().st_mtime > STALE_TEMP_S:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: bool = False, extra_config: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``directory`` atomically (temp dir, then rename).
 
@@ -64,6 +81,7 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         from ..utils.state_json import StateEncoder, split_tensors

@@ -27,6 +27,7 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
     that destroyed its group meanwhile could abort at exit.
     """
     from ..training.distributed import barrier
+    from .common import release_output_dir
 
     runner = build_runner(cfg, overwrite=overwrite, console=console)
     try:
@@ -37,4 +38,5 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
         barrier()  # DDP: no rank tears the process group down while another still writes its outputs
     finally:
         runner.cleanup()
+        release_output_dir(cfg["output_dir"])
     return runner

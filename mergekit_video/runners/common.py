@@ -139,9 +139,10 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file, not a folder; set output_dir to a folder (new or of an earlier run)")
     if main:
+        lock_output_dir(out)  # before anything is read or written there: one run per folder at a time
         saved = out / "recipe.yaml"
         # data/ is checked on its own (ensure_synthetic_data); a run writes nothing else there
-        if not saved.exists() and out.is_dir() and any(p.name != "data" for p in out.iterdir()) and not overwrite:
+        if not saved.exists() and out.is_dir() and any(p.name not in ("data", LOCK_FILE) for p in out.iterdir()) and not overwrite:
             raise FileExistsError(f"output_dir {out} holds files but no recipe.yaml of an earlier run; "
                                   "choose another output_dir, or pass --overwrite to write into it")
         outputs = [out / name for name in RUN_OUTPUTS if (out / name).exists() and _holds_output(out / name)]
@@ -186,6 +187,50 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                      "; the final evaluation runs with them" if any(only_final_evaluation(k) for k, _, _ in changes) else "")
         save_resolved_recipe(cfg, saved, overwrite=True)  # atomic; the same text is left alone
     return out
+
+
+#: The file a running run holds an advisory lock on, in its output_dir.
+LOCK_FILE = ".mergevid.lock"
+_held_locks: dict[str, int] = {}  # resolved output_dir → the open lock file (closing it releases the lock)
+
+
+def lock_output_dir(out: Path) -> None:
+    """Hold an exclusive lock on ``out`` for as long as this process runs in it (or until
+    :func:`release_output_dir`); refuse when another process holds it.
+
+    Two runs in one folder would delete each other's half-written checkpoints and interleave
+    their metrics (a rerun while the workers of a killed ``torchrun`` still train, say). The lock
+    is ``fcntl.flock`` on ``LOCK_FILE``: the kernel releases it when the holder dies, so a killed
+    run never leaves a stale lock. Where ``fcntl`` does not exist (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    key = str(out.resolve())
+    if key in _held_locks:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FileExistsError(
+            f"output_dir {out} is in use by another run (pid {holder}); wait for it to end or stop it "
+            "(after killing torchrun, its worker processes may still run), or choose another output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[key] = fd
+
+
+def release_output_dir(out: str | os.PathLike) -> None:
+    """Let go of :func:`lock_output_dir`'s lock on ``out`` (if this process holds it)."""
+    fd = _held_locks.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _refuse_deleting_inputs(cfg: dict[str, Any], outputs: list[Path]) -> None:

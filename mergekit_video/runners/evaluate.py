@@ -59,10 +59,12 @@ class EvaluateRunner:
         """Results are written by :meth:`evaluate`."""
 
     def cleanup(self) -> None:
-        """Leave the process group (DDP)."""
+        """Leave the process group (DDP) and the output folder."""
         from ..training.distributed import cleanup
+        from .common import release_output_dir
 
         cleanup()
+        release_output_dir(self.cfg["output_dir"])
 
 
 class CompareRunner(EvaluateRunner):

@@ -78,6 +78,7 @@ class MoTERunner:
         )
         self.trainer = self._trainer()
         resume = cfg["train"].get("resume", "auto")
+        resume = self._own_checkpoints_first(resume)
         found = self.checkpoints.load_resume(resume) if resume else None
         ckpt_path = None if found is None else found[0]
         if found is not None:
@@ -88,9 +89,24 @@ class MoTERunner:
             output_dir=self.output_dir,
             tensorboard=cfg["train"].get("tensorboard", False),
             enabled=self.main,
-            resume_step=self.trainer.state.step if ckpt_path is not None else None,
+            resume_step=self.trainer.state.step,  # a fresh start (0) drops the lines of an attempt that left no checkpoint
         )
         self.trainer.metrics = self.metrics
+
+    def _own_checkpoints_first(self, resume: Any) -> Any:
+        """``train.resume`` naming another run's checkpoint starts this run; once this run has
+        checkpoints of its own (it was interrupted), a rerun of the same command continues from them."""
+        from ..utils.io import is_within
+
+        if not isinstance(resume, str) or resume.strip().lower() == "auto":
+            return resume
+        own = self.checkpoints.checkpoints()
+        if not own or is_within(resume, self.checkpoints.directory):
+            return resume
+        if self.main:
+            log.info("train.resume=%s started this run; it has checkpoints of its own now (latest: %s): resuming from them",
+                     resume, own[-1].name)
+        return "auto"
 
     def _train_loader(self) -> Any:
         from ..data import VideoDataset, build_loader, few_shot_subset
@@ -280,14 +296,16 @@ class MoTERunner:
             self.console.print(f"model: {self.output_dir / 'model'}")
 
     def cleanup(self) -> None:
-        """Close the metrics files, stop the loader workers and leave the process group."""
+        """Close the metrics files, stop the loader workers, leave the process group and the output folder."""
         from ..training.distributed import cleanup
+        from .common import release_output_dir
 
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
         _stop_workers(getattr(self, "train_loader", None))
         _stop_workers(getattr(self, "_val_loader", None))
         cleanup()
+        release_output_dir(self.cfg["output_dir"])
 
 
 def _stop_workers(loader: Any) -> None:

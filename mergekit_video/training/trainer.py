@@ -214,10 +214,21 @@ class Trainer:
             "history": self.state.history,
             "model_config": self.model.config,
             "loss_window": loss_window,
+            "data_layout": self._data_layout(),
         }
         if self.extra_state is not None:
             extra.update(self.extra_state())
         return extra
+
+    def _data_layout(self) -> dict[str, int]:
+        """What ``batches_in_epoch`` counts in: micro-batches of ``micro_batch`` videos (all ranks
+        together), ``grad_accumulation`` per step, over ``dataset_size`` videos."""
+        world = getattr(self.dist, "world_size", 1) if self.dist is not None else 1
+        return {
+            "grad_accumulation": self.grad_accumulation,
+            "micro_batch": int(self.loader.batch_size or 1) * int(world),
+            "dataset_size": len(self.loader.dataset),
+        }
 
     def save_checkpoint(self, metrics: dict[str, float] | None = None) -> Any:
         """Write a checkpoint; returns its path on the main process, None elsewhere.
@@ -270,7 +281,24 @@ class Trainer:
                     "with the settings it was trained with (schedule.epochs, train.max_steps, schedule.*, optimizer.lr: see its "
                     "run's recipe.yaml), or set train.resume=null to start a new run"
                 )
-        self.model.load_state_dict(ckpt.model_state, strict=True)
+        extra = ckpt.extra or {}
+        layout, now = extra.get("data_layout") or {}, self._data_layout()
+        changed = [f"{k} {layout[k]} -> {now[k]}" for k in now if k in layout and layout[k] != now[k]]
+        if changed and int(extra.get("batches_in_epoch", 0)) > 0:
+            raise ValueError(
+                f"train.resume: checkpoint {ckpt.path} stopped inside an epoch, counting its data in other units "
+                f"({'; '.join(changed)}); resumed here it would train some videos of the epoch twice and others never. "
+                "Resume with the data.batch_size, train.grad_accumulation and training list it was trained with (see its "
+                "run's recipe.yaml), or set train.resume=null to start a new run"
+            )
+        try:
+            self.model.load_state_dict(ckpt.model_state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise ValueError(
+                f"train.resume: checkpoint {ckpt.path} holds another model than this recipe builds ({first[1].strip() if len(first) > 1 else first[0]}); "
+                "resume with the model settings it was trained with (see its run's recipe.yaml), or set train.resume=null"
+            ) from exc
         if ckpt.optimizer_state is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
         if ckpt.scheduler_state is not None:
@@ -279,7 +307,6 @@ class Trainer:
             self.scaler.load_state_dict(ckpt.scaler_state)
         if ckpt.rng:
             restore_rng_state(ckpt.rng, self.generators)
-        extra = ckpt.extra or {}
         self.state = TrainState(
             step=int(ckpt.step),
             epoch=int(ckpt.epoch),
@@ -345,6 +372,7 @@ class Trainer:
         from .metrics import TrainProgress
 
         self.model.train()
+        self._log_missing_validation()
         if self.show_progress and _is_main(self.dist):
             self.progress = TrainProgress(total_steps=max(self.total_steps, 1), start_step=self.state.step, console=self.console, log_every=self.log_every)
             self.progress.start()
@@ -355,6 +383,21 @@ class Trainer:
             if self.progress is not None:
                 self.progress.stop()
         return self.state
+
+    def _log_missing_validation(self) -> None:
+        """The validation of the epoch a resume starts after is logged after its checkpoint was
+        updated: a process killed in between kept it in the checkpoint's history only. Log it now."""
+        from .metrics import read_metrics
+
+        path = getattr(self.metrics, "path", None)
+        if not self.state.history or path is None or not getattr(self.metrics, "enabled", False):
+            return
+        last = self.state.history[-1]
+        if last["step"] != self.state.step:
+            return
+        if any(r.get("step") == last["step"] and any(k.startswith("val/") for k in r) for r in read_metrics(path)):
+            return
+        self.metrics.log({f"val/{k}": v for k, v in last.items() if k not in ("epoch", "step")}, step=last["step"], epoch=last["epoch"])
 
     @contextlib.contextmanager
     def _signals_stop_training(self) -> Iterator[None]:
