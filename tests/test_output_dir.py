@@ -244,3 +244,18 @@ def test_one_run_per_output_dir_at_a_time(tmp_path):
     prepare_output_dir(_cfg(out), overwrite=False, main=True)  # this process holds it already: fine
     release_output_dir(out)
     assert (out / "recipe.yaml").exists()
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from mergekit_video.runners.common import release_output_dir
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    prepare_output_dir(_cfg(tmp_path / "run"), overwrite=False, main=True)
+    assert "cannot be locked (" in caplog.text and "No locks available" in caplog.text
+    release_output_dir(tmp_path / "run")

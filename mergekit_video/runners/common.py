@@ -214,7 +214,11 @@ def lock_output_dir(out: Path) -> None:
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if not isinstance(exc, BlockingIOError):  # a filesystem without locks (ENOLCK on some NFS mounts): run unlocked
+            os.close(fd)
+            log.warning("output_dir %s cannot be locked (%s); nothing stops a second run from using it at the same time", out, exc)
+            return
         holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise FileExistsError(
