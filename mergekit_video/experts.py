@@ -136,10 +136,12 @@ def _merge_key(strategy: str, kwargs: Mapping[str, Any]) -> Any:
             return ("map", tuple(sorted((str(k), freeze(x)) for k, x in v.items())))
         if isinstance(v, (list, tuple)):
             return ("seq", tuple(freeze(x) for x in v))
+        if isinstance(v, nn.Module):  # a base module: its tensors (changed in place: another key)
+            return ("module", freeze(v.state_dict(keep_vars=True)))
         try:
             hash(v)
         except TypeError:
-            return ("object", id(v))
+            return ("object", object())  # unhashable and unknown (a numpy array): never matches
         return v
 
     return (strategy, freeze(kwargs))
@@ -486,6 +488,11 @@ class ExpertContainer(nn.Module):
         state.pop("_no_versions_warned", None)
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # the key names tensors by identity: the copy's arguments are other tensors
+        object.__setattr__(self, "_merge_key", _merge_key(self._merge, self._merge_kwargs))
+
     def set_merge(self, strategy: str, **kwargs: Any) -> None:
         """Change the eval merge strategy.
 
@@ -501,8 +508,8 @@ class ExpertContainer(nn.Module):
         kept = pool.pop(key, (None,))[0]
         if self._merge_cache is not None and self.merge_pool_size > 0:
             pool[self._merge_key] = (self._merge_cache, self._merge_kwargs)  # the arguments keep the key's ids alive
-            while len(pool) > self.merge_pool_size:
-                pool.popitem(last=False)  # the least recently used
+        while len(pool) > max(self.merge_pool_size, 0):
+            pool.popitem(last=False)  # the least recently used
         object.__setattr__(self, "_merge", strategy)
         object.__setattr__(self, "_merge_kwargs", dict(kwargs))
         object.__setattr__(self, "_merge_key", key)

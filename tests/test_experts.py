@@ -210,12 +210,28 @@ def test_switching_merges_back_and_forth_merges_each_once():
     c.invalidate_merge()
     c(x)
     assert c.merge_count == 1 + len(merges) + 2
+    # a kept merge is keyed by its arguments' tensors: a base module changed in place is another merge
+    base = MLP()
+    t = ExpertContainer(experts(2), "fixed", merge="task_arithmetic", merge_kwargs={"base": base}).eval()
+    t(x)
+    t.set_merge("mean")
+    t(x)
+    with torch.no_grad():
+        base.fc1.weight.mul_(3.0)
+    t.set_merge("task_arithmetic", base=base)
+    assert maxdiff(t(x), t.collapse()(x)) <= 1e-6
+    # a copy keys its merges by its own tensors
+    w = torch.tensor([1.0, 3.0])
+    t.set_merge("weighted", weights=w)
+    clone = copy.deepcopy(t)
+    assert clone._merge_key != t._merge_key and clone._merge_key[1] != t._merge_key[1]
     # the pool is bounded; 0 keeps none
     c.merge_pool_size = 0
     for name, kw in merges[:2] * 2:
         with use_merge(c, name, **kw):
             c(x)
     assert c.merge_count == 1 + len(merges) + 2 + 4  # each of the four forwards merges again
+    assert len(c._merge_pool) == 0  # lowering the size let the kept merges go
 
 
 def test_eval_merge_follows_tensors_swapped_in_by_functional_call():

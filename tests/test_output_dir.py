@@ -259,3 +259,41 @@ def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monke
     prepare_output_dir(_cfg(tmp_path / "run"), overwrite=False, main=True)
     assert "cannot be locked (" in caplog.text and "No locks available" in caplog.text
     release_output_dir(tmp_path / "run")
+
+
+def test_a_setting_added_later_at_its_default_does_not_stop_a_resume(tmp_path):
+    """A run saved before eval.test_offsets existed: the key is absent there, 'centre' (its default,
+    what the earlier code did) here; another value is a change."""
+    from mergekit_video.config import MISSING, schema_default
+    from mergekit_video.runners.schema import MOTE_SCHEMA
+
+    assert schema_default(MOTE_SCHEMA, "eval.test_offsets") == "centre"
+    assert schema_default(MOTE_SCHEMA, "eval.datasets.0.on_error") == "raise"
+    assert schema_default(MOTE_SCHEMA, "eval.nope") is MISSING
+    out = tmp_path / "run"
+    earlier = {"runner": "mote", "output_dir": str(out), "eval": {"batch_size": 8}}
+    prepare_output_dir(earlier, overwrite=False, main=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    prepare_output_dir({**earlier, "eval": {"batch_size": 8, "test_offsets": "centre"}}, overwrite=False, main=True)
+    with pytest.raises(FileExistsError, match=r"eval.test_offsets: 'centre' -> 'start'"):
+        prepare_output_dir({**earlier, "eval": {"batch_size": 8, "test_offsets": "start"}}, overwrite=False, main=True)
+
+
+def test_resume_values_that_start_fresh_are_never_turned_into_auto():
+    from mergekit_video.runners.mote import MoTERunner
+    from mergekit_video.training.checkpoint import resume_kind
+
+    assert [resume_kind(v) for v in (None, False, "", " None ", "null", "never", "false", "auto", "AUTO", "runs/x")] == [
+        "fresh", "fresh", "fresh", "fresh", "fresh", "fresh", "fresh", "auto", "auto", "path"]
+
+    class Own:  # a run that has checkpoints of its own
+        directory = "/runs/this/checkpoints"
+
+        def checkpoints(self):
+            return [type("P", (), {"name": "step_00000006"})()]
+
+    runner = MoTERunner.__new__(MoTERunner)
+    runner.checkpoints, runner.main = Own(), False
+    assert [runner._own_checkpoints_first(v) for v in ("none", "never", "", None, "auto")] == ["none", "never", "", None, "auto"]
+    assert runner._own_checkpoints_first("/runs/other/checkpoints/step_00000003") == "auto"
+    assert runner._own_checkpoints_first("/runs/this/checkpoints/step_00000002") == "/runs/this/checkpoints/step_00000002"

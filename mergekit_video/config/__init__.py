@@ -52,6 +52,7 @@ from .schema import (
     iter_schema,
     load_recipe_plugins,
     recipe_schema,
+    schema_default,
     validate_recipe,
     with_defaults,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "resolve_component",
     "resolve_interpolations",
     "save_resolved_recipe",
+    "schema_default",
     "select",
     "validate_recipe",
     "with_defaults",

@@ -125,6 +125,20 @@ def iter_schema(schema: Section, prefix: str = "") -> Iterator[tuple[str, Spec]]
             yield from iter_schema(spec.item, f"{p}.*")
 
 
+def schema_default(schema: Section, key: str) -> Any:
+    """The default the schema fills in for the dotted ``key`` (list items by index:
+    ``eval.datasets.0.on_error``), or ``MISSING`` where it fills in none."""
+    spec: Any = schema
+    for part in key.split("."):
+        if isinstance(spec, Field) and spec.item is not None and part.isdigit():
+            spec = spec.item
+        elif isinstance(spec, (Section, Component)) and part in spec.fields:
+            spec = spec.fields[part]
+        else:
+            return MISSING
+    return spec.default if isinstance(spec, Field) else MISSING
+
+
 def _type_name(t: Any) -> str:
     if isinstance(t, tuple):
         return " or ".join(_type_name(x) for x in t)

@@ -110,6 +110,23 @@ def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any,
     return [] if old == new and type(old) is type(new) else [(prefix or "<recipe>", old, new)]
 
 
+def _without_new_defaults(cfg: dict[str, Any], changes: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    """``changes`` less the keys the earlier recipe lacks and this one holds at their schema default:
+    a setting a later mergekit_video added, whose default does what the earlier run did."""
+    from ..config import MISSING, schema_default
+    from .schema import SCHEMAS
+
+    schema = SCHEMAS.get(cfg.get("runner"))
+    if schema is None:
+        return changes
+    kept = []
+    for key, old, new in changes:
+        default = schema_default(schema, key)
+        if not (old is MISSING and default is not MISSING and new == default):
+            kept.append((key, old, new))
+    return kept
+
+
 def _describe_change(key: str, old: Any, new: Any) -> str:
     from ..config import MISSING
 
@@ -154,7 +171,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                 changes = recipe_changes(yaml.safe_load(previous), yaml.safe_load(text))
             except yaml.YAMLError:
                 changes = [("<recipe>", "(unreadable recipe.yaml)", "this recipe")]
-            changes = changes or [("<recipe>", "(another text)", "this recipe")]
+            changes = _without_new_defaults(cfg, changes) if changes else [("<recipe>", "(another text)", "this recipe")]
         # a trained run whose final evaluation failed (no results yet) may be evaluated with other eval.* settings
         unevaluated = cfg.get("runner") not in ("evaluate", "compare") and out / "results.json" not in outputs
         neutral = bool(changes) and all(key in RESULTS_NEUTRAL_KEYS or (unevaluated and only_final_evaluation(key)) for key, _, _ in changes)

@@ -96,9 +96,10 @@ class MoTERunner:
     def _own_checkpoints_first(self, resume: Any) -> Any:
         """``train.resume`` naming another run's checkpoint starts this run; once this run has
         checkpoints of its own (it was interrupted), a rerun of the same command continues from them."""
+        from ..training.checkpoint import resume_kind
         from ..utils.io import is_within
 
-        if not isinstance(resume, str) or resume.strip().lower() == "auto":
+        if resume_kind(resume) != "path":
             return resume
         own = self.checkpoints.checkpoints()
         if not own or is_within(resume, self.checkpoints.directory):

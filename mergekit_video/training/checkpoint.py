@@ -394,9 +394,10 @@ class CheckpointManager:
         ``output_dir`` (its ``checkpoints/``); a path that does not exist or holds no checkpoint
         is an error.
         """
-        if resume is None or resume is False or (isinstance(resume, str) and resume.strip().lower() in ("", "none", "null", "false", "never")):
+        kind = resume_kind(resume)
+        if kind == "fresh":
             return None
-        if isinstance(resume, str) and resume.strip().lower() == "auto":
+        if kind == "auto":
             return self.latest()
         p = Path(resume)
         if not p.exists():
@@ -424,7 +425,7 @@ class CheckpointManager:
         path = self.resolve_resume(resume)
         if path is None:
             return None
-        if not (isinstance(resume, str) and resume.strip().lower() == "auto"):
+        if resume_kind(resume) != "auto":
             return path, self.load(path)
         candidates = [path] + [c for c in reversed(self.checkpoints()) if c != path]
         failures = []
@@ -443,6 +444,17 @@ class CheckpointManager:
     def load(self, path: str | os.PathLike) -> CheckpointState:
         """Read a checkpoint (tensors on the CPU); raises ValueError for incomplete ones."""
         return load_checkpoint(path)
+
+
+def resume_kind(resume: Any) -> str:
+    """What a ``train.resume`` value asks for: ``"fresh"`` (None, False, ``""``, ``"none"``, ``"null"``,
+    ``"false"``, ``"never"``), ``"auto"`` (the latest checkpoint) or ``"path"``."""
+    if resume is None or resume is False:
+        return "fresh"
+    text = str(resume).strip().lower()
+    if text in ("", "none", "null", "false", "never"):
+        return "fresh"
+    return "auto" if text == "auto" else "path"
 
 
 def _metric_value(v: Any) -> Any:
