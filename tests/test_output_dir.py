@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -214,10 +219,6 @@ def test_eval_paths_taken_from_the_data_keys_follow_data_synthetic(tmp_path):
 
 def test_one_run_per_output_dir_at_a_time(tmp_path):
     """A second process is refused while the first holds the folder; a killed holder leaves no stale lock."""
-    import subprocess
-    import sys
-    import textwrap
-
     from mergekit_video.runners.common import release_output_dir
 
     out = tmp_path / "run"
@@ -242,7 +243,21 @@ def test_one_run_per_output_dir_at_a_time(tmp_path):
         holder.wait()
     prepare_output_dir(_cfg(out), overwrite=False, main=True)  # the kernel released the dead holder's lock
     prepare_output_dir(_cfg(out), overwrite=False, main=True)  # this process holds it already: fine
-    release_output_dir(out)
+    # a forked child that outlives the release (a lingering loader worker) does not keep the folder locked
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only sleeps
+        time.sleep(5)
+        os._exit(0)
+    try:
+        release_output_dir(out)
+        probe = subprocess.run(
+            [sys.executable, "-c", f"from pathlib import Path; from mergekit_video.runners.common import lock_output_dir; lock_output_dir(Path({str(out)!r}))"],
+            capture_output=True, text=True,
+        )
+        assert probe.returncode == 0, probe.stderr
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
     assert (out / "recipe.yaml").exists()
 
 

@@ -247,6 +247,21 @@ def lock_output_dir(out: Path) -> None:
     _held_locks[key] = fd
 
 
+def _forget_locks_in_child() -> None:
+    # a forked child (a DataLoader worker) closes its copies of the lock files: the lock stays the
+    # parent's (it lives while any copy is open) and ends when the parent lets go, whatever the child does
+    for fd in _held_locks.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 def release_output_dir(out: str | os.PathLike) -> None:
     """Let go of :func:`lock_output_dir`'s lock on ``out`` (if this process holds it)."""
     fd = _held_locks.pop(str(Path(out).resolve()), None)
