@@ -160,6 +160,8 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         saved = out / "recipe.yaml"
         # data/ is checked on its own (ensure_synthetic_data); a run writes nothing else there
         if not saved.exists() and out.is_dir() and any(p.name not in ("data", LOCK_FILE) for p in out.iterdir()) and not overwrite:
+            release_output_dir(out)
+            (out / LOCK_FILE).unlink(missing_ok=True)  # leave the user's folder as it was
             raise FileExistsError(f"output_dir {out} holds files but no recipe.yaml of an earlier run; "
                                   "choose another output_dir, or pass --overwrite to write into it")
         outputs = [out / name for name in RUN_OUTPUTS if (out / name).exists() and _holds_output(out / name)]
