@@ -78,3 +78,40 @@ def test_convert_rejects_foreign_files(tmp_path):
     ckpt["fusion_model_state_dict"]["module.extra.thing"] = torch.zeros(1)
     with pytest.raises(ConversionError, match="unexpected key 'extra.thing'"):
         convert_official(ckpt)
+
+
+def test_official_test_time_clip_blend_in_convert_and_in_evaluation(tmp_path):
+    """The official test.py evaluates 0.99·θ_finetuned + 0.01·θ_CLIP (visual tower, logit_scale)."""
+    from mergekit_video.models import build_video_clip
+    from mergekit_video.models.clip import clip_blended_with_pretrained, create_clip, interpolate_weights
+
+    a, b = {"w": torch.ones(2), "i": torch.tensor([3]), "only_a": torch.zeros(1)}, {"w": torch.zeros(2), "i": torch.tensor([5])}
+    mixed = interpolate_weights(a, b, 0.99)
+    assert torch.allclose(mixed["w"], torch.full((2,), 0.99)) and mixed["i"].item() == 3 and mixed["only_a"] is a["only_a"]
+    # CLIP weights on disk, as model.pretrained / --clip-pretrained name them
+    clip, _ = create_clip("mergevid-tiny-vit", force_quick_gelu=True)
+    weights = tmp_path / "tiny_clip.pt"
+    torch.save(clip.state_dict(), weights)
+    pre = clip.state_dict()
+    # convert --interpolate-alpha 0.99
+    ckpt, _, _ = _official_checkpoint()
+    blended = convert_official(ckpt, clip_pretrained=str(weights), interpolate_alpha=0.99).clip.state_dict()
+    raw = convert_official(ckpt, clip_pretrained=str(weights)).clip.state_dict()
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    assert torch.allclose(blended[key], 0.99 * raw[key] + 0.01 * pre[key], atol=1e-6)
+    assert torch.equal(blended["text_projection"], raw["text_projection"])  # the text tower is CLIP's own either way
+    # eval.clip_blend: blended for the evaluation, restored after
+    model = build_video_clip(clip_name="mergevid-tiny-vit", pretrained=str(weights), temporal_layers=1, num_experts=2)
+    p = model.clip.visual.transformer.resblocks[0].mlp.c_fc.weight
+    with torch.no_grad():
+        p.add_(1.0)  # "fine-tuned"
+    tuned = p.detach().clone()
+    with clip_blended_with_pretrained(model, 0.99):
+        assert torch.allclose(p, 0.99 * tuned + 0.01 * pre[key], atol=1e-6)
+    assert torch.equal(p, tuned)
+    with clip_blended_with_pretrained(model, None):
+        assert torch.equal(p, tuned)
+    random_init = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+    with pytest.raises(ValueError, match=r"^eval.clip_blend blends the fine-tuned CLIP with the pretrained weights it started from"):
+        with clip_blended_with_pretrained(random_init, 0.99):
+            pass

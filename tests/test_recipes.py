@@ -293,6 +293,8 @@ def test_paper_recipes_evaluate_as_the_official_test_code(name):
     assert eval_precision(cfg) == "fp32" and cfg["eval"]["test_offsets"] == "start"
     entries = eval_suite(cfg["eval"], cfg.get("data"), model_input_size=224)
     assert entries and all(e.test_offsets == "start" for e in entries)
+    assert cfg["eval"].get("clip_blend") is None  # the official test.py blend is opt-in
+    assert _load_validated(_recipe(name), ["eval.clip_blend=0.99"])["eval"]["clip_blend"] == 0.99
 
 
 def test_quickstart_recipe_is_offline_and_small():

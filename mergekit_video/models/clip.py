@@ -295,6 +295,55 @@ def create_clip(
     return model, config
 
 
+def interpolate_weights(finetuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """α·θ_finetuned + (1−α)·θ_base for every key both hold with one shape (the others as fine-tuned).
+
+    The official MoTE ``test.py`` patches the fine-tuned visual tower and ``logit_scale`` this way
+    (α = 0.99) before every evaluation it reports.
+    """
+    out = dict(finetuned)
+    for k, v in finetuned.items():
+        b = base.get(k)
+        if b is not None and b.shape == v.shape and v.is_floating_point():
+            out[k] = alpha * v + (1 - alpha) * b.to(device=v.device, dtype=v.dtype)
+    return out
+
+
+@contextlib.contextmanager
+def clip_blended_with_pretrained(model: nn.Module, alpha: float | None) -> Iterator[None]:
+    """Context manager: ``model.clip``'s visual tower and ``logit_scale`` are
+    :func:`interpolate_weights` with the pretrained CLIP weights the model was built from
+    (``model.config["clip"]``), and restored afterwards. ``alpha=None`` changes nothing.
+
+    Raises:
+        ValueError: the model was built without pretrained weights (nothing to blend with).
+    """
+    if alpha is None:
+        yield
+        return
+    clip_cfg = model.config["clip"]
+    if not clip_cfg.get("pretrained"):
+        raise ValueError(
+            "eval.clip_blend blends the fine-tuned CLIP with the pretrained weights it started from, but this model "
+            f"was built without any ({clip_cfg.get('name')} with pretrained=null); unset eval.clip_blend"
+        )
+    base, _ = create_clip(clip_cfg["name"], pretrained=clip_cfg["pretrained"], force_quick_gelu=clip_cfg.get("quick_gelu"),
+                          recipe_key="eval.clip_blend (the model's model.pretrained)")
+    params = {k: v for k, v in model.clip.state_dict(keep_vars=True).items() if k.startswith("visual.") or k == "logit_scale"}
+    blended = interpolate_weights({k: v.detach() for k, v in params.items()}, base.state_dict(), float(alpha))
+    del base
+    original = {k: v.detach().to("cpu", copy=True) for k, v in params.items()}
+    try:
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(blended[k])
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(original[k])
+
+
 def load_tokenizer(model_name: str) -> Any:
     """open_clip's tokenizer for ``model_name``, with a clear error when it cannot be loaded.
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .clip import build_clip_from_config, create_clip, model_config, register_bundled_model_configs
+from .clip import build_clip_from_config, create_clip, interpolate_weights, model_config, register_bundled_model_configs
 from .temporal import TemporalHead
 from .video_clip import VideoCLIP, model_config_dict
 
@@ -196,9 +196,7 @@ def convert_official(
     if interpolate_alpha is not None:
         if clip_pretrained is None:
             raise ConversionError("interpolate_alpha needs clip_pretrained (the CLIP weights to interpolate with)")
-        base = clip.state_dict()
-        a = float(interpolate_alpha)
-        clip_sd = {k: (a * v + (1 - a) * base[k].to(v.dtype)) if k in base else v for k, v in clip_sd.items()}
+        clip_sd = interpolate_weights(clip_sd, clip.state_dict(), float(interpolate_alpha))
 
     merge, merge_kwargs = "mean", {}
     if fusion_weights and any(w.abs().max() > 0 for w in fusion_weights.values()):

@@ -521,6 +521,7 @@ def run_eval_suite(
         summarize,
         write_results,
     )
+    from ..models.clip import clip_blended_with_pretrained
 
     eval_cfg = cfg.get("eval") or {}
     data_cfg = data_cfg or {}
@@ -538,29 +539,31 @@ def run_eval_suite(
     normalize = False  # frames travel as uint8 (4x fewer bytes between processes) and are normalised on the device
     main = dist is None or dist.rank == 0
     results: dict[str, list[Any]] = {}
-    for entry in entries:
-        for k, split in enumerate(entry.splits):
-            loader = build_eval_loader(entry, split, eval_cfg=eval_cfg, data_cfg=data_cfg, normalize=normalize, dist=dist, seed=cfg.get("seed", 0))
-            names = loader.dataset.class_names
-            feats = class_features(model, names, cfg.get("text") or {})
-            label = entry.name if len(entry.splits) == 1 else f"{entry.name}/split{k + 1}"
-            if main and console is not None:
-                console.print(f"[bold]evaluating[/] {label}: {len(loader.dataset)} videos, {len(names)} classes, views {entry.num_clips}x{entry.num_crops}")
-            res = evaluate(
-                model,
-                loader,
-                feats,
-                variants=variants,
-                device=device,
-                precision=eval_precision(cfg),
-                view_reduce=eval_cfg.get("view_reduce", "softmax_mean"),
-                dataset_name=label,
-                views=(entry.num_clips, entry.num_crops),
-            )
-            if res.num_failed and main:
-                shown = ", ".join(res.failed[:5]) + (f", and {res.num_failed - 5} more" if res.num_failed > 5 else "")
-                log.warning("%s: %d videos failed to decode and were skipped: %s", label, res.num_failed, shown)
-            results.setdefault(entry.name, []).append(res)
+    # the official test code evaluates α·θ + (1−α)·θ_CLIP (eval.clip_blend; the model is restored after)
+    with clip_blended_with_pretrained(model, eval_cfg.get("clip_blend")):
+        for entry in entries:
+            for k, split in enumerate(entry.splits):
+                loader = build_eval_loader(entry, split, eval_cfg=eval_cfg, data_cfg=data_cfg, normalize=normalize, dist=dist, seed=cfg.get("seed", 0))
+                names = loader.dataset.class_names
+                feats = class_features(model, names, cfg.get("text") or {})
+                label = entry.name if len(entry.splits) == 1 else f"{entry.name}/split{k + 1}"
+                if main and console is not None:
+                    console.print(f"[bold]evaluating[/] {label}: {len(loader.dataset)} videos, {len(names)} classes, views {entry.num_clips}x{entry.num_crops}")
+                res = evaluate(
+                    model,
+                    loader,
+                    feats,
+                    variants=variants,
+                    device=device,
+                    precision=eval_precision(cfg),
+                    view_reduce=eval_cfg.get("view_reduce", "softmax_mean"),
+                    dataset_name=label,
+                    views=(entry.num_clips, entry.num_crops),
+                )
+                if res.num_failed and main:
+                    shown = ", ".join(res.failed[:5]) + (f", and {res.num_failed - 5} more" if res.num_failed > 5 else "")
+                    log.warning("%s: %d videos failed to decode and were skipped: %s", label, res.num_failed, shown)
+                results.setdefault(entry.name, []).append(res)
     summary_cfg = eval_cfg.get("summary") or {}
     close = summary_cfg.get("close_set") or next((e.name for e in entries if e.kind == "close_set"), None)
     zero = summary_cfg.get("zero_shot") or [e.name for e in entries if e.kind == "zero_shot"]

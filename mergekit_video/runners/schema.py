@@ -163,6 +163,10 @@ EVAL = Section(
             str, nullable=True, choices=("auto", "bf16", "fp16", "fp32"),
             doc="validation and evaluation precision; default: the run's 'precision' (the official MoTE code tests in fp32)",
         ),
+        "clip_blend": Field(
+            float, nullable=True, min=0, max=1, exclusive_min=True,
+            doc="evaluate α·θ + (1-α)·θ_CLIP for the visual tower (the official MoTE test.py: 0.99); the saved model is unchanged",
+        ),
         "test_offsets": Field(
             str, default="centre", choices=("centre", "start"),
             doc="where test views sit in their segments: centre (TSN) or start (the official MoTE test code); validation too",
