@@ -83,7 +83,7 @@ def test_convert_rejects_foreign_files(tmp_path):
 def test_official_test_time_clip_blend_in_convert_and_in_evaluation(tmp_path):
     """The official test.py evaluates 0.99·θ_finetuned + 0.01·θ_CLIP (visual tower, logit_scale)."""
     from mergekit_video.models import build_video_clip
-    from mergekit_video.models.clip import clip_blended_with_pretrained, create_clip, interpolate_weights
+    from mergekit_video.models.clip import clip_blended_with_pretrained, create_clip, interpolate_weights, pretrained_clip_state
 
     a, b = {"w": torch.ones(2), "i": torch.tensor([3]), "only_a": torch.zeros(1)}, {"w": torch.zeros(2), "i": torch.tensor([5])}
     mixed = interpolate_weights(a, b, 0.99)
@@ -100,18 +100,27 @@ def test_official_test_time_clip_blend_in_convert_and_in_evaluation(tmp_path):
     key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     assert torch.allclose(blended[key], 0.99 * raw[key] + 0.01 * pre[key], atol=1e-6)
     assert torch.equal(blended["text_projection"], raw["text_projection"])  # the text tower is CLIP's own either way
+    assert convert_official(ckpt, clip_pretrained=str(weights), interpolate_alpha=0.99).config["converted_from"]["interpolate_alpha"] == 0.99
     # eval.clip_blend: blended for the evaluation, restored after
     model = build_video_clip(clip_name="mergevid-tiny-vit", pretrained=str(weights), temporal_layers=1, num_experts=2)
     p = model.clip.visual.transformer.resblocks[0].mlp.c_fc.weight
     with torch.no_grad():
         p.add_(1.0)  # "fine-tuned"
     tuned = p.detach().clone()
-    with clip_blended_with_pretrained(model, 0.99):
+    base = pretrained_clip_state(model)
+    assert set(base) == {k for k in model.clip.state_dict() if k.startswith("visual.") or k == "logit_scale"}
+    with clip_blended_with_pretrained(model, 0.99, base):
         assert torch.allclose(p, 0.99 * tuned + 0.01 * pre[key], atol=1e-6)
     assert torch.equal(p, tuned)
-    with clip_blended_with_pretrained(model, None):
+    with pytest.raises(RuntimeError, match="inside"), clip_blended_with_pretrained(model, 0.5, base):
+        raise RuntimeError("inside")
+    assert torch.equal(p, tuned)  # restored after an error too
+    with clip_blended_with_pretrained(model, None, base):
         assert torch.equal(p, tuned)
+    # no weights to blend with, or a model that holds a blend already: said when the runner is set up
     random_init = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
     with pytest.raises(ValueError, match=r"^eval.clip_blend blends the fine-tuned CLIP with the pretrained weights it started from"):
-        with clip_blended_with_pretrained(random_init, 0.99):
-            pass
+        pretrained_clip_state(random_init)
+    assert set(pretrained_clip_state(random_init, weights=str(weights))) == set(base)  # eval.clip_blend_weights
+    with pytest.raises(ValueError, match=r"holds a blend already \(converted with --interpolate-alpha 0.99\)"):
+        pretrained_clip_state(convert_official(ckpt, clip_pretrained=str(weights), interpolate_alpha=0.99))

@@ -600,6 +600,16 @@ def test_a_kill_between_the_epoch_checkpoint_update_and_its_metrics_line_loses_n
     _assert_same_run(reference, out)  # its val/top1 line is written on resume, once
 
 
+def test_clip_blend_without_pretrained_weights_is_refused_before_training(synthetic_data, tmp_path):
+    from mergekit_video.runners import run_recipe
+
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", "eval.clip_blend=0.99"])
+    with pytest.raises(ValueError, match=r"^eval.clip_blend blends the fine-tuned CLIP with the pretrained weights"):
+        run_recipe(cfg)
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()  # nothing trained
+
+
 def test_a_failing_final_evaluation_keeps_the_trained_model(reference_runs, synthetic_data, tmp_path):
     """model/ is saved before the final evaluation: a corrupt video (on_error: raise) no longer loses it."""
     reference = reference_runs(0, 1)

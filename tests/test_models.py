@@ -219,13 +219,13 @@ def test_merged_eval_equals_collapsed_export_and_param_counts(model, classes, tm
         ref = model(frames, classes, modulation=True)
     # temp folders of saves killed midway: an old one is swept by the next save, a recent one (a save
     # that may still run) is left alone
-    old, recent = tmp_path / ".mote.k1lled00", tmp_path / ".mote.runn1ng_"
-    for d in (old, recent):
+    old, recent, users = tmp_path / ".mote.mergevid-tmp-k1lled00", tmp_path / ".mote.mergevid-tmp-runn1ng_", tmp_path / ".mote.backup01"
+    for d in (old, recent, users):
         d.mkdir()
         (d / "head.safetensors").write_text("partial")
-    os.utime(old, (0, 0))
+        os.utime(d, (0, 0) if d != recent else None)
     save_model(model, tmp_path / "mote")
-    assert not old.exists() and recent.exists()
+    assert not old.exists() and recent.exists() and users.exists()  # only our own old temp folders go
     with pytest.raises(FileExistsError):
         save_model(model, tmp_path / "mote")
     reloaded = load(tmp_path / "mote")

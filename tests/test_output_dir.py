@@ -292,6 +292,11 @@ def test_a_setting_added_later_at_its_default_does_not_stop_a_resume(tmp_path):
     prepare_output_dir({**earlier, "eval": {"batch_size": 8, "test_offsets": "centre"}}, overwrite=False, main=True)
     with pytest.raises(FileExistsError, match=r"eval.test_offsets: 'centre' -> 'start'"):
         prepare_output_dir({**earlier, "eval": {"batch_size": 8, "test_offsets": "start"}}, overwrite=False, main=True)
+    # a section the earlier recipe lacks altogether switches something on, defaults or not
+    assert schema_default(MOTE_SCHEMA, "data.synthetic.num_classes") == 6
+    with pytest.raises(FileExistsError, match=r"data.synthetic.num_classes: \(absent\) -> 6"):
+        prepare_output_dir({**earlier, "eval": {"batch_size": 8, "test_offsets": "centre"}, "data": {"synthetic": {"num_classes": 6}}},
+                           overwrite=False, main=True)
 
 
 def test_resume_values_that_start_fresh_are_never_turned_into_auto():

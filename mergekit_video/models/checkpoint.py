@@ -62,10 +62,10 @@ STALE_TEMP_S = 600.0
 
 
 def _remove_stale_temp_dirs(directory: Path) -> None:
-    """Remove the temp folders (``.<name>.XXXXXXXX``) that saves of ``directory`` killed midway left
-    behind (one model's size each); a folder written to in the last :data:`STALE_TEMP_S` seconds may
-    belong to a save still running and is left alone."""
-    pattern = re.compile(rf"^\.{re.escape(directory.name)}\.[a-z0-9_]{{8}}$")
+    """Remove the temp folders (``.<name>.mergevid-tmp-XXXXXXXX``) that saves of ``directory`` killed
+    midway left behind (one model's size each); a folder written to in the last :data:`STALE_TEMP_S`
+    seconds may belong to a save still running and is left alone."""
+    pattern = re.compile(rf"^\.{re.escape(directory.name)}\.mergevid-tmp-[a-z0-9_]{{8}}$")
     now = time.time()
     for p in directory.parent.iterdir():
         if pattern.match(p.name) and p.is_dir() and not p.is_symlink() and now - p.stat().st_mtime > STALE_TEMP_S:
@@ -82,7 +82,7 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.mergevid-tmp-", dir=directory.parent))
     try:
         from ..utils.state_json import StateEncoder, split_tensors
 

@@ -309,34 +309,51 @@ def interpolate_weights(finetuned: Mapping[str, torch.Tensor], base: Mapping[str
     return out
 
 
-@contextlib.contextmanager
-def clip_blended_with_pretrained(model: nn.Module, alpha: float | None) -> Iterator[None]:
-    """Context manager: ``model.clip``'s visual tower and ``logit_scale`` are
-    :func:`interpolate_weights` with the pretrained CLIP weights the model was built from
-    (``model.config["clip"]``), and restored afterwards. ``alpha=None`` changes nothing.
+def pretrained_clip_state(model: nn.Module, *, weights: str | None = None, cache_dir: str | None = None) -> dict[str, torch.Tensor]:
+    """The visual tower and ``logit_scale`` of the pretrained CLIP ``model`` was built from (CPU),
+    for ``eval.clip_blend``; ``weights`` (a tag or file: ``eval.clip_blend_weights``) overrides
+    the ``model.pretrained`` its config records.
 
     Raises:
-        ValueError: the model was built without pretrained weights (nothing to blend with).
+        ValueError: no pretrained weights to blend with, or the model holds a blend already.
     """
-    if alpha is None:
-        yield
-        return
     clip_cfg = model.config["clip"]
-    if not clip_cfg.get("pretrained"):
+    done = (model.config.get("converted_from") or {}).get("interpolate_alpha")
+    if done is not None:
+        raise ValueError(f"eval.clip_blend: this model holds a blend already (converted with --interpolate-alpha {done}); unset eval.clip_blend")
+    weights = weights or clip_cfg.get("pretrained")
+    if not weights:
         raise ValueError(
             "eval.clip_blend blends the fine-tuned CLIP with the pretrained weights it started from, but this model "
-            f"was built without any ({clip_cfg.get('name')} with pretrained=null); unset eval.clip_blend"
+            f"was built without any ({clip_cfg.get('name')} with pretrained=null); set eval.clip_blend_weights to them, "
+            "or unset eval.clip_blend"
         )
-    base, _ = create_clip(clip_cfg["name"], pretrained=clip_cfg["pretrained"], force_quick_gelu=clip_cfg.get("quick_gelu"),
-                          recipe_key="eval.clip_blend (the model's model.pretrained)")
+    base, _ = create_clip(clip_cfg["name"], pretrained=weights, force_quick_gelu=clip_cfg.get("quick_gelu"), cache_dir=cache_dir,
+                          recipe_key="eval.clip_blend_weights")
+    return {k: v.detach() for k, v in base.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
+
+
+@contextlib.contextmanager
+def clip_blended_with_pretrained(model: nn.Module, alpha: float | None, base: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+    """Context manager: ``model.clip``'s visual tower and ``logit_scale`` are :func:`interpolate_weights`
+    with ``base`` (:func:`pretrained_clip_state`), restored afterwards. ``alpha=None`` changes nothing.
+
+    Parameters ``base`` lacks (experts added to the visual tower) stay as trained, with a warning.
+    """
+    if alpha is None or base is None:
+        yield
+        return
     params = {k: v for k, v in model.clip.state_dict(keep_vars=True).items() if k.startswith("visual.") or k == "logit_scale"}
-    blended = interpolate_weights({k: v.detach() for k, v in params.items()}, base.state_dict(), float(alpha))
-    del base
+    unblended = [k for k, v in params.items() if k not in base or base[k].shape != v.shape]
+    if unblended:
+        log.warning("eval.clip_blend: %d of %d visual tensors have no pretrained counterpart (experts in the visual tower?) and "
+                    "are evaluated as trained, e.g. %s", len(unblended), len(params), unblended[0])
     original = {k: v.detach().to("cpu", copy=True) for k, v in params.items()}
     try:
         with torch.no_grad():
             for k, v in params.items():
-                v.copy_(blended[k])
+                if k not in unblended:
+                    v.mul_(alpha).add_(base[k].to(device=v.device, dtype=v.dtype), alpha=1 - alpha)
         yield
     finally:
         with torch.no_grad():

@@ -220,7 +220,7 @@ def convert_official(
     full_clip_sd = clip.state_dict()
     full_clip_sd.update(clip_sd)
     clip.load_state_dict(full_clip_sd, strict=True)
-    config = model_config_dict(clip_cfg, head.config, converted_from={"format": "mote-official", "epoch": _epoch(ckpt)})
+    config = model_config_dict(clip_cfg, head.config, converted_from={"format": "mote-official", "epoch": _epoch(ckpt), "interpolate_alpha": interpolate_alpha})
     return VideoCLIP(clip=clip, head=head, config=config).eval()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,19 +110,31 @@ def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any,
     return [] if old == new and type(old) is type(new) else [(prefix or "<recipe>", old, new)]
 
 
-def _without_new_defaults(cfg: dict[str, Any], changes: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+def _without_new_defaults(cfg: dict[str, Any], earlier: Any, changes: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
     """``changes`` less the keys the earlier recipe lacks and this one holds at their schema default:
-    a setting a later mergekit_video added, whose default does what the earlier run did."""
+    a setting a later mergekit_video added, whose default does what the earlier run did. A key whose
+    section the earlier recipe lacks altogether (``data.synthetic: {}`` switched on) stays a change."""
     from ..config import MISSING, schema_default
     from .schema import SCHEMAS
 
     schema = SCHEMAS.get(cfg.get("runner"))
     if schema is None:
         return changes
+    def has_section(key: str) -> bool:
+        node = earlier
+        for part in key.split(".")[:-1]:
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                return False
+        return isinstance(node, dict)
+
     kept = []
     for key, old, new in changes:
         default = schema_default(schema, key)
-        if not (old is MISSING and default is not MISSING and new == default):
+        if not (old is MISSING and default is not MISSING and new == default and has_section(key)):
             kept.append((key, old, new))
     return kept
 
@@ -173,7 +185,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                 changes = recipe_changes(yaml.safe_load(previous), yaml.safe_load(text))
             except yaml.YAMLError:
                 changes = [("<recipe>", "(unreadable recipe.yaml)", "this recipe")]
-            changes = _without_new_defaults(cfg, changes) if changes else [("<recipe>", "(another text)", "this recipe")]
+            changes = _without_new_defaults(cfg, yaml.safe_load(previous), changes) if changes else [("<recipe>", "(another text)", "this recipe")]
         # a trained run whose final evaluation failed (no results yet) may be evaluated with other eval.* settings
         unevaluated = cfg.get("runner") not in ("evaluate", "compare") and out / "results.json" not in outputs
         neutral = bool(changes) and all(key in RESULTS_NEUTRAL_KEYS or (unevaluated and only_final_evaluation(key)) for key, _, _ in changes)
@@ -345,6 +357,16 @@ def follow_synthetic_data(eval_cfg: dict[str, Any], recipe_data: dict[str, Any],
     return {**eval_cfg, "datasets": datasets}
 
 
+def read_clip_blend_base(model: Any, cfg: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The pretrained visual weights ``eval.clip_blend`` blends with (None when it is not set)."""
+    from ..models.clip import pretrained_clip_state
+
+    ev = cfg.get("eval") or {}
+    if not ev.get("clip_blend"):
+        return None
+    return pretrained_clip_state(model, weights=ev.get("clip_blend_weights"), cache_dir=(cfg.get("model") or {}).get("cache_dir"))
+
+
 def check_recipe_paths(cfg: dict[str, Any], data_cfg: dict[str, Any] | None = None) -> None:
     """Fail fast, naming the key, when a list, class CSV, data root or checkpoint of the recipe is missing.
 
@@ -512,8 +534,13 @@ def run_eval_suite(
     output_dir: Path,
     console: Any = None,
     title: str = "Evaluation",
+    clip_blend_base: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every dataset/split of ``cfg['eval']`` with all requested variants; write JSON, table, plot."""
+    """Evaluate every dataset/split of ``cfg['eval']`` with all requested variants; write JSON, table, plot.
+
+    ``clip_blend_base``: the pretrained weights of ``eval.clip_blend`` (:func:`read_clip_blend_base`,
+    read by the runner's setup so that a problem shows before training); read here when None.
+    """
     from ..evaluation.evaluator import build_variants, evaluate
     from ..evaluation.report import (
         plot_tradeoff,
@@ -540,7 +567,9 @@ def run_eval_suite(
     main = dist is None or dist.rank == 0
     results: dict[str, list[Any]] = {}
     # the official test code evaluates α·θ + (1−α)·θ_CLIP (eval.clip_blend; the model is restored after)
-    with clip_blended_with_pretrained(model, eval_cfg.get("clip_blend")):
+    if eval_cfg.get("clip_blend") and clip_blend_base is None:
+        clip_blend_base = read_clip_blend_base(model, cfg)
+    with clip_blended_with_pretrained(model, eval_cfg.get("clip_blend"), clip_blend_base):
         for entry in entries:
             for k, split in enumerate(entry.splits):
                 loader = build_eval_loader(entry, split, eval_cfg=eval_cfg, data_cfg=data_cfg, normalize=normalize, dist=dist, seed=cfg.get("seed", 0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import instantiate
-from .common import run_eval_suite, start_run
+from .common import read_clip_blend_base, run_eval_suite, start_run
 from .schema import DEFAULT_COMPARE_MERGES  # noqa: F401  (re-exported: the compare runner's default merges)
 
 
@@ -34,6 +34,7 @@ class EvaluateRunner:
             self.model = instantiate(cfg["model"], _path="model").to(self.device).eval()
         else:
             raise ValueError("set 'checkpoint' (a saved model) or 'model' (a _component_ that builds one)")
+        self.clip_blend_base = read_clip_blend_base(self.model, cfg)
         if self.compare_defaults:  # a validated recipe has them already (schema); a recipe dict built in Python may not
             ev = dict(cfg.get("eval") or {})
             compare = dict(ev.get("compare") or {})
@@ -51,7 +52,7 @@ class EvaluateRunner:
         self.results = run_eval_suite(
             self.model, cfg=self.cfg, data_cfg=self.data_cfg, device=self.device, dist=self.dist,
             output_dir=self.output_dir, console=self.console if self.main else None,
-            title=f"{self.cfg.get('runner')} results",
+            title=f"{self.cfg.get('runner')} results", clip_blend_base=self.clip_blend_base,
         )
         return self.results
 

@@ -15,6 +15,7 @@ from .common import (
     class_features,
     class_names_from,
     eval_precision,
+    read_clip_blend_base,
     resolve_input_size,
     run_eval_suite,
     start_run,
@@ -77,6 +78,7 @@ class MoTERunner:
             best_mode="max",
         )
         self.trainer = self._trainer()
+        self.clip_blend_base = read_clip_blend_base(self.model, cfg)  # eval.clip_blend: a problem shows before training
         resume = cfg["train"].get("resume", "auto")
         resume = self._own_checkpoints_first(resume)
         found = self.checkpoints.load_resume(resume) if resume else None
@@ -270,6 +272,7 @@ class MoTERunner:
         self.results = run_eval_suite(
             self.model, cfg=self.cfg, data_cfg=self.data_cfg, device=self.device, dist=self.dist,
             output_dir=self.output_dir, console=self.console if self.main else None, title=f"{self.cfg.get('runner')} results",
+            clip_blend_base=self.clip_blend_base,
         )
         return self.results
 

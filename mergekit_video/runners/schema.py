@@ -167,6 +167,9 @@ EVAL = Section(
             float, nullable=True, min=0, max=1, exclusive_min=True,
             doc="evaluate α·θ + (1-α)·θ_CLIP for the visual tower (the official MoTE test.py: 0.99); the saved model is unchanged",
         ),
+        "clip_blend_weights": Field(
+            str, nullable=True, doc="θ_CLIP of eval.clip_blend: an open_clip tag or a local file (default: the model's model.pretrained)",
+        ),
         "test_offsets": Field(
             str, default="centre", choices=("centre", "start"),
             doc="where test views sit in their segments: centre (TSN) or start (the official MoTE test code); validation too",

@@ -224,10 +224,11 @@ class Trainer:
         """What ``batches_in_epoch`` counts in: micro-batches of ``micro_batch`` videos (all ranks
         together), ``grad_accumulation`` per step, over ``dataset_size`` videos."""
         world = getattr(self.dist, "world_size", 1) if self.dist is not None else 1
+        dataset = getattr(self.loader, "dataset", None)
         return {
             "grad_accumulation": self.grad_accumulation,
-            "micro_batch": int(self.loader.batch_size or 1) * int(world),
-            "dataset_size": len(self.loader.dataset),
+            "micro_batch": int(getattr(self.loader, "batch_size", None) or 1) * int(world),
+            "dataset_size": len(dataset) if hasattr(dataset, "__len__") else -1,
         }
 
     def save_checkpoint(self, metrics: dict[str, float] | None = None) -> Any:
