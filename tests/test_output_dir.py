@@ -317,3 +317,12 @@ def test_resume_values_that_start_fresh_are_never_turned_into_auto():
     assert [runner._own_checkpoints_first(v) for v in ("none", "never", "", None, "auto")] == ["none", "never", "", None, "auto"]
     assert runner._own_checkpoints_first("/runs/other/checkpoints/step_00000003") == "auto"
     assert runner._own_checkpoints_first("/runs/this/checkpoints/step_00000002") == "/runs/this/checkpoints/step_00000002"
+
+
+def test_an_unreadable_recipe_yaml_is_named_as_such(tmp_path):
+    out = tmp_path / "run"
+    prepare_output_dir(_cfg(out), overwrite=False, main=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "recipe.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(FileExistsError, match=r"\(<recipe>: '\(unreadable recipe.yaml\)' -> 'this recipe'\)"):
+        prepare_output_dir(_cfg(out), overwrite=False, main=True)

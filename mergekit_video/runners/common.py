@@ -120,6 +120,7 @@ def _without_new_defaults(cfg: dict[str, Any], earlier: Any, changes: list[tuple
     schema = SCHEMAS.get(cfg.get("runner"))
     if schema is None:
         return changes
+
     def has_section(key: str) -> bool:
         node = earlier
         for part in key.split(".")[:-1]:
@@ -182,10 +183,11 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         changes: list[tuple[str, Any, Any]] = []
         if previous is not None and previous != text:
             try:
-                changes = recipe_changes(yaml.safe_load(previous), yaml.safe_load(text))
+                earlier = yaml.safe_load(previous)
+                changes = recipe_changes(earlier, yaml.safe_load(text)) or [("<recipe>", "(another text)", "this recipe")]
+                changes = _without_new_defaults(cfg, earlier, changes)  # none left: the same run
             except yaml.YAMLError:
                 changes = [("<recipe>", "(unreadable recipe.yaml)", "this recipe")]
-            changes = _without_new_defaults(cfg, yaml.safe_load(previous), changes) if changes else [("<recipe>", "(another text)", "this recipe")]
         # a trained run whose final evaluation failed (no results yet) may be evaluated with other eval.* settings
         unevaluated = cfg.get("runner") not in ("evaluate", "compare") and out / "results.json" not in outputs
         neutral = bool(changes) and all(key in RESULTS_NEUTRAL_KEYS or (unevaluated and only_final_evaluation(key)) for key, _, _ in changes)
