@@ -349,7 +349,8 @@ class ExpertContainer(nn.Module):
             if coeff is not None:
                 # every parameter and buffer, non-persistent buffers included (not in state_dict)
                 warned = self.__dict__.setdefault("_non_float_warned", set())
-                for (name, _), ts, value in zip(self._tensor_slots(), self._slot_tensors(), self._merge_slots(coeff.float())):
+                tensors = self._slot_tensors()
+                for (name, _), ts, value in zip(self._tensor_slots(), tensors, self._merge_slots(coeff.float(), tensors)):
                     # counters, indices: never averaged; expert 0's, with a warning when they differ (once per tensor)
                     if not ts[0].is_floating_point() and name not in warned and not _all_equal(ts):
                         value = merge_tensors(ts, name=name)
@@ -563,7 +564,7 @@ class ExpertContainer(nn.Module):
             for name in table.aliases[i]
         }
 
-    def _merge_slots(self, weights: torch.Tensor) -> list[torch.Tensor]:
+    def _merge_slots(self, weights: torch.Tensor, tensors: list[list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
         """Merged tensor per slot, for ``weights`` ``[N]``.
 
         Floating parameters: Σ wᵢ·θᵢ, one multi-tensor op, differentiable. Floating buffers
@@ -573,7 +574,7 @@ class ExpertContainer(nn.Module):
         buffers among them are copies, so a merged forward in training mode (BatchNorm's
         ``num_batches_tracked``) does not write into expert 0.
         """
-        tensors = self._slot_tensors()
+        tensors = self._slot_tensors() if tensors is None else tensors  # [slot][expert]
         buffers = self._slots_cache.buffers
         params = [i for i, ts in enumerate(tensors) if ts[0].is_floating_point() and i not in buffers]
         merged = linear_combinations([tensors[i] for i in params], weights)
