@@ -807,6 +807,49 @@ def test_ddp_sigterm_on_one_rank_stops_both_at_the_same_step_and_resumes(referen
     assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) <= 2e-3
 
 
+def test_ddp_per_rank_routing_draws_differ_across_ranks_and_resume_exactly(reference_runs, synthetic_data, tmp_path):
+    from mergekit_video.runners.mote import DUMP_RANK_STATE_ENV
+    from mergekit_video.training.checkpoint import load_checkpoint
+
+    reference = reference_runs(0, 1)  # one process: the draws every rank makes under routing_draws=global
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_SIGTERM_RANK1_AT_STEP_5)
+    base_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out: Path, env: dict) -> subprocess.CompletedProcess:
+        overrides = [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", "eval.datasets=[]", "train.routing_draws=per_rank"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "mergekit_video", "run", str(QUICKSTART), *overrides]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+    whole = _new_run_dir(tmp_path / "whole", synthetic_data)
+    dump = tmp_path / "rank_states"
+    res = torchrun(whole, {**base_env, DUMP_RANK_STATE_ENV: str(dump)})
+    assert res.returncode == 0, f"torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-4000:]}"
+    r0, r1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # each rank trained other experts; DDP kept the weights equal
+    # the ranks' routing streams differ, and the checkpoint holds both
+    rank_streams = load_checkpoint(whole / "checkpoints" / "step_00000006").rng["rank_generators"]
+    assert len(rank_streams) == 2 and set(rank_streams[0]) == set(rank_streams[1])
+    assert any(not torch.equal(torch.as_tensor(rank_streams[0][k]), torch.as_tensor(rank_streams[1][k])) for k in rank_streams[0])
+    # rank 1's sub-batches were routed differently from the shared draws: the losses depart from them
+    got, ref = _train_records(whole), _train_records(reference)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)) > 1e-3
+
+    # stopped on SIGTERM after step 5 and resumed: the same later losses and weights
+    parted = _new_run_dir(tmp_path / "parted", synthetic_data)
+    res = torchrun(parted, {**base_env, "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])})
+    assert "stopped by SIGTERM after step 5" in res.stderr, res.stderr[-3000:]
+    res = torchrun(parted, base_env)
+    assert res.returncode == 0, f"resumed torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    resumed = _train_records(parted)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(got, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+    assert _max_diff(_load_state(whole / "model"), _load_state(parted / "model")) <= 1e-6
+
+
 def test_multi_view_averages_softmax_probabilities_and_counts_each_video_once():
     # video 0 (label 0): view A is sure of class 0, view B hesitates between 1 and 2
     #   mean of probabilities: p0 = (0.98670 + 0.00275) / 2 = 0.4947 > p1 = 0.2526 → class 0 (hit)

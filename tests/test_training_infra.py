@@ -26,7 +26,14 @@ from mergekit_video.training.distributed import (
 from mergekit_video.training.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, summary_table
 from mergekit_video.training.optim import build_optimizer, build_param_groups, describe_param_groups
 from mergekit_video.training.precision import autocast_context, make_grad_scaler, resolve_precision
-from mergekit_video.training.rng import capture_rng_state, restore_rng_state, seed_everything
+from mergekit_video.training.rng import (
+    capture_rng_state,
+    rank_stream_seed,
+    restore_rank_streams,
+    restore_rng_state,
+    seed_everything,
+    split_streams_by_rank,
+)
 from mergekit_video.training.schedule import cosine_with_warmup
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +67,76 @@ def test_seed_everything_rank_offsets():
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == a
     with pytest.raises(ValueError, match="seed"):
         seed_everything(-1)
+
+
+def _rank_generators(seed: int = 7) -> dict[str, torch.Generator]:
+    return {"router:a": torch.Generator().manual_seed(seed), "objective:wmr": torch.Generator().manual_seed(seed + 1)}
+
+
+def _draws(gens: dict[str, torch.Generator], n: int = 4) -> dict[str, list[int]]:
+    return {k: torch.randint(0, 2**31, (n,), generator=g).tolist() for k, g in sorted(gens.items())}
+
+
+def test_per_rank_streams_keep_rank_0_and_differ_elsewhere():
+    assert rank_stream_seed(123, 0) == 123
+    seeds = {rank_stream_seed(123, r) for r in range(64)} | {rank_stream_seed(124, r) for r in range(1, 64)}
+    assert len(seeds) == 127 and all(0 <= s < 2**63 for s in seeds)  # distinct for every (seed, rank)
+    draws = []
+    for rank in range(3):
+        gens = _rank_generators()
+        split_streams_by_rank(gens, rank)
+        draws.append(_draws(gens))
+    assert draws[0] == _draws(_rank_generators())  # rank 0 draws as a single process does
+    assert draws[0] != draws[1] != draws[2] != draws[0]
+    assert draws[1]["router:a"] != draws[1]["objective:wmr"]
+
+
+def test_restore_rank_streams_exact_and_for_another_world_size(caplog):
+    ranks = [_rank_generators() for _ in range(2)]
+    for r, gens in enumerate(ranks):
+        split_streams_by_rank(gens, r)
+        _draws(gens)
+    saved = [capture_rng_state(g)["generators"] for g in ranks]  # what a checkpoint gathers
+    expected = [_draws(g) for g in ranks]
+    for r in range(2):  # each rank restores its own stream, exactly
+        live = _rank_generators(seed=99)
+        restore_rng_state({**capture_rng_state(), "generators": saved[0]}, live)  # rank 0's states first
+        assert restore_rank_streams(saved, live, rank=r, world_size=2) is True
+        assert _draws(live) == expected[r]
+    # 3 ranks now: rank 0 continues its stream, the others get new distinct ones, with a warning
+    got = []
+    for r in range(3):
+        live = _rank_generators(seed=99)
+        restore_rng_state({**capture_rng_state(), "generators": saved[0]}, live)
+        with caplog.at_level("WARNING", logger="mergekit_video.training.rng"):
+            assert restore_rank_streams(saved, live, rank=r, world_size=3) is False
+        got.append(_draws(live))
+    assert got[0] == expected[0] and len({str(d) for d in got}) == 3
+    assert "the streams of 2 ranks, this run has 3 ranks" in caplog.text
+    # a checkpoint of a run whose ranks shared one stream: split from rank 0's state, deterministically
+    again = []
+    for _ in range(2):
+        live = _rank_generators(seed=99)
+        restore_rng_state({**capture_rng_state(), "generators": saved[0]}, live)
+        restore_rank_streams(None, live, rank=1, world_size=2)
+        again.append(_draws(live))
+    assert again[0] == again[1] != expected[0]
+
+
+def test_checkpoint_round_trips_per_rank_generator_states(tmp_path):
+    from mergekit_video.training.checkpoint import CheckpointManager
+
+    model = nn.Linear(2, 2)
+    ranks = [_rank_generators() for _ in range(2)]
+    split_streams_by_rank(ranks[1], 1)
+    rng = capture_rng_state(ranks[0])
+    rng["rank_generators"] = [capture_rng_state(g)["generators"] for g in ranks]
+    manager = CheckpointManager(directory=tmp_path / "ckpt")
+    path = manager.save(step=1, epoch=0, model_state=model.state_dict(), rng=rng)
+    loaded = manager.load(path).rng["rank_generators"]
+    assert len(loaded) == 2
+    for got, want in zip(loaded, rng["rank_generators"]):
+        assert set(got) == set(want) and all(torch.equal(torch.as_tensor(got[k]), want[k]) for k in want)
 
 
 @pytest.mark.gpu

@@ -215,6 +215,7 @@ class MoTERunner:
             console=self.console,
             dist=self.dist,
             compile=t.get("compile", False),
+            routing_draws=t.get("routing_draws", "global"),
         )
 
     def _validate(self, epoch: int) -> dict[str, float]:

@@ -225,6 +225,9 @@ TRAIN = Section(
         "keep_last": Field(int, default=2, min=1),
         "resume": Field(str, nullable=True, default="auto", doc="auto | a checkpoint path | null"),
         "compile": Field(bool, default=False),
+        "routing_draws": Field(str, default="global", choices=["global", "per_rank"],
+                               doc="under DDP: global = one expert and τ per layer for the whole batch (the paper); "
+                                   "per_rank = each GPU's sub-batch draws its own (the official code)"),
         "clip_grad_norm": Field(float, nullable=True, default=None, min=0, exclusive_min=True),
         "freeze_visual": Field(bool, default=False),
         "grad_checkpointing": Field(bool, default=False, doc="recompute CLIP blocks in backward"),

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
+    "all_gather_object",
     "all_reduce_mean",
     "barrier",
     "broadcast_object",
@@ -168,6 +169,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     device = _collective_device() if dist.get_backend() == "nccl" else None
     dist.broadcast_object_list(holder, src=src, device=device)
     return holder[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup() -> None:

@@ -21,7 +21,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture_rng_state", "restore_rng_state", "seed_everything"]
+__all__ = [
+    "capture_rng_state",
+    "rank_stream_seed",
+    "restore_rank_streams",
+    "restore_rng_state",
+    "seed_everything",
+    "split_streams_by_rank",
+]
+
+_MASK64 = (1 << 64) - 1
 
 
 def seed_everything(seed: int, rank: int = 0, *, deterministic: bool = False) -> int:
@@ -149,3 +158,66 @@ def restore_rng_state(
 def _byte_tensor(x: Any) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.tensor(list(x), dtype=torch.uint8)
     return t.detach().to("cpu", torch.uint8).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-rank streams of the named generators (train.routing_draws: per_rank)
+# ----------------------------------------------------------------------------------------------
+def rank_stream_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s stream of a generator seeded ``seed`` on rank 0.
+
+    Rank 0 keeps ``seed`` (a one-process run draws as before); other ranks get a SplitMix64 mix
+    of ``(seed, rank)``, so streams are distinct and well spread for every rank.
+    """
+    if rank == 0:
+        return int(seed)
+    x = (int(seed) + int(rank) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+def split_streams_by_rank(generators: Mapping[str, torch.Generator], rank: int) -> None:
+    """Reseed each generator with its rank-``rank`` stream (:func:`rank_stream_seed` of its seed).
+
+    Called once at setup on every DDP rank, after the model was built with the same seed
+    everywhere: each rank then draws its own experts and τ (the official MoTE code seeds each
+    GPU differently).
+    """
+    for name in sorted(generators):
+        g = generators[name]
+        g.manual_seed(rank_stream_seed(g.initial_seed(), rank))
+
+
+def restore_rank_streams(
+    saved: list[Mapping[str, Any]] | None,
+    generators: Mapping[str, torch.Generator],
+    *,
+    rank: int,
+    world_size: int,
+) -> bool:
+    """Restore this rank's named generators from the per-rank states a checkpoint gathered.
+
+    ``saved`` is the checkpoint's ``rank_generators`` list (one ``{name: ByteTensor}`` per rank).
+    When it holds no states for ``world_size`` ranks (the checkpoint came from another world size,
+    or from a run whose ranks shared one stream) the generators, already restored to rank 0's
+    states, are split into new per-rank streams derived from those states (rank 0 keeps its
+    own); a warning says so.
+    Returns True when the saved streams were restored exactly.
+    """
+    if saved is not None and len(saved) == world_size and set(saved[rank]) == set(generators):
+        for name in sorted(generators):
+            generators[name].set_state(_byte_tensor(saved[rank][name]))
+        return True
+    if rank == 0:
+        had = "no per-rank streams" if saved is None else f"the streams of {len(saved)} ranks"
+        log.warning("the checkpoint holds %s, this run has %d ranks: each rank continues with a new routing "
+                    "stream derived from rank 0's (routing draws differ from an uninterrupted run)", had, world_size)
+    if rank == 0:
+        return False  # rank 0 keeps its restored stream
+    for name in sorted(generators):
+        g = generators[name]
+        probe = torch.Generator()
+        probe.set_state(g.get_state())
+        g.manual_seed(rank_stream_seed(int(torch.randint(0, 2**62, (1,), generator=probe)), rank))
+    return False

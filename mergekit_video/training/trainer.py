@@ -57,6 +57,10 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+#: ``train.routing_draws`` values (see :class:`Trainer`).
+ROUTING_DRAWS = ("global", "per_rank")
+
+
 def named_generators(model: nn.Module, objective: MoTEObjective) -> dict[str, torch.Generator]:
     """Every RNG the training step draws from, by a stable name."""
     gens = {f"router:{name}": c.router.generator for name, c in find_containers(model)}
@@ -102,6 +106,10 @@ class Trainer:
             bar (loss, lr, clips/s, ETA) on the main process.
         dist: ``DistInfo`` for DDP (None: single process).
         compile: ``torch.compile`` the visual tower.
+        routing_draws: under DDP, ``global``: every rank draws the same expert and τ per layer, so
+            the whole global batch goes to one expert (the paper's description); ``per_rank``: each
+            rank's sub-batch draws its own (the official code, which seeds each GPU differently).
+            Per-rank streams are gathered into checkpoints, so resumes stay exact.
         stop_on_signals: handle SIGINT/SIGTERM as above (main thread only).
     """
 
@@ -131,11 +139,14 @@ class Trainer:
         console: Any = None,
         dist: Any = None,
         compile: bool = False,
+        routing_draws: str = "global",
         extra_state: Callable[[], dict[str, Any]] | None = None,
         stop_on_signals: bool = True,
     ) -> None:
         if grad_accumulation < 1:
             raise ValueError(f"train.grad_accumulation must be >= 1, got {grad_accumulation}")
+        if routing_draws not in ROUTING_DRAWS:
+            raise ValueError(f"train.routing_draws must be one of {list(ROUTING_DRAWS)}, got {routing_draws!r}")
         self.model = model
         self.objective = objective
         self.loader = loader
@@ -172,6 +183,12 @@ class Trainer:
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_count = 0
         self.generators = named_generators(model, objective)
+        # each rank draws from its own streams (only meaningful with several ranks)
+        self.per_rank_draws = routing_draws == "per_rank" and dist is not None and dist.world_size > 1
+        if self.per_rank_draws:
+            from .rng import split_streams_by_rank
+
+            split_streams_by_rank(self.generators, dist.rank)
         if compile:
             model.visual.compile()
         self.step_module: nn.Module = TrainStep(model=model, objective=objective)
@@ -187,14 +204,12 @@ class Trainer:
             )
 
     # -- checkpoints --------------------------------------------------------------------
-    def checkpoint_payload(self, *, loss_window: dict[str, Any]) -> dict[str, Any]:
+    def checkpoint_payload(self, *, loss_window: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
         """Everything a checkpoint stores besides the metrics.
 
-        ``loss_window`` holds the loss sums not yet logged, from ``_loss_window()`` (which is a
-        collective under DDP, so every rank computes it).
+        ``loss_window`` holds the loss sums not yet logged, from ``_loss_window()``, and ``rng``
+        the RNG states from ``_rng_state()`` (both collectives under DDP, so every rank computes them).
         """
-        from .rng import capture_rng_state
-
         return {
             "step": self.state.step,
             "epoch": self.state.epoch,
@@ -202,7 +217,7 @@ class Trainer:
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "scaler": self.scaler,
-            "rng": capture_rng_state(self.generators),
+            "rng": rng,
             "extra": self._extra(loss_window),
         }
 
@@ -240,10 +255,11 @@ class Trainer:
         if self.checkpoints is None:
             return None
         loss_window = self._loss_window()  # a collective under DDP: every rank calls save_checkpoint
+        rng = self._rng_state()  # a collective too with per-rank routing draws
         self._saved_step = self.state.step
         if not _is_main(self.dist):
             return None
-        return self.checkpoints.save(**self.checkpoint_payload(loss_window=loss_window), metrics=metrics)
+        return self.checkpoints.save(**self.checkpoint_payload(loss_window=loss_window, rng=rng), metrics=metrics)
 
     def _record_closed_epoch(self, metrics: dict[str, float] | None) -> None:
         """Bring the checkpoint of this step (saved before the validation) up to date.
@@ -252,15 +268,25 @@ class Trainer:
         is rewritten (:meth:`CheckpointManager.update_state`): the next epoch, the metrics, the
         history and the RNG streams as they are after the validation.
         """
-        from .rng import capture_rng_state
-
         if self.checkpoints is None:
             return
         loss_window = self._loss_window()  # a collective under DDP, as in save_checkpoint
+        rng = self._rng_state()
         if not _is_main(self.dist):
             return
-        self.checkpoints.update_state(self.state.step, epoch=self.state.epoch, rng=capture_rng_state(self.generators),
+        self.checkpoints.update_state(self.state.step, epoch=self.state.epoch, rng=rng,
                                       extra=self._extra(loss_window), metrics=metrics or {})
+
+    def _rng_state(self) -> dict[str, Any]:
+        """This process's RNG states; with per-rank routing draws also every rank's named
+        generators (``rank_generators``, gathered: a collective under DDP)."""
+        from .distributed import all_gather_object
+        from .rng import capture_rng_state
+
+        state = capture_rng_state(self.generators)
+        if self.per_rank_draws:
+            state["rank_generators"] = all_gather_object(state["generators"])
+        return state
 
     def _loss_window(self) -> dict[str, Any]:
         """The loss sums not yet logged, averaged over ranks (identical on every rank after a resume)."""
@@ -270,7 +296,7 @@ class Trainer:
 
     def resume(self, ckpt: Any) -> None:
         """Restore from a loaded ``CheckpointState``."""
-        from .rng import restore_rng_state
+        from .rng import restore_rank_streams, restore_rng_state
         from .schedule import schedule_differences
 
         if ckpt.scheduler_state is not None:
@@ -307,7 +333,10 @@ class Trainer:
         if self.scaler is not None and ckpt.scaler_state:
             self.scaler.load_state_dict(ckpt.scaler_state)
         if ckpt.rng:
-            restore_rng_state(ckpt.rng, self.generators)
+            restore_rng_state(ckpt.rng, self.generators)  # rank 0's named generators on every rank
+            if self.per_rank_draws:
+                restore_rank_streams(ckpt.rng.get("rank_generators"), self.generators,
+                                     rank=self.dist.rank, world_size=self.dist.world_size)
         self.state = TrainState(
             step=int(ckpt.step),
             epoch=int(ckpt.epoch),
