@@ -924,6 +924,11 @@ def test_variants_equal_the_collapsed_models_and_the_ensemble_of_their_probabili
         top5 = ref.topk(5, -1).indices[:, -1]  # labels ranked 5th by the reference: top-5 hits, top-1 misses
         res = evaluate(model, loader(top5), cls, variants=variants)
         assert (res.variants[name].top1, res.variants[name].top5) == (0.0, 100.0), name
+    # the logit ensemble without eval.compare.experts: the experts run for it but are not reported
+    hidden = build_variants(model.head, modulation=(False,), experts=False, logit_ensemble=True)
+    labels = refs["logit_ensemble"].argmax(-1)
+    res = evaluate(model, loader(labels), cls, variants=hidden)
+    assert list(res.variants) == ["merged", "logit_ensemble"] and res.variants["logit_ensemble"].top1 == 100.0
 
 
 def test_failed_videos_are_counted_and_skipped(synthetic_data, tmp_path):

@@ -42,6 +42,8 @@ class Variant:
             None for the default. Variants that share one context object share one encoding.
         modulation: temporal feature modulation on (Eq. 11).
         members: for ``logit_ensemble``, the expert variant names averaged.
+        report: False for a variant computed only as a member of another (the experts of a
+            logit ensemble when each expert alone was not asked for): left out of the results.
     """
 
     name: str
@@ -49,6 +51,7 @@ class Variant:
     context: Callable[[torch.nn.Module], ContextManager] | None = None
     modulation: bool = False
     members: tuple[str, ...] = ()
+    report: bool = True
 
 
 def tfm_suffix(modulation: bool) -> str:
@@ -65,6 +68,8 @@ def build_variants(
     logit_ensemble: bool = False,
 ) -> list[Variant]:
     """The standard set: merged (per TFM setting), optional other merges, each expert and their logit ensemble.
+
+    ``logit_ensemble`` without ``experts`` runs the experts for the ensemble but leaves them out of the results.
 
     ``merges`` entries are ``{"name": strategy, **kwargs}`` (e.g. ``{"name": "temperature_softmax", "tau": 0.6}``).
     The TFM-off and TFM-on variants of one routing share its context.
@@ -89,7 +94,7 @@ def build_variants(
             names = []
             for i in range(n):
                 names.append(f"expert_{i}{sfx}")
-                out.append(Variant(name=names[-1], kind="expert", modulation=mod, context=expert_ctx[i]))
+                out.append(Variant(name=names[-1], kind="expert", modulation=mod, context=expert_ctx[i], report=experts))
             if logit_ensemble:
                 out.append(Variant(name=f"logit_ensemble{sfx}", kind="logit_ensemble", modulation=mod, members=tuple(names)))
     return out
@@ -214,6 +219,8 @@ def evaluate(
     n = len(records)
     results = {}
     for var in variants:
+        if not var.report:
+            continue
         counts = [sum(r[var.name][i] for r in records.values()) for i in range(len(ks))]
         results[var.name] = VariantResult(
             top1=100.0 * counts[0] / max(n, 1), top5=100.0 * counts[-1] / max(n, 1), num_videos=n
