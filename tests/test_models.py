@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -229,6 +230,17 @@ def test_merged_eval_equals_collapsed_export_and_param_counts(model, classes, tm
     with pytest.raises(FileExistsError):
         save_model(model, tmp_path / "mote")
     reloaded = load(tmp_path / "mote")
+    # a file where the model folder goes is refused, --overwrite or not, and left as it was
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(FileExistsError, match="afile is a file, not a model folder"):
+        save_model(model, tmp_path / "afile", overwrite=True)
+    assert (tmp_path / "afile").read_text() == "mine" and not list(tmp_path.glob(".afile*"))
+    # an edited, broken config.json is named
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "mote", broken)
+    (broken / "config.json").write_text("{bad json")
+    with pytest.raises(ValueError, match=r"broken/config.json is not valid JSON"):
+        load(broken)
     export_dense(model, tmp_path / "dense")
     dense = load(tmp_path / "dense")
     with torch.no_grad():

@@ -78,6 +78,8 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
     An existing directory is only replaced with ``overwrite=True``.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file, not a model folder; remove it or choose another path")
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -101,8 +103,10 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
                 os.fsync(fh.fileno())
         if directory.exists():
             backup = directory.with_name(f".{directory.name}.old")
-            if backup.exists():
+            if backup.is_dir() and not backup.is_symlink():
                 shutil.rmtree(backup)
+            elif backup.exists() or backup.is_symlink():
+                backup.unlink()
             os.replace(directory, backup)
             os.replace(tmp, directory)
             shutil.rmtree(backup)
@@ -116,6 +120,14 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
     return directory
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``; an unreadable or malformed file is an error that names it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); restore it from a copy, or re-export the model") from None
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The model config of a model directory or trainer checkpoint."""
     return _read_config_and_state(Path(path))[0]
@@ -124,11 +136,14 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 def _read_config_and_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model config, the encoded non-tensor state of a model directory; empty for a trainer checkpoint)."""
     if (path / CONFIG_FILE).is_file():
-        config = json.loads((path / CONFIG_FILE).read_text())
+        config = _read_json(path / CONFIG_FILE)
+        if not isinstance(config, dict):
+            raise ValueError(f"{path / CONFIG_FILE} is not a mergekit_video model config (a JSON object is expected)")
         return config, config.pop(NON_TENSOR_KEY, None) or {}  # state, not architecture
     state = path / "state.json"
     if state.is_file():
-        cfg = json.loads(state.read_text()).get("extra", {}).get("model_config")
+        meta = _read_json(state)
+        cfg = meta.get("extra", {}).get("model_config") if isinstance(meta, dict) else None
         if cfg:
             return cfg, {}
     hint = f"; it holds a run's outputs: its trained model is {path / 'model'}" if (path / "model" / CONFIG_FILE).is_file() else ""
