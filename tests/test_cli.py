@@ -385,6 +385,8 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
         Path("runs/eval/mote_a_model"), Path("runs/eval/mote_b_model"), Path("runs/eval/mote_a_checkpoints_step_00000020")]
     assert default_eval_dir(a, tmp_path / "ucf" / "val.txt") == Path("runs/eval/mote_a_model_ucf_val")  # one folder per list
     assert default_eval_dir(a, tmp_path / "hmdb" / "val.txt") == Path("runs/eval/mote_a_model_hmdb_val")
+    # another protocol gets its own folder (it would otherwise be refused as another recipe)
+    assert default_eval_dir(a, tmp_path / "ucf" / "val.txt", views="4x3", frames=16) == Path("runs/eval/mote_a_model_ucf_val_4x3_f16")
     # through the command: the folder is made (recipe.yaml) before the missing list is named
     monkeypatch.chdir(tmp_path)
     assert cli_main(["eval", str(a), "--list", "v.txt", "--classes", str(tmp_path / "c.csv")]) == 1
@@ -418,3 +420,25 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     msg = str(refused.value)
     assert msg.startswith(f"output_dir {out} holds the outputs of a different recipe (checkpoint: ")
     assert msg.endswith("Use another output_dir (mergevid eval: --output-dir DIR), or pass --overwrite to DELETE its results.json and evaluate into it")
+
+
+def test_misspelt_options_and_unwritable_outputs_are_named_before_any_work(tmp_path, capsys):
+    """Commands that take overrides read unknown options as overrides; bench outputs are checked up front."""
+    out = tmp_path / "run"
+    assert cli_main(["run", str(QUICKSTART), f"output_dir={out}", "--overwrit"]) == 1
+    assert "error: no such option: --overwrit; did you mean --overwrite?" in capsys.readouterr().err
+    assert cli_main(["eval", str(tmp_path), "--lst", "v.txt"]) == 1
+    assert "no such option: --lst; did you mean --list?" in capsys.readouterr().err
+    assert cli_main(["bench", "train", str(QUICKSTART), "--step", "3"]) == 1
+    assert "no such option: --step; did you mean --steps?" in capsys.readouterr().err
+    assert not out.exists()
+    zero_shot = QUICKSTART.parent / "zeroshot_ucf101.yaml"
+    assert cli_main(["bench", "train", str(zero_shot), "--output", str(tmp_path / "b.json")]) == 1
+    assert "has runner 'evaluate'; mergevid bench train times the training step of a mote recipe" in capsys.readouterr().err
+    for output, needle in [(tmp_path, "is a folder; name the file to write"),
+                           (tmp_path / "missing" / "b.json", "folder " + str(tmp_path / "missing") + " does not exist")]:
+        assert cli_main(["bench", "head", "--shape", "64x1", "--steps", "1", "--output", str(output)]) == 1
+        assert needle in capsys.readouterr().err
+    assert cli_main(["bench", "head", "--steps", "0"]) != 0  # typer's range check
+    assert cli_main(["validate", str(tmp_path)]) == 1
+    assert f"recipe {tmp_path} is a folder, not a YAML file" in capsys.readouterr().err

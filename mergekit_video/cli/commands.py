@@ -30,9 +30,27 @@ def _load_validated(recipe: Path, overrides: list[str]) -> dict:
     """Load, override, validate (every problem listed) and fill defaults."""
     from ..config import load_recipe
 
+    if recipe.is_dir():
+        raise UserError(f"recipe {recipe} is a folder, not a YAML file")
     if not recipe.is_file():
         raise FileNotFoundError(f"recipe {recipe} does not exist")
     return _validated(load_recipe(recipe, overrides), source=str(recipe))
+
+
+def _checked_overrides(ctx: typer.Context, overrides: list[str] | None) -> list[str]:
+    """``overrides`` as given; a misspelt option (``--overwrit``), which the commands that take
+    overrides would read as one, is an error naming the options the command has."""
+    import difflib
+
+    overrides = list(overrides or [])
+    options = [o for p in ctx.command.params for o in getattr(p, "opts", []) if o.startswith("-")]
+    for text in overrides:
+        if text.startswith("-"):
+            flag = text.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, options, n=2)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise UserError(f"no such option: {flag}{hint} (options: {', '.join(sorted(set(options)))})")
+    return overrides
 
 
 def _validated(cfg: dict, *, source: str) -> dict:
@@ -98,6 +116,7 @@ def validate_cmd(
 
 @app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run_cmd(
+    ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="Recipe YAML (e.g. recipes/mote_vitl14.yaml)."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     overwrite: bool = typer.Option(
@@ -110,17 +129,18 @@ def run_cmd(
     """
     from ..runners import run_recipe
 
-    cfg = _load_validated(recipe, overrides or [])
+    cfg = _load_validated(recipe, _checked_overrides(ctx, overrides))
     reraise_interrupts(run_recipe, cfg, overwrite=overwrite, console=_console())
 
 
-def default_eval_dir(target: Path, list_file: Path | None = None) -> Path:
-    """``runs/eval/<run>_<model>[_<list folder>_<list>]`` for ``mergevid eval MODEL --list LIST``.
+def default_eval_dir(target: Path, list_file: Path | None = None, *, views: str = "1x1", frames: int = 8) -> Path:
+    """``runs/eval/<run>_<model>[_<list folder>_<list>][_<views>][_f<frames>]`` for ``mergevid eval MODEL --list LIST``.
 
     Named after the model, the folder holding it and the evaluated list: every run saves
     ``model/``, so the model's own name alone would send every run's evaluation to one folder
     (a trainer checkpoint is named with its run too: ``<run>_checkpoints_step_N``), and the
-    list keeps the evaluations of one model on several datasets apart.
+    list keeps the evaluations of one model on several datasets apart. Views other than 1x1 and
+    frames other than 8 are added, so that another protocol does not meet the first one's results.
     """
     path = target.resolve()
     parts = [path.stem if path.is_file() else path.name]
@@ -133,11 +153,16 @@ def default_eval_dir(target: Path, list_file: Path | None = None) -> Path:
     if list_file is not None:  # its folder too: ucf101/val.txt and hmdb51/val.txt are other datasets
         listed = list_file.resolve()
         parts += [listed.parent.name, listed.stem]
+    if views.lower() != "1x1":
+        parts.append(views.lower())
+    if frames != 8:
+        parts.append(f"f{frames}")
     return Path("runs") / "eval" / ("_".join(p for p in parts if p) or "model")
 
 
 @app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def eval_cmd(
+    ctx: typer.Context,
     target: Path = typer.Argument(..., help="An evaluate/compare recipe YAML, or a saved model / checkpoint directory."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     list_files: Optional[list[Path]] = typer.Option(
@@ -160,6 +185,7 @@ def eval_cmd(
     """Evaluate a model: with a recipe, or a model directory plus --list/--classes."""
     from ..runners import run_recipe
 
+    overrides = _checked_overrides(ctx, overrides)
     if target.suffix in (".yaml", ".yml"):
         cfg = _load_validated(target, overrides or [])
         if cfg["runner"] not in EVAL_RUNNERS:
@@ -192,7 +218,7 @@ def eval_cmd(
         lists = [str(f.resolve()) for f in list_files]  # absolute: the same evaluation whatever the working folder
         recipe = {
             "runner": "compare" if compare else "evaluate",
-            "output_dir": str(output_dir or default_eval_dir(target, list_files[0])),
+            "output_dir": str(output_dir or default_eval_dir(target, list_files[0], views=views, frames=num_frames)),
             "checkpoint": str(target.resolve()),
             "eval": {
                 "num_workers": min(4, os.cpu_count() or 1),
@@ -214,7 +240,7 @@ def eval_cmd(
         }
         from ..config import apply_overrides, resolve_interpolations
 
-        recipe = resolve_interpolations(apply_overrides(recipe, overrides or []))
+        recipe = resolve_interpolations(apply_overrides(recipe, overrides))
         cfg = _validated(recipe, source=f"eval recipe for {target}")
     reraise_interrupts(run_recipe, cfg, overwrite=overwrite, console=_console())
 
@@ -240,7 +266,7 @@ def convert_cmd(
     from ..models.convert import ConversionError, convert_official, load_official_checkpoint
 
     refuse_replacing_input(output, checkpoint)
-    refuse_existing_output(output, overwrite)
+    refuse_existing_output(output, overwrite, folder=True)
     try:
         ckpt = load_official_checkpoint(checkpoint)
     except (FileNotFoundError, ConversionError):
@@ -308,10 +334,10 @@ def export_cmd(
 def bench_head_cmd(
     output: Path = typer.Option(Path("bench_head.json"), "--output", help="JSON results file."),
     device: str = typer.Option("auto", "--device"),
-    steps: int = typer.Option(50, "--steps", help="Timed iterations per measurement."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed iterations before each measurement."),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    frames: int = typer.Option(8, "--frames"),
+    steps: int = typer.Option(50, "--steps", min=1, help="Timed iterations per measurement."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed iterations before each measurement."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    frames: int = typer.Option(8, "--frames", min=1),
     shape: Optional[list[str]] = typer.Option(None, "--shape", help="Head shape WIDTHxLAYERS, repeatable (default: 512x4 and 768x6, the ViT-B/16 and ViT-L/14 heads)."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Append the table to this markdown file (e.g. docs/benchmarks.md)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
@@ -321,6 +347,8 @@ def bench_head_cmd(
     from ..utils.io import atomic_write_json
 
     refuse_existing_output(output, overwrite)
+    if markdown is not None:
+        refuse_existing_output(markdown, True)  # appended to: it must be a writable file's place
     shapes = [head_shape(s) for s in shape] if shape else HEAD_SHAPES
     res = bench_head(device=device, steps=steps, warmup=warmup, batch_size=batch_size, frames=frames, shapes=shapes)
     atomic_write_json(output, res, overwrite=overwrite)
@@ -333,11 +361,12 @@ def bench_head_cmd(
 
 @bench_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_train_cmd(
+    ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="A mote recipe (model, objective, batch size, frames)."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    steps: int = typer.Option(10, "--steps"),
-    warmup: int = typer.Option(3, "--warmup"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-device batch (default: the recipe's total batch)."),
+    steps: int = typer.Option(10, "--steps", min=1),
+    warmup: int = typer.Option(3, "--warmup", min=0),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Per-device batch (default: the recipe's total batch)."),
     output: Path = typer.Option(Path("bench_train.json"), "--output"),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the plain-FFN baseline and report the MoTE overhead."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
@@ -347,7 +376,9 @@ def bench_train_cmd(
     from ..utils.io import atomic_write_json
 
     refuse_existing_output(output, overwrite)
-    cfg = _load_validated(recipe, overrides or [])
+    cfg = _load_validated(recipe, _checked_overrides(ctx, overrides))
+    if cfg["runner"] != "mote":
+        raise UserError(f"{recipe} has runner {cfg['runner']!r}; mergevid bench train times the training step of a mote recipe")
     res = bench_train(cfg, steps=steps, warmup=warmup, batch_size=batch_size, baseline=baseline)
     atomic_write_json(output, res, overwrite=overwrite)
     _console().print(render_train_markdown(res))

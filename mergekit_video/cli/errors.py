@@ -36,10 +36,22 @@ class Interrupted(Exception):
     """
 
 
-def refuse_existing_output(output: Any, overwrite: bool) -> None:
-    """Before a long command runs: its ``--output`` file is never replaced without ``--overwrite``."""
+def refuse_existing_output(output: Any, overwrite: bool, *, folder: bool = False) -> None:
+    """Before a long command runs: its output file (``folder=True``: folder) is never replaced without ``--overwrite``,
+    and a place it cannot be written to (a folder, a missing or read-only folder) is said now, not
+    after the work."""
+    from pathlib import Path
+
+    output = Path(output)
+    if output.is_dir() != folder and output.exists():
+        raise UserError(f"{output} is a folder; name the file to write" if not folder else f"{output} is a file; name the folder to write")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    parent = output.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {output}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {output}: folder {parent} is not writable")
 
 
 def refuse_replacing_input(output: Any, source: Any) -> None:
