@@ -256,3 +256,22 @@ def test_bad_videos_met_by_several_workers_are_logged_once_by_the_main_process(b
     assert bad <= seen and met >= 2 * len(bad)  # met in both epochs
     logged = [r.getMessage() for r in caplog.records if "bad video" in r.getMessage()]
     assert len(logged) == len(seen)  # once per file
+
+
+def test_synthetic_overwrite_removes_the_lists_the_new_dataset_does_not_write(tmp_path):
+    from mergekit_video.data import write_synthetic_dataset
+    from mergekit_video.data.synthetic import synthetic_layout
+
+    root = tmp_path / "syn"
+    small = {"videos_per_class": 1, "frames": 4, "size": (32, 32)}
+    first = write_synthetic_dataset(root, num_classes=2, val_per_class=1, num_novel_classes=1, **small)
+    assert first.val_list is not None and first.novel_list is not None
+    (root / "notes.txt").write_text("mine")
+    again = write_synthetic_dataset(root, num_classes=1, val_per_class=0, num_novel_classes=0, overwrite=True, **small)
+    assert (again.val_list, again.novel_list, again.novel_class_csv) == (None, None, None)
+    assert synthetic_layout(root).val_list is None  # read back: no stale val.txt naming deleted videos
+    assert sorted(p.name for p in root.iterdir()) == ["classes.csv", "notes.txt", "synthetic.json", "train.txt", "videos"]
+    assert sorted(p.name for p in (root / "videos").iterdir()) == ["train"]
+    for bad, needle in [({"fps": 0}, "fps must be > 0"), ({"noise": -1}, r"noise must be in \[0, 1\]"), ({"texture": 5}, "texture")]:
+        with pytest.raises(ValueError, match=needle):
+            write_synthetic_dataset(tmp_path / "bad", num_classes=1, **small, **bad)

@@ -195,6 +195,11 @@ def write_synthetic_dataset(
         raise ValueError(f"need 1 <= num_classes and num_classes + num_novel_classes <= {len(catalogue)}")
     if videos_per_class < 1 or val_per_class < 0 or frames < 1:
         raise ValueError("videos_per_class and frames must be >= 1, val_per_class >= 0")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    for key, value in (("texture", texture), ("noise", noise)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{key} must be in [0, 1], got {value}")
     h, w = size
     if h % 2 or w % 2 or h < 16 or w < 16:
         raise ValueError(f"size must be even and at least 16x16 (H, W), got {size}")
@@ -243,21 +248,33 @@ def write_synthetic_dataset(
     return synthetic_layout(root)
 
 
+#: What a synthetic dataset consists of under its root (other files there are the user's).
+GENERATED_ENTRIES = ("train.txt", "val.txt", "classes.csv", "novel.txt", "novel_classes.csv", "videos", SETTINGS_FILE)
+
+
 def _publish(staging: Path, root: Path) -> None:
-    """Move a finished dataset from ``staging`` into ``root``, replacing the entries it names."""
+    """Move a finished dataset from ``staging`` into ``root``, replacing the entries it names and
+    removing those of an earlier dataset it does not write (a val or novel list of videos now gone)."""
     if not root.exists() or not any(root.iterdir()):
         if root.exists():
             root.rmdir()
         os.replace(staging, root)
         return
+    written = {entry.name for entry in staging.iterdir()}
+    for name in sorted(set(GENERATED_ENTRIES) - written):
+        _remove(root / name)
     for entry in staging.iterdir():
         target = root / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
+        _remove(target)
         os.replace(entry, target)
     staging.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def synthetic_settings(root: str | os.PathLike) -> dict | None:
