@@ -455,3 +455,14 @@ def test_check_paths_names_missing_files_and_folders(tmp_path):
         f"root: folder not found: {tmp_path / 'list.txt'} (it is a file)",
         f"splits.1.list: file not found: {tmp_path / 'missing.txt'}",
     ]
+
+
+def test_unknown_argument_of_a_class_passing_kwargs_to_its_base_is_named():
+    """The routers take ``**kw`` for their base class: a typo is checked against the whole chain."""
+    from mergekit_video.config import ConfigError, instantiate
+
+    with pytest.raises(ConfigError, match=r"unknown argument 'temperatur' for mergekit_video.routers.MultinomialRouter; "
+                                          r"did you mean 'temperature'.*\(allowed: num_experts, temperature, granularity, generator, seed\)"):
+        instantiate({"_component_": "routers:multinomial", "num_experts": 4, "temperatur": 1})
+    router = instantiate({"_component_": "routers:multinomial", "num_experts": 4, "temperature": 2.0, "seed": 3})
+    assert router.num_experts == 4

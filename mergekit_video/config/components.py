@@ -113,22 +113,47 @@ def _signature(fn: Any) -> inspect.Signature | None:
         return None
 
 
+def _accepted_arguments(fn: Any, sig: inspect.Signature) -> list[str] | None:
+    """The keyword arguments ``fn`` accepts; None when unknowable (``**kwargs`` that go anywhere).
+
+    A class whose ``__init__`` passes ``**kw`` on to its base classes' (as the routers do) accepts
+    the named arguments along that chain, up to the first ``__init__`` without ``**kw``.
+    """
+    def named(params: Any) -> list[str]:
+        return [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return named(sig.parameters)
+    if not inspect.isclass(fn):
+        return None
+    accepted: list[str] = []
+    for cls in fn.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        if cls is object or not inspect.isfunction(init):
+            return None  # the chain ends in code whose arguments cannot be read
+        params = inspect.signature(init).parameters
+        accepted += [n for n in named(params) if n not in accepted]
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return accepted
+    return None
+
+
 def check_call(fn: Any, kwargs: Iterable[str], *, path: str, allow_missing: Iterable[str] | bool = ()) -> list[str]:
     """Messages for unknown / missing keyword arguments of ``fn`` (empty when fine or unknowable)."""
     sig = _signature(fn)
     if sig is None:
         return []
     params = sig.parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown: list[str] = []
-    else:
-        accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        unknown = [k for k in kwargs if k not in accepted]
+    accepted = _accepted_arguments(fn, sig)
+    unknown = [] if accepted is None else [k for k in kwargs if k not in accepted]
     msgs = []
     name = _target_name(fn)
-    allowed = ", ".join(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or "(none)"
+    allowed = ", ".join(accepted if accepted is not None else
+                        [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]) or "(none)"
     for k in unknown:
-        msgs.append(f"{join_key(path, k)}: unknown argument {k!r} for {name}{did_you_mean(k, params)} (allowed: {allowed})")
+        msgs.append(f"{join_key(path, k)}: unknown argument {k!r} for {name}{did_you_mean(k, accepted)} (allowed: {allowed})")
     if allow_missing is not True:
         given = set(kwargs) | set(allow_missing or ())
         missing = [
