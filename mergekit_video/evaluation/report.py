@@ -56,15 +56,16 @@ def results_table(summary: Mapping[str, Any], *, datasets: Sequence[str], title:
     from rich.table import Table
 
     table = Table(title=title, header_style="bold")
-    table.add_column("variant", style="cyan", no_wrap=True)
+    # narrow terminals: cells fold onto more lines rather than losing digits to "…"
+    table.add_column("variant", style="cyan", overflow="fold")
     for d in datasets:
-        table.add_column(f"{d} top-1", justify="right")
+        table.add_column(f"{d} top-1", justify="right", overflow="fold")
     show_hm = any("HM_ZS" in r for r in summary.values())
     show_to = any("trade_off" in r for r in summary.values())
     if show_hm:
-        table.add_column("HM_ZS", justify="right")
+        table.add_column("HM_ZS", justify="right", overflow="fold")
     if show_to:
-        table.add_column("Trade-off", justify="right")
+        table.add_column("Trade-off", justify="right", overflow="fold")
     for var, row in summary.items():
         cells = []
         for d in datasets:

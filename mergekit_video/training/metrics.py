@@ -283,7 +283,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
     table = Table(title=title, header_style="bold", min_width=len(title))  # the title on one line
     for i, c in enumerate(columns):
         numeric = any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)
-        table.add_column(str(c), justify="right" if numeric else "left", style="cyan" if i == 0 else None)
+        table.add_column(str(c), justify="right" if numeric else "left", style="cyan" if i == 0 else None, overflow="fold")
     for r in rows:
         table.add_row(*(_fmt(_to_py(r.get(c))) for c in columns))
     return table
