@@ -296,13 +296,23 @@ class ExpertContainer(nn.Module):
         plan = self._plan
         if plan is None:
             if not self.training:  # the eval fast path: the cached merge
+                if self.last_routing is not None or self.aux_losses:
+                    self._forget_routing()
                 if torch.is_grad_enabled() and "_eval_grad_warned" not in self.__dict__:
                     self._warn_if_experts_need_grad()
                 return self._merged_call()(x, *args, **kwargs)
             plan = "routed"
+        if not (isinstance(plan, str) and plan == "routed") and (self.last_routing is not None or self.aux_losses):
+            # a forward that does not route (or whose routed segments set them anew) leaves no
+            # routing record: aux losses of an earlier graph would be backpropagated twice
+            self._forget_routing()
         if isinstance(plan, (list, tuple)):
             return self._segmented_forward(plan, x, args, kwargs)
         return self._run(plan, x, args, kwargs)
+
+    def _forget_routing(self) -> None:
+        """Drop the last routing and its auxiliary losses."""
+        self.aux_losses, self.last_routing = {}, None
 
     def merged_forward(self, x: torch.Tensor, weights: torch.Tensor | Sequence[float], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Forward with weights Σ wᵢ·θᵢ, differentiable in the experts and in ``weights``.

@@ -768,6 +768,30 @@ def test_copies_leave_out_the_last_routing_and_mode_switches_forget_it():
     assert container.aux_losses == {} and container.last_routing is None
 
 
+def test_a_forward_that_does_not_route_forgets_the_last_aux_losses():
+    torch.manual_seed(0)
+    model = nn.Sequential(ExpertContainer([nn.Linear(4, 4) for _ in range(3)], router="topk", router_kwargs={"k": 2, "dim": 4}))
+    c, x = model[0], torch.randn(2, 5, 4, requires_grad=True)  # the merged plan's output needs grad too
+    model.train()
+    (model(x).sum() + collect_aux_losses(model)["load_balance"]).backward()
+    plans = (0, "merged", "ensemble", torch.tensor([0.2, 0.3, 0.5]), [(1, 0), (1, "merged")])
+    for plan in plans:
+        model(x)  # routed: records aux losses
+        with routing_plan(model, plan):
+            (model(x).sum() + sum(collect_aux_losses(model).values(), torch.zeros(()))).backward()  # no second backward
+        assert c.aux_losses == {} and c.last_routing is None, plan
+    # a segment that routes keeps its own record
+    with routing_plan(model, [(1, "routed"), (1, 0)]):
+        model(x)
+    assert c.last_routing.indices.shape == (5, 2) and set(c.aux_losses) == {"load_balance", "z_loss"}
+    with routing_plan(model, "routed"):  # eval forward after a routed one
+        model.train(False)
+        model(x)
+    assert c.last_routing is not None
+    model(x)  # eval fast path
+    assert c.aux_losses == {} and c.last_routing is None
+
+
 @pytest.mark.parametrize("granularity", ["batch", "sample"])
 def test_checkpoint_routed_recomputes_with_the_original_routing(granularity):
     # per-sample random routing: a plain checkpoint would redraw the experts in backward
