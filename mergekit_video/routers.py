@@ -34,7 +34,8 @@ class RouterOutput:
     Attributes:
         indices: ``[G, k]`` long expert indices, G = 1 / B / tokens by granularity
             (on the input's device; on the CPU for the stochastic routers' batch decisions).
-        weights: ``[G, k]`` combination weights (sum to 1 over k).
+        weights: ``[G, k]`` combination weights (sum to 1 over k, except for a ``topk`` router
+            that does not renormalise: there the gate probabilities).
         aux_losses: auxiliary losses to add to the task loss (unweighted).
         granularity: one of ``batch``, ``sample``, ``token``.
     """
@@ -172,7 +173,7 @@ class FixedRouter(Router):
 
 @ROUTERS.register("topk")
 class TopKRouter(Router):
-    """Learned linear gate with top-k selection and softmax-renormalised weights.
+    """Learned linear gate with top-k selection; weights are the gate's softmax probabilities.
 
     Auxiliary losses (Switch Transformer, Fedus et al. 2022; ST-MoE, Zoph et al. 2022):
 
@@ -184,22 +185,36 @@ class TopKRouter(Router):
         dim: input feature size (last dim of x).
         k: experts per group.
         granularity: ``token`` or ``sample`` (a sample is represented by its mean token).
+        renormalize: divide the k selected probabilities by their sum. ``None`` (default):
+            only when k > 1. With k = 1 renormalising would make every weight 1 and cut the
+            gate off from the task loss, so the weight is the softmax probability itself, as in
+            the Switch Transformer (Fedus et al. 2021).
     """
 
     stochastic = False
 
-    def __init__(self, *, num_experts: int, dim: int, k: int = 1, granularity: str = "token", **kw) -> None:
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        dim: int,
+        k: int = 1,
+        granularity: str = "token",
+        renormalize: bool | None = None,
+        **kw,
+    ) -> None:
         if granularity == "batch":
             raise ValueError("topk router works at 'token' or 'sample' granularity, not 'batch'")
         super().__init__(num_experts=num_experts, granularity=granularity, **kw)
         if not 1 <= k <= num_experts:
             raise ValueError(f"topk router k={k} must be in [1, {num_experts}]")
         self.k = int(k)
+        self.renormalize = self.k > 1 if renormalize is None else bool(renormalize)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
 
     def route(self, x: torch.Tensor) -> RouterOutput:
-        """Top-k of the gate's softmax per token or sample, renormalised; aux: load-balance and z-loss."""
+        """Top-k of the gate's softmax per token or sample (renormalised if so configured); aux: load-balance and z-loss."""
         if self.granularity == "sample":
             feats = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)  # [B, D]
         else:
@@ -207,7 +222,7 @@ class TopKRouter(Router):
         logits = self.gate(feats.to(self.gate.weight.dtype)).float()  # [G, E]; model may be bf16, gate fp32
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.k, dim=-1)  # [G, k]
-        weights = top_p / top_p.sum(dim=-1, keepdim=True)
+        weights = top_p / top_p.sum(dim=-1, keepdim=True) if self.renormalize else top_p  # [G, k]
         # Switch load balancing over all k slots
         dispatch = F.one_hot(top_i, self.num_experts).float().sum(dim=1)  # [G, E]
         frac = dispatch.mean(dim=0) / self.k
@@ -222,7 +237,7 @@ class TopKRouter(Router):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", k={self.k}"
+        return super().extra_repr() + f", k={self.k}, renormalize={self.renormalize}"
 
 
 def build_router(router: str | Router, *, module: nn.Module | None = None, **kwargs) -> Router:

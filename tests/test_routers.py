@@ -169,9 +169,33 @@ def test_topk_k1_aux_losses_pinned():
     r = _identity_gate(ROUTERS.build("topk", num_experts=3, dim=3, k=1))
     out = r(TOKENS)
     assert torch.equal(out.indices, torch.tensor([[0], [1]]))
-    assert torch.allclose(out.weights, torch.ones(2, 1))
+    assert torch.allclose(out.weights, torch.tensor([[1 / 2], [1 / 2]]), atol=1e-6)  # Switch: p, not p / p = 1
     assert out.aux_losses["load_balance"].item() == pytest.approx(105 / 96, abs=1e-6)
     assert out.aux_losses["z_loss"].item() == pytest.approx(Z_LOSS, abs=1e-5)
+
+
+def test_topk_renormalize_flag():
+    r = _identity_gate(TopKRouter(num_experts=3, dim=3, k=1, renormalize=True))
+    assert torch.allclose(r(TOKENS).weights, torch.ones(2, 1))
+    r = _identity_gate(TopKRouter(num_experts=3, dim=3, k=2, renormalize=False))
+    assert torch.allclose(r(TOKENS).weights, torch.tensor([[1 / 2, 1 / 3], [1 / 2, 3 / 8]]), atol=1e-6)
+    assert "renormalize=False" in repr(r)
+
+
+def test_topk_k1_gate_learns_from_the_task_loss():
+    from torch import nn
+
+    from mergekit_video.experts import ExpertContainer
+
+    norms = {}
+    for renormalize in (None, True):
+        torch.manual_seed(0)
+        router = TopKRouter(num_experts=3, dim=4, k=1, renormalize=renormalize)
+        c = ExpertContainer([nn.Linear(4, 4) for _ in range(3)], router).train()
+        c(torch.randn(2, 5, 4)).pow(2).sum().backward()  # the task loss alone, no aux losses
+        norms[renormalize] = router.gate.weight.grad.norm().item()
+    assert norms[None] > 0.1  # the weight p carries the task gradient to the gate
+    assert norms[True] < 1e-5  # p / p = 1: only rounding noise reaches the gate
 
 
 def test_topk_k2_aux_losses_and_weights_pinned():
