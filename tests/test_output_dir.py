@@ -13,7 +13,7 @@ import pytest
 
 from mergekit_video.config import dump_recipe
 from mergekit_video.data import synthetic
-from mergekit_video.runners.common import LOCK_FILE, ensure_synthetic_data, prepare_output_dir
+from mergekit_video.runners.common import LOCK_FILE, ensure_synthetic_data, prepare_output_dir, release_output_dir
 
 TINY = dict(num_classes=2, videos_per_class=2, val_per_class=1, num_novel_classes=1, frames=8, size=(32, 32), seed=0)
 
@@ -326,3 +326,59 @@ def test_an_unreadable_recipe_yaml_is_named_as_such(tmp_path):
     (out / "recipe.yaml").write_text("train: [unclosed\n")
     with pytest.raises(FileExistsError, match=r"\(<recipe>: '\(unreadable recipe.yaml\)' -> 'this recipe'\)"):
         prepare_output_dir(_cfg(out), overwrite=False, main=True)
+
+
+def _ran(out, cfg):
+    """prepare_output_dir(cfg) and leave the outputs of a run there."""
+    prepare_output_dir(cfg, overwrite=False, main=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    (out / "checkpoints" / "step_1").write_text("ckpt")
+    (out / "metrics.jsonl").write_text("{}\n")
+
+
+def test_the_same_run_written_otherwise_or_moved_resumes(tmp_path, monkeypatch):
+    """output_dir as `run`, `/abs/run/`, `//abs/run`, or a copy of the folder: paths inside output_dir
+    compare relative to it, so the rerun resumes; a genuine change is still refused."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+
+    def recipe(o, lr=1):
+        return {"runner": "mote", "output_dir": str(o), "text": {"cache_dir": f"{o}/cache"},
+                "data": {"lists": [f"{o}/data/train.csv", "/elsewhere/val.csv"]}, "train": {"lr": lr}}
+
+    _ran(out, recipe(out))
+    for written in ("run", f"{out}/", f"/{out}", "./run/"):
+        prepare_output_dir(recipe(written), overwrite=False, main=True)
+        release_output_dir(written)
+        assert (out / "checkpoints" / "step_1").exists()
+    shutil.copytree(out, tmp_path / "copy", ignore=shutil.ignore_patterns(LOCK_FILE))
+    prepare_output_dir(recipe(tmp_path / "copy"), overwrite=False, main=True)
+    assert "copy/cache" in (tmp_path / "copy" / "recipe.yaml").read_text()
+    with pytest.raises(FileExistsError, match=r"different recipe \(train.lr: 1 -> 2\)"):
+        prepare_output_dir(recipe("run", lr=2), overwrite=False, main=True)
+    moved = recipe("run")
+    moved["data"]["lists"][1] = f"{out}/other.csv"  # a path outside output_dir that changed, or one moved into it
+    with pytest.raises(FileExistsError, match=r"different recipe \(data.lists.1: '/elsewhere/val.csv' -> '/"):
+        prepare_output_dir(moved, overwrite=False, main=True)
+
+
+def test_tilde_in_output_dir_is_expanded(tmp_path, monkeypatch):
+    """`output_dir: ~/r` writes under the home folder (where the path checks look), not into `./~/r`."""
+    from mergekit_video.config import load_recipe
+    from mergekit_video.config.schema import expand_user_paths
+    from mergekit_video.runners.schema import SCHEMAS
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    (cwd / "r.yaml").write_text("runner: mote\noutput_dir: ~/x\ntext:\n  cache_dir: ${output_dir}/cache\n")
+    cfg = load_recipe(cwd / "r.yaml", ["output_dir=~/r"])
+    assert cfg["output_dir"] == f"{home}/r" and cfg["text"]["cache_dir"] == f"{home}/r/cache"
+    cfg = {"runner": "mote", "output_dir": "~/r", "data": {"train_list": "~/lists/train.csv"}}
+    expand_user_paths(cfg, SCHEMAS["mote"])
+    assert cfg["output_dir"] == f"{home}/r" and cfg["data"]["train_list"] == f"{home}/lists/train.csv"
+    assert prepare_output_dir({"runner": "mote", "output_dir": "~/q"}, overwrite=False, main=True) == home / "q"
+    assert (home / "q" / "recipe.yaml").is_file() and not (cwd / "~").exists()

@@ -100,6 +100,9 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     if not isinstance(cfg, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping at the top level, got {type(cfg).__name__}")
     cfg = apply_overrides(cfg, overrides)
+    if isinstance(cfg.get("output_dir"), str) and cfg["output_dir"].startswith("~"):
+        # before interpolation: ${output_dir}/... then names the same folder the run writes into
+        cfg["output_dir"] = os.path.expanduser(cfg["output_dir"])
     return resolve_interpolations(cfg)
 
 

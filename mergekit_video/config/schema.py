@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,6 +359,40 @@ def check_paths(cfg: Mapping[str, Any], schema: Section) -> list[Problem]:
 
     walk(cfg, schema, "")
     return problems
+
+
+def expand_user_paths(cfg: dict[str, Any], schema: Section) -> dict[str, Any]:
+    """Expand a leading ``~`` (:func:`os.path.expanduser`) in ``output_dir`` and in every path-valued
+    key (``Field(path=...)``) of ``cfg``, in place; return ``cfg``.
+
+    :func:`check_paths` looks paths up with ``~`` expanded; runners call this first so that what they
+    read and write is what was checked (not a literal ``./~`` folder).
+    """
+
+    def expand(value: Any) -> Any:
+        return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+    def walk(node: Any, spec: Spec) -> None:
+        if isinstance(spec, (Section, Component)) and isinstance(node, dict):
+            for k, sub in spec.fields.items():
+                if k not in node:
+                    continue
+                if isinstance(sub, Field) and sub.path is not None:
+                    node[k] = expand(node[k])
+                else:
+                    walk(node[k], sub)
+        elif isinstance(spec, Field) and spec.item is not None and isinstance(node, list):
+            for i, v in enumerate(node):
+                if isinstance(spec.item, Field) and spec.item.path is not None:
+                    node[i] = expand(v)
+                else:
+                    walk(v, spec.item)
+
+    if isinstance(cfg, dict):
+        if "output_dir" in cfg:
+            cfg["output_dir"] = expand(cfg["output_dir"])
+        walk(cfg, schema)
+    return cfg
 
 
 def load_recipe_plugins(cfg: Mapping[str, Any]) -> list[str]:

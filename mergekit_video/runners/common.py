@@ -43,6 +43,11 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
         from ..utils.cpu import tune_cpu_allocator
 
         tune_cpu_allocator()  # keep freed tensor buffers in the process between steps
+    from ..config.schema import expand_user_paths
+    from .schema import SCHEMAS
+
+    if cfg.get("runner") in SCHEMAS:  # `~` in paths: read and write what check_recipe_paths checks
+        expand_user_paths(cfg, SCHEMAS[cfg["runner"]])
     output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
     seed_everything(cfg.get("seed", 0))
     recipe_data = dict(cfg.get("data") or {})
@@ -110,6 +115,55 @@ def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any,
     return [] if old == new and type(old) is type(new) else [(prefix or "<recipe>", old, new)]
 
 
+@dataclass(frozen=True, eq=False)
+class _UnderOutputDir:
+    """A recipe string that names a path inside the recipe's own ``output_dir``: equal to another
+    such path with the same place relative to its ``output_dir`` (the run written as ``run``,
+    ``/abs/run/`` or moved elsewhere is the same run); shown as written."""
+
+    relative: str
+    text: str
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _UnderOutputDir) and other.relative == self.relative
+
+    def __hash__(self) -> int:
+        return hash(self.relative)
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+
+def _relative_to_output_dir(node: Any, out: Path) -> Any:
+    """``node`` (a loaded recipe) less its ``output_dir`` key, with every string that names a path
+    inside ``out`` (resolved; ``~`` expanded) turned into :class:`_UnderOutputDir`."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, str) and value and ("/" in value or os.sep in value or value.startswith("~")) and "\n" not in value:
+            try:
+                rel = Path(value).expanduser().resolve().relative_to(out)
+            except (ValueError, OSError, RuntimeError):
+                return value
+            return _UnderOutputDir(relative=rel.as_posix(), text=value)
+        return value
+
+    if not isinstance(node, dict):
+        return node
+    return convert({k: v for k, v in node.items() if k != "output_dir"})
+
+
+def _output_dir_of(recipe: Any, fallback: Path) -> Path:
+    value = recipe.get("output_dir") if isinstance(recipe, dict) else None
+    try:
+        return Path(value).expanduser().resolve() if isinstance(value, str) and value.strip() else fallback
+    except (OSError, RuntimeError):
+        return fallback
+
+
 def _without_new_defaults(cfg: dict[str, Any], earlier: Any, changes: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
     """``changes`` less the keys the earlier recipe lacks and this one holds at their schema default:
     a setting a later mergekit_video added, whose default does what the earlier run did. A key whose
@@ -165,6 +219,8 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
 
     from ..config import dump_recipe, save_resolved_recipe
 
+    if isinstance(cfg.get("output_dir"), str) and cfg["output_dir"].startswith("~"):
+        cfg["output_dir"] = os.path.expanduser(cfg["output_dir"])  # written where check_paths looks
     out = Path(cfg["output_dir"])
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file, not a folder; set output_dir to a folder (new or of an earlier run)")
@@ -184,7 +240,14 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         if previous is not None and previous != text:
             try:
                 earlier = yaml.safe_load(previous)
-                changes = recipe_changes(earlier, yaml.safe_load(text)) or [("<recipe>", "(another text)", "this recipe")]
+                here = out.resolve()
+                # output_dir itself, and the paths inside it, may be written otherwise (`run`, `/abs/run/`) or
+                # the run moved: compare them relative to each recipe's own output_dir
+                changes = recipe_changes(
+                    _relative_to_output_dir(earlier, _output_dir_of(earlier, here)), _relative_to_output_dir(yaml.safe_load(text), here)
+                )
+                if not changes and not isinstance(earlier, dict):
+                    changes = [("<recipe>", "(another text)", "this recipe")]
                 changes = _without_new_defaults(cfg, earlier, changes)  # none left: the same run
             except yaml.YAMLError:
                 changes = [("<recipe>", "(unreadable recipe.yaml)", "this recipe")]
