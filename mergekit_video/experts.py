@@ -376,6 +376,12 @@ class ExpertContainer(nn.Module):
                 missing, unexpected = dense.load_state_dict(merged, strict=False)
                 if unexpected or set(missing) - kept:  # pragma: no cover - the experts share one structure
                     raise RuntimeError(f"collapse: merged keys do not fit the dense module ({missing}, {unexpected})")
+        # a merged parameter is trainable if any expert's is (the copy of expert 0 has only its flags)
+        slots, buffers = self._tensor_slots(), self._slots_cache.buffers
+        for i, ((name, _), ts) in enumerate(zip(slots, self._slot_tensors())):
+            if i not in buffers and ts[0].is_floating_point():
+                owner, _, leaf = name.rpartition(".")
+                dense.get_submodule(owner)._parameters[leaf].requires_grad_(any(t.requires_grad for t in ts))
         dense.train(self.training)
         return dense
 

@@ -488,6 +488,21 @@ def test_router_generator_states_round_trip():
 # -- collapse ---------------------------------------------------------------------------------------------
 
 
+def test_collapsed_parameters_require_grad_if_any_expert_does():
+    mods = experts(3)
+    base = copy.deepcopy(mods[0])
+    for m in mods:
+        m.fc2.requires_grad_(False)  # frozen in every expert
+    mods[0].fc1.weight.requires_grad_(False)  # frozen in expert 0 only
+    mods[2].fc1.bias.requires_grad_(False)
+    c = ExpertContainer(mods, "multinomial")
+    for dense in (c.collapse("mean"), c.collapse("task_arithmetic", base=base)):
+        flags = {n: p.requires_grad for n, p in dense.named_parameters()}
+        assert flags == {"fc1.weight": True, "fc1.bias": True, "fc2.weight": False, "fc2.bias": False}
+    assert not mods[0].fc1.weight.requires_grad  # the experts keep their own flags
+    assert not any(p.requires_grad for p in c.eval().merged_module().parameters())  # the eval cache is a constant
+
+
 def test_collapse_mean_weighted_and_task_arithmetic():
     mods = experts(3)
     c = ExpertContainer(copy.deepcopy(mods), "multinomial").eval()
