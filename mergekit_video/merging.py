@@ -322,12 +322,19 @@ def dare(
     combine: str = "linear",
     lam: float = 1.0,
     weights: Sequence[float] | None = None,
-    seed: int | None = None,
+    seed: int | None = 0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DARE: Bernoulli-drop task vectors with rate p = ``drop_rate``, rescale by 1/(1−p), then linear or TIES combine (Yu et al. 2024)."""
+    """DARE: Bernoulli-drop task vectors with rate p = ``drop_rate``, rescale by 1/(1−p), then linear or TIES combine (Yu et al. 2024).
+
+    Seeded: the drop masks come from ``generator`` or else from a generator seeded with ``seed``
+    (0 when not given or None), never from torch's global RNG, so merging again (an eval
+    re-merge, the exported collapse) draws the same masks.
+    """
     if combine not in ("linear", "ties"):
         raise ValueError(f"dare combine must be 'linear' or 'ties', got {combine!r}")
+    if generator is None and seed is None:
+        seed = 0
     impl = _dare_linear if combine == "linear" else _dare_ties
     return impl(tensors, base=base, drop_rate=drop_rate, lam=lam, weights=weights, seed=seed, generator=generator)
 
@@ -469,8 +476,8 @@ def merge_state_dicts(
 
     All state dicts must have the same keys and shapes; ``base`` (when given) too.
     Non-float tensors follow ``non_float`` (see :func:`merge_tensors`).
-    A ``seed`` keyword seeds one generator consumed in key order, so stochastic
-    strategies (DARE) are reproducible.
+    A ``seed`` keyword (else the strategy's default seed) seeds one generator consumed in
+    key order, so stochastic strategies (DARE) are reproducible.
     """
     if not state_dicts:
         raise ValueError("merge_state_dicts needs at least one state dict")
@@ -484,9 +491,15 @@ def merge_state_dicts(
         if missing:
             raise ValueError(f"base state dict is missing {missing[0]!r}")
     fn = resolve_strategy(strategy)
-    if kwargs.get("seed") is not None and "generator" in inspect.signature(fn).parameters:
-        kwargs = dict(kwargs)
-        kwargs["generator"] = torch.Generator().manual_seed(int(kwargs.pop("seed")))
+    params = inspect.signature(fn).parameters
+    if "generator" in params and "seed" in params and kwargs.get("generator") is None:
+        seed = kwargs.get("seed")
+        if seed is None:  # the strategy's default seed (DARE: 0)
+            default = params["seed"].default
+            seed = None if default is inspect.Parameter.empty else default
+        if seed is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k != "seed"}
+            kwargs["generator"] = torch.Generator().manual_seed(int(seed))
     out = {}
     for k in keys:
         try:

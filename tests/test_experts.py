@@ -503,6 +503,17 @@ def test_collapsed_parameters_require_grad_if_any_expert_does():
     assert not any(p.requires_grad for p in c.eval().merged_module().parameters())  # the eval cache is a constant
 
 
+def test_unseeded_dare_eval_merge_is_the_exported_collapse():
+    mods = experts(3)
+    base = copy.deepcopy(mods[0])
+    c = ExpertContainer(mods, "multinomial", merge="dare", merge_kwargs={"base": base, "drop_rate": 0.5}).eval()
+    rng = torch.get_rng_state()
+    evaluated = c.merged_module().state_dict()
+    exported = c.collapse().state_dict()
+    assert all(torch.equal(evaluated[k], exported[k]) for k in exported)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 def test_collapse_mean_weighted_and_task_arithmetic():
     mods = experts(3)
     c = ExpertContainer(copy.deepcopy(mods), "multinomial").eval()

@@ -181,6 +181,21 @@ def test_dare_limits_statistics_and_seeds():
         dare(DARE_THETAS, base=DARE_BASE, combine="mean")
 
 
+def test_unseeded_dare_is_deterministic_and_leaves_the_global_rng_alone():
+    dare = MERGES.get("dare")
+    rng = torch.get_rng_state()
+    out = dare(DARE_THETAS, base=DARE_BASE, drop_rate=0.5)
+    assert torch.equal(out, dare(DARE_THETAS, base=DARE_BASE, drop_rate=0.5))
+    assert torch.equal(out, dare(DARE_THETAS, base=DARE_BASE, drop_rate=0.5, seed=None))
+    assert torch.equal(out, dare(DARE_THETAS, base=DARE_BASE, drop_rate=0.5, seed=0))  # the default seed
+    # a state dict merge without a seed: one generator seeded 0, consumed in key order
+    sds = [{"a": t, "b": t + 1} for t in DARE_THETAS]
+    base = {"a": DARE_BASE, "b": DARE_BASE + 1}
+    merged = merge_state_dicts(sds, "dare", base=base, drop_rate=0.5)
+    assert all(torch.equal(merged[k], v) for k, v in merge_state_dicts(sds, "dare", base=base, drop_rate=0.5, seed=0).items())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 def test_task_arithmetic_family_errors():
     ta = MERGES.get("task_arithmetic")
     with pytest.raises(ValueError, match=r"^task-arithmetic merges need base= \(the weights the experts were tuned from\)"):
