@@ -199,6 +199,25 @@ def merge_coefficients(strategy: str | MergeFn, n: int, **kwargs: Any) -> Tensor
     return None if coeff_fn is None else coeff_fn(n, **kwargs)
 
 
+# -- argument ranges ---------------------------------------------------------------------
+
+
+def _check_ranges(fn: MergeFn, name: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the strategy and argument when a value lies outside ``fn.argument_ranges``.
+
+    ``argument_ranges`` maps an argument to ``(low, high, low_open, high_open)``.
+    """
+    for arg, (lo, hi, lo_open, hi_open) in getattr(fn, "argument_ranges", {}).items():
+        if arg not in kwargs or kwargs[arg] is None:
+            continue
+        v = float(kwargs[arg])
+        below = v <= lo if lo_open else v < lo
+        above = v >= hi if hi_open else v > hi
+        if below or above or math.isnan(v):
+            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise ValueError(f"merge strategy {name!r}: {arg} must be in {interval}, got {kwargs[arg]!r}")
+
+
 # -- task-arithmetic family -------------------------------------------------------------
 
 
@@ -309,7 +328,8 @@ def task_arithmetic(tensors: Sequence[Tensor], *, base: Tensor | None = None, la
 
 @MERGES.register("ties")
 def ties(tensors: Sequence[Tensor], *, base: Tensor | None = None, density: float = 0.2, lam: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
-    """TIES: trim task vectors to top ``density`` by magnitude, elect sign, disjoint mean (Yadav et al. 2023)."""
+    """TIES: trim task vectors to top ``density`` ∈ (0, 1] by magnitude, elect sign, disjoint mean (Yadav et al. 2023)."""
+    _check_ranges(ties, "ties", {"density": density})
     return _ties(tensors, base=base, density=density, lam=lam, weights=weights)
 
 
@@ -325,7 +345,7 @@ def dare(
     seed: int | None = 0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DARE: Bernoulli-drop task vectors with rate p = ``drop_rate``, rescale by 1/(1−p), then linear or TIES combine (Yu et al. 2024).
+    """DARE: Bernoulli-drop task vectors with rate p = ``drop_rate`` ∈ [0, 1), rescale by 1/(1−p), then linear or TIES combine (Yu et al. 2024).
 
     Seeded: the drop masks come from ``generator`` or else from a generator seeded with ``seed``
     (0 when not given or None), never from torch's global RNG, so merging again (an eval
@@ -333,6 +353,7 @@ def dare(
     """
     if combine not in ("linear", "ties"):
         raise ValueError(f"dare combine must be 'linear' or 'ties', got {combine!r}")
+    _check_ranges(dare, "dare", {"drop_rate": drop_rate})
     if generator is None and seed is None:
         seed = 0
     impl = _dare_linear if combine == "linear" else _dare_ties
@@ -343,10 +364,11 @@ def dare(
 def slerp(tensors: Sequence[Tensor], *, base: Tensor | None = None, t: float = 0.5, eps: float = 1e-8) -> Tensor:
     """Spherical interpolation between two tensors: sin((1−t)Ω)/sin Ω · θ₀ + sin(tΩ)/sin Ω · θ₁ (Shoemake 1985).
 
-    Ω is the angle between the flattened tensors; nearly colinear tensors fall back to lerp.
+    Ω is the angle between the flattened tensors, t ∈ [0, 1]; nearly colinear tensors fall back to lerp.
     """
     if len(tensors) != slerp.num_tensors:
         raise ValueError(f"slerp merges exactly two tensors, got {len(tensors)}")
+    _check_ranges(slerp, "slerp", {"t": t})
     _check_same_shape(tensors)
     v0, v1 = tensors[0].float(), tensors[1].float()
     n0, n1 = v0.flatten().norm(), v1.flatten().norm()
@@ -376,6 +398,9 @@ def ensemble(tensors: Sequence[Tensor], *, base: Tensor | None = None, weights: 
 
 ensemble.output_space = True  # type: ignore[attr-defined]
 slerp.num_tensors = 2  # type: ignore[attr-defined]
+ties.argument_ranges = {"density": (0.0, 1.0, True, False)}  # type: ignore[attr-defined]
+dare.argument_ranges = {"drop_rate": (0.0, 1.0, False, True)}  # type: ignore[attr-defined]
+slerp.argument_ranges = {"t": (0.0, 1.0, False, False)}  # type: ignore[attr-defined]
 for _fn in (task_arithmetic, ties, dare):
     _fn.requires_base = True  # type: ignore[attr-defined]
 
@@ -402,7 +427,9 @@ def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any], *,
 
     Checks the keywords against the strategy's signature (unknown or missing), ``base=`` for
     task-arithmetic strategies, and, with ``num_experts``, the length of ``weights`` and the
-    expert count of strategies that merge a fixed number (``slerp``: two).
+    expert count of strategies that merge a fixed number (``slerp``: two), and the ranges of
+    arguments such as ``ties``'s ``density`` ∈ (0, 1], ``dare``'s ``drop_rate`` ∈ [0, 1) and
+    ``slerp``'s ``t`` ∈ [0, 1].
     """
     fn = resolve_strategy(strategy)
     name = strategy if isinstance(strategy, str) else getattr(fn, "__name__", "merge")
@@ -410,6 +437,7 @@ def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any], *,
         inspect.signature(fn).bind([], **kwargs)
     except TypeError as exc:
         raise ValueError(f"merge strategy {name!r}: {exc}") from None
+    _check_ranges(fn, name, kwargs)
     if requires_base(fn) and kwargs.get("base") is None:
         raise ValueError(
             f"merge strategy {name!r} needs base= (the weights the experts were tuned from, such as the "

@@ -666,6 +666,9 @@ def test_merge_arguments_are_checked_against_the_container():
         c.collapse("mean", tau=2.0)
     with pytest.raises(ValueError, match=r"^merge strategy 'dare' needs base="):
         c.set_merge("dare", drop_rate=0.5)
+    with pytest.raises(ValueError, match=r"^merge strategy 'ties': density must be in \(0, 1\], got 0$"):
+        c.set_merge("ties", base=experts(1)[0], density=0)
+    assert c.merge == "mean"  # a rejected merge leaves the current one
     # a gated router infers its width from the experts, as add_experts does
     assert ExpertContainer(experts(2), "topk", router_kwargs={"k": 1}).router.gate.in_features == 4
     # a weighted ensemble is evaluated as it is exported

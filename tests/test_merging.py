@@ -169,7 +169,7 @@ def test_dare_limits_statistics_and_seeds():
     dare = MERGES.get("dare")
     ta = MERGES.get("task_arithmetic")
     assert torch.equal(dare(DARE_THETAS, base=DARE_BASE, drop_rate=0.0), ta(DARE_THETAS, base=DARE_BASE))
-    assert torch.equal(dare(DARE_THETAS, base=DARE_BASE, drop_rate=1.0), DARE_BASE)
+    assert torch.equal(dare(DARE_THETAS, base=DARE_BASE, drop_rate=0.999999), DARE_BASE)  # ~everything dropped (1e-6 keep)
     # the rescale keeps the task vector unbiased: E[drop(d)] = d
     base, theta = torch.zeros(100_000), torch.ones(100_000)
     out = dare([theta], base=base, drop_rate=0.9, seed=1)
@@ -194,6 +194,29 @@ def test_unseeded_dare_is_deterministic_and_leaves_the_global_rng_alone():
     merged = merge_state_dicts(sds, "dare", base=base, drop_rate=0.5)
     assert all(torch.equal(merged[k], v) for k, v in merge_state_dicts(sds, "dare", base=base, drop_rate=0.5, seed=0).items())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize(
+    "strategy,arg,bad,good,interval",
+    [
+        ("ties", "density", [0.0, 1.5, -0.1], [1e-3, 1.0], r"\(0, 1\]"),
+        ("dare", "drop_rate", [1.0, -0.1, 2.0], [0.0, 0.99], r"\[0, 1\)"),
+        ("slerp", "t", [-0.1, 1.1, float("nan")], [0.0, 1.0], r"\[0, 1\]"),
+    ],
+)
+def test_argument_ranges_name_the_argument(strategy, arg, bad, good, interval):
+    from mergekit_video.merging import check_merge_arguments
+
+    fn = MERGES.get(strategy)
+    thetas, base = [T(1, 2), T(3, 5)], T(0, 1)
+    for v in bad:
+        with pytest.raises(ValueError, match=rf"^merge strategy '{strategy}': {arg} must be in {interval}, got "):
+            fn(thetas, base=base, **{arg: v})
+        with pytest.raises(ValueError, match=rf"^merge strategy '{strategy}': {arg} must be in {interval}, got "):
+            check_merge_arguments(strategy, {"base": base, arg: v}, num_experts=2)
+    for v in good:
+        check_merge_arguments(strategy, {"base": base, arg: v}, num_experts=2)
+        assert torch.isfinite(fn(thetas, base=base, **{arg: v})).all()
 
 
 def test_task_arithmetic_family_errors():
