@@ -661,14 +661,37 @@ class ExpertContainer(nn.Module):
 # -- model-wide helpers -------------------------------------------------------------------
 
 
-_containers_cache: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[str, ExpertContainer]]]] = weakref.WeakKeyDictionary()
+# model -> (structure epoch, [(name, container)], links (parent, child name, child) on the paths to them)
+_containers_cache: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[str, ExpertContainer]], list[tuple[nn.Module, str, nn.Module]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _paths_to(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str, nn.Module]]:
+    links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+    for name in names:
+        parent = model
+        for part in name.split(".") if name else []:
+            child = parent._modules[part]
+            links[(id(parent), part)] = (parent, part, child)
+            parent = child
+    return list(links.values())
 
 
 def find_containers(model: nn.Module) -> list[tuple[str, ExpertContainer]]:
-    """All (qualified name, container) pairs in module order (cached until a module is registered anywhere)."""
+    """All (qualified name, container) pairs in module order.
+
+    Cached until a module is registered anywhere, or a module on the path to a container is
+    deleted or renumbered (``del model.block``, ``del layers[0]``), which torch reports to no hook.
+    """
     cached = _containers_cache.get(model)
-    if cached is None or cached[0] != _structure_epoch:
-        cached = (_structure_epoch, [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertContainer)])
+    if (
+        cached is None
+        or cached[0] != _structure_epoch
+        or any(parent._modules.get(part) is not child for parent, part, child in cached[2])
+    ):
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertContainer)]
+        cached = (_structure_epoch, found, _paths_to(model, [n for n, _ in found]))
         _containers_cache[model] = cached
     return list(cached[1])
 
@@ -706,10 +729,31 @@ def routing_plan(
                 c._plan = plan[name]
             else:
                 c._plan = plan
+        if torch.is_grad_enabled() and any(not (isinstance(c._plan, str) and c._plan == "routed") for _, c in containers):
+            _warn_plan_under_plain_checkpointing(model)
         yield containers
     finally:
         for (_, c), p in zip(containers, previous):
             c._plan = p
+
+
+def checkpoints_plainly(module: nn.Module) -> bool:
+    """Whether ``module`` has gradient checkpointing on (``grad_checkpointing = True``, as open_clip
+    and timm set it) done with plain ``torch.utils.checkpoint``, that is without ``replays_routing``."""
+    return getattr(module, "grad_checkpointing", False) is True and not getattr(module, "replays_routing", False)
+
+
+def _warn_plan_under_plain_checkpointing(model: nn.Module) -> None:
+    """A plan lives only inside its ``with`` block; a plain checkpoint recomputes in backward, after it."""
+    for name, module in model.named_modules():
+        if checkpoints_plainly(module) and find_containers(module):
+            warn_user(
+                f"{name or type(model).__name__} has gradient checkpointing on and holds expert containers: a plain "
+                "torch.utils.checkpoint recomputes them in backward without this routing plan (use_expert, "
+                "use_merge, use_merge_weights, the weight-merging regularizer), which gives wrong gradients. Turn "
+                "its checkpointing off, or checkpoint with mergekit_video.experts.checkpoint_routed."
+            )
+            return
 
 
 def use_expert(model: nn.Module, index: int) -> Any:

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .experts import ExpertContainer, find_containers, per_container_merge_kwargs, router_keeps_state, state_dict_under
+from .experts import (
+    ExpertContainer,
+    checkpoints_plainly,
+    find_containers,
+    per_container_merge_kwargs,
+    router_keeps_state,
+    state_dict_under,
+)
 from .merging import requires_base
 from .routers import Router, build_router, default_generator
 from .utils.warn import warn_user
@@ -288,7 +295,7 @@ def warn_plain_checkpointing(model: nn.Module) -> None:
     Called by :func:`add_experts`; call it after turning checkpointing on in a backbone that has experts.
     """
     for name, module in model.named_modules():
-        if getattr(module, "grad_checkpointing", False) is not True or getattr(module, "replays_routing", False):
+        if not checkpoints_plainly(module):
             continue
         replay_unsafe = [
             n for n, c in find_containers(module) if getattr(c.router, "stochastic", True) or router_keeps_state(c.router)

@@ -185,6 +185,7 @@ def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path,
     capsys.readouterr()
     assert cli_main(["validate", "--check-paths", str(recipe), *over]) == 1
     err = capsys.readouterr().err
+    assert f"recipe {recipe} is invalid (4 problems)" in err
     assert f"- data.val_list: file not found: {lists} (it is a folder)" in err
     assert f"- data.class_csv: file not found: {lists / 'kinetics_400_labels.csv'}" in err  # ${data.root}/lists/...
     assert "data.root" not in err and "data.train_list" not in err
@@ -196,7 +197,12 @@ def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path,
 
     monkeypatch.setattr(video_clip, "build_video_clip", no_build)
     assert cli_main(["run", str(recipe), *over]) == 1
-    assert "- data.val_list: file not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"recipe {recipe} is invalid (4 problems)" in err and "- data.val_list: file not found" in err
+    assert not (tmp_path / "run").exists()  # a run that could not start leaves no folder behind
+    (tmp_path / "run").mkdir()
+    assert cli_main(["run", str(recipe), *over]) == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".mergevid.lock", "recipe.yaml"]  # the user's folder stays
     # synthetic data is written by the run: nothing to check up front
     assert cli_main(["validate", "--check-paths", str(QUICKSTART), f"output_dir={tmp_path / 'q'}"]) == 0
     assert "data.synthetic is set" in capsys.readouterr().out
@@ -387,10 +393,17 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     assert default_eval_dir(a, tmp_path / "hmdb" / "val.txt") == Path("runs/eval/mote_a_model_hmdb_val")
     # another protocol gets its own folder (it would otherwise be refused as another recipe)
     assert default_eval_dir(a, tmp_path / "ucf" / "val.txt", views="4x3", frames=16) == Path("runs/eval/mote_a_model_ucf_val_4x3_f16")
-    # through the command: the folder is made (recipe.yaml) before the missing list is named
+    # through the command: a missing list is named with the recipe, and the folder made for it is removed again
     monkeypatch.chdir(tmp_path)
     assert cli_main(["eval", str(a), "--list", "v.txt", "--classes", str(tmp_path / "c.csv")]) == 1
-    assert "eval.datasets.0.list: file not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"eval recipe for {a} is invalid (2 problems)" in err and "eval.datasets.0.list: file not found" in err
+    assert not (tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_v").exists()
+    for name in ("v.txt", "w.txt", "s1.txt", "s2.txt", "c.csv"):
+        (tmp_path / name).write_text("")
+    # with the files there, the run starts (recipe.yaml) and fails on the model ({} is no model config)
+    assert cli_main(["eval", str(a), "--list", "v.txt", "--classes", str(tmp_path / "c.csv")]) == 1
+    capsys.readouterr()
     saved = (tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_v" / "recipe.yaml").read_text()
     assert f"checkpoint: {a}" in saved and f"list: {tmp_path / 'v.txt'}" in saved  # absolute: the same recipe from any folder
     # a run's output_dir means its model; a folder that holds no model is named before anything is written

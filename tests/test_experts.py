@@ -882,6 +882,57 @@ def test_structure_changes_refresh_the_cached_lookups():
     assert find_containers(model) == []
 
 
+def test_deleting_or_renumbering_modules_refreshes_the_cached_containers():
+    from mergekit_video import add_experts, collapse_experts
+
+    model = nn.Sequential(MLP(), nn.Sequential(MLP()), nn.ModuleList([MLP(), MLP()]))
+    add_experts(model, ["0", "1.0", "2.0", "2.1"], 2)
+    assert [n for n, _ in find_containers(model)] == ["0", "1.0", "2.0", "2.1"]
+    del model[1][0]  # torch reports deletions to no hook
+    assert [n for n, _ in find_containers(model)] == ["0", "2.0", "2.1"]
+    del model[2][0]  # ModuleList renumbers: the former "2.1" is "2.0" now
+    assert [n for n, _ in find_containers(model)] == ["0", "2.0"]
+    kept = model[2][0]
+    del model[2]  # an ancestor of a container
+    assert [n for n, _ in find_containers(model)] == ["0"]
+    assert [n for n, _ in find_containers(kept)] == [""]
+    collapse_experts(model)  # once raised KeyError on the stale entry
+    assert find_containers(model) == [] and isinstance(model[0], MLP)
+
+
+def test_a_routing_plan_under_plain_checkpointing_warns_once_it_would_be_lost_in_backward():
+    import warnings
+
+    from mergekit_video import add_experts
+
+    class Backbone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.grad_checkpointing = False
+            self.blocks = nn.ModuleList([MLP(), MLP()])
+
+    model = Backbone()
+    add_experts(model, "blocks.*", 2, router="fixed")  # deterministic: routed recomputation is exact
+    model.grad_checkpointing = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with routing_plan(model, "routed"):
+            pass
+        with torch.no_grad(), use_expert(model, 1):  # no backward, nothing recomputed
+            pass
+        model.grad_checkpointing = False
+        with use_expert(model, 1):
+            pass
+        model.grad_checkpointing = True
+    with pytest.warns(UserWarning, match=r"^Backbone has gradient checkpointing on .* without this routing plan"):
+        with use_expert(model, 1):
+            pass
+    outer = nn.Sequential(model)
+    with pytest.warns(UserWarning, match=r"^0 has gradient checkpointing on .*checkpoint_routed"):
+        with use_merge_weights(outer, torch.tensor([0.5, 0.5])):
+            pass
+
+
 def test_eval_fast_path_still_runs_hooks_of_the_merged_module():
     c = ExpertContainer(experts(2), "multinomial")
     seen = []

@@ -37,6 +37,19 @@ def _load_validated(recipe: Path, overrides: list[str]) -> dict:
     return _validated(load_recipe(recipe, overrides), source=str(recipe))
 
 
+def _run_validated(cfg: dict, *, source: str, overwrite: bool) -> None:
+    """Run a validated recipe; the path checks made at start-up name the recipe, as validation does."""
+    from ..config import ValidationError
+    from ..runners import run_recipe
+
+    try:
+        reraise_interrupts(run_recipe, cfg, overwrite=overwrite, console=_console())
+    except ValidationError as err:
+        if err.source is None:
+            raise ValidationError(err.problems, source=source) from None
+        raise
+
+
 def _checked_overrides(ctx: typer.Context, overrides: list[str] | None) -> list[str]:
     """``overrides`` as given; a misspelt option (``--overwrit``), which the commands that take
     overrides would read as one, is an error naming the options the command has."""
@@ -110,7 +123,12 @@ def validate_cmd(
         if data.get("synthetic"):  # written by the run itself under output_dir
             _console().print("[yellow]note[/]: data.synthetic is set; its files are written when the recipe runs")
         else:
-            check_recipe_paths(cfg)
+            from ..config import ValidationError
+
+            try:
+                check_recipe_paths(cfg)
+            except ValidationError as err:
+                raise ValidationError(err.problems, source=str(recipe)) from None
     _console().print(f"[green]ok[/] {recipe}: runner '{cfg['runner']}', output_dir {cfg['output_dir']}")
 
 
@@ -127,10 +145,8 @@ def run_cmd(
 
     Multi-GPU: torchrun --nproc_per_node=8 -m mergekit_video run RECIPE
     """
-    from ..runners import run_recipe
-
     cfg = _load_validated(recipe, _checked_overrides(ctx, overrides))
-    reraise_interrupts(run_recipe, cfg, overwrite=overwrite, console=_console())
+    _run_validated(cfg, source=str(recipe), overwrite=overwrite)
 
 
 def default_eval_dir(target: Path, list_file: Path | None = None, *, views: str = "1x1", frames: int = 8) -> Path:
@@ -183,8 +199,6 @@ def eval_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an output folder holding other results: DELETES them first."),
 ) -> None:
     """Evaluate a model: with a recipe, or a model directory plus --list/--classes."""
-    from ..runners import run_recipe
-
     overrides = _checked_overrides(ctx, overrides)
     if target.suffix in (".yaml", ".yml"):
         cfg = _load_validated(target, overrides or [])
@@ -242,7 +256,7 @@ def eval_cmd(
 
         recipe = resolve_interpolations(apply_overrides(recipe, overrides))
         cfg = _validated(recipe, source=f"eval recipe for {target}")
-    reraise_interrupts(run_recipe, cfg, overwrite=overwrite, console=_console())
+    _run_validated(cfg, source=str(target) if target.suffix in (".yaml", ".yml") else f"eval recipe for {target}", overwrite=overwrite)
 
 
 class ConvertFormat(str, enum.Enum):

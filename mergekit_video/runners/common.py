@@ -48,13 +48,20 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
 
     if cfg.get("runner") in SCHEMAS:  # `~` in paths: read and write what check_recipe_paths checks
         expand_user_paths(cfg, SCHEMAS[cfg["runner"]])
+    new_folder = main and not Path(os.path.expanduser(str(cfg["output_dir"]))).exists()
     output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
-    seed_everything(cfg.get("seed", 0))
-    recipe_data = dict(cfg.get("data") or {})
-    data_cfg = ensure_synthetic_data(recipe_data, output_dir, main=main, overwrite=overwrite)
-    if cfg.get("eval") and data_cfg is not recipe_data:  # eval paths taken from data.* (${data.val_list}) follow it
-        cfg["eval"] = follow_synthetic_data(cfg["eval"], recipe_data, data_cfg)
-    check_recipe_paths(cfg, data_cfg)
+    try:
+        seed_everything(cfg.get("seed", 0))
+        recipe_data = dict(cfg.get("data") or {})
+        data_cfg = ensure_synthetic_data(recipe_data, output_dir, main=main, overwrite=overwrite)
+        if cfg.get("eval") and data_cfg is not recipe_data:  # eval paths taken from data.* (${data.val_list}) follow it
+            cfg["eval"] = follow_synthetic_data(cfg["eval"], recipe_data, data_cfg)
+        check_recipe_paths(cfg, data_cfg)
+    except BaseException:
+        if new_folder:  # a run that could not start leaves no folder behind (only one this run made)
+            release_output_dir(output_dir)
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     return RunContext(dist=dist, main=main, device=device, output_dir=output_dir, data_cfg=data_cfg)
 
 
