@@ -633,8 +633,13 @@ class ExpertContainer(nn.Module):
         if routing.granularity == "batch":
             expert = int(routing.indices.reshape(-1)[0])  # CPU tensor for stochastic routers: no sync
             return self.experts[expert](x, *args, **kwargs)
-        if args or kwargs:
-            raise ValueError("per-sample and per-token routing pass only the input tensor to the experts")
+        tensor_arg = next((repr(k) for k, v in (*enumerate(args, 1), *kwargs.items()) if isinstance(v, torch.Tensor)), None)
+        if tensor_arg is not None:
+            raise ValueError(
+                f"per-{routing.granularity} routing splits the input among the experts, but the experts also get the "
+                f"tensor argument {tensor_arg}, which it cannot split alike; route per batch (MoTE), or pass the "
+                "experts only the input (other arguments that are not tensors, such as attn_mask=None, pass through)"
+            )
         flat = x if routing.granularity == "sample" else x.reshape(-1, x.shape[-1])  # [G, ...]
         indices = routing.indices.to(flat.device)
         weights = routing.weights.to(flat.device)
@@ -643,13 +648,22 @@ class ExpertContainer(nn.Module):
             pos, slot = (indices == e).nonzero(as_tuple=True)
             if pos.numel() == 0:
                 continue
-            y = expert(flat[pos])
+            try:
+                y = expert(flat[pos], *args, **kwargs)
+            except (RuntimeError, ValueError, TypeError) as err:
+                if routing.granularity != "token" or isinstance(err, torch.OutOfMemoryError):
+                    raise
+                raise RuntimeError(
+                    f"per-token routing runs each expert on the tokens routed to it, a [tokens, {flat.shape[-1]}] "
+                    f"matrix, and the expert ({type(expert).__name__}) failed on it: a module that mixes positions "
+                    f"(attention, convolution) cannot be routed per token; route it per batch or per sample. ({err})"
+                ) from err
             y = y * weights[pos, slot].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
             if out is None:
                 out = y.new_zeros((flat.shape[0], *y.shape[1:]))
             out = out.index_add(0, pos, y)
         if out is None:  # no routing slots at all (empty input)
-            out = self.experts[0](flat)
+            out = self.experts[0](flat, *args, **kwargs)
         if routing.granularity == "token":
             out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out

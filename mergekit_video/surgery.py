@@ -30,6 +30,8 @@ from .utils.warn import warn_user
 
 EXPERT_INITS = ("normal", "copy", "copy_noise")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+#: Modules whose output at one position depends on others: they cannot run on routed single tokens.
+_MIXES_POSITIONS = (nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
 
 
 class SurgeryError(ValueError):
@@ -237,9 +239,15 @@ def add_experts(
                     for p in e.parameters():
                         p.add_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(noise_std).to(p))
             experts.append(e)
+        container_router = _build_router(router, num_experts, original, router_kw, seed_offset + index)
+        if getattr(container_router, "granularity", None) == "token" and isinstance(original, _MIXES_POSITIONS):
+            raise SurgeryError(
+                f"{group[0]!r} is a {type(original).__name__}, which mixes positions: per-token routing runs each "
+                "expert on single tokens ([tokens, dim]); route it per batch or per sample"
+            )
         container = ExpertContainer(
             experts,
-            _build_router(router, num_experts, original, router_kw, seed_offset + index),
+            container_router,
             merge,
             merge_kwargs={**merge_kwargs, "base": bases[index]} if bases else merge_kwargs,
         )

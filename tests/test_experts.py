@@ -25,7 +25,7 @@ from mergekit_video.experts import (
     use_merge_weights,
 )
 from mergekit_video.registry import RegistryError
-from mergekit_video.routers import FixedRouter, MultinomialRouter, TopKRouter
+from mergekit_video.routers import FixedRouter, MultinomialRouter, RandomRouter, TopKRouter
 
 
 class MLP(nn.Module):
@@ -360,8 +360,36 @@ def test_sample_routing_per_sample():
     assert idx.shape == (16,) and len(set(idx.tolist())) == 3
     expected = torch.cat([c.experts[int(i)](x[b : b + 1]) for b, i in enumerate(idx)])
     assert y.shape == x.shape and maxdiff(y, expected) <= 1e-6
-    with pytest.raises(ValueError, match=r"^per-sample and per-token routing pass only the input tensor to the experts$"):
+    with pytest.raises(ValueError, match=r"^per-sample routing splits the input among the experts, but the experts also get the tensor argument 1,"):
         c(x, torch.ones(1))
+
+
+class MaskedAttention(nn.Module):
+    """timm's Attention signature: ``forward(x, attn_mask=None)`` on ``[B, N, C]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def test_sample_routing_passes_arguments_that_are_not_tensors_and_token_routing_names_a_mixing_expert():
+    c = ExpertContainer([MaskedAttention() for _ in range(2)], "random", router_kwargs={"granularity": "sample", "seed": 0}).train()
+    x = torch.randn(6, 5, 4)  # [B, N, C]
+    y = c(x, attn_mask=None)  # as a timm Block calls its attention
+    idx = c.last_routing.indices.view(-1)
+    assert set(idx.tolist()) == {0, 1}
+    expected = torch.cat([c.experts[int(i)](x[b : b + 1]) for b, i in enumerate(idx)])
+    assert maxdiff(y, expected) <= 1e-6
+    with pytest.raises(ValueError, match=r"tensor argument 'attn_mask', which it cannot split alike; route per batch"):
+        c(x, attn_mask=torch.zeros(5, 5, dtype=torch.bool))
+    c.router = RandomRouter(num_experts=2, granularity="token", seed=0)
+    with pytest.raises(RuntimeError, match=r"a \[tokens, 4\] matrix, and the expert \(MaskedAttention\) failed on it: a module that mixes positions"):
+        c(x, attn_mask=None)
 
 
 def test_topk_token_routing_combines_weighted_experts():

@@ -161,6 +161,12 @@ def test_surgery_errors():
         mv.add_experts(m, "blocks.0.norm", 2, router="topk")
     with pytest.raises(SurgeryError, match=r"^target is empty: give a glob or a list of globs"):
         mv.add_experts(m, [], 2)
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MultiheadAttention(4, 1))
+    for name, cls in (("0", "Conv2d"), ("1", "MultiheadAttention")):
+        for router, kw in (("random", {"granularity": "token"}), ("topk", {"dim": 4})):  # topk routes per token by default
+            with pytest.raises(SurgeryError, match=rf"^'{name}' is a {cls}, which mixes positions: per-token routing"):
+                mv.add_experts(stem, name, 2, router=router, **kw)
+    mv.add_experts(stem, "0", 2, router="random", granularity="sample")  # per sample is fine
     with pytest.raises(RegistryError, match=r"^unknown router 'multinomail'; did you mean 'multinomial'"):
         mv.add_experts(m, "head", 2, router="multinomail")
     with pytest.raises(SurgeryError, match=r"^collapse_experts: the model has no ExpertContainer$"):
