@@ -293,6 +293,12 @@ class ExpertContainer(nn.Module):
 
     # -- public API ---------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            raise RuntimeError(
+                "torch.export cannot trace an ExpertContainer (a cached merge, or a routed choice of expert); "
+                "export the collapsed model instead: mergekit_video.collapse_experts(model) turns every container "
+                "into its dense merged module (for a saved MoTE model: mergevid export MODEL OUT --dense)"
+            )
         plan = self._plan
         if plan is None:
             if not self.training:  # the eval fast path: the cached merge

@@ -610,3 +610,17 @@ def test_use_merge_with_a_whole_model_base_equals_the_collapse():
     assert m.blocks[0].mlp.merge == "mean"  # restored
     dense = mv.collapse_experts(copy.deepcopy(m), "ties", base=base, density=0.5)
     assert maxdiff(y, dense(x)) <= 1e-6
+
+
+def test_torch_export_names_the_collapse_and_the_collapsed_model_exports_equal():
+    m = toy()
+    mv.add_experts(m, "blocks.*.mlp", 2, seed=0)
+    m.eval()
+    x = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        expected = m(x)
+    with pytest.raises(RuntimeError, match=r"^torch.export cannot trace an ExpertContainer .* mergekit_video.collapse_experts\(model\)"):
+        torch.export.export(m, (x,))
+    mv.collapse_experts(m)
+    exported = torch.export.export(m, (x,))
+    assert maxdiff(exported.module()(x), expected) <= 1e-6
