@@ -42,6 +42,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .merging import (
     check_merge_arguments,
+    default_seed,
     is_output_space,
     linear_combinations,
     merge_coefficients,
@@ -798,12 +799,15 @@ def per_container_merge_kwargs(
     containers: Sequence[tuple[str, ExpertContainer]],
     kwargs: Mapping[str, Any],
     base: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    *,
+    strategy: str | Callable[..., torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """The arguments each container gets from one model-wide merge call, in the order of ``containers``.
 
     ``containers`` is :func:`find_containers` of the model. Container i gets ``seed + i`` in
     place of ``seed``, so that stochastic merges (DARE) draw their own masks per container,
-    reproducibly; with ``base`` (the model before surgery or its state dict) it gets ``base=``
+    reproducibly; without a seed (and a generator), a stochastic ``strategy`` starts from its
+    default seed (DARE: 0), so its containers still draw masks of their own. With ``base`` (the model before surgery or its state dict) it gets ``base=``
     the entries under its own name. :func:`use_merge`,
     :func:`~mergekit_video.surgery.collapse_experts` and ``add_experts(merge_kwargs=...)``
     all derive their per-container arguments here, so an evaluated merge and the exported
@@ -814,10 +818,13 @@ def per_container_merge_kwargs(
     """
     base_sd = base.state_dict() if isinstance(base, nn.Module) else base
     out = []
+    seed = kwargs.get("seed")
+    if seed is None and kwargs.get("generator") is None and strategy is not None:
+        seed = default_seed(strategy)
     for index, (name, _) in enumerate(containers):
         kw = dict(kwargs)
-        if kw.get("seed") is not None:
-            kw["seed"] = int(kw["seed"]) + index
+        if seed is not None:
+            kw["seed"] = int(seed) + index
         if base_sd is not None:
             kw["base"] = state_dict_under(base_sd, name)
             if not kw["base"]:
@@ -840,7 +847,7 @@ def use_merge(model: nn.Module, strategy: str, **kwargs: Any) -> Iterator[None]:
     previous = [(c.merge, dict(c.merge_kwargs)) for _, c in containers]
     base = kwargs.pop("base", None)
     try:
-        for (_, c), kw in zip(containers, per_container_merge_kwargs(containers, kwargs, base)):
+        for (_, c), kw in zip(containers, per_container_merge_kwargs(containers, kwargs, base, strategy=strategy)):
             c.set_merge(strategy, **kw)
         with routing_plan(model, "merged"):
             yield

@@ -422,6 +422,16 @@ def resolve_strategy(strategy: str | MergeFn) -> MergeFn:
     return MERGES.get(strategy) if isinstance(strategy, str) else strategy
 
 
+def default_seed(strategy: str | MergeFn) -> int | None:
+    """The seed a stochastic strategy (one taking ``seed`` and ``generator``, such as DARE) draws
+    with when given neither; None for deterministic strategies."""
+    params = inspect.signature(resolve_strategy(strategy)).parameters
+    if "generator" not in params or "seed" not in params:
+        return None
+    default = params["seed"].default
+    return None if default is inspect.Parameter.empty or default is None else int(default)
+
+
 def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any], *, num_experts: int | None = None) -> None:
     """Raise ``ValueError`` naming the strategy when ``kwargs`` cannot merge ``num_experts`` experts.
 
@@ -523,8 +533,7 @@ def merge_state_dicts(
     if "generator" in params and "seed" in params and kwargs.get("generator") is None:
         seed = kwargs.get("seed")
         if seed is None:  # the strategy's default seed (DARE: 0)
-            default = params["seed"].default
-            seed = None if default is inspect.Parameter.empty else default
+            seed = default_seed(fn)
         if seed is not None:
             kwargs = {k: v for k, v in kwargs.items() if k != "seed"}
             kwargs["generator"] = torch.Generator().manual_seed(int(seed))

@@ -24,7 +24,7 @@ from .experts import (
     router_keeps_state,
     state_dict_under,
 )
-from .merging import requires_base
+from .merging import default_seed, requires_base
 from .routers import Router, build_router, default_generator
 from .utils.warn import warn_user
 
@@ -258,11 +258,11 @@ def add_experts(
         for name in group:
             parent, child = _get_parent(model, name)
             setattr(parent, child, container)
-    if merge_kwargs and merge_kwargs.get("seed") is not None:
-        # a seeded stochastic merge (DARE): container i merges with seed + i, as collapse_experts does
+    if merge_kwargs.get("generator") is None and (merge_kwargs.get("seed") is not None or default_seed(merge) is not None):
+        # a stochastic merge (DARE): container i merges with seed + i, as collapse_experts does
         new = {id(c) for c in containers}
         everywhere = find_containers(model)
-        for (_, c), kw in zip(everywhere, per_container_merge_kwargs(everywhere, merge_kwargs)):
+        for (_, c), kw in zip(everywhere, per_container_merge_kwargs(everywhere, merge_kwargs, strategy=merge)):
             if id(c) in new:
                 c.set_merge(merge, **kw, **({"base": c.merge_kwargs["base"]} if bases else {}))
     warn_plain_checkpointing(model)
@@ -353,7 +353,7 @@ def collapse_experts(
     for name, c in names.items():  # a shared container is replaced under every name, by one dense module
         aliases.setdefault(id(c), []).append(name)
     try:  # each container's slice of base and, for seeded merges (DARE), seed + index
-        per_container = per_container_merge_kwargs(containers, kwargs, base)
+        per_container = per_container_merge_kwargs(containers, kwargs, base, strategy=strategy)
     except ValueError as exc:
         raise SurgeryError(str(exc)) from None
     # every dense module is built before the first is swapped in, so an error leaves the model as it was

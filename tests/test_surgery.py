@@ -600,6 +600,29 @@ def test_seeded_dare_is_the_same_in_use_merge_collapse_experts_and_add_experts()
         mv.add_experts(copy.deepcopy(before), "blocks.*.mlp", 2, init="copy", merge="ties", merge_kwargs={"base": {"x": torch.zeros(1)}})
 
 
+def test_unseeded_dare_gives_each_container_its_own_masks_from_the_default_seed():
+    from mergekit_video.experts import use_merge
+
+    base, m = _upcycled_toy(3)
+    x = torch.randn(3, 4)
+    with torch.no_grad(), use_merge(m, "dare", base=base, drop_rate=0.5):  # no seed: DARE's default 0, then 0 + i
+        y = m(x)
+        assert [c.merge_kwargs["seed"] for _, c in find_containers(m)] == [0, 1]
+    with torch.no_grad():
+        assert maxdiff(y, mv.collapse_experts(copy.deepcopy(m), "dare", base=base, drop_rate=0.5, seed=0)(x)) == 0.0
+    dense = mv.collapse_experts(copy.deepcopy(m), "dare", base=base, drop_rate=0.5)
+    with torch.no_grad():
+        assert maxdiff(y, dense(x)) == 0.0
+    # the two blocks' task vectors are dropped by masks of their own (same shapes, other seeds)
+    kept = [dense.blocks[i].mlp[0].weight != base.blocks[i].mlp[0].weight for i in range(2)]
+    assert not torch.equal(kept[0], kept[1])
+    d = toy()
+    mv.add_experts(d, "blocks.*.mlp", 2, init="copy_noise", noise_std=0.1, merge="dare", merge_kwargs={"drop_rate": 0.5})
+    assert [c.merge_kwargs.get("seed") for _, c in find_containers(d)] == [0, 1]
+    mv.add_experts(d, "head", 2, init="copy_noise", merge="mean")
+    assert "seed" not in d.head.merge_kwargs  # deterministic merges get none
+
+
 def test_use_merge_with_a_whole_model_base_equals_the_collapse():
     from mergekit_video.experts import use_merge
 
