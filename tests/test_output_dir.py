@@ -276,6 +276,36 @@ def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monke
     release_output_dir(tmp_path / "run")
 
 
+def test_a_lock_file_of_another_user_locks_read_only(tmp_path, monkeypatch):
+    """In a shared folder the lock file may belong to someone else (0644): flock needs only a read-only descriptor."""
+    import fcntl
+
+    from mergekit_video.runners.common import LOCK_FILE, lock_output_dir, release_output_dir
+
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("4242\n")  # left by another user's earlier run
+    real_open, opened = os.open, []
+
+    def open_as_another_user(path, flags, *args):
+        if str(path).endswith(LOCK_FILE) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        opened.append(flags)
+        return real_open(path, flags, *args)
+
+    locked = []
+    real_flock = fcntl.flock
+    monkeypatch.setattr(os, "open", open_as_another_user)
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (locked.append(op), real_flock(fd, op)))
+    lock_output_dir(out)
+    assert opened == [os.O_RDONLY] and locked == [fcntl.LOCK_EX | fcntl.LOCK_NB]
+    assert (out / LOCK_FILE).read_text() == "4242\n"  # not ours to write
+    release_output_dir(out)
+    monkeypatch.setattr(os, "open", lambda path, flags, *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(PermissionError, match=rf"^output_dir {out}: cannot open its lock file {out / LOCK_FILE} \(Permission denied\)$"):
+        lock_output_dir(out)
+
+
 def test_a_setting_added_later_at_its_default_does_not_stop_a_resume(tmp_path):
     """A run saved before eval.test_offsets existed: the key is absent there, 'centre' (its default,
     what the earlier code did) here; another value is a change."""

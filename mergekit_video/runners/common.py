@@ -314,7 +314,13 @@ def lock_output_dir(out: Path) -> None:
     if key in _held_locks:
         return
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd, writable = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:  # a lock file another user made in a shared folder: flock needs only read access
+        try:
+            fd, writable = os.open(out / LOCK_FILE, os.O_RDONLY), False
+        except OSError as exc:
+            raise PermissionError(f"output_dir {out}: cannot open its lock file {out / LOCK_FILE} ({exc.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -328,8 +334,9 @@ def lock_output_dir(out: Path) -> None:
             f"output_dir {out} is in use by another run (pid {holder}); wait for it to end or stop it "
             "(after killing torchrun, its worker processes may still run), or choose another output_dir"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    if writable:  # the holder's pid, for the refusal above
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     _held_locks[key] = fd
 
 
