@@ -186,3 +186,9 @@ def test_widths_decord_cannot_decode_at_all_are_read_with_pyav(tmp_path, caplog,
                 assert torch.equal(frames, ref.get_frames([0, 5, 17, 5]))
                 assert frame_ids(r.get_frames([3])) == [3]
     assert caplog.text.count("decord cannot decode frames of this size") == 1  # said once
+    # decord's count (which the indices were sampled over) and PyAV's may differ (edit lists): indices keep their place in time
+    monkeypatch.setattr(readers.PyAVReader, "num_frames", property(lambda self: 10))
+    with open_video(path, backend="decord") as r:
+        assert r.num_frames == 20
+        assert frame_ids(r.get_frames([0, 5, 17, 19])) == [0, 2, 8, 9]  # i * 10 // 20
+        assert r.num_frames == 10 and frame_ids(r.get_frames([9])) == [9]

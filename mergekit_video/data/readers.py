@@ -218,6 +218,11 @@ class DecordReader:
             )
         self._pyav = PyAVReader(path=self.path, short_side=self._short_side, num_threads=self._num_threads)
         self._vr = None
+        counted, decoded = self._num_frames, self._pyav.num_frames
+        if decoded != counted:  # the indices were sampled over decord's count: keep their places in time
+            log.debug("%s: decord counts %d frames, PyAV decodes %d; indices rescaled", self.path, counted, decoded)
+            indices = np.minimum(np.asarray(indices, dtype=np.int64) * decoded // counted, decoded - 1).tolist()
+            self._num_frames = decoded
         return self._pyav.get_frames(indices)
 
     def close(self) -> None:
