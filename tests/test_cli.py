@@ -456,3 +456,44 @@ def test_misspelt_options_and_unwritable_outputs_are_named_before_any_work(tmp_p
     assert cli_main(["bench", "head", "--steps", "0"]) != 0  # typer's range check
     assert cli_main(["validate", str(tmp_path)]) == 1
     assert f"recipe {tmp_path} is a folder, not a YAML file" in capsys.readouterr().err
+
+
+def test_folder_arguments_naming_a_file_are_named_with_the_option(tmp_path, capsys):
+    """A file given where a folder is written gave mkdir's bare "[Errno 17] File exists"."""
+    afile, lst, out = tmp_path / "afile", tmp_path / "list.txt", tmp_path / "bench.json"
+    afile.write_text("mine")
+    lst.write_text("a.mp4 0\n")
+    for args, message in (
+        (["data", "prepare", str(lst), str(afile)], f"error: OUT_DIR {afile} is a file, not a folder"),
+        (["data", "prepare", str(lst), str(afile / "sub")], f"error: OUT_DIR {afile / 'sub'}: {afile} is a file, not a folder"),
+        (["bench", "data", "--work-dir", str(afile), "--output", str(out)], f"error: --work-dir {afile} is a file, not a folder"),
+    ):
+        assert cli_main(args) == 1
+        assert capsys.readouterr().err.startswith(message + "\n")
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "list.txt"]
+
+
+def test_data_synth_defaults_are_the_recipe_and_library_defaults():
+    """--val-per-class defaulted to 2 while data.synthetic.val_per_class defaults to 4."""
+    import inspect
+
+    import click
+    import typer.main
+
+    from mergekit_video.cli.main import app
+    from mergekit_video.data.synthetic import write_synthetic_dataset
+    from mergekit_video.runners.schema import SYNTHETIC
+
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    synth = group.get_command(ctx, "data").get_command(ctx, "synth")
+    cli = {p.name: p.default for p in synth.params}
+    cli["size"] = [int(v) for v in cli["size"].split("x")]
+    key_of = {"classes": "num_classes", "videos_per_class": "videos_per_class", "val_per_class": "val_per_class",
+              "novel_classes": "num_novel_classes", "frames": "frames", "size": "size", "seed": "seed"}
+    assert sorted(key_of.values()) == sorted(SYNTHETIC.fields)  # every recipe key has its option
+    assert {o: cli[o] for o in key_of} == {o: SYNTHETIC.fields[k].default for o, k in key_of.items()}
+    library = {k: p.default for k, p in inspect.signature(write_synthetic_dataset).parameters.items()}
+    library["size"] = list(library["size"])
+    key_of.update({o: o for o in ("fps", "gop", "texture", "noise", "workers", "overwrite")})  # options with no recipe key
+    assert {o: cli[o] for o in key_of} == {o: library[k] for o, k in key_of.items()}

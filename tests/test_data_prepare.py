@@ -297,3 +297,19 @@ def test_prepare_survives_a_worker_that_dies_and_names_its_file(tmp_path, monkey
         assert rep.failures[0]["path"].endswith("crash_me.mp4") and "worker process died" in rep.failures[0]["error"]
         assert [r.path for r in read_annotation_list(rep.list_file)] == ["v0.mp4", "v2.mp4", "v3.mp4", "v4.mp4"]
         assert "crash_me.mp4" not in json.loads((kw["out_dir"] / "prepare_manifest.json").read_text())["files"]
+
+
+def test_an_output_folder_that_is_a_file_is_named(tmp_path):
+    """``out_dir`` / ``work_dir`` naming a file (or lying under one) gave mkdir's bare "[Errno 17] File exists"."""
+    from mergekit_video.data.bench import run_data_benchmark
+
+    afile, lst = tmp_path / "afile", tmp_path / "list.txt"
+    afile.write_text("mine")
+    lst.write_text("a.mp4 0\n")
+    with pytest.raises(ValueError) as info:
+        prepare_dataset(list_file=lst, root=tmp_path, out_dir=afile)
+    assert str(info.value) == f"out_dir {afile} is a file, not a folder"
+    with pytest.raises(ValueError) as info:
+        run_data_benchmark(work_dir=afile / "sub", log=lambda _: None)
+    assert str(info.value) == f"work_dir {afile / 'sub'}: {afile} is a file, not a folder"
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "list.txt"]

@@ -7,8 +7,12 @@ from typing import Optional
 
 import typer
 
+from ..runners.schema import SYNTHETIC
 from .errors import refuse_existing_output
 from .main import bench_app, data_app
+
+#: ``mergevid data synth`` writes by default what a recipe's ``data.synthetic: {}`` writes.
+_SYN = {key: field.default for key, field in SYNTHETIC.fields.items()}
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -23,17 +27,17 @@ def _parse_size(text: str) -> tuple[int, int]:
 @data_app.command("synth")
 def synth_cmd(
     out_dir: Path = typer.Argument(..., help="Folder to write the dataset into (must be empty or new)."),
-    classes: int = typer.Option(6, "--classes", help="Training classes."),
-    videos_per_class: int = typer.Option(8, "--videos-per-class", help="Training videos per class."),
-    val_per_class: int = typer.Option(2, "--val-per-class", help="Validation videos per training class."),
-    novel_classes: int = typer.Option(4, "--novel-classes", help="Zero-shot classes (disjoint from training)."),
-    frames: int = typer.Option(32, "--frames", help="Frames per video."),
-    size: str = typer.Option("64x64", "--size", help="Frame size HxW (even numbers)."),
+    classes: int = typer.Option(_SYN["num_classes"], "--classes", help="Training classes."),
+    videos_per_class: int = typer.Option(_SYN["videos_per_class"], "--videos-per-class", help="Training videos per class."),
+    val_per_class: int = typer.Option(_SYN["val_per_class"], "--val-per-class", help="Validation videos per training class."),
+    novel_classes: int = typer.Option(_SYN["num_novel_classes"], "--novel-classes", help="Zero-shot classes (disjoint from training)."),
+    frames: int = typer.Option(_SYN["frames"], "--frames", help="Frames per video."),
+    size: str = typer.Option("x".join(map(str, _SYN["size"])), "--size", help="Frame size HxW (even numbers)."),
     fps: float = typer.Option(15.0, "--fps", help="Frame rate written in the files."),
     gop: Optional[int] = typer.Option(None, "--gop", help="Keyframe interval (default: x264's 250)."),
     texture: float = typer.Option(0.0, "--texture", help="Panning noise background strength 0..1 (realistic decode cost)."),
     noise: float = typer.Option(0.0, "--noise", help="Per-frame grain standard deviation (camera-like bitrate)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    seed: int = typer.Option(_SYN["seed"], "--seed", help="Random seed."),
     workers: int = typer.Option(1, "--workers", help="Encoding processes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder."),
 ) -> None:
@@ -66,9 +70,10 @@ def prepare_cmd(
     fps: float = typer.Option(30.0, "--fps", help="Frame rate for frame-folder inputs."),
 ) -> None:
     """Re-encode a dataset for fast training: short GOP, fastdecode, smaller short side; resumable."""
-    from ..data.prepare import prepare_dataset
+    from ..data.prepare import prepare_dataset, refuse_file_as_folder
     from .errors import UserError
 
+    refuse_file_as_folder(out_dir, "OUT_DIR")
     report = prepare_dataset(list_file=list_file, root=root or list_file.parent, out_dir=out_dir, short_side=short_side, gop=gop,
                              fastdecode=fastdecode, workers=workers, list_format=list_format, fps=fps)
     typer.echo(f"{report.total} videos: {report.encoded} encoded, {report.skipped} already done, {report.failed} failed "
@@ -96,8 +101,11 @@ def bench_data_cmd(
 ) -> None:
     """Clips/s of our train/test pipelines vs a naive per-frame PIL pipeline vs the decode floor."""
     from ..data.bench import format_table, run_data_benchmark
+    from ..data.prepare import refuse_file_as_folder
 
     refuse_existing_output(output, overwrite)
+    if work_dir is not None:
+        refuse_file_as_folder(work_dir, "--work-dir")
     results = run_data_benchmark(list_file=list_file, root=root, workers=workers, num_videos=videos, num_frames=num_frames,
                                  batch_size=batch_size, repeats=repeats, work_dir=work_dir, output=output, overwrite=overwrite,
                                  log=typer.echo)

@@ -337,11 +337,12 @@ def run_data_benchmark(
     The prepared set is the raw set after :func:`prepare_dataset` (``short_side``, ``gop``,
     fastdecode), kept in ``work_dir`` and reused by later runs.
     """
-    from .prepare import prepare_dataset
+    from .prepare import prepare_dataset, refuse_file_as_folder
 
     if workers < 0 or num_videos <= 0 or repeats <= 0:
         raise ValueError("need workers >= 0, videos > 0 and repeats > 0")
     work = Path(work_dir) if work_dir else Path(os.environ.get("MERGEKIT_VIDEO_CACHE") or Path.home() / ".cache" / "mergekit_video") / "bench_data"
+    refuse_file_as_folder(work, "work_dir")
     work.mkdir(parents=True, exist_ok=True)
     if list_file is None:
         raw_records, raw_root = _raw_synthetic_set(work, num_videos, log)

@@ -54,6 +54,18 @@ class PrepareReport:
         return d
 
 
+def refuse_file_as_folder(path: str | os.PathLike, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` (a parameter or command-line option) when the folder
+    ``path`` is to be written into but is an existing file, or lies under one (``mkdir`` would
+    say only ``[Errno 17] File exists``)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.is_dir():
+            return
+        if p.exists() or p.is_symlink():
+            raise ValueError(f"{name} {path} is a file, not a folder" if p == path else f"{name} {path}: {p} is a file, not a folder")
+
+
 def _even(x: int) -> int:
     return max(2, x - x % 2)
 
@@ -289,6 +301,7 @@ def prepare_dataset(
     list_file, root, out_dir = Path(list_file), Path(root), Path(out_dir)
     if short_side <= 0 or gop <= 0:
         raise ValueError("short_side and gop must be positive")
+    refuse_file_as_folder(out_dir, "out_dir")
     records = read_annotation_list(list_file, list_format)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root not found: {root}")

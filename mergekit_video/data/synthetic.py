@@ -158,7 +158,7 @@ def write_synthetic_dataset(
     *,
     num_classes: int = 6,
     videos_per_class: int = 8,
-    val_per_class: int = 2,
+    val_per_class: int = 4,
     num_novel_classes: int = 4,
     novel_per_class: int | None = None,
     frames: int = 32,
