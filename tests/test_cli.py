@@ -473,6 +473,51 @@ def test_folder_arguments_naming_a_file_are_named_with_the_option(tmp_path, caps
     assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "list.txt"]
 
 
+def test_bench_head_device_is_checked_naming_the_option_and_its_values(tmp_path, capsys, monkeypatch):
+    """torch's own parser error ("Expected one of cpu, cuda, ipu, xpu, ...") named neither the option nor what it takes."""
+    out = tmp_path / "head.json"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in (
+        ("gpu", "--device 'gpu' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+        ("cuda:x", "--device 'cuda:x' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+        ("meta", "--device 'meta' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+        ("cuda", "--device cuda: CUDA is not available on this machine (use auto or cpu)"),
+    ):
+        assert cli_main(["bench", "head", "--device", device, "--steps", "1", "--output", str(out)]) == 1
+        assert capsys.readouterr().err.startswith(f"error: {message}\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cli_main(["bench", "head", "--device", "cuda:2", "--steps", "1", "--output", str(out)]) == 1
+    assert capsys.readouterr().err.startswith("error: --device cuda:2: this machine has 2 CUDA devices (cuda:0 to cuda:1)\n")
+    assert not out.exists()
+
+
+def test_eval_model_options_out_of_range_are_named(tmp_path, capsys):
+    """--input-size 0 was dropped silently; --frames 0 was named by its recipe key eval.datasets.0.num_frames."""
+    args = ["eval", str(tmp_path), "--list", str(tmp_path / "v.txt"), "--classes", str(tmp_path / "c.csv"), "--output-dir", str(tmp_path / "out")]
+    for extra, code, message in (
+        (["--input-size", "0"], 2, "Error: Invalid value for '--input-size': Input should be greater than or equal to 8"),
+        (["--frames", "0"], 2, "Error: Invalid value for '--frames': Input should be greater than or equal to 1"),
+        (["--frames", "78"], 2, "Error: Invalid value for '--frames': Input should be less than or equal to 77"),
+        (["--views", "4"], 1, "error: --views must look like 1x1 or 4x3, got '4'"),
+        (["--views", "0x3"], 1, "error: --views 0x3: CLIPSxCROPS takes clips >= 1 and crops 1 or 3"),
+    ):
+        assert cli_main([*args, *extra]) == code
+        assert message in capsys.readouterr().err.splitlines()
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_that_is_not_utf8_is_named(tmp_path, capsys):
+    """A latin-1 or UTF-16 recipe gave only "'utf-8' codec can't decode byte 0xe9 in position 28"."""
+    latin1, utf16 = tmp_path / "latin1.yaml", tmp_path / "utf16.yaml"
+    latin1.write_bytes("runner: mote\noutput_dir: café\n".encode("latin-1"))
+    utf16.write_bytes("runner: mote\n".encode("utf-16"))  # starts with the BOM ff fe
+    for recipe, where in ((latin1, "byte 0xe9 on line 2"), (utf16, "byte 0xff on line 1")):
+        for command in ("validate", "run"):
+            assert cli_main([command, str(recipe)]) == 1
+            assert capsys.readouterr().err.startswith(f"error: recipe {recipe} is not UTF-8 text ({where}); save it with UTF-8 encoding\n")
+
+
 def test_data_synth_defaults_are_the_recipe_and_library_defaults():
     """--val-per-class defaulted to 2 while data.synthetic.val_per_class defaults to 4."""
     import inspect

@@ -9,12 +9,15 @@ from typing import Optional
 
 import typer
 
-from .errors import UserError, refuse_existing_output, refuse_replacing_input, reraise_interrupts
+from .errors import DEVICE_VALUES, UserError, checked_device, refuse_existing_output, refuse_replacing_input, reraise_interrupts
+from ..runners.schema import EVAL_DATASET
 from .main import app, bench_app
 
 OVERRIDES_HELP = "Recipe overrides: key=value (YAML value), ~key to remove a key."
 #: The runners ``mergevid eval RECIPE`` runs (they train nothing).
 EVAL_RUNNERS = ("evaluate", "compare")
+#: Bounds of eval.datasets.* keys that ``mergevid eval MODEL`` options set: checked as the options' own ranges.
+_FRAMES, _INPUT_SIZE = EVAL_DATASET.fields["num_frames"], EVAL_DATASET.fields["input_size"]
 
 
 def _console():
@@ -187,8 +190,8 @@ def eval_cmd(
     class_csv: Optional[Path] = typer.Option(None, "--classes", help="Class CSV 'id,name' (with --list)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder the list's paths are relative to."),
     views: str = typer.Option("1x1", "--views", help="clips x crops, e.g. 1x1, 4x3, 3x1."),
-    num_frames: int = typer.Option(8, "--frames"),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Frame size (default: the model's, e.g. 224)."),
+    num_frames: int = typer.Option(8, "--frames", min=_FRAMES.min, max=_FRAMES.max),
+    input_size: Optional[int] = typer.Option(None, "--input-size", min=_INPUT_SIZE.min, help="Frame size (default: the model's, e.g. 224)."),
     compare: bool = typer.Option(False, "--compare", help="Also evaluate each expert, other merges and ensembles."),
     zero_shot: bool = typer.Option(
         False, "--zero-shot", help="Classes unseen in training: reported as zero-shot (mean ± std over the --list splits, HM_ZS)."
@@ -246,7 +249,7 @@ def eval_cmd(
                         "num_clips": clips,
                         "num_crops": crops,
                         "num_frames": num_frames,
-                        **({"input_size": input_size} if input_size else {}),
+                        **({"input_size": input_size} if input_size is not None else {}),
                     }
                 ],
                 "summary": {"zero_shot": [name]} if zero_shot else {"close_set": name},
@@ -347,7 +350,7 @@ def export_cmd(
 @bench_app.command("head")
 def bench_head_cmd(
     output: Path = typer.Option(Path("bench_head.json"), "--output", help="JSON results file."),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", help=f"{DEVICE_VALUES} (auto: cuda when available, else cpu)."),
     steps: int = typer.Option(50, "--steps", min=1, help="Timed iterations per measurement."),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed iterations before each measurement."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
@@ -361,6 +364,7 @@ def bench_head_cmd(
     from ..utils.io import atomic_write_json
 
     refuse_existing_output(output, overwrite)
+    checked_device(device)
     if markdown is not None:
         refuse_existing_output(markdown, True)  # appended to: it must be a writable file's place
     shapes = [head_shape(s) for s in shape] if shape else HEAD_SHAPES

@@ -54,6 +54,33 @@ def refuse_existing_output(output: Any, overwrite: bool, *, folder: bool = False
         raise UserError(f"cannot write {output}: folder {parent} is not writable")
 
 
+#: What a ``--device`` option takes (the recipe key ``device`` takes the same).
+DEVICE_VALUES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def checked_device(value: str, option: str = "--device") -> str:
+    """``value`` when it names a device this machine has (see ``utils.device.select_device``);
+    otherwise a :class:`UserError` naming ``option`` and the values it takes, not torch's parser error."""
+    import torch
+
+    from ..utils.device import select_device
+
+    try:
+        dev = select_device(value)
+    except RuntimeError:  # torch: "Expected one of cpu, cuda, ipu, ... device type" / "Invalid device string"
+        dev = None
+    except ValueError:  # cuda asked for on a machine without CUDA
+        raise UserError(f"{option} {value}: CUDA is not available on this machine (use auto or cpu)") from None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{option} {value!r} is not a device: use {DEVICE_VALUES}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UserError(f"{option} {value}: this machine has {n} CUDA device{'s' * (n != 1)} (cuda:0 to cuda:{n - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{option} {value}: MPS is not available on this machine (use auto or cpu)")
+    return value
+
+
 def refuse_replacing_input(output: Any, source: Any) -> None:
     """An output directory that is, or holds, the command's input would destroy it when replaced."""
     from ..utils.io import is_within

@@ -83,12 +83,18 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ConfigError: bad YAML, bad override, missing interpolation target or cycle.
+        ConfigError: not UTF-8 text, bad YAML, bad override, missing interpolation target or cycle.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {data[exc.start]:#04x} on line {line}); "
+                          "save it with UTF-8 encoding") from None
     try:
         cfg = _yaml_load(text, name=str(path))
     except yaml.YAMLError as exc:
