@@ -379,6 +379,26 @@ def test_eval_refuses_a_training_recipe(tmp_path, capsys):
     assert not out.exists()  # nothing written, nothing trained
 
 
+def test_eval_of_a_recipe_refuses_the_options_of_a_model_directory_naming_the_keys(capsys):
+    """They only build the recipe for a model directory; with a recipe they were silently ignored."""
+    recipe = REPO / "recipes" / "zeroshot_ucf101.yaml"
+    cases = {
+        ("--frames", "32"): "eval.datasets.N.num_frames=32",
+        ("--views", "4x3"): "eval.datasets.N.num_clips=4 eval.datasets.N.num_crops=3",
+        ("--input-size", "336"): "eval.datasets.N.input_size=336",
+        ("--output-dir", "elsewhere"): "output_dir=elsewhere",
+        ("--compare",): "runner=compare",
+        ("--list", "a.txt"): "eval.datasets.N.list=LIST",
+    }
+    for args, key in cases.items():
+        assert cli_main(["eval", str(recipe), *args]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"error: {args[0]} describes the evaluation of a model directory; {recipe} is a recipe" in err
+        assert f"(e.g. mergevid eval {recipe} {key})" in err
+    assert cli_main(["eval", str(recipe), "--frames", "8"]) == 1  # given, even at its default
+    assert "--frames describes" in capsys.readouterr().err
+
+
 def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluation(tmp_path, capsys, monkeypatch):
     """Every run saves ``model/``: the default ``runs/eval/<name>`` sent all their evaluations to ``runs/eval/model``."""
     from mergekit_video.cli.commands import default_eval_dir
@@ -398,7 +418,7 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     monkeypatch.chdir(tmp_path)
     assert cli_main(["eval", str(a), "--list", "v.txt", "--classes", str(tmp_path / "c.csv")]) == 1
     err = capsys.readouterr().err
-    assert f"eval recipe for {a} is invalid (2 problems)" in err and "eval.datasets.0.list: file not found" in err
+    assert f"recipe for {a} is invalid (2 problems)" in err and "eval.datasets.0.list: file not found" in err
     assert not (tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_v").exists()
     for name in ("v.txt", "w.txt", "s1.txt", "s2.txt", "c.csv"):
         (tmp_path / name).write_text("")

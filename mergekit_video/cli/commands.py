@@ -204,6 +204,7 @@ def eval_cmd(
     """Evaluate a model: with a recipe, or a model directory plus --list/--classes."""
     overrides = _checked_overrides(ctx, overrides)
     if target.suffix in (".yaml", ".yml"):
+        _refuse_model_options_with_a_recipe(ctx, target)
         cfg = _load_validated(target, overrides or [])
         if cfg["runner"] not in EVAL_RUNNERS:
             out = Path(cfg["output_dir"]) / "model"
@@ -258,8 +259,35 @@ def eval_cmd(
         from ..config import apply_overrides, resolve_interpolations
 
         recipe = resolve_interpolations(apply_overrides(recipe, overrides))
-        cfg = _validated(recipe, source=f"eval recipe for {target}")
-    _run_validated(cfg, source=str(target) if target.suffix in (".yaml", ".yml") else f"eval recipe for {target}", overwrite=overwrite)
+        cfg = _validated(recipe, source=f"for {target}")
+    _run_validated(cfg, source=str(target) if target.suffix in (".yaml", ".yml") else f"for {target}", overwrite=overwrite)
+
+
+#: ``mergevid eval`` options that build the recipe for a model directory → the recipe keys they set.
+_MODEL_EVAL_OPTIONS = {
+    "list_files": ("--list", "eval.datasets.N.list=LIST"),
+    "class_csv": ("--classes", "eval.datasets.N.class_csv=CSV"),
+    "root": ("--root", "eval.datasets.N.root=DIR"),
+    "views": ("--views", "eval.datasets.N.num_clips=4 eval.datasets.N.num_crops=3"),
+    "num_frames": ("--frames", "eval.datasets.N.num_frames={}"),
+    "input_size": ("--input-size", "eval.datasets.N.input_size={}"),
+    "compare": ("--compare", "runner=compare"),
+    "zero_shot": ("--zero-shot", "eval.datasets.N.kind=zero_shot"),
+    "output_dir": ("--output-dir", "output_dir={}"),
+}
+
+
+def _refuse_model_options_with_a_recipe(ctx: typer.Context, recipe: Path) -> None:
+    """The options that describe a model directory's evaluation would be ignored with a recipe: name the keys instead."""
+    # by name: typer may bring its own copy of click's ParameterSource enum
+    given = [name for name in _MODEL_EVAL_OPTIONS if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
+    if given:
+        option, key = _MODEL_EVAL_OPTIONS[given[0]]
+        key = key.format(ctx.params[given[0]])  # the value given, where the key takes it as it is
+        raise UserError(
+            f"{option} describes the evaluation of a model directory; {recipe} is a recipe, whose settings are its keys: "
+            f"override them instead (e.g. mergevid eval {recipe} {key})"
+        )
 
 
 class ConvertFormat(str, enum.Enum):
