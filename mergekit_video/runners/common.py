@@ -391,16 +391,12 @@ def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: b
         return data_cfg
     from ..data.synthetic import synthetic_layout, synthetic_settings, write_synthetic_dataset
 
+    from .schema import SYNTHETIC
+
     root = output_dir / "data"
-    wanted = {
-        "num_classes": syn.get("num_classes", 6),
-        "videos_per_class": syn.get("videos_per_class", 8),
-        "val_per_class": syn.get("val_per_class", 4),
-        "num_novel_classes": syn.get("num_novel_classes", 4),
-        "frames": syn.get("frames", 32),
-        "size": list(syn.get("size", [64, 64])),
-        "seed": syn.get("seed", 0),
-    }
+    # the recipe's settings over the schema's defaults (a recipe run was validated with them filled in already)
+    wanted = {key: syn.get(key, field.default) for key, field in SYNTHETIC.fields.items()}
+    wanted["size"] = list(wanted["size"])
     recorded = synthetic_settings(root)
     if main and not (recorded is not None and all(recorded.get(k) == v for k, v in wanted.items())):
         if root.is_dir() and any(root.iterdir()) and not overwrite:
