@@ -764,10 +764,22 @@ def checkpoints_plainly(module: nn.Module) -> bool:
     return getattr(module, "grad_checkpointing", False) is True and not getattr(module, "replays_routing", False)
 
 
+# model -> (structure epoch, [(name, module)] that can turn plain checkpointing on and hold containers)
+_checkpointing_cache: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[str, nn.Module]]]] = weakref.WeakKeyDictionary()
+
+
 def _warn_plan_under_plain_checkpointing(model: nn.Module) -> None:
     """A plan lives only inside its ``with`` block; a plain checkpoint recomputes in backward, after it."""
-    for name, module in model.named_modules():
-        if checkpoints_plainly(module) and find_containers(module):
+    cached = _checkpointing_cache.get(model)
+    if cached is None or cached[0] != _structure_epoch:  # the walk (attribute misses raise) once per structure
+        candidates = [
+            (name, m) for name, m in model.named_modules()
+            if hasattr(m, "grad_checkpointing") and not getattr(m, "replays_routing", False) and find_containers(m)
+        ]
+        cached = (_structure_epoch, candidates)
+        _checkpointing_cache[model] = cached
+    for name, module in cached[1]:
+        if checkpoints_plainly(module):
             warn_user(
                 f"{name or type(model).__name__} has gradient checkpointing on and holds expert containers: a plain "
                 "torch.utils.checkpoint recomputes them in backward without this routing plan (use_expert, "
