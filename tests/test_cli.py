@@ -404,6 +404,8 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     from mergekit_video.cli.commands import default_eval_dir
     from mergekit_video.runners.common import prepare_output_dir
 
+    monkeypatch.setenv("COLUMNS", "1000")  # paths under a long --basetemp would be folded inside a word
+
     a, b, ckpt = tmp_path / "mote_a" / "model", tmp_path / "mote_b" / "model", tmp_path / "mote_a" / "checkpoints" / "step_00000020"
     for p in (a, b, ckpt):
         p.mkdir(parents=True)
