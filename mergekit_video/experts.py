@@ -130,9 +130,14 @@ def _merge_key(strategy: str, kwargs: Mapping[str, Any]) -> Any:
     def freeze(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
             try:
-                return ("tensor", id(v), v._version)
+                version = v._version
             except RuntimeError:  # inference tensors have no version: never equal to an earlier key
                 return ("tensor", id(v), object())
+            try:  # by storage: a module's state_dict() gives new detached views of the same tensors every call
+                where: Any = (v.data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype, str(v.device))
+            except RuntimeError:  # no storage (fake / meta tensors)
+                where = id(v)
+            return ("tensor", where, version)
         if isinstance(v, Mapping):
             return ("map", tuple(sorted((str(k), freeze(x)) for k, x in v.items())))
         if isinstance(v, (list, tuple)):
@@ -146,6 +151,17 @@ def _merge_key(strategy: str, kwargs: Mapping[str, Any]) -> Any:
         return v
 
     return (strategy, freeze(kwargs))
+
+
+def _argument_tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside ``value`` (mappings and sequences searched), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _argument_tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _argument_tensors(v)]
+    return []
 
 
 def _all_equal(tensors: Sequence[torch.Tensor]) -> bool:
@@ -250,7 +266,7 @@ class ExpertContainer(nn.Module):
         self.router = build_router(router, num_experts=len(experts), module=experts[0], **dict(router_kwargs or {}))
         if self.router.num_experts != len(experts):
             raise ValueError(f"router is built for {self.router.num_experts} experts but the container has {len(experts)}")
-        object.__setattr__(self, "_merge_cache", None)  # (tensors merged, their versions, module); not a submodule
+        object.__setattr__(self, "_merge_cache", None)  # (tensors merged, their versions, module, argument versions)
         object.__setattr__(self, "_merge_pool", collections.OrderedDict())  # merges of other strategies, by _merge_key
         self.set_merge(merge, **dict(merge_kwargs or {}))  # fails now on an unknown name, not at the first eval forward
         self.aux_losses: dict[str, torch.Tensor] = {}
@@ -329,8 +345,8 @@ class ExpertContainer(nn.Module):
             weights: ``[N]`` coefficients (not renormalised).
         """
         w = torch.as_tensor(weights, dtype=torch.float32)
-        if w.numel() != self.num_experts:
-            raise ValueError(f"merged_forward got {w.numel()} weights for {self.num_experts} experts")
+        if w.shape != (self.num_experts,):
+            raise ValueError(f"merged_forward needs weights of shape [{self.num_experts}] (one per expert), got {list(w.shape)}")
         merged = self._merge_slots(w)
         swaps = self._slots_cache.swaps  # refreshed by _merge_slots if a tensor was deleted
         # expert 0's code runs on the merged tensors, swapped into its own parameter and buffer
@@ -452,6 +468,8 @@ class ExpertContainer(nn.Module):
         merged_from, versions = cache[0], cache[1]
         if len(tensors) != len(merged_from) or not all(map(operator.is_, tensors, merged_from)):
             return False
+        if cache[3] and list(map(_version_of, self._merge_arg_tensors)) != cache[3]:
+            return False  # a tensor argument of the merge (weights=...) was written in place
         return versions is not None and list(map(_version_of, tensors)) == versions
 
     def _remerge(self) -> tuple:
@@ -474,7 +492,11 @@ class ExpertContainer(nn.Module):
                     "Build or load the model outside inference_mode to cache it."
                 )
                 object.__setattr__(self, "_no_versions_warned", True)
-        cache = (tensors, versions, dense)
+        try:
+            argument_versions = list(map(_version_of, self._merge_arg_tensors))
+        except RuntimeError:  # an inference tensor as argument: its changes cannot be seen
+            argument_versions = []
+        cache = (tensors, versions, dense, argument_versions)
         object.__setattr__(self, "_merge_cache", cache)
         self.merge_count += 1
         return cache
@@ -536,6 +558,8 @@ class ExpertContainer(nn.Module):
             pool.popitem(last=False)  # the least recently used
         object.__setattr__(self, "_merge", strategy)
         object.__setattr__(self, "_merge_kwargs", dict(kwargs))
+        # tensor arguments other than the base (weights=...): an in-place write to one merges again
+        object.__setattr__(self, "_merge_arg_tensors", _argument_tensors({k: v for k, v in kwargs.items() if k != "base"}))
         object.__setattr__(self, "_merge_key", key)
         object.__setattr__(self, "_merge_cache", kept)
         if kwargs.get("base") is not None:
@@ -750,12 +774,22 @@ def routing_plan(
                 c._plan = plan[name]
             else:
                 c._plan = plan
+            _check_plan(name, c)
         if torch.is_grad_enabled() and any(not (isinstance(c._plan, str) and c._plan == "routed") for _, c in containers):
             _warn_plan_under_plain_checkpointing(model)
         yield containers
     finally:
         for (_, c), p in zip(containers, previous):
             c._plan = p
+
+
+def _check_plan(name: str, c: ExpertContainer) -> None:
+    """An expert index or merge weights that do not fit the container, named now (not deep in its forward)."""
+    plan = c._plan
+    if isinstance(plan, int) and not isinstance(plan, bool) and not 0 <= plan < c.num_experts:
+        raise IndexError(f"expert {plan} does not exist in container {name!r}, which has {c.num_experts} experts (0 to {c.num_experts - 1})")
+    if isinstance(plan, torch.Tensor) and plan.shape != (c.num_experts,):
+        raise ValueError(f"merge weights for container {name!r} need shape [{c.num_experts}] (one per expert), got {list(plan.shape)}")
 
 
 def checkpoints_plainly(module: nn.Module) -> bool:
@@ -856,7 +890,7 @@ def use_merge(model: nn.Module, strategy: str, **kwargs: Any) -> Iterator[None]:
     exports with the same arguments.
     """
     containers = find_containers(model)
-    previous = [(c.merge, dict(c.merge_kwargs)) for _, c in containers]
+    previous = [(c.merge, dict(c.merge_kwargs), c.__dict__.get("_merge_base")) for _, c in containers]
     base = kwargs.pop("base", None)
     try:
         for (_, c), kw in zip(containers, per_container_merge_kwargs(containers, kwargs, base, strategy=strategy)):
@@ -864,8 +898,9 @@ def use_merge(model: nn.Module, strategy: str, **kwargs: Any) -> Iterator[None]:
         with routing_plan(model, "merged"):
             yield
     finally:
-        for (_, c), (s, kw) in zip(containers, previous):
+        for (_, c), (s, kw, own_base) in zip(containers, previous):
             c.set_merge(s, **kw)
+            object.__setattr__(c, "_merge_base", own_base)  # a base given for this block only is not kept
 
 
 def router_keeps_state(router: nn.Module) -> bool:

@@ -221,14 +221,19 @@ def add_experts(
     containers_by_name = _container_names(model)
     for n in names:  # an alias of a matched module may lie inside a container (an expert reachable elsewhere)
         _check_not_nested(n, containers_by_name)
+    _check_no_parameter_tied_outside(model, groups)
     # router seeds continue after the model's existing containers: a second call with the same seed
     # (experts in the text tower after the visual tower) does not repeat the first call's routing
     seed_offset = len({id(c) for c in containers_by_name.values()})
     merge_kwargs = dict(merge_kwargs or {})
     bases = _merge_bases(model, groups, merge, merge_kwargs.pop("base", None) if requires_base(merge) else None, init)
     containers = []  # every container is built before the first is swapped in: an error leaves the model as it was
+    frozen = []  # targets whose parameters are all frozen: their experts (copies) are too
     for index, group in enumerate(groups):
         original = model.get_submodule(group[0])
+        params = list(original.parameters())
+        if params and not any(p.requires_grad for p in params):
+            frozen.append(group[0])
         experts = []
         for _ in range(num_experts):
             e = copy.deepcopy(original)
@@ -240,11 +245,14 @@ def add_experts(
                         p.add_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(noise_std).to(p))
             experts.append(e)
         container_router = _build_router(router, num_experts, original, router_kw, seed_offset + index)
-        if getattr(container_router, "granularity", None) == "token" and isinstance(original, _MIXES_POSITIONS):
-            raise SurgeryError(
-                f"{group[0]!r} is a {type(original).__name__}, which mixes positions: per-token routing runs each "
-                "expert on single tokens ([tokens, dim]); route it per batch or per sample"
-            )
+        if getattr(container_router, "granularity", None) == "token":
+            mixing = next(((n, m) for n, m in original.named_modules() if isinstance(m, _MIXES_POSITIONS)), None)
+            if mixing is not None:
+                what = f"is a {type(mixing[1]).__name__}" if not mixing[0] else f"holds a {type(mixing[1]).__name__} ({mixing[0]!r})"
+                raise SurgeryError(
+                    f"{group[0]!r} {what}, which mixes positions: per-token routing runs each expert on single "
+                    "tokens ([tokens, dim]); route it per batch or per sample"
+                )
         container = ExpertContainer(
             experts,
             container_router,
@@ -265,8 +273,35 @@ def add_experts(
         for (_, c), kw in zip(everywhere, per_container_merge_kwargs(everywhere, merge_kwargs, strategy=merge)):
             if id(c) in new:
                 c.set_merge(merge, **kw, **({"base": c.merge_kwargs["base"]} if bases else {}))
+    if frozen:
+        warn_user(
+            f"the parameters of {frozen[0]!r}{f' (and {len(frozen) - 1} more targets)' if len(frozen) > 1 else ''} are "
+            "frozen (requires_grad=False), and so are its experts, which are copies of it: they will not train. "
+            "Unfreeze them with model.get_submodule(name).requires_grad_(True), or freeze the backbone after add_experts"
+        )
     warn_plain_checkpointing(model)
     return names
+
+
+def _check_no_parameter_tied_outside(model: nn.Module, groups: list[list[str]]) -> None:
+    """Refuse a target holding a parameter that is also reachable outside it (a tied embedding and output head).
+
+    Each expert gets its own copy, so the tie would be broken silently, and the collapsed
+    state dict, loaded into the plain backbone, would give the tied slot whichever copy loads last.
+    """
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    for group in groups:
+        inside = tuple(g + "." for g in group)
+        for name, p in model.get_submodule(group[0]).named_parameters(prefix=group[0], remove_duplicate=False):
+            outside = [n for n in names_of.get(id(p), []) if not n.startswith(inside)]
+            if outside:
+                raise SurgeryError(
+                    f"{name!r} is the same parameter as {outside[0]!r}, outside the target {group[0]!r} (tied weights): "
+                    "experts would each get their own copy and untie them. Target a module that shares no "
+                    "parameter with the rest of the model, or untie the weights first"
+                )
 
 
 def _merge_bases(

@@ -305,7 +305,7 @@ def test_merged_forward_matches_functional_forward_and_gradients():
     assert maxdiff(w.grad, w_ref.grad) <= 1e-5
     # the expert gradients are w_i times the gradient of the merged tensor
     assert maxdiff(mods[0].fc1.weight.grad / 0.2, mods[2].fc1.weight.grad / 0.5) <= 1e-5
-    with pytest.raises(ValueError, match=r"^merged_forward got 2 weights for 3 experts$"):
+    with pytest.raises(ValueError, match=r"^merged_forward needs weights of shape \[3\] \(one per expert\), got \[2\]$"):
         c.merged_forward(x, [0.5, 0.5])
 
 
@@ -990,3 +990,61 @@ def test_eval_with_grad_warns_once_that_the_experts_get_no_gradient():
         c(x)  # once per container
         with torch.no_grad():
             c(x)
+
+
+def test_use_merge_with_a_base_module_reuses_its_merge_and_does_not_keep_the_base():
+    from mergekit_video import add_experts, collapse_experts
+    from mergekit_video.experts import use_merge
+
+    orig = nn.Sequential(MLP())
+    m = copy.deepcopy(orig)
+    add_experts(m, "0", 3, init="copy_noise", noise_std=0.1)
+    m.eval()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        for _ in range(3):  # base.state_dict() gives new detached views each time: the same tensors
+            with use_merge(m, "ties", base=orig):
+                m(x)
+            m(x)
+    assert m[0].merge_count == 2  # the mean once, ties once
+    with torch.no_grad():
+        orig[0].fc1.weight.add_(1.0)  # the base changed in place: merged again
+        with use_merge(m, "ties", base=orig):
+            m(x)
+    assert m[0].merge_count == 3
+    # the base was for the block only: re-initialised-style containers still have none afterwards
+    fresh = nn.Sequential(MLP())
+    add_experts(fresh, "0", 2, init="normal")
+    fresh.eval()
+    with torch.no_grad(), use_merge(fresh, "ties", base=orig):
+        fresh(x)
+    with pytest.raises(Exception, match=r"needs base="):
+        collapse_experts(copy.deepcopy(fresh), "ties")
+
+
+def test_an_in_place_write_to_a_merge_weight_tensor_merges_again():
+    c = ExpertContainer(experts(2), "multinomial")
+    w = torch.tensor([1.0, 0.0])
+    c.set_merge("weighted", weights=w)
+    c.eval()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert maxdiff(c(x), c.experts[0](x)) <= 1e-6
+        w.copy_(torch.tensor([0.0, 1.0]))
+        assert maxdiff(c(x), c.experts[1](x)) <= 1e-6
+        assert c.merge_count == 2
+        c(x)
+    assert c.merge_count == 2  # unchanged arguments: the cached merge
+
+
+def test_plans_that_do_not_fit_a_container_are_named():
+    m = nn.Sequential(ExpertContainer(experts(2), "multinomial"))
+    with pytest.raises(IndexError, match=r"^expert 5 does not exist in container '0', which has 2 experts \(0 to 1\)$"):
+        with use_expert(m, 5):
+            pass
+    with pytest.raises(ValueError, match=r"^merge weights for container '0' need shape \[2\] \(one per expert\), got \[2, 1\]$"):
+        with use_merge_weights(m, torch.ones(2, 1) / 2):
+            pass
+    assert m[0]._plan is None  # restored after the refusal
+    with pytest.raises(ValueError, match=r"^merged_forward needs weights of shape \[2\] \(one per expert\), got \[2, 1\]$"):
+        m[0].merged_forward(torch.randn(1, 4), torch.ones(2, 1) / 2)

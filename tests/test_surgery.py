@@ -647,3 +647,52 @@ def test_torch_export_names_the_collapse_and_the_collapsed_model_exports_equal()
     mv.collapse_experts(m)
     exported = torch.export.export(m, (x,))
     assert maxdiff(exported.module()(x), expected) <= 1e-6
+
+
+def test_token_routing_is_refused_for_a_target_holding_a_position_mixing_module():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+            self.fc = nn.Linear(4, 4)
+
+    m = nn.Sequential(Block())
+    with pytest.raises(SurgeryError, match=r"^'0' holds a MultiheadAttention \('attn'\), which mixes positions: per-token routing"):
+        mv.add_experts(m, "0", 2, router="fixed", expert=0, granularity="token")
+    mv.add_experts(m, "0", 2, router="fixed", expert=0, granularity="sample")  # per sample keeps each sequence whole
+
+
+def test_a_parameter_tied_outside_the_target_is_refused_naming_both_names():
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    m = TiedLM()
+    with pytest.raises(SurgeryError, match=r"^'head.weight' is the same parameter as 'emb.weight', outside the target 'head' \(tied weights\)"):
+        mv.add_experts(m, "head", 2, init="copy")
+    assert isinstance(m.head, nn.Linear) and m.head.weight is m.emb.weight  # nothing changed
+    shared = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    shared[1].weight = shared[0].weight  # two targets sharing a parameter: each would get its own copies
+    with pytest.raises(SurgeryError, match=r"^'0.weight' is the same parameter as '1.weight'"):
+        mv.add_experts(shared, ["0", "1"], 2)
+    alias = nn.Sequential(nn.Linear(4, 4))
+    alias.add_module("again", alias[0])  # a module tie (not a parameter tie) is one container under both names
+    assert mv.add_experts(alias, "0", 2) == ["0", "again"]
+
+
+def test_experts_of_a_frozen_target_warn_that_they_will_not_train():
+    import warnings
+
+    m = toy()
+    m.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"^the parameters of 'blocks.0.mlp' \(and 1 more targets\) are frozen .* they will not train"):
+        mv.add_experts(m, "blocks.*.mlp", 2)
+    assert not any(p.requires_grad for p in m.blocks[0].mlp.parameters())
+    unfrozen = toy()
+    unfrozen.embed.requires_grad_(False)  # frozen elsewhere: the targets train
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mv.add_experts(unfrozen, "blocks.*.mlp", 2)
