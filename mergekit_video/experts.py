@@ -612,6 +612,18 @@ class ExpertContainer(nn.Module):
         }
 
     def _merge_slots(self, weights: torch.Tensor, tensors: list[list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+        """:meth:`_merge_slots_now`, run outside the graph under ``torch.compile``.
+
+        Traced, the merge would guard on the module-structure counter (which compiling itself
+        bumps) and specialise on every coefficient value (the weight-merging regularizer samples
+        new ones each step): recompiles until dynamo's limit, then eager anyway. Eager calls skip
+        the disable wrapper altogether.
+        """
+        if torch.compiler.is_compiling():
+            return _merge_slots_outside_graph(self, weights, tensors)
+        return self._merge_slots_now(weights, tensors)
+
+    def _merge_slots_now(self, weights: torch.Tensor, tensors: list[list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
         """Merged tensor per slot, for ``weights`` ``[N]``.
 
         Floating parameters: Σ wᵢ·θᵢ, one multi-tensor op, differentiable. Floating buffers
@@ -701,6 +713,9 @@ class ExpertContainer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, merge={self.merge!r}"
+
+
+_merge_slots_outside_graph = torch.compiler.disable(ExpertContainer._merge_slots_now)
 
 
 # -- model-wide helpers -------------------------------------------------------------------

@@ -1048,3 +1048,38 @@ def test_plans_that_do_not_fit_a_container_are_named():
     assert m[0]._plan is None  # restored after the refusal
     with pytest.raises(ValueError, match=r"^merged_forward needs weights of shape \[2\] \(one per expert\), got \[2, 1\]$"):
         m[0].merged_forward(torch.randn(1, 4), torch.ones(2, 1) / 2)
+
+
+def test_merged_forwards_under_torch_compile_do_not_recompile_per_weight():
+    """Traced, the merge guarded on the module-structure counter (bumped by compiling) and on every
+    coefficient: the weight-merging regularizer recompiled each step until dynamo's limit."""
+    from torch._dynamo.utils import counters
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+            self.mlp = MLP()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.mlp(self.norm(x))
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Block(), Block())
+    from mergekit_video import add_experts
+
+    add_experts(m, "*.mlp", 3, seed=0)
+    m.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager")
+    x = torch.randn(2, 5, 4)
+    graphs = []
+    for step in range(6):
+        w = torch.softmax(torch.randn(3), dim=0)  # new coefficients every step, as Eq. 7's τ samples give
+        with use_merge_weights(m, w):
+            y = compiled(x)
+            y.square().sum().backward()
+            assert maxdiff(y, m(x)) <= 1e-6
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == [graphs[0]] * 5, graphs
+    torch._dynamo.reset()
