@@ -564,3 +564,23 @@ def test_data_synth_defaults_are_the_recipe_and_library_defaults():
     library["size"] = list(library["size"])
     key_of.update({o: o for o in ("fps", "gop", "texture", "noise", "workers", "overwrite")})  # options with no recipe key
     assert {o: cli[o] for o in key_of} == {o: library[k] for o, k in key_of.items()}
+
+
+def test_a_library_logging_at_module_level_does_not_double_our_log_lines():
+    """open_clip's get_tokenizer calls logging.info(): with no root handler that ran basicConfig, and
+    every mergekit_video record then printed twice (rich and plain)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging\n"
+        "from mergekit_video.cli.main import configure_logging\n"
+        "configure_logging()\n"
+        "logging.info('module-level info of a library')\n"
+        "logging.getLogger('mergekit_video.data').warning('bad video: ours')\n"
+        "logging.getLogger('somelib').warning('a warning of theirs')\n"
+        "logging.getLogger('somelib').info('an info of theirs')\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}).stderr
+    assert err.count("bad video: ours") == 1 and err.count("a warning of theirs") == 1
+    assert "module-level info" not in err and "an info of theirs" not in err

@@ -64,6 +64,17 @@ def configure_logging(*, debug: bool = False) -> None:
         handler._mergevid = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    root = logging.getLogger()
+    if not root.handlers:
+        # a library's module-level logging.info() (open_clip's get_tokenizer) would otherwise run
+        # logging.basicConfig(), after which every record of ours printed twice; other libraries'
+        # warnings still show, once
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        others = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False, level=logging.WARNING)
+        others.addFilter(lambda record: not record.name.startswith("mergekit_video"))
+        root.addHandler(others)
 
 
 def _register_commands() -> None:
