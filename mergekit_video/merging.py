@@ -12,6 +12,7 @@ The task-arithmetic family (task arithmetic, TIES, DARE) is one configurable cla
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import logging
@@ -435,7 +436,8 @@ def default_seed(strategy: str | MergeFn) -> int | None:
 def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any], *, num_experts: int | None = None) -> None:
     """Raise ``ValueError`` naming the strategy when ``kwargs`` cannot merge ``num_experts`` experts.
 
-    Checks the keywords against the strategy's signature (unknown or missing), ``base=`` for
+    Checks the keywords against the strategy's signature (unknown ones first, with the closest
+    accepted name, then missing ones), ``base=`` for
     task-arithmetic strategies, and, with ``num_experts``, the length of ``weights`` and the
     expert count of strategies that merge a fixed number (``slerp``: two), and the ranges of
     arguments such as ``ties``'s ``density`` ∈ (0, 1], ``dare``'s ``drop_rate`` ∈ [0, 1) and
@@ -443,8 +445,21 @@ def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any], *,
     """
     fn = resolve_strategy(strategy)
     name = strategy if isinstance(strategy, str) else getattr(fn, "__name__", "merge")
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        # unknown names first: a typo ('weight') would otherwise be reported as the argument it misses
+        accepted = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = next((k for k in kwargs if k not in accepted), None)
+        if unknown is not None:
+            close = difflib.get_close_matches(str(unknown), accepted, n=1)
+            hint = f"did you mean {close[0]!r}?; " if close else ""
+            raise ValueError(
+                f"merge strategy {name!r}: got an unexpected argument {unknown!r} "
+                f"({hint}accepted: {', '.join(accepted) or 'none'})"
+            )
     try:
-        inspect.signature(fn).bind([], **kwargs)
+        signature.bind([], **kwargs)
     except TypeError as exc:
         raise ValueError(f"merge strategy {name!r}: {exc}") from None
     _check_ranges(fn, name, kwargs)
@@ -478,6 +493,11 @@ def merge_tensors(
     buffers) are not weights and are never averaged: identical ones are copied; differing ones
     are taken from ``base`` when given, else from tensor #0, with a warning
     (``non_float="first"``), or raise (``non_float="error"``).
+
+    Float entries that hold the same ±inf in every tensor (and in ``base``, when given), such as
+    a causal mask's −inf, keep that value (a weight of 0 or a task vector −inf − (−inf) would
+    make them NaN): the strategy merges the tensors with 0 there (a zero task vector, no part
+    of slerp's angle or of TIES's magnitude ranking), and every other entry is its result.
     """
     fn = resolve_strategy(strategy)
     if is_output_space(fn):
@@ -500,7 +520,26 @@ def merge_tensors(
         source = "the base" if base is not None else "#0"
         log.warning("non-float tensor %s differs between #0 and #%d; kept %s's value", repr(name) if name else "", differ, source)
         return (base if base is not None else tensors[0]).clone()
-    return fn(tensors, base=base, **kwargs)
+    shared = _shared_infinities(tensors, base)
+    if shared is None:
+        return fn(tensors, base=base, **kwargs)
+    # the strategy sees 0 there in every tensor (a zero task vector, nothing in slerp's angle or
+    # TIES's magnitude ranking), and the result gets the shared value back
+    zeroed = [t.masked_fill(shared.to(t.device), 0.0) for t in tensors]
+    zeroed_base = None if base is None else base.masked_fill(shared.to(base.device), 0.0)
+    out = fn(zeroed, base=zeroed_base, **kwargs)
+    return torch.where(shared.to(out.device), tensors[0].to(out.device, out.dtype), out)
+
+
+def _shared_infinities(tensors: Sequence[Tensor], base: Tensor | None) -> Tensor | None:
+    """Bool mask of the entries that are the same ±inf in every tensor and in ``base``; None when there are none."""
+    ref = tensors[0]
+    shared = torch.isinf(ref)
+    if not bool(shared.any()):  # the common case: one pass over tensor #0, nothing else
+        return None
+    for t in (*tensors[1:], *(() if base is None else (base,))):
+        shared &= t.to(ref.device) == ref
+    return shared if bool(shared.any()) else None
 
 
 def merge_state_dicts(
@@ -512,13 +551,15 @@ def merge_state_dicts(
 ) -> dict[str, Tensor]:
     """Apply ``strategy`` key by key over ``state_dicts``.
 
-    All state dicts must have the same keys and shapes; ``base`` (when given) too.
-    Non-float tensors follow ``non_float`` (see :func:`merge_tensors`).
+    The strategy's arguments are checked first (:func:`check_merge_arguments`). All state dicts
+    must have the same keys and shapes; ``base`` (when given) too. Non-float tensors follow
+    ``non_float``, and entries that are the same ±inf everywhere keep it (see :func:`merge_tensors`).
     A ``seed`` keyword (else the strategy's default seed) seeds one generator consumed in
     key order, so stochastic strategies (DARE) are reproducible.
     """
     if not state_dicts:
         raise ValueError("merge_state_dicts needs at least one state dict")
+    check_merge_arguments(strategy, {**kwargs, "base": base}, num_experts=len(state_dicts))
     keys = list(state_dicts[0].keys())
     for i, sd in enumerate(state_dicts[1:], 1):
         if set(sd.keys()) != set(keys):

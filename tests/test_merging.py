@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -376,3 +377,81 @@ def test_merge_state_dicts_names_keys_that_are_not_mergeable():
         merge_state_dicts([{"n": torch.tensor([1])}, {"n": torch.tensor([1, 2])}])
     with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': dtype torch.int64 of #1 and torch.float32 of #0"):
         merge_state_dicts([{"w": T(1)}, {"w": torch.tensor([1])}])
+
+
+# -- shared infinities, argument checks ------------------------------------------------------------
+
+INF = float("inf")
+
+
+def test_entries_that_are_the_same_inf_everywhere_keep_it():
+    mask = torch.triu(torch.full((3, 3), -INF), 1)  # a causal mask: 0 on and below the diagonal
+    sds = [{"mask": mask.clone()} for _ in range(2)]
+    assert torch.equal(merge_state_dicts(sds, "weighted", weights=[1, 0])["mask"], mask)  # 0 · −inf was NaN
+    assert torch.equal(merge_state_dicts(sds, "task_arithmetic", base={"mask": mask})["mask"], mask)  # −inf − (−inf)
+    assert torch.equal(merge_state_dicts(sds, "mean")["mask"], mask)
+    # finite entries stay the strategy's, equal inputs included: 2·x + 3·x
+    x = T(1, -INF, INF, 2)
+    assert torch.equal(merge_tensors([x, x.clone()], "weighted", weights=[2, 3], normalize=False), T(5, -INF, INF, 10))
+    # base + λ Σ (θᵢ − base) with λ = 0.5: [1 + 0.5·(1 + 1)] and [0 + 0.5·(1 + 3)]; −inf in the base too
+    out = merge_tensors([T(-INF, 1, 2), T(-INF, 3, 2)], "task_arithmetic", base=T(-INF, 0, 1), lam=0.5)
+    assert torch.equal(out, T(-INF, 2, 2))
+    # infinities not shared by every input (or by the base) are the strategy's result
+    assert torch.equal(merge_tensors([T(-INF, 1), T(0, 3)], "mean"), T(-INF, 2))
+    assert merge_tensors([T(-INF, 1), T(INF, 3)], "mean")[0].isnan()
+    assert merge_tensors([T(-INF, 1), T(-INF, 3)], "task_arithmetic", base=T(0, 0))[0] == -INF  # 0 + (−inf) + (−inf)
+
+
+def test_shared_infinities_are_zero_task_vectors_for_ties_dare_and_slerp():
+    base = T(-INF, 0, 0, 0)
+    a, b = T(-INF, 1, -2, 3), T(-INF, 3, 1, 3)
+    # TIES, density 0.5 of 4 entries: keep 2 per task vector by magnitude, the −inf entry's being 0:
+    # a → [0, 0, −2, 3], b → [0, 3, 0, 3]; elected signs [0, +, −, +]; disjoint means [0, 3, −2, 3]
+    assert torch.equal(merge_tensors([a, b], "ties", base=base, density=0.5), T(-INF, 3, -2, 3))
+    # DARE (seeded): the same draws and result as experts that equal the base there
+    for combine in ("linear", "ties"):
+        got = merge_state_dicts([{"w": a}, {"w": b}], "dare", base={"w": base}, drop_rate=0.5, combine=combine, seed=3)["w"]
+        zero = [{"w": torch.where(a.isinf(), 0.0, t)} for t in (a, b)]
+        want = merge_state_dicts(zero, "dare", base={"w": torch.zeros(4)}, drop_rate=0.5, combine=combine, seed=3)["w"]
+        assert got[0] == -INF and torch.equal(got[1:], want[1:]) and torch.isfinite(want).all()
+    # slerp: the angle is taken over the finite entries, two orthogonal unit vectors at t = 0.5
+    r = math.sqrt(0.5)
+    assert torch.allclose(merge_tensors([T(-INF, 1, 0), T(-INF, 0, 1)], "slerp"), T(-INF, r, r), atol=1e-6)
+    assert torch.equal(merge_tensors([a, a.clone()], "slerp", t=0.3), a)  # identical tensors: themselves
+
+
+def test_merge_state_dicts_checks_the_strategy_arguments():
+    sds = [{"w": T(1, 2)}, {"w": T(3, 4)}, {"w": T(5, 6)}]
+    for strategy, kw, message in (
+        ("mean", {"weights": [1, 2, 3]}, "merge strategy 'mean': got an unexpected argument 'weights' (accepted: base)"),
+        ("weighted", {}, "merge strategy 'weighted': missing a required argument: 'weights'"),
+        ("weighted", {"weights": [1, 2]}, "merge strategy 'weighted': 2 weights for 3 experts"),
+        ("slerp", {}, "merge strategy 'slerp' merges exactly 2 experts, not 3"),
+        ("ties", {}, "merge strategy 'ties' needs base= (the weights the experts were tuned from, such as the model before add_experts)"),
+        ("mean", {"seed": 0}, "merge strategy 'mean': got an unexpected argument 'seed' (accepted: base)"),
+    ):
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            merge_state_dicts(sds, strategy, **kw)
+    with pytest.raises(ValueError, match=r"^state dict #1 has different keys from #0; first difference: 'v'$"):
+        merge_state_dicts([{"w": T(1)}, {"v": T(1)}], "weighted", weights=[1, 1])
+
+
+def test_check_merge_arguments_reports_an_unknown_name_before_a_missing_one():
+    from mergekit_video.merging import check_merge_arguments
+
+    for strategy, kw, message in (
+        ("weighted", {"weight": [1, 2]},
+         "merge strategy 'weighted': got an unexpected argument 'weight' (did you mean 'weights'?; accepted: base, weights, normalize)"),
+        ("temperature_softmax", {"t": 1}, "merge strategy 'temperature_softmax': got an unexpected argument 't' (accepted: base, tau)"),
+        ("dare", {"base": T(0), "drop": 0.5},
+         "merge strategy 'dare': got an unexpected argument 'drop' (did you mean 'drop_rate'?; "
+         "accepted: base, drop_rate, combine, lam, weights, seed, generator)"),
+        ("weighted", {}, "merge strategy 'weighted': missing a required argument: 'weights'"),
+    ):
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            check_merge_arguments(strategy, kw, num_experts=2)
+
+    def open_ended(tensors, *, base=None, **kw):  # a plugin taking any keyword: nothing is unknown
+        return tensors[0]
+
+    check_merge_arguments(open_ended, {"anything": 1}, num_experts=2)
