@@ -192,6 +192,8 @@ class TopKRouter(Router):
     """
 
     stochastic = False
+    #: Where an inferred ``dim`` came from (set by :func:`build_router`); None when it was given.
+    dim_source: str | None = None
 
     def __init__(
         self,
@@ -210,11 +212,14 @@ class TopKRouter(Router):
             raise ValueError(f"topk router k={k} must be in [1, {num_experts}]")
         self.k = int(k)
         self.renormalize = self.k > 1 if renormalize is None else bool(renormalize)
+        self.dim = int(dim)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
 
     def route(self, x: torch.Tensor) -> RouterOutput:
         """Top-k of the gate's softmax per token or sample (renormalised if so configured); aux: load-balance and z-loss."""
+        if x.shape[-1] != self.dim:
+            self._raise_width_mismatch(x.shape[-1])
         if self.granularity == "sample":
             feats = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)  # [B, D]
         else:
@@ -236,6 +241,14 @@ class TopKRouter(Router):
             aux_losses={"load_balance": load_balance, "z_loss": z_loss},
         )
 
+    def _raise_width_mismatch(self, width: int) -> None:
+        source = f" ({self.dim_source})" if self.dim_source else ""
+        raise ValueError(
+            f"topk router: its input has width {width} (the last dim of x) but the router's dim is "
+            f"{self.dim}{source}; pass dim={width} (add_experts(..., dim={width}), "
+            f"ExpertContainer(..., router_kwargs={{'dim': {width}}}) or TopKRouter(dim={width}))"
+        )
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", k={self.k}, renormalize={self.renormalize}"
 
@@ -244,16 +257,27 @@ def build_router(router: str | Router, *, module: nn.Module | None = None, **kwa
     """Return ``router`` if it is already a Router, else build it from the registry.
 
     A gated router's ``dim`` (its input width), when not given, is the ``in_features`` of the
-    first ``nn.Linear`` of ``module`` (the expert it routes for).
+    first ``nn.Linear`` of ``module`` (the expert it routes for) in registration order, which
+    need not be the first one its forward applies; the router's ``dim_source`` says which
+    Linear it was, and a router whose width does not match its input names it.
     """
     if isinstance(router, nn.Module):
         return router
+    source = None
     if "dim" not in kwargs and "dim" in inspect.signature(ROUTERS.get(router)).parameters:
-        linear = next((m for m in module.modules() if isinstance(m, nn.Linear)), None) if module is not None else None
-        if linear is None:
+        found = next(((n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)), None) if module is not None else None
+        if found is None:
             raise ValueError(
                 f"router {router!r} needs dim= (the width of its input); it could not be inferred "
                 f"({'no nn.Linear in the expert' if module is not None else 'no expert module given'}): pass dim"
             )
+        lname, linear = found
         kwargs["dim"] = linear.in_features
-    return ROUTERS.build(router, **kwargs)
+        source = (
+            f"inferred from the in_features of {lname!r}, the first nn.Linear of the expert in registration order"
+            if lname else "inferred from the in_features of the expert, an nn.Linear"
+        )
+    built = ROUTERS.build(router, **kwargs)
+    if source is not None:
+        built.dim_source = source
+    return built

@@ -228,3 +228,36 @@ def test_topk_gate_init_and_bf16_input():
     assert "k=2" in repr(r)
     out = r(torch.randn(4, 256, dtype=torch.bfloat16))  # a bf16 model with an fp32 gate
     assert out.weights.dtype == torch.bfloat16 and out.indices.shape == (4, 2)
+
+
+def test_topk_router_names_a_width_that_does_not_fit_its_dim():
+    import re
+
+    from torch import nn
+
+    import mergekit_video as mv
+
+    fix = "pass dim=8 (add_experts(..., dim=8), ExpertContainer(..., router_kwargs={'dim': 8}) or TopKRouter(dim=8))"
+    r = TopKRouter(num_experts=2, dim=16)
+    assert r.dim == 16 and r.dim_source is None  # given, not inferred
+    for router, x in ((r, torch.randn(3, 8)), (TopKRouter(num_experts=2, dim=16, granularity="sample"), torch.randn(2, 5, 8))):
+        with pytest.raises(ValueError, match="^" + re.escape(f"topk router: its input has width 8 (the last dim of x) but the router's dim is 16; {fix}") + "$"):
+            router(x)
+
+    class Rev(nn.Module):  # registers its output Linear first: the inferred dim is that Linear's in_features
+        def __init__(self):
+            super().__init__()
+            self.out, self.inp = nn.Linear(16, 8), nn.Linear(8, 16)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.inp(x)))
+
+    model = nn.Sequential(Rev())
+    mv.add_experts(model, "0", 2, router="topk")
+    source = "inferred from the in_features of 'out', the first nn.Linear of the expert in registration order"
+    with pytest.raises(ValueError, match="^" + re.escape(f"topk router: its input has width 8 (the last dim of x) but the router's dim is 16 ({source}); {fix}") + "$"):
+        model.train()(torch.randn(3, 8))
+    fixed = nn.Sequential(Rev())
+    mv.add_experts(fixed, "0", 2, router="topk", dim=8)
+    assert fixed.train()(torch.randn(3, 8)).shape == (3, 8)
+    assert build_router("topk", num_experts=2, module=nn.Linear(5, 3)).dim_source == "inferred from the in_features of the expert, an nn.Linear"
