@@ -455,6 +455,12 @@ def test_check_paths_names_missing_files_and_folders(tmp_path):
         f"root: folder not found: {tmp_path / 'list.txt'} (it is a file)",
         f"splits.1.list: file not found: {tmp_path / 'missing.txt'}",
     ]
+    # open_clip tags and the words of train.resume are not paths; files named there are checked
+    weights = Section({"pretrained": Field(str, path="weights"), "resume": Field(str, path="checkpoint")})
+    for pretrained, resume in (("openai", "auto"), ("laion2b_s34b_b79k", "never"), (str(tmp_path / "list.txt"), str(tmp_path))):
+        assert check_paths({"pretrained": pretrained, "resume": resume}, weights) == []
+    problems = [str(p) for p in check_paths({"pretrained": "vit_b16.pt", "resume": str(tmp_path / "run" / "checkpoints")}, weights)]
+    assert problems == ["pretrained: weights file not found: vit_b16.pt", f"resume: checkpoint not found: {tmp_path / 'run' / 'checkpoints'}"]
 
 
 def test_unknown_argument_of_a_class_passing_kwargs_to_its_base_is_named():

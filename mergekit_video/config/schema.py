@@ -49,7 +49,9 @@ class Field:
             more choices may come from elsewhere, e.g. a plugin).
         path: ``"file"``, ``"dir"`` or ``"exists"`` when the value names a filesystem path that
             :func:`check_paths` checks (not :func:`validate_recipe`: shipped recipes name
-            datasets that exist only on the user's machine).
+            datasets that exist only on the user's machine); ``"weights"`` when it is an
+            open_clip tag or a weights file (checked when it looks like a file, see
+            :func:`looks_like_weights_file`); ``"checkpoint"`` when it is ``auto`` or a path.
     """
 
     type: Any = None
@@ -327,7 +329,32 @@ def validate_recipe(
         raise ValidationError(_dedupe(v.problems), source=source)
 
 
-_PATH_KINDS = {"file": ("is_file", "file not found"), "dir": ("is_dir", "folder not found"), "exists": ("exists", "path not found")}
+#: Weight-file suffixes: a value ending so (or holding a path separator) is a file, not an open_clip tag.
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def looks_like_weights_file(value: str) -> bool:
+    """Whether a ``pretrained``-style value names a file rather than an open_clip tag (``openai``)."""
+    return os.sep in value or "/" in value or value.endswith(WEIGHT_FILE_SUFFIXES)
+
+
+#: ``train.resume`` values that start fresh (besides null / false); ``auto`` takes the latest checkpoint.
+RESUME_FRESH_WORDS = ("", "none", "null", "false", "never")
+
+
+def resume_names_a_path(value: str) -> bool:
+    """Whether a ``train.resume`` string names a checkpoint path (not ``auto`` or a word for starting fresh)."""
+    return value.strip().lower() not in (*RESUME_FRESH_WORDS, "auto")
+
+
+# path kind -> (Path test, message, whether a value is a path at all)
+_PATH_KINDS = {
+    "file": ("is_file", "file not found", lambda v: True),
+    "dir": ("is_dir", "folder not found", lambda v: True),
+    "exists": ("exists", "path not found", lambda v: True),
+    "weights": ("is_file", "weights file not found", looks_like_weights_file),
+    "checkpoint": ("exists", "checkpoint not found", resume_names_a_path),
+}
 
 
 def check_paths(cfg: Mapping[str, Any], schema: Section) -> list[Problem]:
@@ -348,9 +375,9 @@ def check_paths(cfg: Mapping[str, Any], schema: Section) -> list[Problem]:
                     walk(value[k], sub, join_key(path, k))
         elif isinstance(spec, Field):
             if spec.path is not None and isinstance(value, str):
-                test, what = _PATH_KINDS[spec.path]
+                test, what, is_path = _PATH_KINDS[spec.path]
                 p = Path(value).expanduser()
-                if not getattr(p, test)():
+                if is_path(value) and not getattr(p, test)():
                     hint = " (it is a folder)" if spec.path == "file" and p.is_dir() else " (it is a file)" if spec.path == "dir" and p.is_file() else ""
                     problems.append(Problem(path, f"{what}: {value}{hint}"))
             elif spec.item is not None and isinstance(value, list):

@@ -236,6 +236,8 @@ def create_clip(
     """
     import open_clip
 
+    from ..config.schema import looks_like_weights_file
+
     register_bundled_model_configs()
     if isinstance(pretrained, str) and pretrained.lower() in ("", "none", "null", "random"):
         pretrained = None
@@ -249,7 +251,7 @@ def create_clip(
     if pretrained is not None and not os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(model_name.removesuffix("-quickgelu"))
         if pretrained not in tags and not open_clip.get_pretrained_cfg(model_name, pretrained):
-            if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            if looks_like_weights_file(pretrained):
                 raise FileNotFoundError(f"pretrained weights file {pretrained!r} does not exist (set {recipe_key})")
             raise ValueError(
                 f"{pretrained!r} is neither an open_clip pretrained tag for {model_name} nor a file "

@@ -20,7 +20,7 @@ PLUGIN_HINT = "a plugin's part? list its module under plugins: in the recipe, or
 
 MODEL_FIELDS = {
     "clip_name": Field(str, doc="open_clip architecture, e.g. ViT-B-16, ViT-L-14"),
-    "pretrained": Field(str, nullable=True, doc="open_clip tag (openai), a local file, or null"),
+    "pretrained": Field(str, nullable=True, path="weights", doc="open_clip tag (openai), a local file, or null"),
     "temporal_layers": Field(int, min=1),
     "num_experts": Field(int, min=0, doc="0 = plain FFN (baseline)"),
     "router": Field(str, choices=_names("routers"), choices_hint=PLUGIN_HINT),
@@ -168,7 +168,7 @@ EVAL = Section(
             doc="evaluate α·θ + (1-α)·θ_CLIP for the visual tower (the official MoTE test.py: 0.99); the saved model is unchanged",
         ),
         "clip_blend_weights": Field(
-            str, nullable=True, doc="θ_CLIP of eval.clip_blend: an open_clip tag or a local file (default: the model's model.pretrained)",
+            str, nullable=True, path="weights", doc="θ_CLIP of eval.clip_blend: an open_clip tag or a local file (default: the model's model.pretrained)",
         ),
         "test_offsets": Field(
             str, default="centre", choices=("centre", "start"),
@@ -223,7 +223,7 @@ TRAIN = Section(
         "val_views": Field(list, default=[1, 1], items=VIEWS, doc="[clips, crops] of the per-epoch validation (crops: 1 or 3)"),
         "save_every_steps": Field(int, nullable=True, default=None, min=1),
         "keep_last": Field(int, default=2, min=1),
-        "resume": Field(str, nullable=True, default="auto", doc="auto | a checkpoint path | null"),
+        "resume": Field(str, nullable=True, default="auto", path="checkpoint", doc="auto | a checkpoint path | null"),
         "compile": Field(bool, default=False),
         "routing_draws": Field(str, default="global", choices=["global", "per_rank"],
                                doc="under DDP: global = one expert and τ per layer for the whole batch (the paper); "

@@ -449,10 +449,12 @@ class CheckpointManager:
 def resume_kind(resume: Any) -> str:
     """What a ``train.resume`` value asks for: ``"fresh"`` (None, False, ``""``, ``"none"``, ``"null"``,
     ``"false"``, ``"never"``), ``"auto"`` (the latest checkpoint) or ``"path"``."""
+    from ..config.schema import RESUME_FRESH_WORDS
+
     if resume is None or resume is False:
         return "fresh"
     text = str(resume).strip().lower()
-    if text in ("", "none", "null", "false", "never"):
+    if text in RESUME_FRESH_WORDS:
         return "fresh"
     return "auto" if text == "auto" else "path"
 
