@@ -47,11 +47,15 @@ def test_output_dir_with_foreign_files_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.json").write_text("the user's results")
-    with pytest.raises(FileExistsError, match="no recipe.yaml"):
+    (out / "metrics.jsonl").write_text('{"a": 1}\nnot json\n')
+    (out / "notes.txt").write_text("the user's notes")
+    with pytest.raises(FileExistsError, match=r"no recipe.yaml of an earlier run; .* pass --overwrite to write into it "
+                                              r"\(DELETING its metrics.jsonl, results.json, which a run writes\)$"):
         prepare_output_dir(_cfg(out), overwrite=False, main=True)
-    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # not even a lock file left
-    prepare_output_dir(_cfg(out), overwrite=True, main=True)  # asked: the run replaces its own outputs
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "notes.txt", "results.json"]  # not even a lock file left
+    prepare_output_dir(_cfg(out), overwrite=True, main=True)  # asked: the run replaces (not appends to) files named as its outputs
     assert (out / "recipe.yaml").read_text() == dump_recipe(_cfg(out))
+    assert sorted(p.name for p in out.iterdir()) == [".mergevid.lock", "notes.txt", "recipe.yaml"]
 
 
 def test_changed_recipe_needs_overwrite_only_when_the_earlier_run_left_outputs(tmp_path):

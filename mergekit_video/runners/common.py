@@ -219,7 +219,8 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
     a resume) is fine; so is one that differs only in :data:`RESULTS_NEUTRAL_KEYS` (the run resumes
     and the new ``recipe.yaml`` is recorded), and a changed recipe when the earlier run left no
     outputs (it failed at start-up). With ``overwrite``, the outputs of an earlier, different run
-    are deleted first (:data:`RUN_OUTPUTS`), so that the new run neither resumes from nor appends
+    (or files named like them in a folder without ``recipe.yaml``) are deleted first
+    (:data:`RUN_OUTPUTS`), so that the new run neither resumes from nor appends
     to them.
     """
     import yaml
@@ -235,12 +236,13 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         lock_output_dir(out)  # before anything is read or written there: one run per folder at a time
         saved = out / "recipe.yaml"
         # data/ is checked on its own (ensure_synthetic_data); a run writes nothing else there
+        outputs = [out / name for name in RUN_OUTPUTS if (out / name).exists() and _holds_output(out / name)]
         if not saved.exists() and out.is_dir() and any(p.name not in ("data", LOCK_FILE) for p in out.iterdir()) and not overwrite:
             release_output_dir(out)
             (out / LOCK_FILE).unlink(missing_ok=True)  # leave the user's folder as it was
-            raise FileExistsError(f"output_dir {out} holds files but no recipe.yaml of an earlier run; "
-                                  "choose another output_dir, or pass --overwrite to write into it")
-        outputs = [out / name for name in RUN_OUTPUTS if (out / name).exists() and _holds_output(out / name)]
+            named = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
+            raise FileExistsError(f"output_dir {out} holds files but no recipe.yaml of an earlier run; choose another output_dir, "
+                                  "or pass --overwrite to write into it" + (f" (DELETING its {named}, which a run writes)" if named else ""))
         text = dump_recipe(cfg)
         previous = saved.read_text(encoding="utf-8") if saved.is_file() else None
         changes: list[tuple[str, Any, Any]] = []
@@ -261,7 +263,9 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         # a trained run whose final evaluation failed (no results yet) may be evaluated with other eval.* settings
         unevaluated = cfg.get("runner") not in ("evaluate", "compare") and out / "results.json" not in outputs
         neutral = bool(changes) and all(key in RESULTS_NEUTRAL_KEYS or (unevaluated and only_final_evaluation(key)) for key, _, _ in changes)
-        if outputs and changes and not neutral:
+        # files named like a run's outputs in a folder without recipe.yaml (overwrite given): replaced, not appended to
+        foreign = previous is None and bool(outputs)
+        if outputs and ((changes and not neutral) or foreign):
             if not overwrite:
                 names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
                 shown = "; ".join(_describe_change(*c) for c in changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
