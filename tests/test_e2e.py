@@ -230,7 +230,8 @@ def test_dense_export_has_the_baselines_keys_and_accuracy(quick_run, tmp_path, c
     rc = cli_main(["eval", str(out / "model"), "--list", str(data / "val.txt"), "--classes", str(data / "classes.csv"),
                    "--root", str(data), "--input-size", "224", "--output-dir", str(tmp_path / "eval_224")])
     err = capsys.readouterr().err
-    assert rc == 1 and "eval.datasets.0.input_size=224, but the model's visual tower takes 32x32 frames" in err
+    assert rc == 1 and "error: --input-size 224, but the model's visual tower takes 32x32 frames: leave --input-size out (or pass 32)" in err
+    assert not (tmp_path / "eval_224").exists()  # said before any output folder is made
 
 
 def test_input_size_defaults_to_the_models_and_mismatches_name_the_key():

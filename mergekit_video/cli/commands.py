@@ -231,7 +231,11 @@ def eval_cmd(
         if target.is_dir() and not (target / "config.json").is_file() and (target / "model" / "config.json").is_file():
             _console().print(f"{target} is a run's output_dir: evaluating its trained model, {target / 'model'}")
             target = target / "model"
-        read_model_config(target)  # not a model: said now, before an output folder is made
+        model_config = read_model_config(target)  # not a model: said now, before an output folder is made
+        model_size = ((model_config.get("clip") or {}).get("model_cfg") or {}).get("vision_cfg", {}).get("image_size")
+        if input_size is not None and isinstance(model_size, int) and input_size != model_size:
+            raise UserError(f"--input-size {input_size}, but the model's visual tower takes {model_size}x{model_size} frames: "
+                            f"leave --input-size out (or pass {model_size})")
         name = list_files[0].stem
         lists = [str(f.resolve()) for f in list_files]  # absolute: the same evaluation whatever the working folder
         recipe = {
