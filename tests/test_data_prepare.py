@@ -146,6 +146,27 @@ def test_bench_pipelines_decode_the_same_frames(tiny_synthetic):
     assert np.isfinite(list(cpu.values())[0][0])
 
 
+def test_bench_floor_batches_clips_of_different_sizes(tmp_path, monkeypatch):
+    """Raw datasets mix frame sizes: the decode floor copies them into one flat buffer instead of stacking."""
+    import mergekit_video.data.bench as bench
+    from mergekit_video.data.annotations import VideoRecord
+
+    write_level_video(tmp_path / "a.mp4", 12, h=50, w=98)
+    write_level_video(tmp_path / "b.mp4", 12, h=120, w=68)
+    recs = [VideoRecord(path="a.mp4", label=0), VideoRecord(path="b.mp4", label=1)]
+    pipes = {k: v for k, v in bench._pipelines(recs, tmp_path, num_frames=4, input_size=32, seed=0).items() if k.startswith("floor")}
+    ds, collate = pipes["floor_test"]
+    clips = [ds[0], ds[1]]
+    batch = collate(clips)
+    assert batch["shapes"].tolist() == [[4, 50, 98, 3], [4, 120, 68, 3]] and bench._batch_size(batch) == 2
+    assert batch["frames"].dtype == torch.uint8 and torch.equal(batch["frames"], torch.cat([c.reshape(-1) for c in clips]))
+    monkeypatch.setattr(bench, "get_worker_info", lambda: object())  # as in a DataLoader worker: written to shared memory
+    assert batch["frames"].shape == (4 * (50 * 98 + 120 * 68) * 3,) and collate(clips)["frames"].is_shared()
+    monkeypatch.undo()
+    wall, _ = bench._measure_set(pipes, num_videos=2, workers=0, batch_size=2, repeats=1, log=lambda s: None)
+    assert sorted(wall) == ["floor_test", "floor_train"] and all(len(v) == 1 and v[0] > 0 for v in wall.values())
+
+
 class _WorkerPid(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 8

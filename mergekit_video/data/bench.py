@@ -4,7 +4,7 @@ On each file set (raw long-GOP files, and the same files after ``mergevid data p
 with the same DataLoader harness (same videos, order, workers and batch size), it measures clips/s of:
 
 - ``floor_*``: decode the sampled frames with one decord ``get_batch`` call and nothing else
-  (uint8 frames stacked into the batch);
+  (uint8 frames copied into one flat batch buffer: the copy stacking costs, for clips of any size);
 - ``ours_*``: :class:`VideoDataset` + :func:`collate_videos` as the runners use them, up to the
   uint8 batch the loader hands over (train; test: 1 clip x 1 centre crop). Training on a GPU
   normalises that batch on the GPU, so this is the whole CPU cost there; a CPU-only run also
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..utils.io import atomic_write_json
 from .annotations import VideoRecord, read_annotation_list, write_annotation_list
@@ -111,8 +111,26 @@ def _stack_collate(batch: list[torch.Tensor]) -> torch.Tensor:
     return _stack(batch)
 
 
-def _batch_size(batch: Any) -> int:  # noqa: D103
-    return int(batch["label"].shape[0]) if isinstance(batch, dict) else int(batch.shape[0])
+def _floor_collate(batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy the decoded clips into one flat uint8 buffer: the single copy stacking costs, but for clips of
+    different sizes (raw datasets mix frame sizes; the floor does not resize). In a worker it writes straight
+    into shared memory, as :func:`_stack` does.
+
+    Returns ``{"frames": [sum of T*H*W*3] uint8, "shapes": [B, 4] (T, H, W, 3) per clip}``.
+    """
+    total = sum(t.numel() for t in batch)
+    out = None
+    if get_worker_info() is not None:
+        out = batch[0].new(batch[0]._typed_storage()._new_shared(total, device=batch[0].device))
+    frames = torch.cat([t.reshape(-1) for t in batch], out=out)  # [sum T*H*W*3]
+    return {"frames": frames, "shapes": torch.tensor([list(t.shape) for t in batch], dtype=torch.long)}
+
+
+def _batch_size(batch: Any) -> int:
+    """Clips in a batch: a tensor's first dimension, or the clips counted in a collated dict."""
+    if isinstance(batch, dict):
+        return int(batch["shapes" if "shapes" in batch else "label"].shape[0])
+    return int(batch.shape[0])
 
 
 def watchdog_overhead_us(calls: int = 2000) -> float:
@@ -194,11 +212,11 @@ def _pipelines(records: list[VideoRecord], root: Path, *, num_frames: int, input
                             input_size=input_size, normalize=normalize, on_error="raise", seed=seed, backend="decord")
 
     return {
-        "floor_train": (DecodeFloor(train=True, **kw), _stack_collate),
+        "floor_train": (DecodeFloor(train=True, **kw), _floor_collate),
         "ours_train": (ours(True, False), collate_videos),  # what the runners use: uint8, normalised by the consumer
         "ours_train_float": (ours(True, True), collate_videos),
         "naive_train": (NaivePipeline(train=True, input_size=input_size, **kw), _stack_collate),
-        "floor_test": (DecodeFloor(train=False, **kw), _stack_collate),
+        "floor_test": (DecodeFloor(train=False, **kw), _floor_collate),
         "ours_test": (ours(False, False), collate_videos),
         "ours_test_float": (ours(False, True), collate_videos),
         "naive_test": (NaivePipeline(train=False, input_size=input_size, **kw), _stack_collate),
