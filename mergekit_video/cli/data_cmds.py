@@ -39,7 +39,7 @@ def synth_cmd(
     noise: float = typer.Option(0.0, "--noise", help="Per-frame grain standard deviation (camera-like bitrate)."),
     seed: int = typer.Option(_SYN["seed"], "--seed", help="Random seed."),
     workers: int = typer.Option(1, "--workers", help="Encoding processes."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder: its videos/ folder, lists (train.txt, val.txt, novel.txt), class CSVs and settings are REPLACED; other files stay."),
 ) -> None:
     """Write a small synthetic video dataset (moving coloured shapes, H.264 mp4) with lists and class CSVs."""
     import time
