@@ -80,6 +80,33 @@ def test_convert_rejects_foreign_files(tmp_path):
         convert_official(ckpt)
 
 
+def test_convert_names_unreadable_files_in_one_line(tmp_path, capsys):
+    """Random bytes, an empty file and a pickle with a foreign class: one line, weights_only stays on."""
+    import argparse
+
+    from mergekit_video.cli.main import main as cli_main
+
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes([171]) + bytes(range(64)))
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, foreign)
+    expect = {
+        noise: "UnpicklingError: Unsupported operand 171",
+        empty: "EOFError",
+        foreign: "UnpicklingError: Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default",
+    }
+    for path, why in expect.items():
+        with pytest.raises(ConversionError) as info:
+            load_official_checkpoint(path)
+        assert str(info.value) == f"{path} is not a PyTorch checkpoint that can be read safely with weights_only=True ({why})"
+    assert cli_main(["convert", "mote-official", str(noise), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"error: {noise} is not a PyTorch checkpoint that can be read safely with weights_only=True ({expect[noise]})"
+    assert "weights_only` set to `False`" not in err and not (tmp_path / "out").exists()
+
+
 def test_official_test_time_clip_blend_in_convert_and_in_evaluation(tmp_path):
     """The official test.py evaluates 0.99·θ_finetuned + 0.01·θ_CLIP (visual tower, logit_scale)."""
     from mergekit_video.models import build_video_clip

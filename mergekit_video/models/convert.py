@@ -146,12 +146,30 @@ def matching_open_clip_name(arch: OfficialArchitecture) -> str | None:
     return None
 
 
+def _load_failure(exc: Exception) -> str:
+    """One line saying why ``torch.load`` failed, without torch's multi-line advice (e.g. to drop weights_only)."""
+    text = str(exc)
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # the unpickler's own reason, after torch's preamble
+    detail = match.group(1) if match else next((line for line in text.splitlines() if line.strip()), "")
+    detail = re.split(r"(?<=[^.])\. ", detail.strip(), maxsplit=1)[0].rstrip(".")  # first sentence
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
 def load_official_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read an official checkpoint (a torch pickle of plain tensors; loaded with ``weights_only=True``)."""
+    import warnings
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch's note on protocol >2 pickles
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # foreign bytes fail inside the unpickler (UnpicklingError, KeyError, EOFError, ...)
+        raise ConversionError(f"{path} is not a PyTorch checkpoint that can be read safely with weights_only=True ({_load_failure(exc)})") from exc
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt or "fusion_model_state_dict" not in ckpt:
         keys = list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ConversionError(f"{path} is not an official MoTE checkpoint (expected model_state_dict and fusion_model_state_dict; found {keys})")
