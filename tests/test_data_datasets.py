@@ -107,6 +107,29 @@ def test_annotation_lists_and_class_csv(tmp_path):
         read_class_names(csv)
 
 
+def test_class_csv_without_header_and_lists_with_a_byte_order_mark(tmp_path):
+    csv = tmp_path / "c.csv"
+    csv.write_text("0,red\n1,green\n2,blue\n")  # no header: the first row is data, not to be dropped
+    with pytest.raises(ValueError) as info:
+        read_class_names(csv)
+    assert str(info.value) == f"{csv}: expected a header 'id,name', got '0,red'"
+    csv.write_bytes(b"\xef\xbb\xbf0,red\n")
+    with pytest.raises(ValueError, match="got '0,red'$"):
+        read_class_names(csv)
+    csv.write_bytes(b"\xef\xbb\xbfid,name\n1,green\n0,red\n")
+    assert read_class_names(csv) == ["red", "green"]
+    csv.write_text("")
+    with pytest.raises(ValueError) as info:
+        read_class_names(csv)
+    assert str(info.value) == f"{csv}: expected a header 'id,name'"
+    bom = b"\xef\xbb\xbf"
+    lst = tmp_path / "l.txt"
+    lst.write_bytes(bom + b"a/clip one.mp4 0\nb.mp4 1\n")
+    assert read_annotation_list(lst) == [VideoRecord("a/clip one.mp4", 0), VideoRecord("b.mp4", 1)]
+    lst.write_bytes(bom + b"vids/a 120 2\n")
+    assert read_annotation_list(lst, "frames") == [VideoRecord("vids/a", 2, 120)]
+
+
 def test_frame_folder_dataset_and_short_videos_loop(tmp_path):
     write_frame_folder(tmp_path / "v0", 5)
     write_frame_folder(tmp_path / "v1", 20)

@@ -4,6 +4,7 @@ Formats (one video per line; blank lines and ``#`` comments ignored; paths may c
 - ``video``:  ``relative/path.mp4 label``
 - ``frames``: ``folder num_frames label`` (TSN frame folders)
 Class names: a CSV ``id,name`` with a header, ids ``0..C-1`` (MoTE's ``*_labels.csv``).
+Both are UTF-8, with or without a byte-order mark.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def read_annotation_list(path: str | os.PathLike, list_format: str = "video") ->
     fields = 2 if list_format == "video" else 3
     example = "relative/path.mp4 label" if list_format == "video" else "folder num_frames label"
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not part of the first path
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -71,17 +72,27 @@ def write_annotation_list(path: str | os.PathLike, records: list[VideoRecord], *
     return atomic_write_text(path, "\n".join(lines) + "\n", overwrite=overwrite)
 
 
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 def read_class_names(csv_path: str | os.PathLike) -> list[str]:
     """Class names from a CSV ``id,name`` with a header; ids must be exactly ``0..C-1`` (any order)."""
     path = Path(csv_path)
     if not path.is_file():
         raise FileNotFoundError(f"class-name CSV not found: {path}")
     names: dict[int, str] = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = csv.reader(f)
         header = next(rows, None)
-        if header is None or len(header) < 2:
+        if header is None:
             raise ValueError(f"{path}: expected a header 'id,name'")
+        if len(header) < 2 or _is_int(header[0]):  # a first row of data would be dropped as the header
+            raise ValueError(f"{path}: expected a header 'id,name', got {','.join(header)!r}")
         for lineno, row in enumerate(rows, 2):
             if not row or not "".join(row).strip():
                 continue
