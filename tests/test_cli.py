@@ -584,3 +584,21 @@ def test_a_library_logging_at_module_level_does_not_double_our_log_lines():
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}).stderr
     assert err.count("bad video: ours") == 1 and err.count("a warning of theirs") == 1
     assert "module-level info" not in err and "an info of theirs" not in err
+
+
+def test_a_run_refuses_an_eval_precision_the_device_lacks_and_a_batch_larger_than_the_data(tmp_path, capsys):
+    """eval.precision=fp16 on a CPU failed only at the first validation, after an epoch of training (and the
+    corrected rerun was then refused as another recipe); a batch the list cannot fill trained 0 steps and saved
+    the random init."""
+    out = tmp_path / "run"
+    for key in ("eval.precision", "precision"):
+        assert cli_main(["run", str(QUICKSTART), f"{key}=fp16", f"output_dir={out}", "device=cpu"]) == 1
+        assert f"error: {key}=fp16: precision 'fp16' needs a CUDA device, got cpu; use 'fp32' or 'bf16'" in capsys.readouterr().err
+        assert not out.exists()
+    tiny = ["data.synthetic.videos_per_class=2", "data.synthetic.val_per_class=1", "data.synthetic.num_novel_classes=0",
+            "data.synthetic.frames=8", "data.synthetic.size=[32,32]", "eval.datasets=[]", "~eval.summary", "device=cpu"]
+    assert cli_main(["run", str(QUICKSTART), *tiny, "data.batch_size=24", "train.grad_accumulation=2", f"output_dir={out}"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("the training list has 12 videos, fewer than one optimizer step's batch: data.batch_size=24 "
+            "(train.grad_accumulation=2 micro-batches of 12); lower data.batch_size") in err
+    assert not (out / "model").exists() and not (out / "checkpoints").exists()

@@ -43,6 +43,7 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
         from ..utils.cpu import tune_cpu_allocator
 
         tune_cpu_allocator()  # keep freed tensor buffers in the process between steps
+    check_precisions(cfg, device)  # a precision the device lacks: said now, not after an epoch of training
     from ..config.schema import expand_user_paths
     from .schema import SCHEMAS
 
@@ -89,6 +90,19 @@ def only_final_evaluation(key: str) -> bool:
 
 #: ``eval.*`` keys the per-epoch validation of a ``mote`` run reads too.
 VALIDATION_KEYS = ("eval.batch_size", "eval.precision", "eval.test_offsets")
+
+
+def check_precisions(cfg: dict[str, Any], device: torch.device) -> None:
+    """Raise ``ValueError`` naming the key when ``precision`` or ``eval.precision`` cannot run on ``device``
+    (``fp16`` needs CUDA)."""
+    from ..training.precision import resolve_precision
+
+    for key, value in (("precision", cfg.get("precision")), ("eval.precision", (cfg.get("eval") or {}).get("precision"))):
+        if value is not None:
+            try:
+                resolve_precision(device, value)
+            except ValueError as err:
+                raise ValueError(f"{key}={value}: {err}") from None
 
 
 def eval_precision(cfg: dict[str, Any]) -> str:

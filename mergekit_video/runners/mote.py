@@ -144,8 +144,12 @@ class MoTERunner:
             fs = d["few_shot"]
             ds = few_shot_subset(ds, shots=fs["shots"], seed=fs.get("seed", 0), repeat_to_full=fs.get("repeat_to_full", True))
         per_rank = total // (world * accum)
-        if len(ds) < per_rank * world:
-            raise ValueError(f"the training list has {len(ds)} videos, fewer than one batch of {per_rank * world}")
+        if len(ds) < total:  # not one optimizer step per epoch: nothing would train
+            raise ValueError(
+                f"the training list has {len(ds)} videos, fewer than one optimizer step's batch: data.batch_size={total}"
+                + (f" (train.grad_accumulation={accum} micro-batches of {per_rank * world})" if accum > 1 else "")
+                + "; lower data.batch_size"
+            )
         return build_loader(
             ds,
             batch_size=per_rank,
