@@ -713,7 +713,7 @@ def test_ddp_two_processes_agree_and_count_every_video_once(reference_runs, synt
     dataset = (f"[{{name: odd, kind: close_set, root: {odd.parent}, list: {odd}, class_csv: {synthetic_data / 'classes.csv'}, "
                f"num_clips: 2, num_crops: 1, on_error: skip}}]")
     overrides = [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", f"eval.datasets={dataset}", "eval.summary={close_set: odd}"]
-    env = {**os.environ, DUMP_RANK_STATE_ENV: str(dump), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, DUMP_RANK_STATE_ENV: str(dump), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun's torchelastic_* folder too
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "mergekit_video", "run", str(QUICKSTART), *overrides]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
@@ -790,7 +790,8 @@ def test_ddp_sigterm_on_one_rank_stops_both_at_the_same_step_and_resumes(referen
     overrides = [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", "eval.datasets=[]"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "mergekit_video", "run", str(QUICKSTART), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert res.returncode != 0  # an interrupted job reports failure, so a scheduler can requeue it
     assert "Interrupted: stopped by SIGTERM after step 5; checkpoint saved in" in res.stderr, res.stderr[-3000:]
@@ -816,7 +817,7 @@ def test_ddp_per_rank_routing_draws_differ_across_ranks_and_resume_exactly(refer
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(_SIGTERM_RANK1_AT_STEP_5)
-    base_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base_env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
 
     def torchrun(out: Path, env: dict) -> subprocess.CompletedProcess:
         overrides = [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", "eval.datasets=[]", "train.routing_draws=per_rank"]
