@@ -332,3 +332,52 @@ def test_loading_a_model_from_a_trainer_checkpoint_reads_no_optimizer_state(tmp_
     back = load(path)
     assert reads == ["model.safetensors"]
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_checkpoint_with_a_truncated_state_json_is_warned_about_once_skipped_and_pruned_in_turn(tmp_path, caplog):
+    """Checkpoints are published by a rename, so a step_* folder whose state.json cannot be read is damage:
+    resume=auto names it and takes the previous one; it is pruned once keep_last newer ones exist."""
+    mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=2)
+    paths = [mgr.save(step=s, epoch=0, model_state={"w": torch.full((4,), float(s))}) for s in (1, 2, 3)]
+    assert [p.name for p in mgr.checkpoints()] == ["step_00000002", "step_00000003"]
+    state_json = paths[2] / "state.json"
+    with open(state_json, "r+b") as f:
+        f.truncate(100)
+    why = f"state.json: JSONDecodeError: {_json_error(state_json)}"
+    assert mgr.unreadable() == [(paths[2], why)]
+    with caplog.at_level("WARNING", logger="mergekit_video.training.checkpoint"):
+        for _ in range(2):
+            path, state = mgr.load_resume("auto")
+            assert path == paths[1] and state.step == 2
+    assert [r.getMessage() for r in caplog.records] == [f"checkpoint {paths[2]} is unreadable ({why}); resuming from the previous one, step_00000002"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mergekit_video.training.checkpoint"):
+        assert CheckpointManager(directory=tmp_path / "ckpt").resolve_resume(str(tmp_path / "ckpt")) == paths[1]  # a folder given
+    assert f"checkpoint {paths[2]} is unreadable" in caplog.text
+    with pytest.raises(ValueError, match=rf"^train.resume='{paths[2]}' is not a readable checkpoint \(state.json: JSONDecodeError: "):
+        mgr.load_resume(str(paths[2]))
+    mgr.save(step=4, epoch=0, model_state={"w": torch.zeros(4)})
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*")) == ["step_00000002", "step_00000003", "step_00000004"]
+    mgr.save(step=5, epoch=0, model_state={"w": torch.zeros(4)})  # two complete checkpoints newer than step 3 now
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*")) == ["step_00000004", "step_00000005"]
+    # nothing readable at all: an error naming it, not a silent fresh start
+    alone = CheckpointManager(directory=tmp_path / "alone")
+    (alone.save(step=7, epoch=0, model_state={"w": torch.zeros(4)}) / "state.json").write_text("{")
+    with pytest.raises(ValueError, match=r"^resume=auto: no readable checkpoint in .*alone \(step_00000007: state.json: JSONDecodeError: .*set train.resume=null"):
+        alone.load_resume("auto")
+
+
+def _json_error(path: Path) -> str:
+    try:
+        json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        return str(exc)
+    raise AssertionError(f"{path} parses")
+
+
+def test_the_optimizer_class_is_saved_with_a_live_optimizer(tmp_path):
+    model = nn.Linear(2, 2)
+    mgr = CheckpointManager(directory=tmp_path)
+    for opt, want in ((torch.optim.SGD(model.parameters(), lr=0.1), "SGD"), (torch.optim.AdamW(model.parameters()), "AdamW")):
+        assert mgr.load(mgr.save(step=1, epoch=0, model_state=model.state_dict(), optimizer=opt)).optimizer_class == want
+        assert mgr.load(mgr.save(step=1, epoch=0, model_state=model.state_dict(), optimizer=opt.state_dict())).optimizer_class is None

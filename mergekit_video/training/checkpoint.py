@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -40,7 +41,14 @@ from ..utils.state_json import StateEncoder, decode_state, split_tensors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointManager", "CheckpointState", "FORMAT_VERSION"]
+__all__ = [
+    "CheckpointManager",
+    "CheckpointState",
+    "FORMAT_VERSION",
+    "optimizer_hyperparameter_differences",
+    "optimizer_kind_difference",
+    "param_group_differences",
+]
 
 FORMAT_VERSION = 1
 _FORMAT = "mergekit_video.checkpoint"
@@ -105,19 +113,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _read_state_json(path: Path) -> dict[str, Any] | None:
-    """The checkpoint's state.json if ``path`` is a complete checkpoint, else None."""
+def _inspect_state_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the checkpoint's state.json, None) if ``path`` is a complete checkpoint, else (None, why not)."""
     try:
         meta = json.loads((path / _STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("complete") is not True:
-        return None
+    except FileNotFoundError:
+        return None, f"it has no {_STATE_FILE}"
+    except (OSError, ValueError) as exc:
+        return None, f"{_STATE_FILE}: {type(exc).__name__}: {exc}"
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        return None, f"{_STATE_FILE} is not a mergekit_video checkpoint's"
+    if meta.get("complete") is not True:
+        return None, f"{_STATE_FILE} does not mark it complete"
     if not (path / _MODEL_FILE).is_file():
-        return None
+        return None, f"{_MODEL_FILE} is missing"
     if meta.get("optimizer") is not None and not (path / _OPTIM_FILE).is_file():
-        return None
-    return meta
+        return None, f"{_OPTIM_FILE} is missing"
+    return meta, None
+
+
+def _read_state_json(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's state.json if ``path`` is a complete checkpoint, else None."""
+    return _inspect_state_json(path)[0]
 
 
 def _remove_tree(path: Path) -> None:
@@ -162,6 +179,9 @@ class CheckpointState:
     rng: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: class name of the optimizer that was saved (``AdamW``); None in checkpoints that predate it
+    #: or that were given a state dict (see :func:`optimizer_kind_difference`)
+    optimizer_class: str | None = None
 
     def restore(
         self,
@@ -225,6 +245,11 @@ class CheckpointManager:
         self.keep_best = keep_best
         self.best_metric = best_metric
         self.best_mode = best_mode
+        self._reported: set[Path] = set()  # unreadable checkpoints already warned about
+
+    def path_of(self, step: int) -> Path:
+        """The folder of checkpoint ``step`` in this directory (whether it exists or not)."""
+        return self.directory / f"step_{int(step):08d}"
 
     # -- writing ---------------------------------------------------------------------------
     def save(
@@ -243,15 +268,15 @@ class CheckpointManager:
         """Write checkpoint ``step_{step:08d}`` atomically, update ``latest``, prune; return its path.
 
         ``optimizer``/``scheduler``/``scaler`` are live objects (their ``state_dict()`` is
-        taken) or state dicts. ``model_state`` non-tensor entries go to state.json. Saving a
-        step that exists replaces it.
+        taken) or state dicts; a live optimizer's class name is recorded too. ``model_state``
+        non-tensor entries go to state.json. Saving a step that exists replaces it.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temp_dirs()
-        name = f"step_{step:08d}"
-        final = self.directory / name
+        final = self.path_of(step)
+        name = final.name
 
         model_tensors, model_other = split_tensors(model_state)
         stored, aliases = _for_safetensors(model_tensors)
@@ -281,6 +306,8 @@ class CheckpointManager:
             meta["optimizer"] = enc.encode(optim_state)
             optim_tensors, optim_aliases = _for_safetensors(enc.tensors)
             meta["optimizer_aliases"] = optim_aliases
+            if not isinstance(optimizer, Mapping):
+                meta["optimizer_class"] = type(optimizer).__name__
         meta["complete"] = True
 
         from safetensors.torch import save_file
@@ -324,7 +351,7 @@ class CheckpointManager:
         one may have changed). Raises ``FileNotFoundError`` when there is no complete checkpoint
         ``step`` in this directory.
         """
-        final = self.directory / f"step_{step:08d}"
+        final = self.path_of(step)
         meta = _read_state_json(final)
         if meta is None:
             raise FileNotFoundError(f"no complete checkpoint {final} to update")
@@ -349,7 +376,11 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
 
     def prune(self) -> list[Path]:
-        """Delete checkpoints beyond the newest ``keep_last``, sparing the best and ``latest``."""
+        """Delete checkpoints beyond the newest ``keep_last``, sparing the best and ``latest``.
+
+        An unreadable ``step_*`` folder (see :meth:`unreadable`) goes once ``keep_last``
+        complete checkpoints are newer than it, as a complete one of its step would.
+        """
         ckpts = self.checkpoints()
         keep = set(ckpts if self.keep_last is None else ckpts[-self.keep_last:])
         if self.keep_best and (best := self.best()) is not None:
@@ -357,6 +388,12 @@ class CheckpointManager:
         if (latest := self.latest()) is not None:
             keep.add(latest)
         removed = [c for c in ckpts if c not in keep]
+        if self.keep_last is not None and len(ckpts) >= self.keep_last:
+            oldest_kept = _step_of(ckpts[-self.keep_last])
+            for path, why in self.unreadable():
+                if _step_of(path) < oldest_kept:
+                    log.info("removing the unreadable checkpoint %s (%s)", path, why)
+                    removed.append(path)
         for c in removed:
             _remove_tree(c)
         return removed
@@ -365,6 +402,25 @@ class CheckpointManager:
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints in this directory, oldest step first."""
         return _complete_checkpoints(self.directory)
+
+    def unreadable(self) -> list[tuple[Path, str]]:
+        """``step_*`` folders that are no complete checkpoint, oldest first, each with the reason.
+
+        Checkpoints are published whole by a rename (a save cut short leaves a hidden ``.tmp-*``
+        folder), so such a folder is damage (a truncated ``state.json``, a deleted file), never
+        a save in progress.
+        """
+        return _unreadable_in(self.directory)
+
+    def _warn_unreadable_after(self, directory: Path, chosen: Path | None) -> None:
+        """Warn (once per folder) about the unreadable ``step_*`` folders of ``directory`` newer than
+        ``chosen``: the checkpoints a resume skips."""
+        chosen_step = -1 if chosen is None else _step_of(chosen)
+        for path, why in _unreadable_in(Path(directory)):
+            if _step_of(path) > chosen_step and path not in self._reported:
+                self._reported.add(path)
+                log.warning("checkpoint %s is unreadable (%s); %s", path, why,
+                            f"resuming from the previous one, {chosen.name}" if chosen is not None else "no older checkpoint to resume from")
 
     def latest(self) -> Path | None:
         """The checkpoint named by ``latest`` (or, if that is missing or broken, the newest
@@ -398,17 +454,26 @@ class CheckpointManager:
         if kind == "fresh":
             return None
         if kind == "auto":
-            return self.latest()
+            latest = self.latest()
+            self._warn_unreadable_after(self.directory, latest)
+            return latest
         p = Path(resume)
         if not p.exists():
             raise FileNotFoundError(f"train.resume={str(resume)!r}: no such checkpoint (use 'auto', a checkpoint folder, or null)")
         if p.is_file() and p.name == _LATEST:  # the pointer file names the latest checkpoint beside it
             p = p.parent
-        if _read_state_json(p) is not None:
+        meta, why = _inspect_state_json(p)
+        if meta is not None:
             return p
+        if p.is_dir() and _STEP_DIR.match(p.name) and (p / _STATE_FILE).exists():
+            raise ValueError(f"train.resume={str(resume)!r} is not a readable checkpoint ({why})")
         found = _latest_in(p) if p.is_dir() else None
-        if found is None and (p / "checkpoints").is_dir():  # a run's output_dir
+        if found is not None:
+            self._warn_unreadable_after(p, found)
+        elif (p / "checkpoints").is_dir():  # a run's output_dir
             found = _latest_in(p / "checkpoints")
+            if found is not None:
+                self._warn_unreadable_after(p / "checkpoints", found)
         if found is None:
             raise ValueError(f"train.resume={str(resume)!r} is not a complete checkpoint (no valid {_STATE_FILE}) "
                              "and holds no checkpoints: give a run's output_dir, its checkpoints/ folder or one "
@@ -419,16 +484,26 @@ class CheckpointManager:
         """Resolve ``resume`` (see :meth:`resolve_resume`) and read that checkpoint.
 
         With ``"auto"``, a checkpoint whose files cannot be read (a truncated tensor file after a
-        full disk, say) is reported with a warning and the next older one is tried; it is left in
-        place. An explicit path is read as given, and its errors propagate.
+        full disk, a truncated ``state.json``) is reported with a warning and the next older one is
+        tried; it is left in place (and pruned later like any old checkpoint). When every
+        checkpoint is unreadable, that is an error, not a fresh start. An explicit path is read as
+        given, and its errors propagate.
         """
         path = self.resolve_resume(resume)
+        auto = resume_kind(resume) == "auto"
         if path is None:
+            unreadable = self.unreadable() if auto else []
+            if unreadable:
+                raise ValueError(
+                    f"resume=auto: no readable checkpoint in {self.directory} "
+                    f"({'; '.join(f'{p.name}: {why}' for p, why in unreadable)}); "
+                    "set train.resume=null to start fresh in a new output_dir"
+                )
             return None
-        if resume_kind(resume) != "auto":
+        if not auto:
             return path, self.load(path)
         candidates = [path] + [c for c in reversed(self.checkpoints()) if c != path]
-        failures = []
+        failures = [f"{p.name}: {why}" for p, why in reversed(self.unreadable()) if _step_of(p) > _step_of(path)]
         for candidate in candidates:
             try:
                 return candidate, self.load(candidate)
@@ -467,15 +542,30 @@ def _metric_value(v: Any) -> Any:
     return v
 
 
-def _complete_checkpoints(directory: Path) -> list[Path]:
+def _step_of(path: Path) -> int:
+    """The step of a ``step_*`` checkpoint folder (-1 for another name)."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def _step_folders(directory: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``step_*`` folder in ``directory``, complete or not, oldest first."""
     if not directory.is_dir():
         return []
+    return sorted((_step_of(p), p) for p in directory.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())
+
+
+def _complete_checkpoints(directory: Path) -> list[Path]:
+    return [p for _, p in _step_folders(directory) if _read_state_json(p) is not None]
+
+
+def _unreadable_in(directory: Path) -> list[tuple[Path, str]]:
     found = []
-    for p in directory.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and _read_state_json(p) is not None:
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    for _, path in _step_folders(directory):
+        meta, why = _inspect_state_json(path)
+        if meta is None:
+            found.append((path, why or "unreadable"))
+    return found
 
 
 def _latest_in(directory: Path) -> Path | None:
@@ -551,4 +641,133 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
         rng=decode_state(meta.get("rng")),
         extra=decode_state(meta.get("extra")) or {},
         metrics=meta.get("metrics") or {},
+        optimizer_class=meta.get("optimizer_class"),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# A checkpoint's optimizer against the one a resume builds
+# ----------------------------------------------------------------------------------------------
+# torch's Optimizer.load_state_dict keeps the live parameters but takes every other entry of each
+# saved param group (betas, eps, weight decay, ...) over the live one, and the saved per-parameter
+# state must be that of the same algorithm (SGD's step reads 'momentum_buffer', Adam's 'exp_avg').
+# A resume therefore compares them first and refuses, in words, what it would silently override.
+
+#: Param-group entries that are not hyper-parameters of the update: the parameters, their names and
+#: group name (the layout), the lr (the schedule's: see schedule_differences) and the kernel choice
+#: (foreach/fused/capturable/differentiable pick an implementation of the same maths, per device).
+_NOT_HYPERPARAMETERS = frozenset({"params", "param_names", "name", "lr", "initial_lr",
+                                  "foreach", "fused", "capturable", "differentiable"})
+
+#: The recipe key behind a hyper-parameter, for messages.
+_HYPERPARAMETER_KEYS = {
+    "weight_decay": "optimizer.weight_decay",
+    "betas": "optimizer.betas",
+    "eps": "optimizer.eps",
+    "decoupled_weight_decay": "optimizer.name: adamw decouples it, adam does not",
+}
+
+
+def _optimizer_state(optimizer: Any) -> Mapping[str, Any]:
+    return optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
+
+
+def _saved_optimizer_kinds(state: Mapping[str, Any]) -> tuple[set[str], str] | None:
+    """The optimizer classes a saved state can belong to, and how to call them; None when it does
+    not tell (checkpoints from before the class name was saved)."""
+    group = next(iter(state.get("param_groups") or []), {})
+    if "betas" in group:
+        if "decoupled_weight_decay" in group:
+            name = "AdamW" if group["decoupled_weight_decay"] else "Adam"
+            return {name}, name
+        return {"Adam", "AdamW"}, "Adam or AdamW"
+    if "momentum" in group and "nesterov" in group:
+        return {"SGD"}, "SGD"
+    keys = {k for s in (state.get("state") or {}).values() if isinstance(s, Mapping) for k in s}
+    if "exp_avg" in keys:
+        return {"Adam", "AdamW"}, "Adam or AdamW"
+    if "momentum_buffer" in keys:
+        return {"SGD"}, "SGD"
+    return None
+
+
+def optimizer_kind_difference(saved: Mapping[str, Any], saved_class: str | None, optimizer: torch.optim.Optimizer) -> str | None:
+    """``"AdamW in the checkpoint, SGD now"`` when a saved optimizer state belongs to another
+    optimizer class than ``optimizer``; None when it is the same (or the state does not tell).
+
+    ``saved_class`` is the class name the checkpoint recorded (:attr:`CheckpointState.optimizer_class`);
+    older checkpoints lack it, and the class is then inferred from the saved param groups' entries
+    (``betas``: Adam or AdamW, ``momentum``: SGD) or per-parameter state (``exp_avg``, ``momentum_buffer``).
+    """
+    now = type(optimizer).__name__
+    if saved_class is not None:
+        return None if saved_class == now else f"{saved_class} in the checkpoint, {now} now"
+    kinds = _saved_optimizer_kinds(saved)
+    if kinds is None or now in kinds[0]:
+        return None
+    return f"{kinds[1]} in the checkpoint, {now} now"
+
+
+def _group_label(group: Mapping[str, Any], index: int) -> str:
+    return str(group.get("name", index))
+
+
+def param_group_differences(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer | Mapping[str, Any]) -> list[str]:
+    """How the parameter groups of a saved optimizer state differ from ``optimizer``'s, in words:
+    their names and number of tensors, or the first parameter that sits in another group.
+    An empty list means the same layout."""
+    old, new = list(saved.get("param_groups") or []), list(_optimizer_state(optimizer).get("param_groups") or [])
+
+    def layout(groups: list[Mapping[str, Any]]) -> list[str]:
+        return [f"{_group_label(g, i)}: {len(g.get('params') or [])} tensors" for i, g in enumerate(groups)]
+
+    if layout(old) != layout(new):
+        return [f"[{', '.join(layout(old))}] in the checkpoint, [{', '.join(layout(new))}] now"]
+    for i, (a, b) in enumerate(zip(old, new, strict=True)):
+        names_a, names_b = a.get("param_names"), b.get("param_names")
+        if names_a is not None and names_b is not None and list(names_a) != list(names_b):
+            j, x, y = next((j, x, y) for j, (x, y) in enumerate(zip(names_a, names_b, strict=False)) if x != y)
+            return [f"tensor {j} of group {_group_label(b, i)!r}: {x!r} in the checkpoint, {y!r} now"]
+    return []
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+            return False
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def _shown(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_shown(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v)
+
+
+def optimizer_hyperparameter_differences(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer | Mapping[str, Any]) -> list[str]:
+    """How the hyper-parameters of a saved optimizer state's param groups differ from ``optimizer``'s,
+    in words (``"weight_decay (optimizer.weight_decay): 0.05 in the checkpoint, 0.5 now"``).
+
+    Compares every entry both groups have except the parameters, the lr (the schedule's business:
+    see :func:`~mergekit_video.training.schedule.schedule_differences`) and the kernel choice; a
+    difference in only some groups names them. Groups are matched by position (check
+    :func:`param_group_differences` first). An empty list means the same hyper-parameters.
+    """
+    old, new = list(saved.get("param_groups") or []), list(_optimizer_state(optimizer).get("param_groups") or [])
+    found: dict[tuple[str, str, str], list[str]] = {}
+    for i, (a, b) in enumerate(zip(old, new, strict=False)):
+        for key in a:
+            if key in _NOT_HYPERPARAMETERS or key not in b or _same_value(a[key], b[key]):
+                continue
+            found.setdefault((key, _shown(a[key]), _shown(b[key])), []).append(_group_label(b, i))
+    problems = []
+    for (key, was, now), groups in found.items():
+        where = "" if len(groups) == len(new) else f" of group{'s' * (len(groups) > 1)} {', '.join(repr(g) for g in groups)}"
+        recipe = f" ({_HYPERPARAMETER_KEYS[key]})" if key in _HYPERPARAMETER_KEYS else ""
+        problems.append(f"{key}{where}{recipe}: {was} in the checkpoint, {now} now")
+    return problems
