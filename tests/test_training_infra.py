@@ -605,3 +605,12 @@ def test_peak_flops_by_card_name_takes_the_longest_matching_fragment():
     cards = {"NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H100 NVL": 835.5e12, "NVIDIA H100 PCIe": 756.0e12, "NVIDIA H200": 989.4e12,
              "NVIDIA GH200 480GB": 989.4e12, "NVIDIA L40": 181.0e12, "NVIDIA L40S": 362.0e12, "NVIDIA L4": 121.0e12, "Tesla T4": None}
     assert {name: peak_flops_for(name) for name in cards} == cards
+
+
+def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n')  # an older file
+    with MetricsLogger(output_dir=tmp_path, resume_step=2) as log:  # the kept lines are rewritten strictly too
+        log.log({"loss": 2.0, "grad_norm": float("inf"), "val": [float("-inf"), 1.0], "t": torch.tensor(float("nan"))}, step=3)
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in strict] == [(1, None), (2, 1.5), (3, 2.0)]
+    assert (strict[2]["grad_norm"], strict[2]["val"], strict[2]["t"]) == (None, [None, 1.0], None)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "TrainProgress", "print_summary", "read_metrics", "summary_table"]
+__all__ = ["MetricsLogger", "TrainProgress", "json_line", "print_summary", "read_metrics", "summary_table"]
 
 
 def _main_process() -> bool:
@@ -33,6 +33,22 @@ def _to_py(value: Any) -> Any:
     return value
 
 
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN and infinite float replaced by None (JSON's null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def json_line(record: Mapping[str, Any]) -> str:
+    """One strict-JSON line of ``record`` (NaN and infinities, which JSON lacks, written as null)."""
+    return json.dumps(_finite_or_none(_to_py(record)), allow_nan=False) + "\n"
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a ``metrics.jsonl`` file (a torn last line from a crash is skipped)."""
     out = []
@@ -47,8 +63,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class MetricsLogger:
     """Appends one JSON object per :meth:`log` call to ``{output_dir}/metrics.jsonl``.
 
-    Each line holds ``step``, ``epoch``, ``time`` (unix seconds) and the metrics. With
-    ``tensorboard=True`` numeric metrics also go to ``{output_dir}/tensorboard``.
+    Each line holds ``step``, ``epoch``, ``time`` (unix seconds) and the metrics, as strict JSON:
+    a NaN or infinite value (which JSON lacks) is written as null. With ``tensorboard=True``
+    numeric metrics also go to ``{output_dir}/tensorboard``.
 
     Args:
         output_dir: the run's output folder.
@@ -89,7 +106,7 @@ class MetricsLogger:
             from ..utils.io import atomic_write_text
 
             kept = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(json_line(r) for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def log(self, metrics: Mapping[str, Any], *, step: int, epoch: float | None = None) -> None:
@@ -101,7 +118,7 @@ class MetricsLogger:
             if k in record:
                 raise ValueError(f"metric name {k!r} is reserved (step, epoch, time)")
             record[str(k)] = _to_py(v)
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_line(record))
         self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
