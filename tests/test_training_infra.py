@@ -607,6 +607,155 @@ def test_peak_flops_by_card_name_takes_the_longest_matching_fragment():
     assert {name: peak_flops_for(name) for name in cards} == cards
 
 
+# ---------------------------------------------------------------------------------------------
+# the trainer on a tiny VideoCLIP: what a resume refuses, non-finite losses, per-rank streams
+# ---------------------------------------------------------------------------------------------
+def _tiny_trainer(ckpt_dir, *, name="adamw", weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, no_decay=False,
+                  nan_batch=None, log_every=1, save_every_steps=None, metrics=None, routing_draws="global"):
+    """A 1-epoch, 4-step run (8 clips of 4 frames at 32 px, batch 2) of the tiny CLIP with a 1-layer, 2-expert head;
+    ``nan_batch``: that micro-batch's frames are NaN."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from mergekit_video.models import MoTEObjective, build_video_clip
+    from mergekit_video.training.checkpoint import CheckpointManager
+    from mergekit_video.training.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+    groups = build_param_groups(model, groups=[{"name": "clip", "match": ["clip.*"], "lr": 1e-4}], lr=1e-3,
+                                weight_decay=weight_decay, no_decay_norm_bias_embedding=no_decay)
+    opt = build_optimizer(groups, name=name, lr=1e-3, weight_decay=weight_decay, betas=betas, eps=eps)
+    gen = torch.Generator().manual_seed(1)
+    data = [{"frames": torch.randn(4, 3, 32, 32, generator=gen), "label": torch.tensor(i % 3)} for i in range(8)]  # [T, C, H, W]
+    if nan_batch is not None:
+        for item in data[2 * nan_batch:2 * nan_batch + 2]:
+            item["frames"].fill_(float("nan"))
+    return Trainer(model=model, objective=MoTEObjective(), loader=DataLoader(data, batch_size=2),
+                   class_features=F.normalize(torch.randn(3, 64, generator=gen), dim=-1), optimizer=opt,
+                   scheduler=cosine_with_warmup(opt, warmup_steps=1, total_steps=4), device=torch.device("cpu"),
+                   epochs=1, log_every=log_every, save_every_steps=save_every_steps, metrics=metrics,
+                   checkpoints=CheckpointManager(directory=ckpt_dir, keep_last=None), show_progress=False,
+                   stop_on_signals=False, routing_draws=routing_draws)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """The checkpoint after step 2 of a tiny AdamW run (weight decay 0.05, betas [0.9, 0.999], eps 1e-8)."""
+    directory = tmp_path_factory.mktemp("tiny") / "ckpt"
+    trainer = _tiny_trainer(directory, save_every_steps=2)
+    trainer.fit()
+    return directory / "step_00000002"
+
+
+def test_resume_refuses_other_optimizer_hyperparameters_class_and_groups(tiny_checkpoint, tmp_path):
+    """Optimizer.load_state_dict would put the checkpoint's betas, eps and weight decay over the recipe's,
+    and SGD's step would fail on Adam's state ('momentum'): each is refused, naming both values."""
+    from mergekit_video.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert ckpt.optimizer_class == "AdamW"
+    prefix = f"train.resume: checkpoint {tiny_checkpoint} "
+    cases = [
+        (dict(weight_decay=0.5, betas=(0.8, 0.99)), "was trained with other optimizer hyper-parameters (weight_decay "
+         "(optimizer.weight_decay): 0.05 in the checkpoint, 0.5 now; betas (optimizer.betas): [0.9, 0.999] in the checkpoint, "
+         "[0.8, 0.99] now). A resume would continue with the checkpoint's"),
+        (dict(eps=1e-6), "was trained with other optimizer hyper-parameters (eps (optimizer.eps): 1e-08 in the checkpoint, 1e-06 now)."),
+        (dict(name="adam"), "was trained with another optimizer (AdamW in the checkpoint, Adam now); its state cannot continue this one"),
+        (dict(name="sgd"), "was trained with another optimizer (AdamW in the checkpoint, SGD now)"),
+    ]
+    for changed, message in cases:
+        trainer = _tiny_trainer(tmp_path / "ckpt", **changed)
+        with pytest.raises(ValueError) as info:
+            trainer.resume(ckpt)
+        assert str(info.value).startswith(prefix + message), str(info.value)
+        assert str(info.value).endswith("or set train.resume=null to start a new run")
+        assert not any(torch.equal(v, trainer.model.state_dict()[k]) for k, v in ckpt.model_state.items()
+                       if k.startswith("head.") and v.numel())  # nothing was loaded
+    ckpt.optimizer_class = None  # a checkpoint from before the class was saved: told by its param groups
+    with pytest.raises(ValueError, match=r"another optimizer \(AdamW in the checkpoint, SGD now\)"):
+        _tiny_trainer(tmp_path / "ckpt", name="sgd").resume(ckpt)
+    # norms, biases and embeddings in their own groups: the layout is named, not "another lr schedule"
+    trainer = _tiny_trainer(tmp_path / "ckpt", no_decay=True)
+    now = ", ".join(f"{g['name']}: {len(g['params'])} tensors" for g in trainer.optimizer.param_groups)
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["clip", "clip/no_decay", "default", "default/no_decay"]
+    with pytest.raises(ValueError) as info:
+        trainer.resume(ckpt)
+    was = ", ".join(f"{g['name']}: {len(g['params'])} tensors" for g in ckpt.optimizer_state["param_groups"])
+    assert str(info.value).startswith(f"{prefix}has another layout of optimizer parameter groups ([{was}] in the checkpoint, "
+                                      f"[{now}] now); resume with the settings that split the parameters into groups")
+    assert "lr schedule" not in str(info.value)
+    # the same settings resume, and train on to the end
+    trainer = _tiny_trainer(tmp_path / "same")
+    trainer.resume(ckpt)
+    assert trainer.fit().step == 4
+
+
+def test_optimizer_comparisons_of_older_checkpoints_and_reordered_groups():
+    from mergekit_video.training.checkpoint import (
+        optimizer_hyperparameter_differences,
+        optimizer_kind_difference,
+        param_group_differences,
+    )
+
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    sgd = torch.optim.SGD([a, b], lr=0.1)
+    adam_keys_only = {"param_groups": [{"lr": 0.1, "params": [0, 1]}], "state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2)}}}
+    assert optimizer_kind_difference(adam_keys_only, None, sgd) == "Adam or AdamW in the checkpoint, SGD now"
+    assert optimizer_kind_difference(adam_keys_only, None, torch.optim.Adam([a, b])) is None
+    assert optimizer_kind_difference({"param_groups": [{"lr": 0.1, "params": [0]}], "state": {}}, None, sgd) is None  # cannot tell
+    saved = torch.optim.AdamW([{"params": [a, b], "param_names": ["a", "b"], "name": "default"}], weight_decay=0.1).state_dict()
+    swapped = torch.optim.AdamW([{"params": [b, a], "param_names": ["b", "a"], "name": "default"}], weight_decay=0.1)
+    assert param_group_differences(saved, swapped) == ["tensor 0 of group 'default': 'a' in the checkpoint, 'b' now"]
+    two = torch.optim.AdamW([{"params": [a], "name": "x", "weight_decay": 0.0}, {"params": [b], "name": "y"}], lr=0.2, weight_decay=0.2)
+    was = torch.optim.AdamW([{"params": [a], "name": "x", "weight_decay": 0.0}, {"params": [b], "name": "y"}], lr=0.1, weight_decay=0.1, amsgrad=True)
+    assert optimizer_hyperparameter_differences(was.state_dict(), two) == [  # lr is the schedule's; x has no decay in both
+        "amsgrad: true in the checkpoint, false now",
+        "weight_decay of group 'y' (optimizer.weight_decay): 0.1 in the checkpoint, 0.2 now",
+    ]
+
+
+@pytest.mark.parametrize("log_every, save_every, message", [
+    # NaN frames in step 3: read at the log of step 4, after the checkpoint of step 2
+    (2, 2, "training stopped: the loss is nan in steps 3-4 (read every train.log_every=2 steps); "
+           "the last checkpoint before it is step 2, {ckpt}/step_00000002"),
+    # read first by the checkpoint of step 3, which is not written
+    (4, 3, "training stopped: the loss is nan in steps 1-3 (read before the checkpoint of step 3, not written); "
+           "no checkpoint was written before it"),
+])
+def test_a_non_finite_loss_stops_training_naming_the_step_and_the_last_checkpoint(tmp_path, log_every, save_every, message):
+    from mergekit_video.training.trainer import NonFiniteLossError
+
+    ckpt = tmp_path / "ckpt"
+    with MetricsLogger(output_dir=tmp_path) as metrics:
+        trainer = _tiny_trainer(ckpt, nan_batch=2, log_every=log_every, save_every_steps=save_every, metrics=metrics)
+        with pytest.raises(NonFiniteLossError) as info:
+            trainer.fit()
+    assert str(info.value) == message.format(ckpt=ckpt) and info.value.step in (3, 4)
+    assert sorted(p.name for p in ckpt.glob("step_*")) == (["step_00000002"] if save_every == 2 else [])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for line in lines]
+    if log_every == 2:  # step 2 finite, step 4 logged with null losses before stopping
+        assert [r["step"] for r in records] == [2, 4] and math.isfinite(records[0]["loss"])
+        assert {k: records[1][k] for k in ("loss", "te", "wmr", "mse")} == {"loss": None, "te": None, "wmr": None, "mse": None}
+    else:
+        assert records == []
+
+
+def test_resuming_from_a_damaged_checkpoint_says_so(tiny_checkpoint, tmp_path):
+    from mergekit_video.training.checkpoint import load_checkpoint
+    from mergekit_video.training.trainer import NonFiniteLossError
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    name = next(k for k, v in ckpt.model_state.items() if k.startswith("head.") and v.dim() == 2 and v.numel())
+    ckpt.model_state[name][0, 0] = float("nan")  # a damaged tensor
+    trainer = _tiny_trainer(tmp_path / "ckpt")
+    trainer.resume(ckpt)
+    with pytest.raises(NonFiniteLossError, match=rf"^training stopped: the loss is nan at step 3; the last checkpoint before it is step 2, "
+                                                 rf"{tiny_checkpoint} \(the run resumed from it and has read no finite loss since: it may be damaged\)$"):
+        trainer.fit()
+
+
 def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n')  # an older file
     with MetricsLogger(output_dir=tmp_path, resume_step=2) as log:  # the kept lines are rewritten strictly too
@@ -614,3 +763,21 @@ def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path):
     strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in strict] == [(1, None), (2, 1.5), (3, 2.0)]
     assert (strict[2]["grad_norm"], strict[2]["val"], strict[2]["t"]) == (None, [None, 1.0], None)
+
+
+def test_a_per_rank_checkpoint_resumed_by_one_process_warns_and_continues_rank_0(tiny_checkpoint, tmp_path, caplog):
+    """routing_draws=per_rank: 2 processes -> 1 warns, as 1 -> 2 does; the one process goes on with rank 0's streams."""
+    from mergekit_video.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    rank0 = ckpt.rng["generators"]
+    rank1 = {k: torch.Generator().manual_seed(rank_stream_seed(5, 1)).get_state() for k in rank0}
+    ckpt.rng["rank_generators"] = [rank0, rank1]  # as a 2-process run gathers them
+    for draws, warned in (("per_rank", True), ("global", False)):
+        trainer = _tiny_trainer(tmp_path / draws, routing_draws=draws)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mergekit_video.training.rng"):
+            trainer.resume(ckpt)
+        assert ("the checkpoint holds the streams of 2 ranks, this run has 1 process: it continues with rank 0's routing "
+                "stream for the whole batch" in caplog.text) is warned
+        assert all(torch.equal(trainer.generators[k].get_state(), rank0[k]) for k in rank0)

@@ -202,7 +202,8 @@ def restore_rank_streams(
     When it holds no states for ``world_size`` ranks (the checkpoint came from another world size,
     or from a run whose ranks shared one stream) the generators, already restored to rank 0's
     states, are split into new per-rank streams derived from those states (rank 0 keeps its
-    own); a warning says so.
+    own); a warning says so. With ``world_size=1`` (a per-rank checkpoint resumed by one process)
+    the one process goes on with rank 0's streams, with a warning too.
     Returns True when the saved streams were restored exactly.
     """
     if saved is not None and len(saved) == world_size and set(saved[rank]) == set(generators):
@@ -211,8 +212,12 @@ def restore_rank_streams(
         return True
     if rank == 0:
         had = "no per-rank streams" if saved is None else f"the streams of {len(saved)} ranks"
-        log.warning("the checkpoint holds %s, this run has %d ranks: each rank continues with a new routing "
-                    "stream derived from rank 0's (routing draws differ from an uninterrupted run)", had, world_size)
+        if world_size == 1:
+            log.warning("the checkpoint holds %s, this run has 1 process: it continues with rank 0's routing stream "
+                        "for the whole batch (routing draws differ from an uninterrupted run)", had)
+        else:
+            log.warning("the checkpoint holds %s, this run has %d ranks: each rank continues with a new routing "
+                        "stream derived from rank 0's (routing draws differ from an uninterrupted run)", had, world_size)
     if rank == 0:
         return False  # rank 0 keeps its restored stream
     for name in sorted(generators):

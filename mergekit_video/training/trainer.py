@@ -80,6 +80,18 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.signal_name = step, signal_name
 
 
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; training stopped without writing a checkpoint of it.
+
+    A ``ValueError``, so ``mergevid`` prints its one-line message (the step and the last
+    checkpoint before it) and exits with 1.
+    """
+
+    def __init__(self, message: str, *, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
 class Trainer:
     """Runs epochs of MoTE training.
 
@@ -87,6 +99,13 @@ class Trainer:
     the step in progress finishes, a checkpoint is written at that step (resumable exactly, like
     any mid-epoch checkpoint) and :class:`TrainingInterrupted` is raised. Under DDP the ranks
     agree on the step to stop at. A second signal stops at once.
+
+    A NaN or infinite loss stops training with :class:`NonFiniteLossError`. The loss is read on
+    the host only where it already is (every ``log_every`` steps and at each checkpoint, as the
+    mean of the micro-batches since the previous read), so no step waits for the device; a
+    checkpoint is never written after a non-finite loss. Only the loss counts: with fp16 a step
+    the GradScaler skips (inf/NaN *gradients*) has a finite loss and goes on, its ``grad_norm``
+    logged as null.
 
     Args:
         model: the (unwrapped) VideoCLIP on ``device``.
@@ -182,8 +201,12 @@ class Trainer:
         # so that the first line after a resume averages the same micro-batches as without one
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_count = 0
+        self._checked_step = 0  # the losses of the steps up to this one were read and finite
+        # (step, folder, whether this run verified it) of the last checkpoint written or resumed from
+        self._last_checkpoint: tuple[int, Path, bool] | None = None
         self.generators = named_generators(model, objective)
         # each rank draws from its own streams (only meaningful with several ranks)
+        self.routing_draws = routing_draws
         self.per_rank_draws = routing_draws == "per_rank" and dist is not None and dist.world_size > 1
         if self.per_rank_draws:
             from .rng import split_streams_by_rank
@@ -255,8 +278,11 @@ class Trainer:
         if self.checkpoints is None:
             return None
         loss_window = self._loss_window()  # a collective under DDP: every rank calls save_checkpoint
+        if loss_window["count"]:  # identical on every rank: all of them stop together
+            self._check_finite_loss(loss_window["sums"].get("loss"), read=f" (read before the checkpoint of step {self.state.step}, not written)")
         rng = self._rng_state()  # a collective too with per-rank routing draws
         self._saved_step = self.state.step
+        self._last_checkpoint = (self.state.step, self.checkpoints.path_of(self.state.step), True)
         if not _is_main(self.dist):
             return None
         return self.checkpoints.save(**self.checkpoint_payload(loss_window=loss_window, rng=rng), metrics=metrics)
@@ -288,6 +314,29 @@ class Trainer:
             state["rank_generators"] = all_gather_object(state["generators"])
         return state
 
+    def _check_finite_loss(self, value: float | None, *, read: str) -> None:
+        """Raise :class:`NonFiniteLossError` when ``value`` (the loss, or a sum of it, over the steps
+        since the last check, as read at this step) is NaN or infinite; otherwise mark those steps checked.
+        ``read`` says where it was read, for the message."""
+        step = self.state.step
+        if value is None or math.isfinite(value):
+            self._checked_step = step
+            return
+        first = min(self._checked_step + 1, step)
+        steps = f"at step {step}" if first == step else f"in steps {first}-{step}"
+        if self._last_checkpoint is None:
+            where = "no checkpoint was written before it" if self.checkpoints is not None else "checkpoints are off"
+            path = None
+        else:
+            at, path, verified = self._last_checkpoint
+            where = f"the last checkpoint before it is step {at}, {path}"
+            if not verified and self._checked_step <= at:
+                where += " (the run resumed from it and has read no finite loss since: it may be damaged)"
+        raise NonFiniteLossError(
+            f"training stopped: the loss is {value} {steps}{read}; {where}",
+            step=step, checkpoint=path,
+        )
+
     def _loss_window(self) -> dict[str, Any]:
         """The loss sums not yet logged, averaged over ranks (identical on every rank after a resume)."""
         from .distributed import all_reduce_mean
@@ -295,19 +344,16 @@ class Trainer:
         return {"count": self._loss_count, "sums": all_reduce_mean(self._loss_sums) if self._loss_sums else {}}
 
     def resume(self, ckpt: Any) -> None:
-        """Restore from a loaded ``CheckpointState``."""
+        """Restore from a loaded ``CheckpointState``.
+
+        A checkpoint that this run cannot continue as saved is refused with a ``ValueError`` that
+        names what differs (the data units of an unfinished epoch, the model, the optimizer class,
+        its parameter groups or hyper-parameters, the lr schedule); apart from another model, whose
+        keys a failed load names, before anything is loaded.
+        """
         from .rng import restore_rank_streams, restore_rng_state
         from .schedule import schedule_differences
 
-        if ckpt.scheduler_state is not None:
-            differences = schedule_differences(ckpt.scheduler_state, self.scheduler.state_dict())
-            if differences:
-                raise ValueError(
-                    f"train.resume: checkpoint {ckpt.path} was trained with another lr schedule ({'; '.join(differences)}). "
-                    "A resume continues the checkpoint's schedule (a longer run would train at lr 0 past its end): resume "
-                    "with the settings it was trained with (schedule.epochs, train.max_steps, schedule.*, optimizer.lr: see its "
-                    "run's recipe.yaml), or set train.resume=null to start a new run"
-                )
         extra = ckpt.extra or {}
         layout, now = extra.get("data_layout") or {}, self._data_layout()
         changed = [f"{k} {layout[k]} -> {now[k]}" for k in now if k in layout and layout[k] != now[k]]
@@ -318,14 +364,24 @@ class Trainer:
                 "Resume with the data.batch_size, train.grad_accumulation and training list it was trained with (see its "
                 "run's recipe.yaml), or set train.resume=null to start a new run"
             )
-        try:
-            self.model.load_state_dict(ckpt.model_state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            raise ValueError(
-                f"train.resume: checkpoint {ckpt.path} holds another model than this recipe builds ({first[1].strip() if len(first) > 1 else first[0]}); "
-                "resume with the model settings it was trained with (see its run's recipe.yaml), or set train.resume=null"
-            ) from exc
+        live = self.model.state_dict()
+        if set(live) != set(ckpt.model_state) or any(
+            isinstance(v, torch.Tensor) and isinstance(live[k], torch.Tensor) and v.shape != live[k].shape
+            for k, v in ckpt.model_state.items()
+        ):  # first: another model would also show as other parameter groups and base lrs below
+            self._load_model(ckpt)  # raises, naming the keys
+        if ckpt.optimizer_state is not None:
+            self._check_optimizer(ckpt)
+        if ckpt.scheduler_state is not None:
+            differences = schedule_differences(ckpt.scheduler_state, self.scheduler.state_dict())
+            if differences:
+                raise ValueError(
+                    f"train.resume: checkpoint {ckpt.path} was trained with another lr schedule ({'; '.join(differences)}). "
+                    "A resume continues the checkpoint's schedule (a longer run would train at lr 0 past its end): resume "
+                    "with the settings it was trained with (schedule.epochs, train.max_steps, schedule.*, optimizer.lr: see its "
+                    "run's recipe.yaml), or set train.resume=null to start a new run"
+                )
+        self._load_model(ckpt)
         if ckpt.optimizer_state is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
         if ckpt.scheduler_state is not None:
@@ -334,9 +390,12 @@ class Trainer:
             self.scaler.load_state_dict(ckpt.scaler_state)
         if ckpt.rng:
             restore_rng_state(ckpt.rng, self.generators)  # rank 0's named generators on every rank
+            rank_streams = ckpt.rng.get("rank_generators")
             if self.per_rank_draws:
-                restore_rank_streams(ckpt.rng.get("rank_generators"), self.generators,
-                                     rank=self.dist.rank, world_size=self.dist.world_size)
+                restore_rank_streams(rank_streams, self.generators, rank=self.dist.rank, world_size=self.dist.world_size)
+            elif self.routing_draws == "per_rank" and rank_streams is not None and len(rank_streams) > 1:
+                # one process now (per-rank draws need several): rank 0's streams, restored above, go on
+                restore_rank_streams(rank_streams, self.generators, rank=0, world_size=1)
         self.state = TrainState(
             step=int(ckpt.step),
             epoch=int(ckpt.epoch),
@@ -347,12 +406,52 @@ class Trainer:
         window = extra.get("loss_window") or {}
         self._loss_count = int(window.get("count", 0))
         self._loss_sums = {k: torch.tensor(float(v), dtype=torch.float64, device=self.device) for k, v in window.get("sums", {}).items()}
+        self._checked_step = self.state.step - self._loss_count // self.grad_accumulation  # the window's steps are read later
+        self._last_checkpoint = (self.state.step, Path(ckpt.path), False)
         # a checkpoint of this run's own directory holds this state: closing a finished epoch
         # (batches_in_epoch == its micro-batches: stopped right after its last step, or its
         # validation failed) only updates it; one from elsewhere (train.resume=<path>) is saved anew
         own = self.checkpoints is not None and Path(ckpt.path).resolve().parent == Path(self.checkpoints.directory).resolve()
         self._saved_step = self.state.step if own else None
         log.debug("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batches_in_epoch)
+
+    def _load_model(self, ckpt: Any) -> None:
+        try:
+            self.model.load_state_dict(ckpt.model_state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise ValueError(
+                f"train.resume: checkpoint {ckpt.path} holds another model than this recipe builds ({first[1].strip() if len(first) > 1 else first[0]}); "
+                "resume with the model settings it was trained with (see its run's recipe.yaml), or set train.resume=null"
+            ) from exc
+
+    def _check_optimizer(self, ckpt: Any) -> None:
+        """Refuse a checkpoint whose optimizer state belongs to another optimizer class, parameter-group
+        layout or hyper-parameters: ``Optimizer.load_state_dict`` would fail mid-training (another
+        class) or silently replace the recipe's betas, eps and weight decay with the checkpoint's."""
+        from .checkpoint import optimizer_hyperparameter_differences, optimizer_kind_difference, param_group_differences
+
+        advice = "see its run's recipe.yaml), or set train.resume=null to start a new run"
+        kind = optimizer_kind_difference(ckpt.optimizer_state, ckpt.optimizer_class, self.optimizer)
+        if kind is not None:
+            raise ValueError(
+                f"train.resume: checkpoint {ckpt.path} was trained with another optimizer ({kind}); its state cannot "
+                f"continue this one: resume with the optimizer.name it was trained with ({advice}"
+            )
+        groups = param_group_differences(ckpt.optimizer_state, self.optimizer)
+        if groups:
+            raise ValueError(
+                f"train.resume: checkpoint {ckpt.path} has another layout of optimizer parameter groups ({'; '.join(groups)}); "
+                "resume with the settings that split the parameters into groups as it was trained (optimizer.no_decay_norm_bias_embedding, "
+                f"train.freeze_visual: {advice}"
+            )
+        hyper = optimizer_hyperparameter_differences(ckpt.optimizer_state, self.optimizer)
+        if hyper:
+            raise ValueError(
+                f"train.resume: checkpoint {ckpt.path} was trained with other optimizer hyper-parameters ({'; '.join(hyper)}). "
+                "A resume would continue with the checkpoint's (its optimizer state replaces them): resume with the optimizer.* "
+                f"settings it was trained with ({advice}"
+            )
 
     # -- training -----------------------------------------------------------------------
     def _micro_step(self, batch: dict[str, Any], sync: bool) -> MoTEStepOutput:
@@ -521,7 +620,8 @@ class Trainer:
                     if self.bad_videos:
                         logs["bad_videos"] = float(len(self.bad_videos))  # distinct bad files this process has met
                     if self.metrics is not None:
-                        self.metrics.log(logs, step=self.state.step, epoch=self.state.epoch)
+                        self.metrics.log(logs, step=self.state.step, epoch=self.state.epoch)  # a NaN loss as null
+                    self._check_finite_loss(logs.get("loss"), read="" if self.log_every == 1 else f" (read every train.log_every={self.log_every} steps)")
                     self._loss_sums, self._loss_count = {}, 0
                     window_clips, window_start = 0, time.perf_counter()
                     self._clips_reported = 0
