@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from .errors import DEVICE_VALUES, UserError, checked_device, refuse_existing_output, refuse_replacing_input, reraise_interrupts
-from ..runners.schema import EVAL_DATASET
+from .errors import UserError, checked_device, refuse_existing_output, refuse_replacing_input, reraise_interrupts
+from ..runners.schema import DEVICE_VALUES, EVAL_DATASET
 from .main import app, bench_app
 
 OVERRIDES_HELP = "Recipe overrides: key=value (YAML value), ~key to remove a key."

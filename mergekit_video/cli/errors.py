@@ -54,15 +54,12 @@ def refuse_existing_output(output: Any, overwrite: bool, *, folder: bool = False
         raise UserError(f"cannot write {output}: folder {parent} is not writable")
 
 
-#: What a ``--device`` option takes (the recipe key ``device`` takes the same).
-DEVICE_VALUES = "auto, cpu, cuda, cuda:N or mps"
-
-
 def checked_device(value: str, option: str = "--device") -> str:
     """``value`` when it names a device this machine has (see ``utils.device.select_device``);
     otherwise a :class:`UserError` naming ``option`` and the values it takes, not torch's parser error."""
     import torch
 
+    from ..runners.schema import DEVICE_VALUES
     from ..utils.device import select_device
 
     try:

@@ -338,12 +338,16 @@ def _summary_problems(cfg: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+#: What the recipe key ``device`` (and a ``--device`` option) takes.
+DEVICE_VALUES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def _device_problems(cfg: dict[str, Any]) -> list[Problem]:
     import re
 
     device = cfg.get("device", "auto")
     if isinstance(device, str) and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-        return [Problem("device", f"{device!r} is not a device: use auto, cpu, cuda, cuda:N or mps")]
+        return [Problem("device", f"{device!r} is not a device: use {DEVICE_VALUES}")]
     return []
 
 
