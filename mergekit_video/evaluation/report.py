@@ -121,7 +121,8 @@ def plot_tradeoff(
             kinds = {"expert" if n.startswith("expert_") else "merged" if n.startswith(("merged", "model")) else "other" for n in names}
             marker = "*" if "merged" in kinds else ("o" if kinds == {"expert"} else "s")
             ax.scatter([x], [y], marker=marker, s=120 if marker == "*" else 45, zorder=3)
-            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.margins(0.12)
+        _place_labels(fig, ax, [(x, y, ", ".join(names)) for (x, y), names in groups.items()])
         ax.set_xlabel(f"{close_set} top-1 (%)")
         ax.set_title(f"{title} ({panel_title})" if len(panels) > 1 else title)
         ax.grid(alpha=0.3)
@@ -132,3 +133,43 @@ def plot_tradeoff(
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+# Label offsets (points) tried in order: right, left, above, below, then farther out.
+_LABEL_OFFSETS = [
+    (dx * r, dy * r, ha)
+    for r in (1, 2, 3)
+    for dx, dy, ha in ((6, 4, "left"), (6, -10, "left"), (-6, 4, "right"), (-6, -10, "right"), (0, 9, "center"), (0, -15, "center"))
+]
+
+
+def _place_labels(fig: Any, ax: Any, labels: Sequence[tuple[float, float, str]]) -> list[Any]:
+    """Greedy label placement: each label takes the first offset whose box stays inside the
+    axes and overlaps neither a placed label nor another point (falls back to the first offset).
+    Returns the labels' pixel boxes."""
+    fig.canvas.draw()  # fixes the data-to-pixel transform and the renderer's text extents
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    marker_px = 7.0
+    points_px = [ax.transData.transform((x, y)) for x, y, _ in labels]
+    taken: list[Any] = []
+    for i, (x, y, text) in enumerate(labels):
+        chosen = None
+        for dx, dy, ha in _LABEL_OFFSETS:
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=7)
+            box = ann.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            clear = not any(box.overlaps(other) for other in taken) and not any(
+                j != i and box.x0 - marker_px <= px <= box.x1 + marker_px and box.y0 - marker_px <= py <= box.y1 + marker_px
+                for j, (px, py) in enumerate(points_px)
+            )
+            if inside and clear:
+                chosen = (ann, box)
+                break
+            ann.remove()
+        if chosen is None:
+            dx, dy, ha = _LABEL_OFFSETS[0]
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=7)
+            chosen = (ann, ann.get_window_extent(renderer))
+        taken.append(chosen[1])
+    return taken

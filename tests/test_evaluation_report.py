@@ -1,0 +1,48 @@
+"""Results plot: the close-set vs zero-shot scatter keeps its labels readable."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from mergekit_video.evaluation.report import _place_labels, plot_tradeoff
+
+pytest.importorskip("matplotlib")
+
+
+def test_labels_of_clustered_points_neither_overlap_nor_leave_the_axes() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # four variants within 0.1 point of each other (a merge comparison), plus spread-out experts
+    points = [(66.7, 31.2, "merged, mean"), (66.65, 31.15, "temperature_softmax"), (66.68, 31.1, "ensemble"),
+              (66.6, 31.2, "weighted"), (65.8, 30.9, "expert_2"), (65.9, 30.1, "expert_0"), (66.2, 29.8, "expert_1")]
+    fig, ax = plt.subplots(figsize=(6, 4.8), dpi=120)
+    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    ax.margins(0.12)
+    boxes = _place_labels(fig, ax, points)
+    frame = ax.get_window_extent(fig.canvas.get_renderer())
+    plt.close(fig)
+    assert len(boxes) == len(points)
+    for a, b in itertools.combinations(boxes, 2):
+        assert not a.overlaps(b)
+    for box in boxes:
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+
+
+def test_plot_tradeoff_writes_one_panel_per_tfm_setting(tmp_path) -> None:
+    summary = {}
+    for name, (x, y) in {"merged": (66.7, 31.2), "expert_0": (65.9, 30.1), "ensemble": (66.4, 30.8)}.items():
+        summary[name] = {"k400": {"top1": x}, "novel": {"top1": y}}
+        summary[f"{name}+tfm"] = {"k400": {"top1": x}, "novel": {"top1": y + 0.4}}
+    path = plot_tradeoff(summary, tmp_path / "tradeoff.png", close_set="k400", zero_shot=["novel"])
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    width, height = Image.open(path).size
+    assert width > 1.8 * height  # two side-by-side panels (TFM off, TFM on)
+    assert plot_tradeoff({"x": {"novel": {"top1": 1.0}}}, tmp_path / "none.png", close_set="k400", zero_shot=["novel"]) is None
+    assert not (tmp_path / "none.png").exists()
