@@ -520,6 +520,21 @@ def test_train_progress_rich_bar_on_a_terminal():
     assert "mote" in out and "3/3" in out and "loss 0.125" in out and "lr 0.001" in out
 
 
+@pytest.mark.parametrize("width", [60, 80])
+def test_train_progress_narrow_terminal_keeps_step_loss_rate_and_eta_whole(width):
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=width, color_system=None)
+    with TrainProgress(total_steps=60000, description="train", console=console, enabled=True) as prog:
+        prog.update(step=3000, loss=1.23456, lr=5e-5, clips=144)
+        prog.update(step=3001, loss=1.23456, lr=5e-5, clips=144)
+    last = buf.getvalue().split("\r")[-1]
+    assert "…" not in last and "3001/60000" in last and "loss 1.2346" in last and "clips/s eta" in last
+    assert ("lr 5e-05" in last) == (width >= 72)
+    assert "━" not in last  # no bar below 100 columns
+
+
 def test_summary_table():
     from rich.console import Console
 

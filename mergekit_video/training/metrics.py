@@ -214,17 +214,16 @@ class TrainProgress:
         if self.enabled and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("lr {task.fields[lr]}"),
-                TextColumn("{task.fields[rate]} clips/s"),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
+            # narrow terminals drop the bar, then lr, before the step count, loss, clips/s or ETA get cut
+            width = self.console.width
+            columns = [TextColumn("[bold]{task.description}")]
+            if width >= 100:
+                columns.append(BarColumn(bar_width=min(40, width - 80)))
+            columns += [MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}")]
+            if width >= 72:
+                columns.append(TextColumn("lr {task.fields[lr]}"))
+            columns += [TextColumn("{task.fields[rate]} clips/s"), TextColumn("eta"), TimeRemainingColumn()]
+            self._progress = Progress(*columns, console=self.console)
             self._progress.start()
             self._task = self._progress.add_task(self.description, total=self.total, completed=self.step,
                                                  loss="-", lr="-", rate="-")
