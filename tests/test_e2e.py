@@ -601,6 +601,25 @@ def test_a_kill_between_the_epoch_checkpoint_update_and_its_metrics_line_loses_n
     _assert_same_run(reference, out)  # its val/top1 line is written on resume, once
 
 
+def test_an_epoch_whose_validation_videos_all_fail_has_no_val_accuracy_and_training_goes_on(reference_runs, synthetic_data, tmp_path, caplog):
+    """A validation never stops training: all val videos unreadable → a warning, no val/top1 for the
+    epoch (never a 0 % that could rank checkpoints), and the same trained weights as the reference."""
+    reference = reference_runs(0, 1)
+    missing = tmp_path / "val_missing.txt"
+    missing.write_text("".join(f"gone/v{i}.mp4 {i % 6}\n" for i in range(4)))
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    data = [f"data.{k}={synthetic_data / f}" for k, f in (("train_list", "train.txt"), ("class_csv", "classes.csv"))]
+    with caplog.at_level("WARNING", logger="mergekit_video.runners.mote"):
+        runner = _run_in_process(out, ["data.num_workers=0", "~data.synthetic", f"data.root={synthetic_data}", *data, f"data.val_list={missing}"])
+    validations = len(_val_records(reference))
+    warned = [r.getMessage() for r in caplog.records if "no validation accuracy for this epoch" in r.getMessage()]
+    assert validations >= 1 and len(warned) == validations and "all 4 failed to load" in warned[0]
+    assert _val_records(out) == []
+    assert [r["val/failed"] for r in read_metrics(out / "metrics.jsonl") if "val/failed" in r] == [4.0] * validations
+    assert runner.trainer.state.best_metric is None
+    assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) == 0.0
+
+
 def test_clip_blend_without_pretrained_weights_is_refused_before_training(synthetic_data, tmp_path):
     from mergekit_video.runners import run_recipe
 
@@ -873,6 +892,30 @@ def test_multi_view_averages_softmax_probabilities_and_counts_each_video_once():
         evaluate(_LogitsModel(), [batch], cls, view_reduce="max")
 
 
+def test_an_evaluation_of_no_video_is_an_error_not_zero_percent():
+    empty = {"frames": torch.empty(0, 1, 1, 3, 1, 1), "label": torch.empty(0, dtype=torch.long),
+             "index": torch.empty(0, dtype=torch.long), "failed": ["/d/b.mp4", "/d/a.mp4"]}
+    with pytest.raises(ValueError, match=r"no video of dataset 'ucf101' was evaluated: all 2 failed to load \(first: /d/a.mp4\)"):
+        evaluate(_LogitsModel(), [empty], torch.zeros(3, 1), dataset_name="ucf101")
+    with pytest.raises(ValueError, match="no video of the evaluation was evaluated: its video list is empty"):
+        evaluate(_LogitsModel(), [], torch.zeros(3, 1))
+
+
+def test_tfm_without_source_class_features_fails_before_decoding():
+    from mergekit_video.models import build_video_clip
+
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+    assert model.head.source_class_features.numel() == 0
+
+    def batches():
+        raise AssertionError("decoded a batch")
+        yield  # pragma: no cover
+
+    variants = build_variants(model.head, modulation=(False, True))
+    with pytest.raises(ValueError, match=r"needs the source \(fine-tuning\) class features.*eval.modulation: \[false\]"):
+        evaluate(model, batches(), torch.zeros(3, 64), variants=variants)
+
+
 def _collapsed(model, strategy: str, **kw):
     from mergekit_video.surgery import collapse_experts
 
@@ -881,9 +924,9 @@ def _collapsed(model, strategy: str, **kw):
     return dense.eval()
 
 
-def test_variants_equal_the_collapsed_models_and_the_ensemble_of_their_probabilities():
+def test_variants_equal_the_collapsed_models_and_the_ensemble_of_their_logits():
     """Each variant's predictions are those of an independent dense model: the mean merge, each
-    expert alone, another merge; the logit ensemble averages the experts' view-averaged probabilities."""
+    expert alone, another merge; the logit ensemble averages the experts' logits per view (Table 2c)."""
     from mergekit_video.models import build_video_clip
 
     torch.manual_seed(0)
@@ -904,13 +947,22 @@ def test_variants_equal_the_collapsed_models_and_the_ensemble_of_their_probabili
     def probs(m, tfm):  # view-averaged softmax of a dense model, [N, C]
         return torch.stack([m(frames[:, v], cls, modulation=tfm).softmax(-1) for v in range(2)]).mean(0)
 
+    @torch.no_grad()
+    def logit_ensemble(members, tfm):  # Table 2c: per view the mean of the experts' logits, then softmax, view mean
+        return torch.stack([torch.stack([m(frames[:, v], cls, modulation=tfm) for m in members]).mean(0).softmax(-1)
+                            for v in range(2)]).mean(0)
+
     refs = {}
     for tfm, sfx in ((False, ""), (True, "+tfm")):
         refs["merged" + sfx] = probs(_collapsed(model, "mean"), tfm)
         refs["temperature_softmax(tau=0.6)" + sfx] = probs(_collapsed(model, "temperature_softmax", tau=0.6), tfm)
+        experts = [_collapsed(model, "weighted", weights=[float(i == j) for j in range(4)]) for i in range(4)]
         for i in range(4):
-            refs[f"expert_{i}" + sfx] = probs(_collapsed(model, "weighted", weights=[float(i == j) for j in range(4)]), tfm)
-        refs["logit_ensemble" + sfx] = torch.stack([refs[f"expert_{i}" + sfx] for i in range(4)]).mean(0)
+            refs[f"expert_{i}" + sfx] = probs(experts[i], tfm)
+        refs["logit_ensemble" + sfx] = logit_ensemble(experts, tfm)
+        prob_ensemble = torch.stack([refs[f"expert_{i}" + sfx] for i in range(4)]).mean(0)
+        if not tfm:  # (random source classes: ρ ≈ 0 with TFM, so there the experts agree)
+            assert (refs["logit_ensemble"] - prob_ensemble).abs().max() > 1e-5  # the two ensembles differ
     assert len({tuple(p.argmax(-1).tolist()) for p in refs.values()}) >= 4  # the variants disagree somewhere
 
     def loader(labels):
@@ -996,6 +1048,14 @@ def test_summary_scores_by_hand():
     console.print(results_table(s, datasets=list(results)))
     text = console.export_text()
     assert "72.0 ± 1.6" in text and "60.6" in text and "69.0" in text
+    assert "k400 top-5" not in text
+    console = Console(record=True, width=200)
+    console.print(results_table(s, datasets=list(results), close_set="k400"))
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if "variant" in line)
+    assert [c.strip() for c in header.split("┃")[1:4]] == ["variant", "k400 top-1", "k400 top-5"]
+    row_a = next(line for line in lines if line.split("│")[1:2] == [" A "] or line.startswith("│ A "))
+    assert [c.strip() for c in row_a.split("│")[2:4]] == [f"{a['k400']['top1']:.1f}", f"{a['k400']['top5']:.1f}"]
 
 
 def test_variant_labels_and_plain_models(caplog):

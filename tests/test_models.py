@@ -190,6 +190,9 @@ def test_tfm_matches_hand_built_case():
     rho = semantic_association(frames, target, source, k=2, gamma=0.05)
     assert rho.shape == (1,)
     assert math.isclose(rho.item(), expected, rel_tol=1e-5)
+    # class features of any length (raw text-tower output) are normalised first: ρ stays in (0, 1]
+    scaled = semantic_association(frames, target * torch.tensor([[3.0], [0.5], [7.0]]), source * 4.0, k=2, gamma=0.05)
+    assert math.isclose(scaled.item(), expected, rel_tol=1e-5)
     # ρ modulates the temporal term only: z = e + ρ·h(e)
     head = TemporalHead(width=2, layers=1, heads=1, num_experts=0, tfm_k=2).eval()
     head.set_source_class_features(source)

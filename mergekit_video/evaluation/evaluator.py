@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 VIEW_REDUCTIONS = ("softmax_mean", "logit_mean")
 
 
+class NoVideoEvaluatedError(ValueError):
+    """No video of an evaluation could be read (an empty list, or all failed under ``on_error: skip``)."""
+
+    def __init__(self, message: str, *, failed: Sequence[str]) -> None:
+        super().__init__(message)
+        self.failed = list(failed)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One way of running the head at evaluation.
@@ -36,7 +44,8 @@ class Variant:
     Attributes:
         name: label in tables and JSON.
         kind: ``merged`` (the model as configured), ``expert``, ``merge`` (another merge
-            strategy), ``logit_ensemble`` (mean of the experts' probabilities).
+            strategy), ``logit_ensemble`` (per view, the mean of the experts' cosine logits;
+            then the views are reduced as for every variant).
         context: ``module -> context manager`` that sets the routing of every expert under
             ``module`` (the head, or the whole model when its visual tower holds experts too);
             None for the default. Variants that share one context object share one encoding.
@@ -154,7 +163,6 @@ def evaluate(
     view_reduce: str = "softmax_mean",
     dataset_name: str = "",
     views: tuple[int, int] = (1, 1),
-    ks: Sequence[int] = (1, 5),
     progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Top-k accuracy of every variant over ``loader`` (batches from ``collate_videos``).
@@ -165,6 +173,9 @@ def evaluate(
         view_reduce: ``softmax_mean`` (average per-view probabilities of the unscaled cosine
             logits, as the official code) or ``logit_mean``.
         progress: called with the number of videos after each batch.
+
+    Raises :class:`NoVideoEvaluatedError` (a ValueError) when no video was evaluated (an empty list, or every video failed under
+    ``on_error: skip``): there is no accuracy to report, and a 0 would turn HM_ZS into 0.
         precision: as the trainer's (:func:`~mergekit_video.training.precision.resolve_precision`):
             ``auto`` is bf16 autocast on a CUDA device that supports bf16, fp32 otherwise. Autocast
             covers the visual tower and the temporal transformer; the class similarities and ρ
@@ -184,6 +195,7 @@ def evaluate(
     whole_model = len(find_containers(model)) > len(find_containers(head))
     if whole_model:
         _check_expert_counts(model, variants)
+    _check_source_features(head, variants)  # before any decoding
     routed = model if whole_model else head
     was_training = model.training
     model.eval()
@@ -208,23 +220,30 @@ def evaluate(
             labels = batch["label"].to(device)
             probs = _variant_scores(model, frames, cls, variants, routed=routed, per_routing=whole_model,
                                     device=device, precision=precision, view_reduce=view_reduce)
-            hits = {name: topk_hits(p, labels, ks) for name, p in probs.items()}
+            hits = {name: topk_hits(p, labels, _KS) for name, p in probs.items()}
             for j, idx in enumerate(batch["index"].tolist()):
-                records[idx] = {name: tuple(bool(h[k][j]) for k in ks) for name, h in hits.items()}
+                records[idx] = {name: tuple(bool(h[k][j]) for k in _KS) for name, h in hits.items()}
             if progress is not None:
                 progress(len(records))
     finally:
         model.train(was_training)
     records, failed = _gather(records, failed)
     n = len(records)
+    if n == 0:
+        label = f"dataset {dataset_name!r}" if dataset_name else "the evaluation"
+        failed = sorted(set(failed))
+        raise NoVideoEvaluatedError(
+            f"no video of {label} was evaluated: "
+            + (f"all {len(failed)} failed to load (first: {failed[0]}); check the data root and the video list"
+               if failed else "its video list is empty"),
+            failed=failed,
+        )
     results = {}
     for var in variants:
         if not var.report:
             continue
-        counts = [sum(r[var.name][i] for r in records.values()) for i in range(len(ks))]
-        results[var.name] = VariantResult(
-            top1=100.0 * counts[0] / max(n, 1), top5=100.0 * counts[-1] / max(n, 1), num_videos=n
-        )
+        top1, top5 = (sum(r[var.name][i] for r in records.values()) for i in range(len(_KS)))
+        results[var.name] = VariantResult(top1=100.0 * top1 / n, top5=100.0 * top5 / n, num_videos=n)
     return EvalResult(
         dataset=dataset_name,
         variants=results,
@@ -255,10 +274,12 @@ def _variant_scores(
     """
     b, v = frames.shape[:2]
     encoded: dict[Any, torch.Tensor] = {}  # frame features [B*V, T, D] by routing context
+    view_logits: dict[str, torch.Tensor] = {}  # [B, V, C] cosine logits, kept for logit ensembles
     probs: dict[str, torch.Tensor] = {}
     for var in variants:
-        if var.kind == "logit_ensemble":
-            probs[var.name] = torch.stack([probs[m] for m in var.members]).mean(0)
+        if var.kind == "logit_ensemble":  # Table 2c: average the experts' logits, then reduce the views
+            logits = torch.stack([view_logits[m] for m in var.members]).mean(0)  # [B, V, C]
+            probs[var.name] = (logits.softmax(-1) if view_reduce == "softmax_mean" else logits).mean(1)
             continue
         key = var.context if per_routing else None
         with var.context(routed) if var.context else contextlib.nullcontext():
@@ -267,9 +288,24 @@ def _variant_scores(
                     encoded[key] = model.encode_frames(frames.flatten(0, 1)).float()  # [B*V, T, D]
             with autocast_context(device, precision):
                 logits = model.head(encoded[key], cls, modulation=var.modulation).float()  # [B*V, C]
-        per_view = logits.softmax(-1) if view_reduce == "softmax_mean" else logits
-        probs[var.name] = per_view.view(b, v, -1).mean(1)  # [B, C]
+        logits = logits.view(b, v, -1)  # [B, V, C]
+        if var.kind == "expert":
+            view_logits[var.name] = logits
+        probs[var.name] = (logits.softmax(-1) if view_reduce == "softmax_mean" else logits).mean(1)  # [B, C]
     return probs
+
+
+_KS = (1, 5)  # top-1 and top-5 (capped at the class count)
+
+
+def _check_source_features(head: torch.nn.Module, variants: Sequence[Variant]) -> None:
+    """TFM variants need the stored source class features y_f (Eq. 11): fail before decoding anything."""
+    source = getattr(head, "source_class_features", None)
+    if any(v.modulation for v in variants) and isinstance(source, torch.Tensor) and source.numel() == 0:
+        raise ValueError(
+            "temporal feature modulation needs the source (fine-tuning) class features, and this model stores none; "
+            "evaluate with modulation off (eval.modulation: [false]), or train/convert the model with its source classes"
+        )
 
 
 def _check_expert_counts(model: torch.nn.Module, variants: Sequence[Variant]) -> None:

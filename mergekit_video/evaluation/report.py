@@ -51,8 +51,11 @@ def write_results(path: str | Path, payload: Mapping[str, Any], *, overwrite: bo
     return atomic_write_json(path, payload, overwrite=overwrite)
 
 
-def results_table(summary: Mapping[str, Any], *, datasets: Sequence[str], title: str = "Results") -> Any:
-    """A rich table: one row per variant, top-1 per dataset (± std over splits), HM_ZS, Trade-off."""
+def results_table(
+    summary: Mapping[str, Any], *, datasets: Sequence[str], close_set: str | None = None, title: str = "Results"
+) -> Any:
+    """A rich table: one row per variant, top-1 per dataset (± std over splits), the close-set
+    dataset's top-5 too (as Table 4), HM_ZS, Trade-off."""
     from rich.table import Table
 
     table = Table(title=title, header_style="bold")
@@ -60,6 +63,8 @@ def results_table(summary: Mapping[str, Any], *, datasets: Sequence[str], title:
     table.add_column("variant", style="cyan", overflow="fold")
     for d in datasets:
         table.add_column(f"{d} top-1", justify="right", overflow="fold")
+        if d == close_set:
+            table.add_column(f"{d} top-5", justify="right", overflow="fold")
     show_hm = any("HM_ZS" in r for r in summary.values())
     show_to = any("trade_off" in r for r in summary.values())
     if show_hm:
@@ -75,6 +80,8 @@ def results_table(summary: Mapping[str, Any], *, datasets: Sequence[str], title:
                 cells.append(f"{row[d]['top1']:.1f} ± {row[d]['top1_std']:.1f}")
             else:
                 cells.append(f"{row[d]['top1']:.1f}")
+            if d == close_set:
+                cells.append(f"{row[d]['top5']:.1f}" if d in row else "-")
         if show_hm:
             cells.append(f"{row['HM_ZS']:.1f}" if "HM_ZS" in row else "-")
         if show_to:

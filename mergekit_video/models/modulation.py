@@ -24,8 +24,9 @@ def semantic_association(
     4. M = mean over the K target rows of the max over the source columns;
     5. ρ = exp(−(1 − M)/γ).
 
-    The class features are used as given (the pipeline passes L2-normalised prompt-ensemble
-    features), as the official implementation does.
+    The class features are L2-normalised here (the pipeline's prompt-ensemble features already
+    are, as in the official implementation, so for them this changes nothing; raw text-tower
+    features would otherwise make M, and so ρ, unbounded).
 
     Args:
         frame_features: ``[B, T, D]`` CLIP frame features e.
@@ -42,8 +43,8 @@ def semantic_association(
         raise ValueError("temporal feature modulation needs the source (fine-tuning) class features; none are stored")
     with autocast_disabled(frame_features.device.type):
         x = F.normalize(frame_features.float().mean(dim=1), dim=-1)  # [B, D]
-        yt = target_class_features.float()
-        ys = source_class_features.float()
+        yt = F.normalize(target_class_features.float(), dim=-1)  # [C_t, D]
+        ys = F.normalize(source_class_features.float(), dim=-1)  # [C_s, D]
         kt, ks = min(k, yt.shape[0]), min(k, ys.shape[0])
         idx_t = (x @ yt.t()).topk(kt, dim=-1).indices  # [B, K]
         idx_s = (x @ ys.t()).topk(ks, dim=-1).indices  # [B, K]

@@ -698,7 +698,7 @@ def run_eval_suite(
     if main:
         write_results(output_dir / "results.json", payload)
         if console is not None:
-            console.print(results_table(summary, datasets=list(results), title=title))
+            console.print(results_table(summary, datasets=list(results), close_set=close, title=title))
         if eval_cfg.get("plot", True) and close and zero:
             path = plot_tradeoff(summary, output_dir / "tradeoff.png", close_set=close, zero_shot=zero)
             if path is not None and console is not None:

@@ -225,7 +225,7 @@ class MoTERunner:
     def _validate(self, epoch: int) -> dict[str, float]:
         """Close-set accuracy on ``data.val_list`` (merged experts, TFM off, single view) for model selection."""
         from ..data import VideoDataset, build_loader
-        from ..evaluation.evaluator import evaluate
+        from ..evaluation.evaluator import NoVideoEvaluatedError, evaluate
 
         d = self.data_cfg
         clips, crops = self.cfg["train"].get("val_views", [1, 1])
@@ -244,8 +244,13 @@ class MoTERunner:
                 seed=self.cfg.get("seed", 0), drop_last=False, num_replicas=self.dist.world_size, rank=self.dist.rank,
                 persistent_workers=False,
             )
-        res = evaluate(self.model, self._val_loader, self.class_features, device=self.device,
-                       precision=eval_precision(self.cfg), dataset_name="val", views=(clips, crops))
+        try:
+            res = evaluate(self.model, self._val_loader, self.class_features, device=self.device,
+                           precision=eval_precision(self.cfg), dataset_name="val", views=(clips, crops))
+        except NoVideoEvaluatedError as e:  # a validation never stops training: this epoch has no val accuracy
+            if self.main:
+                log.warning("epoch %d: %s; no validation accuracy for this epoch (training goes on)", epoch + 1, e)
+            return {"failed": float(len(e.failed))}
         v = next(iter(res.variants.values()))
         if self.main and self.console is not None:
             total = self.cfg["schedule"]["epochs"]  # shown 1-based, as the schedule counts them (metrics.jsonl: 0-based)

@@ -137,7 +137,7 @@ COMPARE = Section(
     {
         "merges": Field(list, default=[], doc="[{name: strategy, ...kwargs}] evaluated besides the configured merge", item=_COMPARE_MERGE),
         "experts": Field(bool, default=True, doc="report each expert alone (Figure 3); the logit ensemble runs them either way"),
-        "logit_ensemble": Field(bool, default=True, doc="average the experts' probabilities (Table 2c)"),
+        "logit_ensemble": Field(bool, default=True, doc="per view, average the experts' logits (Table 2c)"),
     },
     nullable=True,
 )
