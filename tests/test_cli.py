@@ -203,9 +203,17 @@ def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path,
     (tmp_path / "run").mkdir()
     assert cli_main(["run", str(recipe), *over]) == 1
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".mergevid.lock", "recipe.yaml"]  # the user's folder stays
-    # synthetic data is written by the run: nothing to check up front
+    # synthetic data is written by the run: its paths (data.*, eval lists under output_dir/data) are not checked up front
     assert cli_main(["validate", "--check-paths", str(QUICKSTART), f"output_dir={tmp_path / 'q'}"]) == 0
     assert "data.synthetic is set" in capsys.readouterr().out
+    # ... but every other path is
+    other_list = f"eval.datasets.1.list={tmp_path / 'k600_split1.txt'}"
+    assert cli_main(["validate", "--check-paths", str(QUICKSTART), f"output_dir={tmp_path / 'q'}", "model.pretrained=/nope.pt",
+                     f"train.resume={tmp_path / 'ckpt'}", other_list]) == 1
+    err = capsys.readouterr().err
+    assert f"recipe {QUICKSTART} is invalid (3 problems)" in err
+    assert "- model.pretrained: weights file not found: /nope.pt" in err and f"- train.resume: checkpoint not found: {tmp_path / 'ckpt'}" in err
+    assert f"- eval.datasets.1.list: file not found: {tmp_path / 'k600_split1.txt'}" in err
 
 
 def test_convert_rejects_non_mote_files(tmp_path, capsys):
@@ -416,6 +424,7 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     assert default_eval_dir(a, tmp_path / "hmdb" / "val.txt") == Path("runs/eval/mote_a_model_hmdb_val")
     # another protocol gets its own folder (it would otherwise be refused as another recipe)
     assert default_eval_dir(a, tmp_path / "ucf" / "val.txt", views="4x3", frames=16) == Path("runs/eval/mote_a_model_ucf_val_4x3_f16")
+    assert default_eval_dir(a, tmp_path / "ucf" / "val.txt", zero_shot=True, compare=True) == Path("runs/eval/mote_a_model_ucf_val_zs_compare")
     # through the command: a missing list is named with the recipe, and the folder made for it is removed again
     monkeypatch.chdir(tmp_path)
     assert cli_main(["eval", str(a), "--list", "v.txt", "--classes", str(tmp_path / "c.csv")]) == 1

@@ -120,18 +120,15 @@ def validate_cmd(
     """Validate a recipe (types, allowed values, components, plugins) without running anything heavy."""
     cfg = _load_validated(recipe, overrides or [])
     if check_paths:
-        from ..runners.common import check_recipe_paths
+        from ..config import ValidationError
+        from ..runners.common import check_recipe_paths, without_synthetic_paths
 
-        data = cfg.get("data") or {}
-        if data.get("synthetic"):  # written by the run itself under output_dir
-            _console().print("[yellow]note[/]: data.synthetic is set; its files are written when the recipe runs")
-        else:
-            from ..config import ValidationError
-
-            try:
-                check_recipe_paths(cfg)
-            except ValidationError as err:
-                raise ValidationError(err.problems, source=str(recipe)) from None
+        if (cfg.get("data") or {}).get("synthetic"):  # written by the run itself under output_dir
+            _console().print("[yellow]note[/]: data.synthetic is set; its files are written when the recipe runs (the other paths are checked)")
+        try:
+            check_recipe_paths(without_synthetic_paths(cfg))
+        except ValidationError as err:
+            raise ValidationError(err.problems, source=str(recipe)) from None
     _console().print(f"[green]ok[/] {recipe}: runner '{cfg['runner']}', output_dir {cfg['output_dir']}")
 
 
@@ -152,14 +149,17 @@ def run_cmd(
     _run_validated(cfg, source=str(recipe), overwrite=overwrite)
 
 
-def default_eval_dir(target: Path, list_file: Path | None = None, *, views: str = "1x1", frames: int = 8) -> Path:
-    """``runs/eval/<run>_<model>[_<list folder>_<list>][_<views>][_f<frames>]`` for ``mergevid eval MODEL --list LIST``.
+def default_eval_dir(
+    target: Path, list_file: Path | None = None, *, views: str = "1x1", frames: int = 8, compare: bool = False, zero_shot: bool = False
+) -> Path:
+    """``runs/eval/<run>_<model>[_<list folder>_<list>][_<views>][_f<frames>][_zs][_compare]`` for ``mergevid eval MODEL --list LIST``.
 
     Named after the model, the folder holding it and the evaluated list: every run saves
     ``model/``, so the model's own name alone would send every run's evaluation to one folder
     (a trainer checkpoint is named with its run too: ``<run>_checkpoints_step_N``), and the
-    list keeps the evaluations of one model on several datasets apart. Views other than 1x1 and
-    frames other than 8 are added, so that another protocol does not meet the first one's results.
+    list keeps the evaluations of one model on several datasets apart. Views other than 1x1,
+    frames other than 8, ``--zero-shot`` and ``--compare`` are added, so that another protocol
+    does not meet the first one's results.
     """
     path = target.resolve()
     parts = [path.stem if path.is_file() else path.name]
@@ -176,6 +176,10 @@ def default_eval_dir(target: Path, list_file: Path | None = None, *, views: str 
         parts.append(views.lower())
     if frames != 8:
         parts.append(f"f{frames}")
+    if zero_shot:
+        parts.append("zs")
+    if compare:
+        parts.append("compare")
     return Path("runs") / "eval" / ("_".join(p for p in parts if p) or "model")
 
 
@@ -240,7 +244,8 @@ def eval_cmd(
         lists = [str(f.resolve()) for f in list_files]  # absolute: the same evaluation whatever the working folder
         recipe = {
             "runner": "compare" if compare else "evaluate",
-            "output_dir": str(output_dir or default_eval_dir(target, list_files[0], views=views, frames=num_frames)),
+            "output_dir": str(output_dir or default_eval_dir(
+                target, list_files[0], views=views, frames=num_frames, compare=compare, zero_shot=zero_shot)),
             "checkpoint": str(target.resolve()),
             "eval": {
                 "num_workers": min(4, os.cpu_count() or 1),

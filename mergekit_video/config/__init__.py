@@ -5,7 +5,7 @@ import path (``mergekit_video.models.build_video_clip``) or a registry reference
 ``registry:name`` (``routers:multinomial``, ``merges:ties``). Every recipe has an
 ``output_dir`` key and may list ``plugins:`` (modules imported before validation).
 
-    cfg = load_recipe("recipes/mote_vitb16.yaml", ["train.epochs=3", "~model.tfm"])
+    cfg = load_recipe("recipes/mote_vitb16.yaml", ["schedule.epochs=3", "~objective.wmr"])
     validate_recipe(cfg, MY_SCHEMA)          # raises ValidationError listing every problem
     model = instantiate(cfg["model"], _path="model")
 

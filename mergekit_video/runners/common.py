@@ -476,6 +476,42 @@ def check_recipe_paths(cfg: dict[str, Any], data_cfg: dict[str, Any] | None = No
         raise ValidationError(problems)
 
 
+def without_synthetic_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``cfg`` without the paths a ``data.synthetic`` run writes itself: the ``data.*`` keys it
+    points at its dataset, and eval dataset paths that follow them or lie under ``{output_dir}/data``.
+
+    ``mergevid validate --check-paths`` checks the rest (weights, resume checkpoint, other eval lists).
+    """
+    import copy
+
+    out = copy.deepcopy(cfg)
+    data = out.get("data") or {}
+    if not data.get("synthetic"):
+        return out
+    replaced = {data[k] for k in SYNTHETIC_DATA_KEYS if isinstance(data.get(k), str)}
+    root = Path(os.path.expanduser(str(out.get("output_dir", "")))).absolute() / "data"
+    for k in SYNTHETIC_DATA_KEYS:
+        data.pop(k, None)
+
+    def written_by_run(value: Any) -> bool:
+        if not isinstance(value, str):
+            return False
+        path = Path(os.path.expanduser(value)).absolute()
+        return value in replaced or path == root or root in path.parents
+
+    def prune(entry: Any) -> None:
+        if isinstance(entry, dict):
+            for key in ("root", "list", "class_csv"):
+                if written_by_run(entry.get(key)):
+                    del entry[key]
+            for split in entry.get("splits") or []:
+                prune(split)
+
+    for entry in (out.get("eval") or {}).get("datasets") or []:
+        prune(entry)
+    return out
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
