@@ -452,7 +452,7 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     assert "several --list files are the splits of one zero-shot dataset: add --zero-shot" in capsys.readouterr().err
     assert cli_main(["eval", str(a), "--zero-shot", "--list", "s1.txt", "--list", "s2.txt", "--classes", "c.csv"]) == 1
     capsys.readouterr()
-    saved = yaml.safe_load((tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_s1" / "recipe.yaml").read_text())
+    saved = yaml.safe_load((tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_s1_zs" / "recipe.yaml").read_text())
     assert saved["eval"]["datasets"][0]["kind"] == "zero_shot" and saved["eval"]["summary"] == {"zero_shot": ["s1"]}
     assert [s["list"] for s in saved["eval"]["datasets"][0]["splits"]] == [str(tmp_path / "s1.txt"), str(tmp_path / "s2.txt")]
     # a folder holding another recipe's evaluation: the refusal speaks of evaluating, not of training and resuming
