@@ -216,7 +216,31 @@ def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path,
     assert f"- eval.datasets.1.list: file not found: {tmp_path / 'k600_split1.txt'}" in err
 
 
+def test_run_refuses_to_record_over_a_hand_written_recipe_in_its_output_dir(tmp_path, capsys):
+    from mergekit_video.cli.commands import _load_validated, _refuse_recording_over_the_recipe
+    from mergekit_video.config import dump_recipe
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    mine = out / "recipe.yaml"
+    text = "# my notes\n" + QUICKSTART.read_text().replace("output_dir: runs/quickstart", f"output_dir: {out}")
+    mine.write_text(text)
+    assert cli_main(["run", str(mine), "train.max_steps=1"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{mine} is where this run records its resolved recipe" in err and f"mv {mine} {tmp_path / 'exp.yaml'}" in err
+    assert mine.read_text() == text and sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]  # nothing touched
+    # a recipe a run recorded there (machine-written) reruns: a resume
+    cfg = _load_validated(mine, [])
+    mine.write_text(dump_recipe(cfg))
+    _refuse_recording_over_the_recipe(mine, _load_validated(mine, []))
+    # the same recipe elsewhere is not concerned
+    (tmp_path / "exp.yaml").write_text(text)
+    _refuse_recording_over_the_recipe(tmp_path / "exp.yaml", cfg)
+
+
 def test_convert_rejects_non_mote_files(tmp_path, capsys):
+    assert cli_main(["convert", "mote-official", str(tmp_path), str(tmp_path.parent / f"{tmp_path.name}_out")]) == 1
+    assert f"{tmp_path} is a folder; pass the official checkpoint file in it" in " ".join(capsys.readouterr().err.split())
     foreign = tmp_path / "resnet.pt"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, foreign)
     assert cli_main(["convert", "mote-official", str(foreign), str(tmp_path / "out")]) == 1
@@ -334,7 +358,10 @@ def test_convert_export_dense_and_load_into_open_clip(tmp_path, capsys):
     for target in (converted, converted.parent):
         assert cli_main(["export", str(converted), str(target), "--overwrite"]) == 1
         assert "is or contains the input" in capsys.readouterr().err
-    assert _digest(converted) == before
+    # ... and exporting into it would write into what the user gave
+    assert cli_main(["export", str(converted), str(converted / "dense"), "--dense"]) == 1
+    assert f"{converted / 'dense'} is inside the input folder {converted}" in " ".join(capsys.readouterr().err.split())
+    assert _digest(converted) == before and not (converted / "dense").exists()
 
 
 class _UnreadableItems(torch.utils.data.Dataset):

@@ -146,7 +146,32 @@ def run_cmd(
     Multi-GPU: torchrun --nproc_per_node=8 -m mergekit_video run RECIPE
     """
     cfg = _load_validated(recipe, _checked_overrides(ctx, overrides))
+    _refuse_recording_over_the_recipe(recipe, cfg)
     _run_validated(cfg, source=str(recipe), overwrite=overwrite)
+
+
+def _refuse_recording_over_the_recipe(recipe: Path, cfg: dict) -> None:
+    """A run records its resolved recipe as ``{output_dir}/recipe.yaml``: refuse to run a hand-written
+    recipe kept at that very path (it would lose its comments and ``${...}``, and take in the
+    overrides). A recipe a run recorded there (machine-written) may be rerun: that is a resume."""
+    import yaml
+
+    from ..config import dump_recipe
+
+    saved = Path(os.path.expanduser(str(cfg["output_dir"]))) / "recipe.yaml"
+    if not (saved.exists() and recipe.resolve() == saved.resolve()):
+        return
+    text = recipe.read_text(encoding="utf-8")
+    try:
+        recorded = dump_recipe(yaml.safe_load(text)) == text
+    except yaml.YAMLError:
+        recorded = False
+    if not recorded:
+        raise UserError(
+            f"{recipe} is where this run records its resolved recipe (output_dir {saved.parent}, recipe.yaml), and running it "
+            f"would replace your file (comments and ${{...}} resolved, overrides written in); keep the recipe elsewhere "
+            f"(e.g. mv {recipe} {saved.parent.parent / (saved.parent.name + '.yaml')}) or set output_dir to another folder"
+        )
 
 
 def default_eval_dir(
@@ -321,6 +346,8 @@ def convert_cmd(
 
     refuse_replacing_input(output, checkpoint)
     refuse_existing_output(output, overwrite, folder=True)
+    if checkpoint.is_dir():
+        raise UserError(f"{checkpoint} is a folder; pass the official checkpoint file in it (a .pt / .pth file)")
     try:
         ckpt = load_official_checkpoint(checkpoint)
     except (FileNotFoundError, ConversionError):

@@ -79,11 +79,14 @@ def checked_device(value: str, option: str = "--device") -> str:
 
 
 def refuse_replacing_input(output: Any, source: Any) -> None:
-    """An output directory that is, or holds, the command's input would destroy it when replaced."""
+    """An output directory that is, or holds, the command's input would destroy it when replaced;
+    one inside an input folder would write into what the user gave."""
     from ..utils.io import is_within
 
     if is_within(source, output):
         raise UserError(f"{output} is or contains the input {source}; write to another directory")
+    if os.path.isdir(source) and is_within(output, source):
+        raise UserError(f"{output} is inside the input folder {source}; write to a directory outside it")
 
 
 def reraise_interrupts(fn: Any, *args: Any, **kwargs: Any) -> Any:
