@@ -580,6 +580,21 @@ def test_explicit_resume_refuses_other_data_units_and_models_and_yields_to_own_c
     assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) <= 1e-6
 
 
+def test_explicit_resume_with_other_model_or_objective_settings_names_them(reference_runs, synthetic_data, tmp_path, caplog):
+    reference = reference_runs(0, 1)
+    start = reference / "checkpoints" / "step_00000003"
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    with caplog.at_level("WARNING", logger="mergekit_video.runners.mote"):
+        _run_in_process(out, ["data.num_workers=0", f"train.resume={start}", "model.router=random", "objective.wmr_weight=0.0"])
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train.resume: checkpoint")]
+    assert warned == [f"train.resume: checkpoint {start} was trained with other settings (model.router: 'multinomial' -> 'random'; "
+                      "objective.wmr_weight: 0.5 -> 0.0); this run continues it with this recipe's"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mergekit_video.runners.mote"):  # the same settings: nothing to say
+        _run_in_process(_new_run_dir(tmp_path / "same", synthetic_data), ["data.num_workers=0", f"train.resume={start}"])
+    assert not [r for r in caplog.records if r.getMessage().startswith("train.resume: checkpoint")]
+
+
 def test_a_kill_between_the_epoch_checkpoint_update_and_its_metrics_line_loses_no_validation(reference_runs, synthetic_data, tmp_path, monkeypatch):
     from mergekit_video.training.checkpoint import CheckpointManager
 

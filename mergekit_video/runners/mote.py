@@ -85,6 +85,8 @@ class MoTERunner:
         ckpt_path = None if found is None else found[0]
         if found is not None:
             self.trainer.resume(found[1])
+            if self.main:
+                self._warn_other_settings(Path(ckpt_path), found[1])
             if self.main and self.console is not None:
                 self.console.print(f"[bold]resumed[/] from {ckpt_path} (step {self.trainer.state.step})")
         self.metrics = MetricsLogger(
@@ -94,6 +96,35 @@ class MoTERunner:
             resume_step=self.trainer.state.step,  # a fresh start (0) drops the lines of an attempt that left no checkpoint
         )
         self.trainer.metrics = self.metrics
+
+    def _warn_other_settings(self, ckpt_path: Path, ckpt: Any) -> None:
+        """A checkpoint of another run (``train.resume=<path>``) trained with other model or objective
+        settings than this recipe's (its run's recipe.yaml; else its model config): named in a warning,
+        since this run continues it with the new ones (weights of another shape are refused before)."""
+        from ..utils.io import is_within
+        from .common import _describe_change, recipe_changes
+
+        if is_within(ckpt_path, self.checkpoints.directory):
+            return  # this run's own: prepare_output_dir compared the recipes
+        recorded = ckpt_path.parent.parent / "recipe.yaml" if ckpt_path.parent.name == "checkpoints" else None
+        changes: list[tuple[str, Any, Any]] = []
+        try:
+            import yaml
+
+            earlier = yaml.safe_load(recorded.read_text(encoding="utf-8")) if recorded is not None and recorded.is_file() else None
+        except (OSError, yaml.YAMLError):
+            earlier = None
+        if isinstance(earlier, dict):
+            for section in ("model", "objective"):
+                changes += recipe_changes(earlier.get(section) or {}, self.cfg.get(section) or {}, prefix=section)
+        else:
+            saved = (ckpt.extra or {}).get("model_config") or {}
+            changes = recipe_changes(saved.get("head") or {}, self.model.config.get("head") or {}, prefix="model config head") if saved else []
+        changes = [c for c in changes if not c[0].endswith((".pretrained", ".cache_dir"))]  # initial weights: loaded over
+        if changes:
+            shown = "; ".join(_describe_change(*c) for c in changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+            log.warning("train.resume: checkpoint %s was trained with other settings (%s); this run continues it with this recipe's",
+                        ckpt_path, shown)
 
     def _own_checkpoints_first(self, resume: Any) -> Any:
         """``train.resume`` naming another run's checkpoint starts this run; once this run has
