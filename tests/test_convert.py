@@ -151,3 +151,81 @@ def test_official_test_time_clip_blend_in_convert_and_in_evaluation(tmp_path):
     assert set(pretrained_clip_state(random_init, weights=str(weights))) == set(base)  # eval.clip_blend_weights
     with pytest.raises(ValueError, match=r"holds a blend already \(converted with --interpolate-alpha 0.99\)"):
         pretrained_clip_state(convert_official(ckpt, clip_pretrained=str(weights), interpolate_alpha=0.99))
+
+
+_VISUAL = "model_state_dict does not fit the vision tower its shapes describe (2 layers of width 64, patch 8, image 32, embedding 64): it "
+_HEAD = "fusion_model_state_dict does not fit the 2-layer temporal head of width 64 with 4 experts per layer that its shapes describe: it "
+
+
+def _pop(entry, *keys):
+    return lambda c: [c[entry].pop(f"module.{k}") for k in keys]
+
+
+def _set(entry, key, value):
+    return lambda c: c[entry].__setitem__(key, value)
+
+
+_FC3 = [f"transformer.resblocks.1.mlp.{m}.3.{p}" for m in ("fc_up", "fc_dn") for p in ("weight", "bias")]
+_MALFORMED = {
+    "missing visual tensor": (_pop("model_state_dict", "visual.transformer.resblocks.1.attn.in_proj_weight"),
+                              _VISUAL + "lacks 1 tensor ('visual.transformer.resblocks.1.attn.in_proj_weight')"),
+    "missing ln_post and logit_scale": (_pop("model_state_dict", "visual.ln_post.weight", "logit_scale"),
+                                        _VISUAL + "lacks 2 tensors ('logit_scale', 'visual.ln_post.weight')"),
+    "extra visual layer": (_set("model_state_dict", "module.visual.transformer.resblocks.5.ln_1.weight", torch.zeros(64)),
+                           "the visual tower's layers (visual.transformer.resblocks.N) must be numbered 0..n-1 without gaps; the checkpoint holds [0, 1, 5]"),
+    "extra visual tensor": (_set("model_state_dict", "module.visual.foo", torch.zeros(1)), _VISUAL + "has 1 unexpected tensor ('visual.foo')"),
+    "wrong-shaped ln_pre": (_set("model_state_dict", "module.visual.ln_pre.weight", torch.zeros(10)),
+                            _VISUAL + "has 1 tensor of another shape ('visual.ln_pre.weight' [10], expected [64])"),
+    "missing expert 3 of layer 1": (_pop("fusion_model_state_dict", *_FC3),
+                                    _HEAD + "lacks 4 tensors ('transformer.resblocks.1.mlp.fc_dn.3.bias', 'transformer.resblocks.1.mlp.fc_dn.3.weight', "
+                                    "'transformer.resblocks.1.mlp.fc_up.3.bias' (and 1 more))"),
+    "wrong-shaped fc_up": (_set("fusion_model_state_dict", "module.transformer.resblocks.0.mlp.fc_up.1.weight", torch.zeros(10, 64)),
+                           _HEAD + "has 1 tensor of another shape ('transformer.resblocks.0.mlp.fc_up.1.weight' [10, 64], expected [256, 64])"),
+    "frame positions of width 32": (_set("fusion_model_state_dict", "module.frame_position_embeddings.weight", torch.zeros(77, 32)),
+                                    _HEAD + "has 1 tensor of another shape ('frame_position_embeddings.weight' [77, 32], expected [77, 64])"),
+    "fusion weight of 3 for 4 experts": (_set("fusion_model_state_dict", "module.transformer.resblocks.0.mlp.mote_fusion_weight", torch.zeros(3)),
+                                         "fusion_model_state_dict's 'transformer.resblocks.0.mlp.mote_fusion_weight' has shape [3]; "
+                                         "the head has 4 experts per layer, so [4] is expected"),
+    "a non-tensor value": (_set("model_state_dict", "module.visual.conv1.weight", 5),
+                           "model_state_dict entry 'module.visual.conv1.weight' is an object of type int, not a tensor"),
+    "model_state_dict a tensor": (lambda c: c.__setitem__("model_state_dict", torch.zeros(3)),
+                                  "the checkpoint's model_state_dict is a Tensor, not a dict of tensors: not an official MoTE checkpoint"),
+    "fusion a list": (lambda c: c.__setitem__("fusion_model_state_dict", [1, 2]),
+                      "the checkpoint's fusion_model_state_dict is a list, not a dict of tensors: not an official MoTE checkpoint"),
+    "with and without module.": (_set("fusion_model_state_dict", "transformer.resblocks.0.ln_1.weight", torch.ones(64)),
+                                 "fusion_model_state_dict holds 1 key both with and without DDP's 'module.' prefix "
+                                 "('transformer.resblocks.0.ln_1.weight'): which of the two to convert is ambiguous; keep one of each"),
+}
+
+
+def test_convert_refuses_checkpoints_that_do_not_supply_the_model_exactly(tmp_path, capsys):
+    """Nothing of the visual tower or the head is left from a random init: a missing, extra or wrong-shaped
+    tensor, a gap in the layer numbering, a foreign container or an ambiguous key is one ConversionError."""
+    import copy
+
+    from mergekit_video.cli.main import main as cli_main
+
+    ckpt, clip, head = _official_checkpoint()
+    model = convert_official(ckpt)
+    ours = model.clip.state_dict()
+    official = {k[7:]: v for k, v in ckpt["model_state_dict"].items()}
+    assert {k for k in ours if k.startswith("visual.") or k == "logit_scale"} == set(official)
+    assert all(torch.equal(ours[k], v) for k, v in official.items())  # every visual tensor is the checkpoint's
+    for label, (mutate, message) in _MALFORMED.items():
+        bad = copy.deepcopy(ckpt)
+        mutate(bad)
+        with pytest.raises(ConversionError) as info:
+            convert_official(bad)
+        assert str(info.value) == message, label
+    with pytest.raises(ConversionError) as info:  # another architecture named: its shapes, not a torch dump
+        convert_official(ckpt, clip_name="ViT-B-16")
+    assert str(info.value).startswith("model_state_dict does not fit open_clip ViT-B-16's vision tower (--clip-name): it lacks 120 tensors "
+                                      "('visual.transformer.resblocks.2.attn.in_proj_bias', ") and "32 tensors of another shape" in str(info.value)
+    # the CLI: one line, exit 1, no output folder
+    bad = copy.deepcopy(ckpt)
+    _MALFORMED["missing ln_post and logit_scale"][0](bad)
+    torch.save(bad, tmp_path / "bad.pt")
+    capsys.readouterr()
+    assert cli_main(["convert", "mote-official", str(tmp_path / "bad.pt"), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == "error: " + _MALFORMED["missing ln_post and logit_scale"][1]
+    assert not (tmp_path / "out").exists()

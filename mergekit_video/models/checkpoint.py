@@ -41,6 +41,51 @@ HEAD_FILE = "head.safetensors"
 MODEL_FILE = "model.safetensors"
 
 
+def _natural(key: str) -> list:
+    """Sort key that puts ``resblocks.2`` before ``resblocks.10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
+
+
+def key_summary(keys: Any, *, limit: int = 3) -> str:
+    """The first ``limit`` keys (natural order), quoted, and how many more: ``'a', 'b' (and 5 more)``."""
+    keys = sorted(keys, key=_natural)
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def state_mismatches(
+    expected: dict[str, tuple[int, ...] | None], found: dict[str, tuple[int, ...] | None], *, any_rows: frozenset[str] = frozenset()
+) -> tuple[list[str], list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
+    """(missing keys, unexpected keys, [(key, found shape, expected shape)]) of a state dict against the one a
+    model expects, both given as key → shape (None: a non-tensor entry, whose shape is not compared). The keys
+    in ``any_rows`` may have another first dimension (data, not architecture: the source class count)."""
+    missing = sorted(set(expected) - set(found), key=_natural)
+    unexpected = sorted(set(found) - set(expected), key=_natural)
+    wrong = []
+    for k in sorted(set(expected) & set(found), key=_natural):
+        want, got = expected[k], found[k]
+        if want is None or got is None or got == want:
+            continue
+        if k in any_rows and len(got) == len(want) and got[1:] == want[1:]:
+            continue
+        wrong.append((k, got, want))
+    return missing, unexpected, wrong
+
+
+def describe_mismatches(missing: list[str], unexpected: list[str], wrong: list[tuple[str, tuple[int, ...], tuple[int, ...]]], *, limit: int = 3) -> str:
+    """One clause per kind of mismatch, e.g. ``lacks 2 tensors ('a', 'b'); has 1 tensor of another shape ('c' [10], expected [64])``."""
+    parts = []
+    if missing:
+        parts.append(f"lacks {len(missing)} tensor{'s' * (len(missing) != 1)} ({key_summary(missing, limit=limit)})")
+    if unexpected:
+        parts.append(f"has {len(unexpected)} unexpected tensor{'s' * (len(unexpected) != 1)} ({key_summary(unexpected, limit=limit)})")
+    if wrong:
+        shown = ", ".join(f"{k!r} {list(got)}, expected {list(want)}" for k, got, want in wrong[:limit])
+        more = f" (and {len(wrong) - limit} more)" if len(wrong) > limit else ""
+        parts.append(f"has {len(wrong)} tensor{'s' * (len(wrong) != 1)} of another shape ({shown}{more})")
+    return "; ".join(parts)
+
+
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
