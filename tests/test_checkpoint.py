@@ -381,3 +381,137 @@ def test_the_optimizer_class_is_saved_with_a_live_optimizer(tmp_path):
     for opt, want in ((torch.optim.SGD(model.parameters(), lr=0.1), "SGD"), (torch.optim.AdamW(model.parameters()), "AdamW")):
         assert mgr.load(mgr.save(step=1, epoch=0, model_state=model.state_dict(), optimizer=opt)).optimizer_class == want
         assert mgr.load(mgr.save(step=1, epoch=0, model_state=model.state_dict(), optimizer=opt.state_dict())).optimizer_class is None
+
+
+# ---------------------------------------------------------------------------------------------
+# mergekit_video.load: configs and tensor files checked against each other before any tensor is read
+# ---------------------------------------------------------------------------------------------
+def _tiny_model(seed: int = 0):
+    from mergekit_video.models import build_video_clip
+
+    torch.manual_seed(seed)
+    return build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+
+
+def _edited_copy(src: Path, dst: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_load_refuses_weights_and_configs_that_do_not_fit_in_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import mergekit_video.utils.io as uio
+    from mergekit_video.cli.main import main as cli_main
+    from mergekit_video.models import load, save_model
+    from safetensors.torch import load_file, save_file
+
+    src = save_model(_tiny_model(), tmp_path / "model")
+    reads = []
+    read = uio.read_safetensors
+    monkeypatch.setattr(uio, "read_safetensors", lambda p, *a, **k: reads.append(Path(p).name) or read(p, *a, **k))
+
+    def set_head(key, value):
+        return lambda c: c["head"].__setitem__(key, value)
+
+    cases = {
+        "experts": (set_head("num_experts", 3), "head.safetensors holds 2 experts per layer, config.json says 3: it lacks 4 tensors "
+                    "('transformer.resblocks.0.mlp.experts.2.c_fc.bias', 'transformer.resblocks.0.mlp.experts.2.c_fc.weight', "
+                    "'transformer.resblocks.0.mlp.experts.2.c_proj.bias' (and 1 more))"),
+        "layers": (set_head("layers", 2), "head.safetensors holds 1 temporal layers, config.json says 2: it lacks 16 tensors "
+                   "('transformer.resblocks.1.attn.in_proj_bias', 'transformer.resblocks.1.attn.in_proj_weight', "
+                   "'transformer.resblocks.1.attn.out_proj.bias' (and 13 more))"),
+        "width": (set_head("width", 32), "head.safetensors holds a head of width 64, config.json says 32: it has 18 tensors of another shape "
+                  "('frame_position_embeddings.weight' [77, 64], expected [77, 32], 'source_class_features' [0, 64], expected [0, 32], "
+                  "'transformer.resblocks.0.attn.in_proj_bias' [192], expected [96] (and 15 more))"),
+        "clip": (lambda c: c["clip"]["model_cfg"]["vision_cfg"].__setitem__("layers", 3),
+                 "clip.safetensors holds 2 vision layers, config.json says 3: it lacks 12 tensors "
+                 "('visual.transformer.resblocks.2.attn.in_proj_bias', 'visual.transformer.resblocks.2.attn.in_proj_weight', "
+                 "'visual.transformer.resblocks.2.attn.out_proj.bias' (and 9 more))"),
+        "no head": (lambda c: c.pop("head"), "config.json is not a valid mergekit_video model config: key 'head' is missing"),
+        "layers two": (set_head("layers", "two"), 'config.json is not a valid mergekit_video model config: key \'head.layers\' must be an integer, not "two"'),
+        "bool": (set_head("num_experts", True), "config.json is not a valid mergekit_video model config: key 'head.num_experts' must be an integer, not true"),
+        "unknown": (set_head("dropout", 0.1), "config.json is not a valid mergekit_video model config: key 'head.dropout' is not an argument of the "
+                    "temporal head (those are width, layers, num_experts, heads, num_positions, router, router_kwargs, expert_init, merge, "
+                    "merge_kwargs, tfm_k, tfm_gamma, num_source_classes)"),
+        "empty": (lambda c: c.clear(), "config.json is not a valid mergekit_video model config: key 'format' is missing"),
+        "no model_cfg": (lambda c: c["clip"].pop("model_cfg"), "config.json is not a valid mergekit_video model config: key 'clip.model_cfg' is missing"),
+    }
+    for label, (edit, message) in cases.items():
+        d = _edited_copy(src, tmp_path / label.replace(" ", "_"), edit)
+        with pytest.raises(ValueError) as info:
+            load(d)
+        assert str(info.value) == f"{d}/{message}", label
+    assert reads == []  # refused from the config and the safetensors headers: no tensor was read
+    # damaged tensor files: a missing, an unexpected and a wrong-shaped key; a head file from another model
+    for label, change, message in (
+        ("missing", lambda sd: sd.pop("transformer.resblocks.0.ln_2.bias"), "lacks 1 tensor ('transformer.resblocks.0.ln_2.bias')"),
+        ("unexpected", lambda sd: sd.__setitem__("bogus.weight", torch.zeros(2)), "has 1 unexpected tensor ('bogus.weight')"),
+        ("shape", lambda sd: sd.__setitem__("transformer.resblocks.0.ln_1.bias", torch.zeros(65)),
+         "has 1 tensor of another shape ('transformer.resblocks.0.ln_1.bias' [65], expected [64])"),
+    ):
+        d = _edited_copy(src, tmp_path / label, lambda c: None)
+        sd = load_file(d / "head.safetensors")
+        change(sd)
+        save_file(sd, d / "head.safetensors")
+        with pytest.raises(ValueError) as info:
+            load(d)
+        assert str(info.value) == f"{d}/head.safetensors does not fit the temporal head config.json describes: it {message}", label
+        assert load(d, strict=False) if label != "shape" else True  # strict=False allows missing/unexpected keys, never shapes
+    # the CLI: one line
+    d = tmp_path / "experts"
+    capsys.readouterr()
+    assert cli_main(["export", str(d), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == f"error: {d}/{cases['experts'][1]}"
+
+
+def test_load_of_a_trainer_checkpoint_needs_only_state_json_and_model_tensors(tmp_path):
+    import shutil
+
+    from mergekit_video.models import load
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_model(seed=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    step = CheckpointManager(directory=tmp_path / "ckpt").save(step=1, epoch=0, model_state=model.state_dict(), optimizer=opt,
+                                                                extra={"model_config": model.config})
+
+    def variant(name, change):
+        d = tmp_path / name
+        shutil.copytree(step, d)
+        change(d)
+        return d
+
+    d = variant("no_optimizer", lambda d: (d / "optimizer.safetensors").unlink())
+    back = load(d)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+    d = variant("no_state", lambda d: (d / "state.json").unlink())
+    with pytest.raises(FileNotFoundError) as info:
+        load(d)
+    assert str(info.value) == (f"{d} is a trainer checkpoint without its state.json (which holds its model config and key list): "
+                               "it cannot be loaded; load another checkpoint")
+    d = variant("no_model", lambda d: (d / "model.safetensors").unlink())
+    with pytest.raises(FileNotFoundError, match=rf"^{d}/model.safetensors is missing$"):
+        load(d)
+
+    def extra_tensor(d):
+        sd = load_file(d / "model.safetensors")
+        sd["head.bogus"] = torch.zeros(3)
+        save_file(sd, d / "model.safetensors")
+
+    d = variant("extra", extra_tensor)
+    with pytest.raises(ValueError) as info:
+        load(d)
+    assert str(info.value) == f"checkpoint {d} is inconsistent: model.safetensors holds 1 tensor its state.json does not list ('head.bogus')"
+    # a stray config.json: the same as state.json's model_config is harmless, another one is refused
+    d = variant("stray_same", lambda d: (d / "config.json").write_text(json.dumps(model.config)))
+    assert load(d).head.config == model.head.config
+    other = {**model.config, "head": {**model.config["head"], "num_experts": 4}}
+    d = variant("stray_other", lambda d: (d / "config.json").write_text(json.dumps(other)))
+    with pytest.raises(ValueError) as info:
+        load(d)
+    assert str(info.value) == (f"{d} holds a config.json that differs from its state.json's extra.model_config, which describes the "
+                               f"checkpoint's tensors: remove the stray {d}/config.json")

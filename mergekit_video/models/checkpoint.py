@@ -173,56 +173,266 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON ({exc}); restore it from a copy, or re-export the model") from None
 
 
+#: The head config's keys (``TemporalHead`` arguments) → the JSON types they take; the first three are required.
+_HEAD_KEYS: dict[str, tuple[type, ...]] = {
+    "width": (int,), "layers": (int,), "num_experts": (int,), "heads": (int, type(None)), "num_positions": (int,),
+    "router": (str,), "router_kwargs": (dict,), "expert_init": (str,), "merge": (str,), "merge_kwargs": (dict,),
+    "tfm_k": (int,), "tfm_gamma": (int, float), "num_source_classes": (int,),
+}
+_REQUIRED_HEAD_KEYS = ("width", "layers", "num_experts")
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a JSON object", type(None): "null"}
+
+
+def _json_object(config: Any, *, source: str) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise ValueError(f"{source} is not a mergekit_video model config (a JSON object is expected, not {type(config).__name__})")
+    return config
+
+
+def validate_model_config(config: Any, *, source: str) -> dict[str, Any]:
+    """Check the structure of a saved model config (what :func:`video_clip_from_config` reads): the format,
+    the ``clip`` section (``model_cfg`` with ``embed_dim``, ``vision_cfg``, ``text_cfg``) and the ``head``
+    section (``TemporalHead`` arguments of the right types). Errors are ValueErrors naming ``source``
+    (the file) and the key."""
+
+    def fail(key: str, why: str) -> ValueError:
+        return ValueError(f"{source} is not a valid mergekit_video model config: {why.format(key=repr(key))}")
+
+    def require(obj: dict[str, Any], key: str, types: tuple[type, ...], where: str) -> Any:
+        name = f"{where}.{key}" if where else key
+        if key not in obj:
+            raise fail(name, "key {key} is missing")
+        value = obj[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+            raise fail(name, f"key {{key}} must be {want}, not {json.dumps(value)[:60]}")
+        return value
+
+    _json_object(config, source=source)
+    from .video_clip import CONFIG_FORMAT, CONFIG_VERSION
+
+    if require(config, "format", (str,), "") != CONFIG_FORMAT:
+        raise fail("format", f"key {{key}} is {config['format']!r}, expected {CONFIG_FORMAT!r}")
+    if require(config, "format_version", (int,), "") > CONFIG_VERSION:
+        raise ValueError(f"{source}: model config version {config['format_version']} is newer than this mergekit_video supports ({CONFIG_VERSION})")
+    clip = require(config, "clip", (dict,), "")
+    require(clip, "name", (str,), "clip")
+    model_cfg = require(clip, "model_cfg", (dict,), "clip")
+    require(model_cfg, "embed_dim", (int,), "clip.model_cfg")
+    for part in ("vision_cfg", "text_cfg"):
+        require(model_cfg, part, (dict,), "clip.model_cfg")
+    head = require(config, "head", (dict,), "")
+    for key in _REQUIRED_HEAD_KEYS:
+        require(head, key, _HEAD_KEYS[key], "head")
+    for key in head:
+        if key not in _HEAD_KEYS:
+            raise fail(f"head.{key}", f"key {{key}} is not an argument of the temporal head (those are {', '.join(_HEAD_KEYS)})")
+        require(head, key, _HEAD_KEYS[key], "head")
+    for key in ("width", "layers"):
+        if head[key] < 1:
+            raise fail(f"head.{key}", f"key {{key}} must be at least 1, not {head[key]}")
+    for key in ("num_experts", "num_source_classes"):
+        if head.get(key, 0) < 0:
+            raise fail(f"head.{key}", f"key {{key}} must not be negative ({head[key]})")
+    return config
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The model config of a model directory or trainer checkpoint."""
-    return _read_config_and_state(Path(path))[0]
-
-
-def _read_config_and_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model config, the encoded non-tensor state of a model directory; empty for a trainer checkpoint)."""
-    if (path / CONFIG_FILE).is_file():
-        config = _read_json(path / CONFIG_FILE)
-        if not isinstance(config, dict):
-            raise ValueError(f"{path / CONFIG_FILE} is not a mergekit_video model config (a JSON object is expected)")
-        return config, config.pop(NON_TENSOR_KEY, None) or {}  # state, not architecture
-    state = path / "state.json"
-    if state.is_file():
-        meta = _read_json(state)
-        cfg = meta.get("extra", {}).get("model_config") if isinstance(meta, dict) else None
-        if cfg:
-            return cfg, {}
-    hint = f"; it holds a run's outputs: its trained model is {path / 'model'}" if (path / "model" / CONFIG_FILE).is_file() else ""
-    raise FileNotFoundError(f"{path} is not a mergekit_video model directory or checkpoint (no {CONFIG_FILE}){hint}")
+    """The model config of a model directory or trainer checkpoint (a JSON object; :func:`load` validates it)."""
+    return _open_saved(Path(path), validate=False).config
 
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """The architecture config of a saved model (directory, export or trainer checkpoint); raises
-    ``FileNotFoundError`` naming the path when it holds none."""
-    return _read_config_and_state(Path(path))[0]
+    ``FileNotFoundError`` naming the path when it holds none. Only its being a JSON object is checked
+    here (:func:`load` validates its structure)."""
+    return _open_saved(Path(path), validate=False).config
+
+
+class _Saved:
+    """What a saved model holds: its config, where it says so (``source``), and its files."""
+
+    def __init__(self, *, path: Path, config: dict[str, Any], source: str, other: dict[str, Any], meta: dict[str, Any] | None) -> None:
+        self.path, self.config, self.source, self.other, self.meta = path, config, source, other, meta
+
+
+def _backup_hint(path: Path) -> str:
+    backup = path.with_name(f".{path.name}.old")
+    if backup.is_dir() and not path.exists():
+        return (f"; {backup} holds the model an interrupted save with overwrite was replacing: rename it back to {path.name} "
+                f"(the next save_model to {path} restores it)")
+    return ""
+
+
+def _open_saved(path: Path, *, validate: bool = True) -> _Saved:
+    """Read the config of a model directory (``config.json``) or trainer checkpoint (``state.json``);
+    ``validate`` checks its structure (:func:`validate_model_config`), else only that it is a JSON object."""
+    check = validate_model_config if validate else _json_object
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist{_backup_hint(path)}")
+    state = path / "state.json"
+    if state.is_file():  # a trainer checkpoint: state.json is authoritative
+        meta = _read_json(state)
+        from ..training.checkpoint import _FORMAT, FORMAT_VERSION
+
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise ValueError(f"{state} is not a mergekit_video checkpoint's state.json (format {_FORMAT!r} expected)")
+        if meta.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{state} has checkpoint format version {meta['version']}; this mergekit_video reads up to {FORMAT_VERSION} (upgrade mergekit_video)")
+        if meta.get("complete") is not True:
+            raise ValueError(f"{state} does not mark the checkpoint complete (a save cut short): load another checkpoint")
+        if not isinstance(meta.get("model"), dict):
+            raise ValueError(f"{state} has no 'model' entry (the key list of model.safetensors)")
+        cfg = (meta.get("extra") or {}).get("model_config") if isinstance(meta.get("extra"), dict) else None
+        if cfg is None:
+            raise ValueError(f"{state} holds no extra.model_config: the checkpoint was not saved by a VideoCLIP training run, "
+                             "so no model can be rebuilt from it")
+        source = f"{state} (extra.model_config)"
+        check(cfg, source=source)
+        if (path / CONFIG_FILE).is_file():
+            stray = _read_json(path / CONFIG_FILE)
+            if isinstance(stray, dict):
+                stray.pop(NON_TENSOR_KEY, None)
+            if stray != cfg:
+                raise ValueError(f"{path} holds a {CONFIG_FILE} that differs from its state.json's extra.model_config, which describes "
+                                 f"the checkpoint's tensors: remove the stray {path / CONFIG_FILE}")
+        return _Saved(path=path, config=cfg, source="state.json's extra.model_config", other={}, meta=meta)
+    if (path / CONFIG_FILE).is_file():
+        config = check(_read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+        other = config.pop(NON_TENSOR_KEY, None) or {}  # state, not architecture
+        return _Saved(path=path, config=config, source=CONFIG_FILE, other=other, meta=None)
+    if (path / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{path} is a trainer checkpoint without its state.json (which holds its model config and key list): "
+                                "it cannot be loaded; load another checkpoint")
+    hint = f"; it holds a run's outputs: its trained model is {path / 'model'}" if (path / "model" / CONFIG_FILE).is_file() else ""
+    raise FileNotFoundError(f"{path} is not a mergekit_video model directory or checkpoint (no {CONFIG_FILE}){hint}")
+
+
+def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Key → shape of a safetensors file, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing" if not file.exists() else f"{file} is not a file")
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for bad files
+        raise ValueError(f"{file} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def _count(found: dict[str, Any], pattern: str) -> int | None:
+    """1 + the largest index ``pattern``'s group captures among ``found``'s keys (None: no key matches)."""
+    ids = [int(m.group(1)) for k in found if (m := re.match(pattern, k))]
+    return max(ids) + 1 if ids else None
+
+
+def _architecture_difference(part: str, found: dict[str, tuple[int, ...] | None], config: dict[str, Any], source: str) -> str | None:
+    """What the tensors of ``part`` (clip or head) hold that the config says otherwise, e.g. ``holds 4 experts per
+    layer, config.json says 2``; None when the layer count, widths and expert count agree."""
+    diffs = []
+
+    def differ(held: Any, said: Any, template: str) -> None:
+        if held is not None and held != said:
+            diffs.append(f"holds {template.format(held)}, {source} says {said}")
+
+    if part == "head":
+        head = config["head"]
+        layers = _count(found, r"^transformer\.resblocks\.(\d+)\.")
+        differ(layers, head["layers"], "{} temporal layers")
+        if layers is not None:
+            differ(_count(found, r"^transformer\.resblocks\.\d+\.mlp\.experts\.(\d+)\.") or 0, head["num_experts"], "{} experts per layer")
+        widths = {(found.get("frame_position_embeddings.weight") or (None,))[-1], (found.get("transformer.resblocks.0.ln_1.weight") or (None,))[0]}
+        differ(widths.pop() if len(widths) == 1 else None, head["width"], "a head of width {}")  # two tensors agree on it
+    else:
+        cfg = config["clip"]["model_cfg"]
+        vision = cfg.get("vision_cfg") or {}
+        widths = {(found.get("visual.conv1.weight") or (None,))[0], (found.get("visual.ln_pre.weight") or (None,))[0]}
+        differ(widths.pop() if len(widths) == 1 else None, vision.get("width"), "a vision tower of width {}")
+        differ(_count(found, r"^visual\.transformer\.resblocks\.(\d+)\."), vision.get("layers"), "{} vision layers")
+        proj = found.get("visual.proj")
+        differ(proj[1] if proj and len(proj) == 2 else None, cfg.get("embed_dim"), "an embedding size of {}")
+    return "; ".join(diffs) or None
+
+
+def _check_fits(
+    file: Path, part: str, expected: dict[str, Any], found: dict[str, tuple[int, ...] | None], saved: _Saved, *, strict: bool, prefix: str = ""
+) -> None:
+    """Raise one ValueError naming ``file`` when its ``part`` tensors do not fit the model the config builds
+    (keys shown with ``prefix``, as the file names them)."""
+    missing, unexpected, wrong = state_mismatches(
+        {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else None) for k, v in expected.items()}, found,
+        any_rows=frozenset({"source_class_features"} if part == "head" else ()),
+    )
+    if not strict:
+        missing, unexpected = [], []
+    if not (missing or unexpected or wrong):
+        return
+    what = "the temporal head" if part == "head" else f"the CLIP model ({saved.config['clip']['name']})"
+    why = _architecture_difference(part, found, saved.config, saved.source)
+    detail = describe_mismatches([prefix + k for k in missing], [prefix + k for k in unexpected], [(prefix + k, a, b) for k, a, b in wrong])
+    if why:
+        raise ValueError(f"{file} {why}: it {detail}")
+    raise ValueError(f"{file} does not fit {what} {saved.source} describes: it {detail}")
+
+
+def _checkpoint_entries(saved: _Saved) -> dict[str, tuple[int, ...] | None]:
+    """Key → shape (None for a non-tensor entry) of a trainer checkpoint's model state, from state.json's key
+    list and model.safetensors' header; a file and a list that disagree are an inconsistency."""
+    file = saved.path / MODEL_FILE
+    stored = _header_shapes(file)
+    model_meta = saved.meta["model"]
+    keys = list(model_meta.get("keys") or stored)
+    aliases = model_meta.get("aliases") or {}
+    non_tensor = set(model_meta.get("non_tensor") or {})
+    extra = sorted(set(stored) - set(keys))
+    if extra:
+        raise ValueError(f"checkpoint {saved.path} is inconsistent: {MODEL_FILE} holds {len(extra)} tensor{'s' * (len(extra) != 1)} "
+                         f"its state.json does not list ({key_summary(extra)})")
+    absent = [k for k in keys if k not in stored and aliases.get(k) not in stored and k not in non_tensor]
+    if absent:
+        raise ValueError(f"checkpoint {saved.path} is inconsistent: its state.json lists {len(absent)} model entr{'ies' if len(absent) != 1 else 'y'} "
+                         f"that {MODEL_FILE} lacks ({key_summary(absent)})")
+    return {k: stored.get(k, stored.get(aliases.get(k, ""))) for k in keys}
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict: bool = True) -> VideoCLIP:
-    """Load a saved VideoCLIP (model directory, export, or trainer checkpoint) in eval mode."""
+    """Load a saved VideoCLIP (model directory, export, or trainer checkpoint) in eval mode.
+
+    The config is validated, and the tensor files' keys and shapes are compared with the model it
+    describes from their headers, before any tensor is read: a file that does not fit is a ValueError
+    naming it, what it holds against what the config says, and the first mismatched keys (a partially
+    loaded model is never returned). A trainer checkpoint needs only ``state.json`` and
+    ``model.safetensors`` (not the optimizer's tensors). ``strict=False`` allows missing and unexpected
+    keys (never other shapes).
+    """
     from ..utils.io import read_safetensors
+    from ..utils.state_json import decode_state
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    config, other = _read_config_and_state(path)
-    model = video_clip_from_config(config)
-    if (path / CLIP_FILE).is_file():
-        from ..utils.state_json import decode_state
+    saved = _open_saved(path)
+    model = video_clip_from_config(saved.config)
+    parts = {"clip": model.clip.state_dict(), "head": model.head.state_dict()}
+    if saved.meta is None:  # a model directory
+        files = {"clip": path / CLIP_FILE, "head": path / HEAD_FILE}
+        for part, file in files.items():
+            found = {**_header_shapes(file), **{k: None for k in decode_state(saved.other.get(part) or {})}}
+            _check_fits(file, part, parts[part], found, saved, strict=strict)
+        clip_sd = {**read_safetensors(files["clip"]), **decode_state(saved.other.get("clip") or {})}
+        head_sd = {**read_safetensors(files["head"]), **decode_state(saved.other.get("head") or {})}
+    else:  # a trainer checkpoint: tied tensors and non-tensor entries restored, the optimizer's tensors not read
+        from ..training.checkpoint import _model_state
 
-        clip_sd = {**read_safetensors(path / CLIP_FILE), **decode_state(other.get("clip") or {})}
-        head_sd = {**read_safetensors(path / HEAD_FILE), **decode_state(other.get("head") or {})}
-    elif (path / MODEL_FILE).is_file():  # a trainer checkpoint: tied tensors and non-tensor entries restored
-        from ..training.checkpoint import load_model_state
-
-        full = load_model_state(path)  # the model only: not the optimizer's tensors
+        entries = _checkpoint_entries(saved)
+        for part in ("clip", "head"):
+            found = {k[len(part) + 1:]: v for k, v in entries.items() if k.startswith(part + ".")}
+            _check_fits(path / MODEL_FILE, part, parts[part], found, saved, strict=strict, prefix=part + ".")
+        others = sorted(k for k in entries if not k.startswith(("clip.", "head.")))
+        if others and strict:
+            raise ValueError(f"{path / MODEL_FILE} holds {len(others)} entries outside the model's clip. and head. parts ({key_summary(others)})")
+        full = _model_state(path, saved.meta)
         clip_sd = {k[5:]: v for k, v in full.items() if k.startswith("clip.")}
         head_sd = {k[5:]: v for k, v in full.items() if k.startswith("head.")}
-    else:
-        raise FileNotFoundError(f"{path} has no {CLIP_FILE}/{HEAD_FILE} or {MODEL_FILE}")
     model.clip.load_state_dict(clip_sd, strict=strict)
     model.head.load_state_dict(head_sd, strict=strict)
     model.freeze_text()
