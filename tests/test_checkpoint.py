@@ -515,3 +515,52 @@ def test_load_of_a_trainer_checkpoint_needs_only_state_json_and_model_tensors(tm
         load(d)
     assert str(info.value) == (f"{d} holds a config.json that differs from its state.json's extra.model_config, which describes the "
                                f"checkpoint's tensors: remove the stray {d}/config.json")
+
+
+def test_save_model_replaces_a_folder_atomically_and_recovers_from_an_interrupted_replace(tmp_path, monkeypatch, caplog):
+    import os
+
+    import mergekit_video.models.checkpoint as mc
+    from mergekit_video.models import load, save_model
+
+    a, b = _tiny_model(seed=2), _tiny_model(seed=3)
+
+    def holds(model):
+        return torch.equal(load(tmp_path / "model").head.frame_position_embeddings.weight, model.head.frame_position_embeddings.weight)
+
+    d = save_model(a, tmp_path / "model")
+    (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
+    exchanges = mc._exchange(tmp_path / "x", tmp_path / "y")  # renameat2(RENAME_EXCHANGE) on this platform and file system
+    real_replace, moves = os.replace, []
+    monkeypatch.setattr(os, "replace", lambda src, dst: (Path(dst).parent == tmp_path and moves.append(Path(dst).name)) or real_replace(src, dst))
+    save_model(b, d, overwrite=True)
+    assert holds(b) and (moves == [] if exchanges else moves == [".model.old", "model"])  # exchanged: never moved aside
+    # the fallback (two renames): a failed second rename puts the previous model back
+    monkeypatch.setattr(mc, "_exchange", lambda x, y: False)
+
+    def failing(src, dst):
+        if Path(src).name.startswith(".model.mergevid-tmp-"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(a, d, overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert holds(b) and sorted(p.name for p in tmp_path.iterdir()) == ["model", "x", "y"]
+    save_model(a, d, overwrite=True)
+    assert holds(a) and sorted(p.name for p in tmp_path.iterdir()) == ["model", "x", "y"]
+    # killed between the two renames: model/ gone, only .model.old
+    os.replace(d, tmp_path / ".model.old")
+    with pytest.raises(FileNotFoundError) as info:
+        load(d)
+    assert str(info.value) == (f"model path {d} does not exist; {tmp_path / '.model.old'} holds the model an interrupted save with "
+                               f"overwrite was replacing: rename it back to model (the next save_model to {d} restores it)")
+    with caplog.at_level("WARNING", logger="mergekit_video.models.checkpoint"), pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        save_model(b, d)  # the restored model is not replaced without overwrite
+    assert [r.getMessage() for r in caplog.records if r.name == mc.__name__] == [f"restored {d} from .model.old, left by a save with overwrite that was interrupted"]
+    assert holds(a) and not (tmp_path / ".model.old").exists()
+    # killed after them: a stale .model.old beside the model is removed by the next save
+    (tmp_path / ".model.old").mkdir()
+    save_model(b, d, overwrite=True)
+    assert holds(b) and sorted(p.name for p in tmp_path.iterdir()) == ["model", "x", "y"]

@@ -17,10 +17,13 @@ tensors under ``clip.`` / ``head.`` prefixes and whose ``state.json`` carries th
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +42,8 @@ NON_TENSOR_KEY = "non_tensor_state"
 CLIP_FILE = "clip.safetensors"
 HEAD_FILE = "head.safetensors"
 MODEL_FILE = "model.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 def _natural(key: str) -> list:
@@ -117,12 +122,68 @@ def _remove_stale_temp_dirs(directory: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+_renameat2: Any = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    C library, kernel or file system does not offer it (the caller then falls back to two renames)."""
+    global _renameat2
+    if not sys.platform.startswith("linux"):
+        return False
+    if _renameat2 is None:
+        import ctypes
+
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl)
+            _renameat2 = False
+    if _renameat2 is False:
+        return False
+    import ctypes
+
+    at_fdcwd, rename_exchange = -100, 2
+    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False  # not supported here
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _backup_of(directory: Path) -> Path:
+    """Where the two-rename fallback of an overwriting save keeps the previous model meanwhile."""
+    return directory.with_name(f".{directory.name}.old")
+
+
+def _restore_interrupted_replace(directory: Path) -> None:
+    """A ``.NAME.old`` without ``NAME`` is the previous model of a save killed between its two renames: put it back."""
+    backup = _backup_of(directory)
+    if backup.is_dir() and not backup.is_symlink() and not os.path.lexists(directory):
+        os.replace(backup, directory)
+        log.warning("restored %s from %s, left by a save with overwrite that was interrupted", directory, backup.name)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
 def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: bool = False, extra_config: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``directory`` atomically (temp dir, then rename).
 
-    An existing directory is only replaced with ``overwrite=True``.
+    An existing directory is only replaced with ``overwrite=True``: in one atomic exchange where the
+    platform offers one (Linux ``renameat2``), else by two renames through a ``.NAME.old`` backup. A
+    backup left by a save killed between those renames is restored first (``NAME`` missing) or
+    removed after the save (``NAME`` present).
     """
     directory = Path(directory)
+    _restore_interrupted_replace(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} is a file, not a model folder; remove it or choose another path")
     if directory.exists() and not overwrite:
@@ -146,18 +207,19 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if directory.exists():
-            backup = directory.with_name(f".{directory.name}.old")
-            if backup.is_dir() and not backup.is_symlink():
-                shutil.rmtree(backup)
-            elif backup.exists() or backup.is_symlink():
-                backup.unlink()
+        backup = _backup_of(directory)
+        if not directory.exists():
+            os.replace(tmp, directory)
+        elif not _exchange(tmp, directory):  # exchanged: tmp holds the previous model, removed below
+            _remove_path(backup)
             os.replace(directory, backup)
-            os.replace(tmp, directory)
-            shutil.rmtree(backup)
-        else:
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(backup, directory)  # the previous model stays
+                raise
         _fsync_dir(directory.parent)
+        _remove_path(backup)  # this save's, or a stale one beside a complete model
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
