@@ -564,3 +564,14 @@ def test_save_model_replaces_a_folder_atomically_and_recovers_from_an_interrupte
     (tmp_path / ".model.old").mkdir()
     save_model(b, d, overwrite=True)
     assert holds(b) and sorted(p.name for p in tmp_path.iterdir()) == ["model", "x", "y"]
+
+
+def test_a_dense_export_of_a_dense_export_keeps_the_original_provenance(tmp_path):
+    from mergekit_video.models import export_dense, load
+
+    model = _tiny_model(seed=4)
+    dense = load(export_dense(model, tmp_path / "dense", strategy="weighted", weights=[3.0, 1.0]))
+    again = load(export_dense(dense, tmp_path / "dense2"))
+    assert dense.config["exported_from"] == again.config["exported_from"] == {"num_experts": 2, "merge": "weighted"}
+    assert again.head.config["num_experts"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(dense.head.state_dict().values(), again.head.state_dict().values()))

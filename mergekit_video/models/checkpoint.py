@@ -506,7 +506,8 @@ def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: st
 
     The exported head has the plain-FFN structure with exactly the baseline's keys and
     parameter count; ``clip.safetensors`` loads into plain open_clip. ``strategy=None`` uses
-    each container's own merge (mean, or the weights recorded at conversion).
+    each container's own merge (mean, or the weights recorded at conversion). ``exported_from``
+    records the expert count and merge collapsed; the export of a dense export keeps the original's.
     """
     containers = find_containers(model)
     own = {c.merge for _, c in containers}
@@ -519,7 +520,8 @@ def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: st
     if containers:  # the head's, and any in the visual tower (the export loads into plain open_clip)
         collapse_experts(dense, strategy, **merge_kwargs)
     dense.head.config["num_experts"] = 0
-    dense.config = {**dense.config, "exported_from": {"num_experts": int(model.head.config["num_experts"]), "merge": strategy or model.head.config["merge"]}}
+    if not (model.head.config["num_experts"] == 0 and not containers and "exported_from" in model.config):  # a dense model keeps its origin
+        dense.config = {**dense.config, "exported_from": {"num_experts": int(model.head.config["num_experts"]), "merge": strategy or model.head.config["merge"]}}
     return save_model(dense, directory, overwrite=overwrite)
 
 
