@@ -335,10 +335,10 @@ def _open_saved(path: Path, *, validate: bool = True) -> _Saved:
     state = path / "state.json"
     if state.is_file():  # a trainer checkpoint: state.json is authoritative
         meta = _read_json(state)
-        from ..training.checkpoint import _FORMAT, FORMAT_VERSION
+        from ..training.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION
 
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            raise ValueError(f"{state} is not a mergekit_video checkpoint's state.json (format {_FORMAT!r} expected)")
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{state} is not a mergekit_video checkpoint's state.json (format {CHECKPOINT_FORMAT!r} expected)")
         if meta.get("version", 0) > FORMAT_VERSION:
             raise ValueError(f"{state} has checkpoint format version {meta['version']}; this mergekit_video reads up to {FORMAT_VERSION} (upgrade mergekit_video)")
         if meta.get("complete") is not True:
@@ -483,7 +483,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
         clip_sd = {**read_safetensors(files["clip"]), **decode_state(saved.other.get("clip") or {})}
         head_sd = {**read_safetensors(files["head"]), **decode_state(saved.other.get("head") or {})}
     else:  # a trainer checkpoint: tied tensors and non-tensor entries restored, the optimizer's tensors not read
-        from ..training.checkpoint import _model_state
+        from ..training.checkpoint import checkpoint_model_state
 
         entries = _checkpoint_entries(saved)
         for part in ("clip", "head"):
@@ -492,7 +492,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
         others = sorted(k for k in entries if not k.startswith(("clip.", "head.")))
         if others and strict:
             raise ValueError(f"{path / MODEL_FILE} holds {len(others)} entries outside the model's clip. and head. parts ({key_summary(others)})")
-        full = _model_state(path, saved.meta)
+        full = checkpoint_model_state(path, saved.meta)
         clip_sd = {k[5:]: v for k, v in full.items() if k.startswith("clip.")}
         head_sd = {k[5:]: v for k, v in full.items() if k.startswith("head.")}
     model.clip.load_state_dict(clip_sd, strict=strict)

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-_FORMAT = "mergekit_video.checkpoint"
+CHECKPOINT_FORMAT = "mergekit_video.checkpoint"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _LATEST = "latest"
 _MODEL_FILE = "model.safetensors"
@@ -121,7 +121,7 @@ def _inspect_state_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"it has no {_STATE_FILE}"
     except (OSError, ValueError) as exc:
         return None, f"{_STATE_FILE}: {type(exc).__name__}: {exc}"
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         return None, f"{_STATE_FILE} is not a mergekit_video checkpoint's"
     if meta.get("complete") is not True:
         return None, f"{_STATE_FILE} does not mark it complete"
@@ -282,7 +282,7 @@ class CheckpointManager:
         stored, aliases = _for_safetensors(model_tensors)
         inline = StateEncoder(inline=True, what="")
         meta: dict[str, Any] = {
-            "format": _FORMAT,
+            "format": CHECKPOINT_FORMAT,
             "version": FORMAT_VERSION,
             "step": step,
             "epoch": int(epoch),
@@ -593,8 +593,9 @@ def _checked_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _model_state(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """The model state dict of a checkpoint: tied entries re-tied, non-tensor entries restored."""
+def checkpoint_model_state(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The model state dict of the checkpoint folder ``path`` with its state.json ``meta`` (read by the
+    caller): tied entries re-tied, non-tensor entries restored; the optimizer's tensors are not read."""
     stored = read_safetensors(path / _MODEL_FILE)
     non_tensor = decode_state(meta["model"].get("non_tensor") or {})
     aliases = meta["model"].get("aliases") or {}
@@ -616,14 +617,14 @@ def _model_state(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
 def load_model_state(path: str | os.PathLike) -> dict[str, Any]:
     """Only the model state dict of the checkpoint folder ``path`` (the optimizer's tensors are not read)."""
     path = Path(path)
-    return _model_state(path, _checked_meta(path))
+    return checkpoint_model_state(path, _checked_meta(path))
 
 
 def load_checkpoint(path: str | os.PathLike) -> CheckpointState:
     """Read the checkpoint folder ``path`` (see :class:`CheckpointManager`)."""
     path = Path(path)
     meta = _checked_meta(path)
-    model_state = _model_state(path, meta)
+    model_state = checkpoint_model_state(path, meta)
     optimizer_state = None
     if meta.get("optimizer") is not None:
         tensors = read_safetensors(path / _OPTIM_FILE)
