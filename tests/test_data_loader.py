@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -129,3 +131,73 @@ def test_workers_of_different_ranks_draw_different_streams_and_each_rank_repeats
     r0, r1 = draws(0), draws(1)
     assert torch.equal(r0, draws(0))  # reproducible from the seed
     assert not torch.isin(r0, r1).any()  # no shared draw between ranks: torch, random and NumPy streams all differ
+
+
+
+def _bad_then_good(tmp_path):
+    from data_helpers import write_level_video
+
+    from mergekit_video.data import VideoDataset
+
+    data = write_level_video(tmp_path / "good.mp4", 12).read_bytes()
+    (tmp_path / "bad.mp4").write_bytes(data[: len(data) // 2])
+    (tmp_path / "list.txt").write_text("bad.mp4 0\ngood.mp4 0\n")
+    return VideoDataset(list_file=tmp_path / "list.txt", root=tmp_path, num_frames=4, train=False, input_size=16)  # on_error: raise
+
+
+def test_an_orphaned_loader_freed_by_the_garbage_collector_stops_its_workers_at_once(tmp_path):
+    """An error mid-epoch leaves the iterator in a reference cycle; when the cyclic GC frees it, the
+    queues' finalizers stop their feeder threads before torch sends the workers their ``None``, and
+    SIGTERM is ignored: the workers must leave on the loader's shutdown flag instead (was 10 s each)."""
+    import gc
+
+    from torch.utils.data import DataLoader
+    from torch.utils.data._utils import MP_STATUS_CHECK_INTERVAL
+
+    from mergekit_video.data import build_loader
+
+    ds = _bad_then_good(tmp_path)
+    workers = []
+
+    def evaluate() -> None:
+        loader = build_loader(ds, batch_size=1, num_workers=2, shuffle=False, seed=0, drop_last=False)
+        it = DataLoader.__iter__(loader)  # torch's own iterator: the error leaves it to the GC
+        workers.extend(it._workers)
+        with pytest.raises(Exception, match="bad.mp4"):
+            for _ in it:
+                pass
+
+    gc.disable()  # the collection happens below, not at a random allocation
+    try:
+        evaluate()
+        assert [w.is_alive() for w in workers] == [True, True]  # kept by the cycle
+        t0 = time.perf_counter()
+        gc.collect()
+        took = time.perf_counter() - t0
+    finally:
+        gc.enable()
+    assert [w.is_alive() for w in workers] == [False, False] and [w.exitcode for w in workers] == [0, 0]
+    assert took < MP_STATUS_CHECK_INTERVAL  # no join ran into torch's 5 s timeout (was 20 s here)
+
+
+def test_an_error_escaping_the_loader_stops_its_workers_before_any_garbage_collection(tmp_path):
+    import gc
+
+    from mergekit_video.data import build_loader
+
+    loader = build_loader(_bad_then_good(tmp_path), batch_size=1, num_workers=2, shuffle=False, seed=0, drop_last=False)
+    gc.disable()
+    try:
+        for attempt in range(2):  # persistent workers: the next iteration starts new ones
+            it = iter(loader)
+            workers = list(it._workers)
+            with pytest.raises(Exception, match="bad.mp4") as info:
+                for _ in it:
+                    pass
+            assert type(info.value).__name__ == "VideoReadError"
+            assert [w.exitcode for w in workers] == [0, 0] and loader._iterator is None
+            if attempt == 0:
+                first = {w.pid for w in workers}
+        assert first.isdisjoint(w.pid for w in workers)
+    finally:
+        gc.enable()

@@ -137,16 +137,76 @@ def seed_worker(worker_id: int) -> None:
     Workers also ignore SIGINT and SIGTERM: Ctrl-C or a scheduler's SIGTERM reaches the whole
     process group, and the main process decides how to stop (the trainer finishes its step and
     saves a checkpoint); torch already ends workers whose parent died, and the main process kills
-    the ones still alive when it exits (:func:`_reap_workers_at_exit`).
+    the ones still alive when it exits (:func:`_reap_workers_at_exit`). Since ``terminate()`` does
+    not stop them, each worker leaves by itself once its loader shuts down (:func:`_exit_on_shutdown`).
     """
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    _exit_on_shutdown()
     info = get_worker_info()
     seed = info.seed if info is not None else torch.initial_seed()
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+SHUTDOWN_POLL_S = 0.05  # how often a worker looks at its loader's shutdown flag
+
+
+def _loader_done_event():
+    """The worker's ``done_event`` (set when its loader shuts the workers down), read from torch's
+    ``_worker_loop`` frame that called the ``worker_init_fn``; None if not found (other torch)."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_worker_loop" and "done_event" in frame.f_locals:
+            return frame.f_locals["done_event"]
+        frame = frame.f_back
+    return None
+
+
+def _exit_on_shutdown() -> None:
+    """In a DataLoader worker: a daemon thread that ends the process as soon as the loader shuts its workers down.
+
+    torch tells a worker to stop with a ``None`` on its index queue, then joins it for 5 s, then
+    ``terminate()`` after that. When the iterator is freed by Python's cyclic garbage collector (an error
+    raised mid-epoch leaves it in a reference cycle with the traceback), the collector runs the
+    queues' finalizers first: their feeder threads stop before the ``None`` is sent, so the worker
+    never hears of the shutdown, and ``terminate()`` (SIGTERM) is ignored (:func:`seed_worker`).
+    Each worker then cost 10 s of the collection, wherever it ran (inside a timed read, too). The
+    loader's shared ``done_event`` is set before any ``None`` is sent; after it, torch discards the
+    worker's output, so ending the process then loses nothing. The flag is read without taking
+    its lock (a worker killed meanwhile cannot block the main process's ``set()``).
+    """
+    import os
+    import sys
+    import threading
+    import time
+
+    done = _loader_done_event()
+    if done is None:
+        return
+    flag = getattr(done, "_flag", None)  # multiprocessing.Event's semaphore: its value is 1 once set
+
+    def is_set() -> bool:
+        try:
+            return flag.get_value() > 0
+        except (AttributeError, NotImplementedError):  # no sem_getvalue (macOS): the locked read
+            return done.is_set()
+
+    def watch() -> None:
+        while not is_set():
+            time.sleep(SHUTDOWN_POLL_S)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed stream
+                pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="mergevid-worker-exit", daemon=True).start()
 
 
 _reaper_registered = False
@@ -182,6 +242,49 @@ def _register_worker_reaper() -> None:
         _reaper_registered = True
 
 
+class _StopWorkersOnError:
+    """Iterator over a multi-worker DataLoader that shuts the workers down as soon as an error escapes it.
+
+    An error raised mid-epoch (a bad video under ``on_error="raise"``) otherwise leaves torch's
+    iterator in a reference cycle with the traceback, for the cyclic garbage collector to shut
+    down later, at a random allocation anywhere in the program; shut down here, the workers get
+    torch's normal stop message while its queues still work. The next ``iter(loader)`` starts
+    fresh workers. Attributes are torch's iterator's.
+    """
+
+    def __init__(self, loader: DataLoader, it: Iterator) -> None:
+        self._loader, self._it = loader, it
+
+    def __iter__(self) -> _StopWorkersOnError:
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except BaseException:
+            self._it._shutdown_workers()
+            if getattr(self._loader, "_iterator", None) is self._it:
+                self._loader._iterator = None  # persistent workers: the next epoch starts new ones
+            raise
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __getattr__(self, name: str):
+        return getattr(self._it, name)
+
+
+class VideoLoader(DataLoader):
+    """The DataLoader :func:`build_loader` returns: a torch ``DataLoader`` whose worker processes stop
+    as soon as an error escapes an iteration (:class:`_StopWorkersOnError`)."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        return _StopWorkersOnError(self, it) if hasattr(it, "_shutdown_workers") else it
+
+
 def build_loader(
     dataset: torch.utils.data.Dataset,
     *,
@@ -197,6 +300,9 @@ def build_loader(
     prefetch_factor: int | None = None,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` with a :class:`VideoSampler` (``loader.sampler``) and :func:`collate_videos`.
+
+    Workers stop at once when an error escapes an iteration (:class:`VideoLoader`), and whenever
+    the loader shuts them down, even from the garbage collector (:func:`_exit_on_shutdown`).
 
     Call ``loader.sampler.set_epoch(e)`` each epoch (and ``set_start`` to resume). ``pin_memory``
     defaults to on when CUDA is available; workers persist across epochs when ``num_workers > 0``.
@@ -215,7 +321,7 @@ def build_loader(
         kwargs["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor
-    return DataLoader(
+    return VideoLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

@@ -7,19 +7,61 @@ stuck thread is a daemon, abandoned (it cannot be killed), so it never blocks pr
 ends by itself if its read ever returns. Only reads still stuck count towards
 ``MAX_ABANDONED_THREADS``: slow reads that finish late cost nothing lasting.
 The hand-off costs tens of microseconds per call (measured by ``mergevid bench data``).
+
+The time limit counts the read's own time, not pauses of the whole process: time spent in
+Python's garbage collector during the wait (in any thread, e.g. a collection that frees a
+DataLoader iterator and joins its workers) is not counted (up to ``MAX_EXCUSED_PAUSE_S``), and a
+result that is there when the wait ends is returned, so such a stall is never reported as a hung
+decoder.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 MAX_ABANDONED_THREADS = 16  # past this many reads stuck at once, a process is too damaged to carry on
+
+
+MAX_EXCUSED_PAUSE_S = 300.0  # garbage-collector time not counted against one read, at most
+
+
+class _GcClock:
+    """Seconds this process has spent in the cyclic garbage collector (a ``gc.callbacks`` entry)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.started: float | None = None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.monotonic()
+        elif self.started is not None:
+            self.total += time.monotonic() - self.started
+            self.started = None
+
+    def seconds(self) -> float:
+        """Total GC time so far, a collection still running included."""
+        started = self.started
+        return self.total + (time.monotonic() - started if started is not None else 0.0)
+
+
+_gc_clock: _GcClock | None = None
+
+
+def _gc_seconds() -> float:
+    global _gc_clock
+    if _gc_clock is None:
+        _gc_clock = _GcClock()
+    return _gc_clock.seconds()
 
 
 class ReadTimeoutError(TimeoutError):
@@ -70,6 +112,12 @@ def _helper() -> _Helper:
     return h
 
 
+def _remaining(timeout_s: float, start: float, gc0: float) -> float:
+    """Seconds left of a read's limit: wall time since ``start`` minus GC pauses since then (capped)."""
+    paused = min(_gc_seconds() - gc0, MAX_EXCUSED_PAUSE_S)
+    return timeout_s - (time.monotonic() - start - paused)
+
+
 def run_with_timeout(fn: Callable[[], T], timeout_s: float | None, *, what: str = "read") -> T:
     """Return ``fn()``, or raise :class:`ReadTimeoutError` if it runs past ``timeout_s`` seconds.
 
@@ -78,11 +126,16 @@ def run_with_timeout(fn: Callable[[], T], timeout_s: float | None, *, what: str 
     """
     if timeout_s is None or timeout_s <= 0:
         return fn()
+    gc0, start = _gc_seconds(), time.monotonic()
     helper = _helper()
     box: list[tuple[bool, Any]] = []
     done = threading.Event()
     helper.jobs.put((fn, box, done))
-    if not done.wait(timeout_s):
+    while not done.wait(_remaining(timeout_s, start, gc0)):
+        if _remaining(timeout_s, start, gc0) > 0:
+            continue  # the garbage collector ran meanwhile: that time is not the read's
+        if done.is_set():  # finished while this thread was held up after the wait
+            break
         # Abandon the stuck thread (it exits once its read returns); the next call gets a fresh one.
         _state.helper = None
         helper.jobs.put(None)
