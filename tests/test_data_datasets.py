@@ -238,12 +238,55 @@ def test_hung_reads_hit_the_time_limit(tmp_path, tiny_synthetic, monkeypatch):
 
     ds = make(tiny_synthetic, train=False, read_timeout_s=0.2)
     monkeypatch.setattr(datasets_mod, "open_video", stuck)
+    monkeypatch.setattr(datasets_mod, "_TIMED_OUT", {})  # the files this test hangs stay readable for the others
     t0 = time.perf_counter()
     with pytest.raises(ReadTimeoutError, match=str(ds.path_of(0))):
         ds[0]
     ds.on_error = "skip"
     assert ds[1] is None
     assert time.perf_counter() - t0 < 1.5 and ds.error_count == 2
+
+
+def test_a_file_that_timed_out_is_not_read_again_and_resampling_passes_over_it(tiny_synthetic, monkeypatch, caplog):
+    import threading
+
+    import mergekit_video.data.datasets as datasets_mod
+
+    real_open = datasets_mod.open_video
+    hung = threading.Event()
+    reads = {"hung": 0}
+
+    def open_or_hang(path, **kw):
+        if path == hang_path:
+            reads["hung"] += 1
+            hung.wait(5)  # a decoder that never returns (until the test ends)
+        return real_open(path, **kw)
+
+    ds = make(tiny_synthetic, train=True, read_timeout_s=0.2, seed=1)
+    hang_path = ds.path_of(2)
+    monkeypatch.setattr(datasets_mod, "open_video", open_or_hang)
+    monkeypatch.setattr(datasets_mod, "_TIMED_OUT", {})
+    try:
+        with caplog.at_level(logging.WARNING, logger="mergekit_video.data"):
+            items = [ds[(2, e)] for e in range(20)]  # was: 20 reads of 0.2 s, each leaving a stuck thread (crash after 16)
+        assert reads["hung"] == 1 and ds.error_count >= 20  # 20 keys, and resample draws that land on it again
+        assert all(f.path == str(hang_path) for f in ds.failures)
+        assert [f.error for f in ds.failures[1:]] == [f"{hang_path}: not read again, its read timed out earlier in this process "
+                                                      f"({ds.failures[0].error})"] * (ds.error_count - 1)
+        assert sum("bad video" in r.getMessage() for r in caplog.records) == 1  # logged once
+        assert all(it["index"] != 2 for it in items)
+        # the replacement of a known-bad item is the one a process that never met the file picks
+        fresh = ds.with_records(ds.records)
+        monkeypatch.setattr(datasets_mod, "_TIMED_OUT", {})
+        monkeypatch.setattr(datasets_mod, "open_video", lambda path, **kw: (_ for _ in ()).throw(VideoReadError("bad", path=path))
+                            if path == hang_path else real_open(path, **kw))
+        assert [fresh[(2, e)]["index"] for e in range(20)] == [it["index"] for it in items]
+        assert fresh.error_count == ds.error_count
+        with pytest.raises(ReadTimeoutError, match="not read again"):
+            datasets_mod._TIMED_OUT[str(hang_path)] = "earlier"
+            make(tiny_synthetic, train=False, read_timeout_s=0.2)[2]  # another dataset of the process: fails at once
+    finally:
+        hung.set()
 
 
 def test_dataset_validates_arguments(tiny_synthetic):

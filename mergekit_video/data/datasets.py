@@ -43,6 +43,11 @@ class LabelError(ValueError):
 
 BAD_DATA_ERRORS = (VideoReadError, ReadTimeoutError, LabelError)
 
+# Files whose read ran past its time limit in this process (path -> that error). A stuck read
+# cannot be stopped (its thread is abandoned, see ``watchdog``), so such a file is not read again
+# in this process: every later use fails at once. DataLoader workers inherit the list at fork.
+_TIMED_OUT: dict[str, str] = {}
+
 
 def item_generator(seed: int, epoch: int, index: int, attempt: int = 0) -> torch.Generator:
     """A CPU generator for one item, seeded from ``(seed, epoch, index, attempt)`` by SeedSequence."""
@@ -66,7 +71,11 @@ class VideoDataset(torch.utils.data.Dataset):
     the file), ``"skip"`` (the item is ``None``; :func:`collate_videos` drops it and lists its path
     in the batch's ``"failed"``), or ``"resample"`` (default in training; logged once per file, then
     another index is drawn with the item's generator). ``failures`` / ``error_count`` keep this
-    process's records.
+    process's records. A file whose read timed out is not read again in this process (its stuck
+    read leaves a thread behind): each later use, a resample draw included, fails at once, is
+    counted and follows ``on_error`` like the first (logged once). Resampling skips it without
+    reading it, so the replacement is the one an uninformed process would pick: items do not
+    depend on which worker met the file first.
     """
 
     def __init__(
@@ -206,7 +215,14 @@ class VideoDataset(torch.utils.data.Dataset):
         path = self.root / record.path
         if self.class_names is not None and not 0 <= record.label < len(self.class_names):
             raise LabelError(f"{path}: label {record.label} out of range for {len(self.class_names)} classes", path=str(path))
-        frames = run_with_timeout(lambda: self._decode(record, generator), self.read_timeout_s, what=str(path))
+        earlier = _TIMED_OUT.get(str(path))
+        if earlier is not None:
+            raise ReadTimeoutError(f"{path}: not read again, its read timed out earlier in this process ({earlier})", path=str(path))
+        try:
+            frames = run_with_timeout(lambda: self._decode(record, generator), self.read_timeout_s, what=str(path))
+        except ReadTimeoutError as e:
+            _TIMED_OUT[str(path)] = str(e)
+            raise
         if self.train:
             return self.transform(frames, generator)  # [T, 3, S, S]
         k, t = self.num_clips, frames.shape[0] // self.num_clips
