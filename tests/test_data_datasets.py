@@ -228,6 +228,21 @@ def test_on_error_resample_logs_once_and_is_deterministic(bad_list, tiny_synthet
     assert batch["frames"].shape[0] == 2 and str(bad_list[1]["truncated"]) in batch["resampled"]
 
 
+def test_failures_of_direct_item_calls_do_not_leak_into_a_later_batch(bad_list, tiny_synthetic):
+    bad = bad_list[1]
+    resampling = bad_dataset(bad_list, tiny_synthetic, train=True, seed=4)
+    skipping = bad_dataset(bad_list, tiny_synthetic, train=False, on_error="skip")
+    item = resampling[(3, 0)]  # zero.mp4 replaced, never collated
+    assert item["resampled"] == [str(bad["zero"]), str(bad["text"])] and item["index"] in (0, 1)  # zero -> text -> good
+    assert skipping[2] is None  # truncated.mp4 skipped, never collated
+    good = make(tiny_synthetic, train=False, on_error="skip")
+    batches = list(build_loader(good, batch_size=3, num_workers=0, shuffle=False, seed=0, drop_last=False))
+    assert [(len(b["index"]), b["failed"], b["resampled"], b["errors"]) for b in batches] == [(3, [], [], {})] * 3  # was: the leftovers in batch 1
+    assert resampling[(0, 0)].keys() == {"frames", "label", "index"}  # a good item has no bookkeeping keys
+    both = collate_videos([skipping[2], resampling[(3, 0)], skipping[4]])
+    assert (both["failed"], both["resampled"], both["errors"]) == ([str(bad["truncated"]), str(bad["text"])], item["resampled"], {})
+
+
 def test_hung_reads_hit_the_time_limit(tmp_path, tiny_synthetic, monkeypatch):
     import time
 

@@ -58,7 +58,7 @@ def test_set_start_skips_without_changing_the_order():
 
 def test_collate_stacks_and_reports_skipped_items():
     items = [{"frames": torch.full((2, 3, 4, 4), float(i)), "label": i, "index": 10 + i} for i in range(3)]
-    report_skipped("/data/bad.mp4")
+    report_skipped("/data/bad.mp4", index=7)
     batch = collate_videos([items[0], None, items[1], items[2]])
     assert batch["frames"].shape == (3, 2, 3, 4, 4) and batch["frames"][2, 0, 0, 0, 0] == 2.0
     assert batch["label"].tolist() == [0, 1, 2] and batch["index"].tolist() == [10, 11, 12]

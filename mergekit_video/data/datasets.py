@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .annotations import LIST_FORMATS, VideoRecord, read_annotation_list, read_class_names
-from .failures import ON_ERROR_POLICIES, FailureRecord, report_error, report_resampled, report_skipped
+from .failures import ON_ERROR_POLICIES, FailureRecord, report_skipped
 from .readers import BACKENDS, DEFAULT_IMAGE_TEMPLATE, VideoReadError, open_video
 from .sampling import TEST_OFFSETS, dense_indices, multi_clip_indices, segment_indices
 from .transforms import TestTransform, TrainTransform
@@ -59,7 +59,8 @@ class VideoDataset(torch.utils.data.Dataset):
     """Video clips from an annotation list, for training (random views) or testing (fixed views).
 
     Train item: ``{"frames": [T,3,H,W], "label": int, "index": int}``; test item:
-    ``{"frames": [V,T,3,H,W], ...}`` with ``V = num_clips * num_crops`` in clip-major order; test
+    ``{"frames": [V,T,3,H,W], ...}``; an item that replaced bad videos also has ``"resampled"``
+    (their paths) and, in DataLoader workers, ``"errors"`` (path -> reason) with ``V = num_clips * num_crops`` in clip-major order; test
     frames sit at the segment centres or, ``test_offsets="start"``, where the official MoTE test
     code takes them (:func:`~mergekit_video.data.sampling.multi_clip_indices`).
     ``frames`` are CLIP-normalised float, or uint8 with ``normalize=False`` (normalise on the GPU
@@ -238,6 +239,8 @@ class VideoDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} videos in {self.list_file}")
         current = index
+        resampled: list[str] = []  # bad videos this item replaced, carried in the item
+        errors: dict[str, str] = {}  # their reasons, in workers (the main process logs them once)
         for attempt in range(MAX_RESAMPLE_ATTEMPTS):
             g = item_generator(self.seed, epoch, index, attempt)
             try:
@@ -247,21 +250,28 @@ class VideoDataset(torch.utils.data.Dataset):
                 self.failures.append(FailureRecord(path=path, index=current, epoch=epoch, error=str(e), action=self.on_error))
                 if self.on_error == "raise":
                     raise
-                if get_worker_info() is not None:  # the main process logs it once, whatever the number of workers
-                    report_error(path, str(e))
-                elif path not in self._logged:
+                in_worker = get_worker_info() is not None
+                if not in_worker and path not in self._logged:
                     self._logged.add(path)
                     log.warning("bad video (%s): %s", self.on_error, e)
                 if self.on_error == "skip":
-                    report_skipped(path, shape=self.item_shape, dtype=torch.float32 if self.normalize else torch.uint8)
+                    report_skipped(path, index=current, reason=str(e) if in_worker else None, shape=self.item_shape,
+                                   dtype=torch.float32 if self.normalize else torch.uint8)
                     return None
-                report_resampled(path)
+                resampled.append(path)
+                if in_worker:
+                    errors[path] = str(e)
                 # A fresh generator with the item's seed: the choice does not depend on where the
                 # failure happened, and never races a timed-out read still holding ``g``.
                 choose = item_generator(self.seed, epoch, index, attempt)
                 current = int(torch.randint(len(self.records), (1,), generator=choose).item())
                 continue
-            return {"frames": frames, "label": self.records[current].label, "index": current}
+            item = {"frames": frames, "label": self.records[current].label, "index": current}
+            if resampled:
+                item["resampled"] = resampled
+                if errors:
+                    item["errors"] = errors
+            return item
         raise RuntimeError(f"{MAX_RESAMPLE_ATTEMPTS} bad videos in a row while resampling item {index} of {self.list_file}; "
                            f"last: {self.failures[-1].path}: {self.failures[-1].error}")
 

@@ -1,11 +1,13 @@
 """Bad-data bookkeeping shared by the dataset and the collate function.
 
 The dataset (in a DataLoader worker, or the main process with ``num_workers=0``) fetches every item
-of a batch and then collates them in the same thread. A skipped item returns ``None``; its path is
-left here, and :func:`mergekit_video.data.collate_videos` takes it into the batch's ``"failed"``
-list, so the main process learns which videos failed without sharing state across processes.
-The reasons travel the same way (``"errors"``), so that the main process logs each bad file once
-(:func:`note_batch_failures`) however many workers met it.
+of a batch and then collates them in the same thread. A skipped item returns ``None``; its record is
+left here, and :func:`mergekit_video.data.collate_videos` takes the batch's own ones (the last as
+many as it has ``None`` items) into the batch's ``"failed"`` list, so the main process learns which
+videos failed without sharing state across processes. A resampled item carries the bad videos it
+replaced in its own dict (``"resampled"``), so nothing of a direct ``ds[i]`` call is left over for
+a later batch. The reasons travel the same way (``"errors"``, from workers only), so that the main
+process logs each bad file once (:func:`note_batch_failures`) however many workers met it.
 """
 
 from __future__ import annotations
@@ -35,46 +37,39 @@ class FailureRecord:
         return asdict(self)
 
 
-def _pending(name: str) -> list[str]:
-    lst = getattr(_local, name, None)
+@dataclass(frozen=True)
+class SkipRecord:
+    """A skipped item, waiting for its batch: the file, its list index, the reason (workers only), the item's shape/dtype."""
+
+    path: str
+    index: int
+    reason: str | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: object = None
+
+
+def _pending_skips() -> list[SkipRecord]:
+    lst = getattr(_local, "skipped", None)
     if lst is None:
-        lst = []
-        setattr(_local, name, lst)
+        lst = _local.skipped = []
     return lst
 
 
-def report_skipped(path: str, *, shape: tuple[int, ...] | None = None, dtype=None) -> None:
-    """Note that the item for ``path`` was skipped (the dataset returned ``None``).
+def report_skipped(path: str, *, index: int, reason: str | None = None, shape: tuple[int, ...] | None = None, dtype=None) -> None:
+    """Note that the item for ``path`` (list index ``index``) was skipped (the dataset returned ``None``).
 
-    ``shape``/``dtype`` of the item it would have been let an all-skipped batch keep its rank (B = 0).
+    ``reason`` (given in DataLoader workers) reaches the batch's ``"errors"``; ``shape``/``dtype``
+    of the item it would have been let an all-skipped batch keep its rank (B = 0).
     """
-    _pending("skipped").append(path)
-    if shape is not None:
-        _local.empty_like = (tuple(shape), dtype)
+    _pending_skips().append(SkipRecord(path=path, index=int(index), reason=reason, shape=None if shape is None else tuple(shape), dtype=dtype))
 
 
-def report_resampled(path: str) -> None:
-    """Note that ``path`` was bad and replaced by another item."""
-    _pending("resampled").append(path)
-
-
-def report_error(path: str, reason: str) -> None:
-    """Note why ``path`` failed (collected into the batch's ``"errors"``)."""
-    _pending_errors()[path] = reason
-
-
-def _pending_errors() -> dict[str, str]:
-    errors = getattr(_local, "errors", None)
-    if errors is None:
-        errors = _local.errors = {}
-    return errors
-
-
-def take_errors() -> dict[str, str]:
-    """Reasons reported since the last call, by path; clears them."""
-    errors = _pending_errors()
-    taken = dict(errors)
-    errors.clear()
+def take_skipped(count: int) -> list[SkipRecord]:
+    """The records of the last ``count`` skipped items (a batch's ``None`` entries, fetched just before
+    it is collated); clears the list, so older ones (a direct ``ds[i]`` call) never reach a batch."""
+    lst = _pending_skips()
+    taken = lst[len(lst) - count :] if count > 0 else []
+    lst.clear()
     return taken
 
 
@@ -91,24 +86,3 @@ def note_batch_failures(batch: dict, seen: set[str]) -> None:
             if path not in seen and path in errors:
                 log.warning("bad video (%s): %s", action, errors[path])
             seen.add(path)
-
-
-def take_skipped(count: int) -> list[str]:
-    """The paths of the last ``count`` skipped items (a batch's ``None`` entries); clears the list."""
-    lst = _pending("skipped")
-    taken = lst[len(lst) - count :] if count > 0 else []
-    lst.clear()
-    return taken
-
-
-def take_empty_like() -> tuple[tuple[int, ...], object] | None:
-    """(shape, dtype) of the last skipped item, if the dataset gave it."""
-    return getattr(_local, "empty_like", None)
-
-
-def take_resampled() -> list[str]:
-    """Paths resampled since the last call; clears the list."""
-    lst = _pending("resampled")
-    taken = list(lst)
-    lst.clear()
-    return taken

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, get_worker_info
 
-from .failures import take_empty_like, take_errors, take_resampled, take_skipped
+from .failures import take_skipped
 
 
 class VideoSampler(Sampler):
@@ -106,17 +106,21 @@ def collate_videos(batch: Sequence[dict | None]) -> dict:
     (``normalize_frames`` on the GPU returns contiguous float).
 
     ``None`` items (skipped bad videos) are dropped and their paths listed in ``"failed"``;
-    ``"resampled"`` lists bad videos the dataset replaced; ``"errors"`` maps each bad path to
-    what went wrong. An all-failed batch has B = 0 (frames
+    ``"resampled"`` lists bad videos the dataset replaced (carried by the items that replaced
+    them); ``"errors"`` maps each bad path met in a DataLoader worker to what went wrong. Only
+    this batch's items count: nothing left by a direct ``ds[i]`` call reaches it. An all-failed batch has B = 0 (frames
     ``[0, ...]`` with the item's shape when the dataset reported it): skip it.
     """
     items = [b for b in batch if b is not None]
-    failed = take_skipped(len(batch) - len(items))
-    resampled = take_resampled()
-    errors = take_errors()
+    skipped = take_skipped(len(batch) - len(items))  # this batch's own None items, in order
+    failed = [r.path for r in skipped]
+    resampled = [p for it in items for p in it.get("resampled", ())]
+    errors = {r.path: r.reason for r in skipped if r.reason is not None}
+    for it in items:
+        errors.update(it.get("errors", {}))
     if not items:
-        like = take_empty_like()
-        frames = torch.empty((0, *like[0]), dtype=like[1]) if like else torch.empty(0)  # [0, ...item shape]
+        like = skipped[-1] if skipped and skipped[-1].shape is not None else None
+        frames = torch.empty((0, *like.shape), dtype=like.dtype) if like else torch.empty(0)  # [0, ...item shape]
         return {"frames": frames, "label": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long),
                 "failed": failed, "resampled": resampled, "errors": errors}
     return {
