@@ -228,6 +228,19 @@ def test_on_error_resample_logs_once_and_is_deterministic(bad_list, tiny_synthet
     assert batch["frames"].shape[0] == 2 and str(bad_list[1]["truncated"]) in batch["resampled"]
 
 
+def test_skipped_items_carry_their_list_index_so_duplicate_lines_count_apart(bad_list, tiny_synthetic, tmp_path):
+    bad, good = bad_list[1], tiny_synthetic.root / read_annotation_list(tiny_synthetic.train_list)[0].path
+    lst = tmp_path / "dup.txt"
+    lst.write_text(f"{good} 0\n{bad['zero']} 0\n{good} 1\n{bad['zero']} 0\n{bad['text']} 2\n")  # zero.mp4 on lines 1 and 3
+    ds = VideoDataset(list_file=lst, root="/", num_frames=4, input_size=16, train=False, on_error="skip")
+    batches = list(build_loader(ds, batch_size=2, num_workers=2, shuffle=False, seed=0, drop_last=False, persistent_workers=False))
+    failed = [p for b in batches for p in b["failed"]]
+    failed_index = [i for b in batches for i in b["failed_index"]]
+    assert failed_index == [1, 3, 4] and failed == [str(bad["zero"]), str(bad["zero"]), str(bad["text"])]
+    assert (len(set(failed)), len(set(failed_index))) == (2, 3)  # 3 videos of the list failed, 2 files
+    assert [b["index"].tolist() for b in batches] == [[0], [2], []]
+
+
 def test_failures_of_direct_item_calls_do_not_leak_into_a_later_batch(bad_list, tiny_synthetic):
     bad = bad_list[1]
     resampling = bad_dataset(bad_list, tiny_synthetic, train=True, seed=4)

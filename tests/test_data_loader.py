@@ -62,7 +62,7 @@ def test_collate_stacks_and_reports_skipped_items():
     batch = collate_videos([items[0], None, items[1], items[2]])
     assert batch["frames"].shape == (3, 2, 3, 4, 4) and batch["frames"][2, 0, 0, 0, 0] == 2.0
     assert batch["label"].tolist() == [0, 1, 2] and batch["index"].tolist() == [10, 11, 12]
-    assert batch["failed"] == ["/data/bad.mp4"] and batch["label"].dtype == torch.long
+    assert batch["failed"] == ["/data/bad.mp4"] and batch["failed_index"] == [7] and batch["label"].dtype == torch.long
     assert collate_videos(items)["failed"] == []  # the report was consumed
     with pytest.raises(ValueError, match="cannot batch"):
         collate_videos([items[0], {"frames": torch.zeros(3, 3, 4, 4), "label": 0, "index": 0}])

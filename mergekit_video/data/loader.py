@@ -100,12 +100,14 @@ def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def collate_videos(batch: Sequence[dict | None]) -> dict:
-    """Stack dataset items into ``{"frames": [B,...], "label": [B], "index": [B], "failed": [...], "resampled": [...], "errors": {...}}``.
+    """Stack dataset items into ``{"frames": [B,...], "label": [B], "index": [B], "failed": [...], "failed_index": [...], "resampled": [...], "errors": {...}}``.
 
     Float frames come out contiguous; uint8 frames keep the items' channels-last memory order
     (``normalize_frames`` on the GPU returns contiguous float).
 
-    ``None`` items (skipped bad videos) are dropped and their paths listed in ``"failed"``;
+    ``None`` items (skipped bad videos) are dropped and their paths listed in ``"failed"``, their
+    dataset (list) indices in ``"failed_index"`` (same order, ints): count distinct failed videos
+    by index, as a list may name one file on several lines (and DDP padding repeats indices);
     ``"resampled"`` lists bad videos the dataset replaced (carried by the items that replaced
     them); ``"errors"`` maps each bad path met in a DataLoader worker to what went wrong. Only
     this batch's items count: nothing left by a direct ``ds[i]`` call reaches it. An all-failed batch has B = 0 (frames
@@ -114,6 +116,7 @@ def collate_videos(batch: Sequence[dict | None]) -> dict:
     items = [b for b in batch if b is not None]
     skipped = take_skipped(len(batch) - len(items))  # this batch's own None items, in order
     failed = [r.path for r in skipped]
+    failed_index = [r.index for r in skipped]
     resampled = [p for it in items for p in it.get("resampled", ())]
     errors = {r.path: r.reason for r in skipped if r.reason is not None}
     for it in items:
@@ -122,12 +125,13 @@ def collate_videos(batch: Sequence[dict | None]) -> dict:
         like = skipped[-1] if skipped and skipped[-1].shape is not None else None
         frames = torch.empty((0, *like.shape), dtype=like.dtype) if like else torch.empty(0)  # [0, ...item shape]
         return {"frames": frames, "label": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long),
-                "failed": failed, "resampled": resampled, "errors": errors}
+                "failed": failed, "failed_index": failed_index, "resampled": resampled, "errors": errors}
     return {
         "frames": _stack([it["frames"] for it in items]),
         "label": torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
         "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long),
         "failed": failed,
+        "failed_index": failed_index,
         "resampled": resampled,
         "errors": errors,
     }
