@@ -241,6 +241,20 @@ def test_skipped_items_carry_their_list_index_so_duplicate_lines_count_apart(bad
     assert [b["index"].tolist() for b in batches] == [[0], [2], []]
 
 
+def test_data_errors_cross_the_worker_boundary_as_themselves(bad_list, tiny_synthetic):
+    import pickle
+
+    for err in (LabelError("x.mp4: label 7 out of range", path="x.mp4"), VideoReadError("y.mp4: empty", path="y.mp4"),
+                ReadTimeoutError("z.mp4: no result", path="z.mp4")):
+        back = pickle.loads(pickle.dumps(err))
+        assert (type(back), str(back), back.path) == (type(err), str(err), err.path)
+        assert type(type(err)("message only")) is type(err)  # how torch rebuilds a worker's error
+    ds = bad_dataset(bad_list, tiny_synthetic, train=False)  # on_error: raise
+    label_only = ds.with_records([ds.records[6]])  # label 7 with 3 classes
+    with pytest.raises(LabelError, match=r"(?s)in DataLoader worker process 0.*label 7 out of range for 3 classes"):  # was RuntimeError
+        next(iter(build_loader(label_only, batch_size=1, num_workers=1, shuffle=False, seed=0, drop_last=False)))
+
+
 def test_failures_of_direct_item_calls_do_not_leak_into_a_later_batch(bad_list, tiny_synthetic):
     bad = bad_list[1]
     resampling = bad_dataset(bad_list, tiny_synthetic, train=True, seed=4)

@@ -34,9 +34,13 @@ MAX_RESAMPLE_ATTEMPTS = 20
 
 
 class LabelError(ValueError):
-    """A label outside ``0..C-1`` for the given class names; ``path`` names the video."""
+    """A label outside ``0..C-1`` for the given class names; ``path`` names the video.
 
-    def __init__(self, message: str, *, path: str) -> None:
+    Built from the message alone (``path=None``) it survives pickling and torch's re-raise of a
+    DataLoader worker's error (``type(e)(message)``) as itself, not as a RuntimeError.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
 

@@ -27,7 +27,11 @@ _pyav_fallback_logged = False  # the PyAV fallback is announced once per process
 
 
 class VideoReadError(RuntimeError):
-    """A video could not be read; the message and ``path`` name the file."""
+    """A video could not be read; the message and ``path`` name the file.
+
+    ``path`` is optional so that the error is rebuilt as itself from its message alone (pickling,
+    torch's re-raise of a DataLoader worker's error).
+    """
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None) -> None:
         super().__init__(message)

@@ -65,7 +65,8 @@ def _gc_seconds() -> float:
 
 
 class ReadTimeoutError(TimeoutError):
-    """A read did not finish within its time limit; ``path`` names the file."""
+    """A read did not finish within its time limit; ``path`` names the file (optional, so the error
+    is rebuilt as itself from its message alone: pickling, a DataLoader worker's error re-raised)."""
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(message)
