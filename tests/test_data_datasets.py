@@ -130,6 +130,25 @@ def test_class_csv_without_header_and_lists_with_a_byte_order_mark(tmp_path):
     assert read_annotation_list(lst, "frames") == [VideoRecord("vids/a", 2, 120)]
 
 
+def test_lists_and_class_csvs_that_are_not_utf8_are_named_with_the_failing_line_and_byte(tmp_path):
+    lst = tmp_path / "latin1.txt"
+    lst.write_bytes("a.mp4 0\nb.mp4 1\ncaf\u00e9.mp4 2\n".encode("latin-1"))  # 0xe9 at offset 19, line 3
+    with pytest.raises(ValueError, match=rf"^{lst}:3: an annotation list must be UTF-8 text; byte 0xe9 at offset 19 \(line 3\)"):
+        read_annotation_list(lst)
+    wide = tmp_path / "utf16.txt"
+    wide.write_text("a.mp4 0\n", encoding="utf-16")  # FF FE a \0 ...
+    with pytest.raises(ValueError, match=rf"{wide}:1: .*byte 0xff at offset 0 .*looks like UTF-16 .*Re-save the file as UTF-8"):
+        read_annotation_list(wide)
+    csv_file = tmp_path / "classes.csv"
+    csv_file.write_bytes("id,name\n0,red\n1,ni\u00f1o\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{csv_file}:3: a class-name CSV must be UTF-8 text; byte 0xf1 at offset 18"):
+        read_class_names(csv_file)
+    csv_file.write_bytes("\ufeffid,name\r\n0,red\r\n1,ni\u00f1o\r\n".encode("utf-8"))  # UTF-8 with a BOM and CRLF still reads
+    assert read_class_names(csv_file) == ["red", "ni\u00f1o"]
+    lst.write_bytes("a.mp4 0\r\nb.mp4 1\rcaf\u00e9.mp4 2".encode("utf-8"))
+    assert [(r.path, r.label) for r in read_annotation_list(lst)] == [("a.mp4", 0), ("b.mp4", 1), ("caf\u00e9.mp4", 2)]
+
+
 def test_frame_folder_dataset_and_short_videos_loop(tmp_path):
     write_frame_folder(tmp_path / "v0", 5)
     write_frame_folder(tmp_path / "v1", 20)

@@ -10,6 +10,7 @@ Both are UTF-8, with or without a byte-order mark.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,23 @@ class VideoRecord:
     num_frames: int | None = None
 
 
+def _read_utf8(path: Path, what: str) -> str:
+    """The text of ``path`` decoded as UTF-8 (a byte-order mark dropped); other encodings raise
+    ValueError naming the file, the line and the byte that failed."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first path
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        hint = ""
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            hint = " It looks like UTF-16 (it starts with a UTF-16 byte-order mark)."
+        elif b"\x00" in data[:200]:
+            hint = " It looks like UTF-16 (it holds NUL bytes)."
+        raise ValueError(f"{path}:{line}: {what} must be UTF-8 text; byte 0x{data[e.start]:02x} at offset {e.start} "
+                         f"(line {line}) is not valid UTF-8 ({e.reason}).{hint} Re-save the file as UTF-8.") from None
+
+
 def read_annotation_list(path: str | os.PathLike, list_format: str = "video") -> list[VideoRecord]:
     """Parse an annotation list into :class:`VideoRecord` objects; errors name the file and line."""
     if list_format not in LIST_FORMATS:
@@ -37,24 +55,24 @@ def read_annotation_list(path: str | os.PathLike, list_format: str = "video") ->
     fields = 2 if list_format == "video" else 3
     example = "relative/path.mp4 label" if list_format == "video" else "folder num_frames label"
     records = []
-    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not part of the first path
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.rsplit(maxsplit=fields - 1)
-            if len(parts) != fields:
-                raise ValueError(f"{path}:{lineno}: expected '{example}', got {line!r}")
-            try:
-                label = int(parts[-1])
-                num_frames = int(parts[1]) if fields == 3 else None
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: expected '{example}' with integer fields, got {line!r}") from None
-            if label < 0:
-                raise ValueError(f"{path}:{lineno}: negative label {label}")
-            if num_frames is not None and num_frames < 0:
-                raise ValueError(f"{path}:{lineno}: negative frame count {num_frames}")
-            records.append(VideoRecord(path=parts[0], label=label, num_frames=num_frames))
+    text = _read_utf8(path, "an annotation list")
+    for lineno, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=fields - 1)
+        if len(parts) != fields:
+            raise ValueError(f"{path}:{lineno}: expected '{example}', got {line!r}")
+        try:
+            label = int(parts[-1])
+            num_frames = int(parts[1]) if fields == 3 else None
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: expected '{example}' with integer fields, got {line!r}") from None
+        if label < 0:
+            raise ValueError(f"{path}:{lineno}: negative label {label}")
+        if num_frames is not None and num_frames < 0:
+            raise ValueError(f"{path}:{lineno}: negative frame count {num_frames}")
+        records.append(VideoRecord(path=parts[0], label=label, num_frames=num_frames))
     if not records:
         raise ValueError(f"annotation list {path} has no entries")
     return records
@@ -86,25 +104,25 @@ def read_class_names(csv_path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"class-name CSV not found: {path}")
     names: dict[int, str] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = csv.reader(f)
-        header = next(rows, None)
-        if header is None:
-            raise ValueError(f"{path}: expected a header 'id,name'")
-        if len(header) < 2 or _is_int(header[0]):  # a first row of data would be dropped as the header
-            raise ValueError(f"{path}: expected a header 'id,name', got {','.join(header)!r}")
-        for lineno, row in enumerate(rows, 2):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                raise ValueError(f"{path}:{lineno}: expected 'id,name', got {row!r}")
-            try:
-                cid = int(row[0])
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: class id {row[0]!r} is not an integer") from None
-            if cid in names:
-                raise ValueError(f"{path}:{lineno}: duplicate class id {cid}")
-            names[cid] = ",".join(row[1:]).strip()
+    text = _read_utf8(path, "a class-name CSV")
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, None)
+    if header is None:
+        raise ValueError(f"{path}: expected a header 'id,name'")
+    if len(header) < 2 or _is_int(header[0]):  # a first row of data would be dropped as the header
+        raise ValueError(f"{path}: expected a header 'id,name', got {','.join(header)!r}")
+    for lineno, row in enumerate(rows, 2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise ValueError(f"{path}:{lineno}: expected 'id,name', got {row!r}")
+        try:
+            cid = int(row[0])
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: class id {row[0]!r} is not an integer") from None
+        if cid in names:
+            raise ValueError(f"{path}:{lineno}: duplicate class id {cid}")
+        names[cid] = ",".join(row[1:]).strip()
     if not names:
         raise ValueError(f"{path}: no classes")
     missing = sorted(set(range(len(names))) - names.keys())
