@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,11 +39,33 @@ def test_segment_train_indices_stay_in_their_segment_and_cover_it_uniformly():
 def test_segment_indices_in_range_sorted_and_in_segment(n, t):
     if n < t:
         return
-    for train in (False, True):
-        idx = segment_indices(n, t, train=train, generator=gen(n * t))
-        assert len(idx) == t and idx == sorted(idx)
-        for i, v in enumerate(idx):
-            assert i * n // t <= v < (i + 1) * n // t
+    idx = segment_indices(n, t, train=True, generator=gen(n * t))
+    assert len(idx) == t and idx == sorted(idx)
+    for i, v in enumerate(idx):
+        assert i * n // t <= v < (i + 1) * n // t
+    test = segment_indices(n, t, train=False)
+    for i, v in enumerate(test):  # the frame under the centre (i + 0.5) * n / t of the real-valued segment
+        assert v <= (i + 0.5) * n / t < v + 1
+
+
+def _mmaction2_test_frames(n: int, t: int) -> list[int]:
+    """mmaction2 SampleFrames (test mode, clip_len=1, num_clips=t): ``int(arange(t) * n/t + (n/t) / 2)``."""
+    avg_interval = n / float(t)
+    return (np.arange(t) * avg_interval + avg_interval / 2.0).astype(np.int32).tolist()
+
+
+def test_segment_test_frames_are_mmaction2s_and_multi_clip_stays_consistent():
+    grid = [(n, t) for t in (1, 2, 3, 5, 8, 16, 32) for n in range(t, 4 * t + 3)] + [(300, 8), (1000, 32), (97, 16)]
+    for n, t in grid:
+        assert segment_indices(n, t, train=False) == _mmaction2_test_frames(n, t), (n, t)
+        assert multi_clip_indices(n, t, 1) == [segment_indices(n, t, train=False)]
+        for k in (2, 3, 4):  # every view: sorted, in range, the frame under its sample point
+            views = multi_clip_indices(n, t, k)
+            for j, v in enumerate(views):
+                assert v == sorted(set(v)) and 0 <= v[0] and v[-1] < n, (n, t, k)
+                assert all(i <= n / t * (x + (j + 0.5) / k) < i + 1 for x, i in enumerate(v)), (n, t, k)
+    assert segment_indices(4, 3, train=False) == [0, 2, 3]  # was [0, 1, 3]
+    assert segment_indices(9, 8, train=False) == [0, 1, 2, 3, 5, 6, 7, 8]  # frame 7 is used (was never)
 
 
 def test_short_videos_loop():
@@ -73,13 +96,9 @@ def test_multi_clip_views_shift_across_the_first_segment_by_hand():
     assert len({tuple(v) for v in views}) == 4
     # short video: views loop from staggered starts
     assert multi_clip_indices(4, 6, 2) == [[0, 1, 2, 3, 0, 1], [2, 3, 0, 1, 2, 3]]
-    # uneven segments (T <= N < 2T): every view stays inside its segment, one view is the centre
-    for n, t, k in [(9, 8, 1), (9, 8, 3), (4, 3, 1), (13, 8, 4)]:
-        views = multi_clip_indices(n, t, k)
-        assert all(x * n // t <= i < (x + 1) * n // t for v in views for x, i in enumerate(v)), (n, t, k)
-        if k == 1:
-            assert views == [segment_indices(n, t, train=False)]
-    assert multi_clip_indices(4, 3, 1) == [[0, 1, 3]]  # segments [0,1) [1,2) [2,4); frame 2 would leave segment 1
+    # uneven segments (T <= N < 2T): one view is mmaction2's centre frames
+    assert multi_clip_indices(4, 3, 1) == [[0, 2, 3]]  # centres 0.67, 2.0, 3.33
+    assert multi_clip_indices(9, 8, 2) == [[0, 1, 2, 3, 4, 5, 7, 8], [0, 1, 3, 4, 5, 6, 7, 8]]  # 9/8 * (x + 0.25), (x + 0.75)
 
 
 def test_start_offsets_are_the_official_mote_test_frames_by_hand():

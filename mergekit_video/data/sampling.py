@@ -27,9 +27,12 @@ def segment_indices(num_frames: int, num_segments: int, *, train: bool, generato
     """TSN sparse sampling: split the video into ``num_segments`` equal segments, take one frame each.
 
     Segment ``i`` covers frames ``[i*N//T, (i+1)*N//T)``. Training takes a uniformly random frame
-    inside each segment; testing takes the segment centre ``(2i+1)*N // (2T)`` (the MoTE / TSN
-    protocol). With fewer frames than segments the video loops: training starts at a random frame,
-    testing at frame 0.
+    inside each segment; testing takes the frame at the segment centre, ``int((i + 0.5) * N / T)``
+    computed exactly as ``(2i+1)*N // (2T)`` (TSN / mmaction2 ``SampleFrames`` test mode). When
+    ``T < N < 2T`` that frame may be the first of the next integer segment (N=4, T=3: frames
+    0, 2, 3): it is the frame under the centre of the real-valued segment ``[i*N/T, (i+1)*N/T)``.
+    With fewer frames than segments the video loops: training starts at a random frame, testing
+    at frame 0.
     """
     _check(num_frames, num_segments, "num_segments")
     n, t = num_frames, num_segments
@@ -37,7 +40,7 @@ def segment_indices(num_frames: int, num_segments: int, *, train: bool, generato
         start = _randint(n, generator) if train else 0
         return [(start + i) % n for i in range(t)]
     if not train:
-        return [min((2 * i + 1) * n // (2 * t), (i + 1) * n // t - 1) for i in range(t)]
+        return [(2 * i + 1) * n // (2 * t) for i in range(t)]
     starts = torch.tensor([i * n // t for i in range(t + 1)])
     lengths = starts[1:] - starts[:-1]  # each >= 1 since n >= t
     offsets = (torch.rand(t, generator=generator, dtype=torch.float64) * lengths).long()
@@ -53,9 +56,9 @@ def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int, *, of
     """Test-time temporal views for sparse sampling: ``num_clips`` sets of segment frames.
 
     ``offsets="centre"``: view ``k`` takes frame ``floor(N/T * (x + (k + 0.5)/K))`` in segment
-    ``x``: the views shift the start evenly across the first segment, and one view (K=1) is the
-    segment centre, identical to ``segment_indices(train=False)``. Every view's frame lies inside
-    its segment ``[x*N//T, (x+1)*N//T)``. Short videos loop, view ``k`` starting at frame ``k*N//K``.
+    ``x``: the views shift the start evenly across the first (real-valued) segment, and one view
+    (K=1) is the segment centre, identical to ``segment_indices(train=False)`` (mmaction2's test
+    frames). Short videos loop, view ``k`` starting at frame ``k*N//K``.
 
     ``offsets="start"``, the official MoTE test code (``datasets/video.py``): with ``tick = N/T``
     and the view starts ``linspace(0, tick - 1, K)`` truncated to integers, view ``k`` takes frame
@@ -78,8 +81,8 @@ def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int, *, of
             shift = k * n // k_total
             views.append([(shift + x) % n for x in range(t)])
         else:
-            # exact integer form of floor(n * (2*K*x + 2*k + 1) / (2*T*K)), kept inside segment x
-            views.append([min(n * (2 * k_total * x + 2 * k + 1) // (2 * t * k_total), (x + 1) * n // t - 1) for x in range(t)])
+            # exact integer form of floor(n * (2*K*x + 2*k + 1) / (2*T*K)); < n, increasing in x
+            views.append([n * (2 * k_total * x + 2 * k + 1) // (2 * t * k_total) for x in range(t)])
     return views
 
 
