@@ -351,6 +351,9 @@ def test_a_file_that_timed_out_is_not_read_again_and_resampling_passes_over_it(t
 
 
 def test_dataset_validates_arguments(tiny_synthetic):
+    with pytest.raises(ValueError, match=r"on_error='resample' is for training only: at test time it would score another video"):
+        make(tiny_synthetic, train=False, on_error="resample")
+    assert [make(tiny_synthetic, train=False, on_error=p).on_error for p in ("skip", "raise")] == ["skip", "raise"]
     with pytest.raises(ValueError, match="num_clips and num_crops must be 1"):
         make(tiny_synthetic, train=True, num_clips=2)
     with pytest.raises(ValueError, match="on_error"):

@@ -74,7 +74,7 @@ class VideoDataset(torch.utils.data.Dataset):
     Bad data (unreadable, empty, truncated or missing file, a read past ``read_timeout_s``, a label
     outside the class names) follows ``on_error``: ``"raise"`` (default at test; the error names
     the file), ``"skip"`` (the item is ``None``; :func:`collate_videos` drops it and lists its path
-    in the batch's ``"failed"``), or ``"resample"`` (default in training; logged once per file, then
+    in the batch's ``"failed"``), or ``"resample"`` (training only; the default there; logged once per file, then
     another index is drawn with the item's generator). ``failures`` / ``error_count`` keep this
     process's records. A file whose read timed out is not read again in this process (its stuck
     read leaves a thread behind): each later use, a resample draw included, fails at once, is
@@ -128,6 +128,9 @@ class VideoDataset(torch.utils.data.Dataset):
         on_error = on_error or ("resample" if train else "raise")
         if on_error not in ON_ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {ON_ERROR_POLICIES}, got {on_error!r}")
+        if not train and on_error == "resample":
+            raise ValueError("on_error='resample' is for training only: at test time it would score another video in place of "
+                             "a bad one; use on_error='skip' (the bad video is left out and listed) or 'raise'")
         if num_frames <= 0:
             raise ValueError(f"num_frames must be positive, got {num_frames}")
         if num_clips <= 0:
