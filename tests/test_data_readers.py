@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +218,48 @@ def test_garbage_collector_pauses_do_not_count_against_the_time_limit():
     assert time.perf_counter() - t0 >= 0.5
     with pytest.raises(ReadTimeoutError, match="stuck2.mp4"):  # a read itself stuck still times out
         run_with_timeout(lambda: time.sleep(1.0), 0.2, what="stuck2.mp4")
+
+
+_OPEN_AS_OTHER_USER = """
+import os, sys
+import av, decord  # imported before dropping root: the interpreter lives in root's home
+from mergekit_video.data.readers import VideoReadError, open_video
+if os.geteuid() == 0:  # root reads everything: ask as "nobody"
+    os.setgid(65534)
+    os.setuid(65534)
+for backend in ("decord", "pyav"):
+    for path in sys.argv[1:]:
+        try:
+            open_video(path, backend=backend)
+            print("read")
+        except VideoReadError as e:
+            print(e)
+"""
+
+
+def test_files_this_user_cannot_read_say_permission_denied(level_video):
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="perm"))  # a folder others may search, unlike tmp_path
+    try:
+        folder.chmod(0o755)
+        unreadable, readable = folder / "noperm.mp4", folder / "ok.mp4"
+        shutil.copy(level_video, unreadable)
+        shutil.copy(level_video, readable)
+        unreadable.chmod(0o000)
+        readable.chmod(0o644)
+        (folder / "locked").mkdir()
+        hidden = folder / "locked" / "hidden.mp4"
+        shutil.copy(level_video, hidden)
+        hidden.parent.chmod(0o000)  # a folder that cannot be searched
+        paths = [str(unreadable), str(readable), str(hidden)]
+        proc = subprocess.run([sys.executable, "-c", _OPEN_AS_OTHER_USER, *paths], capture_output=True, text=True, timeout=120)
+        out = proc.stdout.splitlines()
+        assert out == [f"{unreadable}: permission denied (the file is not readable by this user)", "read",
+                       f"{hidden}: permission denied (a folder on its path cannot be searched by this user)"] * 2, proc.stderr  # decord, PyAV
+    finally:
+        (folder / "locked").chmod(0o755)
+        shutil.rmtree(folder, ignore_errors=True)

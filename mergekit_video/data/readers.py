@@ -122,10 +122,29 @@ def _plan(indices: Sequence[int], num_frames: int, path: str) -> tuple[np.ndarra
 
 
 def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise VideoReadError(f"{path}: no such file" if not path.exists() else f"{path}: not a file", path=path)
-    if path.stat().st_size == 0:
+    """Raise :class:`VideoReadError` saying why ``path`` cannot be read as a video file, before a
+    decoder sees it (decord reports an unreadable file without the reason)."""
+    import stat
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise VideoReadError(f"{path}: no such file", path=path) from None
+    except PermissionError:
+        raise VideoReadError(f"{path}: permission denied (a folder on its path cannot be searched by this user)", path=path) from None
+    except OSError as e:
+        raise VideoReadError(f"{path}: cannot be read ({e.strerror or e})", path=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise VideoReadError(f"{path}: not a file", path=path)
+    if st.st_size == 0:
         raise VideoReadError(f"{path}: empty file (0 bytes)", path=path)
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise VideoReadError(f"{path}: permission denied (the file is not readable by this user)", path=path) from None
+    except OSError as e:
+        raise VideoReadError(f"{path}: cannot be opened ({e.strerror or e})", path=path) from None
 
 
 @functools.lru_cache(maxsize=None)
