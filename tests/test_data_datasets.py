@@ -402,6 +402,22 @@ def test_synthetic_overwrite_removes_the_lists_the_new_dataset_does_not_write(tm
     assert synthetic_layout(root).val_list is None  # read back: no stale val.txt naming deleted videos
     assert sorted(p.name for p in root.iterdir()) == ["classes.csv", "notes.txt", "synthetic.json", "train.txt", "videos"]
     assert sorted(p.name for p in (root / "videos").iterdir()) == ["train"]
-    for bad, needle in [({"fps": 0}, "fps must be > 0"), ({"noise": -1}, r"noise must be in \[0, 1\]"), ({"texture": 5}, "texture")]:
+    for bad, needle in [({"fps": 0}, "fps must be > 0"), ({"noise": -1}, r"noise must be in \[0, 64\] pixel levels"),
+                        ({"noise": 64.5}, r"noise must be in \[0, 64\] pixel levels .*0-255 scale\), got 64.5"),
+                        ({"noise": float("nan")}, "noise must be"), ({"texture": 5}, r"texture must be in \[0, 1\]")]:
         with pytest.raises(ValueError, match=needle):
             write_synthetic_dataset(tmp_path / "bad", num_classes=1, **small, **bad)
+
+
+def test_the_benchmarks_raw_clip_settings_pass_the_synthetic_checks(tmp_path):
+    from mergekit_video.data import write_synthetic_dataset
+    from mergekit_video.data.bench import RAW_CLIP
+
+    assert RAW_CLIP["noise"] == 6.0  # pixel levels: refused by the old [0, 1] check, so `mergevid bench data` failed
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    # every argument check passes; only the root (checked last, before any rendering) is refused
+    with pytest.raises(FileExistsError, match="exists and is not a folder"):
+        write_synthetic_dataset(not_a_folder, num_classes=6, videos_per_class=2, val_per_class=0, num_novel_classes=0,
+                                frames=RAW_CLIP["frames"], size=RAW_CLIP["size"], fps=RAW_CLIP["fps"], gop=None,
+                                texture=RAW_CLIP["texture"], noise=RAW_CLIP["noise"], preset=None, crf=None, overwrite=True)

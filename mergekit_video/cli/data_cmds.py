@@ -36,7 +36,7 @@ def synth_cmd(
     fps: float = typer.Option(15.0, "--fps", help="Frame rate written in the files."),
     gop: Optional[int] = typer.Option(None, "--gop", help="Keyframe interval (default: x264's 250)."),
     texture: float = typer.Option(0.0, "--texture", help="Panning noise background strength 0..1 (realistic decode cost)."),
-    noise: float = typer.Option(0.0, "--noise", help="Per-frame grain standard deviation (camera-like bitrate)."),
+    noise: float = typer.Option(0.0, "--noise", help="Per-frame grain standard deviation in pixel levels, 0..64 on the 0-255 scale (camera-like bitrate; the benchmark uses 6)."),
     seed: int = typer.Option(_SYN["seed"], "--seed", help="Random seed."),
     workers: int = typer.Option(1, "--workers", help="Encoding processes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder: its videos/ folder, lists (train.txt, val.txt, novel.txt), class CSVs and settings are REPLACED; other files stay."),

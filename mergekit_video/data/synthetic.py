@@ -97,13 +97,17 @@ def _mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: f
     raise ValueError(f"unknown shape {shape!r}")
 
 
+MAX_NOISE = 64.0  # grain standard deviation, in pixel levels (0-255): beyond this the picture is lost in it
+
+
 def render_clip(cls: tuple[str, str, str], *, frames: int, size: tuple[int, int], rng: np.random.Generator, texture: float = 0.0,
                 noise: float = 0.0) -> np.ndarray:
     """Frames ``[N, H, W, 3]`` uint8 of one video of class ``cls`` with random placement and speed.
 
     ``texture`` (0..1) adds a slowly panning noise background, which makes decoding cost like
-    real footage (flat backgrounds compress to almost nothing); ``noise`` is the standard deviation
-    of per-frame sensor-like grain (unpredictable, so it raises the bitrate like camera footage).
+    real footage (flat backgrounds compress to almost nothing); ``noise`` is the standard deviation,
+    in pixel levels of the 0-255 scale (0..``MAX_NOISE``), of per-frame sensor-like grain
+    (unpredictable, so it raises the bitrate like camera footage).
     """
     colour, shape, motion = cls
     h, w = size
@@ -197,9 +201,10 @@ def write_synthetic_dataset(
         raise ValueError("videos_per_class and frames must be >= 1, val_per_class >= 0")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    for key, value in (("texture", texture), ("noise", noise)):
-        if not 0 <= value <= 1:
-            raise ValueError(f"{key} must be in [0, 1], got {value}")
+    if not 0 <= texture <= 1:
+        raise ValueError(f"texture must be in [0, 1] (background strength), got {texture}")
+    if not 0 <= noise <= MAX_NOISE:
+        raise ValueError(f"noise must be in [0, {MAX_NOISE:g}] pixel levels (the grain's standard deviation on the 0-255 scale), got {noise}")
     h, w = size
     if h % 2 or w % 2 or h < 16 or w < 16:
         raise ValueError(f"size must be even and at least 16x16 (H, W), got {size}")
