@@ -907,6 +907,17 @@ def test_multi_view_averages_softmax_probabilities_and_counts_each_video_once():
         evaluate(_LogitsModel(), [batch], cls, view_reduce="max")
 
 
+def test_failed_videos_are_counted_per_list_line_not_per_path():
+    frames = torch.tensor([[[[5.0, 0.0, 0.0]]]])[:, :, :, :, None, None]  # [B=1, V=1, T=1, C=3, 1, 1]
+    good = {"frames": frames, "label": torch.tensor([0]), "index": torch.tensor([1]), "failed": ["/d/zero.mp4"], "failed_index": [0]}
+    # the list names zero.mp4 on lines 0 and 3: two videos that failed; line 0 again (DDP padding) is the same one
+    again = {"frames": frames[:0], "label": torch.tensor([], dtype=torch.long), "index": torch.tensor([], dtype=torch.long),
+             "failed": ["/d/zero.mp4", "/d/zero.mp4"], "failed_index": [3, 0]}
+    res = evaluate(_LogitsModel(), [good, again], torch.zeros(3, 1))
+    assert (res.num_videos, res.num_failed, res.failed) == (1, 2, ["/d/zero.mp4"])
+    assert res.variants["model"].top1 == 100.0
+
+
 def test_an_evaluation_of_no_video_is_an_error_not_zero_percent():
     empty = {"frames": torch.empty(0, 1, 1, 3, 1, 1), "label": torch.empty(0, dtype=torch.long),
              "index": torch.empty(0, dtype=torch.long), "failed": ["/d/b.mp4", "/d/a.mp4"]}

@@ -201,7 +201,7 @@ def evaluate(
     model.eval()
     cls = class_features.to(device)
     records: dict[int, dict[str, tuple[bool, ...]]] = {}
-    failed: list[str] = []
+    failed: list[tuple[Any, str]] = []  # (dataset index, else path; path) of each skipped item
     bad_seen: set[str] = set()
     start = time.perf_counter()
     from ..data import normalize_frames
@@ -209,7 +209,9 @@ def evaluate(
     try:
         for batch in loader:
             note_batch_failures(batch, bad_seen)  # logs each new bad video once
-            failed.extend(batch.get("failed", []))
+            paths, indices = list(batch.get("failed", [])), list(batch.get("failed_index", []) or [])
+            # counted by dataset index: a list may name one file twice (each line is a video to evaluate)
+            failed.extend(zip(indices if len(indices) == len(paths) else paths, paths))
             if batch["label"].numel() == 0:  # every item of the batch failed (on_error: skip)
                 continue
             frames = batch["frames"].to(device, non_blocking=True)
@@ -228,15 +230,16 @@ def evaluate(
     finally:
         model.train(was_training)
     records, failed = _gather(records, failed)
+    failed_items = dict(failed)  # DDP padding repeats indices: each failed item once
+    failed_paths = sorted(set(failed_items.values()))
     n = len(records)
     if n == 0:
         label = f"dataset {dataset_name!r}" if dataset_name else "the evaluation"
-        failed = sorted(set(failed))
         raise NoVideoEvaluatedError(
             f"no video of {label} was evaluated: "
-            + (f"all {len(failed)} failed to load (first: {failed[0]}); check the data root and the video list"
-               if failed else "its video list is empty"),
-            failed=failed,
+            + (f"all {len(failed_items)} failed to load (first: {failed_paths[0]}); check the data root and the video list"
+               if failed_items else "its video list is empty"),
+            failed=failed_paths,
         )
     results = {}
     for var in variants:
@@ -248,8 +251,8 @@ def evaluate(
         dataset=dataset_name,
         variants=results,
         num_videos=n,
-        num_failed=len(set(failed)),
-        failed=sorted(set(failed)),
+        num_failed=len(failed_items),
+        failed=failed_paths,
         views=views,
         seconds=time.perf_counter() - start,
     )
@@ -319,7 +322,7 @@ def _check_expert_counts(model: torch.nn.Module, variants: Sequence[Variant]) ->
         )
 
 
-def _gather(records: dict[int, Any], failed: list[str]) -> tuple[dict[int, Any], list[str]]:
+def _gather(records: dict[int, Any], failed: list[tuple[Any, str]]) -> tuple[dict[int, Any], list[tuple[Any, str]]]:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -327,7 +330,7 @@ def _gather(records: dict[int, Any], failed: list[str]) -> tuple[dict[int, Any],
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (records, failed))
     merged: dict[int, Any] = {}
-    all_failed: list[str] = []
+    all_failed: list[tuple[Any, str]] = []
     for recs, fails in gathered:
         merged.update(recs)
         all_failed.extend(fails)
