@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -441,10 +442,13 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
 
     monkeypatch.setenv("COLUMNS", "1000")  # paths under a long --basetemp would be folded inside a word
 
+    from mergekit_video.models import build_video_clip
+
+    config = json.dumps(build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2).config)
     a, b, ckpt = tmp_path / "mote_a" / "model", tmp_path / "mote_b" / "model", tmp_path / "mote_a" / "checkpoints" / "step_00000020"
     for p in (a, b, ckpt):
         p.mkdir(parents=True)
-        (p / "config.json").write_text("{}")  # enough to be taken for a model here
+        (p / "config.json").write_text(config)  # a model's config without its tensors
     assert [default_eval_dir(p) for p in (a, b, ckpt)] == [
         Path("runs/eval/mote_a_model"), Path("runs/eval/mote_b_model"), Path("runs/eval/mote_a_checkpoints_step_00000020")]
     assert default_eval_dir(a, tmp_path / "ucf" / "val.txt") == Path("runs/eval/mote_a_model_ucf_val")  # one folder per list
@@ -460,7 +464,7 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     assert not (tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_v").exists()
     for name in ("v.txt", "w.txt", "s1.txt", "s2.txt", "c.csv"):
         (tmp_path / name).write_text("")
-    # with the files there, the run starts (recipe.yaml) and fails on the model ({} is no model config)
+    # with the files there, the run starts (recipe.yaml) and fails on the model (no tensor files)
     assert cli_main(["eval", str(a), "--list", "v.txt", "--classes", str(tmp_path / "c.csv")]) == 1
     capsys.readouterr()
     saved = (tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_v" / "recipe.yaml").read_text()
@@ -473,6 +477,13 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     (tmp_path / "empty").mkdir()
     assert cli_main(["eval", "empty", "--list", "x.txt", "--classes", "c.csv"]) == 1
     assert "empty is not a mergekit_video model directory or checkpoint (no config.json)" in capsys.readouterr().err
+    # a config.json that is no model config is named before an output folder is made
+    (tmp_path / "notmodel").mkdir()
+    (tmp_path / "notmodel" / "config.json").write_text('{"format": "mergekit_video/video_clip", "format_version": 1}')
+    assert cli_main(["eval", "notmodel", "--list", "x.txt", "--classes", "c.csv"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "config.json is not a valid mergekit_video model config" in err and "notmodel" in err
+    assert not list((tmp_path / "runs" / "eval").glob("notmodel*"))
     assert not list((tmp_path / "runs" / "eval").glob("empty*"))  # nothing written for it
     # zero-shot: the lists are the splits of one dataset
     assert cli_main(["eval", str(a), "--list", "s1.txt", "--list", "s2.txt", "--classes", "c.csv"]) == 1

@@ -304,11 +304,12 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return _open_saved(Path(path), validate=False).config
 
 
-def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_model_config(path: str | os.PathLike, *, validate: bool = True) -> dict[str, Any]:
     """The architecture config of a saved model (directory, export or trainer checkpoint); raises
-    ``FileNotFoundError`` naming the path when it holds none. Only its being a JSON object is checked
-    here (:func:`load` validates its structure)."""
-    return _open_saved(Path(path), validate=False).config
+    ``FileNotFoundError`` naming the path when it holds none, and ``ValueError`` naming the file
+    and key when its structure is not a model config (:func:`validate_model_config`; with
+    ``validate=False`` only its being a JSON object is checked). No tensor is read."""
+    return _open_saved(Path(path), validate=validate).config
 
 
 class _Saved:
