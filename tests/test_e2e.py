@@ -563,7 +563,8 @@ def test_explicit_resume_refuses_other_data_units_and_models_and_yields_to_own_c
     out = _new_run_dir(tmp_path / "run", synthetic_data)
     for changed, message in (
         ("train.grad_accumulation=2", r"stopped inside an epoch, counting its data in other units \(grad_accumulation 1 -> 2; micro_batch 6 -> 3\)"),
-        ("model.num_experts=2", r"holds another model than this recipe builds \(Unexpected key\(s\) in state_dict"),
+        ("model.num_experts=2", r"holds another model than this recipe builds \(it has 16 unexpected tensors \('head.transformer.resblocks.0.mlp.experts.2.c_fc.bias', "
+                                r"[^()]* \(and 13 more\)\)\); resume with the model settings"),
     ):
         cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", changed, f"train.resume={start}"])
         with pytest.raises(ValueError, match=rf"^train.resume: checkpoint {start} " + message):

@@ -416,12 +416,21 @@ class Trainer:
         log.debug("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batches_in_epoch)
 
     def _load_model(self, ckpt: Any) -> None:
+        from ..models.checkpoint import describe_mismatches, state_mismatches
+
+        def shapes(state: Any) -> dict[str, tuple[int, ...] | None]:
+            return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+
+        mismatch = describe_mismatches(*state_mismatches(shapes(self.model.state_dict()), shapes(ckpt.model_state)))
         try:
+            if mismatch:  # one line naming the first keys, not torch's multi-kB list
+                raise RuntimeError(mismatch)
             self.model.load_state_dict(ckpt.model_state, strict=True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()
+            why = f"it {mismatch}" if mismatch else first[1].strip() if len(first) > 1 else first[0]
             raise ValueError(
-                f"train.resume: checkpoint {ckpt.path} holds another model than this recipe builds ({first[1].strip() if len(first) > 1 else first[0]}); "
+                f"train.resume: checkpoint {ckpt.path} holds another model than this recipe builds ({why}); "
                 "resume with the model settings it was trained with (see its run's recipe.yaml), or set train.resume=null"
             ) from exc
 
