@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import copy
 import operator
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -670,6 +671,14 @@ class ExpertContainer(nn.Module):
         return torch.cat(outs, dim=0)
 
     def _routed_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        if _recomputed_in_backward() and (getattr(self.router, "stochastic", True) or router_keeps_state(self.router)):
+            raise RuntimeError(
+                f"an ExpertContainer with a {type(self.router).__name__} is being recomputed in backward by a plain "
+                "gradient checkpoint (torch.utils.checkpoint, timm's or open_clip's set_grad_checkpointing) around it: "
+                "its router would draw another expert than the forward did, and the gradients would be wrong. "
+                "Checkpoint with mergekit_video.experts.checkpoint_routed (it replays the routing), or turn that "
+                "module's gradient checkpointing off"
+            )
         routing = self.router(x)
         self.last_routing = routing
         self.aux_losses = routing.aux_losses
@@ -942,6 +951,18 @@ def _set_routing_state(c: ExpertContainer, state: tuple[Any, torch.Tensor, Any])
         c.router.set_extra_state(copy.deepcopy(extra))
 
 
+_replay = threading.local()  # .depth > 0 while checkpoint_routed recomputes with the recorded routing (in that thread)
+
+
+def _recomputed_in_backward() -> bool:
+    """Whether a forward runs inside autograd's backward (a checkpoint's recomputation) other than
+    :func:`checkpoint_routed`'s replay; never under ``torch.compile`` tracing."""
+    if torch.compiler.is_compiling() or getattr(_replay, "depth", 0):
+        return False
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 def checkpoint_routed(module: nn.Module, function: Callable[..., Any], *args: Any) -> Any:
     """:func:`torch.utils.checkpoint.checkpoint` (non-reentrant) for code that runs containers of ``module``.
 
@@ -965,11 +986,13 @@ def checkpoint_routed(module: nn.Module, function: Callable[..., Any], *args: An
         if calls == 1:  # the original forward
             return function(*inner)
         current = [(_routing_state(c), c.aux_losses, c.last_routing) for c in containers]
+        _replay.depth = getattr(_replay, "depth", 0) + 1
         try:
             for c, state in zip(containers, recorded):
                 _set_routing_state(c, state)
             return function(*inner)
         finally:
+            _replay.depth -= 1
             for c, (state, aux, last) in zip(containers, current):
                 _set_routing_state(c, state)
                 c.aux_losses, c.last_routing = aux, last

@@ -870,6 +870,28 @@ def test_checkpoint_routed_recomputes_with_the_original_routing(granularity):
     assert sum(p.grad is not None for p in ckpt[1].experts.parameters()) >= 2  # several experts were used
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_plain_checkpoint_recomputing_a_stochastic_router_fails_instead_of_wrong_gradients(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    def build(router: str, **kw) -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), ExpertContainer(experts(4), router=router, router_kwargs=kw))
+
+    x = torch.randn(6, 4, requires_grad=True)
+    model = build("multinomial", seed=3)
+    out = checkpoint(model, x, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match=r"^an ExpertContainer with a MultinomialRouter is being recomputed in backward by a plain "
+                                           r"gradient checkpoint .*mergekit_video.experts.checkpoint_routed"):
+        out.pow(2).sum().backward()
+    # a deterministic router recomputes the same choice: the gradients equal an uncheckpointed backward
+    direct, ckpt = build("fixed", expert=2), build("fixed", expert=2)
+    direct(x).pow(2).sum().backward()
+    checkpoint(ckpt, x, use_reentrant=reentrant).pow(2).sum().backward()
+    for a, b in zip(direct.parameters(), ckpt.parameters()):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-6))
+
+
 def test_merged_forward_swaps_tensors_only_for_the_call():
     c = ExpertContainer(experts(3), "multinomial")
     first = c.experts[0]
