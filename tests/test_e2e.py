@@ -1247,11 +1247,23 @@ def test_bench_head_writes_json_and_markdown(tmp_path, capsys):
     assert "head shape '100x2': the width must be a positive multiple of 64" in capsys.readouterr().err
 
 
-def test_bench_train_writes_json(tmp_path, capsys):
+def test_bench_train_writes_json(tmp_path, capsys, monkeypatch):
+    from mergekit_video.training import benchmark
+
+    timed: list[list[str]] = []
+    original = benchmark.time_interleaved
+
+    def spy(fns, **kw):
+        timed.append(list(fns))
+        return original(fns, **kw)
+
+    monkeypatch.setattr(benchmark, "time_interleaved", spy)
     out = tmp_path / "train.json"
     assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "0", "--batch-size", "2", "--output", str(out)]) == 0
+    assert timed == [["mote", "baseline"]]  # both variants timed in alternation, in one call
     res = json.loads(out.read_text())
     assert {"device", "batch_size", "frames", "input_size", "runs", "overhead_mote_vs_baseline", "compile", "grad_checkpointing"} <= set(res)
+    assert (res["precision"], res["model"], res["num_experts"], res["steps"], res["warmup"]) == ("fp32", "mergevid-tiny-vit", 4, 1, 0)
     assert (res["compile"], res["grad_checkpointing"]) == (False, False)  # the quickstart recipe's train settings
     assert (res["batch_size"], res["frames"], res["input_size"]) == (2, 8, 32)
     assert sorted(res["runs"]) == ["baseline", "mote"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -80,7 +81,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device,
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _prepare_device(device: torch.device) -> bool:
@@ -142,7 +143,11 @@ def bench_head(
 
     dev = _resolve_device(device)
     tuned = _prepare_device(dev)
-    out: dict[str, Any] = {"device": describe_device(dev), "cpu_allocator_tuned": tuned, "batch_size": batch_size, "frames": frames, "num_experts": num_experts, "shapes": {}}
+    out: dict[str, Any] = {
+        "device": describe_device(dev), "cpu_allocator_tuned": tuned, "precision": "bf16" if dev.type == "cuda" else "fp32",
+        "batch_size": batch_size, "frames": frames, "num_experts": num_experts, "num_classes": num_classes,
+        "steps": steps, "warmup": warmup, "shapes": {},
+    }
     for name, width, layers in shapes:
         torch.manual_seed(0)
         feats = F.normalize(torch.randn(batch_size, frames, width, device=dev), dim=-1)
@@ -261,9 +266,15 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
 
     The model is built from the recipe without pretrained weights (speed does not depend on
     them); frames are uint8 on the device, normalised on the device as in training. The
-    recipe's ``train.grad_checkpointing`` and ``train.compile`` apply, as in training. On CUDA,
-    model FLOPs are counted for MFU (see :func:`_count_model_flops`).
+    recipe's ``precision``, ``train.grad_checkpointing`` and ``train.compile`` apply, as in
+    training. MoTE and the baseline (no experts, no WMR, no MSE) are both built first and then
+    timed in alternation (:func:`time_interleaved`), so that a shared machine's drifts hit both
+    alike and their ratio stays meaningful. On CUDA, model FLOPs are counted for MFU (see
+    :func:`_count_model_flops`), and each variant's peak memory is measured in one more step,
+    less the memory the other variant holds.
     """
+    from .precision import resolve_precision
+
     dev = _resolve_device(cfg.get("device", "auto"))
     tuned = _prepare_device(dev)
     data = cfg["data"]
@@ -272,75 +283,93 @@ def bench_train(cfg: dict[str, Any], *, steps: int = 10, warmup: int = 3, batch_
     size = data.get("input_size")  # None: the model's own frame size (set once the model is built)
     train_cfg = cfg.get("train") or {}
     compile_visual = bool(train_cfg.get("compile"))
+    precision = resolve_precision(dev, cfg.get("precision", "auto"))
     results: dict[str, Any] = {
-        "device": describe_device(dev), "cpu_allocator_tuned": tuned, "batch_size": b, "frames": t, "input_size": size,
-        "compile": compile_visual, "grad_checkpointing": bool(train_cfg.get("grad_checkpointing")), "runs": {},
+        "device": describe_device(dev), "cpu_allocator_tuned": tuned, "precision": precision, "batch_size": b, "frames": t,
+        "input_size": size, "model": cfg["model"].get("clip_name"), "num_experts": cfg["model"].get("num_experts"),
+        "steps": steps, "warmup": warmup, "compile": compile_visual, "grad_checkpointing": bool(train_cfg.get("grad_checkpointing")),
+        "runs": {},
     }
     variants = [("mote", cfg["model"], cfg["objective"])]
     if baseline:
         base_model = {**cfg["model"], "num_experts": 0}
         base_obj = {**cfg["objective"], "wmr_weight": 0.0, "mse_weight": 0.0}
         variants.append(("baseline", base_model, base_obj))
+    built: dict[str, _TrainVariant] = {}
     for label, model_cfg, obj_cfg in variants:
-        run, size = _time_train_variant(
-            cfg, model_cfg, obj_cfg, dev=dev, batch_size=b, frames=t, size=size, steps=steps, warmup=warmup,
+        built[label] = _TrainVariant(
+            cfg, model_cfg, obj_cfg, dev=dev, batch_size=b, frames=t, size=size, precision=precision,
             grad_checkpointing=results["grad_checkpointing"], compile_visual=compile_visual,
         )
-        results["input_size"] = size
-        results["runs"][label] = run
-        if dev.type == "cuda":  # the variant's model and optimizer are gone with its scope
-            torch.cuda.empty_cache()
+        size = built[label].size
+    results["input_size"] = size
+    seconds = time_interleaved({label: v.step for label, v in built.items()}, device=dev, steps=steps, warmup=max(0, warmup - 1))
+    for label, v in built.items():
+        run: dict[str, Any] = {"step_s": seconds[label], "clips_per_s": b / seconds[label]}
+        if v.flops is not None:
+            peak = peak_flops(dev) if precision in ("bf16", "fp16") else None  # the table holds 16-bit tensor-core peaks
+            run["flops_per_step"] = v.flops
+            run["achieved_tflops"] = v.flops / seconds[label] / 1e12
+            run["mfu"] = None if peak is None else v.flops / seconds[label] / peak
+            run["peak_tflops"] = None if peak is None else peak / 1e12
+        if dev.type == "cuda":
+            others = sum(o.resident_bytes for k, o in built.items() if k != label)
+            torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
+            v.step()
+            torch.cuda.synchronize(dev)
+            run["max_memory_gib"] = (torch.cuda.max_memory_allocated(dev) - others) / 2**30
+        results["runs"][label] = run
     if "baseline" in results["runs"]:
         results["overhead_mote_vs_baseline"] = results["runs"]["mote"]["step_s"] / results["runs"]["baseline"]["step_s"]
     return results
 
 
-def _time_train_variant(
-    cfg: dict[str, Any], model_cfg: dict[str, Any], obj_cfg: dict[str, Any], *, dev: torch.device, batch_size: int, frames: int,
-    size: int | None, steps: int, warmup: int, grad_checkpointing: bool, compile_visual: bool,
-) -> tuple[dict[str, Any], int]:
-    """Build one model + objective + AdamW from the recipe and time its training step; returns (run, input size)."""
-    from ..config import instantiate
-    from ..data import normalize_frames
-    from ..training.optim import build_optimizer, build_param_groups
-    from ..training.trainer import TrainStep
+class _TrainVariant:
+    """One model + objective + AdamW built from the recipe, with its training step (``step()``),
+    warmed up once (optimizer state created, compiled if asked); ``resident_bytes``: the device
+    memory it keeps between steps (weights, optimizer state, inputs)."""
 
-    torch.manual_seed(0)
-    model = instantiate({**model_cfg, "pretrained": None}, _path="model").to(dev).train()
-    if grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    objective = instantiate(obj_cfg, _path="objective")
-    step_module = TrainStep(model=model, objective=objective)
-    o = cfg.get("optimizer", {})
-    groups = build_param_groups(model, groups=[{"name": "clip", "match": ["clip.*"], "lr": o.get("clip_lr", 3e-6)}], lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
-    opt = build_optimizer(groups, lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
-    size = int(size or model.input_size or 224)  # None: the model's own frame size
-    classes = F.normalize(torch.randn(400, model.head.width, device=dev), dim=-1)
-    frames_u8 = torch.randint(0, 256, (batch_size, frames, 3, size, size), dtype=torch.uint8, device=dev)
-    labels = torch.randint(0, 400, (batch_size,), device=dev)
+    def __init__(
+        self, cfg: dict[str, Any], model_cfg: dict[str, Any], obj_cfg: dict[str, Any], *, dev: torch.device, batch_size: int,
+        frames: int, size: int | None, precision: str, grad_checkpointing: bool, compile_visual: bool,
+    ) -> None:
+        from ..config import instantiate
+        from ..data import normalize_frames
+        from ..training.optim import build_optimizer, build_param_groups
+        from ..training.trainer import TrainStep
+        from .precision import autocast_context
 
-    def step(clip_count: int = batch_size) -> None:
-        clips = normalize_frames(frames_u8[:clip_count])  # [B, T, 3, H, W] float, on the device as in training
-        with _autocast(dev):
-            loss = step_module(clips, labels[:clip_count], classes).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+        torch.manual_seed(0)
+        model = instantiate({**model_cfg, "pretrained": None}, _path="model").to(dev).train()
+        if grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        objective = instantiate(obj_cfg, _path="objective")
+        step_module = TrainStep(model=model, objective=objective)
+        o = cfg.get("optimizer", {})
+        groups = build_param_groups(model, groups=[{"name": "clip", "match": ["clip.*"], "lr": o.get("clip_lr", 3e-6)}], lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
+        opt = build_optimizer(groups, lr=o.get("lr", 5e-5), weight_decay=o.get("weight_decay", 0.2))
+        self.size = int(size or model.input_size or 224)  # None: the model's own frame size
+        classes = F.normalize(torch.randn(400, model.head.width, device=dev), dim=-1)
+        frames_u8 = torch.randint(0, 256, (batch_size, frames, 3, self.size, self.size), dtype=torch.uint8, device=dev)
+        labels = torch.randint(0, 400, (batch_size,), device=dev)
 
-    flops = _count_model_flops(model, step, batch_size=batch_size) if dev.type == "cuda" else None
-    if compile_visual:
-        model.visual.compile()  # as train.compile=true does; compiled during the warm-up steps
-    seconds = time_fn(step, device=dev, steps=steps, warmup=warmup)
-    run: dict[str, Any] = {"step_s": seconds, "clips_per_s": batch_size / seconds}
-    peak = peak_flops(dev)
-    if flops is not None:
-        run["flops_per_step"] = flops
-        run["achieved_tflops"] = flops / seconds / 1e12
-        run["mfu"] = None if peak is None else flops / seconds / peak
-        run["peak_tflops"] = None if peak is None else peak / 1e12
-        run["max_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    return run, size
+        def step(clip_count: int = batch_size) -> None:
+            clips = normalize_frames(frames_u8[:clip_count])  # [B, T, 3, H, W] float, on the device as in training
+            with autocast_context(dev, precision):
+                loss = step_module(clips, labels[:clip_count], classes).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        self.flops = _count_model_flops(model, step, batch_size=batch_size) if dev.type == "cuda" else None
+        if compile_visual:
+            model.visual.compile()  # as train.compile=true does; compiled during the first step
+        self.step = step
+        step()  # the optimizer's state exists from here on
+        _sync(dev)
+        self.resident_bytes = torch.cuda.memory_allocated(dev) - before if dev.type == "cuda" else 0
 
 
 def render_train_markdown(res: dict[str, Any]) -> str:
