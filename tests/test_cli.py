@@ -576,6 +576,14 @@ def test_eval_model_options_out_of_range_are_named(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_data_counts_out_of_range_are_named_before_any_work(tmp_path, capsys):
+    for option, low in (("--workers", 0), ("--videos", 1), ("--num-frames", 1), ("--batch-size", 1), ("--repeats", 1)):
+        args = ["bench", "data", option, str(low - 1), "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "o.json")]
+        assert cli_main(args) == 2
+        assert f"Error: Invalid value for '{option}': Input should be greater than or equal to {low}" in capsys.readouterr().err.splitlines()
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o.json").exists()
+
+
 def test_recipe_that_is_not_utf8_is_named(tmp_path, capsys):
     """A latin-1 or UTF-16 recipe gave only "'utf-8' codec can't decode byte 0xe9 in position 28"."""
     latin1, utf16 = tmp_path / "latin1.yaml", tmp_path / "utf16.yaml"

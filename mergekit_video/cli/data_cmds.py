@@ -90,12 +90,12 @@ def prepare_cmd(
 def bench_data_cmd(
     list_file: Optional[Path] = typer.Option(None, "--list", help="Annotation list to benchmark (default: a synthetic long-GOP set)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Dataset root for --list (default: the list's folder)."),
-    workers: int = typer.Option(1, "--workers", help="DataLoader workers for every pipeline (0: in-process)."),
+    workers: int = typer.Option(1, "--workers", min=0, help="DataLoader workers for every pipeline (0: in-process)."),
     output: Path = typer.Option(Path("bench_data.json"), "--output", help="JSON results file."),
-    videos: int = typer.Option(24, "--videos", help="Videos per file set (synthetic, or the first N of --list)."),
-    num_frames: int = typer.Option(8, "--num-frames", help="Frames per clip (T)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Clips per batch."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed sweeps over the videos per pipeline (medians reported)."),
+    videos: int = typer.Option(24, "--videos", min=1, help="Videos per file set (synthetic, or the first N of --list)."),
+    num_frames: int = typer.Option(8, "--num-frames", min=1, help="Frames per clip (T)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Clips per batch."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed sweeps over the videos per pipeline (medians reported)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where the synthetic and prepared sets are kept (reused)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
