@@ -182,9 +182,12 @@ class TopKRouter(Router):
     - ``z_loss`` = mean over groups of logsumexp(gate logits)².
 
     Args:
-        dim: input feature size (last dim of x).
+        dim: input feature size (last dim of x; dim 1 with ``channels_first``).
         k: experts per group.
         granularity: ``token`` or ``sample`` (a sample is represented by its mean token).
+        channels_first: the input is ``[B, C, ...]`` (convolutions): a sample is represented by
+            its mean over the positions, ``[B, C]``; sample granularity only. :func:`build_router`
+            sets it for an expert whose first layer is a convolution.
         renormalize: divide the k selected probabilities by their sum. ``None`` (default):
             only when k > 1. With k = 1 renormalising would make every weight 1 and cut the
             gate off from the task loss, so the weight is the softmax probability itself, as in
@@ -203,10 +206,14 @@ class TopKRouter(Router):
         k: int = 1,
         granularity: str = "token",
         renormalize: bool | None = None,
+        channels_first: bool = False,
         **kw,
     ) -> None:
         if granularity == "batch":
             raise ValueError("topk router works at 'token' or 'sample' granularity, not 'batch'")
+        if channels_first and granularity != "sample":
+            raise ValueError("topk router: channels_first inputs ([B, C, H, W], convolutions) are routed per sample: pass granularity='sample'")
+        self.channels_first = bool(channels_first)
         super().__init__(num_experts=num_experts, granularity=granularity, **kw)
         if not 1 <= k <= num_experts:
             raise ValueError(f"topk router k={k} must be in [1, {num_experts}]")
@@ -218,9 +225,13 @@ class TopKRouter(Router):
 
     def route(self, x: torch.Tensor) -> RouterOutput:
         """Top-k of the gate's softmax per token or sample (renormalised if so configured); aux: load-balance and z-loss."""
-        if x.shape[-1] != self.dim:
+        if self.channels_first:
+            if x.dim() < 2 or x.shape[1] != self.dim:
+                self._raise_width_mismatch(x.shape[1] if x.dim() >= 2 else x.shape[-1])
+            feats = x.reshape(x.shape[0], x.shape[1], -1).mean(dim=-1)  # [B, C, ...] → [B, C]
+        elif x.shape[-1] != self.dim:
             self._raise_width_mismatch(x.shape[-1])
-        if self.granularity == "sample":
+        elif self.granularity == "sample":
             feats = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)  # [B, D]
         else:
             feats = x.reshape(-1, x.shape[-1])  # [N, D]
@@ -243,8 +254,9 @@ class TopKRouter(Router):
 
     def _raise_width_mismatch(self, width: int) -> None:
         source = f" ({self.dim_source})" if self.dim_source else ""
+        axis = "dim 1 of x, channels first" if self.channels_first else "the last dim of x"
         raise ValueError(
-            f"topk router: its input has width {width} (the last dim of x) but the router's dim is "
+            f"topk router: its input has width {width} ({axis}) but the router's dim is "
             f"{self.dim}{source}; pass dim={width} (add_experts(..., dim={width}), "
             f"ExpertContainer(..., router_kwargs={{'dim': {width}}}) or TopKRouter(dim={width}))"
         )
@@ -264,18 +276,24 @@ def build_router(router: str | Router, *, module: nn.Module | None = None, **kwa
     if isinstance(router, nn.Module):
         return router
     source = None
-    if "dim" not in kwargs and "dim" in inspect.signature(ROUTERS.get(router)).parameters:
-        found = next(((n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)), None) if module is not None else None
+    params = inspect.signature(ROUTERS.get(router)).parameters
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    found = next(((n, m) for n, m in module.named_modules() if isinstance(m, layers)), None) if module is not None else None
+    conv = found is not None and not isinstance(found[1], nn.Linear)
+    if "channels_first" in params and "channels_first" not in kwargs and conv and kwargs.get("granularity") == "sample":
+        kwargs["channels_first"] = True  # a convolution reads [B, C, ...] (per-token routing of one is refused by surgery)
+    if "dim" not in kwargs and "dim" in params:
         if found is None:
             raise ValueError(
                 f"router {router!r} needs dim= (the width of its input); it could not be inferred "
-                f"({'no nn.Linear in the expert' if module is not None else 'no expert module given'}): pass dim"
+                f"({'no nn.Linear or convolution in the expert' if module is not None else 'no expert module given'}): pass dim"
             )
-        lname, linear = found
-        kwargs["dim"] = linear.in_features
+        lname, layer = found
+        what = "in_features" if isinstance(layer, nn.Linear) else "in_channels"
+        kwargs["dim"] = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
         source = (
-            f"inferred from the in_features of {lname!r}, the first nn.Linear of the expert in registration order"
-            if lname else "inferred from the in_features of the expert, an nn.Linear"
+            f"inferred from the {what} of {lname!r}, the first nn.{type(layer).__name__} of the expert in registration order"
+            if lname else f"inferred from the {what} of the expert, an nn.{type(layer).__name__}"
         )
     built = ROUTERS.build(router, **kwargs)
     if source is not None:

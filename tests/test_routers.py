@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from mergekit_video.registry import ROUTERS
 from mergekit_video.routers import (
@@ -261,3 +262,19 @@ def test_topk_router_names_a_width_that_does_not_fit_its_dim():
     mv.add_experts(fixed, "0", 2, router="topk", dim=8)
     assert fixed.train()(torch.randn(3, 8)).shape == (3, 8)
     assert build_router("topk", num_experts=2, module=nn.Linear(5, 3)).dim_source == "inferred from the in_features of the expert, an nn.Linear"
+
+
+def test_topk_sample_routing_of_a_convolution_reads_channels_not_width():
+    """[B, C, H, W] input: a sample is its mean over positions [B, C] (it was the mean over C and H, read as width W)."""
+    conv = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
+    router = build_router("topk", num_experts=3, module=conv, granularity="sample", seed=0)
+    assert (router.channels_first, router.dim) == (True, 6)
+    assert router.dim_source == "inferred from the in_channels of '0', the first nn.Conv2d of the expert in registration order"
+    x = torch.randn(4, 6, 5, 7)  # W = 7 ≠ C = 6
+    out = router(x)
+    logits = router.gate(x.mean(dim=(2, 3)))  # [B, C] → [B, E]
+    assert torch.equal(out.indices[:, 0], logits.argmax(-1))
+    with pytest.raises(ValueError, match=r"its input has width 5 \(dim 1 of x, channels first\) but the router's dim is 6"):
+        router(torch.randn(4, 5, 6, 6))
+    with pytest.raises(ValueError, match="channels_first inputs .* are routed per sample"):
+        build_router("topk", num_experts=3, module=conv, granularity="token", channels_first=True)

@@ -157,7 +157,7 @@ def test_surgery_errors():
         mv.add_experts(m, "head", 2, init="zeros")
     with pytest.raises(SurgeryError, match=r"^num_experts must be >= 1, got 0$"):
         mv.add_experts(m, "head", 0)
-    with pytest.raises(SurgeryError, match=r"^router 'topk' needs dim= \(the width of its input\); it could not be inferred \(no nn.Linear in the expert\): pass dim$"):
+    with pytest.raises(SurgeryError, match=r"^router 'topk' needs dim= \(the width of its input\); it could not be inferred \(no nn.Linear or convolution in the expert\): pass dim$"):
         mv.add_experts(m, "blocks.0.norm", 2, router="topk")
     with pytest.raises(SurgeryError, match=r"^target is empty: give a glob or a list of globs"):
         mv.add_experts(m, [], 2)
