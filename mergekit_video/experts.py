@@ -345,7 +345,8 @@ class ExpertContainer(nn.Module):
             x: input of the expert module.
             weights: ``[N]`` coefficients (not renormalised).
         """
-        w = torch.as_tensor(weights, dtype=torch.float32)
+        # a tensor keeps its float dtype (float64 coefficients stay exact); Python floats are float64
+        w = weights if isinstance(weights, torch.Tensor) and weights.is_floating_point() else torch.as_tensor(weights, dtype=torch.float64)
         if w.shape != (self.num_experts,):
             raise ValueError(f"merged_forward needs weights of shape [{self.num_experts}] (one per expert), got {list(w.shape)}")
         merged = self._merge_slots(w)

@@ -892,6 +892,18 @@ def test_a_plain_checkpoint_recomputing_a_stochastic_router_fails_instead_of_wro
         assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-6))
 
 
+def test_merged_forward_keeps_float64_coefficients_exact():
+    torch.manual_seed(0)
+    ex = [nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)).double() for _ in range(3)]
+    c = ExpertContainer(ex, "multinomial")
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w: c.merged_forward(h, w), (h, w))  # failed on w (rounded to float32)
+    merged = {k: sum(wi * e.state_dict()[k] for wi, e in zip([0.2, 0.3, 0.5], ex)) for k in ex[0].state_dict()}
+    ref = torch.func.functional_call(ex[0], merged, (h,))
+    assert (c.merged_forward(h, [0.2, 0.3, 0.5]) - ref).abs().max() < 1e-15  # Python floats: float64 (was 4e-9)
+
+
 def test_merged_forward_swaps_tensors_only_for_the_call():
     c = ExpertContainer(experts(3), "multinomial")
     first = c.experts[0]
