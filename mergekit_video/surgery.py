@@ -76,6 +76,8 @@ def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
     a container, raises :class:`SurgeryError` naming the container. Raises it too, showing the
     nearest module names, when a pattern matches nothing.
     """
+    if not isinstance(target, str) and not (isinstance(target, Sequence) and all(isinstance(t, str) for t in target)):
+        raise SurgeryError(f"target must be a glob or a list of globs over module names (such as 'blocks.*.mlp'), got {target!r}")
     patterns = [target] if isinstance(target, str) else list(target)
     if not patterns:
         raise SurgeryError("target is empty: give a glob or a list of globs over module names, such as 'blocks.*.mlp'")
@@ -87,6 +89,12 @@ def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
     for pat in patterns:
         everywhere = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not everywhere:
+            params = [n for n, _ in model.named_parameters() if fnmatch.fnmatchcase(n, pat)]
+            if params:
+                owner = params[0].rpartition(".")[0]
+                raise SurgeryError(f"target pattern {pat!r} matches the parameter {params[0]!r}, not a module: experts replace "
+                                   f"modules; target {owner!r}" if owner else f"target pattern {pat!r} matches the parameter "
+                                   f"{params[0]!r} of the model itself, not a module: experts replace submodules")
             raise SurgeryError(f"target pattern {pat!r} matches no module; nearest module names: {nearest_names(pat, names)}")
         hits = [n for n in everywhere if n not in inside_container]
         if not hits:
@@ -203,10 +211,12 @@ def add_experts(
         The qualified names of the replaced modules. A module shared under several names (tied
         weights) becomes one container under all of them, and all of them are returned.
     """
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"model must be an nn.Module, got {type(model).__name__}")
     if init not in EXPERT_INITS:
         raise SurgeryError(f"init must be one of {EXPERT_INITS}, got {init!r}")
-    if num_experts < 1:
-        raise SurgeryError(f"num_experts must be >= 1, got {num_experts}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise SurgeryError(f"num_experts must be an integer >= 1, got {num_experts!r}")
     matched = match_modules(model, target)
     # a module reachable under several names (tied weights) becomes one container under all of them
     aliases: dict[int, list[str]] = {}
@@ -244,7 +254,12 @@ def add_experts(
                     for p in e.parameters():
                         p.add_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(noise_std).to(p))
             experts.append(e)
-        container_router = _build_router(router, num_experts, original, router_kw, seed_offset + index)
+        try:
+            container_router = _build_router(router, num_experts, original, router_kw, seed_offset + index)
+        except SurgeryError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise SurgeryError(f"the router for {group[0]!r}: {err}") from err
         if getattr(container_router, "granularity", None) == "token":
             mixing = next(((n, m) for n, m in original.named_modules() if isinstance(m, _MIXES_POSITIONS)), None)
             if mixing is not None:
@@ -253,12 +268,15 @@ def add_experts(
                     f"{group[0]!r} {what}, which mixes positions: per-token routing runs each expert on single "
                     "tokens ([tokens, dim]); route it per batch or per sample"
                 )
-        container = ExpertContainer(
-            experts,
-            container_router,
-            merge,
-            merge_kwargs={**merge_kwargs, "base": bases[index]} if bases else merge_kwargs,
-        )
+        try:
+            container = ExpertContainer(
+                experts,
+                container_router,
+                merge,
+                merge_kwargs={**merge_kwargs, "base": bases[index]} if bases else merge_kwargs,
+            )
+        except (ValueError, TypeError) as err:
+            raise SurgeryError(f"experts for {group[0]!r}: {err}") from err
         container.to(next(original.parameters(), torch.empty(0)).device)
         container.train(original.training)
         containers.append(container)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -155,8 +157,19 @@ def test_surgery_errors():
     assert nearest_names("zzz", ["a", "b"], n=1) == "'a'"  # nothing close: the first names
     with pytest.raises(SurgeryError, match=r"^init must be one of \('normal', 'copy', 'copy_noise'\), got 'zeros'$"):
         mv.add_experts(m, "head", 2, init="zeros")
-    with pytest.raises(SurgeryError, match=r"^num_experts must be >= 1, got 0$"):
-        mv.add_experts(m, "head", 0)
+    for bad in (0, 2.5, "2", True):
+        with pytest.raises(SurgeryError, match=rf"^num_experts must be an integer >= 1, got {re.escape(repr(bad))}$"):
+            mv.add_experts(m, "head", bad)
+    with pytest.raises(SurgeryError, match=r"^target must be a glob or a list of globs over module names .*, got None$"):
+        mv.add_experts(m, None, 2)
+    with pytest.raises(SurgeryError, match=r"^model must be an nn.Module, got dict$"):
+        mv.add_experts({}, "head", 2)
+    with pytest.raises(SurgeryError, match=r"^target pattern 'head.weight' matches the parameter 'head.weight', not a module: experts replace modules; target 'head'$"):
+        mv.add_experts(m, "head.weight", 2)
+    from mergekit_video.routers import build_router
+
+    with pytest.raises(SurgeryError, match=r"^experts for 'head': router is built for 3 experts but the container has 4$"):
+        mv.add_experts(m, "head", 4, router=build_router("multinomial", num_experts=3))
     with pytest.raises(SurgeryError, match=r"^router 'topk' needs dim= \(the width of its input\); it could not be inferred \(no nn.Linear or convolution in the expert\): pass dim$"):
         mv.add_experts(m, "blocks.0.norm", 2, router="topk")
     with pytest.raises(SurgeryError, match=r"^target is empty: give a glob or a list of globs"):
