@@ -442,7 +442,10 @@ class ExpertContainer(nn.Module):
         """The cached merge's forward, merged again first if an expert tensor changed."""
         cache = self._merge_cache
         if cache is None or not self._merge_is_current(cache):
-            cache = self._remerge()
+            try:
+                cache = self._remerge()
+            except (ValueError, TypeError) as err:  # a merge argument that does not fit (a base of other shapes)
+                raise type(err)(f"{self._label()}: {err}") from err
         dense = cache[2]
         # a private module: skip nn.Module.__call__ unless some hook wants to see the call
         if dense._forward_hooks or dense._forward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks:
@@ -680,7 +683,10 @@ class ExpertContainer(nn.Module):
                 "Checkpoint with mergekit_video.experts.checkpoint_routed (it replays the routing), or turn that "
                 "module's gradient checkpointing off"
             )
-        routing = self.router(x)
+        try:
+            routing = self.router(x)
+        except ValueError as err:  # an input the router cannot take (a topk gate of another width)
+            raise ValueError(f"{self._label()}: {err}") from err
         self.last_routing = routing
         self.aux_losses = routing.aux_losses
         if routing.granularity == "batch":
@@ -689,7 +695,7 @@ class ExpertContainer(nn.Module):
         tensor_arg = next((repr(k) for k, v in (*enumerate(args, 1), *kwargs.items()) if isinstance(v, torch.Tensor)), None)
         if tensor_arg is not None:
             raise ValueError(
-                f"per-{routing.granularity} routing splits the input among the experts, but the experts also get the "
+                f"{self._label()}: per-{routing.granularity} routing splits the input among the experts, but the experts also get the "
                 f"tensor argument {tensor_arg}, which it cannot split alike; route per batch (MoTE), or pass the "
                 "experts only the input (other arguments that are not tensors, such as attn_mask=None, pass through)"
             )
@@ -707,7 +713,7 @@ class ExpertContainer(nn.Module):
                 if routing.granularity != "token" or isinstance(err, torch.OutOfMemoryError):
                     raise
                 raise RuntimeError(
-                    f"per-token routing runs each expert on the tokens routed to it, a [tokens, {flat.shape[-1]}] "
+                    f"{self._label()}: per-token routing runs each expert on the tokens routed to it, a [tokens, {flat.shape[-1]}] "
                     f"matrix, and the expert ({type(expert).__name__}) failed on it: a module that mixes positions "
                     f"(attention, convolution) cannot be routed per token; route it per batch or per sample. ({err})"
                 ) from err
@@ -723,6 +729,11 @@ class ExpertContainer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, merge={self.merge!r}"
+
+    def _label(self) -> str:
+        """How errors name this container: by the module it replaced (``add_experts`` records it)."""
+        name = self.__dict__.get("target_name")
+        return f"expert container {name!r}" if name else "expert container"
 
 
 _merge_slots_outside_graph = torch.compiler.disable(ExpertContainer._merge_slots_now)

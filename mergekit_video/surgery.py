@@ -277,6 +277,7 @@ def add_experts(
             )
         except (ValueError, TypeError) as err:
             raise SurgeryError(f"experts for {group[0]!r}: {err}") from err
+        container.target_name = group[0]  # named in its forward's errors
         container.to(next(original.parameters(), torch.empty(0)).device)
         container.train(original.training)
         containers.append(container)

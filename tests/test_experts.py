@@ -360,7 +360,7 @@ def test_sample_routing_per_sample():
     assert idx.shape == (16,) and len(set(idx.tolist())) == 3
     expected = torch.cat([c.experts[int(i)](x[b : b + 1]) for b, i in enumerate(idx)])
     assert y.shape == x.shape and maxdiff(y, expected) <= 1e-6
-    with pytest.raises(ValueError, match=r"^per-sample routing splits the input among the experts, but the experts also get the tensor argument 1,"):
+    with pytest.raises(ValueError, match=r"^expert container: per-sample routing splits the input among the experts, but the experts also get the tensor argument 1,"):
         c(x, torch.ones(1))
 
 

@@ -256,8 +256,8 @@ def test_topk_router_names_a_width_that_does_not_fit_its_dim():
     model = nn.Sequential(Rev())
     mv.add_experts(model, "0", 2, router="topk")
     source = "inferred from the in_features of 'out', the first nn.Linear of the expert in registration order"
-    with pytest.raises(ValueError, match="^" + re.escape(f"topk router: its input has width 8 (the last dim of x) but the router's dim is 16 ({source}); {fix}") + "$"):
-        model.train()(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="^" + re.escape(f"expert container '0': topk router: its input has width 8 (the last dim of x) but the router's dim is 16 ({source}); {fix}") + "$"):
+        model.train()(torch.randn(3, 8))  # the error names the container by the module it replaced
     fixed = nn.Sequential(Rev())
     mv.add_experts(fixed, "0", 2, router="topk", dim=8)
     assert fixed.train()(torch.randn(3, 8)).shape == (3, 8)

@@ -443,6 +443,14 @@ def test_video_clip_warns_when_checkpointing_a_tower_with_stochastic_experts():
         model.set_grad_checkpointing(clip=True)
 
 
+def test_errors_in_a_containers_forward_name_the_module_it_replaced():
+    m = toy()
+    base = {k: (torch.zeros(3, 3) if k == "blocks.1.mlp.0.weight" else v.clone()) for k, v in toy(1).state_dict().items()}
+    mv.add_experts(m, "blocks.*.mlp", 2, init="copy", merge="ties", merge_kwargs={"base": base, "density": 0.5})
+    with pytest.raises(ValueError, match=r"^expert container 'blocks.1.mlp': .*'0.weight'"):
+        m.eval()(torch.randn(2, 4))
+
+
 def test_surgery_is_atomic_and_refuses_a_second_pass_on_containers():
     m = toy()
     mv.add_experts(m, "blocks.*.mlp", 2)
