@@ -222,8 +222,10 @@ def test_garbage_collector_pauses_do_not_count_against_the_time_limit():
 
 _OPEN_AS_OTHER_USER = """
 import os, sys
-import av, decord  # imported before dropping root: the interpreter lives in root's home
+import av, decord  # imported before dropping root: the interpreter may live where "nobody" cannot read
 from mergekit_video.data.readers import VideoReadError, open_video
+for backend in ("decord", "pyav"):  # a first read imports what the readers load lazily (av.subtitles, ...), as root
+    open_video(sys.argv[2], backend=backend)
 if os.geteuid() == 0:  # root reads everything: ask as "nobody"
     os.setgid(65534)
     os.setuid(65534)
