@@ -161,15 +161,9 @@ def _loadavg() -> list[float] | None:
 
 def machine_info() -> dict:
     """CPU, cores, memory, library versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from ..utils.cpu import cpu_model_name
+
+    cpu = cpu_model_name()
     mem = None
     try:
         mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)

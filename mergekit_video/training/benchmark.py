@@ -7,7 +7,6 @@ nothing here asserts a speed.
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +38,9 @@ def describe_device(device: torch.device) -> str:
     """A human description of the machine measured."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    from ..utils.cpu import cpu_model_name
+
+    return f"CPU {cpu_model_name()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def peak_flops(device: torch.device) -> float | None:

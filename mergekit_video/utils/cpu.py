@@ -1,4 +1,4 @@
-"""CPU process tuning for training steps.
+"""CPU process tuning for training steps, and the CPU's name for benchmark reports (:func:`cpu_model_name`).
 
 glibc hands multi-megabyte buffers back to the kernel when they are freed (through ``munmap``
 or by trimming the heap top), so every training step page-faults its activations and
@@ -57,3 +57,17 @@ def tune_cpu_allocator(*, mmap_threshold: int = MAX_MMAP_THRESHOLD, trim_thresho
     if ok:
         log.debug("glibc malloc tuned: mmap threshold %d, trim threshold %d", mmap_threshold, trim_threshold)
     return ok
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s "model name" on Linux), else the platform's processor or machine."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
