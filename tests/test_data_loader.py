@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import tempfile
 import time
 
 import pytest
@@ -158,6 +161,7 @@ def test_an_orphaned_loader_freed_by_the_garbage_collector_stops_its_workers_at_
 
     ds = _bad_then_good(tmp_path)
     workers = []
+    pymp_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*")))
 
     def evaluate() -> None:
         loader = build_loader(ds, batch_size=1, num_workers=2, shuffle=False, seed=0, drop_last=False)
@@ -178,6 +182,11 @@ def test_an_orphaned_loader_freed_by_the_garbage_collector_stops_its_workers_at_
         gc.enable()
     assert [w.is_alive() for w in workers] == [False, False] and [w.exitcode for w in workers] == [0, 0]
     assert took < MP_STATUS_CHECK_INTERVAL  # no join ran into torch's 5 s timeout (was 20 s here)
+    # a worker that leaves this way removes the pymp-* folder it made (multiprocessing's exit handler does not run)
+    from multiprocessing import process
+
+    ours = process.current_process()._config.get("tempdir")
+    assert sorted(set(glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*"))) - pymp_before - {ours}) == []
 
 
 def test_an_error_escaping_the_loader_stops_its_workers_before_any_garbage_collection(tmp_path):

@@ -189,14 +189,18 @@ def _exit_on_shutdown() -> None:
     its lock (a worker killed meanwhile cannot block the main process's ``set()``).
     """
     import os
+    import shutil
     import sys
     import threading
     import time
+
+    from multiprocessing import process
 
     done = _loader_done_event()
     if done is None:
         return
     flag = getattr(done, "_flag", None)  # multiprocessing.Event's semaphore: its value is 1 once set
+    inherited_tempdir = process.current_process()._config.get("tempdir")  # the parent's, if it had one at fork
 
     def is_set() -> bool:
         try:
@@ -212,6 +216,11 @@ def _exit_on_shutdown() -> None:
                 stream.flush()
             except Exception:  # noqa: BLE001 - a closed stream
                 pass
+        # os._exit skips multiprocessing's exit handlers: remove the pymp-* folder this worker made
+        # (a tensor passed by file descriptor opens a listener socket there), not one it inherited
+        tempdir = process.current_process()._config.get("tempdir")
+        if tempdir and tempdir != inherited_tempdir:
+            shutil.rmtree(tempdir, ignore_errors=True)
         os._exit(0)
 
     threading.Thread(target=watch, name="mergevid-worker-exit", daemon=True).start()
