@@ -364,12 +364,7 @@ class Trainer:
                 "Resume with the data.batch_size, train.grad_accumulation and training list it was trained with (see its "
                 "run's recipe.yaml), or set train.resume=null to start a new run"
             )
-        live = self.model.state_dict()
-        if set(live) != set(ckpt.model_state) or any(
-            isinstance(v, torch.Tensor) and isinstance(live[k], torch.Tensor) and v.shape != live[k].shape
-            for k, v in ckpt.model_state.items()
-        ):  # first: another model would also show as other parameter groups and base lrs below
-            self._load_model(ckpt)  # raises, naming the keys
+        self._check_model(ckpt)  # first: another model would also show as other parameter groups and base lrs below
         if ckpt.optimizer_state is not None:
             self._check_optimizer(ckpt)
         if ckpt.scheduler_state is not None:
@@ -415,7 +410,9 @@ class Trainer:
         self._saved_step = self.state.step if own else None
         log.debug("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batches_in_epoch)
 
-    def _load_model(self, ckpt: Any) -> None:
+    def _check_model(self, ckpt: Any) -> None:
+        """Refuse a checkpoint of another model in one line naming the first mismatched keys (from
+        shapes alone, before anything is loaded), not torch's multi-kB state_dict list."""
         from ..models.checkpoint import describe_mismatches, state_mismatches
 
         def shapes(state: Any) -> dict[str, tuple[int, ...] | None]:
@@ -424,17 +421,20 @@ class Trainer:
         live = shapes(self.model.state_dict())
         rows = frozenset(k for k in live if k.endswith("source_class_features"))  # data (a class count), resized on load
         mismatch = describe_mismatches(*state_mismatches(live, shapes(ckpt.model_state), any_rows=rows))
+        if mismatch:
+            raise ValueError(self._another_model(ckpt, f"it {mismatch}"))
+
+    def _load_model(self, ckpt: Any) -> None:
         try:
-            if mismatch:  # one line naming the first keys, not torch's multi-kB list
-                raise RuntimeError(mismatch)
             self.model.load_state_dict(ckpt.model_state, strict=True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()
-            why = f"it {mismatch}" if mismatch else first[1].strip() if len(first) > 1 else first[0]
-            raise ValueError(
-                f"train.resume: checkpoint {ckpt.path} holds another model than this recipe builds ({why}); "
-                "resume with the model settings it was trained with (see its run's recipe.yaml), or set train.resume=null"
-            ) from exc
+            raise ValueError(self._another_model(ckpt, first[1].strip() if len(first) > 1 else first[0])) from exc
+
+    @staticmethod
+    def _another_model(ckpt: Any, why: str) -> str:
+        return (f"train.resume: checkpoint {ckpt.path} holds another model than this recipe builds ({why}); "
+                "resume with the model settings it was trained with (see its run's recipe.yaml), or set train.resume=null")
 
     def _check_optimizer(self, ckpt: Any) -> None:
         """Refuse a checkpoint whose optimizer state belongs to another optimizer class, parameter-group
