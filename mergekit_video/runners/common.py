@@ -215,7 +215,8 @@ def _without_new_defaults(cfg: dict[str, Any], earlier: Any, changes: list[tuple
     return kept
 
 
-def _describe_change(key: str, old: Any, new: Any) -> str:
+def describe_change(key: str, old: Any, new: Any) -> str:
+    """``key: old -> new`` for one recipe change, each value cut to 40 characters (``(absent)`` for a missing key)."""
     from ..config import MISSING
 
     def show(v: Any) -> str:
@@ -282,7 +283,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         if outputs and ((changes and not neutral) or foreign):
             if not overwrite:
                 names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
-                shown = "; ".join(_describe_change(*c) for c in changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+                shown = "; ".join(describe_change(*c) for c in changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
                 if cfg.get("runner") in ("evaluate", "compare"):  # nothing to resume: an evaluation reruns whole
                     raise FileExistsError(
                         f"output_dir {out} holds the outputs of a different recipe ({shown}). Use another output_dir "
@@ -304,7 +305,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         out.mkdir(parents=True, exist_ok=True)
         if neutral and outputs:
             log.info("output_dir %s: resuming the earlier run; recipe.yaml records the changed settings (%s), which do not change "
-                     "what it trains%s", out, "; ".join(_describe_change(*c) for c in changes),
+                     "what it trains%s", out, "; ".join(describe_change(*c) for c in changes),
                      "; the final evaluation runs with them" if any(only_final_evaluation(k) for k, _, _ in changes) else "")
         save_resolved_recipe(cfg, saved, overwrite=True)  # atomic; the same text is left alone
     return out

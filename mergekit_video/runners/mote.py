@@ -102,7 +102,7 @@ class MoTERunner:
         settings than this recipe's (its run's recipe.yaml; else its model config): named in a warning,
         since this run continues it with the new ones (weights of another shape are refused before)."""
         from ..utils.io import is_within
-        from .common import _describe_change, recipe_changes
+        from .common import describe_change, recipe_changes
 
         if is_within(ckpt_path, self.checkpoints.directory):
             return  # this run's own: prepare_output_dir compared the recipes
@@ -122,7 +122,7 @@ class MoTERunner:
             changes = recipe_changes(saved.get("head") or {}, self.model.config.get("head") or {}, prefix="model config head") if saved else []
         changes = [c for c in changes if not c[0].endswith((".pretrained", ".cache_dir"))]  # initial weights: loaded over
         if changes:
-            shown = "; ".join(_describe_change(*c) for c in changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+            shown = "; ".join(describe_change(*c) for c in changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
             log.warning("train.resume: checkpoint %s was trained with other settings (%s); this run continues it with this recipe's",
                         ckpt_path, shown)
 
