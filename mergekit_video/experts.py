@@ -220,6 +220,7 @@ class ExpertEnsemble(nn.Module):
         self.register_buffer("weights", w / w.sum(), persistent=False)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Σ wᵢ·expertᵢ(x): N forwards, the output-space reference for weight merges."""
         out = None
         for w, e in zip(self.weights.tolist(), self.experts):
             y = e(x, *args, **kwargs) * w
@@ -311,6 +312,7 @@ class ExpertContainer(nn.Module):
 
     # -- public API ---------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Train mode: the router's expert(s) run on ``x``; eval mode: the cached merged module (MoTE Eq. 6 by default)."""
         if torch.compiler.is_exporting():
             raise RuntimeError(
                 "torch.export cannot trace an ExpertContainer (a cached merge, or a routed choice of expert); "

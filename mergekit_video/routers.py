@@ -99,6 +99,7 @@ class Router(nn.Module):
         self.generator = generator if generator is not None else default_generator(seed)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route ``x`` (see :meth:`route`)."""
         return self.route(x)
 
     def route(self, x: torch.Tensor) -> RouterOutput:  # pragma: no cover - abstract

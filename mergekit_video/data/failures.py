@@ -15,6 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ON_ERROR_POLICIES = ("raise", "skip", "resample")
 
@@ -55,7 +59,7 @@ def _pending_skips() -> list[SkipRecord]:
     return lst
 
 
-def report_skipped(path: str, *, index: int, reason: str | None = None, shape: tuple[int, ...] | None = None, dtype=None) -> None:
+def report_skipped(path: str, *, index: int, reason: str | None = None, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> None:
     """Note that the item for ``path`` (list index ``index``) was skipped (the dataset returned ``None``).
 
     ``reason`` (given in DataLoader workers) reaches the batch's ``"errors"``; ``shape``/``dtype``

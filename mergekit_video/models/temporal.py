@@ -30,6 +30,7 @@ class QuickGELU(nn.Module):
     """x · σ(1.702 x), the activation of OpenAI CLIP and of the MoTE temporal FFN."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x · σ(1.702 x), elementwise."""
         return x * torch.sigmoid(1.702 * x)
 
 
@@ -51,6 +52,7 @@ class TemporalAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention over the T frames of x [B, T, D] (no mask)."""
         b, t, d = x.shape  # [B, T, D]
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3D]
         q, k, v = qkv.view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 × [B, H, T, hd]
@@ -68,6 +70,7 @@ class FeedForward(nn.Module):
         self.c_proj = nn.Linear(width * mlp_ratio, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """c_proj(QuickGELU(c_fc(x))) on x [..., D]."""
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 

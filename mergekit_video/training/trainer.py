@@ -42,6 +42,7 @@ class TrainStep(nn.Module):
         self.objective = objective
 
     def forward(self, frames: torch.Tensor, labels: torch.Tensor, class_features: torch.Tensor) -> MoTEStepOutput:
+        """Frames [B,T,3,H,W] → frame features → the objective's losses (MoTE Eq. 10)."""
         e = self.model.encode_frames(frames).float()  # [B, T, D]
         return self.objective(self.model.head, e, class_features, labels, self.model.logit_scale.exp())
 
