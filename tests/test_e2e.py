@@ -652,8 +652,12 @@ def test_a_failing_final_evaluation_keeps_the_trained_model(reference_runs, synt
     odd, bad = _eval_list_with_a_corrupt_video(synthetic_data, tmp_path / "evalroot")
     dataset = f"[{{name: odd, kind: close_set, root: {odd.parent}, list: {odd}, class_csv: {synthetic_data / 'classes.csv'}, on_error: raise}}]"
     out = _new_run_dir(tmp_path / "run", synthetic_data)
-    with pytest.raises(Exception, match="bad.mp4"):
+    from mergekit_video.data.readers import VideoReadError
+
+    with pytest.raises(VideoReadError, match="bad.mp4") as failure:
         _run_in_process(out, ["data.num_workers=0", f"eval.datasets={dataset}", "eval.batch_size=4"])
+    # the error says which key lets the evaluation go on past the bad video (and count it)
+    assert "eval.datasets.0.on_error=skip evaluates the others and reports how many failed" in str(failure.value)
     assert not (out / "results.json").exists()
     assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) == 0.0
     # the rerun that skips bad videos keeps the trained run (eval.* settings change only the final evaluation)

@@ -654,6 +654,17 @@ def build_eval_loader(entry: EvalSuiteEntry, split: EvalSplit, *, eval_cfg: dict
     )
 
 
+def _with_on_error_hint(error: Exception, key: str) -> Exception:
+    """``error`` (a bad video under ``on_error: raise``) as itself, its message saying how to evaluate the rest."""
+    # on the message's last line: a DataLoader worker's error carries the worker's traceback before it
+    hint = (f"{str(error).rstrip()} ({key} is 'raise', the default, which stops an evaluation at its first "
+            f"unreadable video; {key}=skip evaluates the others and reports how many failed)")
+    try:
+        return type(error)(hint, path=getattr(error, "path", None))
+    except TypeError:  # a subclass with another signature
+        return error
+
+
 def run_eval_suite(
     model: Any,
     *,
@@ -671,6 +682,7 @@ def run_eval_suite(
     ``clip_blend_base``: the pretrained weights of ``eval.clip_blend`` (:func:`read_clip_blend_base`,
     read by the runner's setup so that a problem shows before training); read here when None.
     """
+    from ..data.datasets import BAD_DATA_ERRORS
     from ..evaluation.evaluator import build_variants, evaluate
     from ..evaluation.report import (
         plot_tradeoff,
@@ -700,7 +712,7 @@ def run_eval_suite(
     if eval_cfg.get("clip_blend") and clip_blend_base is None:
         clip_blend_base = read_clip_blend_base(model, cfg)
     with clip_blended_with_pretrained(model, eval_cfg.get("clip_blend"), clip_blend_base):
-        for entry in entries:
+        for i, entry in enumerate(entries):
             for k, split in enumerate(entry.splits):
                 loader = build_eval_loader(entry, split, eval_cfg=eval_cfg, data_cfg=data_cfg, normalize=normalize, dist=dist, seed=cfg.get("seed", 0))
                 names = loader.dataset.class_names
@@ -708,17 +720,22 @@ def run_eval_suite(
                 label = entry.name if len(entry.splits) == 1 else f"{entry.name}/split{k + 1}"
                 if main and console is not None:
                     console.print(f"[bold]evaluating[/] {label}: {len(loader.dataset)} videos, {len(names)} classes, views {entry.num_clips}x{entry.num_crops}")
-                res = evaluate(
-                    model,
-                    loader,
-                    feats,
-                    variants=variants,
-                    device=device,
-                    precision=eval_precision(cfg),
-                    view_reduce=eval_cfg.get("view_reduce", "softmax_mean"),
-                    dataset_name=label,
-                    views=(entry.num_clips, entry.num_crops),
-                )
+                try:
+                    res = evaluate(
+                        model,
+                        loader,
+                        feats,
+                        variants=variants,
+                        device=device,
+                        precision=eval_precision(cfg),
+                        view_reduce=eval_cfg.get("view_reduce", "softmax_mean"),
+                        dataset_name=label,
+                        views=(entry.num_clips, entry.num_crops),
+                    )
+                except BAD_DATA_ERRORS as e:
+                    if entry.on_error != "raise":
+                        raise
+                    raise _with_on_error_hint(e, f"eval.datasets.{i}.on_error") from e
                 if res.num_failed and main:
                     shown = ", ".join(res.failed[:5]) + (f", and {res.num_failed - 5} more" if res.num_failed > 5 else "")
                     log.warning("%s: %d videos failed to decode and were skipped: %s", label, res.num_failed, shown)
