@@ -286,13 +286,14 @@ class GeneralizedTaskArithmetic:
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
         dtype = tensors[0].dtype
-        b = base.to(tensors[0].device).float()  # a base kept on the CPU (a saved state dict) for CUDA experts
-        w = torch.ones(len(tensors), dtype=torch.float32) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        acc = torch.promote_types(dtype, torch.float32)  # float64 experts stay exact
+        b = base.to(tensors[0].device, acc)  # a base kept on the CPU (a saved state dict) for CUDA experts
+        w = torch.ones(len(tensors), dtype=acc) if weights is None else torch.as_tensor(weights).to(acc)
         if w.numel() != len(tensors):
             raise ValueError(f"got {w.numel()} weights for {len(tensors)} tensors")
         deltas = []
         for t in tensors:
-            d = t.float() - b
+            d = t.to(acc) - b
             if self.sparsification == "magnitude":
                 d = _magnitude_trim(d, density)
             elif self.sparsification == "bernoulli":
@@ -371,7 +372,8 @@ def slerp(tensors: Sequence[Tensor], *, base: Tensor | None = None, t: float = 0
         raise ValueError(f"slerp merges exactly two tensors, got {len(tensors)}")
     _check_ranges(slerp, "slerp", {"t": t})
     _check_same_shape(tensors)
-    v0, v1 = tensors[0].float(), tensors[1].float()
+    acc = torch.promote_types(tensors[0].dtype, torch.float32)  # float64 tensors stay exact
+    v0, v1 = tensors[0].to(acc), tensors[1].to(acc)
     n0, n1 = v0.flatten().norm(), v1.flatten().norm()
     if n0 < eps or n1 < eps:
         return ((1 - t) * v0 + t * v1).to(tensors[0].dtype)

@@ -455,3 +455,20 @@ def test_check_merge_arguments_reports_an_unknown_name_before_a_missing_one():
         return tensors[0]
 
     check_merge_arguments(open_ended, {"anything": 1}, num_experts=2)
+
+
+@pytest.mark.parametrize("name, kw", [("task_arithmetic", {}), ("ties", {"density": 0.5}), ("dare", {"drop_rate": 0.5}), ("slerp", {"t": 0.3})])
+def test_float64_tensors_merge_in_float64(name, kw):
+    # experts equal to the base (or to each other for slerp) give the base back exactly; in float32 arithmetic they were off by ~1e-7
+    torch.manual_seed(0)
+    b = torch.randn(1000, dtype=torch.float64)
+    base = None if name == "slerp" else b
+    out = MERGES.get(name)([b.clone(), b.clone()], base=base, **kw)
+    assert out.dtype == torch.float64
+    assert (out - b).abs().max().item() < 1e-15
+    # tiny task vectors survive: float32 rounding of the base swamped 1e-9 deltas
+    if base is not None and name != "dare":
+        delta = torch.full_like(b, 1e-9)
+        out = MERGES.get(name)([b + delta, b + delta], base=b, **({**kw, "density": 1.0} if name == "ties" else kw))
+        expected = b + (2 * delta if name == "task_arithmetic" else delta)
+        assert torch.allclose(out, expected, rtol=0, atol=1e-14)  # float64 rounding of b (|b| < 5), far below the 1e-9 delta
