@@ -155,14 +155,24 @@ def _merge_key(strategy: str, kwargs: Mapping[str, Any]) -> Any:
 
 
 def _argument_tensors(value: Any) -> list[torch.Tensor]:
-    """Every tensor inside ``value`` (mappings and sequences searched), in order."""
+    """Every tensor inside ``value`` (mappings, sequences and modules searched), in order."""
     if isinstance(value, torch.Tensor):
         return [value]
+    if isinstance(value, nn.Module):  # a base module: its parameters and buffers
+        return list(value.state_dict(keep_vars=True).values())
     if isinstance(value, Mapping):
         return [t for v in value.values() for t in _argument_tensors(v)]
     if isinstance(value, (list, tuple)):
         return [t for v in value for t in _argument_tensors(v)]
     return []
+
+
+def _data_pointers(tensors: Sequence[torch.Tensor]) -> list[int] | None:
+    """Each tensor's data address (None where tensors have no storage: fake or meta tensors)."""
+    try:
+        return [t.data_ptr() for t in tensors]
+    except RuntimeError:
+        return None
 
 
 def _all_equal(tensors: Sequence[torch.Tensor]) -> bool:
@@ -370,6 +380,9 @@ class ExpertContainer(nn.Module):
 
         ``strategy="ensemble"`` returns an :class:`ExpertEnsemble` instead (no weight merge).
         ``base`` is the pre-expert module or its state dict, for task-arithmetic strategies.
+        Under a strategy that is not a fixed linear combination (``task_arithmetic``, ``ties``,
+        ``dare``, ``slerp``) floating buffers (BatchNorm running statistics) are the experts'
+        mean: a variance's task vector can make it negative.
         """
         if strategy is None:
             strategy, kwargs = self.merge, {**self.merge_kwargs, **kwargs}
@@ -387,7 +400,7 @@ class ExpertContainer(nn.Module):
                 # every parameter and buffer, non-persistent buffers included (not in state_dict)
                 warned = self.__dict__.setdefault("_non_float_warned", set())
                 tensors = self._slot_tensors()
-                for (name, _), ts, value in zip(self._tensor_slots(), tensors, self._merge_slots(coeff.float(), tensors)):
+                for (name, _), ts, value in zip(self._tensor_slots(), tensors, self._merge_slots(coeff, tensors)):
                     # counters, indices: never averaged; expert 0's, with a warning when they differ (once per tensor)
                     if not ts[0].is_floating_point() and name not in warned and not _all_equal(ts):
                         value = merge_tensors(ts, name=name)
@@ -395,14 +408,34 @@ class ExpertContainer(nn.Module):
                     owner, _, leaf = name.rpartition(".")
                     getattr(dense.get_submodule(owner), leaf).copy_(value)
             else:
-                # buffers equal in every expert (a causal mask of -inf) are kept as they are: task
-                # vectors of -inf entries would be NaN. The dense copy of expert 0 holds them already.
-                kept = self._identical_buffer_names()
-                sds = [{k: v for k, v in e.state_dict().items() if k not in kept} for e in self.experts]
+                # the strategy merges the parameters; buffers are averaged (below)
+                tensors = self._slot_tensors()
+                table = self._slots_cache
+                buffer_names = {name for i in table.buffers for name in table.aliases[i]}
+                sds = [{k: v for k, v in e.state_dict().items() if k not in buffer_names} for e in self.experts]
+                if base_sd is not None:
+                    base_sd = {k: v for k, v in base_sd.items() if k not in buffer_names}
                 merged = merge_state_dicts(sds, strategy, base=base_sd, **kwargs)
                 missing, unexpected = dense.load_state_dict(merged, strict=False)
-                if unexpected or set(missing) - kept:  # pragma: no cover - the experts share one structure
+                if unexpected or set(missing) - buffer_names:  # pragma: no cover - the experts share one structure
                     raise RuntimeError(f"collapse: merged keys do not fit the dense module ({missing}, {unexpected})")
+                # floating buffers (BatchNorm running statistics) are statistics of data, not task
+                # vectors: base + Σ(bᵢ − base) can turn a variance negative. They are the experts'
+                # mean; entries equal in every expert (a causal mask of -inf) are kept as they are.
+                # Other buffers (counters) are expert 0's, as in a linear merge.
+                mean_w = merge_coefficients("mean", self.num_experts)
+                warned = self.__dict__.setdefault("_non_float_warned", set())
+                for i in table.buffers:
+                    name, ts = table.slots[i][0], tensors[i]
+                    if ts[0].is_floating_point():
+                        value = _merge_buffer(ts, mean_w)
+                    elif name not in warned and not _all_equal(ts):
+                        value = merge_tensors(ts, name=name)  # expert 0's, with a warning (once per tensor)
+                        warned.add(name)
+                    else:
+                        continue  # the dense copy of expert 0 holds it
+                    owner, _, leaf = name.rpartition(".")
+                    getattr(dense.get_submodule(owner), leaf).copy_(value)
         # a merged parameter is trainable if any expert's is (the copy of expert 0 has only its flags)
         slots, buffers = self._tensor_slots(), self._slots_cache.buffers
         for i, ((name, _), ts) in enumerate(zip(slots, self._slot_tensors())):
@@ -476,8 +509,10 @@ class ExpertContainer(nn.Module):
         if len(tensors) != len(merged_from) or not all(map(operator.is_, tensors, merged_from)):
             return False
         if cache[3] and list(map(_version_of, self._merge_arg_tensors)) != cache[3]:
-            return False  # a tensor argument of the merge (weights=...) was written in place
-        return versions is not None and list(map(_version_of, tensors)) == versions
+            return False  # a tensor argument of the merge (weights=..., base=...) was written in place
+        if versions is None or list(map(_version_of, tensors)) != versions:
+            return False
+        return cache[4] is None or _data_pointers(tensors) == cache[4]  # new data through .data = (no version bump)
 
     def _remerge(self) -> tuple:
         # built outside inference mode: a cache filled inside torch.inference_mode() would
@@ -503,13 +538,13 @@ class ExpertContainer(nn.Module):
             argument_versions = list(map(_version_of, self._merge_arg_tensors))
         except RuntimeError:  # an inference tensor as argument: its changes cannot be seen
             argument_versions = []
-        cache = (tensors, versions, dense, argument_versions)
+        cache = (tensors, versions, dense, argument_versions, _data_pointers(tensors))
         object.__setattr__(self, "_merge_cache", cache)
         self.merge_count += 1
         return cache
 
     def invalidate_merge(self) -> None:
-        """Drop the cached merges (needed only after writing expert tensors through ``.data``)."""
+        """Drop the cached merges (needed only after writing into expert tensors through ``.data``: ``p.data.add_(1)``)."""
         object.__setattr__(self, "_merge_cache", None)
         self.__dict__.get("_merge_pool", {}).clear()
 
@@ -565,8 +600,8 @@ class ExpertContainer(nn.Module):
             pool.popitem(last=False)  # the least recently used
         object.__setattr__(self, "_merge", strategy)
         object.__setattr__(self, "_merge_kwargs", dict(kwargs))
-        # tensor arguments other than the base (weights=...): an in-place write to one merges again
-        object.__setattr__(self, "_merge_arg_tensors", _argument_tensors({k: v for k, v in kwargs.items() if k != "base"}))
+        # tensor arguments (weights=..., the base's tensors): an in-place write to one merges again
+        object.__setattr__(self, "_merge_arg_tensors", _argument_tensors(kwargs))
         object.__setattr__(self, "_merge_key", key)
         object.__setattr__(self, "_merge_cache", kept)
         if kwargs.get("base") is not None:
@@ -602,21 +637,6 @@ class ExpertContainer(nn.Module):
                     raise
                 object.__setattr__(self, "_slots_cache", None)
         raise AssertionError("unreachable")
-
-    def _identical_buffer_names(self) -> set[str]:
-        """Every name (tied aliases included) of the floating buffers equal in every expert.
-
-        Such buffers (causal masks of -inf, positional tables) are constants of the module: the
-        task-arithmetic family keeps them as they are (a task vector -inf − -inf would be NaN).
-        """
-        tensors = self._slot_tensors()
-        table = self._slots_cache
-        return {
-            name
-            for i in table.buffers
-            if tensors[i][0].is_floating_point() and _all_equal(tensors[i])
-            for name in table.aliases[i]
-        }
 
     def _merge_slots(self, weights: torch.Tensor, tensors: list[list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
         """:meth:`_merge_slots_now`, run outside the graph under ``torch.compile``.

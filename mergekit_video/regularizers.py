@@ -3,7 +3,7 @@
 - ``weight_merging``: MoTE's Weight Merging Regularization (Eq. 7–8). Each container
   is merged with softmax(i/τ) weights, τ drawn independently per container, and the
   forward runs with those merged weights; the caller applies its task loss to that output.
-- ``feature_mse``: MoTE Eq. 9, the mean squared error between two feature tensors.
+- ``feature_mse``: MoTE Eq. 9, the mean squared error between two feature tensors (mean over elements).
 - ``load_balance``: the routers' auxiliary losses (Switch load balancing and z-loss) for ``topk``.
 """
 
@@ -52,8 +52,11 @@ class WeightMergingRegularizer:
     ) -> None:
         if sampling not in TAU_SAMPLING:
             raise ValueError(f"weight_merging sampling must be one of {TAU_SAMPLING}, got {sampling!r}")
-        if beta <= 0:
-            raise ValueError(f"weight_merging beta must be > 0, got {beta}")
+        if not (0 < beta < math.inf):
+            raise ValueError(f"weight_merging beta must be a positive finite number, got {beta}")
+        if int(num_powers) != num_powers or num_powers < 1:
+            raise ValueError(f"weight_merging num_powers must be an integer >= 1 (τ ∈ {{±2ⁿ·β : n < num_powers}} ∪ {{∞}}), "
+                             f"got {num_powers}; sampling='point' gives τ = ∞ only")
         self.beta = float(beta)
         self.num_powers = int(num_powers)
         self.sampling = sampling
@@ -83,7 +86,7 @@ class WeightMergingRegularizer:
         for name, c in find_containers(model):
             tau = self.sample_tau()
             self.last_taus[name] = tau
-            plan[name] = temperature_softmax_coefficients(c.num_experts, tau).float()
+            plan[name] = temperature_softmax_coefficients(c.num_experts, tau)  # float64: exact for float64 experts
         if not plan:
             raise ValueError("weight_merging: the model has no ExpertContainer")
         return plan
@@ -108,9 +111,14 @@ class WeightMergingRegularizer:
 
 @REGULARIZERS.register("feature_mse")
 class FeatureMSE:
-    """L_MSE = E‖z_r − e‖² averaged over all elements (MoTE Eq. 9)."""
+    """L_MSE of MoTE Eq. 9 as the official code computes it: the mean of (z_r − e)² over all elements, in fp32.
+
+    Eq. 9 writes ‖z_r − e‖²; the mean over elements is that divided by the feature width D (and
+    averaged over the other dimensions), which η = 0.1 was tuned with.
+    """
 
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """mean((prediction − target)²) over all elements, in fp32."""
         return F.mse_loss(prediction.float(), target.float())
 
 

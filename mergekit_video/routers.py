@@ -131,8 +131,8 @@ class MultinomialRouter(Router):
 
     def __init__(self, *, num_experts: int, temperature: float = 1.0, **kw) -> None:
         super().__init__(num_experts=num_experts, **kw)
-        if temperature == 0:
-            raise ValueError("multinomial router temperature must be non-zero")
+        if temperature == 0 or math.isnan(temperature):
+            raise ValueError(f"multinomial router temperature must be non-zero and not NaN, got {temperature}")
         self.temperature = float(temperature)
 
     def route(self, x: torch.Tensor) -> RouterOutput:

@@ -790,7 +790,7 @@ def test_container_deepcopy_and_train_flag():
 
 def test_collapse_batchnorm_experts_with_differing_step_counters():
     # experts with BatchNorm that saw different numbers of batches: weights and running
-    # statistics merge, the integer step counter is copied (the base's for TIES)
+    # statistics merge, the integer step counter is expert 0's
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     experts = [copy.deepcopy(base) for _ in range(2)]
@@ -805,8 +805,10 @@ def test_collapse_batchnorm_experts_with_differing_step_counters():
     assert torch.allclose(mean[1].running_mean, (experts[0][1].running_mean + experts[1][1].running_mean) / 2)
     assert mean[1].num_batches_tracked.item() == 2
     ties = container.collapse("ties", base=base, density=1.0)
-    assert ties[1].num_batches_tracked.item() == 0  # the base module's counter
+    assert ties[1].num_batches_tracked.item() == 2  # expert 0's, as in a linear merge
     assert set(ties.state_dict()) == set(base.state_dict())
+    # running statistics are averaged under TIES too: they are statistics of data, not task vectors
+    assert torch.allclose(ties[1].running_var, mean[1].running_var) and torch.allclose(ties[1].running_mean, mean[1].running_mean)
 
 
 def test_copies_leave_out_the_last_routing_and_mode_switches_forget_it():
@@ -1117,3 +1119,70 @@ def test_merged_forwards_under_torch_compile_do_not_recompile_per_weight():
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1:] == [graphs[0]] * 5, graphs
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("strategy, kw", [("task_arithmetic", {}), ("dare", {"drop_rate": 0.5}), ("ties", {"density": 0.5})])
+def test_task_arithmetic_merges_average_batchnorm_statistics(strategy, kw):
+    # base + Σ(varᵢ − base) turned small running variances negative (NaN outputs): buffers are the mean
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    bn_experts = [copy.deepcopy(base) for _ in range(3)]
+    for e in bn_experts:
+        e.train()
+        for _ in range(50):
+            e(0.1 * torch.randn(16, 4))  # running_var → about 0.006, below the base's 1
+    c = ExpertContainer(bn_experts, router="fixed").eval()
+    c.set_merge(strategy, base=base, **kw)
+    with torch.no_grad():
+        y = c(torch.randn(3, 4))
+    merged_bn = c.merged_module()[1]
+    expected_var = sum(e[1].running_var for e in bn_experts) / 3
+    assert torch.allclose(merged_bn.running_var, expected_var) and merged_bn.running_var.min() > 0
+    assert torch.allclose(merged_bn.running_mean, sum(e[1].running_mean for e in bn_experts) / 3)
+    assert torch.isfinite(y).all()
+
+
+def test_float64_experts_collapse_exactly():
+    torch.manual_seed(0)
+    c = ExpertContainer([nn.Linear(50, 50).double() for _ in range(3)], router="fixed")
+    exact = sum(e.weight for e in c.experts) / 3
+    # coefficients stay float64 (1/3 rounded to float32 was off by about 4e-9)
+    assert (c.collapse("mean").weight - exact).abs().max().item() < 1e-15
+    with torch.no_grad():
+        c.eval()(torch.randn(2, 50, dtype=torch.float64))
+    assert (c.merged_module().weight - exact).abs().max().item() < 1e-15
+
+
+def test_replacing_an_expert_tensors_data_merges_again():
+    # `.data =` and vector_to_parameters bump no version counter: the new data address shows it
+    c = ExpertContainer(experts(3), router="fixed").eval()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        c(x)
+        c.experts[0].fc1.weight.data = torch.zeros(8, 4)
+        assert torch.allclose(c(x), c.collapse("mean")(x), atol=1e-6) and c.merge_count == 2
+        vec = nn.utils.parameters_to_vector(c.experts[1].parameters())
+        nn.utils.vector_to_parameters(torch.ones_like(vec), c.experts[1].parameters())
+        assert torch.allclose(c(x), c.collapse("mean")(x), atol=1e-6) and c.merge_count == 3
+        c(x)
+    assert c.merge_count == 3  # unchanged experts: the cache holds
+
+
+@pytest.mark.parametrize("as_state_dict", [False, True])
+def test_an_in_place_edit_of_the_base_merges_again(as_state_dict):
+    torch.manual_seed(0)
+    base = nn.Linear(3, 3)
+    lin = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        for e in lin:
+            e.weight.add_(torch.randn(3, 3))
+    base_arg = {k: v.clone() for k, v in base.state_dict().items()} if as_state_dict else base
+    c = ExpertContainer(lin, router="fixed", merge="task_arithmetic", merge_kwargs={"base": base_arg}).eval()
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        c(x)
+        (base_arg["weight"] if as_state_dict else base.weight).add_(1.0)
+        assert torch.allclose(c(x), c.collapse("task_arithmetic", base=base_arg)(x), atol=1e-6)
+        assert c.merge_count == 2
+        c(x)
+    assert c.merge_count == 2

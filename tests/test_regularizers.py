@@ -124,8 +124,12 @@ def test_state_dict_replays_tau_draws():
 def test_weight_merging_errors():
     with pytest.raises(ValueError, match=r"^weight_merging sampling must be one of \('discrete', 'point', 'normal', 'uniform'\), got 'gaussian'$"):
         WeightMergingRegularizer(sampling="gaussian")
-    with pytest.raises(ValueError, match=r"^weight_merging beta must be > 0, got 0$"):
-        WeightMergingRegularizer(beta=0)
+    for beta in (0, -0.6, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"^weight_merging beta must be a positive finite number, got {beta}$"):
+            WeightMergingRegularizer(beta=beta)
+    for num_powers in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"^weight_merging num_powers must be an integer >= 1 .*got {num_powers}; sampling='point'"):
+            WeightMergingRegularizer(num_powers=num_powers)
     with pytest.raises(ValueError, match=r"^weight_merging: the model has no ExpertContainer$"):
         with WeightMergingRegularizer().merged_region(nn.Linear(2, 2)):
             pass

@@ -130,8 +130,9 @@ def test_router_argument_errors():
         MultinomialRouter(num_experts=0)
     with pytest.raises(ValueError, match=r"router granularity must be one of \('batch', 'sample', 'token'\), got 'frame'"):
         MultinomialRouter(num_experts=2, granularity="frame")
-    with pytest.raises(ValueError, match=r"^multinomial router temperature must be non-zero$"):
-        MultinomialRouter(num_experts=2, temperature=0)
+    for temperature in (0, float("nan")):
+        with pytest.raises(ValueError, match=rf"^multinomial router temperature must be non-zero and not NaN, got {temperature}$"):
+            MultinomialRouter(num_experts=2, temperature=temperature)
     with pytest.raises(ValueError, match=r"^topk router works at 'token' or 'sample' granularity, not 'batch'$"):
         TopKRouter(num_experts=2, dim=3, granularity="batch")
     with pytest.raises(ValueError, match=r"^topk router k=3 must be in \[1, 2\]$"):
