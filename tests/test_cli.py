@@ -303,6 +303,16 @@ def test_convert_export_dense_and_load_into_open_clip(tmp_path, capsys):
     assert cli_main(["convert", "mote-official", str(src), str(converted), "--overwrite"]) == 0
     capsys.readouterr()
 
+    # task-arithmetic merges need a base, which MoTE experts do not have: one line, nothing written
+    for args, said in (
+        (["--strategy", "ties"], "error: --strategy ties: 'ties' merges relative to a base model, and the experts of a MoTE model have none"),
+        (["--strategy", "ties", "--merge-arg", f"base={converted}"], "error: --strategy ties: 'ties' merges relative to a base model"),
+        (["--strategy", "mean", "--merge-arg", f"base={converted}"], "error: --merge-arg base: the experts of a MoTE model have no base model"),
+    ):
+        assert cli_main(["export", str(converted), str(dense), "--dense", *args]) == 1
+        assert capsys.readouterr().err.startswith(said)
+        assert not dense.exists()
+
     # dense export: the baseline's structure and keys, the merged model's outputs
     assert cli_main(["export", str(converted), str(dense), "--dense"]) == 0
     assert "exported dense" in capsys.readouterr().out

@@ -400,6 +400,17 @@ def export_cmd(
         merge_kwargs[parsed.key] = parsed.value
     if (strategy or merge_kwargs) and not dense:
         raise UserError("--strategy and --merge-arg choose the merge of a --dense export; add --dense")
+    if strategy is not None:
+        from ..merging import requires_base
+        from ..registry import MERGES
+        from ..runners.schema import NO_BASE_MESSAGE
+
+        MERGES.get(strategy)  # an unknown name: the registry's error, with the close matches
+        if requires_base(strategy):
+            raise UserError(f"--strategy {strategy}: {strategy!r} {NO_BASE_MESSAGE}")
+    if "base" in merge_kwargs:
+        raise UserError("--merge-arg base: the experts of a MoTE model have no base model to merge relative to "
+                        "(each is trained from its own init); use --strategy mean, weighted or temperature_softmax")
     refuse_replacing_input(output, checkpoint)
     model = load(checkpoint)
     if dense:

@@ -682,7 +682,8 @@ def run_eval_suite(
     ``clip_blend_base``: the pretrained weights of ``eval.clip_blend`` (:func:`read_clip_blend_base`,
     read by the runner's setup so that a problem shows before training); read here when None.
     """
-    from ..data.datasets import BAD_DATA_ERRORS
+    from ..data.readers import VideoReadError
+    from ..data.watchdog import ReadTimeoutError
     from ..evaluation.evaluator import build_variants, evaluate
     from ..evaluation.report import (
         plot_tradeoff,
@@ -732,13 +733,14 @@ def run_eval_suite(
                         dataset_name=label,
                         views=(entry.num_clips, entry.num_crops),
                     )
-                except BAD_DATA_ERRORS as e:
+                except (VideoReadError, ReadTimeoutError) as e:  # a label out of range is not skipped past
                     if entry.on_error != "raise":
                         raise
                     raise _with_on_error_hint(e, f"eval.datasets.{i}.on_error") from e
                 if res.num_failed and main:
                     shown = ", ".join(res.failed[:5]) + (f", and {res.num_failed - 5} more" if res.num_failed > 5 else "")
-                    log.warning("%s: %d videos failed to decode and were skipped: %s", label, res.num_failed, shown)
+                    log.warning("%s: %d video%s failed to load and %s skipped: %s", label, res.num_failed,
+                                "s" * (res.num_failed != 1), "were" if res.num_failed != 1 else "was", shown)
                 results.setdefault(entry.name, []).append(res)
     summary_cfg = eval_cfg.get("summary") or {}
     close = summary_cfg.get("close_set") or next((e.name for e in entries if e.kind == "close_set"), None)

@@ -279,7 +279,8 @@ COMPARE_SCHEMA = recipe_schema(
 SCHEMAS = {"mote": MOTE_SCHEMA, "evaluate": EVALUATE_SCHEMA, "compare": COMPARE_SCHEMA}
 
 
-_NO_BASE = (
+#: Why a task-arithmetic merge does not apply to a MoTE model (after the strategy's name).
+NO_BASE_MESSAGE = (
     "merges relative to a base model, and the experts of a MoTE model have none (each is trained from its "
     "own init); use mean, weighted or temperature_softmax here, or ExpertContainer.collapse(strategy, base=...) "
     "in Python for experts upcycled from a known module"
@@ -293,12 +294,12 @@ def _base_merge_problems(cfg: dict[str, Any]) -> list[Problem]:
     problems = []
     merge = (cfg.get("model") or {}).get("merge")
     if isinstance(merge, str) and requires_base(merge):
-        problems.append(Problem("model.merge", f"{merge!r} {_NO_BASE}"))
+        problems.append(Problem("model.merge", f"{merge!r} {NO_BASE_MESSAGE}"))
     compare = ((cfg.get("eval") or {}).get("compare") or {}).get("merges") or []
     for i, spec in enumerate(compare):
         name = spec.get("name") if isinstance(spec, dict) else None
         if isinstance(name, str) and requires_base(name):
-            problems.append(Problem(f"eval.compare.merges.{i}.name", f"{name!r} {_NO_BASE}"))
+            problems.append(Problem(f"eval.compare.merges.{i}.name", f"{name!r} {NO_BASE_MESSAGE}"))
     return problems
 
 
