@@ -210,3 +210,37 @@ def test_an_error_escaping_the_loader_stops_its_workers_before_any_garbage_colle
         assert first.isdisjoint(w.pid for w in workers)
     finally:
         gc.enable()
+
+
+_QUICK_START_EXIT = """
+import torch
+from mergekit_video.data import build_loader
+
+class Clips(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, key):
+        return {"frames": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "label": 0, "index": int(key[0])}
+
+loader = build_loader(Clips(), batch_size=4, num_workers=2, shuffle=True, seed=0, drop_last=True)
+for batch in loader:  # a tensor from a worker passes by file descriptor: the worker makes a pymp-* folder
+    break
+print("done")
+"""
+
+
+def test_the_quick_start_loop_leaves_no_pymp_folders_at_interpreter_exit(tmp_path):
+    """docs/data.md's loop with persistent workers, then exit: the workers must leave through their own
+    cleanup (they were killed, leaving one pymp-*/listener-* per worker) and the exit must not hang."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _QUICK_START_EXIT], capture_output=True, text=True, timeout=120, env=env)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("pymp-*")) == []
+    assert took < 60

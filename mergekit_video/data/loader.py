@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -144,7 +145,7 @@ def seed_worker(worker_id: int) -> None:
     Dataset items do not depend on these seeds (they use per-item generators); user code might.
     Workers also ignore SIGINT and SIGTERM: Ctrl-C or a scheduler's SIGTERM reaches the whole
     process group, and the main process decides how to stop (the trainer finishes its step and
-    saves a checkpoint); torch already ends workers whose parent died, and the main process kills
+    saves a checkpoint); torch already ends workers whose parent died, and the main process stops
     the ones still alive when it exits (:func:`_reap_workers_at_exit`). Since ``terminate()`` does
     not stop them, each worker leaves by itself once its loader shuts down (:func:`_exit_on_shutdown`).
     """
@@ -230,22 +231,47 @@ _reaper_registered = False
 WORKER_SEED_RANK_STRIDE = 1_000_003  # a prime: rank r's loader generator starts from seed + r * stride
 
 
+EXIT_JOIN_TIMEOUT_S = 2.0  # at interpreter exit, how long workers get to leave by themselves before they are killed
+
+# Iterators of :class:`VideoLoader` objects that started worker processes (their ``_workers_done_event``
+# lets :func:`_reap_workers_at_exit` stop the workers the graceful way); weak, so nothing is kept alive.
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
 def _reap_workers_at_exit() -> None:
-    """At interpreter exit: kill the daemonic children still alive (DataLoader workers), as multiprocessing would terminate them.
+    """At interpreter exit: stop the daemonic children still alive (DataLoader workers), never waiting long.
 
     multiprocessing's own exit handler sends SIGTERM to daemonic children and then joins them;
     workers ignore SIGTERM (see :func:`seed_worker`), so a loader whose iterator was never shut
-    down (an error raised mid-epoch keeps it referenced by the traceback) would hang the exit.
-    Registered after multiprocessing's handler, this one runs first.
+    down (persistent workers; an error raised mid-epoch keeps it referenced by the traceback)
+    would hang the exit. Registered after multiprocessing's handler, this one runs first: it sets
+    the shutdown flag of every live :class:`VideoLoader` iterator, so their workers leave through
+    their own cleanup (:func:`_exit_on_shutdown` removes the ``pymp-*`` folder each made), waits
+    up to :data:`EXIT_JOIN_TIMEOUT_S` in all, and kills the workers still alive after it.
     """
     import multiprocessing
     import signal
+    import time
 
     workers = [p for p in multiprocessing.active_children() if p.daemon]
-    if workers and hasattr(signal, "SIGCHLD"):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as worker failures
+    if not workers:
+        return
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the exits as worker failures
+    for it in list(_LIVE_ITERATORS):
+        done = getattr(it, "_workers_done_event", None)
+        if done is None:
+            continue
+        try:
+            done.set()
+        except Exception:  # noqa: BLE001 - a half-torn-down iterator: its workers are killed below
+            pass
+    deadline = time.monotonic() + EXIT_JOIN_TIMEOUT_S
     for p in workers:
-        p.kill()
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in workers:
+        if p.is_alive():
+            p.kill()
     for p in workers:
         p.join(timeout=5)
 
@@ -299,7 +325,10 @@ class VideoLoader(DataLoader):
 
     def __iter__(self):
         it = super().__iter__()
-        return _StopWorkersOnError(self, it) if hasattr(it, "_shutdown_workers") else it
+        if not hasattr(it, "_shutdown_workers"):
+            return it
+        _LIVE_ITERATORS.add(it)  # its workers are stopped the graceful way at interpreter exit
+        return _StopWorkersOnError(self, it)
 
 
 def build_loader(
