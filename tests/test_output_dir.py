@@ -58,6 +58,20 @@ def test_output_dir_with_foreign_files_is_refused_unless_overwrite(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".mergevid.lock", "notes.txt", "recipe.yaml"]
 
 
+def test_an_evaluation_with_overwrite_deletes_only_what_an_evaluation_writes(tmp_path):
+    # a folder that is not a run: --overwrite replaces results, never the user's other files
+    out = tmp_path / "eval"
+    (out / "weights").mkdir(parents=True)
+    (out / "weights" / "model.bin").write_text("the user's model")
+    (out / "results.json").write_text("older results")
+    cfg = {"runner": "evaluate", "output_dir": str(out)}
+    with pytest.raises(FileExistsError, match=r"pass --overwrite to write into it \(DELETING its results.json, which a run writes\)$"):
+        prepare_output_dir(cfg, overwrite=False, main=True)
+    prepare_output_dir(cfg, overwrite=True, main=True)
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml", "weights"]
+    assert (out / "weights" / "model.bin").read_text() == "the user's model"
+
+
 def test_changed_recipe_needs_overwrite_only_when_the_earlier_run_left_outputs(tmp_path):
     out = tmp_path / "run"
     prepare_output_dir(_cfg(out), overwrite=False, main=True)
@@ -126,8 +140,10 @@ def test_overwrite_never_deletes_an_input_of_the_run(tmp_path):
     (out / "model").mkdir()
     (out / "model" / "config.json").write_text("{}")
     evaluate = {"runner": "evaluate", "output_dir": str(out), "checkpoint": str(out / "model")}
-    with pytest.raises(FileExistsError, match=r"--overwrite would delete .*model, which holds checkpoint=.*model, an input of this run"):
-        prepare_output_dir(evaluate, overwrite=True, main=True)
+    for overwrite in (False, True):  # an evaluation never writes into a training run's folder
+        with pytest.raises(FileExistsError, match=r"holds a training run \(model\); an evaluation would replace its recipe.yaml and results.json"):
+            prepare_output_dir(evaluate, overwrite=overwrite, main=True)
+    assert (out / "recipe.yaml").read_text() == dump_recipe(cfg)
     assert (out / "model" / "config.json").read_text() == "{}"  # untouched
     resume = {**cfg, "schedule": {"epochs": 6}, "train": {"resume": str(out / "model")}}
     with pytest.raises(FileExistsError, match=r"holds train.resume="):

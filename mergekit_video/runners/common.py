@@ -71,6 +71,8 @@ SYNTHETIC_DATA_KEYS = ("root", "train_list", "val_list", "class_csv", "novel_lis
 
 #: What a run writes under its output_dir besides ``recipe.yaml`` and the synthetic ``data/``.
 RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "model", "model_dense", "results.json", "tradeoff.png", "tensorboard")
+#: What an evaluation (``evaluate`` / ``compare`` runner) writes in its output_dir, besides ``recipe.yaml``.
+EVAL_OUTPUTS = ("results.json", "tradeoff.png")
 
 #: Recipe keys that cannot change what a run computes, only how fast it loads data, how often it
 #: logs and how many checkpoints it keeps: a rerun that changes nothing else resumes the earlier
@@ -235,8 +237,8 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
     and the new ``recipe.yaml`` is recorded), and a changed recipe when the earlier run left no
     outputs (it failed at start-up). With ``overwrite``, the outputs of an earlier, different run
     (or files named like them in a folder without ``recipe.yaml``) are deleted first
-    (:data:`RUN_OUTPUTS`), so that the new run neither resumes from nor appends
-    to them.
+    (:data:`RUN_OUTPUTS`; an evaluation's: :data:`EVAL_OUTPUTS`), so that the new run neither
+    resumes from nor appends to them.
     """
     import yaml
 
@@ -251,7 +253,17 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         lock_output_dir(out)  # before anything is read or written there: one run per folder at a time
         saved = out / "recipe.yaml"
         # data/ is checked on its own (ensure_synthetic_data); a run writes nothing else there
-        outputs = [out / name for name in RUN_OUTPUTS if (out / name).exists() and _holds_output(out / name)]
+        evaluation = cfg.get("runner") in ("evaluate", "compare")
+        if evaluation:  # never into a training run's folder: its results.json and recipe.yaml are the run's record
+            trained = [name for name in RUN_OUTPUTS if name not in EVAL_OUTPUTS and (out / name).exists() and _holds_output(out / name)]
+            if trained:
+                release_output_dir(out)
+                raise FileExistsError(
+                    f"output_dir {out} holds a training run ({', '.join(trained)}); an evaluation would replace its recipe.yaml "
+                    f"and results.json: evaluate into another folder (mergevid eval: --output-dir DIR)"
+                )
+        written = EVAL_OUTPUTS if evaluation else RUN_OUTPUTS
+        outputs = [out / name for name in written if (out / name).exists() and _holds_output(out / name)]
         if not saved.exists() and out.is_dir() and any(p.name not in ("data", LOCK_FILE) for p in out.iterdir()) and not overwrite:
             release_output_dir(out)
             (out / LOCK_FILE).unlink(missing_ok=True)  # leave the user's folder as it was
