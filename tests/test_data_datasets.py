@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
 from data_helpers import frame_ids, tiny_synthetic, write_bad_files, write_frame_folder, write_level_video  # noqa: F401
 
 from mergekit_video.data import (VideoDataset, VideoReadError, VideoRecord, build_loader, collate_videos, few_shot_subset,
-                                 read_annotation_list, read_class_names)
+                                 read_annotation_list, read_class_names, write_class_names)
 from mergekit_video.data.datasets import LabelError
 from mergekit_video.data.watchdog import ReadTimeoutError
 
@@ -200,7 +201,35 @@ def bad_list(tmp_path, tiny_synthetic):
 
 
 def bad_dataset(bad_list, tiny_synthetic, **kw):
-    return VideoDataset(list_file=bad_list[0], root="/", class_names=tiny_synthetic.class_names, num_frames=4, input_size=16, **kw)
+    """The bad list's dataset; its label-7 record comes in through ``with_records`` (a list with it is refused at
+    construction, see test_a_list_whose_labels_go_past_the_class_csv_is_refused_at_construction), the per-item check's case."""
+    records = read_annotation_list(bad_list[0])
+    in_range = [VideoRecord(r.path, min(r.label, 2), r.num_frames) for r in records]
+    ds = VideoDataset(list_file=bad_list[0], root="/", class_names=tiny_synthetic.class_names, num_frames=4, input_size=16,
+                      records=in_range, **kw)
+    return ds.with_records(records)
+
+
+def test_a_list_whose_labels_go_past_the_class_csv_is_refused_at_construction(bad_list, tiny_synthetic, tmp_path):
+    """A wrong class CSV (fewer classes than the list's labels) was met one video at a time: an eval failed at its first
+    video, or under on_error=skip scored nothing (0% top-1, exit 0); training trained on with a warning per video."""
+    for train, on_error in ((False, "raise"), (False, "skip"), (True, "resample")):
+        with pytest.raises(ValueError) as info:
+            VideoDataset(list_file=bad_list[0], root="/", class_names=list(tiny_synthetic.class_names), num_frames=4,
+                         input_size=16, train=train, on_error=on_error)  # a plain list: no CSV to name
+        assert type(info.value) is ValueError  # not a bad-data error that on_error would skip past
+        assert str(info.value).startswith(f"{bad_list[0]}: labels go up to 7, but there are only 3 class names (ids 0..2); "
+                                          "1 of 7 videos has a label >= 3 (first: ")
+        assert str(info.value).endswith("with label 7). Wrong class CSV for this list? Give the class CSV that belongs to bad.txt.")
+    two = tmp_path / "two.csv"
+    write_class_names(two, ["a", "b"])
+    with pytest.raises(ValueError, match=rf"labels go up to 2, but there are only 2 class names \(ids 0..1, from the class CSV "
+                                         rf"{re.escape(str(two))}\); \d+ of \d+ videos have a label >= 2 .*Wrong class CSV"):
+        make(tiny_synthetic, train=False, class_names=two)
+    with pytest.raises(ValueError, match=re.escape(str(two))):  # names read by the caller still name their CSV
+        make(tiny_synthetic, train=False, class_names=read_class_names(two))
+    assert len(make(tiny_synthetic, train=False, class_names=tiny_synthetic.class_csv)) > 0  # the right CSV passes
+    assert len(make(tiny_synthetic, train=False, class_names=None)) > 0  # no class names: nothing to check
 
 
 def test_on_error_raise_names_the_file(bad_list, tiny_synthetic):

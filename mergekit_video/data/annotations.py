@@ -98,8 +98,17 @@ def _is_int(text: str) -> bool:
     return True
 
 
+class ClassNames(list):
+    """The class names :func:`read_class_names` returns: a plain list of str that also knows its CSV (``source``),
+    so a mismatch with an annotation list can name the file."""
+
+    source: Path | None = None
+
+
 def read_class_names(csv_path: str | os.PathLike) -> list[str]:
-    """Class names from a CSV ``id,name`` with a header; ids must be exactly ``0..C-1`` (any order)."""
+    """Class names from a CSV ``id,name`` with a header; ids must be exactly ``0..C-1`` (any order).
+
+    Returns a :class:`ClassNames` (a list whose ``source`` is the CSV's path)."""
     path = Path(csv_path)
     if not path.is_file():
         raise FileNotFoundError(f"class-name CSV not found: {path}")
@@ -128,7 +137,9 @@ def read_class_names(csv_path: str | os.PathLike) -> list[str]:
     missing = sorted(set(range(len(names))) - names.keys())
     if missing:
         raise ValueError(f"{path}: class ids must be 0..{len(names) - 1}; missing {missing[:10]}")
-    return [names[i] for i in range(len(names))]
+    out = ClassNames(names[i] for i in range(len(names)))
+    out.source = path
+    return out
 
 
 def write_class_names(path: str | os.PathLike, names: list[str], *, overwrite: bool = True) -> Path:

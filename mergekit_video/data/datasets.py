@@ -71,8 +71,9 @@ class VideoDataset(torch.utils.data.Dataset):
     with :func:`normalize_frames`). Keys may be an int or an ``(index, epoch)`` pair from
     :class:`VideoSampler`.
 
-    Bad data (unreadable, empty, truncated or missing file, a read past ``read_timeout_s``, a label
-    outside the class names) follows ``on_error``: ``"raise"`` (default at test; the error names
+    A list whose labels go past the given class names is refused at construction (ValueError: the
+    list and the class CSV do not belong together). Bad data (unreadable, empty, truncated or missing file, a read past
+    ``read_timeout_s``, a label outside the class names in records given later by :meth:`with_records`) follows ``on_error``: ``"raise"`` (default at test; the error names
     the file), ``"skip"`` (the item is ``None``; :func:`collate_videos` drops it and lists its path
     in the batch's ``"failed"``), or ``"resample"`` (training only; the default there; logged once per file, then
     another index is drawn with the item's generator). ``failures`` / ``error_count`` keep this
@@ -145,6 +146,8 @@ class VideoDataset(torch.utils.data.Dataset):
         if isinstance(class_names, (str, os.PathLike)):
             class_names = read_class_names(class_names)
         self.class_names = list(class_names) if class_names is not None else None
+        if self.class_names is not None:
+            self._check_labels(getattr(class_names, "source", None))
         self.num_frames, self.train, self.list_format, self.backend = num_frames, train, list_format, backend
         self.sampling, self.clip_len, self.stride = sampling, clip_len or num_frames, stride
         self.num_clips, self.num_crops, self.input_size, self.test_offsets = num_clips, num_crops, input_size, test_offsets
@@ -155,6 +158,22 @@ class VideoDataset(torch.utils.data.Dataset):
         else:
             self.transform = TestTransform(short_side=short_side or input_size, crop=input_size, num_crops=num_crops, normalize=normalize)
         self._reset_failures()
+
+    def _check_labels(self, source: Path | None) -> None:
+        """Refuse a list whose labels go past the class names: that list and class CSV do not belong together."""
+        num_classes = len(self.class_names)
+        outside = [r for r in self.records if r.label >= num_classes]
+        if not outside:
+            return
+        highest = max(r.label for r in outside)
+        where = f", from the class CSV {source}" if source is not None else ""
+        first, n, total = outside[0], len(outside), len(self.records)
+        raise ValueError(
+            f"{self.list_file}: labels go up to {highest}, but there {'is' if num_classes == 1 else 'are'} only {num_classes} "
+            f"class name{'s' * (num_classes != 1)} (ids 0..{num_classes - 1}{where}); {n} of {total} video{'s' * (total != 1)} "
+            f"{'has' if n == 1 else 'have'} a label >= {num_classes} (first: {first.path!r} with label {first.label}). "
+            f"Wrong class CSV for this list? Give the class CSV that belongs to {self.list_file.name}."
+        )
 
     # ----------------------------------------------------------------- bookkeeping
     def _reset_failures(self) -> None:
