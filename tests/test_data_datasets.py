@@ -108,6 +108,23 @@ def test_annotation_lists_and_class_csv(tmp_path):
         read_class_names(csv)
 
 
+def test_class_csv_with_more_than_two_header_columns_is_refused(tmp_path):
+    """``id,name,extra`` was read silently, the extra column ending up in every name ("red circle,x")."""
+    csv = tmp_path / "c.csv"
+    csv.write_text("id,name,extra\n0,red circle,x\n1,green square,x\n")
+    with pytest.raises(ValueError) as info:
+        read_class_names(csv)
+    assert str(info.value) == (f"{csv}: expected a header 'id,name' (two columns: a class id and its name), got 'id,name,extra' "
+                               "(3 columns); remove the other columns (a name that contains a comma is quoted: 1,\"Baby, Crawling\")")
+    csv.write_text("id,name,\n0,red,\n")  # a trailing comma (spreadsheet export) is a third column too
+    with pytest.raises(ValueError, match="3 columns"):
+        read_class_names(csv)
+    csv.write_text('idx,label\n1,"Baby, Crawling"\n0,Archery\n')  # any two-column header; quoted commas stay in the name
+    assert read_class_names(csv) == ["Archery", "Baby, Crawling"]
+    csv.write_text("id,name\n0,Baby, Crawling\n")  # an unquoted comma under a two-column header: still one name
+    assert read_class_names(csv) == ["Baby, Crawling"]
+
+
 def test_class_csv_without_header_and_lists_with_a_byte_order_mark(tmp_path):
     csv = tmp_path / "c.csv"
     csv.write_text("0,red\n1,green\n2,blue\n")  # no header: the first row is data, not to be dropped

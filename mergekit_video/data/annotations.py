@@ -106,7 +106,8 @@ class ClassNames(list):
 
 
 def read_class_names(csv_path: str | os.PathLike) -> list[str]:
-    """Class names from a CSV ``id,name`` with a header; ids must be exactly ``0..C-1`` (any order).
+    """Class names from a CSV ``id,name`` with a two-column header (any names, such as ``idx,label``; more columns are
+    refused); ids must be exactly ``0..C-1`` (any order).
 
     Returns a :class:`ClassNames` (a list whose ``source`` is the CSV's path)."""
     path = Path(csv_path)
@@ -120,6 +121,10 @@ def read_class_names(csv_path: str | os.PathLike) -> list[str]:
         raise ValueError(f"{path}: expected a header 'id,name'")
     if len(header) < 2 or _is_int(header[0]):  # a first row of data would be dropped as the header
         raise ValueError(f"{path}: expected a header 'id,name', got {','.join(header)!r}")
+    if len(header) > 2:  # the extra columns would end up in the names ("red circle,x")
+        raise ValueError(f"{path}: expected a header 'id,name' (two columns: a class id and its name), got "
+                         f"{','.join(header)!r} ({len(header)} columns); remove the other columns "
+                         f"(a name that contains a comma is quoted: 1,\"Baby, Crawling\")")
     for lineno, row in enumerate(rows, 2):
         if not row or not "".join(row).strip():
             continue
