@@ -463,6 +463,8 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
         Path("runs/eval/mote_a_model"), Path("runs/eval/mote_b_model"), Path("runs/eval/mote_a_checkpoints_step_00000020")]
     assert default_eval_dir(a, tmp_path / "ucf" / "val.txt") == Path("runs/eval/mote_a_model_ucf_val")  # one folder per list
     assert default_eval_dir(a, tmp_path / "hmdb" / "val.txt") == Path("runs/eval/mote_a_model_hmdb_val")
+    # the recipes' layout, <dataset>/lists/<list>: "lists" alone would not tell ucf101's from hmdb51's
+    assert default_eval_dir(a, tmp_path / "ucf101" / "lists" / "testlist01.txt") == Path("runs/eval/mote_a_model_ucf101_lists_testlist01")
     # another protocol gets its own folder (it would otherwise be refused as another recipe)
     assert default_eval_dir(a, tmp_path / "ucf" / "val.txt", views="4x3", frames=16) == Path("runs/eval/mote_a_model_ucf_val_4x3_f16")
     assert default_eval_dir(a, tmp_path / "ucf" / "val.txt", zero_shot=True, compare=True) == Path("runs/eval/mote_a_model_ucf_val_zs_compare")
@@ -500,8 +502,11 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     assert "several --list files are the splits of one zero-shot dataset: add --zero-shot" in capsys.readouterr().err
     assert cli_main(["eval", str(a), "--zero-shot", "--list", "s1.txt", "--list", "s2.txt", "--classes", "c.csv"]) == 1
     capsys.readouterr()
-    saved = yaml.safe_load((tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_s1_zs" / "recipe.yaml").read_text())
-    assert saved["eval"]["datasets"][0]["kind"] == "zero_shot" and saved["eval"]["summary"] == {"zero_shot": ["s1"]}
+    # named after the dataset's folder, not after its first split
+    saved = yaml.safe_load((tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_2splits_zs" / "recipe.yaml").read_text())
+    dataset = tmp_path.name
+    assert saved["eval"]["datasets"][0]["kind"] == "zero_shot" and saved["eval"]["summary"] == {"zero_shot": [dataset]}
+    assert saved["eval"]["datasets"][0]["name"] == dataset
     assert [s["list"] for s in saved["eval"]["datasets"][0]["splits"]] == [str(tmp_path / "s1.txt"), str(tmp_path / "s2.txt")]
     # a folder holding another recipe's evaluation: the refusal speaks of evaluating, not of training and resuming
     out = tmp_path / "ev"

@@ -174,10 +174,24 @@ def _refuse_recording_over_the_recipe(recipe: Path, cfg: dict) -> None:
         )
 
 
+#: Folder names that say where a dataset keeps its lists, not which dataset it is.
+_GENERIC_LIST_FOLDERS = frozenset({"lists", "list", "annotations", "annotation", "anno", "splits", "split", "labels", "meta", "metadata"})
+
+
+def _dataset_folder(list_file: Path) -> str:
+    """The folder naming a list's dataset: its own, or the one above a generic ``lists/``."""
+    folder = list_file.resolve().parent
+    return folder.parent.name if folder.name.lower() in _GENERIC_LIST_FOLDERS else folder.name
+
+
 def default_eval_dir(
-    target: Path, list_file: Path | None = None, *, views: str = "1x1", frames: int = 8, compare: bool = False, zero_shot: bool = False
+    target: Path, list_file: Path | None = None, *, views: str = "1x1", frames: int = 8, compare: bool = False, zero_shot: bool = False,
+    splits: int = 1,
 ) -> Path:
     """``runs/eval/<run>_<model>[_<list folder>_<list>][_<views>][_f<frames>][_zs][_compare]`` for ``mergevid eval MODEL --list LIST``.
+
+    A list folder named like ``lists`` or ``annotations`` comes with its parent (``ucf101_lists``);
+    ``splits`` lists of one zero-shot dataset (``list_file`` the first) give ``<list folder>_<splits>splits``.
 
     Named after the model, the folder holding it and the evaluated list: every run saves
     ``model/``, so the model's own name alone would send every run's evaluation to one folder
@@ -196,7 +210,10 @@ def default_eval_dir(
             break
     if list_file is not None:  # its folder too: ucf101/val.txt and hmdb51/val.txt are other datasets
         listed = list_file.resolve()
-        parts += [listed.parent.name, listed.stem]
+        folder = listed.parent.name
+        if folder.lower() in _GENERIC_LIST_FOLDERS:  # ucf101/lists/testlist01.txt: the dataset is one folder up
+            folder = f"{listed.parent.parent.name}_{folder}"
+        parts += [folder, listed.stem if splits == 1 else f"{splits}splits"]
     if views.lower() != "1x1":
         parts.append(views.lower())
     if frames != 8:
@@ -226,7 +243,7 @@ def eval_cmd(
         False, "--zero-shot", help="Classes unseen in training: reported as zero-shot (mean ± std over the --list splits, HM_ZS)."
     ),
     output_dir: Optional[Path] = typer.Option(
-        None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>_<list folder>_<list>, e.g. runs/eval/mote_vitl14_model_ucf101_val)."
+        None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>_<list folder>_<list>, e.g. runs/eval/mote_vitl14_k400_model_ucf101_lists_testlist01)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an output folder holding other results: DELETES them first."),
 ) -> None:
@@ -265,12 +282,13 @@ def eval_cmd(
         if input_size is not None and isinstance(model_size, int) and input_size != model_size:
             raise UserError(f"--input-size {input_size}, but the model's visual tower takes {model_size}x{model_size} frames: "
                             f"leave --input-size out (or pass {model_size})")
-        name = list_files[0].stem
+        # several lists are the splits of one dataset: named after it (ucf101/lists/testlist0N.txt → ucf101)
+        name = list_files[0].stem if len(list_files) == 1 else _dataset_folder(list_files[0])
         lists = [str(f.resolve()) for f in list_files]  # absolute: the same evaluation whatever the working folder
         recipe = {
             "runner": "compare" if compare else "evaluate",
             "output_dir": str(output_dir or default_eval_dir(
-                target, list_files[0], views=views, frames=num_frames, compare=compare, zero_shot=zero_shot)),
+                target, list_files[0], views=views, frames=num_frames, compare=compare, zero_shot=zero_shot, splits=len(list_files))),
             "checkpoint": str(target.resolve()),
             "eval": {
                 "num_workers": min(4, os.cpu_count() or 1),
