@@ -97,6 +97,22 @@ def test_prepare_sets_gop_and_short_side_verifies_and_resumes(tmp_path, tiny_syn
         prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=out, short_side=32, gop=4, progress=False)
 
 
+def test_a_rerun_with_other_settings_names_what_changed_and_suggests_only_another_folder(tmp_path, tiny_synthetic, prepare_input):
+    """Said "prepared with other settings {...}; ... or remove prepare_manifest.json": which setting changed was left to
+    guess, and removing the manifest led to further refusals (the list and report "not written by" this command)."""
+    lst, _ = prepare_input
+    out = tmp_path / "prepared"
+    prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=out, short_side=32, gop=8, workers=1, progress=False)
+    with pytest.raises(ValueError) as info:
+        prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=out, short_side=48, gop=8, workers=1, progress=False)
+    assert str(info.value) == (f"{out} was prepared with other settings (short_side (--short-side) was 32, now 48); prepare into "
+                               f"another output folder, or delete the folder {out} to prepare it again with these settings")
+    with pytest.raises(ValueError, match=r"\(short_side \(--short-side\) was 32, now 48; gop \(--gop\) was 8, now 4; "
+                                         r"fastdecode \(--fastdecode/--no-fastdecode\) was True, now False; crf was None, now 20\)"):
+        prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=out, short_side=48, gop=4, fastdecode=False, crf=20,
+                        progress=False)
+
+
 def test_prepare_recovers_outputs_missing_from_the_manifest(tmp_path, tiny_synthetic, prepare_input):
     lst, good = prepare_input
     out = tmp_path / "prepared"

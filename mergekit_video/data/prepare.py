@@ -270,6 +270,23 @@ def _expected_size(src: Path, *, list_format: str, num_frames: int | None, short
     return target_size(int(h), int(w), short_side)
 
 
+# the settings in the manifest, as `mergevid data prepare` spells them (preset and crf are Python-only)
+SETTING_FLAGS = {"short_side": "--short-side", "gop": "--gop", "fastdecode": "--fastdecode/--no-fastdecode",
+                 "fps_for_frame_folders": "--fps"}
+
+
+def _settings_change(old: Any, new: dict) -> str:
+    """What differs between an earlier run's settings and this run's: ``short_side (--short-side) was 32, now 48; ...``."""
+    if not isinstance(old, dict):
+        return f"the manifest holds no settings ({old!r}), this run's are {new}"
+    changes = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            flag = f" ({SETTING_FLAGS[key]})" if key in SETTING_FLAGS else ""
+            changes.append(f"{key}{flag} was {old.get(key, '<unset>')!r}, now {new.get(key, '<unset>')!r}")
+    return "; ".join(changes)
+
+
 def prepare_dataset(
     *,
     list_file: str | os.PathLike,
@@ -325,8 +342,9 @@ def prepare_dataset(
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text(encoding="utf-8"))
         if old.get("settings") != settings:
-            raise ValueError(f"{out_dir} was prepared with other settings {old.get('settings')}; "
-                             f"use another output folder or remove {manifest_path}")
+            raise ValueError(f"{out_dir} was prepared with other settings ({_settings_change(old.get('settings'), settings)}); "
+                             f"prepare into another output folder, or delete the folder {out_dir} to prepare it again "
+                             "with these settings")
         manifest["files"] = old.get("files", {})
 
     # One source per file: a video listed twice (say by a relative and an absolute path) is encoded once.
