@@ -467,3 +467,17 @@ def test_the_benchmarks_raw_clip_settings_pass_the_synthetic_checks(tmp_path):
         write_synthetic_dataset(not_a_folder, num_classes=6, videos_per_class=2, val_per_class=0, num_novel_classes=0,
                                 frames=RAW_CLIP["frames"], size=RAW_CLIP["size"], fps=RAW_CLIP["fps"], gop=None,
                                 texture=RAW_CLIP["texture"], noise=RAW_CLIP["noise"], preset=None, crf=None, overwrite=True)
+
+
+def test_counts_of_one_in_data_messages_are_singular(tmp_path, tiny_synthetic):
+    from mergekit_video.data.readers import _plan
+
+    one = make(tiny_synthetic, train=False, class_names=["only"], records=[VideoRecord("a.mp4", 0)])
+    with pytest.raises(IndexError, match=r"index 3 out of range for 1 video in "):
+        one[3]
+    with pytest.raises(LabelError, match=r"label 1 out of range for 1 class$"):  # records given later: the per-item check
+        one.with_records([VideoRecord("a.mp4", 1)])[0]
+    with pytest.raises(ValueError, match=r"class 0 has 1 video, fewer than shots=2$"):
+        few_shot_subset([VideoRecord("a.mp4", 0)], shots=2, seed=0)
+    with pytest.raises(IndexError, match=r"out of range for 1 frame$"):
+        _plan([0, 1], 1, "x.mp4")

@@ -350,3 +350,29 @@ def test_an_output_folder_that_is_a_file_is_named(tmp_path):
         run_data_benchmark(work_dir=afile / "sub", log=lambda _: None)
     assert str(info.value) == f"work_dir {afile / 'sub'}: {afile} is a file, not a folder"
     assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "list.txt"]
+
+
+def test_prepare_and_synth_argument_errors_name_the_command_line_option(tmp_path, prepare_input, tiny_synthetic):
+    """`mergevid data prepare --short-side 0` said "short_side and gop must be positive", `data synth --classes 0`
+    "need 1 <= num_classes and ...": Python argument names the user never typed."""
+    lst, _ = prepare_input
+    for kw, message in [({"short_side": 0}, "short_side (--short-side) must be positive, got 0"),
+                        ({"gop": -1}, "gop (--gop) must be positive, got -1"),
+                        ({"list_format": "x"}, "list_format (--list-format) must be one of video, frames, got 'x'"),
+                        ({"list_format": "frames", "fps": 0.0}, "fps (--fps) must be positive for frame-folder lists, got 0.0")]:
+        with pytest.raises(ValueError) as info:
+            prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=tmp_path / "out", progress=False, **kw)
+        assert str(info.value) == message
+    assert not (tmp_path / "out").exists()
+    small = {"videos_per_class": 1, "val_per_class": 0, "num_novel_classes": 0, "frames": 4, "size": (16, 16)}
+    for kw, message in [({"num_classes": 0}, "num_classes (--classes) must be >= 1, got 0"),
+                        ({"num_novel_classes": -1}, "num_novel_classes (--novel-classes) must be >= 0, got -1"),
+                        ({"videos_per_class": 0}, "videos_per_class (--videos-per-class) must be >= 1, got 0"),
+                        ({"val_per_class": -1}, "val_per_class (--val-per-class) must be >= 0, got -1"),
+                        ({"frames": 0}, "frames (--frames) must be >= 1, got 0"),
+                        ({"num_classes": 100, "num_novel_classes": 50},
+                         "num_classes + num_novel_classes (--classes + --novel-classes) must be <= 144 (the classes the "
+                         "synthetic catalogue has), got 100 + 50")]:
+        with pytest.raises(ValueError) as info:
+            write_synthetic_dataset(tmp_path / "syn", **{"num_classes": 1, **small, **kw})
+        assert str(info.value) == message

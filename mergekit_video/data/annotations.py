@@ -184,7 +184,7 @@ def few_shot_subset(dataset_or_records: Any, *, shots: int, seed: int, repeat_to
     for label in sorted(by_class):
         members = by_class[label]
         if len(members) < shots:
-            raise ValueError(f"few_shot_subset: class {label} has {len(members)} videos, fewer than shots={shots}")
+            raise ValueError(f"few_shot_subset: class {label} has {len(members)} video{'s' * (len(members) != 1)}, fewer than shots={shots}")
         pick = torch.randperm(len(members), generator=g)[:shots].tolist()
         chosen.extend(members[j] for j in sorted(pick))
     subset = [records[i] for i in chosen]

@@ -370,7 +370,7 @@ def run_data_benchmark(
     prep = prepare_dataset(list_file=subset_list, root=raw_root, out_dir=work / "prepared", short_side=short_side, gop=gop,
                            fastdecode=True, workers=os.cpu_count(), progress=False)
     if prep.failed:
-        raise RuntimeError(f"{prep.failed} videos failed to prepare; see {prep.report_path}")
+        raise RuntimeError(f"{prep.failed} video{'s' * (prep.failed != 1)} failed to prepare; see {prep.report_path}")
     prep_records = read_annotation_list(prep.list_file)
     sets = {
         "raw": (raw_records, raw_root, raw_desc),

@@ -241,7 +241,7 @@ class VideoDataset(torch.utils.data.Dataset):
         record = self.records[index]
         path = self.root / record.path
         if self.class_names is not None and not 0 <= record.label < len(self.class_names):
-            raise LabelError(f"{path}: label {record.label} out of range for {len(self.class_names)} classes", path=str(path))
+            raise LabelError(f"{path}: label {record.label} out of range for {len(self.class_names)} class{'es' * (len(self.class_names) != 1)}", path=str(path))
         earlier = _TIMED_OUT.get(str(path))
         if earlier is not None:
             raise ReadTimeoutError(f"{path}: not read again, its read timed out earlier in this process ({earlier})", path=str(path))
@@ -263,7 +263,7 @@ class VideoDataset(torch.utils.data.Dataset):
         else:
             index, epoch = int(key), 0
         if not 0 <= index < len(self.records):
-            raise IndexError(f"index {index} out of range for {len(self.records)} videos in {self.list_file}")
+            raise IndexError(f"index {index} out of range for {len(self.records)} video{'s' * (len(self.records) != 1)} in {self.list_file}")
         current = index
         resampled: list[str] = []  # bad videos this item replaced, carried in the item
         errors: dict[str, str] = {}  # their reasons, in workers (the main process logs them once)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.io import atomic_write_json
-from .annotations import VideoRecord, read_annotation_list, write_annotation_list
+from .annotations import LIST_FORMATS, VideoRecord, read_annotation_list, write_annotation_list
 from .encode import encode_video, keyframe_indices, video_info
 
 MANIFEST = "prepare_manifest.json"
@@ -129,9 +129,9 @@ def verify_output(path: str | os.PathLike, *, gop: int | None = None, height: in
         for _ in container.decode(stream):
             decoded += 1
     if decoded == 0 or decoded != n:
-        raise ValueError(f"{path}: decoded {decoded} of {n} frames")
+        raise ValueError(f"{path}: decoded {decoded} of {n} frame{'s' * (n != 1)}")
     if frames is not None and decoded != frames:
-        raise ValueError(f"{path}: holds {decoded} frames, {frames} were encoded")
+        raise ValueError(f"{path}: holds {decoded} frame{'s' * (decoded != 1)}, {frames} {'was' if frames == 1 else 'were'} encoded")
     if (height is not None and h != height) or (width is not None and w != width):
         raise ValueError(f"{path}: size {w}x{h}, expected {width}x{height}")
     if gop is not None and keys != list(range(0, n, gop)):
@@ -316,8 +316,15 @@ def prepare_dataset(
     """
     t0 = time.perf_counter()
     list_file, root, out_dir = Path(list_file), Path(root), Path(out_dir)
-    if short_side <= 0 or gop <= 0:
-        raise ValueError("short_side and gop must be positive")
+    # messages name the argument and its `mergevid data prepare` option
+    if short_side <= 0:
+        raise ValueError(f"short_side (--short-side) must be positive, got {short_side}")
+    if gop <= 0:
+        raise ValueError(f"gop (--gop) must be positive, got {gop}")
+    if list_format not in LIST_FORMATS:
+        raise ValueError(f"list_format (--list-format) must be one of {', '.join(LIST_FORMATS)}, got {list_format!r}")
+    if list_format == "frames" and not fps > 0:
+        raise ValueError(f"fps (--fps) must be positive for frame-folder lists, got {fps}")
     refuse_file_as_folder(out_dir, "out_dir")
     records = read_annotation_list(list_file, list_format)
     if not root.is_dir():

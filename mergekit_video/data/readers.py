@@ -114,7 +114,7 @@ def _plan(indices: Sequence[int], num_frames: int, path: str) -> tuple[np.ndarra
         raise ValueError(f"{path}: no frame indices requested")
     if idx.min() < 0 or idx.max() >= num_frames:
         bad = idx[(idx < 0) | (idx >= num_frames)]
-        raise IndexError(f"{path}: frame indices {bad.tolist()[:8]} out of range for {num_frames} frames")
+        raise IndexError(f"{path}: frame indices {bad.tolist()[:8]} out of range for {num_frames} frame{'s' * (num_frames != 1)}")
     uniq, inv = np.unique(idx, return_inverse=True)
     if uniq.size == idx.size and np.array_equal(uniq, idx):
         return uniq, None
@@ -312,7 +312,7 @@ class PyAVReader:
         if not pts:
             raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
         if header > 0 and packets < header:
-            raise VideoReadError(f"{self.path}: truncated (header lists {header} frames, file holds {packets})", path=self.path)
+            raise VideoReadError(f"{self.path}: truncated (header lists {header} frame{'s' * (header != 1)}, file holds {packets})", path=self.path)
         self._num_frames = len(pts)
         if any(p is None for p in pts):
             self._pts: list[int] | None = None  # no timestamps: decode from the start, counting

@@ -195,10 +195,15 @@ def write_synthetic_dataset(
     """
     root = Path(root)
     catalogue = class_catalogue()
-    if num_classes < 1 or num_novel_classes < 0 or num_classes + num_novel_classes > len(catalogue):
-        raise ValueError(f"need 1 <= num_classes and num_classes + num_novel_classes <= {len(catalogue)}")
-    if videos_per_class < 1 or val_per_class < 0 or frames < 1:
-        raise ValueError("videos_per_class and frames must be >= 1, val_per_class >= 0")
+    # messages name the argument and its `mergevid data synth` option
+    for value, name, least in ((num_classes, "num_classes (--classes)", 1), (num_novel_classes, "num_novel_classes (--novel-classes)", 0),
+                               (videos_per_class, "videos_per_class (--videos-per-class)", 1),
+                               (val_per_class, "val_per_class (--val-per-class)", 0), (frames, "frames (--frames)", 1)):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    if num_classes + num_novel_classes > len(catalogue):
+        raise ValueError(f"num_classes + num_novel_classes (--classes + --novel-classes) must be <= {len(catalogue)} "
+                         f"(the classes the synthetic catalogue has), got {num_classes} + {num_novel_classes}")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     if not 0 <= texture <= 1:
