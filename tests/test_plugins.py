@@ -304,3 +304,39 @@ def test_a_video_model_with_a_stateful_plugin_router_saves_and_loads(clean_regis
         frames, classes = torch.randn(2, 4, 3, 32, 32), torch.randn(5, 64)
         with torch.no_grad():
             assert torch.equal(back(frames, classes), model.eval()(frames, classes))
+
+
+def test_a_saved_model_records_its_plugin_and_loading_imports_it(clean_registries, monkeypatch, tmp_path):
+    """config.json lists the plugin module of the experts' router/merge: load() imports it (a later process
+    would otherwise meet 'unknown merge strategy median'), or says what to install."""
+    from mergekit_video.models import build_video_clip, load, save_model
+    from mergekit_video.models.checkpoint import read_model_config
+
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    import_plugins([MODULE])
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=3, router="cyclic", merge="median")
+    assert model.config["plugins"] == [MODULE]
+    save_model(model, tmp_path / "model")
+    assert read_model_config(tmp_path / "model")["plugins"] == [MODULE]
+    plain = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=3)
+    assert "plugins" not in plain.config  # built-in parts only
+
+    # a new process: the plugin is not imported and its names are not registered
+    _forget_plugin()
+    ROUTERS._entries.pop("cyclic", None)
+    MERGES._entries.pop("median", None)
+    back = load(tmp_path / "model")
+    assert back.head.config["merge"] == "median" and "median" in MERGES.names()
+    frames, classes = torch.randn(2, 4, 3, 32, 32), torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(back(frames, classes), model.eval()(frames, classes))
+
+    # without the plugin on the path: what to install, not an unknown name
+    _forget_plugin()
+    ROUTERS._entries.pop("cyclic", None)
+    MERGES._entries.pop("median", None)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(PLUGIN_SRC)])
+    with pytest.raises(ImportError, match=rf"model was saved with experts whose router or merge strategy comes from the plugin "
+                                          rf"module '{MODULE}', which cannot be imported here .*install that plugin package"):
+        load(tmp_path / "model")

@@ -35,7 +35,7 @@ from ..experts import find_containers
 from ..merging import is_output_space
 from ..surgery import collapse_experts
 from ..utils.io import apply_default_modes, atomic_write_json, _fsync_dir
-from .video_clip import VideoCLIP, video_clip_from_config
+from .video_clip import VideoCLIP, import_model_plugins, video_clip_from_config
 
 CONFIG_FILE = "config.json"
 NON_TENSOR_KEY = "non_tensor_state"
@@ -283,6 +283,9 @@ def validate_model_config(config: Any, *, source: str) -> dict[str, Any]:
     require(model_cfg, "embed_dim", (int,), "clip.model_cfg")
     for part in ("vision_cfg", "text_cfg"):
         require(model_cfg, part, (dict,), "clip.model_cfg")
+    plugins = config.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+        raise fail("plugins", f"key {{key}} must be a list of module names, not {json.dumps(plugins)[:60]}")
     head = require(config, "head", (dict,), "")
     for key in _REQUIRED_HEAD_KEYS:
         require(head, key, _HEAD_KEYS[key], "head")
@@ -474,6 +477,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
 
     path = Path(path)
     saved = _open_saved(path)
+    import_model_plugins(saved.config, source=str(path))  # before the build: its router/merge names are theirs
     model = video_clip_from_config(saved.config)
     parts = {"clip": model.clip.state_dict(), "head": model.head.state_dict()}
     if saved.meta is None:  # a model directory

@@ -45,12 +45,20 @@ class VideoCLIP(nn.Module):
 
     @property
     def config(self) -> dict[str, Any]:
-        """The config that rebuilds this model; its ``head`` part is always the live head's."""
-        return {**self._config, "head": dict(self.head.config)}
+        """The config that rebuilds this model; its ``head`` part is always the live head's.
+
+        ``plugins`` lists the modules outside mergekit_video that define a router or merge strategy
+        of the model's experts (imported again when the model is loaded).
+        """
+        config = {**self._config, "head": dict(self.head.config)}
+        plugins = plugin_modules(self)
+        if plugins:
+            config["plugins"] = plugins
+        return config
 
     @config.setter
     def config(self, value: dict[str, Any]) -> None:
-        self._config = {k: copy.deepcopy(v) for k, v in value.items() if k != "head"}
+        self._config = {k: copy.deepcopy(v) for k, v in value.items() if k not in ("head", "plugins")}
 
     # -- public surface ------------------------------------------------------------
     @property
@@ -181,12 +189,46 @@ def model_config_dict(clip_cfg: dict[str, Any], hcfg: dict[str, Any], **extra: A
     return {"format": CONFIG_FORMAT, "format_version": CONFIG_VERSION, "clip": clip_cfg, "head": hcfg, **extra}
 
 
+def plugin_modules(model: nn.Module) -> list[str]:
+    """The modules outside mergekit_video that define the router or merge strategy of ``model``'s experts.
+
+    A plugin registers its parts when its module is imported: a saved model lists these modules so
+    that loading it imports them first (the registered names alone would be unknown).
+    """
+    from ..experts import find_containers
+    from ..registry import MERGES
+
+    modules = set()
+    for _, container in find_containers(model):
+        for part in (type(container.router), MERGES.get(container.merge)):
+            module = getattr(part, "__module__", None) or type(part).__module__
+            if module and module != "__main__" and module.split(".")[0] != "mergekit_video":
+                modules.add(module)
+    return sorted(modules)
+
+
+def import_model_plugins(config: dict[str, Any], *, source: str = "the model") -> None:
+    """Import the plugin modules a saved config lists (``config["plugins"]``), with an error that says what to install."""
+    from ..registry import import_plugins
+
+    for module in config.get("plugins") or []:
+        try:
+            import_plugins([module])
+        except ImportError as exc:
+            raise ImportError(
+                f"{source} was saved with experts whose router or merge strategy comes from the plugin module {module!r}, "
+                f"which cannot be imported here ({exc.__cause__ or exc}): install that plugin package, or put its "
+                f"folder on PYTHONPATH"
+            ) from None
+
+
 def video_clip_from_config(config: dict[str, Any]) -> VideoCLIP:
-    """Rebuild the architecture (random weights, no download) from a saved config."""
+    """Rebuild the architecture (random weights, no download) from a saved config (its plugins imported first)."""
     if config.get("format") != CONFIG_FORMAT:
         raise ValueError(f"not a mergekit_video model config (format={config.get('format')!r}, expected {CONFIG_FORMAT!r})")
     if int(config.get("format_version", 0)) > CONFIG_VERSION:
         raise ValueError(f"model config version {config['format_version']} is newer than this mergekit_video supports ({CONFIG_VERSION})")
+    import_model_plugins(config)
     clip = build_clip_from_config(config["clip"]["model_cfg"])
     head = TemporalHead(**config["head"])
     return VideoCLIP(clip=clip, head=head, config=config)
