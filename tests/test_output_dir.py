@@ -90,6 +90,31 @@ def test_changed_recipe_needs_overwrite_only_when_the_earlier_run_left_outputs(t
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["notes.txt", "recipe.yaml"]
 
 
+def test_a_rerun_with_resume_null_does_not_silently_replace_the_earlier_run(tmp_path, caplog):
+    # train.resume: null trains from step 1: it would replace the checkpoints and metrics of the run interrupted before
+    out = tmp_path / "run"
+    cfg = {"runner": "mote", "output_dir": str(out), "train": {"resume": None}}
+    prepare_output_dir(cfg, overwrite=False, main=True)
+    (out / "checkpoints" / "step_00000008").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000008" / "state.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(FileExistsError, match=r"holds an earlier run of this recipe \(checkpoints, metrics.jsonl\), and train.resume is null, "
+                                              r"which trains from step 1 and would replace them: set train.resume=auto to continue it"):
+        prepare_output_dir(cfg, overwrite=False, main=True)
+    assert (out / "checkpoints" / "step_00000008" / "state.json").exists()
+    prepare_output_dir({**cfg, "train": {"resume": "auto"}}, overwrite=False, main=True)  # as the message says: it continues
+    with pytest.raises(FileExistsError, match="and train.resume is null"):
+        prepare_output_dir(cfg, overwrite=False, main=True)
+    with caplog.at_level("WARNING", logger="mergekit_video.runners.common"):
+        prepare_output_dir({**cfg, "train": {"resume": "auto"}}, overwrite=True, main=True)  # the same run resumes: --overwrite deletes nothing
+    assert (out / "metrics.jsonl").exists() and "nothing was deleted" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mergekit_video.runners.common"):
+        prepare_output_dir(cfg, overwrite=True, main=True)  # asked: train again from step 1
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml"]
+    assert "--overwrite: deleted the earlier outputs" in caplog.text and "(metrics.jsonl, checkpoints/)" in caplog.text
+
+
 def test_results_neutral_changes_resume_and_are_recorded(tmp_path, caplog):
     """data.num_workers, eval.num_workers, train.log_every, train.tensorboard, train.keep_last: a rerun
     that changes only these keeps the earlier run's outputs (it resumes), with or without --overwrite."""

@@ -289,10 +289,26 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                 changes = [("<recipe>", "(unreadable recipe.yaml)", "this recipe")]
         # a trained run whose final evaluation failed (no results yet) may be evaluated with other eval.* settings
         unevaluated = cfg.get("runner") not in ("evaluate", "compare") and out / "results.json" not in outputs
-        neutral = bool(changes) and all(key in RESULTS_NEUTRAL_KEYS or (unevaluated and only_final_evaluation(key)) for key, _, _ in changes)
+        # train.resume between null and auto says whether to continue, not what is trained (null is checked below)
+        neutral = bool(changes) and all(
+            key in RESULTS_NEUTRAL_KEYS or (unevaluated and only_final_evaluation(key))
+            or (key == "train.resume" and {old, new} <= {None, False, "auto"})
+            for key, old, new in changes
+        )
         # files named like a run's outputs in a folder without recipe.yaml (overwrite given): replaced, not appended to
         foreign = previous is None and bool(outputs)
-        if outputs and ((changes and not neutral) or foreign):
+        # train.resume: null trains from step 1: the earlier run's checkpoints and metrics would be replaced
+        restart = (not evaluation and (not changes or neutral) and previous is not None and not (cfg.get("train") or {}).get("resume", "auto")
+                   and any(p.name in ("checkpoints", "metrics.jsonl") for p in outputs))
+        if restart and not overwrite:
+            release_output_dir(out)
+            raise FileExistsError(
+                f"output_dir {out} holds an earlier run of this recipe (checkpoints, metrics.jsonl), and train.resume is null, "
+                f"which trains from step 1 and would replace them: set train.resume=auto to continue it, use another "
+                f"output_dir, or pass --overwrite to DELETE its {', '.join(p.name + ('/' if p.is_dir() else '') for p in outputs)} "
+                f"and train again from step 1"
+            )
+        if outputs and ((changes and not neutral) or foreign or restart):
             if not overwrite:
                 names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
                 shown = "; ".join(describe_change(*c) for c in changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
@@ -308,12 +324,17 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                     f"Or use another output_dir, or pass --overwrite to DELETE the earlier run's {names} and train again from step 1"
                 )
             _refuse_deleting_inputs(cfg, outputs)
+            deleted = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
             for path in outputs:
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
                     path.unlink()
+            log.warning("--overwrite: deleted the earlier outputs in %s (%s)", out, deleted)
             outputs = []
+        elif overwrite and outputs and not evaluation:
+            log.warning("--overwrite: %s holds an earlier run of this recipe, which resumes; nothing was deleted (to train "
+                        "from step 1, set train.resume=null with --overwrite, or use another output_dir)", out)
         out.mkdir(parents=True, exist_ok=True)
         if neutral and outputs:
             log.info("output_dir %s: resuming the earlier run; recipe.yaml records the changed settings (%s), which do not change "

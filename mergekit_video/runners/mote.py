@@ -251,6 +251,8 @@ class MoTERunner:
             dist=self.dist,
             compile=t.get("compile", False),
             routing_draws=t.get("routing_draws", "global"),
+            resume_hint=("Rerun the same command to resume." if t.get("resume", "auto")
+                         else "Rerun the same command with train.resume=auto to resume from it."),
         )
 
     def _validate(self, epoch: int) -> dict[str, float]:

@@ -131,6 +131,7 @@ class Trainer:
             rank's sub-batch draws its own (the official code, which seeds each GPU differently).
             Per-rank streams are gathered into checkpoints, so resumes stay exact.
         stop_on_signals: handle SIGINT/SIGTERM as above (main thread only).
+        resume_hint: how to continue, at the end of the message of a run stopped by a signal.
     """
 
     def __init__(
@@ -162,6 +163,7 @@ class Trainer:
         routing_draws: str = "global",
         extra_state: Callable[[], dict[str, Any]] | None = None,
         stop_on_signals: bool = True,
+        resume_hint: str = "Rerun the same command to resume.",
     ) -> None:
         if grad_accumulation < 1:
             raise ValueError(f"train.grad_accumulation must be >= 1, got {grad_accumulation}")
@@ -194,6 +196,7 @@ class Trainer:
         self.dist = dist
         self.extra_state = extra_state
         self.stop_on_signals = bool(stop_on_signals)
+        self.resume_hint = resume_hint  # how to continue, in the message of a run stopped by a signal
         self._stop_signal: int | None = None
         self._saved_step: int | None = None  # the step whose checkpoint holds the current state
         self.state = TrainState()
@@ -580,7 +583,7 @@ class Trainer:
             torch_dist.barrier()  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
         name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a signal on another rank"
         kept = (
-            f"checkpoint saved in {self.checkpoints.directory}. Rerun the same command to resume."
+            f"checkpoint saved in {self.checkpoints.directory}. {self.resume_hint}"
             if self.checkpoints is not None
             else "no checkpoint was written (checkpoints are off)."
         )
