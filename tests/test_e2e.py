@@ -636,6 +636,22 @@ def test_an_epoch_whose_validation_videos_all_fail_has_no_val_accuracy_and_train
     assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) == 0.0
 
 
+def test_a_val_list_past_the_training_classes_is_refused_before_training(synthetic_data, tmp_path):
+    from mergekit_video.runners import run_recipe
+
+    names = (synthetic_data / "classes.csv").read_text().splitlines()[1:]
+    wrong = tmp_path / "val_other_classes.txt"
+    first = (synthetic_data / "val.txt").read_text().splitlines()[0].split()[0]
+    wrong.write_text(f"{first} {len(names) + 2}\n")  # a label of another, larger class list
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    data = ["~data.synthetic", f"data.root={synthetic_data}", f"data.train_list={synthetic_data / 'train.txt'}",
+            f"data.class_csv={synthetic_data / 'classes.csv'}", f"data.val_list={wrong}"]
+    cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", *data])
+    with pytest.raises(ValueError, match=rf"labels go up to {len(names) + 2}, but there are only {len(names)} class names"):
+        run_recipe(cfg)
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()  # nothing trained
+
+
 def test_clip_blend_without_pretrained_weights_is_refused_before_training(synthetic_data, tmp_path):
     from mergekit_video.runners import run_recipe
 

@@ -68,6 +68,8 @@ class MoTERunner:
 
         # data
         self.train_loader = self._train_loader()
+        if self.data_cfg.get("val_list"):
+            self._val_dataset = self._build_val_dataset()
         # optimisation
         self.optimizer, self.scheduler = self._optimizer()
         self.checkpoints = CheckpointManager(
@@ -255,22 +257,29 @@ class MoTERunner:
                          else "Rerun the same command with train.resume=auto to resume from it."),
         )
 
-    def _validate(self, epoch: int) -> dict[str, float]:
-        """Close-set accuracy on ``data.val_list`` (merged experts, TFM off, single view) for model selection."""
-        from ..data import VideoDataset, build_loader
-        from ..evaluation.evaluator import NoVideoEvaluatedError, evaluate
+    def _build_val_dataset(self) -> Any:
+        """The ``data.val_list`` dataset, built at setup: a list that does not fit the training classes is refused before training."""
+        from ..data import VideoDataset
 
         d = self.data_cfg
         clips, crops = self.cfg["train"].get("val_views", [1, 1])
+        return VideoDataset(
+            list_file=d["val_list"], root=d["root"], num_frames=d.get("num_frames", 8), train=False,
+            class_names=self.train_class_names, list_format=d.get("list_format", "video"),
+            backend=d.get("backend", "decord"), num_clips=clips, num_crops=crops,
+            test_offsets=(self.cfg.get("eval") or {}).get("test_offsets") or "centre",
+            input_size=self.input_size, normalize=False,  # uint8 out of the workers; normalised on the device in one op
+            on_error="skip", read_timeout_s=d.get("read_timeout_s", 60.0), seed=self.cfg.get("seed", 0),
+        )
+
+    def _validate(self, epoch: int) -> dict[str, float]:
+        """Close-set accuracy on ``data.val_list`` (merged experts, TFM off, single view) for model selection."""
+        from ..data import build_loader
+        from ..evaluation.evaluator import NoVideoEvaluatedError, evaluate
+
+        clips, crops = self.cfg["train"].get("val_views", [1, 1])
         if not hasattr(self, "_val_loader"):
-            ds = VideoDataset(
-                list_file=d["val_list"], root=d["root"], num_frames=d.get("num_frames", 8), train=False,
-                class_names=self.train_class_names, list_format=d.get("list_format", "video"),
-                backend=d.get("backend", "decord"), num_clips=clips, num_crops=crops,
-                test_offsets=(self.cfg.get("eval") or {}).get("test_offsets") or "centre",
-                input_size=self.input_size, normalize=False,  # uint8 out of the workers; normalised on the device in one op
-                on_error="skip", read_timeout_s=d.get("read_timeout_s", 60.0), seed=self.cfg.get("seed", 0),
-            )
+            ds = self._val_dataset if hasattr(self, "_val_dataset") else self._build_val_dataset()
             ev = self.cfg.get("eval") or {}
             self._val_loader = build_loader(
                 ds, batch_size=ev.get("batch_size", 16), num_workers=ev.get("num_workers", 4), shuffle=False,
