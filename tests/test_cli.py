@@ -146,6 +146,21 @@ def test_invalid_recipe_lists_problems_without_traceback(capsys):
     assert rc == 1 and "override 'train' is neither 'key=value' nor '~key'" in capsys.readouterr().err
 
 
+def test_validate_checks_the_clip_architecture_and_pretrained_tag_offline(capsys):
+    # both used to pass validation and fail seconds into the run, after data/ was written
+    assert cli_main(["validate", str(QUICKSTART), "model.clip_name=ViT-B-61"]) == 1
+    err = capsys.readouterr().err
+    assert "- model.clip_name: unknown open_clip model 'ViT-B-61'; did you mean 'ViT-B-16'" in err
+    vitl14 = QUICKSTART.parent / "mote_vitl14.yaml"
+    assert cli_main(["validate", str(vitl14), "model.pretrained=opneai"]) == 1
+    err = capsys.readouterr().err
+    assert "- model.pretrained: 'opneai' is neither an open_clip pretrained tag for ViT-L-14 nor a file; did you mean 'openai'?" in err
+    # a tag, a file path (checked by --check-paths) and random weights pass
+    for value in ("openai", "/weights/ViT-L-14.pt", "null"):
+        assert cli_main(["validate", str(vitl14), f"model.pretrained={value}"]) == 0, value
+    capsys.readouterr()
+
+
 def test_cli_renders_library_warnings_once(capsys, monkeypatch):
     import logging
 

@@ -185,12 +185,47 @@ def model_config(model_name: str, *, quick_gelu: bool | None = None) -> dict[str
     register_bundled_model_configs()
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
-        known = ", ".join(m for m in open_clip.list_models() if not m.startswith(("EVA", "coca", "hf-")))[:400]
-        raise ValueError(f"unknown open_clip model {model_name!r} (recipe key model.clip_name); known models include: {known} ...")
+        import difflib
+
+        names = open_clip.list_models()
+        close = difflib.get_close_matches(model_name, names, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        vits = ", ".join(m for m in names if m.startswith("ViT-") and "quickgelu" not in m)[:300]
+        raise ValueError(f"unknown open_clip model {model_name!r} (recipe key model.clip_name); {hint}ViT models include: {vits} ...")
     cfg = copy.deepcopy(cfg)
     if quick_gelu is not None:
         cfg["quick_gelu"] = bool(quick_gelu)
     return cfg
+
+
+def clip_choice_problem(model_name: str, pretrained: str | None) -> tuple[str, str] | None:
+    """What is wrong with an open_clip ``model_name`` / ``pretrained`` pair, checked offline, or None.
+
+    Returns ``("clip_name" | "pretrained", message)``: an unknown architecture, or a ``pretrained``
+    that is neither an open_clip tag of that architecture nor a file path (a path is left to the
+    path checks). Used by recipe validation, before anything is built or downloaded.
+    """
+    import open_clip
+
+    from ..config.schema import looks_like_weights_file
+
+    try:
+        model_config(model_name)
+    except ValueError as exc:
+        return "clip_name", str(exc).replace(" (recipe key model.clip_name)", "")
+    if not isinstance(pretrained, str) or pretrained.lower() in ("", "none", "null", "random"):
+        return None
+    if os.path.exists(pretrained) or looks_like_weights_file(pretrained):
+        return None
+    tags = open_clip.list_pretrained_tags_by_model(model_name.removesuffix("-quickgelu"))
+    if pretrained in tags or open_clip.get_pretrained_cfg(model_name, pretrained):
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(pretrained, tags, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return "pretrained", (f"{pretrained!r} is neither an open_clip pretrained tag for {model_name} nor a file; {hint}"
+                          f"tags for {model_name}: {', '.join(tags) or 'none'}")
 
 
 def build_clip_from_config(cfg: dict[str, Any]) -> nn.Module:

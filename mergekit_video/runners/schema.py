@@ -359,8 +359,20 @@ def _synthetic_problems(cfg: dict[str, Any]) -> list[Problem]:
     return []
 
 
+def _clip_problems(cfg: dict[str, Any]) -> list[Problem]:
+    """An unknown open_clip architecture or pretrained tag, checked offline (the run would fail after writing data/)."""
+    model = cfg.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("clip_name"), str):
+        return []
+    from ..models.clip import clip_choice_problem
+
+    found = clip_choice_problem(model["clip_name"], model.get("pretrained"))
+    return [Problem(f"model.{found[0]}", found[1])] if found else []
+
+
 def _common_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
-    return [*_base_merge_problems(cfg), *_compare_merge_arguments(cfg), *_summary_problems(cfg), *_device_problems(cfg), *_synthetic_problems(cfg)]
+    return [*_base_merge_problems(cfg), *_compare_merge_arguments(cfg), *_summary_problems(cfg), *_device_problems(cfg),
+            *_synthetic_problems(cfg), *_clip_problems(cfg)]
 
 
 def evaluate_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
