@@ -201,6 +201,21 @@ def test_quickstart_results(quick_run):
         assert row["trade_off"] == pytest.approx(0.0 if min(a, b) == 0 else 2 * a * b / (a + b))
 
 
+def test_an_evaluation_that_fails_leaves_no_folder_it_made(quick_run, tmp_path, capsys):
+    # a class CSV that does not fit the list: refused once the dataset is built, after recipe.yaml was written
+    out, _ = quick_run
+    wrong = tmp_path / "one_class.csv"
+    wrong.write_text("id,name\n0,a\n")
+    args = ["eval", str(out / "model"), "--list", str(out / "data" / "val.txt"), "--classes", str(wrong), "--root", str(out / "data")]
+    assert cli_main([*args, "--output-dir", str(tmp_path / "new")]) == 1
+    assert "Wrong class CSV for this list?" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, even empty
+    assert cli_main([*args, "--output-dir", str(tmp_path / "mine")]) == 1
+    capsys.readouterr()
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_dense_export_has_the_baselines_keys_and_accuracy(quick_run, tmp_path, capsys):
     from mergekit_video.models import build_video_clip, load
 

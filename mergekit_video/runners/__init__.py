@@ -26,17 +26,36 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
     more before leaving the process group: the main process writes the outputs alone, and a rank
     that destroyed its group meanwhile could abort at exit.
     """
-    from ..training.distributed import barrier
-    from .common import release_output_dir
+    from pathlib import Path
 
+    from ..training.distributed import barrier
+    from .common import LOCK_FILE, release_output_dir
+
+    out = Path(cfg["output_dir"])
+    made = not out.exists()
     runner = build_runner(cfg, overwrite=overwrite, console=console)
+    finished = False
     try:
         runner.setup()
         runner.train()
         runner.save()
         runner.evaluate()
         barrier()  # DDP: no rank tears the process group down while another still writes its outputs
+        finished = True
     finally:
         runner.cleanup()
         release_output_dir(cfg["output_dir"])
+        if not finished and made and getattr(runner, "main", True):
+            _remove_if_only_recipe(out, LOCK_FILE)
     return runner
+
+
+def _remove_if_only_recipe(out: Any, lock_file: str) -> None:
+    """Remove the output_dir a failed run made (bad CSV content, say), if it holds nothing but its recipe.yaml."""
+    try:
+        if out.is_dir() and {p.name for p in out.iterdir()} <= {"recipe.yaml", lock_file}:
+            for name in ("recipe.yaml", lock_file):
+                (out / name).unlink(missing_ok=True)
+            out.rmdir()
+    except OSError:  # another process wrote there meanwhile: leave it
+        pass
