@@ -202,7 +202,7 @@ def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path,
     assert cli_main(["validate", "--check-paths", str(recipe), *over]) == 1
     err = capsys.readouterr().err
     assert f"recipe {recipe} is invalid (4 problems)" in err
-    assert f"- data.val_list: file not found: {lists} (it is a folder)" in err
+    assert f"- data.val_list: {lists} is a folder; a file is expected here" in err
     assert f"- data.class_csv: file not found: {lists / 'kinetics_400_labels.csv'}" in err  # ${data.root}/lists/...
     assert "data.root" not in err and "data.train_list" not in err
     # a run fails the same way, before the ViT-B/16 is built
@@ -214,7 +214,7 @@ def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path,
     monkeypatch.setattr(video_clip, "build_video_clip", no_build)
     assert cli_main(["run", str(recipe), *over]) == 1
     err = capsys.readouterr().err
-    assert f"recipe {recipe} is invalid (4 problems)" in err and "- data.val_list: file not found" in err
+    assert f"recipe {recipe} is invalid (4 problems)" in err and "- data.val_list: " in err and "is a folder; a file is expected here" in " ".join(err.split())
     assert not (tmp_path / "run").exists()  # a run that could not start leaves no folder behind
     (tmp_path / "run").mkdir()
     assert cli_main(["run", str(recipe), *over]) == 1
@@ -491,6 +491,15 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     assert not (tmp_path / "runs" / "eval" / f"mote_a_model_{tmp_path.name}_v").exists()
     for name in ("v.txt", "w.txt", "s1.txt", "s2.txt", "c.csv"):
         (tmp_path / name).write_text("")
+    from mergekit_video import runners
+    from mergekit_video.runners.common import release_output_dir
+
+    def recorded_only(cfg, *, overwrite=False, console=None):  # the recipe each command builds, recorded as a run does
+        prepare_output_dir(cfg, overwrite=overwrite, main=True)
+        release_output_dir(cfg["output_dir"])
+        raise ValueError("stopped after recording the recipe")
+
+    monkeypatch.setattr(runners, "run_recipe", recorded_only)
     # with the files there, the run starts (recipe.yaml) and fails on the model (no tensor files)
     assert cli_main(["eval", str(a), "--list", "v.txt", "--classes", str(tmp_path / "c.csv")]) == 1
     capsys.readouterr()

@@ -106,6 +106,7 @@ def test_parse_override(text, op, key, value):
         ("a=", "has no value"),
         ("a..b=1", "not a dotted key"),
         ("a=[1,2", "cannot parse value"),
+        ("a=[64, ${b}]", "as YAML (expected ',' or ']', but got '{'); quote an interpolation inside [ ] or { }, e.g. [64, \"${data.num_frames}\"]"),
     ],
 )
 def test_parse_override_errors(text, needle):
@@ -452,7 +453,7 @@ def test_check_paths_names_missing_files_and_folders(tmp_path):
     }
     problems = [str(p) for p in check_paths(cfg, schema)]
     assert problems == [
-        f"root: folder not found: {tmp_path / 'list.txt'} (it is a file)",
+        f"root: {tmp_path / 'list.txt'} is a file; a folder is expected here",
         f"splits.1.list: file not found: {tmp_path / 'missing.txt'}",
     ]
     # open_clip tags and the words of train.resume are not paths; files named there are checked

@@ -162,7 +162,10 @@ def _parse_value(value_text: str, text: str) -> Any:
         return _yaml_load(stripped)
     except (yaml.YAMLError, ConfigError) as exc:
         if stripped[0] in "[{'\"":
-            raise ConfigError(f"override {text!r}: cannot parse value {stripped!r}: {exc}") from None
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            hint = ("; quote an interpolation inside [ ] or { }, e.g. [64, \"${data.num_frames}\"]"
+                    if "${" in stripped else "")
+            raise ConfigError(f"override {text!r}: cannot parse value {stripped!r} as YAML ({problem}){hint}") from None
         return stripped  # e.g. "a=@weird": keep the text as a string
 
 

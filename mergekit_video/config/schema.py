@@ -223,8 +223,9 @@ class _Validator:
         choices = spec.choices() if callable(spec.choices) else spec.choices
         if choices is not None and value not in choices:
             allowed = ", ".join(repr(c) for c in choices)
-            hint = f"; {spec.choices_hint}" if spec.choices_hint else ""
-            self.add(path, f"{value!r} is not one of: {allowed}{did_you_mean(value, choices)}{hint}")
+            close = did_you_mean(value, choices)
+            hint = f"; {spec.choices_hint}" if spec.choices_hint and not close else ""  # a typo of a known name needs no other hint
+            self.add(path, f"{value!r} is not one of: {allowed}{close}{hint}")
         if isinstance(value, float) and not math.isfinite(value):
             self.add(path, f"must be a finite number, got {value!r}")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -378,8 +379,12 @@ def check_paths(cfg: Mapping[str, Any], schema: Section) -> list[Problem]:
                 test, what, is_path = _PATH_KINDS[spec.path]
                 p = Path(value).expanduser()
                 if is_path(value) and not getattr(p, test)():
-                    hint = " (it is a folder)" if spec.path == "file" and p.is_dir() else " (it is a file)" if spec.path == "dir" and p.is_file() else ""
-                    problems.append(Problem(path, f"{what}: {value}{hint}"))
+                    if spec.path == "file" and p.is_dir():
+                        problems.append(Problem(path, f"{value} is a folder; a file is expected here"))
+                    elif spec.path == "dir" and p.is_file():
+                        problems.append(Problem(path, f"{value} is a file; a folder is expected here"))
+                    else:
+                        problems.append(Problem(path, f"{what}: {value}"))
             elif spec.item is not None and isinstance(value, list):
                 for i, v in enumerate(value):
                     walk(v, spec.item, join_key(path, i))
