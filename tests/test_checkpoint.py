@@ -367,6 +367,59 @@ def test_a_checkpoint_with_a_truncated_state_json_is_warned_about_once_skipped_a
         alone.load_resume("auto")
 
 
+def _edit_state_json(path: Path, edit) -> None:
+    meta = json.loads((path / "state.json").read_text())
+    edit(meta)
+    (path / "state.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda m: m.pop("rng"), "state.json lacks 'rng', which every checkpoint's state.json has"),
+    (lambda m: m.update(scheduler=None), "state.json has no 'scheduler' state, though the checkpoint was saved with one"),
+    (lambda m: m.update(extra={}), "state.json has no 'extra' state, though the checkpoint was saved with one"),
+    (lambda m: m["extra"].pop("batches_in_epoch"), "state.json's 'extra' lacks 'batches_in_epoch', which the checkpoint was saved with"),
+    (lambda m: m["rng"].pop("torch"), "state.json's 'rng' lacks 'torch', which the checkpoint was saved with"),
+])
+def test_a_state_json_that_lacks_a_part_it_was_saved_with_is_a_damaged_checkpoint(tmp_path, caplog, edit, why):
+    """A valid state.json without the RNG states, the scheduler's or the place in the epoch resumed silently
+    and not exactly: it is damaged, skipped by resume=auto with a warning, and refused when named."""
+    run = _Run(seed=0)
+    mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=5)
+    paths = [mgr.save(step=s, epoch=0, model_state=run.model.state_dict(), optimizer=run.opt, scheduler=run.sched,
+                      rng=capture_rng_state(run.generators()), extra={"batches_in_epoch": s, "history": []}) for s in (1, 2, 3)]
+    _edit_state_json(paths[2], edit)
+    assert mgr.unreadable() == [(paths[2], why)]
+    with caplog.at_level("WARNING", logger="mergekit_video.training.checkpoint"):
+        path, state = mgr.load_resume("auto")
+    assert path == paths[1] and state.step == 2
+    assert [r.getMessage() for r in caplog.records] == [f"checkpoint {paths[2]} is unreadable ({why}); resuming from the previous one, step_00000002"]
+    with pytest.raises(ValueError) as info:
+        mgr.load_resume(str(paths[2]))
+    assert str(info.value) == f"train.resume='{paths[2]}' is not a readable checkpoint ({why})"
+    with pytest.raises(ValueError, match=rf"^checkpoint {paths[2]} is incomplete or not a mergekit_video checkpoint \({why}\)$"):
+        mgr.load(paths[2])
+
+
+def test_parts_never_saved_are_not_missing_and_older_checkpoints_without_the_record_still_load(tmp_path):
+    mgr = CheckpointManager(directory=tmp_path, keep_last=None)
+    bare = mgr.save(step=1, epoch=0, model_state={"w": torch.zeros(2)})  # no optimizer, scheduler, scaler, RNG or extra
+    assert json.loads((bare / "state.json").read_text())["parts"] == dict.fromkeys(["optimizer", "scheduler", "scaler", "rng", "extra"])
+    state = mgr.load(bare)
+    assert (state.optimizer_state, state.scheduler_state, state.scaler_state, state.rng, state.extra) == (None, None, None, None, {})
+    # update_state replaces extra and rng: the record follows them
+    mgr.update_state(1, rng={"python": 1}, extra={"a": 1})
+    mgr.update_state(1, extra={"b": 2})
+    assert json.loads((bare / "state.json").read_text())["parts"]["extra"] == ["b"] and mgr.load(bare).extra == {"b": 2}
+    # a checkpoint written before the record: only what every state.json has is required
+    older = mgr.save(step=2, epoch=0, model_state={"w": torch.zeros(2)}, extra={"a": 1})
+    _edit_state_json(older, lambda m: (m.pop("parts"), m.update(extra={})))
+    assert mgr.load(older).extra == {} and mgr.unreadable() == []
+    mgr.update_state(2, extra={"c": 3})
+    assert "parts" not in json.loads((older / "state.json").read_text())
+    _edit_state_json(older, lambda m: m.pop("scheduler"))
+    assert mgr.unreadable() == [(older, "state.json lacks 'scheduler', which every checkpoint's state.json has")]
+
+
 def _json_error(path: Path) -> str:
     try:
         json.loads(path.read_text())

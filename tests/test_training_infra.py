@@ -771,6 +771,42 @@ def test_resuming_from_a_damaged_checkpoint_says_so(tiny_checkpoint, tmp_path):
         trainer.fit()
 
 
+@pytest.mark.parametrize("edit, lacks", [
+    (lambda m: m.update(scheduler=None), "scheduler"),  # resumed, the lr warm-up restarted
+    (lambda m: m.update(rng=None), "rng"),  # other random draws from the next step on
+    (lambda m: m.update(extra={}), "extra.batches_in_epoch, extra.best_metric, extra.history"),  # the place in the epoch lost
+])
+def test_resume_refuses_a_checkpoint_without_a_state_the_trainer_always_saves(tiny_checkpoint, tmp_path, edit, lacks):
+    """A checkpoint written before state.json recorded its parts passes the reader's check with a part set to
+    null or emptied: the trainer, which always saves them, refuses it in one line naming the file."""
+    import json
+    import shutil
+
+    from mergekit_video.training.checkpoint import load_checkpoint
+
+    copy = tmp_path / "old" / tiny_checkpoint.name
+    shutil.copytree(tiny_checkpoint, copy)
+    meta = json.loads((copy / "state.json").read_text())
+    meta.pop("parts")
+    edit(meta)
+    (copy / "state.json").write_text(json.dumps(meta))
+    trainer = _tiny_trainer(tmp_path / "ckpt")
+    with pytest.raises(ValueError) as info:
+        trainer.resume(load_checkpoint(copy))
+    assert str(info.value) == (f"train.resume: checkpoint {copy} is damaged: {copy / 'state.json'} lacks {lacks}, which every checkpoint "
+                               "of a training run holds; resume from an earlier checkpoint (train.resume=<its step_* folder>), or set "
+                               "train.resume=null to start a new run")
+    assert trainer.state.step == 0
+
+
+def test_a_trainer_checkpoint_records_the_parts_it_saved(tiny_checkpoint, tmp_path):
+    import json
+
+    meta = json.loads((tiny_checkpoint / "state.json").read_text())
+    assert {k for k, v in meta["parts"].items() if v is not None} == {"optimizer", "scheduler", "rng", "extra"}  # no scaler on the CPU
+    assert {"batches_in_epoch", "loss_window", "data_layout"} <= set(meta["parts"]["extra"])
+
+
 def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n')  # an older file
     with MetricsLogger(output_dir=tmp_path, resume_step=2) as log:  # the kept lines are rewritten strictly too

@@ -6,7 +6,9 @@ Layout of ``directory``::
         model.safetensors       model state (tied tensors stored once, re-tied on load)
         optimizer.safetensors   optimizer state tensors, flattened
         state.json              step, epoch, metrics, extra, RNG states, scheduler/scaler state,
-                                and the JSON structure that rebuilds optimizer.state_dict() exactly
+                                the JSON structure that rebuilds optimizer.state_dict() exactly,
+                                and ``parts``: which of those states were saved (with their keys),
+                                so that one lost later marks the checkpoint damaged
     step_00000200/
     latest                      text file: name of the newest complete checkpoint
 
@@ -113,8 +115,59 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: What every checkpoint's state.json holds (some as null: ``optimizer``, ``scheduler``, ``scaler``
+#: and ``rng`` when save() was given none). A state.json without one of them was edited or damaged.
+_ALWAYS_WRITTEN = ("step", "epoch", "metrics", "model", "optimizer", "scheduler", "scaler", "rng", "extra")
+#: The states save() stores when given them; state.json's ``parts`` records which it was given
+#: (with their top-level keys), so that a part lost afterwards is told from one never saved.
+_PARTS = ("optimizer", "scheduler", "scaler", "rng", "extra")
+
+
+def _parts_record(meta: Mapping[str, Any]) -> dict[str, list[str] | None]:
+    """``parts`` for state.json: each part's top-level keys as encoded (an empty list for a stored
+    non-mapping), or None for a part not stored (null, or an empty ``extra``)."""
+    record: dict[str, list[str] | None] = {}
+    for name in _PARTS:
+        value = meta.get(name)
+        if value is None or (name == "extra" and value == {}):
+            record[name] = None
+        else:
+            record[name] = list(value) if isinstance(value, dict) else []
+    return record
+
+
+def _missing_part(meta: Mapping[str, Any]) -> str | None:
+    """Why ``meta`` (a complete-marked state.json) lacks a part its writer stored, or None.
+
+    Checkpoints written before the ``parts`` record are only checked for the entries every
+    checkpoint has (:data:`_ALWAYS_WRITTEN`)."""
+    absent = [k for k in _ALWAYS_WRITTEN if k not in meta]
+    if absent:
+        return f"{_STATE_FILE} lacks {', '.join(repr(k) for k in absent)}, which every checkpoint's {_STATE_FILE} has"
+    parts = meta.get("parts")
+    if parts is None:
+        return None
+    if not isinstance(parts, dict):
+        return f"{_STATE_FILE}'s 'parts' record is not a mapping"
+    for name, keys in parts.items():
+        if keys is None:
+            continue
+        value = meta.get(name)
+        if value is None or (value == {} and keys):
+            return f"{_STATE_FILE} has no {name!r} state, though the checkpoint was saved with one"
+        lost = [k for k in keys if not isinstance(value, dict) or k not in value]
+        if lost:
+            shown = ", ".join(repr(k) for k in lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+            return f"{_STATE_FILE}'s {name!r} lacks {shown}, which the checkpoint was saved with"
+    return None
+
+
 def _inspect_state_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(the checkpoint's state.json, None) if ``path`` is a complete checkpoint, else (None, why not)."""
+    """(the checkpoint's state.json, None) if ``path`` is a complete checkpoint, else (None, why not).
+
+    A state.json that lacks a part its writer stored (the RNG states, the scheduler's, an entry
+    of ``extra``: see :func:`_missing_part`) is no complete checkpoint: a resume from it would not
+    continue the run exactly."""
     try:
         meta = json.loads((path / _STATE_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -127,6 +180,9 @@ def _inspect_state_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{_STATE_FILE} does not mark it complete"
     if not (path / _MODEL_FILE).is_file():
         return None, f"{_MODEL_FILE} is missing"
+    missing = _missing_part(meta)
+    if missing is not None:
+        return None, missing
     if meta.get("optimizer") is not None and not (path / _OPTIM_FILE).is_file():
         return None, f"{_OPTIM_FILE} is missing"
     return meta, None
@@ -308,6 +364,7 @@ class CheckpointManager:
             meta["optimizer_aliases"] = optim_aliases
             if not isinstance(optimizer, Mapping):
                 meta["optimizer_class"] = type(optimizer).__name__
+        meta["parts"] = _parts_record(meta)
         meta["complete"] = True
 
         from safetensors.torch import save_file
@@ -365,6 +422,8 @@ class CheckpointManager:
             meta["rng"] = inline.encode(dict(rng), "rng")
         if extra is not None:
             meta["extra"] = inline.encode(dict(extra), "extra")
+        if isinstance(meta.get("parts"), dict):  # what it holds now (older checkpoints have no record)
+            meta["parts"] = _parts_record(meta)
         atomic_write_text(final / _STATE_FILE, json.dumps(meta, indent=1) + "\n")
         self.prune()
         return final
@@ -584,9 +643,9 @@ def _checked_meta(path: Path) -> dict[str, Any]:
     """``state.json`` of the checkpoint folder ``path``, with clear errors for anything else."""
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a folder")
-    meta = _read_state_json(path)
+    meta, why = _inspect_state_json(path)
     if meta is None:
-        raise ValueError(f"checkpoint {path} is incomplete or not a mergekit_video checkpoint")
+        raise ValueError(f"checkpoint {path} is incomplete or not a mergekit_video checkpoint ({why})")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format version {meta['version']}; this mergekit_video reads up to "
                          f"{FORMAT_VERSION} (upgrade mergekit_video)")

@@ -358,6 +358,7 @@ class Trainer:
         from .rng import restore_rank_streams, restore_rng_state
         from .schedule import schedule_differences
 
+        self._check_complete(ckpt)
         extra = ckpt.extra or {}
         layout, now = extra.get("data_layout") or {}, self._data_layout()
         changed = [f"{k} {layout[k]} -> {now[k]}" for k in now if k in layout and layout[k] != now[k]]
@@ -413,6 +414,25 @@ class Trainer:
         own = self.checkpoints is not None and Path(ckpt.path).resolve().parent == Path(self.checkpoints.directory).resolve()
         self._saved_step = self.state.step if own else None
         log.debug("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batches_in_epoch)
+
+    #: Entries of ``extra`` that every trainer checkpoint has held (later ones, such as ``loss_window`` and
+    #: ``data_layout``, may be absent from older checkpoints and have defaults).
+    _ALWAYS_IN_EXTRA = ("batches_in_epoch", "best_metric", "history")
+
+    def _check_complete(self, ckpt: Any) -> None:
+        """Refuse a checkpoint that lacks a state the trainer always saves (its state.json was edited or
+        damaged): resumed, it would silently restart the lr warm-up, draw other random numbers or lose its
+        place in the epoch. Checkpoints that record what was saved (state.json's ``parts``) are checked when
+        read, and skipped by ``resume=auto``; this catches older ones, and states built in code."""
+        missing = [what for what, value in (("optimizer", ckpt.optimizer_state), ("scheduler", ckpt.scheduler_state),
+                                            ("rng", ckpt.rng)) if value is None]
+        missing += [f"extra.{k}" for k in self._ALWAYS_IN_EXTRA if k not in (ckpt.extra or {})]
+        if missing:
+            raise ValueError(
+                f"train.resume: checkpoint {ckpt.path} is damaged: {Path(ckpt.path) / 'state.json'} lacks {', '.join(missing)}, "
+                "which every checkpoint of a training run holds; resume from an earlier checkpoint (train.resume=<its "
+                "step_* folder>), or set train.resume=null to start a new run"
+            )
 
     def _check_model(self, ckpt: Any) -> None:
         """Refuse a checkpoint of another model in one line naming the first mismatched keys (from
