@@ -628,3 +628,96 @@ def test_a_dense_export_of_a_dense_export_keeps_the_original_provenance(tmp_path
     assert dense.config["exported_from"] == again.config["exported_from"] == {"num_experts": 2, "merge": "weighted"}
     assert again.head.config["num_experts"] == 0
     assert all(torch.equal(a, b) for a, b in zip(dense.head.state_dict().values(), again.head.state_dict().values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# leftovers of writes killed midway (SIGKILL: no cleanup runs) are removed by the next writer
+# ---------------------------------------------------------------------------------------------
+def _killed_while(code: str, cwd: Path) -> None:
+    """Run ``code`` in a fresh Python process that SIGKILLs itself where ``code`` calls ``die()``."""
+    import signal
+    import subprocess
+    import sys
+
+    prelude = "import os, signal\ndef die(*a, **k):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    proc = subprocess.run([sys.executable, "-c", prelude + code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout)
+
+
+def test_the_temp_files_of_atomic_writes_a_kill_cut_short_are_removed_once_their_writer_is_gone(tmp_path):
+    """A kill at the rename of ``latest`` or of a state.json left ``.latest.XXXX.tmp`` / ``.state.json.XXXX.tmp``
+    for good (only the .tmp-step_* folders were swept): their names carry the writer, and a later save, update or
+    resume removes them once it is gone; a live writer's, or an unnamed one's under ten minutes old, are kept."""
+    import os
+
+    from mergekit_video.utils.io import _host_tag, temp_owner
+
+    ckpt = tmp_path / "ckpt"
+    _killed_while(f"""
+import torch
+from mergekit_video.training.checkpoint import CheckpointManager
+mgr = CheckpointManager(directory={str(ckpt)!r})
+mgr.save(step=1, epoch=0, model_state={{"w": torch.zeros(2)}})
+os.replace = die
+mgr.save(step=2, epoch=0, model_state={{"w": torch.ones(2)}})
+""", tmp_path)
+    left = [p.name for p in ckpt.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".latest.") and left[0].endswith(".tmp"), sorted(p.name for p in ckpt.iterdir())
+    _killed_while(f"""
+from mergekit_video.training.checkpoint import CheckpointManager
+os.replace = die
+CheckpointManager(directory={str(ckpt)!r}).update_state(2, metrics={{"top1": 0.5}})
+""", tmp_path)
+    assert len([p for p in (ckpt / "step_00000002").iterdir() if p.name.startswith(".state.json.")]) == 1
+    # beside them: a write in progress (this process), another host's and an older unnamed one, both recent,
+    # an unnamed one older than ten minutes, and one whose pid now belongs to a process that started after it
+    live = ckpt / f".latest.{temp_owner()}.abcd1234.tmp"
+    other_host = ckpt / f".latest.{_dead_pid()}-{'0' * 8 if _host_tag() != '0' * 8 else '1' * 8}.abcd1234.tmp"
+    unnamed, old_unnamed, reused = (ckpt / ".latest.abcd1234.tmp", ckpt / ".latest.abcd5678.tmp",
+                                    ckpt / "step_00000001" / f".state.json.{temp_owner()}.abcd5678.tmp")
+    for p in (live, other_host, unnamed, old_unnamed, reused):
+        p.write_text("step_00000002\n")
+    os.utime(old_unnamed, (0, 0))
+    os.utime(reused, (0, 0))  # written in 1970: not by this process, which has its pid now
+    mgr = CheckpointManager(directory=ckpt, keep_last=None)
+    assert mgr.load_resume("auto")[1].step == 1  # the rename of latest was cut short: it still names step 1
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.endswith(".tmp")) == sorted(p.name for p in (live, other_host, unnamed))
+    for step in ("step_00000001", "step_00000002"):
+        assert sorted(p.name for p in (ckpt / step).iterdir()) == ["model.safetensors", "state.json"]
+    mgr.save(step=3, epoch=0, model_state={"w": torch.ones(2)})
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.endswith(".tmp")) == sorted(p.name for p in (live, other_host, unnamed))
+    live.unlink()
+    mgr.save(step=4, epoch=0, model_state={"w": torch.ones(2)})  # a plain save sweeps them too
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.endswith(".tmp")) == sorted(p.name for p in (other_host, unnamed))
+
+
+def test_save_model_removes_the_temp_folder_of_a_killed_save_at_once(tmp_path):
+    """A kill during the final model save left ``.model.mergevid-tmp-XXXX/`` (a model's size) that a rerun kept for
+    ten minutes: its name carries the writer, and the next save removes it as soon as that process is gone."""
+    import os
+
+    from mergekit_video.models import save_model
+    from mergekit_video.utils.io import temp_owner
+
+    _killed_while(f"""
+import safetensors.torch as st
+from mergekit_video.models import build_video_clip, save_model
+model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+st.save_file = die
+save_model(model, {str(tmp_path / "model")!r})
+""", tmp_path)
+    killed = [p for p in tmp_path.iterdir() if p.name.startswith(".model.mergevid-tmp-")]
+    assert len(killed) == 1 and killed[0].is_dir() and not (tmp_path / "model").exists()
+    running = tmp_path / f".model.mergevid-tmp-{temp_owner()}-abcd1234"  # a save in progress in this process
+    running.mkdir()
+    save_model(_tiny_model(), tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", running.name])
+    os.rmdir(running)
+

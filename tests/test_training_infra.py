@@ -459,6 +459,27 @@ def test_metrics_logger_jsonl_and_resume(tmp_path):
     assert not (tmp_path / "off").exists()
 
 
+def test_metrics_logger_removes_the_temp_file_of_a_rewrite_a_kill_cut_short(tmp_path):
+    """A kill at the rename of the resume's rewrite of metrics.jsonl left ``.metrics.jsonl.XXXX.tmp`` for good:
+    the next logger removes it once its writer is gone."""
+    import signal
+    import subprocess
+    import sys
+
+    with MetricsLogger(output_dir=tmp_path) as log:
+        log.log({"loss": 1.0}, step=1)
+        log.log({"loss": 2.0}, step=2)
+    code = ("import os, signal\nfrom mergekit_video.training.metrics import MetricsLogger\n"
+            "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"MetricsLogger(output_dir={str(tmp_path)!r}, resume_step=1)\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == -signal.SIGKILL
+    assert [p.name.startswith(".metrics.jsonl.") for p in tmp_path.iterdir() if p.name != "metrics.jsonl"] == [True]
+    with MetricsLogger(output_dir=tmp_path, resume_step=1) as log:
+        log.log({"loss": 3.0}, step=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 3.0)]
+
+
 def test_metrics_logger_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
     import sys
 

@@ -25,7 +25,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 from ..experts import find_containers
 from ..merging import is_output_space
 from ..surgery import collapse_experts
-from ..utils.io import apply_default_modes, atomic_write_json, _fsync_dir
+from ..utils.io import TEMP_OWNER_PATTERN, _fsync_dir, apply_default_modes, atomic_write_json, is_stale_temp, temp_owner
 from .video_clip import VideoCLIP, import_model_plugins, video_clip_from_config
 
 CONFIG_FILE = "config.json"
@@ -107,18 +106,26 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     save_file(flat, str(path), metadata=metadata)
 
 
-#: A temp folder of save_model untouched for this long was left by a killed process.
+#: A temp folder of save_model whose name does not tell its writer (older ones, another host's) and that
+#: was untouched for this long was left by a killed process.
 STALE_TEMP_S = 600.0
 
 
+def _temp_dir_pattern(directory: Path) -> re.Pattern[str]:
+    """The temp folders of saves of ``directory``: ``.<name>.mergevid-tmp-<pid>-<host>-XXXXXXXX`` (the
+    writer: :func:`~mergekit_video.utils.io.temp_owner`), before that ``.<name>.mergevid-tmp-XXXXXXXX``."""
+    return re.compile(rf"^\.{re.escape(directory.name)}\.mergevid-tmp-(?:{TEMP_OWNER_PATTERN}-)?[a-z0-9_]{{8}}$")
+
+
 def _remove_stale_temp_dirs(directory: Path) -> None:
-    """Remove the temp folders (``.<name>.mergevid-tmp-XXXXXXXX``) that saves of ``directory`` killed
-    midway left behind (one model's size each); a folder written to in the last :data:`STALE_TEMP_S`
-    seconds may belong to a save still running and is left alone."""
-    pattern = re.compile(rf"^\.{re.escape(directory.name)}\.mergevid-tmp-[a-z0-9_]{{8}}$")
-    now = time.time()
+    """Remove the temp folders that saves of ``directory`` killed midway left behind (one model's size
+    each): those whose writer, named in the folder name, no longer runs on this host; those that do not
+    name one (or another host's) once untouched for :data:`STALE_TEMP_S` seconds. A folder of a save still
+    running is left alone (see :func:`~mergekit_video.utils.io.is_stale_temp`)."""
+    pattern = _temp_dir_pattern(directory)
     for p in directory.parent.iterdir():
-        if pattern.match(p.name) and p.is_dir() and not p.is_symlink() and now - p.stat().st_mtime > STALE_TEMP_S:
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and is_stale_temp(p, m["pid"], m["host"], max_age=STALE_TEMP_S):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -190,7 +197,7 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.mergevid-tmp-", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.mergevid-tmp-{temp_owner()}-", dir=directory.parent))
     try:
         from ..utils.state_json import StateEncoder, split_tensors
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..utils.io import apply_default_modes, atomic_write_text, read_safetensors
+from ..utils.io import apply_default_modes, atomic_write_text, read_safetensors, remove_stale_atomic_temps
 from ..utils.state_json import StateEncoder, decode_state, split_tensors
 
 log = logging.getLogger(__name__)
@@ -412,6 +412,7 @@ class CheckpointManager:
         meta = _read_state_json(final)
         if meta is None:
             raise FileNotFoundError(f"no complete checkpoint {final} to update")
+        self._remove_stale_atomic_temps([final])
         inline = StateEncoder(inline=True, what="")
         meta["time"] = time.time()
         if epoch is not None:
@@ -429,10 +430,24 @@ class CheckpointManager:
         return final
 
     def _remove_stale_temp_dirs(self) -> None:
+        """Before a save (one writer per directory): the temp folders of saves and deletes cut short, and
+        the leftovers of atomic writes (:meth:`_remove_stale_atomic_temps`)."""
         for p in self.directory.glob(".tmp-step_*"):
             shutil.rmtree(p, ignore_errors=True)
         for p in self.directory.glob(".trash-step_*"):
             shutil.rmtree(p, ignore_errors=True)
+        self._remove_stale_atomic_temps()
+
+    def _remove_stale_atomic_temps(self, steps: list[Path] | None = None) -> None:
+        """Remove the temp files (``.latest.<pid>-<host>.XXXXXXXX.tmp``, ``step_*/.state.json.….tmp``) that
+        writes of ``latest`` and of the ``state.json`` of ``steps`` (default: every step folder) killed before
+        their rename left: only those whose writer is gone (see :func:`~mergekit_video.utils.io.is_stale_temp`),
+        so this is safe while another process writes here."""
+        if not self.directory.is_dir():
+            return
+        remove_stale_atomic_temps(self.directory / _LATEST)
+        for step in (steps if steps is not None else [p for _, p in _step_folders(self.directory)]):
+            remove_stale_atomic_temps(step / _STATE_FILE)
 
     def prune(self) -> list[Path]:
         """Delete checkpoints beyond the newest ``keep_last``, sparing the best and ``latest``.
@@ -549,7 +564,10 @@ class CheckpointManager:
         given, and its errors propagate.
         """
         path = self.resolve_resume(resume)
-        auto = resume_kind(resume) == "auto"
+        kind = resume_kind(resume)
+        auto = kind == "auto"
+        if kind != "fresh":
+            self._remove_stale_atomic_temps()  # a run that continues may not save again before it ends
         if path is None:
             unreadable = self.unreadable() if auto else []
             if unreadable:

@@ -102,9 +102,10 @@ class MetricsLogger:
             purge = None if resume_step is None else int(resume_step) + 1
             self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=purge)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            from ..utils.io import atomic_write_text
+        from ..utils.io import atomic_write_text, remove_stale_atomic_temps
 
+        remove_stale_atomic_temps(self.path)  # left by a rewrite below that a kill cut short
+        if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
             atomic_write_text(self.path, "".join(json_line(r) for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()

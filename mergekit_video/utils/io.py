@@ -1,6 +1,9 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
 
-A crash or Ctrl-C mid-write leaves the previous file intact, never a truncated one. What is
+A crash or Ctrl-C mid-write leaves the previous file intact, never a truncated one. A kill before
+the rename leaves the temp file (``.NAME.<pid>-<host>.XXXXXXXX.tmp``), which names its writer so that
+the next writer of ``NAME`` can remove it once that process is gone (:func:`remove_stale_atomic_temps`,
+:func:`is_stale_temp`). What is
 renamed into place gets the permission bits a plain ``os.open(path, O_CREAT | O_EXCL | O_WRONLY,
 0o666)`` / ``os.mkdir(path, 0o777)`` gives a new file / folder in the destination folder, as the
 kernel reports them for a probe made there (:func:`creation_modes`): ``0o666 & ~umask`` /
@@ -14,11 +17,15 @@ given with a fresh 0600 one, hence the chmod before the rename.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import re
 import secrets
+import socket
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +42,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{temp_owner()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -49,6 +56,105 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# Temp files and folders left by killed writers
+# ----------------------------------------------------------------------------------------------
+#: A temp file or folder whose name does not tell its writer (older names, another host's) and that
+#: was not modified for this long was left by a killed process.
+STALE_TEMP_S = 600.0
+
+#: The writer part of temp names (:func:`temp_owner`), as a regular expression with groups ``pid`` and ``host``.
+TEMP_OWNER_PATTERN = r"(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})"
+
+_HOST_TAG: str | None = None
+
+
+def _host_tag() -> str:
+    global _HOST_TAG
+    if _HOST_TAG is None:
+        _HOST_TAG = hashlib.sha1(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return _HOST_TAG
+
+
+def temp_owner() -> str:
+    """``{pid}-{host}`` (host: 8 hex digits of a hash of the host name), put into the names of temp files
+    and folders so that a later process can tell one whose writer is gone (:func:`is_stale_temp`)."""
+    return f"{os.getpid()}-{_host_tag()}"
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (unix seconds, to about a second) from ``/proc``; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks after boot
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _writer_runs(pid: int, since: float) -> bool:
+    """Whether process ``pid`` of this host may be the writer of an entry last modified at ``since``: it runs,
+    and (where ``/proc`` tells) started before that time (a process that started later reuses the pid)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        pass
+    start = _process_start(pid)
+    return start is None or start <= since + 2.0  # /proc's boot time has whole seconds
+
+
+def is_stale_temp(path: str | os.PathLike, pid: str | int | None = None, host: str | None = None, *, max_age: float = STALE_TEMP_S) -> bool:
+    """Whether the temp file or folder ``path`` was left by a writer that is gone.
+
+    ``pid`` and ``host`` are its writer's, as :func:`temp_owner` put them into its name: on this host, it
+    is stale once that process no longer runs (or the pid now belongs to a process that started after the
+    entry was last modified). Without them (older names) or from another host (a shared file system), it is
+    stale when not modified for ``max_age`` seconds.
+    """
+    try:
+        mtime = os.lstat(path).st_mtime
+    except OSError:
+        return False
+    if pid is not None and host == _host_tag():
+        return not _writer_runs(int(pid), mtime)
+    return time.time() - mtime > max_age
+
+
+def atomic_temp_pattern(path: str | os.PathLike) -> re.Pattern[str]:
+    """The names of the temp files that :func:`atomic_path` (and the writers built on it) make for ``path``:
+    ``.{name}.{pid}-{host}.XXXXXXXX.tmp`` (before the writer was named: ``.{name}.XXXXXXXX.tmp``)."""
+    return re.compile(rf"^\.{re.escape(Path(path).name)}\.(?:{TEMP_OWNER_PATTERN}\.)?[a-z0-9_]{{8}}\.tmp$")
+
+
+def remove_stale_atomic_temps(path: str | os.PathLike, *, max_age: float = STALE_TEMP_S) -> list[Path]:
+    """Remove the temp files that atomic writes of ``path`` killed before their rename left beside it
+    (see :func:`is_stale_temp`: those of a writer that still runs are kept); return what was removed."""
+    path = Path(path)
+    pattern = atomic_temp_pattern(path)
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        if is_stale_temp(entry.path, m["pid"], m["host"], max_age=max_age):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+    return removed
 
 
 def _umask_from_proc() -> int | None:
