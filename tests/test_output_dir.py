@@ -457,3 +457,37 @@ def test_tilde_in_output_dir_is_expanded(tmp_path, monkeypatch):
     assert cfg["output_dir"] == f"{home}/r" and cfg["data"]["train_list"] == f"{home}/lists/train.csv"
     assert prepare_output_dir({"runner": "mote", "output_dir": "~/q"}, overwrite=False, main=True) == home / "q"
     assert (home / "q" / "recipe.yaml").is_file() and not (cwd / "~").exists()
+
+
+@pytest.mark.parametrize("runner_name, phase, said", [
+    ("mote", "evaluate", "stopped during the final evaluation; the trained model is saved in {out}/model: rerun the same command to evaluate it"),
+    ("evaluate", "evaluate", "stopped during the evaluation; no results were written: rerun the same command to evaluate again"),
+    ("mote", "train", "stopped at once (a second signal, or outside a training step); the checkpoints in {out}/checkpoints are kept"),
+])
+def test_a_bare_interrupt_says_what_was_kept_and_how_to_go_on(tmp_path, monkeypatch, runner_name, phase, said):
+    # a second Ctrl-C (or one during the final evaluation) used to end with a bare "Interrupted."
+    from mergekit_video import runners
+
+    out = tmp_path / "run"
+    out.mkdir()
+
+    class Stops:
+        main = True
+
+        def setup(self): pass
+        def save(self): pass
+        def cleanup(self): pass
+
+        def train(self):
+            if phase == "train":
+                raise KeyboardInterrupt
+
+        def evaluate(self):
+            if phase == "evaluate":
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(runners, "build_runner", lambda cfg, **kw: Stops())
+    with pytest.raises(KeyboardInterrupt) as info:
+        runners.run_recipe({"runner": runner_name, "output_dir": str(out)})
+    assert str(info.value).startswith(said.format(out=out))
+    assert out.is_dir()  # the user's folder stays

@@ -34,20 +34,41 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
     out = Path(cfg["output_dir"])
     made = not out.exists()
     runner = build_runner(cfg, overwrite=overwrite, console=console)
-    finished = False
+    finished, phase = False, "setup"
     try:
         runner.setup()
+        phase = "train"
         runner.train()
+        phase = "save"
         runner.save()
+        phase = "evaluate"
         runner.evaluate()
         barrier()  # DDP: no rank tears the process group down while another still writes its outputs
         finished = True
+    except KeyboardInterrupt as exc:
+        if str(exc):  # the trainer's own message (step, checkpoint)
+            raise
+        raise KeyboardInterrupt(_interrupted_in(phase, cfg, out)) from exc
     finally:
         runner.cleanup()
         release_output_dir(cfg["output_dir"])
         if not finished and made and getattr(runner, "main", True):
             _remove_if_only_recipe(out, LOCK_FILE)
     return runner
+
+
+def _interrupted_in(phase: str, cfg: dict[str, Any], out: Any) -> str:
+    """What a bare interrupt (a second Ctrl-C, one outside the training loop) left, and how to go on."""
+    trains = cfg.get("runner") not in ("evaluate", "compare")
+    if phase == "evaluate" and trains:
+        return (f"stopped during the final evaluation; the trained model is saved in {out / 'model'}: rerun the same "
+                f"command to evaluate it (nothing is trained again)")
+    if phase == "evaluate":
+        return "stopped during the evaluation; no results were written: rerun the same command to evaluate again"
+    if phase in ("train", "save") and trains:
+        return (f"stopped at once (a second signal, or outside a training step); the checkpoints in {out / 'checkpoints'} "
+                f"are kept: rerun the same command to resume from the last one")
+    return "stopped before anything was computed"
 
 
 def _remove_if_only_recipe(out: Any, lock_file: str) -> None:
