@@ -853,3 +853,18 @@ def test_a_per_rank_checkpoint_resumed_by_one_process_warns_and_continues_rank_0
         assert ("the checkpoint holds the streams of 2 ranks, this run has 1 process: it continues with rank 0's routing "
                 "stream for the whole batch" in caplog.text) is warned
         assert all(torch.equal(trainer.generators[k].get_state(), rank0[k]) for k in rank0)
+
+
+def test_bad_videos_in_the_metrics_count_the_files_every_rank_met(monkeypatch):
+    # each rank reads its own shard: the logged count is the union (it was rank 0's own count)
+    from types import SimpleNamespace
+
+    from mergekit_video.training import distributed
+    from mergekit_video.training.trainer import Trainer
+
+    gathered = [["a.mp4", "b.mp4"], ["b.mp4", "c.mp4"]]
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: gathered)
+    ranks = SimpleNamespace(dist=SimpleNamespace(world_size=2), bad_videos={"a.mp4", "b.mp4"})
+    assert Trainer._bad_videos_of_all_ranks(ranks) == 3
+    one = SimpleNamespace(dist=None, bad_videos={"a.mp4"})
+    assert Trainer._bad_videos_of_all_ranks(one) == 1

@@ -652,8 +652,9 @@ class Trainer:
                     logs["clips_per_s"] = window_clips / elapsed
                     if grad_norm is not None:
                         logs["grad_norm"] = float(grad_norm)
-                    if self.bad_videos:
-                        logs["bad_videos"] = float(len(self.bad_videos))  # distinct bad files this process has met
+                    bad = self._bad_videos_of_all_ranks()
+                    if bad:
+                        logs["bad_videos"] = float(bad)  # distinct bad files met so far, by all ranks together
                     if self.metrics is not None:
                         self.metrics.log(logs, step=self.state.step, epoch=self.state.epoch)  # a NaN loss as null
                     self._check_finite_loss(logs.get("loss"), read="" if self.log_every == 1 else f" (read every train.log_every={self.log_every} steps)")
@@ -674,6 +675,14 @@ class Trainer:
                     self.save_checkpoint()
                 break
             self._close_epoch()
+
+    def _bad_videos_of_all_ranks(self) -> int:
+        """How many distinct bad files the ranks have met together (each rank reads its own shard); every rank calls it."""
+        if self.dist is None or self.dist.world_size <= 1:
+            return len(self.bad_videos)
+        from .distributed import all_gather_object
+
+        return len(set().union(*all_gather_object(sorted(self.bad_videos))))
 
     def _close_epoch(self) -> None:
         """End of an epoch whose steps are done: validation when due, a checkpoint, the next epoch.
