@@ -696,3 +696,14 @@ def test_a_run_refuses_an_eval_precision_the_device_lacks_and_a_batch_larger_tha
     assert ("the training list has 12 videos, fewer than one optimizer step's batch: data.batch_size=24 "
             "(train.grad_accumulation=2 micro-batches of 12); lower data.batch_size") in err
     assert not (out / "model").exists() and not (out / "checkpoints").exists()
+
+
+def test_under_torchrun_each_rank_labels_its_error(capsys, monkeypatch, tmp_path):
+    # every rank prints its own error: the label says whose, and a peer's disconnect points at the other rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli_main(["validate", str(tmp_path / "none.yaml")]) == 1
+    assert capsys.readouterr().err.startswith(f"[rank 1] error: recipe {tmp_path / 'none.yaml'} does not exist")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli_main(["validate", str(tmp_path / "none.yaml")]) == 1
+    assert capsys.readouterr().err.startswith("error: recipe")

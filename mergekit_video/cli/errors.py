@@ -125,6 +125,17 @@ def without_worker_traceback(message: str) -> str:
     return f"{detail if colon else lines[-1]} (in {where})" if where else (detail if colon else lines[-1])
 
 
+_PEER_GONE = "Connection closed by peer"  # gloo's words when another rank's process ended
+
+
+def _launched_rank() -> int | None:
+    """This process's rank when torchrun started several (``WORLD_SIZE`` > 1), else None."""
+    try:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    except (KeyError, ValueError):
+        return None
+
+
 def global_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
     """``argv`` with every ``--debug`` moved in front of the command (it is a global flag).
 
@@ -173,6 +184,10 @@ def run_app(app: Any, argv: list[str]) -> int:
             msg = out_of_memory_message(msg)
         elif not isinstance(e, (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, TypeError)):
             msg = f"{type(e).__name__}: {msg}"
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(msg)}\n[dim](run with --debug for the traceback)[/]", markup=True, soft_wrap=True)
+        rank = _launched_rank()
+        if rank is not None and type(e).__name__ in ("DistBackendError", "RuntimeError") and _PEER_GONE in msg:
+            msg += " (another rank stopped: its error is the one to read)"
+        where = f"[rank {rank}] " if rank is not None else ""  # under torchrun every rank reports: say whose it is
+        Console(stderr=True, highlight=False).print(f"[bold red]{escape(where)}error:[/] {escape(msg)}\n[dim](run with --debug for the traceback)[/]", markup=True, soft_wrap=True)
         return 1
     return 0
