@@ -331,6 +331,8 @@ def test_convert_export_dense_and_load_into_open_clip(tmp_path, capsys):
     # dense export: the baseline's structure and keys, the merged model's outputs
     assert cli_main(["export", str(converted), str(dense), "--dense"]) == 0
     assert "exported dense" in capsys.readouterr().out
+    assert cli_main(["export", str(converted), str(dense), "--dense"]) == 1  # the flag, not the library's argument
+    assert capsys.readouterr().err.startswith(f"error: {dense} exists; pass --overwrite to replace it")
     dense_model = load(dense)
     assert dense_model.config["head"]["num_experts"] == 0
     assert dense_model.config["exported_from"] == {"num_experts": 4, "merge": "mean"}

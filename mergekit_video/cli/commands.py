@@ -430,6 +430,7 @@ def export_cmd(
         raise UserError("--merge-arg base: the experts of a MoTE model have no base model to merge relative to "
                         "(each is trained from its own init); use --strategy mean, weighted or temperature_softmax")
     refuse_replacing_input(output, checkpoint)
+    refuse_existing_output(output, overwrite, folder=True)  # before the model is read
     model = load(checkpoint)
     if dense:
         export_dense(model, output, strategy=strategy, overwrite=overwrite, **merge_kwargs)
