@@ -135,7 +135,7 @@ def test_apply_overrides_set_add_delete_and_list_indices():
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("train.epochs.x=1", "cannot go into 'train.epochs', which is a int (30), not a mapping"),
+        ("train.epochs.x=1", "cannot go into 'train.epochs', which is an integer (30), not a mapping"),
         ("data.x=1", "cannot go into 'data', which is null"),
         ("~train.epoch", "key 'train.epoch' does not exist; did you mean 'epochs'?"),
         ("~nope.x", "key 'nope' does not exist"),

@@ -86,7 +86,7 @@ def _getattr_chain(obj: Any, owner: str, attrs: Sequence[str], where: str, targe
         obj = value
         owner = f"{owner}.{attr}"
     if not callable(obj):
-        raise ConfigError(f"{where}: {target!r} is a {type(obj).__name__}, not a callable")
+        raise ConfigError(f"{where}: {target!r} is not callable (its type: {type(obj).__name__})")
     return obj
 
 

@@ -211,7 +211,8 @@ def _apply_one(cfg: dict, ov: Override) -> None:
                 raise ConfigError(f"override {ov.text!r}: key {here!r} does not exist{did_you_mean(seg, node)}")
             node[key] = child = {}
         if not isinstance(child, (dict, list)):
-            kind = "null" if child is None else f"a {type(child).__name__} ({child!r})"
+            named = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(child), f"a {type(child).__name__}")
+            kind = "null" if child is None else f"{named} ({child!r})"
             raise ConfigError(
                 f"override {ov.text!r}: cannot go into {here!r}, which is {kind}, not a mapping; "
                 f"set the whole value instead, e.g. {here}={{...}}"
