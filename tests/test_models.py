@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -121,6 +122,20 @@ def test_fused_paths_equal_separate_forwards(classes, grad_checkpointing):
     assert torch.allclose(a.loss, b.loss, atol=1e-6)
     for x, y in zip(ga, gb):
         assert x.abs().sum() > 0 and torch.allclose(x, y, atol=1e-6)
+
+
+def test_unfused_paths_keep_the_routers_auxiliary_loss(classes):
+    # the merged-weights forward of the unfused path forgot the expert path's routing: topk's aux loss was dropped
+    feats, labels = torch.randn(4, 8, 64), torch.tensor([0, 1, 2, 3])
+    outs = []
+    for fuse in (True, False):
+        torch.manual_seed(3)
+        head = TemporalHead(width=64, layers=2, num_experts=4, router="topk", router_kwargs={"seed": 5}).train()
+        outs.append(MoTEObjective(wmr={"seed": 7}, fuse_paths=fuse)(head, feats, classes, labels, torch.tensor(50.0)))
+    fused, unfused = outs
+    assert set(unfused.terms) == set(fused.terms) == {"te", "wmr", "mse", "aux"}
+    assert unfused.terms["aux"] > 0 and torch.allclose(unfused.terms["aux"], fused.terms["aux"], atol=1e-6)
+    assert torch.allclose(unfused.loss, fused.loss, atol=1e-5)
 
 
 def test_copies_share_the_first_attention_and_route_each_segment():
@@ -476,3 +491,14 @@ def test_custom_text_model_saves_and_loads(extra_clip_configs, tmp_path, classes
     with torch.no_grad():
         assert torch.equal(back(frames, text), m(frames, text))
     assert torch.equal(back.class_features(["a", "b", "c"], templates="single"), text)
+
+
+@pytest.mark.parametrize("kw, said", [
+    ({"tfm_gamma": 0.0}, "tfm_gamma (γ of temporal feature modulation) must be a positive finite number, got 0.0"),
+    ({"tfm_gamma": -0.05}, "must be a positive finite number, got -0.05"),
+    ({"tfm_k": 0}, "tfm_k (K of temporal feature modulation) must be an integer >= 1, got 0"),
+])
+def test_tfm_settings_are_checked_when_the_head_is_built(kw, said):
+    # γ = 0 gave NaN logits, K = 0 an IndexError deep in the TFM
+    with pytest.raises(ValueError, match=re.escape(said)):
+        TemporalHead(width=64, layers=1, **kw)

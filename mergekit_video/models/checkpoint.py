@@ -306,6 +306,10 @@ def validate_model_config(config: Any, *, source: str) -> dict[str, Any]:
     for key in ("num_experts", "num_source_classes"):
         if head.get(key, 0) < 0:
             raise fail(f"head.{key}", f"key {{key}} must not be negative ({head[key]})")
+    if head.get("tfm_k", 1) < 1:
+        raise fail("head.tfm_k", f"key {{key}} must be at least 1, not {head['tfm_k']}")
+    if not 0 < head.get("tfm_gamma", 1.0) < float("inf"):
+        raise fail("head.tfm_gamma", f"key {{key}} must be a positive finite number, not {head['tfm_gamma']}")
     return config
 
 

@@ -120,6 +120,7 @@ class MoTEObjective:
         b = frame_features.shape[0]
         taus: dict[str, float] = {}
         feats_wmr = None
+        expert_aux = None  # the routers' auxiliary loss of the expert path, read before a second forward clears it
         if has_experts and self.uses_wmr_path:
             wmr_plan = self.wmr.sample_plan(head)
             taus = dict(self.wmr.last_taus)
@@ -131,7 +132,9 @@ class MoTEObjective:
             else:
                 with routing_plan(head, expert_plan):
                     feats = head.video_features(frame_features)
-                with routing_plan(head, wmr_plan):
+                if collect_aux_losses(head):
+                    expert_aux = self.aux(head)
+                with routing_plan(head, wmr_plan):  # a merged-weights forward forgets the routing of the one before
                     feats_wmr = head.video_features(frame_features)
         elif has_experts:
             with routing_plan(head, expert_plan):
@@ -167,10 +170,11 @@ class MoTEObjective:
             mse = self.feature_mse(feats_wmr, frame_features)
             terms["mse"] = mse
             loss = loss + self.mse_weight * mse
-        if has_experts and collect_aux_losses(head):
-            aux = self.aux(head)
-            terms["aux"] = aux
-            loss = loss + aux
+        if expert_aux is None and has_experts and collect_aux_losses(head):
+            expert_aux = self.aux(head)
+        if expert_aux is not None:
+            terms["aux"] = expert_aux
+            loss = loss + expert_aux
         return MoTEStepOutput(
             loss=loss,
             terms={k: v.detach() for k, v in terms.items()},

@@ -12,6 +12,7 @@ experts are merged once (mean, Eq. 6) and cached.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -184,6 +185,10 @@ class TemporalHead(nn.Module):
         num_source_classes: int = 0,
     ) -> None:
         super().__init__()
+        if int(tfm_k) != tfm_k or tfm_k < 1:
+            raise ValueError(f"tfm_k (K of temporal feature modulation) must be an integer >= 1, got {tfm_k}")
+        if not (0 < tfm_gamma < math.inf):
+            raise ValueError(f"tfm_gamma (γ of temporal feature modulation) must be a positive finite number, got {tfm_gamma}")
         heads = heads or max(1, width // 64)
         #: JSON-able constructor arguments: ``TemporalHead(**head.config)`` rebuilds the architecture
         self.config: dict[str, Any] = {
