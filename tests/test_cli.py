@@ -218,7 +218,7 @@ def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path,
     assert not (tmp_path / "run").exists()  # a run that could not start leaves no folder behind
     (tmp_path / "run").mkdir()
     assert cli_main(["run", str(recipe), *over]) == 1
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".mergevid.lock", "recipe.yaml"]  # the user's folder stays
+    assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").iterdir())  # the user's folder stays, as it was
     # synthetic data is written by the run: its paths (data.*, eval lists under output_dir/data) are not checked up front
     assert cli_main(["validate", "--check-paths", str(QUICKSTART), f"output_dir={tmp_path / 'q'}"]) == 0
     assert "data.synthetic is set" in capsys.readouterr().out

@@ -210,10 +210,11 @@ def test_an_evaluation_that_fails_leaves_no_folder_it_made(quick_run, tmp_path, 
     assert cli_main([*args, "--output-dir", str(tmp_path / "new")]) == 1
     assert "Wrong class CSV for this list?" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
-    (tmp_path / "mine").mkdir()  # a folder the user made stays, even empty
-    assert cli_main([*args, "--output-dir", str(tmp_path / "mine")]) == 1
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, as it was
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    assert cli_main([*args, "--output-dir", str(tmp_path / "mine"), "--overwrite"]) == 1
     capsys.readouterr()
-    assert (tmp_path / "mine").is_dir()
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 
 
 def test_dense_export_has_the_baselines_keys_and_accuracy(quick_run, tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_a_rerun_with_resume_null_does_not_silently_replace_the_earlier_run(tmp_
     (out / "checkpoints" / "step_00000008").mkdir(parents=True)
     (out / "checkpoints" / "step_00000008" / "state.json").write_text("{}")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(FileExistsError, match=r"holds an earlier run of this recipe \(checkpoints, metrics.jsonl\), and train.resume is null, "
+    with pytest.raises(FileExistsError, match=r"holds an earlier run of this recipe \(metrics.jsonl, checkpoints\), and train.resume is null, "
                                               r"which trains from step 1 and would replace them: set train.resume=auto to continue it"):
         prepare_output_dir(cfg, overwrite=False, main=True)
     assert (out / "checkpoints" / "step_00000008" / "state.json").exists()
@@ -184,7 +184,7 @@ def test_output_dir_that_is_a_file_is_named(tmp_path):
     assert (tmp_path / "afile").read_text() == "the user's file"
 
 
-def test_synthetic_data_is_reused_only_with_the_recipe_settings(tmp_path):
+def test_synthetic_data_is_reused_only_with_the_recipe_settings(tmp_path, caplog):
     out = tmp_path / "run"
     syn = {k: (list(v) if k == "size" else v) for k, v in TINY.items()}
     data_cfg = ensure_synthetic_data({"synthetic": syn}, out)
@@ -194,8 +194,10 @@ def test_synthetic_data_is_reused_only_with_the_recipe_settings(tmp_path):
     more = {**syn, "videos_per_class": 3}
     with pytest.raises(FileExistsError, match="other data.synthetic settings"):
         ensure_synthetic_data({"synthetic": more}, out)
-    ensure_synthetic_data({"synthetic": more}, out, overwrite=True)
+    with caplog.at_level("WARNING", logger="mergekit_video.runners.common"):
+        ensure_synthetic_data({"synthetic": more}, out, overwrite=True)
     assert len(train_list.read_text().splitlines()) == 2 * 3
+    assert f"--overwrite: rewriting {out / 'data'} with the recipe's data.synthetic settings" in caplog.text  # said, as deletions are
 
 
 def test_recipe_changes_name_the_list_item_that_changed():
@@ -459,17 +461,24 @@ def test_tilde_in_output_dir_is_expanded(tmp_path, monkeypatch):
     assert (home / "q" / "recipe.yaml").is_file() and not (cwd / "~").exists()
 
 
-@pytest.mark.parametrize("runner_name, phase, said", [
-    ("mote", "evaluate", "stopped during the final evaluation; the trained model is saved in {out}/model: rerun the same command to evaluate it"),
-    ("evaluate", "evaluate", "stopped during the evaluation; no results were written: rerun the same command to evaluate again"),
-    ("mote", "train", "stopped at once (a second signal, or outside a training step); the checkpoints in {out}/checkpoints are kept"),
+@pytest.mark.parametrize("runner_name, phase, resume, said", [
+    ("mote", "evaluate", "auto", "stopped during the final evaluation; the trained model is saved in {out}/model: rerun the same command to evaluate it"),
+    ("evaluate", "evaluate", "auto", "stopped during the evaluation; no results were written: rerun the same command to evaluate again"),
+    ("mote", "train", "auto", "stopped at once (a second signal, or outside a training step); the checkpoints in {out}/checkpoints "
+                              "are kept: rerun the same command to resume from the last one"),
+    ("mote", "train", None, "stopped at once (a second signal, or outside a training step); the checkpoints in {out}/checkpoints "
+                            "are kept: rerun the same command with train.resume=auto to resume"),
+    ("mote", "setup-then-train", "auto", "stopped at once (a second signal, or outside a training step), before the first checkpoint"),
 ])
-def test_a_bare_interrupt_says_what_was_kept_and_how_to_go_on(tmp_path, monkeypatch, runner_name, phase, said):
+def test_a_bare_interrupt_says_what_was_kept_and_how_to_go_on(tmp_path, monkeypatch, runner_name, phase, resume, said):
     # a second Ctrl-C (or one during the final evaluation) used to end with a bare "Interrupted."
     from mergekit_video import runners
 
     out = tmp_path / "run"
     out.mkdir()
+    if phase == "train":
+        (out / "checkpoints" / "step_00000004").mkdir(parents=True)
+    phase = phase.replace("setup-then-", "")
 
     class Stops:
         main = True
@@ -488,6 +497,6 @@ def test_a_bare_interrupt_says_what_was_kept_and_how_to_go_on(tmp_path, monkeypa
 
     monkeypatch.setattr(runners, "build_runner", lambda cfg, **kw: Stops())
     with pytest.raises(KeyboardInterrupt) as info:
-        runners.run_recipe({"runner": runner_name, "output_dir": str(out)})
+        runners.run_recipe({"runner": runner_name, "output_dir": str(out), "train": {"resume": resume}})
     assert str(info.value).startswith(said.format(out=out))
     assert out.is_dir()  # the user's folder stays

@@ -705,7 +705,7 @@ def test_resume_refuses_other_optimizer_hyperparameters_class_and_groups(tiny_ch
         with pytest.raises(ValueError) as info:
             trainer.resume(ckpt)
         assert str(info.value).startswith(prefix + message), str(info.value)
-        assert str(info.value).endswith("or set train.resume=null to start a new run")
+        assert str(info.value).endswith("or set train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)")
         assert not any(torch.equal(v, trainer.model.state_dict()[k]) for k, v in ckpt.model_state.items()
                        if k.startswith("head.") and v.numel())  # nothing was loaded
     ckpt.optimizer_class = None  # a checkpoint from before the class was saved: told by its param groups
@@ -816,7 +816,7 @@ def test_resume_refuses_a_checkpoint_without_a_state_the_trainer_always_saves(ti
         trainer.resume(load_checkpoint(copy))
     assert str(info.value) == (f"train.resume: checkpoint {copy} is damaged: {copy / 'state.json'} lacks {lacks}, which every checkpoint "
                                "of a training run holds; resume from an earlier checkpoint (train.resume=<its step_* folder>), or set "
-                               "train.resume=null to start a new run")
+                               "train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)")
     assert trainer.state.step == 0
 
 

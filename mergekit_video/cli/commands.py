@@ -138,7 +138,7 @@ def run_cmd(
     recipe: Path = typer.Argument(..., help="Recipe YAML (e.g. recipes/mote_vitl14.yaml)."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="Reuse an output_dir that holds a run of a different recipe: DELETES that run's outputs first."
+        False, "--overwrite", help="Reuse an output_dir that holds a run of a different recipe (or of this one, with train.resume=null): DELETES that run's outputs first. With the same recipe the run resumes and nothing is deleted."
     ),
 ) -> None:
     """Run a recipe: train and/or evaluate; everything is written under its output_dir.

@@ -32,7 +32,7 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
     from .common import LOCK_FILE, release_output_dir
 
     out = Path(cfg["output_dir"])
-    made = not out.exists()
+    before = {p.name for p in out.iterdir()} if out.is_dir() else None  # None: this run makes the folder
     runner = build_runner(cfg, overwrite=overwrite, console=console)
     finished, phase = False, "setup"
     try:
@@ -52,31 +52,42 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
     finally:
         runner.cleanup()
         release_output_dir(cfg["output_dir"])
-        if not finished and made and getattr(runner, "main", True):
-            _remove_if_only_recipe(out, LOCK_FILE)
+        if not finished and getattr(runner, "main", True):
+            _undo_start(out, before, LOCK_FILE)
     return runner
 
 
 def _interrupted_in(phase: str, cfg: dict[str, Any], out: Any) -> str:
     """What a bare interrupt (a second Ctrl-C, one outside the training loop) left, and how to go on."""
     trains = cfg.get("runner") not in ("evaluate", "compare")
+    # with train.resume: null a rerun of the same command is refused over the run's checkpoints
+    rerun = "rerun the same command" + ("" if (cfg.get("train") or {}).get("resume", "auto") else " with train.resume=auto")
     if phase == "evaluate" and trains:
-        return (f"stopped during the final evaluation; the trained model is saved in {out / 'model'}: rerun the same "
-                f"command to evaluate it (nothing is trained again)")
+        return (f"stopped during the final evaluation; the trained model is saved in {out / 'model'}: {rerun} "
+                f"to evaluate it (nothing is trained again)")
     if phase == "evaluate":
         return "stopped during the evaluation; no results were written: rerun the same command to evaluate again"
     if phase in ("train", "save") and trains:
-        return (f"stopped at once (a second signal, or outside a training step); the checkpoints in {out / 'checkpoints'} "
-                f"are kept: rerun the same command to resume from the last one")
+        ckpts = out / "checkpoints"
+        if ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()):
+            return (f"stopped at once (a second signal, or outside a training step); the checkpoints in {ckpts} "
+                    f"are kept: {rerun} to resume from the last one")
+        return "stopped at once (a second signal, or outside a training step), before the first checkpoint: a rerun starts from step 1"
     return "stopped before anything was computed"
 
 
-def _remove_if_only_recipe(out: Any, lock_file: str) -> None:
-    """Remove the output_dir a failed run made (bad CSV content, say), if it holds nothing but its recipe.yaml."""
+def _undo_start(out: Any, before: set[str] | None, lock_file: str) -> None:
+    """A failed run (bad CSV content, say) that added nothing but its recipe.yaml and lock file to ``out``
+    leaves it as it was: those two removed, and the folder too when the run made it (``before`` None)."""
+    if "recipe.yaml" in (before or ()):
+        return  # an earlier run's folder: its recipe stays
     try:
-        if out.is_dir() and {p.name for p in out.iterdir()} <= {"recipe.yaml", lock_file}:
-            for name in ("recipe.yaml", lock_file):
-                (out / name).unlink(missing_ok=True)
+        added = {p.name for p in out.iterdir()} - (before or set())
+        if not added <= {"recipe.yaml", lock_file}:
+            return
+        for name in added:
+            (out / name).unlink(missing_ok=True)
+        if before is None:
             out.rmdir()
     except OSError:  # another process wrote there meanwhile: leave it
         pass

@@ -303,7 +303,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         if restart and not overwrite:
             release_output_dir(out)
             raise FileExistsError(
-                f"output_dir {out} holds an earlier run of this recipe (checkpoints, metrics.jsonl), and train.resume is null, "
+                f"output_dir {out} holds an earlier run of this recipe ({', '.join(p.name for p in outputs)}), and train.resume is null, "
                 f"which trains from step 1 and would replace them: set train.resume=auto to continue it, use another "
                 f"output_dir, or pass --overwrite to DELETE its {', '.join(p.name + ('/' if p.is_dir() else '') for p in outputs)} "
                 f"and train again from step 1"
@@ -454,6 +454,8 @@ def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: b
         if root.is_dir() and any(root.iterdir()) and not overwrite:
             why = "was written with other data.synthetic settings" if recorded else "holds files that data.synthetic did not write"
             raise FileExistsError(f"{root} {why}; pass --overwrite to rewrite it, or use another output_dir")
+        if root.is_dir() and any(root.iterdir()):
+            log.warning("--overwrite: rewriting %s with the recipe's data.synthetic settings", root)
         write_synthetic_dataset(root, **{**wanted, "size": tuple(wanted["size"])}, overwrite=overwrite)
     _barrier()
     layout = synthetic_layout(root)

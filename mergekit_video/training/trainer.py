@@ -367,7 +367,7 @@ class Trainer:
                 f"train.resume: checkpoint {ckpt.path} stopped inside an epoch, counting its data in other units "
                 f"({'; '.join(changed)}); resumed here it would train some videos of the epoch twice and others never. "
                 "Resume with the data.batch_size, train.grad_accumulation and training list it was trained with (see its "
-                "run's recipe.yaml), or set train.resume=null to start a new run"
+                "run's recipe.yaml), or set train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)"
             )
         self._check_model(ckpt)  # first: another model would also show as other parameter groups and base lrs below
         if ckpt.optimizer_state is not None:
@@ -379,7 +379,7 @@ class Trainer:
                     f"train.resume: checkpoint {ckpt.path} was trained with another lr schedule ({'; '.join(differences)}). "
                     "A resume continues the checkpoint's schedule (a longer run would train at lr 0 past its end): resume "
                     "with the settings it was trained with (schedule.epochs, train.max_steps, schedule.*, optimizer.lr: see its "
-                    "run's recipe.yaml), or set train.resume=null to start a new run"
+                    "run's recipe.yaml), or set train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)"
                 )
         self._load_model(ckpt)
         if ckpt.optimizer_state is not None:
@@ -431,7 +431,7 @@ class Trainer:
             raise ValueError(
                 f"train.resume: checkpoint {ckpt.path} is damaged: {Path(ckpt.path) / 'state.json'} lacks {', '.join(missing)}, "
                 "which every checkpoint of a training run holds; resume from an earlier checkpoint (train.resume=<its "
-                "step_* folder>), or set train.resume=null to start a new run"
+                "step_* folder>), or set train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)"
             )
 
     def _check_model(self, ckpt: Any) -> None:
@@ -466,7 +466,7 @@ class Trainer:
         class) or silently replace the recipe's betas, eps and weight decay with the checkpoint's."""
         from .checkpoint import optimizer_hyperparameter_differences, optimizer_kind_difference, param_group_differences
 
-        advice = "see its run's recipe.yaml), or set train.resume=null to start a new run"
+        advice = "see its run's recipe.yaml), or set train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)"
         kind = optimizer_kind_difference(ckpt.optimizer_state, ckpt.optimizer_class, self.optimizer)
         if kind is not None:
             raise ValueError(
