@@ -42,6 +42,7 @@ from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .merging import (
+    buffer_coefficients,
     check_merge_arguments,
     default_seed,
     is_output_space,
@@ -381,8 +382,9 @@ class ExpertContainer(nn.Module):
         ``strategy="ensemble"`` returns an :class:`ExpertEnsemble` instead (no weight merge).
         ``base`` is the pre-expert module or its state dict, for task-arithmetic strategies.
         Under a strategy that is not a fixed linear combination (``task_arithmetic``, ``ties``,
-        ``dare``, ``slerp``) floating buffers (BatchNorm running statistics) are the experts'
-        mean: a variance's task vector can make it negative.
+        ``dare``, ``slerp``) floating buffers (BatchNorm running statistics) are a convex
+        combination (:func:`~mergekit_video.merging.buffer_coefficients`: slerp's (1 − t, t), else
+        the mean): a variance's task vector can make it negative.
         """
         if strategy is None:
             strategy, kwargs = self.merge, {**self.merge_kwargs, **kwargs}
@@ -420,10 +422,11 @@ class ExpertContainer(nn.Module):
                 if unexpected or set(missing) - buffer_names:  # pragma: no cover - the experts share one structure
                     raise RuntimeError(f"collapse: merged keys do not fit the dense module ({missing}, {unexpected})")
                 # floating buffers (BatchNorm running statistics) are statistics of data, not task
-                # vectors: base + Σ(bᵢ − base) can turn a variance negative. They are the experts'
-                # mean; entries equal in every expert (a causal mask of -inf) are kept as they are.
+                # vectors: base + Σ(bᵢ − base) can turn a variance negative. They are a convex
+                # combination (slerp's lerp weights, else the mean); entries equal in every expert
+                # (a causal mask of -inf) are kept as they are.
                 # Other buffers (counters) are expert 0's, as in a linear merge.
-                mean_w = merge_coefficients("mean", self.num_experts)
+                mean_w = buffer_coefficients(strategy, self.num_experts, **kwargs)
                 warned = self.__dict__.setdefault("_non_float_warned", set())
                 for i in table.buffers:
                     name, ts = table.slots[i][0], tensors[i]
@@ -512,7 +515,7 @@ class ExpertContainer(nn.Module):
             return False  # a tensor argument of the merge (weights=..., base=...) was written in place
         if versions is None or list(map(_version_of, tensors)) != versions:
             return False
-        return cache[4] is None or _data_pointers(tensors) == cache[4]  # new data through .data = (no version bump)
+        return cache[4] is None or _data_pointers(tensors) == cache[4][0]  # new data through .data = (no version bump)
 
     def _remerge(self) -> tuple:
         # built outside inference mode: a cache filled inside torch.inference_mode() would
@@ -538,7 +541,10 @@ class ExpertContainer(nn.Module):
             argument_versions = list(map(_version_of, self._merge_arg_tensors))
         except RuntimeError:  # an inference tensor as argument: its changes cannot be seen
             argument_versions = []
-        cache = (tensors, versions, dense, argument_versions, _data_pointers(tensors))
+        pointers = _data_pointers(tensors)
+        # the merged-from data is kept alive with its addresses: freed, its memory could come back under the same
+        # address after two `.data =` (a stale merge would pass the check)
+        cache = (tensors, versions, dense, argument_versions, None if pointers is None else (pointers, [t.detach() for t in tensors]))
         object.__setattr__(self, "_merge_cache", cache)
         self.merge_count += 1
         return cache

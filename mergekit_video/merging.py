@@ -193,6 +193,17 @@ def temperature_softmax(tensors: Sequence[Tensor], *, base: Tensor | None = None
     """θ = Σ softmax(i/τ)_i θ_i over expert index i = 1..N (MoTE Eq. 7)."""
 
 
+def buffer_coefficients(strategy: str | MergeFn, n: int, **kwargs: Any) -> Tensor:
+    """``[n]`` convex weights for the floating buffers (BatchNorm running statistics) of a merge that is not a
+    fixed linear combination: ``slerp``'s lerp weights (1 − t, t), so that t = 0 / 1 give an expert exactly; the
+    mean for the task-arithmetic family, whose base + Σ(bᵢ − base) can make a running variance negative."""
+    fn = MERGES.get(strategy) if isinstance(strategy, str) else strategy
+    if fn is slerp or getattr(fn, "__name__", None) == "slerp":
+        t = float(kwargs.get("t", 0.5))
+        return torch.tensor([1.0 - t, t], dtype=torch.float64)
+    return mean_coefficients(n)
+
+
 def merge_coefficients(strategy: str | MergeFn, n: int, **kwargs: Any) -> Tensor | None:
     """``[n]`` weights if ``strategy`` is a fixed linear combination, else None."""
     fn = MERGES.get(strategy) if isinstance(strategy, str) else strategy

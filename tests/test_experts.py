@@ -1186,3 +1186,33 @@ def test_an_in_place_edit_of_the_base_merges_again(as_state_dict):
         assert c.merge_count == 2
         c(x)
     assert c.merge_count == 2
+
+
+def test_slerp_takes_its_buffers_at_t_so_the_ends_are_the_experts():
+    # the buffers of a slerp merge are lerped with (1 − t, t): t = 0 / 1 give expert 0 / 1 exactly, BatchNorm included
+    torch.manual_seed(0)
+    bn_experts = [nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)) for _ in range(2)]
+    for scale, e in zip((0.1, 3.0), bn_experts):
+        e.train()
+        for _ in range(20):
+            e(scale * torch.randn(16, 4))
+    c = ExpertContainer(bn_experts, router="fixed")
+    for t, expert in ((0.0, bn_experts[0]), (1.0, bn_experts[1])):
+        merged = c.collapse("slerp", t=t)[1]
+        assert torch.equal(merged.running_var, expert[1].running_var) and torch.equal(merged.running_mean, expert[1].running_mean)
+    half = c.collapse("slerp", t=0.25)[1]
+    assert torch.allclose(half.running_var, 0.75 * bn_experts[0][1].running_var + 0.25 * bn_experts[1][1].running_var)
+
+
+def test_a_data_address_given_back_by_the_allocator_still_merges_again():
+    # two `.data =` between eval forwards could bring the first address back: the cache keeps that memory alive
+    c = ExpertContainer(experts(2, dim=64, hidden=64), router="fixed").eval()
+    x = torch.randn(3, 64)
+    p = c.experts[1].fc1.weight
+    with torch.no_grad():
+        for _ in range(8):  # whether an address comes back is the allocator's choice: try several times
+            before = c(x)
+            p.data = p.data + 1.0
+            p.data = p.data + 1.0
+            after = c(x)
+            assert not torch.equal(before, after) and torch.allclose(after, c.collapse("mean")(x), atol=1e-5)
