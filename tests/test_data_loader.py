@@ -230,17 +230,26 @@ print("done")
 """
 
 
-def test_the_quick_start_loop_leaves_no_pymp_folders_at_interpreter_exit(tmp_path):
+def test_the_quick_start_loop_leaves_no_pymp_folders_at_interpreter_exit():
     """docs/data.md's loop with persistent workers, then exit: the workers must leave through their own
     cleanup (they were killed, leaving one pymp-*/listener-* per worker) and the exit must not hang."""
     import subprocess
     import sys
 
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _QUICK_START_EXIT], capture_output=True, text=True, timeout=120, env=env)
-    took = time.perf_counter() - t0
-    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr
-    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert sorted(p.name for p in tmp_path.glob("pymp-*")) == []
-    assert took < 60
+    import shutil
+    from pathlib import Path
+
+    # a short folder: the workers' sockets live in TMPDIR/pymp-*/listener-*, and AF_UNIX paths stop at 107
+    # bytes (a deep --basetemp would make the workers fail to start, not this test's subject)
+    short = Path(tempfile.mkdtemp(prefix="mvpm", dir="/tmp" if os.path.isdir("/tmp") else None))
+    try:
+        env = dict(os.environ, TMPDIR=str(short))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _QUICK_START_EXIT], capture_output=True, text=True, timeout=120, env=env)
+        took = time.perf_counter() - t0
+        assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr
+        assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert sorted(p.name for p in short.glob("pymp-*")) == []
+        assert took < 60
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
