@@ -198,7 +198,7 @@ def buffer_coefficients(strategy: str | MergeFn, n: int, **kwargs: Any) -> Tenso
     fixed linear combination: ``slerp``'s lerp weights (1 − t, t), so that t = 0 / 1 give an expert exactly; the
     mean for the task-arithmetic family, whose base + Σ(bᵢ − base) can make a running variance negative."""
     fn = MERGES.get(strategy) if isinstance(strategy, str) else strategy
-    if fn is slerp or getattr(fn, "__name__", None) == "slerp":
+    if fn is slerp:
         t = float(kwargs.get("t", 0.5))
         return torch.tensor([1.0 - t, t], dtype=torch.float64)
     return mean_coefficients(n)
