@@ -7,7 +7,8 @@ import re
 
 import pytest
 import torch
-from data_helpers import frame_ids, tiny_synthetic, write_bad_files, write_frame_folder, write_level_video  # noqa: F401
+from data_helpers import (frame_ids, tiny_synthetic, write_bad_files, write_frame_folder, write_level_video,  # noqa: F401
+                          write_textured_video)
 
 from mergekit_video.data import (VideoDataset, VideoReadError, VideoRecord, build_loader, collate_videos, few_shot_subset,
                                  read_annotation_list, read_class_names, write_class_names)
@@ -481,3 +482,47 @@ def test_counts_of_one_in_data_messages_are_singular(tmp_path, tiny_synthetic):
         few_shot_subset([VideoRecord("a.mp4", 0)], shots=2, seed=0)
     with pytest.raises(IndexError, match=r"out of range for 1 frame$"):
         _plan([0, 1], 1, "x.mp4")
+
+
+def test_flip_label_pairs_swap_the_label_of_exactly_the_flipped_clips(tmp_path):
+    """SSv2-style flips (TSM, official MoTE): a flipped clip of class a is labelled b and back."""
+    for k in range(3):
+        write_textured_video(tmp_path / f"v{k}.mp4", 16, seed=k)  # random texture: no clip is its own mirror image
+    (tmp_path / "list.txt").write_text("".join(f"v{k}.mp4 {k}\n" for k in range(3)))
+
+    def make3(**kw):
+        return VideoDataset(list_file=tmp_path / "list.txt", root=tmp_path, num_frames=4, train=True, class_names=["a", "b", "c"],
+                            input_size=32, normalize=False, seed=5, **kw)
+
+    swapped, unflipped = make3(flip_label_pairs=[[0, 1]]), make3(flip=False)  # the same draws, one never flips
+    seen = set()
+    for epoch in range(8):
+        for i, record in enumerate(swapped.records):
+            a, b = swapped[(i, epoch)], unflipped[(i, epoch)]
+            flipped = not torch.equal(a["frames"], b["frames"])
+            if flipped:
+                assert torch.equal(a["frames"], b["frames"].flip(-1))
+            expected = {0: 1, 1: 0}.get(record.label, record.label) if flipped else record.label
+            assert (a["label"], b["label"]) == (expected, record.label)
+            seen.add((record.label in (0, 1), flipped))
+    assert seen == {(True, True), (True, False), (False, True), (False, False)}
+    with pytest.raises(ValueError, match="class id 99, but there are only 3 classes"):
+        make3(flip_label_pairs=[[0, 99]])
+    with pytest.raises(ValueError, match="need train=True and flip=True"):
+        make3(flip=False, flip_label_pairs=[[0, 1]])
+    with pytest.raises(ValueError, match="class id 1 is in two pairs"):
+        make3(flip_label_pairs=[[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match=r"flip_label_pairs\[0\] must be two distinct"):
+        make3(flip_label_pairs=[[2, 2]])
+
+
+def test_dense_sampling_at_test_spreads_clips_of_stride_spaced_frames(tmp_path):
+    write_level_video(tmp_path / "v.mp4", 40)
+    (tmp_path / "list.txt").write_text("v.mp4 0\n")
+    ds = VideoDataset(list_file=tmp_path / "list.txt", root=tmp_path, num_frames=4, train=False, sampling="dense", stride=3,
+                      num_clips=2, input_size=32, normalize=False)
+    frames = ds[0]["frames"]  # [2, 4, 3, 32, 32]
+    ids = [frame_ids(v.permute(0, 2, 3, 1)) for v in frames]
+    assert all(b - a == 3 for v in ids for a, b in zip(v, v[1:]))  # 4 frames, 3 apart
+    assert ids[0][0] == 0 and ids[1][-1] == 39  # the clips spread from the first frame to the last
+

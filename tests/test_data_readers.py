@@ -70,6 +70,24 @@ def test_frame_folder_reader(tmp_path):
         open_video(tmp_path / "nope", backend="frames")
 
 
+def test_frame_folders_count_only_the_templates_files_and_say_when_numbering_starts_at_0(tmp_path):
+    import shutil
+
+    folder = write_frame_folder(tmp_path / "vid", 6)
+    for kind in ("flow_x", "flow_y"):  # mmaction2 extracts optical flow into the same folder
+        for i in range(1, 7):
+            shutil.copy(folder / f"img_{i:05d}.jpg", folder / f"{kind}_{i:05d}.jpg")
+    (folder / "notes.jpg").write_bytes(b"")
+    assert open_video(folder, backend="frames").num_frames == 6
+    # a folder numbered from 0 (img_00000.jpg ... img_00005.jpg): the frame past its last file names the cause
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    for i in range(6):
+        shutil.copy(folder / f"img_{i + 1:05d}.jpg", zero / f"img_{i:05d}.jpg")
+    with pytest.raises(VideoReadError, match=r"img_00006.jpg: cannot read frame .*numbered from 1 .*has img_00000.jpg"):
+        open_video(zero, backend="frames", num_frames=6).get_frames([5])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["truncated", "zero", "text", "missing"])
 def test_bad_files_raise_an_error_naming_the_file(tmp_path, backend, kind):

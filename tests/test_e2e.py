@@ -314,6 +314,37 @@ def test_eval_suite_zero_shot_splits_mean_and_std(quick_run, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["summary"] == json.loads(json.dumps(payload["summary"]))
 
 
+def test_eval_suite_summary_keys_turn_scores_off_and_sampling_follows_the_data(quick_run, tmp_path):
+    """``eval.summary.zero_shot: []`` / ``close_set: null`` leave HM_ZS / Trade-off out (absent keys pick
+    datasets by kind); ``data.sampling: dense`` reaches the evaluation's datasets unless one sets its own."""
+    from mergekit_video.models import load
+    from mergekit_video.runners.common import build_eval_loader, eval_suite, run_eval_suite
+
+    out, _ = quick_run
+    data = out / "data"
+    datasets = [
+        {"name": "val", "kind": "close_set", "root": str(data), "list": str(data / "val.txt"), "class_csv": str(data / "classes.csv")},
+        {"name": "novel", "kind": "zero_shot", "root": str(data), "list": str(data / "novel.txt"),
+         "class_csv": str(data / "novel_classes.csv"), "sampling": "segment"},
+    ]
+    data_cfg = {"num_frames": 8, "input_size": 32, "sampling": "dense", "stride": 2}
+    entries = eval_suite({"datasets": datasets}, data_cfg, model_input_size=32)
+    assert [(e.sampling, e.stride) for e in entries] == [("dense", 2), ("segment", 2)]
+    ds = build_eval_loader(entries[0], entries[0].splits[0], eval_cfg={"num_workers": 0}, data_cfg=data_cfg, normalize=False,
+                           dist=None, seed=0).dataset
+    assert (ds.sampling, ds.stride, ds.clip_len) == ("dense", 2, 8)
+    model = load(out / "model")
+    rows = {}
+    for summary in ({}, {"zero_shot": []}, {"close_set": None}):
+        cfg = {"seed": 0, "text": {"templates": "mote", "cache_dir": str(tmp_path / "cache")},
+               "eval": {"batch_size": 4, "num_workers": 0, "modulation": [False], "plot": False, "datasets": datasets, "summary": summary}}
+        payload = run_eval_suite(model, cfg=cfg, data_cfg=data_cfg, device=torch.device("cpu"), dist=None, output_dir=tmp_path)
+        rows[str(summary)] = payload["summary"]["merged"]
+    assert {"HM_ZS", "trade_off"} <= set(rows["{}"])
+    assert not {"HM_ZS", "trade_off"} & set(rows["{'zero_shot': []}"])
+    assert "HM_ZS" in rows["{'close_set': None}"] and "trade_off" not in rows["{'close_set': None}"]
+
+
 # ---------------------------------------------------------------------------------------------
 # exact resume (issue 5 §3)
 # ---------------------------------------------------------------------------------------------
@@ -1119,6 +1150,15 @@ def test_summary_scores_by_hand():
     assert [c.strip() for c in header.split("┃")[1:4]] == ["variant", "k400 top-1", "k400 top-5"]
     row_a = next(line for line in lines if line.split("│")[1:2] == [" A "] or line.startswith("│ A "))
     assert [c.strip() for c in row_a.split("│")[2:4]] == [f"{a['k400']['top1']:.1f}", f"{a['k400']['top5']:.1f}"]
+    # over one zero-shot dataset HM_ZS is its top-1: the table leaves the column out (Trade-off stays)
+    one = summarize(results, close_set="k400", zero_shot=["ucf"])
+    assert one["A"]["HM_ZS"] == 72.0
+    for zero_shot, shown in ((["ucf"], False), (["ucf", "hmdb", "k600"], True)):
+        console = Console(record=True, width=200)
+        console.print(results_table(summarize(results, close_set="k400", zero_shot=zero_shot), datasets=list(results),
+                                    close_set="k400", zero_shot=zero_shot))
+        text = console.export_text()
+        assert ("HM_ZS" in text) is shown and "Trade-off" in text
 
 
 def test_variant_labels_and_plain_models(caplog):

@@ -325,4 +325,14 @@ def test_cross_key_problems_are_found_before_the_run():
     assert probs["data.synthetic.size"] == "must be [height, width], both even, got [63, 64]"
     probs, _ = _problems(["data.synthetic.size=[64]"])
     assert "data.synthetic.size" in probs
+    probs, _ = _problems(["eval.datasets.1.name=val"])  # two evaluations under one name would be merged as "splits"
+    assert probs["eval.datasets.1.name"].startswith("'val' is the name of eval.datasets.0 too: results are keyed by name")
+    probs, _ = _problems(["data.flip_label_pairs=[[1, 1], [2, 3], [3, 4]]"])
+    assert probs["data.flip_label_pairs.0"] == "needs two distinct class ids, got [1, 1]"
+    assert probs["data.flip_label_pairs.2"] == "class id 3 is in data.flip_label_pairs.1 too"
+    probs, _ = _problems(["data.flip_label_pairs=[[0, 1]]", "data.flip=false"])
+    assert probs["data.flip_label_pairs"].startswith("swaps the labels of flipped clips, but data.flip is false")
+    cfg = _load_validated(QUICKSTART, ["data.flip_label_pairs=[[0, 1]]", "eval.summary.zero_shot=[]", "eval.summary.close_set=null",
+                                       "data.sampling=dense", "data.stride=2", "eval.datasets.0.sampling=segment"])
+    assert cfg["eval"]["summary"] == {"zero_shot": [], "close_set": None}  # explicit: HM_ZS and Trade-off off
 

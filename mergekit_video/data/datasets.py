@@ -24,7 +24,7 @@ from .annotations import LIST_FORMATS, VideoRecord, read_annotation_list, read_c
 from .failures import ON_ERROR_POLICIES, FailureRecord, report_skipped
 from .readers import BACKENDS, DEFAULT_IMAGE_TEMPLATE, VideoReadError, open_video
 from .sampling import TEST_OFFSETS, dense_indices, multi_clip_indices, segment_indices
-from .transforms import TestTransform, TrainTransform
+from .transforms import TestTransform, TrainTransform, to_tchw
 from .watchdog import ReadTimeoutError, run_with_timeout
 
 log = logging.getLogger("mergekit_video.data")
@@ -59,6 +59,30 @@ def item_generator(seed: int, epoch: int, index: int, attempt: int = 0) -> torch
     return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
+#: Something-Something v2 classes that a horizontal flip turns into each other ("... from left to right"
+#: and "... from right to left"; ids of the official label list), as TSM and MoTE swap them.
+SSV2_FLIP_LABEL_PAIRS = ((86, 87), (93, 94), (166, 167))
+
+
+def flip_label_map(pairs: Sequence[Sequence[int]] | None) -> dict[int, int]:
+    """``{a: b, b: a}`` for every pair ``(a, b)`` of class ids that a horizontal flip swaps.
+
+    Raises ValueError for a pair that is not two distinct non-negative ids, or an id in two pairs.
+    """
+    mapping: dict[int, int] = {}
+    for i, pair in enumerate(pairs or ()):
+        if isinstance(pair, (str, bytes)) or len(pair) != 2 or not all(isinstance(c, int) and not isinstance(c, bool) for c in pair):
+            raise ValueError(f"flip_label_pairs[{i}] must be two class ids [a, b], got {pair!r}")
+        a, b = pair
+        if a < 0 or b < 0 or a == b:
+            raise ValueError(f"flip_label_pairs[{i}] must be two distinct non-negative class ids, got {list(pair)}")
+        for c in (a, b):
+            if c in mapping:
+                raise ValueError(f"flip_label_pairs: class id {c} is in two pairs")
+        mapping[a], mapping[b] = b, a
+    return mapping
+
+
 class VideoDataset(torch.utils.data.Dataset):
     """Video clips from an annotation list, for training (random views) or testing (fixed views).
 
@@ -69,7 +93,9 @@ class VideoDataset(torch.utils.data.Dataset):
     code takes them (:func:`~mergekit_video.data.sampling.multi_clip_indices`).
     ``frames`` are CLIP-normalised float, or uint8 with ``normalize=False`` (normalise on the GPU
     with :func:`normalize_frames`). Keys may be an int or an ``(index, epoch)`` pair from
-    :class:`VideoSampler`.
+    :class:`VideoSampler`. ``flip_label_pairs`` (training with ``flip``): class ids that a horizontal
+    flip turns into each other, swapped in the label of a flipped clip (SSv2's left/right classes,
+    :data:`SSV2_FLIP_LABEL_PAIRS`).
 
     A list whose labels go past the given class names is refused at construction (ValueError: the
     list and the class CSV do not belong together). Bad data (unreadable, empty, truncated or missing file, a read past
@@ -104,6 +130,7 @@ class VideoDataset(torch.utils.data.Dataset):
         short_side: int | None = None,
         decode_short_side: int | None = None,
         flip: bool = True,
+        flip_label_pairs: Sequence[Sequence[int]] | None = None,
         grayscale_p: float = 0.2,
         scale: tuple[float, float] = (0.08, 1.0),
         normalize: bool = True,
@@ -140,6 +167,9 @@ class VideoDataset(torch.utils.data.Dataset):
             raise ValueError("training takes one random view per item; num_clips and num_crops must be 1 when train=True")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
+        self.flip_label_map = flip_label_map(flip_label_pairs)
+        if self.flip_label_map and not (train and flip):
+            raise ValueError("flip_label_pairs swap the labels of flipped training clips; they need train=True and flip=True")
         self.list_file = Path(list_file)
         self.root = Path(root)
         self.records: list[VideoRecord] = list(records) if records is not None else read_annotation_list(self.list_file, list_format)
@@ -148,6 +178,9 @@ class VideoDataset(torch.utils.data.Dataset):
         self.class_names = list(class_names) if class_names is not None else None
         if self.class_names is not None:
             self._check_labels(getattr(class_names, "source", None))
+            beyond = sorted(i for i in self.flip_label_map if i >= len(self.class_names))
+            if beyond:
+                raise ValueError(f"flip_label_pairs name class id {beyond[0]}, but there are only {len(self.class_names)} classes")
         self.num_frames, self.train, self.list_format, self.backend = num_frames, train, list_format, backend
         self.sampling, self.clip_len, self.stride = sampling, clip_len or num_frames, stride
         self.num_clips, self.num_crops, self.input_size, self.test_offsets = num_clips, num_crops, input_size, test_offsets
@@ -238,6 +271,10 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def load(self, index: int, generator: torch.Generator) -> torch.Tensor:
         """Decode and transform record ``index`` (no error policy): ``[T,3,S,S]`` or ``[V,T,3,S,S]``."""
+        return self._load(index, generator)[0]
+
+    def _load(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        """:meth:`load`'s frames and the item's label (swapped by ``flip_label_pairs`` for a flipped clip)."""
         record = self.records[index]
         path = self.root / record.path
         if self.class_names is not None and not 0 <= record.label < len(self.class_names):
@@ -251,11 +288,14 @@ class VideoDataset(torch.utils.data.Dataset):
             _TIMED_OUT[str(path)] = str(e)
             raise
         if self.train:
-            return self.transform(frames, generator)  # [T, 3, S, S]
+            x = to_tchw(frames)
+            params = self.transform.params(x.shape[-2], x.shape[-1], generator)
+            label = self.flip_label_map.get(record.label, record.label) if params["flip"] else record.label
+            return self.transform.apply(x, params), label  # [T, 3, S, S]
         k, t = self.num_clips, frames.shape[0] // self.num_clips
         views = self.transform(frames)  # [C, K*T, 3, S, S]
         views = views.unflatten(1, (k, t)).transpose(0, 1)  # [K, C, T, 3, S, S], clip-major
-        return views.reshape(k * self.num_crops, t, *views.shape[-3:]).contiguous()
+        return views.reshape(k * self.num_crops, t, *views.shape[-3:]).contiguous(), record.label
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
         if isinstance(key, (tuple, list)):
@@ -270,7 +310,7 @@ class VideoDataset(torch.utils.data.Dataset):
         for attempt in range(MAX_RESAMPLE_ATTEMPTS):
             g = item_generator(self.seed, epoch, index, attempt)
             try:
-                frames = self.load(current, g)
+                frames, label = self._load(current, g)
             except BAD_DATA_ERRORS as e:
                 path = str(self.path_of(current))
                 self.failures.append(FailureRecord(path=path, index=current, epoch=epoch, error=str(e), action=self.on_error))
@@ -292,7 +332,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 choose = item_generator(self.seed, epoch, index, attempt)
                 current = int(torch.randint(len(self.records), (1,), generator=choose).item())
                 continue
-            item = {"frames": frames, "label": self.records[current].label, "index": current}
+            item = {"frames": frames, "label": label, "index": current}
             if resampled:
                 item["resampled"] = resampled
                 if errors:

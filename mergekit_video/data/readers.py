@@ -12,6 +12,7 @@ import bisect
 import functools
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -407,6 +408,22 @@ class PyAVReader:
         self.close()
 
 
+def template_pattern(image_template: str) -> re.Pattern[str]:
+    """A regex matching the file names ``image_template`` (``img_{:05d}.jpg``) gives for any frame number."""
+    import string
+
+    parts = list(string.Formatter().parse(image_template))
+    fields = [p for p in parts if p[1] is not None]
+    if len(fields) != 1:
+        raise ValueError(f"image_template must hold one number field such as {{:05d}}, got {image_template!r}")
+    regex = ""
+    for literal, field_name, _spec, _conv in parts:
+        regex += re.escape(literal)
+        if field_name is not None:
+            regex += r"\d+"
+    return re.compile(regex)
+
+
 class FrameFolderReader:
     """Frame-folder backend: one JPEG (or PNG) per frame, ``img_{:05d}.jpg`` numbered from 1 (TSN)."""
 
@@ -425,9 +442,9 @@ class FrameFolderReader:
         self.image_template = image_template
         self.index_base = index_base
         self.short_side = short_side
-        if num_frames is None:
-            suffix = Path(image_template.format(index_base)).suffix
-            num_frames = sum(1 for name in os.listdir(self.path) if name.endswith(suffix))
+        if num_frames is None:  # the files the template names (flow_x_/flow_y_ images may share the folder)
+            pattern = template_pattern(image_template)
+            num_frames = sum(1 for name in os.listdir(self.path) if pattern.fullmatch(name))
         if num_frames <= 0:
             raise VideoReadError(f"{self.path}: frame folder holds no frames", path=self.path)
         self._num_frames = int(num_frames)
@@ -452,7 +469,12 @@ class FrameFolderReader:
                         im.draft("RGB", (w, h))  # JPEG: decode at the smallest 1/2^k scale still >= (w, h)
                     images.append(np.asarray(im.convert("RGB")))  # [H, W, 3]
             except Exception as e:  # noqa: BLE001
-                raise VideoReadError(f"{f}: cannot read frame ({type(e).__name__}: {_first_line(e)})", path=f) from e
+                hint = ""
+                if isinstance(e, FileNotFoundError) and (self.path / self.image_template.format(self.index_base - 1)).exists():
+                    hint = (f"; frame folders are numbered from {self.index_base} "
+                            f"({self.image_template.format(self.index_base)} is frame 0), but this one has "
+                            f"{self.image_template.format(self.index_base - 1)}: renumber its files")
+                raise VideoReadError(f"{f}: cannot read frame ({type(e).__name__}: {_first_line(e)}){hint}", path=f) from e
         if len({im.shape for im in images}) > 1:
             raise VideoReadError(f"{self.path}: frames have different sizes", path=self.path)
         frames = torch.from_numpy(np.stack(images))  # [N, H, W, 3]

@@ -21,7 +21,7 @@ def summarize(
 
     ``results`` maps a dataset name to its per-split results (one entry for close-set). For
     every variant: each dataset's top-1 as mean ± std over splits, then HM_ZS (harmonic mean
-    over the zero-shot datasets) and Trade-off (harmonic mean of the close-set top-1 and HM_ZS).
+    over the zero-shot datasets; over one, its top-1) and Trade-off (harmonic mean of the close-set top-1 and HM_ZS).
     """
     variant_names: list[str] = []
     for splits in results.values():
@@ -52,10 +52,19 @@ def write_results(path: str | Path, payload: Mapping[str, Any], *, overwrite: bo
 
 
 def results_table(
-    summary: Mapping[str, Any], *, datasets: Sequence[str], close_set: str | None = None, title: str = "Results"
+    summary: Mapping[str, Any],
+    *,
+    datasets: Sequence[str],
+    close_set: str | None = None,
+    zero_shot: Sequence[str] | None = None,
+    title: str = "Results",
 ) -> Any:
     """A rich table: one row per variant, top-1 per dataset (± std over splits), the close-set
-    dataset's top-5 too (as Table 4), HM_ZS, Trade-off."""
+    dataset's top-5 too (as Table 4), HM_ZS, Trade-off.
+
+    HM_ZS gets a column only over several zero-shot datasets (``zero_shot``; None: whenever the
+    summary has it): over one it is that dataset's top-1, already shown.
+    """
     from rich.table import Table
 
     table = Table(title=title, header_style="bold")
@@ -65,7 +74,7 @@ def results_table(
         table.add_column(f"{d} top-1", justify="right", overflow="fold")
         if d == close_set:
             table.add_column(f"{d} top-5", justify="right", overflow="fold")
-    show_hm = any("HM_ZS" in r for r in summary.values())
+    show_hm = any("HM_ZS" in r for r in summary.values()) and (zero_shot is None or len(zero_shot) > 1)
     show_to = any("trade_off" in r for r in summary.values())
     if show_hm:
         table.add_column("HM_ZS", justify="right", overflow="fold")

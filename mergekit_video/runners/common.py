@@ -593,6 +593,8 @@ class EvalSuiteEntry:
     input_size: int = 224
     on_error: str = "raise"
     test_offsets: str = "centre"
+    sampling: str = "segment"
+    stride: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -650,6 +652,8 @@ def eval_suite(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None, *, mod
                 ),
                 on_error=ds.get("on_error", "raise"),
                 test_offsets=ds.get("test_offsets") or eval_cfg.get("test_offsets") or "centre",
+                sampling=ds.get("sampling") or data_cfg.get("sampling") or "segment",
+                stride=ds.get("stride") or data_cfg.get("stride") or 8,
             )
         )
     return entries
@@ -670,6 +674,8 @@ def build_eval_loader(entry: EvalSuiteEntry, split: EvalSplit, *, eval_cfg: dict
         num_clips=entry.num_clips,
         num_crops=entry.num_crops,
         test_offsets=entry.test_offsets,
+        sampling=entry.sampling,
+        stride=entry.stride,
         input_size=entry.input_size,
         normalize=normalize,
         on_error=entry.on_error,
@@ -778,8 +784,9 @@ def run_eval_suite(
                                 "s" * (res.num_failed != 1), "were" if res.num_failed != 1 else "was", shown)
                 results.setdefault(entry.name, []).append(res)
     summary_cfg = eval_cfg.get("summary") or {}
-    close = summary_cfg.get("close_set") or next((e.name for e in entries if e.kind == "close_set"), None)
-    zero = summary_cfg.get("zero_shot") or [e.name for e in entries if e.kind == "zero_shot"]
+    # an absent key picks the datasets by kind; an explicit null / [] turns that score off
+    close = summary_cfg["close_set"] if "close_set" in summary_cfg else next((e.name for e in entries if e.kind == "close_set"), None)
+    zero = list(summary_cfg["zero_shot"] or []) if "zero_shot" in summary_cfg else [e.name for e in entries if e.kind == "zero_shot"]
     summary = summarize(results, close_set=close, zero_shot=zero)
     payload = {
         "summary": summary,
@@ -789,7 +796,7 @@ def run_eval_suite(
     if main:
         write_results(output_dir / "results.json", payload)
         if console is not None:
-            console.print(results_table(summary, datasets=list(results), close_set=close, title=title))
+            console.print(results_table(summary, datasets=list(results), close_set=close, zero_shot=zero, title=title))
         if eval_cfg.get("plot", True) and close and zero:
             path = plot_tradeoff(summary, output_dir / "tradeoff.png", close_set=close, zero_shot=zero)
             if path is not None and console is not None:

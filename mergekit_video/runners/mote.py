@@ -165,9 +165,12 @@ class MoTERunner:
             list_format=d.get("list_format", "video"),
             backend=d.get("backend", "decord"),
             sampling=d.get("sampling", "segment"),
+            stride=d.get("stride", 8),
             input_size=self.input_size,
             decode_short_side=d.get("decode_short_side"),
             flip=d.get("flip", True),
+            flip_label_pairs=d.get("flip_label_pairs"),
+            grayscale_p=d.get("grayscale_p", 0.2),
             normalize=False,  # uint8 out of the workers; normalised on the device in one op
             on_error=d.get("on_error", "resample"),
             read_timeout_s=d.get("read_timeout_s", 60.0),
@@ -266,7 +269,8 @@ class MoTERunner:
         return VideoDataset(
             list_file=d["val_list"], root=d["root"], num_frames=d.get("num_frames", 8), train=False,
             class_names=self.train_class_names, list_format=d.get("list_format", "video"),
-            backend=d.get("backend", "decord"), num_clips=clips, num_crops=crops,
+            backend=d.get("backend", "decord"), sampling=d.get("sampling", "segment"), stride=d.get("stride", 8),
+            num_clips=clips, num_crops=crops,
             test_offsets=(self.cfg.get("eval") or {}).get("test_offsets") or "centre",
             input_size=self.input_size, normalize=False,  # uint8 out of the workers; normalised on the device in one op
             on_error="skip", read_timeout_s=d.get("read_timeout_s", 60.0), seed=self.cfg.get("seed", 0),

@@ -88,11 +88,17 @@ DATA = Section(
         "list_format": Field(str, default="video", choices=("video", "frames")),
         "backend": Field(str, default="decord", choices=("decord", "pyav", "frames", "auto")),
         "num_frames": Field(int, default=8, min=1, max=77),
-        "sampling": Field(str, default="segment", choices=("segment", "dense")),
+        "sampling": Field(str, default="segment", choices=("segment", "dense"), doc="segment: TSN (one frame per segment); dense: num_frames frames stride apart"),
+        "stride": Field(int, default=8, min=1, doc="sampling=dense: frames between sampled frames (a clip spans num_frames × stride)"),
         "input_size": Field(int, nullable=True, default=None, min=8, doc="frame size; default: the model's (224 for ViT-B/16, ViT-L/14)"),
         "batch_size": Field(int, default=144, min=1, doc="total batch over all processes and accumulation steps"),
         "num_workers": Field(int, default=8, min=0),
-        "flip": Field(bool, default=True, doc="random horizontal flip (off for SSv2)"),
+        "flip": Field(bool, default=True, doc="random horizontal flip p=0.5 (off, or with flip_label_pairs, for direction-sensitive data such as SSv2)"),
+        "flip_label_pairs": Field(
+            list, nullable=True, item=Field(list, items=(Field(int, min=0, doc="class id"), Field(int, min=0, doc="class id"))),
+            doc="[[a, b], ...]: classes a flip turns into each other, swapped in a flipped clip's label (SSv2: [[86, 87], [93, 94], [166, 167]])",
+        ),
+        "grayscale_p": Field(float, default=0.2, min=0, max=1, doc="probability of a grayscale clip in training (MoTE: 0 for SSv2)"),
         "decode_short_side": Field(int, nullable=True, default=None, min=8),
         "on_error": Field(str, default="resample", choices=("raise", "skip", "resample")),
         "read_timeout_s": Field(float, default=60.0, min=0, exclusive_min=True),
@@ -118,6 +124,8 @@ EVAL_DATASET = Section(
         "num_clips": Field(int, default=1, min=1),
         "num_crops": Field(int, default=1, choices=(1, 3)),
         "test_offsets": Field(str, nullable=True, choices=("centre", "start"), doc="default: eval.test_offsets"),
+        "sampling": Field(str, nullable=True, choices=("segment", "dense"), doc="default: data.sampling (segment)"),
+        "stride": Field(int, nullable=True, min=1, doc="sampling=dense: default data.stride (8)"),
         "num_frames": Field(int, nullable=True, min=1, max=77),
         "input_size": Field(int, nullable=True, min=8),
         "on_error": Field(str, default="raise", choices=("raise", "skip")),
@@ -178,7 +186,10 @@ EVAL = Section(
         "datasets": Field(list, default=[], item=EVAL_DATASET),
         "compare": COMPARE,
         "summary": Section(
-            {"close_set": Field(str, nullable=True), "zero_shot": Field(list, default=[], item=Field(str))},
+            {
+                "close_set": Field(str, nullable=True, doc="dataset of the Trade-off's close-set top-1; absent: the first close_set dataset; null: none"),
+                "zero_shot": Field(list, nullable=True, item=Field(str), doc="datasets of HM_ZS; absent: every zero_shot dataset; [] or null: none"),
+            },
             nullable=True,
         ),
         "plot": Field(bool, default=True),
@@ -330,6 +341,13 @@ def _summary_problems(cfg: dict[str, Any]) -> list[Problem]:
         return []
     known = f"eval.datasets has {', '.join(repr(n) for n in names)}"
     problems = []
+    for j, name in enumerate(names):
+        if isinstance(name, str) and name in names[:j]:
+            problems.append(Problem(
+                f"eval.datasets.{j}.name",
+                f"{name!r} is the name of eval.datasets.{names.index(name)} too: results are keyed by name, so each "
+                f"evaluation needs its own (e.g. {name}_4x3 for another view protocol)",
+            ))
     close = summary.get("close_set")
     if isinstance(close, str) and close not in names:
         problems.append(Problem("eval.summary.close_set", f"{close!r} is not an evaluated dataset ({known})"))
@@ -390,7 +408,32 @@ def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
             "the weight-merging regularizer needs experts, but model.num_experts is 0 (the plain-FFN baseline): "
             "set objective.wmr_weight=0 or model.num_experts>0",
         ))
+    problems += _flip_label_problems(cfg.get("data") or {})
     return problems
+
+
+def _flip_label_problems(data: dict[str, Any]) -> list[Problem]:
+    """``data.flip_label_pairs``: pairs of distinct ids, each id once, and a flip to swap them on."""
+    pairs = data.get("flip_label_pairs")
+    if not pairs or not isinstance(pairs, list):
+        return []
+    seen: dict[int, int] = {}  # class id -> pair index
+    problems = []
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(c) is int for c in pair)):
+            continue  # the schema reports it
+        if pair[0] == pair[1]:
+            problems.append(Problem(f"data.flip_label_pairs.{i}", f"needs two distinct class ids, got {pair}"))
+        for c in dict.fromkeys(pair):
+            if c in seen:
+                problems.append(Problem(f"data.flip_label_pairs.{i}", f"class id {c} is in data.flip_label_pairs.{seen[c]} too"))
+            seen.setdefault(c, i)
+    if problems:
+        return problems
+    if data.get("flip") is False:
+        return [Problem("data.flip_label_pairs", "swaps the labels of flipped clips, but data.flip is false: "
+                        "set data.flip=true (flip with swapped labels) or remove the pairs (~data.flip_label_pairs)")]
+    return []
 
 
 #: Per-runner checks across keys, run after the schema.
