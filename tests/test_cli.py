@@ -330,7 +330,9 @@ def test_convert_export_dense_and_load_into_open_clip(tmp_path, capsys):
 
     # dense export: the baseline's structure and keys, the merged model's outputs
     assert cli_main(["export", str(converted), str(dense), "--dense"]) == 0
-    assert "exported dense" in capsys.readouterr().out
+    said = " ".join(capsys.readouterr().out.split())
+    assert "exported dense" in said and "plain open_clip loads its CLIP part with open_clip.create_model('local-dir:" in said
+    assert "load_state_dict" not in said  # plain open_clip has no config named mergevid-tiny-vit
     assert cli_main(["export", str(converted), str(dense), "--dense"]) == 1  # the flag, not the library's argument
     assert capsys.readouterr().err.startswith(f"error: {dense} exists; pass --overwrite to replace it")
     dense_model = load(dense)
@@ -346,6 +348,10 @@ def test_convert_export_dense_and_load_into_open_clip(tmp_path, capsys):
             merged = model(frames, cls, modulation=tfm)
             assert (dense_model(frames, cls, modulation=tfm) - merged).abs().max() < 1e-5
 
+    # plain open_clip rebuilds the CLIP part from the folder alone (open_clip_config.json: architecture, QuickGELU)
+    oc_dir = open_clip.create_model(f"local-dir:{dense}").eval()
+    with torch.no_grad():
+        assert (oc_dir.encode_image(frames.flatten(0, 1)).view(2, 8, -1) - dense_model.encode_frames(frames)).abs().max() < 1e-5
     # clip.safetensors loads strictly into plain open_clip and encodes frames as our model does
     register_bundled_model_configs()
     oc = open_clip.create_model(dense_model.model_name, pretrained=None)

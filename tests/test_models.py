@@ -274,6 +274,30 @@ def test_merged_eval_equals_collapsed_export_and_param_counts(model, classes, tm
 
     plain = open_clip.create_model(TINY)
     plain.load_state_dict(load_file(str(tmp_path / "dense" / "clip.safetensors")), strict=True)
+    # open_clip_config.json: the folder alone rebuilds it (a tower with experts gets none: plain open_clip cannot load it)
+    import copy
+    import json
+
+    from mergekit_video import add_experts
+
+    folder_cfg = json.loads((tmp_path / "dense" / "open_clip_config.json").read_text())
+    assert folder_cfg["model_cfg"]["quick_gelu"] == model.config["clip"]["quick_gelu"]
+    assert (tmp_path / "mote" / "open_clip_config.json").exists()  # experts in the head only: the CLIP part is plain
+    with_visual_experts = copy.deepcopy(model)
+    add_experts(with_visual_experts.clip.visual, "transformer.resblocks.0.mlp", 2)
+    save_model(with_visual_experts, tmp_path / "visual_experts")
+    assert not (tmp_path / "visual_experts" / "open_clip_config.json").exists()
+
+
+def test_plain_open_clip_names_keep_the_activation():
+    from mergekit_video.models.clip import plain_open_clip_name
+
+    assert plain_open_clip_name({"name": "ViT-B-16", "quick_gelu": True}) == "ViT-B-16-quickgelu"  # OpenAI weights
+    assert plain_open_clip_name({"name": "ViT-B-16", "quick_gelu": False}) == "ViT-B-16"
+    assert plain_open_clip_name({"name": "ViT-L-14-quickgelu", "quick_gelu": True}) == "ViT-L-14-quickgelu"
+    assert plain_open_clip_name({"name": "ViT-B-16-quickgelu", "quick_gelu": False}) is None
+    assert plain_open_clip_name({"name": "converted-vit", "quick_gelu": True}) is None
+    assert plain_open_clip_name({"name": TINY, "quick_gelu": True}) is None  # bundled with mergekit_video only
 
 
 def test_temporal_module_parameter_counts_match_paper_table_2c():

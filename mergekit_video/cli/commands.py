@@ -382,14 +382,6 @@ def convert_cmd(
     )
 
 
-def _bundled_note(model_name: str) -> str:
-    from ..models.clip import bundled_model_names
-
-    if model_name in bundled_model_names():
-        return " after mergekit_video.models.clip.register_bundled_model_configs() (a config bundled with mergekit_video)"
-    return ""
-
-
 @app.command("export")
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="Model directory or trainer checkpoint."),
@@ -435,7 +427,15 @@ def export_cmd(
     if dense:
         export_dense(model, output, strategy=strategy, overwrite=overwrite, **merge_kwargs)
         out = load(output)
-        _console().print(f"[green]exported dense[/] → {output}: temporal head {count_parameters(out.head) / 1e6:.2f}M params (was {count_parameters(model.head) / 1e6:.2f}M); clip.safetensors loads into open_clip.create_model('{out.model_name}'){_bundled_note(out.model_name)}")
+        from ..models.clip import plain_open_clip_name
+
+        by_name = plain_open_clip_name(out.config["clip"])
+        _console().print(
+            f"[green]exported dense[/] → {output}: temporal head {count_parameters(out.head) / 1e6:.2f}M params "
+            f"(was {count_parameters(model.head) / 1e6:.2f}M); plain open_clip loads its CLIP part with "
+            f"open_clip.create_model('local-dir:{output}')"
+            + (f", or open_clip.create_model('{by_name}') and load_state_dict of clip.safetensors" if by_name else "")
+        )
     else:
         save_model(model, output, overwrite=overwrite)
         _console().print(f"[green]exported[/] → {output}")

@@ -41,6 +41,9 @@ NON_TENSOR_KEY = "non_tensor_state"
 CLIP_FILE = "clip.safetensors"
 HEAD_FILE = "head.safetensors"
 MODEL_FILE = "model.safetensors"
+#: open_clip's own folder config (``open_clip.create_model('local-dir:FOLDER')``), written beside
+#: ``clip.safetensors`` when the visual and text towers hold no experts.
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +213,8 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         _save_tensors(tmp / HEAD_FILE, head_tensors, {"format": "mergekit_video/temporal_head"})
         other = {part: StateEncoder(inline=True, what=part).encode(state) for part, state in (("clip", clip_other), ("head", head_other)) if state}
         atomic_write_json(tmp / CONFIG_FILE, {**config, NON_TENSOR_KEY: other} if other else config)
+        if not find_containers(model.clip) and isinstance(config.get("clip", {}).get("model_cfg"), dict):
+            atomic_write_json(tmp / OPEN_CLIP_CONFIG_FILE, open_clip_folder_config(config["clip"]))
         apply_default_modes(tmp)  # mkdtemp's 0700 and save_file's 0600 -> what mkdir()/open() give
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -515,6 +520,16 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
     model.head.load_state_dict(head_sd, strict=strict)
     model.freeze_text()
     return model.to(device).eval()
+
+
+def open_clip_folder_config(clip_config: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's ``open_clip_config.json`` for a model's CLIP part: the architecture it was built with
+    (QuickGELU as used) and the normalisation it was trained with, so that plain open_clip rebuilds it
+    from the folder alone (``open_clip.create_model('local-dir:FOLDER')`` loads ``clip.safetensors``)."""
+    from ..data.transforms import CLIP_MEAN, CLIP_STD
+
+    model_cfg = {**clip_config["model_cfg"], "quick_gelu": bool(clip_config.get("quick_gelu", False))}
+    return {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
 
 
 def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: str | None = None, overwrite: bool = False, **merge_kwargs: Any) -> Path:

@@ -198,6 +198,22 @@ def model_config(model_name: str, *, quick_gelu: bool | None = None) -> dict[str
     return cfg
 
 
+def plain_open_clip_name(clip_config: Mapping[str, Any]) -> str | None:
+    """The open_clip model name that builds ``clip_config``'s architecture with its activation, in an
+    open_clip without mergekit_video (``ViT-B-16-quickgelu`` for OpenAI ``ViT-B-16`` weights); None when
+    plain open_clip has no such config (a bundled or converted architecture: use ``local-dir:``)."""
+    import open_clip
+
+    name, quick_gelu = clip_config.get("name"), bool(clip_config.get("quick_gelu", False))
+    if not isinstance(name, str) or name in bundled_model_names():
+        return None
+    for candidate in (name, f"{name}-quickgelu" if quick_gelu and not name.endswith("-quickgelu") else None):
+        cfg = open_clip.get_model_config(candidate) if candidate else None
+        if cfg is not None and bool(cfg.get("quick_gelu", False)) == quick_gelu:
+            return candidate
+    return None
+
+
 def clip_choice_problem(model_name: str, pretrained: str | None) -> tuple[str, str] | None:
     """What is wrong with an open_clip ``model_name`` / ``pretrained`` pair, checked offline, or None.
 
