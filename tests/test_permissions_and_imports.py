@@ -114,7 +114,7 @@ def test_save_model_folder_and_files_get_umask_modes(tmp_path, umask, tiny_video
 
     file_mode, dir_mode = MODES[umask]
     out = save_model(tiny_video_clip, tmp_path / "model")
-    assert {p.name for p in out.iterdir()} == {"config.json", "clip.safetensors", "head.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "clip.safetensors", "head.safetensors", "open_clip_config.json"}
     assert _tree_modes(out) == _expected(out, file_mode, dir_mode)
     save_model(tiny_video_clip, out, overwrite=True)  # the replacing path (backup + rename) as well
     assert _tree_modes(out) == _expected(out, file_mode, dir_mode)
