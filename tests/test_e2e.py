@@ -263,6 +263,52 @@ def test_input_size_defaults_to_the_models_and_mismatches_name_the_key():
     assert eval_suite({"datasets": [ds]}, {"input_size": 32}, model_input_size=32)[0].input_size == 32
     with pytest.raises(ValueError, match=r"^eval.datasets.0.input_size=64, but"):
         eval_suite({"datasets": [{**ds, "input_size": 64}]}, {}, model_input_size=32)
+    # frame counts past the head's position table, and missing class lists, name their key
+    with pytest.raises(ValueError, match=r"^data.num_frames=16, but the model's temporal head has 8 frame position embeddings"):
+        eval_suite({"datasets": [ds]}, {"num_frames": 16}, model_num_positions=8)
+    with pytest.raises(ValueError, match=r"^eval.datasets.0.num_frames=16, but"):
+        eval_suite({"datasets": [{**ds, "num_frames": 16}]}, {}, model_num_positions=8)
+    with pytest.raises(ValueError, match=r"^eval.datasets.0.class_csv is not set: no class names for /r/v.txt$"):
+        eval_suite({"datasets": [{**ds, "class_csv": None}]}, {})
+    with pytest.raises(ValueError, match=r"^eval.datasets.0.splits.1.class_csv is not set \(nor eval.datasets.0.class_csv\)"):
+        eval_suite({"datasets": [{**ds, "class_csv": None, "list": None, "splits": [{"list": "a", "class_csv": "c"}, {"list": "b"}]}]}, {})
+    with pytest.raises(ValueError, match=r"^eval.datasets.0 \(v\) needs 'list' \(one annotation list\) or 'splits'"):
+        eval_suite({"datasets": [{**ds, "list": None}]}, {})
+
+
+def test_compare_merge_arguments_are_dry_run_for_the_checkpoints_expert_count(quick_run, tmp_path, capsys):
+    """Validation cannot know a checkpoint's expert count: the compare runner's setup checks the merges with it."""
+    import yaml
+
+    out, _ = quick_run
+    data = out / "data"
+    recipe = tmp_path / "compare.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "runner": "compare", "output_dir": str(tmp_path / "cmp"), "checkpoint": str(out / "model"),
+        "eval": {"num_workers": 0, "datasets": [{"name": "val", "kind": "close_set", "root": str(data), "list": str(data / "val.txt"),
+                                                "class_csv": str(data / "classes.csv")}],
+                 "compare": {"merges": [{"name": "mean"}, {"name": "weighted", "weights": [1, 2]}]}},
+    }))
+    assert cli_main(["validate", str(recipe)]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", str(recipe)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: eval.compare.merges.1: 'weighted' with {'weights': [1, 2]} cannot merge 4 experts: weighted merge got 2 weights for 4 tensors" in err
+    assert not (tmp_path / "cmp" / "results.json").exists()
+
+
+def test_evaluation_settings_that_cannot_run_stop_the_run_before_training(tmp_path, capsys):
+    """An eval dataset's size that does not fit the model is found at setup, not after training (nothing is trained)."""
+    out = tmp_path / "run"
+    rc = cli_main(["run", str(QUICKSTART), f"output_dir={out}", *QUICK_OVERRIDES, "eval.datasets.0.input_size=16"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 1 and "error: eval.datasets.0.input_size=16, but the model's visual tower takes 32x32 frames" in err
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    # an output_dir that cannot be a folder is said with its key, not as an OSError from deep inside
+    (tmp_path / "afile").write_text("x")
+    rc = cli_main(["run", str(QUICKSTART), f"output_dir={tmp_path / 'afile' / 'run'}", *QUICK_OVERRIDES])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 1 and f"error: output_dir={tmp_path / 'afile' / 'run'}: cannot create or write it (Not a directory" in err
 
 
 def test_rerun_with_a_different_recipe_refuses_without_overwrite(quick_run, capsys):

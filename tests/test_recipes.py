@@ -311,6 +311,42 @@ def test_quickstart_recipe_is_offline_and_small():
     assert {d["kind"] for d in cfg["eval"]["datasets"]} == {"close_set", "zero_shot"}
 
 
+@pytest.mark.parametrize(
+    ("overrides", "key", "said"),
+    [
+        (["model.merge=ensemble"], "model.merge", "'ensemble' combines expert outputs and has no merged weights, so the dense export"),
+        (["eval.compare.merges=[{name: temperature_softmax, tau: abc}]"], "eval.compare.merges.0",
+         "'temperature_softmax' with {'tau': 'abc'} cannot merge 4 experts: could not convert string to float"),
+        (["eval.compare.merges=[{name: slerp}]"], "eval.compare.merges.0", "'slerp' with its defaults cannot merge 4 experts"),
+        (["eval.compare.merges=[{name: weighted, weights: [1, 2]}]"], "eval.compare.merges.0", "got 2 weights for 4 tensors"),
+        (["model.merge=temperature_softmax"], "model.merge", "missing required argument 'tau'"),
+        (["model.merge=slerp"], "model.merge", "slerp merges exactly two tensors, got 4"),
+        (["model.router=topk", "model.router_kwargs={k: 10}"], "model.router_kwargs", "topk router k=10 must be in [1, 4]"),
+        (["model.router_kwargs=3"], "model.router_kwargs", "expected mapping, got int (3)"),
+        (["model.num_positions=4"], "data.num_frames", "8 frames, but model.num_positions=4 frame position embeddings"),
+        (["eval.datasets.0.num_frames=16", "model.num_positions=8"], "eval.datasets.0.num_frames", "16 frames, but model.num_positions=8"),
+        (["text.templates=[1, 2]"], "text.templates.0", "expected str, got int (1)"),
+        (["text.templates=bogus"], "text.templates", "'bogus' is not a template set (mote, single)"),
+        (["text.templates=[a video]"], "text.templates.0", "'a video' has no '{}' placeholder"),
+        (["seed=99999999999999999999"], "seed", "must be <= 4294967295"),
+        (["seed=-1"], "seed", "must be >= 0, got -1"),
+        (["data.synthetic.seed=-1"], "data.synthetic.seed", "must be >= 0"),
+        (["train.grad_accumulation=7"], "train.grad_accumulation", "7 does not divide data.batch_size=12"),
+        (["eval.summary.close_set=novel"], "eval.summary.close_set", "'novel' is a zero_shot dataset"),
+        (["eval.summary.zero_shot=[val]"], "eval.summary.zero_shot.0", "'val' is a close_set dataset; HM_ZS is over zero_shot datasets"),
+    ],
+)
+def test_values_that_would_fail_in_the_run_are_named_by_validation(overrides, key, said):
+    """Each of these passed validation once and failed later: in the first training step, or after training."""
+    probs, _ = _problems(overrides)
+    assert said in probs[key], probs
+
+
+def test_an_evaluation_recipe_without_checkpoint_or_model_is_refused():
+    probs, _ = _problems(["checkpoint=null"], recipe=REPO / "recipes" / "zeroshot_k600.yaml")
+    assert probs["checkpoint"].startswith("nothing to evaluate: set checkpoint")
+
+
 def test_cross_key_problems_are_found_before_the_run():
     probs, _ = _problems(["eval.compare.merges=[{tau: 1}]"])
     assert probs["eval.compare.merges.0.name"] == "is required"

@@ -607,6 +607,9 @@ def test_select_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert select_device("auto", local_rank=3) == torch.device("cuda:3")  # one GPU per torchrun process
     assert select_device("cuda", local_rank=2) == torch.device("cuda:2") and select_device("cuda:0", local_rank=2) == torch.device("cuda:0")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device='mps' was requested but MPS \(Apple GPUs\) is not available"):
+        select_device("mps")
 
 
 def test_model_flops_leave_out_checkpoint_recomputation_and_scale_with_the_batch():

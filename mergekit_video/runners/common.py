@@ -50,7 +50,12 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
     if cfg.get("runner") in SCHEMAS:  # `~` in paths: read and write what check_recipe_paths checks
         expand_user_paths(cfg, SCHEMAS[cfg["runner"]])
     new_folder = main and not Path(os.path.expanduser(str(cfg["output_dir"]))).exists()
-    output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
+    try:
+        output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
+    except (NotADirectoryError, PermissionError, FileNotFoundError, IsADirectoryError) as err:
+        # a path through a file (/etc/passwd/run), a folder this user cannot write, /proc: said with the key
+        raise ValueError(f"output_dir={cfg['output_dir']}: cannot create or write it ({err.strerror or err}: "
+                         f"{err.filename or cfg['output_dir']}); set output_dir to a folder you can write") from None
     try:
         seed_everything(cfg.get("seed", 0))
         recipe_data = dict(cfg.get("data") or {})
@@ -614,11 +619,19 @@ def resolve_input_size(key: str, value: int | None, model_size: int | None) -> i
     return int(value)
 
 
-def eval_suite(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None, *, model_input_size: int | None = None) -> list[EvalSuiteEntry]:
+def eval_suite(
+    eval_cfg: dict[str, Any],
+    data_cfg: dict[str, Any] | None,
+    *,
+    model_input_size: int | None = None,
+    model_num_positions: int | None = None,
+) -> list[EvalSuiteEntry]:
     """Turn the recipe's ``eval.datasets`` into entries; paths and sizes default to the training data's.
 
     ``model_input_size`` (the visual tower's frame size) is the default input size and is
-    checked against every size the recipe sets.
+    checked against every size the recipe sets; ``model_num_positions`` (the head's frame position
+    table) bounds every frame count. The runners call this at setup, so that a dataset that cannot
+    be evaluated is named before training. Raises ValueError naming the key.
     """
     data_cfg = data_cfg or {}
     entries = []
@@ -628,13 +641,22 @@ def eval_suite(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None, *, mod
             raise ValueError(f"eval.datasets.{i}.root is not set (and there is no data.root to default to)")
         if ds.get("splits"):
             splits = [EvalSplit(s["list"], s.get("class_csv") or ds.get("class_csv")) for s in ds["splits"]]
+            for j, s in enumerate(splits):
+                if not s.class_csv:
+                    raise ValueError(f"eval.datasets.{i}.splits.{j}.class_csv is not set (nor eval.datasets.{i}.class_csv): "
+                                     f"no class names for {s.list_file}")
         elif ds.get("list"):
             splits = [EvalSplit(ds["list"], ds.get("class_csv"))]
+            if not ds.get("class_csv"):
+                raise ValueError(f"eval.datasets.{i}.class_csv is not set: no class names for {ds['list']}")
         else:
-            raise ValueError(f"eval.datasets.{i} ({ds.get('name')}) needs 'list' or 'splits'")
-        for j, s in enumerate(splits):
-            if not s.class_csv:
-                raise ValueError(f"eval.datasets.{i}.splits.{j}: no class_csv for {s.list_file}")
+            raise ValueError(f"eval.datasets.{i} ({ds.get('name')}) needs 'list' (one annotation list) or 'splits' "
+                             f"(zero-shot: [{{list, class_csv}}, ...])")
+        num_frames = ds.get("num_frames") or data_cfg.get("num_frames", 8)
+        if model_num_positions is not None and num_frames > model_num_positions:
+            key = f"eval.datasets.{i}.num_frames" if ds.get("num_frames") else "data.num_frames"
+            raise ValueError(f"{key}={num_frames}, but the model's temporal head has {model_num_positions} frame position "
+                             f"embeddings (model.num_positions): use at most {model_num_positions} frames")
         entries.append(
             EvalSuiteEntry(
                 name=ds["name"],
@@ -644,7 +666,7 @@ def eval_suite(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None, *, mod
                 list_format=ds.get("list_format", "video"),
                 num_clips=ds.get("num_clips", 1),
                 num_crops=ds.get("num_crops", 1),
-                num_frames=ds.get("num_frames") or data_cfg.get("num_frames", 8),
+                num_frames=num_frames,
                 input_size=resolve_input_size(
                     f"eval.datasets.{i}.input_size" if ds.get("input_size") else "data.input_size",
                     ds.get("input_size") or data_cfg.get("input_size"),
@@ -657,6 +679,12 @@ def eval_suite(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None, *, mod
             )
         )
     return entries
+
+
+def head_positions(model: Any) -> int | None:
+    """The size of the model's frame position table (the most frames it takes), None if it has none."""
+    value = getattr(getattr(model, "head", None), "num_positions", None)
+    return value if isinstance(value, int) else None
 
 
 def build_eval_loader(entry: EvalSuiteEntry, split: EvalSplit, *, eval_cfg: dict[str, Any], data_cfg: dict[str, Any], normalize: bool, dist: Any, seed: int) -> Any:
@@ -736,7 +764,7 @@ def run_eval_suite(
 
     eval_cfg = cfg.get("eval") or {}
     data_cfg = data_cfg or {}
-    entries = eval_suite(eval_cfg, data_cfg, model_input_size=getattr(model, "input_size", None))
+    entries = eval_suite(eval_cfg, data_cfg, model_input_size=getattr(model, "input_size", None), model_num_positions=head_positions(model))
     if not entries:
         return {}
     compare = eval_cfg.get("compare") or {}

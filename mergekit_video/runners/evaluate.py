@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import instantiate
-from .common import read_clip_blend_base, run_eval_suite, start_run
+from .common import eval_suite, head_positions, read_clip_blend_base, run_eval_suite, start_run
 from .schema import DEFAULT_COMPARE_MERGES  # noqa: F401  (re-exported: the compare runner's default merges)
 
 
@@ -34,6 +34,10 @@ class EvaluateRunner:
             self.model = instantiate(cfg["model"], _path="model").to(self.device).eval()
         else:
             raise ValueError("set 'checkpoint' (a saved model) or 'model' (a _component_ that builds one)")
+        self._check_compare_merges()
+        # every evaluation dataset is checked now (sizes, frame counts, class lists), before the first one runs
+        eval_suite(cfg.get("eval") or {}, self.data_cfg, model_input_size=getattr(self.model, "input_size", None),
+                   model_num_positions=head_positions(self.model))
         self.clip_blend_base = read_clip_blend_base(self.model, cfg)
         if self.compare_defaults:  # a validated recipe has them already (schema); a recipe dict built in Python may not
             ev = dict(cfg.get("eval") or {})
@@ -43,6 +47,21 @@ class EvaluateRunner:
             compare.setdefault("logit_ensemble", True)
             ev["compare"] = compare
             self.cfg = {**cfg, "eval": ev}
+
+    def _check_compare_merges(self) -> None:
+        """Dry-run every ``eval.compare.merges`` entry for the loaded model's expert count (validation
+        cannot: the count is in the checkpoint); raise ValueError naming the entry."""
+        from ..experts import find_containers
+        from .schema import merge_argument_problem
+
+        containers = find_containers(self.model)
+        if not containers:
+            return
+        n = containers[0][1].num_experts
+        for i, spec in enumerate(((self.cfg.get("eval") or {}).get("compare") or {}).get("merges") or []):
+            found = merge_argument_problem(spec["name"], {k: v for k, v in spec.items() if k != "name"}, n)
+            if found:
+                raise ValueError(f"eval.compare.merges.{i}: {found}")
 
     def train(self) -> None:
         """Nothing to train."""

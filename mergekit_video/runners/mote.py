@@ -15,6 +15,8 @@ from .common import (
     class_features,
     class_names_from,
     eval_precision,
+    eval_suite,
+    head_positions,
     read_clip_blend_base,
     resolve_input_size,
     run_eval_suite,
@@ -58,6 +60,12 @@ class MoTERunner:
             self.model.set_grad_checkpointing(True)
         self.model.to(self.device)
         self.input_size = resolve_input_size("data.input_size", self.data_cfg.get("input_size"), self.model.input_size)
+        positions = head_positions(self.model)
+        if positions is not None and self.data_cfg.get("num_frames", 8) > positions:
+            raise ValueError(f"data.num_frames={self.data_cfg.get('num_frames', 8)}, but the model's temporal head has {positions} "
+                             f"frame position embeddings (model.num_positions): use at most {positions} frames")
+        # every evaluation dataset is checked now (sizes, frame counts, class lists), not after training
+        eval_suite(cfg.get("eval") or {}, self.data_cfg, model_input_size=self.model.input_size, model_num_positions=positions)
         self.train_class_names = class_names_from(self.data_cfg["class_csv"])
         self.class_features = class_features(self.model, self.train_class_names, cfg.get("text") or {})
         self.model.head.set_source_class_features(self.class_features)  # y_f of TFM, saved with the model

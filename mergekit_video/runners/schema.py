@@ -16,6 +16,9 @@ def _names(kind: str):
     return names
 
 
+#: Seeds of a recipe: what every generator they feed (Python, NumPy, torch) takes.
+SEED_MAX = 2**32 - 1
+
 PLUGIN_HINT = "a plugin's part? list its module under plugins: in the recipe, or pip install the plugin package"
 
 MODEL_FIELDS = {
@@ -28,8 +31,10 @@ MODEL_FIELDS = {
     "merge": Field(str, choices=_names("merges"), choices_hint=PLUGIN_HINT),
     "tfm_k": Field(int, min=1),
     "tfm_gamma": Field(float, min=0, exclusive_min=True),
-    "num_positions": Field(int, min=1),
+    "num_positions": Field(int, min=1, doc="frame position embeddings: the most frames the head takes"),
     "grad_checkpointing": Field(bool),
+    "router_kwargs": Field(dict, nullable=True, doc="arguments of the router (topk: k, granularity, ...)"),
+    "merge_kwargs": Field(dict, nullable=True, doc="arguments of the merge (temperature_softmax: tau, weighted: weights)"),
 }
 
 OBJECTIVE_FIELDS = {
@@ -45,7 +50,7 @@ OBJECTIVE_FIELDS = {
             "beta": Field(float, min=0, exclusive_min=True),
             "num_powers": Field(int, min=1),
             "sampling": Field(str, choices=("discrete", "point", "normal", "uniform")),
-            "seed": Field(int, nullable=True),
+            "seed": Field(int, nullable=True, min=0, max=SEED_MAX),
         },
         nullable=True,
     ),
@@ -63,7 +68,7 @@ SYNTHETIC = Section(
         "num_novel_classes": Field(int, default=4, min=0),
         "frames": Field(int, default=32, min=1),
         "size": Field(list, default=[64, 64], item=Field(int, min=16), doc="[height, width], even"),
-        "seed": Field(int, default=0),
+        "seed": Field(int, default=0, min=0, max=SEED_MAX),
     },
     nullable=True,
     doc="write a synthetic mp4 dataset under {output_dir}/data and use its lists (offline quickstart)",
@@ -72,7 +77,7 @@ SYNTHETIC = Section(
 FEW_SHOT = Section(
     {
         "shots": Field(int, required=True, choices=(1, 2, 4, 8, 16, 32)),
-        "seed": Field(int, default=0),
+        "seed": Field(int, default=0, min=0, max=SEED_MAX),
         "repeat_to_full": Field(bool, default=True, doc="repeat the K-shot subset to the full dataset size"),
     },
     nullable=True,
@@ -198,7 +203,7 @@ EVAL = Section(
 
 TEXT = Section(
     {
-        "templates": Field((str, list), default="mote", doc="'mote' (28 templates of Table 8), 'single', or a list"),
+        "templates": Field((str, list), default="mote", item=Field(str), doc="'mote' (28 templates of Table 8), 'single', or a list of strings with '{}'"),
         "cache_dir": Field(str, nullable=True, default=None),
     }
 )
@@ -249,7 +254,7 @@ TRAIN = Section(
 
 COMMON = {
     "runner": Field(str, required=True, choices=RUNNER_NAMES),
-    "seed": Field(int, default=0),
+    "seed": Field(int, default=0, min=0, max=SEED_MAX),
     "device": DEVICE,
     "precision": PRECISION,
     "text": TEXT,
@@ -332,11 +337,118 @@ def _compare_merge_arguments(cfg: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def merge_argument_problem(strategy: str, kwargs: dict[str, Any], num_experts: int) -> str | None:
+    """Why ``strategy`` with ``kwargs`` cannot merge ``num_experts`` experts (None when it can).
+
+    A dry run of the strategy on small random tensors: argument values of the wrong type, a weight
+    list of another length, a two-expert strategy (slerp) for more experts show here, before
+    anything heavy runs, instead of in the first merge after training.
+    """
+    import torch
+
+    from ..merging import is_output_space, merge_tensors, requires_base
+
+    if num_experts < 1 or is_output_space(strategy) or requires_base(strategy):
+        return None  # nothing merged, or refused with its own message
+    g = torch.Generator().manual_seed(0)
+    try:
+        merge_tensors([torch.randn(3, 2, generator=g) for _ in range(num_experts)], strategy, **kwargs)
+    except Exception as err:  # noqa: BLE001 - a plugin's strategy may raise anything
+        return f"{strategy!r} with {kwargs or 'its defaults'} cannot merge {num_experts} experts: {err}"
+    return None
+
+
+def _video_clip_model(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe's ``model`` when it is built by ``build_video_clip`` (its defaults known), else None."""
+    model = cfg.get("model")
+    if isinstance(model, dict) and str(model.get("_component_", "")).endswith("build_video_clip"):
+        return model
+    return None
+
+
+def _model_problems(cfg: dict[str, Any]) -> list[Problem]:
+    """A ``build_video_clip`` model's merge and router arguments, dry-run for its expert count, and the
+    frame counts its position table takes; the ``eval.compare.merges`` arguments likewise."""
+    model = _video_clip_model(cfg)
+    if model is None:
+        return []
+    from ..registry import MERGES, ROUTERS
+
+    problems = []
+    n = model.get("num_experts", 4)
+    merge, merge_kwargs = model.get("merge", "mean"), model.get("merge_kwargs") or {}
+    if isinstance(n, int) and isinstance(merge, str) and merge in MERGES.names() and isinstance(merge_kwargs, dict):
+        from ..config.components import check_call
+
+        named = check_call(MERGES.get(merge), [str(k) for k in merge_kwargs], path="model.merge_kwargs", allow_missing=("tensors", "base"))
+        found = "; ".join(m.partition(": ")[2] for m in named) or merge_argument_problem(merge, merge_kwargs, n)
+        if found:
+            problems.append(Problem("model.merge_kwargs" if merge_kwargs else "model.merge", found))
+        from ..merging import is_output_space
+
+        train = cfg.get("train") or {}
+        if cfg.get("runner") == "mote" and n > 0 and is_output_space(merge) and train.get("export_dense", True):
+            problems.append(Problem(
+                "model.merge", f"{merge!r} combines expert outputs and has no merged weights, so the dense export after "
+                "training (train.export_dense, on by default) cannot collapse it: use a weight merge (mean, weighted, "
+                "temperature_softmax) or set train.export_dense=false",
+            ))
+    compare = ((cfg.get("eval") or {}).get("compare") or {}).get("merges") or []
+    for i, spec in enumerate(compare):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(n, int) and isinstance(name, str) and name in MERGES.names():
+            found = merge_argument_problem(name, {k: v for k, v in spec.items() if k != "name"}, n)
+            if found:
+                problems.append(Problem(f"eval.compare.merges.{i}", found))
+    router, router_kwargs = model.get("router", "multinomial"), model.get("router_kwargs") or {}
+    if isinstance(n, int) and n > 0 and isinstance(router, str) and router in ROUTERS.names() and isinstance(router_kwargs, dict):
+        from torch import nn
+
+        from ..routers import build_router
+
+        expert = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))  # the shape of an FFN expert
+        try:
+            build_router(router, num_experts=n, module=expert, **router_kwargs)
+        except Exception as err:  # noqa: BLE001 - a plugin's router may raise anything
+            problems.append(Problem("model.router_kwargs" if router_kwargs else "model.router",
+                                    f"{router!r} with {router_kwargs or 'its defaults'} for {n} experts: {err}"))
+    positions = model.get("num_positions", 77)
+    if isinstance(positions, int):
+        data = cfg.get("data") or {}
+        frames = [("data.num_frames", data.get("num_frames", 8))] if cfg.get("runner") == "mote" else []
+        for i, ds in enumerate((cfg.get("eval") or {}).get("datasets") or []):
+            if isinstance(ds, dict) and isinstance(ds.get("num_frames"), int):
+                frames.append((f"eval.datasets.{i}.num_frames", ds["num_frames"]))
+        for key, t in frames:
+            if isinstance(t, int) and t > positions:
+                problems.append(Problem(key, f"{t} frames, but model.num_positions={positions} frame position embeddings: "
+                                             f"use at most {positions} frames or raise model.num_positions"))
+    return problems
+
+
+def _text_problems(cfg: dict[str, Any]) -> list[Problem]:
+    """``text.templates``: a known template set, or a list of prompts each holding ``{}`` for the class name."""
+    from ..models.prompts import TEMPLATE_SETS
+
+    templates = (cfg.get("text") or {}).get("templates", "mote")
+    if isinstance(templates, str) and templates not in TEMPLATE_SETS:
+        return [Problem("text.templates", f"{templates!r} is not a template set ({', '.join(TEMPLATE_SETS)}); or give a list "
+                                          "of prompts such as ['a video of a person {}.']")]
+    if isinstance(templates, list):
+        if not templates:
+            return [Problem("text.templates", "an empty list: give at least one prompt with '{}'")]
+        return [Problem(f"text.templates.{i}", f"{t!r} has no '{{}}' placeholder for the class name")
+                for i, t in enumerate(templates) if isinstance(t, str) and "{}" not in t]
+    return []
+
+
 def _summary_problems(cfg: dict[str, Any]) -> list[Problem]:
-    """``eval.summary`` names datasets of ``eval.datasets`` (when there are any: no evaluation, no summary)."""
+    """``eval.summary`` names datasets of ``eval.datasets`` (when there are any: no evaluation, no summary)
+    of a fitting kind: ``close_set`` a close-set or few-shot one, ``zero_shot`` zero-shot ones."""
     eval_cfg = cfg.get("eval") or {}
     summary = eval_cfg.get("summary") or {}
     names = [d.get("name") for d in eval_cfg.get("datasets") or [] if isinstance(d, dict)]
+    kinds = {d.get("name"): d.get("kind") for d in eval_cfg.get("datasets") or [] if isinstance(d, dict)}
     if not names:
         return []
     known = f"eval.datasets has {', '.join(repr(n) for n in names)}"
@@ -351,9 +463,15 @@ def _summary_problems(cfg: dict[str, Any]) -> list[Problem]:
     close = summary.get("close_set")
     if isinstance(close, str) and close not in names:
         problems.append(Problem("eval.summary.close_set", f"{close!r} is not an evaluated dataset ({known})"))
+    elif isinstance(close, str) and kinds.get(close) == "zero_shot":
+        problems.append(Problem("eval.summary.close_set", f"{close!r} is a zero_shot dataset; the Trade-off takes the top-1 of a "
+                                                          "close_set (or few_shot) one"))
     for i, name in enumerate(summary.get("zero_shot") or []):
         if isinstance(name, str) and name not in names:
             problems.append(Problem(f"eval.summary.zero_shot.{i}", f"{name!r} is not an evaluated dataset ({known})"))
+        elif isinstance(name, str) and kinds.get(name) != "zero_shot":
+            problems.append(Problem(f"eval.summary.zero_shot.{i}", f"{name!r} is a {kinds.get(name)} dataset; HM_ZS is over "
+                                                                   "zero_shot datasets"))
     return problems
 
 
@@ -389,13 +507,20 @@ def _clip_problems(cfg: dict[str, Any]) -> list[Problem]:
 
 
 def _common_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
-    return [*_base_merge_problems(cfg), *_compare_merge_arguments(cfg), *_summary_problems(cfg), *_device_problems(cfg),
-            *_synthetic_problems(cfg), *_clip_problems(cfg)]
+    problems = [*_base_merge_problems(cfg), *_compare_merge_arguments(cfg), *_summary_problems(cfg), *_device_problems(cfg),
+                *_synthetic_problems(cfg), *_clip_problems(cfg), *_text_problems(cfg)]
+    if not problems:  # dry runs of merges and routers only once every argument name is known to fit
+        problems += _model_problems(cfg)
+    return problems
 
 
 def evaluate_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
     """Combinations of keys that are each valid alone but not together (``evaluate``/``compare`` runners)."""
-    return _common_cross_checks(cfg)
+    problems = _common_cross_checks(cfg)
+    if not cfg.get("checkpoint") and not cfg.get("model"):
+        problems.append(Problem("checkpoint", "nothing to evaluate: set checkpoint (a saved model, dense export or trainer "
+                                              "checkpoint) or model (a _component_ that builds one)"))
+    return problems
 
 
 def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
@@ -409,6 +534,10 @@ def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
             "set objective.wmr_weight=0 or model.num_experts>0",
         ))
     problems += _flip_label_problems(cfg.get("data") or {})
+    total, accum = (cfg.get("data") or {}).get("batch_size", 144), (cfg.get("train") or {}).get("grad_accumulation", 1)
+    if isinstance(total, int) and isinstance(accum, int) and accum > 0 and total % accum:
+        problems.append(Problem("train.grad_accumulation", f"{accum} does not divide data.batch_size={total} (the total batch, "
+                                                           "split into grad_accumulation micro-batches)"))
     return problems
 
 

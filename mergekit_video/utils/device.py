@@ -15,6 +15,8 @@ def select_device(spec: str, local_rank: int = 0) -> torch.device:
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={spec!r} was requested but CUDA is not available (set device=auto or cpu)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device={spec!r} was requested but MPS (Apple GPUs) is not available (set device=auto or cpu)")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local_rank}")
     return dev
