@@ -161,6 +161,9 @@ def test_quickstart_writes_everything_under_output_dir(quick_run):
     assert sorted(last.rng["generators"]) == ["objective:wmr", "router:head.transformer.resblocks.0.mlp", "router:head.transformer.resblocks.1.mlp"]
     # the console shows the results table and the plot
     assert "mote results" in res.stdout and "tradeoff.png" in res.stdout.replace("\n", "")
+    # and which checkpoint validated best, with the command that scores it (the final evaluation scores the last weights)
+    said = "".join(res.stdout.split())  # rich may fold a long path: compare without any whitespace
+    assert f"bestvaltop-1atstep_00000020:evaluatethoseweightswithmergevideval{out / 'checkpoints' / 'step_00000020'}" in said
 
 
 def test_quickstart_metrics(quick_run):

@@ -330,6 +330,10 @@ class MoTERunner:
             rows = [{"epoch": h["epoch"] + 1, "step": h["step"], "val top-1": h.get("top1"), "val top-5": h.get("top5")} for h in state.history]
             title = f"training: {state.step} steps in {self.train_seconds:.0f} s, best val top-1 {state.best_metric:.2f}" if state.best_metric is not None else "training"
             print_summary(rows, title, console=self.console)
+            best = self.checkpoints.best()
+            if best is not None and state.best_metric is not None:
+                # the final evaluation scores the last weights; the official code also keeps its best epoch's
+                self.console.print(f"best val top-1 at {best.name}: evaluate those weights with mergevid eval {best} --list LIST --classes CSV")
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the trained model on ``eval.datasets`` (merge variants, TFM on/off); return the results."""
