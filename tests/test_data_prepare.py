@@ -376,3 +376,55 @@ def test_prepare_and_synth_argument_errors_name_the_command_line_option(tmp_path
         with pytest.raises(ValueError) as info:
             write_synthetic_dataset(tmp_path / "syn", **{"num_classes": 1, **small, **kw})
         assert str(info.value) == message
+
+
+def test_prepare_refuses_outputs_that_lead_onto_their_sources_and_writes_nothing(tmp_path):
+    """OUT/videos -> ../ds/videos made every output path a source: a source already at these settings was taken for a
+    finished output, re-encoded in place once it was newer than its manifest entry, and unlinked when that failed."""
+    import hashlib
+    import time
+
+    ds = tmp_path / "ds"
+    (ds / "videos").mkdir(parents=True)
+    for name in ("v0.mp4", "v1.mp4"):  # already at the settings below: it passes as a finished output
+        write_level_video(ds / "videos" / name, n=12, gop=4, h=32, w=40)
+    lst = ds / "list.txt"
+    lst.write_text("videos/v0.mp4 0\nvideos/v1.mp4 1\n")
+    digest = {name: hashlib.sha256((ds / "videos" / name).read_bytes()).hexdigest() for name in ("v0.mp4", "v1.mp4")}
+    kw = {"list_file": lst, "root": ds, "short_side": 32, "gop": 4, "workers": 1, "progress": False}
+    linked_folder = tmp_path / "out"
+    linked_folder.mkdir()
+    (linked_folder / "videos").symlink_to("../ds/videos")
+    linked_file = tmp_path / "out2"
+    (linked_file / "videos").mkdir(parents=True)
+    (linked_file / "videos" / "v1.mp4").symlink_to(ds / "videos" / "v1.mp4")
+    for out, name in ((linked_folder, "v0.mp4"), (linked_file, "v1.mp4")):
+        for run in range(2):  # the second run after the sources changed: they would have been re-encoded in place
+            with pytest.raises(ValueError) as info:
+                prepare_dataset(**kw, out_dir=out)
+            assert str(info.value).startswith(f"the output {out / 'videos' / name} is the source {ds / 'videos' / name} "
+                                              f"(symlinks resolved: {(ds / 'videos' / name).resolve()})")
+            assert "nothing was written" in str(info.value)
+            assert sorted(p.name for p in out.iterdir()) == ["videos"]
+            for src in (ds / "videos").iterdir():
+                os.utime(src, ns=(time.time_ns() + 10**9,) * 2)
+    assert sorted(p.name for p in (ds / "videos").iterdir()) == ["v0.mp4", "v1.mp4"]
+    assert all(hashlib.sha256((ds / "videos" / n).read_bytes()).hexdigest() == d for n, d in digest.items())
+    rep = prepare_dataset(**kw, out_dir=ds / "prepared")  # inside the root is fine where no output is a source
+    assert (rep.encoded, rep.failed) == (2, 0)
+    assert all(hashlib.sha256((ds / "videos" / n).read_bytes()).hexdigest() == d for n, d in digest.items())
+
+
+def test_prepare_refuses_an_output_inside_a_source_frame_folder(tmp_path):
+    from data_helpers import write_frame_folder
+
+    ds = tmp_path / "ds"
+    write_frame_folder(ds / "frames" / "v1", 6)
+    lst = tmp_path / "list.txt"
+    lst.write_text("frames/v1 6 0\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "frames").symlink_to(ds / "frames" / "v1")  # out/frames/v1.mp4 lands in the folder frames/v1
+    with pytest.raises(ValueError, match="lies inside the source"):
+        prepare_dataset(list_file=lst, root=ds, out_dir=out, list_format="frames", short_side=32, gop=4, workers=1, progress=False)
+    assert sorted(p.name for p in (ds / "frames" / "v1").iterdir()) == [f"img_{i:05d}.jpg" for i in range(1, 7)]

@@ -270,6 +270,36 @@ def _expected_size(src: Path, *, list_format: str, num_frames: int | None, short
     return target_size(int(h), int(w), short_side)
 
 
+def _refuse_outputs_onto_sources(by_out: dict[str, list[str]], sources: dict[str, VideoRecord], root: Path, out_dir: Path) -> None:
+    """Raise ``ValueError`` when an output file would be a source video, or lie inside a source frame folder.
+
+    ``out_dir`` differs from the root, yet a symbolic link in it (``out_dir/videos -> ../ds/videos``) or one
+    at an output path can lead an output onto its own source: that source would be taken for a finished
+    output, re-encoded in place, or removed when it failed. Paths are compared with symlinks resolved;
+    nothing has been written when this raises.
+    """
+    dirs: dict[str, str] = {}
+
+    def real(path: str) -> str:  # os.path.realpath, one lstat per file (the folders' are cached)
+        head, name = os.path.split(os.path.abspath(path))
+        if head not in dirs:
+            dirs[head] = os.path.realpath(head)
+        full = os.path.join(dirs[head], name)
+        return os.path.realpath(full) if os.path.islink(full) else full
+
+    source_at = {real(key): key for key in sources}
+    for out_rel, keys in by_out.items():
+        out = real(str(out_dir / out_rel))
+        for at in (out, *map(str, Path(out).parents)):
+            key = source_at.get(at)
+            if key is None:
+                continue
+            where = "is" if at == out else "lies inside"
+            raise ValueError(f"the output {out_dir / out_rel} {where} the source {root / sources[key].path} (symlinks resolved: "
+                             f"{at}): a symbolic link on the way leads into the dataset, and the source would be overwritten; "
+                             "nothing was written: prepare into a folder whose paths do not lead onto the sources")
+
+
 # the settings in the manifest, as `mergevid data prepare` spells them (preset and crf are Python-only)
 SETTING_FLAGS = {"short_side": "--short-side", "gop": "--gop", "fastdecode": "--fastdecode/--no-fastdecode",
                  "fps_for_frame_folders": "--fps"}
@@ -339,6 +369,21 @@ def prepare_dataset(
             if mine.exists():
                 raise FileExistsError(f"{mine} exists and was not written by `mergevid data prepare`; "
                                       "prepare into another folder so that it is not overwritten")
+    # One source per file: a video listed twice (say by a relative and an absolute path) is encoded once.
+    key_of = {r.path: os.path.abspath(os.path.join(root, r.path)) for r in records}
+    sources: dict[str, VideoRecord] = {}
+    for r in records:
+        sources.setdefault(key_of[r.path], r)
+
+    early_failures: list[dict] = []
+    by_out: dict[str, list[str]] = {}  # output path -> the sources that map to it
+    for key, r in sources.items():
+        try:
+            by_out.setdefault(output_relpath(r.path.rstrip("/"), root, folder=list_format == "frames"), []).append(key)
+        except ValueError as e:
+            early_failures.append({"ok": False, "src": r.path, "out": None, "error": f"ValueError: {e}"})
+
+    _refuse_outputs_onto_sources(by_out, sources, root, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     settings = {"short_side": short_side, "gop": gop, "fastdecode": fastdecode, "preset": preset, "crf": crf,
@@ -353,20 +398,6 @@ def prepare_dataset(
                              f"prepare into another output folder, or delete the folder {out_dir} to prepare it again "
                              "with these settings")
         manifest["files"] = old.get("files", {})
-
-    # One source per file: a video listed twice (say by a relative and an absolute path) is encoded once.
-    key_of = {r.path: os.path.abspath(os.path.join(root, r.path)) for r in records}
-    sources: dict[str, VideoRecord] = {}
-    for r in records:
-        sources.setdefault(key_of[r.path], r)
-
-    early_failures: list[dict] = []
-    by_out: dict[str, list[str]] = {}  # output path -> the sources that map to it
-    for key, r in sources.items():
-        try:
-            by_out.setdefault(output_relpath(r.path.rstrip("/"), root, folder=list_format == "frames"), []).append(key)
-        except ValueError as e:
-            early_failures.append({"ok": False, "src": r.path, "out": None, "error": f"ValueError: {e}"})
 
     jobs: list[dict] = []
     done: dict[str, dict] = {}  # source key -> result
