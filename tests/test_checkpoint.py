@@ -587,7 +587,8 @@ def test_save_model_replaces_a_folder_atomically_and_recovers_from_an_interrupte
     real_replace, moves = os.replace, []
     monkeypatch.setattr(os, "replace", lambda src, dst: (Path(dst).parent == tmp_path and moves.append(Path(dst).name)) or real_replace(src, dst))
     save_model(b, d, overwrite=True)
-    assert holds(b) and (moves == [] if exchanges else moves == [".model.old", "model"])  # exchanged: never moved aside
+    assert holds(b) and (moves == [] if exchanges else (len(moves) == 2 and moves[1] == "model"
+                                                         and mc._backup_pattern(d).match(moves[0])))  # exchanged: never moved aside
     # the fallback (two renames): a failed second rename puts the previous model back
     monkeypatch.setattr(mc, "_exchange", lambda x, y: False)
 
@@ -603,20 +604,89 @@ def test_save_model_replaces_a_folder_atomically_and_recovers_from_an_interrupte
     assert holds(b) and sorted(p.name for p in tmp_path.iterdir()) == ["model", "x", "y"]
     save_model(a, d, overwrite=True)
     assert holds(a) and sorted(p.name for p in tmp_path.iterdir()) == ["model", "x", "y"]
-    # killed between the two renames: model/ gone, only .model.old
-    os.replace(d, tmp_path / ".model.old")
+    # killed between the two renames: model/ gone, only its backup .model.mergevid-old-<pid>-<host>-XXXXXXXX
+    _killed_while(f"""
+import mergekit_video.models.checkpoint as mc
+from mergekit_video.models import build_video_clip, save_model
+mc._exchange = lambda a, b: False
+real_replace = os.replace
+os.replace = lambda src, dst: die() if os.path.basename(src).startswith(".model.mergevid-tmp-") else real_replace(src, dst)
+save_model(build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2), {str(d)!r}, overwrite=True)
+""", tmp_path)
+    backup = [p for p in tmp_path.iterdir() if p.name.startswith(".model.mergevid-old-")]
+    assert len(backup) == 1 and not d.exists() and mc._backup_pattern(d).match(backup[0].name)
+    backup = backup[0]
     with pytest.raises(FileNotFoundError) as info:
         load(d)
-    assert str(info.value) == (f"model path {d} does not exist; {tmp_path / '.model.old'} holds the model an interrupted save with "
+    assert str(info.value) == (f"model path {d} does not exist; {backup} holds the model an interrupted save with "
                                f"overwrite was replacing: rename it back to model (the next save_model to {d} restores it)")
     with caplog.at_level("WARNING", logger="mergekit_video.models.checkpoint"), pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
         save_model(b, d)  # the restored model is not replaced without overwrite
-    assert [r.getMessage() for r in caplog.records if r.name == mc.__name__] == [f"restored {d} from .model.old, left by a save with overwrite that was interrupted"]
-    assert holds(a) and not (tmp_path / ".model.old").exists()
-    # killed after them: a stale .model.old beside the model is removed by the next save
-    (tmp_path / ".model.old").mkdir()
+    assert [r.getMessage() for r in caplog.records if r.name == mc.__name__] == [f"restored {d} from {backup.name}, left by a save with overwrite that was interrupted"]
+    assert holds(a) and not backup.exists()
+    # killed after them: a stale backup beside the model is removed by the next save
+    backup.mkdir()
     save_model(b, d, overwrite=True)
     assert holds(b) and sorted(p.name for p in tmp_path.iterdir()) == ["model", "x", "y"]
+
+
+def test_save_model_never_takes_a_users_dot_old_folder_for_its_backup(tmp_path, monkeypatch, caplog):
+    """The backup of an overwriting save was ``.NAME.old``: a user's folder of that name beside an export target was
+    moved onto the target by the next save (restored as an interrupted save's), or deleted by a save with overwrite.
+    The backup's name is now one only mergekit_video makes, with its writer; only a gone writer's is restored or removed."""
+    import os
+
+    import mergekit_video.models.checkpoint as mc
+    from mergekit_video.models import load, save_model
+    from mergekit_video.utils.io import _host_tag, temp_owner
+
+    a, b = _tiny_model(seed=2), _tiny_model(seed=3)
+    d = tmp_path / "model"
+    users = tmp_path / ".model.old"
+    users.mkdir()
+    (users / "mine.txt").write_text("a user's folder")
+    live = tmp_path / f".model.mergevid-old-{temp_owner()}-abcd1234"  # a save between its renames, in this process
+    live.mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        load(d)
+    assert str(info.value) == f"model path {d} does not exist"  # neither is offered as the model
+    with caplog.at_level("WARNING", logger=mc.__name__):
+        save_model(a, d)  # a fresh model: nothing restored
+    assert not [r for r in caplog.records if r.name == mc.__name__]
+    assert sorted(p.name for p in (d).iterdir()) == ["clip.safetensors", "config.json", "head.safetensors", "open_clip_config.json"]
+    monkeypatch.setattr(mc, "_exchange", lambda x, y: False)  # the two-rename fallback, which makes a backup
+    for overwrite_with in (b, a):
+        save_model(overwrite_with, d, overwrite=True)
+        assert torch.equal(load(d).head.frame_position_embeddings.weight, overwrite_with.head.frame_position_embeddings.weight)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".model.old", live.name, "model"])
+    assert (users / "mine.txt").read_text() == "a user's folder"
+    dead = tmp_path / f".model.mergevid-old-{_dead_pid()}-{_host_tag()}-abcd5678"
+    dead.mkdir()
+    save_model(b, d, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".model.old", live.name, "model"])  # only the gone writer's
+    os.rmdir(live)
+
+
+def test_save_model_refuses_a_symlinked_folder_before_writing(tmp_path):
+    """export/convert --overwrite onto OUT -> real/ moved the user's link aside to .OUT.mergevid-tmp-..., wrote the
+    model, then failed with "Cannot call rmtree on a symbolic link"."""
+    import os
+
+    from mergekit_video.models import load, save_model
+
+    a, b = _tiny_model(seed=2), _tiny_model(seed=3)
+    real = save_model(a, tmp_path / "real")
+    link, dangling = tmp_path / "out", tmp_path / "dangling"
+    link.symlink_to("real")
+    dangling.symlink_to("nowhere")
+    for target, to in ((link, "real"), (dangling, "nowhere")):
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError) as info:
+                save_model(b, target, overwrite=overwrite)
+            assert str(info.value) == f"{target} is a symbolic link (to {to}); give the folder itself or another path"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "out", "real"]
+    assert link.is_symlink() and dangling.is_symlink() and os.readlink(link) == "real"
+    assert torch.equal(load(real).head.frame_position_embeddings.weight, a.head.frame_position_embeddings.weight)
 
 
 def test_a_dense_export_of_a_dense_export_keeps_the_original_provenance(tmp_path):

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -164,17 +165,52 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def _backup_of(directory: Path) -> Path:
-    """Where the two-rename fallback of an overwriting save keeps the previous model meanwhile."""
-    return directory.with_name(f".{directory.name}.old")
+def _backup_pattern(directory: Path) -> re.Pattern[str]:
+    """The names of the backups that the two-rename fallback of an overwriting save of ``directory`` makes:
+    ``.<name>.mergevid-old-<pid>-<host>-XXXXXXXX`` (the writer: :func:`~mergekit_video.utils.io.temp_owner`).
+    Only folders of this name are ever restored or removed: a user's ``.<name>.old`` is not one."""
+    return re.compile(rf"^\.{re.escape(directory.name)}\.mergevid-old-{TEMP_OWNER_PATTERN}-[0-9a-f]{{8}}$")
+
+
+def _new_backup(directory: Path) -> Path:
+    """A fresh backup name for this save (:func:`_backup_pattern`), one that names no existing entry."""
+    while True:
+        backup = directory.with_name(f".{directory.name}.mergevid-old-{temp_owner()}-{secrets.token_hex(4)}")
+        if not os.path.lexists(backup):
+            return backup
+
+
+def _stale_backups(directory: Path) -> list[Path]:
+    """The backups of saves of ``directory`` whose writer is gone (killed between its two renames), newest first.
+    A backup of a save still running is left alone (see :func:`~mergekit_video.utils.io.is_stale_temp`)."""
+    pattern = _backup_pattern(directory)
+    found = []
+    try:
+        entries = list(os.scandir(directory.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and entry.is_dir(follow_symlinks=False) and is_stale_temp(entry.path, m["pid"], m["host"], max_age=STALE_TEMP_S):
+            found.append(Path(entry.path))
+    return sorted(found, key=lambda b: os.lstat(b).st_ctime, reverse=True)
 
 
 def _restore_interrupted_replace(directory: Path) -> None:
-    """A ``.NAME.old`` without ``NAME`` is the previous model of a save killed between its two renames: put it back."""
-    backup = _backup_of(directory)
-    if backup.is_dir() and not backup.is_symlink() and not os.path.lexists(directory):
-        os.replace(backup, directory)
-        log.warning("restored %s from %s, left by a save with overwrite that was interrupted", directory, backup.name)
+    """A backup (:func:`_backup_pattern`) without ``NAME`` is the previous model of a save killed between its two
+    renames: put it back."""
+    if os.path.lexists(directory):
+        return
+    backups = _stale_backups(directory)
+    if backups:
+        os.replace(backups[0], directory)
+        log.warning("restored %s from %s, left by a save with overwrite that was interrupted", directory, backups[0].name)
+
+
+def _refuse_symlink(directory: Path) -> None:
+    """A model folder given as a symbolic link is refused: replacing it would move the link, not the folder."""
+    if directory.is_symlink():
+        raise FileExistsError(f"{directory} is a symbolic link (to {os.readlink(directory)}); give the folder itself or another path")
 
 
 def _remove_path(path: Path) -> None:
@@ -188,11 +224,14 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
     """Write ``model`` to ``directory`` atomically (temp dir, then rename).
 
     An existing directory is only replaced with ``overwrite=True``: in one atomic exchange where the
-    platform offers one (Linux ``renameat2``), else by two renames through a ``.NAME.old`` backup. A
-    backup left by a save killed between those renames is restored first (``NAME`` missing) or
-    removed after the save (``NAME`` present).
+    platform offers one (Linux ``renameat2``), else by two renames through a backup
+    ``.NAME.mergevid-old-<pid>-<host>-XXXXXXXX`` (no other name is taken for one: a user's ``.NAME.old``
+    is never touched). A backup left by a save killed between those renames is restored first
+    (``NAME`` missing) or removed after the save (``NAME`` present). A ``directory`` that is a
+    symbolic link is refused before anything is written (``FileExistsError``).
     """
     directory = Path(directory)
+    _refuse_symlink(directory)
     _restore_interrupted_replace(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} is a file, not a model folder; remove it or choose another path")
@@ -219,11 +258,12 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        backup = _backup_of(directory)
-        if not directory.exists():
+        _refuse_symlink(directory)  # made meanwhile
+        backup = None
+        if not os.path.lexists(directory):
             os.replace(tmp, directory)
         elif not _exchange(tmp, directory):  # exchanged: tmp holds the previous model, removed below
-            _remove_path(backup)
+            backup = _new_backup(directory)
             os.replace(directory, backup)
             try:
                 os.replace(tmp, directory)
@@ -231,7 +271,10 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
                 os.replace(backup, directory)  # the previous model stays
                 raise
         _fsync_dir(directory.parent)
-        _remove_path(backup)  # this save's, or a stale one beside a complete model
+        for old in [backup] if backup is not None else []:
+            _remove_path(old)  # this save's
+        for old in _stale_backups(directory):
+            _remove_path(old)  # left beside a complete model by a save killed after its renames
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -339,8 +382,9 @@ class _Saved:
 
 
 def _backup_hint(path: Path) -> str:
-    backup = path.with_name(f".{path.name}.old")
-    if backup.is_dir() and not path.exists():
+    backups = _stale_backups(path) if not os.path.lexists(path) else []
+    if backups:
+        backup = backups[0]
         return (f"; {backup} holds the model an interrupted save with overwrite was replacing: rename it back to {path.name} "
                 f"(the next save_model to {path} restores it)")
     return ""
