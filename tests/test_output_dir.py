@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -396,13 +397,18 @@ def test_resume_values_that_start_fresh_are_never_turned_into_auto():
     assert runner._own_checkpoints_first("/runs/this/checkpoints/step_00000002") == "/runs/this/checkpoints/step_00000002"
 
 
-def test_an_unreadable_recipe_yaml_is_named_as_such(tmp_path):
+def test_a_recipe_yaml_no_run_wrote_is_never_replaced(tmp_path):
+    """A hand-written (or damaged) recipe.yaml in output_dir is not an earlier run's record: refused, --overwrite or not."""
     out = tmp_path / "run"
     prepare_output_dir(_cfg(out), overwrite=False, main=True)
     (out / "metrics.jsonl").write_text("{}\n")
-    (out / "recipe.yaml").write_text("train: [unclosed\n")
-    with pytest.raises(FileExistsError, match=r"\(<recipe>: '\(unreadable recipe.yaml\)' -> 'this recipe'\)"):
-        prepare_output_dir(_cfg(out), overwrite=False, main=True)
+    for text, said in (("train: [unclosed\n", "a recipe.yaml that is not valid YAML (damaged, or not a run's)"),
+                       ("# my experiment\nrunner: mote\noutput_dir: run\n", "a recipe.yaml that no run wrote (a hand-written recipe?)")):
+        (out / "recipe.yaml").write_text(text)
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match=re.escape(f"output_dir {out} holds {said}; a run records its resolved recipe there")):
+                prepare_output_dir(_cfg(out), overwrite=overwrite, main=True)
+            assert (out / "recipe.yaml").read_text() == text and (out / "metrics.jsonl").exists()
 
 
 def _ran(out, cfg):
@@ -500,3 +506,83 @@ def test_a_bare_interrupt_says_what_was_kept_and_how_to_go_on(tmp_path, monkeypa
         runners.run_recipe({"runner": runner_name, "output_dir": str(out), "train": {"resume": resume}})
     assert str(info.value).startswith(said.format(out=out))
     assert out.is_dir()  # the user's folder stays
+
+
+def test_synthetic_data_never_replaces_files_it_did_not_write(tmp_path):
+    """output_dir/data holding someone's dataset (or a link to one) is refused, --overwrite or not."""
+    syn = {k: (list(v) if k == "size" else v) for k, v in TINY.items()}
+    users = tmp_path / "userdata"
+    (users / "videos").mkdir(parents=True)
+    (users / "videos" / "mine.mp4").write_bytes(b"user video")
+    (users / "train.txt").write_text("videos/mine.mp4 0\n")
+    for name, make in (("linked", lambda d: d.symlink_to(users, target_is_directory=True)),
+                       ("copied", lambda d: __import__("shutil").copytree(users, d))):
+        out = tmp_path / name
+        out.mkdir()
+        make(out / "data")
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError) as err:
+                ensure_synthetic_data({"synthetic": syn}, out, overwrite=overwrite)
+            said = str(err.value)
+            assert ("is a symbolic link" in said) if name == "linked" else ("holds train.txt, videos, which data.synthetic did not write" in said)
+        assert (users / "videos" / "mine.mp4").read_bytes() == b"user video" and (out / "data" / "videos" / "mine.mp4").exists()
+    # files of other names beside are no obstacle (and stay)
+    out = tmp_path / "notes"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "README").write_text("mine")
+    ensure_synthetic_data({"synthetic": syn}, out)
+    assert (out / "data" / "README").read_text() == "mine" and (out / "data" / "train.txt").exists()
+
+
+def test_a_run_that_cannot_start_removes_only_a_folder_it_created(tmp_path, capsys):
+    """`exp/../exp2` with `exp` missing names exp2 (an earlier run's folder): a failed start leaves it whole."""
+    from mergekit_video.cli.main import main as cli_main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    earlier = tmp_path / "exp2"
+    earlier.mkdir()
+    (earlier / "NOTES.txt").write_text("mine")
+    bad = ["data.synthetic=null", f"data.root={tmp_path}", f"data.train_list={tmp_path / 'missing.txt'}", "data.val_list=null",
+           f"data.class_csv={tmp_path / 'missing.csv'}", "eval.datasets=[]"]
+    assert cli_main(["run", str(recipe), f"output_dir={tmp_path / 'exp' / '..' / 'exp2'}", *bad, "--overwrite"]) == 1
+    assert "file not found" in capsys.readouterr().err
+    assert (earlier / "NOTES.txt").read_text() == "mine" and not (tmp_path / "exp").exists()
+    assert cli_main(["run", str(recipe), f"output_dir={tmp_path / 'new'}", *bad]) == 1
+    assert not (tmp_path / "new").exists()  # the folder this run made goes again
+
+
+def test_a_run_refused_by_another_runs_lock_undoes_nothing(tmp_path, capsys, monkeypatch):
+    """Two runs started together: the one that looked first but lost the lock leaves the winner's recipe.yaml,
+    lock file and folder alone (it used to take them for its own start and remove them)."""
+    import mergekit_video.runners as runners
+    from mergekit_video.cli.main import main as cli_main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    out = tmp_path / "run"
+    started = []
+    build = runners.build_runner
+
+    def winner_starts_meanwhile(*args, **kwargs):  # after this run saw no folder, before it takes the lock
+        holder = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import time
+                from mergekit_video.runners.common import prepare_output_dir
+                prepare_output_dir({{"runner": "mote", "output_dir": {str(out)!r}, "train": {{}}}}, overwrite=False, main=True)
+                print("locked", flush=True)
+                time.sleep(60)
+            """)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        started.append(holder)
+        assert holder.stdout.readline().strip() == "locked"
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(runners, "build_runner", winner_starts_meanwhile)
+    try:
+        assert cli_main(["run", str(recipe), f"output_dir={out}"]) == 1
+        assert "is in use by another run" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "recipe.yaml"]
+    finally:
+        for holder in started:
+            holder.kill()
+            holder.wait()

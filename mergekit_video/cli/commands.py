@@ -154,19 +154,12 @@ def _refuse_recording_over_the_recipe(recipe: Path, cfg: dict) -> None:
     """A run records its resolved recipe as ``{output_dir}/recipe.yaml``: refuse to run a hand-written
     recipe kept at that very path (it would lose its comments and ``${...}``, and take in the
     overrides). A recipe a run recorded there (machine-written) may be rerun: that is a resume."""
-    import yaml
-
-    from ..config import dump_recipe
+    from ..runners.common import is_recorded_recipe
 
     saved = Path(os.path.expanduser(str(cfg["output_dir"]))) / "recipe.yaml"
     if not (saved.exists() and recipe.resolve() == saved.resolve()):
         return
-    text = recipe.read_text(encoding="utf-8")
-    try:
-        recorded = dump_recipe(yaml.safe_load(text)) == text
-    except yaml.YAMLError:
-        recorded = False
-    if not recorded:
+    if not is_recorded_recipe(recipe.read_text(encoding="utf-8")):
         raise UserError(
             f"{recipe} is where this run records its resolved recipe (output_dir {saved.parent}, recipe.yaml), and running it "
             f"would replace your file (comments and ${{...}} resolved, overrides written in); keep the recipe elsewhere "

@@ -216,7 +216,8 @@ def write_synthetic_dataset(
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} exists and is not a folder")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise FileExistsError(f"{root} is not empty; pass overwrite=True (--overwrite) to write into it")
+        raise FileExistsError(f"{root} is not empty; pass overwrite=True (--overwrite) to write into it: that REPLACES its "
+                              f"{', '.join(GENERATED_ENTRIES[:-1])} and {GENERATED_ENTRIES[-1]} (other files stay)")
     novel_per_class = val_per_class if novel_per_class is None else novel_per_class
     settings = {"num_classes": num_classes, "videos_per_class": videos_per_class, "val_per_class": val_per_class,
                 "num_novel_classes": num_novel_classes, "novel_per_class": novel_per_class, "frames": frames, "size": [h, w],

@@ -29,10 +29,11 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
     from pathlib import Path
 
     from ..training.distributed import barrier
-    from .common import LOCK_FILE, release_output_dir
+    from .common import LOCK_FILE, normalize_output_dir, output_dir_state, release_output_dir
 
+    normalize_output_dir(cfg)
     out = Path(cfg["output_dir"])
-    before = {p.name for p in out.iterdir()} if out.is_dir() else None  # None: this run makes the folder
+    before = {p.name for p in out.iterdir()} if out.is_dir() else set()
     runner = build_runner(cfg, overwrite=overwrite, console=console)
     finished, phase = False, "setup"
     try:
@@ -50,10 +51,11 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
             raise
         raise KeyboardInterrupt(_interrupted_in(phase, cfg, out)) from exc
     finally:
+        held, created = output_dir_state(out)  # a run refused by another's lock undoes nothing
         runner.cleanup()
         release_output_dir(cfg["output_dir"])
-        if not finished and getattr(runner, "main", True):
-            _undo_start(out, before, LOCK_FILE)
+        if not finished and held and getattr(runner, "main", True):
+            _undo_start(out, before, LOCK_FILE, created=created)
     return runner
 
 
@@ -76,18 +78,19 @@ def _interrupted_in(phase: str, cfg: dict[str, Any], out: Any) -> str:
     return "stopped before anything was computed"
 
 
-def _undo_start(out: Any, before: set[str] | None, lock_file: str) -> None:
+def _undo_start(out: Any, before: set[str], lock_file: str, *, created: bool) -> None:
     """A failed run (bad CSV content, say) that added nothing but its recipe.yaml and lock file to ``out``
-    leaves it as it was: those two removed, and the folder too when the run made it (``before`` None)."""
-    if "recipe.yaml" in (before or ()):
+    leaves it as it was: those two removed, and the folder too when this run created it. Only a run
+    that held the folder's lock calls this (one refused by another run's lock has nothing to undo)."""
+    if "recipe.yaml" in before:
         return  # an earlier run's folder: its recipe stays
     try:
-        added = {p.name for p in out.iterdir()} - (before or set())
+        added = {p.name for p in out.iterdir()} - before
         if not added <= {"recipe.yaml", lock_file}:
             return
         for name in added:
             (out / name).unlink(missing_ok=True)
-        if before is None:
+        if created:
             out.rmdir()
     except OSError:  # another process wrote there meanwhile: leave it
         pass

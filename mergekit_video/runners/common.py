@@ -28,6 +28,27 @@ class RunContext:
     data_cfg: dict[str, Any]
 
 
+def is_recorded_recipe(text: str) -> bool:
+    """Whether ``text`` is a recipe as a run records it (``recipe.yaml``: the resolved recipe, dumped by
+    :func:`~mergekit_video.config.dump_recipe`), not one a person wrote (comments, ``${...}``, own layout)."""
+    import yaml
+
+    from ..config import dump_recipe
+
+    try:
+        loaded = yaml.safe_load(text)
+        return isinstance(loaded, dict) and dump_recipe(loaded) == text
+    except (yaml.YAMLError, TypeError, ValueError):
+        return False
+
+
+def normalize_output_dir(cfg: dict[str, Any]) -> None:
+    """``output_dir`` with ``~`` expanded and ``.``/``..`` folded (``runs/a/../b`` is ``runs/b``), so that
+    every check, write and clean-up of the run names the same folder whether or not ``runs/a`` exists."""
+    if isinstance(cfg.get("output_dir"), str) and cfg["output_dir"]:
+        cfg["output_dir"] = os.path.normpath(os.path.expanduser(cfg["output_dir"]))
+
+
 def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
     """Common start of every runner: DDP from torchrun's environment, device, output folder
     (with the resolved recipe), the same seed on every rank (identical model init and routing),
@@ -49,7 +70,7 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
 
     if cfg.get("runner") in SCHEMAS:  # `~` in paths: read and write what check_recipe_paths checks
         expand_user_paths(cfg, SCHEMAS[cfg["runner"]])
-    new_folder = main and not Path(os.path.expanduser(str(cfg["output_dir"]))).exists()
+    normalize_output_dir(cfg)
     try:
         output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
     except (NotADirectoryError, PermissionError, FileNotFoundError, IsADirectoryError) as err:
@@ -64,7 +85,8 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
             cfg["eval"] = follow_synthetic_data(cfg["eval"], recipe_data, data_cfg)
         check_recipe_paths(cfg, data_cfg)
     except BaseException:
-        if new_folder:  # a run that could not start leaves no folder behind (only one this run made)
+        held, created = output_dir_state(output_dir)
+        if main and held and created:  # a run that could not start leaves no folder behind (only one this run made)
             release_output_dir(output_dir)
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
@@ -277,21 +299,27 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                                   "or pass --overwrite to write into it" + (f" (DELETING its {named}, which a run writes)" if named else ""))
         text = dump_recipe(cfg)
         previous = saved.read_text(encoding="utf-8") if saved.is_file() else None
-        changes: list[tuple[str, Any, Any]] = []
-        if previous is not None and previous != text:
+        if previous is not None and not is_recorded_recipe(previous):
+            release_output_dir(out)
+            what = "a recipe.yaml that no run wrote (a hand-written recipe?)"
             try:
-                earlier = yaml.safe_load(previous)
-                here = out.resolve()
-                # output_dir itself, and the paths inside it, may be written otherwise (`run`, `/abs/run/`) or
-                # the run moved: compare them relative to each recipe's own output_dir
-                changes = recipe_changes(
-                    _relative_to_output_dir(earlier, _output_dir_of(earlier, here)), _relative_to_output_dir(yaml.safe_load(text), here)
-                )
-                if not changes and not isinstance(earlier, dict):
-                    changes = [("<recipe>", "(another text)", "this recipe")]
-                changes = _without_new_defaults(cfg, earlier, changes)  # none left: the same run
+                yaml.safe_load(previous)
             except yaml.YAMLError:
-                changes = [("<recipe>", "(unreadable recipe.yaml)", "this recipe")]
+                what = "a recipe.yaml that is not valid YAML (damaged, or not a run's)"
+            raise FileExistsError(
+                f"output_dir {out} holds {what}; a run records its resolved recipe there and would replace it, "
+                f"--overwrite or not: move {saved} elsewhere or set output_dir to another folder"
+            )
+        changes: list[tuple[str, Any, Any]] = []
+        if previous is not None and previous != text:  # both recorded recipes: mappings
+            earlier = yaml.safe_load(previous)
+            here = out.resolve()
+            # output_dir itself, and the paths inside it, may be written otherwise (`run`, `/abs/run/`) or
+            # the run moved: compare them relative to each recipe's own output_dir
+            changes = recipe_changes(
+                _relative_to_output_dir(earlier, _output_dir_of(earlier, here)), _relative_to_output_dir(yaml.safe_load(text), here)
+            )
+            changes = _without_new_defaults(cfg, earlier, changes)  # none left: the same run
         # a trained run whose final evaluation failed (no results yet) may be evaluated with other eval.* settings
         unevaluated = cfg.get("runner") not in ("evaluate", "compare") and out / "results.json" not in outputs
         # train.resume between null and auto says whether to continue, not what is trained (null is checked below)
@@ -352,6 +380,14 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
 #: The file a running run holds an advisory lock on, in its output_dir.
 LOCK_FILE = ".mergevid.lock"
 _held_locks: dict[str, int] = {}  # resolved output_dir → the open lock file (closing it releases the lock)
+_created_dirs: set[str] = set()  # resolved output_dirs this process's lock_output_dir created
+
+
+def output_dir_state(out: str | os.PathLike) -> tuple[bool, bool]:
+    """``(held, created)``: whether this process holds the lock on ``out``, and whether it created the
+    folder. Only a run that holds the lock may undo its start, and only remove a folder it created."""
+    key = str(Path(out).resolve())
+    return key in _held_locks, key in _created_dirs
 
 
 def lock_output_dir(out: Path) -> None:
@@ -370,7 +406,11 @@ def lock_output_dir(out: Path) -> None:
     key = str(out.resolve())
     if key in _held_locks:
         return
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True)  # not exist_ok: whether this process made the folder is known without a race
+        _created_dirs.add(key)
+    except FileExistsError:
+        pass
     try:
         fd, writable = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666), True
     except PermissionError:  # a lock file another user made in a shared folder: flock needs only read access
@@ -414,7 +454,9 @@ if hasattr(os, "register_at_fork"):
 
 def release_output_dir(out: str | os.PathLike) -> None:
     """Let go of :func:`lock_output_dir`'s lock on ``out`` (if this process holds it)."""
-    fd = _held_locks.pop(str(Path(out).resolve()), None)
+    key = str(Path(out).resolve())
+    fd = _held_locks.pop(key, None)
+    _created_dirs.discard(key)
     if fd is not None:
         os.close(fd)
 
@@ -456,12 +498,24 @@ def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: b
     wanted["size"] = list(wanted["size"])
     recorded = synthetic_settings(root)
     if main and not (recorded is not None and all(recorded.get(k) == v for k, v in wanted.items())):
-        if root.is_dir() and any(root.iterdir()) and not overwrite:
-            why = "was written with other data.synthetic settings" if recorded else "holds files that data.synthetic did not write"
-            raise FileExistsError(f"{root} {why}; pass --overwrite to rewrite it, or use another output_dir")
-        if root.is_dir() and any(root.iterdir()):
+        from ..data.synthetic import GENERATED_ENTRIES
+
+        if root.is_symlink():  # the dataset it points at is someone's: never written through
+            raise FileExistsError(f"{root} is a symbolic link (to {os.readlink(root)}); data.synthetic writes its dataset into "
+                                  f"output_dir/data and would replace what the link points at: remove the link or use another output_dir")
+        clashing = sorted(p.name for p in root.iterdir() if p.name in GENERATED_ENTRIES) if root.is_dir() else []
+        if recorded is None and clashing:  # not a dataset data.synthetic wrote: the files are the user's
+            raise FileExistsError(
+                f"{root} holds {', '.join(clashing)}, which data.synthetic did not write and would replace; they are never "
+                "deleted, --overwrite or not: move them, or use another output_dir"
+            )
+        if recorded is not None and not overwrite:
+            raise FileExistsError(f"{root} was written with other data.synthetic settings; pass --overwrite to rewrite it "
+                                  "(its videos/, lists and class CSVs), or use another output_dir")
+        if recorded is not None:
             log.warning("--overwrite: rewriting %s with the recipe's data.synthetic settings", root)
-        write_synthetic_dataset(root, **{**wanted, "size": tuple(wanted["size"])}, overwrite=overwrite)
+        # allowed now: an earlier synthetic dataset (--overwrite), or files whose names it does not write (they stay)
+        write_synthetic_dataset(root, **{**wanted, "size": tuple(wanted["size"])}, overwrite=True)
     _barrier()
     layout = synthetic_layout(root)
     return {**data_cfg, **{key: str(getattr(layout, key)) for key in SYNTHETIC_DATA_KEYS}}
