@@ -791,3 +791,82 @@ save_model(model, {str(tmp_path / "model")!r})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", running.name])
     os.rmdir(running)
 
+
+
+def test_resaving_a_step_never_leaves_it_missing(tmp_path, monkeypatch, caplog):
+    """Saving a step that exists (a run resumed from an older checkpoint of its folder saves step_N again) deleted the
+    old step_N before renaming the new one in: a Ctrl-C between lost both. Now the new one is swapped in (an atomic
+    exchange, else the old one is renamed aside first and put back on failure) and the old one deleted only after
+    ``latest`` is written; one a kill left aside is put back by the next resume or save."""
+    import os
+    import shutil
+
+    import mergekit_video.models.checkpoint as mc
+    import mergekit_video.training.checkpoint as tc
+
+    mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=None)
+    d = mgr.directory
+    mgr.save(step=5, epoch=0, model_state={"w": torch.zeros(2)})
+    mgr.save(step=10, epoch=0, model_state={"w": torch.ones(2)})
+
+    def holds(value: float) -> bool:
+        return torch.equal(mgr.load(mgr.path_of(10)).model_state["w"], torch.full((2,), value))
+
+    def listing() -> list[str]:
+        return sorted(p.name for p in d.iterdir())
+
+    real_rename, real_rmtree = os.rename, shutil.rmtree
+
+    def interrupt(when):
+        def rename(src, dst):
+            if when(Path(src).name, Path(dst).name):
+                raise KeyboardInterrupt
+            return real_rename(src, dst)
+        return rename
+
+    value = 1.0
+    for exchange in (True, False):
+        if not exchange:
+            monkeypatch.setattr(mc, "_exchange", lambda a, b: False)  # the two-rename fallback
+        # Ctrl-C at either rename of the fallback: the old step_10 stays (with the exchange: nothing is renamed)
+        for when in ((lambda src, dst: src == "step_00000010"), (lambda src, dst: src.startswith(".tmp-step_00000010"))):
+            monkeypatch.setattr(os, "rename", interrupt(when))
+            try:
+                mgr.save(step=10, epoch=0, model_state={"w": torch.full((2,), 7.0)})
+                value = 7.0  # the exchange renames nothing: saved
+            except KeyboardInterrupt:
+                pass
+            monkeypatch.setattr(os, "rename", real_rename)
+            assert holds(value) and listing() == ["latest", "step_00000005", "step_00000010"]
+        # Ctrl-C while the replaced one is deleted: the new one is in place and latest, the old one goes with the next save
+        monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            mgr.save(step=10, epoch=0, model_state={"w": torch.full((2,), value + 1)})
+        monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+        value += 1
+        assert holds(value) and mgr.latest() == mgr.path_of(10) and len(listing()) == 4
+        mgr.save(step=5, epoch=0, model_state={"w": torch.zeros(2)})
+        assert listing() == ["latest", "step_00000005", "step_00000010"] and mgr.latest() == mgr.path_of(5)
+
+    value += 1
+    mgr.save(step=10, epoch=0, model_state={"w": torch.full((2,), value)})
+    assert mgr.latest() == mgr.path_of(10)
+    # a kill between the two renames of the fallback: step_10 is aside, put back by the next resume (before latest is read)
+    _killed_while(f"""
+import torch
+import mergekit_video.models.checkpoint as mc
+from mergekit_video.training.checkpoint import CheckpointManager
+mc._exchange = lambda a, b: False
+real_rename = os.rename
+os.rename = lambda src, dst: die() if os.path.basename(src).startswith(".tmp-step_") else real_rename(src, dst)
+CheckpointManager(directory={str(d)!r}, keep_last=None).save(step=10, epoch=0, model_state={{"w": torch.full((2,), 9.0)}})
+""", tmp_path)
+    aside = [n for n in listing() if n.startswith(".old-step_00000010-")]
+    assert len(aside) == 1 and "step_00000010" not in listing() and tc._ASIDE.match(aside[0])
+    with caplog.at_level("WARNING", logger=tc.__name__):
+        path, state = mgr.load_resume("auto")
+    assert path == mgr.path_of(10) and state.step == 10 and holds(value)
+    assert [r.getMessage() for r in caplog.records if r.name == tc.__name__] == [
+        f"restored {mgr.path_of(10)} from {aside[0]}, left by a save that was replacing it when it was killed"]
+    mgr.save(step=10, epoch=0, model_state={"w": torch.full((2,), 3.0)})  # the new one's temp folder is swept
+    assert holds(3.0) and listing() == ["latest", "step_00000005", "step_00000010"]

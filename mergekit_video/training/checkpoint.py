@@ -15,7 +15,11 @@ Layout of ``directory``::
 A checkpoint is written whole into a hidden temp folder next to its final place, every file
 and the folder are fsynced, then the folder is renamed into place and ``latest`` is updated
 atomically. A crash mid-save leaves a hidden ``.tmp-*`` folder that is never picked (and is
-removed by the next save); the previous checkpoint stays ``latest``.
+removed by the next save); the previous checkpoint stays ``latest``. Saving a step that exists (a
+run resumed from an older checkpoint) swaps the new folder in, atomically where the platform can,
+else by moving the old one aside first; the old one is deleted only after ``latest`` is written, so
+a crash at any point leaves a complete ``step_N``, old or new (an old one a kill left aside is put
+back by the next save or resume).
 
 Only one process (rank 0) may write to a directory.
 """
@@ -27,6 +31,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -38,7 +43,8 @@ from typing import Any
 
 import torch
 
-from ..utils.io import apply_default_modes, atomic_write_text, read_safetensors, remove_stale_atomic_temps
+from ..utils.io import (TEMP_OWNER_PATTERN, apply_default_modes, atomic_write_text, is_stale_temp, read_safetensors,
+                        remove_stale_atomic_temps, temp_owner)
 from ..utils.state_json import StateEncoder, decode_state, split_tensors
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,8 @@ _LATEST = "latest"
 _MODEL_FILE = "model.safetensors"
 _OPTIM_FILE = "optimizer.safetensors"
 _STATE_FILE = "state.json"
+#: The previous checkpoint of a step that a save replaces, while the new one is renamed in (see ``_publish``).
+_ASIDE = re.compile(rf"^\.old-(?P<step>step_\d{{8,}})-{TEMP_OWNER_PATTERN}-[0-9a-f]{{8}}$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,16 +387,63 @@ class CheckpointManager:
             for f in tmp.iterdir():
                 _fsync_file(f)
             _fsync_dir(tmp)
-            if final.exists():
-                _remove_tree(final)
-            os.rename(tmp, final)
+            replaced = self._publish(tmp, final)
             _fsync_dir(self.directory)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the previous checkpoint of this step
             raise
         atomic_write_text(self.directory / _LATEST, name + "\n")
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)  # a kill meanwhile: the next save or resume removes it
         self.prune()
         return final
+
+    def _publish(self, tmp: Path, final: Path) -> Path | None:
+        """Rename the finished ``tmp`` onto ``final``; return where the previous checkpoint of that step now is
+        (to delete once ``latest`` is written), or None when there was none.
+
+        A step that exists is replaced without ever leaving no ``final``: in one atomic exchange where the
+        platform offers one (Linux ``renameat2``; ``tmp`` then holds the previous checkpoint), else the previous
+        one is renamed aside (``.old-step_N-<pid>-<host>-XXXXXXXX``) before the new one is renamed in, and put
+        back when that fails or is interrupted. A kill between those two renames leaves it aside, and
+        :meth:`_restore_replaced` puts it back (the next save or resume).
+        """
+        if not os.path.lexists(final):
+            os.rename(tmp, final)
+            return None
+        from ..models.checkpoint import _exchange
+
+        if _exchange(tmp, final):
+            return tmp
+        aside = final.with_name(f".old-{final.name}-{temp_owner()}-{secrets.token_hex(4)}")
+        try:
+            os.rename(final, aside)
+            os.rename(tmp, final)
+        except BaseException:
+            if os.path.lexists(aside) and not os.path.lexists(final):
+                os.rename(aside, final)  # the previous checkpoint stays
+            raise
+        return aside
+
+    def _restore_replaced(self) -> None:
+        """The previous checkpoints that replacing saves moved aside (:meth:`_publish`): removed where their
+        ``step_*`` folder holds the new one (a kill or Ctrl-C while deleting them), put back where it is missing
+        and their writer is gone (a kill between the two renames)."""
+        if not self.directory.is_dir():
+            return
+        for entry in list(os.scandir(self.directory)):
+            m = _ASIDE.match(entry.name)
+            if m is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            final = self.directory / m["step"]
+            if os.path.lexists(final):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif is_stale_temp(entry.path, m["pid"], m["host"]):
+                try:
+                    os.rename(entry.path, final)
+                except FileNotFoundError:  # another rank of this run, resuming too, put it back first
+                    continue
+                log.warning("restored %s from %s, left by a save that was replacing it when it was killed", final, entry.name)
 
     def update_state(
         self,
@@ -436,6 +491,7 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
         for p in self.directory.glob(".trash-step_*"):
             shutil.rmtree(p, ignore_errors=True)
+        self._restore_replaced()
         self._remove_stale_atomic_temps()
 
     def _remove_stale_atomic_temps(self, steps: list[Path] | None = None) -> None:
@@ -563,6 +619,8 @@ class CheckpointManager:
         checkpoint is unreadable, that is an error, not a fresh start. An explicit path is read as
         given, and its errors propagate.
         """
+        if resume_kind(resume) != "fresh":
+            self._restore_replaced()  # before the latest is chosen: a step a kill left aside is back
         path = self.resolve_resume(resume)
         kind = resume_kind(resume)
         auto = kind == "auto"
