@@ -715,3 +715,15 @@ def test_under_torchrun_each_rank_labels_its_error(capsys, monkeypatch, tmp_path
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert cli_main(["validate", str(tmp_path / "none.yaml")]) == 1
     assert capsys.readouterr().err.startswith("error: recipe")
+
+
+def test_export_onto_a_symlinked_folder_is_refused_before_the_model_is_read(tmp_path, capsys):
+    target = tmp_path / "users_folder"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    link = tmp_path / "out"
+    link.symlink_to(target, target_is_directory=True)
+    for extra in ([], ["--overwrite"]):  # the model path does not even exist: refused before it is read
+        assert cli_main(["export", str(tmp_path / "no_model"), str(link), "--dense", *extra]) == 1
+        assert capsys.readouterr().err.startswith(f"error: {link} is a symbolic link (to {target}); give the folder itself")
+    assert link.is_symlink() and (target / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".out*"))

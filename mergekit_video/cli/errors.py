@@ -43,6 +43,8 @@ def refuse_existing_output(output: Any, overwrite: bool, *, folder: bool = False
     from pathlib import Path
 
     output = Path(output)
+    if folder and output.is_symlink():  # a model folder is replaced as a whole: never through a link (said before the work)
+        raise UserError(f"{output} is a symbolic link (to {os.readlink(output)}); give the folder itself or another path")
     if output.is_dir() != folder and output.exists():
         raise UserError(f"{output} is a folder; name the file to write" if not folder else f"{output} is a file; name the folder to write")
     if output.exists() and not overwrite:
