@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import mergekit_video.utils.io as uio
 from mergekit_video.training.checkpoint import CheckpointManager, CheckpointState
 from mergekit_video.training.optim import build_optimizer, build_param_groups
 from mergekit_video.training.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -583,14 +584,14 @@ def test_save_model_replaces_a_folder_atomically_and_recovers_from_an_interrupte
 
     d = save_model(a, tmp_path / "model")
     (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
-    exchanges = mc._exchange(tmp_path / "x", tmp_path / "y")  # renameat2(RENAME_EXCHANGE) on this platform and file system
+    exchanges = uio.exchange_paths(tmp_path / "x", tmp_path / "y")  # renameat2(RENAME_EXCHANGE) on this platform and file system
     real_replace, moves = os.replace, []
     monkeypatch.setattr(os, "replace", lambda src, dst: (Path(dst).parent == tmp_path and moves.append(Path(dst).name)) or real_replace(src, dst))
     save_model(b, d, overwrite=True)
     assert holds(b) and (moves == [] if exchanges else (len(moves) == 2 and moves[1] == "model"
                                                          and mc._backup_pattern(d).match(moves[0])))  # exchanged: never moved aside
     # the fallback (two renames): a failed second rename puts the previous model back
-    monkeypatch.setattr(mc, "_exchange", lambda x, y: False)
+    monkeypatch.setattr(uio, "exchange_paths", lambda x, y: False)
 
     def failing(src, dst):
         if Path(src).name.startswith(".model.mergevid-tmp-"):
@@ -607,8 +608,9 @@ def test_save_model_replaces_a_folder_atomically_and_recovers_from_an_interrupte
     # killed between the two renames: model/ gone, only its backup .model.mergevid-old-<pid>-<host>-XXXXXXXX
     _killed_while(f"""
 import mergekit_video.models.checkpoint as mc
+import mergekit_video.utils.io as uio
 from mergekit_video.models import build_video_clip, save_model
-mc._exchange = lambda a, b: False
+uio.exchange_paths = lambda a, b: False
 real_replace = os.replace
 os.replace = lambda src, dst: die() if os.path.basename(src).startswith(".model.mergevid-tmp-") else real_replace(src, dst)
 save_model(build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2), {str(d)!r}, overwrite=True)
@@ -654,7 +656,7 @@ def test_save_model_never_takes_a_users_dot_old_folder_for_its_backup(tmp_path, 
         save_model(a, d)  # a fresh model: nothing restored
     assert not [r for r in caplog.records if r.name == mc.__name__]
     assert sorted(p.name for p in (d).iterdir()) == ["clip.safetensors", "config.json", "head.safetensors", "open_clip_config.json"]
-    monkeypatch.setattr(mc, "_exchange", lambda x, y: False)  # the two-rename fallback, which makes a backup
+    monkeypatch.setattr(uio, "exchange_paths", lambda x, y: False)  # the two-rename fallback, which makes a backup
     for overwrite_with in (b, a):
         save_model(overwrite_with, d, overwrite=True)
         assert torch.equal(load(d).head.frame_position_embeddings.weight, overwrite_with.head.frame_position_embeddings.weight)
@@ -801,7 +803,6 @@ def test_resaving_a_step_never_leaves_it_missing(tmp_path, monkeypatch, caplog):
     import os
     import shutil
 
-    import mergekit_video.models.checkpoint as mc
     import mergekit_video.training.checkpoint as tc
 
     mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=None)
@@ -827,7 +828,7 @@ def test_resaving_a_step_never_leaves_it_missing(tmp_path, monkeypatch, caplog):
     value = 1.0
     for exchange in (True, False):
         if not exchange:
-            monkeypatch.setattr(mc, "_exchange", lambda a, b: False)  # the two-rename fallback
+            monkeypatch.setattr(uio, "exchange_paths", lambda a, b: False)  # the two-rename fallback
         # Ctrl-C at either rename of the fallback: the old step_10 stays (with the exchange: nothing is renamed)
         for when in ((lambda src, dst: src == "step_00000010"), (lambda src, dst: src.startswith(".tmp-step_00000010"))):
             monkeypatch.setattr(os, "rename", interrupt(when))
@@ -854,9 +855,9 @@ def test_resaving_a_step_never_leaves_it_missing(tmp_path, monkeypatch, caplog):
     # a kill between the two renames of the fallback: step_10 is aside, put back by the next resume (before latest is read)
     _killed_while(f"""
 import torch
-import mergekit_video.models.checkpoint as mc
+import mergekit_video.utils.io as uio
 from mergekit_video.training.checkpoint import CheckpointManager
-mc._exchange = lambda a, b: False
+uio.exchange_paths = lambda a, b: False
 real_rename = os.rename
 os.rename = lambda src, dst: die() if os.path.basename(src).startswith(".tmp-step_") else real_rename(src, dst)
 CheckpointManager(directory={str(d)!r}, keep_last=None).save(step=10, epoch=0, model_state={{"w": torch.full((2,), 9.0)}})

@@ -17,14 +17,12 @@ tensors under ``clip.`` / ``head.`` prefixes and whose ``state.json`` carries th
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import torch
 from ..experts import find_containers
 from ..merging import is_output_space
 from ..surgery import collapse_experts
+from ..utils import io as uio
 from ..utils.io import TEMP_OWNER_PATTERN, _fsync_dir, apply_default_modes, atomic_write_json, is_stale_temp, temp_owner
 from .video_clip import VideoCLIP, import_model_plugins, video_clip_from_config
 
@@ -133,38 +132,6 @@ def _remove_stale_temp_dirs(directory: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-_renameat2: Any = None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
-    C library, kernel or file system does not offer it (the caller then falls back to two renames)."""
-    global _renameat2
-    if not sys.platform.startswith("linux"):
-        return False
-    if _renameat2 is None:
-        import ctypes
-
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).renameat2
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _renameat2 = fn
-        except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl)
-            _renameat2 = False
-    if _renameat2 is False:
-        return False
-    import ctypes
-
-    at_fdcwd, rename_exchange = -100, 2
-    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
-        return False  # not supported here
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
 def _backup_pattern(directory: Path) -> re.Pattern[str]:
     """The names of the backups that the two-rename fallback of an overwriting save of ``directory`` makes:
     ``.<name>.mergevid-old-<pid>-<host>-XXXXXXXX`` (the writer: :func:`~mergekit_video.utils.io.temp_owner`).
@@ -262,7 +229,7 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         backup = None
         if not os.path.lexists(directory):
             os.replace(tmp, directory)
-        elif not _exchange(tmp, directory):  # exchanged: tmp holds the previous model, removed below
+        elif not uio.exchange_paths(tmp, directory):  # exchanged: tmp holds the previous model, removed below
             backup = _new_backup(directory)
             os.replace(directory, backup)
             try:

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ..utils import io as uio
 from ..utils.io import (TEMP_OWNER_PATTERN, apply_default_modes, atomic_write_text, is_stale_temp, read_safetensors,
                         remove_stale_atomic_temps, temp_owner)
 from ..utils.state_json import StateEncoder, decode_state, split_tensors
@@ -411,9 +412,7 @@ class CheckpointManager:
         if not os.path.lexists(final):
             os.rename(tmp, final)
             return None
-        from ..models.checkpoint import _exchange
-
-        if _exchange(tmp, final):
+        if uio.exchange_paths(tmp, final):
             return tmp
         aside = final.with_name(f".old-{final.name}-{temp_owner()}-{secrets.token_hex(4)}")
         try:
