@@ -583,9 +583,10 @@ def test_folder_arguments_naming_a_file_are_named_with_the_option(tmp_path, caps
         (["data", "prepare", str(lst), str(afile)], f"error: OUT_DIR {afile} is a file, not a folder"),
         (["data", "prepare", str(lst), str(afile / "sub")], f"error: OUT_DIR {afile / 'sub'}: {afile} is a file, not a folder"),
         (["bench", "data", "--work-dir", str(afile), "--output", str(out)], f"error: --work-dir {afile} is a file, not a folder"),
+        (["bench", "data", "--root", str(tmp_path), "--output", str(out)], "error: --root is the folder of --list's videos; without --list"),
     ):
         assert cli_main(args) == 1
-        assert capsys.readouterr().err.startswith(message + "\n")
+        assert capsys.readouterr().err.startswith(message)
     assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "list.txt"]
 
 

@@ -154,8 +154,12 @@ def test_bench_pipelines_decode_the_same_frames(tiny_synthetic):
     decoded = ours._decode(ours.records[1], dmod.item_generator(0, 0, 1, 0))
     assert torch.equal(decoded, floor)  # same indices from the same per-item generator
     assert pipes["naive_train"][0][1].shape == (4, 3, 32, 32) and pipes["naive_test"][0][0].shape == (4, 3, 32, 32)
+    threads, seen = torch.get_num_threads(), []
+    pipes["probe"] = (pipes["ours_train"][0], lambda batch: seen.append(torch.get_num_threads()) or pipes["ours_train"][1](batch))
     wall, cpu = _measure_set(pipes, num_videos=2, workers=0, batch_size=2, repeats=1, log=lambda s: None)
     assert all(len(v) == 1 and v[0] > 0 for v in wall.values())
+    # in-process (workers=0) every pipeline gets one core, as the floor's decoder and each DataLoader worker have
+    assert set(seen) == {1} and torch.get_num_threads() == threads
     summary = _summarise({k: [2.0] if k.startswith("ours") else [4.0] for k in wall}, 0)
     assert summary["fraction_of_decode_floor"] == 0.5 and summary["speedup_vs_naive"]["train"] == 0.5
     assert watchdog_overhead_us(calls=200) < 5000

@@ -1364,6 +1364,10 @@ def test_bench_head_writes_json_and_markdown(tmp_path, capsys):
         assert r["eval_ratio_remerge_vs_plain"] == pytest.approx(em["mote_remerge_every_forward"] / em["plain"])
     text = md.read_text()
     assert text.startswith("# Benchmarks\n") and "| 64x2 head (D=64, L=2) |" in text and "| 128x1 head (D=128, L=1) |" in text
+    # the columns of docs/benchmarks.md's tables: the plain times too, so the ratios can be checked from the table
+    assert "| shape | plain train (ms) | MoTE train (ms) | MoTE / plain | two forwards / plain | plain eval (ms) | merged eval (ms) |" in text
+    r = res["shapes"]["64x2 head"]
+    assert f"| 64x2 head (D=64, L=2) | {r['train_ms']['plain']:.2f} | {r['train_ms']['mote_fused']:.2f} | **{r['train_ratio_mote_vs_plain']:.2f}x** |" in text
     assert "bench head" in capsys.readouterr().out
     before = out.read_bytes()
     assert cli_main([*args, "--output", str(out)]) == 1  # results are never replaced silently, and nothing ran

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..runners.schema import SYNTHETIC
-from .errors import refuse_existing_output
+from .errors import UserError, refuse_existing_output
 from .main import bench_app, data_app
 
 #: ``mergevid data synth`` writes by default what a recipe's ``data.synthetic: {}`` writes.
@@ -71,7 +71,6 @@ def prepare_cmd(
 ) -> None:
     """Re-encode a dataset for fast training: short GOP, fastdecode, smaller short side; resumable."""
     from ..data.prepare import prepare_dataset, refuse_file_as_folder
-    from .errors import UserError
 
     refuse_file_as_folder(out_dir, "OUT_DIR")
     report = prepare_dataset(list_file=list_file, root=root or list_file.parent, out_dir=out_dir, short_side=short_side, gop=gop,
@@ -103,6 +102,8 @@ def bench_data_cmd(
     from ..data.bench import format_table, run_data_benchmark
     from ..data.prepare import refuse_file_as_folder
 
+    if root is not None and list_file is None:
+        raise UserError("--root is the folder of --list's videos; without --list the benchmark writes its own synthetic set: add --list")
     refuse_existing_output(output, overwrite)
     if work_dir is not None:
         refuse_file_as_folder(work_dir, "--work-dir")

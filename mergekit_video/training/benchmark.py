@@ -222,14 +222,15 @@ def render_head_markdown(res: dict[str, Any]) -> str:
     lines = [
         f"`mergevid bench head` on {res['device']}; batch {res['batch_size']}, {res['frames']} frames, {res['num_experts']} experts.",
         "",
-        "| shape | MoTE train step (ms) | ratio vs plain | two separate forwards: ratio | merged eval (ms) | ratio vs plain | re-merge every forward: ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | plain train (ms) | MoTE train (ms) | MoTE / plain | two forwards / plain | plain eval (ms) | merged eval (ms) "
+        "| merged / plain | re-merge every forward / plain |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in res["shapes"].items():
         lines.append(
-            f"| {name} (D={r['width']}, L={r['layers']}) | {r['train_ms']['mote_fused']:.2f} | {r['train_ratio_mote_vs_plain']:.2f}× | "
-            f"{r['train_ratio_two_forwards_vs_plain']:.2f}× | {r['eval_ms']['mote_merged_cached']:.3f} | "
-            f"{r['eval_ratio_merged_vs_plain']:.2f}× | {r['eval_ratio_remerge_vs_plain']:.2f}× |"
+            f"| {name} (D={r['width']}, L={r['layers']}) | {r['train_ms']['plain']:.2f} | {r['train_ms']['mote_fused']:.2f} | "
+            f"**{r['train_ratio_mote_vs_plain']:.2f}x** | {r['train_ratio_two_forwards_vs_plain']:.2f}x | {r['eval_ms']['plain']:.3f} | "
+            f"{r['eval_ms']['mote_merged_cached']:.3f} | **{r['eval_ratio_merged_vs_plain']:.2f}x** | {r['eval_ratio_remerge_vs_plain']:.2f}x |"
         )
     return "\n".join(lines)
 
