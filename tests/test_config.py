@@ -424,6 +424,12 @@ def test_save_resolved_recipe_round_trip_and_no_overwrite(tmp_path):
     assert load_recipe(path)["lr"] == 1.0
     assert "\\${not_a_ref}" in dump_recipe(cfg)
     assert not [p for p in path.parent.iterdir() if p.name != "recipe.yaml"]  # no temp files left
+    # what a run recorded is told from what a person wrote, a literal ${ (escaped when recorded) included
+    from mergekit_video.config import is_recorded_recipe
+
+    assert is_recorded_recipe(path.read_text()) and "\\${" in path.read_text()
+    assert not is_recorded_recipe("# my run\n" + path.read_text())
+    assert not is_recorded_recipe("runner: mote\noutput_dir: ${x}\n") and not is_recorded_recipe("a: [unclosed\n")
 
 
 def test_import_is_light():

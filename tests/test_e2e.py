@@ -161,9 +161,21 @@ def test_quickstart_writes_everything_under_output_dir(quick_run):
     assert sorted(last.rng["generators"]) == ["objective:wmr", "router:head.transformer.resblocks.0.mlp", "router:head.transformer.resblocks.1.mlp"]
     # the console shows the results table and the plot
     assert "mote results" in res.stdout and "tradeoff.png" in res.stdout.replace("\n", "")
-    # and which checkpoint validated best, with the command that scores it (the final evaluation scores the last weights)
-    said = "".join(res.stdout.split())  # rich may fold a long path: compare without any whitespace
-    assert f"bestvaltop-1atstep_00000020:evaluatethoseweightswithmergevideval{out / 'checkpoints' / 'step_00000020'}" in said
+    # the best checkpoint is the last one here: the final evaluation scored its weights, no other to name
+    assert "evaluate those weights" not in res.stdout
+
+
+def test_the_run_names_a_best_checkpoint_other_than_the_last(tmp_path, capsys, monkeypatch):
+    """The final evaluation scores the last weights; a best checkpoint before them is named with the command that scores it."""
+    from mergekit_video.training.checkpoint import CheckpointManager
+
+    monkeypatch.setattr(CheckpointManager, "best", lambda self: (self.checkpoints() or [None])[0])  # the oldest one kept
+    out = tmp_path / "run"
+    assert cli_main(["run", str(QUICKSTART), f"output_dir={out}", *QUICK_OVERRIDES, "eval.compare.merges=[]",
+                     "eval.compare.experts=false", "eval.compare.logit_ensemble=false", "eval.modulation=[false]"]) == 0
+    said = "".join(capsys.readouterr().out.split())  # rich may fold a long path: compare without any whitespace
+    # the first checkpoint (step 4), kept by pruning as the "best" one
+    assert f"bestvaltop-1atstep_00000004:evaluatethoseweightswithmergevideval{out / 'checkpoints' / 'step_00000004'}" in said
 
 
 def test_quickstart_metrics(quick_run):
@@ -364,8 +376,9 @@ def test_eval_suite_zero_shot_splits_mean_and_std(quick_run, tmp_path):
 
 
 def test_eval_suite_summary_keys_turn_scores_off_and_sampling_follows_the_data(quick_run, tmp_path):
-    """``eval.summary.zero_shot: []`` / ``close_set: null`` leave HM_ZS / Trade-off out (absent keys pick
-    datasets by kind); ``data.sampling: dense`` reaches the evaluation's datasets unless one sets its own."""
+    """``eval.summary.zero_shot: null`` / ``close_set: null`` leave HM_ZS / Trade-off out (absent keys, and
+    ``zero_shot: []`` as recipes recorded it before, pick datasets by kind); ``data.sampling: dense`` reaches
+    the evaluation's datasets unless one sets its own."""
     from mergekit_video.models import load
     from mergekit_video.runners.common import build_eval_loader, eval_suite, run_eval_suite
 
@@ -384,13 +397,13 @@ def test_eval_suite_summary_keys_turn_scores_off_and_sampling_follows_the_data(q
     assert (ds.sampling, ds.stride, ds.clip_len) == ("dense", 2, 8)
     model = load(out / "model")
     rows = {}
-    for summary in ({}, {"zero_shot": []}, {"close_set": None}):
+    for summary in ({}, {"zero_shot": []}, {"zero_shot": None}, {"close_set": None}):
         cfg = {"seed": 0, "text": {"templates": "mote", "cache_dir": str(tmp_path / "cache")},
                "eval": {"batch_size": 4, "num_workers": 0, "modulation": [False], "plot": False, "datasets": datasets, "summary": summary}}
         payload = run_eval_suite(model, cfg=cfg, data_cfg=data_cfg, device=torch.device("cpu"), dist=None, output_dir=tmp_path)
         rows[str(summary)] = payload["summary"]["merged"]
-    assert {"HM_ZS", "trade_off"} <= set(rows["{}"])
-    assert not {"HM_ZS", "trade_off"} & set(rows["{'zero_shot': []}"])
+    assert {"HM_ZS", "trade_off"} <= set(rows["{}"]) and {"HM_ZS", "trade_off"} <= set(rows["{'zero_shot': []}"])
+    assert not {"HM_ZS", "trade_off"} & set(rows["{'zero_shot': None}"])
     assert "HM_ZS" in rows["{'close_set': None}"] and "trade_off" not in rows["{'close_set': None}"]
 
 

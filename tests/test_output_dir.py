@@ -460,6 +460,9 @@ def test_tilde_in_output_dir_is_expanded(tmp_path, monkeypatch):
     (cwd / "r.yaml").write_text("runner: mote\noutput_dir: ~/x\ntext:\n  cache_dir: ${output_dir}/cache\n")
     cfg = load_recipe(cwd / "r.yaml", ["output_dir=~/r"])
     assert cfg["output_dir"] == f"{home}/r" and cfg["text"]["cache_dir"] == f"{home}/r/cache"
+    # .. is folded before interpolation too: ${output_dir}/... names the folder the run writes into
+    cfg = load_recipe(cwd / "r.yaml", ["output_dir=runs/missing/../r/"])
+    assert cfg["output_dir"] == "runs/r" and cfg["text"]["cache_dir"] == "runs/r/cache"
     cfg = {"runner": "mote", "output_dir": "~/r", "data": {"train_list": "~/lists/train.csv"}}
     expand_user_paths(cfg, SCHEMAS["mote"])
     assert cfg["output_dir"] == f"{home}/r" and cfg["data"]["train_list"] == f"{home}/lists/train.csv"
@@ -549,6 +552,29 @@ def test_a_run_that_cannot_start_removes_only_a_folder_it_created(tmp_path, caps
     assert (earlier / "NOTES.txt").read_text() == "mine" and not (tmp_path / "exp").exists()
     assert cli_main(["run", str(recipe), f"output_dir={tmp_path / 'new'}", *bad]) == 1
     assert not (tmp_path / "new").exists()  # the folder this run made goes again
+    # a recipe dict given in Python (no folding): exp/../exp2 with exp missing is still not "made by this run"
+    from mergekit_video.runners.common import output_dir_state, prepare_output_dir, release_output_dir
+
+    unfolded = tmp_path / "exp" / ".." / "exp2"
+    prepare_output_dir({"runner": "mote", "output_dir": str(unfolded), "train": {}}, overwrite=True, main=True)
+    assert output_dir_state(unfolded) == (True, False)
+    release_output_dir(unfolded)
+
+
+def test_where_no_lock_can_be_taken_a_failed_start_still_removes_the_folder_it_made(tmp_path, monkeypatch, capsys):
+    """Windows (no fcntl) or a file system without locks: the run is unlocked, but its start is undone as before."""
+    import builtins
+
+    from mergekit_video.cli.main import main as cli_main
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "fcntl"
+                        else real_import(name, *a, **k))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    bad = ["data.synthetic=null", f"data.root={tmp_path}", f"data.train_list={tmp_path / 'missing.txt'}", "data.val_list=null",
+           f"data.class_csv={tmp_path / 'missing.csv'}", "eval.datasets=[]"]
+    assert cli_main(["run", str(recipe), f"output_dir={tmp_path / 'new'}", *bad]) == 1
+    assert "file not found" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_a_run_refused_by_another_runs_lock_undoes_nothing(tmp_path, capsys, monkeypatch):

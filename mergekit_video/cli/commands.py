@@ -154,7 +154,7 @@ def _refuse_recording_over_the_recipe(recipe: Path, cfg: dict) -> None:
     """A run records its resolved recipe as ``{output_dir}/recipe.yaml``: refuse to run a hand-written
     recipe kept at that very path (it would lose its comments and ``${...}``, and take in the
     overrides). A recipe a run recorded there (machine-written) may be rerun: that is a resume."""
-    from ..runners.common import is_recorded_recipe
+    from ..config import is_recorded_recipe
 
     saved = Path(os.path.expanduser(str(cfg["output_dir"]))) / "recipe.yaml"
     if not (saved.exists() and recipe.resolve() == saved.resolve()):

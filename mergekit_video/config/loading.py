@@ -58,6 +58,27 @@ def dump_recipe(cfg: Mapping[str, Any]) -> str:
     return yaml.safe_dump(_escape_interpolations(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
+def is_recorded_recipe(text: str) -> bool:
+    """Whether ``text`` is a recipe as a run records it (``recipe.yaml``: :func:`dump_recipe` of the resolved
+    recipe), not one a person wrote (comments, ``${...}``, a layout of their own)."""
+    try:
+        loaded = yaml.safe_load(text)
+        return isinstance(loaded, dict) and dump_recipe(_unescape_interpolations(loaded)) == text
+    except (yaml.YAMLError, TypeError, ValueError):
+        return False
+
+
+def _unescape_interpolations(node: Any) -> Any:
+    """The inverse of :func:`_escape_interpolations` (a recorded ``\\${`` is the literal ``${``)."""
+    if isinstance(node, Mapping):
+        return {k: _unescape_interpolations(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_unescape_interpolations(v) for v in node]
+    if isinstance(node, str):
+        return node.replace("\\${", "${")
+    return node
+
+
 def _escape_interpolations(node: Any) -> Any:
     if isinstance(node, Mapping):
         return {k: _escape_interpolations(v) for k, v in node.items()}
@@ -106,9 +127,10 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     if not isinstance(cfg, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping at the top level, got {type(cfg).__name__}")
     cfg = apply_overrides(cfg, overrides)
-    if isinstance(cfg.get("output_dir"), str) and cfg["output_dir"].startswith("~"):
-        # before interpolation: ${output_dir}/... then names the same folder the run writes into
-        cfg["output_dir"] = os.path.expanduser(cfg["output_dir"])
+    if isinstance(cfg.get("output_dir"), str) and cfg["output_dir"]:
+        # before interpolation, so that ${output_dir}/... names the same folder the run writes into:
+        # ~ expanded, and . / .. folded (runs/a/../b is runs/b, whether or not runs/a exists)
+        cfg["output_dir"] = os.path.normpath(os.path.expanduser(cfg["output_dir"]))
     return resolve_interpolations(cfg)
 
 

@@ -6,6 +6,7 @@ metrics, checkpoints and results under ``output_dir``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..registry import Registry, add_registry
@@ -29,10 +30,9 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
     from pathlib import Path
 
     from ..training.distributed import barrier
-    from .common import LOCK_FILE, normalize_output_dir, output_dir_state, release_output_dir
+    from .common import LOCK_FILE, output_dir_state, release_output_dir
 
-    normalize_output_dir(cfg)
-    out = Path(cfg["output_dir"])
+    out = Path(os.path.expanduser(str(cfg["output_dir"])))
     before = {p.name for p in out.iterdir()} if out.is_dir() else set()
     runner = build_runner(cfg, overwrite=overwrite, console=console)
     finished, phase = False, "setup"

@@ -28,27 +28,6 @@ class RunContext:
     data_cfg: dict[str, Any]
 
 
-def is_recorded_recipe(text: str) -> bool:
-    """Whether ``text`` is a recipe as a run records it (``recipe.yaml``: the resolved recipe, dumped by
-    :func:`~mergekit_video.config.dump_recipe`), not one a person wrote (comments, ``${...}``, own layout)."""
-    import yaml
-
-    from ..config import dump_recipe
-
-    try:
-        loaded = yaml.safe_load(text)
-        return isinstance(loaded, dict) and dump_recipe(loaded) == text
-    except (yaml.YAMLError, TypeError, ValueError):
-        return False
-
-
-def normalize_output_dir(cfg: dict[str, Any]) -> None:
-    """``output_dir`` with ``~`` expanded and ``.``/``..`` folded (``runs/a/../b`` is ``runs/b``), so that
-    every check, write and clean-up of the run names the same folder whether or not ``runs/a`` exists."""
-    if isinstance(cfg.get("output_dir"), str) and cfg["output_dir"]:
-        cfg["output_dir"] = os.path.normpath(os.path.expanduser(cfg["output_dir"]))
-
-
 def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
     """Common start of every runner: DDP from torchrun's environment, device, output folder
     (with the resolved recipe), the same seed on every rank (identical model init and routing),
@@ -70,7 +49,6 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
 
     if cfg.get("runner") in SCHEMAS:  # `~` in paths: read and write what check_recipe_paths checks
         expand_user_paths(cfg, SCHEMAS[cfg["runner"]])
-    normalize_output_dir(cfg)
     try:
         output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
     except (NotADirectoryError, PermissionError, FileNotFoundError, IsADirectoryError) as err:
@@ -269,7 +247,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
     """
     import yaml
 
-    from ..config import dump_recipe, save_resolved_recipe
+    from ..config import dump_recipe, is_recorded_recipe, save_resolved_recipe
 
     if isinstance(cfg.get("output_dir"), str) and cfg["output_dir"].startswith("~"):
         cfg["output_dir"] = os.path.expanduser(cfg["output_dir"])  # written where check_paths looks
@@ -301,6 +279,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         previous = saved.read_text(encoding="utf-8") if saved.is_file() else None
         if previous is not None and not is_recorded_recipe(previous):
             release_output_dir(out)
+            (out / LOCK_FILE).unlink(missing_ok=True)  # leave the user's folder as it was
             what = "a recipe.yaml that no run wrote (a hand-written recipe?)"
             try:
                 yaml.safe_load(previous)
@@ -381,13 +360,15 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
 LOCK_FILE = ".mergevid.lock"
 _held_locks: dict[str, int] = {}  # resolved output_dir → the open lock file (closing it releases the lock)
 _created_dirs: set[str] = set()  # resolved output_dirs this process's lock_output_dir created
+_unlocked_dirs: set[str] = set()  # resolved output_dirs this process uses where no lock can be taken (Windows, some NFS)
 
 
 def output_dir_state(out: str | os.PathLike) -> tuple[bool, bool]:
-    """``(held, created)``: whether this process holds the lock on ``out``, and whether it created the
-    folder. Only a run that holds the lock may undo its start, and only remove a folder it created."""
+    """``(held, created)``: whether this process holds ``out`` (its lock, or the folder where no lock can be
+    taken), and whether it created the folder. Only a run that holds the folder may undo its start, and
+    only remove a folder it created."""
     key = str(Path(out).resolve())
-    return key in _held_locks, key in _created_dirs
+    return key in _held_locks or key in _unlocked_dirs, key in _created_dirs
 
 
 def lock_output_dir(out: Path) -> None:
@@ -399,18 +380,20 @@ def lock_output_dir(out: Path) -> None:
     is ``fcntl.flock`` on ``LOCK_FILE``: the kernel releases it when the holder dies, so a killed
     run never leaves a stale lock. Where ``fcntl`` does not exist (Windows) nothing is locked.
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return
     key = str(out.resolve())
-    if key in _held_locks:
+    if key in _held_locks or key in _unlocked_dirs:
         return
     try:
         out.mkdir(parents=True)  # not exist_ok: whether this process made the folder is known without a race
-        _created_dirs.add(key)
+        _created_dirs.add(str(out.resolve()))
     except FileExistsError:
         pass
+    key = str(out.resolve())
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        _unlocked_dirs.add(key)
+        return
     try:
         fd, writable = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666), True
     except PermissionError:  # a lock file another user made in a shared folder: flock needs only read access
@@ -424,6 +407,7 @@ def lock_output_dir(out: Path) -> None:
         if not isinstance(exc, BlockingIOError):  # a filesystem without locks (ENOLCK on some NFS mounts): run unlocked
             os.close(fd)
             log.warning("output_dir %s cannot be locked (%s); nothing stops a second run from using it at the same time", out, exc)
+            _unlocked_dirs.add(key)
             return
         holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
@@ -457,6 +441,7 @@ def release_output_dir(out: str | os.PathLike) -> None:
     key = str(Path(out).resolve())
     fd = _held_locks.pop(key, None)
     _created_dirs.discard(key)
+    _unlocked_dirs.discard(key)
     if fd is not None:
         os.close(fd)
 
@@ -866,9 +851,12 @@ def run_eval_suite(
                                 "s" * (res.num_failed != 1), "were" if res.num_failed != 1 else "was", shown)
                 results.setdefault(entry.name, []).append(res)
     summary_cfg = eval_cfg.get("summary") or {}
-    # an absent key picks the datasets by kind; an explicit null / [] turns that score off
+    # absent (zero_shot: also []) picks the datasets by kind; an explicit null turns that score off
     close = summary_cfg["close_set"] if "close_set" in summary_cfg else next((e.name for e in entries if e.kind == "close_set"), None)
-    zero = list(summary_cfg["zero_shot"] or []) if "zero_shot" in summary_cfg else [e.name for e in entries if e.kind == "zero_shot"]
+    if "zero_shot" in summary_cfg and summary_cfg["zero_shot"] is None:
+        zero: list[str] = []
+    else:
+        zero = list(summary_cfg.get("zero_shot") or [e.name for e in entries if e.kind == "zero_shot"])
     summary = summarize(results, close_set=close, zero_shot=zero)
     payload = {
         "summary": summary,

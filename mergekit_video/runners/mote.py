@@ -54,6 +54,12 @@ class MoTERunner:
         self.dist, self.main, self.device, self.output_dir = ctx.dist, ctx.main, ctx.device, ctx.output_dir
         self.data_cfg = ctx.data_cfg  # synthetic data written, every named path checked
 
+        self.train_class_names = class_names_from(self.data_cfg["class_csv"])
+        pairs = self.data_cfg.get("flip_label_pairs") or []
+        beyond = sorted({c for pair in pairs for c in pair if c >= len(self.train_class_names)})
+        if beyond:  # said before the model is built
+            raise ValueError(f"data.flip_label_pairs: class id {beyond[0]}, but data.class_csv {self.data_cfg['class_csv']} "
+                             f"has {len(self.train_class_names)} classes (ids 0..{len(self.train_class_names) - 1})")
         # model + frozen class text features
         self.model = instantiate(cfg["model"], _path="model")
         if cfg["train"].get("grad_checkpointing"):
@@ -66,7 +72,6 @@ class MoTERunner:
                              f"frame position embeddings (model.num_positions): use at most {positions} frames")
         # every evaluation dataset is checked now (sizes, frame counts, class lists), not after training
         eval_suite(cfg.get("eval") or {}, self.data_cfg, model_input_size=self.model.input_size, model_num_positions=positions)
-        self.train_class_names = class_names_from(self.data_cfg["class_csv"])
         self.class_features = class_features(self.model, self.train_class_names, cfg.get("text") or {})
         self.model.head.set_source_class_features(self.class_features)  # y_f of TFM, saved with the model
         if cfg["train"].get("freeze_visual"):
@@ -331,7 +336,7 @@ class MoTERunner:
             title = f"training: {state.step} steps in {self.train_seconds:.0f} s, best val top-1 {state.best_metric:.2f}" if state.best_metric is not None else "training"
             print_summary(rows, title, console=self.console)
             best = self.checkpoints.best()
-            if best is not None and state.best_metric is not None:
+            if best is not None and state.best_metric is not None and best != self.checkpoints.latest():
                 # the final evaluation scores the last weights; the official code also keeps its best epoch's
                 self.console.print(f"best val top-1 at {best.name}: evaluate those weights with mergevid eval {best} --list LIST --classes CSV")
 

@@ -193,7 +193,8 @@ EVAL = Section(
         "summary": Section(
             {
                 "close_set": Field(str, nullable=True, doc="dataset of the Trade-off's close-set top-1; absent: the first close_set dataset; null: none"),
-                "zero_shot": Field(list, nullable=True, item=Field(str), doc="datasets of HM_ZS; absent: every zero_shot dataset; [] or null: none"),
+                "zero_shot": Field(list, nullable=True, default=[], item=Field(str),
+                                   doc="datasets of HM_ZS; absent or []: every zero_shot dataset; null: none"),
             },
             nullable=True,
         ),
