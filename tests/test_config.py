@@ -142,6 +142,7 @@ def test_apply_overrides_set_add_delete_and_list_indices():
         ("+train.epochs=2", "'train.epochs' already exists; drop the '+'"),
         ("layers.5.dim=1", "out of range"),
         ("layers.x=1", "use an integer index"),
+        ("train.groups.0.lr=1", "'train.groups' does not exist, so it has no item 0; set the whole list instead, e.g. train.groups=[{...}]"),
     ],
 )
 def test_apply_overrides_errors_name_the_key(override, needle):

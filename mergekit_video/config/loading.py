@@ -231,6 +231,10 @@ def _apply_one(cfg: dict, ov: Override) -> None:
                                   else f"override {ov.text!r}: {'.'.join(ov.keys[:depth]) or '<recipe>'} is a list; use an integer index, not {seg!r}")
             if ov.op == "delete":
                 raise ConfigError(f"override {ov.text!r}: key {here!r} does not exist{did_you_mean(seg, node)}")
+            following = ov.keys[depth + 1]
+            if _is_int(following):  # an index into a list that is not there: a mapping {'0': ...} would be made
+                raise ConfigError(f"override {ov.text!r}: {here!r} does not exist, so it has no item {following}; set the "
+                                  f"whole list instead, e.g. {here}=[{{...}}]")
             node[key] = child = {}
         if not isinstance(child, (dict, list)):
             named = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(child), f"a {type(child).__name__}")
