@@ -216,6 +216,15 @@ def test_quickstart_results(quick_run):
         assert row["trade_off"] == pytest.approx(0.0 if min(a, b) == 0 else 2 * a * b / (a + b))
 
 
+def test_eval_output_dir_is_folded_like_a_recipes(quick_run, tmp_path):
+    """--output-dir missing/../ev names ev (as output_dir=... in a recipe): no stray missing/ is made."""
+    out, _ = quick_run
+    data = out / "data"
+    args = ["eval", str(out / "model"), "--list", str(data / "val.txt"), "--classes", str(data / "classes.csv"), "--root", str(data)]
+    assert cli_main([*args, "--output-dir", str(tmp_path / "missing" / ".." / "ev")]) == 0
+    assert (tmp_path / "ev" / "results.json").is_file() and not (tmp_path / "missing").exists()
+
+
 def test_an_evaluation_that_fails_leaves_no_folder_it_made(quick_run, tmp_path, capsys):
     # a class CSV that does not fit the list: refused once the dataset is built, after recipe.yaml was written
     out, _ = quick_run

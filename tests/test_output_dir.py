@@ -463,6 +463,9 @@ def test_tilde_in_output_dir_is_expanded(tmp_path, monkeypatch):
     # .. is folded before interpolation too: ${output_dir}/... names the folder the run writes into
     cfg = load_recipe(cwd / "r.yaml", ["output_dir=runs/missing/../r/"])
     assert cfg["output_dir"] == "runs/r" and cfg["text"]["cache_dir"] == "runs/r/cache"
+    # a .. after an interpolation belongs to the interpolated path: not folded away with it
+    (cwd / "i.yaml").write_text("runner: mote\ndata:\n  root: /d/k400/videos\noutput_dir: ${data.root}/../runs\n")
+    assert load_recipe(cwd / "i.yaml")["output_dir"] == "/d/k400/videos/../runs"
     cfg = {"runner": "mote", "output_dir": "~/r", "data": {"train_list": "~/lists/train.csv"}}
     expand_user_paths(cfg, SCHEMAS["mote"])
     assert cfg["output_dir"] == f"{home}/r" and cfg["data"]["train_list"] == f"{home}/lists/train.csv"
@@ -559,6 +562,13 @@ def test_a_run_that_cannot_start_removes_only_a_folder_it_created(tmp_path, caps
     prepare_output_dir({"runner": "mote", "output_dir": str(unfolded), "train": {}}, overwrite=True, main=True)
     assert output_dir_state(unfolded) == (True, False)
     release_output_dir(unfolded)
+    # a folder this process made and still holds (a notebook start never cleaned up): a later start made nothing
+    fresh = {"runner": "mote", "output_dir": str(tmp_path / "nb"), "train": {}}
+    prepare_output_dir(fresh, overwrite=False, main=True)
+    assert output_dir_state(tmp_path / "nb") == (True, True)
+    prepare_output_dir(fresh, overwrite=False, main=True)
+    assert output_dir_state(tmp_path / "nb") == (True, False)
+    release_output_dir(tmp_path / "nb")
 
 
 def test_where_no_lock_can_be_taken_a_failed_start_still_removes_the_folder_it_made(tmp_path, monkeypatch, capsys):

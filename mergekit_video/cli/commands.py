@@ -280,7 +280,8 @@ def eval_cmd(
         lists = [str(f.resolve()) for f in list_files]  # absolute: the same evaluation whatever the working folder
         recipe = {
             "runner": "compare" if compare else "evaluate",
-            "output_dir": str(output_dir or default_eval_dir(
+            # ~ and .. folded as a recipe's output_dir is (load_recipe)
+            "output_dir": os.path.normpath(os.path.expanduser(str(output_dir))) if output_dir else str(default_eval_dir(
                 target, list_files[0], views=views, frames=num_frames, compare=compare, zero_shot=zero_shot, splits=len(list_files))),
             "checkpoint": str(target.resolve()),
             "eval": {

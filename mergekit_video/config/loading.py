@@ -129,8 +129,11 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     cfg = apply_overrides(cfg, overrides)
     if isinstance(cfg.get("output_dir"), str) and cfg["output_dir"]:
         # before interpolation, so that ${output_dir}/... names the same folder the run writes into:
-        # ~ expanded, and . / .. folded (runs/a/../b is runs/b, whether or not runs/a exists)
-        cfg["output_dir"] = os.path.normpath(os.path.expanduser(cfg["output_dir"]))
+        # ~ expanded, and . / .. folded (runs/a/../b is runs/b, whether or not runs/a exists) unless the
+        # value interpolates itself (${data.root}/../runs: a .. there belongs to the interpolated path)
+        cfg["output_dir"] = os.path.expanduser(cfg["output_dir"])
+        if "${" not in cfg["output_dir"]:
+            cfg["output_dir"] = os.path.normpath(cfg["output_dir"])
     return resolve_interpolations(cfg)
 
 

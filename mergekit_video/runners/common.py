@@ -382,6 +382,7 @@ def lock_output_dir(out: Path) -> None:
     """
     key = str(out.resolve())
     if key in _held_locks or key in _unlocked_dirs:
+        _created_dirs.discard(key)  # held from an earlier start in this process (a notebook): this start made nothing
         return
     try:
         out.mkdir(parents=True)  # not exist_ok: whether this process made the folder is known without a race
