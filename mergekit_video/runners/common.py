@@ -323,7 +323,9 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         if outputs and ((changes and not neutral) or foreign or restart):
             if not overwrite:
                 names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
-                shown = "; ".join(describe_change(*c) for c in changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+                # the keys that make it another run first (those allowed to change are said after, by name)
+                deciding = [c for c in changes if c[0] not in RESULTS_NEUTRAL_KEYS] or changes
+                shown = "; ".join(describe_change(*c) for c in deciding[:5]) + (f"; and {len(deciding) - 5} more" if len(deciding) > 5 else "")
                 if cfg.get("runner") in ("evaluate", "compare"):  # nothing to resume: an evaluation reruns whole
                     raise FileExistsError(
                         f"output_dir {out} holds the outputs of a different recipe ({shown}). Use another output_dir "
