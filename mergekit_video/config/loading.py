@@ -68,25 +68,23 @@ def is_recorded_recipe(text: str) -> bool:
         return False
 
 
-def _unescape_interpolations(node: Any) -> Any:
-    """The inverse of :func:`_escape_interpolations` (a recorded ``\\${`` is the literal ``${``)."""
+def _map_strings(node: Any, fn: Any) -> Any:
+    """``node`` with ``fn`` applied to every string inside it (mappings and lists searched; keys kept)."""
     if isinstance(node, Mapping):
-        return {k: _unescape_interpolations(v) for k, v in node.items()}
+        return {k: _map_strings(v, fn) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        return [_unescape_interpolations(v) for v in node]
-    if isinstance(node, str):
-        return node.replace("\\${", "${")
-    return node
+        return [_map_strings(v, fn) for v in node]
+    return fn(node) if isinstance(node, str) else node
 
 
 def _escape_interpolations(node: Any) -> Any:
-    if isinstance(node, Mapping):
-        return {k: _escape_interpolations(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_escape_interpolations(v) for v in node]
-    if isinstance(node, str):
-        return node.replace("${", "\\${")
-    return node
+    """Every literal ``${`` as ``\\${``, which loading reads back as the literal (not an interpolation)."""
+    return _map_strings(node, lambda s: s.replace("${", "\\${"))
+
+
+def _unescape_interpolations(node: Any) -> Any:
+    """The inverse of :func:`_escape_interpolations` (a recorded ``\\${`` is the literal ``${``)."""
+    return _map_strings(node, lambda s: s.replace("\\${", "${"))
 
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
