@@ -52,16 +52,12 @@ class EvaluateRunner:
         """Dry-run every ``eval.compare.merges`` entry for the loaded model's expert count (validation
         cannot: the count is in the checkpoint); raise ValueError naming the entry."""
         from ..experts import find_containers
-        from .schema import merge_argument_problem
+        from .schema import compare_merge_problems
 
         containers = find_containers(self.model)
-        if not containers:
-            return
-        n = containers[0][1].num_experts
-        for i, spec in enumerate(((self.cfg.get("eval") or {}).get("compare") or {}).get("merges") or []):
-            found = merge_argument_problem(spec["name"], {k: v for k, v in spec.items() if k != "name"}, n)
-            if found:
-                raise ValueError(f"eval.compare.merges.{i}: {found}")
+        problems = compare_merge_problems(self.cfg, containers[0][1].num_experts) if containers else []
+        if problems:
+            raise ValueError(f"{problems[0].path}: {problems[0].message}")
 
     def train(self) -> None:
         """Nothing to train."""

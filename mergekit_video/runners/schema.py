@@ -312,7 +312,7 @@ def _base_merge_problems(cfg: dict[str, Any]) -> list[Problem]:
     merge = (cfg.get("model") or {}).get("merge")
     if isinstance(merge, str) and requires_base(merge):
         problems.append(Problem("model.merge", f"{merge!r} {NO_BASE_MESSAGE}"))
-    compare = ((cfg.get("eval") or {}).get("compare") or {}).get("merges") or []
+    compare = compare_merge_specs(cfg)
     for i, spec in enumerate(compare):
         name = spec.get("name") if isinstance(spec, dict) else None
         if isinstance(name, str) and requires_base(name):
@@ -326,7 +326,7 @@ def _compare_merge_arguments(cfg: dict[str, Any]) -> list[Problem]:
     from ..registry import MERGES
 
     problems = []
-    compare = ((cfg.get("eval") or {}).get("compare") or {}).get("merges") or []
+    compare = compare_merge_specs(cfg)
     for i, spec in enumerate(compare):
         name = spec.get("name") if isinstance(spec, dict) else None
         if not isinstance(name, str) or name not in MERGES.names():
@@ -335,6 +335,25 @@ def _compare_merge_arguments(cfg: dict[str, Any]) -> list[Problem]:
         for msg in check_call(MERGES.get(name), kwargs, path=f"eval.compare.merges.{i}", allow_missing=("tensors", "base")):
             where, _, text = msg.partition(": ")
             problems.append(Problem(where, text))
+    return problems
+
+
+def compare_merge_specs(cfg: dict[str, Any]) -> list[Any]:
+    """The recipe's ``eval.compare.merges`` entries (``[]`` where there are none)."""
+    return ((cfg.get("eval") or {}).get("compare") or {}).get("merges") or []
+
+
+def compare_merge_problems(cfg: dict[str, Any], num_experts: int) -> list[Problem]:
+    """Every ``eval.compare.merges`` entry dry-run (:func:`merge_argument_problem`) for ``num_experts`` experts."""
+    from ..registry import MERGES
+
+    problems = []
+    for i, spec in enumerate(compare_merge_specs(cfg)):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(name, str) and name in MERGES.names():
+            found = merge_argument_problem(name, {k: v for k, v in spec.items() if k != "name"}, num_experts)
+            if found:
+                problems.append(Problem(f"eval.compare.merges.{i}", found))
     return problems
 
 
@@ -394,13 +413,8 @@ def _model_problems(cfg: dict[str, Any]) -> list[Problem]:
                 "training (train.export_dense, on by default) cannot collapse it: use a weight merge (mean, weighted, "
                 "temperature_softmax) or set train.export_dense=false",
             ))
-    compare = ((cfg.get("eval") or {}).get("compare") or {}).get("merges") or []
-    for i, spec in enumerate(compare):
-        name = spec.get("name") if isinstance(spec, dict) else None
-        if isinstance(n, int) and isinstance(name, str) and name in MERGES.names():
-            found = merge_argument_problem(name, {k: v for k, v in spec.items() if k != "name"}, n)
-            if found:
-                problems.append(Problem(f"eval.compare.merges.{i}", found))
+    if isinstance(n, int):
+        problems += compare_merge_problems(cfg, n)
     router, router_kwargs = model.get("router", "multinomial"), model.get("router_kwargs") or {}
     if isinstance(n, int) and n > 0 and isinstance(router, str) and router in ROUTERS.names() and isinstance(router_kwargs, dict):
         from torch import nn
