@@ -64,21 +64,47 @@ def item_generator(seed: int, epoch: int, index: int, attempt: int = 0) -> torch
 SSV2_FLIP_LABEL_PAIRS = ((86, 87), (93, 94), (166, 167))
 
 
+def flip_label_pair_errors(pairs: Sequence[Any] | None, num_classes: int | None = None) -> list[tuple[int, str, Any]]:
+    """What is wrong with ``flip_label_pairs``, as ``(pair index, kind, detail)``, in pair order.
+
+    Kinds: ``"shape"`` (not two int ids; detail: the pair), ``"negative"`` and ``"same"`` (detail: the
+    pair), ``"repeat"`` (an id already in an earlier pair; detail: ``(id, earlier index)``), and with
+    ``num_classes``, ``"beyond"`` (detail: the id, not below ``num_classes``). The callers word them: the
+    dataset raises on the first, recipe validation names each key.
+    """
+    errors: list[tuple[int, str, Any]] = []
+    seen: dict[int, int] = {}  # class id -> index of its first pair
+    for i, pair in enumerate(pairs or ()):
+        if isinstance(pair, (str, bytes)) or len(pair) != 2 or not all(isinstance(c, int) and not isinstance(c, bool) for c in pair):
+            errors.append((i, "shape", pair))
+            continue
+        if min(pair) < 0:
+            errors.append((i, "negative", list(pair)))
+        elif pair[0] == pair[1]:
+            errors.append((i, "same", list(pair)))
+        for c in dict.fromkeys(pair):
+            if c in seen:
+                errors.append((i, "repeat", (c, seen[c])))
+            seen.setdefault(c, i)
+            if num_classes is not None and c >= num_classes:
+                errors.append((i, "beyond", c))
+    return errors
+
+
 def flip_label_map(pairs: Sequence[Sequence[int]] | None) -> dict[int, int]:
     """``{a: b, b: a}`` for every pair ``(a, b)`` of class ids that a horizontal flip swaps.
 
-    Raises ValueError for a pair that is not two distinct non-negative ids, or an id in two pairs.
+    Raises ValueError for a pair that is not two distinct non-negative ids, or an id in two pairs
+    (the first of :func:`flip_label_pair_errors`).
     """
+    for i, kind, detail in flip_label_pair_errors(pairs):
+        if kind == "shape":
+            raise ValueError(f"flip_label_pairs[{i}] must be two class ids [a, b], got {detail!r}")
+        if kind in ("negative", "same"):
+            raise ValueError(f"flip_label_pairs[{i}] must be two distinct non-negative class ids, got {detail}")
+        raise ValueError(f"flip_label_pairs: class id {detail[0]} is in two pairs")
     mapping: dict[int, int] = {}
-    for i, pair in enumerate(pairs or ()):
-        if isinstance(pair, (str, bytes)) or len(pair) != 2 or not all(isinstance(c, int) and not isinstance(c, bool) for c in pair):
-            raise ValueError(f"flip_label_pairs[{i}] must be two class ids [a, b], got {pair!r}")
-        a, b = pair
-        if a < 0 or b < 0 or a == b:
-            raise ValueError(f"flip_label_pairs[{i}] must be two distinct non-negative class ids, got {list(pair)}")
-        for c in (a, b):
-            if c in mapping:
-                raise ValueError(f"flip_label_pairs: class id {c} is in two pairs")
+    for a, b in pairs or ():
         mapping[a], mapping[b] = b, a
     return mapping
 
@@ -178,7 +204,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.class_names = list(class_names) if class_names is not None else None
         if self.class_names is not None:
             self._check_labels(getattr(class_names, "source", None))
-            beyond = sorted(i for i in self.flip_label_map if i >= len(self.class_names))
+            beyond = sorted(c for _, kind, c in flip_label_pair_errors(flip_label_pairs, len(self.class_names)) if kind == "beyond")
             if beyond:
                 raise ValueError(f"flip_label_pairs name class id {beyond[0]}, but there are only {len(self.class_names)} classes")
         self.num_frames, self.train, self.list_format, self.backend = num_frames, train, list_format, backend

@@ -55,8 +55,10 @@ class MoTERunner:
         self.data_cfg = ctx.data_cfg  # synthetic data written, every named path checked
 
         self.train_class_names = class_names_from(self.data_cfg["class_csv"])
-        pairs = self.data_cfg.get("flip_label_pairs") or []
-        beyond = sorted({c for pair in pairs for c in pair if c >= len(self.train_class_names)})
+        from ..data.datasets import flip_label_pair_errors
+
+        errors = flip_label_pair_errors(self.data_cfg.get("flip_label_pairs"), len(self.train_class_names))
+        beyond = sorted(c for _, kind, c in errors if kind == "beyond")
         if beyond:  # said before the model is built
             raise ValueError(f"data.flip_label_pairs: class id {beyond[0]}, but data.class_csv {self.data_cfg['class_csv']} "
                              f"has {len(self.train_class_names)} classes (ids 0..{len(self.train_class_names) - 1})")

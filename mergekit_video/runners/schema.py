@@ -558,20 +558,17 @@ def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
 
 def _flip_label_problems(data: dict[str, Any]) -> list[Problem]:
     """``data.flip_label_pairs``: pairs of distinct ids, each id once, and a flip to swap them on."""
+    from ..data.datasets import flip_label_pair_errors
+
     pairs = data.get("flip_label_pairs")
     if not pairs or not isinstance(pairs, list):
         return []
-    seen: dict[int, int] = {}  # class id -> pair index
     problems = []
-    for i, pair in enumerate(pairs):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(type(c) is int for c in pair)):
-            continue  # the schema reports it
-        if pair[0] == pair[1]:
-            problems.append(Problem(f"data.flip_label_pairs.{i}", f"needs two distinct class ids, got {pair}"))
-        for c in dict.fromkeys(pair):
-            if c in seen:
-                problems.append(Problem(f"data.flip_label_pairs.{i}", f"class id {c} is in data.flip_label_pairs.{seen[c]} too"))
-            seen.setdefault(c, i)
+    for i, kind, detail in flip_label_pair_errors(pairs):  # shapes and negative ids: the schema reports them
+        if kind == "same":
+            problems.append(Problem(f"data.flip_label_pairs.{i}", f"needs two distinct class ids, got {detail}"))
+        elif kind == "repeat":
+            problems.append(Problem(f"data.flip_label_pairs.{i}", f"class id {detail[0]} is in data.flip_label_pairs.{detail[1]} too"))
     if problems:
         return problems
     if data.get("flip") is False:
