@@ -234,15 +234,21 @@ def _check_ranges(fn: MergeFn, name: str, kwargs: Mapping[str, Any]) -> None:
 
 
 def _magnitude_trim(delta: Tensor, density: float) -> Tensor:
-    """Keep the top ``density`` fraction of entries of ``delta`` by magnitude (TIES "trim")."""
+    """Keep the top ``density`` fraction of entries of ``delta`` by magnitude (TIES "trim").
+
+    Exactly k = round(density · n) entries are kept (rounding half up, at least one), as mergekit
+    does with ``topk``: entries tied at the threshold (a sign-SGD step, all-equal deltas) do not
+    all survive, so ``density`` holds whatever the values.
+    """
     if density >= 1.0:
         return delta
-    k = int(round(density * delta.numel()))
-    if k <= 0:
-        return torch.zeros_like(delta)
-    flat = delta.abs().flatten()
-    threshold = flat.kthvalue(flat.numel() - k + 1).values
-    return delta * (delta.abs() >= threshold)
+    n = delta.numel()
+    k = max(1, math.floor(density * n + 0.5))
+    if k >= n:
+        return delta
+    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    keep[delta.abs().flatten().topk(k, sorted=False).indices] = True
+    return delta * keep.view(delta.shape)
 
 
 def _bernoulli_drop(delta: Tensor, drop_rate: float, generator: torch.Generator | None) -> Tensor:
@@ -316,14 +322,16 @@ class GeneralizedTaskArithmetic:
         wv = w.to(stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
         weighted_deltas = stacked * wv
         if self.sign_consensus:
+            # signs of the weighted deltas, as mergekit: a negative weight flips what an entry votes for
             elected = torch.sign(weighted_deltas.sum(dim=0))
-            mask = (torch.sign(stacked) == elected) & (stacked != 0)
+            mask = (torch.sign(weighted_deltas) == elected) & (weighted_deltas != 0)
         else:
             mask = torch.ones_like(stacked, dtype=torch.bool)
         merged = (weighted_deltas * mask).sum(dim=0)
         if self.disjoint_mean:
             divisor = (wv * mask).sum(dim=0)
-            merged = torch.where(divisor.abs() > 1e-12, merged / divisor.clamp_min(1e-12), torch.zeros_like(merged))
+            nonzero = divisor.abs() > 1e-12
+            merged = torch.where(nonzero, merged / torch.where(nonzero, divisor, torch.ones_like(divisor)), torch.zeros_like(merged))
         return (b + lam * merged).to(dtype)
 
 

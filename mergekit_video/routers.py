@@ -122,7 +122,9 @@ class Router(nn.Module):
 def multinomial_probs(num_experts: int, temperature: float = 1.0) -> torch.Tensor:
     """P(i) = exp(i/T) / Σ_j exp(j/T) for i = 1..N (MoTE Eq. 5), as a ``[N]`` float64 tensor."""
     i = torch.arange(1, num_experts + 1, dtype=torch.float64)
-    return torch.softmax(i / temperature, dim=0)
+    # shifted by the largest logit: (i − i*)/T ≤ 0 stays finite for tiny T (i* = N for T > 0, 1 for T < 0)
+    top = float(num_experts) if temperature > 0 else 1.0
+    return torch.softmax((i - top) / temperature, dim=0)
 
 
 @ROUTERS.register("multinomial")

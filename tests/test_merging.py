@@ -134,6 +134,26 @@ def test_ties_by_hand():
     assert close(ties(thetas, base=base, density=1.0), [0.5, 0.5 + 1.05, 0.5 - 3.0, 0.5 - 3.7 / 3])
 
 
+def test_ties_trim_keeps_exactly_density_of_tied_entries():
+    # all-equal magnitudes (a sign-SGD step): a threshold test would keep all 10; the top-k keeps 2
+    ties = MERGES.get("ties")
+    b = torch.zeros(10)
+    out = ties([torch.ones(10), torch.ones(10)], base=b, density=0.2)
+    assert int((out != 0).sum()) == 2 and close(out[out != 0], [1.0, 1.0])
+    # k = round(density · n), half up, at least one: n = 1 and density 0.5 keeps the entry
+    assert close(ties([T(1.0), T(-3.0)], base=T(0.0), density=0.5), [-3.0])
+    assert int((ties([torch.arange(1.0, 6.0)] * 2, base=torch.zeros(5), density=0.5) != 0).sum()) == 3
+
+
+def test_ties_with_negative_weights_votes_with_the_weighted_signs():
+    # deltas [5], [1], [1] with weights [1, −1, −1]: weighted [5, −1, −1], elected sign +, only the
+    # first agrees; disjoint mean 5 / 1 = 5 (mergekit's answer); the divisor is not clamped to 1e-12
+    ties = MERGES.get("ties")
+    assert close(ties([T(5.0), T(1.0), T(1.0)], base=T(0.0), density=1.0, weights=[1.0, -1.0, -1.0]), [5.0])
+    # w = [1, −0.5] on deltas [2, 1]: weighted [2, −0.5] → only the first is kept: 2 / 1
+    assert close(ties([T(2.0), T(1.0)], base=T(0.0), density=1.0, weights=[1.0, -0.5]), [2.0])
+
+
 # DARE hand example. base = 1; task vectors d1 = [2, 0, 1, −1], d2 = [3, 4, −2, 1].
 # The drop mask comes from the seeded generator, drawn tensor after tensor:
 #   torch.rand(4) → u1 = [0.4963, 0.7682, 0.0885, 0.1320], then u2 = [0.3074, 0.6341, 0.4901, 0.8964];

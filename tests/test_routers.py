@@ -37,6 +37,12 @@ def test_multinomial_probs_by_hand():
     assert torch.allclose(multinomial_probs(3, -1.0), multinomial_probs(3).flip(0))
 
 
+def test_multinomial_probs_tiny_temperatures_are_one_hot_not_nan():
+    for t, hot in ((1e-308, 2), (5e-324, 2), (-1e-308, 0), (-5e-324, 0)):
+        assert torch.equal(multinomial_probs(3, t), torch.eye(3, dtype=torch.float64)[hot])
+    assert torch.allclose(multinomial_probs(3, math.inf), torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
 def test_multinomial_batch_frequencies():
     """MoTE Eq. 5 at batch granularity: one draw per forward, 20k forwards."""
     router = ROUTERS.build("multinomial", num_experts=4, seed=1234)
