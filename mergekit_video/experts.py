@@ -168,6 +168,15 @@ def _argument_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _copy_containers(value: Any) -> Any:
+    """``value`` with its lists, tuples and dicts copied, recursively; tensors, modules and the rest shared."""
+    if isinstance(value, Mapping):
+        return {k: _copy_containers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_containers(v) for v in value) if type(value) in (list, tuple) else value
+    return value
+
+
 def _data_pointers(tensors: Sequence[torch.Tensor]) -> list[int] | None:
     """Each tensor's data address (None where tensors have no storage: fake or meta tensors)."""
     try:
@@ -193,7 +202,12 @@ def _merge_buffer(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.T
 
 
 def check_same_structure(experts: Sequence[nn.Module]) -> None:
-    """Raise ``ValueError`` naming the first tensor in which the experts differ."""
+    """Raise ``ValueError`` naming the first submodule or tensor in which the experts differ.
+
+    Experts must be of one class with the same submodules (names, classes and ``extra_repr``
+    settings: an activation, a dropout rate, a LayerNorm eps), no shared parameters, and the same
+    tensor names, shapes and dtypes.
+    """
     if len(experts) == 0:
         raise ValueError("ExpertContainer needs at least one expert")
     ref = experts[0]
@@ -217,6 +231,21 @@ def check_same_structure(experts: Sequence[nn.Module]) -> None:
         for k in sd:
             if k not in ref_sd:
                 raise ValueError(f"expert {i} has tensor {k!r}, which expert 0 lacks")
+        # submodules: same names, classes and settings (a parameter-free ReLU vs Tanh has no tensor to differ)
+        ref_modules, modules = dict(ref.named_modules()), dict(e.named_modules())
+        for name, m in ref_modules.items():
+            other = modules.get(name)
+            label = f"submodule {name!r}" if name else "the module"
+            if other is None:
+                raise ValueError(f"expert {i} has no {label}, which expert 0 has")
+            if type(other) is not type(m) or other.extra_repr() != m.extra_repr():
+                raise ValueError(
+                    f"{label} differs: expert 0 has {type(m).__name__}({m.extra_repr()}), "
+                    f"expert {i} has {type(other).__name__}({other.extra_repr()})"
+                )
+        for name in modules:
+            if name not in ref_modules:
+                raise ValueError(f"expert {i} has submodule {name!r}, which expert 0 lacks")
 
 
 class ExpertEnsemble(nn.Module):
@@ -402,7 +431,11 @@ class ExpertContainer(nn.Module):
                 # every parameter and buffer, non-persistent buffers included (not in state_dict)
                 warned = self.__dict__.setdefault("_non_float_warned", set())
                 tensors = self._slot_tensors()
+                # weights summing to 1: a tensor equal in every expert (upcycled, untrained) stays bit-exact
+                convex = abs(float(coeff.sum()) - 1.0) < 1e-9
                 for (name, _), ts, value in zip(self._tensor_slots(), tensors, self._merge_slots(coeff, tensors)):
+                    if convex and _all_equal(ts):
+                        continue  # the dense copy of expert 0 holds it
                     # counters, indices: never averaged; expert 0's, with a warning when they differ (once per tensor)
                     if not ts[0].is_floating_point() and name not in warned and not _all_equal(ts):
                         value = merge_tensors(ts, name=name)
@@ -596,7 +629,8 @@ class ExpertContainer(nn.Module):
         given once (the weights the experts were tuned from) is the container's: later
         task-arithmetic merges (``ties``, ``dare``, ...) without one use it.
         """
-        kwargs = self._with_own_base(strategy, kwargs)
+        # lists, tuples and dicts copied: the caller editing its list later must not split eval from collapse()
+        kwargs = self._with_own_base(strategy, {k: _copy_containers(v) for k, v in kwargs.items()})
         check_merge_arguments(strategy, kwargs, num_experts=self.num_experts)
         pool, key = self.__dict__["_merge_pool"], _merge_key(strategy, kwargs)
         kept = pool.pop(key, (None,))[0]

@@ -79,6 +79,35 @@ def test_structure_errors_name_the_tensor():
         ExpertContainer([shared, other], "fixed")
 
 
+def test_structure_check_compares_submodules_without_tensors():
+    # a parameter-free activation differs: eval and merged_forward would run expert 0's for every expert
+    tanh = MLP()
+    tanh.act = nn.Tanh()
+    with pytest.raises(ValueError, match=r"^submodule 'act' differs: expert 0 has GELU\(approximate='none'\), expert 1 has Tanh\(\)$"):
+        ExpertContainer([MLP(), tanh], "fixed")
+    approx = MLP()
+    approx.act = nn.GELU(approximate="tanh")
+    with pytest.raises(ValueError, match=r"^submodule 'act' differs: .*GELU\(approximate='tanh'\)$"):
+        ExpertContainer([MLP(), approx], "fixed")
+    extra = MLP()
+    extra.drop = nn.Dropout(0.1)
+    with pytest.raises(ValueError, match=r"^expert 1 has submodule 'drop', which expert 0 lacks$"):
+        ExpertContainer([MLP(), extra], "fixed")
+
+
+def test_set_merge_copies_list_arguments():
+    # editing the caller's list afterwards changes neither the cached eval merge nor collapse()
+    torch.manual_seed(0)
+    c = ExpertContainer(experts(3), "random").eval()
+    w = [1.0, 2.0, 3.0]
+    c.set_merge("weighted", weights=w)
+    x = torch.randn(2, 4)
+    y = c(x)
+    w[0] = 50.0
+    assert list(c.merge_kwargs["weights"]) == [1.0, 2.0, 3.0]
+    assert maxdiff(c(x), y) == 0.0 and maxdiff(c.collapse()(x), y) < 1e-6
+
+
 def test_router_and_merge_argument_errors():
     with pytest.raises(ValueError, match=r"^router is built for 3 experts but the container has 2$"):
         ExpertContainer(experts(2), FixedRouter(num_experts=3))

@@ -124,7 +124,12 @@ def test_init_copy_and_copy_noise():
         for e in m.blocks[i].mlp.experts:
             assert all(torch.equal(v, ref.blocks[i].mlp.state_dict()[k]) for k, v in e.state_dict().items())
     x = torch.randn(5, 4)
-    assert maxdiff(m.eval()(x), ref.eval()(x)) <= 1e-6  # upcycled experts: the merge is the original model
+    # upcycled experts: the merge is the original model, bit for bit (N = 3 would round the mean by an ulp)
+    assert torch.equal(m.eval()(x), ref.eval()(x))
+    collapsed = mv.collapse_experts(copy.deepcopy(m))
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in collapsed.state_dict().items())
+    tsm = mv.collapse_experts(copy.deepcopy(m), "temperature_softmax", tau=0.6)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in tsm.state_dict().items())
     n = toy()
     mv.add_experts(n, "blocks.0.mlp", 3, init="copy_noise", noise_std=0.05, generator=torch.Generator().manual_seed(0))
     experts = n.blocks[0].mlp.experts
