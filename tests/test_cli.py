@@ -221,7 +221,13 @@ def test_missing_data_paths_are_named_by_key_before_the_model_is_built(tmp_path,
     assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").iterdir())  # the user's folder stays, as it was
     # synthetic data is written by the run: its paths (data.*, eval lists under output_dir/data) are not checked up front
     assert cli_main(["validate", "--check-paths", str(QUICKSTART), f"output_dir={tmp_path / 'q'}"]) == 0
-    assert "data.synthetic is set" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data.synthetic is set" in out and "warning" not in out
+    # the user's own lists beside data.synthetic (a copied quickstart) would be replaced: said, naming them
+    mine = f"data.train_list={tmp_path / 'mine.txt'}"
+    assert cli_main(["validate", str(QUICKSTART), f"output_dir={tmp_path / 'q'}", mine]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"in place of {mine}; to use those files, remove data.synthetic (override ~data.synthetic)" in out
     # ... but every other path is
     other_list = f"eval.datasets.1.list={tmp_path / 'k600_split1.txt'}"
     assert cli_main(["validate", "--check-paths", str(QUICKSTART), f"output_dir={tmp_path / 'q'}", "model.pretrained=/nope.pt",

@@ -1039,8 +1039,8 @@ def test_multi_view_averages_softmax_probabilities_and_counts_each_video_once():
     soft = evaluate(_LogitsModel(), [batch, again], cls, view_reduce="softmax_mean", views=(2, 1))
     logit = evaluate(_LogitsModel(), [batch, again], cls, view_reduce="logit_mean", views=(2, 1))
     assert list(soft.variants) == ["model"]
-    assert (soft.variants["model"].top1, soft.variants["model"].top5) == (100.0, 100.0)  # top-5 clipped to 3 classes
-    assert (logit.variants["model"].top1, logit.variants["model"].top5) == (50.0, 100.0)
+    assert (soft.variants["model"].top1, soft.variants["model"].top5) == (100.0, None)  # no top-5 over 3 classes
+    assert (logit.variants["model"].top1, logit.variants["model"].top5) == (50.0, None)
     assert (soft.num_videos, soft.num_failed, soft.failed, soft.views) == (2, 1, ["/x/bad.mp4"], (2, 1))
     with pytest.raises(ValueError, match="view_reduce must be one of"):
         evaluate(_LogitsModel(), [batch], cls, view_reduce="max")
@@ -1221,6 +1221,13 @@ def test_summary_scores_by_hand():
     assert [c.strip() for c in header.split("┃")[1:4]] == ["variant", "k400 top-1", "k400 top-5"]
     row_a = next(line for line in lines if line.split("│")[1:2] == [" A "] or line.startswith("│ A "))
     assert [c.strip() for c in row_a.split("│")[2:4]] == [f"{a['k400']['top1']:.1f}", f"{a['k400']['top5']:.1f}"]
+    # 5 classes or fewer: no top-5 (None, "-" in the table, null in JSON)
+    small = {"k400": [EvalResult(dataset="k400", variants={"A": VariantResult(top1=60.0, top5=None, num_videos=4)}, num_videos=4)]}
+    assert summarize(small, close_set="k400", zero_shot=[])["A"]["k400"]["top5"] is None
+    console = Console(record=True, width=200)
+    console.print(results_table(summarize(small, close_set="k400", zero_shot=[]), datasets=["k400"], close_set="k400"))
+    row = next(line for line in console.export_text().splitlines() if line.startswith("│ A "))
+    assert [c.strip() for c in row.split("│")[2:4]] == ["60.0", "-"]
     # over one zero-shot dataset HM_ZS is its top-1: the table leaves the column out (Trade-off stays)
     one = summarize(results, close_set="k400", zero_shot=["ucf"])
     assert one["A"]["HM_ZS"] == 72.0

@@ -119,6 +119,13 @@ def validate_cmd(
 ) -> None:
     """Validate a recipe (types, allowed values, components, plugins) without running anything heavy."""
     cfg = _load_validated(recipe, overrides or [])
+    from ..runners.common import synthetic_replacement_note
+
+    replaced = synthetic_replacement_note(cfg.get("data") or {})
+    if replaced:
+        from rich.markup import escape
+
+        _console().print(f"[yellow]warning[/]: {escape(replaced)}")
     if check_paths:
         from ..config import ValidationError
         from ..runners.common import check_recipe_paths, without_synthetic_paths

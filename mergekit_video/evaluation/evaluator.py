@@ -119,10 +119,10 @@ def _expert_ctx(i: int) -> Callable[[torch.nn.Module], ContextManager]:
 
 @dataclass
 class VariantResult:
-    """Accuracy of one variant (percent)."""
+    """Accuracy of one variant (percent); ``top5`` is None over 5 classes or fewer (it would be 100 by construction)."""
 
     top1: float
-    top5: float
+    top5: float | None
     num_videos: int
 
 
@@ -246,7 +246,7 @@ def evaluate(
         if not var.report:
             continue
         top1, top5 = (sum(r[var.name][i] for r in records.values()) for i in range(len(_KS)))
-        results[var.name] = VariantResult(top1=100.0 * top1 / n, top5=100.0 * top5 / n, num_videos=n)
+        results[var.name] = VariantResult(top1=100.0 * top1 / n, top5=100.0 * top5 / n if cls.shape[0] > 5 else None, num_videos=n)
     return EvalResult(
         dataset=dataset_name,
         variants=results,

@@ -36,7 +36,8 @@ def summarize(
             if not top1:
                 continue
             m, s = mean_std(top1)
-            row[ds] = {"top1": m, "top1_std": s, "top5": mean_std(top5)[0], "splits": top1}
+            # top-5 is undefined over 5 classes or fewer (None): shown as "-", null in JSON
+            row[ds] = {"top1": m, "top1_std": s, "top5": None if None in top5 else mean_std(top5)[0], "splits": top1}
         zs = [row[d]["top1"] for d in zero_shot if d in row]
         if zero_shot and len(zs) == len(zero_shot):
             row["HM_ZS"] = harmonic_mean(zs)
@@ -90,7 +91,7 @@ def results_table(
             else:
                 cells.append(f"{row[d]['top1']:.1f}")
             if d == close_set:
-                cells.append(f"{row[d]['top5']:.1f}" if d in row else "-")
+                cells.append(f"{row[d]['top5']:.1f}" if d in row and row[d]["top5"] is not None else "-")
         if show_hm:
             cells.append(f"{row['HM_ZS']:.1f}" if "HM_ZS" in row else "-")
         if show_to:

@@ -467,6 +467,22 @@ def _refuse_deleting_inputs(cfg: dict[str, Any], outputs: list[Path]) -> None:
                 )
 
 
+def synthetic_replaced_keys(data_cfg: dict[str, Any]) -> list[str]:
+    """The ``data.*`` path keys a recipe sets that ``data.synthetic`` replaces with its own dataset's files."""
+    if not data_cfg.get("synthetic"):
+        return []
+    return [f"data.{k}={data_cfg[k]}" for k in SYNTHETIC_DATA_KEYS if data_cfg.get(k) not in (None, "")]
+
+
+def synthetic_replacement_note(data_cfg: dict[str, Any]) -> str | None:
+    """A sentence saying which of the recipe's data paths ``data.synthetic`` replaces (None when none)."""
+    replaced = synthetic_replaced_keys(data_cfg)
+    if not replaced:
+        return None
+    return (f"data.synthetic is set: the run writes a synthetic dataset to output_dir/data and trains and evaluates on it "
+            f"in place of {', '.join(replaced)}; to use those files, remove data.synthetic (override ~data.synthetic)")
+
+
 def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write the synthetic dataset under ``{output_dir}/data`` (once) and point the data keys at it.
 
@@ -477,6 +493,10 @@ def ensure_synthetic_data(data_cfg: dict[str, Any], output_dir: Path, *, main: b
     if not syn:
         return data_cfg
     from ..data.synthetic import synthetic_layout, synthetic_settings, write_synthetic_dataset
+
+    note = synthetic_replacement_note(data_cfg)
+    if main and note:  # a copied quickstart with the user's own lists added: never silently ignored
+        log.warning(note)
 
     from .schema import SYNTHETIC
 

@@ -315,8 +315,9 @@ class MoTERunner:
         v = next(iter(res.variants.values()))
         if self.main and self.console is not None:
             total = self.cfg["schedule"]["epochs"]  # shown 1-based, as the schedule counts them (metrics.jsonl: 0-based)
-            self.console.print(f"epoch {epoch + 1}/{total}: val top-1 {v.top1:.2f}  top-5 {v.top5:.2f}  ({res.num_videos} videos, {res.num_failed} failed)")
-        return {"top1": v.top1, "top5": v.top5, "failed": float(res.num_failed)}
+            top5 = "" if v.top5 is None else f"  top-5 {v.top5:.2f}"  # None: 5 classes or fewer
+            self.console.print(f"epoch {epoch + 1}/{total}: val top-1 {v.top1:.2f}{top5}  ({res.num_videos} videos, {res.num_failed} failed)")
+        return {"top1": v.top1, **({} if v.top5 is None else {"top5": v.top5}), "failed": float(res.num_failed)}
 
     # -- phases -----------------------------------------------------------------------------
     def train(self) -> None:
