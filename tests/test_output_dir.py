@@ -622,3 +622,14 @@ def test_a_run_refused_by_another_runs_lock_undoes_nothing(tmp_path, capsys, mon
         for holder in started:
             holder.kill()
             holder.wait()
+
+
+def test_describe_change_shows_where_long_paths_differ():
+    from mergekit_video.runners.common import describe_change
+
+    a, b = "/tmp/someone/mydata/annotations/zs_labels.csv", "/tmp/someone/mydata/annotations/zs_labels_v2.csv"
+    assert describe_change("eval.datasets.0.class_csv", a, b) == (
+        "eval.datasets.0.class_csv: '.../annotations/zs_labels.csv' -> '.../annotations/zs_labels_v2.csv'"
+    )
+    assert describe_change("data.val_list", "/d/a.txt", "/d/b.txt") == "data.val_list: '/d/a.txt' -> '/d/b.txt'"
+    assert describe_change("schedule.epochs", 5, 6) == "schedule.epochs: 5 -> 6"

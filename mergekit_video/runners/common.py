@@ -223,8 +223,19 @@ def _without_new_defaults(cfg: dict[str, Any], earlier: Any, changes: list[tuple
 
 
 def describe_change(key: str, old: Any, new: Any) -> str:
-    """``key: old -> new`` for one recipe change, each value cut to 40 characters (``(absent)`` for a missing key)."""
+    """``key: old -> new`` for one recipe change, each value cut to 40 characters (``(absent)`` for a missing key).
+
+    Two long strings (paths) are shown from the path part where they start to differ, so that
+    ``.../annotations/zs_labels.csv`` and ``.../annotations/zs_labels_v2.csv`` do not print alike.
+    """
     from ..config import MISSING
+
+    if isinstance(old, str) and isinstance(new, str) and max(len(old), len(new)) > 38:
+        same = len(os.path.commonprefix([old, new]))
+        cut = old.rfind("/", 0, same)
+        cut = old.rfind("/", 0, cut) if cut > 0 else cut  # one folder of context
+        if cut > 0:
+            old, new = "..." + old[cut:], "..." + new[cut:]
 
     def show(v: Any) -> str:
         text = "(absent)" if v is MISSING else repr(v)
