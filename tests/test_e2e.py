@@ -170,12 +170,23 @@ def test_the_run_names_a_best_checkpoint_other_than_the_last(tmp_path, capsys, m
     from mergekit_video.training.checkpoint import CheckpointManager
 
     monkeypatch.setattr(CheckpointManager, "best", lambda self: (self.checkpoints() or [None])[0])  # the oldest one kept
+    scores = {"step_00000004": 90.0, "step_00000020": 50.0}
+    monkeypatch.setattr(CheckpointManager, "metric_of", lambda self, c: scores.get(c.name))
     out = tmp_path / "run"
     assert cli_main(["run", str(QUICKSTART), f"output_dir={out}", *QUICK_OVERRIDES, "eval.compare.merges=[]",
                      "eval.compare.experts=false", "eval.compare.logit_ensemble=false", "eval.modulation=[false]"]) == 0
     said = "".join(capsys.readouterr().out.split())  # rich may fold a long path: compare without any whitespace
-    # the first checkpoint (step 4), kept by pruning as the "best" one
-    assert f"bestvaltop-1atstep_00000004:evaluatethoseweightswithmergevideval{out / 'checkpoints' / 'step_00000004'}" in said
+    # the first checkpoint (step 4), kept by pruning as the "best" one, with a command ready to run on the val data
+    data = out / "data"
+    assert (f"bestvaltop-1{90.0:.2f}atstep_00000004(last:{50.0:.2f}):evaluatethoseweightswithmergevideval"
+            f"{out / 'checkpoints' / 'step_00000004'}--list{data / 'val.txt'}--classes{data / 'classes.csv'}--root{data}") in said
+    # a tie with the last checkpoint names nothing: the final evaluation scored weights as good
+    scores["step_00000004"] = 50.0
+    runner_hint = "evaluatethoseweights"
+    assert cli_main(["run", str(QUICKSTART), f"output_dir={out}", *QUICK_OVERRIDES, "eval.compare.merges=[]",
+                     "eval.compare.experts=false", "eval.compare.logit_ensemble=false", "eval.modulation=[false]"]) == 0
+    said = "".join(capsys.readouterr().out.split())
+    assert runner_hint not in said and "20steps,finishedbefore(nothinglefttotrain)" in said
 
 
 def test_quickstart_metrics(quick_run):

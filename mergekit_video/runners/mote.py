@@ -323,6 +323,7 @@ class MoTERunner:
     def train(self) -> None:
         """Train (resuming where the recipe says) and print the per-epoch validation summary."""
         start = time.perf_counter()
+        first_step = self.trainer.state.step  # > 0 when resumed
         if self.main and self.console is not None:
             n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             self.console.print(
@@ -336,12 +337,38 @@ class MoTERunner:
             from ..training.metrics import print_summary
 
             rows = [{"epoch": h["epoch"] + 1, "step": h["step"], "val top-1": h.get("top1"), "val top-5": h.get("top5")} for h in state.history]
-            title = f"training: {state.step} steps in {self.train_seconds:.0f} s, best val top-1 {state.best_metric:.2f}" if state.best_metric is not None else "training"
+            done = state.step - first_step
+            steps = (f"{state.step} steps, finished before (nothing left to train)" if done == 0 and state.step > 0
+                     else f"{state.step} steps ({done} in this run, resumed at step {first_step})" if first_step > 0
+                     else f"{state.step} steps")
+            title = f"training: {steps} in {self.train_seconds:.0f} s" if done else f"training: {steps}"
+            if state.best_metric is not None:
+                title += f", best val top-1 {state.best_metric:.2f}"
             print_summary(rows, title, console=self.console)
-            best = self.checkpoints.best()
-            if best is not None and state.best_metric is not None and best != self.checkpoints.latest():
-                # the final evaluation scores the last weights; the official code also keeps its best epoch's
-                self.console.print(f"best val top-1 at {best.name}: evaluate those weights with mergevid eval {best} --list LIST --classes CSV")
+            self._print_best_checkpoint_hint()
+
+    def _print_best_checkpoint_hint(self) -> None:
+        """Name the best checkpoint and a ready ``mergevid eval`` command when it scored strictly better than the last."""
+        best, latest = self.checkpoints.best(), self.checkpoints.latest()
+        if best is None or latest is None or best == latest:
+            return
+        best_v, last_v = self.checkpoints.metric_of(best), self.checkpoints.metric_of(latest)
+        if best_v is None or (last_v is not None and best_v <= last_v):  # a tie: the last weights are as good
+            return
+        import shlex
+
+        # the final evaluation scores the last weights; the official code also keeps its best epoch's
+        data = self.data_cfg
+        command = ["mergevid", "eval", str(best)]
+        if data.get("val_list") and data.get("class_csv"):
+            command += ["--list", str(data["val_list"]), "--classes", str(data["class_csv"])]
+            if data.get("root"):
+                command += ["--root", str(data["root"])]
+        else:
+            command += ["--list", "LIST", "--classes", "CSV", "--root", "ROOT"]
+        last = "" if last_v is None else f" (last: {last_v:.2f})"
+        self.console.print(f"best val top-1 {best_v:.2f} at {best.name}{last}: evaluate those weights with "
+                           f"{' '.join(shlex.quote(c) for c in command)}")
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the trained model on ``eval.datasets`` (merge variants, TFM on/off); return the results."""

@@ -556,6 +556,15 @@ class CheckpointManager:
         complete one); None when there is none. Half-written checkpoints are never returned."""
         return _latest_in(self.directory)
 
+    def metric_of(self, checkpoint: Path) -> float | None:
+        """The ``best_metric`` value recorded with ``checkpoint`` (None when it has none)."""
+        if self.best_metric is None:
+            return None
+        v = ((_read_state_json(checkpoint) or {}).get("metrics") or {}).get(self.best_metric)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+            return None
+        return float(v)
+
     def best(self) -> Path | None:
         """The checkpoint with the best ``best_metric`` (earliest on ties); None without one."""
         if self.best_metric is None:
