@@ -527,6 +527,22 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     (tmp_path / "empty").mkdir()
     assert cli_main(["eval", "empty", "--list", "x.txt", "--classes", "c.csv"]) == 1
     assert "empty is not a mergekit_video model directory or checkpoint (no config.json)" in capsys.readouterr().err
+    # an unfinished run (checkpoints, no model/ yet), or its checkpoints/ folder: the newest checkpoint is named
+    for n in (4, 8):
+        (tmp_path / "unfinished" / "checkpoints" / f"step_{n:08d}").mkdir(parents=True)
+        (tmp_path / "unfinished" / "checkpoints" / f"step_{n:08d}" / "state.json").write_text("{}")
+    for target in ("unfinished", "unfinished/checkpoints"):
+        assert cli_main(["eval", target, "--list", "x.txt", "--classes", "c.csv"]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert "no trained model/ (training did not finish): load one, such as the newest," in err
+        assert "checkpoints/step_00000008" in err.replace(" ", "")
+    # no --root: the list's paths are read beside it; none there is refused naming --root
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "val.txt").write_text("clips/a.mp4 0\nclips/b.mp4 1\n")
+    assert cli_main(["eval", str(a), "--list", "lists/val.txt", "--classes", "c.csv"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--root not given, so the paths of lists/val.txt are read relative to its folder {tmp_path / 'lists'}" in err
+    assert "pass --root FOLDER" in err
     # a config.json that is no model config is named before an output folder is made
     (tmp_path / "notmodel").mkdir()
     (tmp_path / "notmodel" / "config.json").write_text('{"format": "mergekit_video/video_clip", "format_version": 1}')

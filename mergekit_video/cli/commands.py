@@ -234,7 +234,7 @@ def eval_cmd(
         None, "--list", help="Annotation list (with a model directory); repeat it for the splits of a --zero-shot dataset."
     ),
     class_csv: Optional[Path] = typer.Option(None, "--classes", help="Class CSV 'id,name' (with --list)."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Folder the list's paths are relative to."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder the list's paths are relative to (default: the list's own folder)."),
     views: str = typer.Option("1x1", "--views", help="clips x crops, e.g. 1x1, 4x3, 3x1."),
     num_frames: int = typer.Option(8, "--frames", min=_FRAMES.min, max=_FRAMES.max),
     input_size: Optional[int] = typer.Option(None, "--input-size", min=_INPUT_SIZE.min, help="Frame size (default: the model's, e.g. 224)."),
@@ -274,6 +274,8 @@ def eval_cmd(
             raise UserError(f"--views must look like 1x1 or 4x3, got {views!r}") from None
         if clips < 1 or crops not in (1, 3):
             raise UserError(f"--views {views}: CLIPSxCROPS takes clips >= 1 and crops 1 or 3")
+        if root is None:
+            _check_default_root(list_files[0])
         if target.is_dir() and not (target / "config.json").is_file() and (target / "model" / "config.json").is_file():
             _console().print(f"{target} is a run's output_dir: evaluating its trained model, {target / 'model'}")
             target = target / "model"
@@ -314,6 +316,23 @@ def eval_cmd(
         recipe = resolve_interpolations(apply_overrides(recipe, overrides))
         cfg = _validated(recipe, source=f"for {target}")
     _run_validated(cfg, source=str(target) if target.suffix in (".yaml", ".yml") else f"for {target}", overwrite=overwrite)
+
+
+def _check_default_root(list_file: Path) -> None:
+    """Without ``--root`` the list's paths are read relative to its own folder: refuse up front, naming
+    ``--root``, when none of its first entries is there (rather than a missing-video error per file)."""
+    from ..data.annotations import read_annotation_list
+
+    try:
+        records = read_annotation_list(list_file)[:5]
+    except (OSError, ValueError):  # a frame-folder list, a malformed one: the evaluation reports it
+        return
+    folder = list_file.resolve().parent
+    if records and not any((folder / r.path).exists() for r in records):
+        raise UserError(
+            f"--root not given, so the paths of {list_file} are read relative to its folder {folder}, where its "
+            f"first entries do not exist (first: {folder / records[0].path}): pass --root FOLDER, the folder its paths are relative to"
+        )
 
 
 #: ``mergevid eval`` options that build the recipe for a model directory → the recipe keys they set.

@@ -398,6 +398,12 @@ def _open_saved(path: Path, *, validate: bool = True) -> _Saved:
         raise FileNotFoundError(f"{path} is a trainer checkpoint without its state.json (which holds its model config and key list): "
                                 "it cannot be loaded; load another checkpoint")
     hint = f"; it holds a run's outputs: its trained model is {path / 'model'}" if (path / "model" / CONFIG_FILE).is_file() else ""
+    if not hint:  # an unfinished run (no model/ yet), or its checkpoints/ folder: name the newest checkpoint
+        for folder in (path / "checkpoints", path):
+            steps = sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file()) if folder.is_dir() else []
+            if steps:
+                hint = f"; it holds training checkpoints but no trained model/ (training did not finish): load one, such as the newest, {steps[-1]}"
+                break
     raise FileNotFoundError(f"{path} is not a mergekit_video model directory or checkpoint (no {CONFIG_FILE}){hint}")
 
 
