@@ -633,3 +633,11 @@ def test_describe_change_shows_where_long_paths_differ():
     )
     assert describe_change("data.val_list", "/d/a.txt", "/d/b.txt") == "data.val_list: '/d/a.txt' -> '/d/b.txt'"
     assert describe_change("schedule.epochs", 5, 6) == "schedule.epochs: 5 -> 6"
+
+
+def test_eval_workers_default_to_the_data_workers():
+    from mergekit_video.runners.common import eval_num_workers
+
+    assert eval_num_workers({"num_workers": 3}, {"num_workers": 1}) == 3  # set: used as given
+    assert eval_num_workers({"num_workers": None}, {"num_workers": 2}) == 2  # unset: the training loader's count
+    assert eval_num_workers({}, None) == min(4, os.cpu_count() or 1)

@@ -786,7 +786,7 @@ def build_eval_loader(entry: EvalSuiteEntry, split: EvalSplit, *, eval_cfg: dict
     return build_loader(
         ds,
         batch_size=eval_cfg.get("batch_size", 16),
-        num_workers=eval_cfg.get("num_workers", 4),
+        num_workers=eval_num_workers(eval_cfg, data_cfg),
         shuffle=False,
         seed=seed,
         drop_last=False,
@@ -805,6 +805,16 @@ def _with_on_error_hint(error: Exception, key: str) -> Exception:
         return type(error)(hint, path=getattr(error, "path", None))
     except TypeError:  # a subclass with another signature
         return error
+
+
+def eval_num_workers(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None) -> int:
+    """``eval.num_workers``; unset: ``data.num_workers`` (the machine the recipe trains on), else min(4, CPU count)."""
+    n = eval_cfg.get("num_workers")
+    if n is not None:
+        return int(n)
+    if data_cfg and data_cfg.get("num_workers") is not None:
+        return int(data_cfg["num_workers"])
+    return min(4, os.cpu_count() or 1)
 
 
 def run_eval_suite(

@@ -14,6 +14,7 @@ from ..config import instantiate
 from .common import (
     class_features,
     class_names_from,
+    eval_num_workers,
     eval_precision,
     eval_suite,
     head_positions,
@@ -301,7 +302,7 @@ class MoTERunner:
             ds = self._val_dataset if hasattr(self, "_val_dataset") else self._build_val_dataset()
             ev = self.cfg.get("eval") or {}
             self._val_loader = build_loader(
-                ds, batch_size=ev.get("batch_size", 16), num_workers=ev.get("num_workers", 4), shuffle=False,
+                ds, batch_size=ev.get("batch_size", 16), num_workers=eval_num_workers(ev, self.data_cfg), shuffle=False,
                 seed=self.cfg.get("seed", 0), drop_last=False, num_replicas=self.dist.world_size, rank=self.dist.rank,
                 persistent_workers=False,
             )

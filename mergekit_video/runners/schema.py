@@ -170,7 +170,10 @@ COMPARE_RUNNER_COMPARE = Section(
 EVAL = Section(
     {
         "batch_size": Field(int, default=16, min=1),
-        "num_workers": Field(int, default=4, min=0),
+        "num_workers": Field(
+            int, nullable=True, min=0,
+            doc="loader workers for validation and evaluation; default: data.num_workers when the recipe has data, else min(4, CPU count)",
+        ),
         "view_reduce": Field(str, default="softmax_mean", choices=("softmax_mean", "logit_mean")),
         "precision": Field(
             str, nullable=True, choices=("auto", "bf16", "fp16", "fp32"),
