@@ -641,3 +641,14 @@ def test_eval_workers_default_to_the_data_workers():
     assert eval_num_workers({"num_workers": 3}, {"num_workers": 1}) == 3  # set: used as given
     assert eval_num_workers({"num_workers": None}, {"num_workers": 2}) == 2  # unset: the training loader's count
     assert eval_num_workers({}, None) == min(4, os.cpu_count() or 1)
+
+
+def test_a_recipe_without_eval_datasets_says_the_final_evaluation_is_skipped(tmp_path):
+    from rich.console import Console
+
+    from mergekit_video.runners.common import run_eval_suite
+
+    console = Console(record=True, width=300)
+    assert run_eval_suite(object(), cfg={"eval": {"datasets": []}}, data_cfg={}, device=None, dist=None,
+                          output_dir=tmp_path, console=console) == {}
+    assert f"no eval.datasets in the recipe: no final evaluation; evaluate the saved model with mergevid eval {tmp_path / 'model'}" in console.export_text()

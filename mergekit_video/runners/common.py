@@ -849,6 +849,9 @@ def run_eval_suite(
     data_cfg = data_cfg or {}
     entries = eval_suite(eval_cfg, data_cfg, model_input_size=getattr(model, "input_size", None), model_num_positions=head_positions(model))
     if not entries:
+        if console is not None:  # a training recipe without eval.datasets: said, not silently skipped
+            console.print(f"no eval.datasets in the recipe: no final evaluation; evaluate the saved model with "
+                          f"mergevid eval {output_dir / 'model'} --list LIST --classes CSV --root ROOT")
         return {}
     compare = eval_cfg.get("compare") or {}
     variants = build_variants(
