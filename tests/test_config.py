@@ -480,3 +480,25 @@ def test_unknown_argument_of_a_class_passing_kwargs_to_its_base_is_named():
         instantiate({"_component_": "routers:multinomial", "num_experts": 4, "temperatur": 1})
     router = instantiate({"_component_": "routers:multinomial", "num_experts": 4, "temperature": 2.0, "seed": 3})
     assert router.num_experts == 4
+
+
+def test_validate_explain_lists_every_key_with_its_value_default_and_allowed_values(capsys):
+    from mergekit_video.cli.main import main as cli_main
+    from mergekit_video.config.schema import explain_schema
+    from mergekit_video.runners.schema import SCHEMAS
+
+    rows = {r["key"]: r for r in explain_schema(SCHEMAS["mote"])}
+    assert rows["seed"] == {"key": "seed", "type": "int", "default": "0", "allowed": ">= 0, <= 4294967295", "doc": rows["seed"]["doc"]}
+    assert rows["text.templates"]["type"] == "str or list of str" and rows["text.templates"]["default"] == '"mote"'
+    assert rows["eval.datasets.*.num_crops"]["allowed"] == "one of 1, 3"
+    assert rows["output_dir"]["default"] == "required"
+    assert rows["model.num_experts"]["allowed"] == ">= 0"  # a component's checked arguments are listed too
+    assert rows["eval.clip_blend"]["allowed"] == "> 0, <= 1" and rows["eval.clip_blend"]["type"] == "float or null"
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    assert cli_main(["validate", str(recipe), "--explain", "data.batch_size=7"]) == 0
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if "│ data.batch_size " in row)
+    assert [c.strip() for c in line.split("│")[1:5]] == ["data.batch_size", "7", "int", "144"]
+    assert "2 entries" in out  # a list of mappings: counted, its keys have rows of their own

@@ -116,9 +116,12 @@ def validate_cmd(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     check_paths: bool = typer.Option(False, "--check-paths", help="Also check that the lists, class CSVs, data roots and checkpoint exist."),
+    explain: bool = typer.Option(False, "--explain", help="Also list every key the recipe's runner takes: its value here, type, default, allowed values."),
 ) -> None:
     """Validate a recipe (types, allowed values, components, plugins) without running anything heavy."""
     cfg = _load_validated(recipe, overrides or [])
+    if explain:
+        _print_recipe_keys(cfg)
     from ..runners.common import synthetic_replacement_note
 
     replaced = synthetic_replacement_note(cfg.get("data") or {})
@@ -137,6 +140,39 @@ def validate_cmd(
         except ValidationError as err:
             raise ValidationError(err.problems, source=str(recipe)) from None
     _console().print(f"[green]ok[/] {recipe}: runner '{cfg['runner']}', output_dir {cfg['output_dir']}")
+
+
+def _print_recipe_keys(cfg: dict) -> None:
+    """The keys of ``cfg``'s runner schema as a table, with the (validated, defaults filled) value each has here."""
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..config.schema import explain_schema
+    from ..runners.schema import SCHEMAS
+
+    def value_of(key: str) -> str:
+        node: object = cfg
+        for part in key.split("."):
+            if part == "*" or not isinstance(node, dict) or part not in node:
+                return ""
+            node = node[part]
+        if isinstance(node, dict):
+            return ""  # a section: its keys have rows of their own
+        if isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+            return f"{len(node)} entries ({key}.0, ...)"
+        try:
+            return json.dumps(node)
+        except TypeError:
+            return str(node)
+
+    table = Table(title=f"keys of the '{cfg['runner']}' runner (value: this recipe, defaults filled in)", header_style="bold")
+    for column in ("key", "value", "type", "default", "allowed", "description"):
+        table.add_column(column, overflow="fold", style="cyan" if column == "key" else None)
+    for row in explain_schema(SCHEMAS[cfg["runner"]]):
+        table.add_row(*(escape(v) for v in (row["key"], value_of(row["key"]), row["type"], row["default"], row["allowed"], row["doc"])))
+    _console().print(table)
 
 
 @app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

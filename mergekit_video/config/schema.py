@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -124,8 +125,59 @@ def iter_schema(schema: Section, prefix: str = "") -> Iterator[tuple[str, Spec]]
         yield p, spec
         if isinstance(spec, Section):
             yield from iter_schema(spec, p)
+        elif isinstance(spec, Component) and spec.fields:  # the checked arguments of a component
+            yield from iter_schema(Section(spec.fields), p)
         elif isinstance(spec, Field) and isinstance(spec.item, Section):
             yield from iter_schema(spec.item, f"{p}.*")
+
+
+def _spec_type(spec: Spec) -> str:
+    if isinstance(spec, Section):
+        return "mapping"
+    if isinstance(spec, Component):
+        return "component (_component_: ...)"
+    if spec.item is not None:
+        name = f"list of {_type_name(spec.item.type)}" if isinstance(spec.item, Field) and spec.item.type is not None else "list of mappings"
+        others = [t for t in spec.type if t is not list] if isinstance(spec.type, tuple) else []
+        name = " or ".join([*(_type_name(t) for t in others), name])
+    elif spec.items:
+        name = f"[{', '.join(f.doc or _type_name(f.type) for f in spec.items)}]"
+    else:
+        name = "any" if spec.type is None else _type_name(spec.type)
+    return f"{name} or null" if spec.nullable else name
+
+
+def _allowed(spec: Spec) -> str:
+    if not isinstance(spec, Field):
+        return ""
+    if spec.choices is not None:
+        choices = spec.choices() if callable(spec.choices) else spec.choices
+        return "one of " + ", ".join(str(c) for c in choices)
+    def number(v: float) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+    bounds = []
+    if spec.min is not None:
+        bounds.append(f"{'>' if spec.exclusive_min else '>='} {number(spec.min)}")
+    if spec.max is not None:
+        bounds.append(f"{'<' if spec.exclusive_max else '<='} {number(spec.max)}")
+    return ", ".join(bounds)
+
+
+def explain_schema(schema: Section) -> list[dict[str, str]]:
+    """One row per key of ``schema``: ``key``, ``type``, ``default`` (``required`` when it must be
+    given), ``allowed`` (choices or bounds) and ``doc`` (what ``mergevid validate --explain`` prints)."""
+    rows = []
+    for key, spec in iter_schema(schema):
+        if isinstance(spec, Field) and spec.default is not MISSING:
+            try:  # as YAML writes it: null, true, "auto", [0.9, 0.999]
+                default = json.dumps(spec.default)
+            except TypeError:
+                default = str(spec.default)
+        else:
+            default = "required" if spec.required else ""
+        rows.append({"key": key, "type": _spec_type(spec), "default": default, "allowed": _allowed(spec), "doc": spec.doc})
+    return rows
 
 
 def schema_default(schema: Section, key: str) -> Any:

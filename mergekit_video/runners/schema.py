@@ -86,8 +86,8 @@ FEW_SHOT = Section(
 DATA = Section(
     {
         "root": Field(str, nullable=True, path="dir", doc="folder the annotation paths are relative to"),
-        "train_list": Field(str, nullable=True, path="file"),
-        "val_list": Field(str, nullable=True, path="file"),
+        "train_list": Field(str, nullable=True, path="file", doc="annotation list: 'relative/path.mp4 label' per line (frames: 'folder num_frames label')"),
+        "val_list": Field(str, nullable=True, path="file", doc="per-epoch validation list (train.val_views views)"),
         "class_csv": Field(str, nullable=True, path="file", doc="CSV 'id,name' with a header"),
         "synthetic": SYNTHETIC,
         "list_format": Field(str, default="video", choices=("video", "frames")),
@@ -115,25 +115,29 @@ DATA = Section(
 #: ``[clips, crops]`` of a test-mode loader: any number of temporal clips, 1 (centre) or 3 spatial crops.
 VIEWS = (Field(int, min=1, doc="clips"), Field(int, choices=(1, 3), doc="crops"))
 
-SPLIT = Section({"list": Field(str, required=True, path="file"), "class_csv": Field(str, nullable=True, path="file")})
+SPLIT = Section({
+    "list": Field(str, required=True, path="file", doc="annotation list of the split"),
+    "class_csv": Field(str, nullable=True, path="file", doc="its class names (default: the dataset's class_csv)"),
+})
 
 EVAL_DATASET = Section(
     {
-        "name": Field(str, required=True),
-        "kind": Field(str, required=True, choices=("close_set", "zero_shot", "few_shot")),
-        "root": Field(str, nullable=True, path="dir"),
+        "name": Field(str, required=True, doc="key of the results (two evaluations of one dataset, 1x1 and 4x3, need two names)"),
+        "kind": Field(str, required=True, choices=("close_set", "zero_shot", "few_shot"),
+                      doc="close_set: the training classes (TFM source = target); zero_shot: other classes, splits reported as mean ± std"),
+        "root": Field(str, nullable=True, path="dir", doc="folder the list's paths are relative to (default: data.root)"),
         "list": Field(str, nullable=True, path="file", doc="one annotation list (close-set)"),
-        "class_csv": Field(str, nullable=True, path="file"),
+        "class_csv": Field(str, nullable=True, path="file", doc="CSV 'id,name' with a header, the classes the list's labels index"),
         "splits": Field(list, nullable=True, item=SPLIT, doc="zero-shot splits: [{list, class_csv}], mean ± std reported"),
         "list_format": Field(str, default="video", choices=("video", "frames")),
-        "num_clips": Field(int, default=1, min=1),
-        "num_crops": Field(int, default=1, choices=(1, 3)),
+        "num_clips": Field(int, default=1, min=1, doc="temporal views (the paper: 4 close-set, 3 zero-shot)"),
+        "num_crops": Field(int, default=1, choices=(1, 3), doc="spatial views: centre, or left/centre/right"),
         "test_offsets": Field(str, nullable=True, choices=("centre", "start"), doc="default: eval.test_offsets"),
         "sampling": Field(str, nullable=True, choices=("segment", "dense"), doc="default: data.sampling (segment)"),
         "stride": Field(int, nullable=True, min=1, doc="sampling=dense: default data.stride (8)"),
-        "num_frames": Field(int, nullable=True, min=1, max=77),
-        "input_size": Field(int, nullable=True, min=8),
-        "on_error": Field(str, default="raise", choices=("raise", "skip")),
+        "num_frames": Field(int, nullable=True, min=1, max=77, doc="default: data.num_frames"),
+        "input_size": Field(int, nullable=True, min=8, doc="default: data.input_size, else the model's"),
+        "on_error": Field(str, default="raise", choices=("raise", "skip"), doc="a video that cannot be read: stop, or skip it and report the count"),
     }
 )
 
@@ -208,7 +212,8 @@ EVAL = Section(
 TEXT = Section(
     {
         "templates": Field((str, list), default="mote", item=Field(str), doc="'mote' (28 templates of Table 8), 'single', or a list of strings with '{}'"),
-        "cache_dir": Field(str, nullable=True, default=None),
+        "cache_dir": Field(str, nullable=True, default=None,
+                           doc="class text-feature cache (default: $MERGEKIT_VIDEO_CACHE, else ~/.cache/mergekit_video)"),
     }
 )
 
