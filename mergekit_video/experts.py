@@ -86,6 +86,7 @@ def _bump_versions_after_step(optimizer: torch.optim.Optimizer, *_: Any) -> None
 register_optimizer_step_post_hook(_bump_versions_after_step)
 
 _version_of = operator.attrgetter("_version")
+_data_ptr = torch.Tensor.data_ptr
 
 #: One tensor name of the experts → where each expert keeps it: ``(owner._parameters or owner._buffers, leaf)``.
 _Slot = tuple[str, list[tuple[dict, str]]]
@@ -180,7 +181,7 @@ def _copy_containers(value: Any) -> Any:
 def _data_pointers(tensors: Sequence[torch.Tensor]) -> list[int] | None:
     """Each tensor's data address (None where tensors have no storage: fake or meta tensors)."""
     try:
-        return [t.data_ptr() for t in tensors]
+        return list(map(_data_ptr, tensors))  # map over the C method: no Python frame per tensor
     except RuntimeError:
         return None
 
