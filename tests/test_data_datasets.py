@@ -231,14 +231,28 @@ def bad_dataset(bad_list, tiny_synthetic, **kw):
 def test_a_list_whose_labels_go_past_the_class_csv_is_refused_at_construction(bad_list, tiny_synthetic, tmp_path):
     """A wrong class CSV (fewer classes than the list's labels) was met one video at a time: an eval failed at its first
     video, or under on_error=skip scored nothing (0% top-1, exit 0); training trained on with a warning per video."""
-    for train, on_error in ((False, "raise"), (False, "skip"), (True, "resample")):
-        with pytest.raises(ValueError) as info:
-            VideoDataset(list_file=bad_list[0], root="/", class_names=list(tiny_synthetic.class_names), num_frames=4,
-                         input_size=16, train=train, on_error=on_error)  # a plain list: no CSV to name
-        assert type(info.value) is ValueError  # not a bad-data error that on_error would skip past
-        assert str(info.value).startswith(f"{bad_list[0]}: labels go up to 7, but there are only 3 class names (ids 0..2); "
-                                          "1 of 7 videos has a label >= 3 (first: ")
-        assert str(info.value).endswith("with label 7). Wrong class CSV for this list? Give the class CSV that belongs to bad.txt.")
+    with pytest.raises(ValueError) as info:
+        VideoDataset(list_file=bad_list[0], root="/", class_names=list(tiny_synthetic.class_names), num_frames=4,
+                     input_size=16, train=False, on_error="raise")  # a plain list: no CSV to name
+    assert type(info.value) is ValueError  # not a bad-data error that on_error would skip past
+    assert str(info.value).startswith(f"{bad_list[0]}: labels go up to 7, but there are only 3 class names (ids 0..2); "
+                                      "1 of 7 videos has a label >= 3 (first: ")
+    assert str(info.value).endswith("with label 7). Wrong class CSV for this list? Give the class CSV that belongs to bad.txt.")
+    # under skip/resample one stray line (or up to 1% of the list) is a bad item: logged at construction, then
+    # skipped or resampled when drawn, as issue 4 asks of labels out of range
+    for train, on_error in ((False, "skip"), (True, "resample")):
+        ds = VideoDataset(list_file=bad_list[0], root="/", class_names=list(tiny_synthetic.class_names), num_frames=4,
+                          input_size=16, train=train, on_error=on_error)
+        assert len(ds) == 7
+        if on_error == "skip":
+            assert ds[6] is None and ds.failures[-1].path.endswith(read_annotation_list(bad_list[0])[6].path)
+    # more than that is a list and CSV that do not belong together, whatever the policy
+    two_lines = tmp_path / "two_bad.txt"
+    two_lines.write_text(bad_list[0].read_text() + bad_list[0].read_text().splitlines()[-1] + "\n")
+    with pytest.raises(ValueError, match=r"2 of 8 videos have a label >= 3 .* More than 1% of the list \(at least one line\) "
+                                         r"is refused under on_error=resample too\.$"):
+        VideoDataset(list_file=two_lines, root="/", class_names=list(tiny_synthetic.class_names), num_frames=4,
+                     input_size=16, train=True, on_error="resample")
     two = tmp_path / "two.csv"
     write_class_names(two, ["a", "b"])
     with pytest.raises(ValueError, match=rf"labels go up to 2, but there are only 2 class names \(ids 0..1, from the class CSV "

@@ -868,6 +868,20 @@ def test_bad_videos_in_the_metrics_count_the_files_every_rank_met(monkeypatch):
     gathered = [["a.mp4", "b.mp4"], ["b.mp4", "c.mp4"]]
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: gathered)
     ranks = SimpleNamespace(dist=SimpleNamespace(world_size=2), bad_videos={"a.mp4", "b.mp4"})
-    assert Trainer._bad_videos_of_all_ranks(ranks) == 3
+    assert Trainer._bad_video_paths_of_all_ranks(ranks) == ["a.mp4", "b.mp4", "c.mp4"]
     one = SimpleNamespace(dist=None, bad_videos={"a.mp4"})
-    assert Trainer._bad_videos_of_all_ranks(one) == 1
+    assert Trainer._bad_video_paths_of_all_ranks(one) == ["a.mp4"]
+
+
+def test_bad_videos_met_before_a_checkpoint_survive_the_resume(tmp_path):
+    """The count in metrics.jsonl went down after a resume (2 instead of 6) and every bad file was logged again."""
+    from mergekit_video.training.checkpoint import load_checkpoint
+
+    trainer = _tiny_trainer(tmp_path / "ckpt", save_every_steps=2)
+    trainer.bad_videos = {"clips/b.mp4", "clips/a.mp4"}  # as note_batch_failures records them
+    trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "step_00000002")
+    assert ckpt.extra["bad_videos"] == ["clips/a.mp4", "clips/b.mp4"]
+    resumed = _tiny_trainer(tmp_path / "ckpt2")
+    resumed.resume(ckpt)
+    assert resumed.bad_videos == {"clips/a.mp4", "clips/b.mp4"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +203,7 @@ class VideoDataset(torch.utils.data.Dataset):
             class_names = read_class_names(class_names)
         self.class_names = list(class_names) if class_names is not None else None
         if self.class_names is not None:
-            self._check_labels(getattr(class_names, "source", None))
+            self._check_labels(getattr(class_names, "source", None), on_error)
             beyond = sorted(c for _, kind, c in flip_label_pair_errors(flip_label_pairs, len(self.class_names)) if kind == "beyond")
             if beyond:
                 raise ValueError(f"flip_label_pairs name class id {beyond[0]}, but there are only {len(self.class_names)} classes")
@@ -218,8 +218,17 @@ class VideoDataset(torch.utils.data.Dataset):
             self.transform = TestTransform(short_side=short_side or input_size, crop=input_size, num_crops=num_crops, normalize=normalize)
         self._reset_failures()
 
-    def _check_labels(self, source: Path | None) -> None:
-        """Refuse a list whose labels go past the class names: that list and class CSV do not belong together."""
+    #: Under ``skip``/``resample``, up to this fraction of a list's labels may lie past the class names
+    #: (stray lines, bad items under the policy); more means the list and class CSV do not belong together.
+    stray_label_fraction = 0.01
+
+    def _check_labels(self, source: Path | None, on_error: str = "raise") -> None:
+        """Refuse a list whose labels go past the class names: that list and class CSV do not belong together.
+
+        Under ``skip``/``resample`` a few such lines (at most :attr:`stray_label_fraction` of the
+        list, and at least one allowed) are bad items instead: logged here, then skipped or resampled
+        like an unreadable video when drawn.
+        """
         num_classes = len(self.class_names)
         outside = [r for r in self.records if r.label >= num_classes]
         if not outside:
@@ -227,17 +236,28 @@ class VideoDataset(torch.utils.data.Dataset):
         highest = max(r.label for r in outside)
         where = f", from the class CSV {source}" if source is not None else ""
         first, n, total = outside[0], len(outside), len(self.records)
+        if on_error in ("skip", "resample") and n <= max(1, int(self.stray_label_fraction * total)):
+            log.warning("%s: %d of %d video%s %s a label >= %d, the class count%s (first: %r with label %d): bad items under on_error=%s",
+                        self.list_file, n, total, "s" * (total != 1), "has" if n == 1 else "have", num_classes, where,
+                        first.path, first.label, on_error)
+            return
+        policy = (f" More than {self.stray_label_fraction:.0%} of the list (at least one line) is refused under on_error={on_error} too."
+                  if on_error in ("skip", "resample") else "")
         raise ValueError(
             f"{self.list_file}: labels go up to {highest}, but there {'is' if num_classes == 1 else 'are'} only {num_classes} "
             f"class name{'s' * (num_classes != 1)} (ids 0..{num_classes - 1}{where}); {n} of {total} video{'s' * (total != 1)} "
             f"{'has' if n == 1 else 'have'} a label >= {num_classes} (first: {first.path!r} with label {first.label}). "
-            f"Wrong class CSV for this list? Give the class CSV that belongs to {self.list_file.name}."
+            f"Wrong class CSV for this list? Give the class CSV that belongs to {self.list_file.name}.{policy}"
         )
 
     # ----------------------------------------------------------------- bookkeeping
     def _reset_failures(self) -> None:
         self.failures: list[FailureRecord] = []
         self._logged: set[str] = set()  # failures met in this process, logged once each
+
+    def mark_reported(self, paths: Iterable[str]) -> None:
+        """Treat ``paths`` as bad files already logged (a resumed run logged them before its checkpoint)."""
+        self._logged.update(paths)
 
     @property
     def error_count(self) -> int:

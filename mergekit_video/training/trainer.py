@@ -231,7 +231,7 @@ class Trainer:
             )
 
     # -- checkpoints --------------------------------------------------------------------
-    def checkpoint_payload(self, *, loss_window: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
+    def checkpoint_payload(self, *, loss_window: dict[str, Any], rng: dict[str, Any], bad_videos: list[str] | None = None) -> dict[str, Any]:
         """Everything a checkpoint stores besides the metrics.
 
         ``loss_window`` holds the loss sums not yet logged, from ``_loss_window()``, and ``rng``
@@ -245,12 +245,14 @@ class Trainer:
             "scheduler": self.scheduler,
             "scaler": self.scaler,
             "rng": rng,
-            "extra": self._extra(loss_window),
+            "extra": self._extra(loss_window, bad_videos),
         }
 
-    def _extra(self, loss_window: dict[str, Any]) -> dict[str, Any]:
+    def _extra(self, loss_window: dict[str, Any], bad_videos: list[str] | None = None) -> dict[str, Any]:
         """The progress a checkpoint keeps besides the step and epoch (JSON-able)."""
         extra = {
+            # the distinct bad files met so far (all ranks): a resumed run counts on and logs none again
+            "bad_videos": sorted(self.bad_videos) if bad_videos is None else bad_videos,
             "batches_in_epoch": self.state.batches_in_epoch,
             "best_metric": self.state.best_metric,
             "history": self.state.history,
@@ -285,11 +287,12 @@ class Trainer:
         if loss_window["count"]:  # identical on every rank: all of them stop together
             self._check_finite_loss(loss_window["sums"].get("loss"), read=f" (read before the checkpoint of step {self.state.step}, not written)")
         rng = self._rng_state()  # a collective too with per-rank routing draws
+        bad = self._bad_video_paths_of_all_ranks()  # and this one
         self._saved_step = self.state.step
         self._last_checkpoint = (self.state.step, self.checkpoints.path_of(self.state.step), True)
         if not _is_main(self.dist):
             return None
-        return self.checkpoints.save(**self.checkpoint_payload(loss_window=loss_window, rng=rng), metrics=metrics)
+        return self.checkpoints.save(**self.checkpoint_payload(loss_window=loss_window, rng=rng, bad_videos=bad), metrics=metrics)
 
     def _record_closed_epoch(self, metrics: dict[str, float] | None) -> None:
         """Bring the checkpoint of this step (saved before the validation) up to date.
@@ -302,10 +305,11 @@ class Trainer:
             return
         loss_window = self._loss_window()  # a collective under DDP, as in save_checkpoint
         rng = self._rng_state()
+        bad = self._bad_video_paths_of_all_ranks()
         if not _is_main(self.dist):
             return
         self.checkpoints.update_state(self.state.step, epoch=self.state.epoch, rng=rng,
-                                      extra=self._extra(loss_window), metrics=metrics or {})
+                                      extra=self._extra(loss_window, bad), metrics=metrics or {})
 
     def _rng_state(self) -> dict[str, Any]:
         """This process's RNG states; with per-rank routing draws also every rank's named
@@ -403,6 +407,10 @@ class Trainer:
             best_metric=extra.get("best_metric"),
             history=list(extra.get("history", [])),
         )
+        self.bad_videos = set(extra.get("bad_videos") or ())  # counted on; not logged again
+        mark_reported = getattr(getattr(self.loader, "dataset", None), "mark_reported", None)
+        if callable(mark_reported):  # read in this process (no workers): the dataset logs its own failures
+            mark_reported(self.bad_videos)
         window = extra.get("loss_window") or {}
         self._loss_count = int(window.get("count", 0))
         self._loss_sums = {k: torch.tensor(float(v), dtype=torch.float64, device=self.device) for k, v in window.get("sums", {}).items()}
@@ -678,11 +686,15 @@ class Trainer:
 
     def _bad_videos_of_all_ranks(self) -> int:
         """How many distinct bad files the ranks have met together (each rank reads its own shard); every rank calls it."""
+        return len(self._bad_video_paths_of_all_ranks())
+
+    def _bad_video_paths_of_all_ranks(self) -> list[str]:
+        """The distinct bad files the ranks have met together, sorted; every rank calls it (a collective under DDP)."""
         if self.dist is None or self.dist.world_size <= 1:
-            return len(self.bad_videos)
+            return sorted(self.bad_videos)
         from .distributed import all_gather_object
 
-        return len(set().union(*all_gather_object(sorted(self.bad_videos))))
+        return sorted(set().union(*all_gather_object(sorted(self.bad_videos))))
 
     def _close_epoch(self) -> None:
         """End of an epoch whose steps are done: validation when due, a checkpoint, the next epoch.
