@@ -309,8 +309,15 @@ def test_load_resume_auto_falls_back_past_an_unreadable_checkpoint(tmp_path, cap
     assert path == paths[1] and state.step == 2 and torch.equal(state.model_state["w"], torch.full((64,), 2.0))
     assert f"checkpoint {paths[-1]} is unreadable" in caplog.text
     assert model_file.exists()  # left in place for the user to inspect
-    with pytest.raises(ValueError, match=r"^.*step_00000003/model.safetensors is unreadable \(SafetensorError: "):
-        mgr.load_resume(str(paths[-1]))  # an explicit path is read as given
+    # an explicit path is read as given: refused, its damage told from the file's header and size
+    with pytest.raises(ValueError, match=r"^train.resume='.*step_00000003' is not a readable checkpoint "
+                                         r"\(model.safetensors is truncated or not a safetensors file \(40 bytes\)\)$"):
+        mgr.load_resume(str(paths[-1]))
+    # cut inside the tensor data (the header whole): the size says so too
+    whole = (paths[1] / _MODEL_FILE).read_bytes()
+    (paths[1] / _MODEL_FILE).write_bytes(whole[:-10])
+    assert mgr.unreadable()[0] == (paths[1], f"model.safetensors is truncated ({len(whole) - 10} of {len(whole)} bytes)")
+    (paths[1] / _MODEL_FILE).write_bytes(whole)
     for p in paths[:2]:
         (p / _MODEL_FILE).write_bytes(b"")
     with pytest.raises(ValueError, match=r"^resume=auto: no readable checkpoint in .*step_00000003: .*set train.resume=null"):
@@ -871,3 +878,19 @@ CheckpointManager(directory={str(d)!r}, keep_last=None).save(step=10, epoch=0, m
         f"restored {mgr.path_of(10)} from {aside[0]}, left by a save that was replacing it when it was killed"]
     mgr.save(step=10, epoch=0, model_state={"w": torch.full((2,), 3.0)})  # the new one's temp folder is swept
     assert holds(3.0) and listing() == ["latest", "step_00000005", "step_00000010"]
+
+
+def test_truncated_newer_checkpoints_do_not_take_the_keep_last_slots(tmp_path):
+    """After resuming past two truncated newer checkpoints, keep_last=2 deleted the valid step 8 and kept the damage."""
+    from mergekit_video.training.checkpoint import _MODEL_FILE
+
+    mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=2, best_metric="acc")
+    for s in (6, 16, 18):  # step 6 the best: kept
+        mgr.save(step=s, epoch=0, model_state={"w": torch.full((8,), float(s))}, metrics={"acc": 0.9 if s == 6 else 0.5})
+    for s in (16, 18):
+        (tmp_path / "ckpt" / f"step_{s:08d}" / _MODEL_FILE).write_bytes(b"")
+    assert mgr.load_resume("auto")[0].name == "step_00000006"
+    for s in (8, 10):  # the resumed run saves on
+        mgr.save(step=s, epoch=0, model_state={"w": torch.full((8,), float(s))})
+    assert [c.name for c in mgr.checkpoints()] == ["step_00000006", "step_00000008", "step_00000010"]
+    assert [p.name for p, _ in mgr.unreadable()] == ["step_00000016", "step_00000018"]  # left for the user, pruned later

@@ -194,7 +194,34 @@ def _inspect_state_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, missing
     if meta.get("optimizer") is not None and not (path / _OPTIM_FILE).is_file():
         return None, f"{_OPTIM_FILE} is missing"
+    for name in (_MODEL_FILE, _OPTIM_FILE):
+        problem = None
+        if problem is not None:
+            return None, problem
     return meta, None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is no whole safetensors file (truncated or zeroed: a full disk, a copy cut short),
+    from its header and size alone; None when it is whole."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or 8 + length > size:
+                return f"{path.name} is truncated or not a safetensors file ({size} bytes)"
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as exc:
+        return f"{path.name}: {type(exc).__name__}: {exc}"
+    if not isinstance(header, dict):
+        return f"{path.name} has no safetensors header"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"{path.name} is truncated ({size} of {expected} bytes)"
+    return None
 
 
 def _read_state_json(path: Path) -> dict[str, Any] | None:
