@@ -432,3 +432,78 @@ def test_prepare_refuses_an_output_inside_a_source_frame_folder(tmp_path):
     with pytest.raises(ValueError, match="lies inside the source"):
         prepare_dataset(list_file=lst, root=ds, out_dir=out, list_format="frames", short_side=32, gop=4, workers=1, progress=False)
     assert sorted(p.name for p in (ds / "frames" / "v1").iterdir()) == [f"img_{i:05d}.jpg" for i in range(1, 7)]
+
+
+def _dead_pid() -> int:
+    """A pid no process has: above the kernel's largest."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        return int(f.read()) + 1000
+
+
+def test_a_rerun_removes_the_partial_encodes_of_killed_runs_and_nothing_else(tmp_path, capsys):
+    """A SIGKILLed prepare left `.v.mp4.<pid>-<host>.XXXXXXXX.tmp` partial encodes that no later run removed
+    ("2 already done", the temps kept for ever)."""
+    from mergekit_video.cli.main import main
+    from mergekit_video.utils.io import temp_owner
+
+    kw = _level_sources(tmp_path, ["v0.mp4", "sub/v1.mp4"], n=8)
+    out = kw["out_dir"]
+    assert prepare_dataset(**kw).encoded == 2
+    dead = temp_owner().replace(str(os.getpid()), str(_dead_pid()), 1)
+    stale = [out / f".v0.mp4.{dead}.abcd1234.tmp", out / "sub" / f".v1.mp4.{dead}.x_9z0q1w.tmp",
+             out / "sub" / f".gone.mp4.{dead}.abcd1234.tmp",  # an output no longer listed
+             out / f".prepare_manifest.json.{dead}.abcd1234.tmp"]
+    kept = [out / f".v0.mp4.{temp_owner()}.abcd1234.tmp",  # its writer runs (this process)
+            out / ".v0.mp4.mine.tmp", out / "sub" / f".notes.txt.{dead}.abcd1234.tmp", out / "mine.tmp"]  # not prepare's
+    for p in stale + kept:
+        p.write_bytes(b"partial")
+    rep = prepare_dataset(**kw)
+    assert (rep.encoded, rep.skipped, rep.failed, rep.removed_temps) == (0, 2, 0, 4)
+    assert not any(p.exists() for p in stale) and all(p.read_bytes() == b"partial" for p in kept)
+    assert json.loads(rep.report_path.read_text())["removed_temps"] == 4
+    stale[0].write_bytes(b"partial")
+    assert main(["data", "prepare", str(kw["list_file"]), str(out), "--short-side", "32", "--gop", "4", "--workers", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2 videos: 0 encoded, 2 already done, 0 failed (")
+    assert lines[1] == "removed 1 partial encode left by an interrupted run"
+    assert not stale[0].exists()
+
+
+def test_a_listed_folder_named_like_a_video_is_said_to_be_a_folder(tmp_path):
+    """`videos/broken/dir.mp4` being a folder was reported as "FileNotFoundError: no such file"."""
+    kw = _level_sources(tmp_path, ["v0.mp4"], n=8)
+    (kw["root"] / "broken" / "dir.mp4").mkdir(parents=True)
+    with open(kw["list_file"], "a") as f:
+        f.write("broken/dir.mp4 1\nbroken/missing.mp4 2\n")
+    rep = prepare_dataset(**kw)
+    assert (rep.encoded, rep.failed) == (1, 2)
+    assert rep.failures == [{"path": str(kw["root"] / "broken" / "dir.mp4"), "error": "IsADirectoryError: a folder, not a file"},
+                            {"path": str(kw["root"] / "broken" / "missing.mp4"), "error": "FileNotFoundError: no such file"}]
+
+
+def test_a_second_prepare_into_the_same_folder_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two concurrent `mergevid data prepare LIST OUT` both encoded everything ("24 encoded" twice)."""
+    import fcntl
+
+    from mergekit_video.cli.main import main
+
+    kw = _level_sources(tmp_path, ["v0.mp4", "v1.mp4"], n=8)
+    out = kw["out_dir"]
+    out.mkdir()
+    fd = os.open(out / ".prepare.lock", os.O_RDWR | os.O_CREAT)  # as a running prepare holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"4321\n")
+        message = (f"{out} is being written by another `mergevid data prepare` (pid 4321); "
+                   "wait for it to end, or prepare into another folder")
+        with pytest.raises(FileExistsError) as info:
+            prepare_dataset(**kw)
+        assert str(info.value) == message
+        assert main(["data", "prepare", str(kw["list_file"]), str(out), "--short-side", "32", "--gop", "4", "--workers", "1"]) == 1
+        assert capsys.readouterr().err.splitlines()[0] == f"error: {message}"
+        assert sorted(p.name for p in out.iterdir()) == [".prepare.lock"]  # nothing written
+    finally:
+        os.close(fd)  # as when the holder ends or is killed: the lock file stays, and no longer blocks
+    rep = prepare_dataset(**kw)
+    assert (rep.encoded, rep.skipped, rep.failed) == (2, 0, 0)
+    assert (out / ".prepare.lock").read_text() == f"{os.getpid()}\n"

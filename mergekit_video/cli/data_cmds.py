@@ -77,6 +77,8 @@ def prepare_cmd(
                              fastdecode=fastdecode, workers=workers, list_format=list_format, fps=fps)
     typer.echo(f"{report.total} videos: {report.encoded} encoded, {report.skipped} already done, {report.failed} failed "
                f"({report.seconds:.1f} s)")
+    if report.removed_temps:
+        typer.echo(f"removed {report.removed_temps} partial encode{'s' * (report.removed_temps != 1)} left by an interrupted run")
     typer.echo(f"new list: {report.list_file}\nreport:   {report.report_path}")
     if report.failed:
         for f in report.failures[:10]:

@@ -8,27 +8,33 @@ in ``prepare_manifest.json`` are skipped), checks that every output decodes, wri
 annotation list, and lists every failure in ``prepare_report.json``: none is dropped silently,
 whether two sources would share an output name, a source no longer encodes or its worker died.
 Audio is not kept. Videos are never upscaled: a short side already at or below the target stays.
+One prepare at a time writes an output folder (an advisory lock on ``.prepare.lock`` in it; the
+kernel drops it when its holder dies), and each run removes the partial encodes (hidden
+``.NAME.mp4.<pid>-<host>.XXXXXXXX.tmp`` files) that killed runs left there.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from ..utils.io import atomic_write_json
+from ..utils.io import TEMP_OWNER_PATTERN, atomic_write_json, remove_stale_atomic_temps
 from .annotations import LIST_FORMATS, VideoRecord, read_annotation_list, write_annotation_list
 from .encode import encode_video, keyframe_indices, video_info
 
 MANIFEST = "prepare_manifest.json"
 REPORT = "prepare_report.json"
+#: The file a running prepare holds an advisory lock on, in its output folder.
+LOCK_FILE = ".prepare.lock"
 
 
 @dataclass
@@ -45,6 +51,7 @@ class PrepareReport:
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    removed_temps: int = 0  # partial encodes of killed runs removed from the output folder
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -147,8 +154,10 @@ def _prepare_one(job: dict) -> dict:
         if job["list_format"] == "frames":
             gen = _folder_frames(src, job["num_frames"], box)
         else:
+            if src.is_dir():
+                raise IsADirectoryError("a folder, not a file")
             if not src.is_file():
-                raise FileNotFoundError("no such file")
+                raise FileNotFoundError("not a regular file" if src.exists() else "no such file")
             if src.stat().st_size == 0:
                 raise ValueError("empty file (0 bytes)")
             gen = _video_frames(src, box, job["threads"])
@@ -300,6 +309,75 @@ def _refuse_outputs_onto_sources(by_out: dict[str, list[str]], sources: dict[str
                              "nothing was written: prepare into a folder whose paths do not lead onto the sources")
 
 
+@contextmanager
+def _lock_out_dir(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``out_dir`` (``fcntl.flock`` on :data:`LOCK_FILE`) while the block runs.
+
+    The approach of :func:`mergekit_video.runners.common.lock_output_dir`: the kernel releases the lock
+    when its holder dies, so a killed prepare never blocks a later one; the file holds the holder's pid
+    for the refusal. Forked encoder workers share the lock: it lasts while any of them still writes.
+    Where locks are unavailable (Windows, some NFS mounts) the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock = out_dir / LOCK_FILE
+    try:
+        fd, writable = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666), True
+    except PermissionError:  # another user's lock file in a shared folder: flock needs only read access
+        fd, writable = os.open(lock, os.O_RDONLY | os.O_CLOEXEC), False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            raise FileExistsError(f"{out_dir} is being written by another `mergevid data prepare` (pid {holder}); "
+                                  "wait for it to end, or prepare into another folder") from None
+        except OSError:  # a file system without locks (ENOLCK): run unlocked
+            pass
+        else:
+            if writable:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+#: Temp names of atomic writes (``utils.io.atomic_temp_pattern``) of any file; group ``name``: the file written.
+_ANY_TEMP = re.compile(rf"^\.(?P<name>.+?)\.(?:{TEMP_OWNER_PATTERN}\.)?[a-z0-9_]{{8}}\.tmp$")
+
+
+def _remove_stale_temps(out_dir: Path, out_rels: list[str], own_files: tuple[str, ...]) -> int:
+    """Remove the partial encodes and JSON/list writes that killed runs left in ``out_dir``; return how many.
+
+    Searched: every folder under ``out_dir`` (symlinks not followed) and the folders of this run's
+    outputs. Only names of this tool's atomic writes count (``.NAME.<pid>-<host>.XXXXXXXX.tmp``) whose
+    ``NAME`` is an ``.mp4`` output, or one of ``own_files`` directly in ``out_dir``; and of those only the
+    temps whose writer process is gone (:func:`~mergekit_video.utils.io.remove_stale_atomic_temps`).
+    """
+    folders: dict[str, Path] = {}
+    for folder in [out_dir, *(Path(d) for d, _, _ in os.walk(out_dir)), *{(out_dir / rel).parent for rel in out_rels}]:
+        folders.setdefault(os.path.realpath(folder), folder)
+    top = os.path.realpath(out_dir)
+    removed = 0
+    for real, folder in folders.items():
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        targets = set()
+        for name in names:
+            m = _ANY_TEMP.match(name)
+            if m and (m["name"].endswith(".mp4") or (real == top and m["name"] in own_files)):
+                targets.add(m["name"])
+        for name in sorted(targets):
+            removed += len(remove_stale_atomic_temps(folder / name))
+    return removed
+
+
 # the settings in the manifest, as `mergevid data prepare` spells them (preset and crf are Python-only)
 SETTING_FLAGS = {"short_side": "--short-side", "gop": "--gop", "fastdecode": "--fastdecode/--no-fastdecode",
                  "fps_for_frame_folders": "--fps"}
@@ -385,6 +463,18 @@ def prepare_dataset(
 
     _refuse_outputs_onto_sources(by_out, sources, root, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _lock_out_dir(out_dir):  # one prepare per output folder at a time
+        return _prepare_locked(
+            list_file=list_file, root=root, out_dir=out_dir, new_list=new_list, records=records, key_of=key_of, sources=sources,
+            by_out=by_out, early_failures=early_failures, short_side=short_side, gop=gop, fastdecode=fastdecode, workers=workers,
+            list_format=list_format, fps=fps, preset=preset, crf=crf, progress=progress, t0=t0)
+
+
+def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Path, records: list[VideoRecord], key_of: dict[str, str],
+                    sources: dict[str, VideoRecord], by_out: dict[str, list[str]], early_failures: list[dict], short_side: int,
+                    gop: int, fastdecode: bool, workers: int | None, list_format: str, fps: float, preset: str | None,
+                    crf: int | None, progress: bool, t0: float) -> PrepareReport:
+    """The rest of :func:`prepare_dataset`, run while this process holds ``out_dir``'s lock."""
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     settings = {"short_side": short_side, "gop": gop, "fastdecode": fastdecode, "preset": preset, "crf": crf,
                 "fps_for_frame_folders": fps if list_format == "frames" else None}
@@ -398,6 +488,7 @@ def prepare_dataset(
                              f"prepare into another output folder, or delete the folder {out_dir} to prepare it again "
                              "with these settings")
         manifest["files"] = old.get("files", {})
+    removed_temps = _remove_stale_temps(out_dir, list(by_out), (MANIFEST, REPORT, new_list.name))
 
     jobs: list[dict] = []
     done: dict[str, dict] = {}  # source key -> result
@@ -457,8 +548,11 @@ def prepare_dataset(
         if res["ok"]:
             manifest["files"][job["out_rel"]] = {"source": job["rel"], "source_stamp": job["stamp"], "out_size": out.stat().st_size,
                                                  **{k: res[k] for k in ("frames", "height", "width", "keyframes")}}
-        elif manifest["files"].pop(job["out_rel"], None) is not None and out.is_file():
-            out.unlink()  # an earlier run's output of a source that no longer encodes: never reused as finished
+        else:
+            if res.get("error") == WORKER_DIED:
+                remove_stale_atomic_temps(out)  # its partial encode (other failures remove their own)
+            if manifest["files"].pop(job["out_rel"], None) is not None and out.is_file():
+                out.unlink()  # an earlier run's output of a source that no longer encodes: never reused as finished
 
     atomic_write_json(manifest_path, manifest)  # before any encoding: the settings of every file to come
     if jobs:
@@ -489,6 +583,7 @@ def prepare_dataset(
     write_annotation_list(new_list, new_records)  # even when empty: an earlier run's list must not outlive its files
     report = PrepareReport(out_dir=out_dir, list_file=new_list, report_path=out_dir / REPORT, total=len(sources) - len(alias),
                            encoded=sum(r["ok"] for r in results), skipped=sum(1 for d in done.values() if d.get("skipped")),
-                           failed=len(failures), failures=failures, seconds=round(time.perf_counter() - t0, 3), settings=settings)
+                           failed=len(failures), failures=failures, seconds=round(time.perf_counter() - t0, 3), settings=settings,
+                           removed_temps=removed_temps)
     atomic_write_json(report.report_path, {**report.to_dict(), "source_list": str(list_file), "root": str(root)})
     return report
