@@ -543,13 +543,25 @@ def merge_tensors(
         return (base if base is not None else tensors[0]).clone()
     shared = _shared_infinities(tensors, base)
     if shared is None:
-        return fn(tensors, base=base, **kwargs)
+        return _checked_result(fn, fn(tensors, base=base, **kwargs), tensors[0])
     # the strategy sees 0 there in every tensor (a zero task vector, nothing in slerp's angle or
     # TIES's magnitude ranking), and the result gets the shared value back
     zeroed = [t.masked_fill(shared.to(t.device), 0.0) for t in tensors]
     zeroed_base = None if base is None else base.masked_fill(shared.to(base.device), 0.0)
-    out = fn(zeroed, base=zeroed_base, **kwargs)
+    out = _checked_result(fn, fn(zeroed, base=zeroed_base, **kwargs), tensors[0])
     return torch.where(shared.to(out.device), tensors[0].to(out.device, out.dtype), out)
+
+
+def _checked_result(fn: MergeFn, out: Any, like: Tensor) -> Tensor:
+    """A strategy's result, checked to be one tensor of the inputs' shape and given their dtype (a plugin's
+    merge that reduced too far failed later, inside ``load_state_dict``, without naming the strategy)."""
+    label = f"merge strategy {getattr(fn, '__name__', fn)!r}"
+    if not isinstance(out, Tensor):
+        raise ValueError(f"{label} returned a {type(out).__name__}, not a tensor")
+    if out.shape != like.shape:
+        raise ValueError(f"{label} returned shape {tuple(out.shape)} for inputs of shape {tuple(like.shape)}; "
+                         "a merge returns one tensor of the inputs' shape")
+    return out if out.dtype == like.dtype else out.to(like.dtype)
 
 
 def _shared_infinities(tensors: Sequence[Tensor], base: Tensor | None) -> Tensor | None:

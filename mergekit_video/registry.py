@@ -17,6 +17,7 @@ import difflib
 import importlib
 import inspect
 import logging
+import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,6 +27,7 @@ PLUGIN_ENTRY_POINT_GROUP = "mergekit_video.plugins"
 
 _entry_points_loaded = False
 _imported_plugin_modules: set[str] = set()
+_ALL_REGISTRIES: list[Registry] = []  # every registry made, for undoing a plugin that fails half-way
 
 
 def _keyword_parameters(factory: Any) -> list[str] | None:
@@ -70,29 +72,66 @@ def load_entry_point_plugins() -> list[str]:
 
     loaded = []
     for ep in entry_points(group=PLUGIN_ENTRY_POINT_GROUP):
+        before = _registry_snapshot()
         try:
             ep.load()
             loaded.append(ep.name)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
-            log.warning("plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
+            _restore_registries(before)  # skipped whole: nothing it registered before failing stays
+            log.warning("plugin %r (%s) failed to load and is skipped: %s", ep.name, ep.value, _describe_failure(exc),
+                        exc_info=log.isEnabledFor(logging.DEBUG))
     return loaded
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """``Type: message (file:line)`` of an exception raised while importing a plugin (where the plugin's code failed)."""
+    where = ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({exc.filename}:{exc.lineno})"
+    elif exc.__traceback__ is not None:
+        import os
+
+        frames = traceback.extract_tb(exc.__traceback__)
+        ours = os.path.dirname(os.path.abspath(__file__))
+        # the plugin's own line: the last frame outside this package and importlib (a duplicate name raises in register())
+        theirs = [f for f in frames if not f.filename.startswith(ours) and not f.filename.startswith("<frozen")]
+        frame = (theirs or frames)[-1]
+        where = f" ({frame.filename}:{frame.lineno})"
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def import_plugins(modules: Iterable[str]) -> None:
     """Import plugin modules by dotted name (a recipe's ``plugins:`` key).
 
-    Raises ``ImportError`` naming the module when one cannot be imported.
+    Raises ``ImportError`` naming the module when one cannot be imported, whatever the module
+    raised (a missing dependency, a syntax error, a name registered twice), with where it failed;
+    what it registered before failing is dropped.
     """
     for name in modules:
         if name in _imported_plugin_modules:
             continue
+        before = _registry_snapshot()
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            raise ImportError(
-                f"plugin module {name!r} could not be imported: {exc}"
-            ) from exc
+            _restore_registries(before)
+            raise ImportError(f"plugin module {name!r} could not be imported: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - named as the plugin's failure, not a bare error from inside it
+            _restore_registries(before)
+            raise ImportError(f"plugin module {name!r} failed while importing: {_describe_failure(exc)}") from exc
         _imported_plugin_modules.add(name)
+
+
+def _registry_snapshot() -> list[tuple[Registry, dict[str, Any]]]:
+    for r in _ALL_REGISTRIES:  # built-ins first: a restore must not drop them (their modules import only once)
+        r._load_builtins()
+    return [(r, dict(r._entries)) for r in _ALL_REGISTRIES]
+
+
+def _restore_registries(snapshot: list[tuple[Registry, dict[str, Any]]]) -> None:
+    for registry, entries in snapshot:
+        registry._entries.clear()
+        registry._entries.update(entries)
 
 
 class Registry:
@@ -103,11 +142,13 @@ class Registry:
         builtin_module: dotted module whose import registers the built-in parts.
     """
 
-    def __init__(self, kind: str, *, builtin_module: str | None = None) -> None:
+    def __init__(self, kind: str, *, builtin_module: str | None = None, check: Callable[[str, Any], None] | None = None) -> None:
         self.kind = kind
+        self._check = check  # called with (name, obj) on registration: refuses what cannot work as this kind
         self._builtin_module = builtin_module
         self._builtins_loaded = builtin_module is None
         self._entries: dict[str, Any] = {}
+        _ALL_REGISTRIES.append(self)
 
     # -- registration -------------------------------------------------------------
     def register(self, name: str, obj: Any = None, *, override: bool = False) -> Any:
@@ -129,6 +170,8 @@ class Registry:
                     f"{self.kind} {name!r} is already registered (by {where}); "
                     f"pass override=True to replace it"
                 )
+            if self._check is not None:
+                self._check(name, o)
             self._entries[name] = o
             return o
 
@@ -192,8 +235,31 @@ class Registry:
         return f"Registry({self.kind!r}, {len(self._entries)} entries)"
 
 
+def check_merge_signature(name: str, fn: Any) -> None:
+    """Refuse a merge strategy that cannot be called as ``fn(tensors, *, base=None, **arguments) -> Tensor``."""
+    contract = "a merge strategy is fn(tensors, *, base=None, <keyword arguments>) -> Tensor"
+    if not callable(fn):
+        raise TypeError(f"merge strategy {name!r} is not callable; {contract}")
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): taken on trust
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise TypeError(f"merge strategy {name!r} takes no positional argument for the tensors; {contract}")
+    required = [p.name for p in positional[1:] if p.default is p.empty and p.name != "base"]
+    if required:
+        raise TypeError(f"merge strategy {name!r} requires positional argument {required[0]!r} besides the tensors; {contract}")
+    takes_base = any(p.name == "base" and p.kind is not p.POSITIONAL_ONLY for p in params) or any(p.kind is p.VAR_KEYWORD for p in params)
+    if not takes_base:
+        raise TypeError(f"merge strategy {name!r} does not accept base=; {contract}")
+    base = next((p for p in params if p.name == "base"), None)
+    if base is not None and base.default is base.empty:
+        raise TypeError(f"merge strategy {name!r} requires base; give it a default (base=None); {contract}")
+
+
 ROUTERS = Registry("router", builtin_module="mergekit_video.routers")
-MERGES = Registry("merge strategy", builtin_module="mergekit_video.merging")
+MERGES = Registry("merge strategy", builtin_module="mergekit_video.merging", check=check_merge_signature)
 REGULARIZERS = Registry("regularizer", builtin_module="mergekit_video.regularizers")
 
 REGISTRIES: dict[str, Registry] = {

@@ -502,3 +502,19 @@ def test_validate_explain_lists_every_key_with_its_value_default_and_allowed_val
     line = next(row for row in out.splitlines() if "│ data.batch_size " in row)
     assert [c.strip() for c in line.split("│")[1:5]] == ["data.batch_size", "7", "int", "144"]
     assert "2 entries" in out  # a list of mappings: counted, its keys have rows of their own
+
+
+def test_one_cross_check_problem_does_not_hide_the_merge_and_router_dry_runs(capsys):
+    """A ties entry in eval.compare.merges (refused for MoTE experts) hid every merge and router argument problem."""
+    from pathlib import Path
+
+    from mergekit_video.cli.main import main as cli_main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    assert cli_main(["validate", str(recipe), "eval.compare.merges=[{name: ties}]", "model.router_kwargs={temperatur: 1}",
+                     "model.merge=temperature_softmax", "model.merge_kwargs={tau: x}"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is invalid (3 problems)" in err
+    assert "- eval.compare.merges.0.name: 'ties' merges relative to a base model" in err
+    assert "- model.merge_kwargs: 'temperature_softmax' with {'tau': 'x'} cannot merge 4 experts" in err
+    assert "- model.router_kwargs: 'multinomial' with {'temperatur': 1} for 4 experts: router 'multinomial' got an unexpected argument 'temperatur'" in err

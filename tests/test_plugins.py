@@ -130,10 +130,53 @@ def test_broken_entry_point_is_logged_and_skipped(clean_registries, monkeypatch,
         loaded = load_entry_point_plugins()
     assert "example" in loaded and "broken" not in loaded
     assert any(
-        "plugin 'broken' (mkv_no_such_plugin_module) failed to load: No module named 'mkv_no_such_plugin_module'" in r.getMessage()
+        "plugin 'broken' (mkv_no_such_plugin_module) failed to load and is skipped: ModuleNotFoundError: "
+        "No module named 'mkv_no_such_plugin_module'" in r.getMessage()
         for r in caplog.records
     )
     assert "cyclic" in ROUTERS  # the good plugin still works
+
+
+HALF_FAILING = """from mergekit_video.registry import MERGES
+
+
+@MERGES.register("mkv_half_first")
+def first(tensors, *, base=None):
+    return tensors[0]
+
+
+@MERGES.register("mean")  # taken by the built-in: fails here, line 9
+def again(tensors, *, base=None):
+    return tensors[0]
+"""
+
+
+def test_a_plugin_that_fails_half_way_registers_nothing_and_is_named_with_its_line(clean_registries, monkeypatch, tmp_path, caplog):
+    """Any failure of a plugin module (not only ImportError) is the plugins.N error naming the module and its own line;
+    what it registered before failing is dropped (an entry-point plugin 'skipped' kept half its parts)."""
+    (tmp_path / "mkv_half.py").write_text(HALF_FAILING)
+    (tmp_path / "mkv_boom.py").write_text("raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ImportError) as info:
+            reg_mod.import_plugins(["mkv_half"])
+        assert str(info.value) == (f"plugin module 'mkv_half' failed while importing: RegistryError: merge strategy 'mean' is already "
+                                   f"registered (by mergekit_video.merging); pass override=True to replace it ({tmp_path / 'mkv_half.py'}:9)")
+        assert "mkv_half_first" not in MERGES and MERGES.get("mean").__module__ == "mergekit_video.merging"
+        with pytest.raises(ImportError, match=rf"^plugin module 'mkv_boom' failed while importing: RuntimeError: boom \({tmp_path / 'mkv_boom.py'}:1\)$"):
+            reg_mod.import_plugins(["mkv_boom"])
+        # the same module as an installed entry point: logged with its line, skipped whole
+        sys.modules.pop("mkv_half", None)
+        _fake_install(tmp_path, "[mergekit_video.plugins]\nhalf = mkv_half\n", name="mkv_half_plugin")
+        monkeypatch.setattr(reg_mod, "_entry_points_loaded", False)  # the lookups above loaded the (other) entry points
+        importlib.invalidate_caches()
+        with caplog.at_level(logging.WARNING, logger="mergekit_video.registry"):
+            assert "half" not in load_entry_point_plugins()
+        assert f"plugin 'half' (mkv_half) failed to load and is skipped: RegistryError: merge strategy 'mean'" in caplog.text
+        assert f"({tmp_path / 'mkv_half.py'}:9)" in caplog.text and "mkv_half_first" not in MERGES
+    finally:
+        for name in ("mkv_half", "mkv_boom"):
+            sys.modules.pop(name, None)
 
 
 def _can_build_offline() -> bool:

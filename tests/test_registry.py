@@ -224,3 +224,44 @@ def test_build_names_the_part_and_its_arguments_on_a_typo():
     with pytest.raises(TypeError, match=r"^router 'multinomial' got an unexpected argument 'temprature' \(did you mean 'temperature'\?\) "
                                         r"\(accepted arguments: num_experts, temperature, granularity, generator, seed\)$"):
         ROUTERS.build("multinomial", num_experts=2, temprature=2.0)
+
+
+def test_a_merge_that_cannot_be_called_as_a_merge_is_refused_at_registration():
+    from mergekit_video.registry import MERGES
+
+    contract = "a merge strategy is fn(tensors, *, base=None, <keyword arguments>) -> Tensor"
+    cases = [
+        (lambda a, b: a, "merge strategy 'mkv_bad' requires positional argument 'b' besides the tensors"),
+        (lambda tensors: tensors[0], "merge strategy 'mkv_bad' does not accept base="),
+        (lambda tensors, base: tensors[0], "merge strategy 'mkv_bad' requires base; give it a default (base=None)"),
+        (lambda *, base=None: None, "merge strategy 'mkv_bad' takes no positional argument for the tensors"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(TypeError) as info:
+            MERGES.register("mkv_bad", fn)
+        assert str(info.value) == f"{message}; {contract}"
+        assert "mkv_bad" not in MERGES
+    MERGES.register("mkv_ok", lambda tensors, *, base=None, scale=1.0: tensors[0] * scale)
+    MERGES.register("mkv_ok_kw", lambda tensors, **kw: tensors[0], override=True)  # base through **kw
+    for name in ("mkv_ok", "mkv_ok_kw"):
+        MERGES._entries.pop(name)
+
+
+def test_a_merge_result_of_another_shape_is_named_and_another_dtype_is_cast():
+    import torch
+
+    from mergekit_video.merging import merge_state_dicts
+
+    def reduce_all(tensors, *, base=None):
+        return torch.stack(list(tensors)).mean()
+
+    def in_float64(tensors, *, base=None):
+        return torch.stack([t.double() for t in tensors]).mean(0)
+
+    sds = [{"w": torch.ones(3, 2)}, {"w": torch.zeros(3, 2)}]
+    with pytest.raises(ValueError) as info:
+        merge_state_dicts(sds, reduce_all)
+    assert str(info.value) == ("cannot merge tensor 'w': merge strategy 'reduce_all' returned shape () for inputs of shape (3, 2); "
+                               "a merge returns one tensor of the inputs' shape")
+    out = merge_state_dicts(sds, in_float64)["w"]
+    assert out.dtype == torch.float32 and torch.equal(out, torch.full((3, 2), 0.5))

@@ -532,8 +532,11 @@ def _clip_problems(cfg: dict[str, Any]) -> list[Problem]:
 def _common_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
     problems = [*_base_merge_problems(cfg), *_compare_merge_arguments(cfg), *_summary_problems(cfg), *_device_problems(cfg),
                 *_synthetic_problems(cfg), *_clip_problems(cfg), *_text_problems(cfg)]
-    if not problems:  # dry runs of merges and routers only once every argument name is known to fit
-        problems += _model_problems(cfg)
+    # dry runs of merges and routers: reported for the keys not already named above (the same bad argument
+    # would be told twice), so that one problem elsewhere does not hide them
+    named = {p.path for p in problems}
+    problems += [p for p in _model_problems(cfg)
+                 if p.path not in named and not any(p.path.startswith(f"{k}.") or k.startswith(f"{p.path}.") for k in named)]
     return problems
 
 
