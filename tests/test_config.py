@@ -518,3 +518,15 @@ def test_one_cross_check_problem_does_not_hide_the_merge_and_router_dry_runs(cap
     assert "- eval.compare.merges.0.name: 'ties' merges relative to a base model" in err
     assert "- model.merge_kwargs: 'temperature_softmax' with {'tau': 'x'} cannot merge 4 experts" in err
     assert "- model.router_kwargs: 'multinomial' with {'temperatur': 1} for 4 experts: router 'multinomial' got an unexpected argument 'temperatur'" in err
+
+
+def test_evaluate_recipes_take_the_readers_backend_and_time_limit(tmp_path, capsys):
+    """data.read_timeout_s was an unknown key for evaluate/compare recipes: a hung file always cost the fixed 60 s."""
+    from mergekit_video.cli.main import main as cli_main
+
+    recipe = tmp_path / "ev.yaml"
+    recipe.write_text("runner: evaluate\noutput_dir: out\ncheckpoint: model\neval:\n  datasets:\n"
+                      "    - {name: a, kind: close_set, root: /d, list: /d/a.txt, class_csv: /d/c.csv}\n")
+    assert cli_main(["validate", str(recipe), "data.read_timeout_s=3", "data.backend=pyav"]) == 0
+    assert cli_main(["validate", str(recipe), "data.read_timeout_s=0"]) == 1
+    assert "- data.read_timeout_s: must be > 0" in " ".join(capsys.readouterr().err.split())

@@ -288,7 +288,12 @@ EVALUATE_SCHEMA = recipe_schema(
         **COMMON,
         "checkpoint": Field(str, nullable=True, path="exists", doc="a saved model / export / trainer checkpoint"),
         "model": Component(nullable=True, doc="or build a model when no checkpoint is given", fields=MODEL_FIELDS),
-        "data": Section({"synthetic": SYNTHETIC, "root": Field(str, nullable=True)}, nullable=True),
+        "data": Section({
+            "synthetic": SYNTHETIC,
+            "root": Field(str, nullable=True),
+            "backend": DATA.fields["backend"],  # the evaluation's readers, as in training
+            "read_timeout_s": DATA.fields["read_timeout_s"],
+        }, nullable=True),
     },
     doc="evaluate a model",
 )
