@@ -135,6 +135,8 @@ def test_rng_state_survives_the_checkpoint_for_every_source(tmp_path):
 
 
 def test_crash_mid_save_keeps_previous_checkpoint_latest(tmp_path, monkeypatch):
+    import re
+
     import safetensors.torch
 
     mgr = CheckpointManager(directory=tmp_path)
@@ -894,3 +896,30 @@ def test_truncated_newer_checkpoints_do_not_take_the_keep_last_slots(tmp_path):
         mgr.save(step=s, epoch=0, model_state={"w": torch.full((8,), float(s))})
     assert [c.name for c in mgr.checkpoints()] == ["step_00000006", "step_00000008", "step_00000010"]
     assert [p.name for p, _ in mgr.unreadable()] == ["step_00000016", "step_00000018"]  # left for the user, pruned later
+
+
+def test_a_failed_checkpoint_write_names_it_and_the_checkpoint_that_survives(tmp_path, monkeypatch):
+    """A full disk showed 'SafetensorError: Error while serializing: I/O error: No space left on device', naming nothing."""
+    import re
+
+    import safetensors.torch
+
+    from mergekit_video.training.checkpoint import CheckpointWriteError
+    from mergekit_video.utils.io import atomic_save_safetensors
+
+    mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=3)
+    first = mgr.save(step=1, epoch=0, model_state={"w": torch.ones(4)})
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(CheckpointWriteError) as info:
+        mgr.save(step=2, epoch=0, model_state={"w": torch.ones(4)})
+    assert str(info.value) == (f"checkpoint {tmp_path / 'ckpt' / 'step_00000002'} could not be written (RuntimeError: Error while "
+                               f"serializing: I/O error: No space left on device (os error 28)); the previous checkpoint, {first}, "
+                               "is intact: free the space (or fix the folder) and rerun to resume from it")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_00000001"]  # no half-written folder
+    with pytest.raises(OSError, match=rf"^could not write {re.escape(str(tmp_path / 'm.safetensors'))} \(RuntimeError: .*os error 28\)\)$"):
+        atomic_save_safetensors(tmp_path / "m.safetensors", {"w": torch.ones(2)})
+    assert not list(tmp_path.glob("*m.safetensors*"))

@@ -171,6 +171,10 @@ def _missing_part(meta: Mapping[str, Any]) -> str | None:
     return None
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, say); the message names it and the checkpoint that survives."""
+
+
 def _inspect_state_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(the checkpoint's state.json, None) if ``path`` is a complete checkpoint, else (None, why not).
 
@@ -195,7 +199,7 @@ def _inspect_state_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if meta.get("optimizer") is not None and not (path / _OPTIM_FILE).is_file():
         return None, f"{_OPTIM_FILE} is missing"
     for name in (_MODEL_FILE, _OPTIM_FILE):
-        problem = None
+        problem = _safetensors_problem(path / name) if (path / name).is_file() else None
         if problem is not None:
             return None, problem
     return meta, None
@@ -417,8 +421,13 @@ class CheckpointManager:
             _fsync_dir(tmp)
             replaced = self._publish(tmp, final)
             _fsync_dir(self.directory)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the previous checkpoint of this step
+            if isinstance(exc, Exception):  # a full disk, a read-only folder: say what is lost and what is not
+                previous = _latest_in(self.directory)
+                kept = (f"the previous checkpoint, {previous}, is intact: free the space (or fix the folder) and rerun to "
+                        "resume from it" if previous is not None else "there is no earlier checkpoint")
+                raise CheckpointWriteError(f"checkpoint {final} could not be written ({type(exc).__name__}: {exc}); {kept}") from exc
             raise
         atomic_write_text(self.directory / _LATEST, name + "\n")
         if replaced is not None:

@@ -353,7 +353,14 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
     from safetensors.torch import save_file
 
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata), overwrite=overwrite)
+
+    def write(p: Path) -> None:
+        try:
+            save_file(flat, str(p), metadata=metadata)
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error (a full disk: "I/O error ... os error 28")
+            raise OSError(f"could not write {path} ({type(exc).__name__}: {exc})") from exc
+
+    return atomic_write(path, write, overwrite=overwrite)
 
 
 def read_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict:
