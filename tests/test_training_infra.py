@@ -885,3 +885,32 @@ def test_bad_videos_met_before_a_checkpoint_survive_the_resume(tmp_path):
     resumed = _tiny_trainer(tmp_path / "ckpt2")
     resumed.resume(ckpt)
     assert resumed.bad_videos == {"clips/a.mp4", "clips/b.mp4"}
+
+
+def test_skipped_clips_weigh_each_rank_by_its_clips_and_an_empty_micro_batch_trains_on(tmp_path, monkeypatch):
+    """on_error=skip: a micro-batch whose clips all failed crashed the step ('cannot reshape tensor of 0 elements'), and
+    under DDP each rank's mean counted alike whatever its clip count (the loss drifted from one process's)."""
+    from types import SimpleNamespace
+
+    from mergekit_video.training import distributed
+    from mergekit_video.training.trainer import Trainer
+
+    # two ranks with 2 and 3 clips: weights 2·2/5 and 3·2/5, so DDP's average of the weighted means is the mean of 5 clips
+    monkeypatch.setattr(distributed, "all_reduce_sum_int", lambda n: 5)
+    ranks = SimpleNamespace(variable_batch=True, dist=SimpleNamespace(world_size=2))
+    assert Trainer._clip_weight(ranks, {"label": torch.zeros(2)}) == (0.8, 5)
+    assert Trainer._clip_weight(ranks, {"label": torch.zeros(3)}) == (1.2, 5)
+    assert Trainer._clip_weight(ranks, {"label": torch.zeros(0)}) == (0.0, 5)
+    assert Trainer._clip_weight(SimpleNamespace(variable_batch=False, dist=None), {"label": torch.zeros(2)}) == (1.0, 2)
+    monkeypatch.undo()
+    # one process: a micro-batch with no clip left runs a zero clip at weight 0 and is left out of the logged mean
+    trainer = _tiny_trainer(tmp_path / "ckpt")
+    gen = torch.Generator().manual_seed(3)
+    batches = [{"frames": torch.randn(n, 4, 3, 32, 32, generator=gen), "label": torch.arange(n) % 3} for n in (2, 0, 1, 2)]
+    trainer.loader, trainer.variable_batch = batches, True
+    logged = []
+    trainer.metrics = SimpleNamespace(log=lambda logs, step, epoch: logged.append((step, logs)), enabled=False)
+    trainer.fit()
+    assert [(step, "loss" in logs) for step, logs in logged] == [(1, True), (2, False), (3, True), (4, True)]  # step 2: no clip, no loss
+    assert all(math.isfinite(logs["loss"]) and logs["loss"] > 0 for _, logs in logged if "loss" in logs)
+    assert trainer.state.step == 4 and all(torch.isfinite(p).all() for p in trainer.model.parameters())

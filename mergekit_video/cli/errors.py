@@ -162,7 +162,9 @@ def run_app(app: Any, argv: list[str]) -> int:
             print("Interrupted.", file=sys.stderr)
             return 130
     except Interrupted as e:
-        print(f"Interrupted: {e}" if str(e) else "Interrupted.", file=sys.stderr)
+        rank = _launched_rank()
+        where = f"[rank {rank}] " if rank is not None else ""  # under torchrun every rank reports: say whose it is
+        print(f"{where}Interrupted: {e}" if str(e) else f"{where}Interrupted.", file=sys.stderr)
         return 130
     except _EXIT as e:
         return e.exit_code

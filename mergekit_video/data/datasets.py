@@ -226,7 +226,7 @@ class VideoDataset(torch.utils.data.Dataset):
         """Refuse a list whose labels go past the class names: that list and class CSV do not belong together.
 
         Under ``skip``/``resample`` a few such lines (at most :attr:`stray_label_fraction` of the
-        list, and at least one allowed) are bad items instead: logged here, then skipped or resampled
+        list: one in a list of 100) are bad items instead: logged here, then skipped or resampled
         like an unreadable video when drawn.
         """
         num_classes = len(self.class_names)
@@ -236,12 +236,12 @@ class VideoDataset(torch.utils.data.Dataset):
         highest = max(r.label for r in outside)
         where = f", from the class CSV {source}" if source is not None else ""
         first, n, total = outside[0], len(outside), len(self.records)
-        if on_error in ("skip", "resample") and n <= max(1, int(self.stray_label_fraction * total)):
+        if on_error in ("skip", "resample") and n <= self.stray_label_fraction * total:
             log.warning("%s: %d of %d video%s %s a label >= %d, the class count%s (first: %r with label %d): bad items under on_error=%s",
                         self.list_file, n, total, "s" * (total != 1), "has" if n == 1 else "have", num_classes, where,
                         first.path, first.label, on_error)
             return
-        policy = (f" More than {self.stray_label_fraction:.0%} of the list (at least one line) is refused under on_error={on_error} too."
+        policy = (f" More than {self.stray_label_fraction:.0%} of the list is refused under on_error={on_error} too."
                   if on_error in ("skip", "resample") else "")
         raise ValueError(
             f"{self.list_file}: labels go up to {highest}, but there {'is' if num_classes == 1 else 'are'} only {num_classes} "

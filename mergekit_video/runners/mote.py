@@ -272,6 +272,7 @@ class MoTERunner:
             dist=self.dist,
             compile=t.get("compile", False),
             routing_draws=t.get("routing_draws", "global"),
+            variable_batch=self.data_cfg.get("on_error", "resample") == "skip",  # skipped clips: batches shrink
             resume_hint=("Rerun the same command to resume." if t.get("resume", "auto")
                          else "Rerun the same command with train.resume=auto to resume from it."),
         )

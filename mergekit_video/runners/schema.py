@@ -173,7 +173,7 @@ COMPARE_RUNNER_COMPARE = Section(
 
 EVAL = Section(
     {
-        "batch_size": Field(int, default=16, min=1),
+        "batch_size": Field(int, default=16, min=1, doc="clips per process and batch in validation and evaluation (unlike data.batch_size, not a total: each rank evaluates its own shard)"),
         "num_workers": Field(
             int, nullable=True, min=0,
             doc="loader workers for validation and evaluation; default: data.num_workers when the recipe has data, else min(4, CPU count)",

@@ -161,6 +161,15 @@ def all_reduce_mean(values: Mapping[str, float | int | torch.Tensor]) -> dict[st
     return dict(zip(keys, buf.cpu().tolist()))
 
 
+def all_reduce_sum_int(value: int) -> int:
+    """The sum of an integer over all processes (itself in a single process); every rank calls it."""
+    if not is_distributed():
+        return int(value)
+    buf = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return int(buf.item())
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Send a picklable object from rank ``src`` to all ranks; returns it everywhere."""
     if not is_distributed():

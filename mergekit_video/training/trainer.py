@@ -12,6 +12,7 @@ right after its last step, a failed validation) runs that validation first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -131,6 +132,11 @@ class Trainer:
             rank's sub-batch draws its own (the official code, which seeds each GPU differently).
             Per-rank streams are gathered into checkpoints, so resumes stay exact.
         stop_on_signals: handle SIGINT/SIGTERM as above (main thread only).
+        variable_batch: the loader may yield micro-batches with fewer clips (``on_error: skip``
+            drops bad ones), even none: each micro-step's loss is then the mean over the clips
+            of all ranks together (one integer all-reduce per micro-step under DDP), as one
+            process with the whole batch computes it, and a rank left with no clip runs a zero
+            clip at weight 0, which keeps DDP's gradient all-reduce and the routing draws in step.
         resume_hint: how to continue, at the end of the message of a run stopped by a signal.
     """
 
@@ -163,6 +169,7 @@ class Trainer:
         routing_draws: str = "global",
         extra_state: Callable[[], dict[str, Any]] | None = None,
         stop_on_signals: bool = True,
+        variable_batch: bool = False,
         resume_hint: str = "Rerun the same command to resume.",
     ) -> None:
         if grad_accumulation < 1:
@@ -196,6 +203,7 @@ class Trainer:
         self.dist = dist
         self.extra_state = extra_state
         self.stop_on_signals = bool(stop_on_signals)
+        self.variable_batch = bool(variable_batch)
         self.resume_hint = resume_hint  # how to continue, in the message of a run stopped by a signal
         self._stop_signal: int | None = None
         self._saved_step: int | None = None  # the step whose checkpoint holds the current state
@@ -497,18 +505,39 @@ class Trainer:
             )
 
     # -- training -----------------------------------------------------------------------
-    def _micro_step(self, batch: dict[str, Any], sync: bool) -> MoTEStepOutput:
+    def _clip_weight(self, batch: dict[str, Any]) -> tuple[float, int]:
+        """(weight of this rank's mean loss, clips of this micro-step on all ranks).
+
+        With a fixed batch every rank holds the same number of clips: weight 1. With
+        ``variable_batch``, weight n_rank · W / n_all, so that DDP's gradient average over W ranks is
+        the mean over all n_all clips, as one process computes it (0 for a rank with no clip).
+        """
+        n = int(batch["label"].shape[0])
+        world = self.dist.world_size if self.dist is not None else 1
+        if not self.variable_batch:
+            return 1.0, n * world
+        from .distributed import all_reduce_sum_int
+
+        total = all_reduce_sum_int(n) if world > 1 else n
+        return (n * world / total if total else 0.0), total
+
+    def _micro_step(self, batch: dict[str, Any], sync: bool, weight: float = 1.0) -> MoTEStepOutput:
         from ..data import normalize_frames
 
         frames = batch["frames"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        if labels.shape[0] == 0:  # every item failed (on_error: skip): a zero clip at weight 0, see variable_batch
+            frames = frames.new_zeros((1, *frames.shape[1:]))
+            labels = labels.new_zeros(1)
         if frames.dtype == torch.uint8:
             frames = normalize_frames(frames)
-        labels = batch["label"].to(self.device, non_blocking=True)
         no_sync = getattr(self.step_module, "no_sync", None)
         ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with ctx:
             with autocast_context(self.device, self.precision):
                 out = self.step_module(frames, labels, self.class_features)
+            if weight != 1.0:  # the loss and its logged terms, as the mean over every rank's clips
+                out = dataclasses.replace(out, loss=out.loss * weight, terms={k: v * weight for k, v in out.terms.items()})
             loss = out.loss / self.grad_accumulation
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -622,7 +651,6 @@ class Trainer:
 
         window_clips, window_start = 0, time.perf_counter()  # throughput counts this process's time only
         self._clips_reported = 0
-        world = self.dist.world_size if self.dist is not None else 1
         usable = self.steps_per_epoch * self.grad_accumulation  # micro-batches used per epoch
         if self.state.batches_in_epoch >= usable:
             # resumed in an epoch whose steps are all done but whose end (validation, checkpoint
@@ -640,12 +668,14 @@ class Trainer:
                 self.state.batches_in_epoch += 1
                 note_batch_failures(batch, self.bad_videos)
                 sync = self.state.batches_in_epoch % self.grad_accumulation == 0
-                out = self._micro_step(batch, sync)
-                sums = self._loss_sums
-                for k, v in {"loss": out.loss.detach(), **out.terms}.items():
-                    sums[k] = sums[k] + v if k in sums else v.detach().to(torch.float64)
-                self._loss_count += 1
-                window_clips += int(batch["label"].shape[0]) * world
+                weight, clips = self._clip_weight(batch)
+                out = self._micro_step(batch, sync, weight)
+                if clips:  # a micro-step without any clip on any rank (all skipped) has no loss to average in
+                    sums = self._loss_sums
+                    for k, v in {"loss": out.loss.detach(), **out.terms}.items():
+                        sums[k] = sums[k] + v if k in sums else v.detach().to(torch.float64)
+                    self._loss_count += 1
+                window_clips += clips
                 if not sync:
                     continue
                 lr = self._step_lr()  # the lr this step uses (the scheduler moves on inside _optimizer_step)
@@ -655,7 +685,8 @@ class Trainer:
                 logs: dict[str, float] = {}
                 if self.state.step % self.log_every == 0 or self.state.step == self.total_steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    logs = all_reduce_mean({k: v / self._loss_count for k, v in self._loss_sums.items()})
+                    # the same count on every rank (a micro-step is left out on all of them or none)
+                    logs = all_reduce_mean({k: v / self._loss_count for k, v in self._loss_sums.items()}) if self._loss_count else {}
                     logs["lr"] = lr
                     logs["clips_per_s"] = window_clips / elapsed
                     if grad_norm is not None:
