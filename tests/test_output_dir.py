@@ -652,3 +652,21 @@ def test_a_recipe_without_eval_datasets_says_the_final_evaluation_is_skipped(tmp
     assert run_eval_suite(object(), cfg={"eval": {"datasets": []}}, data_cfg={}, device=None, dist=None,
                           output_dir=tmp_path, console=console) == {}
     assert f"no eval.datasets in the recipe: no final evaluation; evaluate the saved model with mergevid eval {tmp_path / 'model'}" in console.export_text()
+
+
+def test_device_cpu_joins_the_process_group_with_gloo(monkeypatch):
+    """On a CUDA machine init_distributed picked NCCL even for device: cpu, whose CPU tensors NCCL cannot reduce."""
+    from mergekit_video.runners.common import start_run
+    from mergekit_video.training import distributed
+
+    asked = []
+
+    def stop(**kwargs):
+        asked.append(kwargs.get("backend"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(distributed, "init_distributed", stop)
+    for device, backend in (("cpu", "gloo"), ("auto", None), ("cuda", None)):
+        with pytest.raises(RuntimeError, match="stop here"):
+            start_run({"runner": "mote", "output_dir": "unused", "device": device}, overwrite=False)
+    assert asked == ["gloo", None, None]

@@ -36,7 +36,8 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
     from ..training.distributed import init_distributed
     from ..training.rng import seed_everything
 
-    dist = init_distributed()
+    # device: cpu on a CUDA machine: gloo (NCCL would get CPU tensors); otherwise NCCL on CUDA, gloo on the CPU
+    dist = init_distributed(backend="gloo" if str(cfg.get("device", "auto")) == "cpu" else None)
     main = dist.rank == 0
     device = select_device(cfg.get("device", "auto"), dist.local_rank)
     if device.type == "cpu":
