@@ -202,6 +202,14 @@ def _merge_buffer(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.T
     return torch.where(same, tensors[0], linear_combinations([tensors], weights)[0])
 
 
+def _module_kind(m: nn.Module) -> type:
+    """A submodule's class for the structure check: a parametrized module's original class
+    (``torch.nn.utils.parametrize`` makes a new ``Parametrized<Class>`` for every module)."""
+    from torch.nn.utils import parametrize
+
+    return type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
+
+
 def check_same_structure(experts: Sequence[nn.Module]) -> None:
     """Raise ``ValueError`` naming the first submodule or tensor in which the experts differ.
 
@@ -217,7 +225,7 @@ def check_same_structure(experts: Sequence[nn.Module]) -> None:
     for i, e in enumerate(experts[1:], 1):
         if e is ref or any(id(p) in ref_ids for p in e.parameters()):
             raise ValueError(f"expert {i} shares parameters with expert 0; pass independent copies (copy.deepcopy)")
-        if type(e) is not type(ref):
+        if _module_kind(e) is not _module_kind(ref):
             raise ValueError(f"expert {i} is a {type(e).__name__} but expert 0 is a {type(ref).__name__}")
         sd = e.state_dict()
         for k, t in ref_sd.items():
@@ -239,7 +247,7 @@ def check_same_structure(experts: Sequence[nn.Module]) -> None:
             label = f"submodule {name!r}" if name else "the module"
             if other is None:
                 raise ValueError(f"expert {i} has no {label}, which expert 0 has")
-            if type(other) is not type(m) or other.extra_repr() != m.extra_repr():
+            if _module_kind(other) != _module_kind(m) or other.extra_repr() != m.extra_repr():
                 raise ValueError(
                     f"{label} differs: expert 0 has {type(m).__name__}({m.extra_repr()}), "
                     f"expert {i} has {type(other).__name__}({other.extra_repr()})"

@@ -330,8 +330,8 @@ class GeneralizedTaskArithmetic:
         merged = (weighted_deltas * mask).sum(dim=0)
         if self.disjoint_mean:
             divisor = (wv * mask).sum(dim=0)
-            nonzero = divisor.abs() > 1e-12
-            merged = torch.where(nonzero, merged / torch.where(nonzero, divisor, torch.ones_like(divisor)), torch.zeros_like(merged))
+            # signed weights can cancel (Σw = 0 over agreeing entries): divided by 1 there, as mergekit does
+            merged = merged / torch.where(divisor.abs() > 1e-12, divisor, torch.ones_like(divisor))
         return (b + lam * merged).to(dtype)
 
 

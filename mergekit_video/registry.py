@@ -247,9 +247,10 @@ def check_merge_signature(name: str, fn: Any) -> None:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not positional and not any(p.kind is p.VAR_POSITIONAL for p in params):
         raise TypeError(f"merge strategy {name!r} takes no positional argument for the tensors; {contract}")
-    required = [p.name for p in positional[1:] if p.default is p.empty and p.name != "base"]
+    # arguments come by keyword (fn(tensors, base=..., **arguments)): only a required positional-only one cannot be given
+    required = [p.name for p in positional[1:] if p.default is p.empty and p.kind is p.POSITIONAL_ONLY]
     if required:
-        raise TypeError(f"merge strategy {name!r} requires positional argument {required[0]!r} besides the tensors; {contract}")
+        raise TypeError(f"merge strategy {name!r} requires positional-only argument {required[0]!r} besides the tensors; {contract}")
     takes_base = any(p.name == "base" and p.kind is not p.POSITIONAL_ONLY for p in params) or any(p.kind is p.VAR_KEYWORD for p in params)
     if not takes_base:
         raise TypeError(f"merge strategy {name!r} does not accept base=; {contract}")

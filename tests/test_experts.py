@@ -95,6 +95,18 @@ def test_structure_check_compares_submodules_without_tensors():
         ExpertContainer([MLP(), extra], "fixed")
 
 
+def test_independently_parametrized_experts_share_one_structure():
+    # torch.nn.utils.parametrize makes a new Parametrized<Class> per module: the original class is compared
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    c = ExpertContainer([nn.Sequential(weight_norm(nn.Linear(4, 4)), nn.ReLU()) for _ in range(2)], "fixed").eval()
+    x = torch.randn(3, 4)
+    assert maxdiff(c(x), c.collapse()(x)) == 0.0
+    with pytest.raises(ValueError, match=r"^expert 1 has no tensor '0.parametrizations.weight.original0', which expert 0 has$"):
+        ExpertContainer([nn.Sequential(weight_norm(nn.Linear(4, 4)), nn.ReLU()), nn.Sequential(nn.Linear(4, 4), nn.ReLU())], "fixed")
+
+
 def test_set_merge_copies_list_arguments():
     # editing the caller's list afterwards changes neither the cached eval merge nor collapse()
     torch.manual_seed(0)

@@ -152,6 +152,10 @@ def test_ties_with_negative_weights_votes_with_the_weighted_signs():
     assert close(ties([T(5.0), T(1.0), T(1.0)], base=T(0.0), density=1.0, weights=[1.0, -1.0, -1.0]), [5.0])
     # w = [1, −0.5] on deltas [2, 1]: weighted [2, −0.5] → only the first is kept: 2 / 1
     assert close(ties([T(2.0), T(1.0)], base=T(0.0), density=1.0, weights=[1.0, -0.5]), [2.0])
+    # signed weights that cancel over the agreeing entries (Σw = 0): divided by 1 there, as mergekit does
+    #   deltas [1, 1, 1] and [−2, −2, 2], w = [1, −1]: weighted [1, 1, 1] and [2, 2, −2] → entries 0, 1 agree (+),
+    #   sum 3, Σw = 0 → 3; entry 2: sum −1 → elected −, only the second agrees: −2 / −1 = 2
+    assert close(ties([T(1.0, 1.0, 1.0), T(-2.0, -2.0, 2.0)], base=torch.zeros(3), density=1.0, weights=[1.0, -1.0]), [3.0, 3.0, 2.0])
 
 
 # DARE hand example. base = 1; task vectors d1 = [2, 0, 1, −1], d2 = [3, 4, −2, 1].

@@ -632,6 +632,9 @@ def test_describe_change_shows_where_long_paths_differ():
         "eval.datasets.0.class_csv: '.../annotations/zs_labels.csv' -> '.../annotations/zs_labels_v2.csv'"
     )
     assert describe_change("data.val_list", "/d/a.txt", "/d/b.txt") == "data.val_list: '/d/a.txt' -> '/d/b.txt'"
+    # the difference late in a long file name: shown from near it
+    long_a, long_b = "/data/k400/lists/kinetics400_train_list_videos_full.txt", "/data/k400/lists/kinetics400_train_list_videos_full_fixed.txt"
+    assert describe_change("data.train_list", long_a, long_b) == "data.train_list: '..._videos_full.txt' -> '..._videos_full_fixed.txt'"
     assert describe_change("schedule.epochs", 5, 6) == "schedule.epochs: 5 -> 6"
 
 

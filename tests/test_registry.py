@@ -226,12 +226,15 @@ def test_build_names_the_part_and_its_arguments_on_a_typo():
         ROUTERS.build("multinomial", num_experts=2, temprature=2.0)
 
 
+def _positional_only_alpha(tensors, alpha, /, base=None):
+    return tensors[0] * alpha
+
+
 def test_a_merge_that_cannot_be_called_as_a_merge_is_refused_at_registration():
     from mergekit_video.registry import MERGES
 
     contract = "a merge strategy is fn(tensors, *, base=None, <keyword arguments>) -> Tensor"
     cases = [
-        (lambda a, b: a, "merge strategy 'mkv_bad' requires positional argument 'b' besides the tensors"),
         (lambda tensors: tensors[0], "merge strategy 'mkv_bad' does not accept base="),
         (lambda tensors, base: tensors[0], "merge strategy 'mkv_bad' requires base; give it a default (base=None)"),
         (lambda *, base=None: None, "merge strategy 'mkv_bad' takes no positional argument for the tensors"),
@@ -242,6 +245,11 @@ def test_a_merge_that_cannot_be_called_as_a_merge_is_refused_at_registration():
         assert str(info.value) == f"{message}; {contract}"
         assert "mkv_bad" not in MERGES
     MERGES.register("mkv_ok", lambda tensors, *, base=None, scale=1.0: tensors[0] * scale)
+    # a required argument that is not positional-only comes by keyword: fine (fn(tensors, base=..., alpha=...))
+    MERGES.register("mkv_ok_alpha", lambda tensors, alpha, base=None: tensors[0] * alpha)
+    MERGES._entries.pop("mkv_ok_alpha")
+    with pytest.raises(TypeError, match="requires positional-only argument 'alpha' besides the tensors"):
+        MERGES.register("mkv_bad", _positional_only_alpha)
     MERGES.register("mkv_ok_kw", lambda tensors, **kw: tensors[0], override=True)  # base through **kw
     for name in ("mkv_ok", "mkv_ok_kw"):
         MERGES._entries.pop(name)

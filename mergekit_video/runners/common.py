@@ -236,7 +236,11 @@ def describe_change(key: str, old: Any, new: Any) -> str:
         cut = old.rfind("/", 0, same)
         cut = old.rfind("/", 0, cut) if cut > 0 else cut  # one folder of context
         if cut > 0:
+            same = same - cut + 3  # in the shortened strings, "..." included
             old, new = "..." + old[cut:], "..." + new[cut:]
+        if max(len(old), len(new)) > 38 and same > 20:  # the difference late in a long name: shown from near it
+            start = same - 12
+            old, new = "..." + old[start:], "..." + new[start:]
 
     def show(v: Any) -> str:
         text = "(absent)" if v is MISSING else repr(v)
