@@ -77,7 +77,7 @@ def load_entry_point_plugins() -> list[str]:
             ep.load()
             loaded.append(ep.name)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
-            _restore_registries(before)  # skipped whole: nothing it registered before failing stays
+            _restore_registries(before, ep.module)  # skipped whole: nothing it registered before failing stays
             log.warning("plugin %r (%s) failed to load and is skipped: %s", ep.name, ep.value, _describe_failure(exc),
                         exc_info=log.isEnabledFor(logging.DEBUG))
     return loaded
@@ -114,10 +114,10 @@ def import_plugins(modules: Iterable[str]) -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            _restore_registries(before)
+            _restore_registries(before, name)
             raise ImportError(f"plugin module {name!r} could not be imported: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - named as the plugin's failure, not a bare error from inside it
-            _restore_registries(before)
+            _restore_registries(before, name)
             raise ImportError(f"plugin module {name!r} failed while importing: {_describe_failure(exc)}") from exc
         _imported_plugin_modules.add(name)
 
@@ -128,10 +128,21 @@ def _registry_snapshot() -> list[tuple[Registry, dict[str, Any]]]:
     return [(r, dict(r._entries)) for r in _ALL_REGISTRIES]
 
 
-def _restore_registries(snapshot: list[tuple[Registry, dict[str, Any]]]) -> None:
+def _restore_registries(snapshot: list[tuple[Registry, dict[str, Any]]], module: str) -> None:
+    """Undo what the plugin ``module`` (and its submodules) registered since ``snapshot``. Parts that other
+    modules registered meanwhile stay: those modules imported fine and are not imported again."""
+
+    def from_plugin(obj: Any) -> bool:
+        where = getattr(obj, "__module__", None) or ""
+        return where == module or where.startswith(module + ".")
+
     for registry, entries in snapshot:
-        registry._entries.clear()
-        registry._entries.update(entries)
+        for name, obj in list(registry._entries.items()):
+            if entries.get(name) is not obj and from_plugin(obj):
+                if name in entries:
+                    registry._entries[name] = entries[name]  # an override it made: the previous part is back
+                else:
+                    del registry._entries[name]
 
 
 class Registry:

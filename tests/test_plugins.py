@@ -155,7 +155,10 @@ def test_a_plugin_that_fails_half_way_registers_nothing_and_is_named_with_its_li
     """Any failure of a plugin module (not only ImportError) is the plugins.N error naming the module and its own line;
     what it registered before failing is dropped (an entry-point plugin 'skipped' kept half its parts)."""
     (tmp_path / "mkv_half.py").write_text(HALF_FAILING)
-    (tmp_path / "mkv_boom.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "mkv_boom.py").write_text("import mkv_helper_parts\nraise RuntimeError('boom')\n")
+    # a module the failing plugin imports registers a part: it imported fine and is not imported again, so its part stays
+    (tmp_path / "mkv_helper_parts.py").write_text("from mergekit_video.registry import MERGES\n"
+                                                  "MERGES.register('mkv_helper_merge', lambda tensors, *, base=None: tensors[0])\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         with pytest.raises(ImportError) as info:
@@ -163,8 +166,9 @@ def test_a_plugin_that_fails_half_way_registers_nothing_and_is_named_with_its_li
         assert str(info.value) == (f"plugin module 'mkv_half' failed while importing: RegistryError: merge strategy 'mean' is already "
                                    f"registered (by mergekit_video.merging); pass override=True to replace it ({tmp_path / 'mkv_half.py'}:9)")
         assert "mkv_half_first" not in MERGES and MERGES.get("mean").__module__ == "mergekit_video.merging"
-        with pytest.raises(ImportError, match=rf"^plugin module 'mkv_boom' failed while importing: RuntimeError: boom \({tmp_path / 'mkv_boom.py'}:1\)$"):
+        with pytest.raises(ImportError, match=rf"^plugin module 'mkv_boom' failed while importing: RuntimeError: boom \({tmp_path / 'mkv_boom.py'}:2\)$"):
             reg_mod.import_plugins(["mkv_boom"])
+        assert "mkv_helper_merge" in MERGES
         # the same module as an installed entry point: logged with its line, skipped whole
         sys.modules.pop("mkv_half", None)
         _fake_install(tmp_path, "[mergekit_video.plugins]\nhalf = mkv_half\n", name="mkv_half_plugin")
@@ -175,8 +179,9 @@ def test_a_plugin_that_fails_half_way_registers_nothing_and_is_named_with_its_li
         assert f"plugin 'half' (mkv_half) failed to load and is skipped: RegistryError: merge strategy 'mean'" in caplog.text
         assert f"({tmp_path / 'mkv_half.py'}:9)" in caplog.text and "mkv_half_first" not in MERGES
     finally:
-        for name in ("mkv_half", "mkv_boom"):
+        for name in ("mkv_half", "mkv_boom", "mkv_helper_parts"):
             sys.modules.pop(name, None)
+        MERGES._entries.pop("mkv_helper_merge", None)
 
 
 def _can_build_offline() -> bool:
