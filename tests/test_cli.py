@@ -543,6 +543,13 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     err = " ".join(capsys.readouterr().err.split())
     assert f"--root not given, so the paths of lists/val.txt are read relative to its folder {tmp_path / 'lists'}" in err
     assert "pass --root FOLDER" in err
+    # a root given as an override, and a frame-folder list whose folders are beside it, are not refused
+    assert cli_main(["eval", str(a), "--list", "lists/val.txt", "--classes", "c.csv", f"eval.datasets.0.root={tmp_path}"]) == 1
+    assert "--root not given" not in capsys.readouterr().err  # it went on (to the stubbed run)
+    (tmp_path / "lists" / "frames" / "v1").mkdir(parents=True)
+    (tmp_path / "lists" / "frames.txt").write_text("frames/v1 8 0\n")
+    assert cli_main(["eval", str(a), "--list", "lists/frames.txt", "--classes", "c.csv", "eval.datasets.0.list_format=frames"]) == 1
+    assert "--root not given" not in capsys.readouterr().err
     # a config.json that is no model config is named before an output folder is made
     (tmp_path / "notmodel").mkdir()
     (tmp_path / "notmodel" / "config.json").write_text('{"format": "mergekit_video/video_clip", "format_version": 1}')

@@ -310,8 +310,6 @@ def eval_cmd(
             raise UserError(f"--views must look like 1x1 or 4x3, got {views!r}") from None
         if clips < 1 or crops not in (1, 3):
             raise UserError(f"--views {views}: CLIPSxCROPS takes clips >= 1 and crops 1 or 3")
-        if root is None:
-            _check_default_root(list_files[0])
         if target.is_dir() and not (target / "config.json").is_file() and (target / "model" / "config.json").is_file():
             _console().print(f"{target} is a run's output_dir: evaluating its trained model, {target / 'model'}")
             target = target / "model"
@@ -350,18 +348,21 @@ def eval_cmd(
         from ..config import apply_overrides, resolve_interpolations
 
         recipe = resolve_interpolations(apply_overrides(recipe, overrides))
+        entry = ((recipe.get("eval") or {}).get("datasets") or [{}])[0]
+        if root is None and entry.get("root") == str(list_files[0].parent.resolve()):  # the default, not overridden
+            _check_default_root(list_files[0], entry.get("list_format", "video"))
         cfg = _validated(recipe, source=f"for {target}")
     _run_validated(cfg, source=str(target) if target.suffix in (".yaml", ".yml") else f"for {target}", overwrite=overwrite)
 
 
-def _check_default_root(list_file: Path) -> None:
+def _check_default_root(list_file: Path, list_format: str = "video") -> None:
     """Without ``--root`` the list's paths are read relative to its own folder: refuse up front, naming
     ``--root``, when none of its first entries is there (rather than a missing-video error per file)."""
     from ..data.annotations import read_annotation_list
 
     try:
-        records = read_annotation_list(list_file)[:5]
-    except (OSError, ValueError):  # a frame-folder list, a malformed one: the evaluation reports it
+        records = read_annotation_list(list_file, list_format)[:5]
+    except (OSError, ValueError):  # a malformed list, an unknown format: the evaluation reports it
         return
     folder = list_file.resolve().parent
     if records and not any((folder / r.path).exists() for r in records):
