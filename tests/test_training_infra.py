@@ -908,9 +908,17 @@ def test_skipped_clips_weigh_each_rank_by_its_clips_and_an_empty_micro_batch_tra
     gen = torch.Generator().manual_seed(3)
     batches = [{"frames": torch.randn(n, 4, 3, 32, 32, generator=gen), "label": torch.arange(n) % 3} for n in (2, 0, 1, 2)]
     trainer.loader, trainer.variable_batch = batches, True
-    logged = []
-    trainer.metrics = SimpleNamespace(log=lambda logs, step, epoch: logged.append((step, logs)), enabled=False)
+    logged, weights = [], []
+
+    def log(logs, step, epoch):
+        logged.append((step, logs))
+        weights.append([p.detach().clone() for p in trainer.model.parameters() if p.requires_grad])
+
+    trainer.metrics = SimpleNamespace(log=log, enabled=False)
     trainer.fit()
     assert [(step, "loss" in logs) for step, logs in logged] == [(1, True), (2, False), (3, True), (4, True)]  # step 2: no clip, no loss
+    # step 2 had no clip: AdamW's momentum and weight decay would still have moved the weights; they stay
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))
     assert all(math.isfinite(logs["loss"]) and logs["loss"] > 0 for _, logs in logged if "loss" in logs)
     assert trainer.state.step == 4 and all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -545,7 +545,13 @@ class Trainer:
                 loss.backward()
         return out
 
-    def _optimizer_step(self) -> torch.Tensor | None:
+    def _optimizer_step(self, *, update: bool = True) -> torch.Tensor | None:
+        """Step the optimizer (unless ``update`` is False: no clip of the step survived on any rank; AdamW's
+        momentum and weight decay would still move the weights) and the schedule."""
+        if not update:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()  # the schedule counts steps of the epoch structure, taken or not
+            return None
         grad_norm = None  # stays on the device: read only on logging steps (no sync per step)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -651,6 +657,7 @@ class Trainer:
 
         window_clips, window_start = 0, time.perf_counter()  # throughput counts this process's time only
         self._clips_reported = 0
+        step_clips = 0  # clips of the optimizer step being accumulated, all ranks together
         usable = self.steps_per_epoch * self.grad_accumulation  # micro-batches used per epoch
         if self.state.batches_in_epoch >= usable:
             # resumed in an epoch whose steps are all done but whose end (validation, checkpoint
@@ -669,6 +676,7 @@ class Trainer:
                 note_batch_failures(batch, self.bad_videos)
                 sync = self.state.batches_in_epoch % self.grad_accumulation == 0
                 weight, clips = self._clip_weight(batch)
+                step_clips += clips
                 out = self._micro_step(batch, sync, weight)
                 if clips:  # a micro-step without any clip on any rank (all skipped) has no loss to average in
                     sums = self._loss_sums
@@ -679,7 +687,11 @@ class Trainer:
                 if not sync:
                     continue
                 lr = self._step_lr()  # the lr this step uses (the scheduler moves on inside _optimizer_step)
-                grad_norm = self._optimizer_step()
+                if not step_clips and _is_main(self.dist):
+                    log.warning("step %d: no clip of its batch could be read (on_error: skip); the weights are not updated",
+                                self.state.step + 1)
+                grad_norm = self._optimizer_step(update=step_clips > 0)  # the same on every rank: clips are counted globally
+                step_clips = 0
                 self.state.step += 1
                 new_clips, self._clips_reported = window_clips - self._clips_reported, window_clips
                 logs: dict[str, float] = {}
