@@ -179,7 +179,8 @@ def test_the_run_names_a_best_checkpoint_other_than_the_last(tmp_path, capsys, m
     # the first checkpoint (step 4), kept by pruning as the "best" one, with a command ready to run on the val data
     data = out / "data"
     assert (f"bestvaltop-1{90.0:.2f}atstep_00000004(last:{50.0:.2f}):evaluatethoseweightswithmergevideval"
-            f"{out / 'checkpoints' / 'step_00000004'}--list{data / 'val.txt'}--classes{data / 'classes.csv'}--root{data}") in said
+            f"{out / 'checkpoints' / 'step_00000004'}--list{data / 'val.txt'}--classes{data / 'classes.csv'}--root{data}"
+            "--frames8--views1x1") in said  # the validation's frames and views (train.val_views, 1x1 by default)
     # a tie with the last checkpoint names nothing: the final evaluation scored weights as good
     scores["step_00000004"] = 50.0
     runner_hint = "evaluatethoseweights"

@@ -368,6 +368,18 @@ class MoTERunner:
                 command += ["--root", str(data["root"])]
         else:
             command += ["--list", "LIST", "--classes", "CSV", "--root", "ROOT"]
+        # the validation's own settings, so that the command scores what the validation did (TFM off: 'merged')
+        clips, crops = self.cfg["train"].get("val_views", [1, 1])
+        command += ["--frames", str(data.get("num_frames", 8)), "--views", f"{clips}x{crops}"]
+        if data.get("list_format", "video") != "video":
+            command.append(f"eval.datasets.0.list_format={data['list_format']}")
+        if data.get("sampling", "segment") != "segment":
+            command += [f"eval.datasets.0.sampling={data['sampling']}", f"eval.datasets.0.stride={data.get('stride', 8)}"]
+        offsets = (self.cfg.get("eval") or {}).get("test_offsets") or "centre"
+        if offsets != "centre":
+            command.append(f"eval.test_offsets={offsets}")
+        if data.get("backend", "decord") != "decord":
+            command.append(f"data.backend={data['backend']}")
         last = "" if last_v is None else f" (last: {last_v:.2f})"
         self.console.print(f"best val top-1 {best_v:.2f} at {best.name}{last}: evaluate those weights with "
                            f"{' '.join(shlex.quote(c) for c in command)}")
