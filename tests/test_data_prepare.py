@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import time
 import signal
 
 import numpy as np
@@ -455,8 +456,12 @@ def test_a_rerun_removes_the_partial_encodes_of_killed_runs_and_nothing_else(tmp
              out / f".prepare_manifest.json.{dead}.abcd1234.tmp"]
     kept = [out / f".v0.mp4.{temp_owner()}.abcd1234.tmp",  # its writer runs (this process)
             out / ".v0.mp4.mine.tmp", out / "sub" / f".notes.txt.{dead}.abcd1234.tmp", out / "mine.tmp"]  # not prepare's
+    # a hidden file of the user's that happens to look like an older writer's temp (no pid/host), two hours old
+    (out / "family").mkdir()
+    kept.append(out / "family" / ".wedding.mp4.draft_01.tmp")
     for p in stale + kept:
         p.write_bytes(b"partial")
+    os.utime(kept[-1], (time.time() - 7200, time.time() - 7200))
     rep = prepare_dataset(**kw)
     assert (rep.encoded, rep.skipped, rep.failed, rep.removed_temps) == (0, 2, 0, 4)
     assert not any(p.exists() for p in stale) and all(p.read_bytes() == b"partial" for p in kept)

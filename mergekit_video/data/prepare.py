@@ -347,7 +347,7 @@ def _lock_out_dir(out_dir: Path) -> Iterator[None]:
 
 
 #: Temp names of atomic writes (``utils.io.atomic_temp_pattern``) of any file; group ``name``: the file written.
-_ANY_TEMP = re.compile(rf"^\.(?P<name>.+?)\.(?:{TEMP_OWNER_PATTERN}\.)?[a-z0-9_]{{8}}\.tmp$")
+_ANY_TEMP = re.compile(rf"^\.(?P<name>.+?)\.(?P<owner>{TEMP_OWNER_PATTERN}\.)?[a-z0-9_]{{8}}\.tmp$")
 
 
 def _remove_stale_temps(out_dir: Path, out_rels: list[str], own_files: tuple[str, ...]) -> int:
@@ -355,13 +355,15 @@ def _remove_stale_temps(out_dir: Path, out_rels: list[str], own_files: tuple[str
 
     Searched: every folder under ``out_dir`` (symlinks not followed) and the folders of this run's
     outputs. Only names of this tool's atomic writes count (``.NAME.<pid>-<host>.XXXXXXXX.tmp``) whose
-    ``NAME`` is an ``.mp4`` output, or one of ``own_files`` directly in ``out_dir``; and of those only the
+    ``NAME`` is an ``.mp4`` output, or one of ``own_files`` directly in ``out_dir`` (names without the
+    ``<pid>-<host>`` part, from older writers, only for this run's outputs); and of those only the
     temps whose writer process is gone (:func:`~mergekit_video.utils.io.remove_stale_atomic_temps`).
     """
     folders: dict[str, Path] = {}
     for folder in [out_dir, *(Path(d) for d, _, _ in os.walk(out_dir)), *{(out_dir / rel).parent for rel in out_rels}]:
         folders.setdefault(os.path.realpath(folder), folder)
     top = os.path.realpath(out_dir)
+    outputs = {os.path.realpath(out_dir / rel) for rel in out_rels}
     removed = 0
     for real, folder in folders.items():
         try:
@@ -371,7 +373,11 @@ def _remove_stale_temps(out_dir: Path, out_rels: list[str], own_files: tuple[str
         targets = set()
         for name in names:
             m = _ANY_TEMP.match(name)
-            if m and (m["name"].endswith(".mp4") or (real == top and m["name"] in own_files)):
+            if not m or not (m["name"].endswith(".mp4") or (real == top and m["name"] in own_files)):
+                continue
+            # a name without the writer's pid and host (older writers) could be anyone's hidden file: only
+            # beside this run's own outputs
+            if m["owner"] or os.path.join(real, m["name"]) in outputs or (real == top and m["name"] in own_files):
                 targets.add(m["name"])
         for name in sorted(targets):
             removed += len(remove_stale_atomic_temps(folder / name))
