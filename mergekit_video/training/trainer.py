@@ -545,13 +545,13 @@ class Trainer:
                 loss.backward()
         return out
 
-    def _optimizer_step(self, *, update: bool = True) -> torch.Tensor | None:
-        """Step the optimizer (unless ``update`` is False: no clip of the step survived on any rank; AdamW's
-        momentum and weight decay would still move the weights) and the schedule."""
-        if not update:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()  # the schedule counts steps of the epoch structure, taken or not
-            return None
+    def _skip_optimizer_step(self) -> None:
+        """A step no clip of which survived on any rank: the weights stay (AdamW's momentum and weight decay
+        would still move them); the schedule moves on, as it counts the steps of the epoch structure."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _optimizer_step(self) -> torch.Tensor | None:
         grad_norm = None  # stays on the device: read only on logging steps (no sync per step)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -690,7 +690,8 @@ class Trainer:
                 if not step_clips and _is_main(self.dist):
                     log.warning("step %d: no clip of its batch could be read (on_error: skip); the weights are not updated",
                                 self.state.step + 1)
-                grad_norm = self._optimizer_step(update=step_clips > 0)  # the same on every rank: clips are counted globally
+                # the same choice on every rank: clips are counted over all of them
+                grad_norm = self._optimizer_step() if step_clips else self._skip_optimizer_step()
                 step_clips = 0
                 self.state.step += 1
                 new_clips, self._clips_reported = window_clips - self._clips_reported, window_clips
