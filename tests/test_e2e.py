@@ -180,7 +180,7 @@ def test_the_run_names_a_best_checkpoint_other_than_the_last(tmp_path, capsys, m
     data = out / "data"
     assert (f"bestvaltop-1{90.0:.2f}atstep_00000004(last:{50.0:.2f}):evaluatethoseweightswithmergevideval"
             f"{out / 'checkpoints' / 'step_00000004'}--list{data / 'val.txt'}--classes{data / 'classes.csv'}--root{data}"
-            "--frames8--views1x1") in said  # the validation's frames and views (train.val_views, 1x1 by default)
+            "--frames8--views1x1eval.datasets.0.on_error=skip") in said  # the validation's frames, views, error policy
     # a tie with the last checkpoint names nothing: the final evaluation scored weights as good
     scores["step_00000004"] = 50.0
     runner_hint = "evaluatethoseweights"

@@ -144,6 +144,7 @@ def validate_cmd(
 
 def _print_recipe_keys(cfg: dict) -> None:
     """The keys of ``cfg``'s runner schema as a table, with the (validated, defaults filled) value each has here."""
+    import inspect
     import json
 
     from rich.markup import escape
@@ -167,11 +168,32 @@ def _print_recipe_keys(cfg: dict) -> None:
         except TypeError:
             return str(node)
 
+    def component_default(key: str) -> str:
+        """A component argument's default, from its target's signature (the schema declares none)."""
+        section, _, arg = key.rpartition(".")
+        node = cfg.get(section) if section and "." not in section else None
+        if not isinstance(node, dict) or not isinstance(node.get("_component_"), str):
+            return ""
+        try:
+            from ..config.components import resolve_component
+
+            param = inspect.signature(resolve_component(node["_component_"])).parameters.get(arg)
+        except Exception:  # noqa: BLE001 - a listing: no default shown rather than an error
+            return ""
+        if param is None or param.default is inspect.Parameter.empty:
+            return ""
+        try:
+            return json.dumps(param.default)
+        except TypeError:
+            return str(param.default)
+
     table = Table(title=f"keys of the '{cfg['runner']}' runner (value: this recipe, defaults filled in)", header_style="bold")
     for column in ("key", "value", "type", "default", "allowed", "description"):
         table.add_column(column, overflow="fold", style="cyan" if column == "key" else None)
     for row in explain_schema(SCHEMAS[cfg["runner"]]):
-        table.add_row(*(escape(v) for v in (row["key"], value_of(row["key"]), row["type"], row["default"], row["allowed"], row["doc"])))
+        default = row["default"] or component_default(row["key"])
+        value = value_of(row["key"]) or (default if default not in ("", "required") else "")
+        table.add_row(*(escape(v) for v in (row["key"], value, row["type"], default, row["allowed"], row["doc"])))
     _console().print(table)
 
 

@@ -347,7 +347,7 @@ class MoTERunner:
             if state.best_metric is not None:
                 title += f", best val top-1 {state.best_metric:.2f}"
             print_summary(rows, title, console=self.console)
-            self._print_best_checkpoint_hint()
+            self._best_hint = True  # printed after the final evaluation, the last thing the user reads
 
     def _print_best_checkpoint_hint(self) -> None:
         """Name the best checkpoint and a ready ``mergevid eval`` command when it scored strictly better than the last."""
@@ -375,6 +375,10 @@ class MoTERunner:
             command.append(f"eval.datasets.0.list_format={data['list_format']}")
         if data.get("sampling", "segment") != "segment":
             command += [f"eval.datasets.0.sampling={data['sampling']}", f"eval.datasets.0.stride={data.get('stride', 8)}"]
+        command.append("eval.datasets.0.on_error=skip")  # as the validation: bad videos skipped, and counted
+        precision = eval_precision(self.cfg)
+        if precision != "auto":
+            command.append(f"eval.precision={precision}")
         offsets = (self.cfg.get("eval") or {}).get("test_offsets") or "centre"
         if offsets != "centre":
             command.append(f"eval.test_offsets={offsets}")
@@ -391,6 +395,8 @@ class MoTERunner:
             output_dir=self.output_dir, console=self.console if self.main else None, title=f"{self.cfg.get('runner')} results",
             clip_blend_base=self.clip_blend_base,
         )
+        if getattr(self, "_best_hint", False):
+            self._print_best_checkpoint_hint()
         return self.results
 
     def save(self) -> None:

@@ -24,6 +24,8 @@ PLUGIN_HINT = "a plugin's part? list its module under plugins: in the recipe, or
 MODEL_FIELDS = {
     "clip_name": Field(str, doc="open_clip architecture, e.g. ViT-B-16, ViT-L-14"),
     "pretrained": Field(str, nullable=True, path="weights", doc="open_clip tag (openai), a local file, or null"),
+    "force_quick_gelu": Field(bool, nullable=True, doc="QuickGELU activations (OpenAI weights); null: from the tag or file"),
+    "cache_dir": Field(str, nullable=True, doc="where open_clip keeps downloaded weights (default: its own cache)"),
     "temporal_layers": Field(int, min=1),
     "num_experts": Field(int, min=0, doc="0 = plain FFN (baseline)"),
     "router": Field(str, choices=_names("routers"), choices_hint=PLUGIN_HINT),
