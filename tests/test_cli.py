@@ -757,3 +757,43 @@ def test_export_onto_a_symlinked_folder_is_refused_before_the_model_is_read(tmp_
         assert cli_main(["export", str(tmp_path / "no_model"), str(link), "--dense", *extra]) == 1
         assert capsys.readouterr().err.startswith(f"error: {link} is a symbolic link (to {target}); give the folder itself")
     assert link.is_symlink() and (target / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".out*"))
+
+
+def test_export_and_convert_overwrite_only_a_model_folder(tmp_path, capsys):
+    """--overwrite replaced any folder as a whole: a user's folder, a whole training run, the working folder."""
+    from mergekit_video.models import build_video_clip, save_model
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+    src = save_model(model, tmp_path / "model")
+    users = tmp_path / "users_folder"
+    (users / "sub").mkdir(parents=True)
+    (users / "notes.txt").write_text("mine")
+    for command in (["export", str(src), str(users), "--dense", "--overwrite"],
+                    ["convert", "mote-official", str(tmp_path / "official.pt"), str(users), "--overwrite"]):
+        assert cli_main(command) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"error: {users} holds notes.txt, sub but is not a saved model folder (no config.json)" in err, err
+        assert (users / "notes.txt").read_text() == "mine" and (users / "sub").is_dir()
+    # an earlier export's folder is replaced; so is an empty one
+    assert cli_main(["export", str(src), str(tmp_path / "dense"), "--dense"]) == 0
+    assert cli_main(["export", str(src), str(tmp_path / "dense"), "--dense", "--overwrite"]) == 0
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["export", str(src), str(tmp_path / "empty"), "--dense", "--overwrite"]) == 0
+    with pytest.raises(FileExistsError, match="is not a saved model folder"):
+        save_model(model, users, overwrite=True)  # the library refuses it too
+
+
+def test_overwrite_with_a_mistyped_path_keeps_the_earlier_run(tmp_path, capsys):
+    """--overwrite deleted the earlier run's outputs, then failed on the recipe's missing class CSV: both lost."""
+    from mergekit_video.cli.commands import _load_validated
+    from mergekit_video.runners.common import prepare_output_dir, release_output_dir
+
+    out = tmp_path / "run"
+    prepare_output_dir(_load_validated(QUICKSTART, [f"output_dir={out}"]), overwrite=False, main=True)
+    release_output_dir(out)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert cli_main(["run", str(QUICKSTART), f"output_dir={out}", "seed=1", f"eval.datasets.0.class_csv={tmp_path / 'nope.csv'}",
+                     "--overwrite"]) == 1
+    assert f"- eval.datasets.0.class_csv: file not found: {tmp_path / 'nope.csv'}" in " ".join(capsys.readouterr().err.split())
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing deleted

@@ -394,6 +394,15 @@ def _check_default_root(list_file: Path, list_format: str = "video") -> None:
         )
 
 
+def _refuse_replacing_a_non_model_folder(output: Path) -> None:
+    """--overwrite replaces a saved model's folder as a whole: any other folder with files is refused before the work."""
+    from ..models.checkpoint import replaceable_model_folder_problem
+
+    problem = replaceable_model_folder_problem(output)
+    if problem is not None:
+        raise UserError(problem)
+
+
 #: ``mergevid eval`` options that build the recipe for a model directory → the recipe keys they set.
 _MODEL_EVAL_OPTIONS = {
     "list_files": ("--list", "eval.datasets.N.list=LIST"),
@@ -443,6 +452,7 @@ def convert_cmd(
 
     refuse_replacing_input(output, checkpoint)
     refuse_existing_output(output, overwrite, folder=True)
+    _refuse_replacing_a_non_model_folder(output)
     if checkpoint.is_dir():
         raise UserError(f"{checkpoint} is a folder; pass the official checkpoint file in it (a .pt / .pth file)")
     try:
@@ -502,6 +512,7 @@ def export_cmd(
                         "(each is trained from its own init); use --strategy mean, weighted or temperature_softmax")
     refuse_replacing_input(output, checkpoint)
     refuse_existing_output(output, overwrite, folder=True)  # before the model is read
+    _refuse_replacing_a_non_model_folder(output)
     model = load(checkpoint)
     if dense:
         export_dense(model, output, strategy=strategy, overwrite=overwrite, **merge_kwargs)

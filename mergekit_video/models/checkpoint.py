@@ -187,6 +187,24 @@ def _remove_path(path: Path) -> None:
         path.unlink()
 
 
+def replaceable_model_folder_problem(directory: str | os.PathLike) -> str | None:
+    """Why ``directory`` may not be replaced by a saved model even when asked (None when it may): it
+    exists, is not empty and is not a saved model (no ``config.json``): a run's folder, a dataset, the
+    working folder. Overwriting replaces a model folder as a whole, so only a model folder is replaced."""
+    directory = Path(directory)
+    if not directory.is_dir() or (directory / CONFIG_FILE).is_file():
+        return None
+    try:
+        entries = sorted(p.name for p in directory.iterdir())
+    except OSError:
+        return None
+    if not entries:
+        return None
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    return (f"{directory} holds {shown} but is not a saved model folder (no {CONFIG_FILE}); overwriting replaces a model "
+            "folder as a whole, so only a model folder is replaced: choose a new path, or an earlier export's folder")
+
+
 def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: bool = False, extra_config: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``directory`` atomically (temp dir, then rename).
 
@@ -204,6 +222,9 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         raise FileExistsError(f"{directory} is a file, not a model folder; remove it or choose another path")
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
+    problem = replaceable_model_folder_problem(directory)
+    if problem is not None:
+        raise FileExistsError(problem)
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.mergevid-tmp-{temp_owner()}-", dir=directory.parent))
