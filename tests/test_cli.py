@@ -271,7 +271,7 @@ def test_convert_rejects_non_mote_files(tmp_path, capsys):
     garbage = tmp_path / "notes.pt"
     garbage.write_text("hello")
     assert cli_main(["convert", "mote-official", str(garbage), str(tmp_path / "out")]) == 1
-    assert capsys.readouterr().err.startswith(f"error: {garbage} is not a readable PyTorch checkpoint")
+    assert capsys.readouterr().err.startswith(f"error: {garbage} is not a PyTorch checkpoint file (KeyError")
     assert cli_main(["convert", "mote-official", str(tmp_path / "missing.pt"), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.startswith(f"error: official checkpoint {tmp_path / 'missing.pt'} does not exist")
     assert cli_main(["export", str(foreign), str(tmp_path / "out")]) == 1
@@ -531,6 +531,12 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     for n in (4, 8):
         (tmp_path / "unfinished" / "checkpoints" / f"step_{n:08d}").mkdir(parents=True)
         (tmp_path / "unfinished" / "checkpoints" / f"step_{n:08d}" / "state.json").write_text("{}")
+    (tmp_path / "finished" / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (tmp_path / "finished" / "model").mkdir()
+    (tmp_path / "finished" / "model" / "config.json").write_text("{}")
+    assert cli_main(["eval", "finished/checkpoints", "--list", "x.txt", "--classes", "c.csv"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"it is a run's checkpoints folder: load one of its step_* folders, or the trained model, finished/model" in err, err
     for target in ("unfinished", "unfinished/checkpoints"):
         assert cli_main(["eval", target, "--list", "x.txt", "--classes", "c.csv"]) == 1
         err = " ".join(capsys.readouterr().err.split())
@@ -578,7 +584,8 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
         prepare_output_dir({**cfg, "checkpoint": str(b)}, overwrite=False, main=True)
     msg = str(refused.value)
     assert msg.startswith(f"output_dir {out} holds the outputs of a different recipe (checkpoint: ")
-    assert msg.endswith("Use another output_dir (mergevid eval: --output-dir DIR), or pass --overwrite to DELETE its results.json and evaluate into it")
+    assert msg.endswith("Use another output_dir (output_dir=DIR; for a model folder, mergevid eval --output-dir DIR), "
+                        "or pass --overwrite to DELETE its results.json and evaluate into it")
 
 
 def test_misspelt_options_and_unwritable_outputs_are_named_before_any_work(tmp_path, capsys):

@@ -443,7 +443,7 @@ def convert_cmd(
     output: Path = typer.Argument(..., help="Model directory to write."),
     clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="CLIP weights for the text tower (tag such as 'openai', or a local file)."),
     clip_name: Optional[str] = typer.Option(None, "--clip-name", help="open_clip architecture (default: inferred from shapes)."),
-    interpolate_alpha: Optional[float] = typer.Option(None, "--interpolate-alpha", help="Reproduce the official test.py patching (0.99) with the --clip-pretrained weights."),
+    interpolate_alpha: Optional[float] = typer.Option(None, "--interpolate-alpha", min=0.0, max=1.0, help="Reproduce the official test.py patching (0.99) with the --clip-pretrained weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT folder."),
 ) -> None:
     """Convert an official MoTE checkpoint (github.com/ZMHH-H/MoTE) into a mergekit_video model."""

@@ -38,7 +38,7 @@ def synth_cmd(
     texture: float = typer.Option(0.0, "--texture", help="Panning noise background strength 0..1 (realistic decode cost)."),
     noise: float = typer.Option(0.0, "--noise", help="Per-frame grain standard deviation in pixel levels, 0..64 on the 0-255 scale (camera-like bitrate; the benchmark uses 6)."),
     seed: int = typer.Option(_SYN["seed"], "--seed", help="Random seed."),
-    workers: int = typer.Option(1, "--workers", help="Encoding processes."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Encoding processes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder: its videos/ folder, lists (train.txt, val.txt, novel.txt), class CSVs and settings are REPLACED; other files stay."),
 ) -> None:
     """Write a small synthetic video dataset (moving coloured shapes, H.264 mp4) with lists and class CSVs."""
@@ -65,7 +65,7 @@ def prepare_cmd(
     short_side: int = typer.Option(256, "--short-side", help="Scale the short side down to this many pixels (never up)."),
     gop: int = typer.Option(16, "--gop", help="Keyframe every this many frames."),
     fastdecode: bool = typer.Option(True, "--fastdecode/--no-fastdecode", help="x264 tune=fastdecode."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel encoders (default: all cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Parallel encoders (default: all cores)."),
     list_format: str = typer.Option("video", "--list-format", help="video | frames ('folder num_frames label')."),
     fps: float = typer.Option(30.0, "--fps", help="Frame rate for frame-folder inputs."),
 ) -> None:

@@ -51,7 +51,8 @@ def read_annotation_list(path: str | os.PathLike, list_format: str = "video") ->
         raise ValueError(f"list_format must be one of {LIST_FORMATS}, got {list_format!r}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation list not found: {path}")
+        raise FileNotFoundError(f"annotation list {path} is a folder; give the list file in it" if path.is_dir()
+                                else f"annotation list not found: {path}")
     fields = 2 if list_format == "video" else 3
     example = "relative/path.mp4 label" if list_format == "video" else "folder num_frames label"
     records = []

@@ -419,6 +419,8 @@ def _open_saved(path: Path, *, validate: bool = True) -> _Saved:
         raise FileNotFoundError(f"{path} is a trainer checkpoint without its state.json (which holds its model config and key list): "
                                 "it cannot be loaded; load another checkpoint")
     hint = f"; it holds a run's outputs: its trained model is {path / 'model'}" if (path / "model" / CONFIG_FILE).is_file() else ""
+    if not hint and path.name == "checkpoints" and (path.parent / "model" / CONFIG_FILE).is_file():  # a finished run's checkpoints/
+        hint = f"; it is a run's checkpoints folder: load one of its step_* folders, or the trained model, {path.parent / 'model'}"
     if not hint:  # an unfinished run (no model/ yet), or its checkpoints/ folder: name the newest checkpoint
         for folder in (path / "checkpoints", path):
             steps = sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file()) if folder.is_dir() else []

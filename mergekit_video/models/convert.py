@@ -199,7 +199,10 @@ def load_official_checkpoint(path: str | Path) -> dict[str, Any]:
     except OSError:
         raise
     except Exception as exc:  # foreign bytes fail inside the unpickler (UnpicklingError, KeyError, EOFError, ...)
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint: it cannot be loaded safely with weights_only=True ({_load_failure(exc)})") from exc
+        if "Unsupported global" in str(exc):  # a real pickle holding more than tensors
+            raise ConversionError(f"{path} is a PyTorch checkpoint holding objects other than tensors, which cannot be loaded "
+                                  f"safely (weights_only=True): {_load_failure(exc)}") from exc
+        raise ConversionError(f"{path} is not a PyTorch checkpoint file ({_load_failure(exc)})") from exc
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt or "fusion_model_state_dict" not in ckpt:
         keys = list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ConversionError(f"{path} is not an official MoTE checkpoint (expected model_state_dict and fusion_model_state_dict; found {keys})")

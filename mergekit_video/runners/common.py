@@ -347,7 +347,8 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                 if cfg.get("runner") in ("evaluate", "compare"):  # nothing to resume: an evaluation reruns whole
                     raise FileExistsError(
                         f"output_dir {out} holds the outputs of a different recipe ({shown}). Use another output_dir "
-                        f"(mergevid eval: --output-dir DIR), or pass --overwrite to DELETE its {names} and evaluate into it"
+                        f"(output_dir=DIR; for a model folder, mergevid eval --output-dir DIR), or pass --overwrite to DELETE "
+                        f"its {names} and evaluate into it"
                     )
                 raise FileExistsError(
                     f"output_dir {out} holds an earlier run of a different recipe ({shown}). A run resumes only with the "
