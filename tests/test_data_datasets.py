@@ -541,3 +541,20 @@ def test_dense_sampling_at_test_spreads_clips_of_stride_spaced_frames(tmp_path):
     assert all(b - a == 3 for v in ids for a, b in zip(v, v[1:]))  # 4 frames, 3 apart
     assert ids[0][0] == 0 and ids[1][-1] == 39  # the clips spread from the first frame to the last
 
+
+
+def test_a_failed_synthetic_write_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """A failure (or Ctrl-C) while writing left a hidden .OUT.partial folder beside OUT; a bad gop failed only then."""
+    from mergekit_video.data import synthetic
+
+    with pytest.raises(ValueError, match=r"^gop must be an integer >= 1 \(frames between keyframes\), got 0$"):
+        synthetic.write_synthetic_dataset(tmp_path / "syn", num_classes=2, videos_per_class=1, gop=0)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_write_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.write_synthetic_dataset(tmp_path / "syn", num_classes=2, videos_per_class=1, workers=1)
+    assert not list(tmp_path.iterdir())

@@ -206,6 +206,8 @@ def write_synthetic_dataset(
                          f"(the classes the synthetic catalogue has), got {num_classes} + {num_novel_classes}")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
+    if gop is not None and not (isinstance(gop, int) and not isinstance(gop, bool) and gop >= 1):
+        raise ValueError(f"gop must be an integer >= 1 (frames between keyframes), got {gop}")
     if not 0 <= texture <= 1:
         raise ValueError(f"texture must be in [0, 1] (background strength), got {texture}")
     if not 0 <= noise <= MAX_NOISE:
@@ -226,36 +228,40 @@ def write_synthetic_dataset(
     if staging.exists():  # left by an interrupted write
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    train_cls, novel_cls = catalogue[:num_classes], catalogue[num_classes : num_classes + num_novel_classes]
+    try:
+        train_cls, novel_cls = catalogue[:num_classes], catalogue[num_classes : num_classes + num_novel_classes]
 
-    jobs, lists = [], {"train": [], "val": [], "novel": []}
-    splits = [("train", train_cls, videos_per_class), ("val", train_cls, val_per_class), ("novel", novel_cls, novel_per_class)]
-    for split_id, (split, classes, per_class) in enumerate(splits):
-        for label, cls in enumerate(classes):
-            slug = _slug(class_name(cls))
-            for i in range(per_class):
-                rel = f"videos/{split}/{slug}/{slug}_{i:04d}.mp4"
-                jobs.append((staging / rel, cls, frames, (h, w), fps, gop, texture, noise, preset, crf, [seed, split_id, label, i]))
-                lists[split].append(VideoRecord(path=rel, label=label))
-    if workers > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        jobs, lists = [], {"train": [], "val": [], "novel": []}
+        splits = [("train", train_cls, videos_per_class), ("val", train_cls, val_per_class), ("novel", novel_cls, novel_per_class)]
+        for split_id, (split, classes, per_class) in enumerate(splits):
+            for label, cls in enumerate(classes):
+                slug = _slug(class_name(cls))
+                for i in range(per_class):
+                    rel = f"videos/{split}/{slug}/{slug}_{i:04d}.mp4"
+                    jobs.append((staging / rel, cls, frames, (h, w), fps, gop, texture, noise, preset, crf, [seed, split_id, label, i]))
+                    lists[split].append(VideoRecord(path=rel, label=label))
+        if workers > 1 and len(jobs) > 1:
+            from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(_write_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
-    else:
-        for job in jobs:
-            _write_one(job)
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(_write_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+        else:
+            for job in jobs:
+                _write_one(job)
 
-    names, novel_names = [class_name(c) for c in train_cls], [class_name(c) for c in novel_cls]
-    write_annotation_list(staging / "train.txt", lists["train"])
-    if lists["val"]:
-        write_annotation_list(staging / "val.txt", lists["val"])
-    write_class_names(staging / "classes.csv", names)
-    if novel_cls and lists["novel"]:
-        write_annotation_list(staging / "novel.txt", lists["novel"])
-        write_class_names(staging / "novel_classes.csv", novel_names)
-    (staging / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
-    _publish(staging, root)
+        names, novel_names = [class_name(c) for c in train_cls], [class_name(c) for c in novel_cls]
+        write_annotation_list(staging / "train.txt", lists["train"])
+        if lists["val"]:
+            write_annotation_list(staging / "val.txt", lists["val"])
+        write_class_names(staging / "classes.csv", names)
+        if novel_cls and lists["novel"]:
+            write_annotation_list(staging / "novel.txt", lists["novel"])
+            write_class_names(staging / "novel_classes.csv", novel_names)
+        (staging / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+        _publish(staging, root)
+    except BaseException:  # a failure or Ctrl-C: no half-written staging folder left beside the dataset
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return synthetic_layout(root)
 
 
