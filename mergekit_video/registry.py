@@ -17,6 +17,7 @@ import difflib
 import importlib
 import inspect
 import logging
+import sys
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -132,13 +133,13 @@ def _restore_registries(snapshot: list[tuple[Registry, dict[str, Any]]], module:
     """Undo what the plugin ``module`` (and its submodules) registered since ``snapshot``. Parts that other
     modules registered meanwhile stay: those modules imported fine and are not imported again."""
 
-    def from_plugin(obj: Any) -> bool:
-        where = getattr(obj, "__module__", None) or ""
+    def from_plugin(registry: Registry, name: str) -> bool:
+        where = registry._owners.get(name, "")
         return where == module or where.startswith(module + ".")
 
     for registry, entries in snapshot:
         for name, obj in list(registry._entries.items()):
-            if entries.get(name) is not obj and from_plugin(obj):
+            if entries.get(name) is not obj and from_plugin(registry, name):
                 if name in entries:
                     registry._entries[name] = entries[name]  # an override it made: the previous part is back
                 else:
@@ -159,6 +160,7 @@ class Registry:
         self._builtin_module = builtin_module
         self._builtins_loaded = builtin_module is None
         self._entries: dict[str, Any] = {}
+        self._owners: dict[str, str] = {}  # name → the module that registered it
         _ALL_REGISTRIES.append(self)
 
     # -- registration -------------------------------------------------------------
@@ -170,7 +172,10 @@ class Registry:
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
 
-        def _add(o: Any) -> Any:
+        def _add(o: Any, _caller_depth: int = 1) -> Any:
+            # the module whose code registers it (its frame calls _add: a decorator, or register() below),
+            # whatever the object's own __module__ (a functools.partial, a part defined elsewhere)
+            owner = sys._getframe(_caller_depth).f_globals.get("__name__", "")
             # Built-ins first, so that an override registered before the first lookup
             # is not clobbered (or refused) when the built-in module is imported later.
             self._load_builtins()
@@ -184,9 +189,10 @@ class Registry:
             if self._check is not None:
                 self._check(name, o)
             self._entries[name] = o
+            self._owners[name] = owner
             return o
 
-        return _add if obj is None else _add(obj)
+        return _add if obj is None else _add(obj, 2)
 
     # -- lookup ----------------------------------------------------------------------
     def _load_builtins(self) -> None:

@@ -776,11 +776,12 @@ def test_export_and_convert_overwrite_only_a_model_folder(tmp_path, capsys):
     users = tmp_path / "users_folder"
     (users / "sub").mkdir(parents=True)
     (users / "notes.txt").write_text("mine")
+    (users / "config.json").write_text('{"name": "my project"}')  # a config.json, but not a saved model's
     for command in (["export", str(src), str(users), "--dense", "--overwrite"],
                     ["convert", "mote-official", str(tmp_path / "official.pt"), str(users), "--overwrite"]):
         assert cli_main(command) == 1
         err = " ".join(capsys.readouterr().err.split())
-        assert f"error: {users} holds notes.txt, sub but is not a saved model folder (no config.json)" in err, err
+        assert f"error: {users} holds config.json, notes.txt, sub but is not a saved model folder (no mergekit_video config.json)" in err, err
         assert (users / "notes.txt").read_text() == "mine" and (users / "sub").is_dir()
     # an earlier export's folder is replaced; so is an empty one
     assert cli_main(["export", str(src), str(tmp_path / "dense"), "--dense"]) == 0
@@ -789,6 +790,10 @@ def test_export_and_convert_overwrite_only_a_model_folder(tmp_path, capsys):
     assert cli_main(["export", str(src), str(tmp_path / "empty"), "--dense", "--overwrite"]) == 0
     with pytest.raises(FileExistsError, match="is not a saved model folder"):
         save_model(model, users, overwrite=True)  # the library refuses it too
+    # a run's own model/ is replaced whatever an earlier, damaged save left there (its config.json removed)
+    (tmp_path / "dense" / "config.json").unlink()
+    save_model(model, tmp_path / "dense", overwrite=True, own_folder=True)
+    assert (tmp_path / "dense" / "config.json").is_file()
 
 
 def test_overwrite_with_a_mistyped_path_keeps_the_earlier_run(tmp_path, capsys):

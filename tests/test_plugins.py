@@ -137,14 +137,14 @@ def test_broken_entry_point_is_logged_and_skipped(clean_registries, monkeypatch,
     assert "cyclic" in ROUTERS  # the good plugin still works
 
 
-HALF_FAILING = """from mergekit_video.registry import MERGES
+HALF_FAILING = """import functools
+from mergekit_video.registry import MERGES
 
 
 @MERGES.register("mkv_half_first")
 def first(tensors, *, base=None):
     return tensors[0]
-
-
+MERGES.register("mkv_half_partial", functools.partial(first))  # its __module__ is functools: the registering module counts
 @MERGES.register("mean")  # taken by the built-in: fails here, line 9
 def again(tensors, *, base=None):
     return tensors[0]
@@ -165,7 +165,7 @@ def test_a_plugin_that_fails_half_way_registers_nothing_and_is_named_with_its_li
             reg_mod.import_plugins(["mkv_half"])
         assert str(info.value) == (f"plugin module 'mkv_half' failed while importing: RegistryError: merge strategy 'mean' is already "
                                    f"registered (by mergekit_video.merging); pass override=True to replace it ({tmp_path / 'mkv_half.py'}:9)")
-        assert "mkv_half_first" not in MERGES and MERGES.get("mean").__module__ == "mergekit_video.merging"
+        assert "mkv_half_first" not in MERGES and "mkv_half_partial" not in MERGES and MERGES.get("mean").__module__ == "mergekit_video.merging"
         with pytest.raises(ImportError, match=rf"^plugin module 'mkv_boom' failed while importing: RuntimeError: boom \({tmp_path / 'mkv_boom.py'}:2\)$"):
             reg_mod.import_plugins(["mkv_boom"])
         assert "mkv_helper_merge" in MERGES

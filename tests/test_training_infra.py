@@ -920,5 +920,18 @@ def test_skipped_clips_weigh_each_rank_by_its_clips_and_an_empty_micro_batch_tra
     # step 2 had no clip: AdamW's momentum and weight decay would still have moved the weights; they stay
     assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))
     assert not all(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))
+    # accumulation 2, the first step without any clip: skipped without torch's "scheduler before optimizer" warning
+    import warnings
+
+    acc = _tiny_trainer(tmp_path / "ckpt_acc")
+    acc.loader = [{"frames": torch.randn(n, 4, 3, 32, 32, generator=gen), "label": torch.arange(n) % 3} for n in (0, 0, 2, 1)]
+    acc.variable_batch, acc.grad_accumulation = True, 2
+    acc.steps_per_epoch = acc.total_steps = 2
+    before = [p.detach().clone() for p in acc.model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        acc.fit()
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    assert acc.state.step == 2 and not all(torch.equal(a, b) for a, b in zip(before, acc.model.parameters()))
     assert all(math.isfinite(logs["loss"]) and logs["loss"] > 0 for _, logs in logged if "loss" in logs)
     assert trainer.state.step == 4 and all(torch.isfinite(p).all() for p in trainer.model.parameters())

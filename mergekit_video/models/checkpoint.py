@@ -34,7 +34,7 @@ from ..merging import is_output_space
 from ..surgery import collapse_experts
 from ..utils import io as uio
 from ..utils.io import TEMP_OWNER_PATTERN, _fsync_dir, apply_default_modes, atomic_write_json, is_stale_temp, temp_owner
-from .video_clip import VideoCLIP, import_model_plugins, video_clip_from_config
+from .video_clip import CONFIG_FORMAT, VideoCLIP, import_model_plugins, video_clip_from_config
 
 CONFIG_FILE = "config.json"
 NON_TENSOR_KEY = "non_tensor_state"
@@ -192,7 +192,7 @@ def replaceable_model_folder_problem(directory: str | os.PathLike) -> str | None
     exists, is not empty and is not a saved model (no ``config.json``): a run's folder, a dataset, the
     working folder. Overwriting replaces a model folder as a whole, so only a model folder is replaced."""
     directory = Path(directory)
-    if not directory.is_dir() or (directory / CONFIG_FILE).is_file():
+    if not directory.is_dir() or _is_saved_model_config(directory / CONFIG_FILE):
         return None
     try:
         entries = sorted(p.name for p in directory.iterdir())
@@ -201,11 +201,21 @@ def replaceable_model_folder_problem(directory: str | os.PathLike) -> str | None
     if not entries:
         return None
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-    return (f"{directory} holds {shown} but is not a saved model folder (no {CONFIG_FILE}); overwriting replaces a model "
-            "folder as a whole, so only a model folder is replaced: choose a new path, or an earlier export's folder")
+    return (f"{directory} holds {shown} but is not a saved model folder (no mergekit_video {CONFIG_FILE}); overwriting replaces a "
+            "model folder as a whole, so only a model folder is replaced: choose a new path, or an earlier export's folder")
 
 
-def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: bool = False, extra_config: dict[str, Any] | None = None) -> Path:
+def _is_saved_model_config(path: Path) -> bool:
+    """Whether ``path`` is the ``config.json`` of a saved mergekit_video model (its ``format`` entry), not any config.json."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == CONFIG_FORMAT
+
+
+def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: bool = False, extra_config: dict[str, Any] | None = None,
+               own_folder: bool = False) -> Path:
     """Write ``model`` to ``directory`` atomically (temp dir, then rename).
 
     An existing directory is only replaced with ``overwrite=True``: in one atomic exchange where the
@@ -222,8 +232,8 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         raise FileExistsError(f"{directory} is a file, not a model folder; remove it or choose another path")
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
-    problem = replaceable_model_folder_problem(directory)
-    if problem is not None:
+    problem = None if own_folder else replaceable_model_folder_problem(directory)
+    if problem is not None:  # own_folder: a run's own model/ (whatever a damaged earlier save left there)
         raise FileExistsError(problem)
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(directory)
@@ -572,7 +582,8 @@ def open_clip_folder_config(clip_config: dict[str, Any]) -> dict[str, Any]:
     return {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
 
 
-def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: str | None = None, overwrite: bool = False, **merge_kwargs: Any) -> Path:
+def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: str | None = None, overwrite: bool = False,
+                 own_folder: bool = False, **merge_kwargs: Any) -> Path:
     """Collapse the head's experts and save a plain model.
 
     The exported head has the plain-FFN structure with exactly the baseline's keys and
@@ -593,7 +604,7 @@ def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: st
     dense.head.config["num_experts"] = 0
     if not (model.head.config["num_experts"] == 0 and not containers and "exported_from" in model.config):  # a dense model keeps its origin
         dense.config = {**dense.config, "exported_from": {"num_experts": int(model.head.config["num_experts"]), "merge": strategy or model.head.config["merge"]}}
-    return save_model(dense, directory, overwrite=overwrite)
+    return save_model(dense, directory, overwrite=overwrite, own_folder=own_folder)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -615,11 +615,14 @@ def without_synthetic_paths(cfg: dict[str, Any]) -> dict[str, Any]:
     for k in SYNTHETIC_DATA_KEYS:
         data.pop(k, None)
 
+    real_root = Path(os.path.realpath(root))  # output_dir reached through a symlink, or the link itself
+
     def written_by_run(value: Any) -> bool:
         if not isinstance(value, str):
             return False
         path = Path(os.path.expanduser(value)).absolute()
-        return value in replaced or path == root or root in path.parents
+        real = Path(os.path.realpath(path))
+        return value in replaced or path == root or root in path.parents or real == real_root or real_root in real.parents
 
     def prune(entry: Any) -> None:
         if isinstance(entry, dict):

@@ -416,9 +416,9 @@ class MoTERunner:
             atomic_save_safetensors(Path(dump) / f"rank{self.dist.rank}.safetensors", state)
         if not self.main:
             return
-        save_model(self.model, self.output_dir / "model", overwrite=True)
+        save_model(self.model, self.output_dir / "model", overwrite=True, own_folder=True)  # the run's own folders
         if self.cfg["train"].get("export_dense", True) and self.model.head.has_experts:
-            export_dense(self.model, self.output_dir / "model_dense", overwrite=True)
+            export_dense(self.model, self.output_dir / "model_dense", overwrite=True, own_folder=True)
         if self.console is not None:
             self.console.print(f"model: {self.output_dir / 'model'}")
 

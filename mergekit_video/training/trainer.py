@@ -18,6 +18,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -549,7 +550,9 @@ class Trainer:
         """A step no clip of which survived on any rank: the weights stay (AdamW's momentum and weight decay
         would still move them); the schedule moves on, as it counts the steps of the epoch structure."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a first step skipped on purpose: torch's "step() before optimizer.step()" is moot
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+            self.scheduler.step()
 
     def _optimizer_step(self) -> torch.Tensor | None:
         grad_norm = None  # stays on the device: read only on logging steps (no sync per step)
