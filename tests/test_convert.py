@@ -233,3 +233,11 @@ def test_convert_refuses_checkpoints_that_do_not_supply_the_model_exactly(tmp_pa
     assert cli_main(["convert", "mote-official", str(tmp_path / "bad.pt"), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.splitlines()[0] == "error: " + _MALFORMED["missing ln_post and logit_scale"][1]
     assert not (tmp_path / "out").exists()
+
+
+def test_interpolate_alpha_without_clip_weights_is_refused_before_the_checkpoint_is_read(tmp_path, capsys):
+    from mergekit_video.cli.main import main as cli_main
+
+    assert cli_main(["convert", "mote-official", str(tmp_path / "never_read.pt"), str(tmp_path / "out"), "--interpolate-alpha", "0.99"]) == 1
+    assert capsys.readouterr().err.startswith("error: --interpolate-alpha needs --clip-pretrained: the CLIP weights to interpolate")
+    assert cli_main(["convert", "mote-official", str(tmp_path / "x.pt"), str(tmp_path / "out"), "--interpolate-alpha", "2"]) == 2  # out of [0, 1]

@@ -455,6 +455,8 @@ def convert_cmd(
     _refuse_replacing_a_non_model_folder(output)
     if checkpoint.is_dir():
         raise UserError(f"{checkpoint} is a folder; pass the official checkpoint file in it (a .pt / .pth file)")
+    if interpolate_alpha is not None and clip_pretrained is None:  # said before the checkpoint is read
+        raise UserError("--interpolate-alpha needs --clip-pretrained: the CLIP weights to interpolate the visual tower with")
     try:
         ckpt = load_official_checkpoint(checkpoint)
     except (FileNotFoundError, ConversionError):

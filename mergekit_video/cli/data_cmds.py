@@ -97,7 +97,7 @@ def bench_data_cmd(
     num_frames: int = typer.Option(8, "--num-frames", min=1, help="Frames per clip (T)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Clips per batch."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed sweeps over the videos per pipeline (medians reported)."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where the synthetic and prepared sets are kept (reused)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where the synthetic and prepared sets are kept and reused (default: $MERGEKIT_VIDEO_CACHE, else ~/.cache/mergekit_video, in bench_data/)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Clips/s of our train/test pipelines vs a naive per-frame PIL pipeline vs the decode floor."""
