@@ -17,6 +17,7 @@ import difflib
 import importlib
 import inspect
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable
@@ -90,8 +91,6 @@ def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, SyntaxError) and exc.filename:
         where = f" ({exc.filename}:{exc.lineno})"
     elif exc.__traceback__ is not None:
-        import os
-
         frames = traceback.extract_tb(exc.__traceback__)
         ours = os.path.dirname(os.path.abspath(__file__))
         # the plugin's own line: the last frame outside this package and importlib (a duplicate name raises in register())

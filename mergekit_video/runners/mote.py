@@ -43,6 +43,7 @@ class MoTERunner:
         self.overwrite = overwrite
         self.console = console
         self.results: dict[str, Any] = {}
+        self._best_hint = False  # trained with validation: name a better checkpoint after the final evaluation
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -395,7 +396,7 @@ class MoTERunner:
             output_dir=self.output_dir, console=self.console if self.main else None, title=f"{self.cfg.get('runner')} results",
             clip_blend_base=self.clip_blend_base,
         )
-        if getattr(self, "_best_hint", False):
+        if self._best_hint:
             self._print_best_checkpoint_hint()
         return self.results
 

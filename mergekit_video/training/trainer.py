@@ -707,7 +707,7 @@ class Trainer:
                     logs["clips_per_s"] = window_clips / elapsed
                     if grad_norm is not None:
                         logs["grad_norm"] = float(grad_norm)
-                    bad = self._bad_videos_of_all_ranks()
+                    bad = len(self._bad_video_paths_of_all_ranks())
                     if bad:
                         logs["bad_videos"] = float(bad)  # distinct bad files met so far, by all ranks together
                     if self.metrics is not None:
@@ -730,10 +730,6 @@ class Trainer:
                     self.save_checkpoint()
                 break
             self._close_epoch()
-
-    def _bad_videos_of_all_ranks(self) -> int:
-        """How many distinct bad files the ranks have met together (each rank reads its own shard); every rank calls it."""
-        return len(self._bad_video_paths_of_all_ranks())
 
     def _bad_video_paths_of_all_ranks(self) -> list[str]:
         """The distinct bad files the ranks have met together, sorted; every rank calls it (a collective under DDP)."""
