@@ -20,7 +20,9 @@ common cases. A plan is one of
 - an ``int`` i: expert i alone;
 - a ``[N]`` tensor of merge coefficients: :meth:`merged_forward` with those weights;
 - a list of ``(batch_size, plan)`` segments: the batch is split along dim 0 and each
-  segment runs its own plan (two training paths in one batched forward).
+  segment runs its own plan (two training paths in one batched forward);
+- a :class:`~mergekit_video.routers.Router`: routes with it instead of the container's own
+  (:func:`use_router`; per-sample random routing at evaluation, MoTE Table 2c).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from .merging import (
 from .routers import Router, RouterOutput, build_router
 from .utils.warn import warn_user
 
-Plan = Union[str, int, torch.Tensor, Sequence[tuple[int, Any]]]
+Plan = Union[str, int, torch.Tensor, Router, Sequence[tuple[int, Any]]]
 
 # Module structure changes (a submodule, parameter or buffer registered anywhere) bump this
 # counter; lookups that walk a module tree (the containers of a model, the tensors of the
@@ -257,6 +259,18 @@ def check_same_structure(experts: Sequence[nn.Module]) -> None:
                 raise ValueError(f"expert {i} has submodule {name!r}, which expert 0 lacks")
 
 
+def _tensor_output(y: Any, where: str, combining: str) -> torch.Tensor:
+    """``y`` when it is a tensor; else a TypeError naming ``where`` (outputs such as ``nn.MultiheadAttention``'s
+    ``(out, weights)`` tuple cannot be ``combining``)."""
+    if isinstance(y, torch.Tensor):
+        return y
+    raise TypeError(
+        f"{where}: {combining} needs each expert to return one tensor, but it returned a {type(y).__name__} "
+        "(such as nn.MultiheadAttention's (output, weights)); route per batch, merge weights instead, "
+        "or wrap the expert so that it returns a tensor"
+    )
+
+
 class ExpertEnsemble(nn.Module):
     """Output-space "merge": runs all N experts and averages their outputs (N forwards)."""
 
@@ -272,7 +286,7 @@ class ExpertEnsemble(nn.Module):
         """Σ wᵢ·expertᵢ(x): N forwards, the output-space reference for weight merges."""
         out = None
         for w, e in zip(self.weights.tolist(), self.experts):
-            y = e(x, *args, **kwargs) * w
+            y = _tensor_output(e(x, *args, **kwargs), "ensemble merge", "averaging expert outputs") * w
             out = y if out is None else out + y
         return out
 
@@ -619,6 +633,7 @@ class ExpertContainer(nn.Module):
         # graph tensors (deepcopy refuses them), and the cached merge is rebuilt on demand
         state = self.__dict__.copy()
         state["aux_losses"], state["last_routing"], state["_merge_cache"] = {}, None, None
+        state["_plan"] = None  # a routing plan lives only inside its with-block, never in a copy
         state["_merge_pool"] = collections.OrderedDict()
         state.pop("_slots_cache", None)  # refers to the experts' own dicts
         state.pop("_no_versions_warned", None)
@@ -730,12 +745,16 @@ class ExpertContainer(nn.Module):
             if plan == "merged":
                 return self._merged_call()(x, *args, **kwargs)
             if plan == "ensemble":  # every expert sees all data; outputs averaged (differentiable)
-                return sum(e(x, *args, **kwargs) for e in self.experts) / self.num_experts
-            raise ValueError(f"unknown routing plan {plan!r}; expected 'routed', 'merged', 'ensemble', an int or weights")
+                outs = [_tensor_output(e(x, *args, **kwargs), self._label(), "the ensemble plan (averaging expert outputs)")
+                        for e in self.experts]
+                return sum(outs) / self.num_experts
+            raise ValueError(f"unknown routing plan {plan!r}; expected 'routed', 'merged', 'ensemble', an int, weights or a Router")
         if isinstance(plan, int):
             return self.experts[plan](x, *args, **kwargs)
         if isinstance(plan, torch.Tensor):
             return self.merged_forward(x, plan, *args, **kwargs)
+        if isinstance(plan, Router):
+            return self._routed_forward(x, args, kwargs, router=plan)
         raise TypeError(f"unsupported routing plan of type {type(plan).__name__}")
 
     def _segmented_forward(self, segments: Sequence[tuple[int, Any]], x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -745,17 +764,18 @@ class ExpertContainer(nn.Module):
         outs = [self._run(p, part, args, kwargs) for (_, p), part in zip(segments, x.split(sizes, dim=0))]
         return torch.cat(outs, dim=0)
 
-    def _routed_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        if _recomputed_in_backward() and (getattr(self.router, "stochastic", True) or router_keeps_state(self.router)):
+    def _routed_forward(self, x: torch.Tensor, args: tuple, kwargs: dict, *, router: Router | None = None) -> torch.Tensor:
+        router = self.router if router is None else router
+        if _recomputed_in_backward() and (getattr(router, "stochastic", True) or router_keeps_state(router)):
             raise RuntimeError(
-                f"an ExpertContainer with a {type(self.router).__name__} is being recomputed in backward by a plain "
+                f"an ExpertContainer with a {type(router).__name__} is being recomputed in backward by a plain "
                 "gradient checkpoint (torch.utils.checkpoint, timm's or open_clip's set_grad_checkpointing) around it: "
                 "its router would draw another expert than the forward did, and the gradients would be wrong. "
                 "Checkpoint with mergekit_video.experts.checkpoint_routed (it replays the routing), or turn that "
                 "module's gradient checkpointing off"
             )
         try:
-            routing = self.router(x)
+            routing = router(x)
         except ValueError as err:  # an input the router cannot take (a topk gate of another width)
             raise ValueError(f"{self._label()}: {err}") from err
         self.last_routing = routing
@@ -788,6 +808,7 @@ class ExpertContainer(nn.Module):
                     f"matrix, and the expert ({type(expert).__name__}) failed on it: a module that mixes positions "
                     f"(attention, convolution) cannot be routed per token; route it per batch or per sample. ({err})"
                 ) from err
+            y = _tensor_output(y, self._label(), f"per-{routing.granularity} routing (weighting and scattering expert outputs)")
             y = y * weights[pos, slot].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
             if out is None:
                 out = y.new_zeros((flat.shape[0], *y.shape[1:]))
@@ -873,21 +894,21 @@ def routing_plan(
     previous = [c._plan for _, c in containers]
     try:
         for name, c in containers:
-            if callable(plan) and not isinstance(plan, torch.Tensor):
-                c._plan = plan(name, c)
+            if callable(plan) and not isinstance(plan, (torch.Tensor, Router)):
+                object.__setattr__(c, "_plan", plan(name, c))  # a Router plan is not a submodule
             elif isinstance(plan, Mapping):
                 if name not in plan:
                     raise KeyError(f"routing plan has no entry for container {name!r}")
-                c._plan = plan[name]
+                object.__setattr__(c, "_plan", plan[name])
             else:
-                c._plan = plan
+                object.__setattr__(c, "_plan", plan)
             _check_plan(name, c)
         if torch.is_grad_enabled() and any(not (isinstance(c._plan, str) and c._plan == "routed") for _, c in containers):
             _warn_plan_under_plain_checkpointing(model)
         yield containers
     finally:
         for (_, c), p in zip(containers, previous):
-            c._plan = p
+            object.__setattr__(c, "_plan", p)
 
 
 def _check_plan(name: str, c: ExpertContainer) -> None:
@@ -897,6 +918,8 @@ def _check_plan(name: str, c: ExpertContainer) -> None:
         raise IndexError(f"expert {plan} does not exist in container {name!r}, which has {c.num_experts} experts (0 to {c.num_experts - 1})")
     if isinstance(plan, torch.Tensor) and plan.shape != (c.num_experts,):
         raise ValueError(f"merge weights for container {name!r} need shape [{c.num_experts}] (one per expert), got {list(plan.shape)}")
+    if isinstance(plan, Router) and plan.num_experts != c.num_experts:
+        raise ValueError(f"a router for {plan.num_experts} experts cannot route container {name!r}, which has {c.num_experts}")
 
 
 def checkpoints_plainly(module: nn.Module) -> bool:
@@ -933,6 +956,18 @@ def _warn_plan_under_plain_checkpointing(model: nn.Module) -> None:
 def use_expert(model: nn.Module, index: int) -> Any:
     """Context manager: every container runs expert ``index`` alone (per-expert evaluation)."""
     return routing_plan(model, int(index))
+
+
+def use_router(model: nn.Module, router: str = "random", *, seed: int = 0, granularity: str = "sample", **router_kwargs: Any) -> Any:
+    """Context manager: every container routes with a router of its own built from ``router`` (a registered
+    name), in train and eval mode alike; the routers share one generator seeded with ``seed``.
+
+    ``use_router(head, "random")`` routes each sample to a uniformly drawn expert per layer: the
+    "Random routing" aggregation of MoTE Table 2c (all experts kept, one runs per input).
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    return routing_plan(model, lambda name, c: build_router(router, num_experts=c.num_experts, granularity=granularity,
+                                                            generator=generator, **router_kwargs))
 
 
 def use_merge_weights(model: nn.Module, weights: torch.Tensor | Mapping[str, torch.Tensor]) -> Any:
@@ -1020,18 +1055,22 @@ def router_keeps_state(router: nn.Module) -> bool:
     return type(router).get_extra_state is not nn.Module.get_extra_state
 
 
-def _routing_state(c: ExpertContainer) -> tuple[Any, torch.Tensor, Any]:
-    """A container's plan, router generator state and router extra state (a copy; None without any)."""
+def _routing_state(c: ExpertContainer) -> tuple[Any, torch.Tensor, Any, torch.Tensor | None]:
+    """A container's plan, router generator state, router extra state (a copy; None without any), and
+    the generator state of a router plan (:func:`use_router`; None for other plans)."""
     extra = copy.deepcopy(c.router.get_extra_state()) if router_keeps_state(c.router) else None
-    return c._plan, c.router.generator.get_state(), extra
+    plan_generator = c._plan.generator.get_state() if isinstance(c._plan, Router) else None
+    return c._plan, c.router.generator.get_state(), extra, plan_generator
 
 
-def _set_routing_state(c: ExpertContainer, state: tuple[Any, torch.Tensor, Any]) -> None:
-    plan, generator_state, extra = state
-    c._plan = plan
+def _set_routing_state(c: ExpertContainer, state: tuple[Any, torch.Tensor, Any, torch.Tensor | None]) -> None:
+    plan, generator_state, extra, plan_generator = state
+    object.__setattr__(c, "_plan", plan)
     c.router.generator.set_state(generator_state)
     if router_keeps_state(c.router):
         c.router.set_extra_state(copy.deepcopy(extra))
+    if plan_generator is not None:
+        plan.generator.set_state(plan_generator)
 
 
 _replay = threading.local()  # .depth > 0 while checkpoint_routed recomputes with the recorded routing (in that thread)

@@ -454,7 +454,8 @@ def default_seed(strategy: str | MergeFn) -> int | None:
     return None if default is inspect.Parameter.empty or default is None else int(default)
 
 
-def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any], *, num_experts: int | None = None) -> None:
+def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any], *, num_experts: int | None = None,
+                          hidden: Sequence[str] = ()) -> None:
     """Raise ``ValueError`` naming the strategy when ``kwargs`` cannot merge ``num_experts`` experts.
 
     Checks the keywords against the strategy's signature (unknown ones first, with the closest
@@ -462,7 +463,8 @@ def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any], *,
     task-arithmetic strategies, and, with ``num_experts``, the length of ``weights`` and the
     expert count of strategies that merge a fixed number (``slerp``: two), and the ranges of
     arguments such as ``ties``'s ``density`` ∈ (0, 1], ``dare``'s ``drop_rate`` ∈ [0, 1) and
-    ``slerp``'s ``t`` ∈ [0, 1].
+    ``slerp``'s ``t`` ∈ [0, 1]. ``hidden`` names arguments the caller does not offer (such as
+    ``base`` where there is no base model): they are left out of the accepted list.
     """
     fn = resolve_strategy(strategy)
     name = strategy if isinstance(strategy, str) else getattr(fn, "__name__", "merge")
@@ -470,7 +472,7 @@ def check_merge_arguments(strategy: str | MergeFn, kwargs: Mapping[str, Any], *,
     params = list(signature.parameters.values())
     if not any(p.kind is p.VAR_KEYWORD for p in params):
         # unknown names first: a typo ('weight') would otherwise be reported as the argument it misses
-        accepted = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        accepted = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in hidden]
         unknown = next((k for k in kwargs if k not in accepted), None)
         if unknown is not None:
             close = difflib.get_close_matches(str(unknown), accepted, n=1)
@@ -578,20 +580,23 @@ def _shared_infinities(tensors: Sequence[Tensor], base: Tensor | None) -> Tensor
 def merge_state_dicts(
     state_dicts: Sequence[Mapping[str, Tensor]],
     strategy: str | MergeFn = "mean",
-    base: Mapping[str, Tensor] | None = None,
+    base: Mapping[str, Tensor] | torch.nn.Module | None = None,
     non_float: str = "first",
     **kwargs: Any,
 ) -> dict[str, Tensor]:
     """Apply ``strategy`` key by key over ``state_dicts``.
 
     The strategy's arguments are checked first (:func:`check_merge_arguments`). All state dicts
-    must have the same keys and shapes; ``base`` (when given) too. Non-float tensors follow
+    must have the same keys and shapes; ``base`` (when given: a state dict, or a module whose
+    ``state_dict()`` it is) too. Non-float tensors follow
     ``non_float``, and entries that are the same ±inf everywhere keep it (see :func:`merge_tensors`).
     A ``seed`` keyword (else the strategy's default seed) seeds one generator consumed in
     key order, so stochastic strategies (DARE) are reproducible.
     """
     if not state_dicts:
         raise ValueError("merge_state_dicts needs at least one state dict")
+    if isinstance(base, torch.nn.Module):  # as collapse and use_merge take it
+        base = base.state_dict()
     check_merge_arguments(strategy, {**kwargs, "base": base}, num_experts=len(state_dicts))
     keys = list(state_dicts[0].keys())
     for i, sd in enumerate(state_dicts[1:], 1):

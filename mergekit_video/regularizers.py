@@ -113,8 +113,9 @@ class WeightMergingRegularizer:
 class FeatureMSE:
     """L_MSE of MoTE Eq. 9 as the official code computes it: the mean of (z_r − e)² over all elements, in fp32.
 
-    Eq. 9 writes ‖z_r − e‖²; the mean over elements is that divided by the feature width D (and
-    averaged over the other dimensions), which η = 0.1 was tuned with.
+    Eq. 9 writes ‖z_r − e‖² of pooled video features; the official code (``nn.MSELoss()``), which
+    η = 0.1 was tuned with, takes the element-wise mean over the per-frame features ``[B, T, D]``
+    (not pooled over T), and so does this.
     """
 
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -156,6 +156,26 @@ class RandomRouter(Router):
         return self._single_choice(idx, x.device)
 
 
+class AssignedRouter(Router):
+    """Routes sample j to expert ``indices[j]``, given ahead of the forward (not registered: the
+    assignment belongs to one batch). Evaluation uses it to route each video by its own seeded draw,
+    whatever the batch it lands in (MoTE Table 2c "Random routing")."""
+
+    stochastic = False
+
+    def __init__(self, *, num_experts: int, indices: torch.Tensor | list[int]) -> None:
+        super().__init__(num_experts=num_experts, granularity="sample", seed=0)
+        self.indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()  # [B]
+        if self.indices.numel() and not 0 <= int(self.indices.min()) <= int(self.indices.max()) < num_experts:
+            raise ValueError(f"assigned experts {self.indices.tolist()} are out of range for {num_experts} experts")
+
+    def route(self, x: torch.Tensor) -> RouterOutput:
+        """Sample j goes to ``indices[j]``."""
+        if x.shape[0] != self.indices.numel():
+            raise ValueError(f"assigned routing holds {self.indices.numel()} samples' experts but the input has {x.shape[0]} samples")
+        return self._single_choice(self.indices, x.device)
+
+
 @ROUTERS.register("fixed")
 class FixedRouter(Router):
     """Always routes to expert ``expert`` (MoTE Table 2d "Fixed")."""
@@ -233,17 +253,19 @@ class TopKRouter(Router):
                 self._raise_width_mismatch(x.shape[1] if x.dim() >= 2 else x.shape[-1])
             feats = x.reshape(x.shape[0], x.shape[1], -1).mean(dim=-1)  # [B, C, ...] → [B, C]
         elif x.shape[-1] != self.dim:
-            self._raise_width_mismatch(x.shape[-1])
+            self._raise_width_mismatch(x.shape[-1], channels=x.shape[1] if x.dim() > 2 else None)
         elif self.granularity == "sample":
             feats = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)  # [B, D]
         else:
             feats = x.reshape(-1, x.shape[-1])  # [N, D]
-        logits = self.gate(feats.to(self.gate.weight.dtype)).float()  # [G, E]; model may be bf16, gate fp32
+        # [G, E]; model may be bf16, gate fp32: at least fp32 (fp64 stays fp64)
+        logits = self.gate(feats.to(self.gate.weight.dtype))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.k, dim=-1)  # [G, k]
         weights = top_p / top_p.sum(dim=-1, keepdim=True) if self.renormalize else top_p  # [G, k]
         # Switch load balancing over all k slots
-        dispatch = F.one_hot(top_i, self.num_experts).float().sum(dim=1)  # [G, E]
+        dispatch = F.one_hot(top_i, self.num_experts).to(probs.dtype).sum(dim=1)  # [G, E]
         frac = dispatch.mean(dim=0) / self.k
         mean_prob = probs.mean(dim=0)
         load_balance = self.num_experts * (frac * mean_prob).sum()
@@ -255,9 +277,15 @@ class TopKRouter(Router):
             aux_losses={"load_balance": load_balance, "z_loss": z_loss},
         )
 
-    def _raise_width_mismatch(self, width: int) -> None:
+    def _raise_width_mismatch(self, width: int, *, channels: int | None = None) -> None:
         source = f" ({self.dim_source})" if self.dim_source else ""
         axis = "dim 1 of x, channels first" if self.channels_first else "the last dim of x"
+        if channels == self.dim:  # [B, C, H, W] with C = dim: a channels-first input (convolutions)
+            raise ValueError(
+                f"topk router: its input has width {width} (the last dim of x) but the router's dim is {self.dim}{source}, "
+                f"which is dim 1 of x: for channels-first inputs (convolutions) pass channels_first=True "
+                f"(ExpertContainer(..., router_kwargs={{'channels_first': True}}) or TopKRouter(..., channels_first=True))"
+            )
         raise ValueError(
             f"topk router: its input has width {width} ({axis}) but the router's dim is "
             f"{self.dim}{source}; pass dim={width} (add_experts(..., dim={width}), "

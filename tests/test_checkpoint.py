@@ -923,3 +923,21 @@ def test_a_failed_checkpoint_write_names_it_and_the_checkpoint_that_survives(tmp
     with pytest.raises(OSError, match=rf"^could not write {re.escape(str(tmp_path / 'm.safetensors'))} \(RuntimeError: .*os error 28\)\)$"):
         atomic_save_safetensors(tmp_path / "m.safetensors", {"w": torch.ones(2)})
     assert not list(tmp_path.glob("*m.safetensors*"))
+
+
+def test_save_model_refuses_a_merge_relative_to_an_unsaved_base(tmp_path):
+    """The base of a ties/dare/task_arithmetic merge lives in memory only: the loaded model merged relative to a
+    fresh random initialisation (0.8 off), silently. The dense export keeps the merge."""
+    from mergekit_video.models import build_video_clip, export_dense, load, save_model
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2,
+                             expert_init="copy_noise", merge="ties", merge_kwargs={"density": 0.5}).eval()
+    with pytest.raises(ValueError, match=r"^head\.transformer\.resblocks\.0\.mlp merges its experts with 'ties', relative to a base "
+                                         r"model that a saved model does not store"):
+        save_model(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    export_dense(model, tmp_path / "dense")
+    frames = torch.randn(2, 4, 64)
+    with torch.no_grad():
+        assert torch.equal(model.head.video_features(frames), load(tmp_path / "dense").head.video_features(frames))

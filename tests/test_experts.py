@@ -522,7 +522,7 @@ def test_routing_plan_errors():
         with routing_plan(model, {"0": 1}):
             pass
     assert model[0]._plan is None  # restored after the failure
-    with pytest.raises(ValueError, match=r"^unknown routing plan 'dense'; expected 'routed', 'merged', 'ensemble', an int or weights$"):
+    with pytest.raises(ValueError, match=r"^unknown routing plan 'dense'; expected 'routed', 'merged', 'ensemble', an int, weights or a Router$"):
         with routing_plan(model, "dense"):
             model(x)
     with pytest.raises(ValueError, match=r"^plan segments cover 4 samples but the batch has 5$"):
@@ -827,6 +827,43 @@ def test_container_deepcopy_and_train_flag():
     c.train()(x)
     assert torch.equal(c.last_routing.indices, d.last_routing.indices)  # the generator state is copied
     assert c.collapse().training and not c.eval().collapse().training
+
+
+def test_a_copy_made_inside_a_routing_plan_routes_again():
+    """A plan lives only inside its with-block: a snapshot (deepcopy, pickle) taken inside one ran expert 1 forever."""
+    import pickle
+
+    c = ExpertContainer(experts(3), MultinomialRouter(num_experts=3, seed=0))
+    with use_expert(c, 1):
+        copies = [copy.deepcopy(c), pickle.loads(pickle.dumps(c))]
+        assert c._plan == 1
+    for d in copies:
+        assert d._plan is None
+        d.train()(torch.randn(2, 4))
+        assert d.last_routing is not None  # routed by its router, not pinned to expert 1
+
+
+def test_combining_tuple_outputs_is_refused_naming_the_container():
+    """nn.MultiheadAttention returns (output, weights): averaging or scattering those crashed with
+    "can't multiply sequence by non-int of type 'float'"."""
+    from mergekit_video import add_experts
+
+    q = torch.randn(2, 5, 8)
+    attn = ExpertContainer([nn.MultiheadAttention(8, 2, batch_first=True) for _ in range(2)], merge="ensemble").eval()
+    with pytest.raises(TypeError, match=r"^ensemble merge: averaging expert outputs needs each expert to return one tensor, "
+                                        r"but it returned a tuple"):
+        attn(q, q, q)
+    model = nn.Sequential(nn.GRU(8, 8, batch_first=True))
+    add_experts(model, "0", 2, router="random", granularity="sample")
+    with pytest.raises(TypeError, match=r"^expert container '0': per-sample routing \(weighting and scattering expert outputs\) "
+                                        r"needs each expert to return one tensor, but it returned a tuple"):
+        model.train()(q)
+    with routing_plan(model, "ensemble"), pytest.raises(TypeError, match=r"^expert container '0': the ensemble plan"):
+        model(q)
+    batch = nn.Sequential(nn.GRU(8, 8, batch_first=True))
+    add_experts(batch, "0", 2, router="random")
+    y, h = batch.train()[0](q)  # per-batch routing passes the tuple through
+    assert y.shape == (2, 5, 8) and h.shape == (1, 2, 8)
 
 
 def test_collapse_batchnorm_experts_with_differing_step_counters():
@@ -1257,3 +1294,44 @@ def test_a_data_address_given_back_by_the_allocator_still_merges_again():
             p.data = p.data + 1.0
             after = c(x)
             assert not torch.equal(before, after) and torch.allclose(after, c.collapse("mean")(x), atol=1e-5)
+
+
+def test_use_router_routes_each_sample_with_a_router_of_its_own_in_eval_mode():
+    """use_router(model, "random"): per sample, one uniformly drawn expert (seeded), in eval mode too;
+    the routers are the plan's, the containers' own are untouched. A router plan is checked for its expert count."""
+    from mergekit_video import add_experts
+    from mergekit_video.experts import use_router
+    from mergekit_video.routers import AssignedRouter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    add_experts(model, ["0", "1"], 3)
+    model.eval()
+    x = torch.randn(64, 4)
+    own = [model[i].router.generator.get_state() for i in range(2)]
+
+    def routed_by_hand(x):
+        y = x
+        for i in range(2):
+            chosen = model[i].last_routing.indices[:, 0]
+            y = torch.stack([model[i].experts[int(k)](row) for k, row in zip(chosen, y)])
+        return y
+
+    with torch.no_grad(), use_router(model, "random", seed=3):
+        y = model(x)
+        assert all(model[i].last_routing.granularity == "sample" for i in range(2))
+        assert torch.allclose(y, routed_by_hand(x), atol=1e-6)
+        counts = torch.bincount(model[0].last_routing.indices[:, 0], minlength=3)
+    assert (counts > 10).all()  # every expert drawn (64 samples, uniform)
+    with torch.no_grad(), use_router(model, "random", seed=3):
+        assert torch.equal(model(x), y)  # seeded
+    assert all(torch.equal(model[i].router.generator.get_state(), own[i]) for i in range(2))
+    assert model[0]._plan is None
+    with pytest.raises(ValueError, match=r"a router for 2 experts cannot route container '0', which has 3"):
+        with routing_plan(model, {"0": AssignedRouter(num_experts=2, indices=[0]), "1": 0}):
+            pass
+    with routing_plan(model, {"0": AssignedRouter(num_experts=3, indices=[2, 0]), "1": 1}), torch.no_grad():
+        two = x[:2]
+        assert torch.allclose(model(two), model[1].experts[1](torch.stack([model[0].experts[2](two[0]), model[0].experts[0](two[1])])))
+        with pytest.raises(ValueError, match="assigned routing holds 2 samples' experts but the input has 3 samples"):
+            model(x[:3])

@@ -496,3 +496,15 @@ def test_float64_tensors_merge_in_float64(name, kw):
         out = MERGES.get(name)([b + delta, b + delta], base=b, **({**kw, "density": 1.0} if name == "ties" else kw))
         expected = b + (2 * delta if name == "task_arithmetic" else delta)
         assert torch.allclose(out, expected, rtol=0, atol=1e-14)  # float64 rounding of b (|b| < 5), far below the 1e-9 delta
+
+
+def test_merge_state_dicts_takes_a_module_as_base():
+    """As collapse, collapse_experts and use_merge do: the module's state_dict() is the base."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(4, 3)
+    sds = [{k: v + torch.randn_like(v) for k, v in base.state_dict().items()} for _ in range(2)]
+    by_module = merge_state_dicts(sds, "task_arithmetic", base=base, lam=0.5)
+    by_dict = merge_state_dicts(sds, "task_arithmetic", base=base.state_dict(), lam=0.5)
+    assert by_module.keys() == by_dict.keys() and all(torch.equal(by_module[k], by_dict[k]) for k in by_dict)
+    expected = base.weight + 0.5 * ((sds[0]["weight"] - base.weight) + (sds[1]["weight"] - base.weight))
+    assert torch.allclose(by_module["weight"], expected, atol=1e-6)

@@ -285,3 +285,27 @@ def test_topk_sample_routing_of_a_convolution_reads_channels_not_width():
         router(torch.randn(4, 5, 6, 6))
     with pytest.raises(ValueError, match="channels_first inputs .* are routed per sample"):
         build_router("topk", num_experts=3, module=conv, granularity="token", channels_first=True)
+
+
+def test_topk_keeps_fp64_and_checks_gradients_exactly():
+    """The gate's logits are at least fp32: an fp64 model's routing stays fp64 (gradcheck passes)."""
+    torch.manual_seed(0)
+    r = TopKRouter(num_experts=3, dim=4, k=2).double()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    out = r(x)
+    assert out.weights.dtype == torch.float64 and out.aux_losses["z_loss"].dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda x: r(x).weights, (x,))
+    assert torch.autograd.gradcheck(lambda x: r(x).aux_losses["z_loss"], (x,))
+
+
+def test_topk_width_error_of_a_channels_first_input_suggests_channels_first():
+    """A [B, C, H, W] input whose C is the router's dim: 'pass dim=W' would route on the image width."""
+    from mergekit_video import ExpertContainer
+
+    c = ExpertContainer([nn.Conv2d(3, 4, 3) for _ in range(2)], TopKRouter(num_experts=2, dim=3, granularity="sample"))
+    with pytest.raises(ValueError, match=r"its input has width 32 \(the last dim of x\) but the router's dim is 3, which is dim 1 of x: "
+                                         r"for channels-first inputs \(convolutions\) pass channels_first=True"):
+        c.train()(torch.randn(2, 3, 32, 32))
+    c = ExpertContainer([nn.Conv2d(3, 4, 3) for _ in range(2)],
+                        TopKRouter(num_experts=2, dim=3, granularity="sample", channels_first=True))
+    assert c.train()(torch.randn(2, 3, 32, 32)).shape == (2, 4, 30, 30)

@@ -214,6 +214,21 @@ def _is_saved_model_config(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == CONFIG_FORMAT
 
 
+def _refuse_unsaved_merge_base(model: VideoCLIP) -> None:
+    """A container whose merge needs a base (kept in memory by add_experts, not in the state dict) cannot be saved as is."""
+    from ..experts import find_containers
+    from ..merging import requires_base
+
+    for name, c in find_containers(model):
+        if requires_base(c.merge):
+            raise ValueError(
+                f"{name} merges its experts with {c.merge!r}, relative to a base model that a saved model does not "
+                "store (load() would merge relative to a fresh initialisation): set a merge without a base first "
+                "(set_merge('mean') on the containers, or build the model with merge='mean'), or save the collapsed "
+                "model (export_dense) with this merge"
+            )
+
+
 def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: bool = False, extra_config: dict[str, Any] | None = None,
                own_folder: bool = False) -> Path:
     """Write ``model`` to ``directory`` atomically (temp dir, then rename).
@@ -223,9 +238,12 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
     ``.NAME.mergevid-old-<pid>-<host>-XXXXXXXX`` (no other name is taken for one: a user's ``.NAME.old``
     is never touched). A backup left by a save killed between those renames is restored first
     (``NAME`` missing) or removed after the save (``NAME`` present). A ``directory`` that is a
-    symbolic link is refused before anything is written (``FileExistsError``).
+    symbolic link is refused before anything is written (``FileExistsError``). So is a model whose
+    experts merge relative to a base (``ties``, ``dare``, ``task_arithmetic``): the base is not saved,
+    and the loaded model would merge relative to a fresh initialisation (``ValueError``).
     """
     directory = Path(directory)
+    _refuse_unsaved_merge_base(model)
     _refuse_symlink(directory)
     _restore_interrupted_replace(directory)
     if directory.exists() and not directory.is_dir():
