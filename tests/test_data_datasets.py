@@ -109,6 +109,28 @@ def test_annotation_lists_and_class_csv(tmp_path):
         read_class_names(csv)
 
 
+def test_class_csv_empty_names_and_negative_ids_are_refused_and_repeated_names_warned(tmp_path, caplog):
+    """An empty name became the bare templates' text; -1 was reported only as a missing 1; two classes of one
+    name got the same text features, silently."""
+    import logging
+
+    csv = tmp_path / "c.csv"
+    csv.write_text("id,name\n0,red circle\n1,\n2,green square\n")
+    with pytest.raises(ValueError) as info:
+        read_class_names(csv)
+    assert str(info.value) == f"{csv}:3: class 1 has an empty name"
+    csv.write_text("id,name\n-1,a\n0,b\n")
+    with pytest.raises(ValueError) as info:
+        read_class_names(csv)
+    assert str(info.value) == f"{csv}:2: class id -1 is negative; ids are 0..C-1"
+    csv.write_text("id,name\n0,b\n1,a\n2,b\n3,a\n")
+    with caplog.at_level(logging.WARNING, logger="mergekit_video.data.annotations"):
+        assert read_class_names(csv) == ["b", "a", "b", "a"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{csv}: 2 class names are used by more than one class (the first: 'b'): those classes get the same text "
+        "features and cannot be told apart"]
+
+
 def test_class_csv_with_more_than_two_header_columns_is_refused(tmp_path):
     """``id,name,extra`` was read silently, the extra column ending up in every name ("red circle,x")."""
     csv = tmp_path / "c.csv"

@@ -408,7 +408,7 @@ def test_prepare_refuses_outputs_that_lead_onto_their_sources_and_writes_nothing
             with pytest.raises(ValueError) as info:
                 prepare_dataset(**kw, out_dir=out)
             assert str(info.value).startswith(f"the output {out / 'videos' / name} is the source {ds / 'videos' / name} "
-                                              f"(symlinks resolved: {(ds / 'videos' / name).resolve()})")
+                                              f"(symlinks resolved: {(ds / 'videos' / name).resolve()}; a symbolic link on the way")
             assert "nothing was written" in str(info.value)
             assert sorted(p.name for p in out.iterdir()) == ["videos"]
             for src in (ds / "videos").iterdir():
@@ -433,6 +433,13 @@ def test_prepare_refuses_an_output_inside_a_source_frame_folder(tmp_path):
     with pytest.raises(ValueError, match="lies inside the source"):
         prepare_dataset(list_file=lst, root=ds, out_dir=out, list_format="frames", short_side=32, gop=4, workers=1, progress=False)
     assert sorted(p.name for p in (ds / "frames" / "v1").iterdir()) == [f"img_{i:05d}.jpg" for i in range(1, 7)]
+    # no symlink: OUT itself inside the source folder is said so (no link is blamed)
+    inside = ds / "frames" / "v1" / "prepared"
+    with pytest.raises(ValueError) as info:
+        prepare_dataset(list_file=lst, root=ds, out_dir=inside, list_format="frames", short_side=32, gop=4, workers=1, progress=False)
+    assert str(info.value).startswith(f"the output {inside / 'frames' / 'v1.mp4'} lies inside the source {ds / 'frames' / 'v1'} "
+                                      f"({inside} lies inside the source {ds / 'frames' / 'v1'}, which would be overwritten); nothing was written")
+    assert "symbolic" not in str(info.value) and not inside.exists()
 
 
 def _dead_pid() -> int:

@@ -68,6 +68,13 @@ def test_frame_folder_reader(tmp_path):
         r.get_frames([4])
     with pytest.raises(VideoReadError, match="frame folder not found"):
         open_video(tmp_path / "nope", backend="frames")
+    # a list line giving 0 frames is the list's count, not the folder's (which holds 11)
+    with pytest.raises(VideoReadError, match=r"vid: the annotation list gives it 0 frames$"):
+        open_video(folder, backend="frames", num_frames=0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VideoReadError, match=r"empty: frame folder holds no frames$"):
+        open_video(empty, backend="frames")
 
 
 def test_frame_folders_count_only_the_templates_files_and_say_when_numbering_starts_at_0(tmp_path):

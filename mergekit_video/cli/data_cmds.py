@@ -27,7 +27,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 @data_app.command("synth")
 def synth_cmd(
     out_dir: Path = typer.Argument(..., help="Folder to write the dataset into (must be empty or new)."),
-    classes: int = typer.Option(_SYN["num_classes"], "--classes", help="Training classes."),
+    classes: int = typer.Option(_SYN["num_classes"], "--classes", min=2, help="Training classes (at least 2: a classifier of one class learns nothing)."),
     videos_per_class: int = typer.Option(_SYN["videos_per_class"], "--videos-per-class", help="Training videos per class."),
     val_per_class: int = typer.Option(_SYN["val_per_class"], "--val-per-class", help="Validation videos per training class."),
     novel_classes: int = typer.Option(_SYN["num_novel_classes"], "--novel-classes", help="Zero-shot classes (disjoint from training)."),

@@ -9,12 +9,16 @@ Both are UTF-8, with or without a byte-order mark.
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 LIST_FORMATS = ("video", "frames")
 
@@ -115,6 +119,7 @@ def read_class_names(csv_path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"class-name CSV not found: {path}")
     names: dict[int, str] = {}
+    first_line: dict[str, int] = {}  # name -> the line it first appears on
     text = _read_utf8(path, "a class-name CSV")
     rows = csv.reader(io.StringIO(text, newline=""))
     header = next(rows, None)
@@ -137,12 +142,22 @@ def read_class_names(csv_path: str | os.PathLike) -> list[str]:
             raise ValueError(f"{path}:{lineno}: class id {row[0]!r} is not an integer") from None
         if cid in names:
             raise ValueError(f"{path}:{lineno}: duplicate class id {cid}")
-        names[cid] = ",".join(row[1:]).strip()
+        if cid < 0:
+            raise ValueError(f"{path}:{lineno}: class id {cid} is negative; ids are 0..C-1")
+        name = ",".join(row[1:]).strip()
+        if not name:  # its prompts would be the templates alone ("a photo of .")
+            raise ValueError(f"{path}:{lineno}: class {cid} has an empty name")
+        first_line.setdefault(name, lineno)
+        names[cid] = name
     if not names:
         raise ValueError(f"{path}: no classes")
     missing = sorted(set(range(len(names))) - names.keys())
     if missing:
         raise ValueError(f"{path}: class ids must be 0..{len(names) - 1}; missing {missing[:10]}")
+    repeated = sorted((n for n, k in collections.Counter(names.values()).items() if k > 1), key=first_line.get)
+    if repeated:  # one text feature for several classes: a classifier cannot tell them apart
+        log.warning("%s: %d class names are used by more than one class (the first: %r): those classes get the same "
+                    "text features and cannot be told apart", path, len(repeated), repeated[0])
     out = ClassNames(names[i] for i in range(len(names)))
     out.source = path
     return out

@@ -304,8 +304,12 @@ def _refuse_outputs_onto_sources(by_out: dict[str, list[str]], sources: dict[str
             if key is None:
                 continue
             where = "is" if at == out else "lies inside"
-            raise ValueError(f"the output {out_dir / out_rel} {where} the source {root / sources[key].path} (symlinks resolved: "
-                             f"{at}): a symbolic link on the way leads into the dataset, and the source would be overwritten; "
+            if out == os.path.abspath(out_dir / out_rel):  # no symlink on the way: out_dir itself is inside a source
+                why = f"{out_dir} lies inside the source {root / sources[key].path}, which would be overwritten"
+            else:
+                why = (f"symlinks resolved: {at}; a symbolic link on the way leads into the dataset, and the source "
+                       "would be overwritten")
+            raise ValueError(f"the output {out_dir / out_rel} {where} the source {root / sources[key].path} ({why}); "
                              "nothing was written: prepare into a folder whose paths do not lead onto the sources")
 
 

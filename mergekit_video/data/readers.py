@@ -442,11 +442,13 @@ class FrameFolderReader:
         self.image_template = image_template
         self.index_base = index_base
         self.short_side = short_side
+        listed = num_frames is not None
         if num_frames is None:  # the files the template names (flow_x_/flow_y_ images may share the folder)
             pattern = template_pattern(image_template)
             num_frames = sum(1 for name in os.listdir(self.path) if pattern.fullmatch(name))
         if num_frames <= 0:
-            raise VideoReadError(f"{self.path}: frame folder holds no frames", path=self.path)
+            what = f"the annotation list gives it {num_frames} frames" if listed else "frame folder holds no frames"
+            raise VideoReadError(f"{self.path}: {what}", path=self.path)
         self._num_frames = int(num_frames)
 
     @property
