@@ -868,9 +868,9 @@ def test_bad_videos_in_the_metrics_count_the_files_every_rank_met(monkeypatch):
     gathered = [["a.mp4", "b.mp4"], ["b.mp4", "c.mp4"]]
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: gathered)
     ranks = SimpleNamespace(dist=SimpleNamespace(world_size=2), bad_videos={"a.mp4", "b.mp4"})
-    assert Trainer._bad_video_paths_of_all_ranks(ranks) == ["a.mp4", "b.mp4", "c.mp4"]
+    assert Trainer.bad_video_paths_of_all_ranks(ranks) == ["a.mp4", "b.mp4", "c.mp4"]
     one = SimpleNamespace(dist=None, bad_videos={"a.mp4"})
-    assert Trainer._bad_video_paths_of_all_ranks(one) == ["a.mp4"]
+    assert Trainer.bad_video_paths_of_all_ranks(one) == ["a.mp4"]
 
 
 def test_bad_videos_met_before_a_checkpoint_survive_the_resume(tmp_path):
@@ -935,3 +935,27 @@ def test_skipped_clips_weigh_each_rank_by_its_clips_and_an_empty_micro_batch_tra
     assert acc.state.step == 2 and not all(torch.equal(a, b) for a, b in zip(before, acc.model.parameters()))
     assert all(math.isfinite(logs["loss"]) and logs["loss"] > 0 for _, logs in logged if "loss" in logs)
     assert trainer.state.step == 4 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_an_epoch_that_reads_no_clip_stops_the_run_naming_the_bad_files(tmp_path):
+    """on_error=skip with every video unreadable (a wrong data.root): each step was skipped and the run
+    ended with rc 0 and an untrained model."""
+    from mergekit_video.training.trainer import NoClipReadError
+
+    trainer = _tiny_trainer(tmp_path / "ckpt")
+    trainer.loader = [{"frames": torch.zeros(0, 4, 3, 32, 32), "label": torch.zeros(0, dtype=torch.long)} for _ in range(4)]
+    trainer.variable_batch = True
+    trainer.bad_videos = {"clips/b.mp4", "clips/a.mp4"}
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(NoClipReadError, match=r"^no video of epoch 1 could be read \(4 batches, every clip skipped under on_error: skip; "
+                                              r"2 distinct bad files; the first: clips/a\.mp4\): the weights were never updated\. "
+                                              r"Check data\.root and data\.train_list"):
+        trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    # one readable clip in the epoch: it trains on
+    gen = torch.Generator().manual_seed(0)
+    some = _tiny_trainer(tmp_path / "ckpt2")
+    some.loader = [{"frames": torch.randn(n, 4, 3, 32, 32, generator=gen), "label": torch.arange(n) % 3} for n in (0, 0, 1, 0)]
+    some.variable_batch = True
+    some.fit()
+    assert some.state.step == 4

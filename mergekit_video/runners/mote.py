@@ -336,6 +336,11 @@ class MoTERunner:
             )
         state = self.trainer.fit()
         self.train_seconds = time.perf_counter() - start
+        bad = self.trainer.bad_video_paths_of_all_ranks()  # a collective: every rank calls it
+        if self.main and self.console is not None and bad:
+            how = "skipped" if self.data_cfg.get("on_error", "resample") == "skip" else "replaced by other videos of the list"
+            self.console.print(f"[yellow]{len(bad)} training video{'s' if len(bad) > 1 else ''} could not be read[/] and "
+                               f"{'were' if len(bad) > 1 else 'was'} {how} (data.on_error); the first: {bad[0]}; each is named in the log")
         if self.main and self.console is not None and state.history:
             from ..training.metrics import print_summary
 

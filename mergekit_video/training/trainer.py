@@ -83,6 +83,11 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.signal_name = step, signal_name
 
 
+class NoClipReadError(ValueError):
+    """A whole training epoch read no clip (every video failed under ``on_error: skip``): the run stops
+    instead of ending with an untrained model. A ``ValueError``: ``mergevid`` prints it and exits with 1."""
+
+
 class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite; training stopped without writing a checkpoint of it.
 
@@ -296,7 +301,7 @@ class Trainer:
         if loss_window["count"]:  # identical on every rank: all of them stop together
             self._check_finite_loss(loss_window["sums"].get("loss"), read=f" (read before the checkpoint of step {self.state.step}, not written)")
         rng = self._rng_state()  # a collective too with per-rank routing draws
-        bad = self._bad_video_paths_of_all_ranks()  # and this one
+        bad = self.bad_video_paths_of_all_ranks()  # and this one
         self._saved_step = self.state.step
         self._last_checkpoint = (self.state.step, self.checkpoints.path_of(self.state.step), True)
         if not _is_main(self.dist):
@@ -314,7 +319,7 @@ class Trainer:
             return
         loss_window = self._loss_window()  # a collective under DDP, as in save_checkpoint
         rng = self._rng_state()
-        bad = self._bad_video_paths_of_all_ranks()
+        bad = self.bad_video_paths_of_all_ranks()
         if not _is_main(self.dist):
             return
         self.checkpoints.update_state(self.state.step, epoch=self.state.epoch, rng=rng,
@@ -667,6 +672,7 @@ class Trainer:
             # with metrics) did not run: stopped right after its last step, or validation failed
             self._close_epoch()
         while self.state.epoch < self.epochs and self.state.step < self.total_steps:
+            from_start, epoch_clips = self.state.batches_in_epoch == 0, 0  # a whole epoch of unreadable videos fails the run
             sampler = getattr(self.loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.state.epoch)
@@ -680,6 +686,7 @@ class Trainer:
                 sync = self.state.batches_in_epoch % self.grad_accumulation == 0
                 weight, clips = self._clip_weight(batch)
                 step_clips += clips
+                epoch_clips += clips
                 out = self._micro_step(batch, sync, weight)
                 if clips:  # a micro-step without any clip on any rank (all skipped) has no loss to average in
                     sums = self._loss_sums
@@ -707,7 +714,7 @@ class Trainer:
                     logs["clips_per_s"] = window_clips / elapsed
                     if grad_norm is not None:
                         logs["grad_norm"] = float(grad_norm)
-                    bad = len(self._bad_video_paths_of_all_ranks())
+                    bad = len(self.bad_video_paths_of_all_ranks())
                     if bad:
                         logs["bad_videos"] = float(bad)  # distinct bad files met so far, by all ranks together
                     if self.metrics is not None:
@@ -725,13 +732,26 @@ class Trainer:
                     self._stop_after_step(saved)
                 if self.state.step >= self.total_steps:
                     break
+            if from_start and not epoch_clips and self.state.batches_in_epoch:
+                self._raise_nothing_read()
             if self.state.batches_in_epoch < usable:  # stopped by max_steps inside the epoch
                 if self._saved_step != self.state.step:
                     self.save_checkpoint()
                 break
             self._close_epoch()
 
-    def _bad_video_paths_of_all_ranks(self) -> list[str]:
+    def _raise_nothing_read(self) -> None:
+        """An epoch (or the run's part of one, up to max_steps) in which no clip of any batch could be read
+        (``on_error: skip``): no step updated the weights, and the next epoch would read the same files."""
+        bad = self.bad_video_paths_of_all_ranks()  # every rank raises here: the clip counts are global
+        first = f"; the first: {bad[0]}" if bad else ""
+        raise NoClipReadError(
+            f"no video of epoch {self.state.epoch + 1} could be read ({self.state.batches_in_epoch} batches, every clip "
+            f"skipped under on_error: skip; {len(bad)} distinct bad files{first}): the weights were never updated. "
+            "Check data.root and data.train_list (mergevid validate RECIPE --check-paths)"
+        )
+
+    def bad_video_paths_of_all_ranks(self) -> list[str]:
         """The distinct bad files the ranks have met together, sorted; every rank calls it (a collective under DDP)."""
         if self.dist is None or self.dist.world_size <= 1:
             return sorted(self.bad_videos)
