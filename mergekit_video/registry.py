@@ -115,7 +115,12 @@ def import_plugins(modules: Iterable[str]) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             _restore_registries(before, name)
-            raise ImportError(f"plugin module {name!r} could not be imported: {exc}") from exc
+            hint = ""
+            top = name.split(".")[0]
+            if isinstance(exc, ModuleNotFoundError) and exc.name == top:  # the plugin itself, not one of its imports
+                hint = (f" (install its package, or put the folder that holds {top}/ or {top}.py on PYTHONPATH: "
+                        "the working directory is not searched by the mergevid command)")
+            raise ImportError(f"plugin module {name!r} could not be imported: {exc}{hint}") from exc
         except Exception as exc:  # noqa: BLE001 - named as the plugin's failure, not a bare error from inside it
             _restore_registries(before, name)
             raise ImportError(f"plugin module {name!r} failed while importing: {_describe_failure(exc)}") from exc

@@ -384,6 +384,11 @@ def test_convert_export_dense_and_load_into_open_clip(tmp_path, capsys):
         (["--strategy", "ensemble"], "error: a dense export needs a weight merge, but 'ensemble' combines expert outputs"),
         (["--strategy", "temperature_softmax"], "missing a required argument: 'tau'"),
         (["--merge-arg", "tau"], "error: --merge-arg 'tau': expected KEY=VALUE, such as tau=0.6"),
+        (["--merge-arg", "tau=0.6"], "error: --merge-arg is an argument of --strategy: name the strategy too"),
+        (["--strategy", "temperature_softmax", "--merge-arg", "tau=0.6", "--merge-arg", "tau=0.7"], "error: --merge-arg 'tau=0.7': tau is given twice"),
+        # a typo is named with what the export accepts (never base, which it refuses)
+        (["--strategy", "weighted", "--merge-arg", "weight=[1,2,3,4]"],
+         "error: --merge-arg: merge strategy 'weighted': got an unexpected argument 'weight' (did you mean 'weights'?; accepted: weights, normalize)"),
     ):
         assert cli_main(["export", str(converted), str(tmp_path / "refused"), "--dense", *args]) == 1
         assert message in capsys.readouterr().err
@@ -438,9 +443,9 @@ def test_compare_runner_defaults_do_not_depend_on_which_keys_the_recipe_sets():
     merges = [{"name": "temperature_softmax", "tau": 0.6}, {"name": "temperature_softmax", "tau": -0.6}, {"name": "ensemble"}]
     assert [dict(m) for m in DEFAULT_COMPARE_MERGES] == merges
     for extra in ({}, {"eval": {}}, {"eval": {"compare": {}}}, {"eval": {"compare": {"experts": True}}}, {"eval": {"compare": {"logit_ensemble": True}}}):
-        assert _validated({**base, **extra}, source="t")["eval"]["compare"] == {"merges": merges, "experts": True, "logit_ensemble": True}, extra
+        assert _validated({**base, **extra}, source="t")["eval"]["compare"] == {"merges": merges, "experts": True, "logit_ensemble": True, "random_routing": False}, extra
     chosen = _validated({**base, "eval": {"compare": {"merges": [], "logit_ensemble": False}}}, source="t")["eval"]["compare"]
-    assert chosen == {"merges": [], "experts": True, "logit_ensemble": False}
+    assert chosen == {"merges": [], "experts": True, "logit_ensemble": False, "random_routing": False}
     assert "compare" not in _validated({**base, "runner": "evaluate"}, source="t")["eval"]  # evaluate compares nothing unasked
 
 
@@ -536,7 +541,7 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     (tmp_path / "finished" / "model" / "config.json").write_text("{}")
     assert cli_main(["eval", "finished/checkpoints", "--list", "x.txt", "--classes", "c.csv"]) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert f"it is a run's checkpoints folder: load one of its step_* folders, or the trained model, finished/model" in err, err
+    assert "it is a run's checkpoints folder: load one of its step_* folders, or the trained model, finished/model" in err, err
     for target in ("unfinished", "unfinished/checkpoints"):
         assert cli_main(["eval", target, "--list", "x.txt", "--classes", "c.csv"]) == 1
         err = " ".join(capsys.readouterr().err.split())
@@ -556,6 +561,11 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     (tmp_path / "lists" / "frames.txt").write_text("frames/v1 8 0\n")
     assert cli_main(["eval", str(a), "--list", "lists/frames.txt", "--classes", "c.csv", "eval.datasets.0.list_format=frames"]) == 1
     assert "--root not given" not in capsys.readouterr().err
+    # without list_format=frames such a list is not blamed on --root: the override it needs is named
+    assert cli_main(["eval", str(a), "--list", "lists/frames.txt", "--classes", "c.csv"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"error: lists/frames.txt looks like a frame-folder list ('folder num_frames label': {tmp_path / 'lists' / 'frames' / 'v1'} "
+            "is a folder): evaluate it with the override eval.datasets.0.list_format=frames") in err, err
     # a config.json that is no model config is named before an output folder is made
     (tmp_path / "notmodel").mkdir()
     (tmp_path / "notmodel" / "config.json").write_text('{"format": "mergekit_video/video_clip", "format_version": 1}')
@@ -597,6 +607,13 @@ def test_misspelt_options_and_unwritable_outputs_are_named_before_any_work(tmp_p
     assert "no such option: --lst; did you mean --list?" in capsys.readouterr().err
     assert cli_main(["bench", "train", str(QUICKSTART), "--step", "3"]) == 1
     assert "no such option: --step; did you mean --steps?" in capsys.readouterr().err
+    # before the recipe, where it was read as the recipe's path ("recipe --overwrit does not exist")
+    for args, said in ((["run", "--overwrit", str(QUICKSTART)], "error: no such option: --overwrit; did you mean --overwrite? (options: --help, --overwrite)"),
+                       (["run", "-h", str(QUICKSTART)], "error: no such option: -h; did you mean --help?"),
+                       (["eval", "--lsit", "x.txt", str(tmp_path)], "error: no such option: --lsit; did you mean --list?"),
+                       (["bench", "train", "--stps", "3", str(QUICKSTART)], "error: no such option: --stps; did you mean --steps?")):
+        assert cli_main(args) == 1
+        assert capsys.readouterr().err.startswith(said), args
     assert not out.exists()
     zero_shot = QUICKSTART.parent / "zeroshot_ucf101.yaml"
     assert cli_main(["bench", "train", str(zero_shot), "--output", str(tmp_path / "b.json")]) == 1

@@ -90,6 +90,9 @@ def plugin(tmp_path_factory):
         ("~model.tfm", "delete", "model.tfm", None),
         ("+train.new=1", "add", "train.new", 1),
         ("layers.0.dim=8", "set", "layers.0.dim", 8),
+        ("data.root='/tmp/a #1'", "set", "data.root", "/tmp/a #1"),  # quoted: the text, '#' and all
+        ("url=http://x.org/a#b", "set", "url", "http://x.org/a#b"),  # '#' without a space before it is no comment
+        ("a=~", "set", "a", None),
     ],
 )
 def test_parse_override(text, op, key, value):
@@ -107,6 +110,10 @@ def test_parse_override(text, op, key, value):
         ("a..b=1", "not a dotted key"),
         ("a=[1,2", "cannot parse value"),
         ("a=[64, ${b}]", "as YAML (expected ',' or ']', but got '{'); quote an interpolation inside [ ] or { }, e.g. [64, \"${data.num_frames}\"]"),
+        # YAML would silently turn these paths into something else: a comment dropped, a mapping, an anchor's null
+        ("output_dir=/tmp/a #x", "' #' starts a YAML comment, which would drop '#x'; quote the value: \"output_dir='/tmp/a #x'\""),
+        ("output_dir=/tmp/x: y", "YAML reads '/tmp/x: y' as a mapping (write one as {key: value}); quote the value for text: \"output_dir='/tmp/x: y'\""),
+        ("output_dir=&x", "YAML reads '&x' as null (write null for None); quote the value for text: \"output_dir='&x'\""),
     ],
 )
 def test_parse_override_errors(text, needle):
@@ -345,7 +352,8 @@ def test_validate_lists_all_problems_with_key_and_allowed_values(plugin):
     got = {p.path: p.message for p in e.value.problems}
     assert got == {
         "plugins.1": "plugin module 'cfgtest_missing_plugin' could not be imported: "
-        "No module named 'cfgtest_missing_plugin'",
+        "No module named 'cfgtest_missing_plugin' (install its package, or put the folder that holds cfgtest_missing_plugin/ "
+        "or cfgtest_missing_plugin.py on PYTHONPATH: the working directory is not searched by the mergevid command)",
         "output_dir": "is required (every file a run produces is written under this folder)",
         "train.epochs": "expected int, got str ('ten')",
         "train.lr": "must be > 0, got 0.0",
@@ -471,6 +479,27 @@ def test_check_paths_names_missing_files_and_folders(tmp_path):
     assert problems == ["pretrained: weights file not found: vit_b16.pt", f"resume: checkpoint not found: {tmp_path / 'run' / 'checkpoints'}"]
 
 
+
+def test_check_paths_model_kind_wants_a_saved_model_folder(tmp_path):
+    """``path="model"`` (an evaluate recipe's ``checkpoint``): an existing folder that holds no saved
+    model is a problem, and a run folder names its trained model/."""
+    from mergekit_video.config import Field, Section, check_paths
+
+    schema = Section({"checkpoint": Field(str, path="model")})
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "state.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    assert check_paths({"checkpoint": str(tmp_path / "run" / "model")}, schema) == []
+    assert check_paths({"checkpoint": str(tmp_path / "ckpt")}, schema) == []
+    problems = [str(p) for p in check_paths({"checkpoint": str(tmp_path / "run")}, schema)]
+    assert problems == [f"checkpoint: {tmp_path / 'run'} holds a run's outputs, not a saved model: its trained model is {tmp_path / 'run' / 'model'}"]
+    problems = [str(p) for p in check_paths({"checkpoint": str(tmp_path / "other")}, schema)]
+    assert problems == [f"checkpoint: {tmp_path / 'other'} is not a saved model or trainer checkpoint (no config.json or state.json in it)"]
+    problems = [str(p) for p in check_paths({"checkpoint": str(tmp_path / "nope")}, schema)]
+    assert problems == [f"checkpoint: saved model not found: {tmp_path / 'nope'}"]
+
 def test_unknown_argument_of_a_class_passing_kwargs_to_its_base_is_named():
     """The routers take ``**kw`` for their base class: a typo is checked against the whole chain."""
     from mergekit_video.config import ConfigError, instantiate
@@ -502,6 +531,17 @@ def test_validate_explain_lists_every_key_with_its_value_default_and_allowed_val
     line = next(row for row in out.splitlines() if "│ data.batch_size " in row)
     assert [c.strip() for c in line.split("│")[1:5]] == ["data.batch_size", "7", "int", "144"]
     assert "2 entries" in out  # a list of mappings: counted, its keys have rows of their own
+
+    def cells(key):
+        line = next(row for row in out.splitlines() if f"│ {key} " in row)
+        return [c.strip() for c in line.split("│")[1:5]]
+
+    # a section the recipe sets is not shown as its null default; one it leaves out has no values (not its keys' defaults)
+    assert cells("objective.wmr")[:2] == ["objective.wmr", "(set: its keys follow)"] and cells("objective.wmr.beta")[1] == "0.6"
+    assert cli_main(["validate", str(recipe.parent / "mote_vitb16.yaml"), "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert cells("data.synthetic.frames")[1:4] == ["", "int", "32"] and cells("data.few_shot.seed")[1] == ""
+    assert cells("data.batch_size")[1] == "144"
 
 
 def test_one_cross_check_problem_does_not_hide_the_merge_and_router_dry_runs(capsys):

@@ -886,6 +886,21 @@ def _eval_list_with_a_corrupt_video(data: Path, root: Path) -> tuple[Path, Path]
     return root / "odd.txt", bad
 
 
+def test_training_names_its_unreadable_videos_when_it_ends(synthetic_data, tmp_path):
+    """A bad training video was only counted in metrics.jsonl: the run now says how many were met and what became of them."""
+    odd, bad = _eval_list_with_a_corrupt_video(synthetic_data, tmp_path / "trainroot")
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    data = ["~data.synthetic", f"data.root={odd.parent}", f"data.train_list={odd}", f"data.class_csv={synthetic_data / 'classes.csv'}",
+            "data.num_workers=0", "schedule.epochs=1"]
+    from rich.console import Console
+
+    from mergekit_video.runners import run_recipe
+
+    console = Console(record=True, width=300)
+    run_recipe(_load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, *data]), console=console)
+    said = " ".join(console.export_text().split())
+    assert f"1 training video could not be read and was replaced by other videos of the list (data.on_error); the first: {bad};" in said, said
+
 def test_ddp_two_processes_agree_and_count_every_video_once(reference_runs, synthetic_data, tmp_path):
     from mergekit_video.models import load
     from mergekit_video.runners.common import class_features
@@ -1162,6 +1177,92 @@ def test_variants_equal_the_collapsed_models_and_the_ensemble_of_their_logits():
     assert list(res.variants) == ["merged", "logit_ensemble"] and res.variants["logit_ensemble"].top1 == 100.0
 
 
+def test_random_routing_variant_runs_each_video_through_its_own_drawn_experts():
+    """Table 2c "Random routing": each view of each video runs one uniformly drawn expert per layer,
+    drawn from (seed, dataset index): the same whatever the batch size, and shared by TFM off and on."""
+    from mergekit_video.evaluation.evaluator import random_routing_draws
+    from mergekit_video.experts import find_containers, routing_plan
+    from mergekit_video.models import build_video_clip
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=4)
+    with torch.no_grad():
+        for n, p in model.head.named_parameters():
+            if ".experts." in n and p.dim() == 2:
+                p.mul_(25.0)
+    model.head.set_source_class_features(F.normalize(torch.randn(6, 64), dim=-1))
+    model.eval()
+    n_videos, views = 12, 2
+    frames = torch.randn(n_videos, views, 8, 3, 32, 32)
+    cls = F.normalize(torch.randn(10, 64), dim=-1)
+    names = [n for n, _ in find_containers(model.head)]
+    variants = build_variants(model.head, modulation=(False, True), random_routing=True, seed=7)
+    assert [v.name for v in variants] == ["merged", "random_routing", "merged+tfm", "random_routing+tfm"]
+
+    refs = {}
+    drawn = []
+    with torch.no_grad():
+        for tfm, sfx in ((False, ""), (True, "+tfm")):
+            rows = []
+            for i in range(n_videos):
+                draws = random_routing_draws(i, [4, 4], views=views, seed=7)  # [V, L]
+                drawn.append(draws)
+                per_view = []
+                for v in range(views):
+                    with routing_plan(model.head, {name: int(draws[v, l]) for l, name in enumerate(names)}):
+                        per_view.append(model(frames[i:i + 1, v], cls, modulation=tfm).softmax(-1))
+                rows.append(torch.stack(per_view).mean(0))
+            refs["random_routing" + sfx] = torch.cat(rows)
+    assert len({tuple(d.flatten().tolist()) for d in drawn}) > 6  # the videos' draws differ
+    merged = torch.stack([model(frames[:, v], cls).softmax(-1) for v in range(views)]).mean(0)
+    assert (merged.argmax(-1) != refs["random_routing"].argmax(-1)).any()  # not the merged model
+
+    def loader(labels, size):
+        return [{"frames": frames[i:i + size], "label": labels[i:i + size], "index": torch.arange(i, min(i + size, n_videos)), "failed": []}
+                for i in range(0, n_videos, size)]
+
+    for name, ref in refs.items():
+        for size in (4, 5):  # batches of 4 and of 5 (a last batch of 2): the draws follow the videos
+            res = evaluate(model, loader(ref.argmax(-1), size), cls, variants=variants)
+            assert res.variants[name].top1 == 100.0, (name, size)
+    other = evaluate(model, loader(refs["random_routing"].argmax(-1), 4), cls,
+                     variants=build_variants(model.head, modulation=(False,), random_routing=True, seed=8))
+    assert other.variants["random_routing"].top1 < 100.0  # another seed, other draws
+
+def test_random_routing_covers_the_visual_towers_experts_frame_by_frame():
+    """With experts in the CLIP tower, random routing sends every frame of a video through that video's
+    drawn expert of each tower layer (the tower sees [B*V*T] frames) as well as of the head."""
+    from mergekit_video.evaluation.evaluator import random_routing_draws
+    from mergekit_video.experts import find_containers, routing_plan
+    from mergekit_video.models import build_video_clip
+    from mergekit_video.surgery import add_experts
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+    add_experts(model.clip.visual, "transformer.resblocks.*.mlp", 3, init="normal")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".experts." in n and p.dim() == 2:
+                p.mul_(20.0)
+    model.eval()
+    names = [n for n, _ in find_containers(model)]
+    counts = [c.num_experts for _, c in find_containers(model)]
+    assert names[-1].startswith("head.") and counts == [3, 3, 2]
+    frames, cls = torch.randn(6, 1, 4, 3, 32, 32), F.normalize(torch.randn(8, 64), dim=-1)
+    with torch.no_grad():
+        ref = []
+        for i in range(6):
+            draws = random_routing_draws(i, counts, views=1, seed=0)[0]
+            with routing_plan(model, {n: int(d) for n, d in zip(names, draws)}):
+                ref.append(model(frames[i:i + 1, 0], cls).argmax(-1))
+        ref = torch.cat(ref)
+        assert (ref != model(frames[:, 0], cls).argmax(-1)).any()  # the draws matter (not the merged model)
+    variants = build_variants(model.head, modulation=(False,), random_routing=True)
+    for size in (2, 4):
+        batches = [{"frames": frames[i:i + size], "label": ref[i:i + size], "index": torch.arange(i, min(i + size, 6)), "failed": []}
+                   for i in range(0, 6, size)]
+        assert evaluate(model, batches, cls, variants=variants).variants["random_routing"].top1 == 100.0
+
 def test_failed_videos_are_counted_and_skipped(synthetic_data, tmp_path):
     from mergekit_video.data import VideoDataset, build_loader, read_class_names
     from mergekit_video.data.readers import VideoReadError
@@ -1409,7 +1510,11 @@ def test_bench_head_writes_json_and_markdown(tmp_path, capsys):
     assert "| shape | plain train (ms) | MoTE train (ms) | MoTE / plain | two forwards / plain | plain eval (ms) | merged eval (ms) |" in text
     r = res["shapes"]["64x2 head"]
     assert f"| 64x2 head (D=64, L=2) | {r['train_ms']['plain']:.2f} | {r['train_ms']['mote_fused']:.2f} | **{r['train_ratio_mote_vs_plain']:.2f}x** |" in text
-    assert "bench head" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "bench head" in printed
+    # the console shows the same table, one row per line however narrow the (piped) console
+    assert "| shape | plain train (ms) | MoTE train (ms) | MoTE / plain | two forwards / plain | plain eval (ms) | merged eval (ms) |" in printed
+    assert f"| 64x2 head (D=64, L=2) | {r['train_ms']['plain']:.2f} | {r['train_ms']['mote_fused']:.2f} |" in printed
     before = out.read_bytes()
     assert cli_main([*args, "--output", str(out)]) == 1  # results are never replaced silently, and nothing ran
     assert f"{out} exists; pass --overwrite to replace it" in capsys.readouterr().err and out.read_bytes() == before

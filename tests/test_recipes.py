@@ -126,6 +126,8 @@ def _problems(overrides, recipe=QUICKSTART):
 def test_bad_runner_names_allowed_values():
     with pytest.raises(UserError, match=r"key 'runner' must be one of mote, evaluate, compare, got 'motee' \(did you mean 'mote'\?\)"):
         _load_validated(QUICKSTART, ["runner=motee"])
+    with pytest.raises(UserError, match=r"key 'runner' is missing: set it to one of mote, evaluate, compare \(mote trains and evaluates"):
+        _load_validated(QUICKSTART, ["~runner"])  # an empty recipe too: said missing, not "got None"
 
 
 def test_bad_choice_unknown_key_wrong_type_all_listed():

@@ -153,8 +153,16 @@ def test_import_plugins_error_and_once(tmp_path, monkeypatch):
     with pytest.raises(ImportError) as err:
         reg_mod.import_plugins(["mkv_no_such_plugin"])
     assert str(err.value).startswith(
-        "plugin module 'mkv_no_such_plugin' could not be imported: "
+        "plugin module 'mkv_no_such_plugin' could not be imported: No module named 'mkv_no_such_plugin' (install its package, "
+        "or put the folder that holds mkv_no_such_plugin/ or mkv_no_such_plugin.py on PYTHONPATH"
     )
+    # a module the plugin imports is missing: its own error, without the PYTHONPATH hint
+    (tmp_path / "mkv_plugin_needing_x.py").write_text("import mkv_not_installed_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError) as err:
+        reg_mod.import_plugins(["mkv_plugin_needing_x"])
+    assert str(err.value) == ("plugin module 'mkv_plugin_needing_x' could not be imported: "
+                              "No module named 'mkv_not_installed_dependency'")
     (tmp_path / "mkv_counting_plugin.py").write_text("import builtins\nbuiltins.MKV_COUNT = getattr(builtins, 'MKV_COUNT', 0) + 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import builtins

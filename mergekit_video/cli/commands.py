@@ -53,17 +53,19 @@ def _run_validated(cfg: dict, *, source: str, overwrite: bool) -> None:
         raise
 
 
-def _checked_overrides(ctx: typer.Context, overrides: list[str] | None) -> list[str]:
+def _checked_overrides(ctx: typer.Context, overrides: list[str] | None, first: Path | None = None) -> list[str]:
     """``overrides`` as given; a misspelt option (``--overwrit``), which the commands that take
-    overrides would read as one, is an error naming the options the command has."""
+    overrides would read as one, is an error naming the options the command has. So is one given
+    before the recipe, where it is read as the recipe's path (``first``) unless a file has that name."""
     import difflib
 
     overrides = list(overrides or [])
-    options = [o for p in ctx.command.params for o in getattr(p, "opts", []) if o.startswith("-")]
-    for text in overrides:
+    options = [o for p in ctx.command.params for o in getattr(p, "opts", []) if o.startswith("-")] + ["--help"]
+    ahead = [str(first)] if first is not None and str(first).startswith("-") and not first.exists() else []
+    for text in ahead + overrides:
         if text.startswith("-"):
             flag = text.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, options, n=2)
+            close = ["--help"] if flag == "-h" else difflib.get_close_matches(flag, options[:-1], n=2)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise UserError(f"no such option: {flag}{hint} (options: {', '.join(sorted(set(options)))})")
     return overrides
@@ -78,6 +80,9 @@ def _validated(cfg: dict, *, source: str) -> dict:
     if runner not in SCHEMAS:
         import difflib
 
+        if "runner" not in cfg:
+            raise UserError(f"{source}: key 'runner' is missing: set it to one of {', '.join(RUNNER_NAMES)} "
+                            "(mote trains and evaluates; evaluate and compare evaluate a saved model)")
         close = difflib.get_close_matches(str(runner), RUNNER_NAMES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UserError(f"{source}: key 'runner' must be one of {', '.join(RUNNER_NAMES)}, got {runner!r}{hint}")
@@ -153,14 +158,19 @@ def _print_recipe_keys(cfg: dict) -> None:
     from ..config.schema import explain_schema
     from ..runners.schema import SCHEMAS
 
-    def value_of(key: str) -> str:
+    def value_of(key: str) -> str | None:
+        """The value's text; "" for a key its section leaves out (the default applies), None where the section itself
+        is absent or the row is a section (its default does not apply to a recipe that has none / sets it)."""
         node: object = cfg
-        for part in key.split("."):
-            if part == "*" or not isinstance(node, dict) or part not in node:
-                return ""
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part == "*" or not isinstance(node, dict):
+                return None
+            if part not in node:
+                return "" if i == len(parts) - 1 else None
             node = node[part]
         if isinstance(node, dict):
-            return ""  # a section: its keys have rows of their own
+            return "(set: its keys follow)"  # a section: its keys have rows of their own
         if isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
             return f"{len(node)} entries ({key}.0, ...)"
         try:
@@ -192,7 +202,10 @@ def _print_recipe_keys(cfg: dict) -> None:
         table.add_column(column, overflow="fold", style="cyan" if column == "key" else None)
     for row in explain_schema(SCHEMAS[cfg["runner"]]):
         default = row["default"] or component_default(row["key"])
-        value = value_of(row["key"]) or (default if default not in ("", "required") else "")
+        value = value_of(row["key"])
+        if value == "":  # left out of a section the recipe has: the default applies
+            value = default if default not in ("", "required") else ""
+        value = value or ""
         table.add_row(*(escape(v) for v in (row["key"], value, row["type"], default, row["allowed"], row["doc"])))
     _console().print(table)
 
@@ -210,7 +223,7 @@ def run_cmd(
 
     Multi-GPU: torchrun --nproc_per_node=8 -m mergekit_video run RECIPE
     """
-    cfg = _load_validated(recipe, _checked_overrides(ctx, overrides))
+    cfg = _load_validated(recipe, _checked_overrides(ctx, overrides, recipe))
     _refuse_recording_over_the_recipe(recipe, cfg)
     _run_validated(cfg, source=str(recipe), overwrite=overwrite)
 
@@ -306,7 +319,7 @@ def eval_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an output folder holding other results: DELETES them first."),
 ) -> None:
     """Evaluate a model: with a recipe, or a model directory plus --list/--classes."""
-    overrides = _checked_overrides(ctx, overrides)
+    overrides = _checked_overrides(ctx, overrides, target)
     if target.suffix in (".yaml", ".yml"):
         _refuse_model_options_with_a_recipe(ctx, target)
         cfg = _load_validated(target, overrides or [])
@@ -388,6 +401,12 @@ def _check_default_root(list_file: Path, list_format: str = "video") -> None:
         return
     folder = list_file.resolve().parent
     if records and not any((folder / r.path).exists() for r in records):
+        head, _, count = records[0].path.rpartition(" ")
+        if list_format == "video" and count.isdigit() and (folder / head).is_dir():  # 'folder num_frames label' read as a video path
+            raise UserError(
+                f"{list_file} looks like a frame-folder list ('folder num_frames label': {folder / head} is a folder): "
+                "evaluate it with the override eval.datasets.0.list_format=frames"
+            )
         raise UserError(
             f"--root not given, so the paths of {list_file} are read relative to its folder {folder}, where its "
             f"first entries do not exist (first: {folder / records[0].path}): pass --root FOLDER, the folder its paths are relative to"
@@ -498,9 +517,14 @@ def export_cmd(
             parsed = None
         if parsed is None or parsed.op != "set" or len(parsed.keys) != 1:
             raise UserError(f"--merge-arg {text!r}: expected KEY=VALUE, such as tau=0.6")
+        if parsed.key in merge_kwargs:
+            raise UserError(f"--merge-arg {text!r}: {parsed.key} is given twice")
         merge_kwargs[parsed.key] = parsed.value
     if (strategy or merge_kwargs) and not dense:
         raise UserError("--strategy and --merge-arg choose the merge of a --dense export; add --dense")
+    if merge_kwargs and strategy is None and "base" not in merge_kwargs:
+        raise UserError("--merge-arg is an argument of --strategy: name the strategy too, such as "
+                        "--strategy temperature_softmax --merge-arg tau=0.6")
     if strategy is not None:
         from ..merging import requires_base
         from ..registry import MERGES
@@ -512,6 +536,13 @@ def export_cmd(
     if "base" in merge_kwargs:
         raise UserError("--merge-arg base: the experts of a MoTE model have no base model to merge relative to "
                         "(each is trained from its own init); use --strategy mean, weighted or temperature_softmax")
+    if strategy is not None:  # the arguments, before the model is read
+        from ..merging import check_merge_arguments
+
+        try:
+            check_merge_arguments(strategy, merge_kwargs, hidden=("base",))
+        except ValueError as exc:
+            raise UserError(f"--merge-arg: {exc}") from None
     refuse_replacing_input(output, checkpoint)
     refuse_existing_output(output, overwrite, folder=True)  # before the model is read
     _refuse_replacing_a_non_model_folder(output)
@@ -557,7 +588,7 @@ def bench_head_cmd(
     res = bench_head(device=device, steps=steps, warmup=warmup, batch_size=batch_size, frames=frames, shapes=shapes)
     atomic_write_json(output, res, overwrite=overwrite)
     md = render_head_markdown(res)
-    _console().print(md)
+    _console().print(md, markup=False, highlight=False, soft_wrap=True)  # a markdown table: never wrapped
     if markdown:
         with open(markdown, "a", encoding="utf-8") as f:
             f.write("\n" + md + "\n")
@@ -580,9 +611,9 @@ def bench_train_cmd(
     from ..utils.io import atomic_write_json
 
     refuse_existing_output(output, overwrite)
-    cfg = _load_validated(recipe, _checked_overrides(ctx, overrides))
+    cfg = _load_validated(recipe, _checked_overrides(ctx, overrides, recipe))
     if cfg["runner"] != "mote":
         raise UserError(f"{recipe} has runner {cfg['runner']!r}; mergevid bench train times the training step of a mote recipe")
     res = bench_train(cfg, steps=steps, warmup=warmup, batch_size=batch_size, baseline=baseline)
     atomic_write_json(output, res, overwrite=overwrite)
-    _console().print(render_train_markdown(res))
+    _console().print(render_train_markdown(res), markup=False, highlight=False, soft_wrap=True)  # a markdown table: never wrapped

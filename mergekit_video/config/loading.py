@@ -181,8 +181,14 @@ def _parse_value(value_text: str, text: str) -> Any:
     stripped = value_text.strip()
     if stripped == "":
         raise ConfigError(f"override {text!r} has no value; write key=null for None or key='' for an empty string")
+    plain = stripped[0] not in "[{'\""  # not a YAML list, mapping or quoted string
+    quoted = f"\"{text.split('=', 1)[0].strip()}='{stripped}'\""  # YAML quotes inside the shell's
+    comment = re.search(r"\s#", stripped) if plain else None
+    if comment:  # YAML would drop the rest as a comment, silently
+        raise ConfigError(f"override {text!r}: ' #' starts a YAML comment, which would drop "
+                          f"{stripped[comment.start() + 1:]!r}; quote the value: {quoted}")
     try:
-        return _yaml_load(stripped)
+        value = _yaml_load(stripped)
     except (yaml.YAMLError, ConfigError) as exc:
         if stripped[0] in "[{'\"":
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -190,6 +196,11 @@ def _parse_value(value_text: str, text: str) -> Any:
                     if "${" in stripped else "")
             raise ConfigError(f"override {text!r}: cannot parse value {stripped!r} as YAML ({problem}){hint}") from None
         return stripped  # e.g. "a=@weird": keep the text as a string
+    if plain and (isinstance(value, dict) or (value is None and stripped not in ("null", "Null", "NULL", "~"))):
+        # "x: y" read as a mapping, "&x" as an anchor of nothing: a path or name meant as text
+        got = "a mapping (write one as {key: value})" if isinstance(value, dict) else "null (write null for None)"
+        raise ConfigError(f"override {text!r}: YAML reads {stripped!r} as {got}; quote the value for text: {quoted}")
+    return value
 
 
 def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str | Override]) -> dict[str, Any]:

@@ -52,7 +52,8 @@ class Field:
             :func:`check_paths` checks (not :func:`validate_recipe`: shipped recipes name
             datasets that exist only on the user's machine); ``"weights"`` when it is an
             open_clip tag or a weights file (checked when it looks like a file, see
-            :func:`looks_like_weights_file`); ``"checkpoint"`` when it is ``auto`` or a path.
+            :func:`looks_like_weights_file`); ``"checkpoint"`` when it is ``auto`` or a path;
+            ``"model"`` when it names a saved model or trainer checkpoint folder.
     """
 
     type: Any = None
@@ -400,13 +401,26 @@ def resume_names_a_path(value: str) -> bool:
     return value.strip().lower() not in (*RESUME_FRESH_WORDS, "auto")
 
 
+def holds_saved_model(path: Path) -> bool:
+    """Whether ``path`` is a folder holding a saved model (``config.json``) or trainer checkpoint (``state.json``)."""
+    return (path / "config.json").is_file() or (path / "state.json").is_file()
+
+
+def _not_a_saved_model(value: str, p: Path) -> str:
+    """The problem of an existing path that holds no saved model, naming the run's model/ when it is a run folder."""
+    if (p / "model" / "config.json").is_file():
+        return f"{value} holds a run's outputs, not a saved model: its trained model is {p / 'model'}"
+    return f"{value} is not a saved model or trainer checkpoint (no config.json or state.json in it)"
+
+
 # path kind -> (Path test, message, whether a value is a path at all)
-_PATH_KINDS = {
-    "file": ("is_file", "file not found", lambda v: True),
-    "dir": ("is_dir", "folder not found", lambda v: True),
-    "exists": ("exists", "path not found", lambda v: True),
-    "weights": ("is_file", "weights file not found", looks_like_weights_file),
-    "checkpoint": ("exists", "checkpoint not found", resume_names_a_path),
+_PATH_KINDS: dict[str, tuple[Callable[[Path], bool], str, Callable[[str], bool]]] = {
+    "file": (Path.is_file, "file not found", lambda v: True),
+    "dir": (Path.is_dir, "folder not found", lambda v: True),
+    "exists": (Path.exists, "path not found", lambda v: True),
+    "weights": (Path.is_file, "weights file not found", looks_like_weights_file),
+    "checkpoint": (Path.exists, "checkpoint not found", resume_names_a_path),
+    "model": (holds_saved_model, "saved model not found", lambda v: True),
 }
 
 
@@ -430,8 +444,10 @@ def check_paths(cfg: Mapping[str, Any], schema: Section) -> list[Problem]:
             if spec.path is not None and isinstance(value, str):
                 test, what, is_path = _PATH_KINDS[spec.path]
                 p = Path(value).expanduser()
-                if is_path(value) and not getattr(p, test)():
-                    if spec.path == "file" and p.is_dir():
+                if is_path(value) and not test(p):
+                    if spec.path == "model" and p.exists():
+                        problems.append(Problem(path, _not_a_saved_model(value, p)))
+                    elif spec.path == "file" and p.is_dir():
                         problems.append(Problem(path, f"{value} is a folder; a file is expected here"))
                     elif spec.path == "dir" and p.is_file():
                         problems.append(Problem(path, f"{value} is a file; a folder is expected here"))

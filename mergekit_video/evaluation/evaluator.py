@@ -45,7 +45,10 @@ class Variant:
         name: label in tables and JSON.
         kind: ``merged`` (the model as configured), ``expert``, ``merge`` (another merge
             strategy), ``logit_ensemble`` (per view, the mean of the experts' cosine logits;
-            then the views are reduced as for every variant).
+            then the views are reduced as for every variant), ``random_routing`` (each view of
+            each video runs one uniformly drawn expert per layer, MoTE Table 2c; the draw is
+            seeded by ``seed`` and the video's dataset index, so it does not depend on the batch
+            a video lands in, and the TFM-off and TFM-on variants share it).
         context: ``module -> context manager`` that sets the routing of every expert under
             ``module`` (the head, or the whole model when its visual tower holds experts too);
             None for the default. Variants that share one context object share one encoding.
@@ -53,6 +56,7 @@ class Variant:
         members: for ``logit_ensemble``, the expert variant names averaged.
         report: False for a variant computed only as a member of another (the experts of a
             logit ensemble when each expert alone was not asked for): left out of the results.
+        seed: the ``random_routing`` draws' seed.
     """
 
     name: str
@@ -61,6 +65,7 @@ class Variant:
     modulation: bool = False
     members: tuple[str, ...] = ()
     report: bool = True
+    seed: int = 0
 
 
 def tfm_suffix(modulation: bool) -> str:
@@ -75,8 +80,12 @@ def build_variants(
     merges: Sequence[dict[str, Any]] = (),
     experts: bool = False,
     logit_ensemble: bool = False,
+    random_routing: bool = False,
+    seed: int = 0,
 ) -> list[Variant]:
-    """The standard set: merged (per TFM setting), optional other merges, each expert and their logit ensemble.
+    """The standard set: merged (per TFM setting), optional other merges, each expert and their logit ensemble,
+    and random routing (MoTE Table 2c's three ways of aggregating the experts: random routing, the logit
+    ensemble, merged weights).
 
     ``logit_ensemble`` without ``experts`` runs the experts for the ensemble but leaves them out of the results.
 
@@ -84,7 +93,7 @@ def build_variants(
     The TFM-off and TFM-on variants of one routing share its context.
     """
     n = max((c.num_experts for _, c in find_containers(head)), default=0)
-    if not n and (merges or experts or logit_ensemble):
+    if not n and (merges or experts or logit_ensemble or random_routing):
         log.warning("the model has no experts (a dense export or the plain-FFN baseline): only the model itself is evaluated")
     merge_ctx = [_merge_ctx(spec["name"], {k: v for k, v in spec.items() if k != "name"}) for spec in merges]
     expert_ctx = [_expert_ctx(i) for i in range(n)]
@@ -106,6 +115,8 @@ def build_variants(
                 out.append(Variant(name=names[-1], kind="expert", modulation=mod, context=expert_ctx[i], report=experts))
             if logit_ensemble:
                 out.append(Variant(name=f"logit_ensemble{sfx}", kind="logit_ensemble", modulation=mod, members=tuple(names)))
+        if random_routing:
+            out.append(Variant(name=f"random_routing{sfx}", kind="random_routing", modulation=mod, seed=int(seed)))
     return out
 
 
@@ -221,7 +232,7 @@ def evaluate(
                 frames = frames.unsqueeze(1)
             labels = batch["label"].to(device)
             probs = _variant_scores(model, frames, cls, variants, routed=routed, per_routing=whole_model,
-                                    device=device, precision=precision, view_reduce=view_reduce)
+                                    device=device, precision=precision, view_reduce=view_reduce, indices=batch["index"])
             hits = {name: topk_hits(p, labels, _KS) for name, p in probs.items()}
             for j, idx in enumerate(batch["index"].tolist()):
                 records[idx] = {name: tuple(bool(h[k][j]) for k in _KS) for name, h in hits.items()}
@@ -269,13 +280,16 @@ def _variant_scores(
     device: torch.device,
     precision: str,
     view_reduce: str,
+    indices: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """View-averaged class scores ``[B, C]`` of every variant for frames ``[B, V, T, 3, H, W]``.
 
     The frames are encoded once, or, with ``per_routing`` (experts in the visual tower), once per
-    routing context, under that routing.
+    routing context, under that routing. ``indices`` (``[B]`` dataset indices) seed the
+    ``random_routing`` draws.
     """
     b, v = frames.shape[:2]
+    random_plans: dict[int, Callable[[torch.nn.Module], ContextManager]] = {}  # by seed: one draw per batch
     encoded: dict[Any, torch.Tensor] = {}  # frame features [B*V, T, D] by routing context
     view_logits: dict[str, torch.Tensor] = {}  # [B, V, C] cosine logits, kept for logit ensembles
     probs: dict[str, torch.Tensor] = {}
@@ -284,8 +298,13 @@ def _variant_scores(
             logits = torch.stack([view_logits[m] for m in var.members]).mean(0)  # [B, V, C]
             probs[var.name] = (logits.softmax(-1) if view_reduce == "softmax_mean" else logits).mean(1)
             continue
-        key = var.context if per_routing else None
-        with var.context(routed) if var.context else contextlib.nullcontext():
+        context = var.context
+        if var.kind == "random_routing":
+            if var.seed not in random_plans:
+                random_plans[var.seed] = _random_routing_ctx(routed, indices, views=v, frames=frames.shape[2], seed=var.seed)
+            context = random_plans[var.seed]
+        key = context if per_routing else None
+        with context(routed) if context else contextlib.nullcontext():
             if key not in encoded:
                 with autocast_context(device, precision):
                     encoded[key] = model.encode_frames(frames.flatten(0, 1)).float()  # [B*V, T, D]
@@ -296,6 +315,36 @@ def _variant_scores(
             view_logits[var.name] = logits
         probs[var.name] = (logits.softmax(-1) if view_reduce == "softmax_mean" else logits).mean(1)  # [B, C]
     return probs
+
+
+def random_routing_draws(index: int, num_experts: Sequence[int], *, views: int, seed: int) -> torch.Tensor:
+    """``[views, L]`` experts of one video (dataset ``index``) for random routing: uniform, one per
+    container (``num_experts[l]`` experts each) and view, from a generator seeded by ``seed`` and ``index``."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+    return torch.stack([torch.randint(0, n, (views,), generator=g) for n in num_experts], dim=1)
+
+
+def _random_routing_ctx(routed: torch.nn.Module, indices: torch.Tensor | None, *, views: int, frames: int,
+                        seed: int) -> Callable[[torch.nn.Module], ContextManager]:
+    """The routing context of one batch's random-routing variants: head container l routes row j of
+    ``[B*V, ...]`` (video j // V, view j % V) to that video's drawn expert; a container of the visual
+    tower (``routed`` is the whole model) sees ``[B*V*T, ...]`` frames, each routed as its clip."""
+    from ..experts import routing_plan
+    from ..routers import AssignedRouter
+
+    if indices is None:
+        raise ValueError("random routing needs the batch's dataset indices (batch['index'])")
+    containers = find_containers(routed)
+    counts = [c.num_experts for _, c in containers]
+    draws = torch.stack([random_routing_draws(int(i), counts, views=views, seed=seed) for i in indices.tolist()])  # [B, V, L]
+    whole_model = routed is not getattr(routed, "head", routed)
+    plan = {}
+    for l, (name, c) in enumerate(containers):
+        rows = draws[:, :, l].reshape(-1)  # [B*V]
+        if whole_model and not name.startswith("head."):
+            rows = rows.repeat_interleave(frames)  # [B*V*T]: the visual tower encodes frame by frame
+        plan[name] = AssignedRouter(num_experts=c.num_experts, indices=rows)
+    return lambda module: routing_plan(module, plan)
 
 
 _KS = (1, 5)  # top-1 and top-5 (capped at the class count)

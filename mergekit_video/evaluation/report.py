@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,8 @@ def plot_tradeoff(
             marker = "*" if "merged" in kinds else ("o" if kinds == {"expert"} else "s")
             ax.scatter([x], [y], marker=marker, s=120 if marker == "*" else 45, zorder=3)
         ax.margins(0.12)
-        _place_labels(fig, ax, [(x, y, ", ".join(names)) for (x, y), names in groups.items()])
+        # coincident variants: their names wrapped into lines, so that a long group stays inside the axes
+        _place_labels(fig, ax, [(x, y, textwrap.fill(", ".join(names), width=34)) for (x, y), names in groups.items()])
         ax.set_xlabel(f"{close_set} top-1 (%)")
         ax.set_title(f"{title} ({panel_title})" if len(panels) > 1 else title)
         ax.grid(alpha=0.3)

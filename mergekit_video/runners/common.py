@@ -871,6 +871,8 @@ def run_eval_suite(
         merges=compare.get("merges", []),
         experts=bool(compare.get("experts", False)),
         logit_ensemble=bool(compare.get("logit_ensemble", False)),
+        random_routing=bool(compare.get("random_routing", False)),
+        seed=int(cfg.get("seed") or 0),
     )
     normalize = False  # frames travel as uint8 (4x fewer bytes between processes) and are normalised on the device
     main = dist is None or dist.rank == 0

@@ -157,6 +157,7 @@ COMPARE = Section(
         "merges": Field(list, default=[], doc="[{name: strategy, ...kwargs}] evaluated besides the configured merge", item=_COMPARE_MERGE),
         "experts": Field(bool, default=True, doc="report each expert alone (Figure 3); the logit ensemble runs them either way"),
         "logit_ensemble": Field(bool, default=True, doc="per view, average the experts' logits (Table 2c)"),
+        "random_routing": Field(bool, default=False, doc="each video runs one uniformly drawn expert per layer, seeded by seed (Table 2c)"),
     },
     nullable=True,
 )
@@ -288,7 +289,7 @@ MOTE_SCHEMA = recipe_schema(
 EVALUATE_SCHEMA = recipe_schema(
     {
         **COMMON,
-        "checkpoint": Field(str, nullable=True, path="exists", doc="a saved model / export / trainer checkpoint"),
+        "checkpoint": Field(str, nullable=True, path="model", doc="a saved model / export / trainer checkpoint"),
         "model": Component(nullable=True, doc="or build a model when no checkpoint is given", fields=MODEL_FIELDS),
         "data": Section({
             "synthetic": SYNTHETIC,
