@@ -1116,19 +1116,25 @@ def _collapsed(model, strategy: str, **kw):
     return dense.eval()
 
 
-def test_variants_equal_the_collapsed_models_and_the_ensemble_of_their_logits():
-    """Each variant's predictions are those of an independent dense model: the mean merge, each
-    expert alone, another merge; the logit ensemble averages the experts' logits per view (Table 2c)."""
+def _model_with_distinct_experts():
+    """The tiny CLIP with a 2-layer, 4-expert head whose experts are far apart (their predictions differ), 6 source
+    classes for TFM, in eval mode."""
     from mergekit_video.models import build_video_clip
 
     torch.manual_seed(0)
     model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=4)
-    with torch.no_grad():  # experts far apart, so that their predictions differ
+    with torch.no_grad():
         for n, p in model.head.named_parameters():
             if ".experts." in n and p.dim() == 2:
                 p.mul_(25.0)
     model.head.set_source_class_features(F.normalize(torch.randn(6, 64), dim=-1))
-    model.eval()
+    return model.eval()
+
+
+def test_variants_equal_the_collapsed_models_and_the_ensemble_of_their_logits():
+    """Each variant's predictions are those of an independent dense model: the mean merge, each
+    expert alone, another merge; the logit ensemble averages the experts' logits per view (Table 2c)."""
+    model = _model_with_distinct_experts()
     n_videos, n_classes = 16, 10
     frames = torch.randn(n_videos, 2, 8, 3, 32, 32)  # 2 views per video
     cls = F.normalize(torch.randn(n_classes, 64), dim=-1)
@@ -1182,16 +1188,8 @@ def test_random_routing_variant_runs_each_video_through_its_own_drawn_experts():
     drawn from (seed, dataset index): the same whatever the batch size, and shared by TFM off and on."""
     from mergekit_video.evaluation.evaluator import random_routing_draws
     from mergekit_video.experts import find_containers, routing_plan
-    from mergekit_video.models import build_video_clip
 
-    torch.manual_seed(0)
-    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=4)
-    with torch.no_grad():
-        for n, p in model.head.named_parameters():
-            if ".experts." in n and p.dim() == 2:
-                p.mul_(25.0)
-    model.head.set_source_class_features(F.normalize(torch.randn(6, 64), dim=-1))
-    model.eval()
+    model = _model_with_distinct_experts()
     n_videos, views = 12, 2
     frames = torch.randn(n_videos, views, 8, 3, 32, 32)
     cls = F.normalize(torch.randn(10, 64), dim=-1)
