@@ -91,6 +91,27 @@ def test_normalize_frames_matches_the_clip_formula():
         normalize_frames(torch.zeros(4, 8, 8))
 
 
+def test_normalize_frames_builds_its_constants_once_per_device():
+    """torch.tensor(mean, device=cuda) in every call was a blocking copy: each training step waited for the GPU."""
+    from mergekit_video.data import transforms
+
+    x = torch.randint(0, 256, (1, 2, 3, 4, 4), dtype=torch.uint8)
+    with torch.inference_mode():  # first made under inference mode (an evaluation) ...
+        first = normalize_frames(x)
+    made = dict(transforms._constants)
+    calls = []
+    real = torch.tensor
+    try:
+        torch.tensor = lambda *a, **k: calls.append(a) or real(*a, **k)
+        again = normalize_frames(x)  # ... reused outside it, with no new tensor built
+    finally:
+        torch.tensor = real
+    assert calls == [] and transforms._constants == made and torch.equal(first, again)
+    w = torch.ones(1, requires_grad=True)
+    (normalize_frames(x) * w).sum().backward()  # the cached constants are ordinary tensors
+    assert w.grad is not None
+
+
 def column_coded(t: int, h: int, w: int, axis: int) -> torch.Tensor:
     """[T, H, W, 3] uint8 whose value is the column (axis=1) or row (axis=0) number."""
     ramp = torch.arange(w if axis == 1 else h, dtype=torch.uint8)

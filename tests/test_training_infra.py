@@ -415,8 +415,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         mean = all_reduce_mean({"loss": torch.tensor(1.0 + 2 * rank), "acc": 0.5 + 0.2 * rank})
         obj = broadcast_object({"from": rank, "seed": 1234} if rank == 0 else None)
         barrier()
+        from mergekit_video.training import distributed
+
+        host = [distributed.any_rank(rank == 1), distributed.any_rank(False), distributed.all_reduce_sum_int(3 + rank)]
+        real = distributed.dist.get_backend
+        distributed.dist.get_backend = lambda *a: "nccl"  # as under NCCL: the host scalars go through a gloo group of their own
+        try:
+            group = distributed.host_group()
+            host += [group is not None and group is distributed.host_group(), distributed.any_rank(rank == 0),
+                     distributed.all_reduce_sum_int(10 * (rank + 1))]
+        finally:
+            distributed.dist.get_backend = real
         result = {"info": [info.rank, info.world_size, info.backend, str(info.device)], "mean": mean, "obj": obj,
-                  "main": is_main_process()}
+                  "main": is_main_process(), "host": host}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -435,6 +446,8 @@ def test_two_process_gloo(tmp_path):
     assert r0["mean"] == r1["mean"] == {"acc": pytest.approx(0.6), "loss": 2.0}
     assert r0["obj"] == r1["obj"] == {"from": 0, "seed": 1234}
     assert (r0["main"], r1["main"]) == (True, False)
+    # stop flags and clip counts: host-side collectives (a gloo group of their own under NCCL, made once)
+    assert r0["host"] == r1["host"] == [True, False, 7, True, True, 30]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Test: short-side resize then one centre crop or three crops along the long side.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -32,6 +33,26 @@ def to_tchw(frames: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"expected frames [T,H,W,3] or [T,3,H,W], got shape {tuple(frames.shape)}")
 
 
+_constants: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalization_constants(device: torch.device, dtype: torch.dtype, mean: tuple[float, ...], std: tuple[float, ...],
+                             from_uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(-mean/std, 1/std)`` as ``[3, 1, 1]`` tensors on ``device`` (``1/(255·std)`` for uint8 input), made
+    once per device: building them with ``torch.tensor(..., device=cuda)`` is a blocking copy, which in
+    every training step made the CPU wait for the GPU queue to drain."""
+    key = (device, dtype, mean, std, from_uint8)
+    if key not in _constants:
+        with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
+            m = torch.tensor(mean, dtype=dtype).view(3, 1, 1)
+            s = torch.tensor(std, dtype=dtype).view(3, 1, 1)
+            scale = 1.0 / s
+            if from_uint8:
+                scale = scale / 255.0
+            _constants[key] = ((-m / s).to(device), scale.to(device))
+    return _constants[key]
+
+
 def normalize_frames(
     x: torch.Tensor,
     *,
@@ -47,16 +68,12 @@ def normalize_frames(
     if x.dim() < 3 or x.shape[-3] != 3:
         raise ValueError(f"normalize_frames expects [..., 3, H, W], got shape {tuple(x.shape)}")
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    m = torch.tensor(mean, dtype=compute, device=x.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=compute, device=x.device).view(3, 1, 1)
-    scale = 1.0 / s
-    if x.dtype == torch.uint8:
-        scale = scale / 255.0
+    shift, scale = _normalization_constants(x.device, compute, tuple(mean), tuple(std), x.dtype == torch.uint8)
     # One pass converts dtype and layout (channels-last views become contiguous), one more scales and shifts.
     out = x.to(compute, memory_format=torch.contiguous_format)
     if out.data_ptr() == x.data_ptr():
         out = out.clone()  # never modify the caller's float tensor
-    out = torch.addcmul(-m / s, out, scale, out=out)  # (x/255 - mean) / std
+    out = torch.addcmul(shift, out, scale, out=out)  # (x/255 - mean) / std
     return out.to(dtype) if compute != dtype else out
 
 

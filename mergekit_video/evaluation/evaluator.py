@@ -230,12 +230,14 @@ def evaluate(
                 frames = normalize_frames(frames)
             if frames.dim() == 5:  # [B, T, 3, H, W] → one view
                 frames = frames.unsqueeze(1)
-            labels = batch["label"].to(device)
+            labels = batch["label"].to(device, non_blocking=True)
             probs = _variant_scores(model, frames, cls, variants, routed=routed, per_routing=whole_model,
                                     device=device, precision=precision, view_reduce=view_reduce, indices=batch["index"])
-            hits = {name: topk_hits(p, labels, _KS) for name, p in probs.items()}
+            names = list(probs)
+            # [variants, ks, B] hit flags, read back in one copy (not one sync per flag)
+            flags = torch.stack([torch.stack([h[k] for k in _KS]) for h in (topk_hits(probs[n], labels, _KS) for n in names)]).cpu().tolist()
             for j, idx in enumerate(batch["index"].tolist()):
-                records[idx] = {name: tuple(bool(h[k][j]) for k in _KS) for name, h in hits.items()}
+                records[idx] = {name: tuple(flags[v][i][j] for i in range(len(_KS))) for v, name in enumerate(names)}
             if progress is not None:
                 progress(len(records))
     finally:

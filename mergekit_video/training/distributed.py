@@ -21,11 +21,14 @@ __all__ = [
     "DistInfo",
     "all_gather_object",
     "all_reduce_mean",
+    "all_reduce_sum_int",
+    "any_rank",
     "barrier",
     "broadcast_object",
     "cleanup",
     "get_rank",
     "get_world_size",
+    "host_group",
     "init_distributed",
     "is_distributed",
     "is_main_process",
@@ -161,13 +164,42 @@ def all_reduce_mean(values: Mapping[str, float | int | torch.Tensor]) -> dict[st
     return dict(zip(keys, buf.cpu().tolist()))
 
 
+_host_groups: dict[int, Any] = {}  # id of the default group -> its gloo twin (NCCL runs)
+
+
+def host_group() -> Any:
+    """The process group for host-side scalars (flags, counts): the default group under gloo, else a
+    gloo group made on first use (every rank reaches that use at the same point, as for any collective).
+
+    An all-reduce of a CPU tensor there waits for the other processes but not for the GPU; an NCCL
+    all-reduce read back with ``.item()`` drains the GPU queue, which a per-step check cannot afford.
+    """
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _host_groups:
+        _host_groups[key] = dist.new_group(backend="gloo")
+    return _host_groups[key]
+
+
 def all_reduce_sum_int(value: int) -> int:
-    """The sum of an integer over all processes (itself in a single process); every rank calls it."""
+    """The sum of an integer over all processes (itself in a single process); every rank calls it.
+    A host-side collective (:func:`host_group`): no GPU sync."""
     if not is_distributed():
         return int(value)
-    buf = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=host_group())
     return int(buf.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (itself in a single process); every rank calls it.
+    A host-side collective (:func:`host_group`): no GPU sync."""
+    if not is_distributed():
+        return bool(flag)
+    buf = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(buf.item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -192,4 +224,5 @@ def all_gather_object(obj: Any) -> list[Any]:
 def cleanup() -> None:
     """Leave and destroy the process group, if one is active."""
     if dist.is_available() and dist.is_initialized():
+        _host_groups.clear()  # destroyed with the default group
         dist.destroy_process_group()

@@ -242,6 +242,7 @@ class Trainer:
                 self.step_module,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=unused,
+                gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy in and out each step
             )
 
     # -- checkpoints --------------------------------------------------------------------
@@ -635,14 +636,12 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _stop_requested(self) -> bool:
-        """Whether any rank got a stop signal (one all-reduce per step under DDP)."""
+        """Whether any rank got a stop signal (one host-side all-reduce per step under DDP: no GPU sync)."""
         flag = self._stop_signal is not None
         if self.dist is not None and self.dist.world_size > 1:
-            import torch.distributed as torch_dist
+            from .distributed import any_rank
 
-            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-            torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-            flag = bool(t.item() > 0)
+            flag = any_rank(flag)
         return flag
 
     def _stop_after_step(self, saved: bool) -> None:
