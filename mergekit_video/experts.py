@@ -911,9 +911,21 @@ def routing_plan(
             object.__setattr__(c, "_plan", p)
 
 
+def _plan_parts(plan: Any) -> list[Any]:
+    """The plans a plan is made of: itself, or those of its ``(batch_size, plan)`` segments."""
+    if isinstance(plan, (list, tuple)):
+        return [part for _, p in plan for part in _plan_parts(p)]
+    return [plan]
+
+
 def _check_plan(name: str, c: ExpertContainer) -> None:
-    """An expert index or merge weights that do not fit the container, named now (not deep in its forward)."""
-    plan = c._plan
+    """An expert index, merge weights or a router that do not fit the container, named now (not deep in its
+    forward); the plans of a segment list each."""
+    for plan in _plan_parts(c._plan):
+        _check_one_plan(name, c, plan)
+
+
+def _check_one_plan(name: str, c: ExpertContainer, plan: Any) -> None:
     if isinstance(plan, int) and not isinstance(plan, bool) and not 0 <= plan < c.num_experts:
         raise IndexError(f"expert {plan} does not exist in container {name!r}, which has {c.num_experts} experts (0 to {c.num_experts - 1})")
     if isinstance(plan, torch.Tensor) and plan.shape != (c.num_experts,):
@@ -1055,22 +1067,22 @@ def router_keeps_state(router: nn.Module) -> bool:
     return type(router).get_extra_state is not nn.Module.get_extra_state
 
 
-def _routing_state(c: ExpertContainer) -> tuple[Any, torch.Tensor, Any, torch.Tensor | None]:
+def _routing_state(c: ExpertContainer) -> tuple[Any, torch.Tensor, Any, list[torch.Tensor]]:
     """A container's plan, router generator state, router extra state (a copy; None without any), and
-    the generator state of a router plan (:func:`use_router`; None for other plans)."""
+    the generator states of the routers in its plan (:func:`use_router`, or in its segments)."""
     extra = copy.deepcopy(c.router.get_extra_state()) if router_keeps_state(c.router) else None
-    plan_generator = c._plan.generator.get_state() if isinstance(c._plan, Router) else None
-    return c._plan, c.router.generator.get_state(), extra, plan_generator
+    plan_generators = [p.generator.get_state() for p in _plan_parts(c._plan) if isinstance(p, Router)]
+    return c._plan, c.router.generator.get_state(), extra, plan_generators
 
 
-def _set_routing_state(c: ExpertContainer, state: tuple[Any, torch.Tensor, Any, torch.Tensor | None]) -> None:
-    plan, generator_state, extra, plan_generator = state
+def _set_routing_state(c: ExpertContainer, state: tuple[Any, torch.Tensor, Any, list[torch.Tensor]]) -> None:
+    plan, generator_state, extra, plan_generators = state
     object.__setattr__(c, "_plan", plan)
     c.router.generator.set_state(generator_state)
     if router_keeps_state(c.router):
         c.router.set_extra_state(copy.deepcopy(extra))
-    if plan_generator is not None:
-        plan.generator.set_state(plan_generator)
+    for router, saved in zip((p for p in _plan_parts(plan) if isinstance(p, Router)), plan_generators):
+        router.generator.set_state(saved)
 
 
 _replay = threading.local()  # .depth > 0 while checkpoint_routed recomputes with the recorded routing (in that thread)

@@ -1335,3 +1335,29 @@ def test_use_router_routes_each_sample_with_a_router_of_its_own_in_eval_mode():
         assert torch.allclose(model(two), model[1].experts[1](torch.stack([model[0].experts[2](two[0]), model[0].experts[0](two[1])])))
         with pytest.raises(ValueError, match="assigned routing holds 2 samples' experts but the input has 3 samples"):
             model(x[:3])
+    # a router inside a segment list is checked too (rows routed past the last expert came out as zeros)
+    with pytest.raises(ValueError, match=r"a router for 4 experts cannot route container '0', which has 3"):
+        with routing_plan(model, {"0": [(2, AssignedRouter(num_experts=4, indices=[1, 3])), (2, 0)], "1": 0}):
+            pass
+
+
+def test_checkpoint_routed_replays_a_router_inside_a_segment_plan():
+    """The recomputation drew other experts from a segment's RandomRouter (CheckpointError: other shapes)."""
+    from mergekit_video import add_experts
+    from mergekit_video.routers import RandomRouter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    add_experts(model, ["0", "1"], 3)
+    model.train()
+    x = torch.randn(6, 4)
+
+    def grads(checkpointed):
+        model.zero_grad()
+        plan = [(3, RandomRouter(num_experts=3, granularity="sample", seed=9)), (3, "merged")]
+        with routing_plan(model, plan):
+            y = checkpoint_routed(model, model, x) if checkpointed else model(x)
+        y.pow(2).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    assert torch.allclose(grads(True), grads(False), atol=1e-6)
