@@ -566,6 +566,8 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     err = " ".join(capsys.readouterr().err.split())
     assert (f"error: lists/frames.txt looks like a frame-folder list ('folder num_frames label': {tmp_path / 'lists' / 'frames' / 'v1'} "
             "is a folder): evaluate it with the override eval.datasets.0.list_format=frames") in err, err
+    assert cli_main(["eval", str(a), "--list", "lists/frames.txt", "--classes", "c.csv", "--root", "lists"]) == 1  # with --root too
+    assert "looks like a frame-folder list" in capsys.readouterr().err
     # a config.json that is no model config is named before an output folder is made
     (tmp_path / "notmodel").mkdir()
     (tmp_path / "notmodel" / "config.json").write_text('{"format": "mergekit_video/video_clip", "format_version": 1}')
@@ -611,7 +613,9 @@ def test_misspelt_options_and_unwritable_outputs_are_named_before_any_work(tmp_p
     for args, said in ((["run", "--overwrit", str(QUICKSTART)], "error: no such option: --overwrit; did you mean --overwrite? (options: --help, --overwrite)"),
                        (["run", "-h", str(QUICKSTART)], "error: no such option: -h; did you mean --help?"),
                        (["eval", "--lsit", "x.txt", str(tmp_path)], "error: no such option: --lsit; did you mean --list?"),
-                       (["bench", "train", "--stps", "3", str(QUICKSTART)], "error: no such option: --stps; did you mean --steps?")):
+                       (["bench", "train", "--stps", "3", str(QUICKSTART)], "error: no such option: --stps; did you mean --steps?"),
+                       (["run", str(QUICKSTART), "--", "--overwrite"], "error: --overwrite came after '--', which makes what follows it "
+                                                                        "arguments: put --overwrite before '--'")):
         assert cli_main(args) == 1
         assert capsys.readouterr().err.startswith(said), args
     assert not out.exists()

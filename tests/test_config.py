@@ -93,6 +93,8 @@ def plugin(tmp_path_factory):
         ("data.root='/tmp/a #1'", "set", "data.root", "/tmp/a #1"),  # quoted: the text, '#' and all
         ("url=http://x.org/a#b", "set", "url", "http://x.org/a#b"),  # '#' without a space before it is no comment
         ("a=~", "set", "a", None),
+        ('output_dir="${output_dir}/run #1"', "set", "output_dir", "${output_dir}/run #1"),  # the suggested form
+        ('name="it\'s #1"', "set", "name", "it's #1"),
     ],
 )
 def test_parse_override(text, op, key, value):
@@ -111,9 +113,11 @@ def test_parse_override(text, op, key, value):
         ("a=[1,2", "cannot parse value"),
         ("a=[64, ${b}]", "as YAML (expected ',' or ']', but got '{'); quote an interpolation inside [ ] or { }, e.g. [64, \"${data.num_frames}\"]"),
         # YAML would silently turn these paths into something else: a comment dropped, a mapping, an anchor's null
-        ("output_dir=/tmp/a #x", "' #' starts a YAML comment, which would drop '#x'; quote the value: \"output_dir='/tmp/a #x'\""),
-        ("output_dir=/tmp/x: y", "YAML reads '/tmp/x: y' as a mapping (write one as {key: value}); quote the value for text: \"output_dir='/tmp/x: y'\""),
-        ("output_dir=&x", "YAML reads '&x' as null (write null for None); quote the value for text: \"output_dir='&x'\""),
+        # (the quoted form: YAML double quotes inside shell single quotes, so the shell expands no $ either)
+        ("output_dir=/tmp/a #x", "' #' starts a YAML comment, which would drop '#x'; quote the value: 'output_dir=\"/tmp/a #x\"'"),
+        ("output_dir=/tmp/x: y", "YAML reads '/tmp/x: y' as a mapping (write one as {key: value}); quote the value for text: 'output_dir=\"/tmp/x: y\"'"),
+        ("output_dir=&x", "YAML reads '&x' as null (write null for None); quote the value for text: 'output_dir=\"&x\"'"),
+        ("name=it's #1", "quote the value: 'name=\"it'\"'\"'s #1\"'"),
     ],
 )
 def test_parse_override_errors(text, needle):

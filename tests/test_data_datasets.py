@@ -123,12 +123,19 @@ def test_class_csv_empty_names_and_negative_ids_are_refused_and_repeated_names_w
     with pytest.raises(ValueError) as info:
         read_class_names(csv)
     assert str(info.value) == f"{csv}:2: class id -1 is negative; ids are 0..C-1"
-    csv.write_text("id,name\n0,b\n1,a\n2,b\n3,a\n")
+    csv.write_text("id,name\n0,b\n1,a\n2,B\n3,a\n")  # case and spacing do not tell names apart (CLIP's tokenizer ignores them)
     with caplog.at_level(logging.WARNING, logger="mergekit_video.data.annotations"):
-        assert read_class_names(csv) == ["b", "a", "b", "a"]
+        assert read_class_names(csv) == ["b", "a", "B", "a"]
     assert [r.getMessage() for r in caplog.records] == [
-        f"{csv}: 2 class names are used by more than one class (the first: 'b'): those classes get the same text "
-        "features and cannot be told apart"]
+        f"{csv}: 2 names are shared by several classes (the first: classes 0, 2, 'b' / 'B'): CLIP's tokenizer ignores "
+        "case and spacing, so those classes get the same text features and cannot be told apart"]
+    caplog.clear()
+    csv.write_text("id,name\n0,red  circle\n1,Red Circle\n2,a\n")
+    with caplog.at_level(logging.WARNING, logger="mergekit_video.data.annotations"):
+        read_class_names(csv)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{csv}: 1 name is shared by several classes (the first: classes 0, 1, 'red  circle' / 'Red Circle'): CLIP's tokenizer "
+        "ignores case and spacing, so those classes get the same text features and cannot be told apart"]
 
 
 def test_class_csv_with_more_than_two_header_columns_is_refused(tmp_path):

@@ -65,6 +65,8 @@ def _checked_overrides(ctx: typer.Context, overrides: list[str] | None, first: P
     for text in ahead + overrides:
         if text.startswith("-"):
             flag = text.split("=", 1)[0]
+            if flag in options:  # a known option read as an override: it came after '--'
+                raise UserError(f"{flag} came after '--', which makes what follows it arguments: put {flag} before '--'")
             close = ["--help"] if flag == "-h" else difflib.get_close_matches(flag, options[:-1], n=2)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise UserError(f"no such option: {flag}{hint} (options: {', '.join(sorted(set(options)))})")
@@ -384,22 +386,23 @@ def eval_cmd(
 
         recipe = resolve_interpolations(apply_overrides(recipe, overrides))
         entry = ((recipe.get("eval") or {}).get("datasets") or [{}])[0]
-        if root is None and entry.get("root") == str(list_files[0].parent.resolve()):  # the default, not overridden
-            _check_default_root(list_files[0], entry.get("list_format", "video"))
+        default_root = root is None and entry.get("root") == str(list_files[0].parent.resolve())  # not given nor overridden
+        _check_list_paths(list_files[0], None if default_root else entry.get("root"), entry.get("list_format", "video"))
         cfg = _validated(recipe, source=f"for {target}")
     _run_validated(cfg, source=str(target) if target.suffix in (".yaml", ".yml") else f"for {target}", overwrite=overwrite)
 
 
-def _check_default_root(list_file: Path, list_format: str = "video") -> None:
-    """Without ``--root`` the list's paths are read relative to its own folder: refuse up front, naming
-    ``--root``, when none of its first entries is there (rather than a missing-video error per file)."""
+def _check_list_paths(list_file: Path, root: str | None, list_format: str = "video") -> None:
+    """Refuse up front (rather than with a missing-video error per file) a list none of whose first entries
+    exists: a frame-folder list read as videos names ``list_format=frames``; without a root (``None``: the
+    list's paths are read relative to its own folder) the error names ``--root``."""
     from ..data.annotations import read_annotation_list
 
     try:
         records = read_annotation_list(list_file, list_format)[:5]
     except (OSError, ValueError):  # a malformed list, an unknown format: the evaluation reports it
         return
-    folder = list_file.resolve().parent
+    folder = Path(root).expanduser() if root is not None else list_file.resolve().parent
     if records and not any((folder / r.path).exists() for r in records):
         head, _, count = records[0].path.rpartition(" ")
         if list_format == "video" and count.isdigit() and (folder / head).is_dir():  # 'folder num_frames label' read as a video path
@@ -407,6 +410,8 @@ def _check_default_root(list_file: Path, list_format: str = "video") -> None:
                 f"{list_file} looks like a frame-folder list ('folder num_frames label': {folder / head} is a folder): "
                 "evaluate it with the override eval.datasets.0.list_format=frames"
             )
+        if root is not None:
+            return  # the evaluation names the missing files (and on_error decides)
         raise UserError(
             f"--root not given, so the paths of {list_file} are read relative to its folder {folder}, where its "
             f"first entries do not exist (first: {folder / records[0].path}): pass --root FOLDER, the folder its paths are relative to"

@@ -6,6 +6,7 @@ import copy
 import io
 import os
 import re
+import shlex
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,9 @@ def _parse_value(value_text: str, text: str) -> Any:
     if stripped == "":
         raise ConfigError(f"override {text!r} has no value; write key=null for None or key='' for an empty string")
     plain = stripped[0] not in "[{'\""  # not a YAML list, mapping or quoted string
-    quoted = f"\"{text.split('=', 1)[0].strip()}='{stripped}'\""  # YAML quotes inside the shell's
+    # a YAML double-quoted string inside shell single quotes: '$' is not expanded, nor '#' a comment
+    yaml_quoted = '"' + stripped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    quoted = shlex.quote(f"{text.split('=', 1)[0].strip()}={yaml_quoted}")
     comment = re.search(r"\s#", stripped) if plain else None
     if comment:  # YAML would drop the rest as a comment, silently
         raise ConfigError(f"override {text!r}: ' #' starts a YAML comment, which would drop "

@@ -110,6 +110,11 @@ class ClassNames(list):
     source: Path | None = None
 
 
+def _comparable(name: str) -> str:
+    """A class name as CLIP's tokenizer sees it: lower case, runs of whitespace as one space."""
+    return " ".join(name.lower().split())
+
+
 def read_class_names(csv_path: str | os.PathLike) -> list[str]:
     """Class names from a CSV ``id,name`` with a two-column header (any names, such as ``idx,label``; more columns are
     refused); ids must be exactly ``0..C-1`` (any order).
@@ -147,17 +152,23 @@ def read_class_names(csv_path: str | os.PathLike) -> list[str]:
         name = ",".join(row[1:]).strip()
         if not name:  # its prompts would be the templates alone ("a photo of .")
             raise ValueError(f"{path}:{lineno}: class {cid} has an empty name")
-        first_line.setdefault(name, lineno)
+        first_line.setdefault(_comparable(name), lineno)
         names[cid] = name
     if not names:
         raise ValueError(f"{path}: no classes")
     missing = sorted(set(range(len(names))) - names.keys())
     if missing:
         raise ValueError(f"{path}: class ids must be 0..{len(names) - 1}; missing {missing[:10]}")
-    repeated = sorted((n for n, k in collections.Counter(names.values()).items() if k > 1), key=first_line.get)
+    by_text = collections.defaultdict(list)  # comparable name -> class ids
+    for cid in sorted(names):
+        by_text[_comparable(names[cid])].append(cid)
+    repeated = sorted((ids for key, ids in by_text.items() if len(ids) > 1), key=lambda ids: first_line[_comparable(names[ids[0]])])
     if repeated:  # one text feature for several classes: a classifier cannot tell them apart
-        log.warning("%s: %d class names are used by more than one class (the first: %r): those classes get the same "
-                    "text features and cannot be told apart", path, len(repeated), repeated[0])
+        ids = repeated[0]
+        log.warning("%s: %d name%s shared by several classes (the first: classes %s, %s): CLIP's tokenizer ignores "
+                    "case and spacing, so those classes get the same text features and cannot be told apart",
+                    path, len(repeated), " is" if len(repeated) == 1 else "s are", ", ".join(map(str, ids)),
+                    " / ".join(repr(names[i]) for i in ids))
     out = ClassNames(names[i] for i in range(len(names)))
     out.source = path
     return out
