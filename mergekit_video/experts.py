@@ -196,6 +196,16 @@ def _all_equal(tensors: Sequence[torch.Tensor]) -> bool:
         return False
 
 
+def _convex_buffer_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Weights for floating buffers (running statistics): ``weights`` normalised to sum 1 when none is negative,
+    else the mean. Negative or unnormalised weights (``weighted`` with ``normalize=False``) would make a running
+    variance negative or scale it."""
+    total = weights.sum()
+    if bool((weights >= 0).all()) and float(total) > 0:
+        return weights if abs(float(total) - 1.0) < 1e-9 else weights / total
+    return torch.full_like(weights, 1.0 / weights.numel())
+
+
 def _merge_buffer(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Σ wᵢ·bᵢ, except where every expert holds the same value: there expert 0's."""
     same = torch.ones_like(tensors[0], dtype=torch.bool)
@@ -436,7 +446,8 @@ class ExpertContainer(nn.Module):
         Under a strategy that is not a fixed linear combination (``task_arithmetic``, ``ties``,
         ``dare``, ``slerp``) floating buffers (BatchNorm running statistics) are a convex
         combination (:func:`~mergekit_video.merging.buffer_coefficients`: slerp's (1 − t, t), else
-        the mean): a variance's task vector can make it negative.
+        the mean): a variance's task vector can make it negative. Under a linear one they take its
+        weights normalised, or the mean when a weight is negative.
         """
         if strategy is None:
             strategy, kwargs = self.merge, {**self.merge_kwargs, **kwargs}
@@ -719,7 +730,8 @@ class ExpertContainer(nn.Module):
 
         Floating parameters: Σ wᵢ·θᵢ, one multi-tensor op, differentiable. Floating buffers
         (BatchNorm running statistics, masks): Σ wᵢ·bᵢ as a constant (a buffer that requires
-        grad breaks BatchNorm), except the entries equal in every expert, which keep expert 0's
+        grad breaks BatchNorm) with the weights made convex (:func:`_convex_buffer_weights`: a
+        variance stays a variance), except the entries equal in every expert, which keep expert 0's
         value (a -inf mask stays -inf: 0 · -inf would be NaN). Other tensors are expert 0's;
         buffers among them are copies, so a merged forward in training mode (BatchNorm's
         ``num_batches_tracked``) does not write into expert 0.
@@ -733,7 +745,7 @@ class ExpertContainer(nn.Module):
             out[i] = m
         if buffers:
             with torch.no_grad():
-                w = weights.detach()
+                w = _convex_buffer_weights(weights.detach())
                 for i in buffers:
                     out[i] = _merge_buffer(tensors[i], w) if tensors[i][0].is_floating_point() else tensors[i][0].clone()
         return out

@@ -7,7 +7,10 @@ applies a strategy key by key. Strategies that are a fixed linear combination
 so that callers can merge whole modules with one weighted sum and differentiate through it.
 
 The task-arithmetic family (task arithmetic, TIES, DARE) is one configurable class,
-:class:`GeneralizedTaskArithmetic`, as in mergekit.
+:class:`GeneralizedTaskArithmetic`, as in mergekit. It follows the papers where mergekit differs:
+TIES keeps round(density·n) entries (mergekit truncates), an exact sign tie elects no sign
+(mergekit counts it as +), and ``dare(combine="ties")`` takes TIES's disjoint mean (mergekit's
+``dare_ties`` sums the agreeing deltas).
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def weighted_coefficients(n: int, weights: Sequence[float] | Tensor, normalize: 
         raise ValueError(f"weighted merge got {w.numel()} weights for {n} tensors")
     if normalize:
         total = w.sum()
-        if total.abs() < 1e-12:
+        if total.abs() <= 1e-12 * w.abs().sum():  # relative: tiny weights of one sign normalise fine
             raise ValueError("weighted merge weights sum to zero and cannot be normalised")
         w = w / total
     return w
@@ -184,7 +187,7 @@ def mean(tensors: Sequence[Tensor], *, base: Tensor | None = None) -> Tensor:
 @MERGES.register("weighted")
 @_linear_strategy(weighted_coefficients)
 def weighted(tensors: Sequence[Tensor], *, base: Tensor | None = None, weights: Sequence[float] | Tensor, normalize: bool = True) -> Tensor:
-    """Linear merge θ = Σ w_i θ_i / Σ w_i with user weights (``weights=[...]``)."""
+    """Linear merge θ = Σ w_i θ_i / Σ w_i with user weights (``weights=[...]``); θ = Σ w_i θ_i with ``normalize=False``."""
 
 
 @MERGES.register("temperature_softmax")
@@ -236,9 +239,10 @@ def _check_ranges(fn: MergeFn, name: str, kwargs: Mapping[str, Any]) -> None:
 def _magnitude_trim(delta: Tensor, density: float) -> Tensor:
     """Keep the top ``density`` fraction of entries of ``delta`` by magnitude (TIES "trim").
 
-    Exactly k = round(density · n) entries are kept (rounding half up, at least one), as mergekit
-    does with ``topk``: entries tied at the threshold (a sign-SGD step, all-equal deltas) do not
-    all survive, so ``density`` holds whatever the values.
+    Exactly k = round(density · n) entries are kept (rounding half up, at least one; mergekit
+    truncates, int(density · n), and refuses k = 0), picked with ``topk`` as mergekit does: entries
+    tied at the threshold (a sign-SGD step, all-equal deltas) do not all survive, so ``density``
+    holds whatever the values.
     """
     if density >= 1.0:
         return delta
@@ -270,8 +274,9 @@ class GeneralizedTaskArithmetic:
     Args:
         sparsification: ``None``, ``"magnitude"`` (TIES trim to ``density``) or
             ``"bernoulli"`` (DARE drop with rate ``drop_rate``, rescale 1/(1−p)).
-        sign_consensus: elect a per-entry sign by the sum of the task vectors and keep
-            only agreeing entries (TIES, Yadav et al. 2023).
+        sign_consensus: elect a per-entry sign, sgn(Σ w_i δ_i), and keep only agreeing entries
+            (TIES, Yadav et al. 2023); an exact tie (Σ = 0) elects no sign and keeps nothing there
+            (mergekit's "sum" method counts a tie as +).
         disjoint_mean: divide by the summed weights of the entries that contributed
             (TIES "disjoint merge") instead of summing.
     """
@@ -349,7 +354,10 @@ def task_arithmetic(tensors: Sequence[Tensor], *, base: Tensor | None = None, la
 
 @MERGES.register("ties")
 def ties(tensors: Sequence[Tensor], *, base: Tensor | None = None, density: float = 0.2, lam: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
-    """TIES: trim task vectors to top ``density`` ∈ (0, 1] by magnitude, elect sign, disjoint mean (Yadav et al. 2023)."""
+    """TIES (Yadav et al. 2023): θ = base + λ · Σ_{i agrees} w_i δ̂_i / Σ_{i agrees} w_i, with δ̂_i the task vector
+    θ_i − base trimmed to its top ``density`` ∈ (0, 1] by magnitude and "agrees" meaning sgn(w_i δ̂_i) equals the
+    elected sign sgn(Σ_j w_j δ̂_j), entry by entry (the disjoint mean; divided by 1 where the agreeing weights
+    cancel)."""
     _check_ranges(ties, "ties", {"density": density})
     return _ties(tensors, base=base, density=density, lam=lam, weights=weights)
 
@@ -366,7 +374,10 @@ def dare(
     seed: int | None = 0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DARE: Bernoulli-drop task vectors with rate p = ``drop_rate`` ∈ [0, 1), rescale by 1/(1−p), then linear or TIES combine (Yu et al. 2024).
+    """DARE (Yu et al. 2024): δ̃_i = m_i ⊙ (θ_i − base) / (1 − p), m_i ~ Bernoulli(1 − p) with p = ``drop_rate`` ∈ [0, 1), then
+    ``combine="linear"``: θ = base + λ · Σ w_i δ̃_i (task arithmetic), or ``combine="ties"``: TIES's sign election and
+    disjoint mean over the δ̃_i, θ = base + λ · Σ_{agrees} w_i δ̃_i / Σ_{agrees} w_i (mergekit's ``dare_ties`` sums them
+    instead).
 
     Seeded: the drop masks come from ``generator`` or else from a generator seeded with ``seed``
     (0 when not given or None), never from torch's global RNG, so merging again (an eval
@@ -529,6 +540,9 @@ def merge_tensors(
     if odd is not None:
         raise ValueError(f"#{odd} is a {type(tensors[odd]).__name__}, not a tensor (only tensors can be merged)")
     _check_same_shape(tensors)  # non-float tensors too
+    if base is not None and (not isinstance(base, Tensor) or base.shape != tensors[0].shape):
+        got = f"has shape {tuple(base.shape)}" if isinstance(base, Tensor) else f"is a {type(base).__name__}"
+        raise ValueError(f"the base {got}, but the tensors have shape {tuple(tensors[0].shape)}")
     for i, t in enumerate(tensors[1:], 1):
         if t.is_floating_point() != tensors[0].is_floating_point():
             raise ValueError(f"dtype {t.dtype} of #{i} and {tensors[0].dtype} of #0: a float and a non-float tensor")
@@ -542,7 +556,7 @@ def merge_tensors(
             raise ValueError(f"non-float tensors differ between #0 and #{differ} and cannot be merged")
         source = "the base" if base is not None else "#0"
         log.warning("non-float tensor %s differs between #0 and #%d; kept %s's value", repr(name) if name else "", differ, source)
-        return (base if base is not None else tensors[0]).clone()
+        return (base.to(tensors[0].dtype) if base is not None else tensors[0]).clone()
     shared = _shared_infinities(tensors, base)
     if shared is None:
         return _checked_result(fn, fn(tensors, base=base, **kwargs), tensors[0])

@@ -771,10 +771,10 @@ def test_buffers_equal_in_every_expert_are_kept_not_combined():
             return x * self.scale
 
     s = ExpertContainer([Scale() for _ in range(3)], "fixed")
-    w, ones = torch.tensor([2.0, 0.0, 0.0]), torch.ones(2)
-    assert torch.equal(s.merged_forward(ones, w), ones)  # equal: expert 0's, not 2 · scale
+    w, ones = torch.tensor([0.5, 0.5, 0.0]), torch.ones(2)
+    assert torch.equal(s.merged_forward(ones, w), ones)  # equal: expert 0's, exactly
     s.experts[1].scale.fill_(3.0)
-    assert torch.equal(s.merged_forward(ones, w), 2 * ones)  # differing: 2·1 + 0·3
+    assert torch.equal(s.merged_forward(ones, w), 2 * ones)  # differing: 0.5·1 + 0.5·3
     s.experts[1].scale.fill_(1.0)
     assert torch.equal(s.merged_forward(ones, w), ones)
     # a dtype or device move lets the buffers from before the move go (the verdicts held them)
@@ -864,6 +864,23 @@ def test_combining_tuple_outputs_is_refused_naming_the_container():
     add_experts(batch, "0", 2, router="random")
     y, h = batch.train()[0](q)  # per-batch routing passes the tuple through
     assert y.shape == (2, 5, 8) and h.shape == (1, 2, 8)
+
+
+def test_running_statistics_stay_a_convex_combination_under_any_linear_weights():
+    """weighted with a negative weight made BatchNorm's running variance negative (NaN outputs); normalize=False doubled it."""
+    def bn(var):
+        m = nn.BatchNorm1d(2)
+        m.running_var.fill_(var)
+        m.running_mean.fill_(var)
+        return m
+
+    c = ExpertContainer([bn(1.0), bn(3.0)], router="fixed")
+    for kwargs, var in (({"weights": [2, -1]}, 2.0), ({"weights": [1, 1], "normalize": False}, 2.0), ({"weights": [3, 1]}, 1.5)):
+        dense = c.collapse("weighted", **kwargs).eval()
+        assert torch.allclose(dense.running_var, torch.full((2,), var)) and torch.allclose(dense.running_mean, torch.full((2,), var)), kwargs
+        assert torch.isfinite(dense(torch.ones(4, 2))).all()
+    neg = c.collapse("weighted", weights=[2, -1])
+    assert torch.allclose(neg.weight, 2 * c.experts[0].weight - c.experts[1].weight)  # the parameters keep the weights as given
 
 
 def test_collapse_batchnorm_experts_with_differing_step_counters():

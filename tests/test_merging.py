@@ -41,6 +41,18 @@ def test_mean_and_weighted_by_hand():
         MERGES.get("weighted")([a, b], weights=[1, 2, 3])
     with pytest.raises(ValueError, match=r"^weighted merge weights sum to zero and cannot be normalised$"):
         MERGES.get("weighted")([a, b], weights=[1, -1])
+    assert close(MERGES.get("weighted")([a, b], weights=[1e-13, 3e-13]), [1.5, 1.0])  # tiny weights of one sign: fine
+
+
+def test_a_base_of_another_shape_or_dtype_is_refused_or_cast():
+    """A base of other shape was ignored by linear strategies and, for a non-float key, returned as is."""
+    ints = [{"n": torch.tensor(3)}, {"n": torch.tensor(5)}]
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'n': the base has shape \(3,\), but the tensors have shape \(\)$"):
+        merge_state_dicts(ints, "task_arithmetic", base={"n": torch.tensor([0, 0, 0])})
+    kept = merge_state_dicts(ints, "task_arithmetic", base={"n": torch.tensor(0.0)})["n"]
+    assert kept.dtype == torch.int64 and kept.item() == 0  # the base's value, in the tensors' dtype
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': the base has shape \(5,\), but the tensors have shape \(2,\)$"):
+        merge_state_dicts([{"w": torch.ones(2)}, {"w": torch.ones(2)}], "mean", base={"w": torch.zeros(5)})
 
 
 def test_temperature_softmax_weights():
@@ -340,7 +352,7 @@ def test_merge_state_dicts_errors():
         merge_state_dicts([{"w": T(1)}, {"w": T(2)}], "task_arithmetic", base={"v": T(0)})
     with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': cannot merge tensors of different shapes: #0 \(1,\) vs #1 \(2,\)$"):
         merge_state_dicts([{"w": T(1)}, {"w": T(1, 2)}])
-    with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': base shape \(2,\) differs from tensor shape \(1,\)$"):
+    with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': the base has shape \(2,\), but the tensors have shape \(1,\)$"):
         merge_state_dicts([{"w": T(1)}, {"w": T(2)}], "ties", base={"w": T(0, 0)})
     with pytest.raises(ValueError, match=r"^cannot merge tensor 'n': non-float tensors differ between #0 and #1 and cannot be merged$"):
         merge_state_dicts([{"n": torch.tensor(1)}, {"n": torch.tensor(2)}], non_float="error")
