@@ -120,7 +120,9 @@ def test_dense_indices_by_hand():
     # 100 frames, 8 frames 4 apart: span 29, last start 71
     assert dense_indices(100, 8, 4, train=False) == [35 + 4 * j for j in range(8)]
     starts = [dense_indices(100, 8, 4, train=False, clip_index=k, num_clips=3)[0] for k in range(3)]
-    assert starts == [0, 36, 71]  # 35.5 rounds half up
+    assert starts == [0, 36, 71]  # 35.5 rounds to the even 36
+    # 62 frames, 8 frames 8 apart: span 57, last start 5; 2.5 rounds to the even 2, as mmaction2's np.round
+    assert [dense_indices(62, 8, 8, train=False, clip_index=k, num_clips=3)[0] for k in range(3)] == [0, 2, 5]
     g = gen(0)
     for _ in range(200):
         idx = dense_indices(100, 8, 4, train=True, generator=g)
