@@ -615,7 +615,8 @@ def test_misspelt_options_and_unwritable_outputs_are_named_before_any_work(tmp_p
                        (["eval", "--lsit", "x.txt", str(tmp_path)], "error: no such option: --lsit; did you mean --list?"),
                        (["bench", "train", "--stps", "3", str(QUICKSTART)], "error: no such option: --stps; did you mean --steps?"),
                        (["run", str(QUICKSTART), "--", "--overwrite"], "error: --overwrite came after '--', which makes what follows it "
-                                                                        "arguments: put --overwrite before '--'")):
+                                                                        "arguments: put --overwrite before '--'"),
+                       (["validate", str(QUICKSTART), "--", "--check-paths"], "error: --check-paths came after '--'")):
         assert cli_main(args) == 1
         assert capsys.readouterr().err.startswith(said), args
     assert not out.exists()

@@ -64,9 +64,14 @@ def test_convert_infers_other_sizes_without_a_matching_open_clip_config():
     ckpt, clip, head = _official_checkpoint(width=128, layers=1, image=48, patch=16, embed=96, t_layers=3, experts=2, classes=5, seed=3)
     model = convert_official(ckpt)
     cfg = model.config["clip"]["model_cfg"]
-    assert cfg["vision_cfg"] == {"image_size": 48, "layers": 1, "width": 128, "patch_size": 16}
+    assert cfg["vision_cfg"] == {"image_size": 48, "layers": 1, "width": 128, "patch_size": 16, "head_width": 64}
     assert model.config["head"]["layers"] == 3 and model.config["head"]["num_experts"] == 2
     _compare(model, clip, head)
+    # a tower narrower than 64 gets one head (width // 64 = 0 heads could not be built)
+    narrow, _, _ = _official_checkpoint(width=48, embed=48, seed=4)
+    model = convert_official(narrow)
+    assert model.config["clip"]["model_cfg"]["vision_cfg"]["head_width"] == 48
+    assert model.clip.visual.transformer.resblocks[0].attn.num_heads == 1
 
 
 def test_convert_rejects_foreign_files(tmp_path):

@@ -123,6 +123,8 @@ def test_dense_indices_by_hand():
     assert starts == [0, 36, 71]  # 35.5 rounds to the even 36
     # 62 frames, 8 frames 8 apart: span 57, last start 5; 2.5 rounds to the even 2, as mmaction2's np.round
     assert [dense_indices(62, 8, 8, train=False, clip_index=k, num_clips=3)[0] for k in range(3)] == [0, 2, 5]
+    # mmaction2's float product: 7 · (29 / 14) = 14.500000000000002 rounds to 15 (7 · 29 / 14 = 14.5 would give 14)
+    assert dense_indices(30, 1, 1, train=False, clip_index=7, num_clips=15) == [15]
     g = gen(0)
     for _ in range(200):
         idx = dense_indices(100, 8, 4, train=True, generator=g)

@@ -120,13 +120,14 @@ def ls_cmd(kind: Optional[str] = typer.Argument(None, help="routers | merges | r
 
 @app.command("validate")
 def validate_cmd(
+    ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     check_paths: bool = typer.Option(False, "--check-paths", help="Also check that the lists, class CSVs, data roots and checkpoint exist."),
     explain: bool = typer.Option(False, "--explain", help="Also list every key the recipe's runner takes: its value here, type, default, allowed values."),
 ) -> None:
     """Validate a recipe (types, allowed values, components, plugins) without running anything heavy."""
-    cfg = _load_validated(recipe, overrides or [])
+    cfg = _load_validated(recipe, _checked_overrides(ctx, overrides, recipe))
     if explain:
         _print_recipe_keys(cfg)
     from ..runners.common import synthetic_replacement_note

@@ -117,7 +117,8 @@ def _comparable(name: str) -> str:
 
 def read_class_names(csv_path: str | os.PathLike) -> list[str]:
     """Class names from a CSV ``id,name`` with a two-column header (any names, such as ``idx,label``; more columns are
-    refused); ids must be exactly ``0..C-1`` (any order).
+    refused); ids must be exactly ``0..C-1`` (any order; a negative or repeated id is refused) and names non-empty.
+    Names that differ only in case or spacing (which CLIP's tokenizer reads alike) are logged as a warning.
 
     Returns a :class:`ClassNames` (a list whose ``source`` is the CSV's path)."""
     path = Path(csv_path)

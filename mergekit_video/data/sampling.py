@@ -100,8 +100,8 @@ def dense_indices(
 
     The clip spans ``(clip_len-1)*stride + 1`` frames. Training draws the start uniformly in
     ``[0, N - span]``; testing with one clip centres it, with ``num_clips`` clips places clip
-    ``clip_index`` at ``round(clip_index * (N - span) / (num_clips - 1))``, rounded half to even as
-    mmaction2's ``SampleFrames`` (first clip at the start, last at the end). Videos shorter than the
+    ``clip_index`` at ``round(clip_index * ((N - span) / (num_clips - 1)))``, computed and rounded (half
+    to even) as mmaction2's ``SampleFrames`` (first clip at the start, last at the end). Videos shorter than the
     span loop.
     """
     _check(num_frames, clip_len, "clip_len")
@@ -116,5 +116,5 @@ def dense_indices(
     elif num_clips == 1:
         start = max_start // 2
     else:
-        start = round(clip_index * max_start / (num_clips - 1))  # half to even, as mmaction2's np.round (a tie is exact in binary)
+        start = round(clip_index * (max_start / (num_clips - 1)))  # mmaction2's float product, rounded half to even as np.round
     return [(start + j * stride) % num_frames for j in range(clip_len)]

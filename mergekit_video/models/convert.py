@@ -354,6 +354,8 @@ def _fallback_clip_config(arch: OfficialArchitecture) -> dict[str, Any]:
     return {
         "embed_dim": arch.embed_dim,
         "quick_gelu": True,
-        "vision_cfg": {"image_size": arch.image_size, "layers": arch.vision_layers, "width": arch.vision_width, "patch_size": arch.patch_size},
+        # heads = width // 64 as OpenAI's CLIP; one head for a tower narrower than 64 (0 heads cannot build)
+        "vision_cfg": {"image_size": arch.image_size, "layers": arch.vision_layers, "width": arch.vision_width, "patch_size": arch.patch_size,
+                       "head_width": min(64, arch.vision_width)},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": arch.embed_dim, "heads": max(1, arch.embed_dim // 64), "layers": 12},
     }

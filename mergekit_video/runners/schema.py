@@ -157,7 +157,7 @@ COMPARE = Section(
         "merges": Field(list, default=[], doc="[{name: strategy, ...kwargs}] evaluated besides the configured merge", item=_COMPARE_MERGE),
         "experts": Field(bool, default=True, doc="report each expert alone (Figure 3); the logit ensemble runs them either way"),
         "logit_ensemble": Field(bool, default=True, doc="per view, average the experts' logits (Table 2c)"),
-        "random_routing": Field(bool, default=False, doc="each video runs one uniformly drawn expert per layer, seeded by seed (Table 2c)"),
+        "random_routing": Field(bool, default=False, doc="each view of each video runs one uniformly drawn expert per layer, seeded by seed and the video's index (Table 2c)"),
     },
     nullable=True,
 )
