@@ -54,7 +54,7 @@ from .merging import (
     merge_tensors,
     requires_base,
 )
-from .routers import Router, RouterOutput, build_router
+from .routers import GRANULARITIES, Router, RouterOutput, build_router, num_groups
 from .utils.warn import warn_user
 
 Plan = Union[str, int, torch.Tensor, Router, Sequence[tuple[int, Any]]]
@@ -776,6 +776,34 @@ class ExpertContainer(nn.Module):
         outs = [self._run(p, part, args, kwargs) for (_, p), part in zip(segments, x.split(sizes, dim=0))]
         return torch.cat(outs, dim=0)
 
+    def _check_routing(self, routing: Any, router: Router, x: torch.Tensor) -> None:
+        """A router's decision that does not fit ``x`` or the experts, named with the router and the container
+        (a plugin router's mistake gave zeros or expert 0's output silently). Shapes always; the index range only
+        for routers outside this package (the built-in ones are in range by construction), without a device sync
+        (asynchronously for indices on the GPU)."""
+        where = f"{self._label()}: {type(router).__name__}"
+        if not isinstance(routing, RouterOutput):
+            raise TypeError(f"{where} returned a {type(routing).__name__}, not a RouterOutput")
+        if routing.granularity not in GRANULARITIES:
+            raise ValueError(f"{where} returned granularity {routing.granularity!r}, not one of {GRANULARITIES}")
+        idx, w = routing.indices, routing.weights
+        groups = num_groups(x, routing.granularity)
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[0] != groups or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"{where} returned indices {got}; per-{routing.granularity} routing of this input needs an "
+                             f"integer tensor [{groups}, k] (one row per {routing.granularity})")
+        if not isinstance(w, torch.Tensor) or w.shape != idx.shape:
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"{where} returned weights {got} for indices {tuple(idx.shape)}; they need the same shape")
+        if idx.numel() == 0 or type(router).__module__ == Router.__module__:
+            return
+        if idx.device.type == "cpu":
+            low, high = int(idx.min()), int(idx.max())
+            if low < 0 or high >= self.num_experts:
+                raise ValueError(f"{where} chose expert {low if low < 0 else high}, but the container has experts 0 to {self.num_experts - 1}")
+        else:
+            torch._assert_async(((idx >= 0) & (idx < self.num_experts)).all(), f"{where} chose an expert outside 0..{self.num_experts - 1}")
+
     def _routed_forward(self, x: torch.Tensor, args: tuple, kwargs: dict, *, router: Router | None = None) -> torch.Tensor:
         router = self.router if router is None else router
         if _recomputed_in_backward() and (getattr(router, "stochastic", True) or router_keeps_state(router)):
@@ -790,6 +818,7 @@ class ExpertContainer(nn.Module):
             routing = router(x)
         except ValueError as err:  # an input the router cannot take (a topk gate of another width)
             raise ValueError(f"{self._label()}: {err}") from err
+        self._check_routing(routing, router, x)
         self.last_routing = routing
         self.aux_losses = routing.aux_losses
         if routing.granularity == "batch":
@@ -1079,22 +1108,30 @@ def router_keeps_state(router: nn.Module) -> bool:
     return type(router).get_extra_state is not nn.Module.get_extra_state
 
 
-def _routing_state(c: ExpertContainer) -> tuple[Any, torch.Tensor, Any, list[torch.Tensor]]:
-    """A container's plan, router generator state, router extra state (a copy; None without any), and
-    the generator states of the routers in its plan (:func:`use_router`, or in its segments)."""
-    extra = copy.deepcopy(c.router.get_extra_state()) if router_keeps_state(c.router) else None
-    plan_generators = [p.generator.get_state() for p in _plan_parts(c._plan) if isinstance(p, Router)]
-    return c._plan, c.router.generator.get_state(), extra, plan_generators
+def _router_state(router: Router) -> tuple[torch.Tensor, Any]:
+    """A router's generator state and extra state (a copy; None without any)."""
+    return router.generator.get_state(), copy.deepcopy(router.get_extra_state()) if router_keeps_state(router) else None
 
 
-def _set_routing_state(c: ExpertContainer, state: tuple[Any, torch.Tensor, Any, list[torch.Tensor]]) -> None:
-    plan, generator_state, extra, plan_generators = state
+def _set_router_state(router: Router, state: tuple[torch.Tensor, Any]) -> None:
+    router.generator.set_state(state[0])
+    if router_keeps_state(router):
+        router.set_extra_state(copy.deepcopy(state[1]))
+
+
+def _routing_state(c: ExpertContainer) -> tuple[Any, tuple[torch.Tensor, Any], list[tuple[torch.Tensor, Any]]]:
+    """A container's plan, its router's state, and the states of the routers in its plan (:func:`use_router`,
+    or in its segments): generator and extra state (:func:`router_keeps_state`), which a recomputation replays."""
+    plan_routers = [_router_state(p) for p in _plan_parts(c._plan) if isinstance(p, Router)]
+    return c._plan, _router_state(c.router), plan_routers
+
+
+def _set_routing_state(c: ExpertContainer, state: tuple[Any, tuple[torch.Tensor, Any], list[tuple[torch.Tensor, Any]]]) -> None:
+    plan, own, plan_routers = state
     object.__setattr__(c, "_plan", plan)
-    c.router.generator.set_state(generator_state)
-    if router_keeps_state(c.router):
-        c.router.set_extra_state(copy.deepcopy(extra))
-    for router, saved in zip((p for p in _plan_parts(plan) if isinstance(p, Router)), plan_generators):
-        router.generator.set_state(saved)
+    _set_router_state(c.router, own)
+    for router, saved in zip((p for p in _plan_parts(plan) if isinstance(p, Router)), plan_routers):
+        _set_router_state(router, saved)
 
 
 _replay = threading.local()  # .depth > 0 while checkpoint_routed recomputes with the recorded routing (in that thread)

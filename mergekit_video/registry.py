@@ -94,9 +94,10 @@ def _describe_failure(exc: BaseException) -> str:
         frames = traceback.extract_tb(exc.__traceback__)
         ours = os.path.dirname(os.path.abspath(__file__))
         # the plugin's own line: the last frame outside this package and importlib (a duplicate name raises in register())
-        theirs = [f for f in frames if not f.filename.startswith(ours) and not f.filename.startswith("<frozen")]
-        frame = (theirs or frames)[-1]
-        where = f" ({frame.filename}:{frame.lineno})"
+        importlib_dir = os.path.dirname(os.path.abspath(importlib.__file__))
+        theirs = [f for f in frames if not f.filename.startswith((ours, "<frozen", importlib_dir))]
+        if theirs:  # a module that is not there at all has no line of its own: none is named
+            where = f" ({theirs[-1].filename}:{theirs[-1].lineno})"
     return f"{type(exc).__name__}: {exc}{where}"
 
 
@@ -233,6 +234,16 @@ class Registry:
                                 f"(accepted arguments: {', '.join(accepted) or 'none'})")
         return factory(**kwargs)
 
+    def owner(self, name: str) -> str | None:
+        """The module whose code registered ``name`` (``__main__`` for a script), or None when it is not registered."""
+        self._ensure_loaded()
+        return self._owners.get(name) if name in self._entries else None
+
+    def names_of(self, obj: Any) -> list[str]:
+        """The names ``obj`` is registered under (a router class, a merge function)."""
+        self._ensure_loaded()
+        return sorted(n for n, o in self._entries.items() if o is obj)
+
     def names(self) -> list[str]:
         """Sorted registered names."""
         self._ensure_loaded()
@@ -266,7 +277,10 @@ def check_merge_signature(name: str, fn: Any) -> None:
     except (TypeError, ValueError):  # no signature to read (a builtin): taken on trust
         return
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if not positional and not any(p.kind is p.VAR_POSITIONAL for p in params):
+    if not positional:
+        star = next((p.name for p in params if p.kind is p.VAR_POSITIONAL), None)
+        if star is not None:  # fn(tensors) would hand it a 1-tuple holding the list
+            raise TypeError(f"merge strategy {name!r} takes *{star}, but the tensors come as one list argument; {contract}")
         raise TypeError(f"merge strategy {name!r} takes no positional argument for the tensors; {contract}")
     # arguments come by keyword (fn(tensors, base=..., **arguments)): only a required positional-only one cannot be given
     required = [p.name for p in positional[1:] if p.default is p.empty and p.kind is p.POSITIONAL_ONLY]

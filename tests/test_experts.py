@@ -1358,6 +1358,76 @@ def test_use_router_routes_each_sample_with_a_router_of_its_own_in_eval_mode():
             pass
 
 
+def test_checkpoint_routed_replays_the_extra_state_of_a_plan_router():
+    """A round-robin router set by a routing plan advanced again in the recomputation: wrong gradients, silently."""
+    from mergekit_video import add_experts
+    from mergekit_video.routers import Router, RouterOutput
+
+    class RoundRobin(Router):
+        stochastic = False
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.step = 0
+
+        def route(self, x):
+            i, self.step = self.step % self.num_experts, self.step + 1
+            return RouterOutput(indices=torch.tensor([[i]]), weights=torch.ones(1, 1), granularity="batch")
+
+        def get_extra_state(self):
+            return {"step": self.step}
+
+        def set_extra_state(self, state):
+            self.step = state["step"]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    add_experts(model, ["0", "1"], 3)
+    model.train()
+    x = torch.randn(6, 4)
+
+    def grads(checkpointed):
+        model.zero_grad()
+        with routing_plan(model, lambda name, c: RoundRobin(num_experts=c.num_experts)):
+            y = checkpoint_routed(model, model, x) if checkpointed else model(x)
+        y.pow(2).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    assert torch.allclose(grads(True), grads(False), atol=1e-6)
+
+
+def test_a_plugin_routers_wrong_decision_is_named():
+    """A router returning too few rows, an expert out of range or flat indices gave zeros, expert 0 or a cryptic error."""
+    from mergekit_video.routers import Router, RouterOutput
+
+    class Bad(Router):
+        def __init__(self, *, mode, **kw):
+            super().__init__(**kw)
+            self.mode = mode
+
+        def route(self, x):
+            g = x.shape[0]
+            return {
+                "few": RouterOutput(indices=torch.zeros(1, 1, dtype=torch.long), weights=torch.ones(1, 1), granularity="sample"),
+                "out": RouterOutput(indices=torch.full((g, 1), 7), weights=torch.ones(g, 1), granularity="sample"),
+                "flat": RouterOutput(indices=torch.zeros(g, dtype=torch.long), weights=torch.ones(g), granularity="sample"),
+                "weights": RouterOutput(indices=torch.zeros(g, 1, dtype=torch.long), weights=torch.ones(g), granularity="sample"),
+                "tensor": torch.zeros(g, 1),
+            }[self.mode]
+
+    said = {
+        "few": (ValueError, r"^expert container: Bad returned indices \(1, 1\) torch.int64; per-sample routing of this input needs an integer tensor \[5, k\]"),
+        "out": (ValueError, r"^expert container: Bad chose expert 7, but the container has experts 0 to 2$"),
+        "flat": (ValueError, r"returned indices \(5,\) torch.int64"),
+        "weights": (ValueError, r"returned weights \(5,\) for indices \(5, 1\); they need the same shape$"),
+        "tensor": (TypeError, r"^expert container: Bad returned a Tensor, not a RouterOutput$"),
+    }
+    for mode, (kind, message) in said.items():
+        c = ExpertContainer([nn.Linear(4, 4) for _ in range(3)], Bad(mode=mode, num_experts=3, granularity="sample")).train()
+        with pytest.raises(kind, match=message):
+            c(torch.randn(5, 4))
+
+
 def test_checkpoint_routed_replays_a_router_inside_a_segment_plan():
     """The recomputation drew other experts from a segment's RandomRouter (CheckpointError: other shapes)."""
     from mergekit_video import add_experts

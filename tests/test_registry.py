@@ -246,6 +246,7 @@ def test_a_merge_that_cannot_be_called_as_a_merge_is_refused_at_registration():
         (lambda tensors: tensors[0], "merge strategy 'mkv_bad' does not accept base="),
         (lambda tensors, base: tensors[0], "merge strategy 'mkv_bad' requires base; give it a default (base=None)"),
         (lambda *, base=None: None, "merge strategy 'mkv_bad' takes no positional argument for the tensors"),
+        (lambda *tensors, base=None: tensors[0], "merge strategy 'mkv_bad' takes *tensors, but the tensors come as one list argument"),
     ]
     for fn, message in cases:
         with pytest.raises(TypeError) as info:

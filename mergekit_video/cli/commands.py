@@ -172,7 +172,7 @@ def _print_recipe_keys(cfg: dict) -> None:
             if part not in node:
                 return "" if i == len(parts) - 1 else None
             node = node[part]
-        if isinstance(node, dict):
+        if isinstance(node, dict) and any(k.startswith(key + ".") for k in row_keys):
             return "(set: its keys follow)"  # a section: its keys have rows of their own
         if isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
             return f"{len(node)} entries ({key}.0, ...)"
@@ -200,10 +200,12 @@ def _print_recipe_keys(cfg: dict) -> None:
         except TypeError:
             return str(param.default)
 
+    rows = explain_schema(SCHEMAS[cfg["runner"]])
+    row_keys = {row["key"] for row in rows}
     table = Table(title=f"keys of the '{cfg['runner']}' runner (value: this recipe, defaults filled in)", header_style="bold")
     for column in ("key", "value", "type", "default", "allowed", "description"):
         table.add_column(column, overflow="fold", style="cyan" if column == "key" else None)
-    for row in explain_schema(SCHEMAS[cfg["runner"]]):
+    for row in rows:
         default = row["default"] or component_default(row["key"])
         value = value_of(row["key"])
         if value == "":  # left out of a section the recipe has: the default applies
@@ -533,9 +535,16 @@ def export_cmd(
                         "--strategy temperature_softmax --merge-arg tau=0.6")
     if strategy is not None:
         from ..merging import requires_base
+        from ..models.checkpoint import read_config
+        from ..models.video_clip import import_model_plugins
         from ..registry import MERGES
         from ..runners.schema import NO_BASE_MESSAGE
 
+        try:  # the plugins the model was saved with may register the strategy
+            config = read_config(checkpoint)
+        except (OSError, ValueError):
+            config = {}  # not a model: the load below says so
+        import_model_plugins(config, source=str(checkpoint))
         MERGES.get(strategy)  # an unknown name: the registry's error, with the close matches
         if requires_base(strategy):
             raise UserError(f"--strategy {strategy}: {strategy!r} {NO_BASE_MESSAGE}")

@@ -140,13 +140,19 @@ def _accepted_arguments(fn: Any, sig: inspect.Signature) -> list[str] | None:
     return None
 
 
-def check_call(fn: Any, kwargs: Iterable[str], *, path: str, allow_missing: Iterable[str] | bool = ()) -> list[str]:
-    """Messages for unknown / missing keyword arguments of ``fn`` (empty when fine or unknowable)."""
+def check_call(fn: Any, kwargs: Iterable[str], *, path: str, allow_missing: Iterable[str] | bool = (),
+               hidden: Iterable[str] = ()) -> list[str]:
+    """Messages for unknown / missing keyword arguments of ``fn`` (empty when fine or unknowable).
+    ``hidden`` names parameters the caller supplies itself (a merge's ``tensors``): not accepted from
+    the recipe, not listed as allowed, not missing."""
     sig = _signature(fn)
     if sig is None:
         return []
-    params = sig.parameters
+    hidden = set(hidden)
+    params = {n: p for n, p in sig.parameters.items() if n not in hidden}
     accepted = _accepted_arguments(fn, sig)
+    if accepted is not None:
+        accepted = [n for n in accepted if n not in hidden]
     unknown = [] if accepted is None else [k for k in kwargs if k not in accepted]
     msgs = []
     name = _target_name(fn)

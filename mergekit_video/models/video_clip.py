@@ -47,7 +47,7 @@ class VideoCLIP(nn.Module):
     def config(self) -> dict[str, Any]:
         """The config that rebuilds this model; its ``head`` part is always the live head's.
 
-        ``plugins`` lists the modules outside mergekit_video that define a router or merge strategy
+        ``plugins`` lists the modules outside mergekit_video that register a router or merge strategy
         of the model's experts (imported again when the model is loaded).
         """
         config = {**self._config, "head": dict(self.head.config)}
@@ -190,20 +190,32 @@ def model_config_dict(clip_cfg: dict[str, Any], hcfg: dict[str, Any], **extra: A
 
 
 def plugin_modules(model: nn.Module) -> list[str]:
-    """The modules outside mergekit_video that define the router or merge strategy of ``model``'s experts.
+    """The modules outside mergekit_video that register the router or merge strategy of ``model``'s experts.
 
     A plugin registers its parts when its module is imported: a saved model lists these modules so
-    that loading it imports them first (the registered names alone would be unknown).
+    that loading it imports them first (the registered names alone would be unknown). The module
+    that registers a part is listed, not the one that defines it (a ``functools.partial``, a class
+    imported from a helper module). A part registered by a script (``__main__``) cannot be imported
+    by a later load: that is a warning (once per place).
     """
     from ..experts import find_containers
-    from ..registry import MERGES
+    from ..registry import MERGES, ROUTERS
 
-    modules = set()
+    modules, from_script = set(), set()
     for _, container in find_containers(model):
-        for part in (type(container.router), MERGES.get(container.merge)):
-            module = getattr(part, "__module__", None) or type(part).__module__
-            if module and module != "__main__" and module.split(".")[0] != "mergekit_video":
+        names = [(ROUTERS, n) for n in ROUTERS.names_of(type(container.router))] + [(MERGES, container.merge)]
+        for registry, name in names:
+            module = registry.owner(name)
+            if module == "__main__":
+                from_script.add(f"{registry.kind} {name!r}")
+            elif module and module.split(".")[0] != "mergekit_video":
                 modules.add(module)
+    if from_script:
+        from ..utils.warn import warn_user
+
+        warn_user(f"the model's {' and '.join(sorted(from_script))} {'is' if len(from_script) == 1 else 'are'} registered by "
+                  "the running script (__main__): a later load cannot import it; move the registration into an "
+                  "importable module (a plugin) to save models that use it")
     return sorted(modules)
 
 

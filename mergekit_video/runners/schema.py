@@ -348,7 +348,7 @@ def _compare_merge_arguments(cfg: dict[str, Any]) -> list[Problem]:
         if not isinstance(name, str) or name not in MERGES.names():
             continue  # the schema reports it
         kwargs = [str(k) for k in spec if k != "name"]
-        for msg in check_call(MERGES.get(name), kwargs, path=f"eval.compare.merges.{i}", allow_missing=("tensors", "base")):
+        for msg in check_call(MERGES.get(name), kwargs, path=f"eval.compare.merges.{i}", allow_missing=("base",), hidden=("tensors",)):
             where, _, text = msg.partition(": ")
             problems.append(Problem(where, text))
     return problems
@@ -416,7 +416,8 @@ def _model_problems(cfg: dict[str, Any]) -> list[Problem]:
     if isinstance(n, int) and isinstance(merge, str) and merge in MERGES.names() and isinstance(merge_kwargs, dict):
         from ..config.components import check_call
 
-        named = check_call(MERGES.get(merge), [str(k) for k in merge_kwargs], path="model.merge_kwargs", allow_missing=("tensors", "base"))
+        named = check_call(MERGES.get(merge), [str(k) for k in merge_kwargs], path="model.merge_kwargs", allow_missing=("base",),
+                           hidden=("tensors",))
         found = "; ".join(m.partition(": ")[2] for m in named) or merge_argument_problem(merge, merge_kwargs, n)
         if found:
             problems.append(Problem("model.merge_kwargs" if merge_kwargs else "model.merge", found))
