@@ -972,3 +972,23 @@ def test_an_epoch_that_reads_no_clip_stops_the_run_naming_the_bad_files(tmp_path
     some.variable_batch = True
     some.fit()
     assert some.state.step == 4
+
+
+def test_a_signal_during_the_validation_stops_at_the_epoch_end(tmp_path):
+    """A Ctrl-C during the last epoch's validation was lost (the run finished, evaluated and exited 0); during an
+    earlier one it trained one more step first."""
+    import signal
+
+    from mergekit_video.training.trainer import TrainingInterrupted
+
+    trainer = _tiny_trainer(tmp_path / "ckpt")
+
+    def validate(epoch):
+        trainer._stop_signal = signal.SIGINT  # as the handler sets it
+        return {"top1": 50.0}
+
+    trainer.evaluate_fn, trainer.eval_every_epochs = validate, 1
+    with pytest.raises(TrainingInterrupted, match=r"^stopped by SIGINT after step 4; checkpoint saved in ") as info:
+        trainer.fit()
+    assert info.value.step == 4 and trainer.state.epoch == 1  # the epoch closed: its checkpoint holds the validation
+    assert (tmp_path / "ckpt" / "step_00000004" / "state.json").is_file()

@@ -669,7 +669,7 @@ class Trainer:
         if self.state.batches_in_epoch >= usable:
             # resumed in an epoch whose steps are all done but whose end (validation, checkpoint
             # with metrics) did not run: stopped right after its last step, or validation failed
-            self._close_epoch()
+            self._close_epoch_or_stop()
         while self.state.epoch < self.epochs and self.state.step < self.total_steps:
             from_start, epoch_clips = self.state.batches_in_epoch == 0, 0  # a whole epoch of unreadable videos fails the run
             sampler = getattr(self.loader, "sampler", None)
@@ -737,7 +737,14 @@ class Trainer:
                 if self._saved_step != self.state.step:
                     self.save_checkpoint()
                 break
-            self._close_epoch()
+            self._close_epoch_or_stop()
+
+    def _close_epoch_or_stop(self) -> None:
+        """:meth:`_close_epoch`, then stop (its checkpoint written) if a signal came meanwhile: one during the
+        validation was otherwise read only after the next step, or, in the last epoch, never."""
+        self._close_epoch()
+        if self._stop_requested():
+            self._stop_after_step(saved=True)
 
     def _raise_nothing_read(self) -> None:
         """An epoch (or the run's part of one, up to max_steps) in which no clip of any batch could be read
