@@ -1358,9 +1358,29 @@ def test_use_router_routes_each_sample_with_a_router_of_its_own_in_eval_mode():
             pass
 
 
+def _grads_with_and_without_checkpoint(make_plan):
+    """Gradients of a 2-layer, 3-expert model under the routing plan ``make_plan()`` (made anew for each pass),
+    through checkpoint_routed and without it."""
+    from mergekit_video import add_experts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    add_experts(model, ["0", "1"], 3)
+    model.train()
+    x = torch.randn(6, 4)
+
+    def grads(checkpointed):
+        model.zero_grad()
+        with routing_plan(model, make_plan()):
+            y = checkpoint_routed(model, model, x) if checkpointed else model(x)
+        y.pow(2).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    return grads(True), grads(False)
+
+
 def test_checkpoint_routed_replays_the_extra_state_of_a_plan_router():
     """A round-robin router set by a routing plan advanced again in the recomputation: wrong gradients, silently."""
-    from mergekit_video import add_experts
     from mergekit_video.routers import Router, RouterOutput
 
     class RoundRobin(Router):
@@ -1380,20 +1400,8 @@ def test_checkpoint_routed_replays_the_extra_state_of_a_plan_router():
         def set_extra_state(self, state):
             self.step = state["step"]
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    add_experts(model, ["0", "1"], 3)
-    model.train()
-    x = torch.randn(6, 4)
-
-    def grads(checkpointed):
-        model.zero_grad()
-        with routing_plan(model, lambda name, c: RoundRobin(num_experts=c.num_experts)):
-            y = checkpoint_routed(model, model, x) if checkpointed else model(x)
-        y.pow(2).sum().backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    assert torch.allclose(grads(True), grads(False), atol=1e-6)
+    checkpointed, plain = _grads_with_and_without_checkpoint(lambda: lambda name, c: RoundRobin(num_experts=c.num_experts))
+    assert torch.allclose(checkpointed, plain, atol=1e-6)
 
 
 def test_a_plugin_routers_wrong_decision_is_named():
@@ -1430,21 +1438,8 @@ def test_a_plugin_routers_wrong_decision_is_named():
 
 def test_checkpoint_routed_replays_a_router_inside_a_segment_plan():
     """The recomputation drew other experts from a segment's RandomRouter (CheckpointError: other shapes)."""
-    from mergekit_video import add_experts
     from mergekit_video.routers import RandomRouter
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    add_experts(model, ["0", "1"], 3)
-    model.train()
-    x = torch.randn(6, 4)
-
-    def grads(checkpointed):
-        model.zero_grad()
-        plan = [(3, RandomRouter(num_experts=3, granularity="sample", seed=9)), (3, "merged")]
-        with routing_plan(model, plan):
-            y = checkpoint_routed(model, model, x) if checkpointed else model(x)
-        y.pow(2).sum().backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    assert torch.allclose(grads(True), grads(False), atol=1e-6)
+    checkpointed, plain = _grads_with_and_without_checkpoint(
+        lambda: [(3, RandomRouter(num_experts=3, granularity="sample", seed=9)), (3, "merged")])
+    assert torch.allclose(checkpointed, plain, atol=1e-6)
