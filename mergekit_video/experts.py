@@ -199,11 +199,12 @@ def _all_equal(tensors: Sequence[torch.Tensor]) -> bool:
 def _convex_buffer_weights(weights: torch.Tensor) -> torch.Tensor:
     """Weights for floating buffers (running statistics): ``weights`` normalised to sum 1 when none is negative,
     else the mean. Negative or unnormalised weights (``weighted`` with ``normalize=False``) would make a running
-    variance negative or scale it."""
+    variance negative or scale it. Tensor ops only: no host read of weights on a GPU."""
     total = weights.sum()
-    if bool((weights >= 0).all()) and float(total) > 0:
-        return weights if abs(float(total) - 1.0) < 1e-9 else weights / total
-    return torch.full_like(weights, 1.0 / weights.numel())
+    usable = (weights >= 0).all() & (total > 0)
+    rescale = usable & ((total - 1.0).abs() > 1e-9)  # weights summing to 1 stay as they are (bit-exact)
+    normalised = torch.where(rescale, weights / torch.where(usable, total, torch.ones_like(total)), weights)
+    return torch.where(usable, normalised, torch.full_like(weights, 1.0 / weights.numel()))
 
 
 def _merge_buffer(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
