@@ -326,6 +326,44 @@ def test_load_resume_auto_falls_back_past_an_unreadable_checkpoint(tmp_path, cap
         mgr.load_resume("auto")
 
 
+def test_damaged_bytes_of_the_same_size_are_caught_by_the_recorded_checksums(tmp_path, caplog):
+    """Bytes flipped inside a tensor file (size kept: a bad disk, a botched copy) were loaded silently and training
+    continued from altered weights."""
+    from mergekit_video.training.checkpoint import _MODEL_FILE, _OPTIM_FILE, file_checksum
+
+    mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=5)
+    w = torch.nn.Parameter(torch.zeros(64))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    paths = []
+    for s in (1, 2):
+        w.grad = torch.ones(64)
+        opt.step()
+        paths.append(mgr.save(step=s, epoch=0, model_state={"w": w.detach().clone()}, optimizer=opt))
+    meta = json.loads((paths[-1] / "state.json").read_text())
+    assert meta["checksums"] == {f: file_checksum(paths[-1] / f) for f in (_MODEL_FILE, _OPTIM_FILE)}
+    for name in (_MODEL_FILE, _OPTIM_FILE):
+        target = paths[-1] / name
+        whole = target.read_bytes()
+        damaged = bytearray(whole)
+        damaged[-8] ^= 0xFF  # inside the tensor data: header and size unchanged
+        target.write_bytes(bytes(damaged))
+        assert mgr.unreadable() == []  # the cheap listing checks header and size only
+        with caplog.at_level("WARNING", logger="mergekit_video.training.checkpoint"):
+            path, state = mgr.load_resume("auto")
+        assert path == paths[0] and state.step == 1, name
+        assert f"{target} does not hold the bytes it was saved with" in caplog.text
+        with pytest.raises(ValueError, match=r"does not hold the bytes it was saved with \(checksum crc32:[0-9a-f]{8}, saved crc32:[0-9a-f]{8}\): "
+                                             r"the file is damaged$"):
+            mgr.load(paths[-1])  # an explicit path: refused
+        target.write_bytes(whole)
+        caplog.clear()
+    assert mgr.load_resume("auto")[0] == paths[-1]
+    # a checkpoint saved before checksums were recorded is read unchecked
+    meta.pop("checksums")
+    (paths[-1] / "state.json").write_text(json.dumps(meta))
+    assert mgr.load(paths[-1]).step == 2
+
+
 def test_loading_a_model_from_a_trainer_checkpoint_reads_no_optimizer_state(tmp_path, monkeypatch):
     import mergekit_video.training.checkpoint as tc
     from mergekit_video.models import build_video_clip, load
