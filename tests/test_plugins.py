@@ -426,6 +426,14 @@ def test_a_saved_model_records_its_plugin_and_loading_imports_it(clean_registrie
     assert cli_main(["export", str(tmp_path / "model"), str(tmp_path / "dense"), "--dense", "--strategy", "median"]) == 0
     with torch.no_grad():
         assert torch.allclose(load(tmp_path / "dense")(frames, classes), model.eval()(frames, classes), atol=1e-5)
+    # so does the validation of a recipe that evaluates the model, for eval.compare.merges entries naming them
+    _forget_plugin()
+    ROUTERS._entries.pop("cyclic", None)
+    MERGES._entries.pop("median", None)
+    recipe = tmp_path / "compare.yaml"
+    recipe.write_text(f"runner: compare\noutput_dir: {tmp_path / 'cmp'}\ncheckpoint: {tmp_path / 'model'}\n"
+                      "eval:\n  compare:\n    merges: [{name: median}]\n")
+    assert cli_main(["validate", str(recipe)]) == 0
 
     # without the plugin on the path: what to install, not an unknown name
     _forget_plugin()

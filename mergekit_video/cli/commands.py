@@ -73,6 +73,19 @@ def _checked_overrides(ctx: typer.Context, overrides: list[str] | None, first: P
     return overrides
 
 
+def _import_checkpoint_plugins(path: str) -> None:
+    """Import the plugins a saved model lists before a recipe that evaluates it is validated: its plugin
+    merges and routers (and ``eval.compare.merges`` entries naming them) are then known names."""
+    from ..models.checkpoint import read_config
+    from ..models.video_clip import import_model_plugins
+
+    try:
+        config = read_config(os.path.expanduser(path))
+    except (OSError, ValueError):
+        return  # a missing or foreign path: --check-paths and the run say so
+    import_model_plugins(config, source=path)
+
+
 def _validated(cfg: dict, *, source: str) -> dict:
     """Validate a loaded recipe against its runner's schema and cross-checks; fill defaults."""
     from ..config import ValidationError, validate_recipe, with_defaults
@@ -89,6 +102,8 @@ def _validated(cfg: dict, *, source: str) -> dict:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UserError(f"{source}: key 'runner' must be one of {', '.join(RUNNER_NAMES)}, got {runner!r}{hint}")
     schema = SCHEMAS[runner]
+    if isinstance(cfg.get("checkpoint"), str) and cfg["checkpoint"]:
+        _import_checkpoint_plugins(cfg["checkpoint"])
     validate_recipe(cfg, schema, source=source)
     full = with_defaults(cfg, schema)
     cross = CROSS_CHECKS.get(runner)
