@@ -74,8 +74,8 @@ def _checked_overrides(ctx: typer.Context, overrides: list[str] | None, first: P
 
 
 def _import_checkpoint_plugins(path: str) -> None:
-    """Import the plugins a saved model lists before a recipe that evaluates it is validated: its plugin
-    merges and routers (and ``eval.compare.merges`` entries naming them) are then known names."""
+    """Import the plugins a saved model lists, before its plugin merges and routers are looked up by name (a recipe
+    that evaluates it, with ``eval.compare.merges`` entries naming them; ``export --strategy``)."""
     from ..models.checkpoint import read_config
     from ..models.video_clip import import_model_plugins
 
@@ -550,16 +550,10 @@ def export_cmd(
                         "--strategy temperature_softmax --merge-arg tau=0.6")
     if strategy is not None:
         from ..merging import requires_base
-        from ..models.checkpoint import read_config
-        from ..models.video_clip import import_model_plugins
         from ..registry import MERGES
         from ..runners.schema import NO_BASE_MESSAGE
 
-        try:  # the plugins the model was saved with may register the strategy
-            config = read_config(checkpoint)
-        except (OSError, ValueError):
-            config = {}  # not a model: the load below says so
-        import_model_plugins(config, source=str(checkpoint))
+        _import_checkpoint_plugins(str(checkpoint))  # the plugins the model was saved with may register the strategy
         MERGES.get(strategy)  # an unknown name: the registry's error, with the close matches
         if requires_base(strategy):
             raise UserError(f"--strategy {strategy}: {strategy!r} {NO_BASE_MESSAGE}")
