@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -979,3 +981,21 @@ def test_save_model_refuses_a_merge_relative_to_an_unsaved_base(tmp_path):
     frames = torch.randn(2, 4, 64)
     with torch.no_grad():
         assert torch.equal(model.head.video_features(frames), load(tmp_path / "dense").head.video_features(frames))
+
+
+def test_a_step_folder_renamed_by_hand_is_no_complete_checkpoint(tmp_path, caplog):
+    """latest and prune order checkpoints by folder name and a resume restores state.json's step: a
+    step_N folder that records another step (copied or renamed by hand) is refused, naming both steps,
+    and resume=auto takes the newest consistent one."""
+    mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=3)
+    first = mgr.save(step=1, epoch=0, model_state={"w": torch.ones(2)})
+    second = mgr.save(step=2, epoch=0, model_state={"w": torch.zeros(2)})
+    copied = tmp_path / "ckpt" / "step_00000009"
+    shutil.copytree(first, copied)
+    why = "state.json records step 1, but the folder is named for step 9 (renamed or copied by hand? its name would be step_00000001)"
+    assert mgr.unreadable() == [(copied, why)] and mgr.checkpoints() == [first, second]
+    with caplog.at_level("WARNING", logger="mergekit_video.training.checkpoint"):
+        path, state = mgr.load_resume("auto")
+    assert path == second and state.step == 2 and why in caplog.text
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {copied} is incomplete or not a mergekit_video checkpoint ({why})")):
+        mgr.load(copied)

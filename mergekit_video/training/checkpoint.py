@@ -192,6 +192,11 @@ def _inspect_state_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{_STATE_FILE} is not a mergekit_video checkpoint's"
     if meta.get("complete") is not True:
         return None, f"{_STATE_FILE} does not mark it complete"
+    folder_step, saved_step = _step_of(path), meta.get("step")
+    if folder_step >= 0 and saved_step != folder_step:
+        # a step_N folder renamed or copied by hand: latest and prune go by the name, a resume by state.json
+        hint = f" (renamed or copied by hand? its name would be step_{saved_step:08d})" if isinstance(saved_step, int) else ""
+        return None, f"{_STATE_FILE} records step {saved_step!r}, but the folder is named for step {folder_step}{hint}"
     if not (path / _MODEL_FILE).is_file():
         return None, f"{_MODEL_FILE} is missing"
     missing = _missing_part(meta)
