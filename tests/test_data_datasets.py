@@ -197,7 +197,7 @@ def test_lists_and_class_csvs_that_are_not_utf8_are_named_with_the_failing_line_
     assert [(r.path, r.label) for r in read_annotation_list(lst)] == [("a.mp4", 0), ("b.mp4", 1), ("caf\u00e9.mp4", 2)]
 
 
-def test_frame_folder_dataset_and_short_videos_loop(tmp_path):
+def test_frame_folder_dataset_and_short_videos_repeat_frames_in_order(tmp_path):
     write_frame_folder(tmp_path / "v0", 5)
     write_frame_folder(tmp_path / "v1", 20)
     lst = tmp_path / "frames.txt"
@@ -205,7 +205,7 @@ def test_frame_folder_dataset_and_short_videos_loop(tmp_path):
     ds = VideoDataset(list_file=lst, root=tmp_path, list_format="frames", num_frames=8, train=False, input_size=16, normalize=False)
     assert ds.backend == "frames"
     reader_frames = ds._decode(ds.records[0], torch.Generator())
-    assert frame_ids(reader_frames) == [0, 1, 2, 3, 4, 0, 1, 2]  # 5 frames, T=8: loops
+    assert frame_ids(reader_frames) == [0, 0, 1, 2, 2, 3, 4, 4]  # 5 frames, T=8: floor(5 * (x + 0.5) / 8), in order
     assert frame_ids(ds._decode(ds.records[1], torch.Generator())) == [1, 3, 6, 8, 11, 13, 16, 18]  # segment centres
     assert ds[1]["frames"].shape == (1, 8, 3, 16, 16)
     # the official MoTE test frames: the start of each segment, int(2.5 * x); a short video repeats frames

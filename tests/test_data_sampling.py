@@ -68,11 +68,22 @@ def test_segment_test_frames_are_mmaction2s_and_multi_clip_stays_consistent():
     assert segment_indices(9, 8, train=False) == [0, 1, 2, 3, 5, 6, 7, 8]  # frame 7 is used (was never)
 
 
-def test_short_videos_loop():
-    assert segment_indices(5, 8, train=False) == [0, 1, 2, 3, 4, 0, 1, 2]
-    idx = segment_indices(5, 8, train=True, generator=gen(3))
-    start = idx[0]
-    assert idx == [(start + i) % 5 for i in range(8)]
+def test_short_videos_repeat_frames_in_order_and_dense_clips_loop():
+    """Fewer frames than segments: in order (mmaction2's test frames; looping back would reverse the motion)."""
+    assert segment_indices(5, 8, train=False) == [0, 0, 1, 2, 2, 3, 4, 4]  # floor(5 * (i + 0.5) / 8)
+    assert segment_indices(3, 8, train=False) == _mmaction2_test_frames(3, 8) == [0, 0, 0, 1, 1, 2, 2, 2]
+    counts = np.zeros((8, 5), dtype=np.int64)
+    for seed in range(2000):
+        idx = segment_indices(5, 8, train=True, generator=gen(seed))
+        assert idx == sorted(idx) and len(idx) == 8
+        for i, v in enumerate(idx):  # a frame under the real-valued segment [5i/8, 5(i+1)/8)
+            assert v == int(i * 5 / 8) or v == int((i + 1) * 5 / 8 - 1e-9)
+            counts[i, v] += 1
+    # segment 1 covers [0.625, 1.25): frame 0 with p 0.6, frame 1 with p 0.4 (sd ~22 of 2000)
+    assert abs(counts[1, 0] - 1200) < 110 and counts[1, 0] + counts[1, 1] == 2000
+    assert set(np.flatnonzero(counts.sum(0))) == {0, 1, 2, 3, 4}  # every frame drawn
+    assert segment_indices(5, 8, train=True, generator=gen(3)) == segment_indices(5, 8, train=True, generator=gen(3))
+    assert multi_clip_indices(5, 8, 1) == [segment_indices(5, 8, train=False)]
     assert dense_indices(10, 4, 4, train=False) == [0, 4, 8, 2]  # span 13 > 10 frames: wraps round
 
 
@@ -94,8 +105,8 @@ def test_multi_clip_views_shift_across_the_first_segment_by_hand():
         for x, i in enumerate(v):
             assert x * 300 // 8 <= i < (x + 1) * 300 // 8
     assert len({tuple(v) for v in views}) == 4
-    # short video: views loop from staggered starts
-    assert multi_clip_indices(4, 6, 2) == [[0, 1, 2, 3, 0, 1], [2, 3, 0, 1, 2, 3]]
+    # short video: each view repeats frames in order, from 4/6 * (x + 0.25) and (x + 0.75)
+    assert multi_clip_indices(4, 6, 2) == [[0, 0, 1, 2, 2, 3], [0, 1, 1, 2, 3, 3]]
     # uneven segments (T <= N < 2T): one view is mmaction2's centre frames
     assert multi_clip_indices(4, 3, 1) == [[0, 2, 3]]  # centres 0.67, 2.0, 3.33
     assert multi_clip_indices(9, 8, 2) == [[0, 1, 2, 3, 4, 5, 7, 8], [0, 1, 3, 4, 5, 6, 7, 8]]  # 9/8 * (x + 0.25), (x + 0.75)

@@ -1,7 +1,8 @@
 """Which frames to decode: TSN sparse segments, dense clips, multi-clip test views.
 
-All functions return 0-based frame indices. Videos shorter than the number of frames asked for
-loop (index ``% num_frames``). Training randomness comes only from the ``generator`` passed in,
+All functions return 0-based frame indices. Segment sampling of videos shorter than the number
+of segments repeats frames in order; dense clips longer than the video loop (index ``% num_frames``),
+as mmaction2's do. Training randomness comes only from the ``generator`` passed in,
 so a seeded generator gives the same indices on every run and every worker.
 """
 
@@ -31,14 +32,16 @@ def segment_indices(num_frames: int, num_segments: int, *, train: bool, generato
     computed exactly as ``(2i+1)*N // (2T)`` (TSN / mmaction2 ``SampleFrames`` test mode). When
     ``T < N < 2T`` that frame may be the first of the next integer segment (N=4, T=3: frames
     0, 2, 3): it is the frame under the centre of the real-valued segment ``[i*N/T, (i+1)*N/T)``.
-    With fewer frames than segments the video loops: training starts at a random frame, testing
-    at frame 0.
+    With fewer frames than segments, frames repeat in order (never looping back, which would reverse
+    the motion inside the clip): testing takes the same centres (mmaction2's test frames), training a
+    random point of each real-valued segment, frame ``floor((i + u) * N / T)`` with ``u`` uniform in
+    [0, 1) (as the official MoTE code draws in each of its rounded segments).
     """
     _check(num_frames, num_segments, "num_segments")
     n, t = num_frames, num_segments
-    if n < t:
-        start = _randint(n, generator) if train else 0
-        return [(start + i) % n for i in range(t)]
+    if n < t and train:
+        u = torch.rand(t, generator=generator, dtype=torch.float64)
+        return [min(n - 1, int((i + float(u[i])) * n / t)) for i in range(t)]
     if not train:
         return [(2 * i + 1) * n // (2 * t) for i in range(t)]
     starts = torch.tensor([i * n // t for i in range(t + 1)])
@@ -58,7 +61,7 @@ def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int, *, of
     ``offsets="centre"``: view ``k`` takes frame ``floor(N/T * (x + (k + 0.5)/K))`` in segment
     ``x``: the views shift the start evenly across the first (real-valued) segment, and one view
     (K=1) is the segment centre, identical to ``segment_indices(train=False)`` (mmaction2's test
-    frames). Short videos loop, view ``k`` starting at frame ``k*N//K``.
+    frames). Short videos repeat frames in order.
 
     ``offsets="start"``, the official MoTE test code (``datasets/video.py``): with ``tick = N/T``
     and the view starts ``linspace(0, tick - 1, K)`` truncated to integers, view ``k`` takes frame
@@ -75,15 +78,8 @@ def multi_clip_indices(num_frames: int, num_segments: int, num_clips: int, *, of
         tick = n / t
         starts = np.linspace(0, tick - 1, num=k_total).astype(np.int64).tolist()  # truncated, as linspace(dtype=int) did
         return [[int(start + tick * x) % n for x in range(t)] for start in starts]
-    views = []
-    for k in range(k_total):
-        if n < t:
-            shift = k * n // k_total
-            views.append([(shift + x) % n for x in range(t)])
-        else:
-            # exact integer form of floor(n * (2*K*x + 2*k + 1) / (2*T*K)); < n, increasing in x
-            views.append([n * (2 * k_total * x + 2 * k + 1) // (2 * t * k_total) for x in range(t)])
-    return views
+    # exact integer form of floor(n * (2*K*x + 2*k + 1) / (2*T*K)); < n, non-decreasing in x (increasing when n >= t)
+    return [[n * (2 * k_total * x + 2 * k + 1) // (2 * t * k_total) for x in range(t)] for k in range(k_total)]
 
 
 def dense_indices(
