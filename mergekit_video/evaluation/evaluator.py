@@ -234,10 +234,11 @@ def evaluate(
             probs = _variant_scores(model, frames, cls, variants, routed=routed, per_routing=whole_model,
                                     device=device, precision=precision, view_reduce=view_reduce, indices=batch["index"])
             names = list(probs)
-            # [variants, ks, B] hit flags, read back in one copy (not one sync per flag)
-            flags = torch.stack([torch.stack([h[k] for k in _KS]) for h in (topk_hits(probs[n], labels, _KS) for n in names)]).cpu().tolist()
+            # [variants, ks + 1, B] hit flags and whether the scores are finite, read back in one copy (not one sync per flag)
+            flags = torch.stack([torch.stack([*(h[k] for k in _KS), torch.isfinite(probs[n]).all(dim=-1)])
+                                 for n, h in ((n, topk_hits(probs[n], labels, _KS)) for n in names)]).cpu().tolist()
             for j, idx in enumerate(batch["index"].tolist()):
-                records[idx] = {name: tuple(flags[v][i][j] for i in range(len(_KS))) for v, name in enumerate(names)}
+                records[idx] = {name: tuple(flags[v][i][j] for i in range(len(_KS) + 1)) for v, name in enumerate(names)}
             if progress is not None:
                 progress(len(records))
     finally:
@@ -254,6 +255,7 @@ def evaluate(
                if failed_items else "its video list is empty"),
             failed=failed_paths,
         )
+    _check_finite_scores(model, records, dataset_name)
     results = {}
     for var in variants:
         if not var.report:
@@ -269,6 +271,30 @@ def evaluate(
         views=views,
         seconds=time.perf_counter() - start,
     )
+
+
+class NonFiniteScoresError(ValueError):
+    """A variant scored videos with NaN or infinite class scores: its accuracy would be meaningless."""
+
+
+def _check_finite_scores(model: torch.nn.Module, records: dict[int, dict[str, tuple[bool, ...]]], dataset_name: str | None) -> None:
+    """Raise :class:`NonFiniteScoresError` when a variant's class scores of any video were NaN or infinite
+    (``topk`` ranks NaN arbitrarily, so the accuracy would look plausible), naming the variant and the cause
+    where it is the model's weights."""
+    bad: dict[str, int] = {}
+    for r in records.values():
+        for name, flags in r.items():
+            if not flags[-1]:
+                bad[name] = bad.get(name, 0) + 1
+    if not bad:
+        return
+    label = f"dataset {dataset_name!r}" if dataset_name else "the evaluation"
+    shown = ", ".join(f"{name!r} ({n} of {len(records)} videos)" for name, n in bad.items())
+    weight = next((name for name, t in model.state_dict().items()
+                   if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    cause = (f"the model's {weight!r} holds NaN or infinite values (a diverged or damaged checkpoint?)" if weight is not None
+             else "the weights are finite, so the forward overflowed: evaluate with eval.precision=fp32 (or bf16)")
+    raise NonFiniteScoresError(f"{label}: NaN or infinite class scores from {shown}: {cause}")
 
 
 def _variant_scores(
