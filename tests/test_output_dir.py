@@ -475,7 +475,7 @@ def test_tilde_in_output_dir_is_expanded(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("runner_name, phase, resume, said", [
     ("mote", "evaluate", "auto", "stopped during the final evaluation; the trained model is saved in {out}/model: rerun the same command to evaluate it"),
-    ("evaluate", "evaluate", "auto", "stopped during the evaluation; no results were written: rerun the same command to evaluate again"),
+    ("evaluate", "evaluate", "auto", "stopped during the evaluation; no results.json was written: rerun the same command to evaluate again"),
     ("mote", "train", "auto", "stopped at once (a second signal, or outside a training step); the checkpoints in {out}/checkpoints "
                               "are kept: rerun the same command to resume from the last one"),
     ("mote", "train", None, "stopped at once (a second signal, or outside a training step); the checkpoints in {out}/checkpoints "

@@ -68,7 +68,9 @@ def _interrupted_in(phase: str, cfg: dict[str, Any], out: Any) -> str:
         return (f"stopped during the final evaluation; the trained model is saved in {out / 'model'}: {rerun} "
                 f"to evaluate it (nothing is trained again)")
     if phase == "evaluate":
-        return "stopped during the evaluation; no results were written: rerun the same command to evaluate again"
+        kept = out / "results.partial.json"
+        done = f" (those of the datasets evaluated before are in {kept})" if kept.is_file() else ""
+        return f"stopped during the evaluation; no results.json was written{done}: rerun the same command to evaluate again"
     if phase in ("train", "save") and trains:
         ckpts = out / "checkpoints"
         if ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,11 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
 SYNTHETIC_DATA_KEYS = ("root", "train_list", "val_list", "class_csv", "novel_list", "novel_class_csv")
 
 #: What a run writes under its output_dir besides ``recipe.yaml`` and the synthetic ``data/``.
-RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "model", "model_dense", "results.json", "tradeoff.png", "tensorboard")
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "model", "model_dense", "results.json", "results.partial.json", "tradeoff.png", "tensorboard")
 #: What an evaluation (``evaluate`` / ``compare`` runner) writes in its output_dir, besides ``recipe.yaml``.
-EVAL_OUTPUTS = ("results.json", "tradeoff.png")
+EVAL_OUTPUTS = ("results.json", "results.partial.json", "tradeoff.png")
+#: The results of the datasets evaluated so far, while an evaluation runs (kept when a later one fails).
+PARTIAL_RESULTS = "results.partial.json"
 
 #: Recipe keys that cannot change what a run computes, only how fast it loads data, how often it
 #: logs and how many checkpoints it keeps: a rerun that changes nothing else resumes the earlier
@@ -828,6 +831,27 @@ def eval_num_workers(eval_cfg: dict[str, Any], data_cfg: dict[str, Any] | None) 
     return min(4, os.cpu_count() or 1)
 
 
+def _results_payload(results: Mapping[str, list[Any]]) -> dict[str, Any]:
+    """The per-dataset part of ``results.json``: each split's result, and the count of videos that failed."""
+    return {
+        "datasets": {name: [r.to_dict() for r in rs] for name, rs in results.items()},
+        "failed_videos": sum(r.num_failed for rs in results.values() for r in rs),
+    }
+
+
+@contextlib.contextmanager
+def _partial_results_kept(results: Mapping[str, list[Any]], partial: Path, *, main: bool) -> Iterator[None]:
+    """An evaluation stopped by a failure (a bad video under ``on_error: raise``) or an interrupt says
+    which datasets it had evaluated and where their results are (``partial``)."""
+    try:
+        yield
+    except BaseException:
+        if main and results and partial.is_file():
+            done = ", ".join(r.dataset or name for name, rs in results.items() for r in rs)
+            log.warning("the evaluation stopped after %s; their results are in %s", done, partial)
+        raise
+
+
 def run_eval_suite(
     model: Any,
     *,
@@ -880,7 +904,9 @@ def run_eval_suite(
     # the official test code evaluates α·θ + (1−α)·θ_CLIP (eval.clip_blend; the model is restored after)
     if eval_cfg.get("clip_blend") and clip_blend_base is None:
         clip_blend_base = read_clip_blend_base(model, cfg)
-    with clip_blended_with_pretrained(model, eval_cfg.get("clip_blend"), clip_blend_base):
+    partial = output_dir / PARTIAL_RESULTS
+    with clip_blended_with_pretrained(model, eval_cfg.get("clip_blend"), clip_blend_base), \
+            _partial_results_kept(results, partial, main=main):
         for i, entry in enumerate(entries):
             for k, split in enumerate(entry.splits):
                 loader = build_eval_loader(entry, split, eval_cfg=eval_cfg, data_cfg=data_cfg, normalize=normalize, dist=dist, seed=cfg.get("seed", 0))
@@ -910,6 +936,8 @@ def run_eval_suite(
                     log.warning("%s: %d video%s failed to load and %s skipped: %s", label, res.num_failed,
                                 "s" * (res.num_failed != 1), "were" if res.num_failed != 1 else "was", shown)
                 results.setdefault(entry.name, []).append(res)
+                if main and (k + 1 < len(entry.splits) or i + 1 < len(entries)):  # more to come: keep what is done
+                    write_results(partial, {"complete": False, **_results_payload(results)})
     summary_cfg = eval_cfg.get("summary") or {}
     # absent (zero_shot: also []) picks the datasets by kind; an explicit null turns that score off
     close = summary_cfg["close_set"] if "close_set" in summary_cfg else next((e.name for e in entries if e.kind == "close_set"), None)
@@ -918,13 +946,10 @@ def run_eval_suite(
     else:
         zero = list(summary_cfg.get("zero_shot") or [e.name for e in entries if e.kind == "zero_shot"])
     summary = summarize(results, close_set=close, zero_shot=zero)
-    payload = {
-        "summary": summary,
-        "datasets": {name: [r.to_dict() for r in rs] for name, rs in results.items()},
-        "failed_videos": sum(r.num_failed for rs in results.values() for r in rs),
-    }
+    payload = {"summary": summary, **_results_payload(results)}
     if main:
         write_results(output_dir / "results.json", payload)
+        partial.unlink(missing_ok=True)
         if console is not None:
             console.print(results_table(summary, datasets=list(results), close_set=close, zero_shot=zero, title=title))
         if eval_cfg.get("plot", True) and close and zero:
