@@ -336,6 +336,8 @@ def test_quickstart_recipe_is_offline_and_small():
         (["train.grad_accumulation=7"], "train.grad_accumulation", "7 does not divide data.batch_size=12"),
         (["eval.summary.close_set=novel"], "eval.summary.close_set", "'novel' is a zero_shot dataset"),
         (["eval.summary.zero_shot=[val]"], "eval.summary.zero_shot.0", "'val' is a close_set dataset; HM_ZS is over zero_shot datasets"),
+        (["eval.modulation=[]"], "eval.modulation", "needs at least 1 item, got []"),  # evaluated nothing it was asked for
+        (["eval.modulation=[true, false, true]"], "eval.modulation", "lists True more than once"),
     ],
 )
 def test_values_that_would_fail_in_the_run_are_named_by_validation(overrides, key, said):

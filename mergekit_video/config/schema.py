@@ -54,6 +54,8 @@ class Field:
             open_clip tag or a weights file (checked when it looks like a file, see
             :func:`looks_like_weights_file`); ``"checkpoint"`` when it is ``auto`` or a path;
             ``"model"`` when it names a saved model or trainer checkpoint folder.
+        min_items: a list value needs at least this many elements.
+        distinct: a list value's elements must differ.
     """
 
     type: Any = None
@@ -71,6 +73,8 @@ class Field:
     item: Field | Section | Component | None = None
     items: tuple[Field, ...] | None = None
     path: str | None = None
+    min_items: int | None = None
+    distinct: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,10 @@ def _allowed(spec: Spec) -> str:
         return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
     bounds = []
+    if spec.min_items:
+        bounds.append(f"at least {spec.min_items} item{'s' * (spec.min_items != 1)}")
+    if spec.distinct:
+        bounds.append("distinct items")
     if spec.min is not None:
         bounds.append(f"{'>' if spec.exclusive_min else '>='} {number(spec.min)}")
     if spec.max is not None:
@@ -286,6 +294,12 @@ class _Validator:
                 self.add(path, f"must be {'>' if spec.exclusive_min else '>='} {spec.min}, got {value!r}")
             if spec.max is not None and (value > spec.max or (spec.exclusive_max and value == spec.max)):
                 self.add(path, f"must be {'<' if spec.exclusive_max else '<='} {spec.max}, got {value!r}")
+        if isinstance(value, list) and spec.min_items is not None and len(value) < spec.min_items:
+            self.add(path, f"needs at least {spec.min_items} item{'s' * (spec.min_items != 1)}, got {value!r}")
+        if isinstance(value, list) and spec.distinct:
+            repeated = [v for i, v in enumerate(value) if v in value[:i]]
+            if repeated:
+                self.add(path, f"lists {repeated[0]!r} more than once ({value!r}); each item once")
         if spec.item is not None and isinstance(value, list):
             for i, v in enumerate(value):
                 self.check(v, spec.item, join_key(path, i))

@@ -197,7 +197,8 @@ EVAL = Section(
             str, default="centre", choices=("centre", "start"),
             doc="where test views sit in their segments: centre (TSN) or start (the official MoTE test code); validation too",
         ),
-        "modulation": Field(list, default=[False, True], item=Field(bool), doc="TFM settings to evaluate"),
+        "modulation": Field(list, default=[False, True], item=Field(bool), min_items=1, distinct=True,
+                            doc="TFM settings to evaluate: [false] (without TFM), [true], or both"),
         "datasets": Field(list, default=[], item=EVAL_DATASET),
         "compare": COMPARE,
         "summary": Section(
