@@ -208,6 +208,10 @@ def test_tfm_matches_hand_built_case():
     # class features of any length (raw text-tower output) are normalised first: ρ stays in (0, 1]
     scaled = semantic_association(frames, target * torch.tensor([[3.0], [0.5], [7.0]]), source * 4.0, k=2, gamma=0.05)
     assert math.isclose(scaled.item(), expected, rel_tol=1e-5)
+    # target = source (close-set, few-shot): M = 1 up to rounding, which never lifts ρ above 1
+    feats = torch.nn.functional.normalize(torch.randn(7, 64, generator=torch.Generator().manual_seed(0)), dim=-1) * 3
+    same = semantic_association(torch.randn(16, 8, 64, generator=torch.Generator().manual_seed(1)), feats, feats.clone())
+    assert (same <= 1.0).all() and torch.allclose(same, torch.ones(16), atol=1e-5)
     # ρ modulates the temporal term only: z = e + ρ·h(e)
     head = TemporalHead(width=2, layers=1, heads=1, num_experts=0, tfm_k=2).eval()
     head.set_source_class_features(source)

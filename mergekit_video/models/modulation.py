@@ -50,5 +50,5 @@ def semantic_association(
         idx_s = (x @ ys.t()).topk(ks, dim=-1).indices  # [B, K]
         yt_k, ys_k = yt[idx_t], ys[idx_s]  # [B, K, D]
         sim = torch.bmm(yt_k, ys_k.transpose(1, 2))  # [B, K, K]
-        m = sim.max(dim=-1).values.mean(dim=-1)  # [B]
+        m = sim.max(dim=-1).values.mean(dim=-1).clamp(max=1.0)  # [B]; rounding can put a cosine a few ulp above 1
         return torch.exp(-(1.0 - m) / gamma)
