@@ -587,6 +587,17 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     assert saved["eval"]["datasets"][0]["kind"] == "zero_shot" and saved["eval"]["summary"] == {"zero_shot": [dataset]}
     assert saved["eval"]["datasets"][0]["name"] == dataset
     assert [s["list"] for s in saved["eval"]["datasets"][0]["splits"]] == [str(tmp_path / "s1.txt"), str(tmp_path / "s2.txt")]
+    assert saved["eval"]["datasets"][0]["class_csv"] == str(tmp_path / "c.csv")  # one CSV: every split's
+    # one class CSV per split (K600's three 160-class splits), matched to the lists in order
+    assert cli_main(["eval", str(a), "--zero-shot", "--list", "s1.txt", "--list", "s2.txt", "--classes", "c1.csv",
+                     "--classes", "c2.csv", "--output-dir", "per_split"]) == 1
+    capsys.readouterr()
+    entry = yaml.safe_load((tmp_path / "per_split" / "recipe.yaml").read_text())["eval"]["datasets"][0]
+    assert "class_csv" not in entry and [(s["list"], s["class_csv"]) for s in entry["splits"]] == [
+        (str(tmp_path / "s1.txt"), str(tmp_path / "c1.csv")), (str(tmp_path / "s2.txt"), str(tmp_path / "c2.csv"))]
+    assert cli_main(["eval", str(a), "--zero-shot", "--list", "s1.txt", "--list", "s2.txt", "--list", "s3.txt",
+                     "--classes", "c1.csv", "--classes", "c2.csv"]) == 1
+    assert "2 --classes files for 3 --list files: give one class CSV for every split, or one per --list" in capsys.readouterr().err
     # a folder holding another recipe's evaluation: the refusal speaks of evaluating, not of training and resuming
     out = tmp_path / "ev"
     cfg = {"runner": "evaluate", "output_dir": str(out), "checkpoint": str(a)}

@@ -324,7 +324,9 @@ def eval_cmd(
     list_files: Optional[list[Path]] = typer.Option(
         None, "--list", help="Annotation list (with a model directory); repeat it for the splits of a --zero-shot dataset."
     ),
-    class_csv: Optional[Path] = typer.Option(None, "--classes", help="Class CSV 'id,name' (with --list)."),
+    class_csvs: Optional[list[Path]] = typer.Option(
+        None, "--classes", help="Class CSV 'id,name' (with --list); one for every split, or repeated, one per --list in order (K600's splits)."
+    ),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder the list's paths are relative to (default: the list's own folder)."),
     views: str = typer.Option("1x1", "--views", help="clips x crops, e.g. 1x1, 4x3, 3x1."),
     num_frames: int = typer.Option(8, "--frames", min=_FRAMES.min, max=_FRAMES.max),
@@ -355,10 +357,13 @@ def eval_cmd(
 
         if not target.exists():
             raise FileNotFoundError(f"{target} does not exist")
-        if not list_files or class_csv is None:
+        if not list_files or not class_csvs:
             raise UserError("evaluating a model directory needs --list and --classes (and usually --root)")
         if len(list_files) > 1 and not zero_shot:
             raise UserError("several --list files are the splits of one zero-shot dataset: add --zero-shot (close-set takes one list)")
+        if len(class_csvs) not in (1, len(list_files)):
+            raise UserError(f"{len(class_csvs)} --classes files for {len(list_files)} --list files: give one class CSV for "
+                            "every split, or one per --list, in the same order")
         try:
             clips, crops = (int(v) for v in views.lower().split("x"))
         except ValueError:
@@ -376,6 +381,8 @@ def eval_cmd(
         # several lists are the splits of one dataset: named after it (ucf101/lists/testlist0N.txt → ucf101)
         name = list_files[0].stem if len(list_files) == 1 else _dataset_folder(list_files[0])
         lists = [str(f.resolve()) for f in list_files]  # absolute: the same evaluation whatever the working folder
+        # one class CSV: the dataset's; one per list: each split's (K600's three 160-class splits)
+        split_classes = [{"class_csv": str(c.resolve())} for c in class_csvs] if len(class_csvs) > 1 else [{}] * len(lists)
         recipe = {
             "runner": "compare" if compare else "evaluate",
             # ~ and .. folded as a recipe's output_dir is (load_recipe)
@@ -389,8 +396,9 @@ def eval_cmd(
                         "name": name,
                         "kind": "zero_shot" if zero_shot else "close_set",
                         "root": str((root or list_files[0].parent).resolve()),
-                        **({"splits": [{"list": f} for f in lists]} if zero_shot else {"list": lists[0]}),
-                        "class_csv": str(class_csv.resolve()),
+                        **({"splits": [{"list": f, **per_split} for f, per_split in zip(lists, split_classes)]}
+                           if zero_shot else {"list": lists[0]}),
+                        **({"class_csv": str(class_csvs[0].resolve())} if len(class_csvs) == 1 else {}),
                         "num_clips": clips,
                         "num_crops": crops,
                         "num_frames": num_frames,
@@ -448,7 +456,7 @@ def _refuse_replacing_a_non_model_folder(output: Path) -> None:
 #: ``mergevid eval`` options that build the recipe for a model directory → the recipe keys they set.
 _MODEL_EVAL_OPTIONS = {
     "list_files": ("--list", "eval.datasets.N.list=LIST"),
-    "class_csv": ("--classes", "eval.datasets.N.class_csv=CSV"),
+    "class_csvs": ("--classes", "eval.datasets.N.class_csv=CSV"),
     "root": ("--root", "eval.datasets.N.root=DIR"),
     "views": ("--views", "eval.datasets.N.num_clips=4 eval.datasets.N.num_crops=3"),
     "num_frames": ("--frames", "eval.datasets.N.num_frames={}"),
