@@ -253,6 +253,29 @@ def test_an_evaluation_that_fails_leaves_no_folder_it_made(quick_run, tmp_path, 
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 
 
+def test_an_evaluation_that_fails_at_a_later_split_keeps_the_results_of_those_before(quick_run, tmp_path, capsys, caplog):
+    """results.partial.json holds each split as it is done; a failure at the next keeps and names it."""
+    out, _ = quick_run
+    data = out / "data"
+    bad = tmp_path / "split2.txt"
+    bad.write_text("val/missing.mp4 0\n")
+    ev = tmp_path / "ev"
+    args = ["eval", str(out / "model"), "--zero-shot", "--list", str(data / "val.txt"), "--list", str(bad),
+            "--classes", str(data / "classes.csv"), "--root", str(data), "--output-dir", str(ev)]
+    with caplog.at_level("WARNING", logger="mergekit_video.runners.common"):
+        assert cli_main(args) == 1
+    assert "missing.mp4" in capsys.readouterr().err
+    partial = json.loads((ev / "results.partial.json").read_text())
+    assert partial["complete"] is False and [r["dataset"] for r in partial["datasets"][data.name]] == [f"{data.name}/split1"]
+    assert set(partial["datasets"][data.name][0]["variants"]) == {"merged", "merged+tfm"}
+    assert not (ev / "results.json").exists()
+    assert f"the evaluation stopped after {data.name}/split1; their results are in {ev / 'results.partial.json'}" in caplog.text
+    # the same command with the split readable: one results.json, no partial file left
+    bad.write_text((data / "val.txt").read_text())
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert not (ev / "results.partial.json").exists() and len(json.loads((ev / "results.json").read_text())["datasets"][data.name]) == 2
+
+
 def test_dense_export_has_the_baselines_keys_and_accuracy(quick_run, tmp_path, capsys):
     from mergekit_video.models import build_video_clip, load
 
@@ -1091,6 +1114,22 @@ def test_an_evaluation_of_no_video_is_an_error_not_zero_percent():
         evaluate(_LogitsModel(), [empty], torch.zeros(3, 1), dataset_name="ucf101")
     with pytest.raises(ValueError, match="no video of the evaluation was evaluated: its video list is empty"):
         evaluate(_LogitsModel(), [], torch.zeros(3, 1))
+
+
+def test_nan_class_scores_are_an_error_naming_the_variant_and_the_cause_not_a_plausible_accuracy():
+    """topk ranks NaN arbitrarily: a video whose scores are not finite stops the evaluation, naming
+    the variant, how many videos, and a non-finite weight when there is one (else the precision)."""
+    frames = torch.tensor([[0.1, 0.9, 0.0], [float("nan"), 0.0, 1.0], [0.0, 0.0, float("inf")]]).view(3, 1, 1, 3, 1, 1)
+    batch = {"frames": frames, "label": torch.tensor([1, 2, 2]), "index": torch.arange(3)}
+    with pytest.raises(ValueError, match=r"^dataset 'val': NaN or infinite class scores from 'model' \(2 of 3 videos\): "
+                                         r"the weights are finite, so the forward overflowed: evaluate with eval.precision=fp32"):
+        evaluate(_LogitsModel(), [batch], torch.zeros(3, 1), dataset_name="val")
+    model = _LogitsModel()
+    model.register_buffer("scale", torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"from 'model' \(2 of 3 videos\): the model's 'scale' holds NaN or infinite values"):
+        evaluate(model, [batch], torch.zeros(3, 1))
+    res = evaluate(_LogitsModel(), [{**batch, "frames": frames.nan_to_num(0.0, 5.0)}], torch.zeros(3, 1))
+    assert res.variants["model"].top1 == 100.0
 
 
 def test_tfm_without_source_class_features_fails_before_decoding():
