@@ -20,7 +20,7 @@ import functools
 import inspect
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +38,12 @@ MergeFn = Callable[..., Tensor]
 def _check_same_shape(tensors: Sequence[Tensor]) -> None:
     if len(tensors) == 0:
         raise ValueError("merge needs at least one tensor")
-    shape = tensors[0].shape
+    shape, device = tensors[0].shape, tensors[0].device
     for i, t in enumerate(tensors[1:], 1):
         if t.shape != shape:
             raise ValueError(f"cannot merge tensors of different shapes: #0 {tuple(shape)} vs #{i} {tuple(t.shape)}")
+        if t.device != device:  # torch's multi-tensor ops skip a meta tensor silently
+            raise ValueError(f"cannot merge tensors on different devices: #0 on {device}, #{i} on {t.device}")
 
 
 class _WeightedSums(torch.autograd.Function):
@@ -205,6 +207,15 @@ def buffer_coefficients(strategy: str | MergeFn, n: int, **kwargs: Any) -> Tenso
         t = float(kwargs.get("t", 0.5))
         return torch.tensor([1.0 - t, t], dtype=torch.float64)
     return mean_coefficients(n)
+
+
+def buffer_merge(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """Σ wᵢ·bᵢ of floating buffers (``weights`` convex, see :func:`buffer_coefficients`), except where every
+    tensor holds the same value: there tensor 0's (a -inf mask stays -inf, an untrained statistic bit-exact)."""
+    same = torch.ones_like(tensors[0], dtype=torch.bool)
+    for t in tensors[1:]:
+        same = same & (t == tensors[0])  # out of place: works on torch.func batched tensors
+    return torch.where(same, tensors[0], linear_combinations([list(tensors)], weights)[0])
 
 
 def merge_coefficients(strategy: str | MergeFn, n: int, **kwargs: Any) -> Tensor | None:
@@ -596,6 +607,7 @@ def merge_state_dicts(
     strategy: str | MergeFn = "mean",
     base: Mapping[str, Tensor] | torch.nn.Module | None = None,
     non_float: str = "first",
+    buffers: Iterable[str] | None = None,
     **kwargs: Any,
 ) -> dict[str, Tensor]:
     """Apply ``strategy`` key by key over ``state_dicts``.
@@ -605,11 +617,21 @@ def merge_state_dicts(
     ``state_dict()`` it is) too. Non-float tensors follow
     ``non_float``, and entries that are the same ±inf everywhere keep it (see :func:`merge_tensors`).
     A ``seed`` keyword (else the strategy's default seed) seeds one generator consumed in
-    key order, so stochastic strategies (DARE) are reproducible.
+    key order, so stochastic strategies (DARE) are reproducible. Keys tied in every state dict
+    (one tensor under two names, as ``state_dict()`` of tied weights gives) are merged once and
+    stay tied.
+
+    ``buffers`` names the keys that are floating buffers (BatchNorm running statistics); a module
+    ``base`` names its own. Under a strategy that is not a fixed linear combination they are a
+    convex combination (:func:`buffer_coefficients`), as :meth:`ExpertContainer.collapse` merges
+    them: a task vector of a running variance can make it negative. Without them such keys are
+    merged as parameters, with a warning for keys named like BatchNorm statistics.
     """
     if not state_dicts:
         raise ValueError("merge_state_dicts needs at least one state dict")
     if isinstance(base, torch.nn.Module):  # as collapse and use_merge take it
+        if buffers is None:
+            buffers = [name for name, _ in base.named_buffers()]
         base = base.state_dict()
     check_merge_arguments(strategy, {**kwargs, "base": base}, num_experts=len(state_dicts))
     keys = list(state_dicts[0].keys())
@@ -630,10 +652,49 @@ def merge_state_dicts(
         if seed is not None:
             kwargs = {k: v for k, v in kwargs.items() if k != "seed"}
             kwargs["generator"] = torch.Generator().manual_seed(int(seed))
-    out = {}
+    linear = getattr(fn, "coefficients", None) is not None  # a fixed linear combination: buffers stay convex under it
+    buffer_keys = set(buffers or ())
+    if not linear:
+        buffer_weights = buffer_coefficients(fn, len(state_dicts), **kwargs)
+        unnamed = [k for k in keys if k not in buffer_keys and k.rpartition(".")[2] in ("running_mean", "running_var")
+                   and state_dicts[0][k].is_floating_point()]
+        if unnamed:
+            log.warning("merge_state_dicts: %r (and %d more) look like BatchNorm statistics but are merged by %r as parameters "
+                        "(a variance can turn negative); pass buffers=[...] or base as the module", unnamed[0], len(unnamed) - 1,
+                        getattr(fn, "__name__", strategy))
+    out: dict[str, Tensor] = {}
+    tied: dict[tuple, str] = {}  # the storages of a key in every state dict → the first key holding them
     for k in keys:
+        ident = _tensor_identity([sd[k] for sd in state_dicts] + ([] if base is None else [base[k]]))
+        if ident is not None and ident in tied:
+            out[k] = out[tied[ident]]  # tied weights: one merge (one DARE mask), still one tensor
+            continue
+        tensors = [sd[k] for sd in state_dicts]
         try:
-            out[k] = merge_tensors([sd[k] for sd in state_dicts], fn, base=None if base is None else base[k], non_float=non_float, name=k, **kwargs)
+            if not linear and k in buffer_keys and tensors[0].is_floating_point():
+                _check_same_shape(tensors)
+                out[k] = buffer_merge(tensors, buffer_weights.to(tensors[0].device))
+            else:
+                out[k] = merge_tensors(tensors, fn, base=None if base is None else base[k], non_float=non_float, name=k, **kwargs)
         except ValueError as exc:  # name the offending tensor
             raise ValueError(f"cannot merge tensor {k!r}: {exc}") from exc
+        if ident is not None:
+            tied[ident] = k
     return out
+
+
+def _tensor_identity(tensors: Sequence[Any]) -> tuple | None:
+    """Where ``tensors`` live (storage address, offset, shape, strides of each), or None where that says nothing
+    (meta tensors, tensors without storage)."""
+    ident = []
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return None
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # functorch wrappers, sparse tensors
+            return None
+        if ptr == 0:
+            return None
+        ident.append((ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype))
+    return tuple(ident)

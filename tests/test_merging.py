@@ -520,3 +520,34 @@ def test_merge_state_dicts_takes_a_module_as_base():
     assert by_module.keys() == by_dict.keys() and all(torch.equal(by_module[k], by_dict[k]) for k in by_dict)
     expected = base.weight + 0.5 * ((sds[0]["weight"] - base.weight) + (sds[1]["weight"] - base.weight))
     assert torch.allclose(by_module["weight"], expected, atol=1e-6)
+
+
+def test_merge_state_dicts_merges_batchnorm_statistics_convexly_and_keeps_tied_keys_tied(caplog):
+    """A task vector of a running variance can make it negative: buffers named (or a module base's) are the
+    mean under the task-arithmetic family; keys tied in every state dict are merged once (one DARE mask)."""
+    torch.manual_seed(0)
+
+    def net() -> torch.nn.Module:
+        m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4))
+        m[2].weight = m[0].weight  # tied
+        return m
+
+    base, experts = net(), [net() for _ in range(2)]
+    with torch.no_grad():
+        base[1].running_var.fill_(1.0)
+        experts[0][1].running_var.fill_(0.1)
+        experts[1][1].running_var.fill_(0.2)
+    sds = [e.state_dict() for e in experts]
+    out = merge_state_dicts(sds, "task_arithmetic", base=base, lam=1.0)  # module base: its buffers are named
+    assert torch.allclose(out["1.running_var"], torch.full((4,), 0.15))  # mean, not 1 + (-0.9) + (-0.8) = -0.7
+    assert torch.equal(out["1.num_batches_tracked"], sds[0]["1.num_batches_tracked"])
+    assert torch.allclose(out["0.weight"], base[0].weight + sum(e[0].weight - base[0].weight for e in experts))
+    with caplog.at_level("WARNING", logger="mergekit_video.merging"):
+        plain = merge_state_dicts(sds, "task_arithmetic", base=base.state_dict(), lam=1.0)
+    assert torch.allclose(plain["1.running_var"], torch.full((4,), -0.7))  # as parameters when not named ...
+    assert "'1.running_mean' (and 1 more) look like BatchNorm statistics" in caplog.text  # ... with a warning
+    named = merge_state_dicts(sds, "task_arithmetic", base=base.state_dict(), lam=1.0, buffers=["1.running_var", "1.running_mean"])
+    assert torch.equal(named["1.running_var"], out["1.running_var"])
+    dare = merge_state_dicts(sds, "dare", base=base, drop_rate=0.5, seed=3)
+    assert torch.equal(dare["0.weight"], dare["2.weight"]) and dare["0.weight"] is dare["2.weight"]
+    assert not torch.equal(dare["0.weight"], out["0.weight"])  # a mask was drawn
