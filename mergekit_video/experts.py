@@ -45,6 +45,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .merging import (
     buffer_coefficients,
+    buffer_merge as _merge_buffer,
     check_merge_arguments,
     default_seed,
     is_output_space,
@@ -207,14 +208,6 @@ def _convex_buffer_weights(weights: torch.Tensor) -> torch.Tensor:
     return torch.where(usable, normalised, torch.full_like(weights, 1.0 / weights.numel()))
 
 
-def _merge_buffer(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Σ wᵢ·bᵢ, except where every expert holds the same value: there expert 0's."""
-    same = torch.ones_like(tensors[0], dtype=torch.bool)
-    for t in tensors[1:]:
-        same = same & (t == tensors[0])  # out of place: works on torch.func batched tensors
-    return torch.where(same, tensors[0], linear_combinations([tensors], weights)[0])
-
-
 def _module_kind(m: nn.Module) -> type:
     """A submodule's class for the structure check: a parametrized module's original class
     (``torch.nn.utils.parametrize`` makes a new ``Parametrized<Class>`` for every module)."""
@@ -228,7 +221,7 @@ def check_same_structure(experts: Sequence[nn.Module]) -> None:
 
     Experts must be of one class with the same submodules (names, classes and ``extra_repr``
     settings: an activation, a dropout rate, a LayerNorm eps), no shared parameters, and the same
-    tensor names, shapes and dtypes.
+    tensor names, shapes, dtypes and devices.
     """
     if len(experts) == 0:
         raise ValueError("ExpertContainer needs at least one expert")
@@ -250,6 +243,9 @@ def check_same_structure(experts: Sequence[nn.Module]) -> None:
                 )
             if sd[k].dtype != t.dtype:
                 raise ValueError(f"tensor {k!r} differs: expert 0 has dtype {t.dtype}, expert {i} has {sd[k].dtype}")
+            if sd[k].device != t.device:
+                raise ValueError(f"tensor {k!r} differs: expert 0 has it on {t.device}, expert {i} on {sd[k].device} "
+                                 "(move the experts to one device first)")
         for k in sd:
             if k not in ref_sd:
                 raise ValueError(f"expert {i} has tensor {k!r}, which expert 0 lacks")
@@ -398,6 +394,8 @@ class ExpertContainer(nn.Module):
             if not self.training:  # the eval fast path: the cached merge
                 if self.last_routing is not None or self.aux_losses:
                     self._forget_routing()
+                if _functorch_transforms_active():  # vmap / grad / jacrev (torch.func)
+                    return self._merged_under_transforms(x, args, kwargs)
                 if torch.is_grad_enabled() and "_eval_grad_warned" not in self.__dict__:
                     self._warn_if_experts_need_grad()
                 return self._merged_call()(x, *args, **kwargs)
@@ -557,6 +555,29 @@ class ExpertContainer(nn.Module):
         if dense._forward_hooks or dense._forward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return dense
         return dense.forward
+
+    def _merged_under_transforms(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The eval forward inside ``torch.func`` transforms.
+
+        Experts holding plain tensors (a transform over the input: ``vmap(model)``, ``jacrev``) are
+        merged as ever, the cache built outside the transforms (they refuse ``requires_grad_`` and
+        storage reads); only the dense forward runs under them. Experts holding the transforms'
+        tensors (``functional_call`` under ``grad``/``vmap`` over the parameters, as
+        ``torch.func.stack_module_state`` ensembles do) are merged in the graph, differentiable,
+        never cached: linear strategies only (their coefficients, :func:`merge_coefficients`).
+        """
+        if not any(map(_is_functorch_tensor, self._slot_tensors(flat=True))):
+            with _interpreters_cleared():
+                call = self._merged_call()
+            return call(x, *args, **kwargs)
+        coeff = merge_coefficients(self.merge, self.num_experts, **self._merge_kwargs)
+        if coeff is None:
+            raise RuntimeError(
+                f"{self._label()}: under torch.func transforms over the experts' tensors, an eval-mode container merges "
+                f"with a linear strategy only (its merge is {self.merge!r}); collapse the experts first "
+                f"(mergekit_video.collapse_experts(model, {self.merge!r})) and transform the dense model"
+            )
+        return self.merged_forward(x, coeff, *args, **kwargs)
 
     def _merge_is_current(self, cache: tuple) -> bool:
         """Whether the experts still hold the tensors the cache was merged from, unchanged.
@@ -882,6 +903,24 @@ _containers_cache: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[tuple[st
 )
 
 
+def _functorch_transforms_active() -> bool:
+    """Whether this forward runs inside a ``torch.func`` transform (vmap, grad, jacrev, ...)."""
+    if torch.compiler.is_compiling():  # dynamo traces torch.func transforms itself
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _is_functorch_tensor(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _interpreters_cleared() -> Any:
+    """A context in which no ``torch.func`` transform is active (the eval merge is built there)."""
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    return temporarily_clear_interpreter_stack()
+
+
 def _paths_to(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str, nn.Module]]:
     links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
     for name in names:
@@ -912,11 +951,25 @@ def find_containers(model: nn.Module) -> list[tuple[str, ExpertContainer]]:
 
 
 def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Sum of the routers' auxiliary losses from the last forward, by loss name."""
+    """Sum of the routers' auxiliary losses from the last forward, by loss name.
+
+    Warns once per container when a trainable router's losses carry no gradient: its forward ran
+    with gradients off, as a reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``, timm's
+    ``set_reentrant_ckpt``) runs it; adding them to the loss would then train no gate.
+    """
     total: dict[str, torch.Tensor] = {}
-    for _, c in find_containers(model):
+    for name, c in find_containers(model):
         for k, v in c.aux_losses.items():
             total[k] = total[k] + v if k in total else v
+        if (c.aux_losses and not any(v.requires_grad for v in c.aux_losses.values()) and c.training
+                and torch.is_grad_enabled() and "_no_grad_aux_warned" not in c.__dict__
+                and any(p.requires_grad for p in c.router.parameters())):
+            warn_user(
+                f"the auxiliary losses of container {name!r} carry no gradient: its last forward ran with gradients off "
+                "(a reentrant checkpoint, use_reentrant=True, runs it so), so its router's gate would not be trained "
+                "by them; checkpoint with use_reentrant=False or mergekit_video.experts.checkpoint_routed"
+            )
+            object.__setattr__(c, "_no_grad_aux_warned", True)
     return total
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -295,6 +296,37 @@ def test_eval_merge_follows_tensors_swapped_in_by_functional_call():
         for p in dense.parameters():
             p.mul_(2)
     assert maxdiff(y2, dense(x)) <= 1e-6
+
+
+def test_eval_containers_work_under_torch_func_transforms_before_and_after_the_merge_is_cached():
+    """vmap / jacrev over the input use the cached merge (built outside the transforms); grad or vmap over the
+    experts' tensors (functional_call, stack_module_state) merge them in the graph: mean → gradient 1/N each."""
+    c = ExpertContainer(experts(3), "multinomial").eval()
+    dense = MLP()
+    dense.load_state_dict(mean_sd(c.experts))
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        ref = dense(x)
+    assert maxdiff(torch.func.vmap(c)(x), ref) <= 1e-6  # first forward: the merge is built under vmap
+    assert c.merge_count == 1
+    assert maxdiff(torch.func.jacrev(c)(x[0]), torch.func.jacrev(dense)(x[0])) <= 1e-6
+    assert c.merge_count == 1  # cached: no merge per transformed call
+    params = {k: v.detach() for k, v in c.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(c, p, (x,)).sum())(params)
+    dense_grads = torch.func.grad(lambda p: torch.func.functional_call(dense, p, (x,)).sum())(dict(dense.named_parameters()))
+    for k, g in grads.items():  # experts.i.fc1.weight: a third of the dense module's gradient
+        assert maxdiff(g, dense_grads[k.split(".", 2)[2]] / 3) <= 1e-6, k
+    models = [ExpertContainer(experts(3, seed=s), "multinomial").eval() for s in (1, 2)]
+    stacked, buffers = torch.func.stack_module_state(models)
+    shell = copy.deepcopy(models[0]).to("meta")
+    outs = torch.func.vmap(lambda p, b: torch.func.functional_call(shell, (p, b), (x,)))(stacked, buffers)
+    with torch.no_grad():
+        assert all(maxdiff(outs[i], m(x)) <= 1e-6 for i, m in enumerate(models))
+    slerp = ExpertContainer(experts(2), "multinomial", merge="slerp", merge_kwargs={"t": 0.3}).eval()
+    assert torch.func.vmap(slerp)(x).shape == (6, 4)  # over the input: the cached merge, any strategy
+    with pytest.raises(RuntimeError, match=r"under torch.func transforms over the experts' tensors, an eval-mode container merges "
+                                           r"with a linear strategy only \(its merge is 'slerp'\)"):
+        torch.func.grad(lambda p: torch.func.functional_call(slerp, p, (x,)).sum())({k: v.detach() for k, v in slerp.named_parameters()})
 
 
 def test_merge_cached_under_inference_mode_still_supports_autograd():
@@ -1443,3 +1475,35 @@ def test_checkpoint_routed_replays_a_router_inside_a_segment_plan():
     checkpointed, plain = _grads_with_and_without_checkpoint(
         lambda: [(3, RandomRouter(num_experts=3, granularity="sample", seed=9)), (3, "merged")])
     assert torch.allclose(checkpointed, plain, atol=1e-6)
+
+
+def test_experts_on_different_devices_are_refused_naming_the_tensor():
+    """torch's multi-tensor ops skip a meta tensor silently: a mixed container merged 0.5 · expert 0."""
+    with pytest.raises(ValueError, match=r"tensor 'weight' differs: expert 0 has it on cpu, expert 1 on meta"):
+        ExpertContainer([nn.Linear(4, 4), nn.Linear(4, 4, device="meta")])
+    from mergekit_video.merging import merge_tensors
+
+    with pytest.raises(ValueError, match=r"cannot merge tensors on different devices: #0 on cpu, #1 on meta"):
+        merge_tensors([torch.ones(2), torch.ones(2, device="meta")], "mean")
+
+
+def test_aux_losses_without_gradient_from_a_reentrant_checkpoint_are_warned_about_once():
+    """A reentrant checkpoint runs its forward with gradients off: a topk gate would silently not be trained."""
+    from torch.utils.checkpoint import checkpoint
+
+    from mergekit_video import add_experts
+    from mergekit_video.experts import collect_aux_losses
+
+    block = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)))
+    add_experts(block, "0", 2, router="topk", granularity="token")
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert collect_aux_losses(block)["load_balance"].requires_grad
+    checkpoint(block, x, use_reentrant=True)
+    with pytest.warns(UserWarning, match=r"the auxiliary losses of container '0' carry no gradient: .*use_reentrant=True"):
+        assert not collect_aux_losses(block)["load_balance"].requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collect_aux_losses(block)  # once per container
