@@ -251,11 +251,11 @@ class TopKRouter(Router):
         if self.channels_first:
             if x.dim() < 2 or x.shape[1] != self.dim:
                 self._raise_width_mismatch(x.shape[1] if x.dim() >= 2 else x.shape[-1])
-            feats = x.reshape(x.shape[0], x.shape[1], -1).mean(dim=-1)  # [B, C, ...] → [B, C]
+            feats = x.flatten(2).mean(dim=-1) if x.dim() > 2 else x  # [B, C, ...] → [B, C]
         elif x.shape[-1] != self.dim:
             self._raise_width_mismatch(x.shape[-1], channels=x.shape[1] if x.dim() > 2 else None)
         elif self.granularity == "sample":
-            feats = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)  # [B, D]
+            feats = x.flatten(1, -2).mean(dim=1) if x.dim() > 2 else x  # [B, ..., D] → [B, D]
         else:
             feats = x.reshape(-1, x.shape[-1])  # [N, D]
         # [G, E]; model may be bf16, gate fp32: at least fp32 (fp64 stays fp64)
@@ -264,12 +264,15 @@ class TopKRouter(Router):
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.k, dim=-1)  # [G, k]
         weights = top_p / top_p.sum(dim=-1, keepdim=True) if self.renormalize else top_p  # [G, k]
-        # Switch load balancing over all k slots
-        dispatch = F.one_hot(top_i, self.num_experts).to(probs.dtype).sum(dim=1)  # [G, E]
-        frac = dispatch.mean(dim=0) / self.k
-        mean_prob = probs.mean(dim=0)
-        load_balance = self.num_experts * (frac * mean_prob).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        if logits.shape[0] == 0:  # no token (an empty batch): nothing to balance; a mean over none would be NaN
+            load_balance = z_loss = logits.sum()  # 0, in the graph
+        else:
+            # Switch load balancing over all k slots
+            dispatch = F.one_hot(top_i, self.num_experts).to(probs.dtype).sum(dim=1)  # [G, E]
+            frac = dispatch.mean(dim=0) / self.k
+            mean_prob = probs.mean(dim=0)
+            load_balance = self.num_experts * (frac * mean_prob).sum()
+            z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
         return RouterOutput(
             indices=top_i,
             weights=weights.to(x.dtype),

@@ -309,3 +309,19 @@ def test_topk_width_error_of_a_channels_first_input_suggests_channels_first():
     c = ExpertContainer([nn.Conv2d(3, 4, 3) for _ in range(2)],
                         TopKRouter(num_experts=2, dim=3, granularity="sample", channels_first=True))
     assert c.train()(torch.randn(2, 3, 32, 32)).shape == (2, 4, 30, 30)
+
+
+@pytest.mark.parametrize("granularity", ["token", "sample"])
+def test_topk_routes_an_empty_batch_with_zero_aux_losses(granularity):
+    """An empty batch (the last shard of a DDP evaluation, a filtered batch): no reshape error, and aux
+    losses of 0 that keep the graph (a mean over no token would be NaN and poison the total loss)."""
+    from torch import nn
+
+    from mergekit_video import ExpertContainer
+
+    c = ExpertContainer([nn.Linear(4, 4) for _ in range(3)], router="topk", router_kwargs={"granularity": granularity, "k": 2})
+    y = c(torch.randn(0, 5, 4))
+    assert y.shape == (0, 5, 4)
+    assert {k: v.item() for k, v in c.aux_losses.items()} == {"load_balance": 0.0, "z_loss": 0.0}
+    sum(c.aux_losses.values()).backward()
+    assert c.router.gate.weight.grad is not None and torch.equal(c.router.gate.weight.grad, torch.zeros(3, 4))
