@@ -530,3 +530,46 @@ def test_tfm_settings_are_checked_when_the_head_is_built(kw, said):
     # γ = 0 gave NaN logits, K = 0 an IndexError deep in the TFM
     with pytest.raises(ValueError, match=re.escape(said)):
         TemporalHead(width=64, layers=1, **kw)
+
+
+def test_a_model_with_experts_in_its_visual_tower_saves_and_loads_without_its_recipe(tmp_path):
+    """config.json records the CLIP part's containers (module, experts, router and its settings, merge):
+    load, a trainer checkpoint and the dense export rebuild them; the export loads into plain open_clip."""
+    import json
+
+    import open_clip
+
+    from mergekit_video import add_experts
+    from mergekit_video.training.checkpoint import CheckpointManager
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+    add_experts(model.clip.visual, "transformer.resblocks.1.mlp", 3, router="topk", init="copy_noise", k=2)
+    add_experts(model.clip.visual, "transformer.resblocks.0.attn", 2, router="multinomial", merge="temperature_softmax",
+                merge_kwargs={"tau": 0.5}, temperature=2.0)
+    frames = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval().encode_frames(frames)
+    saved = save_model(model, tmp_path / "m")
+    record = json.loads((saved / "config.json").read_text())["clip_experts"]
+    assert record == [
+        {"module": "visual.transformer.resblocks.0.attn", "num_experts": 2, "router": "multinomial",
+         "router_kwargs": {"temperature": 2.0, "granularity": "batch"}, "merge": "temperature_softmax", "merge_kwargs": {"tau": 0.5}},
+        {"module": "visual.transformer.resblocks.1.mlp", "num_experts": 3, "router": "topk",
+         "router_kwargs": {"dim": 64, "k": 2, "granularity": "token", "renormalize": True, "channels_first": False},
+         "merge": "mean", "merge_kwargs": {}},
+    ]
+    ckpt = CheckpointManager(directory=tmp_path / "ckpt").save(step=1, epoch=0, model_state=model.state_dict(), extra={"model_config": model.config})
+    for source in (saved, ckpt):
+        back = load(source)
+        assert [(n, c.num_experts, c.merge) for n, c in find_containers(back.clip)] == [
+            ("visual.transformer.resblocks.0.attn", 2, "temperature_softmax"), ("visual.transformer.resblocks.1.mlp", 3, "mean")]
+        with torch.no_grad():
+            assert torch.equal(back.encode_frames(frames), expected)
+    dense = export_dense(load(saved), tmp_path / "dense")
+    assert "clip_experts" not in json.loads((dense / "config.json").read_text())
+    plain = open_clip.create_model("local-dir:" + str(dense))
+    with torch.no_grad():
+        ours = load(dense).clip.visual(frames.flatten(0, 1))
+        assert torch.allclose(plain.visual(frames.flatten(0, 1)), ours, atol=1e-6)
+        assert torch.allclose(ours.view(2, 4, -1), expected, atol=1e-5)

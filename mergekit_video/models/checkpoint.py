@@ -357,6 +357,16 @@ def validate_model_config(config: Any, *, source: str) -> dict[str, Any]:
     plugins = config.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
         raise fail("plugins", f"key {{key}} must be a list of module names, not {json.dumps(plugins)[:60]}")
+    clip_experts = config.get("clip_experts", [])
+    if not isinstance(clip_experts, list):
+        raise fail("clip_experts", f"key {{key}} must be a list, not {json.dumps(clip_experts)[:60]}")
+    for i, entry in enumerate(clip_experts):
+        where = f"clip_experts.{i}"
+        if not isinstance(entry, dict):
+            raise fail(where, f"key {{key}} must be a mapping, not {json.dumps(entry)[:60]}")
+        require(entry, "module", (str,), where)
+        if require(entry, "num_experts", (int,), where) < 1:
+            raise fail(f"{where}.num_experts", f"key {{key}} must be at least 1, not {entry['num_experts']}")
     head = require(config, "head", (dict,), "")
     for key in _REQUIRED_HEAD_KEYS:
         require(head, key, _HEAD_KEYS[key], "head")

@@ -51,6 +51,9 @@ class VideoCLIP(nn.Module):
         of the model's experts (imported again when the model is loaded).
         """
         config = {**self._config, "head": dict(self.head.config)}
+        clip_experts = clip_experts_record(self.clip)
+        if clip_experts:
+            config["clip_experts"] = clip_experts
         plugins = plugin_modules(self)
         if plugins:
             config["plugins"] = plugins
@@ -58,7 +61,7 @@ class VideoCLIP(nn.Module):
 
     @config.setter
     def config(self, value: dict[str, Any]) -> None:
-        self._config = {k: copy.deepcopy(v) for k, v in value.items() if k not in ("head", "plugins")}
+        self._config = {k: copy.deepcopy(v) for k, v in value.items() if k not in ("head", "plugins", "clip_experts")}
 
     # -- public surface ------------------------------------------------------------
     @property
@@ -189,6 +192,67 @@ def model_config_dict(clip_cfg: dict[str, Any], hcfg: dict[str, Any], **extra: A
     return {"format": CONFIG_FORMAT, "format_version": CONFIG_VERSION, "clip": clip_cfg, "head": hcfg, **extra}
 
 
+_JSON_SCALARS = (bool, int, float, str, type(None))
+
+
+def _router_kwargs(router: nn.Module) -> dict[str, Any]:
+    """The constructor arguments a router keeps as attributes of the same name (JSON values only):
+    what rebuilds its structure (a ``topk`` gate's ``dim`` and ``k``) and its routing settings."""
+    import inspect
+
+    skip = {"self", "num_experts", "generator", "seed", "module"}
+    kwargs: dict[str, Any] = {}
+    for cls in type(router).__mro__:  # a subclass passes **kw on to its base's arguments (granularity)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        for name, param in inspect.signature(init).parameters.items():
+            if name in skip or name in kwargs or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            value = getattr(router, name, None)
+            if isinstance(value, _JSON_SCALARS) and hasattr(router, name):
+                kwargs[name] = value
+    return kwargs
+
+
+def clip_experts_record(clip: nn.Module) -> list[dict[str, Any]]:
+    """The expert containers in the CLIP part (MoTE-style experts a recipe's model component added to the
+    visual tower), as :func:`video_clip_from_config` re-applies them: the module each replaced, its
+    expert count, router (registered name and settings) and eval merge."""
+    from ..experts import find_containers
+    from ..registry import ROUTERS
+
+    record = []
+    for name, c in find_containers(clip):
+        router_names = ROUTERS.names_of(type(c.router))
+        record.append({
+            "module": name,
+            "num_experts": c.num_experts,
+            "router": router_names[0] if router_names else None,
+            **({} if router_names else {"router_class": f"{type(c.router).__module__}.{type(c.router).__qualname__}"}),
+            "router_kwargs": _router_kwargs(c.router),
+            "merge": c.merge,
+            "merge_kwargs": {k: v for k, v in c.merge_kwargs.items() if isinstance(v, (*_JSON_SCALARS, list))},
+        })
+    return record
+
+
+def apply_clip_experts(clip: nn.Module, record: Sequence[dict[str, Any]]) -> None:
+    """Turn the modules :func:`clip_experts_record` names into expert containers again (their weights are
+    loaded afterwards), so a model with experts in its visual tower loads without its recipe."""
+    from ..surgery import add_experts
+
+    for entry in record:
+        if entry.get("router") is None:
+            raise ValueError(
+                f"the model's CLIP module {entry.get('module')!r} holds experts routed by {entry.get('router_class')}, which is "
+                "not a registered router: register it (@ROUTERS.register in a plugin) to save and load such models"
+            )
+        add_experts(clip, entry["module"], int(entry["num_experts"]), router=entry["router"], init="copy",
+                    merge=entry.get("merge", "mean"), merge_kwargs=entry.get("merge_kwargs") or None,
+                    **(entry.get("router_kwargs") or {}))
+
+
 def plugin_modules(model: nn.Module) -> list[str]:
     """The modules outside mergekit_video that register the router or merge strategy of ``model``'s experts.
 
@@ -242,5 +306,6 @@ def video_clip_from_config(config: dict[str, Any]) -> VideoCLIP:
         raise ValueError(f"model config version {config['format_version']} is newer than this mergekit_video supports ({CONFIG_VERSION})")
     import_model_plugins(config)
     clip = build_clip_from_config(config["clip"]["model_cfg"])
+    apply_clip_experts(clip, config.get("clip_experts") or [])
     head = TemporalHead(**config["head"])
     return VideoCLIP(clip=clip, head=head, config=config)
