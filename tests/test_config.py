@@ -423,7 +423,9 @@ def test_with_defaults_and_iter_schema():
 # saving
 # ---------------------------------------------------------------------------------------------
 def test_save_resolved_recipe_round_trip_and_no_overwrite(tmp_path):
-    cfg = {"output_dir": "o", "lr": 5e-5, "lit": "${not_a_ref}", "l": [1, None, True], "d": {"k": "v"}}
+    # strings a recipe reads as floats (5e-5 without a dot: YAML 1.2) are written quoted, so they stay strings
+    cfg = {"output_dir": "o", "lr": 5e-5, "lit": "${not_a_ref}", "l": [1, None, True], "d": {"k": "v"},
+           "names": ["1e3", "5e-5", ".5", "-.inf"]}
     path = tmp_path / "out" / "recipe.yaml"
     save_resolved_recipe(cfg, path)
     assert load_recipe(path) == cfg

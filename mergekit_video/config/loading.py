@@ -31,18 +31,21 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
+class _RecipeDumper(yaml.SafeDumper):
+    """Writes recipes the way :class:`_RecipeLoader` reads them: a string it would read as a float
+    (``5e-5``, ``1e3``) is quoted."""
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
 )
+for _cls in (_RecipeLoader, _RecipeDumper):  # YAML 1.2 floats (5e-5 without a dot), read and written alike
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
 def _yaml_load(text: str, *, name: str | None = None) -> Any:
@@ -56,7 +59,7 @@ def _yaml_load(text: str, *, name: str | None = None) -> Any:
 
 def dump_recipe(cfg: Mapping[str, Any]) -> str:
     """YAML text of a (resolved) recipe; literal ``${`` is escaped so that reloading gives ``cfg`` back."""
-    return yaml.safe_dump(_escape_interpolations(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.dump(_escape_interpolations(cfg), Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def is_recorded_recipe(text: str) -> bool:
