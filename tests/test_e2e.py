@@ -237,6 +237,21 @@ def test_eval_output_dir_is_folded_like_a_recipes(quick_run, tmp_path):
     assert (tmp_path / "ev" / "results.json").is_file() and not (tmp_path / "missing").exists()
 
 
+def test_a_run_that_fails_at_start_leaves_no_folder_even_with_its_text_cache_inside(synthetic_data, tmp_path, capsys):
+    """The quickstart keeps its text features under output_dir/cache: a start that fails after writing them
+    (a class CSV that does not fit the list) still removes the folder it made."""
+    from mergekit_video.cli.main import main as cli_main
+
+    few = tmp_path / "two_classes.csv"
+    few.write_text("id,name\n0,a\n1,b\n")
+    args = ["run", str(QUICKSTART), f"output_dir={tmp_path / 'new'}", "data.synthetic=null", f"data.root={synthetic_data}",
+            f"data.train_list={synthetic_data / 'train.txt'}", f"data.val_list={synthetic_data / 'val.txt'}",
+            f"data.class_csv={few}", "eval.datasets=[]", "~eval.compare", "~eval.summary"]
+    assert cli_main(args) == 1
+    assert "but there are only 2 class names" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "new").exists()
+
+
 def test_an_evaluation_that_fails_leaves_no_folder_it_made(quick_run, tmp_path, capsys):
     # a class CSV that does not fit the list: refused once the dataset is built, after recipe.yaml was written
     out, _ = quick_run

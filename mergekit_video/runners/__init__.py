@@ -55,7 +55,7 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
         runner.cleanup()
         release_output_dir(cfg["output_dir"])
         if not finished and held and getattr(runner, "main", True):
-            _undo_start(out, before, LOCK_FILE, created=created)
+            _undo_start(out, before, LOCK_FILE, created=created, caches=_caches_inside(cfg, out))
     return runner
 
 
@@ -80,18 +80,38 @@ def _interrupted_in(phase: str, cfg: dict[str, Any], out: Any) -> str:
     return "stopped before anything was computed"
 
 
-def _undo_start(out: Any, before: set[str], lock_file: str, *, created: bool) -> None:
-    """A failed run (bad CSV content, say) that added nothing but its recipe.yaml and lock file to ``out``
-    leaves it as it was: those two removed, and the folder too when this run created it. Only a run
-    that held the folder's lock calls this (one refused by another run's lock has nothing to undo)."""
+def _caches_inside(cfg: dict[str, Any], out: Any) -> set[str]:
+    """The entries of ``out`` that hold only caches (the quickstart's ``text.cache_dir: ${output_dir}/cache``)."""
+    from pathlib import Path
+
+    cache = (cfg.get("text") or {}).get("cache_dir")
+    if not cache:
+        return set()
+    try:
+        inside = Path(os.path.expanduser(str(cache))).absolute().relative_to(Path(out).absolute())
+    except ValueError:
+        return set()
+    return {inside.parts[0]} if inside.parts else set()
+
+
+def _undo_start(out: Any, before: set[str], lock_file: str, *, created: bool, caches: set[str] = frozenset()) -> None:
+    """A failed run (bad CSV content, say) that added nothing but its recipe.yaml, lock file and caches
+    (``caches``: text features the recipe keeps inside ``out``) to ``out`` leaves it as it was: those
+    removed, and the folder too when this run created it. Only a run that held the folder's lock calls
+    this (one refused by another run's lock has nothing to undo)."""
+    import shutil
+
     if "recipe.yaml" in before:
         return  # an earlier run's folder: its recipe stays
     try:
         added = {p.name for p in out.iterdir()} - before
-        if not added <= {"recipe.yaml", lock_file}:
+        if not added <= {"recipe.yaml", lock_file, *caches}:
             return
         for name in added:
-            (out / name).unlink(missing_ok=True)
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                shutil.rmtree(out / name)  # a cache folder this run made
+            else:
+                (out / name).unlink(missing_ok=True)
         if created:
             out.rmdir()
     except OSError:  # another process wrote there meanwhile: leave it
