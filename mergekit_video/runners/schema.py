@@ -49,10 +49,11 @@ OBJECTIVE_FIELDS = {
     "label_smoothing": Field(float, min=0, max=1),
     "wmr": Section(
         {
-            "beta": Field(float, min=0, exclusive_min=True),
-            "num_powers": Field(int, min=1),
-            "sampling": Field(str, choices=("discrete", "point", "normal", "uniform")),
-            "seed": Field(int, nullable=True, min=0, max=SEED_MAX),
+            "beta": Field(float, min=0, exclusive_min=True, doc="β of Eq. 7: τ ∈ {±2ⁿ·β} ∪ {∞} (default 0.6)"),
+            "num_powers": Field(int, min=1, doc="n = 0 .. num_powers-1 (default 5: 11 values of τ)"),
+            "sampling": Field(str, choices=("discrete", "point", "normal", "uniform"),
+                              doc="discrete (default, Eq. 7), point (τ = ∞ only), or continuous (Table 2e, 7f)"),
+            "seed": Field(int, nullable=True, min=0, max=SEED_MAX, doc="seed of the τ draws (default: drawn from the torch RNG, which the run's seed sets)"),
         },
         nullable=True,
     ),
