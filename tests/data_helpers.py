@@ -79,3 +79,120 @@ def tiny_synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     return write_synthetic_dataset(root, num_classes=3, videos_per_class=3, val_per_class=1, num_novel_classes=2, frames=24,
                                    size=(48, 64), seed=0, overwrite=True)
+
+
+def write_noise_video(path: Path, n: int = 48, *, codec: str = "libx264", h: int = 48, w: int = 64, fps: int = 25,
+                      pts: list[int] | None = None, time_base=None, audio: str | None = None, audio_s: float = 0.0,
+                      options: dict | None = None) -> Path:
+    """A video of random-noise frames in the container ``path``'s suffix names (.mkv, .webm, .avi, .mp4).
+
+    Noise keeps every frame about the same number of bytes, so keeping the first half of the file keeps about
+    half the frames. ``pts`` (in ``time_base`` units) gives irregular frame times (VFR, dropped-frame slots);
+    ``audio`` adds a silent audio stream of that codec, ``audio_s`` seconds long.
+    """
+    import sys
+    from fractions import Fraction
+
+    import av
+
+    if codec.startswith("libvpx") and "decord" in sys.modules:  # decord's FFmpeg libraries break PyAV's VP8/VP9 encoder
+        return _write_in_fresh_process(path, n, codec=codec, h=h, w=w, fps=fps, pts=pts, audio=audio, audio_s=audio_s,
+                                       options=options, time_base=None if time_base is None else [time_base.numerator, time_base.denominator])
+    rng = np.random.default_rng(0)
+    tb = time_base or Fraction(1, fps)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.time_base = tb
+        if options:
+            s.options = options
+        a = c.add_stream(audio, rate=48000) if audio else None
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = (pts[i] if pts is not None else i), tb
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+        if a is not None:
+            cc = a.codec_context
+            size, channels = cc.frame_size or 1024, len(cc.layout.channels)
+            dtype = {"flt": np.float32, "s16": np.int16, "s32": np.int32}[cc.format.name.rstrip("p")]
+            for start in range(0, int(audio_s * cc.sample_rate), size):
+                silence = np.zeros((channels, size) if cc.format.is_planar else (1, size * channels), dtype=dtype)
+                af = av.AudioFrame.from_ndarray(silence, format=cc.format.name, layout=cc.layout.name)
+                af.sample_rate, af.pts = cc.sample_rate, start
+                for p in a.encode(af):
+                    c.mux(p)
+            for p in a.encode():
+                c.mux(p)
+    return path
+
+
+def _write_in_fresh_process(path: Path, n: int, **kw) -> Path:
+    """:func:`write_noise_video` in a Python process that has not loaded decord."""
+    import json
+    import subprocess
+    import sys
+
+    script = ("import json, sys; from fractions import Fraction; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+              "from data_helpers import write_noise_video; kw = json.loads(sys.argv[4]); "
+              "kw['time_base'] = kw['time_base'] and Fraction(*kw['time_base']); write_noise_video(Path(sys.argv[2]), int(sys.argv[3]), **kw)")
+    subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(path), str(n), json.dumps(kw)], check=True, timeout=120)
+    return path
+
+
+def cut_file(path: Path, dest: Path, fraction: float = 0.5) -> Path:
+    """``dest`` holding the first ``fraction`` of ``path``'s bytes: an interrupted download."""
+    data = path.read_bytes()
+    dest.write_bytes(data[: int(len(data) * fraction)])
+    return dest
+
+
+def _shift_start(src: Path, dest: Path, seconds: float) -> Path:
+    """``src``'s video packets copied into ``dest`` with their timestamps moved ``seconds`` later."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dest), "w") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        shift = int(seconds / stream_in.time_base)
+        for packet in inp.demux(stream_in):
+            if packet.size == 0:
+                continue
+            packet.pts = None if packet.pts is None else packet.pts + shift
+            packet.dts = None if packet.dts is None else packet.dts + shift
+            packet.stream = stream_out
+            out.mux(packet)
+    return dest
+
+
+def write_good_variety(folder: Path) -> dict[str, int]:
+    """Untruncated videos whose headers the truncation check must accept; returns name -> frame count.
+
+    B-frames, VFR (ms timestamps), an audio track longer than the video (Matroska's segment duration is the
+    audio's), AVI headers that count an audio delay or dropped-frame slots, timestamps starting at 5 s.
+    """
+    from fractions import Fraction
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ms, t = [], 0
+    for i in range(24):
+        ms.append(t)
+        t += 30 if i % 3 else 70
+    slots = [i for i in range(40) if i % 4 != 1][:24]  # every 4th frame slot dropped
+    specs = {  # one stem per file: `data prepare` names its outputs STEM.mp4
+        "bframes.mkv": {"options": {"bf": "3"}},
+        "vfr_mkv.mkv": {"pts": ms, "time_base": Fraction(1, 1000)},
+        "vfr_webm.webm": {"codec": "libvpx", "pts": ms, "time_base": Fraction(1, 1000)},
+        "vfr_mp4.mp4": {"pts": ms, "time_base": Fraction(1, 1000)},
+        "long_audio_mkv.mkv": {"audio": "aac", "audio_s": 2.0},
+        "long_audio_webm.webm": {"codec": "libvpx", "audio": "libopus", "audio_s": 2.0},
+        "audio_delay.avi": {"codec": "mpeg4", "audio": "libmp3lame", "audio_s": 1.5},  # the header counts 25 frames
+        "dropped_slots.avi": {"codec": "mpeg4", "pts": slots},  # the header counts 32 frame slots
+        "x264.mp4": {},
+    }
+    for name, kw in specs.items():
+        write_noise_video(folder / name, 24, **kw)
+    _shift_start(folder / "bframes.mkv", folder / "starts_at_5s.mkv", 5.0)
+    return {name: 24 for name in [*specs, "starts_at_5s.mkv"]}

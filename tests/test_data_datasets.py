@@ -7,12 +7,13 @@ import re
 
 import pytest
 import torch
-from data_helpers import (frame_ids, tiny_synthetic, write_bad_files, write_frame_folder, write_level_video,  # noqa: F401
-                          write_textured_video)
+from data_helpers import (cut_file, frame_ids, tiny_synthetic, write_bad_files, write_frame_folder, write_level_video,  # noqa: F401
+                          write_noise_video, write_textured_video)
 
 from mergekit_video.data import (VideoDataset, VideoReadError, VideoRecord, build_loader, collate_videos, few_shot_subset,
                                  read_annotation_list, read_class_names, write_class_names)
 from mergekit_video.data.datasets import LabelError
+from mergekit_video.data.readers import decord_available
 from mergekit_video.data.watchdog import ReadTimeoutError
 
 
@@ -107,6 +108,20 @@ def test_annotation_lists_and_class_csv(tmp_path):
     csv.write_text("id,name\n0,a\n0,b\n")
     with pytest.raises(ValueError, match="duplicate"):
         read_class_names(csv)
+
+
+@pytest.mark.parametrize("backend", ["pyav"] + (["decord"] if decord_available() else []))
+def test_a_video_cut_short_follows_the_error_policy(tmp_path, tiny_synthetic, backend):
+    """A truncated mkv (the first half of its bytes) was read as a shorter video by decord, without a word."""
+    cut = cut_file(write_noise_video(tmp_path / "full.mkv", 48), tmp_path / "cut.mkv")
+    good = tiny_synthetic.root / read_annotation_list(tiny_synthetic.train_list)[0].path
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{good} 0\n{cut} 1\n")
+    ds = make(tiny_synthetic, list_file=lst, root=tmp_path, train=False, on_error="skip", backend=backend)
+    assert ds[0] is not None and ds[1] is None
+    assert ds.failures[-1].path == str(cut) and "truncated (the header gives the video 1.92 s" in ds.failures[-1].error
+    with pytest.raises(VideoReadError, match=rf"^{re.escape(str(cut))}: truncated \(the header gives the video 1.92 s"):
+        make(tiny_synthetic, list_file=lst, root=tmp_path, train=False, on_error="raise", backend=backend)[1]
 
 
 def test_class_csv_empty_names_and_negative_ids_are_refused_and_repeated_names_warned(tmp_path, caplog):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import frame_ids, level, write_bad_files, write_frame_folder, write_level_video, write_textured_video
+from data_helpers import (cut_file, frame_ids, level, write_bad_files, write_frame_folder, write_good_variety, write_level_video,
+                          write_noise_video, write_textured_video)
 
 from mergekit_video.data import VideoReadError, open_video
 from mergekit_video.data.readers import decord_available
@@ -290,3 +292,57 @@ def test_files_this_user_cannot_read_say_permission_denied(level_video):
     finally:
         (folder / "locked").chmod(0o755)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def good_variety(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("variety")
+    return folder, write_good_variety(folder)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_good_file_is_taken_for_a_truncated_one(good_variety, backend):
+    """Headers that are a little off (an AVI audio delay, dropped-frame slots, a longer audio track, a start at 5 s)."""
+    folder, frames = good_variety
+    for name, n in frames.items():
+        with open_video(folder / name, backend=backend) as r:
+            assert r.num_frames == n, name
+            assert r.get_frames([0, n // 2, n - 1]).shape == (3, 48, 64, 3)
+
+
+@pytest.fixture(scope="module")
+def full_videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("full")
+    return {name: write_noise_video(folder / name, 48, codec=codec)  # 1.92 s at 25 fps
+            for name, codec in [("x264.mkv", "libx264"), ("vp8.webm", "libvpx"), ("mpeg4.avi", "mpeg4")]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["x264.mkv", "vp8.webm", "mpeg4.avi"])
+def test_videos_cut_short_are_refused_with_what_the_header_says_and_what_the_file_holds(tmp_path, full_videos, backend, name):
+    """An interrupted download of an mkv/webm/avi (no sample table) read silently: decord gave 24 of 48 frames;
+    PyAV caught it only where the header counts frames (AVI)."""
+    full = full_videos[name]
+    with open_video(full, backend=backend) as r:
+        assert r.num_frames == 48
+    cut = cut_file(full, tmp_path / f"cut_{name}")
+    with pytest.raises(VideoReadError) as info:
+        with open_video(cut, backend=backend) as r:
+            r.get_frames([0, r.num_frames - 1])
+    assert re.fullmatch(rf"{re.escape(str(cut))}: truncated \(the header gives the video 1.92 s, the file holds "
+                        r"(0\.\d\d) s in (\d+) frames\)", str(info.value)), str(info.value)
+    assert info.value.path == str(cut)
+
+
+@pytest.mark.skipif(not decord_available(), reason="decord not installed")
+def test_decord_probes_only_the_headers_it_needs_and_once_per_file(tmp_path):
+    """mp4/mov: no probe (a cut one does not open); mkv/webm/avi: one cached PyAV probe, shared with the short-side one."""
+    from mergekit_video.data import readers
+
+    mp4, mkv = write_noise_video(tmp_path / "a.mp4", 12), write_noise_video(tmp_path / "a.mkv", 12)
+    readers._probe_cached.cache_clear()
+    open_video(mp4, backend="decord").get_frames([0, 11])
+    assert readers._probe_cached.cache_info().misses == 0
+    for short_side in (None, 32, None):
+        open_video(mkv, backend="decord", short_side=short_side).get_frames([0, 11])
+    assert readers._probe_cached.cache_info().misses == 1

@@ -14,8 +14,9 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -25,6 +26,11 @@ DEFAULT_IMAGE_TEMPLATE = "img_{:05d}.jpg"  # TSN frame folders, 1-based
 
 log = logging.getLogger(__name__)
 _pyav_fallback_logged = False  # the PyAV fallback is announced once per process
+
+#: A video that ends more than this many frames, and more than this fraction of its length, before its
+#: header says counts as truncated (headers of good files may be off by a frame or two).
+TRUNCATION_TOLERANCE_FRAMES = 3
+TRUNCATION_TOLERANCE_FRACTION = 0.01
 
 
 class VideoReadError(RuntimeError):
@@ -76,23 +82,107 @@ def resize_dims(height: int, width: int, short_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), short_side
 
 
+@dataclass(frozen=True)
+class HeaderLength:
+    """What a container's header says about the length of its first video stream (to catch truncated files).
+
+    ``frames``: the exact frame count of an mp4/mov sample table (0: none); ``end_s``: when the video ends,
+    in seconds (Matroska/WebM duration, AVI frame count; None: unknown).
+    """
+
+    frames: int = 0
+    end_s: float | None = None
+
+
+def _hms_seconds(text: str) -> float | None:
+    """``"00:00:03.840000000"`` (a Matroska ``DURATION`` tag) in seconds; None if it is not that."""
+    m = re.fullmatch(r"\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)\s*", text)
+    return None if m is None else int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+
+
+def header_length(container, stream) -> HeaderLength:
+    """The length the header of ``container`` (open with PyAV) gives its video ``stream``.
+
+    Only headers written when the file was finished count: the mp4/mov sample table, the AVI stream
+    length, and Matroska/WebM's per-track ``DURATION`` tag (else the segment duration, when the video is
+    the only stream: an audio track may outlast it). Other containers: nothing known.
+    """
+    names = set(container.format.name.split(","))
+    if names & {"mov", "mp4"}:
+        return HeaderLength(frames=int(stream.frames or 0))
+    if "avi" in names:
+        if stream.frames and stream.time_base:  # strh length, in stream ticks (dropped-frame slots included)
+            return HeaderLength(end_s=float(stream.frames * stream.time_base))
+        return HeaderLength()
+    if names & {"matroska", "webm"}:
+        for key, value in stream.metadata.items():
+            if key.upper().split("-")[0] == "DURATION":
+                end = _hms_seconds(value)
+                if end is not None:
+                    return HeaderLength(end_s=end)
+        if len(container.streams) == 1 and container.duration:
+            return HeaderLength(end_s=container.duration / 1_000_000)  # AV_TIME_BASE
+    return HeaderLength()
+
+
+def truncation(header: HeaderLength, *, frames: int, end_s: float | None, frame_s: float | None) -> str | None:
+    """Why a video of ``frames`` frames ending at ``end_s`` seconds is shorter than ``header`` says, or None.
+
+    An mp4/mov sample table is exact; a duration may be off by :data:`TRUNCATION_TOLERANCE_FRAMES` frames
+    of ``frame_s`` seconds or :data:`TRUNCATION_TOLERANCE_FRACTION` of it, whichever is more.
+    """
+    if header.frames > 0 and frames < header.frames:
+        return f"the header lists {header.frames} frame{'s' * (header.frames != 1)}, the file holds {frames}"
+    if header.end_s is not None and end_s is not None:
+        slack = max(TRUNCATION_TOLERANCE_FRAMES * (frame_s or 0.0), TRUNCATION_TOLERANCE_FRACTION * header.end_s)
+        if end_s < header.end_s - slack:
+            return (f"the header gives the video {header.end_s:.2f} s, the file holds {end_s:.2f} s "
+                    f"in {frames} frame{'s' * (frames != 1)}")
+    return None
+
+
+def frame_seconds(stream) -> float | None:
+    """Average frame duration of a PyAV video stream in seconds, None if it has no rate."""
+    rate = stream.average_rate or stream.guessed_rate
+    return float(1 / rate) if rate else None
+
+
+class _Probe(NamedTuple):
+    height: int
+    width: int
+    header: HeaderLength
+    start_s: float  # the video stream's start time (decord's timestamps count from it)
+
+
 @functools.lru_cache(maxsize=65536)
-def _probe_cached(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
+def _probe_cached(path: str, mtime_ns: int, size: int) -> _Probe:
     import av
 
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 raise VideoReadError(f"{path}: no video stream", path=path)
-            cc = container.streams.video[0].codec_context
+            stream = container.streams.video[0]
+            cc = stream.codec_context
             h, w = int(cc.height), int(cc.width)
+            header = header_length(container, stream)
+            start_s = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
     except VideoReadError:
         raise
     except Exception as e:  # noqa: BLE001 - any container error means an unreadable file
         raise VideoReadError(f"{path}: cannot open ({type(e).__name__}: {e})", path=path) from e
     if h <= 0 or w <= 0:
         raise VideoReadError(f"{path}: invalid frame size {w}x{h}", path=path)
-    return h, w
+    return _Probe(h, w, header, start_s)
+
+
+def _probe(path: str | os.PathLike) -> _Probe:
+    path = str(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise VideoReadError(f"{path}: {e.strerror or e}", path=path) from e
+    return _probe_cached(path, st.st_mtime_ns, st.st_size)
 
 
 def probe_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -100,12 +190,8 @@ def probe_size(path: str | os.PathLike) -> tuple[int, int]:
 
     Costs about 5 ms per file (the container probe), cached per process by path, size and mtime.
     """
-    path = str(path)
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise VideoReadError(f"{path}: {e.strerror or e}", path=path) from e
-    return _probe_cached(path, st.st_mtime_ns, st.st_size)
+    p = _probe(path)
+    return p.height, p.width
 
 
 def _plan(indices: Sequence[int], num_frames: int, path: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -122,9 +208,9 @@ def _plan(indices: Sequence[int], num_frames: int, path: str) -> tuple[np.ndarra
     return uniq, inv
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path) -> bytes:
     """Raise :class:`VideoReadError` saying why ``path`` cannot be read as a video file, before a
-    decoder sees it (decord reports an unreadable file without the reason)."""
+    decoder sees it (decord reports an unreadable file without the reason); return its first 12 bytes."""
     import stat
 
     try:
@@ -140,12 +226,20 @@ def _check_file(path: Path) -> None:
     if st.st_size == 0:
         raise VideoReadError(f"{path}: empty file (0 bytes)", path=path)
     try:
-        with open(path, "rb"):
-            pass
+        with open(path, "rb") as f:
+            head = f.read(12)
     except PermissionError:
         raise VideoReadError(f"{path}: permission denied (the file is not readable by this user)", path=path) from None
     except OSError as e:
         raise VideoReadError(f"{path}: cannot be opened ({e.strerror or e})", path=path) from None
+    return head
+
+
+def _length_only_in_header(head: bytes) -> bool:
+    """True for Matroska/WebM (EBML) and AVI (RIFF) files, by their first bytes: decord reads a cut one up to
+    where it stops without a word, so only the header tells. A cut mp4/mov fails to open (its sample table
+    lists frames past the end of the file)."""
+    return head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:11] == b"AVI")
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,7 +262,7 @@ class DecordReader:
         if not log.isEnabledFor(logging.DEBUG):  # FFmpeg's own lines ("moov atom not found"): our error names the file
             _quiet_decord()
         self.path = Path(path)
-        _check_file(self.path)
+        head = _check_file(self.path)
         height = width = -1
         if short_side:
             height, width = resize_dims(*probe_size(self.path), short_side)
@@ -178,11 +272,31 @@ class DecordReader:
         self._pyav: PyAVReader | None = None  # set when decord cannot decode this width at all
         try:
             self._vr = decord.VideoReader(str(self.path), ctx=decord.cpu(0), width=width, height=height, num_threads=num_threads)
-            self._num_frames = len(self._vr) - self._discarded_leading_frames()
+            total = len(self._vr)
+            self._num_frames = total - self._discarded_leading_frames()
         except Exception as e:  # noqa: BLE001 - decord raises RuntimeError/DECORDError/AssertionError
             raise VideoReadError(f"{self.path}: decord cannot open it ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
         if self._num_frames <= 0:
             raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
+        if _length_only_in_header(head):
+            self._check_complete(total)
+
+    def _check_complete(self, total: int) -> None:
+        """Raise :class:`VideoReadError` when the file ends before its header says (a download cut short)."""
+        probe = _probe(self.path)  # cached: the short-side probe of this file, if any, is this one
+        if probe.header.frames <= 0 and probe.header.end_s is None:
+            return
+        fps = float(self._vr.get_avg_fps())
+        frame_s = 1.0 / fps if fps > 0 else None
+        end = float(self._vr.get_frame_timestamp(total - 1)[1])  # seconds from the stream's start
+        if 0.0 <= end < 1e9:
+            end += probe.start_s
+        else:  # no timestamps in decord's index (B-frames in AVI): count frames
+            end = total * frame_s if frame_s else None
+        why = truncation(probe.header, frames=total, end_s=end, frame_s=frame_s)
+        if why is not None:
+            self._vr = None
+            raise VideoReadError(f"{self.path}: truncated ({why})", path=self.path)
 
     def _discarded_leading_frames(self) -> int:
         """Frames an edit list cuts from the start (``ffmpeg -ss ... -c copy`` trims).
@@ -297,11 +411,15 @@ class PyAVReader:
         pts: list[int | None] = []
         key_pts: list[int | None] = []  # keyframes, discarded ones included: seek targets
         packets = 0
+        end: int | None = None  # latest packet end, in stream ticks
         try:
             for pkt in self._container.demux(self._stream):
                 if pkt.size == 0:  # flush packet
                     continue
                 packets += 1
+                t = pkt.pts if pkt.pts is not None else pkt.dts
+                if t is not None and (end is None or t + (pkt.duration or 0) > end):
+                    end = t + (pkt.duration or 0)
                 if pkt.is_keyframe:
                     key_pts.append(pkt.pts)
                 if pkt.is_discard:  # cut by an edit list: decoded for reference, never output
@@ -309,11 +427,13 @@ class PyAVReader:
                 pts.append(pkt.pts)
         except Exception as e:  # noqa: BLE001
             raise VideoReadError(f"{self.path}: corrupt container ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
-        header = int(self._stream.frames or 0)
         if not pts:
             raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
-        if header > 0 and packets < header:
-            raise VideoReadError(f"{self.path}: truncated (header lists {header} frame{'s' * (header != 1)}, file holds {packets})", path=self.path)
+        frame_s = frame_seconds(self._stream)
+        end_s = float(end * self._stream.time_base) if end is not None and self._stream.time_base else (packets * frame_s if frame_s else None)
+        why = truncation(header_length(self._container, self._stream), frames=packets, end_s=end_s, frame_s=frame_s)
+        if why is not None:
+            raise VideoReadError(f"{self.path}: truncated ({why})", path=self.path)
         self._num_frames = len(pts)
         if any(p is None for p in pts):
             self._pts: list[int] | None = None  # no timestamps: decode from the start, counting
