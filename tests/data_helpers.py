@@ -196,3 +196,32 @@ def write_good_variety(folder: Path) -> dict[str, int]:
         write_noise_video(folder / name, 24, **kw)
     _shift_start(folder / "bframes.mkv", folder / "starts_at_5s.mkv", 5.0)
     return {name: 24 for name in [*specs, "starts_at_5s.mkv"]}
+
+
+def zero_packet(path: Path, dest: Path, frame: int) -> Path:
+    """``dest``: ``path`` with the bytes of the packet of display frame ``frame`` (pts order) zeroed, a corrupt spot."""
+    import av
+
+    with av.open(str(path)) as c:
+        packets = sorted((p.pts, p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size)
+    _, pos, size = packets[frame]
+    data = bytearray(path.read_bytes())
+    data[pos:pos + size] = bytes(size)
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+def write_audio_only(path: Path) -> Path:
+    """An mp4 holding one second of AAC audio and no video."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        wave = np.sin(np.arange(16000) / 10.0).astype(np.float32)[None]
+        frame = av.AudioFrame.from_ndarray(wave, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for p in s.encode(frame):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import (cut_file, frame_ids, level, write_bad_files, write_frame_folder, write_good_variety, write_level_video,
-                          write_noise_video, write_textured_video)
+from data_helpers import (cut_file, frame_ids, level, write_audio_only, write_bad_files, write_frame_folder, write_good_variety,
+                          write_level_video, write_noise_video, write_textured_video, zero_packet)
 
 from mergekit_video.data import VideoReadError, open_video
 from mergekit_video.data.readers import decord_available
@@ -124,9 +124,10 @@ def test_truncated_faststart_file_is_caught_by_pyav(tmp_path):
             c.mux(p)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * 0.6)])
-    for backend in BACKENDS:
-        with pytest.raises(VideoReadError, match="fs.mp4"):
+    for backend in BACKENDS:  # decord said "av_read_frame failed with 1094995529"
+        with pytest.raises(VideoReadError, match=rf"^{re.escape(str(path))}: truncated \(the header lists 30 frames, the file holds \d+\)$") as info:
             open_video(path, backend=backend).get_frames([0, 29])
+        assert info.value.__cause__ is not None or backend == "pyav"  # decord's own words stay in the chain
 
 
 def test_open_video_validates_backend(level_video):
@@ -346,3 +347,24 @@ def test_decord_probes_only_the_headers_it_needs_and_once_per_file(tmp_path):
     for short_side in (None, 32, None):
         open_video(mkv, backend="decord", short_side=short_side).get_frames([0, 11])
     assert readers._probe_cached.cache_info().misses == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_file_without_a_video_stream_says_so(tmp_path, backend):
+    """decord said "Check failed: st_nb >= 0 (-1381258232 vs. 0) ... wanted index: -1"."""
+    path = write_audio_only(tmp_path / "audio.mp4")
+    with pytest.raises(VideoReadError, match=rf"^{re.escape(str(path))}: no video stream$") as info:
+        open_video(path, backend=backend)
+    assert info.value.__cause__ is not None or backend == "pyav"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_corrupt_frame_says_where_decoding_stopped(tmp_path, backend):
+    """decord said "Check failed: avcodec_send_packet(...) >= 0 (-1094995529 vs. 0)", PyAV "Invalid data found when
+    processing input: 'avcodec_send_packet()'"."""
+    path = zero_packet(write_level_video(tmp_path / "src.mp4", 24, gop=8), tmp_path / "bad.mp4", 8)  # keyframe 8
+    with open_video(path, backend=backend) as r:
+        with pytest.raises(VideoReadError, match=rf"^{re.escape(str(path))}: truncated or corrupt: decoding stopped at frame 10 "
+                                                 r"\(of 24\)$") as info:
+            r.get_frames([20, 0, 4, 10])
+        assert info.value.__cause__ is not None  # the decoder's own words

@@ -242,6 +242,25 @@ def _length_only_in_header(head: bytes) -> bool:
     return head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:11] == b"AVI")
 
 
+def _pyav_diagnosis(path: Path, indices: Sequence[int] | None = None) -> str | None:
+    """Why PyAV cannot open ``path`` (or decode its frames ``indices``) either, in plain words, for decord's
+    terse errors ("av_read_frame failed with 1094995529"); None if PyAV can."""
+    try:
+        with PyAVReader(path=path) as reader:
+            if indices is not None:
+                reader.get_frames(indices)
+    except VideoReadError as err:
+        why = str(err).removeprefix(f"{path}: ")
+        if why.startswith("PyAV cannot open it"):
+            cause = err.__cause__
+            detail = getattr(cause, "strerror", None) or (_first_line(cause) if cause is not None else why)
+            return f"cannot open it as a video: not a video file, or truncated or corrupt ({detail})"
+        return why
+    except Exception:  # noqa: BLE001 - no better explanation
+        return None
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _quiet_decord() -> None:
     import decord
@@ -275,7 +294,8 @@ class DecordReader:
             total = len(self._vr)
             self._num_frames = total - self._discarded_leading_frames()
         except Exception as e:  # noqa: BLE001 - decord raises RuntimeError/DECORDError/AssertionError
-            raise VideoReadError(f"{self.path}: decord cannot open it ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+            why = _pyav_diagnosis(self.path) or f"decord cannot open it ({type(e).__name__}: {_first_line(e)})"
+            raise VideoReadError(f"{self.path}: {why}", path=self.path) from e
         if self._num_frames <= 0:
             raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
         if _length_only_in_header(head):
@@ -327,7 +347,9 @@ class DecordReader:
                 break
             except Exception as e:  # noqa: BLE001
                 if "from_size == to_size" not in str(e):  # not decord's buffer-size bug: a bad file
-                    raise VideoReadError(f"{self.path}: decoding frames failed ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+                    # decord does not say which frame failed (its decoder thread reads ahead): PyAV tells
+                    why = _pyav_diagnosis(self.path, uniq.tolist()) or f"decoding frames failed ({type(e).__name__}: {_first_line(e)})"
+                    raise VideoReadError(f"{self.path}: {why}", path=self.path) from e
                 if self._size is not None:
                     self._decode_at_full_size()
                     continue
@@ -458,12 +480,14 @@ class PyAVReader:
         if self._container is None:
             raise VideoReadError(f"{self.path}: reader is closed", path=self.path)
         uniq, inv = _plan(indices, self._num_frames, str(self.path))
+        self._at = int(uniq[0])  # the frame being decoded, for an error
         try:
             arrays = self._decode_sequential(uniq) if self._pts is None else self._decode_seeking(uniq)
         except VideoReadError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise VideoReadError(f"{self.path}: decoding frames failed ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
+            raise VideoReadError(f"{self.path}: truncated or corrupt: decoding stopped at frame {self._at} "
+                                 f"(of {self._num_frames})", path=self.path) from e
         frames = torch.from_numpy(np.stack(arrays))  # [N, H, W, 3]
         return frames if inv is None else frames[torch.from_numpy(inv)]
 
@@ -473,6 +497,7 @@ class PyAVReader:
         got: dict[int, np.ndarray] = {}
         self._container.seek(0)
         for i, frame in enumerate(self._container.decode(self._stream)):
+            self._at = i + 1
             if i in wanted:
                 got[i] = self._to_array(frame)
             if i >= last:
@@ -489,9 +514,10 @@ class PyAVReader:
         got: dict[int, np.ndarray] = {}
         frames_iter = None
         pos: int | None = None  # pts of the last frame decoded by frames_iter
-        for target in targets:
+        for n, target in enumerate(targets):
             if target in got:
                 continue
+            self._at = int(uniq[n])
             k = bisect.bisect_right(self._key_pts, target) - 1
             key = self._key_pts[k] if k >= 0 else self._pts[0]
             # Seek when nothing is open, when the target is behind us, or when a keyframe lies
