@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import time
 import signal
 
 import numpy as np
 import pytest
 import torch
-from data_helpers import tiny_synthetic, write_bad_files, write_level_video  # noqa: F401
+from data_helpers import (cut_file, tiny_synthetic, write_bad_files, write_good_variety, write_level_video,  # noqa: F401
+                          write_noise_video, zero_packet)
 
 from mergekit_video.data import open_video, read_annotation_list, read_class_names, write_synthetic_dataset
 from mergekit_video.data.encode import keyframe_indices, video_info
@@ -519,3 +521,24 @@ def test_a_second_prepare_into_the_same_folder_is_refused_while_the_first_runs(t
     rep = prepare_dataset(**kw)
     assert (rep.encoded, rep.skipped, rep.failed) == (2, 0, 0)
     assert (out / ".prepare.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_prepare_fails_sources_cut_short_or_corrupt_and_encodes_every_good_one(tmp_path):
+    """A cut mkv/avi became a clean shorter mp4 (prepare checked only the count it encoded itself), and a corrupt
+    frame was reported as "InvalidDataError: ... 'avcodec_send_packet()'"."""
+    src = tmp_path / "src"
+    good = write_good_variety(src)
+    cut_file(write_noise_video(tmp_path / "full.mkv", 48), src / "cut_mkv.mkv")
+    cut_file(write_noise_video(tmp_path / "full.avi", 48, codec="mpeg4"), src / "cut_avi.avi")
+    zero_packet(write_level_video(tmp_path / "level.mp4", 24, gop=8), src / "corrupt.mp4", 8)
+    lst = src / "list.txt"
+    lst.write_text("".join(f"{name} {i}\n" for i, name in enumerate([*good, "cut_mkv.mkv", "cut_avi.avi", "corrupt.mp4"])))
+    rep = prepare_dataset(list_file=lst, root=src, out_dir=tmp_path / "out", short_side=32, gop=8, workers=2, progress=False)
+    errors = {f["path"].rsplit("/", 1)[1]: f["error"] for f in rep.failures}
+    assert (rep.encoded, sorted(errors)) == (len(good), ["corrupt.mp4", "cut_avi.avi", "cut_mkv.mkv"]), errors
+    for name in ("cut_mkv.mkv", "cut_avi.avi"):
+        assert re.fullmatch(r"ValueError: truncated \(the header gives the video 1.92 s, the file holds 0\.\d\d s in \d+ frames\)",
+                            errors[name]), errors[name]
+    assert re.fullmatch(r"ValueError: truncated or corrupt: decoding stopped at frame \d+", errors["corrupt.mp4"]), errors["corrupt.mp4"]
+    assert {r.path: video_info(tmp_path / "out" / r.path)["frames"] for r in read_annotation_list(rep.list_file)} == \
+        {name.rsplit(".", 1)[0] + ".mp4": n for name, n in good.items()}

@@ -87,7 +87,14 @@ def target_size(height: int, width: int, short_side: int) -> tuple[int, int]:
 
 
 def _video_frames(src: Path, size_box: dict, threads: int):
+    """Yield None once the output size is known (in ``size_box``), then the source's frames at that size.
+
+    Raises ``ValueError`` when decoding fails ("truncated or corrupt: decoding stopped at frame k") or when
+    the source ends before its header says (a download cut short), as the readers do.
+    """
     import av
+
+    from .readers import frame_seconds, header_length, truncation
 
     with av.open(str(src)) as container:
         if not container.streams.video:
@@ -99,8 +106,29 @@ def _video_frames(src: Path, size_box: dict, threads: int):
         h, w = target_size(int(cc.height), int(cc.width), size_box["short_side"])
         size_box.update(height=h, width=w, fps=rate)
         yield None  # size known: the caller can open the encoder
-        for frame in container.decode(stream):
-            yield frame.reformat(width=w, height=h, format="yuv420p", interpolation="BICUBIC")
+        packets, decoded, end = 0, 0, None  # end: latest packet end, in stream ticks
+        packets_iter = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets_iter, None)
+                if packet is None:
+                    break
+                if packet.size:  # not the flush packet (which still drains the decoder)
+                    packets += 1
+                    t = packet.pts if packet.pts is not None else packet.dts
+                    if t is not None and (end is None or t + (packet.duration or 0) > end):
+                        end = t + (packet.duration or 0)
+                frames = packet.decode()
+            except Exception as e:  # noqa: BLE001 - FFmpeg's own words ('avcodec_send_packet()') stay in the chain
+                raise ValueError(f"truncated or corrupt: decoding stopped at frame {decoded}") from e
+            for frame in frames:
+                decoded += 1
+                yield frame.reformat(width=w, height=h, format="yuv420p", interpolation="BICUBIC")
+        frame_s = frame_seconds(stream)
+        end_s = float(end * stream.time_base) if end is not None and stream.time_base else None
+        why = truncation(header_length(container, stream), frames=packets, end_s=end_s, frame_s=frame_s)
+        if why is not None:
+            raise ValueError(f"truncated ({why})")
 
 
 def _folder_frames(src: Path, num_frames: int | None, size_box: dict):
