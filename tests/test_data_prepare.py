@@ -12,7 +12,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from data_helpers import (cut_file, tiny_synthetic, write_bad_files, write_good_variety, write_level_video,  # noqa: F401
+from data_helpers import (cut_file, tiny_synthetic, write_bad_files, write_frame_folder, write_good_variety, write_level_video,  # noqa: F401
                           write_noise_video, zero_packet)
 
 from mergekit_video.data import open_video, read_annotation_list, read_class_names, write_synthetic_dataset
@@ -366,7 +366,8 @@ def test_prepare_and_synth_argument_errors_name_the_command_line_option(tmp_path
     for kw, message in [({"short_side": 0}, "short_side (--short-side) must be positive, got 0"),
                         ({"gop": -1}, "gop (--gop) must be positive, got -1"),
                         ({"list_format": "x"}, "list_format (--list-format) must be one of video, frames, got 'x'"),
-                        ({"list_format": "frames", "fps": 0.0}, "fps (--fps) must be positive for frame-folder lists, got 0.0")]:
+                        ({"list_format": "frames", "fps": 0.0}, "fps (--fps) must be positive for frame-folder lists, got 0.0"),
+                        ({"read_timeout_s": 0}, "read_timeout_s (--read-timeout) must be positive, got 0")]:
         with pytest.raises(ValueError) as info:
             prepare_dataset(list_file=lst, root=tiny_synthetic.root, out_dir=tmp_path / "out", progress=False, **kw)
         assert str(info.value) == message
@@ -542,3 +543,38 @@ def test_prepare_fails_sources_cut_short_or_corrupt_and_encodes_every_good_one(t
     assert re.fullmatch(r"ValueError: truncated or corrupt: decoding stopped at frame \d+", errors["corrupt.mp4"]), errors["corrupt.mp4"]
     assert {r.path: video_info(tmp_path / "out" / r.path)["frames"] for r in read_annotation_list(rep.list_file)} == \
         {name.rsplit(".", 1)[0] + ".mp4": n for name, n in good.items()}
+
+
+def test_prepare_gives_up_on_a_source_that_hangs_and_goes_on(tmp_path, capsys):
+    """A frame folder whose img_00003.jpg is a FIFO hung `mergevid data prepare` forever."""
+    import threading
+
+    from mergekit_video.cli.main import main
+
+    src = tmp_path / "src"
+    write_frame_folder(src / "ok", 8)
+    fifo = write_frame_folder(src / "hung", 8) / "img_00003.jpg"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    (src / "list.txt").write_text("ok 8 0\nhung 8 1\n")
+
+    def unblock() -> None:  # should the limit not work: end the read rather than hang the test run
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    guard = threading.Timer(60.0, unblock)
+    guard.start()
+    try:
+        t0 = time.monotonic()
+        code = main(["data", "prepare", str(src / "list.txt"), str(tmp_path / "out"), "--list-format", "frames", "--short-side", "16",
+                     "--gop", "4", "--workers", "1", "--read-timeout", "1"])
+        took = time.monotonic() - t0
+    finally:
+        guard.cancel()
+        unblock()
+    err = capsys.readouterr().err
+    assert code == 1 and took < 30
+    assert f"failed: {src / 'hung'}: ReadTimeoutError: {src / 'hung'}: no result after 1 s (decoder hung)" in err, err
+    assert [r.path for r in read_annotation_list(tmp_path / "out" / "list.txt")] == ["ok.mp4"]

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..data.watchdog import DEFAULT_READ_TIMEOUT_S
 from ..runners.schema import SYNTHETIC
 from .errors import UserError, refuse_existing_output
 from .main import bench_app, data_app
@@ -68,13 +69,15 @@ def prepare_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Parallel encoders (default: all cores)."),
     list_format: str = typer.Option("video", "--list-format", help="video | frames ('folder num_frames label')."),
     fps: float = typer.Option(30.0, "--fps", help="Frame rate for frame-folder inputs."),
+    read_timeout: float = typer.Option(DEFAULT_READ_TIMEOUT_S, "--read-timeout",
+                                       help="Seconds a source may take to open or to decode its next frames; past it the video fails as hung and the run goes on."),
 ) -> None:
     """Re-encode a dataset for fast training: short GOP, fastdecode, smaller short side; resumable."""
     from ..data.prepare import prepare_dataset, refuse_file_as_folder
 
     refuse_file_as_folder(out_dir, "OUT_DIR")
     report = prepare_dataset(list_file=list_file, root=root or list_file.parent, out_dir=out_dir, short_side=short_side, gop=gop,
-                             fastdecode=fastdecode, workers=workers, list_format=list_format, fps=fps)
+                             fastdecode=fastdecode, workers=workers, list_format=list_format, fps=fps, read_timeout_s=read_timeout)
     typer.echo(f"{report.total} videos: {report.encoded} encoded, {report.skipped} already done, {report.failed} failed "
                f"({report.seconds:.1f} s)")
     if report.removed_temps:

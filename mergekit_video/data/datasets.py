@@ -25,7 +25,7 @@ from .failures import ON_ERROR_POLICIES, FailureRecord, report_skipped
 from .readers import BACKENDS, DEFAULT_IMAGE_TEMPLATE, VideoReadError, open_video
 from .sampling import TEST_OFFSETS, dense_indices, multi_clip_indices, segment_indices
 from .transforms import TestTransform, TrainTransform, to_tchw
-from .watchdog import ReadTimeoutError, run_with_timeout
+from .watchdog import DEFAULT_READ_TIMEOUT_S, ReadTimeoutError, run_with_timeout
 
 log = logging.getLogger("mergekit_video.data")
 
@@ -161,7 +161,7 @@ class VideoDataset(torch.utils.data.Dataset):
         scale: tuple[float, float] = (0.08, 1.0),
         normalize: bool = True,
         on_error: str | None = None,
-        read_timeout_s: float | None = 60.0,
+        read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S,
         seed: int = 0,
         image_template: str = DEFAULT_IMAGE_TEMPLATE,
         num_threads: int = 1,

@@ -24,12 +24,14 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..utils.io import TEMP_OWNER_PATTERN, atomic_write_json, remove_stale_atomic_temps
 from .annotations import LIST_FORMATS, VideoRecord, read_annotation_list, write_annotation_list
 from .encode import encode_video, keyframe_indices, video_info
+from .watchdog import DEFAULT_READ_TIMEOUT_S, ReadTimeoutError, run_with_timeout
 
 MANIFEST = "prepare_manifest.json"
 REPORT = "prepare_report.json"
@@ -174,6 +176,31 @@ def verify_output(path: str | os.PathLike, *, gop: int | None = None, height: in
     return {"frames": decoded, "height": h, "width": w, "keyframes": len(keys)}
 
 
+#: Frames pulled from a source per timed read (one hand-off to the watchdog's helper thread each).
+_READ_CHUNK = 16
+_stuck_sources: list = []  # sources still running in an abandoned helper thread: never closed from here
+
+
+def _timed(gen, timeout_s: float | None, what: str):
+    """The items of the generator ``gen``, read :data:`_READ_CHUNK` at a time on the watchdog's helper thread.
+
+    A read (opening the source, or decoding the next frames) that runs past ``timeout_s`` raises
+    :class:`~mergekit_video.data.watchdog.ReadTimeoutError` naming ``what``; the stuck generator is left to its
+    thread. The encoder's own time does not count, so a long video is never cut short.
+    """
+    from itertools import islice
+
+    while True:
+        try:
+            chunk = run_with_timeout(lambda: list(islice(gen, _READ_CHUNK)), timeout_s, what=what)
+        except ReadTimeoutError:
+            _stuck_sources.append(gen)
+            raise
+        if not chunk:
+            return
+        yield from chunk
+
+
 def _prepare_one(job: dict) -> dict:
     """Encode and verify one video; never raises (errors come back in the result)."""
     src, out = Path(job["src"]), Path(job["out"])
@@ -189,8 +216,9 @@ def _prepare_one(job: dict) -> dict:
             if src.stat().st_size == 0:
                 raise ValueError("empty file (0 bytes)")
             gen = _video_frames(src, box, job["threads"])
-        next(gen)  # opens the input and fixes the output size
-        n = encode_video(out, (f for f in gen), width=box["width"], height=box["height"], fps=box["fps"], gop=job["gop"],
+        frames = _timed(gen, job["read_timeout"], str(src))
+        next(frames)  # opens the input and fixes the output size
+        n = encode_video(out, frames, width=box["width"], height=box["height"], fps=box["fps"], gop=job["gop"],
                          fastdecode=job["fastdecode"], preset=job["preset"], crf=job["crf"], threads=job["threads"])
         try:
             info = verify_output(out, gop=job["gop"], height=box["height"], width=box["width"], frames=n)
@@ -447,6 +475,7 @@ def prepare_dataset(
     preset: str | None = None,
     crf: int | None = None,
     progress: bool = True,
+    read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S,
 ) -> PrepareReport:
     """Re-encode every video of ``list_file`` (paths relative to ``root``) into ``out_dir``.
 
@@ -459,6 +488,8 @@ def prepare_dataset(
     a source whose worker process died. Re-running skips outputs recorded as finished and verified.
     An ``out_dir`` prepared with other settings is refused rather than overwritten, and so is
     one where the new list or the report would replace a file this command did not write.
+    A source whose read (opening it, or decoding its next frames) takes longer than ``read_timeout_s``
+    seconds fails as hung, and the run goes on (None: no limit).
     """
     t0 = time.perf_counter()
     list_file, root, out_dir = Path(list_file), Path(root), Path(out_dir)
@@ -471,6 +502,8 @@ def prepare_dataset(
         raise ValueError(f"list_format (--list-format) must be one of {', '.join(LIST_FORMATS)}, got {list_format!r}")
     if list_format == "frames" and not fps > 0:
         raise ValueError(f"fps (--fps) must be positive for frame-folder lists, got {fps}")
+    if read_timeout_s is not None and not read_timeout_s > 0:
+        raise ValueError(f"read_timeout_s (--read-timeout) must be positive, got {read_timeout_s}")
     refuse_file_as_folder(out_dir, "out_dir")
     records = read_annotation_list(list_file, list_format)
     if not root.is_dir():
@@ -505,13 +538,13 @@ def prepare_dataset(
         return _prepare_locked(
             list_file=list_file, root=root, out_dir=out_dir, new_list=new_list, records=records, key_of=key_of, sources=sources,
             by_out=by_out, early_failures=early_failures, short_side=short_side, gop=gop, fastdecode=fastdecode, workers=workers,
-            list_format=list_format, fps=fps, preset=preset, crf=crf, progress=progress, t0=t0)
+            list_format=list_format, fps=fps, preset=preset, crf=crf, progress=progress, read_timeout_s=read_timeout_s, t0=t0)
 
 
 def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Path, records: list[VideoRecord], key_of: dict[str, str],
                     sources: dict[str, VideoRecord], by_out: dict[str, list[str]], early_failures: list[dict], short_side: int,
                     gop: int, fastdecode: bool, workers: int | None, list_format: str, fps: float, preset: str | None,
-                    crf: int | None, progress: bool, t0: float) -> PrepareReport:
+                    crf: int | None, progress: bool, read_timeout_s: float | None, t0: float) -> PrepareReport:
     """The rest of :func:`prepare_dataset`, run while this process holds ``out_dir``'s lock."""
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     settings = {"short_side": short_side, "gop": gop, "fastdecode": fastdecode, "preset": preset, "crf": crf,
@@ -558,7 +591,9 @@ def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Pat
             # holds the settings it was made with): verify it and keep it. Anything else in the
             # way is not ours, and is never overwritten.
             try:
-                height, width = _expected_size(src, list_format=list_format, num_frames=r.num_frames, short_side=short_side)
+                height, width = run_with_timeout(
+                    partial(_expected_size, src, list_format=list_format, num_frames=r.num_frames, short_side=short_side),
+                    read_timeout_s, what=str(src))
             except Exception as e:  # noqa: BLE001
                 early_failures.append({"ok": False, "src": r.path, "out": out_rel,
                                        "error": f"{out} exists and its source cannot be read to check it: "
@@ -575,7 +610,8 @@ def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Pat
             continue
         jobs.append({"src": str(src), "out": str(out), "rel": r.path, "key": key, "out_rel": out_rel, "short_side": short_side,
                      "gop": gop, "fastdecode": fastdecode, "preset": preset, "crf": crf, "threads": 1 if workers > 1 else 0,
-                     "list_format": list_format, "num_frames": r.num_frames, "fps": fps, "stamp": stamp})
+                     "list_format": list_format, "num_frames": r.num_frames, "fps": fps, "stamp": stamp,
+                     "read_timeout": read_timeout_s})
 
     results: list[dict] = list(early_failures)
 

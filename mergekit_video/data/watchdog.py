@@ -29,6 +29,9 @@ T = TypeVar("T")
 
 MAX_ABANDONED_THREADS = 16  # past this many reads stuck at once, a process is too damaged to carry on
 
+#: The time limit of one read, in seconds, unless set (``VideoDataset(read_timeout_s=...)``, ``mergevid data prepare --read-timeout``).
+DEFAULT_READ_TIMEOUT_S = 60.0
+
 
 MAX_EXCUSED_PAUSE_S = 300.0  # garbage-collector time not counted against one read, at most
 
