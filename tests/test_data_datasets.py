@@ -110,6 +110,26 @@ def test_annotation_lists_and_class_csv(tmp_path):
         read_class_names(csv)
 
 
+def test_labels_and_frame_counts_must_be_plain_decimal_numbers(tmp_path):
+    """int() read '1_0' as label 10, and took '+1' and non-ASCII digits ('١', '５') as labels."""
+    lst = tmp_path / "list.txt"
+    for field in ("1_0", "+1", "\u0661", "\uff15", "1.5", "0x1", "1e2"):
+        lst.write_text(f"a.mp4 0\nvideos/good.mp4 {field}\n")
+        with pytest.raises(ValueError) as info:
+            read_annotation_list(lst)
+        assert str(info.value) == (f"{lst}:2: label {field!r} is not a whole number (digits 0-9 only); expected "
+                                   f"'relative/path.mp4 label' with integer fields, got 'videos/good.mp4 {field}'")
+    lst.write_text("a.mp4 -1\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(lst))}:1: negative label -1$"):
+        read_annotation_list(lst)
+    lst.write_text("a.mp4 007\nb c.mp4 12\n")
+    assert read_annotation_list(lst) == [VideoRecord("a.mp4", 7), VideoRecord("b c.mp4", 12)]
+    frames = tmp_path / "frames.txt"
+    frames.write_text("vids/a 1_20 2\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(frames))}:1: frame count '1_20' is not a whole number"):
+        read_annotation_list(frames, "frames")
+
+
 @pytest.mark.parametrize("backend", ["pyav"] + (["decord"] if decord_available() else []))
 def test_a_video_cut_short_follows_the_error_policy(tmp_path, tiny_synthetic, backend):
     """A truncated mkv (the first half of its bytes) was read as a shorter video by decord, without a word."""

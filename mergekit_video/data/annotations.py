@@ -14,6 +14,7 @@ import csv
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LIST_FORMATS = ("video", "frames")
+_DECIMAL = re.compile(r"-?[0-9]+")  # a '-' is let through to be refused as a negative label or count
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,12 @@ def read_annotation_list(path: str | os.PathLike, list_format: str = "video") ->
         parts = line.rsplit(maxsplit=fields - 1)
         if len(parts) != fields:
             raise ValueError(f"{path}:{lineno}: expected '{example}', got {line!r}")
-        try:
-            label = int(parts[-1])
-            num_frames = int(parts[1]) if fields == 3 else None
-        except ValueError:
-            raise ValueError(f"{path}:{lineno}: expected '{example}' with integer fields, got {line!r}") from None
+        for name, text in (("label", parts[-1]), ("frame count", parts[1])) if fields == 3 else (("label", parts[-1]),):
+            if not _DECIMAL.fullmatch(text):  # int() also takes '1_0', '+1' and non-ASCII digits
+                raise ValueError(f"{path}:{lineno}: {name} {text!r} is not a whole number (digits 0-9 only); "
+                                 f"expected '{example}' with integer fields, got {line!r}")
+        label = int(parts[-1])
+        num_frames = int(parts[1]) if fields == 3 else None
         if label < 0:
             raise ValueError(f"{path}:{lineno}: negative label {label}")
         if num_frames is not None and num_frames < 0:
