@@ -203,6 +203,9 @@ def _timed(gen, timeout_s: float | None, what: str):
 
 def _prepare_one(job: dict) -> dict:
     """Encode and verify one video; never raises (errors come back in the result)."""
+    import av  # noqa: F401 - imported here, not in the timed read: a fresh worker's imports (torch: seconds)
+    from . import readers  # noqa: F401   must not count against --read-timeout
+
     src, out = Path(job["src"]), Path(job["out"])
     box: dict[str, Any] = {"short_side": job["short_side"], "folder_fps": job["fps"]}
     try:
