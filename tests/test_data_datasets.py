@@ -158,6 +158,13 @@ def test_class_csv_empty_names_and_negative_ids_are_refused_and_repeated_names_w
     with pytest.raises(ValueError) as info:
         read_class_names(csv)
     assert str(info.value) == f"{csv}:2: class id -1 is negative; ids are 0..C-1"
+    for bad in ("1_0", "+1", "\u0661", "1.0"):  # int() takes the first three (10, 1, 1)
+        csv.write_text(f"id,name\n0,a\n{bad},b\n", encoding="utf-8")
+        with pytest.raises(ValueError) as info:
+            read_class_names(csv)
+        assert str(info.value) == f"{csv}:3: class id {bad!r} is not a whole number (digits 0-9 only)"
+    csv.write_text("id,name\n 0,a\n1 ,b\n")  # spaces around an id are fine
+    assert read_class_names(csv) == ["a", "b"]
     csv.write_text("id,name\n0,b\n1,a\n2,B\n3,a\n")  # case and spacing do not tell names apart (CLIP's tokenizer ignores them)
     with caplog.at_level(logging.WARNING, logger="mergekit_video.data.annotations"):
         assert read_class_names(csv) == ["b", "a", "B", "a"]

@@ -145,10 +145,9 @@ def read_class_names(csv_path: str | os.PathLike) -> list[str]:
             continue
         if len(row) < 2:
             raise ValueError(f"{path}:{lineno}: expected 'id,name', got {row!r}")
-        try:
-            cid = int(row[0])
-        except ValueError:
-            raise ValueError(f"{path}:{lineno}: class id {row[0]!r} is not an integer") from None
+        if not _DECIMAL.fullmatch(row[0].strip()):  # int() also takes '1_0', '+1' and non-ASCII digits
+            raise ValueError(f"{path}:{lineno}: class id {row[0]!r} is not a whole number (digits 0-9 only)")
+        cid = int(row[0])
         if cid in names:
             raise ValueError(f"{path}:{lineno}: duplicate class id {cid}")
         if cid < 0:
