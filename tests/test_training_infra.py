@@ -23,6 +23,7 @@ from mergekit_video.training.distributed import (
     init_distributed,
     is_main_process,
 )
+from mergekit_video.experts import find_containers
 from mergekit_video.training.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, summary_table
 from mergekit_video.training.optim import build_optimizer, build_param_groups, describe_param_groups
 from mergekit_video.training.precision import autocast_context, make_grad_scaler, resolve_precision
@@ -992,3 +993,72 @@ def test_a_signal_during_the_validation_stops_at_the_epoch_end(tmp_path):
         trainer.fit()
     assert info.value.step == 4 and trainer.state.epoch == 1  # the epoch closed: its checkpoint holds the validation
     assert (tmp_path / "ckpt" / "step_00000004" / "state.json").is_file()
+
+
+def test_gradient_accumulation_draws_one_expert_and_tau_per_layer_per_optimizer_step(tmp_path):
+    """MoTE routes the whole batch to one expert per layer (Eq. 5) and draws one τ per layer (Eq. 7): with
+    train.grad_accumulation the micro-batches of a step replay the step's draws, so 2 micro-batches of 2
+    clips update the weights as one batch of 4 does (SGD, fp32) under multinomial routing and discrete WMR."""
+    import torch.nn.functional as F
+
+    from mergekit_video.models import MoTEObjective, build_video_clip
+    from mergekit_video.training.trainer import Trainer
+
+    gen = torch.Generator().manual_seed(5)
+    frames, labels = torch.randn(8, 4, 3, 32, 32, generator=gen), torch.arange(8) % 3
+    classes = F.normalize(torch.randn(3, 64, generator=gen), dim=-1)
+
+    def run(micro: int, accumulation: int) -> tuple[list[torch.Tensor], list[int]]:
+        torch.manual_seed(0)
+        model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=4)
+        drawn: list[int] = []
+        for _, c in find_containers(model.head):
+            route = c.router.route
+            c.router.route = lambda x, route=route: (lambda r: (drawn.append(int(r.indices[0, 0])), r)[1])(route(x))
+        opt = build_optimizer(build_param_groups(model, lr=0.5, weight_decay=0.0), name="sgd", lr=0.5, weight_decay=0.0)
+        batches = [{"frames": frames[i:i + micro], "label": labels[i:i + micro]} for i in range(0, 8, micro)]
+        Trainer(model=model, objective=MoTEObjective(), loader=batches, class_features=classes, optimizer=opt,
+                scheduler=cosine_with_warmup(opt, warmup_steps=0, total_steps=2), device=torch.device("cpu"), precision="fp32",
+                epochs=1, grad_accumulation=accumulation, show_progress=False, stop_on_signals=False).fit()
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad], drawn
+
+    whole, drawn_whole = run(4, 1)
+    accumulated, drawn_accumulated = run(2, 2)
+    assert len(drawn_whole) == 4 and drawn_accumulated == [d for pair in zip(drawn_whole[0::2], drawn_whole[1::2]) for d in (*pair, *pair)]
+    assert max((a - b).abs().max().item() for a, b in zip(whole, accumulated)) < 1e-6
+
+
+def test_clips_per_s_leaves_out_the_validation_and_checkpoint_time(monkeypatch):
+    """The logged rate is that of the training steps since the previous line: a validation (here 1000 s on a
+    shifted clock) between them is left out, and so is a checkpoint write; the progress bar's window too."""
+    import time as time_module
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from mergekit_video.models import MoTEObjective, build_video_clip
+    from mergekit_video.training.trainer import Trainer
+
+    real, shift = time_module.perf_counter, [0.0]
+    monkeypatch.setattr(time_module, "perf_counter", lambda: real() + shift[0])
+
+    def validate(epoch: int) -> dict[str, float]:
+        shift[0] += 1000.0  # a long validation
+        return {"top1": 0.0}
+
+    torch.manual_seed(0)
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
+    opt = build_optimizer(build_param_groups(model, lr=1e-3, weight_decay=0.0), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"frames": torch.randn(2, 4, 3, 32, 32, generator=gen), "label": torch.tensor([0, 1])} for _ in range(3)]
+    logged = []
+    trainer = Trainer(model=model, objective=MoTEObjective(), loader=batches, class_features=F.normalize(torch.randn(3, 64, generator=gen), dim=-1),
+                      optimizer=opt, scheduler=cosine_with_warmup(opt, warmup_steps=0, total_steps=6), device=torch.device("cpu"),
+                      precision="fp32", epochs=2, log_every=2, evaluate_fn=validate, show_progress=False, stop_on_signals=False,
+                      metrics=SimpleNamespace(log=lambda logs, step, epoch: logged.append((step, logs)), enabled=False))
+    trainer.progress = TrainProgress(total_steps=6, enabled=False)
+    trainer.fit()
+    rates = {step: logs["clips_per_s"] for step, logs in logged if "clips_per_s" in logs}
+    assert sorted(rates) == [2, 4, 6] and shift[0] == 2000.0
+    assert rates[4] > 4 / 100.0  # its window holds the first validation: 4 clips in far less than 100 s, not over 1000 s
+    assert trainer.progress.clips_per_s > 4 / 100.0 and trainer.progress.eta_s < 100.0

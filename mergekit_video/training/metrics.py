@@ -242,6 +242,11 @@ class TrainProgress:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` that just passed outside training steps (a validation, a checkpoint write) out of
+        the recent window, so clips/s and the ETA are those of the training steps."""
+        self._times = deque(((t + seconds, s, c) for t, s, c in self._times), maxlen=self._times.maxlen)
+
     # -- updates ---------------------------------------------------------------------------
     @property
     def clips_per_s(self) -> float:

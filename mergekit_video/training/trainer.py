@@ -12,6 +12,7 @@ right after its last step, a failed validation) runs that validation first.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..data.failures import note_batch_failures
-from ..experts import find_containers
+from ..experts import find_containers, router_keeps_state
 from ..models.objective import MoTEObjective, MoTEStepOutput
 from .precision import autocast_context, make_grad_scaler
 
@@ -69,6 +70,24 @@ def named_generators(model: nn.Module, objective: MoTEObjective) -> dict[str, to
     gens = {f"router:{name}": c.router.generator for name, c in find_containers(model)}
     gens.update({f"objective:{k}": g for k, g in objective.generators().items()})
     return gens
+
+
+def _draw_state(model: nn.Module, generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Where the routing and τ draws stand: every named generator's state, and the extra state of routers
+    that keep their own (:func:`~mergekit_video.experts.router_keeps_state`)."""
+    extra = {name: copy.deepcopy(c.router.get_extra_state()) for name, c in find_containers(model) if router_keeps_state(c.router)}
+    return {name: g.get_state() for name, g in generators.items()}, extra
+
+
+def _restore_draw_state(model: nn.Module, generators: dict[str, torch.Generator],
+                        state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:
+    """Put the draws back where :func:`_draw_state` found them: the next forward draws the same experts and τ."""
+    gens, extra = state
+    for name, g in generators.items():
+        g.set_state(gens[name])
+    for name, c in find_containers(model):
+        if name in extra:
+            c.router.set_extra_state(copy.deepcopy(extra[name]))
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -683,6 +702,11 @@ class Trainer:
                 self.state.batches_in_epoch += 1
                 note_batch_failures(batch, self.bad_videos)
                 sync = self.state.batches_in_epoch % self.grad_accumulation == 0
+                if self.grad_accumulation > 1:  # one draw of experts and τ per optimizer step, as without accumulation
+                    if (self.state.batches_in_epoch - 1) % self.grad_accumulation == 0:
+                        step_draws = _draw_state(self.model, self.generators)
+                    else:
+                        _restore_draw_state(self.model, self.generators, step_draws)
                 weight, clips = self._clip_weight(batch)
                 step_clips += clips
                 epoch_clips += clips
@@ -726,7 +750,7 @@ class Trainer:
                     self.progress.update(step=self.state.step, loss=logs.get("loss"), lr=logs.get("lr"), clips=new_clips)
                 saved = bool(self.save_every_steps and self.state.step % self.save_every_steps == 0)
                 if saved:
-                    self.save_checkpoint()
+                    window_start += self._outside_steps(self.save_checkpoint)
                 if self._stop_requested():
                     self._stop_after_step(saved)
                 if self.state.step >= self.total_steps:
@@ -737,7 +761,19 @@ class Trainer:
                 if self._saved_step != self.state.step:
                     self.save_checkpoint()
                 break
-            self._close_epoch_or_stop()
+            window_start += self._outside_steps(self._close_epoch_or_stop)  # validation and checkpoint: not step time
+
+    def _outside_steps(self, fn: Callable[[], Any]) -> float:
+        """Run ``fn`` (a checkpoint write, the epoch's validation) and return how long it took, which the
+        throughput windows (``clips_per_s``, the progress bar's rate and ETA) leave out."""
+        start = time.perf_counter()
+        try:
+            fn()
+        finally:
+            took = time.perf_counter() - start
+            if self.progress is not None:
+                self.progress.exclude(took)
+        return took
 
     def _close_epoch_or_stop(self) -> None:
         """:meth:`_close_epoch`, then stop (its checkpoint written) if a signal came meanwhile: one during the
