@@ -136,6 +136,9 @@ def test_unfused_paths_keep_the_routers_auxiliary_loss(classes):
     assert set(unfused.terms) == set(fused.terms) == {"te", "wmr", "mse", "aux"}
     assert unfused.terms["aux"] > 0 and torch.allclose(unfused.terms["aux"], fused.terms["aux"], atol=1e-6)
     assert torch.allclose(unfused.loss, fused.loss, atol=1e-5)
+    # Switch's 1e-2 on the load-balancing loss, ST-MoE's 1e-3 on the z-loss (aux_weight scales both)
+    assert (MoTEObjective().aux.coef, MoTEObjective().aux.z_coef) == (1e-2, 1e-3)
+    assert (MoTEObjective(aux_weight=1.0).aux.coef, MoTEObjective(aux_weight=1.0).aux.z_coef) == (1.0, 0.1)
 
 
 def test_copies_share_the_first_attention_and_route_each_segment():

@@ -63,7 +63,8 @@ class MoTEObjective:
         wmr_loss: ``ce`` (the paper), ``kl`` or ``mse`` (Table 7c variants).
         expert_data: ``routed`` (one expert per batch) or ``all`` (every expert sees every
             batch, outputs averaged; Table 2a "All").
-        aux_weight: weight of the routers' auxiliary losses (``topk`` routers only).
+        aux_weight: coefficient of the ``topk`` routers' Switch load-balancing loss; their router z-loss
+            gets a tenth of it (the defaults, 1e-2 and 1e-3, are Switch Transformer's and ST-MoE's).
         fuse_paths: run the expert and WMR paths as one batched forward ([2B, T, D]) that
             computes the first block's attention half once for both.
         label_smoothing: for the cross-entropy terms.
@@ -77,7 +78,7 @@ class MoTEObjective:
         wmr: WeightMergingRegularizer | dict[str, Any] | None = None,
         wmr_loss: str = "ce",
         expert_data: str = "routed",
-        aux_weight: float = 1.0,
+        aux_weight: float = 1e-2,
         fuse_paths: bool = True,
         label_smoothing: float = 0.0,
     ) -> None:

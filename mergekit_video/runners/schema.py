@@ -44,7 +44,7 @@ OBJECTIVE_FIELDS = {
     "mse_weight": Field(float, min=0, doc="η of Eq. 10"),
     "wmr_loss": Field(str, choices=("ce", "kl", "mse")),
     "expert_data": Field(str, choices=("routed", "all")),
-    "aux_weight": Field(float, min=0),
+    "aux_weight": Field(float, min=0, doc="topk routers: load-balancing loss coefficient, z-loss a tenth of it (default 0.01)"),
     "fuse_paths": Field(bool),
     "label_smoothing": Field(float, min=0, max=1),
     "wmr": Section(
