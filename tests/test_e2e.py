@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -250,6 +251,22 @@ def test_a_run_that_fails_at_start_leaves_no_folder_even_with_its_text_cache_ins
     assert cli_main(args) == 1
     assert "but there are only 2 class names" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "new").exists()
+
+
+def test_rerunning_a_finished_run_whose_checkpoints_were_deleted_is_refused_not_retrained(quick_run, tmp_path, capsys):
+    """With checkpoints/ deleted (to save space) resume: auto found nothing and trained from step 1,
+    replacing model/ and results.json and dropping the metrics history, without a word."""
+    from mergekit_video.cli.main import main as cli_main
+
+    out, _ = quick_run
+    moved = tmp_path / "copy"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns(LOCK_FILE, "checkpoints"))
+    metrics = (moved / "metrics.jsonl").read_text()
+    assert cli_main(["run", str(QUICKSTART), f"output_dir={moved}", *QUICK_OVERRIDES]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"output_dir {moved} holds a trained run of this recipe (model/, model_dense/, results.json) but no checkpoint to resume from" in err
+    assert "pass --overwrite to train again" in err
+    assert (moved / "metrics.jsonl").read_text() == metrics and not (moved / "checkpoints").exists()
 
 
 def test_an_evaluation_that_fails_leaves_no_folder_it_made(quick_run, tmp_path, capsys):

@@ -101,6 +101,8 @@ class MoTERunner:
         resume = cfg["train"].get("resume", "auto")
         resume = self._own_checkpoints_first(resume)
         found = self.checkpoints.load_resume(resume) if resume else None
+        if found is None and resume and not self.overwrite:
+            self._refuse_retraining_a_finished_run()
         ckpt_path = None if found is None else found[0]
         if found is not None:
             self.trainer.resume(found[1])
@@ -144,6 +146,21 @@ class MoTERunner:
             shown = "; ".join(describe_change(*c) for c in changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
             log.warning("train.resume: checkpoint %s was trained with other settings (%s); this run continues it with this recipe's",
                         ckpt_path, shown)
+
+    def _refuse_retraining_a_finished_run(self) -> None:
+        """No checkpoint to resume from, but the folder holds a trained model or results of this recipe (its
+        ``checkpoints/`` deleted to save space, say): training from step 1 would replace them and drop the
+        metrics history, so that needs ``--overwrite``. (A run that crashed before its first checkpoint
+        left neither and starts again.)"""
+        done = [name for name in ("model", "model_dense", "results.json") if (self.output_dir / name).exists()]
+        if done:
+            shown = ", ".join(n + ("/" if (self.output_dir / n).is_dir() else "") for n in done)
+            raise FileExistsError(
+                f"output_dir {self.output_dir} holds a trained run of this recipe ({shown}) but no checkpoint to resume "
+                f"from ({self.output_dir / 'checkpoints'} is {'empty' if (self.output_dir / 'checkpoints').is_dir() else 'gone'}): "
+                "training again from step 1 would replace them and its metrics.jsonl history. Evaluate the saved model with "
+                f"mergevid eval {self.output_dir / 'model'} ..., use another output_dir, or pass --overwrite to train again"
+            )
 
     def _own_checkpoints_first(self, resume: Any) -> Any:
         """``train.resume`` naming another run's checkpoint starts this run; once this run has
