@@ -673,3 +673,24 @@ def test_device_cpu_joins_the_process_group_with_gloo(monkeypatch):
         with pytest.raises(RuntimeError, match="stop here"):
             start_run({"runner": "mote", "output_dir": "unused", "device": device}, overwrite=False)
     assert asked == ["gloo", None, None]
+
+
+def test_overwrite_never_deletes_a_file_the_new_run_reads(tmp_path):
+    """--overwrite deletes an earlier, different run's outputs: any path the recipe reads inside them (not only
+    checkpoint, train.resume and model.pretrained) is refused first, naming the key; nothing is deleted."""
+    out = tmp_path / "run"
+    prepare_output_dir(_cfg(out, lr=1), overwrite=False, main=True)
+    (out / "model").mkdir()
+    (out / "model" / "clip.safetensors").write_text("weights")
+    (out / "metrics.jsonl").write_text("{}\n")
+    release_output_dir(out)
+    weights = str(out / "model" / "clip.safetensors")
+    for extra, key in (({"eval": {"clip_blend": 0.99, "clip_blend_weights": weights}}, "eval.clip_blend_weights"),
+                       ({"model": {"pretrained": weights}}, "model.pretrained"),
+                       ({"data": {"train_list": weights}}, "data.train_list")):
+        cfg = {**_cfg(out, lr=2), **extra}
+        with pytest.raises(FileExistsError, match=rf"^--overwrite would delete {re.escape(str(out / 'model'))}, which holds "
+                                                  rf"{re.escape(key)}={re.escape(weights)}, an input of this run; choose another output_dir$"):
+            prepare_output_dir(cfg, overwrite=True, main=True)
+        release_output_dir(out)
+        assert (out / "model" / "clip.safetensors").read_text() == "weights" and (out / "metrics.jsonl").exists()

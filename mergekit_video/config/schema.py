@@ -475,6 +475,26 @@ def check_paths(cfg: Mapping[str, Any], schema: Section) -> list[Problem]:
     return problems
 
 
+def path_values(cfg: Mapping[str, Any], schema: Section) -> list[tuple[str, str]]:
+    """``(key, value)`` of every path-valued key (``Field(path=...)``) that ``cfg`` sets to a string."""
+    found: list[tuple[str, str]] = []
+
+    def walk(value: Any, spec: Spec, path: str) -> None:
+        if isinstance(spec, (Section, Component)) and isinstance(value, Mapping):
+            for k, sub in spec.fields.items():
+                if k in value:
+                    walk(value[k], sub, join_key(path, k))
+        elif isinstance(spec, Field):
+            if spec.path is not None and isinstance(value, str) and value:
+                found.append((path, value))
+            elif spec.item is not None and isinstance(value, list):
+                for i, v in enumerate(value):
+                    walk(v, spec.item, join_key(path, i))
+
+    walk(cfg, schema, "")
+    return found
+
+
 def expand_user_paths(cfg: dict[str, Any], schema: Section) -> dict[str, Any]:
     """Expand a leading ``~`` (:func:`os.path.expanduser`) in ``output_dir`` and in every path-valued
     key (``Field(path=...)``) of ``cfg``, in place; return ``cfg``.

@@ -473,13 +473,14 @@ def release_output_dir(out: str | os.PathLike) -> None:
 
 def _refuse_deleting_inputs(cfg: dict[str, Any], outputs: list[Path]) -> None:
     """``--overwrite`` deletes ``outputs``: refuse when the run reads a file inside one of them."""
+    from ..config.schema import path_values
     from ..utils.io import is_within
+    from .schema import SCHEMAS
 
-    train = cfg.get("train") or {}
-    model = cfg.get("model") or {}
-    inputs = [("checkpoint", cfg.get("checkpoint")), ("train.resume", train.get("resume")), ("model.pretrained", model.get("pretrained"))]
+    schema = SCHEMAS.get(cfg.get("runner"))
+    inputs = path_values(cfg, schema) if schema is not None else []  # every file the recipe reads: lists, weights, checkpoints
     for key, value in inputs:
-        if not isinstance(value, str) or not value or not os.path.exists(value):  # "auto", tags and null name no file here
+        if not os.path.exists(value):  # "auto", tags and files not there name nothing to lose
             continue
         for output in outputs:
             if is_within(value, output):
