@@ -747,7 +747,8 @@ def test_explicit_resume_refuses_other_data_units_and_models_and_yields_to_own_c
     start = reference / "checkpoints" / "step_00000003"  # mid-epoch: 3 of 4 steps
     out = _new_run_dir(tmp_path / "run", synthetic_data)
     for changed, message in (
-        ("train.grad_accumulation=2", r"stopped inside an epoch, counting its data in other units \(grad_accumulation 1 -> 2; micro_batch 6 -> 3\)"),
+        ("train.grad_accumulation=2", r"stopped inside an epoch, counting or ordering its data otherwise \(grad_accumulation 1 -> 2; micro_batch 6 -> 3\)"),
+        ("seed=5", r"stopped inside an epoch, counting or ordering its data otherwise \(seed \(the epoch's order\) 0 -> 5\)"),
         ("model.num_experts=2", r"holds another model than this recipe builds \(it has 16 unexpected tensors \('head.transformer.resblocks.0.mlp.experts.2.c_fc.bias', "
                                 r"[^()]* \(and 13 more\)\)\); resume with the model settings"),
     ):

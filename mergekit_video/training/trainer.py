@@ -244,6 +244,7 @@ class Trainer:
         self.generators = named_generators(model, objective)
         # each rank draws from its own streams (only meaningful with several ranks)
         self.routing_draws = routing_draws
+        self._videos_digest: str | None = None  # of the training list, for checkpoints (computed once)
         self.per_rank_draws = routing_draws == "per_rank" and dist is not None and dist.world_size > 1
         if self.per_rank_draws:
             from .rng import split_streams_by_rank
@@ -298,16 +299,32 @@ class Trainer:
             extra.update(self.extra_state())
         return extra
 
-    def _data_layout(self) -> dict[str, int]:
+    def _data_layout(self) -> dict[str, Any]:
         """What ``batches_in_epoch`` counts in: micro-batches of ``micro_batch`` videos (all ranks
-        together), ``grad_accumulation`` per step, over ``dataset_size`` videos."""
+        together), ``grad_accumulation`` per step, over ``dataset_size`` videos; and what orders them:
+        the sampler's ``shuffle_seed`` (the epoch's order) and a digest of the training list
+        (``videos``: its paths and labels, in order)."""
         world = getattr(self.dist, "world_size", 1) if self.dist is not None else 1
         dataset = getattr(self.loader, "dataset", None)
-        return {
+        layout: dict[str, Any] = {
             "grad_accumulation": self.grad_accumulation,
             "micro_batch": int(getattr(self.loader, "batch_size", None) or 1) * int(world),
             "dataset_size": len(dataset) if hasattr(dataset, "__len__") else -1,
         }
+        seed = getattr(getattr(self.loader, "sampler", None), "seed", None)
+        if isinstance(seed, int):
+            layout["shuffle_seed"] = seed
+        records = getattr(dataset, "records", None)
+        if isinstance(records, list) and records:
+            if self._videos_digest is None:
+                import hashlib
+
+                h = hashlib.sha1()
+                for r in records:
+                    h.update(f"{getattr(r, 'path', r)}\t{getattr(r, 'label', '')}\n".encode())
+                self._videos_digest = h.hexdigest()[:16]
+            layout["videos"] = self._videos_digest
+        return layout
 
     def save_checkpoint(self, metrics: dict[str, float] | None = None) -> Any:
         """Write a checkpoint; returns its path on the main process, None elsewhere.
@@ -399,12 +416,13 @@ class Trainer:
         self._check_complete(ckpt)
         extra = ckpt.extra or {}
         layout, now = extra.get("data_layout") or {}, self._data_layout()
-        changed = [f"{k} {layout[k]} -> {now[k]}" for k in now if k in layout and layout[k] != now[k]]
+        shown = {"videos": "training list (paths and labels)", "shuffle_seed": "seed (the epoch's order)"}
+        changed = [f"{shown.get(k, k)} {layout[k]} -> {now[k]}" for k in now if k in layout and layout[k] != now[k]]
         if changed and int(extra.get("batches_in_epoch", 0)) > 0:
             raise ValueError(
-                f"train.resume: checkpoint {ckpt.path} stopped inside an epoch, counting its data in other units "
+                f"train.resume: checkpoint {ckpt.path} stopped inside an epoch, counting or ordering its data otherwise "
                 f"({'; '.join(changed)}); resumed here it would train some videos of the epoch twice and others never. "
-                "Resume with the data.batch_size, train.grad_accumulation and training list it was trained with (see its "
+                "Resume with the seed, data.batch_size, train.grad_accumulation and training list it was trained with (see its "
                 "run's recipe.yaml), or set train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)"
             )
         self._check_model(ckpt)  # first: another model would also show as other parameter groups and base lrs below
