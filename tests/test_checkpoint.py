@@ -999,3 +999,18 @@ def test_a_step_folder_renamed_by_hand_is_no_complete_checkpoint(tmp_path, caplo
     assert path == second and state.step == 2 and why in caplog.text
     with pytest.raises(ValueError, match=re.escape(f"checkpoint {copied} is incomplete or not a mergekit_video checkpoint ({why})")):
         mgr.load(copied)
+
+
+def test_a_state_json_that_lost_a_key_is_inconsistent_and_resume_auto_takes_the_previous_checkpoint(tmp_path, caplog):
+    """A key missing from state.json's model list dropped that tensor silently, and the resume then blamed the recipe."""
+    mgr = CheckpointManager(directory=tmp_path / "ckpt", keep_last=3)
+    first = mgr.save(step=1, epoch=0, model_state={"a": torch.ones(2), "b": torch.zeros(3)})
+    second = mgr.save(step=2, epoch=0, model_state={"a": torch.ones(2) * 2, "b": torch.zeros(3)})
+    meta = json.loads((second / "state.json").read_text())
+    meta["model"]["keys"].remove("b")
+    (second / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {second} is inconsistent: model.safetensors holds 'b', which its state.json does not list")):
+        mgr.load(second)
+    with caplog.at_level("WARNING", logger="mergekit_video.training.checkpoint"):
+        path, state = mgr.load_resume("auto")
+    assert path == first and state.step == 1 and "which its state.json does not list" in caplog.text

@@ -821,6 +821,11 @@ def checkpoint_model_state(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
             model_state[k] = non_tensor[k]
         else:
             raise ValueError(f"checkpoint {path} is inconsistent: model entry {k!r} is missing")
+    if meta["model"].get("keys") is not None:
+        unlisted = sorted(set(stored) - set(model_state) - set(aliases.values()))
+        if unlisted:  # state.json damaged: the model would be read without them, and blamed on the recipe
+            shown = ", ".join(repr(k) for k in unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
+            raise ValueError(f"checkpoint {path} is inconsistent: {_MODEL_FILE} holds {shown}, which its {_STATE_FILE} does not list")
     return model_state
 
 
