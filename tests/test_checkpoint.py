@@ -556,7 +556,7 @@ def test_load_refuses_weights_and_configs_that_do_not_fit_in_one_line_naming_the
         ("shape", lambda sd: sd.__setitem__("transformer.resblocks.0.ln_1.bias", torch.zeros(65)),
          "has 1 tensor of another shape ('transformer.resblocks.0.ln_1.bias' [65], expected [64])"),
     ):
-        d = _edited_copy(src, tmp_path / label, lambda c: None)
+        d = _edited_copy(src, tmp_path / label, lambda c: c.pop("checksums"))  # a hand-edited file: no checksum to match
         sd = load_file(d / "head.safetensors")
         change(sd)
         save_file(sd, d / "head.safetensors")
@@ -569,6 +569,32 @@ def test_load_refuses_weights_and_configs_that_do_not_fit_in_one_line_naming_the
     capsys.readouterr()
     assert cli_main(["export", str(d), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.splitlines()[0] == f"error: {d}/{cases['experts'][1]}"
+
+
+def test_a_model_folder_whose_tensor_file_changed_is_refused_by_load_eval_and_export(tmp_path, capsys):
+    """config.json records a CRC32 of each tensor file: one byte changed (a bad disk, a botched copy) moved an
+    expert weight silently through eval and export; a model saved before checksums loads unchecked."""
+    import json
+
+    from mergekit_video.cli.main import main as cli_main
+    from mergekit_video.models import load, save_model
+
+    src = save_model(_tiny_model(), tmp_path / "model")
+    sums = json.loads((src / "config.json").read_text())["checksums"]
+    assert set(sums) == {"clip.safetensors", "head.safetensors"} and all(v.startswith("crc32:") for v in sums.values())
+    load(src)
+    data = bytearray((src / "head.safetensors").read_bytes())
+    data[-3] ^= 0x40  # a tensor byte: the header, size and keys still fit
+    (src / "head.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(src / 'head.safetensors'))} does not hold the bytes it was saved with "
+                                         r"\(checksum crc32:[0-9a-f]{8}, saved crc32:[0-9a-f]{8}\): the file is damaged"):
+        load(src)
+    assert cli_main(["export", str(src), str(tmp_path / "out"), "--dense"]) == 1
+    assert "does not hold the bytes it was saved with" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    config = json.loads((src / "config.json").read_text())
+    del config["checksums"]  # saved before checksums were recorded
+    (src / "config.json").write_text(json.dumps(config))
+    load(src)
 
 
 def test_load_of_a_trainer_checkpoint_needs_only_state_json_and_model_tensors(tmp_path):

@@ -38,6 +38,7 @@ from .video_clip import CONFIG_FORMAT, VideoCLIP, import_model_plugins, video_cl
 
 CONFIG_FILE = "config.json"
 NON_TENSOR_KEY = "non_tensor_state"
+CHECKSUMS_KEY = "checksums"  # config.json: CRC32 of each tensor file, checked on load
 CLIP_FILE = "clip.safetensors"
 HEAD_FILE = "head.safetensors"
 MODEL_FILE = "model.safetensors"
@@ -267,7 +268,10 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         _save_tensors(tmp / CLIP_FILE, clip_tensors, {"format": "open_clip"})
         _save_tensors(tmp / HEAD_FILE, head_tensors, {"format": "mergekit_video/temporal_head"})
         other = {part: StateEncoder(inline=True, what=part).encode(state) for part, state in (("clip", clip_other), ("head", head_other)) if state}
-        atomic_write_json(tmp / CONFIG_FILE, {**config, NON_TENSOR_KEY: other} if other else config)
+        from ..training.checkpoint import file_checksum
+
+        checksums = {name: file_checksum(tmp / name) for name in (CLIP_FILE, HEAD_FILE)}
+        atomic_write_json(tmp / CONFIG_FILE, {**config, **({NON_TENSOR_KEY: other} if other else {}), CHECKSUMS_KEY: checksums})
         if not find_containers(model.clip) and isinstance(config.get("clip", {}).get("model_cfg"), dict):
             atomic_write_json(tmp / OPEN_CLIP_CONFIG_FILE, open_clip_folder_config(config["clip"]))
         apply_default_modes(tmp)  # mkdtemp's 0700 and save_file's 0600 -> what mkdir()/open() give
@@ -403,8 +407,10 @@ def read_model_config(path: str | os.PathLike, *, validate: bool = True) -> dict
 class _Saved:
     """What a saved model holds: its config, where it says so (``source``), and its files."""
 
-    def __init__(self, *, path: Path, config: dict[str, Any], source: str, other: dict[str, Any], meta: dict[str, Any] | None) -> None:
+    def __init__(self, *, path: Path, config: dict[str, Any], source: str, other: dict[str, Any], meta: dict[str, Any] | None,
+                 checksums: dict[str, str] | None = None) -> None:
         self.path, self.config, self.source, self.other, self.meta = path, config, source, other, meta
+        self.checksums = checksums or {}  # a model folder's: tensor file name -> crc32 (none recorded before they were)
 
 
 def _backup_hint(path: Path) -> str:
@@ -445,6 +451,7 @@ def _open_saved(path: Path, *, validate: bool = True) -> _Saved:
             stray = _read_json(path / CONFIG_FILE)
             if isinstance(stray, dict):
                 stray.pop(NON_TENSOR_KEY, None)
+                stray.pop(CHECKSUMS_KEY, None)
             if stray != cfg:
                 raise ValueError(f"{path} holds a {CONFIG_FILE} that differs from its state.json's extra.model_config, which describes "
                                  f"the checkpoint's tensors: remove the stray {path / CONFIG_FILE}")
@@ -452,7 +459,9 @@ def _open_saved(path: Path, *, validate: bool = True) -> _Saved:
     if (path / CONFIG_FILE).is_file():
         config = check(_read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
         other = config.pop(NON_TENSOR_KEY, None) or {}  # state, not architecture
-        return _Saved(path=path, config=config, source=CONFIG_FILE, other=other, meta=None)
+        checksums = config.pop(CHECKSUMS_KEY, None)
+        return _Saved(path=path, config=config, source=CONFIG_FILE, other=other, meta=None,
+                      checksums=checksums if isinstance(checksums, dict) else None)
     if (path / MODEL_FILE).is_file():
         raise FileNotFoundError(f"{path} is a trainer checkpoint without its state.json (which holds its model config and key list): "
                                 "it cannot be loaded; load another checkpoint")
@@ -579,6 +588,13 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
         for part, file in files.items():
             found = {**_header_shapes(file), **{k: None for k in decode_state(saved.other.get(part) or {})}}
             _check_fits(file, part, parts[part], found, saved, strict=strict)
+        from ..training.checkpoint import file_checksum
+
+        for file in files.values():  # a byte changed by a bad disk or a botched copy: refused, not evaluated or exported
+            expected = saved.checksums.get(file.name)
+            if expected is not None and (found_sum := file_checksum(file)) != expected:
+                raise ValueError(f"{file} does not hold the bytes it was saved with (checksum {found_sum}, saved {expected}): "
+                                 "the file is damaged; save or export the model again from its run's checkpoint")
         clip_sd = {**read_safetensors(files["clip"]), **decode_state(saved.other.get("clip") or {})}
         head_sd = {**read_safetensors(files["head"]), **decode_state(saved.other.get("head") or {})}
     else:  # a trainer checkpoint: tied tensors and non-tensor entries restored, the optimizer's tensors not read
