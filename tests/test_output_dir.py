@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -155,6 +156,12 @@ def test_a_different_recipe_is_refused_naming_the_changes_and_what_overwrite_del
         "to DELETE the earlier run's metrics.jsonl, checkpoints/, model/ and train again from step 1"
     )
     assert (out / "recipe.yaml").read_text() == dump_recipe(cfg)
+    release_output_dir(out)
+    shutil.rmtree(out / "model")  # interrupted before it saved its model: none is offered for evaluation
+    with pytest.raises(FileExistsError) as info:
+        prepare_output_dir(longer, overwrite=False, main=True)
+    assert "It saved no model yet (interrupted: rerun its own recipe.yaml to continue it). Or use another" in str(info.value)
+    assert "mergevid eval" not in str(info.value)
     prepare_output_dir(longer, overwrite=True, main=True)
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml"]
 
