@@ -842,3 +842,24 @@ def test_overwrite_with_a_mistyped_path_keeps_the_earlier_run(tmp_path, capsys):
                      "--overwrite"]) == 1
     assert f"- eval.datasets.0.class_csv: file not found: {tmp_path / 'nope.csv'}" in " ".join(capsys.readouterr().err.split())
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing deleted
+
+
+def test_sigterm_outside_the_training_loop_is_an_interrupt_that_says_what_was_kept(tmp_path):
+    """SIGTERM during setup, the model save or the final evaluation killed the process without a word;
+    during a command it is raised as Ctrl-C is (the runner then says what was kept), and the handler is put back."""
+    import os
+    import signal
+    import time
+
+    from mergekit_video.cli.errors import Interrupted, reraise_interrupts
+
+    def preempted() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # interrupted long before this ends
+        raise AssertionError("not interrupted")
+
+    before = signal.getsignal(signal.SIGTERM)
+    start = time.monotonic()
+    with pytest.raises(Interrupted):
+        reraise_interrupts(preempted)
+    assert time.monotonic() - start < 4 and signal.getsignal(signal.SIGTERM) is before

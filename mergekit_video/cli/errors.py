@@ -92,11 +92,27 @@ def refuse_replacing_input(output: Any, source: Any) -> None:
 
 
 def reraise_interrupts(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn``; a ``KeyboardInterrupt`` (e.g. the trainer's ``TrainingInterrupted``) becomes :class:`Interrupted`."""
+    """Call ``fn``; a ``KeyboardInterrupt`` (e.g. the trainer's ``TrainingInterrupted``) becomes :class:`Interrupted`.
+
+    SIGTERM (a scheduler's preemption, ``kill``) raises a ``KeyboardInterrupt`` meanwhile too, as Ctrl-C
+    does, so that outside the training loop (which handles both itself) it is said what was kept, rather
+    than the process dying without a word."""
+    import signal
+    import threading
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt as exc:
         raise Interrupted(str(exc)) from exc
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def out_of_memory_message(torch_message: str) -> str:
