@@ -1062,3 +1062,26 @@ def test_clips_per_s_leaves_out_the_validation_and_checkpoint_time(monkeypatch):
     assert sorted(rates) == [2, 4, 6] and shift[0] == 2000.0
     assert rates[4] > 4 / 100.0  # its window holds the first validation: 4 clips in far less than 100 s, not over 1000 s
     assert trainer.progress.clips_per_s > 4 / 100.0 and trainer.progress.eta_s < 100.0
+
+
+def test_a_checkpoint_whose_extra_entries_are_of_the_wrong_kind_is_refused_naming_the_entry(tmp_path, tiny_checkpoint):
+    """Hand-edited state.json values gave raw Python errors without the file ("invalid literal for int()"),
+    or crashed after training ("Unknown format code 'f'")."""
+    import shutil
+
+    from mergekit_video.training.checkpoint import load_checkpoint
+
+    for key, value, said in (("batches_in_epoch", "x", 'batches_in_epoch is "x", not a whole number >= 0'),
+                             ("best_metric", "abc", 'best_metric is "abc", not a number or null'),
+                             ("history", "abc", 'history is "abc", not a list of mappings'),
+                             ("bad_videos", 5, "bad_videos is 5, not a list of paths"),
+                             ("loss_window", {"count": 1, "sums": {"loss": "x"}}, "loss_window is")):
+        copy = tmp_path / key / tiny_checkpoint.name
+        shutil.copytree(tiny_checkpoint, copy)
+        meta = json.loads((copy / "state.json").read_text())
+        meta["extra"][key] = value
+        (copy / "state.json").write_text(json.dumps(meta))
+        trainer = _tiny_trainer(tmp_path / key / "own")
+        with pytest.raises(ValueError) as info:
+            trainer.resume(load_checkpoint(copy))
+        assert str(info.value).startswith(f"train.resume: checkpoint {copy} is damaged: {copy / 'state.json'}'s extra.{said}"), str(info.value)

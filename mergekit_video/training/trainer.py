@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -88,6 +89,26 @@ def _restore_draw_state(model: nn.Module, generators: dict[str, torch.Generator]
     for name, c in find_containers(model):
         if name in extra:
             c.router.set_extra_state(copy.deepcopy(extra[name]))
+
+
+def _malformed_extra(extra: dict[str, Any]) -> str | None:
+    """The first entry of a checkpoint's ``extra`` that is not of the kind the trainer saved (``"key is ..."``), or None."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    checks = {
+        "batches_in_epoch": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
+        "best_metric": (lambda v: v is None or number(v), "a number or null"),
+        "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of mappings"),
+        "bad_videos": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths"),
+        "loss_window": (lambda v: isinstance(v, dict) and isinstance(v.get("count", 0), int) and isinstance(v.get("sums", {}), dict)
+                        and all(number(x) for x in v.get("sums", {}).values()), "a mapping of a count and loss sums"),
+        "data_layout": (lambda v: isinstance(v, dict), "a mapping"),
+    }
+    for key, (ok, kind) in checks.items():
+        if key in extra and not ok(extra[key]):
+            return f"{key} is {json.dumps(extra[key], default=str)[:60]}, not {kind}"
+    return None
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -487,12 +508,16 @@ class Trainer:
         missing = [what for what, value in (("optimizer", ckpt.optimizer_state), ("scheduler", ckpt.scheduler_state),
                                             ("rng", ckpt.rng)) if value is None]
         missing += [f"extra.{k}" for k in self._ALWAYS_IN_EXTRA if k not in (ckpt.extra or {})]
+        advice = ("resume from an earlier checkpoint (train.resume=<its step_* folder>), or set train.resume=null to start a "
+                  "new run (with --overwrite where this output_dir holds its checkpoints)")
         if missing:
             raise ValueError(
                 f"train.resume: checkpoint {ckpt.path} is damaged: {Path(ckpt.path) / 'state.json'} lacks {', '.join(missing)}, "
-                "which every checkpoint of a training run holds; resume from an earlier checkpoint (train.resume=<its "
-                "step_* folder>), or set train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)"
+                f"which every checkpoint of a training run holds; {advice}"
             )
+        wrong = _malformed_extra(ckpt.extra or {})
+        if wrong is not None:
+            raise ValueError(f"train.resume: checkpoint {ckpt.path} is damaged: {Path(ckpt.path) / 'state.json'}'s extra.{wrong}; {advice}")
 
     def _check_model(self, ckpt: Any) -> None:
         """Refuse a checkpoint of another model in one line naming the first mismatched keys (from
