@@ -863,3 +863,36 @@ def test_sigterm_outside_the_training_loop_is_an_interrupt_that_says_what_was_ke
     with pytest.raises(Interrupted):
         reraise_interrupts(preempted)
     assert time.monotonic() - start < 4 and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_log_records_to_a_file_or_pipe_are_one_unwrapped_line_each(capsys):
+    """rich hard-wrapped warnings at 80 columns when stderr was a file: a path cut in two was not found by grep."""
+    import logging
+
+    from mergekit_video.cli.main import configure_logging
+
+    configure_logging()
+    path = "/datasets/kinetics400/videos/" + "long_folder_name/" * 6 + "red_circle_moving_right_0000.mp4"
+    logging.getLogger("mergekit_video.data").warning("%s: no such file", path)
+    assert f"WARNING  {path}: no such file\n" in capsys.readouterr().err
+
+
+def test_eval_expands_tilde_in_option_values_and_takes_any_recipe_file(tmp_path, monkeypatch, capsys):
+    """--list=~/x reaches the command with its ~ (the shell expands only a word of its own); a recipe named zs.YAML
+    (or with no suffix) was taken for a model folder."""
+    import shutil
+
+    from mergekit_video.cli.main import main as cli_main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cli_main(["eval", str(tmp_path / "nomodel"), "--list=~/d/val.txt", "--classes=~/d/c.csv"]) == 1
+    assert f"{tmp_path / 'nomodel'} does not exist" in capsys.readouterr().err
+    recipe = tmp_path / "zs.YAML"
+    shutil.copy(QUICKSTART.parent / "zeroshot_ucf101.yaml", recipe)
+    for name in ("zs.YAML", "zs"):
+        path = recipe.rename(tmp_path / name)
+        assert cli_main(["validate", str(path)]) == 0
+        capsys.readouterr()
+        assert cli_main(["eval", str(path), "--list", "x.txt"]) == 1  # a recipe: --list is refused as such, not asked for --classes
+        assert "--list describes the evaluation of a model directory" in capsys.readouterr().err
+        recipe = path

@@ -152,7 +152,7 @@ def test_a_different_recipe_is_refused_naming_the_changes_and_what_overwrite_del
         "A run resumes only with the same recipe (it may differ in data.num_workers, eval.num_workers, train.log_every, "
         "train.tensorboard, train.keep_last; until it has results, also in the eval.* keys of the final evaluation but "
         "eval.batch_size, eval.precision, eval.test_offsets). "
-        f"To evaluate its model otherwise: mergevid eval {out / 'model'}. Or use another output_dir, or pass --overwrite "
+        f"To evaluate its model otherwise: mergevid eval {out / 'model'} --list LIST --classes CSV. Or use another output_dir, or pass --overwrite "
         "to DELETE the earlier run's metrics.jsonl, checkpoints/, model/ and train again from step 1"
     )
     assert (out / "recipe.yaml").read_text() == dump_recipe(cfg)

@@ -342,7 +342,13 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model: with a recipe, or a model directory plus --list/--classes."""
     overrides = _checked_overrides(ctx, overrides, target)
-    if target.suffix in (".yaml", ".yml"):
+    # --opt=~/x reaches us with its ~ (the shell expands it only in a word of its own)
+    target = target.expanduser()
+    list_files = [f.expanduser() for f in list_files or []]
+    class_csvs = [c.expanduser() for c in class_csvs or []]
+    root = root.expanduser() if root is not None else None
+    is_recipe = target.is_file() or target.suffix.lower() in (".yaml", ".yml")  # a model is a folder, a recipe a file
+    if is_recipe:
         _refuse_model_options_with_a_recipe(ctx, target)
         cfg = _load_validated(target, overrides or [])
         if cfg["runner"] not in EVAL_RUNNERS:
@@ -415,7 +421,7 @@ def eval_cmd(
         default_root = root is None and entry.get("root") == str(list_files[0].parent.resolve())  # not given nor overridden
         _check_list_paths(list_files[0], None if default_root else entry.get("root"), entry.get("list_format", "video"))
         cfg = _validated(recipe, source=f"for {target}")
-    _run_validated(cfg, source=str(target) if target.suffix in (".yaml", ".yml") else f"for {target}", overwrite=overwrite)
+    _run_validated(cfg, source=str(target) if is_recipe else f"for {target}", overwrite=overwrite)
 
 
 def _check_list_paths(list_file: Path, root: str | None, list_format: str = "video") -> None:

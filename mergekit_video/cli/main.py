@@ -7,8 +7,10 @@ so that ``mergevid --help`` stays fast.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from typing import Any
 
 import typer
 
@@ -56,11 +58,7 @@ def configure_logging(*, debug: bool = False) -> None:
 
     logger = logging.getLogger("mergekit_video")
     if not any(getattr(h, "_mergevid", False) for h in logger.handlers):
-        from rich.console import Console
-        from rich.logging import RichHandler
-
-        handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler = _stderr_handler()
         handler._mergevid = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -69,12 +67,39 @@ def configure_logging(*, debug: bool = False) -> None:
         # a library's module-level logging.info() (open_clip's get_tokenizer) would otherwise run
         # logging.basicConfig(), after which every record of ours printed twice; other libraries'
         # warnings still show, once
+        others = _stderr_handler(level=logging.WARNING)
+        others.addFilter(lambda record: not record.name.startswith("mergekit_video"))
+        root.addHandler(others)
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (as rich's console does), not the stream of its creation."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _stderr_handler(level: int = 0) -> Any:
+    """rich's handler on a terminal; elsewhere (a log file, a pipe) one plain line per record, never
+    wrapped at 80 columns (a path cut in two is not found by grep)."""
+    import logging
+
+    if sys.stderr.isatty():
         from rich.console import Console
         from rich.logging import RichHandler
 
-        others = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False, level=logging.WARNING)
-        others.addFilter(lambda record: not record.name.startswith("mergekit_video"))
-        root.addHandler(others)
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False, level=level)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = _CurrentStderrHandler()
+        handler.setLevel(level)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    return handler
 
 
 def _register_commands() -> None:

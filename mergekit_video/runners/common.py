@@ -357,7 +357,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                     f"output_dir {out} holds an earlier run of a different recipe ({shown}). A run resumes only with the "
                     f"same recipe (it may differ in {', '.join(RESULTS_NEUTRAL_KEYS)}; until it has results, also in the "
                     f"eval.* keys of the final evaluation but {', '.join(VALIDATION_KEYS)}). "
-                    + (f"To evaluate its model otherwise: mergevid eval {out / 'model'}. " if (out / "model").is_dir()
+                    + (f"To evaluate its model otherwise: mergevid eval {out / 'model'} --list LIST --classes CSV. " if (out / "model").is_dir()
                        else "It saved no model yet (interrupted: rerun its own recipe.yaml to continue it). ") +
                     f"Or use another output_dir, or pass --overwrite to DELETE the earlier run's {names} and train again from step 1"
                 )
