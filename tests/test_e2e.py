@@ -269,6 +269,21 @@ def test_rerunning_a_finished_run_whose_checkpoints_were_deleted_is_refused_not_
     assert (moved / "metrics.jsonl").read_text() == metrics and not (moved / "checkpoints").exists()
 
 
+def test_a_mistyped_path_is_named_before_a_recipe_mismatch_of_the_output_folder(quick_run, tmp_path, capsys):
+    """The second evaluation into one folder with a missing class CSV was refused as "a different recipe ... pass
+    --overwrite to DELETE its results.json"; only with --overwrite did it name the missing file."""
+    from mergekit_video.cli.main import main as cli_main
+
+    out, _ = quick_run
+    data = out / "data"
+    args = ["eval", str(out / "model"), "--list", str(data / "val.txt"), "--root", str(data), "--output-dir", str(tmp_path / "ev")]
+    assert cli_main([*args, "--classes", str(data / "classes.csv")]) == 0
+    capsys.readouterr()
+    assert cli_main([*args, "--classes", str(tmp_path / "nope.csv")]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "file not found" in err and "nope.csv" in err and "different recipe" not in err
+
+
 def test_an_evaluation_that_fails_leaves_no_folder_it_made(quick_run, tmp_path, capsys):
     # a class CSV that does not fit the list: refused once the dataset is built, after recipe.yaml was written
     out, _ = quick_run

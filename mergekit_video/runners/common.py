@@ -51,8 +51,9 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
 
     if cfg.get("runner") in SCHEMAS:  # `~` in paths: read and write what check_recipe_paths checks
         expand_user_paths(cfg, SCHEMAS[cfg["runner"]])
-    if overwrite:  # --overwrite may delete an earlier run's outputs: a mistyped path must not cost them
-        check_recipe_paths(without_synthetic_paths(cfg))  # (synthetic data's paths: checked once it is written)
+    # before the output folder is looked at: a mistyped path is said first (not a recipe mismatch whose advice,
+    # --overwrite, would delete an earlier run's outputs and then fail on that path)
+    check_recipe_paths(without_synthetic_paths(cfg))  # (synthetic data's paths: checked once it is written)
     try:
         output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
     except (NotADirectoryError, PermissionError, FileNotFoundError, IsADirectoryError) as err:
