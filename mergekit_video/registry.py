@@ -250,9 +250,11 @@ class Registry:
         return sorted(self._entries)
 
     def doc(self, name: str) -> str:
-        """First line of the registered object's docstring."""
+        """The first paragraph of the registered object's docstring, as one line (a summary wrapped over
+        several source lines is not cut mid-sentence)."""
         doc = (getattr(self.get(name), "__doc__", None) or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        paragraph = doc.split("\n\n")[0] if doc else ""
+        return " ".join(line.strip() for line in paragraph.splitlines())
 
     def items(self) -> list[tuple[str, Any]]:
         """(name, object) pairs in name order."""

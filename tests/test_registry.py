@@ -206,7 +206,7 @@ def test_mergevid_ls_prints_every_name_with_doc(kind):
     reg = get_registry(kind)
     lines = result.output.splitlines()
     for name in reg.names():
-        row = [ln for ln in lines if f" {name} " in ln]
+        row = [ln for ln in lines if ln.startswith(f"│ {name} ")]
         assert row, f"{name} missing from `mergevid ls {kind}`"
         assert reg.doc(name) in row[0]
 
