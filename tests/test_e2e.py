@@ -417,6 +417,21 @@ def test_evaluation_settings_that_cannot_run_stop_the_run_before_training(tmp_pa
     assert rc == 1 and f"error: output_dir={tmp_path / 'afile' / 'run'}: cannot create or write it (Not a directory" in err
 
 
+def test_an_output_dir_on_a_read_only_mount_is_said_with_its_key(tmp_path, capsys, monkeypatch):
+    """A read-only file system raises a plain OSError (EROFS), which came out as "OSError: [Errno 30] ..." without the key."""
+    import errno
+
+    import mergekit_video.runners.common as common
+
+    def read_only(cfg, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(cfg["output_dir"]))
+
+    monkeypatch.setattr(common, "prepare_output_dir", read_only)
+    rc = cli_main(["run", str(QUICKSTART), f"output_dir={tmp_path / 'ro'}", *QUICK_OVERRIDES])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 1 and f"error: output_dir={tmp_path / 'ro'}: cannot create or write it (Read-only file system" in err
+
+
 def test_rerun_with_a_different_recipe_refuses_without_overwrite(quick_run, capsys):
     out, _ = quick_run
     before = (out / "recipe.yaml").read_bytes()

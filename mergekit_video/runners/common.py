@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -56,8 +57,10 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
     check_recipe_paths(without_synthetic_paths(cfg))  # (synthetic data's paths: checked once it is written)
     try:
         output_dir = prepare_output_dir(cfg, overwrite=overwrite, main=main)
-    except (NotADirectoryError, PermissionError, FileNotFoundError, IsADirectoryError) as err:
-        # a path through a file (/etc/passwd/run), a folder this user cannot write, /proc: said with the key
+    except OSError as err:
+        if isinstance(err, FileExistsError) or err.errno not in _UNWRITABLE:
+            raise  # FileExistsError: prepare_output_dir's refusals
+        # a path through a file (/etc/passwd/run), a folder this user cannot write, /proc, a read-only mount: said with the key
         raise ValueError(f"output_dir={cfg['output_dir']}: cannot create or write it ({err.strerror or err}: "
                          f"{err.filename or cfg['output_dir']}); set output_dir to a folder you can write") from None
     try:
@@ -75,6 +78,9 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
         raise
     return RunContext(dist=dist, main=main, device=device, output_dir=output_dir, data_cfg=data_cfg)
 
+
+#: errno values of an output_dir that cannot be created or written (said naming the key).
+_UNWRITABLE = (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.EROFS)
 
 #: The ``data.*`` paths that ``data.synthetic`` points at the synthetic dataset.
 SYNTHETIC_DATA_KEYS = ("root", "train_list", "val_list", "class_csv", "novel_list", "novel_class_csv")
