@@ -576,3 +576,17 @@ def test_a_model_with_experts_in_its_visual_tower_saves_and_loads_without_its_re
         ours = load(dense).clip.visual(frames.flatten(0, 1))
         assert torch.allclose(plain.visual(frames.flatten(0, 1)), ours, atol=1e-6)
         assert torch.allclose(ours.view(2, 4, -1), expected, atol=1e-5)
+
+
+def test_weights_of_another_model_are_refused_in_a_few_lines_naming_counts_and_first_keys(tmp_path):
+    """torch's load_state_dict error lists every key (kB for a ViT); the error gives counts and the first keys."""
+    from mergekit_video.models.clip import PretrainedWeightsError, create_clip
+
+    other = {"visual.proj": torch.zeros(3, 3), **{f"extra.{i}": torch.zeros(1) for i in range(40)}}
+    path = tmp_path / "other.pt"
+    torch.save(other, path)
+    with pytest.raises(PretrainedWeightsError) as info:
+        create_clip("mergevid-tiny-vit", pretrained=str(path))
+    message = str(info.value)
+    assert len(message) < 900, message
+    assert re.search(r"its tensors do not fit: \d+ missing keys \([^)]*, \.\.\.\); 40 unexpected keys \(extra\.0, extra\.1, extra\.2, \.\.\.\)", message), message

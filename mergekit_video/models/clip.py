@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -262,6 +263,24 @@ def build_clip_from_config(cfg: dict[str, Any]) -> nn.Module:
     return CustomTextCLIP(**cfg) if custom_text else CLIP(**cfg)
 
 
+def _short_load_error(exc: BaseException) -> str:
+    """torch's load_state_dict error (hundreds of key names) as counts and the first keys of each kind."""
+    text = str(exc)
+    if "Error(s) in loading state_dict" not in text:
+        return text if len(text) <= 600 else text[:600] + " ..."
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.\s*(?:Unexpected|size mismatch|$)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.\s*(?:size mismatch|$)")):
+        m = re.search(pattern, text, re.S)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{len(keys)} {label} key{'s' * (len(keys) != 1)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    mismatched = re.findall(r"size mismatch for ([^:]+):", text)
+    if mismatched:
+        parts.append(f"{len(mismatched)} of another shape ({', '.join(mismatched[:3])}{', ...' if len(mismatched) > 3 else ''})")
+    return "its tensors do not fit: " + "; ".join(parts) if parts else text[:600]
+
+
 def create_clip(
     model_name: str,
     *,
@@ -331,7 +350,7 @@ def create_clip(
             raise
         if os.path.isfile(pretrained):
             raise PretrainedWeightsError(
-                f"could not load CLIP weights from {pretrained!r} into {model_name}: {exc}. "
+                f"could not load CLIP weights from {pretrained!r} into {model_name}: {_short_load_error(exc)}. "
                 f"Check that the file holds {model_name} weights (set {recipe_key})."
             ) from exc
         raise PretrainedWeightsError(
