@@ -21,7 +21,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise typer.BadParameter(f"expected HxW such as 64x64, got {text!r}") from None
+        raise typer.BadParameter(f"--size expects HxW such as 64x64, got {text!r}") from None
     return h, w
 
 
