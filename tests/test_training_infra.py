@@ -1008,13 +1008,14 @@ def test_gradient_accumulation_draws_one_expert_and_tau_per_layer_per_optimizer_
     frames, labels = torch.randn(8, 4, 3, 32, 32, generator=gen), torch.arange(8) % 3
     classes = F.normalize(torch.randn(3, 64, generator=gen), dim=-1)
 
-    def run(micro: int, accumulation: int) -> tuple[list[torch.Tensor], list[int]]:
+    def run(micro: int, accumulation: int, **head: object) -> tuple[list[torch.Tensor], list]:
         torch.manual_seed(0)
-        model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=4)
-        drawn: list[int] = []
+        model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=2, num_experts=4, **head)
+        drawn: list = []
         for _, c in find_containers(model.head):
             route = c.router.route
-            c.router.route = lambda x, route=route: (lambda r: (drawn.append(int(r.indices[0, 0])), r)[1])(route(x))
+            c.router.route = lambda x, route=route: (lambda r: (drawn.append(int(r.indices[0, 0]) if r.indices.shape[0] == 1
+                                                                             else r.indices[:, 0].tolist()), r)[1])(route(x))
         opt = build_optimizer(build_param_groups(model, lr=0.5, weight_decay=0.0), name="sgd", lr=0.5, weight_decay=0.0)
         batches = [{"frames": frames[i:i + micro], "label": labels[i:i + micro]} for i in range(0, 8, micro)]
         Trainer(model=model, objective=MoTEObjective(), loader=batches, class_features=classes, optimizer=opt,
@@ -1026,6 +1027,13 @@ def test_gradient_accumulation_draws_one_expert_and_tau_per_layer_per_optimizer_
     accumulated, drawn_accumulated = run(2, 2)
     assert len(drawn_whole) == 4 and drawn_accumulated == [d for pair in zip(drawn_whole[0::2], drawn_whole[1::2]) for d in (*pair, *pair)]
     assert max((a - b).abs().max().item() for a, b in zip(whole, accumulated)) < 1e-6
+    # per-sample routing draws for each clip: micro-batches go on drawing as the whole batch does (no replay)
+    sample = {"router": "random", "router_kwargs": {"granularity": "sample"}}
+    _, per_clip_whole = run(4, 1, **sample)
+    _, per_clip_accumulated = run(2, 2, **sample)
+    for layer in (0, 1):  # each layer's router: its draws for the clips in order
+        flat = [e for draws in per_clip_accumulated[layer::2] for e in draws]
+        assert flat == [e for draws in per_clip_whole[layer::2] for e in draws] and len(set(flat)) > 1
 
 
 def test_clips_per_s_leaves_out_the_validation_and_checkpoint_time(monkeypatch):

@@ -73,11 +73,20 @@ def named_generators(model: nn.Module, objective: MoTEObjective) -> dict[str, to
     return gens
 
 
+def _per_step_draws(model: nn.Module, generators: dict[str, torch.Generator]) -> dict[str, torch.Generator]:
+    """The generators whose draws are one per optimizer step: the objective's (WMR's τ per layer) and those
+    of routers that send a whole batch to one expert (``granularity: batch``, MoTE's). Per-sample and
+    per-token routers draw for each clip or token, so their micro-batches draw on as the whole batch would."""
+    batch_routers = {f"router:{name}" for name, c in find_containers(model) if c.router.granularity == "batch"}
+    return {name: g for name, g in generators.items() if not name.startswith("router:") or name in batch_routers}
+
+
 def _draw_state(model: nn.Module, generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Where the routing and τ draws stand: every named generator's state, and the extra state of routers
-    that keep their own (:func:`~mergekit_video.experts.router_keeps_state`)."""
-    extra = {name: copy.deepcopy(c.router.get_extra_state()) for name, c in find_containers(model) if router_keeps_state(c.router)}
-    return {name: g.get_state() for name, g in generators.items()}, extra
+    """Where the per-step draws (:func:`_per_step_draws`) stand: those generators' states, and the extra
+    state of batch routers that keep their own (:func:`~mergekit_video.experts.router_keeps_state`)."""
+    extra = {name: copy.deepcopy(c.router.get_extra_state()) for name, c in find_containers(model)
+             if c.router.granularity == "batch" and router_keeps_state(c.router)}
+    return {name: g.get_state() for name, g in _per_step_draws(model, generators).items()}, extra
 
 
 def _restore_draw_state(model: nn.Module, generators: dict[str, torch.Generator],
@@ -85,7 +94,8 @@ def _restore_draw_state(model: nn.Module, generators: dict[str, torch.Generator]
     """Put the draws back where :func:`_draw_state` found them: the next forward draws the same experts and τ."""
     gens, extra = state
     for name, g in generators.items():
-        g.set_state(gens[name])
+        if name in gens:
+            g.set_state(gens[name])
     for name, c in find_containers(model):
         if name in extra:
             c.router.set_extra_state(copy.deepcopy(extra[name]))
