@@ -863,6 +863,12 @@ def test_sigterm_outside_the_training_loop_is_an_interrupt_that_says_what_was_ke
     with pytest.raises(Interrupted):
         reraise_interrupts(preempted)
     assert time.monotonic() - start < 4 and signal.getsignal(signal.SIGTERM) is before
+    # a DDP rank keeps the default: blocked in a collective on a dead peer, it would never run a Python handler
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLD_SIZE", "2")
+        assert reraise_interrupts(lambda: signal.getsignal(signal.SIGTERM)) is before
 
 
 def test_log_records_to_a_file_or_pipe_are_one_unwrapped_line_each(capsys):

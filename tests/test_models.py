@@ -549,7 +549,7 @@ def test_a_model_with_experts_in_its_visual_tower_saves_and_loads_without_its_re
     model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2)
     add_experts(model.clip.visual, "transformer.resblocks.1.mlp", 3, router="topk", init="copy_noise", k=2)
     add_experts(model.clip.visual, "transformer.resblocks.0.attn", 2, router="multinomial", merge="temperature_softmax",
-                merge_kwargs={"tau": 0.5}, temperature=2.0)
+                merge_kwargs={"tau": torch.tensor(0.5)}, temperature=2.0)  # a tensor argument is stored as a number
     frames = torch.randn(2, 4, 3, 32, 32)
     with torch.no_grad():
         expected = model.eval().encode_frames(frames)

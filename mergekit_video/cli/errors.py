@@ -96,7 +96,7 @@ def reraise_interrupts(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
     SIGTERM (a scheduler's preemption, ``kill``) raises a ``KeyboardInterrupt`` meanwhile too, as Ctrl-C
     does, so that outside the training loop (which handles both itself) it is said what was kept, rather
-    than the process dying without a word."""
+    than the process dying without a word (in a single process; DDP ranks keep the default)."""
     import signal
     import threading
 
@@ -104,7 +104,9 @@ def reraise_interrupts(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
     previous = None
-    if threading.current_thread() is threading.main_thread():
+    # single process only: a DDP rank blocked in a collective on a dead peer never returns to Python to
+    # run a handler, so torchrun's SIGTERM must keep killing it at once
+    if threading.current_thread() is threading.main_thread() and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return fn(*args, **kwargs)

@@ -215,6 +215,29 @@ def _router_kwargs(router: nn.Module) -> dict[str, Any]:
     return kwargs
 
 
+def _stored_merge_kwargs(name: str, kwargs: Any) -> dict[str, Any]:
+    """A container's merge arguments as JSON (tensors as lists, as the head's config keeps them). ``base`` (a
+    task-arithmetic merge's weights) is not stored: :func:`save_model` refuses such models. Another argument
+    that cannot be stored is left out with a warning: the loaded model would merge without it."""
+    import json
+
+    from ..utils.warn import warn_user
+
+    stored = {}
+    for k, v in kwargs.items():
+        if k == "base":
+            continue
+        value = v.tolist() if isinstance(v, torch.Tensor) else v
+        try:
+            json.dumps(value)
+        except TypeError:
+            warn_user(f"the merge argument {k}={type(v).__name__} of the CLIP's expert container {name!r} cannot be saved in "
+                      "config.json (give it as numbers or lists): a loaded model merges without it")
+            continue
+        stored[k] = value
+    return stored
+
+
 def clip_experts_record(clip: nn.Module) -> list[dict[str, Any]]:
     """The expert containers in the CLIP part (MoTE-style experts a recipe's model component added to the
     visual tower), as :func:`video_clip_from_config` re-applies them: the module each replaced, its
@@ -232,7 +255,7 @@ def clip_experts_record(clip: nn.Module) -> list[dict[str, Any]]:
             **({} if router_names else {"router_class": f"{type(c.router).__module__}.{type(c.router).__qualname__}"}),
             "router_kwargs": _router_kwargs(c.router),
             "merge": c.merge,
-            "merge_kwargs": {k: v for k, v in c.merge_kwargs.items() if isinstance(v, (*_JSON_SCALARS, list))},
+            "merge_kwargs": _stored_merge_kwargs(name, c.merge_kwargs),
         })
     return record
 
