@@ -376,3 +376,25 @@ def test_cross_key_problems_are_found_before_the_run():
                                        "data.sampling=dense", "data.stride=2", "eval.datasets.0.sampling=segment"])
     assert cfg["eval"]["summary"] == {"zero_shot": None, "close_set": None}  # explicit: HM_ZS and Trade-off off
 
+
+
+def test_merge_dry_runs_apply_the_strategys_argument_ranges_plugins_included():
+    """merge_argument_problem ran the function only, so a plugin merge's argument_ranges (checked by
+    check_merge_arguments) passed validation and failed at model build or after training."""
+    from mergekit_video.merging import MERGES
+    from mergekit_video.runners.schema import merge_argument_problem
+
+    @MERGES.register("test_scaled_mean_ranges", override=True)
+    def scaled_mean(tensors, *, base=None, scale: float = 1.0):
+        """Mean times ``scale``."""
+        return sum(tensors) / len(tensors) * scale
+
+    scaled_mean.argument_ranges = {"scale": (0.0, 2.0, True, False)}
+    try:
+        assert merge_argument_problem("test_scaled_mean_ranges", {"scale": 1.5}, 4) is None
+        assert "scale must be in (0, 2], got 5" in merge_argument_problem("test_scaled_mean_ranges", {"scale": 5}, 4)
+        assert "density must be in (0, 1], got 2.0" in merge_argument_problem("ties", {"density": 2.0}, 4)  # base-relative too
+        assert merge_argument_problem("ties", {"density": 0.5}, 4) is None
+    finally:
+        MERGES._entries.pop("test_scaled_mean_ranges", None)
+        MERGES._owners.pop("test_scaled_mean_ranges", None)

@@ -384,12 +384,17 @@ def merge_argument_problem(strategy: str, kwargs: dict[str, Any], num_experts: i
     """
     import torch
 
-    from ..merging import is_output_space, merge_tensors, requires_base
+    from ..merging import check_merge_arguments, is_output_space, merge_tensors, requires_base
 
-    if num_experts < 1 or is_output_space(strategy) or requires_base(strategy):
-        return None  # nothing merged, or refused with its own message
+    if num_experts < 1 or is_output_space(strategy):
+        return None  # nothing merged
     g = torch.Generator().manual_seed(0)
     try:
+        # the signature and the strategy's argument_ranges (a plugin's too); a base stands in where one is needed
+        check_merge_arguments(strategy, {**kwargs, **({"base": torch.zeros(3, 2)} if requires_base(strategy) else {})},
+                              num_experts=num_experts)
+        if requires_base(strategy):
+            return None  # refused with its own message where no base is given
         merge_tensors([torch.randn(3, 2, generator=g) for _ in range(num_experts)], strategy, **kwargs)
     except Exception as err:  # noqa: BLE001 - a plugin's strategy may raise anything
         return f"{strategy!r} with {kwargs or 'its defaults'} cannot merge {num_experts} experts: {err}"
