@@ -399,7 +399,7 @@ def test_compare_merge_arguments_are_dry_run_for_the_checkpoints_expert_count(qu
     capsys.readouterr()
     assert cli_main(["eval", str(recipe)]) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert "error: eval.compare.merges.1: 'weighted' with {'weights': [1, 2]} cannot merge 4 experts: weighted merge got 2 weights for 4 tensors" in err
+    assert "error: eval.compare.merges.1: 'weighted' with {'weights': [1, 2]} cannot merge 4 experts: merge strategy 'weighted': 2 weights for 4 experts" in err
     assert not (tmp_path / "cmp" / "results.json").exists()
 
 
