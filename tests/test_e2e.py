@@ -284,6 +284,32 @@ def test_a_mistyped_path_is_named_before_a_recipe_mismatch_of_the_output_folder(
     assert "file not found" in err and "nope.csv" in err and "different recipe" not in err
 
 
+def test_a_custom_model_components_compare_merges_and_checkpointing_are_checked_before_training(synthetic_data, tmp_path, capsys, monkeypatch):
+    """Validation checks compare merges only for build_video_clip models (their expert count is in the recipe):
+    a component of one's own got a bad entry refused only after training, and grad checkpointing of a tower
+    with stochastic experts failed in the first backward."""
+    (tmp_path / "vismoe_component.py").write_text(
+        "from mergekit_video import add_experts\n"
+        "from mergekit_video.models import build_video_clip\n"
+        "def build(**kw):\n"
+        "    model = build_video_clip(**{**kw, 'num_experts': 3})\n"
+        "    add_experts(model.clip.visual, 'transformer.resblocks.0.mlp', 2, init='copy')\n"
+        "    return model\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["run", str(QUICKSTART), "model._component_=vismoe_component.build", *QUICK_OVERRIDES]
+    for i, (extra, said) in enumerate((
+        (["eval.compare.merges=[{name: weighted, weights: [1, 2]}]"], "error: eval.compare.merges.0: 'weighted' with {'weights': [1, 2]} "
+                                                                      "cannot merge 3 experts: merge strategy 'weighted': 2 weights for 3 experts"),
+        (["train.grad_checkpointing=true"], "error: train.grad_checkpointing=true, but the CLIP tower holds experts with stochastic or "
+                                            "stateful routers (visual.transformer.resblocks.0.mlp)"),
+    )):
+        out = _new_run_dir(tmp_path / f"run{i}", synthetic_data)
+        assert cli_main([*base, f"output_dir={out}", *extra]) == 1
+        assert said in " ".join(capsys.readouterr().err.split())
+        assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
 def test_an_evaluation_that_fails_leaves_no_folder_it_made(quick_run, tmp_path, capsys):
     # a class CSV that does not fit the list: refused once the dataset is built, after recipe.yaml was written
     out, _ = quick_run

@@ -66,6 +66,7 @@ class MoTERunner:
                              f"has {len(self.train_class_names)} classes (ids 0..{len(self.train_class_names) - 1})")
         # model + frozen class text features
         self.model = instantiate(cfg["model"], _path="model")
+        self._check_built_model()
         if cfg["train"].get("grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
         self.model.to(self.device)
@@ -146,6 +147,28 @@ class MoTERunner:
             shown = "; ".join(describe_change(*c) for c in changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
             log.warning("train.resume: checkpoint %s was trained with other settings (%s); this run continues it with this recipe's",
                         ckpt_path, shown)
+
+    def _check_built_model(self) -> None:
+        """What validation could not check for a model component other than ``build_video_clip`` (its expert
+        count and containers are known only once built): each ``eval.compare.merges`` entry is dry-run
+        for the head's expert count, and ``train.grad_checkpointing`` is refused where the CLIP tower holds
+        stochastic or stateful routers (open_clip recomputes its blocks with a plain checkpoint, which
+        would draw other experts in backward) — both before training, naming the key."""
+        from ..experts import find_containers, router_keeps_state
+        from .schema import compare_merge_problems
+
+        containers = find_containers(self.model.head)
+        problems = compare_merge_problems(self.cfg, containers[0][1].num_experts) if containers else []
+        if problems:
+            raise ValueError(f"{problems[0].path}: {problems[0].message}")
+        if self.cfg["train"].get("grad_checkpointing"):
+            routed = [name for name, c in find_containers(self.model.clip) if c.router.stochastic or router_keeps_state(c.router)]
+            if routed:
+                raise ValueError(
+                    f"train.grad_checkpointing=true, but the CLIP tower holds experts with stochastic or stateful routers "
+                    f"({routed[0]}{' and more' if len(routed) > 1 else ''}): open_clip's checkpointing would recompute them with "
+                    "other experts in backward. Set train.grad_checkpointing=false, or route them deterministically (fixed, topk)"
+                )
 
     def _refuse_retraining_a_finished_run(self) -> None:
         """No checkpoint to resume from, but the folder holds a trained model or results of this recipe (its
