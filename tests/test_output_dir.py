@@ -701,3 +701,16 @@ def test_overwrite_never_deletes_a_file_the_new_run_reads(tmp_path):
             prepare_output_dir(cfg, overwrite=True, main=True)
         release_output_dir(out)
         assert (out / "model" / "clip.safetensors").read_text() == "weights" and (out / "metrics.jsonl").exists()
+
+
+def test_a_failed_evaluations_partial_results_do_not_make_a_corrected_rerun_another_run(tmp_path):
+    """results.partial.json (the datasets done before a failure) is replaced by the next evaluation: a rerun with a
+    corrected recipe was refused as "a different recipe", whose advice, --overwrite, deleted those results."""
+    out = tmp_path / "ev"
+    first = {"runner": "evaluate", "output_dir": str(out), "checkpoint": "/m", "eval": {"datasets": [{"name": "x", "list": "/a.txt"}]}}
+    prepare_output_dir(first, overwrite=False, main=True)
+    release_output_dir(out)
+    (out / "results.partial.json").write_text("{}")
+    prepare_output_dir({**first, "eval": {"datasets": [{"name": "x", "list": "/b.txt"}]}}, overwrite=False, main=True)
+    release_output_dir(out)
+    assert "/b.txt" in (out / "recipe.yaml").read_text()

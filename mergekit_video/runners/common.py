@@ -86,10 +86,11 @@ _UNWRITABLE = (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EIS
 SYNTHETIC_DATA_KEYS = ("root", "train_list", "val_list", "class_csv", "novel_list", "novel_class_csv")
 
 #: What a run writes under its output_dir besides ``recipe.yaml`` and the synthetic ``data/``.
-RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "model", "model_dense", "results.json", "results.partial.json", "tradeoff.png", "tensorboard")
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "model", "model_dense", "results.json", "tradeoff.png", "tensorboard")
 #: What an evaluation (``evaluate`` / ``compare`` runner) writes in its output_dir, besides ``recipe.yaml``.
-EVAL_OUTPUTS = ("results.json", "results.partial.json", "tradeoff.png")
-#: The results of the datasets evaluated so far, while an evaluation runs (kept when a later one fails).
+EVAL_OUTPUTS = ("results.json", "tradeoff.png")
+#: The results of the datasets evaluated so far, while an evaluation runs (kept when a later one fails). Not an
+#: output that makes a rerun with a corrected recipe "another run": the next evaluation replaces it.
 PARTIAL_RESULTS = "results.partial.json"
 
 #: Recipe keys that cannot change what a run computes, only how fast it loads data, how often it
@@ -915,6 +916,8 @@ def run_eval_suite(
     if eval_cfg.get("clip_blend") and clip_blend_base is None:
         clip_blend_base = read_clip_blend_base(model, cfg)
     partial = output_dir / PARTIAL_RESULTS
+    if main:
+        partial.unlink(missing_ok=True)  # an earlier, failed evaluation's: this one's results replace them
     with clip_blended_with_pretrained(model, eval_cfg.get("clip_blend"), clip_blend_base), \
             _partial_results_kept(results, partial, main=main):
         for i, entry in enumerate(entries):
