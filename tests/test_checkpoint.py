@@ -772,7 +772,7 @@ def test_a_dense_export_of_a_dense_export_keeps_the_original_provenance(tmp_path
     model = _tiny_model(seed=4)
     dense = load(export_dense(model, tmp_path / "dense", strategy="weighted", weights=[3.0, 1.0]))
     again = load(export_dense(dense, tmp_path / "dense2"))
-    assert dense.config["exported_from"] == again.config["exported_from"] == {"num_experts": 2, "merge": "weighted"}
+    assert dense.config["exported_from"] == again.config["exported_from"] == {"num_experts": 2, "merge": "weighted", "merge_kwargs": {"weights": [3.0, 1.0]}}
     assert again.head.config["num_experts"] == 0
     assert all(torch.equal(a, b) for a, b in zip(dense.head.state_dict().values(), again.head.state_dict().values()))
 

@@ -902,3 +902,28 @@ def test_eval_expands_tilde_in_option_values_and_takes_any_recipe_file(tmp_path,
         assert cli_main(["eval", str(path), "--list", "x.txt"]) == 1  # a recipe: --list is refused as such, not asked for --classes
         assert "--list describes the evaluation of a model directory" in capsys.readouterr().err
         recipe = path
+
+
+def test_eval_of_a_tensor_file_is_not_taken_for_a_recipe_and_ls_shows_brackets(tmp_path, capsys):
+    """Any existing file was taken for a recipe (head.safetensors: '--list describes ... is a recipe'); rich read
+    '[j]' in a docstring as markup and dropped it."""
+    from mergekit_video.cli.main import main as cli_main
+
+    weights = tmp_path / "head.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    assert cli_main(["eval", str(weights), "--list", "l.txt", "--classes", "c.csv"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is a recipe" not in err and "is not a mergekit_video model directory" in err
+    from mergekit_video.merging import MERGES
+
+    @MERGES.register("test_bracket_doc", override=True)
+    def bracketed(tensors, *, base=None):
+        """θ[j] = median_i θ_i[j]."""
+        return tensors[0]
+
+    try:
+        assert cli_main(["ls", "merges"]) == 0
+        assert "θ[j] = median_i θ_i[j]." in capsys.readouterr().out
+    finally:
+        MERGES._entries.pop("test_bracket_doc", None)
+        MERGES._owners.pop("test_bracket_doc", None)

@@ -443,3 +443,19 @@ def test_a_saved_model_records_its_plugin_and_loading_imports_it(clean_registrie
     with pytest.raises(ImportError, match=rf"model was saved with experts whose router or merge strategy comes from the plugin "
                                           rf"module '{MODULE}', which cannot be imported here .*install that plugin package"):
         load(tmp_path / "model")
+
+
+def test_a_saved_models_plugin_that_fails_while_importing_is_named_with_its_error_not_install_advice(tmp_path, monkeypatch):
+    """A plugin that is installed but raises on import was reported as 'cannot be imported here (needs CUDA 99):
+    install that plugin package', dropping the error's type and place and advising to install what is installed."""
+    from mergekit_video.models.video_clip import import_model_plugins
+
+    (tmp_path / "crashing_plugin_mod.py").write_text("raise RuntimeError('needs CUDA 99')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError) as info:
+        import_model_plugins({"plugins": ["crashing_plugin_mod"]}, source="the model")
+    message = str(info.value)
+    assert "RuntimeError: needs CUDA 99" in message and "crashing_plugin_mod.py" in message
+    assert message.endswith("fix the plugin (or install what it needs) so that it imports") and "install that plugin package" not in message
+    with pytest.raises(ImportError, match=r"install that plugin package, or put its folder on PYTHONPATH$"):
+        import_model_plugins({"plugins": ["no_such_plugin_mod_xyz"]}, source="the model")

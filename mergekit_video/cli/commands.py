@@ -29,6 +29,18 @@ def _console():
     return console
 
 
+def _is_yaml_mapping(path: Path) -> bool:
+    """Whether ``path`` is a small text file holding a YAML mapping (a recipe under another name)."""
+    import yaml
+
+    try:
+        if path.stat().st_size > 1 << 20:
+            return False
+        return isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+
+
 def _load_validated(recipe: Path, overrides: list[str]) -> dict:
     """Load, override, validate (every problem listed) and fill defaults."""
     from ..config import load_recipe
@@ -128,8 +140,10 @@ def ls_cmd(kind: Optional[str] = typer.Argument(None, help="routers | merges | r
         table = Table(title=k, show_header=True, header_style="bold")
         table.add_column("name", style="cyan", no_wrap=True)
         table.add_column("description")
+        from rich.markup import escape
+
         for name in reg.names():
-            table.add_row(name, reg.doc(name))
+            table.add_row(escape(name), escape(reg.doc(name)))  # θ[j] is text, not a rich markup tag
         console.print(table)
 
 
@@ -347,7 +361,8 @@ def eval_cmd(
     list_files = [f.expanduser() for f in list_files or []]
     class_csvs = [c.expanduser() for c in class_csvs or []]
     root = root.expanduser() if root is not None else None
-    is_recipe = target.is_file() or target.suffix.lower() in (".yaml", ".yml")  # a model is a folder, a recipe a file
+    # a model is a folder; a recipe a YAML file, whatever its name (zs.YAML, zs), but not a tensor file given by mistake
+    is_recipe = target.suffix.lower() in (".yaml", ".yml") or (target.is_file() and _is_yaml_mapping(target))
     if is_recipe:
         _refuse_model_options_with_a_recipe(ctx, target)
         cfg = _load_validated(target, overrides or [])

@@ -633,7 +633,7 @@ def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: st
     The exported head has the plain-FFN structure with exactly the baseline's keys and
     parameter count; ``clip.safetensors`` loads into plain open_clip. ``strategy=None`` uses
     each container's own merge (mean, or the weights recorded at conversion). ``exported_from``
-    records the expert count and merge collapsed; the export of a dense export keeps the original's.
+    records the expert count, merge and merge arguments collapsed; the export of a dense export keeps the original's.
     """
     containers = find_containers(model)
     own = {c.merge for _, c in containers}
@@ -647,7 +647,11 @@ def export_dense(model: VideoCLIP, directory: str | os.PathLike, *, strategy: st
         collapse_experts(dense, strategy, **merge_kwargs)
     dense.head.config["num_experts"] = 0
     if not (model.head.config["num_experts"] == 0 and not containers and "exported_from" in model.config):  # a dense model keeps its origin
-        dense.config = {**dense.config, "exported_from": {"num_experts": int(model.head.config["num_experts"]), "merge": strategy or model.head.config["merge"]}}
+        merge_args = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in
+                      (merge_kwargs if strategy else model.head.config.get("merge_kwargs") or {}).items() if k != "base"}
+        dense.config = {**dense.config, "exported_from": {"num_experts": int(model.head.config["num_experts"]),
+                                                          "merge": strategy or model.head.config["merge"],
+                                                          **({"merge_kwargs": merge_args} if merge_args else {})}}
     return save_model(dense, directory, overwrite=overwrite, own_folder=own_folder)
 
 

@@ -314,10 +314,15 @@ def import_model_plugins(config: dict[str, Any], *, source: str = "the model") -
         try:
             import_plugins([module])
         except ImportError as exc:
+            cause = exc.__cause__ or exc
+            if isinstance(cause, ModuleNotFoundError) and cause.name and module.startswith(cause.name):
+                advice = "install that plugin package, or put its folder on PYTHONPATH"  # not found at all
+            else:  # found, but its import failed (import_plugins says what and where): not advice to install it
+                cause = exc
+                advice = "fix the plugin (or install what it needs) so that it imports"
             raise ImportError(
                 f"{source} was saved with experts whose router or merge strategy comes from the plugin module {module!r}, "
-                f"which cannot be imported here ({exc.__cause__ or exc}): install that plugin package, or put its "
-                f"folder on PYTHONPATH"
+                f"which cannot be imported here ({cause}): {advice}"
             ) from None
 
 
