@@ -193,6 +193,7 @@ def model_config_dict(clip_cfg: dict[str, Any], hcfg: dict[str, Any], **extra: A
 
 
 _JSON_SCALARS = (bool, int, float, str, type(None))
+_UNRECORDED_WARNED: set[tuple[type, str]] = set()  # (router class, argument) said once per process
 
 
 def _router_kwargs(router: nn.Module) -> dict[str, Any]:
@@ -210,8 +211,15 @@ def _router_kwargs(router: nn.Module) -> dict[str, Any]:
             if name in skip or name in kwargs or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 continue
             value = getattr(router, name, None)
-            if isinstance(value, _JSON_SCALARS) and hasattr(router, name):
-                kwargs[name] = value
+            if hasattr(router, name) and isinstance(value, (*_JSON_SCALARS, list, tuple)):
+                kwargs[name] = list(value) if isinstance(value, tuple) else value
+            elif (type(router), name) not in _UNRECORDED_WARNED:
+                _UNRECORDED_WARNED.add((type(router), name))
+                from ..utils.warn import warn_user
+
+                warn_user(f"router {type(router).__name__}'s argument {name!r} is not kept as a number, string or list attribute of "
+                          "that name, so a saved model cannot record it: loaded, its router takes the default. Keep constructor "
+                          "arguments as attributes of the same name")
     return kwargs
 
 
