@@ -438,6 +438,26 @@ _PATH_KINDS: dict[str, tuple[Callable[[Path], bool], str, Callable[[str], bool]]
 }
 
 
+def _path_fields(cfg: Mapping[str, Any], schema: Section) -> list[tuple[str, str, Field]]:
+    """``(key, value, spec)`` of every path-valued key (``Field(path=...)``) that ``cfg`` sets to a string."""
+    found: list[tuple[str, str, Field]] = []
+
+    def walk(value: Any, spec: Spec, path: str) -> None:
+        if isinstance(spec, (Section, Component)) and isinstance(value, Mapping):
+            for k, sub in spec.fields.items():
+                if k in value:
+                    walk(value[k], sub, join_key(path, k))
+        elif isinstance(spec, Field):
+            if spec.path is not None and isinstance(value, str):
+                found.append((path, value, spec))
+            elif spec.item is not None and isinstance(value, list):
+                for i, v in enumerate(value):
+                    walk(v, spec.item, join_key(path, i))
+
+    walk(cfg, schema, "")
+    return found
+
+
 def check_paths(cfg: Mapping[str, Any], schema: Section) -> list[Problem]:
     """Problems for every path-valued key (``Field(path=...)``) whose file or folder is missing.
 
@@ -446,53 +466,24 @@ def check_paths(cfg: Mapping[str, Any], schema: Section) -> list[Problem]:
     ``mergevid validate --check-paths`` runs it on demand.
     """
     problems: list[Problem] = []
-
-    def walk(value: Any, spec: Spec, path: str) -> None:
-        if value is None:
-            return
-        if isinstance(spec, (Section, Component)) and isinstance(value, Mapping):
-            for k, sub in spec.fields.items():
-                if k in value:
-                    walk(value[k], sub, join_key(path, k))
-        elif isinstance(spec, Field):
-            if spec.path is not None and isinstance(value, str):
-                test, what, is_path = _PATH_KINDS[spec.path]
-                p = Path(value).expanduser()
-                if is_path(value) and not test(p):
-                    if spec.path == "model" and p.exists():
-                        problems.append(Problem(path, _not_a_saved_model(value, p)))
-                    elif spec.path == "file" and p.is_dir():
-                        problems.append(Problem(path, f"{value} is a folder; a file is expected here"))
-                    elif spec.path == "dir" and p.is_file():
-                        problems.append(Problem(path, f"{value} is a file; a folder is expected here"))
-                    else:
-                        problems.append(Problem(path, f"{what}: {value}"))
-            elif spec.item is not None and isinstance(value, list):
-                for i, v in enumerate(value):
-                    walk(v, spec.item, join_key(path, i))
-
-    walk(cfg, schema, "")
+    for path, value, spec in _path_fields(cfg, schema):
+        test, what, is_path = _PATH_KINDS[spec.path]
+        p = Path(value).expanduser()
+        if is_path(value) and not test(p):
+            if spec.path == "model" and p.exists():
+                problems.append(Problem(path, _not_a_saved_model(value, p)))
+            elif spec.path == "file" and p.is_dir():
+                problems.append(Problem(path, f"{value} is a folder; a file is expected here"))
+            elif spec.path == "dir" and p.is_file():
+                problems.append(Problem(path, f"{value} is a file; a folder is expected here"))
+            else:
+                problems.append(Problem(path, f"{what}: {value}"))
     return problems
 
 
 def path_values(cfg: Mapping[str, Any], schema: Section) -> list[tuple[str, str]]:
-    """``(key, value)`` of every path-valued key (``Field(path=...)``) that ``cfg`` sets to a string."""
-    found: list[tuple[str, str]] = []
-
-    def walk(value: Any, spec: Spec, path: str) -> None:
-        if isinstance(spec, (Section, Component)) and isinstance(value, Mapping):
-            for k, sub in spec.fields.items():
-                if k in value:
-                    walk(value[k], sub, join_key(path, k))
-        elif isinstance(spec, Field):
-            if spec.path is not None and isinstance(value, str) and value:
-                found.append((path, value))
-            elif spec.item is not None and isinstance(value, list):
-                for i, v in enumerate(value):
-                    walk(v, spec.item, join_key(path, i))
-
-    walk(cfg, schema, "")
-    return found
+    """``(key, value)`` of every path-valued key (``Field(path=...)``) that ``cfg`` sets to a non-empty string."""
+    return [(key, value) for key, value, _ in _path_fields(cfg, schema) if value]
 
 
 def expand_user_paths(cfg: dict[str, Any], schema: Section) -> dict[str, Any]:
