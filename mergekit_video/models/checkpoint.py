@@ -588,13 +588,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
         for part, file in files.items():
             found = {**_header_shapes(file), **{k: None for k in decode_state(saved.other.get(part) or {})}}
             _check_fits(file, part, parts[part], found, saved, strict=strict)
-        from ..training.checkpoint import file_checksum
+        from ..training.checkpoint import _verify_checksum
 
         for file in files.values():  # a byte changed by a bad disk or a botched copy: refused, not evaluated or exported
-            expected = saved.checksums.get(file.name)
-            if expected is not None and (found_sum := file_checksum(file)) != expected:
-                raise ValueError(f"{file} does not hold the bytes it was saved with (checksum {found_sum}, saved {expected}): "
-                                 "the file is damaged; save or export the model again from its run's checkpoint")
+            _verify_checksum(file, {"checksums": saved.checksums})
         clip_sd = {**read_safetensors(files["clip"]), **decode_state(saved.other.get("clip") or {})}
         head_sd = {**read_safetensors(files["head"]), **decode_state(saved.other.get("head") or {})}
     else:  # a trainer checkpoint: tied tensors and non-tensor entries restored, the optimizer's tensors not read

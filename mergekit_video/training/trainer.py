@@ -82,11 +82,11 @@ def _per_step_draws(model: nn.Module, generators: dict[str, torch.Generator]) ->
 
 
 def _draw_state(model: nn.Module, generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Where the per-step draws (:func:`_per_step_draws`) stand: those generators' states, and the extra
+    """Where the per-step draws stand: the states of ``generators`` (:func:`_per_step_draws`), and the extra
     state of batch routers that keep their own (:func:`~mergekit_video.experts.router_keeps_state`)."""
     extra = {name: copy.deepcopy(c.router.get_extra_state()) for name, c in find_containers(model)
              if c.router.granularity == "batch" and router_keeps_state(c.router)}
-    return {name: g.get_state() for name, g in _per_step_draws(model, generators).items()}, extra
+    return {name: g.get_state() for name, g in generators.items()}, extra
 
 
 def _restore_draw_state(model: nn.Module, generators: dict[str, torch.Generator],
@@ -94,8 +94,7 @@ def _restore_draw_state(model: nn.Module, generators: dict[str, torch.Generator]
     """Put the draws back where :func:`_draw_state` found them: the next forward draws the same experts and τ."""
     gens, extra = state
     for name, g in generators.items():
-        if name in gens:
-            g.set_state(gens[name])
+        g.set_state(gens[name])
     for name, c in find_containers(model):
         if name in extra:
             c.router.set_extra_state(copy.deepcopy(extra[name]))
@@ -738,6 +737,7 @@ class Trainer:
         self._clips_reported = 0
         step_clips = 0  # clips of the optimizer step being accumulated, all ranks together
         usable = self.steps_per_epoch * self.grad_accumulation  # micro-batches used per epoch
+        per_step = _per_step_draws(self.model, self.generators)  # replayed across an accumulation cycle
         if self.state.batches_in_epoch >= usable:
             # resumed in an epoch whose steps are all done but whose end (validation, checkpoint
             # with metrics) did not run: stopped right after its last step, or validation failed
@@ -757,9 +757,9 @@ class Trainer:
                 sync = self.state.batches_in_epoch % self.grad_accumulation == 0
                 if self.grad_accumulation > 1:  # one draw of experts and τ per optimizer step, as without accumulation
                     if (self.state.batches_in_epoch - 1) % self.grad_accumulation == 0:
-                        step_draws = _draw_state(self.model, self.generators)
+                        step_draws = _draw_state(self.model, per_step)
                     else:
-                        _restore_draw_state(self.model, self.generators, step_draws)
+                        _restore_draw_state(self.model, per_step, step_draws)
                 weight, clips = self._clip_weight(batch)
                 step_clips += clips
                 epoch_clips += clips
