@@ -614,11 +614,11 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
 def test_misspelt_options_and_unwritable_outputs_are_named_before_any_work(tmp_path, capsys):
     """Commands that take overrides read unknown options as overrides; bench outputs are checked up front."""
     out = tmp_path / "run"
-    assert cli_main(["run", str(QUICKSTART), f"output_dir={out}", "--overwrit"]) == 1
+    assert cli_main(["run", str(QUICKSTART), f"output_dir={out}", "--overwrit"]) == 2  # a usage error, as click's own
     assert "error: no such option: --overwrit; did you mean --overwrite?" in capsys.readouterr().err
-    assert cli_main(["eval", str(tmp_path), "--lst", "v.txt"]) == 1
+    assert cli_main(["eval", str(tmp_path), "--lst", "v.txt"]) == 2
     assert "no such option: --lst; did you mean --list?" in capsys.readouterr().err
-    assert cli_main(["bench", "train", str(QUICKSTART), "--step", "3"]) == 1
+    assert cli_main(["bench", "train", str(QUICKSTART), "--step", "3"]) == 2
     assert "no such option: --step; did you mean --steps?" in capsys.readouterr().err
     # before the recipe, where it was read as the recipe's path ("recipe --overwrit does not exist")
     for args, said in ((["run", "--overwrit", str(QUICKSTART)], "error: no such option: --overwrit; did you mean --overwrite? (options: --help, --overwrite)"),
@@ -628,7 +628,7 @@ def test_misspelt_options_and_unwritable_outputs_are_named_before_any_work(tmp_p
                        (["run", str(QUICKSTART), "--", "--overwrite"], "error: --overwrite came after '--', which makes what follows it "
                                                                         "arguments: put --overwrite before '--'"),
                        (["validate", str(QUICKSTART), "--", "--check-paths"], "error: --check-paths came after '--'")):
-        assert cli_main(args) == 1
+        assert cli_main(args) == 2
         assert capsys.readouterr().err.startswith(said), args
     assert not out.exists()
     zero_shot = QUICKSTART.parent / "zeroshot_ucf101.yaml"

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import UserError, checked_device, refuse_existing_output, refuse_replacing_input, reraise_interrupts
+from .errors import CommandLineError, UserError, checked_device, refuse_existing_output, refuse_replacing_input, reraise_interrupts
 from ..runners.schema import DEVICE_VALUES, EVAL_DATASET
 from .main import app, bench_app
 
@@ -78,10 +78,10 @@ def _checked_overrides(ctx: typer.Context, overrides: list[str] | None, first: P
         if text.startswith("-"):
             flag = text.split("=", 1)[0]
             if flag in options:  # a known option read as an override: it came after '--'
-                raise UserError(f"{flag} came after '--', which makes what follows it arguments: put {flag} before '--'")
+                raise CommandLineError(f"{flag} came after '--', which makes what follows it arguments: put {flag} before '--'")
             close = ["--help"] if flag == "-h" else difflib.get_close_matches(flag, options[:-1], n=2)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise UserError(f"no such option: {flag}{hint} (options: {', '.join(sorted(set(options)))})")
+            raise CommandLineError(f"no such option: {flag}{hint} (options: {', '.join(sorted(set(options)))})")
     return overrides
 
 

@@ -28,6 +28,12 @@ class UserError(Exception):
     """An error whose message is meant for the user as is (bad config, missing file, ...)."""
 
 
+class CommandLineError(UserError):
+    """A mistyped command line (an unknown option read as an override): exit code 2, as click's own usage errors."""
+
+    exit_code = 2
+
+
 class Interrupted(Exception):
     """A command stopped by Ctrl-C or SIGTERM; the message says what was kept (e.g. the checkpoint).
 
@@ -168,7 +174,7 @@ def global_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def run_app(app: Any, argv: list[str]) -> int:
-    """Run a typer app, turning exceptions into one red line on stderr and exit code 1.
+    """Run a typer app, turning exceptions into one red line on stderr and exit code 1 (2 for a mistyped command line).
 
     ``--debug`` is accepted anywhere on the command line and shows the traceback instead.
     """
@@ -211,5 +217,5 @@ def run_app(app: Any, argv: list[str]) -> int:
             msg += " (another rank stopped: its error is the one to read)"
         where = f"[rank {rank}] " if rank is not None else ""  # under torchrun every rank reports: say whose it is
         Console(stderr=True, highlight=False).print(f"[bold red]{escape(where)}error:[/] {escape(msg)}\n[dim](run with --debug for the traceback)[/]", markup=True, soft_wrap=True)
-        return 1
+        return e.exit_code if isinstance(e, CommandLineError) else 1
     return 0
