@@ -778,6 +778,13 @@ def test_resume_from_a_checkpoint_with_another_schedule_length_is_refused(refere
             run_recipe(cfg)
         assert str(info.value).startswith(f"train.resume: checkpoint {reference / 'checkpoints' / 'step_00000008'} was trained with another lr schedule ({what}).")
         assert "schedule.epochs, train.max_steps" in str(info.value) and "train.resume=null" in str(info.value)
+    # a batch of 12 at the epoch-end checkpoint: 2 steps per epoch, so 4 steps; the message says why the length moved
+    cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", "data.batch_size=12", f"train.resume={reference / 'checkpoints'}"])
+    with pytest.raises(ValueError) as info:
+        run_recipe(cfg)
+    assert "8 steps in the checkpoint, 4 steps now; warm-up (schedule.warmup_epochs): 4 steps in the checkpoint, 2 steps now). " \
+           "The training data is counted otherwise (videos per micro-batch 6 -> 12), which changes the steps per epoch." in str(info.value)
+    assert "optimizer.lr, data.batch_size, train.grad_accumulation, the training list: see its run's recipe.yaml" in str(info.value)
     assert sorted(p.name for p in out.iterdir()) == ["data"]  # nothing trained: the folder is as it was (its text cache gone too)
 
 

@@ -448,6 +448,9 @@ class Trainer:
         layout, now = extra.get("data_layout") or {}, self._data_layout()
         shown = {"videos": "training list (paths and labels)", "shuffle_seed": "seed (the epoch's order)"}
         changed = [f"{shown.get(k, k)} {layout[k]} -> {now[k]}" for k in now if k in layout and layout[k] != now[k]]
+        counts = {"dataset_size": "training videos", "micro_batch": "videos per micro-batch", "grad_accumulation": "train.grad_accumulation"}
+        recounted = [f"{words} {layout[k]} -> {now[k]}" for k, words in counts.items()
+                     if k in layout and k in now and layout[k] != now[k]]  # what sets the steps per epoch
         if changed and int(extra.get("batches_in_epoch", 0)) > 0:
             raise ValueError(
                 f"train.resume: checkpoint {ckpt.path} stopped inside an epoch, counting or ordering its data otherwise "
@@ -461,10 +464,14 @@ class Trainer:
         if ckpt.scheduler_state is not None:
             differences = schedule_differences(ckpt.scheduler_state, self.scheduler.state_dict())
             if differences:
+                # the schedule's length is counted in steps: another training list or batch changes it too
+                cause = (f" The training data is counted otherwise ({'; '.join(recounted)}), which changes the steps per epoch."
+                         if recounted else "")
                 raise ValueError(
-                    f"train.resume: checkpoint {ckpt.path} was trained with another lr schedule ({'; '.join(differences)}). "
+                    f"train.resume: checkpoint {ckpt.path} was trained with another lr schedule ({'; '.join(differences)}).{cause} "
                     "A resume continues the checkpoint's schedule (a longer run would train at lr 0 past its end): resume "
-                    "with the settings it was trained with (schedule.epochs, train.max_steps, schedule.*, optimizer.lr: see its "
+                    "with the settings it was trained with (schedule.epochs, train.max_steps, schedule.*, optimizer.lr"
+                    f"{', data.batch_size, train.grad_accumulation, the training list' if recounted else ''}: see its "
                     "run's recipe.yaml), or set train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)"
                 )
         self._load_model(ckpt)
