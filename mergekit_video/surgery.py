@@ -34,6 +34,12 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 _MIXES_POSITIONS = (nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
 
 
+#: Parents that read their children's tensors themselves instead of calling them (a container put there would
+#: never route nor merge): nn.MultiheadAttention hands out_proj's weight to F.multi_head_attention_forward, and
+#: nn.TransformerEncoderLayer's eval fast path (no grad) hands every child's weights to one fused kernel.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
 class SurgeryError(ValueError):
     """A target pattern or surgery argument does not fit the model."""
 
@@ -76,6 +82,16 @@ def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
     a container, raises :class:`SurgeryError` naming the container. Raises it too, showing the
     nearest module names, when a pattern matches nothing.
     """
+    modules = [target] if isinstance(target, nn.Module) else list(target) if isinstance(target, Sequence) and not isinstance(target, str) else []
+    if modules and all(isinstance(t, nn.Module) for t in modules):  # module objects: name them
+        by_id = {}
+        for n, m in model.named_modules():
+            by_id.setdefault(id(m), n)
+        named = [by_id.get(id(m)) for m in modules]
+        if all(named):
+            raise SurgeryError(f"target must be module names or globs over them, not module objects: pass {named if len(named) > 1 else named[0]!r}")
+        raise SurgeryError("target must be module names or globs over them (such as 'blocks.*.mlp'), not module objects; "
+                           f"{type(modules[named.index(None)]).__name__} given is not a submodule of the model")
     if not isinstance(target, str) and not (isinstance(target, Sequence) and all(isinstance(t, str) for t in target)):
         raise SurgeryError(f"target must be a glob or a list of globs over module names (such as 'blocks.*.mlp'), got {target!r}")
     patterns = [target] if isinstance(target, str) else list(target)
@@ -156,6 +172,12 @@ def _build_router(
 ) -> Router:
     # Every container must route independently: a copied router gets a fresh generator
     # seeded from the template's, and an explicit seed becomes seed + container index.
+    if isinstance(router, type):  # the class: a name or an instance is what is taken
+        from .registry import ROUTERS
+
+        named = ROUTERS.names_of(router)
+        raise SurgeryError(f"router must be a registered name or a Router instance, got the class {router.__name__}: "
+                           + (f"pass router={named[0]!r}" if named else f"pass an instance, {router.__name__}(...)"))
     if isinstance(router, nn.Module):
         r = copy.deepcopy(router)
         template = getattr(router, "generator", None)
@@ -232,6 +254,16 @@ def add_experts(
     for n in names:  # an alias of a matched module may lie inside a container (an expert reachable elsewhere)
         _check_not_nested(n, containers_by_name)
     _check_no_parameter_tied_outside(model, groups)
+    for n in names:
+        parent, _ = _get_parent(model, n)
+        if isinstance(parent, _READS_CHILD_WEIGHTS):
+            owner = n.rpartition(".")[0]
+            how = ("passes its out_proj weights to F.multi_head_attention_forward itself" if isinstance(parent, nn.MultiheadAttention)
+                   else "passes its children's weights to one fused kernel in eval (its fast path)")
+            raise SurgeryError(f"{n!r} is read, not called, by its parent {owner or 'the model'!r}: {type(parent).__name__} {how}, "
+                               f"so experts there would never route nor merge; target {owner!r} itself" if owner else
+                               f"{n!r} is read, not called, by the model, a {type(parent).__name__}: put the model in a parent module "
+                               "and target the whole of it")
     # router seeds continue after the model's existing containers: a second call with the same seed
     # (experts in the text tower after the visual tower) does not repeat the first call's routing
     seed_offset = len({id(c) for c in containers_by_name.values()})

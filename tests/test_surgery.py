@@ -721,3 +721,43 @@ def test_experts_of_a_frozen_target_warn_that_they_will_not_train():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mv.add_experts(unfrozen, "blocks.*.mlp", 2)
+
+
+def test_children_their_parent_reads_instead_of_calling_are_refused_and_the_parent_works():
+    """nn.MultiheadAttention hands out_proj's weights to F.multi_head_attention_forward, and an
+    nn.TransformerEncoderLayer's eval fast path hands its children's to one kernel: a container there
+    would be skipped (expert 0's weights, no routing, no merge). The whole layer is the target."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    before = copy.deepcopy(model)
+    for target, said in (("layers.*.self_attn.out_proj", r"^'layers\.0\.self_attn\.out_proj' is read, not called, by its parent "
+                          r"'layers\.0\.self_attn': MultiheadAttention passes its out_proj weights to F\.multi_head_attention_forward "
+                          r"itself, so experts there would never route nor merge; target 'layers\.0\.self_attn' itself"),
+                         ("layers.*.linear1", r"^'layers\.0\.linear1' is read, not called, by its parent 'layers\.0': "
+                          r"TransformerEncoderLayer passes its children's weights to one fused kernel in eval"),
+                         ("layers.1.self_attn", r"^'layers\.1\.self_attn' is read, not called, by its parent 'layers\.1'")):
+        with pytest.raises(SurgeryError, match=said):
+            mv.add_experts(model, target, 3, init="copy_noise", noise_std=0.1)
+    assert shapes(model) == shapes(before)  # refused before anything changed
+    mv.add_experts(model, "layers.*", 3, init="copy_noise", noise_std=0.1, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    x = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        fast = model(x)  # the encoder's own fast-path checks read expert 0's attributes, then call each container
+    collapsed = copy.deepcopy(model)
+    mv.collapse_experts(collapsed)
+    with torch.no_grad():
+        assert maxdiff(fast, collapsed(x)) < 1e-5
+    assert maxdiff(fast, model(x)) < 1e-5  # grad on (no fast path) gives the same merged output
+
+
+def test_module_objects_and_router_classes_get_a_short_error_naming_what_to_pass():
+    m = toy()
+    with pytest.raises(SurgeryError, match=r"^target must be module names or globs over them, not module objects: pass \['blocks\.0\.mlp', 'blocks\.1\.mlp'\]$"):
+        mv.add_experts(m, [b.mlp for b in m.blocks], 2)
+    with pytest.raises(SurgeryError, match=r"not module objects; Linear given is not a submodule of the model$"):
+        mv.add_experts(m, nn.Linear(2, 2), 2)
+    with pytest.raises(SurgeryError, match=r"^router must be a registered name or a Router instance, got the class TopKRouter: pass router='topk'$"):
+        mv.add_experts(m, "blocks.*.mlp", 2, router=TopKRouter)
+    assert not find_containers(m)
