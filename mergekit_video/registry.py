@@ -29,6 +29,7 @@ PLUGIN_ENTRY_POINT_GROUP = "mergekit_video.plugins"
 
 _entry_points_loaded = False
 _imported_plugin_modules: set[str] = set()
+_importing_plugins: list[str] = []  # the plugin modules being imported now (innermost last): their registrations are theirs
 _ALL_REGISTRIES: list[Registry] = []  # every registry made, for undoing a plugin that fails half-way
 
 
@@ -75,6 +76,7 @@ def load_entry_point_plugins() -> list[str]:
     loaded = []
     for ep in entry_points(group=PLUGIN_ENTRY_POINT_GROUP):
         before = _registry_snapshot()
+        _importing_plugins.append(ep.module)
         try:
             ep.load()
             loaded.append(ep.name)
@@ -82,6 +84,8 @@ def load_entry_point_plugins() -> list[str]:
             _restore_registries(before, ep.module)  # skipped whole: nothing it registered before failing stays
             log.warning("plugin %r (%s) failed to load and is skipped: %s", ep.name, ep.value, _describe_failure(exc),
                         exc_info=log.isEnabledFor(logging.DEBUG))
+        finally:
+            _importing_plugins.pop()
     return loaded
 
 
@@ -112,6 +116,7 @@ def import_plugins(modules: Iterable[str]) -> None:
         if name in _imported_plugin_modules:
             continue
         before = _registry_snapshot()
+        _importing_plugins.append(name)
         try:
             importlib.import_module(name)
         except ImportError as exc:
@@ -125,30 +130,53 @@ def import_plugins(modules: Iterable[str]) -> None:
         except Exception as exc:  # noqa: BLE001 - named as the plugin's failure, not a bare error from inside it
             _restore_registries(before, name)
             raise ImportError(f"plugin module {name!r} failed while importing: {_describe_failure(exc)}") from exc
+        finally:
+            _importing_plugins.pop()
         _imported_plugin_modules.add(name)
 
 
-def _registry_snapshot() -> list[tuple[Registry, dict[str, Any]]]:
+_Snapshot = list[tuple["Registry", dict[str, Any], dict[str, str]]]
+
+
+def _registry_snapshot() -> _Snapshot:
     for r in _ALL_REGISTRIES:  # built-ins first: a restore must not drop them (their modules import only once)
         r._load_builtins()
-    return [(r, dict(r._entries)) for r in _ALL_REGISTRIES]
+    return [(r, dict(r._entries), dict(r._owners)) for r in _ALL_REGISTRIES]
 
 
-def _restore_registries(snapshot: list[tuple[Registry, dict[str, Any]]], module: str) -> None:
-    """Undo what the plugin ``module`` (and its submodules) registered since ``snapshot``. Parts that other
-    modules registered meanwhile stay: those modules imported fine and are not imported again."""
+def _restore_registries(snapshot: _Snapshot, module: str) -> None:
+    """Undo what the failed import of the plugin ``module`` registered since ``snapshot``: its own code's (and its
+    submodules') registrations, also those a function of another module made for it. Parts that the top-level code
+    of another module registered stay (that module imported fine and is not imported again), recorded as that
+    module's rather than the failed plugin's."""
+
+    def importer(registry: Registry, name: str) -> str:
+        return registry._importers.get(name, "")
 
     def from_plugin(registry: Registry, name: str) -> bool:
-        where = registry._owners.get(name, "")
-        return where == module or where.startswith(module + ".")
+        where = importer(registry, name)
+        return where == module or where.startswith(module + ".") or where not in sys.modules
 
-    for registry, entries in snapshot:
+    for registry, entries, owners in snapshot:
         for name, obj in list(registry._entries.items()):
-            if entries.get(name) is not obj and from_plugin(registry, name):
-                if name in entries:
-                    registry._entries[name] = entries[name]  # an override it made: the previous part is back
-                else:
-                    del registry._entries[name]
+            if entries.get(name) is obj:
+                continue
+            if not from_plugin(registry, name):
+                if registry._owners.get(name) == module:  # the failed plugin would not import: the module that did
+                    registry._owners[name] = importer(registry, name)
+            elif name in entries:
+                registry._entries[name] = entries[name]  # an override it made: the previous part is back
+                registry._owners[name] = owners.get(name, "")
+            else:
+                del registry._entries[name]
+
+
+def _module_being_imported(frame: Any) -> str:
+    """The module whose top-level code runs at ``frame`` or below it (the innermost module-level frame's
+    ``__name__``): the module being imported, whichever module's function registers on its behalf."""
+    while frame is not None and frame.f_code.co_name != "<module>":
+        frame = frame.f_back
+    return frame.f_globals.get("__name__", "") if frame is not None else ""
 
 
 class Registry:
@@ -165,7 +193,8 @@ class Registry:
         self._builtin_module = builtin_module
         self._builtins_loaded = builtin_module is None
         self._entries: dict[str, Any] = {}
-        self._owners: dict[str, str] = {}  # name → the module that registered it
+        self._owners: dict[str, str] = {}  # name → the module that registered it (what a saved model imports)
+        self._importers: dict[str, str] = {}  # name → the module whose import ran the registration (see _restore_registries)
         _ALL_REGISTRIES.append(self)
 
     # -- registration -------------------------------------------------------------
@@ -179,8 +208,12 @@ class Registry:
 
         def _add(o: Any, _caller_depth: int = 1) -> Any:
             # the module whose code registers it (its frame calls _add: a decorator, or register() below),
-            # whatever the object's own __module__ (a functools.partial, a part defined elsewhere)
-            owner = sys._getframe(_caller_depth).f_globals.get("__name__", "")
+            # whatever the object's own __module__ (a functools.partial, a part defined elsewhere); while a
+            # plugin imports, the plugin, even where a function of another module registers for it
+            caller = sys._getframe(_caller_depth)
+            owner, importer = caller.f_globals.get("__name__", ""), _module_being_imported(caller)
+            if _importing_plugins and importer.split(".")[0] != "mergekit_video":  # not a built-in module it imports
+                owner = _importing_plugins[-1]
             # Built-ins first, so that an override registered before the first lookup
             # is not clobbered (or refused) when the built-in module is imported later.
             self._load_builtins()
@@ -195,6 +228,7 @@ class Registry:
                 self._check(name, o)
             self._entries[name] = o
             self._owners[name] = owner
+            self._importers[name] = importer
             return o
 
         return _add if obj is None else _add(obj, 2)
@@ -235,7 +269,8 @@ class Registry:
         return factory(**kwargs)
 
     def owner(self, name: str) -> str | None:
-        """The module whose code registered ``name`` (``__main__`` for a script), or None when it is not registered."""
+        """The module whose code registered ``name`` (``__main__`` for a script; the plugin module for what it registered
+        while it was imported), or None when it is not registered."""
         self._ensure_loaded()
         return self._owners.get(name) if name in self._entries else None
 

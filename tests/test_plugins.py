@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,7 @@ def test_a_plugin_that_fails_half_way_registers_nothing_and_is_named_with_its_li
         with pytest.raises(ImportError, match=rf"^plugin module 'mkv_boom' failed while importing: RuntimeError: boom \({tmp_path / 'mkv_boom.py'}:2\)$"):
             reg_mod.import_plugins(["mkv_boom"])
         assert "mkv_helper_merge" in MERGES
+        assert MERGES.owner("mkv_helper_merge") == "mkv_helper_parts"  # not the failed plugin, which a load could not import
         # the same module as an installed entry point: logged with its line, skipped whole
         sys.modules.pop("mkv_half", None)
         _fake_install(tmp_path, "[mergekit_video.plugins]\nhalf = mkv_half\n", name="mkv_half_plugin")
@@ -459,3 +461,109 @@ def test_a_saved_models_plugin_that_fails_while_importing_is_named_with_its_erro
     assert message.endswith("fix the plugin (or install what it needs) so that it imports") and "install that plugin package" not in message
     with pytest.raises(ImportError, match=r"install that plugin package, or put its folder on PYTHONPATH$"):
         import_model_plugins({"plugins": ["no_such_plugin_mod_xyz"]}, source="the model")
+
+
+# a plugin package whose parts are registered by a function of another (top-level) module it calls
+TWO_MODULE_HELPERS = """import torch
+from mergekit_video.registry import MERGES, ROUTERS
+from mergekit_video.routers import RandomRouter
+
+
+class TwoModRouter(RandomRouter):
+    '''A random router defined in the helper module.'''
+
+
+def two_mod_mean(tensors, *, base=None):
+    return torch.stack([t.float() for t in tensors]).mean(0)
+
+
+def register_all(fail: bool = False):
+    ROUTERS.register("mkv_twomod_router")(TwoModRouter)
+    MERGES.register("mkv_twomod_merge", two_mod_mean)
+    if fail:
+        raise RuntimeError("half-way")
+"""
+
+
+def _write_two_module_plugin(folder: Path, name: str = "mkv_twomod", *, fail: bool = False) -> None:
+    (folder / "mkv_twomod_helpers.py").write_text(TWO_MODULE_HELPERS)
+    (folder / name).mkdir()
+    (folder / name / "__init__.py").write_text(f"import mkv_twomod_helpers\nmkv_twomod_helpers.register_all(fail={fail})\n")
+
+
+def _forget_two_module_plugin(*names: str) -> None:
+    for name in ("mkv_twomod_helpers", *names):
+        sys.modules.pop(name, None)
+        reg_mod._imported_plugin_modules.discard(name)
+    ROUTERS._entries.pop("mkv_twomod_router", None)
+    MERGES._entries.pop("mkv_twomod_merge", None)
+
+
+def test_a_plugin_that_registers_through_a_helper_module_is_recorded_and_loads_in_a_new_process(clean_registries, monkeypatch, tmp_path):
+    """The helper module whose function called register() was recorded (mkv_twomod_helpers): a new process imported
+    it, which registers nothing, and met 'unknown router'. The plugin module that was imported is recorded."""
+    from mergekit_video.models import build_video_clip, save_model
+    from mergekit_video.models.checkpoint import read_model_config
+
+    _write_two_module_plugin(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        import_plugins(["mkv_twomod"])
+        assert ROUTERS.owner("mkv_twomod_router") == MERGES.owner("mkv_twomod_merge") == "mkv_twomod"
+        torch.manual_seed(0)
+        model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2,
+                                 router="mkv_twomod_router", merge="mkv_twomod_merge").eval()
+        assert model.config["plugins"] == ["mkv_twomod"]
+        save_model(model, tmp_path / "model")
+        assert read_model_config(tmp_path / "model")["plugins"] == ["mkv_twomod"]
+        frames, classes = torch.randn(2, 4, 3, 32, 32), torch.randn(5, 64)
+        with torch.no_grad():
+            torch.save({"frames": frames, "classes": classes, "out": model(frames, classes)}, tmp_path / "io.pt")
+    finally:
+        _forget_two_module_plugin("mkv_twomod")
+    code = ("import sys, torch\nfrom mergekit_video.models import load\nfrom mergekit_video.registry import ROUTERS\n"
+            f"io = torch.load({str(tmp_path / 'io.pt')!r})\nback = load({str(tmp_path / 'model')!r}).eval()\n"
+            "assert back.head.config['merge'] == 'mkv_twomod_merge', back.head.config\n"
+            "assert ROUTERS.owner('mkv_twomod_router') == 'mkv_twomod'\n"
+            "with torch.no_grad():\n    assert torch.equal(back(io['frames'], io['classes']), io['out'])\n"
+            "print('loaded', sorted(m for m in sys.modules if m.startswith('mkv_twomod')))\n")
+    package_root = str(Path(mv.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{package_root}"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "loaded ['mkv_twomod', 'mkv_twomod_helpers']"
+
+
+def test_a_plugin_that_fails_after_a_helper_registered_for_it_keeps_none_of_those_parts(clean_registries, monkeypatch, tmp_path):
+    """What a helper function registered for the plugin during its (failed) import is dropped with the plugin: it
+    was kept, owned by the helper module, although importing the plugin again would register it again."""
+    _write_two_module_plugin(tmp_path, "mkv_twomod_broken", fail=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ImportError, match=r"^plugin module 'mkv_twomod_broken' failed while importing: RuntimeError: half-way"):
+            import_plugins(["mkv_twomod_broken"])
+        assert "mkv_twomod_router" not in ROUTERS and "mkv_twomod_merge" not in MERGES
+        assert ROUTERS.owner("mkv_twomod_router") is None
+        # an override the failed plugin made is undone with its owner: the built-in is back, recorded as the built-in's
+        (tmp_path / "mkv_override_fails.py").write_text(
+            "from mergekit_video.registry import MERGES\n"
+            "MERGES.register('mean', lambda tensors, *, base=None: tensors[0], override=True)\nraise RuntimeError('late')\n")
+        with pytest.raises(ImportError, match=r"^plugin module 'mkv_override_fails' failed while importing: RuntimeError: late"):
+            import_plugins(["mkv_override_fails"])
+        assert MERGES.get("mean").__module__ == "mergekit_video.merging" and MERGES.owner("mean") == "mergekit_video.merging"
+    finally:
+        _forget_two_module_plugin("mkv_twomod_broken", "mkv_override_fails")
+
+
+def test_built_in_parts_a_plugin_loads_on_import_are_not_recorded_as_the_plugins(tmp_path):
+    """A plugin that imports mergekit_video.runners (in a new process) loads the built-in runners while it imports:
+    they stay the built-in module's, not the plugin's."""
+    (tmp_path / "mkv_uses_runners.py").write_text("import mergekit_video.runners as r\nr.RUNNERS.names()\n")
+    code = ("import sys\nfrom mergekit_video.registry import import_plugins\nassert 'mergekit_video.runners' not in sys.modules\n"
+            "import_plugins(['mkv_uses_runners'])\nfrom mergekit_video.runners import RUNNERS\n"
+            "print(sorted({RUNNERS.owner(n) for n in RUNNERS.names()}))\n")
+    package_root = str(Path(mv.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{package_root}"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "['mergekit_video.runners.builtin']"

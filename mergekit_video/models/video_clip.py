@@ -289,9 +289,10 @@ def plugin_modules(model: nn.Module) -> list[str]:
 
     A plugin registers its parts when its module is imported: a saved model lists these modules so
     that loading it imports them first (the registered names alone would be unknown). The module
-    that registers a part is listed, not the one that defines it (a ``functools.partial``, a class
-    imported from a helper module). A part registered by a script (``__main__``) cannot be imported
-    by a later load: that is a warning (once per place).
+    that registers a part is listed (:meth:`Registry.owner`), not the one that defines it (a
+    ``functools.partial``, a class imported from a helper module); what a plugin registers while it
+    imports is the plugin's, even through a helper module's function. A part registered by a script
+    (``__main__``) cannot be imported by a later load: that is a warning (once per place).
     """
     from ..experts import find_containers
     from ..registry import MERGES, ROUTERS
