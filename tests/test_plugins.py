@@ -567,3 +567,71 @@ def test_built_in_parts_a_plugin_loads_on_import_are_not_recorded_as_the_plugins
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "['mergekit_video.runners.builtin']"
+
+
+def test_ls_eval_and_export_import_the_plugin_option(clean_registries, monkeypatch, tmp_path, capsys):
+    """``--plugin MODULE`` imports a plugin that is not an installed package (they had no way to): ls lists its parts,
+    eval (a recipe: added to its plugins; a model directory) and export use them; a failing one is one error naming it."""
+    from mergekit_video.cli import commands
+    from mergekit_video.cli.main import main as cli_main
+    from mergekit_video.models import build_video_clip, save_model
+
+    def forget() -> None:
+        _forget_plugin()
+        ROUTERS._entries.pop("cyclic", None)
+        MERGES._entries.pop("median", None)
+
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "mkv_cli_noop.py").write_text("")
+    (tmp_path / "mkv_cli_half.py").write_text("from mergekit_video.registry import MERGES\n"
+                                              "MERGES.register('mkv_cli_half_merge', lambda tensors, *, base=None: tensors[0])\n"
+                                              "raise RuntimeError('half')\n")
+    torch.manual_seed(0)
+    model = tmp_path / "model"  # built-in parts only: it records no plugin
+    save_model(build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=3), model)
+    ran: list[dict] = []
+    monkeypatch.setattr(commands, "_run_validated", lambda cfg, **kw: ran.append(cfg))
+    try:
+        assert cli_main(["ls", "merges"]) == 0 and " median " not in capsys.readouterr().out
+        assert cli_main(["ls", "merges", "--plugin", MODULE]) == 0 and " median " in capsys.readouterr().out
+        forget()
+
+        recipe = tmp_path / "compare.yaml"
+        recipe.write_text(f"runner: compare\noutput_dir: {tmp_path / 'cmp'}\ncheckpoint: {model}\nplugins: [mkv_cli_noop]\n"
+                          "eval:\n  compare:\n    merges: [{name: median}]\n")
+        assert cli_main(["eval", str(recipe)]) == 1 and "'median'" in capsys.readouterr().err
+        assert cli_main(["eval", str(recipe), "--plugin", MODULE, "--plugin", "mkv_cli_noop"]) == 0
+        assert ran[-1]["plugins"] == ["mkv_cli_noop", MODULE]
+        forget()
+
+        (tmp_path / "list.txt").write_text("a.mp4 0\n")
+        (tmp_path / "classes.csv").write_text("id,name\n0,a\n")
+        args = ["eval", str(model), "--list", str(tmp_path / "list.txt"), "--classes", str(tmp_path / "classes.csv"), "--root",
+                str(tmp_path), "--compare", "--output-dir", str(tmp_path / "ev"), "eval.compare.merges=[{name: median}]"]
+        assert cli_main(args) == 1 and "'median'" in capsys.readouterr().err
+        assert cli_main([*args, "--plugin", MODULE, "--plugin", MODULE]) == 0
+        assert ran[-1]["plugins"] == [MODULE] and ran[-1]["eval"]["compare"]["merges"][0]["name"] == "median"
+        forget()
+
+        export = ["export", str(model), str(tmp_path / "dense"), "--dense", "--strategy", "median"]
+        assert cli_main(export) == 1 and "unknown merge strategy 'median'" in capsys.readouterr().err
+        assert cli_main([*export, "--plugin", MODULE]) == 0 and (tmp_path / "dense" / "config.json").is_file()
+        capsys.readouterr()
+
+        # one error naming the module, the recipe key's message; what a half-failed plugin registered is dropped
+        assert cli_main(["ls", "--plugin", "mkv_no_such_plugin_xyz"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and err[0].startswith(
+            "error: --plugin: plugin module 'mkv_no_such_plugin_xyz' could not be imported: No module named 'mkv_no_such_plugin_xyz' "
+            "(install its package, or put the folder that holds mkv_no_such_plugin_xyz/ or mkv_no_such_plugin_xyz.py on PYTHONPATH")
+        for command in (["export", str(model), str(tmp_path / "out")], ["eval", str(recipe)], ["eval", *args[1:]]):
+            assert cli_main([*command, "--plugin", "mkv_cli_half"]) == 1, command
+            err = " ".join(capsys.readouterr().err.split())
+            assert err.startswith("error: --plugin: plugin module 'mkv_cli_half' failed while importing: RuntimeError: half "
+                                  f"({tmp_path / 'mkv_cli_half.py'}:3)"), err
+        assert "mkv_cli_half_merge" not in MERGES and not (tmp_path / "out").exists()
+    finally:
+        for name in ("mkv_cli_noop", "mkv_cli_half"):
+            sys.modules.pop(name, None)
+            reg_mod._imported_plugin_modules.discard(name)

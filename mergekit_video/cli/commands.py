@@ -14,6 +14,8 @@ from ..runners.schema import DEVICE_VALUES, EVAL_DATASET
 from .main import app, bench_app
 
 OVERRIDES_HELP = "Recipe overrides: key=value (YAML value), ~key to remove a key."
+PLUGIN_HELP = ("Import this plugin module first (repeatable): a dotted module name on PYTHONPATH, as in a recipe's "
+               "plugins: key, for a plugin that is not an installed package.")
 #: The runners ``mergevid eval RECIPE`` runs (they train nothing).
 EVAL_RUNNERS = ("evaluate", "compare")
 #: Bounds of eval.datasets.* keys that ``mergevid eval MODEL`` options set: checked as the options' own ranges.
@@ -41,15 +43,33 @@ def _is_yaml_mapping(path: Path) -> bool:
         return False
 
 
-def _load_validated(recipe: Path, overrides: list[str]) -> dict:
-    """Load, override, validate (every problem listed) and fill defaults."""
+def _load_validated(recipe: Path, overrides: list[str], *, plugins: list[str] | None = None) -> dict:
+    """Load, override, validate (every problem listed) and fill defaults; ``plugins`` (``--plugin``) are imported
+    first and added to the recipe's ``plugins:``."""
     from ..config import load_recipe
 
     if recipe.is_dir():
         raise UserError(f"recipe {recipe} is a folder, not a YAML file")
     if not recipe.is_file():
         raise FileNotFoundError(f"recipe {recipe} does not exist")
-    return _validated(load_recipe(recipe, overrides), source=str(recipe))
+    plugins = _import_cli_plugins(plugins)
+    cfg = load_recipe(recipe, overrides)
+    listed = cfg.get("plugins")
+    if plugins and (listed is None or isinstance(listed, list)):  # another value: validation names it
+        cfg["plugins"] = [*(listed or []), *(m for m in plugins if m not in (listed or []))]  # its own first
+    return _validated(cfg, source=str(recipe))
+
+
+def _import_cli_plugins(modules: list[str] | None) -> list[str]:
+    """Import the ``--plugin`` modules as a recipe's ``plugins:`` key does (the same errors, named after the option); return them."""
+    from ..registry import import_plugins
+
+    modules = list(dict.fromkeys(modules or []))  # each once, in order
+    try:
+        import_plugins(modules)
+    except ImportError as exc:
+        raise UserError(f"--plugin: {exc}") from None
+    return modules
 
 
 def _run_validated(cfg: dict, *, source: str, overwrite: bool) -> None:
@@ -126,14 +146,18 @@ def _validated(cfg: dict, *, source: str) -> dict:
 
 
 @app.command("ls")
-def ls_cmd(kind: Optional[str] = typer.Argument(None, help="routers | merges | regularizers | runners (default: all)")) -> None:
-    """List registered parts with their one-line docs."""
+def ls_cmd(
+    kind: Optional[str] = typer.Argument(None, help="routers | merges | regularizers | runners (default: all)"),
+    plugins: Optional[list[str]] = typer.Option(None, "--plugin", metavar="MODULE", help=PLUGIN_HELP),
+) -> None:
+    """List registered parts with their one-line docs (installed plugins' too; others with --plugin)."""
     from rich.table import Table
 
     from ..registry import REGISTRIES, get_registry
 
     import mergekit_video.runners  # noqa: F401  (adds the runners registry)
 
+    _import_cli_plugins(plugins)
     console = _console()
     for k in [kind] if kind else list(REGISTRIES):
         reg = get_registry(k)
@@ -353,6 +377,9 @@ def eval_cmd(
         None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>_<list folder>_<list>, e.g. runs/eval/mote_vitl14_k400_model_ucf101_lists_testlist01)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an output folder holding other results: DELETES them first."),
+    plugins: Optional[list[str]] = typer.Option(
+        None, "--plugin", metavar="MODULE", help=PLUGIN_HELP + " Added to the recipe's plugins (with a recipe, to its own)."
+    ),
 ) -> None:
     """Evaluate a model: with a recipe, or a model directory plus --list/--classes."""
     overrides = _checked_overrides(ctx, overrides, target)
@@ -365,7 +392,7 @@ def eval_cmd(
     is_recipe = target.suffix.lower() in (".yaml", ".yml") or (target.is_file() and _is_yaml_mapping(target))
     if is_recipe:
         _refuse_model_options_with_a_recipe(ctx, target)
-        cfg = _load_validated(target, overrides or [])
+        cfg = _load_validated(target, overrides or [], plugins=plugins)
         if cfg["runner"] not in EVAL_RUNNERS:
             out = Path(cfg["output_dir"]) / "model"
             raise UserError(
@@ -378,6 +405,7 @@ def eval_cmd(
 
         if not target.exists():
             raise FileNotFoundError(f"{target} does not exist")
+        plugins = _import_cli_plugins(plugins)
         if not list_files or not class_csvs:
             raise UserError("evaluating a model directory needs --list and --classes (and usually --root)")
         if len(list_files) > 1 and not zero_shot:
@@ -410,6 +438,7 @@ def eval_cmd(
             "output_dir": os.path.normpath(os.path.expanduser(str(output_dir))) if output_dir else str(default_eval_dir(
                 target, list_files[0], views=views, frames=num_frames, compare=compare, zero_shot=zero_shot, splits=len(list_files))),
             "checkpoint": str(target.resolve()),
+            **({"plugins": plugins} if plugins else {}),
             "eval": {
                 "num_workers": min(4, os.cpu_count() or 1),
                 "datasets": [
@@ -556,11 +585,13 @@ def export_cmd(
         "--strategy weighted --merge-arg weights=[1,2,3,4].",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT folder."),
+    plugins: Optional[list[str]] = typer.Option(None, "--plugin", metavar="MODULE", help=PLUGIN_HELP + " E.g. the plugin of a --strategy."),
 ) -> None:
     """Export a model directory (from a trainer checkpoint), optionally collapsed to a dense model."""
     from ..config.loading import ConfigError, parse_override
     from ..models.checkpoint import count_parameters, export_dense, load, save_model
 
+    _import_cli_plugins(plugins)
     merge_kwargs = {}
     for text in merge_arg or []:
         try:
