@@ -47,6 +47,38 @@ def write_textured_video(path: Path, n: int = 40, *, gop: int | None = 8, h: int
     return path
 
 
+def write_two_stream_video(path: Path) -> Path:
+    """Two H.264 video streams in the container ``path``'s suffix names: stream 0 a flat 32x32 "thumbnail" track,
+    stream 1 the main video (24 textured 64x48 frames, :func:`write_textured_video`'s), the one decord reads.
+
+    decord's FFmpeg 4.1 ranks streams by frames seen while probing (up to 5), then bit rate. An mp4 is probed from
+    its header (no frames seen): the textured main video's higher bit rate wins over the thumbnail's 30 frames. A
+    Matroska file is probed by reading packets: the thumbnail has only 3 frames there.
+    """
+    from fractions import Fraction
+
+    import av
+
+    from mergekit_video.data.synthetic import class_catalogue, render_clip
+
+    main = render_clip(class_catalogue()[0], frames=24, size=(48, 64), rng=np.random.default_rng(0), texture=0.8)
+    thumb = np.full((30 if path.suffix != ".mkv" else 3, 32, 32, 3), 40, dtype=np.uint8)
+    with av.open(str(path), "w") as c:
+        streams = [c.add_stream("libx264", rate=Fraction(10)) for _ in range(2)]
+        for s, frames in zip(streams, (thumb, main)):
+            s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            s.options = {"x264-params": "keyint=8:min-keyint=8:scenecut=0"}
+        for s, frames in zip(streams, (thumb, main)):
+            for i, a in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")
+                frame.pts = i
+                for packet in s.encode(frame):
+                    c.mux(packet)
+            for packet in s.encode():
+                c.mux(packet)
+    return path
+
+
 def write_bad_files(folder: Path) -> dict[str, Path]:
     """truncated mp4 (cut in half), zero-byte mp4, a text file named .mp4, and a path that does not exist."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,13 @@ import signal
 import numpy as np
 import pytest
 import torch
-from data_helpers import (cut_file, tiny_synthetic, write_bad_files, write_frame_folder, write_good_variety, write_level_video,  # noqa: F401
-                          write_noise_video, zero_packet)
+from data_helpers import (cut_file, frame_ids, tiny_synthetic, write_bad_files, write_frame_folder, write_good_variety,  # noqa: F401
+                          write_level_video, write_noise_video, write_two_stream_video, zero_packet)
 
 from mergekit_video.data import open_video, read_annotation_list, read_class_names, write_synthetic_dataset
 from mergekit_video.data.encode import keyframe_indices, video_info
-from mergekit_video.data.prepare import _prepare_one, prepare_dataset
+from mergekit_video.data.prepare import _prepare_one, prepare_dataset, target_size
+from mergekit_video.data.readers import DecordReader, PyAVReader, decord_available
 from mergekit_video.data.synthetic import COLOURS, class_catalogue, synthetic_layout
 
 
@@ -320,6 +321,45 @@ def test_prepare_recovers_a_folder_whose_manifest_was_lost_and_checks_the_settin
     assert (rep.encoded, rep.skipped, rep.failed) == (0, 2, 0)
     assert set(json.loads((out / "prepare_manifest.json").read_text())["files"]) == {"v0.mp4", "v1.mp4"}
     assert (prepare_dataset(**kw).skipped, prepare_dataset(**kw).failed) == (2, 0)  # and the next run accepts the folder
+
+
+def test_prepare_writes_widths_decord_decodes_and_reads_the_stream_decord_reads(tmp_path, monkeypatch):
+    """A 64x64 video prepared at short side 48 was written 48 px wide, which decord cannot decode (it fell back to
+    PyAV on every read); a second video stream before the main one was encoded instead of the main video."""
+    assert [target_size(*hw, 48) for hw in ((64, 64), (96, 72), (64, 48), (48, 64), (100, 16))] == \
+        [(48, 50), (64, 50), (64, 46), (48, 64), (100, 14)]  # 48 px -> 50, or 46 where the source is only 48 wide
+    assert [target_size(*hw, 72) for hw in ((96, 72), (54, 72), (64, 64))] == [(96, 70), (54, 70), (64, 64)]
+    assert target_size(1080, 1920, 256) == (256, 454) and target_size(48, 64, 32) == (32, 42)  # most sizes: as before
+    kw = _level_sources(tmp_path, [], n=20)
+    write_level_video(kw["root"] / "square.mp4", 20, gop=8, h=64, w=64)
+    write_two_stream_video(kw["root"] / "two.mp4")  # stream 0: a 32x32 thumbnail track of 30 frames
+    kw["list_file"].write_text("square.mp4 0\ntwo.mp4 1\n")
+    rep = prepare_dataset(**{**kw, "short_side": 48})
+    assert (rep.encoded, rep.failed) == (2, 0)
+    manifest = json.loads((kw["out_dir"] / "prepare_manifest.json").read_text())["files"]
+    assert {k: (v["frames"], v["height"], v["width"]) for k, v in manifest.items()} == {"square.mp4": (20, 48, 50), "two.mp4": (24, 48, 64)}
+    if decord_available():
+        with DecordReader(path=kw["out_dir"] / "square.mp4", pyav_fallback=False) as r:
+            assert r.num_frames == 20 and frame_ids(r.get_frames([0, 19, 7])) == [0, 19, 7]
+
+    # an output the default reader cannot read fails, naming it, and is not left behind
+    import mergekit_video.data.prepare as prepare_module
+
+    job = {"src": str(kw["root"] / "square.mp4"), "out": str(tmp_path / "bad" / "square.mp4"), "rel": "square.mp4", "key": "k",
+           "out_rel": "square.mp4", "short_side": 48, "gop": 8, "fastdecode": True, "preset": None, "crf": None, "threads": 1,
+           "list_format": "video", "num_frames": None, "fps": 30.0, "stamp": {}, "read_timeout": None}
+    if decord_available():
+        monkeypatch.setattr(prepare_module, "target_size", lambda h, w, s: (48, 48))  # the size prepare used to write
+        res = _prepare_one(job)
+        assert not res["ok"] and res["error"] == (f"ValueError: the decord reader cannot read it: {job['out']}: decord cannot "
+                                                  "decode frames 48 px wide (a decord bug for some widths)")
+        assert not (tmp_path / "bad" / "square.mp4").exists()
+        monkeypatch.undo()
+    monkeypatch.setattr(DecordReader if decord_available() else PyAVReader, "num_frames", property(lambda self: 19))
+    res = _prepare_one(job)
+    backend = "decord" if decord_available() else "pyav"
+    assert not res["ok"] and res["error"] == f"ValueError: {job['out']}: the {backend} reader counts 19 frames, 20 were encoded"
+    assert not (tmp_path / "bad" / "square.mp4").exists()
 
 
 def _die_on_crash_me(job):

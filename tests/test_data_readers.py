@@ -6,13 +6,14 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from data_helpers import (cut_file, frame_ids, level, write_audio_only, write_bad_files, write_frame_folder, write_good_variety,
-                          write_level_video, write_noise_video, write_textured_video, zero_packet)
+                          write_level_video, write_noise_video, write_textured_video, write_two_stream_video, zero_packet)
 
 from mergekit_video.data import VideoReadError, open_video
-from mergekit_video.data.readers import decord_available
+from mergekit_video.data.readers import decord_available, decord_decodes_width, probe_size, video_stream
 from mergekit_video.data.watchdog import ReadTimeoutError, run_with_timeout
 
 BACKENDS = ["pyav"] + (["decord"] if decord_available() else [])
@@ -221,6 +222,46 @@ def test_widths_decord_cannot_decode_at_all_are_read_with_pyav(tmp_path, caplog,
         assert r.num_frames == 20
         assert frame_ids(r.get_frames([0, 5, 17, 19])) == [0, 2, 8, 9]  # i * 10 // 20
         assert r.num_frames == 10 and frame_ids(r.get_frames([9])) == [9]
+
+
+@pytest.mark.skipif(not decord_available(), reason="decord not installed")
+def test_decord_decodes_every_width_but_those_decord_decodes_width_names(tmp_path):
+    import decord
+
+    from mergekit_video.data.encode import encode_video
+
+    named = [w for w in range(2, 130, 2) if not decord_decodes_width(w)]
+    assert named == [2, 4, 6, 8, 12, 16, 24, 48, 72]
+    assert all(decord_decodes_width(w) for w in range(130, 4000, 2))  # rows padded by under 32 px: < 4 "channels"
+    failed = []
+    for w in range(2, 130, 2):
+        path = tmp_path / f"w{w}.mp4"
+        encode_video(path, [np.full((16, w, 3), 100, np.uint8)] * 2, width=w, height=16, fps=10, gop=1)
+        try:
+            decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1).get_batch([0, 1])
+        except Exception:  # noqa: BLE001
+            failed.append(w)
+    assert failed == named
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_every_backend_reads_the_video_stream_decord_reads(tmp_path, suffix):
+    """A file whose stream 0 is a thumbnail track: PyAV read stream 0 (32x32, 30 frames), decord the main video."""
+    import av
+
+    path = write_two_stream_video(tmp_path / f"two{suffix}")
+    with av.open(str(path)) as c:
+        assert (c.streams.video[0].codec_context.width, video_stream(c).index) == (32, 1)
+    assert probe_size(path) == (48, 64)
+    got = {}
+    for backend in BACKENDS:
+        with open_video(path, backend=backend) as r, open_video(path, backend=backend, short_side=32) as small:
+            assert r.num_frames == 24
+            got[backend] = r.get_frames([0, 7, 8, 23, 3]).float()
+            assert got[backend].shape == (5, 48, 64, 3) and small.get_frames([23]).shape == (1, 32, 43, 3)
+            assert got[backend].std().item() > 10  # the textured video, not the flat thumbnail
+    if "decord" in got:
+        assert (got["decord"] - got["pyav"]).abs().mean().item() < 1.0
 
 
 class _SlowFinalizer:

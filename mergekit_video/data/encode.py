@@ -106,8 +106,10 @@ def keyframe_indices(path: str | os.PathLike) -> tuple[list[int], int]:
     """(display-order indices of keyframes, number of frames), from packet flags (no decoding)."""
     import av
 
+    from .readers import video_stream
+
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         pts, key = [], []
         for pkt in container.demux(stream):
             if pkt.size == 0:
@@ -122,8 +124,10 @@ def video_info(path: str | os.PathLike) -> dict:
     """Header facts of a video: width, height, fps, frame count (0 if unknown), codec."""
     import av
 
+    from .readers import video_stream
+
     with av.open(str(path)) as container:
-        s = container.streams.video[0]
+        s = video_stream(container)
         rate = s.average_rate or s.guessed_rate or Fraction(0)
         return {"width": int(s.codec_context.width), "height": int(s.codec_context.height), "fps": float(rate),
                 "frames": int(s.frames or 0), "codec": s.codec_context.name}

@@ -80,12 +80,20 @@ def _even(x: int) -> int:
 
 
 def target_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """Output (height, width): short side scaled down to ``short_side`` (never up), both even."""
-    from .readers import resize_dims
+    """Output (height, width): short side scaled down to ``short_side`` (never up), both even, and a width decord
+    decodes (:func:`~mergekit_video.data.readers.decord_decodes_width`): else the next such even width up to the
+    source's width, else the next one down (48 px becomes 50, or 46 from a source 48 px wide)."""
+    from .readers import decord_decodes_width, resize_dims
 
+    source_width = width
     if min(height, width) > short_side:
         height, width = resize_dims(height, width, short_side)
-    return _even(height), _even(width)
+    height, width = _even(height), _even(width)
+    if not decord_decodes_width(width):
+        up = [w for w in range(width + 2, source_width + 1, 2) if decord_decodes_width(w)]
+        down = [w for w in range(width - 2, 1, -2) if decord_decodes_width(w)]
+        width = up[0] if up else down[0] if down else width
+    return height, width
 
 
 def _video_frames(src: Path, size_box: dict, threads: int):
@@ -96,12 +104,12 @@ def _video_frames(src: Path, size_box: dict, threads: int):
     """
     import av
 
-    from .readers import frame_seconds, header_length, truncation
+    from .readers import frame_seconds, header_length, truncation, video_stream
 
     with av.open(str(src)) as container:
-        if not container.streams.video:
+        stream = video_stream(container)
+        if stream is None:
             raise ValueError("no video stream")
-        stream = container.streams.video[0]
         stream.codec_context.thread_count = threads
         rate = stream.average_rate or stream.guessed_rate or Fraction(30)
         cc = stream.codec_context
@@ -158,10 +166,12 @@ def verify_output(path: str | os.PathLike, *, gop: int | None = None, height: in
     """
     import av
 
+    from .readers import video_stream
+
     keys, n = keyframe_indices(path)
     decoded = 0
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         h, w = int(stream.codec_context.height), int(stream.codec_context.width)
         for _ in container.decode(stream):
             decoded += 1
@@ -174,6 +184,25 @@ def verify_output(path: str | os.PathLike, *, gop: int | None = None, height: in
     if gop is not None and keys != list(range(0, n, gop)):
         raise ValueError(f"{path}: keyframes at {keys[:6]}..., expected every {gop} frames")
     return {"frames": decoded, "height": h, "width": w, "keyframes": len(keys)}
+
+
+def verify_default_reader(path: str | os.PathLike, *, frames: int) -> None:
+    """Open ``path`` with the readers' default backend (decord where installed, without its PyAV fallback, else
+    PyAV) and decode its first and last frames; raise ``ValueError`` naming the file if it cannot, or if it
+    counts other than ``frames`` frames."""
+    from .readers import DecordReader, PyAVReader, decord_available
+
+    backend, reader_cls = ("decord", DecordReader) if decord_available() else ("pyav", PyAVReader)
+    try:
+        with reader_cls(path=path, **({"pyav_fallback": False} if backend == "decord" else {})) as reader:
+            if reader.num_frames != frames:
+                raise ValueError(f"{path}: the {backend} reader counts {reader.num_frames} frame{'s' * (reader.num_frames != 1)}, "
+                                 f"{frames} {'was' if frames == 1 else 'were'} encoded")
+            reader.get_frames([0, frames - 1])
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - VideoReadError names the file
+        raise ValueError(f"the {backend} reader cannot read it: {e}") from e
 
 
 #: Frames pulled from a source per timed read (one hand-off to the watchdog's helper thread each).
@@ -225,6 +254,7 @@ def _prepare_one(job: dict) -> dict:
                          fastdecode=job["fastdecode"], preset=job["preset"], crf=job["crf"], threads=job["threads"])
         try:
             info = verify_output(out, gop=job["gop"], height=box["height"], width=box["width"], frames=n)
+            verify_default_reader(out, frames=n)
         except Exception:
             out.unlink(missing_ok=True)  # a rerun must not mistake it for a finished file
             raise
@@ -604,6 +634,7 @@ def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Pat
                 continue
             try:
                 info = verify_output(out, gop=gop, height=height, width=width)
+                verify_default_reader(out, frames=info["frames"])
             except Exception as e:  # noqa: BLE001
                 early_failures.append({"ok": False, "src": r.path, "out": out_rel,
                                        "error": f"{out} exists and is not a finished output of these settings ({e}); remove it"})

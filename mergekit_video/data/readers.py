@@ -82,9 +82,45 @@ def resize_dims(height: int, width: int, short_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), short_side
 
 
+def decord_decodes_width(width: int) -> bool:
+    """False for the frame widths decord 0.6 cannot decode at all: 2, 4, 6, 8, 12, 16, 24, 48 and 72 (even ones).
+
+    Its RGB rows are padded to a multiple of 32 pixels, and where the padded row is a whole multiple of the width it
+    takes that multiple for the number of channels (48 px: 64·3 / 48 = 4 "channels"): its buffer has the wrong size.
+    """
+    padded = -(-width // 32) * 32
+    return padded == width or (3 * padded) % width != 0
+
+
+def video_stream(container):
+    """The video stream of ``container`` (open with PyAV) that decord reads; None if it has none.
+
+    decord takes FFmpeg's ``av_find_best_stream`` as its FFmpeg 4.1 ranks the streams: the most frames seen
+    while probing (up to 5), then the highest bit rate, then the lowest index. Newer FFmpeg (PyAV's) ranks a
+    stream flagged *default* first (an mp4's first track is), so ``streams.best("video")`` is asked with
+    that flag cleared for the call: ``streams.video[0]`` or a plain ``best`` could read a cover picture or a
+    second camera while decord reads the main video. Every PyAV code path opens the stream this gives.
+    """
+    videos = container.streams.video
+    if len(videos) <= 1:
+        return videos[0] if videos else None
+    from contextlib import suppress
+
+    saved = [s.disposition for s in videos]
+    best = None
+    with suppress(AttributeError, TypeError, ValueError):  # a PyAV without writable dispositions: stream 0
+        for s in videos:
+            s.disposition = type(s.disposition)(int(s.disposition) & ~1)  # AV_DISPOSITION_DEFAULT
+        best = container.streams.best("video")
+    with suppress(AttributeError, TypeError, ValueError):
+        for s, d in zip(videos, saved):
+            s.disposition = d
+    return best if best is not None else videos[0]
+
+
 @dataclass(frozen=True)
 class HeaderLength:
-    """What a container's header says about the length of its first video stream (to catch truncated files).
+    """What a container's header says about the length of its video stream (to catch truncated files).
 
     ``frames``: the exact frame count of an mp4/mov sample table (0: none); ``end_s``: when the video ends,
     in seconds (Matroska/WebM duration, AVI frame count; None: unknown).
@@ -160,9 +196,9 @@ def _probe_cached(path: str, mtime_ns: int, size: int) -> _Probe:
 
     try:
         with av.open(path) as container:
-            if not container.streams.video:
+            stream = video_stream(container)
+            if stream is None:
                 raise VideoReadError(f"{path}: no video stream", path=path)
-            stream = container.streams.video[0]
             cc = stream.codec_context
             h, w = int(cc.height), int(cc.width)
             header = header_length(container, stream)
@@ -186,7 +222,7 @@ def _probe(path: str | os.PathLike) -> _Probe:
 
 
 def probe_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) of a video's first stream, read from the header with PyAV.
+    """(height, width) of a video (the stream decord reads, :func:`video_stream`), read from the header with PyAV.
 
     Costs about 5 ms per file (the container probe), cached per process by path, size and mtime.
     """
@@ -272,10 +308,12 @@ class DecordReader:
     """decord backend: one ``get_batch`` call on sorted unique indices (decord seeks internally).
 
     Open one reader per item and close it after use: long-lived decord readers are known to leak.
-    ``num_threads=1`` suits DataLoader workers, which parallelise over videos instead.
+    ``num_threads=1`` suits DataLoader workers, which parallelise over videos instead. ``pyav_fallback=False``
+    raises :class:`VideoReadError` for a width decord cannot decode instead of reading the file with PyAV.
     """
 
-    def __init__(self, *, path: str | os.PathLike, short_side: int | None = None, num_threads: int = 1) -> None:
+    def __init__(self, *, path: str | os.PathLike, short_side: int | None = None, num_threads: int = 1,
+                 pyav_fallback: bool = True) -> None:
         import decord
 
         if not log.isEnabledFor(logging.DEBUG):  # FFmpeg's own lines ("moov atom not found"): our error names the file
@@ -287,7 +325,7 @@ class DecordReader:
             height, width = resize_dims(*probe_size(self.path), short_side)
         self._size = (height, width) if short_side else None  # decord resizes at decode time
         self._resize_to: tuple[int, int] | None = None  # set when decord's resize failed: torch resizes
-        self._short_side, self._num_threads = short_side, num_threads
+        self._short_side, self._num_threads, self._pyav_fallback = short_side, num_threads, pyav_fallback
         self._pyav: PyAVReader | None = None  # set when decord cannot decode this width at all
         try:
             self._vr = decord.VideoReader(str(self.path), ctx=decord.cpu(0), width=width, height=height, num_threads=num_threads)
@@ -369,6 +407,10 @@ class DecordReader:
         """decord's frame buffers break for some widths (16 or 48 px: rows padded to 4 or 6 "channels",
         at full size too): PyAV reads this file instead."""
         global _pyav_fallback_logged
+        if not self._pyav_fallback:
+            width = probe_size(self.path)[1]
+            raise VideoReadError(f"{self.path}: decord cannot decode frames {width} px wide (a decord bug for some widths)",
+                                 path=self.path)
         if not _pyav_fallback_logged:
             _pyav_fallback_logged = True
             log.warning(
@@ -426,9 +468,10 @@ class PyAVReader:
             self._size = resize_dims(int(cc.height), int(cc.width), short_side)
 
     def _index(self, num_threads: int) -> None:
-        if not self._container.streams.video:
+        stream = video_stream(self._container)
+        if stream is None:
             raise VideoReadError(f"{self.path}: no video stream", path=self.path)
-        self._stream = self._container.streams.video[0]
+        self._stream = stream
         self._stream.codec_context.thread_count = max(0, int(num_threads))
         pts: list[int | None] = []
         key_pts: list[int | None] = []  # keyframes, discarded ones included: seek targets
