@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import (cut_file, frame_ids, level, write_audio_only, write_bad_files, write_frame_folder, write_good_variety,
-                          write_level_video, write_noise_video, write_textured_video, write_two_stream_video, zero_packet)
+from data_helpers import (cut_file, frame_ids, level, level_frames, write_audio_only, write_bad_files, write_frame_folder,
+                          write_good_variety, write_level_video, write_noise_video, write_textured_video, write_two_stream_video,
+                          zero_packet)
 
 from mergekit_video.data import VideoReadError, open_video
 from mergekit_video.data.readers import decord_available, decord_decodes_width, probe_size, video_stream
@@ -262,6 +263,42 @@ def test_every_backend_reads_the_video_stream_decord_reads(tmp_path, suffix):
             assert got[backend].std().item() > 10  # the textured video, not the flat thumbnail
     if "decord" in got:
         assert (got["decord"] - got["pyav"]).abs().mean().item() < 1.0
+
+
+def _write_level_avi(path: Path, codec: str, *, b_frames: int) -> Path:
+    """30 level-coded 64x48 frames in an AVI (H.264 with ``b_frames`` B-frames, or MPEG-4 part 2: I B B ...)."""
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=Fraction(10))
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        if codec == "libx264":
+            s.options = {"x264-params": f"keyint=8:bframes={b_frames}"}
+        else:
+            s.codec_context.max_b_frames, s.bit_rate = b_frames, 4_000_000  # flat frames keep their level
+        for i, a in enumerate(level_frames(30)):
+            frame = av.VideoFrame.from_ndarray(a, format="rgb24")
+            frame.pts = i
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("codec,b_frames", [("libx264", 3), ("libx264", 0), ("mpeg4", 2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_avi_without_timestamps_or_with_b_frames_gives_the_frames_asked_for(tmp_path, backend, codec, b_frames):
+    """decord has no timestamps for these: it counted 0 frames (H.264) or 19 of 30 (MPEG-4 with B-frames, the
+    leading frames "cut"), and its seeks gave frames 1, 3, 1, 0, 5 for 17, 3, 25, 8, 29; PyAV matched no frame
+    to the packets' decode-order times ("frame 1 could not be decoded")."""
+    path = _write_level_avi(tmp_path / f"{codec}_{b_frames}.avi", codec, b_frames=b_frames)
+    with open_video(path, backend=backend) as r:
+        assert r.num_frames == 30
+        assert frame_ids(r.get_frames([17, 3, 25, 8, 29, 0, 3])) == [17, 3, 25, 8, 29, 0, 3]
+        assert frame_ids(r.get_frames([2])) == [2]
 
 
 class _SlowFinalizer:

@@ -26,6 +26,7 @@ DEFAULT_IMAGE_TEMPLATE = "img_{:05d}.jpg"  # TSN frame folders, 1-based
 
 log = logging.getLogger(__name__)
 _pyav_fallback_logged = False  # the PyAV fallback is announced once per process
+_untimed_logged = False  # so is reading a file without timestamps (AVI) with PyAV
 
 #: A video that ends more than this many frames, and more than this fraction of its length, before its
 #: header says counts as truncated (headers of good files may be off by a frame or two).
@@ -330,14 +331,35 @@ class DecordReader:
         try:
             self._vr = decord.VideoReader(str(self.path), ctx=decord.cpu(0), width=width, height=height, num_threads=num_threads)
             total = len(self._vr)
-            self._num_frames = total - self._discarded_leading_frames()
+            untimed = total > 0 and self._vr.get_frame_timestamp(0)[0] < -1e9  # FFmpeg's AV_NOPTS_VALUE, in seconds
+            self._num_frames = total - (0 if untimed else self._discarded_leading_frames())
         except Exception as e:  # noqa: BLE001 - decord raises RuntimeError/DECORDError/AssertionError
             why = _pyav_diagnosis(self.path) or f"decord cannot open it ({type(e).__name__}: {_first_line(e)})"
             raise VideoReadError(f"{self.path}: {why}", path=self.path) from e
+        if untimed:
+            self._read_untimed_with_pyav()
+            return
         if self._num_frames <= 0:
             raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
         if _length_only_in_header(head):
             self._check_complete(total)
+
+    def _read_untimed_with_pyav(self) -> None:
+        """decord indexes no timestamps for H.264 in AVI, or for AVI with B-frames: it counted every frame as cut
+        (no frames), and its seeks return other frames than asked (frames 1, 3, 1 for 17, 3, 25). PyAV reads
+        such a file from the start, counting frames."""
+        global _untimed_logged
+        if not self._pyav_fallback:
+            raise VideoReadError(f"{self.path}: decord indexes no timestamps for this file (AVI with H.264 or B-frames)",
+                                 path=self.path)
+        if not _untimed_logged:
+            _untimed_logged = True
+            log.warning("%s: decord indexes no timestamps for this file (AVI with H.264 or B-frames) and would seek to "
+                        "wrong frames; reading such videos with PyAV, from the start (slower). Re-encoding "
+                        "(mergevid data prepare) avoids it.", self.path)
+        self._vr = None
+        self._pyav = PyAVReader(path=self.path, short_side=self._short_side, num_threads=self._num_threads)
+        self._num_frames = self._pyav.num_frames
 
     def _check_complete(self, total: int) -> None:
         """Raise :class:`VideoReadError` when the file ends before its header says (a download cut short)."""
@@ -500,7 +522,10 @@ class PyAVReader:
         if why is not None:
             raise VideoReadError(f"{self.path}: truncated ({why})", path=self.path)
         self._num_frames = len(pts)
-        if any(p is None for p in pts):
+        # AVI stores no presentation times: with B-frames its packets' are decode-order guesses, which neither
+        # match the decoded frames' nor serve as seek targets
+        reordered_avi = "avi" in self._container.format.name.split(",") and bool(self._stream.codec_context.has_b_frames)
+        if reordered_avi or any(p is None for p in pts):
             self._pts: list[int] | None = None  # no timestamps: decode from the start, counting
             self._key_pts: list[int] = []
         else:
