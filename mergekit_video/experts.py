@@ -390,6 +390,8 @@ class ExpertContainer(nn.Module):
                 "into its dense merged module (for a saved MoTE model: mergevid export MODEL OUT --dense)"
             )
         plan = self._plan
+        if "_aux_dropped_by_plan" in self.__dict__:  # set below by a plan forward that drops routed aux losses
+            del self.__dict__["_aux_dropped_by_plan"]
         if plan is None:
             if not self.training:  # the eval fast path: the cached merge
                 if self.last_routing is not None or self.aux_losses:
@@ -403,6 +405,8 @@ class ExpertContainer(nn.Module):
         if not (isinstance(plan, str) and plan == "routed") and (self.last_routing is not None or self.aux_losses):
             # a forward that does not route (or whose routed segments set them anew) leaves no
             # routing record: aux losses of an earlier graph would be backpropagated twice
+            if self.aux_losses and self.training:
+                object.__setattr__(self, "_aux_dropped_by_plan", True)  # said by collect_aux_losses if read after
             self._forget_routing()
         if isinstance(plan, (list, tuple)):
             return self._segmented_forward(plan, x, args, kwargs)
@@ -970,6 +974,13 @@ def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
                 "by them; checkpoint with use_reentrant=False or mergekit_video.experts.checkpoint_routed"
             )
             object.__setattr__(c, "_no_grad_aux_warned", True)
+        if not c.aux_losses and c.__dict__.get("_aux_dropped_by_plan") and "_plan_aux_warned" not in c.__dict__:
+            warn_user(
+                f"container {name!r} has no auxiliary losses: its last forward ran a routing plan (a weight merge, such "
+                "as WeightMergingRegularizer.merged_region, or use_expert / use_merge), which drops those of the routed "
+                "forward before it; collect them (collect_aux_losses, the load_balance regularizer) right after the routed forward"
+            )
+            object.__setattr__(c, "_plan_aux_warned", True)
     return total
 
 

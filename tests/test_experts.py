@@ -954,6 +954,7 @@ def test_copies_leave_out_the_last_routing_and_mode_switches_forget_it():
     assert container.aux_losses == {} and container.last_routing is None
 
 
+@pytest.mark.filterwarnings("ignore:container '0' has no auxiliary losses")  # read after each plan forward on purpose
 def test_a_forward_that_does_not_route_forgets_the_last_aux_losses():
     torch.manual_seed(0)
     model = nn.Sequential(ExpertContainer([nn.Linear(4, 4) for _ in range(3)], router="topk", router_kwargs={"k": 2, "dim": 4}))
@@ -1507,3 +1508,53 @@ def test_aux_losses_without_gradient_from_a_reentrant_checkpoint_are_warned_abou
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         collect_aux_losses(block)  # once per container
+
+
+def test_reading_aux_losses_after_a_plan_forward_dropped_them_is_warned_about_once():
+    """A hand-written WMR loop: the routed forward's topk losses are gone after the merged forward;
+    reading them then (the load_balance regularizer gives 0) is said, once per container."""
+    from mergekit_video import REGULARIZERS
+    from mergekit_video.experts import collect_aux_losses
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ExpertContainer([nn.Linear(4, 4) for _ in range(3)], router="topk", router_kwargs={"k": 2, "dim": 4}))
+    model.train()
+    x, wmr, balance = torch.randn(2, 5, 4), REGULARIZERS.build("weight_merging"), REGULARIZERS.build("load_balance")
+    model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert balance(model).detach().item() > 0  # read right after the routed forward: no warning
+    with wmr.merged_region(model):
+        model(x)
+    with pytest.warns(UserWarning, match=r"container '0' has no auxiliary losses: its last forward ran a routing plan \(a weight merge"):
+        assert float(balance(model)) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        balance(model)  # once per container
+        model(x)  # a routed forward again: nothing to say
+        assert balance(model).detach().item() > 0
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.train()
+        assert collect_aux_losses(model) == {}  # the eval fast path dropped them, which is no plan: nothing said
+
+
+def test_a_fused_plan_with_a_routed_segment_then_an_eval_forward_says_nothing_about_aux_losses():
+    from mergekit_video.experts import collect_aux_losses
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ExpertContainer([nn.Linear(4, 4) for _ in range(3)], router="topk", router_kwargs={"k": 2, "dim": 4}))
+    model.train()
+    x = torch.randn(2, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+        with routing_plan(model, [(1, "routed"), (1, torch.tensor([0.2, 0.3, 0.5]))]):
+            model(x)
+        assert set(collect_aux_losses(model)) == {"load_balance", "z_loss"}
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.train()
+        assert collect_aux_losses(model) == {}
