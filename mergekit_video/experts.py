@@ -1122,6 +1122,9 @@ def per_container_merge_kwargs(
     Raises:
         ValueError: ``base`` has no tensors under a container's name.
     """
+    if isinstance(base, nn.Module) and find_containers(base):
+        raise ValueError("base has expert containers: it is a model after add_experts; pass the model from before "
+                         "add_experts (or its state dict), whose weights the task vectors are taken from")
     base_sd = base.state_dict() if isinstance(base, nn.Module) else base
     out = []
     seed = kwargs.get("seed")
@@ -1135,6 +1138,9 @@ def per_container_merge_kwargs(
             kw["base"] = state_dict_under(base_sd, name)
             if not kw["base"]:
                 raise ValueError(f"base has no tensors under {name!r}")
+            if all(k.startswith("experts.") for k in kw["base"]):
+                raise ValueError(f"base holds experts under {name!r} ('{name}.experts.0...'): it is the state dict of a model after "
+                                 "add_experts; pass the model from before add_experts (or its state dict)")
         out.append(kw)
     return out
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import mergekit_video as mv
-from mergekit_video.experts import ExpertContainer, find_containers
+from mergekit_video.experts import ExpertContainer, find_containers, use_merge
 from mergekit_video.registry import RegistryError
 from mergekit_video.routers import MultinomialRouter, TopKRouter
 from mergekit_video.surgery import SurgeryError, match_modules, nearest_names, reinit_normal_
@@ -761,3 +761,20 @@ def test_module_objects_and_router_classes_get_a_short_error_naming_what_to_pass
     with pytest.raises(SurgeryError, match=r"^router must be a registered name or a Router instance, got the class TopKRouter: pass router='topk'$"):
         mv.add_experts(m, "blocks.*.mlp", 2, router=TopKRouter)
     assert not find_containers(m)
+
+
+def test_a_base_after_surgery_is_named_as_such():
+    """Task vectors are taken from the model before add_experts; the surgered model (or its state dict) is refused."""
+    m = toy()
+    before = copy.deepcopy(m)
+    mv.add_experts(m, "blocks.*.mlp", 3, init="copy_noise", generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SurgeryError, match=r"^base has expert containers: it is a model after add_experts; pass the model from before"):
+        mv.collapse_experts(copy.deepcopy(m), "ties", base=m)
+    with pytest.raises(SurgeryError, match=r"^base holds experts under 'blocks\.0\.mlp' \('blocks\.0\.mlp\.experts\.0\.\.\.'\): it is the state dict"):
+        mv.collapse_experts(copy.deepcopy(m), "ties", base=m.state_dict())
+    with pytest.raises(ValueError, match=r"^base has expert containers"):
+        with use_merge(m, "task_arithmetic", base=m):
+            pass
+    dense = copy.deepcopy(m)
+    mv.collapse_experts(dense, "ties", base=before)
+    assert shapes(dense) == shapes(before)
