@@ -610,6 +610,7 @@ class ExpertContainer(nn.Module):
             return False
         return cache[4] is None or _data_pointers(tensors) == cache[4][0]  # new data through .data = (no version bump)
 
+    @torch.compiler.disable  # a one-off, no-grad computation: eager under torch.compile, not traced (no graph breaks inside)
     def _remerge(self) -> tuple:
         # built outside inference mode: a cache filled inside torch.inference_mode() would
         # hold inference tensors and break a later eval forward that needs autograd
