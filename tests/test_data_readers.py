@@ -14,7 +14,8 @@ from data_helpers import (cut_file, frame_ids, level, level_frames, write_audio_
                           zero_packet)
 
 from mergekit_video.data import VideoReadError, open_video
-from mergekit_video.data.readers import decord_available, decord_decodes_width, probe_size, video_stream
+from mergekit_video.data.readers import (decord_available, decord_decodes_width, keyframes_out_of_place, keyframes_reordered,
+                                         probe_size, video_stream)
 from mergekit_video.data.watchdog import ReadTimeoutError, run_with_timeout
 
 BACKENDS = ["pyav"] + (["decord"] if decord_available() else [])
@@ -265,8 +266,10 @@ def test_every_backend_reads_the_video_stream_decord_reads(tmp_path, suffix):
         assert (got["decord"] - got["pyav"]).abs().mean().item() < 1.0
 
 
-def _write_level_avi(path: Path, codec: str, *, b_frames: int) -> Path:
-    """30 level-coded 64x48 frames in an AVI (H.264 with ``b_frames`` B-frames, or MPEG-4 part 2: I B B ...)."""
+def _write_level_b_frames(path: Path, codec: str, *, b_frames: int, open_gop: bool = True) -> Path:
+    """30 level-coded 64x48 frames at 10 fps, a keyframe every 8, in the container ``path``'s suffix names: H.264 with
+    ``b_frames`` B-frames, or MPEG-4 part 2 (``I B B P B B P B | I ...``); ``open_gop``: the B-frames before each
+    keyframe are decoded after it (x264 ``open-gop``; FFmpeg's mpeg4 encoder without ``+cgop``)."""
     from fractions import Fraction
 
     import av
@@ -275,9 +278,12 @@ def _write_level_avi(path: Path, codec: str, *, b_frames: int) -> Path:
         s = c.add_stream(codec, rate=Fraction(10))
         s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
         if codec == "libx264":
-            s.options = {"x264-params": f"keyint=8:bframes={b_frames}"}
+            s.options = {"x264-params": f"keyint=8:min-keyint=8:scenecut=0:bframes={b_frames}:open-gop={int(open_gop)}"}
         else:
-            s.codec_context.max_b_frames, s.bit_rate = b_frames, 4_000_000  # flat frames keep their level
+            s.codec_context.max_b_frames, s.codec_context.gop_size, s.bit_rate = b_frames, 8, 4_000_000  # flat frames keep their level
+            s.options = {"sc_threshold": "1000000000"}  # no scene-cut keyframes (each frame has another level)
+            if not open_gop:
+                s.codec_context.flags |= av.codec.context.Flags.closed_gop
         for i, a in enumerate(level_frames(30)):
             frame = av.VideoFrame.from_ndarray(a, format="rgb24")
             frame.pts = i
@@ -294,11 +300,72 @@ def test_avi_without_timestamps_or_with_b_frames_gives_the_frames_asked_for(tmp_
     """decord has no timestamps for these: it counted 0 frames (H.264) or 19 of 30 (MPEG-4 with B-frames, the
     leading frames "cut"), and its seeks gave frames 1, 3, 1, 0, 5 for 17, 3, 25, 8, 29; PyAV matched no frame
     to the packets' decode-order times ("frame 1 could not be decoded")."""
-    path = _write_level_avi(tmp_path / f"{codec}_{b_frames}.avi", codec, b_frames=b_frames)
+    path = _write_level_b_frames(tmp_path / f"{codec}_{b_frames}.avi", codec, b_frames=b_frames)
     with open_video(path, backend=backend) as r:
         assert r.num_frames == 30
         assert frame_ids(r.get_frames([17, 3, 25, 8, 29, 0, 3])) == [17, 3, 25, 8, 29, 0, 3]
         assert frame_ids(r.get_frames([2])) == [2]
+
+
+def test_keyframes_out_of_place_compares_decode_and_display_order():
+    # open GOP: I0 P3 B1 B2 I6 B4 B5 (decode order); I6 is the 5th packet but the 7th frame
+    assert keyframes_out_of_place(np.array([0, 3, 1, 2, 6, 4, 5]), np.array([0, 4]))
+    # closed GOP: I0 P3 B1 B2 I4 P7 B5 B6; no B-frames; no keyframe past the first
+    assert not keyframes_out_of_place(np.array([0, 3, 1, 2, 4, 7, 5, 6]), np.array([0, 4]))
+    assert not keyframes_out_of_place(np.arange(6), np.array([0, 3]))
+    assert not keyframes_out_of_place(np.array([0, 2, 1]), np.array([0]))
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+@pytest.mark.parametrize("codec,open_gop", [("mpeg4", True), ("libx264", True), ("mpeg4", False), ("libx264", False)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_gop_b_frames_give_the_frames_asked_for(tmp_path, backend, suffix, codec, open_gop):
+    """decord places each keyframe by its place in decode order: with B-frames in an open GOP (MPEG-4 part 2 as Xvid
+    writes it, x264 open-gop) it decoded other frames than asked, without a word: 3, 10, 17, 27, 27 (mpeg4 in mp4)
+    or 3, 11, 20, 29, 29 (x264 in mp4) for 3, 8, 17, 25, 29. Such files go to PyAV; closed GOPs stay with decord."""
+    path = _write_level_b_frames(tmp_path / f"{codec}{suffix}", codec, b_frames=2 if codec == "mpeg4" else 3, open_gop=open_gop)
+    assert keyframes_reordered(path) is open_gop
+    with open_video(path, backend=backend) as r:
+        assert r.num_frames == 30
+        assert frame_ids(r.get_frames([17, 3, 25, 8, 29, 0, 3])) == [17, 3, 25, 8, 29, 0, 3]
+        assert [frame_ids(r.get_frames([i]))[0] for i in (17, 3, 25, 8, 29)] == [17, 3, 25, 8, 29]
+        if backend == "decord":
+            assert (r._pyav is not None) is open_gop
+
+
+@pytest.mark.skipif(not decord_available(), reason="decord not installed")
+def test_open_gop_file_warns_once_and_without_fallback_is_refused(tmp_path, caplog, monkeypatch):
+    from mergekit_video.data import readers
+
+    monkeypatch.setattr(readers, "_reordered_logged", False)
+    a = _write_level_b_frames(tmp_path / "a.mp4", "mpeg4", b_frames=2)
+    b = _write_level_b_frames(tmp_path / "b.mkv", "libx264", b_frames=3)
+    with caplog.at_level("WARNING", logger="mergekit_video.data.readers"):
+        for path in (a, b):
+            with open_video(path, backend="decord") as r:
+                assert frame_ids(r.get_frames([9, 26])) == [9, 26]
+    warnings = [rec.getMessage() for rec in caplog.records if "keyframes out of display order" in rec.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{a}: ") and "mergevid data prepare" in warnings[0]
+    with pytest.raises(VideoReadError, match=rf"^{re.escape(str(a))}: decord would seek to wrong frames in this file: "
+                                             r"keyframes out of display order"):
+        readers.DecordReader(path=a, pyav_fallback=False)
+
+
+@pytest.mark.skipif(not decord_available(), reason="decord not installed")
+def test_the_open_gop_check_of_an_mp4_reads_only_its_sample_tables(tmp_path, monkeypatch):
+    """mp4/mov: no PyAV probe, no packet scan; an x264 mp4 with B-frames in closed GOPs stays with decord."""
+    from mergekit_video.data import readers
+
+    path = _write_level_b_frames(tmp_path / "x264.mp4", "libx264", b_frames=3, open_gop=False)
+    readers._probe_cached.cache_clear()
+    seen: list[tuple[list[int], list[int]]] = []
+    real = readers.keyframes_out_of_place
+    monkeypatch.setattr(readers, "keyframes_out_of_place", lambda pts, keys: seen.append((list(pts), list(keys))) or real(pts, keys))
+    with open_video(path, backend="decord") as r:
+        assert r._pyav is None and r.num_frames == 30
+    assert readers._probe_cached.cache_info().misses == 0
+    (pts, keys), = seen
+    assert keys == [0, 8, 16, 24] and len(pts) == 30 and pts != sorted(pts)  # B-frames, keyframes in place
 
 
 class _SlowFinalizer:

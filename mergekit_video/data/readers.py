@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ DEFAULT_IMAGE_TEMPLATE = "img_{:05d}.jpg"  # TSN frame folders, 1-based
 log = logging.getLogger(__name__)
 _pyav_fallback_logged = False  # the PyAV fallback is announced once per process
 _untimed_logged = False  # so is reading a file without timestamps (AVI) with PyAV
+_reordered_logged = False  # and reading an open-GOP file with B-frames with PyAV
 
 #: A video that ends more than this many frames, and more than this fraction of its length, before its
 #: header says counts as truncated (headers of good files may be off by a frame or two).
@@ -189,6 +191,7 @@ class _Probe(NamedTuple):
     width: int
     header: HeaderLength
     start_s: float  # the video stream's start time (decord's timestamps count from it)
+    b_frames: bool  # the decoder reorders frames (B-frames): decode order may differ from display order
 
 
 @functools.lru_cache(maxsize=65536)
@@ -204,13 +207,14 @@ def _probe_cached(path: str, mtime_ns: int, size: int) -> _Probe:
             h, w = int(cc.height), int(cc.width)
             header = header_length(container, stream)
             start_s = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
+            b_frames = bool(cc.has_b_frames)
     except VideoReadError:
         raise
     except Exception as e:  # noqa: BLE001 - any container error means an unreadable file
         raise VideoReadError(f"{path}: cannot open ({type(e).__name__}: {e})", path=path) from e
     if h <= 0 or w <= 0:
         raise VideoReadError(f"{path}: invalid frame size {w}x{h}", path=path)
-    return _Probe(h, w, header, start_s)
+    return _Probe(h, w, header, start_s, b_frames)
 
 
 def _probe(path: str | os.PathLike) -> _Probe:
@@ -220,6 +224,160 @@ def _probe(path: str | os.PathLike) -> _Probe:
     except OSError as e:
         raise VideoReadError(f"{path}: {e.strerror or e}", path=path) from e
     return _probe_cached(path, st.st_mtime_ns, st.st_size)
+
+
+def keyframes_out_of_place(pts: np.ndarray, keys: np.ndarray) -> bool:
+    """True when a keyframe's place in decode order differs from its place in display order.
+
+    ``pts``: presentation times of the frames in decode order; ``keys``: the keyframes' places in it. An open GOP
+    with B-frames (``I B B P ... I B B``, the B-frames before each I decoded after it) has such keyframes; a closed
+    GOP, or no B-frames, has none.
+    """
+    pts, keys = np.asarray(pts).reshape(-1), np.asarray(keys, dtype=np.int64).reshape(-1)
+    if pts.size == 0 or keys.size == 0:
+        return False
+    rank = np.empty(pts.size, dtype=np.int64)
+    rank[np.argsort(pts, kind="stable")] = np.arange(pts.size)  # display place of each frame
+    return bool((rank[keys] != keys).any())
+
+
+def _mp4_boxes(data: bytes, start: int = 0, end: int | None = None):
+    """(type, payload start, payload end) of the ISO-BMFF boxes in ``data[start:end]``."""
+    end = len(data) if end is None else end
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        head = 8
+        if size == 1 and pos + 16 <= end:
+            size, head = struct.unpack_from(">Q", data, pos + 8)[0], 16
+        elif size == 0:
+            size = end - pos
+        if size < head:
+            return
+        yield kind, pos + head, min(pos + size, end)
+        pos += size
+
+
+def _mp4_moov(path: str) -> bytes | None:
+    """The payload of an mp4/mov file's ``moov`` box (its sample tables), found by box headers alone; None if none."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        file_end, pos = f.tell(), 0
+        while pos + 8 <= file_end:
+            f.seek(pos)
+            head = f.read(16)
+            if len(head) < 8:
+                return None
+            size, kind = struct.unpack_from(">I4s", head)
+            n = 8
+            if size == 1 and len(head) == 16:
+                size, n = struct.unpack_from(">Q", head, 8)[0], 16
+            elif size == 0:
+                size = file_end - pos
+            if size < n:
+                return None
+            if kind == b"moov":
+                f.seek(pos + n)
+                return f.read(size - n)
+            pos += size
+    return None
+
+
+def _mp4_track_reordered(data: bytes, start: int, end: int) -> bool:
+    """:func:`keyframes_out_of_place` for the sample table (``stbl`` box payload) ``data[start:end]``."""
+    tables = {kind: (a, b) for kind, a, b in _mp4_boxes(data, start, end) if kind in (b"stts", b"ctts", b"stss")}
+    if b"ctts" not in tables or b"stts" not in tables:  # no composition offsets: display order is decode order
+        return False
+
+    def entries(kind: bytes, dtype: str) -> np.ndarray:
+        a, b = tables[kind]
+        count = struct.unpack_from(">I", data, a + 4)[0]
+        width = 4 if kind == b"stss" else 8
+        count = min(count, (b - a - 8) // width)
+        return np.frombuffer(data, dtype=dtype, count=count * width // 4, offset=a + 8)
+
+    stts = entries(b"stts", ">u4").reshape(-1, 2).astype(np.int64)
+    dts = np.concatenate([[0], np.cumsum(np.repeat(stts[:, 1], stts[:, 0]))])[:-1]
+    ctts = entries(b"ctts", ">i4").reshape(-1, 2).astype(np.int64)  # version 0 offsets are read signed, as FFmpeg does
+    offsets = np.repeat(ctts[:, 1], np.maximum(ctts[:, 0], 0))[: dts.size]
+    pts = dts + np.pad(offsets, (0, dts.size - offsets.size))
+    keys = entries(b"stss", ">u4").astype(np.int64) - 1 if b"stss" in tables else np.arange(dts.size)
+    return keyframes_out_of_place(pts, keys[(keys >= 0) & (keys < dts.size)])
+
+
+def _mp4_find(data: bytes, box: tuple[int, int] | None, *kinds: bytes) -> tuple[int, int] | None:
+    """(payload start, end) of the box reached from ``box`` through nested boxes of ``kinds``; None if missing."""
+    for kind in kinds:
+        if box is None:
+            return None
+        box = next(((a, b) for k, a, b in _mp4_boxes(data, *box) if k == kind), None)
+    return box
+
+
+def _mp4_reordered(path: str) -> bool:
+    """True when a video track of an mp4/mov file has keyframes out of place (:func:`keyframes_out_of_place`), from its
+    sample tables (``stts``/``ctts``/``stss``): no packet is read and no decoder opened."""
+    moov = _mp4_moov(path)
+    if moov is None:
+        return False
+    for kind, a, b in _mp4_boxes(moov):
+        hdlr = _mp4_find(moov, (a, b), b"mdia", b"hdlr") if kind == b"trak" else None
+        if hdlr is None or moov[hdlr[0] + 8:hdlr[0] + 12] != b"vide":  # handler type after version/flags, pre_defined
+            continue
+        stbl = _mp4_find(moov, (a, b), b"mdia", b"minf", b"stbl")
+        if stbl is not None and _mp4_track_reordered(moov, *stbl):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=65536)
+def _reordered_cached(path: str, mtime_ns: int, size: int, mp4: bool) -> bool:
+    if mp4:
+        try:
+            return _mp4_reordered(path)
+        except (OSError, struct.error, ValueError):  # an odd box layout: decord's own open decides
+            return False
+    try:
+        if not _probe(path).b_frames:
+            return False
+    except VideoReadError:  # PyAV cannot probe what decord opened: nothing known
+        return False
+    import av
+
+    pts: list[int] = []
+    keys: list[int] = []
+    try:
+        with av.open(path) as container:
+            stream = video_stream(container)
+            for pkt in container.demux(stream):
+                if pkt.size == 0:
+                    continue
+                if pkt.pts is None:  # no timestamps: decord's untimed path handles it
+                    return False
+                if pkt.is_keyframe:
+                    keys.append(len(pts))
+                pts.append(pkt.pts)
+    except Exception:  # noqa: BLE001 - a damaged file: the readers' own errors name it
+        return False
+    return keyframes_out_of_place(np.asarray(pts), np.asarray(keys))
+
+
+def keyframes_reordered(path: str | os.PathLike, *, head: bytes | None = None) -> bool:
+    """True when decord would seek to wrong frames in ``path``: it places each keyframe by its position in decode
+    order, so in an open GOP with B-frames (MPEG-4 part 2 ``I B B I``, x264 ``open-gop``) it decoded frames 19, 3, 27,
+    10, 28 for 17, 3, 25, 8, 29.
+
+    mp4/mov: read from the sample tables (well under a millisecond, no decoder); other containers: only when the
+    cached header probe finds B-frames, a scan of the packets' timestamps. Cached per process by path, size and mtime.
+    ``head``: the file's first 8 bytes, if already read.
+    """
+    path = str(path)
+    st = os.stat(path)
+    if head is None:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    mp4 = head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
+    return _reordered_cached(path, st.st_mtime_ns, st.st_size, mp4)
 
 
 def probe_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -341,6 +499,9 @@ class DecordReader:
             return
         if self._num_frames <= 0:
             raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
+        if keyframes_reordered(self.path, head=head):
+            self._read_reordered_with_pyav()
+            return
         if _length_only_in_header(head):
             self._check_complete(total)
 
@@ -357,6 +518,21 @@ class DecordReader:
             log.warning("%s: decord indexes no timestamps for this file (AVI with H.264 or B-frames) and would seek to "
                         "wrong frames; reading such videos with PyAV, from the start (slower). Re-encoding "
                         "(mergevid data prepare) avoids it.", self.path)
+        self._vr = None
+        self._pyav = PyAVReader(path=self.path, short_side=self._short_side, num_threads=self._num_threads)
+        self._num_frames = self._pyav.num_frames
+
+    def _read_reordered_with_pyav(self) -> None:
+        """decord places keyframes by decode order: in an open GOP with B-frames (:func:`keyframes_reordered`) it seeks
+        to wrong frames without a word (19, 3, 27, 10, 28 for 17, 3, 25, 8, 29). PyAV seeks by timestamps instead."""
+        global _reordered_logged
+        why = "keyframes out of display order (an open GOP with B-frames, as MPEG-4 part 2/Xvid or x264 open-gop write)"
+        if not self._pyav_fallback:
+            raise VideoReadError(f"{self.path}: decord would seek to wrong frames in this file: {why}", path=self.path)
+        if not _reordered_logged:
+            _reordered_logged = True
+            log.warning("%s: %s; decord would seek to wrong frames in such videos, so they are read with PyAV (slower). "
+                        "Re-encoding (mergevid data prepare) avoids it.", self.path, why)
         self._vr = None
         self._pyav = PyAVReader(path=self.path, short_side=self._short_side, num_threads=self._num_threads)
         self._num_frames = self._pyav.num_frames
