@@ -117,3 +117,106 @@ def bench_data_cmd(
                                  log=typer.echo)
     typer.echo(format_table(results))
     typer.echo(f"results: {output}")
+
+
+_ROOT_HINT = {
+    "ucf101": "the UCF-101 folder (it holds ApplyEyeMakeup/, ApplyLipstick/, ...)",
+    "hmdb51": "the folder that holds the 51 class folders (brush_hair/, cartwheel/, ...)",
+    "ssv2": "the folder that holds the <id>.webm videos",
+}
+
+
+@data_app.command("lists")
+def lists_cmd(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="ucf101 | hmdb51 | kinetics | ssv2."),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUTS", help="ucf101: the ucfTrainTestlist/ folder; hmdb51: testTrainMulti_7030_splits/; "
+                                        "kinetics: the CSVs (train.csv, val.csv, ...); ssv2: something-something-v2-labels.json and the train / validation JSON."),
+    out: Path = typer.Option(..., "--out", help="Folder for the lists and the class CSV (created if new)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="The video folder the lists' paths are relative to (the recipe's root:). Required for kinetics (the files are "
+                                        "found there by name); for the others, videos not under it are left out and listed."),
+    names: str = typer.Option("words", "--names", help="ucf101 / hmdb51 class names: words ('Apply Eye Makeup', 'brush hair') or raw (the folder names)."),
+    classes: Optional[Path] = typer.Option(None, "--classes", help="kinetics: the class CSV to take the ids from (the one written for the train split, when converting val alone)."),
+    class_csv: Optional[str] = typer.Option(None, "--class-csv", help="File name of the class CSV written in --out (default: ucf_labels.csv, hmdb51_labels.csv, "
+                                            "kinetics_<C>_labels.csv, ssv2_labels.csv)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace lists and class CSVs that exist in --out."),
+) -> None:
+    """Convert a dataset's official annotation files into annotation lists and a class CSV."""
+    from ..data import official_lists as ol
+    from ..data.annotations import write_annotation_list, write_class_names
+    from ..data.prepare import refuse_file_as_folder
+    from ..utils.io import atomic_write_text
+
+    if fmt not in ol.FORMATS:
+        raise typer.BadParameter(f"FORMAT must be one of {', '.join(ol.FORMATS)}, got {fmt!r}")
+    if names not in ol.NAME_STYLES:
+        raise typer.BadParameter(f"--names takes {' or '.join(ol.NAME_STYLES)}, got {names!r}")
+    if classes is not None and fmt != "kinetics":
+        raise UserError("--classes is for kinetics (its ids come from the labels); the other formats' class ids are fixed")
+    if names != "words" and fmt not in ("ucf101", "hmdb51"):
+        raise UserError("--names is for ucf101 and hmdb51; Kinetics and SSv2 names are taken as the files give them")
+    if fmt in ("ucf101", "hmdb51") and len(inputs) != 1:
+        raise UserError(f"{fmt} takes one INPUT, the folder of the official split files; got {len(inputs)}")
+    if fmt == "kinetics" and root is None:
+        raise UserError("kinetics needs --root, the video folder: the lists name the files found there")
+    if class_csv is not None and (not class_csv or Path(class_csv).name != class_csv):
+        raise UserError(f"--class-csv is a file name in --out, not a path: {class_csv!r}")
+    refuse_file_as_folder(out, "--out")
+
+    if fmt == "ucf101":
+        result = ol.ucf101_lists(inputs[0], names=names)
+    elif fmt == "hmdb51":
+        result = ol.hmdb51_lists(inputs[0], names=names)
+    elif fmt == "kinetics":
+        result = ol.kinetics_lists(inputs, root=root, classes=classes)
+    else:
+        result = ol.ssv2_lists(inputs)
+    if root is not None and fmt != "kinetics":
+        result = ol.drop_missing(result, root)
+
+    csv_path = out / (class_csv or result.class_csv)
+    targets = [out / name for name in result.lists] + [csv_path] + [out / m.file_name for m in result.missing.values()]
+    given = {p.resolve() for p in inputs if p.is_file()} | ({p.resolve() for p in inputs[0].iterdir()} if fmt in ("ucf101", "hmdb51") and inputs[0].is_dir() else set())
+    for target in targets:
+        if target.resolve() in given:
+            raise UserError(f"{target} is one of the official files being converted; write to another --out")
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        if target.is_dir():
+            raise UserError(f"{target} is a folder; name another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, records in result.lists.items():
+        write_annotation_list(out / name, records, overwrite=overwrite)
+    write_class_names(csv_path, result.class_names, overwrite=overwrite)
+    for m in result.missing.values():
+        atomic_write_text(out / m.file_name, "\n".join(m.lines) + "\n", overwrite=overwrite)
+
+    width = max(len(n) for n in [*result.lists, csv_path.name])
+    typer.echo(f"wrote {out}:")
+    for name, records in result.lists.items():
+        typer.echo(f"  {name:{width}s}  {len(records)} videos")
+    typer.echo(f"  {csv_path.name:{width}s}  {len(result.class_names)} classes")
+    for name, m in result.missing.items():
+        typer.echo(f"{name}: {m.count} of {m.total} videos ({m.count / m.total:.1%}) not found under {root}; left out, listed in "
+                   f"{out / m.file_name}", err=True)
+
+    def show(p: Path) -> str:
+        return str(p.absolute())
+
+    root_text = show(root) if root is not None else f"<{_ROOT_HINT[fmt]}>"
+    typer.echo("\nrecipe keys (the lists' paths are relative to root):")
+    if result.train:
+        typer.echo(f"  data.root: {root_text}")
+        typer.echo(f"  data.train_list: {show(out / result.train[0])}")
+        if result.test:
+            typer.echo(f"  data.val_list: {show(out / result.test[0])}")
+        typer.echo(f"  data.class_csv: {show(csv_path)}")
+    if result.test:
+        typer.echo("  eval.datasets[]:")
+        typer.echo(f"    root: {root_text}")
+        typer.echo(f"    class_csv: {show(csv_path)}")
+        if len(result.test) == 1:
+            typer.echo(f"    list: {show(out / result.test[0])}")
+        else:
+            typer.echo("    splits:")
+            for name in result.test:
+                typer.echo(f"      - {{list: {show(out / name)}}}")

@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-data_app = typer.Typer(help="Video dataset tools: synthetic data, preparation.", no_args_is_help=True)
+data_app = typer.Typer(help="Video dataset tools: synthetic data, annotation lists from the official files, preparation.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: each writes its results as JSON (--output) and prints a table; record them in docs/benchmarks.md.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")

@@ -24,6 +24,38 @@ log = logging.getLogger(__name__)
 LIST_FORMATS = ("video", "frames")
 _DECIMAL = re.compile(r"-?[0-9]+")  # a '-' is let through to be refused as a negative label or count
 
+# The official annotation files of UCF-101 / HMDB-51 / Kinetics / SSv2, which `mergevid data lists` converts
+_UCF_VIDEO = re.compile(r"(\w+)/v_\w+_g[0-9]+_c[0-9]+\.avi")
+_UCF_TESTLIST = re.compile(r"testlist0[1-9]\.txt")
+_UCF_TRAINLIST = re.compile(r"trainlist0[1-9]\.txt")
+_HMDB_SPLIT = re.compile(r".+_test_split[123]\.txt")
+_UCF_CLASS_INDEX = re.compile(r"[0-9]+ \w+")
+
+
+def _official_format_hint(path: Path, line: str, *, no_label: bool) -> str:
+    """What to do when an annotation list's ``line`` (``no_label``: a path alone) is one of an official annotation
+    file (empty if it is not)."""
+    if no_label and (_UCF_TESTLIST.fullmatch(path.name) or _UCF_VIDEO.fullmatch(line)):
+        return "; official UCF-101 test lists have no labels: convert them with mergevid data lists ucf101"
+    if line.replace(" ", "").startswith(("label,youtube_id", "youtube_id,")):
+        return "; this is an official Kinetics CSV: convert it with mergevid data lists kinetics"
+    if line.startswith(("[", "{")) and path.suffix.lower() == ".json":
+        return "; this is JSON (Something-Something v2's?): convert it with mergevid data lists ssv2"
+    return ""
+
+
+def _refuse_official_list(path: Path, records: list[VideoRecord]) -> None:
+    """Refuse an official split file that parses as a list but whose numbers are not class ids."""
+    labels = {r.label for r in records}
+    # the official files name bare videos ('<video>.avi 1'); ours and the K600 splits (k160_test_split1.txt) have folders or more labels
+    if _HMDB_SPLIT.fullmatch(path.name) and {1, 2} <= labels <= {0, 1, 2} and not any("/" in r.path for r in records):
+        raise ValueError(f"{path}: an official HMDB-51 split file (1 = train, 2 = test, not class ids): convert with "
+                         "mergevid data lists hmdb51")
+    if (_UCF_TRAINLIST.fullmatch(path.name) and min(labels) == 1 and max(labels) == 101
+            and all(_UCF_VIDEO.fullmatch(r.path) for r in records[:20])):
+        raise ValueError(f"{path}: an official UCF-101 train list (labels 1..101, ours are 0-based): convert it with "
+                         "mergevid data lists ucf101")
+
 
 @dataclass(frozen=True)
 class VideoRecord:
@@ -69,11 +101,11 @@ def read_annotation_list(path: str | os.PathLike, list_format: str = "video") ->
             continue
         parts = line.rsplit(maxsplit=fields - 1)
         if len(parts) != fields:
-            raise ValueError(f"{path}:{lineno}: expected '{example}', got {line!r}")
+            raise ValueError(f"{path}:{lineno}: expected '{example}', got {line!r}{_official_format_hint(path, line, no_label=len(parts) == 1)}")
         for name, text in (("label", parts[-1]), ("frame count", parts[1])) if fields == 3 else (("label", parts[-1]),):
             if not _DECIMAL.fullmatch(text):  # int() also takes '1_0', '+1' and non-ASCII digits
                 raise ValueError(f"{path}:{lineno}: {name} {text!r} is not a whole number (digits 0-9 only); "
-                                 f"expected '{example}' with integer fields, got {line!r}")
+                                 f"expected '{example}' with integer fields, got {line!r}{_official_format_hint(path, line, no_label=False)}")
         label = int(parts[-1])
         num_frames = int(parts[1]) if fields == 3 else None
         if label < 0:
@@ -83,6 +115,8 @@ def read_annotation_list(path: str | os.PathLike, list_format: str = "video") ->
         records.append(VideoRecord(path=parts[0], label=label, num_frames=num_frames))
     if not records:
         raise ValueError(f"annotation list {path} has no entries")
+    if list_format == "video":
+        _refuse_official_list(path, records)
     return records
 
 
@@ -135,11 +169,20 @@ def read_class_names(csv_path: str | os.PathLike) -> list[str]:
     if header is None:
         raise ValueError(f"{path}: expected a header 'id,name'")
     if len(header) < 2 or _is_int(header[0]):  # a first row of data would be dropped as the header
-        raise ValueError(f"{path}: expected a header 'id,name', got {','.join(header)!r}")
+        hint = ""
+        if path.name.lower() == "classind.txt" or (len(header) == 1 and _UCF_CLASS_INDEX.fullmatch(header[0].strip())):
+            hint = ("; this looks like UCF-101's classInd.txt ('1 ApplyEyeMakeup', ids from 1): mergevid data lists ucf101 "
+                    "converts the official ucfTrainTestlist/ folder and writes the class CSV (ucf_labels.csv)")
+        elif path.suffix.lower() == ".json":
+            hint = "; this is JSON (Something-Something v2's labels?): mergevid data lists ssv2 writes the class CSV"
+        raise ValueError(f"{path}: expected a header 'id,name', got {','.join(header)!r}{hint}")
     if len(header) > 2:  # the extra columns would end up in the names ("red circle,x")
+        hint = ""
+        if {"label", "youtube_id"} <= {h.strip() for h in header}:
+            hint = "; this is an official Kinetics CSV: mergevid data lists kinetics writes the class CSV"
         raise ValueError(f"{path}: expected a header 'id,name' (two columns: a class id and its name), got "
                          f"{','.join(header)!r} ({len(header)} columns); remove the other columns "
-                         f"(a name that contains a comma is quoted: 1,\"Baby, Crawling\")")
+                         f"(a name that contains a comma is quoted: 1,\"Baby, Crawling\"){hint}")
     for lineno, row in enumerate(rows, 2):
         if not row or not "".join(row).strip():
             continue
