@@ -343,10 +343,19 @@ def test_an_evaluation_that_fails_at_a_later_split_keeps_the_results_of_those_be
     assert set(partial["datasets"][data.name][0]["variants"]) == {"merged", "merged+tfm"}
     assert not (ev / "results.json").exists()
     assert f"the evaluation stopped after {data.name}/split1; their results are in {ev / 'results.partial.json'}" in caplog.text
-    # the same command with the split readable: one results.json, no partial file left
+    # the same command with the split readable: one results.json, no partial file left, nor the temp files of
+    # writes an earlier evaluation's kill cut short (their writer, a finished process, is gone)
+    import subprocess
+
+    from mergekit_video.utils.io import _host_tag
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout)
+    for name in ("results.json", "results.partial.json", "tradeoff.png"):
+        (ev / f".{name}.{dead}-{_host_tag()}.abcd1234.tmp").write_bytes(b"half")
     bad.write_text((data / "val.txt").read_text())
     assert cli_main(args) == 0, capsys.readouterr().err
     assert not (ev / "results.partial.json").exists() and len(json.loads((ev / "results.json").read_text())["datasets"][data.name]) == 2
+    assert not list(ev.glob(".*.tmp"))
 
 
 def test_dense_export_has_the_baselines_keys_and_accuracy(quick_run, tmp_path, capsys):

@@ -590,3 +590,24 @@ def test_weights_of_another_model_are_refused_in_a_few_lines_naming_counts_and_f
     message = str(info.value)
     assert len(message) < 900, message
     assert re.search(r"its tensors do not fit: \d+ missing keys \([^)]*, \.\.\.\); 40 unexpected keys \(extra\.0, extra\.1, extra\.2, \.\.\.\)", message), message
+
+
+def test_a_text_cache_write_a_kill_cut_short_leaves_no_temp_file_behind(model, tmp_path):
+    """The cache folder is shared by runs (~/.cache/mergekit_video): the next write of the entry removes the
+    temp file of a killed writer; a live writer's is kept."""
+    import subprocess
+    import sys
+
+    from mergekit_video.utils.io import _host_tag, temp_owner
+
+    cache = ClassFeatureCache(directory=tmp_path)
+    model.class_features(["a", "b"], templates="single", cache=cache)
+    folder = cache.directory
+    entry = next(folder.glob("*.safetensors"))
+    entry.unlink()  # as if the killed write had been its first
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout)
+    stale, live = (folder / f".{entry.name}.{dead}-{_host_tag()}.abcd1234.tmp", folder / f".{entry.name}.{temp_owner()}.abcd5678.tmp")
+    stale.write_bytes(b"half")
+    live.write_bytes(b"")
+    model.class_features(["a", "b"], templates="single", cache=cache)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([entry.name, live.name])

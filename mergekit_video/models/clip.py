@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.io import atomic_save_safetensors
+from ..utils.io import atomic_save_safetensors, remove_stale_atomic_temps
 from .prompts import MOTE_TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -585,5 +585,6 @@ class ClassFeatureCache:
         self.misses += 1
         feats = encode_class_names(clip_model, class_names, templates=templates, model_name=model_name, device=device).cpu()
         meta = {"model_name": model_name, "weights_hash": weights_hash, "num_classes": str(len(class_names))}
+        remove_stale_atomic_temps(path)  # a write of this entry that a kill cut short (the cache is shared by runs)
         atomic_save_safetensors(path, {"class_features": feats}, metadata=meta)
         return feats

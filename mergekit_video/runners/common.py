@@ -918,6 +918,10 @@ def run_eval_suite(
     partial = output_dir / PARTIAL_RESULTS
     if main:
         partial.unlink(missing_ok=True)  # an earlier, failed evaluation's: this one's results replace them
+        from ..utils.io import remove_stale_atomic_temps
+
+        for written in (partial, output_dir / "results.json", output_dir / "tradeoff.png"):
+            remove_stale_atomic_temps(written)  # temp files of an earlier evaluation's writes a kill cut short
     with clip_blended_with_pretrained(model, eval_cfg.get("clip_blend"), clip_blend_base), \
             _partial_results_kept(results, partial, main=main):
         for i, entry in enumerate(entries):
