@@ -253,3 +253,36 @@ def test_the_quick_start_loop_leaves_no_pymp_folders_at_interpreter_exit():
         assert took < 60
     finally:
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_a_ctrl_c_while_the_workers_start_is_held_and_delivered_not_swallowed():
+    """A KeyboardInterrupt raised inside a hook Python runs for its side effects (logging's after-fork hook,
+    simulated by a __del__) is printed as 'Exception ignored' and lost; held while the loader starts, it is raised after."""
+    import os
+    import signal
+
+    from mergekit_video.data.loader import iterate_with_workers_started
+
+    class Hook:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the Python handler runs here, inside __del__
+                pass
+
+    class Loader:
+        started = 0
+
+        def __iter__(self):
+            Loader.started += 1
+            Hook()  # collected at once: its __del__ runs now
+            return iter([1, 2])
+
+    with pytest.raises(KeyboardInterrupt):
+        iterate_with_workers_started(Loader())
+    assert Loader.started == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # an ignored signal stays ignored
+    try:
+        assert list(iterate_with_workers_started(Loader())) == [1, 2]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert list(iterate_with_workers_started([3])) == [3]  # no signal: the loader's own iterator

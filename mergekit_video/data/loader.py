@@ -6,6 +6,7 @@ import math
 import random
 import weakref
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -379,3 +380,38 @@ def build_loader(
         generator=torch.Generator().manual_seed(int(seed) + WORKER_SEED_RANK_STRIDE * int(rank)),  # draws the workers' base seed
         **kwargs,
     )
+
+
+def iterate_with_workers_started(loader: Any) -> Iterator[Any]:
+    """``iter(loader)`` with SIGINT and SIGTERM held while its worker processes start, then delivered.
+
+    A signal whose Python handler runs inside an after-fork hook (logging's, at each worker's fork) has its
+    ``KeyboardInterrupt`` printed as "Exception ignored" and dropped: a Ctrl-C at that moment was lost and
+    the evaluation ran on to the end. Held here, it is raised again (with the handlers of before) once
+    ``iter`` returned, the workers shut down first.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    held: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if any(handler is None for handler in previous.values()):  # installed outside Python: not ours to swap
+        return iter(loader)
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        iterator = iter(loader)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        try:
+            signal.raise_signal(held[0])  # the handler of before decides: KeyboardInterrupt, the default action, nothing
+        except BaseException:
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if callable(shutdown):
+                shutdown()
+            raise
+    return iterator

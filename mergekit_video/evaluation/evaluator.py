@@ -216,9 +216,10 @@ def evaluate(
     bad_seen: set[str] = set()
     start = time.perf_counter()
     from ..data import normalize_frames
+    from ..data.loader import iterate_with_workers_started
 
     try:
-        for batch in loader:
+        for batch in iterate_with_workers_started(loader):  # a Ctrl-C while its workers fork is not lost
             note_batch_failures(batch, bad_seen)  # logs each new bad video once
             paths, indices = list(batch.get("failed", [])), list(batch.get("failed_index", []) or [])
             # counted by dataset index: a list may name one file twice (each line is a video to evaluate)
