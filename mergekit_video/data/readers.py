@@ -314,12 +314,15 @@ def _mp4_find(data: bytes, box: tuple[int, int] | None, *kinds: bytes) -> tuple[
     return box
 
 
-def _mp4_reordered(path: str) -> bool:
+def _mp4_reordered(path: str) -> bool | None:
     """True when a video track of an mp4/mov file has keyframes out of place (:func:`keyframes_out_of_place`), from its
-    sample tables (``stts``/``ctts``/``stss``): no packet is read and no decoder opened."""
+    sample tables (``stts``/``ctts``/``stss``): no packet is read and no decoder opened. None for a fragmented mp4
+    (an ``mvex`` box: its samples are listed in ``moof`` boxes, not in these tables): unknown from them."""
     moov = _mp4_moov(path)
     if moov is None:
         return False
+    if any(kind == b"mvex" for kind, _, _ in _mp4_boxes(moov)):
+        return None
     for kind, a, b in _mp4_boxes(moov):
         hdlr = _mp4_find(moov, (a, b), b"mdia", b"hdlr") if kind == b"trak" else None
         if hdlr is None or moov[hdlr[0] + 8:hdlr[0] + 12] != b"vide":  # handler type after version/flags, pre_defined
@@ -334,9 +337,12 @@ def _mp4_reordered(path: str) -> bool:
 def _reordered_cached(path: str, mtime_ns: int, size: int, mp4: bool) -> bool:
     if mp4:
         try:
-            return _mp4_reordered(path)
+            known = _mp4_reordered(path)
         except (OSError, struct.error, ValueError):  # an odd box layout: decord's own open decides
             return False
+        if known is not None:
+            return known
+        # fragmented (DASH downloads, -movflags frag_keyframe): the packets' timestamps, as for other containers
     try:
         if not _probe(path).b_frames:
             return False
