@@ -228,7 +228,8 @@ def test_cli_writes_lists_refuses_existing_and_prints_recipe_keys(tmp_path, caps
                                              "YoYo/v_YoYo_g01_c01.avi 2"]
     assert lines(out / "ucf_labels.csv") == ["id,name", "0,Apply Eye Makeup", "1,Handstand Pushups", "2,YoYo"]
     assert f"  data.train_list: {out / 'trainlist01.txt'}\n" in printed and f"  data.class_csv: {out / 'ucf_labels.csv'}\n" in printed
-    assert f"    splits:\n      - {{list: {out / 'testlist01.txt'}}}\n      - {{list: {out / 'testlist02.txt'}}}\n" in printed
+    assert f"  eval.datasets:\n    - root: <the UCF-101 folder" in printed
+    assert f"      splits:\n        - {{list: {out / 'testlist01.txt'}}}\n        - {{list: {out / 'testlist02.txt'}}}\n" in printed
     assert "data.root: <the UCF-101 folder (it holds ApplyEyeMakeup/" in printed
 
     assert cli_main(["data", "lists", "ucf101", str(folder), "--out", str(out), "--names", "raw"]) == 1
@@ -251,9 +252,29 @@ def test_cli_kinetics_writes_the_missing_list(tmp_path, capsys):
                                         "train/Zqx9.mkv 2"]
     assert lines(out / "train_missing.csv") == [K400_HEADER, "abseiling,gone___,3,13,train", "zumba,never,20,30,train"]
     assert f"train.txt: 2 of 5 videos (40.0%) not found under {root}; left out, listed in {out / 'train_missing.csv'}" in captured.err
-    assert f"  data.root: {root}\n" in captured.out and f"    list: {out / 'val.txt'}\n" in captured.out
+    assert f"  data.root: {root}\n" in captured.out and f"      list: {out / 'val.txt'}\n" in captured.out
     assert cli_main(["data", "lists", "kinetics", str(train), "--out", str(out)]) == 1
     assert "kinetics needs --root" in capsys.readouterr().err
+    # val and test are two datasets, never splits averaged as mean ± std
+    test = tmp_path / "ann" / "test.csv"
+    test.write_text(K400_HEADER + "\nabseiling,val001,100,110,test\n")
+    assert cli_main(["data", "lists", "kinetics", str(train), str(val), str(test), "--root", str(root), "--out", str(out), "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert "splits" not in printed
+    assert f"      list: {out / 'val.txt'}\n    - root: {root}\n      class_csv: {out / 'kinetics_3_labels.csv'}\n      list: {out / 'test.txt'}\n" in printed
+    # every video found now: the earlier missing list would be wrong beside the new list, so --overwrite removes it
+    for rel in ("train/abseiling/gone____000003_000013.mp4", "train/zumba/never_000020_000030.mp4"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    assert cli_main(["data", "lists", "kinetics", str(train), "--root", str(root), "--out", str(out)]) == 1
+    assert f"{out / 'train.txt'} exists; pass --overwrite" in capsys.readouterr().err
+    (out / "train.txt").unlink()
+    (out / "kinetics_3_labels.csv").unlink()
+    assert cli_main(["data", "lists", "kinetics", str(train), "--root", str(root), "--out", str(out)]) == 1
+    assert f"{out / 'train_missing.csv'} exists; pass --overwrite" in capsys.readouterr().err
+    assert cli_main(["data", "lists", "kinetics", str(train), "--root", str(root), "--out", str(out), "--overwrite"]) == 0
+    assert f"removed {out / 'train_missing.csv'}: an earlier conversion's missing videos (none are missing now)" in capsys.readouterr().out
+    assert not (out / "train_missing.csv").exists() and len(lines(out / "train.txt")) == 5
 
 
 def test_cli_root_leaves_out_missing_videos(tmp_path, capsys):
@@ -293,6 +314,14 @@ def test_official_files_given_as_our_lists_are_refused_with_the_converter(tmp_pa
         read_annotation_list(train)
     with pytest.raises(ValueError, match="this is an official Kinetics CSV: mergevid data lists kinetics writes the class CSV"):
         read_class_names(train)
+    with pytest.raises(ValueError, match=r"classInd.txt:1: label 'ApplyEyeMakeup' is not a whole number.*this is UCF-101's class index, not a list"):
+        read_annotation_list(ucf / "classInd.txt")
+    one_line = tmp_path / "something-something-v2-train.json"
+    one_line.write_text("[" + ", ".join('{"id": "%d", "template": "Holding [something]"}' % i for i in range(2000)) + "]")
+    for read in (read_annotation_list, lambda p: kinetics_lists([p], root=tmp_path)):
+        with pytest.raises(ValueError, match=r"\.\.\. \([0-9]+ characters\).*mergevid data lists ssv2") as info:
+            read(one_line)
+        assert len(str(info.value)) < 600  # not the whole file
     # our own lists under the same names still load: the converter's output, and 0/1/2 labels in another file
     mine = tmp_path / "mine" / "vallist_split1.txt"
     mine.parent.mkdir()

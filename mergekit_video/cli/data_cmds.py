@@ -174,7 +174,10 @@ def lists_cmd(
         result = ol.drop_missing(result, root)
 
     csv_path = out / (class_csv or result.class_csv)
-    targets = [out / name for name in result.lists] + [csv_path] + [out / m.file_name for m in result.missing.values()]
+    # an earlier conversion's list of missing videos for a list that now has none would be left beside it, wrong
+    stale_missing = [p for name in result.lists if name not in result.missing
+                     for p in (out / f"{Path(name).stem}_missing.txt", out / f"{Path(name).stem}_missing.csv") if p.is_file()]
+    targets = [out / name for name in result.lists] + [csv_path] + [out / m.file_name for m in result.missing.values()] + stale_missing
     given = {p.resolve() for p in inputs if p.is_file()} | ({p.resolve() for p in inputs[0].iterdir()} if fmt in ("ucf101", "hmdb51") and inputs[0].is_dir() else set())
     for target in targets:
         if target.resolve() in given:
@@ -189,6 +192,9 @@ def lists_cmd(
     write_class_names(csv_path, result.class_names, overwrite=overwrite)
     for m in result.missing.values():
         atomic_write_text(out / m.file_name, "\n".join(m.lines) + "\n", overwrite=overwrite)
+    for p in stale_missing:
+        p.unlink()
+        typer.echo(f"removed {p}: an earlier conversion's missing videos (none are missing now)")
 
     width = max(len(n) for n in [*result.lists, csv_path.name])
     typer.echo(f"wrote {out}:")
@@ -211,12 +217,16 @@ def lists_cmd(
             typer.echo(f"  data.val_list: {show(out / result.test[0])}")
         typer.echo(f"  data.class_csv: {show(csv_path)}")
     if result.test:
-        typer.echo("  eval.datasets[]:")
-        typer.echo(f"    root: {root_text}")
-        typer.echo(f"    class_csv: {show(csv_path)}")
-        if len(result.test) == 1:
-            typer.echo(f"    list: {show(out / result.test[0])}")
-        else:
-            typer.echo("    splits:")
-            for name in result.test:
-                typer.echo(f"      - {{list: {show(out / name)}}}")
+        # numbered splits (UCF-101, HMDB-51) are one protocol, reported as mean ± std; Kinetics / SSv2 val and
+        # test are two sets, not splits to average: one dataset entry each
+        entries = [result.test] if fmt in ("ucf101", "hmdb51") else [[name] for name in result.test]
+        typer.echo("  eval.datasets:")
+        for lists in entries:
+            typer.echo(f"    - root: {root_text}")
+            typer.echo(f"      class_csv: {show(csv_path)}")
+            if len(lists) == 1:
+                typer.echo(f"      list: {show(out / lists[0])}")
+            else:
+                typer.echo("      splits:")
+                for name in lists:
+                    typer.echo(f"        - {{list: {show(out / name)}}}")

@@ -32,6 +32,11 @@ _HMDB_SPLIT = re.compile(r".+_test_split[123]\.txt")
 _UCF_CLASS_INDEX = re.compile(r"[0-9]+ \w+")
 
 
+def quoted_excerpt(text: str, limit: int = 200) -> str:
+    """``repr(text)``, cut to about ``limit`` characters (a one-line JSON file is megabytes)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _official_format_hint(path: Path, line: str, *, no_label: bool) -> str:
     """What to do when an annotation list's ``line`` (``no_label``: a path alone) is one of an official annotation
     file (empty if it is not)."""
@@ -41,6 +46,8 @@ def _official_format_hint(path: Path, line: str, *, no_label: bool) -> str:
         return "; this is an official Kinetics CSV: convert it with mergevid data lists kinetics"
     if line.startswith(("[", "{")) and path.suffix.lower() == ".json":
         return "; this is JSON (Something-Something v2's?): convert it with mergevid data lists ssv2"
+    if path.name.lower() == "classind.txt":
+        return "; this is UCF-101's class index, not a list: mergevid data lists ucf101 converts the ucfTrainTestlist/ folder"
     return ""
 
 
@@ -101,11 +108,11 @@ def read_annotation_list(path: str | os.PathLike, list_format: str = "video") ->
             continue
         parts = line.rsplit(maxsplit=fields - 1)
         if len(parts) != fields:
-            raise ValueError(f"{path}:{lineno}: expected '{example}', got {line!r}{_official_format_hint(path, line, no_label=len(parts) == 1)}")
+            raise ValueError(f"{path}:{lineno}: expected '{example}', got {quoted_excerpt(line)}{_official_format_hint(path, line, no_label=len(parts) == 1)}")
         for name, text in (("label", parts[-1]), ("frame count", parts[1])) if fields == 3 else (("label", parts[-1]),):
             if not _DECIMAL.fullmatch(text):  # int() also takes '1_0', '+1' and non-ASCII digits
                 raise ValueError(f"{path}:{lineno}: {name} {text!r} is not a whole number (digits 0-9 only); "
-                                 f"expected '{example}' with integer fields, got {line!r}{_official_format_hint(path, line, no_label=False)}")
+                                 f"expected '{example}' with integer fields, got {quoted_excerpt(line)}{_official_format_hint(path, line, no_label=False)}")
         label = int(parts[-1])
         num_frames = int(parts[1]) if fields == 3 else None
         if label < 0:
@@ -175,13 +182,13 @@ def read_class_names(csv_path: str | os.PathLike) -> list[str]:
                     "converts the official ucfTrainTestlist/ folder and writes the class CSV (ucf_labels.csv)")
         elif path.suffix.lower() == ".json":
             hint = "; this is JSON (Something-Something v2's labels?): mergevid data lists ssv2 writes the class CSV"
-        raise ValueError(f"{path}: expected a header 'id,name', got {','.join(header)!r}{hint}")
+        raise ValueError(f"{path}: expected a header 'id,name', got {quoted_excerpt(','.join(header))}{hint}")
     if len(header) > 2:  # the extra columns would end up in the names ("red circle,x")
         hint = ""
         if {"label", "youtube_id"} <= {h.strip() for h in header}:
             hint = "; this is an official Kinetics CSV: mergevid data lists kinetics writes the class CSV"
         raise ValueError(f"{path}: expected a header 'id,name' (two columns: a class id and its name), got "
-                         f"{','.join(header)!r} ({len(header)} columns); remove the other columns "
+                         f"{quoted_excerpt(','.join(header))} ({len(header)} columns); remove the other columns "
                          f"(a name that contains a comma is quoted: 1,\"Baby, Crawling\"){hint}")
     for lineno, row in enumerate(rows, 2):
         if not row or not "".join(row).strip():

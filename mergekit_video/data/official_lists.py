@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .annotations import VideoRecord, _read_utf8, read_class_names
+from .annotations import VideoRecord, _read_utf8, quoted_excerpt, read_class_names
 
 FORMATS = ("ucf101", "hmdb51", "kinetics", "ssv2")
 NAME_STYLES = ("words", "raw")
@@ -273,8 +273,10 @@ def kinetics_lists(csv_files: list[str | os.PathLike], *, root: str | os.PathLik
         reader.fieldnames = header
         need = {"youtube_id", "time_start", "time_end"} - set(header)
         if need:
+            shown = ",".join(header)
+            hint = "; this is JSON (Something-Something v2's?): convert it with mergevid data lists ssv2" if shown.lstrip().startswith(("[", "{")) else ""
             raise ValueError(f"{path}: expected the columns label,youtube_id,time_start,time_end,split of an official Kinetics CSV; "
-                             f"no {', '.join(sorted(need))} in the header {','.join(header)!r}")
+                             f"no {', '.join(sorted(need))} in the header {quoted_excerpt(shown)}{hint}")
         if "label" not in header:
             raise ValueError(f"{path} has no label column (a test split whose labels were not released): there is no "
                              "annotation list to make from it")
