@@ -46,3 +46,38 @@ def test_plot_tradeoff_writes_one_panel_per_tfm_setting(tmp_path) -> None:
     assert width > 1.8 * height  # two side-by-side panels (TFM off, TFM on)
     assert plot_tradeoff({"x": {"novel": {"top1": 1.0}}}, tmp_path / "none.png", close_set="k400", zero_shot=["novel"]) is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_labels_in_a_crowded_row_name_their_own_point_or_draw_a_leader_line() -> None:
+    """A row of variants 4 points apart (the quickstart's novel split): a label that would sit nearer another
+    point than its own (naming that one) moves away with a leader line to its point, in its marker's colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Annotation, Text
+
+    points = [(33.3, 0.0, "merged"), (33.3, 6.25, "expert_2, logit_ensemble"), (37.5, 6.25, "ensemble"),
+              (41.7, 6.25, "temperature_softmax(tau=0.6)"), (45.8, 6.25, "temperature_softmax(tau=-0.6),\nexpert_3"),
+              (54.2, 6.25, "expert_0"), (45.8, 12.5, "expert_1")]
+    fig, ax = plt.subplots(figsize=(6, 4.8), dpi=120)
+    colors = [dots.get_facecolor()[0] for dots in (ax.scatter([x], [y]) for x, y, _ in points)]
+    ax.margins(0.12)
+    boxes = _place_labels(fig, ax, points, colors=colors)
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if isinstance(t, Annotation)]
+    assert [t.get_text() for t in labels] == [p[2] for p in points]
+    centres = [ax.transData.transform((x, y)) for x, y, _ in points]
+    leaders = 0
+    for i, (label, box) in enumerate(zip(labels, boxes)):
+        assert tuple(label.get_color()) == tuple(colors[i])
+        assert box.bounds == Text.get_window_extent(label, renderer).bounds  # the text's box, not its line's
+        if label.arrow_patch is not None:
+            leaders += 1
+            continue
+        gap = [max(box.x0 - px, 0, px - box.x1) ** 2 + max(box.y0 - py, 0, py - box.y1) ** 2 for px, py in centres]
+        assert min(range(len(gap)), key=gap.__getitem__) == i, label.get_text()  # beside its own point, nearest to it
+    plt.close(fig)
+    assert 1 <= leaders < len(points)
+    for a, b in itertools.combinations(boxes, 2):
+        assert not a.overlaps(b)

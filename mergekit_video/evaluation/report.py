@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -135,13 +136,15 @@ def plot_tradeoff(
         groups: dict[tuple[float, float], list[str]] = {}
         for var, x, y in pts:  # coincident points share one label
             groups.setdefault((round(x, 3), round(y, 3)), []).append(var.removesuffix("+tfm"))
+        colors = []
         for (x, y), names in groups.items():
             kinds = {"expert" if n.startswith("expert_") else "merged" if n.startswith(("merged", "model")) else "other" for n in names}
             marker = "*" if "merged" in kinds else ("o" if kinds == {"expert"} else "s")
-            ax.scatter([x], [y], marker=marker, s=120 if marker == "*" else 45, zorder=3)
+            dots = ax.scatter([x], [y], marker=marker, s=120 if marker == "*" else 45, zorder=3)
+            colors.append(dots.get_facecolor()[0])
         ax.margins(0.12)
         # coincident variants: their names wrapped into lines, so that a long group stays inside the axes
-        _place_labels(fig, ax, [(x, y, textwrap.fill(", ".join(names), width=34)) for (x, y), names in groups.items()])
+        _place_labels(fig, ax, [(x, y, textwrap.fill(", ".join(names), width=34)) for (x, y), names in groups.items()], colors=colors)
         ax.set_xlabel(f"{close_set} top-1 (%)")
         ax.set_title(f"{title} ({panel_title})" if len(panels) > 1 else title)
         ax.grid(alpha=0.3)
@@ -154,41 +157,60 @@ def plot_tradeoff(
     return path
 
 
-# Label offsets (points) tried in order: right, left, above, below, then farther out.
+# Label offsets (points) tried in order: right, left, above, below, then farther out (ring r: a leader line).
 _LABEL_OFFSETS = [
-    (dx * r, dy * r, ha)
-    for r in (1, 2, 3)
+    (dx * r, dy * r, ha, r)
+    for r in (1, 2, 3, 4, 5)
     for dx, dy, ha in ((6, 4, "left"), (6, -10, "left"), (-6, 4, "right"), (-6, -10, "right"), (0, 9, "center"), (0, -15, "center"))
-]
+] + [(dx, dy * r, ha, r) for r in (6, 7, 8, 9, 10) for dx, dy, ha in ((0, 9, "center"), (0, -15, "center"), (6, 9, "left"),
+                                                                     (-6, 9, "right"), (6, -15, "left"), (-6, -15, "right"))]
 
 
-def _place_labels(fig: Any, ax: Any, labels: Sequence[tuple[float, float, str]]) -> list[Any]:
-    """Greedy label placement: each label takes the first offset whose box stays inside the
-    axes and overlaps neither a placed label nor another point (falls back to the first offset).
-    Returns the labels' pixel boxes."""
+def _box_distance(box: Any, px: float, py: float) -> float:
+    """Pixels from the point (px, py) to the nearest edge of ``box`` (0 inside it)."""
+    return math.hypot(max(box.x0 - px, 0.0, px - box.x1), max(box.y0 - py, 0.0, py - box.y1))
+
+
+def _place_labels(fig: Any, ax: Any, labels: Sequence[tuple[float, float, str]], *, colors: Sequence[Any] | None = None) -> list[Any]:
+    """Greedy label placement: each label takes the first offset whose box stays inside the axes,
+    overlaps neither a placed label nor another point, and lies nearer its own point than any other
+    (beyond the first ring a leader line to its point says whose it is instead); with no such place,
+    the least bad one. ``colors``: each label in its marker's colour. Returns the labels' pixel boxes."""
+    from matplotlib.text import Text
+
     fig.canvas.draw()  # fixes the data-to-pixel transform and the renderer's text extents
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     marker_px = 7.0
     points_px = [ax.transData.transform((x, y)) for x, y, _ in labels]
     taken: list[Any] = []
-    for i, (x, y, text) in enumerate(labels):
-        chosen = None
-        for dx, dy, ha in _LABEL_OFFSETS:
-            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=7)
-            box = ann.get_window_extent(renderer)
+
+    def annotate(i: int, dx: float, dy: float, ha: str, ring: int) -> Any:
+        x, y, text = labels[i]
+        leader = {"arrowstyle": "-", "lw": 0.6, "color": "0.35", "shrinkA": 0, "shrinkB": 4} if ring > 1 else None
+        return ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=7,
+                           color=colors[i] if colors is not None else None, arrowprops=leader)
+
+    for i in range(len(labels)):
+        best = None  # (penalty, annotation, box): the first clear place, else the least bad one
+        for index, (dx, dy, ha, ring) in enumerate(_LABEL_OFFSETS):
+            ann = annotate(i, dx, dy, ha, ring)
+            ann.update_positions(renderer)
+            box = Text.get_window_extent(ann, renderer)  # the text alone: an Annotation's own extent holds its leader line
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            clear = not any(box.overlaps(other) for other in taken) and not any(
-                j != i and box.x0 - marker_px <= px <= box.x1 + marker_px and box.y0 - marker_px <= py <= box.y1 + marker_px
-                for j, (px, py) in enumerate(points_px)
-            )
-            if inside and clear:
-                chosen = (ann, box)
+            own = _box_distance(box, *points_px[i])
+            covers = sum(j != i and box.x0 - marker_px <= px <= box.x1 + marker_px and box.y0 - marker_px <= py <= box.y1 + marker_px
+                         for j, (px, py) in enumerate(points_px))
+            # beside its point, a label nearer another point would name that one; a leader line says whose it is
+            misleads = ring == 1 and any(j != i and _box_distance(box, px, py) <= own for j, (px, py) in enumerate(points_px))
+            penalty = (not inside, sum(box.overlaps(other) for other in taken), covers, misleads, index)
+            if best is None or penalty < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (penalty, ann, box)
+            else:
+                ann.remove()
+            if penalty[:4] == (False, 0, 0, False):
                 break
-            ann.remove()
-        if chosen is None:
-            dx, dy, ha = _LABEL_OFFSETS[0]
-            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=7)
-            chosen = (ann, ann.get_window_extent(renderer))
-        taken.append(chosen[1])
+        taken.append(best[2])
     return taken
