@@ -1131,7 +1131,7 @@ def per_container_merge_kwargs(
     seed = kwargs.get("seed")
     if seed is None and kwargs.get("generator") is None and strategy is not None:
         seed = default_seed(strategy)
-    for index, (name, _) in enumerate(containers):
+    for index, (name, container) in enumerate(containers):
         kw = dict(kwargs)
         if seed is not None:
             kw["seed"] = int(seed) + index
@@ -1139,7 +1139,8 @@ def per_container_merge_kwargs(
             kw["base"] = state_dict_under(base_sd, name)
             if not kw["base"]:
                 raise ValueError(f"base has no tensors under {name!r}")
-            if all(k.startswith("experts.") for k in kw["base"]):
+            # the container's own keys (experts.{i}.<key>), not the expert's: a module whose child is named experts is fine
+            if not set(container.experts[0].state_dict()) & set(kw["base"]) and all(k.startswith("experts.") for k in kw["base"]):
                 raise ValueError(f"base holds experts under {name!r} ('{name}.experts.0...'): it is the state dict of a model after "
                                  "add_experts; pass the model from before add_experts (or its state dict)")
         out.append(kw)

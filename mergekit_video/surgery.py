@@ -88,7 +88,10 @@ def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
         for n, m in model.named_modules():
             by_id.setdefault(id(m), n)
         named = [by_id.get(id(m)) for m in modules]
-        if all(named):
+        if "" in named:
+            raise SurgeryError("target must be module names or globs over them, not module objects; the model itself cannot "
+                               "be a target (experts replace its submodules): put it in a parent module")
+        if all(n is not None for n in named):
             raise SurgeryError(f"target must be module names or globs over them, not module objects: pass {named if len(named) > 1 else named[0]!r}")
         raise SurgeryError("target must be module names or globs over them (such as 'blocks.*.mlp'), not module objects; "
                            f"{type(modules[named.index(None)]).__name__} given is not a submodule of the model")

@@ -348,3 +348,35 @@ def test_converted_ucf_lists_load_through_the_dataset(tmp_path, caplog):
     assert ds.class_names == ["Apply Eye Makeup", "Handstand Pushups", "YoYo"] and not caplog.records
     items = [ds[i] for i in range(len(ds))]
     assert [it["label"] for it in items] == [0, 2] and items[0]["frames"].shape == (1, 4, 3, 32, 32)
+
+
+def test_printed_recipe_keys_paste_into_yaml_and_kinetics_val_reuses_the_train_classes(tmp_path, capsys):
+    import yaml
+
+    folder = write_ucf(tmp_path / "ucfTrainTestlist")
+    root, out = tmp_path / "UCF-101 #2", tmp_path / "lists,x"
+    root.mkdir()
+    assert cli_main(["data", "lists", "ucf101", str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    keys = yaml.safe_load(printed.split("recipe keys (the lists' paths are relative to root):\n", 1)[1])
+    assert keys["data.train_list"] == str(out / "trainlist01.txt")
+    assert [s["list"] for s in keys["eval.datasets"][0]["splits"]] == [str(out / "testlist01.txt"), str(out / "testlist02.txt")]
+    for name in ("trainlist01.txt", "trainlist02.txt", "testlist01.txt", "testlist02.txt"):
+        for line in lines(out / name):
+            (root / line.rsplit(" ", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
+            (root / line.rsplit(" ", 1)[0]).write_bytes(b"x")
+    assert cli_main(["data", "lists", "ucf101", str(folder), "--out", str(tmp_path / "l2"), "--root", str(root)]) == 0
+    keys = yaml.safe_load(capsys.readouterr().out.split("relative to root):\n", 1)[1])
+    assert keys["data.root"] == str(root)  # ' #2' is not a comment
+    # the documented workflow: val converted with the train split's class CSV, in the same --out, without --overwrite
+    kroot, train, val = write_kinetics(tmp_path)
+    kout = tmp_path / "k"
+    assert cli_main(["data", "lists", "kinetics", str(train), "--root", str(kroot), "--out", str(kout)]) == 0
+    before = (kout / "kinetics_3_labels.csv").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli_main(["data", "lists", "kinetics", str(val), "--root", str(kroot), "--out", str(kout),
+                     "--classes", str(kout / "kinetics_3_labels.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "  val.txt                1 video\n" in printed and "3 classes (the --classes file, kept)" in printed
+    assert (kout / "kinetics_3_labels.csv").stat().st_mtime_ns == before
+    assert lines(kout / "val.txt") == ["val/abseiling/val001_000100_000110.webm 0"]

@@ -526,3 +526,21 @@ def test_a_corrupt_frame_says_where_decoding_stopped(tmp_path, backend):
                                                  r"\(of 24\)$") as info:
             r.get_frames([20, 0, 4, 10])
         assert info.value.__cause__ is not None  # the decoder's own words
+
+
+def test_a_damaged_moov_size_is_not_read_into_memory_and_the_packets_decide(tmp_path):
+    """A 64-bit moov size of 2**40 (FFmpeg and decord still open the file) made the table check read a terabyte
+    (MemoryError, which no bad-data policy skips); its packets are scanned instead."""
+    import struct
+
+    good = _write_level_b_frames(tmp_path / "open.mp4", "libx264", b_frames=3, open_gop=True)
+    data = good.read_bytes()
+    at = data.find(b"moov") - 4
+    bad = tmp_path / "moov_1tib.mp4"
+    bad.write_bytes(data[:at] + struct.pack(">I4sQ", 1, b"moov", 2**40) + data[at + 8:])
+    assert keyframes_reordered(bad) is True
+    try:
+        with open_video(bad, backend="auto") as r:
+            assert frame_ids(r.get_frames([17, 3, 25])) == [17, 3, 25]
+    except VideoReadError:
+        pass  # a reader that refuses the damaged file says so; no MemoryError

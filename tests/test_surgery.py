@@ -778,3 +778,26 @@ def test_a_base_after_surgery_is_named_as_such():
     dense = copy.deepcopy(m)
     mv.collapse_experts(dense, "ties", base=before)
     assert shapes(dense) == shapes(before)
+
+
+def test_the_model_itself_as_target_and_a_child_named_experts_in_a_base():
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    for target in (m, [m[0], m]):
+        with pytest.raises(SurgeryError, match=r"the model itself cannot be a target \(experts replace its submodules\)"):
+            mv.add_experts(m, target, 2)
+
+    class MoE(nn.Module):  # a user block whose child is called experts: its base keys start with 'experts.'
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return sum(e(x) for e in self.experts)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(MoE())
+    before = copy.deepcopy(model.state_dict())
+    mv.add_experts(model, "0", 2, init="copy_noise", generator=torch.Generator().manual_seed(0))
+    dense = copy.deepcopy(model)
+    mv.collapse_experts(dense, "task_arithmetic", base=before)
+    assert set(dense.state_dict()) == set(before)

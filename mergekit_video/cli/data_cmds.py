@@ -177,7 +177,10 @@ def lists_cmd(
     # an earlier conversion's list of missing videos for a list that now has none would be left beside it, wrong
     stale_missing = [p for name in result.lists if name not in result.missing
                      for p in (out / f"{Path(name).stem}_missing.txt", out / f"{Path(name).stem}_missing.csv") if p.is_file()]
-    targets = [out / name for name in result.lists] + [csv_path] + [out / m.file_name for m in result.missing.values()] + stale_missing
+    # --classes naming the class CSV this writes (the train split's, in the same --out): it is read, not rewritten
+    reuse_classes = classes is not None and csv_path.resolve() == Path(classes).resolve()
+    targets = ([out / name for name in result.lists] + ([] if reuse_classes else [csv_path])
+               + [out / m.file_name for m in result.missing.values()] + stale_missing)
     given = {p.resolve() for p in inputs if p.is_file()} | ({p.resolve() for p in inputs[0].iterdir()} if fmt in ("ucf101", "hmdb51") and inputs[0].is_dir() else set())
     for target in targets:
         if target.resolve() in given:
@@ -189,7 +192,8 @@ def lists_cmd(
     out.mkdir(parents=True, exist_ok=True)
     for name, records in result.lists.items():
         write_annotation_list(out / name, records, overwrite=overwrite)
-    write_class_names(csv_path, result.class_names, overwrite=overwrite)
+    if not reuse_classes:
+        write_class_names(csv_path, result.class_names, overwrite=overwrite)
     for m in result.missing.values():
         atomic_write_text(out / m.file_name, "\n".join(m.lines) + "\n", overwrite=overwrite)
     for p in stale_missing:
@@ -199,14 +203,25 @@ def lists_cmd(
     width = max(len(n) for n in [*result.lists, csv_path.name])
     typer.echo(f"wrote {out}:")
     for name, records in result.lists.items():
-        typer.echo(f"  {name:{width}s}  {len(records)} videos")
-    typer.echo(f"  {csv_path.name:{width}s}  {len(result.class_names)} classes")
+        typer.echo(f"  {name:{width}s}  {len(records)} video{'s' * (len(records) != 1)}")
+    typer.echo(f"  {csv_path.name:{width}s}  {len(result.class_names)} classes{' (the --classes file, kept)' if reuse_classes else ''}")
     for name, m in result.missing.items():
         typer.echo(f"{name}: {m.count} of {m.total} videos ({m.count / m.total:.1%}) not found under {root}; left out, listed in "
                    f"{out / m.file_name}", err=True)
 
-    def show(p: Path) -> str:
-        return str(p.absolute())
+    def show(p: Path, *, flow: bool = False) -> str:
+        """The path as a YAML scalar to paste: quoted where plain YAML would read it otherwise (' #', ': ', a comma
+        inside {...})."""
+        import json
+
+        import yaml
+
+        text = str(p.absolute())
+        try:
+            plain = yaml.safe_load(text) == text and not (flow and any(c in text for c in ",[]{}"))
+        except yaml.YAMLError:
+            plain = False
+        return text if plain else json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
 
     root_text = show(root) if root is not None else f"<{_ROOT_HINT[fmt]}>"
     typer.echo("\nrecipe keys (the lists' paths are relative to root):")
@@ -229,4 +244,4 @@ def lists_cmd(
             else:
                 typer.echo("      splits:")
                 for name in lists:
-                    typer.echo(f"        - {{list: {show(out / name)}}}")
+                    typer.echo(f"        - {{list: {show(out / name, flow=True)}}}")

@@ -277,6 +277,8 @@ def _mp4_moov(path: str) -> bytes | None:
             if size < n:
                 return None
             if kind == b"moov":
+                if size > file_end - pos:  # cut short, or a damaged size (2**40): not read into memory
+                    raise ValueError(f"moov box of {size} bytes in a file of {file_end}")
                 f.seek(pos + n)
                 return f.read(size - n)
             pos += size
@@ -338,11 +340,11 @@ def _reordered_cached(path: str, mtime_ns: int, size: int, mp4: bool) -> bool:
     if mp4:
         try:
             known = _mp4_reordered(path)
-        except (OSError, struct.error, ValueError):  # an odd box layout: decord's own open decides
-            return False
+        except (OSError, struct.error, ValueError, OverflowError, MemoryError):  # an odd box layout: unknown from it
+            known = None
         if known is not None:
             return known
-        # fragmented (DASH downloads, -movflags frag_keyframe): the packets' timestamps, as for other containers
+        # fragmented (DASH downloads, -movflags frag_keyframe) or tables not read: the packets' timestamps, as elsewhere
     try:
         if not _probe(path).b_frames:
             return False
