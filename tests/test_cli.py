@@ -927,3 +927,27 @@ def test_eval_of_a_tensor_file_is_not_taken_for_a_recipe_and_ls_shows_brackets(t
     finally:
         MERGES._entries.pop("test_bracket_doc", None)
         MERGES._owners.pop("test_bracket_doc", None)
+
+
+def test_check_paths_reads_the_lists_and_class_csvs_naming_their_keys(tmp_path, capsys):
+    """An official split file where our list is expected is named by its key before the run, as the run would refuse it."""
+    data = tmp_path / "data"
+    (data / "ApplyEyeMakeup").mkdir(parents=True)
+    official = data / "testlist01.txt"
+    official.write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\r\n")
+    class_index = data / "classInd.txt"
+    class_index.write_text("1 ApplyEyeMakeup\r\n")
+    ours, csv = data / "train.txt", data / "classes.csv"
+    ours.write_text("ApplyEyeMakeup/a.avi 0\n")
+    csv.write_text("id,name\n0,apply eye makeup\n")
+    base = [f"output_dir={tmp_path / 'out'}", "~data.synthetic", f"data.root={data}", f"data.train_list={ours}", f"data.val_list={ours}",
+            "eval.datasets=[]", "~eval.summary"]
+    assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base, f"data.class_csv={csv}"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base, f"data.class_csv={class_index}",
+                     f"eval.datasets=[{{name: ucf, kind: zero_shot, root: {data}, class_csv: {csv}, splits: [{{list: {official}}}]}}]"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "(2 problems)" in err
+    assert f"- data.class_csv: {class_index}: expected a header 'id,name', got '1 ApplyEyeMakeup'; this looks like UCF-101's classInd.txt" in err
+    assert (f"- eval.datasets.0.splits.0.list: {official}:1: expected 'relative/path.mp4 label', got "
+            "'ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi'; official UCF-101 test lists have no labels") in err

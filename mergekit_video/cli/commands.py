@@ -176,7 +176,7 @@ def validate_cmd(
     ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    check_paths: bool = typer.Option(False, "--check-paths", help="Also check that the lists, class CSVs, data roots and checkpoint exist."),
+    check_paths: bool = typer.Option(False, "--check-paths", help="Also check that the lists, class CSVs, data roots and checkpoint exist, and read the lists and class CSVs as the run will."),
     explain: bool = typer.Option(False, "--explain", help="Also list every key the recipe's runner takes: its value here, type, default, allowed values."),
 ) -> None:
     """Validate a recipe (types, allowed values, components, plugins) without running anything heavy."""
@@ -197,7 +197,7 @@ def validate_cmd(
         if (cfg.get("data") or {}).get("synthetic"):  # written by the run itself under output_dir
             _console().print("[yellow]note[/]: data.synthetic is set; its files are written when the recipe runs (the other paths are checked)")
         try:
-            check_recipe_paths(without_synthetic_paths(cfg))
+            check_recipe_paths(without_synthetic_paths(cfg), contents=True)
         except ValidationError as err:
             raise ValidationError(err.problems, source=str(recipe)) from None
     _console().print(f"[green]ok[/] {recipe}: runner '{cfg['runner']}', output_dir {cfg['output_dir']}")

@@ -596,10 +596,12 @@ def read_clip_blend_base(model: Any, cfg: dict[str, Any]) -> dict[str, torch.Ten
     return pretrained_clip_state(model, weights=ev.get("clip_blend_weights"), cache_dir=(cfg.get("model") or {}).get("cache_dir"))
 
 
-def check_recipe_paths(cfg: dict[str, Any], data_cfg: dict[str, Any] | None = None) -> None:
+def check_recipe_paths(cfg: dict[str, Any], data_cfg: dict[str, Any] | None = None, *, contents: bool = False) -> None:
     """Fail fast, naming the key, when a list, class CSV, data root or checkpoint of the recipe is missing.
 
     Called after :func:`ensure_synthetic_data` (whose files then exist) and before the model is built.
+    ``contents`` (``mergevid validate --check-paths``): also read every annotation list and class CSV,
+    as the run will, so that one in another format (an official split file) is named by its key now.
     """
     from ..config import ValidationError, check_paths
     from .schema import SCHEMAS
@@ -607,9 +609,42 @@ def check_recipe_paths(cfg: dict[str, Any], data_cfg: dict[str, Any] | None = No
     schema = SCHEMAS.get(cfg.get("runner", ""))
     if schema is None:
         return
-    problems = check_paths({**cfg, "data": data_cfg} if data_cfg else cfg, schema)
+    full = {**cfg, "data": data_cfg} if data_cfg else cfg
+    problems = check_paths(full, schema)
+    if not problems and contents:
+        problems = _annotation_file_problems(full, schema)
     if problems:
         raise ValidationError(problems)
+
+
+#: Path keys holding an annotation list (read with the list format of their section) or a class CSV.
+_LIST_KEYS, _CLASS_CSV_KEYS = ("train_list", "val_list", "list"), ("class_csv",)
+
+
+def _annotation_file_problems(cfg: dict[str, Any], schema: Any) -> list[Any]:
+    """A problem, under its key, for each annotation list or class CSV of ``cfg`` that the run could not read."""
+    from ..config import Problem
+    from ..config.schema import path_values
+    from ..data.annotations import read_annotation_list, read_class_names
+
+    problems = []
+    for key, value in path_values(cfg, schema):
+        parts = key.split(".")
+        if parts[-1] not in _LIST_KEYS + _CLASS_CSV_KEYS or not Path(os.path.expanduser(value)).is_file():
+            continue
+        section: Any = cfg
+        if parts[0] == "data":
+            section = cfg.get("data") or {}
+        elif parts[:2] == ["eval", "datasets"] and len(parts) > 2 and parts[2].isdigit():
+            section = ((cfg.get("eval") or {}).get("datasets") or [{}])[int(parts[2])]
+        try:
+            if parts[-1] in _CLASS_CSV_KEYS:
+                read_class_names(os.path.expanduser(value))
+            else:
+                read_annotation_list(os.path.expanduser(value), section.get("list_format") or "video")
+        except (ValueError, OSError) as e:
+            problems.append(Problem(key, str(e)))
+    return problems
 
 
 def without_synthetic_paths(cfg: dict[str, Any]) -> dict[str, Any]:
