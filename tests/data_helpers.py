@@ -69,14 +69,21 @@ def write_two_stream_video(path: Path) -> Path:
             s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             s.options = {"x264-params": "keyint=8:min-keyint=8:scenecut=0"}
         for s, frames in zip(streams, (thumb, main)):
-            for i, a in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")
-                frame.pts = i
-                for packet in s.encode(frame):
-                    c.mux(packet)
-            for packet in s.encode():
-                c.mux(packet)
+            encode_frames(c, s, frames)
     return path
+
+
+def encode_frames(container, stream, frames) -> None:
+    """Encode RGB ``frames`` ([N, H, W, 3] uint8) into ``stream`` with pts 0..N-1 and mux them, then flush it."""
+    import av
+
+    for i, a in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")
+        frame.pts = i
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
 
 
 def write_bad_files(folder: Path) -> dict[str, Path]:

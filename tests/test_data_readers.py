@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import (cut_file, frame_ids, level, level_frames, write_audio_only, write_bad_files, write_frame_folder,
+from data_helpers import (cut_file, encode_frames, frame_ids, level, level_frames, write_audio_only, write_bad_files, write_frame_folder,
                           write_good_variety, write_level_video, write_noise_video, write_textured_video, write_two_stream_video,
                           zero_packet)
 
@@ -286,13 +286,7 @@ def _write_level_b_frames(path: Path, codec: str, *, b_frames: int, open_gop: bo
             s.options = {"sc_threshold": "1000000000"}  # no scene-cut keyframes (each frame has another level)
             if not open_gop:
                 s.codec_context.flags |= av.codec.context.Flags.closed_gop
-        for i, a in enumerate(level_frames(30)):
-            frame = av.VideoFrame.from_ndarray(a, format="rgb24")
-            frame.pts = i
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
+        encode_frames(c, s, level_frames(30))
     return path
 
 

@@ -178,7 +178,7 @@ def test_a_plugin_that_fails_half_way_registers_nothing_and_is_named_with_its_li
         importlib.invalidate_caches()
         with caplog.at_level(logging.WARNING, logger="mergekit_video.registry"):
             assert "half" not in load_entry_point_plugins()
-        assert f"plugin 'half' (mkv_half) failed to load and is skipped: RegistryError: merge strategy 'mean'" in caplog.text
+        assert "plugin 'half' (mkv_half) failed to load and is skipped: RegistryError: merge strategy 'mean'" in caplog.text
         assert f"({tmp_path / 'mkv_half.py'}:9)" in caplog.text and "mkv_half_first" not in MERGES
     finally:
         for name in ("mkv_half", "mkv_boom", "mkv_helper_parts"):
@@ -499,6 +499,16 @@ def _forget_two_module_plugin(*names: str) -> None:
     MERGES._entries.pop("mkv_twomod_merge", None)
 
 
+
+def _fresh_python(code: str, tmp_path: Path) -> str:
+    """Run ``code`` in a new interpreter with ``tmp_path`` (the plugins written there) and the package on its path;
+    return its stdout, stripped."""
+    package_root = str(Path(mv.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{package_root}"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
 def test_a_plugin_that_registers_through_a_helper_module_is_recorded_and_loads_in_a_new_process(clean_registries, monkeypatch, tmp_path):
     """The helper module whose function called register() was recorded (mkv_twomod_helpers): a new process imported
     it, which registers nothing, and met 'unknown router'. The plugin module that was imported is recorded."""
@@ -527,11 +537,7 @@ def test_a_plugin_that_registers_through_a_helper_module_is_recorded_and_loads_i
             "assert ROUTERS.owner('mkv_twomod_router') == 'mkv_twomod'\n"
             "with torch.no_grad():\n    assert torch.equal(back(io['frames'], io['classes']), io['out'])\n"
             "print('loaded', sorted(m for m in sys.modules if m.startswith('mkv_twomod')))\n")
-    package_root = str(Path(mv.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{package_root}"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "loaded ['mkv_twomod', 'mkv_twomod_helpers']"
+    assert _fresh_python(code, tmp_path) == "loaded ['mkv_twomod', 'mkv_twomod_helpers']"
 
 
 def test_a_plugin_that_fails_after_a_helper_registered_for_it_keeps_none_of_those_parts(clean_registries, monkeypatch, tmp_path):
@@ -562,11 +568,7 @@ def test_built_in_parts_a_plugin_loads_on_import_are_not_recorded_as_the_plugins
     code = ("import sys\nfrom mergekit_video.registry import import_plugins\nassert 'mergekit_video.runners' not in sys.modules\n"
             "import_plugins(['mkv_uses_runners'])\nfrom mergekit_video.runners import RUNNERS\n"
             "print(sorted({RUNNERS.owner(n) for n in RUNNERS.names()}))\n")
-    package_root = str(Path(mv.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{package_root}"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "['mergekit_video.runners.builtin']"
+    assert _fresh_python(code, tmp_path) == "['mergekit_video.runners.builtin']"
 
 
 def test_ls_eval_and_export_import_the_plugin_option(clean_registries, monkeypatch, tmp_path, capsys):
