@@ -214,6 +214,8 @@ class Registry:
             owner, importer = caller.f_globals.get("__name__", ""), _module_being_imported(caller)
             if _importing_plugins and importer.split(".")[0] != "mergekit_video":  # not a built-in module it imports
                 owner = _importing_plugins[-1]
+            elif importer not in ("", "__main__", owner) and importer.split(".")[0] != "mergekit_video":
+                owner = importer  # a package imported plainly whose import calls another module's function to register
             # Built-ins first, so that an override registered before the first lookup
             # is not clobbered (or refused) when the built-in module is imported later.
             self._load_builtins()

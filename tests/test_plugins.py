@@ -499,7 +499,6 @@ def _forget_two_module_plugin(*names: str) -> None:
     MERGES._entries.pop("mkv_twomod_merge", None)
 
 
-
 def _fresh_python(code: str, tmp_path: Path) -> str:
     """Run ``code`` in a new interpreter with ``tmp_path`` (the plugins written there) and the package on its path;
     return its stdout, stripped."""
@@ -508,6 +507,7 @@ def _fresh_python(code: str, tmp_path: Path) -> str:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip()
+
 
 def test_a_plugin_that_registers_through_a_helper_module_is_recorded_and_loads_in_a_new_process(clean_registries, monkeypatch, tmp_path):
     """The helper module whose function called register() was recorded (mkv_twomod_helpers): a new process imported
@@ -637,3 +637,21 @@ def test_ls_eval_and_export_import_the_plugin_option(clean_registries, monkeypat
         for name in ("mkv_cli_noop", "mkv_cli_half"):
             sys.modules.pop(name, None)
             reg_mod._imported_plugin_modules.discard(name)
+
+
+def test_a_package_imported_plainly_that_registers_through_a_helper_is_the_owner(clean_registries, monkeypatch, tmp_path):
+    """``import mkv_twomod`` in a user's script (not plugins:, an entry point or --plugin): the package whose import
+    ran the registration is recorded, not the helper module whose function called register() (which, imported alone
+    in a new process, registers nothing). A registration from a script's own top level stays the script's caller's."""
+    import importlib
+
+    _write_two_module_plugin(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        importlib.import_module("mkv_twomod")
+        assert ROUTERS.owner("mkv_twomod_router") == "mkv_twomod" and MERGES.owner("mkv_twomod_merge") == "mkv_twomod"
+    finally:
+        _forget_two_module_plugin("mkv_twomod")
+    code = ("import mkv_twomod_helpers\nmkv_twomod_helpers.register_all(fail=False)\n"
+            "from mergekit_video.registry import ROUTERS\nprint(ROUTERS.owner('mkv_twomod_router'))\n")
+    assert _fresh_python(code, tmp_path) == "mkv_twomod_helpers"  # called from __main__: the helper is all there is to name
