@@ -618,3 +618,24 @@ def test_prepare_gives_up_on_a_source_that_hangs_and_goes_on(tmp_path, capsys):
     assert code == 1 and took < 30
     assert f"failed: {src / 'hung'}: ReadTimeoutError: {src / 'hung'}: no result after 1 s (decoder hung)" in err, err
     assert [r.path for r in read_annotation_list(tmp_path / "out" / "list.txt")] == ["ok.mp4"]
+
+
+@pytest.mark.skipif(not decord_available(), reason="decord not installed")
+def test_bench_takes_from_a_list_only_the_videos_decord_reads_itself(tmp_path):
+    """The floor and naive pipelines call decord directly: a 48-px-wide video crashed them (DECORDError in a worker),
+    and an open-GOP file was timed reading other frames; they are left out, named, and the next ones taken."""
+    from mergekit_video.data.annotations import VideoRecord
+    from mergekit_video.data.bench import _decord_readable
+
+    root = tmp_path / "raw"
+    root.mkdir()
+    write_level_video(root / "good1.mp4", 16)
+    write_level_video(root / "narrow.mp4", 16, h=64, w=48)
+    (root / "empty.mp4").write_bytes(b"")
+    write_level_video(root / "good2.mp4", 16)
+    write_level_video(root / "good3.mp4", 16)
+    records = [VideoRecord(path=p, label=0) for p in ("good1.mp4", "narrow.mp4", "empty.mp4", "good2.mp4", "good3.mp4")]
+    kept, left_out = _decord_readable(records, root, limit=2)
+    assert [r.path for r in kept] == ["good1.mp4", "good2.mp4"]
+    assert [p for p, _ in left_out] == ["narrow.mp4", "empty.mp4"]
+    assert "decord cannot decode frames 48 px wide" in left_out[0][1]

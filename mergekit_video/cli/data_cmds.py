@@ -94,7 +94,7 @@ def prepare_cmd(
 def bench_data_cmd(
     list_file: Optional[Path] = typer.Option(None, "--list", help="Annotation list to benchmark (default: a synthetic long-GOP set)."),
     root: Optional[Path] = typer.Option(None, "--root", help="Dataset root for --list (default: the list's folder)."),
-    workers: int = typer.Option(1, "--workers", min=0, help="DataLoader workers for every pipeline (0: in-process)."),
+    workers: int = typer.Option(1, "--workers", min=0, help="DataLoader workers for every pipeline (0: in-process), and encoding processes of its prepare step (at least 1)."),
     output: Path = typer.Option(Path("bench_data.json"), "--output", help="JSON results file."),
     videos: int = typer.Option(24, "--videos", min=1, help="Videos per file set (synthetic, or the first N of --list)."),
     num_frames: int = typer.Option(8, "--num-frames", min=1, help="Frames per clip (T)."),

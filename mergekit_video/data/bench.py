@@ -328,6 +328,27 @@ def _keyframe_summary(paths: list[Path]) -> dict:
             "keyframes": keys[:8] + (["..."] if len(keys) > 8 else []), "keyframe_count": len(keys)}
 
 
+def _decord_readable(records: list[VideoRecord], root: Path, limit: int) -> tuple[list[VideoRecord], list[tuple[str, str]]]:
+    """The first ``limit`` records whose video decord reads itself (the floor and naive pipelines call it directly),
+    and ``(path, why)`` of those passed over: a width decord cannot decode, keyframes out of display order, no
+    timestamps (the readers hand such files to PyAV, where decord would fail or return other frames), or unreadable."""
+    from .readers import DecordReader, VideoReadError
+
+    kept: list[VideoRecord] = []
+    left_out: list[tuple[str, str]] = []
+    for record in records:
+        if len(kept) == limit:
+            break
+        try:
+            with DecordReader(path=root / record.path, pyav_fallback=False) as reader:
+                reader.get_frames([0, reader.num_frames - 1])
+        except VideoReadError as e:
+            left_out.append((record.path, str(e).removeprefix(f"{root / record.path}: ")))
+            continue
+        kept.append(record)
+    return kept, left_out
+
+
 def run_data_benchmark(
     *,
     list_file: str | os.PathLike | None = None,
@@ -366,13 +387,19 @@ def run_data_benchmark(
     else:
         list_file = Path(list_file)
         raw_root = Path(root) if root else list_file.parent
-        raw_records = read_annotation_list(list_file)[:num_videos]
-        raw_desc = f"first {len(raw_records)} videos of {list_file}"
+        raw_records, left_out = _decord_readable(read_annotation_list(list_file), raw_root, num_videos)
+        for path, why in left_out:
+            log(f"left out {path}: {why}")
+        if not raw_records:
+            raise ValueError(f"none of the videos of {list_file} is read by decord itself, which the decode floor and the naive "
+                             "pipeline time; `mergevid data prepare` writes files it reads")
+        raw_desc = f"first {len(raw_records)} videos of {list_file} that decord reads itself" + (
+            f" ({len(left_out)} left out: the readers hand them to PyAV)" if left_out else "")
     subset_list = work / "raw_subset.txt"
     write_annotation_list(subset_list, raw_records)
     log(f"preparing the same files (short side {short_side}, keyframe every {gop}, fastdecode) ...")
     prep = prepare_dataset(list_file=subset_list, root=raw_root, out_dir=work / "prepared", short_side=short_side, gop=gop,
-                           fastdecode=True, workers=os.cpu_count(), progress=False)
+                           fastdecode=True, workers=max(1, workers), progress=False)
     if prep.failed:
         first = prep.failures[0]
         raise ValueError(f"{prep.failed} video{'s' * (prep.failed != 1)} failed to prepare (first: {first['path']}: {first['error']}); "
