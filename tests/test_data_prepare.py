@@ -572,11 +572,14 @@ def test_prepare_fails_sources_cut_short_or_corrupt_and_encodes_every_good_one(t
     cut_file(write_noise_video(tmp_path / "full.mkv", 48), src / "cut_mkv.mkv")
     cut_file(write_noise_video(tmp_path / "full.avi", 48, codec="mpeg4"), src / "cut_avi.avi")
     zero_packet(write_level_video(tmp_path / "level.mp4", 24, gop=8), src / "corrupt.mp4", 8)
+    (src / "text.mp4").write_text("this is not a video\n" * 20)
     lst = src / "list.txt"
-    lst.write_text("".join(f"{name} {i}\n" for i, name in enumerate([*good, "cut_mkv.mkv", "cut_avi.avi", "corrupt.mp4"])))
+    lst.write_text("".join(f"{name} {i}\n" for i, name in enumerate([*good, "cut_mkv.mkv", "cut_avi.avi", "corrupt.mp4", "text.mp4"])))
     rep = prepare_dataset(list_file=lst, root=src, out_dir=tmp_path / "out", short_side=32, gop=8, workers=2, progress=False)
     errors = {f["path"].rsplit("/", 1)[1]: f["error"] for f in rep.failures}
-    assert (rep.encoded, sorted(errors)) == (len(good), ["corrupt.mp4", "cut_avi.avi", "cut_mkv.mkv"]), errors
+    assert (rep.encoded, sorted(errors)) == (len(good), ["corrupt.mp4", "cut_avi.avi", "cut_mkv.mkv", "text.mp4"]), errors
+    # in the readers' words, not FFmpeg's ("InvalidDataError: [Errno 1094995529] Invalid data found when processing input")
+    assert errors["text.mp4"].startswith("ValueError: cannot open it as a video: not a video file, or truncated or corrupt ("), errors
     for name in ("cut_mkv.mkv", "cut_avi.avi"):
         assert re.fullmatch(r"ValueError: truncated \(the header gives the video 1.92 s, the file holds 0\.\d\d s in \d+ frames\)",
                             errors[name]), errors[name]

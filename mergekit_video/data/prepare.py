@@ -104,9 +104,13 @@ def _video_frames(src: Path, size_box: dict, threads: int):
     """
     import av
 
-    from .readers import frame_seconds, header_length, truncation, video_stream
+    from .readers import _pyav_diagnosis, frame_seconds, header_length, truncation, video_stream
 
-    with av.open(str(src)) as container:
+    try:
+        opened = av.open(str(src))
+    except av.FFmpegError as e:  # the readers' words, not FFmpeg's ('[Errno 1094995529] Invalid data found ...')
+        raise ValueError(f"cannot open it as a video: not a video file, or truncated or corrupt ({e.strerror})") from e
+    with opened as container:
         stream = video_stream(container)
         if stream is None:
             raise ValueError("no video stream")
@@ -130,6 +134,9 @@ def _video_frames(src: Path, size_box: dict, threads: int):
                         end = t + (packet.duration or 0)
                 frames = packet.decode()
             except Exception as e:  # noqa: BLE001 - FFmpeg's own words ('avcodec_send_packet()') stay in the chain
+                why = _pyav_diagnosis(src)  # a file cut short says so from its header, as the readers do
+                if why is not None and why.startswith("truncated"):
+                    raise ValueError(why) from e
                 raise ValueError(f"truncated or corrupt: decoding stopped at frame {decoded}") from e
             for frame in frames:
                 decoded += 1
@@ -674,10 +681,12 @@ def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Pat
             with Progress(*columns, disable=not progress, transient=False, auto_refresh=False) as bar:
                 task = bar.add_task("prepare", total=len(jobs), failed=0)
                 bar.refresh()
+                failed_jobs = 0  # of the bar's jobs (the failures found before encoding are not among them)
                 with closing(_run_jobs(jobs, workers)) as stream:  # closing: the pool shuts down on an error too
                     for job, res in stream:
                         record(res, job)
-                        bar.update(task, advance=1, failed=sum(not r["ok"] for r in results), refresh=True)
+                        failed_jobs += not res["ok"]
+                        bar.update(task, advance=1, failed=failed_jobs, refresh=True)
                         if time.monotonic() - last_save > 5.0:
                             atomic_write_json(manifest_path, manifest)
                             last_save = time.monotonic()
