@@ -287,13 +287,15 @@ def test_a_mistyped_path_is_named_before_a_recipe_mismatch_of_the_output_folder(
 def test_a_custom_model_components_compare_merges_and_checkpointing_are_checked_before_training(synthetic_data, tmp_path, capsys, monkeypatch):
     """Validation checks compare merges only for build_video_clip models (their expert count is in the recipe):
     a component of one's own got a bad entry refused only after training, and grad checkpointing of a tower
-    with stochastic experts failed in the first backward."""
+    with stochastic experts failed in the first backward; so did per-expert evaluation over containers of other
+    counts, and a tower merge relative to a base (which the saved model cannot hold) failed at the save."""
     (tmp_path / "vismoe_component.py").write_text(
         "from mergekit_video import add_experts\n"
         "from mergekit_video.models import build_video_clip\n"
-        "def build(**kw):\n"
+        "def build(*, visual_experts=3, visual_merge='mean', visual_merge_kwargs=None, **kw):\n"
         "    model = build_video_clip(**{**kw, 'num_experts': 3})\n"
-        "    add_experts(model.clip.visual, 'transformer.resblocks.0.mlp', 2, init='copy')\n"
+        "    add_experts(model.clip.visual, 'transformer.resblocks.0.mlp', visual_experts, init='copy_noise', merge=visual_merge,\n"
+        "                merge_kwargs=visual_merge_kwargs)\n"
         "    return model\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -303,11 +305,39 @@ def test_a_custom_model_components_compare_merges_and_checkpointing_are_checked_
                                                                       "cannot merge 3 experts: merge strategy 'weighted': 2 weights for 3 experts"),
         (["train.grad_checkpointing=true"], "error: train.grad_checkpointing=true, but the CLIP tower holds experts with stochastic or "
                                             "stateful routers (visual.transformer.resblocks.0.mlp)"),
+        (["+model.visual_experts=2"], "error: eval.compare.experts / eval.compare.logit_ensemble: per-expert evaluation runs expert i in "
+                                      "every container, but clip.visual.transformer.resblocks.0.mlp has 2 experts and head.transformer.resblocks.0.mlp 3"),
+        (["+model.visual_merge=ties", "+model.visual_merge_kwargs={density: 0.5}"],
+         "error: clip.visual.transformer.resblocks.0.mlp merges its experts with 'ties', relative to a base model that a saved model does not store"),
     )):
         out = _new_run_dir(tmp_path / f"run{i}", synthetic_data)
         assert cli_main([*base, f"output_dir={out}", *extra]) == 1
-        assert said in " ".join(capsys.readouterr().err.split())
+        assert said in " ".join(capsys.readouterr().err.split()), extra
         assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_topk_experts_in_the_clip_tower_train_their_gate_and_are_compared_beside_a_plain_head(synthetic_data, tmp_path, monkeypatch):
+    """A component putting topk experts in the tower under a plain head: their load-balancing loss was dropped
+    (only the head's routers were read) and the comparison called the model expert-free."""
+    (tmp_path / "vistopk_component.py").write_text(
+        "from mergekit_video import add_experts\n"
+        "from mergekit_video.models import build_video_clip\n"
+        "def build(**kw):\n"
+        "    model = build_video_clip(**{**kw, 'num_experts': 0})\n"
+        "    add_experts(model.clip.visual, 'transformer.resblocks.*.mlp', 3, router='topk', init='copy_noise', k=2)\n"
+        "    return model\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    _run_in_process(out, ["model._component_=vistopk_component.build", "objective.wmr_weight=0", "objective.mse_weight=0",
+                          "train.export_dense=false", "eval.num_workers=0", "data.num_workers=0",
+                          "eval.datasets=[{name: val, kind: close_set, list: " + str(out / "data" / "val.txt") + ", class_csv: "
+                          + str(out / "data" / "classes.csv") + ", root: " + str(out / "data") + ", num_clips: 1, num_crops: 1}]",
+                          "eval.compare.merges=[]"])
+    aux = [r["aux"] for r in _train_records(out)]
+    assert len(aux) == STEPS and all(a > 0 for a in aux)
+    variants = set(json.loads((out / "results.json").read_text())["summary"])
+    assert {"merged", "expert_0", "expert_2", "logit_ensemble"} <= variants  # not "model": experts are there
 
 
 def test_an_evaluation_that_fails_leaves_no_folder_it_made(quick_run, tmp_path, capsys):

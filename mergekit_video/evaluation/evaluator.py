@@ -74,7 +74,7 @@ def tfm_suffix(modulation: bool) -> str:
 
 
 def build_variants(
-    head: torch.nn.Module,
+    model: torch.nn.Module,
     *,
     modulation: Sequence[bool] = (False, True),
     merges: Sequence[dict[str, Any]] = (),
@@ -92,7 +92,7 @@ def build_variants(
     ``merges`` entries are ``{"name": strategy, **kwargs}`` (e.g. ``{"name": "temperature_softmax", "tau": 0.6}``).
     The TFM-off and TFM-on variants of one routing share its context.
     """
-    n = max((c.num_experts for _, c in find_containers(head)), default=0)
+    n = max((c.num_experts for _, c in find_containers(model)), default=0)  # the head's, or the CLIP tower's
     if not n and (merges or experts or logit_ensemble or random_routing):
         log.warning("the model has no experts (a dense export or the plain-FFN baseline): only the model itself is evaluated")
     merge_ctx = [_merge_ctx(spec["name"], {k: v for k, v in spec.items() if k != "name"}) for spec in merges]

@@ -936,7 +936,7 @@ def run_eval_suite(
         return {}
     compare = eval_cfg.get("compare") or {}
     variants = build_variants(
-        model.head,
+        model,  # its experts: the head's, and any a model component put in the CLIP tower
         modulation=eval_cfg.get("modulation", [False, True]),
         merges=compare.get("merges", []),
         experts=bool(compare.get("experts", False)),

@@ -151,16 +151,28 @@ class MoTERunner:
     def _check_built_model(self) -> None:
         """What validation could not check for a model component other than ``build_video_clip`` (its expert
         count and containers are known only once built): each ``eval.compare.merges`` entry is dry-run
-        for the head's expert count, and ``train.grad_checkpointing`` is refused where the CLIP tower holds
+        for every container's expert count (the CLIP tower's too), per-expert evaluation needs one count,
+        an eval merge relative to a base (which a saved model does not hold) is refused, and
+        ``train.grad_checkpointing`` is refused where the CLIP tower holds
         stochastic or stateful routers (open_clip recomputes its blocks with a plain checkpoint, which
         would draw other experts in backward) — both before training, naming the key."""
         from ..experts import find_containers, router_keeps_state
+        from ..models.checkpoint import _refuse_unsaved_merge_base
         from .schema import compare_merge_problems
 
-        containers = find_containers(self.model.head)
-        problems = compare_merge_problems(self.cfg, containers[0][1].num_experts) if containers else []
-        if problems:
-            raise ValueError(f"{problems[0].path}: {problems[0].message}")
+        _refuse_unsaved_merge_base(self.model)  # a ties/dare/task-arithmetic eval merge: the saved model could not hold its base
+        containers = find_containers(self.model)  # the head's and any a model component put in the CLIP tower
+        counts = {name: c.num_experts for name, c in containers}
+        compare = self.cfg.get("eval", {}).get("compare") or {}
+        if len(set(counts.values())) > 1 and (compare.get("experts") or compare.get("logit_ensemble")):
+            (a, n), (b, m) = next(iter(counts.items())), next((k, v) for k, v in counts.items() if v != next(iter(counts.values())))
+            raise ValueError(f"eval.compare.experts / eval.compare.logit_ensemble: per-expert evaluation runs expert i in every "
+                             f"container, but {a} has {n} experts and {b} {m}; set both to false, or give every container one count")
+        for count in sorted(set(counts.values())):
+            problems = compare_merge_problems(self.cfg, count)
+            if problems:
+                shown = next(name for name, c in counts.items() if c == count)
+                raise ValueError(f"{problems[0].path}: {problems[0].message} (container {shown}, {count} experts)")
         if self.cfg["train"].get("grad_checkpointing"):
             routed = [name for name, c in find_containers(self.model.clip) if c.router.stochastic or router_keeps_state(c.router)]
             if routed:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..data.failures import note_batch_failures
-from ..experts import find_containers, router_keeps_state
+from ..experts import collect_aux_losses, find_containers, router_keeps_state
 from ..models.objective import MoTEObjective, MoTEStepOutput
 from .precision import autocast_context, make_grad_scaler
 
@@ -44,11 +44,20 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective
+        visual = getattr(model, "visual", None)
+        # experts a model component put in the CLIP tower: their routers' auxiliary losses (topk) join the loss
+        self._tower_experts = isinstance(visual, nn.Module) and bool(find_containers(visual))
 
     def forward(self, frames: torch.Tensor, labels: torch.Tensor, class_features: torch.Tensor) -> MoTEStepOutput:
-        """Frames [B,T,3,H,W] → frame features → the objective's losses (MoTE Eq. 10)."""
+        """Frames [B,T,3,H,W] → frame features → the objective's losses (MoTE Eq. 10), plus the auxiliary
+        losses of routers in the CLIP tower, weighted as the head's (``objective.aux_weight``)."""
         e = self.model.encode_frames(frames).float()  # [B, T, D]
-        return self.objective(self.model.head, e, class_features, labels, self.model.logit_scale.exp())
+        out = self.objective(self.model.head, e, class_features, labels, self.model.logit_scale.exp())
+        if self._tower_experts and collect_aux_losses(self.model.visual):
+            tower_aux = self.objective.aux(self.model.visual)
+            out.loss = out.loss + tower_aux
+            out.terms["aux"] = out.terms["aux"] + tower_aux.detach() if "aux" in out.terms else tower_aux.detach()
+        return out
 
 
 @dataclass
