@@ -576,6 +576,14 @@ def test_a_model_with_experts_in_its_visual_tower_saves_and_loads_without_its_re
         ours = load(dense).clip.visual(frames.flatten(0, 1))
         assert torch.allclose(plain.visual(frames.flatten(0, 1)), ours, atol=1e-6)
         assert torch.allclose(ours.view(2, 4, -1), expected, atol=1e-5)
+    from mergekit_video.cli.main import main as cli_main
+
+    with pytest.MonkeyPatch.context() as mp:
+        lines: list[str] = []
+        mp.setattr("rich.console.Console.print", lambda self, *a, **k: lines.append(" ".join(map(str, a))))
+        assert cli_main(["export", str(saved), str(tmp_path / "dense_cli"), "--dense"]) == 0
+    tower = sum(p.numel() for p in load(saved).visual.parameters()), sum(p.numel() for p in load(dense).visual.parameters())
+    assert f", visual tower {tower[1] / 1e6:.2f}M (was {tower[0] / 1e6:.2f}M); plain open_clip" in " ".join(lines)  # its experts collapsed too
 
 
 def test_weights_of_another_model_are_refused_in_a_few_lines_naming_counts_and_first_keys(tmp_path):

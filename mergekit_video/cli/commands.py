@@ -637,9 +637,11 @@ def export_cmd(
         from ..models.clip import plain_open_clip_name
 
         by_name = plain_open_clip_name(out.config["clip"])
+        tower = (count_parameters(model.visual), count_parameters(out.visual))
+        tower_said = f", visual tower {tower[1] / 1e6:.2f}M (was {tower[0] / 1e6:.2f}M)" if tower[0] != tower[1] else ""  # its experts
         _console().print(
             f"[green]exported dense[/] → {output}: temporal head {count_parameters(out.head) / 1e6:.2f}M params "
-            f"(was {count_parameters(model.head) / 1e6:.2f}M); plain open_clip loads its CLIP part with "
+            f"(was {count_parameters(model.head) / 1e6:.2f}M){tower_said}; plain open_clip loads its CLIP part with "
             f"open_clip.create_model('local-dir:{output}')"
             + (f", or open_clip.create_model('{by_name}') and load_state_dict of clip.safetensors" if by_name else "")
         )
