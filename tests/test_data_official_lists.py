@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 from data_helpers import write_level_video
 
 from mergekit_video.cli.main import main as cli_main
@@ -227,10 +228,13 @@ def test_cli_writes_lists_refuses_existing_and_prints_recipe_keys(tmp_path, caps
     assert lines(out / "testlist01.txt") == ["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi 0", "HandstandPushups/v_HandStandPushups_g01_c01.avi 1",
                                              "YoYo/v_YoYo_g01_c01.avi 2"]
     assert lines(out / "ucf_labels.csv") == ["id,name", "0,Apply Eye Makeup", "1,Handstand Pushups", "2,YoYo"]
-    assert f"  data.train_list: {out / 'trainlist01.txt'}\n" in printed and f"  data.class_csv: {out / 'ucf_labels.csv'}\n" in printed
-    assert f"  eval.datasets:\n    - root: <the UCF-101 folder" in printed
-    assert f"      splits:\n        - {{list: {out / 'testlist01.txt'}}}\n        - {{list: {out / 'testlist02.txt'}}}\n" in printed
-    assert "data.root: <the UCF-101 folder (it holds ApplyEyeMakeup/" in printed
+    sections = yaml.safe_load(printed.split("\n\n", 1)[1])  # what is pasted into a recipe, as printed
+    assert sections["data"] == {"root": "<the UCF-101 folder (it holds ApplyEyeMakeup/, ApplyLipstick/, ...)>",
+                                "train_list": str(out / "trainlist01.txt"), "val_list": str(out / "testlist01.txt"),
+                                "class_csv": str(out / "ucf_labels.csv")}
+    assert sections["eval"]["datasets"] == [{"name": "ucf101", "kind": "zero_shot", "root": sections["data"]["root"],
+                                             "class_csv": str(out / "ucf_labels.csv"),
+                                             "splits": [{"list": str(out / "testlist01.txt")}, {"list": str(out / "testlist02.txt")}]}]
 
     assert cli_main(["data", "lists", "ucf101", str(folder), "--out", str(out), "--names", "raw"]) == 1
     assert f"error: {out / 'trainlist01.txt'} exists; pass --overwrite to replace it" in capsys.readouterr().err
@@ -252,7 +256,7 @@ def test_cli_kinetics_writes_the_missing_list(tmp_path, capsys):
                                         "train/Zqx9.mkv 2"]
     assert lines(out / "train_missing.csv") == [K400_HEADER, "abseiling,gone___,3,13,train", "zumba,never,20,30,train"]
     assert f"train.txt: 2 of 5 videos (40.0%) not found under {root}; left out, listed in {out / 'train_missing.csv'}" in captured.err
-    assert f"  data.root: {root}\n" in captured.out and f"      list: {out / 'val.txt'}\n" in captured.out
+    assert f"  root: {root}\n" in captured.out and f"    list: {out / 'val.txt'}\n" in captured.out
     assert cli_main(["data", "lists", "kinetics", str(train), "--out", str(out)]) == 1
     assert "kinetics needs --root" in capsys.readouterr().err
     # val and test are two datasets, never splits averaged as mean ± std
@@ -260,8 +264,9 @@ def test_cli_kinetics_writes_the_missing_list(tmp_path, capsys):
     test.write_text(K400_HEADER + "\nabseiling,val001,100,110,test\n")
     assert cli_main(["data", "lists", "kinetics", str(train), str(val), str(test), "--root", str(root), "--out", str(out), "--overwrite"]) == 0
     printed = capsys.readouterr().out
-    assert "splits" not in printed
-    assert f"      list: {out / 'val.txt'}\n    - root: {root}\n      class_csv: {out / 'kinetics_3_labels.csv'}\n      list: {out / 'test.txt'}\n" in printed
+    entries = yaml.safe_load(printed.split("\n\n", 1)[1])["eval"]["datasets"]
+    assert [(e["name"], e["kind"], e["list"]) for e in entries] == [("kinetics_val", "close_set", str(out / "val.txt")),
+                                                                    ("kinetics_test", "close_set", str(out / "test.txt"))]
     # every video found now: the earlier missing list would be wrong beside the new list, so --overwrite removes it
     for rel in ("train/abseiling/gone____000003_000013.mp4", "train/zumba/never_000020_000030.mp4"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -351,23 +356,22 @@ def test_converted_ucf_lists_load_through_the_dataset(tmp_path, caplog):
 
 
 def test_printed_recipe_keys_paste_into_yaml_and_kinetics_val_reuses_the_train_classes(tmp_path, capsys):
-    import yaml
 
     folder = write_ucf(tmp_path / "ucfTrainTestlist")
     root, out = tmp_path / "UCF-101 #2", tmp_path / "lists,x"
     root.mkdir()
     assert cli_main(["data", "lists", "ucf101", str(folder), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    keys = yaml.safe_load(printed.split("recipe keys (the lists' paths are relative to root):\n", 1)[1])
-    assert keys["data.train_list"] == str(out / "trainlist01.txt")
-    assert [s["list"] for s in keys["eval.datasets"][0]["splits"]] == [str(out / "testlist01.txt"), str(out / "testlist02.txt")]
+    keys = yaml.safe_load(printed.split("\n\n", 1)[1])
+    assert keys["data"]["train_list"] == str(out / "trainlist01.txt")
+    assert [s["list"] for s in keys["eval"]["datasets"][0]["splits"]] == [str(out / "testlist01.txt"), str(out / "testlist02.txt")]
     for name in ("trainlist01.txt", "trainlist02.txt", "testlist01.txt", "testlist02.txt"):
         for line in lines(out / name):
             (root / line.rsplit(" ", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
             (root / line.rsplit(" ", 1)[0]).write_bytes(b"x")
     assert cli_main(["data", "lists", "ucf101", str(folder), "--out", str(tmp_path / "l2"), "--root", str(root)]) == 0
-    keys = yaml.safe_load(capsys.readouterr().out.split("relative to root):\n", 1)[1])
-    assert keys["data.root"] == str(root)  # ' #2' is not a comment
+    keys = yaml.safe_load(capsys.readouterr().out.split("\n\n", 1)[1])
+    assert keys["data"]["root"] == str(root)  # ' #2' is not a comment
     # the documented workflow: val converted with the train split's class CSV, in the same --out, without --overwrite
     kroot, train, val = write_kinetics(tmp_path)
     kout = tmp_path / "k"

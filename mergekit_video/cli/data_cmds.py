@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -126,6 +126,34 @@ _ROOT_HINT = {
 }
 
 
+def recipe_snippet(fmt: str, result: Any, *, out: Path, root: Path | None, class_csv: Path) -> str:
+    """The recipe sections to paste for converted lists, as YAML (nested keys, paths quoted where needed):
+    ``data`` (training) and ``eval.datasets``. UCF-101 / HMDB-51's numbered splits are one zero-shot dataset
+    (mean ± std over them); Kinetics / SSv2 val and test are one close-set dataset each, not splits to average."""
+    import yaml
+
+    root_value = str(root.absolute()) if root is not None else f"<{_ROOT_HINT[fmt]}>"
+    sections: dict[str, Any] = {}
+    if result.train:
+        sections["data"] = {"root": root_value, "train_list": str((out / result.train[0]).absolute()),
+                            **({"val_list": str((out / result.test[0]).absolute())} if result.test else {}),
+                            "class_csv": str(class_csv.absolute())}
+    if result.test:
+        common = {"root": root_value, "class_csv": str(class_csv.absolute())}
+        if fmt in ("ucf101", "hmdb51"):
+            entries = [{"name": fmt, "kind": "zero_shot", **common,
+                        "splits": [{"list": str((out / name).absolute())} for name in result.test]}]
+        else:
+            entries = [{"name": f"{fmt}_{Path(name).stem}", "kind": "close_set", **common, "list": str((out / name).absolute())}
+                       for name in result.test]
+        sections["eval"] = {"datasets": entries}
+    text = yaml.safe_dump(sections, sort_keys=False, default_flow_style=False, allow_unicode=True, width=1 << 16)
+    kind_note = ("\n# kind: zero_shot is MoTE's protocol for a model trained on other classes (Kinetics); close_set for one "
+                 "trained on these" if fmt in ("ucf101", "hmdb51") and result.test else "")
+    return ("# recipe sections for these lists (the lists' paths are relative to root); they replace a recipe's own\n"
+            "# data and eval.datasets entries (set eval.summary to these names too)" + kind_note + "\n" + text.rstrip("\n"))
+
+
 @data_app.command("lists")
 def lists_cmd(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="ucf101 | hmdb51 | kinetics | ssv2."),
@@ -209,39 +237,4 @@ def lists_cmd(
         typer.echo(f"{name}: {m.count} of {m.total} videos ({m.count / m.total:.1%}) not found under {root}; left out, listed in "
                    f"{out / m.file_name}", err=True)
 
-    def show(p: Path, *, flow: bool = False) -> str:
-        """The path as a YAML scalar to paste: quoted where plain YAML would read it otherwise (' #', ': ', a comma
-        inside {...})."""
-        import json
-
-        import yaml
-
-        text = str(p.absolute())
-        try:
-            plain = yaml.safe_load(text) == text and not (flow and any(c in text for c in ",[]{}"))
-        except yaml.YAMLError:
-            plain = False
-        return text if plain else json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
-
-    root_text = show(root) if root is not None else f"<{_ROOT_HINT[fmt]}>"
-    typer.echo("\nrecipe keys (the lists' paths are relative to root):")
-    if result.train:
-        typer.echo(f"  data.root: {root_text}")
-        typer.echo(f"  data.train_list: {show(out / result.train[0])}")
-        if result.test:
-            typer.echo(f"  data.val_list: {show(out / result.test[0])}")
-        typer.echo(f"  data.class_csv: {show(csv_path)}")
-    if result.test:
-        # numbered splits (UCF-101, HMDB-51) are one protocol, reported as mean ± std; Kinetics / SSv2 val and
-        # test are two sets, not splits to average: one dataset entry each
-        entries = [result.test] if fmt in ("ucf101", "hmdb51") else [[name] for name in result.test]
-        typer.echo("  eval.datasets:")
-        for lists in entries:
-            typer.echo(f"    - root: {root_text}")
-            typer.echo(f"      class_csv: {show(csv_path)}")
-            if len(lists) == 1:
-                typer.echo(f"      list: {show(out / lists[0])}")
-            else:
-                typer.echo("      splits:")
-                for name in lists:
-                    typer.echo(f"        - {{list: {show(out / name, flow=True)}}}")
+    typer.echo("\n" + recipe_snippet(fmt, result, out=out, root=root, class_csv=csv_path))
