@@ -951,3 +951,6 @@ def test_check_paths_reads_the_lists_and_class_csvs_naming_their_keys(tmp_path, 
     assert f"- data.class_csv: {class_index}: expected a header 'id,name', got '1 ApplyEyeMakeup'; this looks like UCF-101's classInd.txt" in err
     assert (f"- eval.datasets.0.splits.0.list: {official}:1: expected 'relative/path.mp4 label', got "
             "'ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi'; official UCF-101 test lists have no labels") in err
+    # a K-shot subset needs K videos in each class of the training list (found at run time, after the model was built)
+    assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base, f"data.class_csv={csv}", "data.few_shot={shots: 2}"]) == 1
+    assert f"- data.few_shot.shots: 2 shots, but class 0 of {ours} has 1 video" in " ".join(capsys.readouterr().err.split())

@@ -640,10 +640,19 @@ def _annotation_file_problems(cfg: dict[str, Any], schema: Any) -> list[Any]:
         try:
             if parts[-1] in _CLASS_CSV_KEYS:
                 read_class_names(os.path.expanduser(value))
-            else:
-                read_annotation_list(os.path.expanduser(value), section.get("list_format") or "video")
+                continue
+            records = read_annotation_list(os.path.expanduser(value), section.get("list_format") or "video")
         except (ValueError, OSError) as e:
             problems.append(Problem(key, str(e)))
+            continue
+        shots = (section.get("few_shot") or {}).get("shots") if key == "data.train_list" else None
+        if shots:  # the K-shot subset is drawn per class of the list: each needs K videos
+            from collections import Counter
+
+            short = sorted((label, n) for label, n in Counter(r.label for r in records).items() if n < int(shots))
+            if short:
+                problems.append(Problem("data.few_shot.shots", f"{shots} shots, but class {short[0][0]} of {value} has "
+                                        f"{short[0][1]} video{'s' * (short[0][1] != 1)}" + (f" (and {len(short) - 1} more classes)" if len(short) > 1 else "")))
     return problems
 
 
