@@ -241,20 +241,30 @@ def keyframes_out_of_place(pts: np.ndarray, keys: np.ndarray) -> bool:
     return bool((rank[keys] != keys).any())
 
 
+def _mp4_box_header(head: bytes, remaining: int) -> tuple[bytes, int, int] | None:
+    """(type, box size, header size) of the ISO-BMFF box whose first bytes (up to 16) are ``head``, with
+    ``remaining`` bytes from its start to the end of its container (a size of 0: up to there); None if malformed."""
+    if len(head) < 8:
+        return None
+    size, kind = struct.unpack_from(">I4s", head)
+    n = 8
+    if size == 1 and len(head) >= 16:
+        size, n = struct.unpack_from(">Q", head, 8)[0], 16
+    elif size == 0:
+        size = remaining
+    return None if size < n else (kind, size, n)
+
+
 def _mp4_boxes(data: bytes, start: int = 0, end: int | None = None):
     """(type, payload start, payload end) of the ISO-BMFF boxes in ``data[start:end]``."""
     end = len(data) if end is None else end
     pos = start
     while pos + 8 <= end:
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        head = 8
-        if size == 1 and pos + 16 <= end:
-            size, head = struct.unpack_from(">Q", data, pos + 8)[0], 16
-        elif size == 0:
-            size = end - pos
-        if size < head:
+        header = _mp4_box_header(data[pos:min(pos + 16, end)], end - pos)
+        if header is None:
             return
-        yield kind, pos + head, min(pos + size, end)
+        kind, size, n = header
+        yield kind, pos + n, min(pos + size, end)
         pos += size
 
 
@@ -265,17 +275,10 @@ def _mp4_moov(path: str) -> bytes | None:
         file_end, pos = f.tell(), 0
         while pos + 8 <= file_end:
             f.seek(pos)
-            head = f.read(16)
-            if len(head) < 8:
+            header = _mp4_box_header(f.read(16), file_end - pos)
+            if header is None:
                 return None
-            size, kind = struct.unpack_from(">I4s", head)
-            n = 8
-            if size == 1 and len(head) == 16:
-                size, n = struct.unpack_from(">Q", head, 8)[0], 16
-            elif size == 0:
-                size = file_end - pos
-            if size < n:
-                return None
+            kind, size, n = header
             if kind == b"moov":
                 if size > file_end - pos:  # cut short, or a damaged size (2**40): not read into memory
                     raise ValueError(f"moov box of {size} bytes in a file of {file_end}")

@@ -215,7 +215,7 @@ def _is_saved_model_config(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == CONFIG_FORMAT
 
 
-def _refuse_unsaved_merge_base(model: VideoCLIP) -> None:
+def refuse_unsaved_merge_base(model: VideoCLIP) -> None:
     """A container whose merge needs a base (kept in memory by add_experts, not in the state dict) cannot be saved as is."""
     from ..experts import find_containers
     from ..merging import requires_base
@@ -244,7 +244,7 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
     and the loaded model would merge relative to a fresh initialisation (``ValueError``).
     """
     directory = Path(directory)
-    _refuse_unsaved_merge_base(model)
+    refuse_unsaved_merge_base(model)
     _refuse_symlink(directory)
     _restore_interrupted_replace(directory)
     if directory.exists() and not directory.is_dir():

@@ -157,10 +157,10 @@ class MoTERunner:
         stochastic or stateful routers (open_clip recomputes its blocks with a plain checkpoint, which
         would draw other experts in backward) — both before training, naming the key."""
         from ..experts import find_containers, router_keeps_state
-        from ..models.checkpoint import _refuse_unsaved_merge_base
+        from ..models.checkpoint import refuse_unsaved_merge_base
         from .schema import compare_merge_problems
 
-        _refuse_unsaved_merge_base(self.model)  # a ties/dare/task-arithmetic eval merge: the saved model could not hold its base
+        refuse_unsaved_merge_base(self.model)  # a ties/dare/task-arithmetic eval merge: the saved model could not hold its base
         containers = find_containers(self.model)  # the head's and any a model component put in the CLIP tower
         counts = {name: c.num_experts for name, c in containers}
         compare = self.cfg.get("eval", {}).get("compare") or {}
