@@ -344,7 +344,7 @@ def test_a_fragmented_mp4_is_checked_by_its_packets(tmp_path, open_gop):
 def test_open_gop_file_warns_once_and_without_fallback_is_refused(tmp_path, caplog, monkeypatch):
     from mergekit_video.data import readers
 
-    monkeypatch.setattr(readers, "_reordered_logged", False)
+    monkeypatch.setattr(readers, "_pyav_handoffs_logged", set())
     a = _write_level_b_frames(tmp_path / "a.mp4", "mpeg4", b_frames=2)
     b = _write_level_b_frames(tmp_path / "b.mkv", "libx264", b_frames=3)
     with caplog.at_level("WARNING", logger="mergekit_video.data.readers"):

@@ -27,8 +27,7 @@ DEFAULT_IMAGE_TEMPLATE = "img_{:05d}.jpg"  # TSN frame folders, 1-based
 
 log = logging.getLogger(__name__)
 _pyav_fallback_logged = False  # the PyAV fallback is announced once per process
-_untimed_logged = False  # so is reading a file without timestamps (AVI) with PyAV
-_reordered_logged = False  # and reading an open-GOP file with B-frames with PyAV
+_pyav_handoffs_logged: set[str] = set()  # and each reason a file is handed to PyAV (no timestamps, open GOP)
 
 #: A video that ends more than this many frames, and more than this fraction of its length, before its
 #: header says counts as truncated (headers of good files may be off by a frame or two).
@@ -506,44 +505,35 @@ class DecordReader:
             why = _pyav_diagnosis(self.path) or f"decord cannot open it ({type(e).__name__}: {_first_line(e)})"
             raise VideoReadError(f"{self.path}: {why}", path=self.path) from e
         if untimed:
-            self._read_untimed_with_pyav()
+            self._read_with_pyav(
+                refused="decord indexes no timestamps for this file (AVI with H.264 or B-frames)",
+                warned="decord indexes no timestamps for this file (AVI with H.264 or B-frames) and would seek to wrong "
+                       "frames; reading such videos with PyAV, from the start (slower)")
             return
         if self._num_frames <= 0:
             raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
         if keyframes_reordered(self.path, head=head):
-            self._read_reordered_with_pyav()
+            why = "keyframes out of display order (an open GOP with B-frames, as MPEG-4 part 2/Xvid or x264 open-gop write)"
+            self._read_with_pyav(refused=f"decord would seek to wrong frames in this file: {why}",
+                                 warned=f"{why}; decord would seek to wrong frames in such videos, so they are read with PyAV (slower)")
             return
         if _length_only_in_header(head):
             self._check_complete(total)
 
-    def _read_untimed_with_pyav(self) -> None:
-        """decord indexes no timestamps for H.264 in AVI, or for AVI with B-frames: it counted every frame as cut
-        (no frames), and its seeks return other frames than asked (frames 1, 3, 1 for 17, 3, 25). PyAV reads
-        such a file from the start, counting frames."""
-        global _untimed_logged
-        if not self._pyav_fallback:
-            raise VideoReadError(f"{self.path}: decord indexes no timestamps for this file (AVI with H.264 or B-frames)",
-                                 path=self.path)
-        if not _untimed_logged:
-            _untimed_logged = True
-            log.warning("%s: decord indexes no timestamps for this file (AVI with H.264 or B-frames) and would seek to "
-                        "wrong frames; reading such videos with PyAV, from the start (slower). Re-encoding "
-                        "(mergevid data prepare) avoids it.", self.path)
-        self._vr = None
-        self._pyav = PyAVReader(path=self.path, short_side=self._short_side, num_threads=self._num_threads)
-        self._num_frames = self._pyav.num_frames
+    def _read_with_pyav(self, *, refused: str, warned: str) -> None:
+        """Hand this file to PyAV, where decord would return other frames than asked: ``refused`` says why (the
+        error without the PyAV fallback), ``warned`` what happens (logged once per process and reason).
 
-    def _read_reordered_with_pyav(self) -> None:
-        """decord places keyframes by decode order: in an open GOP with B-frames (:func:`keyframes_reordered`) it seeks
-        to wrong frames without a word (19, 3, 27, 10, 28 for 17, 3, 25, 8, 29). PyAV seeks by timestamps instead."""
-        global _reordered_logged
-        why = "keyframes out of display order (an open GOP with B-frames, as MPEG-4 part 2/Xvid or x264 open-gop write)"
+        - No timestamps (H.264 in AVI, AVI with B-frames): decord counted every frame as cut (no frames) and
+          its seeks returned frames 1, 3, 1 for 17, 3, 25; PyAV reads such a file from the start, counting.
+        - Keyframes out of display order (:func:`keyframes_reordered`: an open GOP with B-frames): decord places
+          keyframes by decode order and gave 19, 3, 27, 10, 28 for 17, 3, 25, 8, 29; PyAV seeks by timestamps.
+        """
         if not self._pyav_fallback:
-            raise VideoReadError(f"{self.path}: decord would seek to wrong frames in this file: {why}", path=self.path)
-        if not _reordered_logged:
-            _reordered_logged = True
-            log.warning("%s: %s; decord would seek to wrong frames in such videos, so they are read with PyAV (slower). "
-                        "Re-encoding (mergevid data prepare) avoids it.", self.path, why)
+            raise VideoReadError(f"{self.path}: {refused}", path=self.path)
+        if refused not in _pyav_handoffs_logged:
+            _pyav_handoffs_logged.add(refused)
+            log.warning("%s: %s. Re-encoding (mergevid data prepare) avoids it.", self.path, warned)
         self._vr = None
         self._pyav = PyAVReader(path=self.path, short_side=self._short_side, num_threads=self._num_threads)
         self._num_frames = self._pyav.num_frames

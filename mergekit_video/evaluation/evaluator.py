@@ -389,10 +389,19 @@ def _check_source_features(head: torch.nn.Module, variants: Sequence[Variant]) -
         )
 
 
+def differing_expert_counts(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """``(container name, expert count)`` of the first container with each count, in model order, when the
+    containers' counts differ (per-expert variants run expert i of every container: they need one); else []."""
+    first: dict[int, str] = {}
+    for name, c in find_containers(model):
+        first.setdefault(c.num_experts, name)
+    return [(name, n) for n, name in first.items()] if len(first) > 1 else []
+
+
 def _check_expert_counts(model: torch.nn.Module, variants: Sequence[Variant]) -> None:
     """Per-expert variants over the whole model need one expert count everywhere (expert i of every container)."""
-    counts = sorted({c.num_experts for _, c in find_containers(model)})
-    if len(counts) > 1 and any(v.kind in ("expert", "logit_ensemble") for v in variants):
+    counts = sorted(n for _, n in differing_expert_counts(model))
+    if counts and any(v.kind in ("expert", "logit_ensemble") for v in variants):
         raise ValueError(
             f"per-expert evaluation runs expert i in every expert container, but this model's containers have "
             f"{' and '.join(map(str, counts))} experts (the head and the visual tower differ); evaluate without "

@@ -158,20 +158,20 @@ class MoTERunner:
         would draw other experts in backward) — both before training, naming the key."""
         from ..experts import find_containers, router_keeps_state
         from ..models.checkpoint import refuse_unsaved_merge_base
+        from ..evaluation.evaluator import differing_expert_counts
         from .schema import compare_merge_problems
 
         refuse_unsaved_merge_base(self.model)  # a ties/dare/task-arithmetic eval merge: the saved model could not hold its base
-        containers = find_containers(self.model)  # the head's and any a model component put in the CLIP tower
-        counts = {name: c.num_experts for name, c in containers}
         compare = self.cfg.get("eval", {}).get("compare") or {}
-        if len(set(counts.values())) > 1 and (compare.get("experts") or compare.get("logit_ensemble")):
-            (a, n), (b, m) = next(iter(counts.items())), next((k, v) for k, v in counts.items() if v != next(iter(counts.values())))
+        differing = differing_expert_counts(self.model)  # the head's and any a model component put in the CLIP tower
+        if differing and (compare.get("experts") or compare.get("logit_ensemble")):
+            (a, n), (b, m) = differing[:2]
             raise ValueError(f"eval.compare.experts / eval.compare.logit_ensemble: per-expert evaluation runs expert i in every "
                              f"container, but {a} has {n} experts and {b} {m}; set both to false, or give every container one count")
-        for count in sorted(set(counts.values())):
+        one_per_count = differing or [(name, c.num_experts) for name, c in find_containers(self.model)[:1]]
+        for shown, count in one_per_count:
             problems = compare_merge_problems(self.cfg, count)
             if problems:
-                shown = next(name for name, c in counts.items() if c == count)
                 raise ValueError(f"{problems[0].path}: {problems[0].message} (container {shown}, {count} experts)")
         if self.cfg["train"].get("grad_checkpointing"):
             routed = [name for name, c in find_containers(self.model.clip) if c.router.stochastic or router_keeps_state(c.router)]
