@@ -8,6 +8,7 @@ in-process training runs share one synthetic dataset.
 from __future__ import annotations
 
 import copy
+import io
 import importlib.util
 import json
 import math
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from safetensors.torch import load_file
 
 from mergekit_video.cli.commands import _load_validated
@@ -89,12 +91,12 @@ def _new_run_dir(path: Path, data: Path) -> Path:
     return path
 
 
-def _run_in_process(out: Path, overrides: list[str]) -> object:
+def _run_in_process(out: Path, overrides: list[str], console: object = None) -> object:
     """``mergevid run recipes/quickstart.yaml output_dir=out ...`` in this process; returns the runner."""
     from mergekit_video.runners import run_recipe
 
     cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, *overrides])
-    runner = run_recipe(cfg)
+    runner = run_recipe(cfg, console=console)
     return runner
 
 
@@ -305,6 +307,8 @@ def test_a_custom_model_components_compare_merges_and_checkpointing_are_checked_
                                                                       "cannot merge 3 experts: merge strategy 'weighted': 2 weights for 3 experts"),
         (["train.grad_checkpointing=true"], "error: train.grad_checkpointing=true, but the CLIP tower holds experts with stochastic or "
                                             "stateful routers (visual.transformer.resblocks.0.mlp)"),
+        (["+model.grad_checkpointing=true"], "error: model.grad_checkpointing=true (the model component turned the CLIP tower's "
+                                             "checkpointing on), but the CLIP tower holds experts with stochastic or stateful routers"),
         (["+model.visual_experts=2"], "error: eval.compare.experts / eval.compare.logit_ensemble: per-expert evaluation runs expert i in "
                                       "every container, but clip.visual.transformer.resblocks.0.mlp has 2 experts and head.transformer.resblocks.0.mlp 3"),
         (["+model.visual_merge=ties", "+model.visual_merge_kwargs={density: 0.5}"],
@@ -329,11 +333,13 @@ def test_topk_experts_in_the_clip_tower_train_their_gate_and_are_compared_beside
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     out = _new_run_dir(tmp_path / "run", synthetic_data)
+    shown = io.StringIO()
     _run_in_process(out, ["model._component_=vistopk_component.build", "objective.wmr_weight=0", "objective.mse_weight=0",
                           "train.export_dense=false", "eval.num_workers=0", "data.num_workers=0",
                           "eval.datasets=[{name: val, kind: close_set, list: " + str(out / "data" / "val.txt") + ", class_csv: "
                           + str(out / "data" / "classes.csv") + ", root: " + str(out / "data") + ", num_clips: 1, num_crops: 1}]",
-                          "eval.compare.merges=[]"])
+                          "eval.compare.merges=[]"], console=Console(file=shown, width=300))
+    assert "2-layer head (0 experts), 2 expert layers in the CLIP tower," in shown.getvalue()  # the banner said "0 experts"
     aux = [r["aux"] for r in _train_records(out)]
     assert len(aux) == STEPS and all(a > 0 for a in aux)
     variants = set(json.loads((out / "results.json").read_text())["summary"])

@@ -156,7 +156,7 @@ class MoTERunner:
         ``train.grad_checkpointing`` is refused where the CLIP tower holds
         stochastic or stateful routers (open_clip recomputes its blocks with a plain checkpoint, which
         would draw other experts in backward) — both before training, naming the key."""
-        from ..experts import find_containers, router_keeps_state
+        from ..experts import checkpoints_plainly, find_containers, router_keeps_state
         from ..models.checkpoint import refuse_unsaved_merge_base
         from ..evaluation.evaluator import differing_expert_counts
         from .schema import compare_merge_problems
@@ -173,13 +173,16 @@ class MoTERunner:
             problems = compare_merge_problems(self.cfg, count)
             if problems:
                 raise ValueError(f"{problems[0].path}: {problems[0].message} (container {shown}, {count} experts)")
-        if self.cfg["train"].get("grad_checkpointing"):
+        key = "train.grad_checkpointing=true" if self.cfg["train"].get("grad_checkpointing") else None
+        if key is None and any(checkpoints_plainly(m) for m in self.model.clip.modules()):
+            key = "model.grad_checkpointing=true (the model component turned the CLIP tower's checkpointing on)"
+        if key is not None:
             routed = [name for name, c in find_containers(self.model.clip) if c.router.stochastic or router_keeps_state(c.router)]
             if routed:
                 raise ValueError(
-                    f"train.grad_checkpointing=true, but the CLIP tower holds experts with stochastic or stateful routers "
+                    f"{key}, but the CLIP tower holds experts with stochastic or stateful routers "
                     f"({routed[0]}{' and more' if len(routed) > 1 else ''}): open_clip's checkpointing would recompute them with "
-                    "other experts in backward. Set train.grad_checkpointing=false, or route them deterministically (fixed, topk)"
+                    "other experts in backward. Turn that checkpointing off, or route them deterministically (fixed, topk)"
                 )
 
     def _refuse_retraining_a_finished_run(self) -> None:
@@ -380,10 +383,14 @@ class MoTERunner:
         start = time.perf_counter()
         first_step = self.trainer.state.step  # > 0 when resumed
         if self.main and self.console is not None:
+            from ..experts import find_containers
+
             n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            tower = find_containers(self.model.clip)  # a model component's experts in the CLIP tower
+            tower_note = f", {len(tower)} expert layer{'s' if len(tower) != 1 else ''} in the CLIP tower" if tower else ""
             self.console.print(
                 f"[bold]training[/] {self.model.model_name} + {self.model.config['head']['layers']}-layer head "
-                f"({self.model.config['head']['num_experts']} experts), {n / 1e6:.2f}M trainable params, "
+                f"({self.model.config['head']['num_experts']} experts){tower_note}, {n / 1e6:.2f}M trainable params, "
                 f"{self.trainer.total_steps} steps on {self.device}"
             )
         state = self.trainer.fit()
