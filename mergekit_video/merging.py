@@ -321,7 +321,7 @@ class GeneralizedTaskArithmetic:
         dtype = tensors[0].dtype
         acc = torch.promote_types(dtype, torch.float32)  # float64 experts stay exact
         b = base.to(tensors[0].device, acc)  # a base kept on the CPU (a saved state dict) for CUDA experts
-        w = torch.ones(len(tensors), dtype=acc) if weights is None else torch.as_tensor(weights).to(acc)
+        w = torch.ones(len(tensors), dtype=acc) if weights is None else torch.as_tensor(weights, dtype=torch.float64).to(acc)  # list weights: not via float32
         if w.numel() != len(tensors):
             raise ValueError(f"got {w.numel()} weights for {len(tensors)} tensors")
         deltas = []

@@ -126,6 +126,21 @@ def test_task_arithmetic_by_hand():
     assert close(ta([a, b], base=base, weights=[2, 1]), [3.0, 1.0, 1.0])  # 1 + 2·[1, −1, 0] + [0, 2, 0]
 
 
+def test_task_arithmetic_keeps_float64_experts_exact_with_list_weights():
+    """List weights went through float32 (torch.as_tensor of floats): 5.6e-8 off for float64 experts."""
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(1000, dtype=torch.float64, generator=g) for _ in range(3)]
+    base = torch.randn(1000, dtype=torch.float64, generator=g)
+    w = [0.1, 0.7, 1 / 3]
+    expected = base + sum(a * (t - base) for a, t in zip(w, ts))
+    for name in ("task_arithmetic", "ties", "dare"):
+        extra = {"density": 1.0} if name == "ties" else {"drop_rate": 0.0} if name == "dare" else {}
+        got = MERGES.get(name)(ts, base=base, weights=w, **extra)
+        assert got.dtype == torch.float64
+        if name != "ties":  # dare with no drop and the linear combine is task arithmetic
+            assert float((got - expected).abs().max()) < 1e-14, name
+
+
 def test_ties_by_hand():
     # base = 0.5 everywhere; task vectors τ_i = θ_i − base
     #   τ1 = [ 3, −1,   0.5, −2  ]  top-2 by |·| (density 0.5 of 4) → [ 3, 0,  0, −2  ]
