@@ -954,3 +954,8 @@ def test_check_paths_reads_the_lists_and_class_csvs_naming_their_keys(tmp_path, 
     # a K-shot subset needs K videos in each class of the training list (found at run time, after the model was built)
     assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base, f"data.class_csv={csv}", "data.few_shot={shots: 2}"]) == 1
     assert f"- data.few_shot.shots: 2 shots, but class 0 of {ours} has 1 video" in " ".join(capsys.readouterr().err.split())
+    # a missing file elsewhere hid the unreadable class CSV until it was fixed: both in one pass now
+    assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base, f"data.class_csv={class_index}",
+                     f"eval.datasets=[{{name: ucf, kind: zero_shot, root: {data}, class_csv: {csv}, splits: [{{list: {data / 'nope.txt'}}}]}}]"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "(2 problems)" in err and "this looks like UCF-101's classInd.txt" in err and "nope.txt" in err

@@ -611,8 +611,8 @@ def check_recipe_paths(cfg: dict[str, Any], data_cfg: dict[str, Any] | None = No
         return
     full = {**cfg, "data": data_cfg} if data_cfg else cfg
     problems = check_paths(full, schema)
-    if not problems and contents:
-        problems = _annotation_file_problems(full, schema)
+    if contents:  # the files that exist are read even when others are missing: every problem in one pass
+        problems = [*problems, *_annotation_file_problems(full, schema)]
     if problems:
         raise ValidationError(problems)
 
