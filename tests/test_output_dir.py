@@ -645,6 +645,22 @@ def test_describe_change_shows_where_long_paths_differ():
     assert describe_change("schedule.epochs", 5, 6) == "schedule.epochs: 5 -> 6"
 
 
+def test_describe_change_of_lists_and_mappings_shows_the_entry_that_differs():
+    """Lists of paths were cut to their first 37 characters, so both sides of the refusal printed alike."""
+    from mergekit_video.runners.common import describe_change
+
+    novel, val = {"list": "/tmp/someone/run/data/novel.txt"}, {"list": "/tmp/someone/run/data/val.txt", "class_csv": "/c.csv"}
+    assert describe_change("eval.datasets.0.splits", [novel, val], [novel]) == (
+        "eval.datasets.0.splits: 2 entries -> 1 (eval.datasets.0.splits.1: {'list': '/tmp/someone/run/data/val.t... -> (absent))"
+    )
+    a = [{"name": "k", "list": "/tmp/someone/mydata/annotations/zs_labels.csv"}]
+    b = [{"name": "k", "list": "/tmp/someone/mydata/annotations/zs_labels_v2.csv"}]
+    assert describe_change("eval.datasets", a, b) == (
+        "eval.datasets.0.list: '.../annotations/zs_labels.csv' -> '.../annotations/zs_labels_v2.csv'"
+    )
+    assert describe_change("model.router_kwargs", {"temperature": 1.0}, {"temperature": 1.0, "seed": 3}) == "model.router_kwargs.seed: (absent) -> 3"
+
+
 def test_eval_workers_default_to_the_data_workers():
     from mergekit_video.runners.common import eval_num_workers
 

@@ -239,11 +239,21 @@ def _without_new_defaults(cfg: dict[str, Any], earlier: Any, changes: list[tuple
 def describe_change(key: str, old: Any, new: Any) -> str:
     """``key: old -> new`` for one recipe change, each value cut to 40 characters (``(absent)`` for a missing key).
 
+    Two lists or mappings are described at the first entry or key where they differ (a list of
+    another length also says both lengths), so that values cut alike still show the change.
+
     Two long strings (paths) are shown from the path part where they start to differ, so that
     ``.../annotations/zs_labels.csv`` and ``.../annotations/zs_labels_v2.csv`` do not print alike.
     """
     from ..config import MISSING
 
+    if isinstance(old, list) and isinstance(new, list) and old != new:  # shown at the first entry that differs
+        i = next((j for j, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        inner = describe_change(f"{key}.{i}", old[i] if i < len(old) else MISSING, new[i] if i < len(new) else MISSING)
+        return inner if len(old) == len(new) else f"{key}: {len(old)} entries -> {len(new)} ({inner})"
+    if isinstance(old, dict) and isinstance(new, dict) and old != new:
+        k = next(k for k in [*old, *(k for k in new if k not in old)] if old.get(k, MISSING) != new.get(k, MISSING))
+        return describe_change(f"{key}.{k}", old.get(k, MISSING), new.get(k, MISSING))
     if isinstance(old, str) and isinstance(new, str) and max(len(old), len(new)) > 38:
         same = len(os.path.commonprefix([old, new]))
         cut = old.rfind("/", 0, same)
