@@ -781,7 +781,9 @@ class ExpertContainer(nn.Module):
         if isinstance(plan, str):
             if plan == "routed":
                 return self._routed_forward(x, args, kwargs)
-            if plan == "merged":
+            if plan == "merged":  # the eval fast path's merge, torch.func transforms included (use_merge)
+                if _functorch_transforms_active():
+                    return self._merged_under_transforms(x, args, kwargs)
                 return self._merged_call()(x, *args, **kwargs)
             if plan == "ensemble":  # every expert sees all data; outputs averaged (differentiable)
                 outs = [_tensor_output(e(x, *args, **kwargs), self._label(), "the ensemble plan (averaging expert outputs)")

@@ -329,6 +329,33 @@ def test_eval_containers_work_under_torch_func_transforms_before_and_after_the_m
         torch.func.grad(lambda p: torch.func.functional_call(slerp, p, (x,)).sum())({k: v.detach() for k, v in slerp.named_parameters()})
 
 
+def test_use_merge_works_under_torch_func_transforms_as_plain_eval_mode_does():
+    """Defect: the "merged" plan of use_merge called the cached merge directly, skipping the torch.func branch of plain
+    eval mode: grad over functional_call failed ("Cannot access storage of TensorWrapper") and a first vmap under a
+    ties merge failed in requires_grad_. Now: mean → each expert gets 1/3 of the dense gradient; vmap(ties) = ties dense."""
+    base = MLP()
+    c = ExpertContainer([copy.deepcopy(base) for _ in range(3)], "multinomial").eval()
+    with torch.no_grad():
+        for i, e in enumerate(c.experts):
+            for p in e.parameters():
+                p.add_(0.1 * (i + 1) * torch.randn_like(p))
+    dense = MLP()
+    dense.load_state_dict(mean_sd(c.experts))
+    x = torch.randn(6, 4)
+    model = nn.Sequential(c)  # use_merge slices base per container name: "0"
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with use_merge(model, "mean"):
+        grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+    dense_grads = torch.func.grad(lambda p: torch.func.functional_call(dense, p, (x,)).sum())(dict(dense.named_parameters()))
+    for k, g in grads.items():  # 0.experts.i.fc1.weight
+        assert maxdiff(g, dense_grads[k.split(".", 3)[3]] / 3) <= 1e-6, k
+    ties_dense = c.collapse("ties", base=base, density=0.5).eval()
+    with use_merge(model, "ties", base=nn.Sequential(base), density=0.5):
+        y = torch.func.vmap(model)(x.unsqueeze(1))  # the first forward under this merge: built outside the transform
+    with torch.no_grad():
+        assert maxdiff(y.squeeze(1), ties_dense(x)) <= 1e-6
+
+
 def test_merge_cached_under_inference_mode_still_supports_autograd():
     c = ExpertContainer(experts(2), "fixed").eval()
     with torch.inference_mode():
