@@ -19,8 +19,9 @@ common cases. A plan is one of
 - ``"ensemble"``: every expert runs on all inputs and the outputs are averaged;
 - an ``int`` i: expert i alone;
 - a ``[N]`` tensor of merge coefficients: :meth:`merged_forward` with those weights;
-- a list of ``(batch_size, plan)`` segments: the batch is split along dim 0 and each
-  segment runs its own plan (two training paths in one batched forward);
+- a list of ``(batch_size, plan)`` segments: the batch is split along the container's
+  ``batch_dim`` (0 by default) and each segment runs its own plan (two training paths in one
+  batched forward);
 - a :class:`~mergekit_video.routers.Router`: routes with it instead of the container's own
   (:func:`use_router`; per-sample random routing at evaluation, MoTE Table 2c).
 """
@@ -278,6 +279,31 @@ def _tensor_output(y: Any, where: str, combining: str) -> torch.Tensor:
     )
 
 
+def _sequence_first_submodule(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first (name, submodule) of ``module`` (itself: ``""``) with ``batch_first=False``, or None."""
+    return next(((n, m) for n, m in module.named_modules() if getattr(m, "batch_first", None) is False), None)
+
+
+def _sequence_first_message(found: tuple[str, nn.Module], *, label: str, fix: str) -> str:
+    name, module = found
+    what = f"holds a {type(module).__name__} ({name!r})" if name else f"is a {type(module).__name__}"
+    return (f"{label} {what} with batch_first=False, so its input is sequence-first ([S, B, ...]), and per-sample "
+            f"routing would split dim 0, the sequence, among the experts: pass batch_dim=1 ({fix}), or build the module "
+            "with batch_first=True; if its input is batch-first nevertheless, pass batch_dim=0")
+
+
+def sequence_first_problem(module: nn.Module, *, label: str, fix: str) -> str | None:
+    """Why per-sample routing of ``module`` along dim 0 would split the wrong axis, or None.
+
+    Per-sample routing (and routing-plan segments) split a container's input along its ``batch_dim``, 0
+    unless given. A module holding a submodule with ``batch_first=False`` (``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer``'s attention, ``nn.LSTM`` by default) reads sequence-first inputs
+    ``[S, B, ...]``. ``label`` names the module in the message and ``fix`` is the call to suggest.
+    """
+    found = _sequence_first_submodule(module)
+    return None if found is None else _sequence_first_message(found, label=label, fix=fix)
+
+
 class ExpertEnsemble(nn.Module):
     """Output-space "merge": runs all N experts and averages their outputs (N forwards)."""
 
@@ -308,6 +334,11 @@ class ExpertContainer(nn.Module):
             (a registered name such as ``"mean"`` or ``"ensemble"``).
         merge_kwargs: keyword arguments for the merge strategy.
         router_kwargs: keyword arguments when ``router`` is a name.
+        batch_dim: the input's batch axis, along which per-sample routing and routing-plan
+            segments split it (``None``: 0, inputs ``[B, ...]``). A sequence-first module
+            (``batch_first=False``: ``nn.TransformerEncoderLayer``, ``nn.MultiheadAttention``,
+            ``nn.LSTM``; inputs ``[S, B, ...]``) needs ``batch_dim=1``: a per-sample router on experts
+            holding one is refused unless ``batch_dim`` is given. Routers always see ``[B, ...]``.
 
     State-dict keys are ``experts.{i}.<expert keys>`` plus the router's own (if any).
     """
@@ -324,8 +355,11 @@ class ExpertContainer(nn.Module):
         *,
         merge_kwargs: Mapping[str, Any] | None = None,
         router_kwargs: Mapping[str, Any] | None = None,
+        batch_dim: int | None = None,
     ) -> None:
         super().__init__()
+        if batch_dim is not None and (isinstance(batch_dim, bool) or not isinstance(batch_dim, int)):
+            raise TypeError(f"batch_dim must be an int (the input's batch axis) or None, got {batch_dim!r}")
         experts = list(experts)
         check_same_structure(experts)
         nested = next((n for n, m in experts[0].named_modules() if isinstance(m, ExpertContainer)), None)
@@ -338,6 +372,13 @@ class ExpertContainer(nn.Module):
         self.router = build_router(router, num_experts=len(experts), module=experts[0], **dict(router_kwargs or {}))
         if self.router.num_experts != len(experts):
             raise ValueError(f"router is built for {self.router.num_experts} experts but the container has {len(experts)}")
+        #: the input's batch axis (per-sample routing and plan segments split along it); given or 0
+        self.batch_dim = 0 if batch_dim is None else int(batch_dim)
+        self.batch_dim_given = batch_dim is not None  # False: a per-sample router on a sequence-first expert is refused
+        if getattr(self.router, "granularity", None) == "sample":
+            problem = self.sequence_first_problem(fix="ExpertContainer(..., batch_dim=1)", label="the expert")
+            if problem is not None:
+                raise ValueError(problem)
         object.__setattr__(self, "_merge_cache", None)  # (tensors merged, their versions, module, argument versions)
         object.__setattr__(self, "_merge_pool", collections.OrderedDict())  # merges of other strategies, by _merge_key
         self.set_merge(merge, **dict(merge_kwargs or {}))  # fails now on an unknown name, not at the first eval forward
@@ -675,9 +716,12 @@ class ExpertContainer(nn.Module):
         state["_merge_pool"] = collections.OrderedDict()
         state.pop("_slots_cache", None)  # refers to the experts' own dicts
         state.pop("_no_versions_warned", None)
+        state.pop("_sequence_first_cache", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("batch_dim", 0)  # pickled before batch_dim existed: batch first
+        state.setdefault("batch_dim_given", False)
         super().__setstate__(state)
         # the key names tensors by identity: the copy's arguments are other tensors
         object.__setattr__(self, "_merge_key", _merge_key(self._merge, self._merge_kwargs))
@@ -800,10 +844,30 @@ class ExpertContainer(nn.Module):
 
     def _segmented_forward(self, segments: Sequence[tuple[int, Any]], x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         sizes = [int(n) for n, _ in segments]
-        if sum(sizes) != x.shape[0]:
-            raise ValueError(f"plan segments cover {sum(sizes)} samples but the batch has {x.shape[0]}")
-        outs = [self._run(p, part, args, kwargs) for (_, p), part in zip(segments, x.split(sizes, dim=0))]
-        return torch.cat(outs, dim=0)
+        bd = self._batch_axis(x)
+        if sum(sizes) != x.shape[bd]:
+            raise ValueError(f"plan segments cover {sum(sizes)} samples but the batch has {x.shape[bd]}" + (f" (dim {bd} of the input)" if bd else ""))
+        outs = [self._run(p, part, args, kwargs) for (_, p), part in zip(segments, x.split(sizes, dim=bd))]
+        return torch.cat(outs, dim=bd)
+
+    def _batch_axis(self, x: torch.Tensor) -> int:
+        """``batch_dim`` as a non-negative axis of ``x``; a ValueError naming the container when ``x`` lacks it."""
+        if not -x.dim() <= self.batch_dim < max(x.dim(), 1):
+            raise ValueError(f"{self._label()} splits samples along batch_dim={self.batch_dim}, but its input has shape "
+                             f"{list(x.shape)}")
+        return self.batch_dim % max(x.dim(), 1)
+
+    def sequence_first_problem(self, *, fix: str, label: str | None = None) -> str | None:
+        """Why per-sample routing would split the wrong axis (:func:`sequence_first_problem` of expert 0, named
+        ``label`` or the container's own label), or None; None too when ``batch_dim`` was given. Cached per module
+        structure (routing plans check it on every entry)."""
+        if self.batch_dim_given:
+            return None
+        cached = self.__dict__.get("_sequence_first_cache")
+        if cached is None or cached[0] != _structure_epoch:
+            cached = (_structure_epoch, _sequence_first_submodule(self.experts[0]))
+            object.__setattr__(self, "_sequence_first_cache", cached)
+        return None if cached[1] is None else _sequence_first_message(cached[1], label=label or self._label(), fix=fix)
 
     def _check_routing(self, routing: Any, router: Router, x: torch.Tensor) -> None:
         """A router's decision that does not fit ``x`` or the experts, named with the router and the container
@@ -843,11 +907,13 @@ class ExpertContainer(nn.Module):
                 "Checkpoint with mergekit_video.experts.checkpoint_routed (it replays the routing), or turn that "
                 "module's gradient checkpointing off"
             )
+        bd = self._batch_axis(x) if self.batch_dim else 0
+        xr = x.movedim(bd, 0) if bd else x  # [B, ...]: routers see the batch first
         try:
-            routing = router(x)
+            routing = router(xr)
         except ValueError as err:  # an input the router cannot take (a topk gate of another width)
             raise ValueError(f"{self._label()}: {err}") from err
-        self._check_routing(routing, router, x)
+        self._check_routing(routing, router, xr)
         self.last_routing = routing
         self.aux_losses = routing.aux_losses
         if routing.granularity == "batch":
@@ -860,7 +926,16 @@ class ExpertContainer(nn.Module):
                 f"tensor argument {tensor_arg}, which it cannot split alike; route per batch (MoTE), or pass the "
                 "experts only the input (other arguments that are not tensors, such as attn_mask=None, pass through)"
             )
-        flat = x if routing.granularity == "sample" else x.reshape(-1, x.shape[-1])  # [G, ...]
+        sample = routing.granularity == "sample"
+        flat = xr if sample else xr.reshape(-1, xr.shape[-1])  # [G, ...]
+
+        def run(expert: nn.Module, part: torch.Tensor) -> Any:
+            # part: [g, ...] rows of flat; a sample-routed expert gets (and returns) its own layout, batch on dim bd
+            if not (sample and bd):
+                return expert(part, *args, **kwargs)
+            y = expert(part.movedim(0, bd), *args, **kwargs)
+            return y.movedim(bd, 0) if isinstance(y, torch.Tensor) else y
+
         indices = routing.indices.to(flat.device)
         weights = routing.weights.to(flat.device)
         out = None
@@ -869,7 +944,7 @@ class ExpertContainer(nn.Module):
             if pos.numel() == 0:
                 continue
             try:
-                y = expert(flat[pos], *args, **kwargs)
+                y = run(expert, flat[pos])
             except (RuntimeError, ValueError, TypeError) as err:
                 if routing.granularity != "token" or isinstance(err, torch.OutOfMemoryError):
                     raise
@@ -884,13 +959,13 @@ class ExpertContainer(nn.Module):
                 out = y.new_zeros((flat.shape[0], *y.shape[1:]))
             out = out.index_add(0, pos, y)
         if out is None:  # no routing slots at all (empty input)
-            out = self.experts[0](flat, *args, **kwargs)
+            out = run(self.experts[0], flat)
         if routing.granularity == "token":
-            out = out.reshape(*x.shape[:-1], out.shape[-1])
-        return out
+            out = out.reshape(*xr.shape[:-1], out.shape[-1])
+        return out.movedim(0, bd) if bd else out
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, merge={self.merge!r}"
+        return f"num_experts={self.num_experts}, merge={self.merge!r}" + (f", batch_dim={self.batch_dim}" if self.batch_dim else "")
 
     def _label(self) -> str:
         """How errors name this container: by the module it replaced (``add_experts`` records it)."""
@@ -1041,6 +1116,11 @@ def _check_one_plan(name: str, c: ExpertContainer, plan: Any) -> None:
         raise ValueError(f"merge weights for container {name!r} need shape [{c.num_experts}] (one per expert), got {list(plan.shape)}")
     if isinstance(plan, Router) and plan.num_experts != c.num_experts:
         raise ValueError(f"a router for {plan.num_experts} experts cannot route container {name!r}, which has {c.num_experts}")
+    if isinstance(plan, Router) and plan.granularity == "sample":
+        problem = c.sequence_first_problem(fix="add_experts(..., batch_dim=1) or ExpertContainer(..., batch_dim=1)",
+                                           label=f"container {name!r}")
+        if problem is not None:
+            raise ValueError(f"a per-sample router plan (use_router): {problem}")
 
 
 def checkpoints_plainly(module: nn.Module) -> bool:

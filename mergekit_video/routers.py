@@ -53,7 +53,11 @@ def _check_granularity(granularity: str) -> str:
 
 
 def num_groups(x: torch.Tensor, granularity: str) -> int:
-    """How many routing decisions ``x`` needs at ``granularity``."""
+    """How many routing decisions ``x`` needs at ``granularity``.
+
+    ``x`` is batch first, ``[B, ...]``: an :class:`~mergekit_video.experts.ExpertContainer` with another
+    ``batch_dim`` (a sequence-first module, ``[S, B, ...]``) moves that axis to the front before routing.
+    """
     if granularity == "batch":
         return 1
     if granularity == "sample":

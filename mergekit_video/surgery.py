@@ -22,6 +22,7 @@ from .experts import (
     find_containers,
     per_container_merge_kwargs,
     router_keeps_state,
+    sequence_first_problem,
     state_dict_under,
 )
 from .merging import default_seed, requires_base
@@ -208,6 +209,7 @@ def add_experts(
     init_std: float = 0.02,
     generator: torch.Generator | None = None,
     merge_kwargs: Mapping[str, Any] | None = None,
+    batch_dim: int | None = None,
     **router_kw: Any,
 ) -> list[str]:
     """Replace every submodule matching ``target`` with an :class:`ExpertContainer` of N copies.
@@ -231,6 +233,10 @@ def add_experts(
             container, or, for upcycled experts (``copy`` / ``copy_noise``), the module each
             container replaces.
         generator: RNG for the ``normal`` / ``copy_noise`` inits (the global RNG if None).
+        batch_dim: the targets' batch axis, along which per-sample routing splits their input
+            (``None``: 0, inputs ``[B, ...]``). A sequence-first target (a submodule with
+            ``batch_first=False``, such as ``nn.TransformerEncoderLayer`` by default: ``[S, B, D]``)
+            needs ``batch_dim=1``; a per-sample router on one is refused unless it is given.
 
     Returns:
         The qualified names of the replaced modules. A module shared under several names (tied
@@ -295,6 +301,10 @@ def add_experts(
             raise
         except (ValueError, TypeError) as err:
             raise SurgeryError(f"the router for {group[0]!r}: {err}") from err
+        if getattr(container_router, "granularity", None) == "sample" and batch_dim is None:
+            problem = sequence_first_problem(original, label=repr(group[0]), fix="add_experts(..., batch_dim=1)")
+            if problem is not None:
+                raise SurgeryError(problem)
         if getattr(container_router, "granularity", None) == "token":
             mixing = next(((n, m) for n, m in original.named_modules() if isinstance(m, _MIXES_POSITIONS)), None)
             if mixing is not None:
@@ -309,6 +319,7 @@ def add_experts(
                 container_router,
                 merge,
                 merge_kwargs={**merge_kwargs, "base": bases[index]} if bases else merge_kwargs,
+                batch_dim=batch_dim,
             )
         except (ValueError, TypeError) as err:
             raise SurgeryError(f"experts for {group[0]!r}: {err}") from err

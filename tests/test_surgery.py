@@ -801,3 +801,90 @@ def test_the_model_itself_as_target_and_a_child_named_experts_in_a_base():
     dense = copy.deepcopy(model)
     mv.collapse_experts(dense, "task_arithmetic", base=before)
     assert set(dense.state_dict()) == set(before)
+
+
+def _seq_first_encoder() -> nn.TransformerEncoder:
+    """A sequence-first encoder ([S, B, D]: batch_first=False, torch's default)."""
+    torch.manual_seed(0)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0), 1, enable_nested_tensor=False)
+
+
+def test_per_sample_routing_of_a_sequence_first_target_is_refused_without_batch_dim():
+    """Defect: sample routing split dim 0 of a batch_first=False module's [S, B, D] input, the sequence, among the experts,
+    silently. Now add_experts, ExpertContainer and use_router refuse it, naming the module and batch_dim=1."""
+    said = (r"'layers.0' holds a MultiheadAttention \('self_attn'\) with batch_first=False, so its input is sequence-first "
+            r"\(\[S, B, \.\.\.\]\), and per-sample routing would split dim 0, the sequence, among the experts: pass batch_dim=1 "
+            r"\(add_experts\(\.\.\., batch_dim=1\)\), or build the module with batch_first=True")
+    for router, kw in (("random", {"granularity": "sample"}), ("topk", {"granularity": "sample"})):
+        enc = _seq_first_encoder()
+        with pytest.raises(SurgeryError, match="^" + said):
+            mv.add_experts(enc, "layers.*", 4, router=router, seed=0, **kw)
+        assert isinstance(enc.layers[0], nn.TransformerEncoderLayer)  # unchanged
+    enc = _seq_first_encoder()
+    mv.add_experts(enc, "layers.*", 4, router="random", granularity="batch", seed=0)  # per batch: no split, fine
+    with pytest.raises(ValueError, match=r"^a per-sample router plan \(use_router\): container 'layers.0' holds a MultiheadAttention"):
+        with mv.experts.use_router(enc, "random"):
+            pass
+    layer = enc.layers[0].experts[0]
+    with pytest.raises(ValueError, match=r"^the expert holds a MultiheadAttention \('self_attn'\) with batch_first=False.*"
+                                         r"\(ExpertContainer\(\.\.\., batch_dim=1\)\)"):
+        ExpertContainer([copy.deepcopy(layer) for _ in range(2)], "random", router_kwargs={"granularity": "sample"})
+    mv.add_experts(_seq_first_encoder(), "layers.*", 2, router="random", granularity="sample", batch_dim=0)  # given: trusted
+
+
+def test_batch_dim_routes_each_sample_of_a_sequence_first_input_whole():
+    """Defect: per-sample routing assumed [B, ...]. With batch_dim=1, sample j of [S, B, D] runs whole through its expert
+    (random, topk and use_router; segmented plans split dim 1), and state_dict / deepcopy / eval round trips keep it."""
+    x = torch.randn(5, 3, 16)  # [S, B, D]
+    for router in ("random", "topk"):
+        enc = _seq_first_encoder()
+        mv.add_experts(enc, "layers.*", 4, router=router, granularity="sample", seed=0, batch_dim=1)
+        c = enc.layers[0]
+        assert c.batch_dim == 1 and "batch_dim=1" in repr(c)
+        enc.train()
+        y = enc(x)
+        idx, w = c.last_routing.indices.view(-1), c.last_routing.weights.view(-1)
+        assert idx.shape == (3,)  # one decision per sample, not per position
+        with torch.no_grad():
+            for j in range(3):
+                ref = c.experts[int(idx[j])](x[:, j:j + 1])[:, 0] * w[j]
+                assert (y[:, j] - ref).abs().max().item() <= 1e-6
+    enc = _seq_first_encoder()
+    mv.add_experts(enc, "layers.*", 3, router="fixed", granularity="batch", batch_dim=1)
+    c = enc.layers[0]
+    with torch.no_grad(), mv.experts.use_router(enc, "random", seed=0):
+        y = enc(x)
+        idx = c.last_routing.indices.view(-1)
+        assert all((y[:, j] - c.experts[int(idx[j])](x[:, j:j + 1])[:, 0]).abs().max().item() <= 1e-6 for j in range(3))
+    with torch.no_grad(), mv.experts.routing_plan(enc, [(1, 0), (2, 2)]):  # sample 0 → expert 0, samples 1, 2 → expert 2
+        y = enc(x)
+        assert (y[:, :1] - c.experts[0](x[:, :1])).abs().max().item() <= 1e-6
+        assert (y[:, 1:] - c.experts[2](x[:, 1:])).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match=r"^plan segments cover 5 samples but the batch has 3 \(dim 1 of the input\)"):
+        with mv.experts.routing_plan(enc, [(2, 0), (3, 1)]):
+            enc(x)
+    copied = copy.deepcopy(enc)
+    assert copied.layers[0].batch_dim == 1 and copied.layers[0].batch_dim_given
+    fresh = _seq_first_encoder()
+    mv.add_experts(fresh, "layers.*", 3, router="fixed", granularity="batch", batch_dim=1)
+    fresh.load_state_dict(enc.state_dict())  # no key for batch_dim: state dicts are as before
+    assert set(enc.state_dict()) == set(fresh.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), enc.eval()(x))
+
+
+def test_the_clip_experts_record_keeps_a_given_batch_dim():
+    """Defect guard: a container's batch_dim must survive the VideoCLIP config record (recorded only when given, so
+    records of batch-first containers are as before)."""
+    from mergekit_video.models.video_clip import apply_clip_experts, clip_experts_record
+
+    enc = _seq_first_encoder()
+    mv.add_experts(enc, "layers.*", 2, router="random", granularity="sample", seed=0, batch_dim=1)
+    record = clip_experts_record(enc)
+    assert record[0]["batch_dim"] == 1
+    rebuilt = _seq_first_encoder()
+    apply_clip_experts(rebuilt, record)
+    assert rebuilt.layers[0].batch_dim == 1 and rebuilt.layers[0].router.granularity == "sample"
+    plain = nn.Sequential(nn.Linear(4, 4))
+    mv.add_experts(plain, "0", 2)
+    assert "batch_dim" not in clip_experts_record(plain)[0]

@@ -371,6 +371,8 @@ def validate_model_config(config: Any, *, source: str) -> dict[str, Any]:
         require(entry, "module", (str,), where)
         if require(entry, "num_experts", (int,), where) < 1:
             raise fail(f"{where}.num_experts", f"key {{key}} must be at least 1, not {entry['num_experts']}")
+        if "batch_dim" in entry and (isinstance(entry["batch_dim"], bool) or not isinstance(entry["batch_dim"], int)):
+            raise fail(f"{where}.batch_dim", f"key {{key}} must be an integer (the input's batch axis), not {json.dumps(entry['batch_dim'])[:60]}")
     head = require(config, "head", (dict,), "")
     for key in _REQUIRED_HEAD_KEYS:
         require(head, key, _HEAD_KEYS[key], "head")

@@ -249,7 +249,7 @@ def _stored_merge_kwargs(name: str, kwargs: Any) -> dict[str, Any]:
 def clip_experts_record(clip: nn.Module) -> list[dict[str, Any]]:
     """The expert containers in the CLIP part (MoTE-style experts a recipe's model component added to the
     visual tower), as :func:`video_clip_from_config` re-applies them: the module each replaced, its
-    expert count, router (registered name and settings) and eval merge."""
+    expert count, router (registered name and settings), eval merge and, when it was given, ``batch_dim``."""
     from ..experts import find_containers
     from ..registry import ROUTERS
 
@@ -264,6 +264,7 @@ def clip_experts_record(clip: nn.Module) -> list[dict[str, Any]]:
             "router_kwargs": _router_kwargs(c.router),
             "merge": c.merge,
             "merge_kwargs": _stored_merge_kwargs(name, c.merge_kwargs),
+            **({"batch_dim": c.batch_dim} if c.batch_dim_given else {}),  # a sequence-first module's batch axis
         })
     return record
 
@@ -281,7 +282,7 @@ def apply_clip_experts(clip: nn.Module, record: Sequence[dict[str, Any]]) -> Non
             )
         add_experts(clip, entry["module"], int(entry["num_experts"]), router=entry["router"], init="copy",
                     merge=entry.get("merge", "mean"), merge_kwargs=entry.get("merge_kwargs") or None,
-                    **(entry.get("router_kwargs") or {}))
+                    batch_dim=entry.get("batch_dim"), **(entry.get("router_kwargs") or {}))
 
 
 def plugin_modules(model: nn.Module) -> list[str]:
