@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -182,7 +183,7 @@ def _build_router(
         named = ROUTERS.names_of(router)
         raise SurgeryError(f"router must be a registered name or a Router instance, got the class {router.__name__}: "
                            + (f"pass router={named[0]!r}" if named else f"pass an instance, {router.__name__}(...)"))
-    if isinstance(router, nn.Module):
+    if isinstance(router, nn.Module):  # its own arguments apply (router keywords are refused by add_experts)
         r = copy.deepcopy(router)
         template = getattr(router, "generator", None)
         if isinstance(template, torch.Generator):
@@ -197,6 +198,36 @@ def _build_router(
         raise SurgeryError(str(exc)) from None
 
 
+def _check_router_keywords(router: Any, router_kw: Mapping[str, Any]) -> None:
+    """Refuse router keywords that would be ignored (beside a Router instance) or that no one takes (a typo of
+    add_experts's own keywords, ``init_sdt``, was blamed on the router), naming the closest accepted name."""
+    if not router_kw:
+        return
+    if isinstance(router, nn.Module):
+        raise SurgeryError(
+            f"router is a {type(router).__name__} instance, which carries its own arguments ({router.extra_repr()}): the "
+            f"keyword arguments {', '.join(map(repr, router_kw))} would be ignored; set them when building the instance, "
+            "or pass the router's registered name with them"
+        )
+    if not isinstance(router, str):
+        return  # a class or another object: _build_router names it
+    from .registry import ROUTERS, _close, _keyword_parameters
+
+    accepted = _keyword_parameters(ROUTERS.get(router))  # an unknown name: the registry's error, with close names
+    if accepted is None:  # open-ended (**kwargs all the way): the router checks
+        return
+    own = [p for p in inspect.signature(add_experts).parameters if p not in ("model", "router_kw")]
+    # add_experts passes num_experts and module itself, and takes generator as its own
+    accepted = [a for a in accepted if a not in ("num_experts", "module", *own)]
+    unknown = next((k for k in router_kw if k not in accepted), None)
+    if unknown is not None:
+        raise SurgeryError(
+            f"add_experts got an unexpected argument {unknown!r}{_close(str(unknown), own + accepted)}: it is neither an "
+            f"argument of add_experts ({', '.join(own)}) nor of router {router!r} ({', '.join(accepted) or 'none'}), to "
+            "which add_experts passes its other keywords"
+        )
+
+
 def add_experts(
     model: nn.Module,
     target: str | Sequence[str],
@@ -205,8 +236,8 @@ def add_experts(
     init: str = "normal",
     merge: str = "mean",
     *,
-    noise_std: float = 0.01,
-    init_std: float = 0.02,
+    noise_std: float | None = None,
+    init_std: float | None = None,
     generator: torch.Generator | None = None,
     merge_kwargs: Mapping[str, Any] | None = None,
     batch_dim: int | None = None,
@@ -220,13 +251,17 @@ def add_experts(
         num_experts: N.
         router: registered router name (each container gets its own router) or a Router
             to copy. ``router_kw`` go to its constructor; ``dim`` is inferred for gated routers.
-            Containers route independently: ``seed=s`` gives the i-th new container the seed
+            A Router instance carries its own arguments: router keywords beside one are refused.
+            A keyword that is neither add_experts's nor the router's is refused with the closest
+            name of either. Containers route independently: ``seed=s`` gives the i-th new container the seed
             s + k + i, where k counts the containers the model had before this call (so a
             second call with the same seed does not repeat the first call's routing), and a
             copied Router gets a generator seeded from the template's generator.
         init: ``"normal"`` re-initialises every expert independently (Linear weights
-            N(0, 0.02), biases 0, as MoTE does); ``"copy"`` upcycles (each expert starts as
-            the original weights); ``"copy_noise"`` copies then adds N(0, noise_std²) noise.
+            N(0, init_std²), ``init_std`` 0.02 by default, biases 0, as MoTE does); ``"copy"``
+            upcycles (each expert starts as the original weights); ``"copy_noise"`` copies then adds
+            N(0, noise_std²) noise (``noise_std`` 0.01 by default). ``noise_std`` given with another
+            init, or ``init_std`` with an init other than ``"normal"``, has no effect: a warning says so.
         merge: eval-mode merge strategy of the containers; ``merge_kwargs`` are its arguments.
             A task-arithmetic merge (task_arithmetic, ties, dare) merges relative to a base:
             ``merge_kwargs["base"]`` (the model before surgery, or its state dict), sliced per
@@ -248,6 +283,14 @@ def add_experts(
         raise SurgeryError(f"init must be one of {EXPERT_INITS}, got {init!r}")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise SurgeryError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, (int, type(None))):
+        raise SurgeryError(f"batch_dim must be an int (the targets' batch axis) or None, got {batch_dim!r}")
+    _check_router_keywords(router, router_kw)
+    for given, name, used_by in ((noise_std, "noise_std", "copy_noise"), (init_std, "init_std", "normal")):
+        if given is not None and init != used_by:
+            warn_user(f"add_experts: {name}={given} has no effect with init={init!r} (it is the std of init={used_by!r})")
+    noise_std = 0.01 if noise_std is None else noise_std
+    init_std = 0.02 if init_std is None else init_std
     matched = match_modules(model, target)
     # a module reachable under several names (tied weights) becomes one container under all of them
     aliases: dict[int, list[str]] = {}

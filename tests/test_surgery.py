@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -888,3 +889,46 @@ def test_the_clip_experts_record_keeps_a_given_batch_dim():
     plain = nn.Sequential(nn.Linear(4, 4))
     mv.add_experts(plain, "0", 2)
     assert "batch_dim" not in clip_experts_record(plain)[0]
+
+
+def test_router_keywords_beside_a_router_instance_are_refused():
+    """Defect: add_experts(router=<Router instance>, temperature=5.0, granularity=..., seed=...) silently dropped the
+    keywords (the instance was copied as is). Now refused, naming them; the instance alone still works."""
+    m = Toy()
+    template = MultinomialRouter(num_experts=2, temperature=2.0, seed=0)
+    with pytest.raises(SurgeryError, match=r"^router is a MultinomialRouter instance, which carries its own arguments "
+                                           r"\(num_experts=2, granularity='batch'\): the keyword arguments 'temperature', "
+                                           r"'granularity', 'seed' would be ignored"):
+        mv.add_experts(m, "blocks.*.mlp", 2, router=template, temperature=5.0, granularity="token", seed=1)
+    assert not find_containers(m)
+    mv.add_experts(m, "blocks.*.mlp", 2, router=template)
+    assert [c.router.temperature for _, c in find_containers(m)] == [2.0, 2.0]
+
+
+def test_a_typo_of_an_add_experts_keyword_is_named_with_the_closest_name_of_either_add_experts_or_the_router():
+    """Defect: add_experts(init_sdt=0.1) was blamed on the router ("router 'multinomial' got an unexpected argument")
+    with no suggestion. Now the closest name among add_experts's own keywords and the router's is offered."""
+    m = Toy()
+    with pytest.raises(SurgeryError, match=r"^add_experts got an unexpected argument 'init_sdt' \(did you mean 'init_std'\?\): it is "
+                                           r"neither an argument of add_experts \(target, num_experts, router, init, merge, noise_std, "
+                                           r"init_std, generator, merge_kwargs, batch_dim\) nor of router 'multinomial' "
+                                           r"\(temperature, granularity, seed\)"):
+        mv.add_experts(m, "blocks.*.mlp", 2, init_sdt=0.1)
+    with pytest.raises(SurgeryError, match=r"^add_experts got an unexpected argument 'kk' \(did you mean 'k'\?\)"):
+        mv.add_experts(m, "blocks.*.mlp", 2, router="topk", kk=2)
+    assert not find_containers(m)
+
+
+def test_an_init_std_or_noise_std_that_the_init_does_not_use_is_warned_about():
+    """Defect: noise_std with init='normal' (and init_std with a copy init) was ignored silently. Now a UserWarning
+    says so; the stds an init uses still apply (copy_noise with noise_std=0: the experts equal the module)."""
+    with pytest.warns(UserWarning, match=r"^add_experts: noise_std=0.1 has no effect with init='normal' \(it is the std of init='copy_noise'\)$"):
+        mv.add_experts(Toy(), "blocks.*.mlp", 2, noise_std=0.1)
+    with pytest.warns(UserWarning, match=r"^add_experts: init_std=0.1 has no effect with init='copy' \(it is the std of init='normal'\)$"):
+        mv.add_experts(Toy(), "blocks.*.mlp", 2, init="copy", init_std=0.1)
+    m = Toy()
+    before = copy.deepcopy(m.blocks[0].mlp.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mv.add_experts(m, "blocks.*.mlp", 2, init="copy_noise", noise_std=0.0)
+    assert all(torch.equal(v, m.blocks[0].mlp.experts[1].state_dict()[k]) for k, v in before.items())
