@@ -946,6 +946,12 @@ class ExpertContainer(nn.Module):
             try:
                 y = run(expert, flat[pos])
             except (RuntimeError, ValueError, TypeError) as err:
+                if sample and isinstance(err, ValueError) and "more than 1 value per channel when training" in str(err):
+                    raise ValueError(
+                        f"{self._label()}: per-sample routing runs each expert on the samples routed to it, a sub-batch "
+                        f"(expert {e} got {pos.numel()}), and a BatchNorm in the expert needs more than one sample per expert "
+                        f"in training; route it per batch (granularity='batch', as MoTE does) or use larger batches. ({err})"
+                    ) from err
                 if routing.granularity != "token" or isinstance(err, torch.OutOfMemoryError):
                     raise
                 raise RuntimeError(

@@ -492,6 +492,23 @@ def test_sample_routing_passes_arguments_that_are_not_tensors_and_token_routing_
         c(x, attn_mask=None)
 
 
+def test_sample_routing_onto_a_batchnorm_expert_that_gets_one_sample_is_named_and_explained():
+    """Defect: a sample-routed expert holding a BatchNorm that got one sample re-raised torch's unlabelled "Expected more
+    than 1 value per channel when training". Now the error names the container, the expert, its sub-batch and the fix."""
+    from mergekit_video.routers import AssignedRouter
+
+    model = nn.Sequential(ExpertContainer([nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)) for _ in range(2)], "fixed")).train()
+    model[0].target_name = "block.mlp"
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"^expert container 'block.mlp': per-sample routing runs each expert on the samples routed "
+                                         r"to it, a sub-batch \(expert 1 got 1\), and a BatchNorm in the expert needs more than one "
+                                         r"sample per expert in training; route it per batch \(granularity='batch'"):
+        with routing_plan(model, AssignedRouter(num_experts=2, indices=[0, 0, 1])):
+            model(x)
+    with routing_plan(model, AssignedRouter(num_experts=2, indices=[0, 1, 1, 0])), torch.no_grad():
+        assert model(torch.randn(4, 4)).shape == (4, 4)  # two samples per expert: fine
+
+
 def test_topk_token_routing_combines_weighted_experts():
     torch.manual_seed(0)
     mods = [nn.Linear(4, 4) for _ in range(3)]
