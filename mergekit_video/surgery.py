@@ -352,6 +352,13 @@ def add_experts(
             mixing = next(((n, m) for n, m in original.named_modules() if isinstance(m, _MIXES_POSITIONS)), None)
             if mixing is not None:
                 what = f"is a {type(mixing[1]).__name__}" if not mixing[0] else f"holds a {type(mixing[1]).__name__} ({mixing[0]!r})"
+                pointwise = isinstance(mixing[1], nn.modules.conv._ConvNd) and all(k == 1 for k in mixing[1].kernel_size)
+                if pointwise:  # mixes no positions, but reads [B, C, H, W], not the rows per-token routing hands out
+                    raise SurgeryError(
+                        f"{group[0]!r} {what}, a 1x1 convolution: it mixes no positions, but it reads channels-first input "
+                        "([B, C, ...]), while per-token routing runs each expert on [tokens, dim] rows (the last dim as "
+                        "channels); route it per batch or per sample (a sample-routed topk gate reads channels first)"
+                    )
                 raise SurgeryError(
                     f"{group[0]!r} {what}, which mixes positions: per-token routing runs each expert on single "
                     "tokens ([tokens, dim]); route it per batch or per sample"

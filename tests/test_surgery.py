@@ -932,3 +932,17 @@ def test_an_init_std_or_noise_std_that_the_init_does_not_use_is_warned_about():
         warnings.simplefilter("error")
         mv.add_experts(m, "blocks.*.mlp", 2, init="copy_noise", noise_std=0.0)
     assert all(torch.equal(v, m.blocks[0].mlp.experts[1].state_dict()[k]) for k, v in before.items())
+
+
+def test_token_routing_of_a_1x1_convolution_is_refused_for_its_layout_not_for_mixing_positions():
+    """Defect: a 1x1 Conv2d (timm convnext conv_mlp) was refused for per-token routing as one "which mixes positions", which
+    it does not; the refusal stands (it reads [B, C, H, W], not [tokens, dim]) but says why. Sample routing still works."""
+    mlp = nn.Sequential(nn.Conv2d(8, 16, 1), nn.GELU(), nn.Conv2d(16, 8, 1))
+    m = nn.Sequential(mlp)
+    with pytest.raises(SurgeryError, match=r"^'0' holds a Conv2d \('0'\), a 1x1 convolution: it mixes no positions, but it reads "
+                                           r"channels-first input \(\[B, C, \.\.\.\]\), while per-token routing runs each expert on "
+                                           r"\[tokens, dim\] rows"):
+        mv.add_experts(m, "0", 2, router="topk")
+    mv.add_experts(m, "0", 2, router="topk", granularity="sample")
+    x = torch.randn(2, 8, 3, 3)
+    assert m.train()(x).shape == (2, 8, 3, 3)
