@@ -54,6 +54,7 @@ from .merging import (
     merge_coefficients,
     merge_state_dicts,
     merge_tensors,
+    non_float_notices,
     requires_base,
 )
 from .routers import GRANULARITIES, Router, RouterOutput, build_router, num_groups
@@ -501,7 +502,8 @@ class ExpertContainer(nn.Module):
         check_merge_arguments(strategy, {**kwargs, "base": base}, num_experts=self.num_experts)
         if is_output_space(strategy):
             return ExpertEnsemble([copy.deepcopy(e) for e in self.experts], **kwargs)
-        with torch.no_grad():
+        # differing non-float tensors (BatchNorm counters): one warning naming this container (the first per tensor)
+        with torch.no_grad(), non_float_notices(where=self._label()):
             base_sd = base.state_dict() if isinstance(base, nn.Module) else base
             coeff = merge_coefficients(strategy, self.num_experts, **kwargs)
             dense = self._copy_of_first_expert()

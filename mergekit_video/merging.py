@@ -18,8 +18,8 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-import logging
 import math
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from .registry import MERGES
+from .utils.warn import warn_user
 
-log = logging.getLogger(__name__)
 NON_FLOAT_POLICIES = ("first", "error")
 
 Tensor = torch.Tensor
@@ -223,6 +223,45 @@ def merge_coefficients(strategy: str | MergeFn, n: int, **kwargs: Any) -> Tensor
     fn = MERGES.get(strategy) if isinstance(strategy, str) else strategy
     coeff_fn = getattr(fn, "coefficients", None)
     return None if coeff_fn is None else coeff_fn(n, **kwargs)
+
+
+# -- notices ----------------------------------------------------------------------------
+
+_notices = threading.local()  # .stack: the open non_float_notices blocks' labels; .items: what was kept, in order
+
+
+class non_float_notices:  # noqa: N801 - used as a context manager, like contextlib's
+    """Collect the differing non-float tensors that the merges inside keep unaveraged (:func:`merge_tensors`) and say
+    them in one ``UserWarning`` when the outermost block ends (not one per key). ``where`` names what the tensors inside
+    belong to (``"expert container 'layer1.0'"``); the innermost label counts. Nothing is said when the block raises.
+    (A class, not a generator: the warning points at the user's line, not into contextlib.)"""
+
+    def __init__(self, *, where: str | None = None) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        if not hasattr(_notices, "stack"):
+            _notices.stack, _notices.items = [], []
+        _notices.stack.append(self.where)
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        _notices.stack.pop()
+        if not _notices.stack:
+            items, _notices.items = _notices.items, []
+            if exc_type is None and items:
+                warn_user(_non_float_message(items))
+
+
+def _non_float_message(items: Sequence[tuple[str | None, str | None, int, str]]) -> str:
+    """One notice for ``items``, each ``(name, where, differing index, source kept)``."""
+    name, where, differ, _ = items[0]
+    sources = sorted({source for *_, source in items})
+    kept = f"kept {sources[0]}'s value" if len(sources) == 1 else "kept the base's value where given, else #0's"
+    first = f"{name!r}" if name else "a tensor"
+    first += f" in {where}" if where else ""
+    if len(items) == 1:
+        return f"non-float tensor {first} differs between #0 and #{differ} and is not averaged; {kept}"
+    return f"{len(items)} non-float tensors differ between the merged tensors and are not averaged; {kept} (first: {first}, #0 vs #{differ})"
 
 
 # -- argument ranges ---------------------------------------------------------------------
@@ -566,7 +605,9 @@ def merge_tensors(
         if non_float == "error":
             raise ValueError(f"non-float tensors differ between #0 and #{differ} and cannot be merged")
         source = "the base" if base is not None else "#0"
-        log.warning("non-float tensor %s differs between #0 and #%d; kept %s's value", repr(name) if name else "", differ, source)
+        with non_float_notices():  # alone: warned now; inside a block (merge_state_dicts, collapse): once at its end
+            stack = _notices.stack
+            _notices.items.append((name, next((w for w in reversed(stack) if w), None), differ, source))
         return (base.to(tensors[0].dtype) if base is not None else tensors[0]).clone()
     shared = _shared_infinities(tensors, base)
     if shared is None:
@@ -659,27 +700,28 @@ def merge_state_dicts(
         unnamed = [k for k in keys if k not in buffer_keys and k.rpartition(".")[2] in ("running_mean", "running_var")
                    and state_dicts[0][k].is_floating_point()]
         if unnamed:
-            log.warning("merge_state_dicts: %r (and %d more) look like BatchNorm statistics but are merged by %r as parameters "
-                        "(a variance can turn negative); pass buffers=[...] or base as the module", unnamed[0], len(unnamed) - 1,
-                        getattr(fn, "__name__", strategy))
+            warn_user(f"merge_state_dicts: {unnamed[0]!r} (and {len(unnamed) - 1} more) look like BatchNorm statistics but are "
+                      f"merged by {getattr(fn, '__name__', strategy)!r} as parameters (a variance can turn negative); pass "
+                      "buffers=[...] or base as the module")
     out: dict[str, Tensor] = {}
     tied: dict[tuple, str] = {}  # the storages of a key in every state dict → the first key holding them
-    for k in keys:
-        ident = _tensor_identity([sd[k] for sd in state_dicts] + ([] if base is None else [base[k]]))
-        if ident is not None and ident in tied:
-            out[k] = out[tied[ident]]  # tied weights: one merge (one DARE mask), still one tensor
-            continue
-        tensors = [sd[k] for sd in state_dicts]
-        try:
-            if not linear and k in buffer_keys and tensors[0].is_floating_point():
-                _check_same_shape(tensors)
-                out[k] = buffer_merge(tensors, buffer_weights.to(tensors[0].device))
-            else:
-                out[k] = merge_tensors(tensors, fn, base=None if base is None else base[k], non_float=non_float, name=k, **kwargs)
-        except ValueError as exc:  # name the offending tensor
-            raise ValueError(f"cannot merge tensor {k!r}: {exc}") from exc
-        if ident is not None:
-            tied[ident] = k
+    with non_float_notices():  # differing non-float tensors (counters): one warning for the call
+        for k in keys:
+            ident = _tensor_identity([sd[k] for sd in state_dicts] + ([] if base is None else [base[k]]))
+            if ident is not None and ident in tied:
+                out[k] = out[tied[ident]]  # tied weights: one merge (one DARE mask), still one tensor
+                continue
+            tensors = [sd[k] for sd in state_dicts]
+            try:
+                if not linear and k in buffer_keys and tensors[0].is_floating_point():
+                    _check_same_shape(tensors)
+                    out[k] = buffer_merge(tensors, buffer_weights.to(tensors[0].device))
+                else:
+                    out[k] = merge_tensors(tensors, fn, base=None if base is None else base[k], non_float=non_float, name=k, **kwargs)
+            except ValueError as exc:  # name the offending tensor
+                raise ValueError(f"cannot merge tensor {k!r}: {exc}") from exc
+            if ident is not None:
+                tied[ident] = k
     return out
 
 

@@ -26,7 +26,7 @@ from .experts import (
     sequence_first_problem,
     state_dict_under,
 )
-from .merging import default_seed, requires_base
+from .merging import default_seed, non_float_notices, requires_base
 from .routers import Router, build_router, default_generator
 from .utils.warn import warn_user
 
@@ -508,11 +508,12 @@ def collapse_experts(
         raise SurgeryError(str(exc)) from None
     # every dense module is built before the first is swapped in, so an error leaves the model as it was
     denses = []
-    for (name, container), kw in zip(containers, per_container):
-        try:
-            denses.append(container.collapse(strategy, **kw))
-        except (ValueError, TypeError) as exc:
-            raise SurgeryError(f"collapsing {name!r} with {strategy or container.merge!r}: {exc}") from exc
+    with non_float_notices():  # differing non-float tensors of every container: one warning for the call
+        for (name, container), kw in zip(containers, per_container):
+            try:
+                denses.append(container.collapse(strategy, **kw))
+            except (ValueError, TypeError) as exc:
+                raise SurgeryError(f"collapsing {name!r} with {strategy or container.merge!r}: {exc}") from exc
     for (_, container), dense in zip(containers, denses):
         for name in aliases[id(container)]:
             parent, child = _get_parent(model, name)

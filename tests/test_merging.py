@@ -49,7 +49,8 @@ def test_a_base_of_another_shape_or_dtype_is_refused_or_cast():
     ints = [{"n": torch.tensor(3)}, {"n": torch.tensor(5)}]
     with pytest.raises(ValueError, match=r"^cannot merge tensor 'n': the base has shape \(3,\), but the tensors have shape \(\)$"):
         merge_state_dicts(ints, "task_arithmetic", base={"n": torch.tensor([0, 0, 0])})
-    kept = merge_state_dicts(ints, "task_arithmetic", base={"n": torch.tensor(0.0)})["n"]
+    with pytest.warns(UserWarning, match=r"^non-float tensor 'n' differs between #0 and #1 and is not averaged; kept the base's value$"):
+        kept = merge_state_dicts(ints, "task_arithmetic", base={"n": torch.tensor(0.0)})["n"]
     assert kept.dtype == torch.int64 and kept.item() == 0  # the base's value, in the tensors' dtype
     with pytest.raises(ValueError, match=r"^cannot merge tensor 'w': the base has shape \(5,\), but the tensors have shape \(2,\)$"):
         merge_state_dicts([{"w": torch.ones(2)}, {"w": torch.ones(2)}], "mean", base={"w": torch.zeros(5)})
@@ -378,16 +379,16 @@ def test_merge_state_dicts_errors():
 
 
 @pytest.mark.parametrize("strategy,kw", [("mean", {}), ("ties", {"density": 0.5}), ("dare", {"drop_rate": 0.5, "seed": 0}), ("task_arithmetic", {})])
-def test_non_float_buffers_are_copied_not_merged(strategy, kw, caplog):
+def test_non_float_buffers_are_copied_not_merged(strategy, kw):
     # BatchNorm experts trained apart: their step counters differ, their weights merge
     sds = [{"w": T(1.0, -2.0), "num_batches_tracked": torch.tensor(n)} for n in (5, 7)]
     base = {"w": T(0.0, 0.0), "num_batches_tracked": torch.tensor(3)}
     needs_base = strategy != "mean"
-    with caplog.at_level("WARNING", logger="mergekit_video.merging"):
+    source = "the base" if needs_base else "#0"
+    with pytest.warns(UserWarning, match=rf"^non-float tensor 'num_batches_tracked' differs between #0 and #1 and is not averaged; kept {source}'s value$"):
         out = merge_state_dicts(sds, strategy, base=base if needs_base else None, **kw)
     assert out["num_batches_tracked"].dtype == torch.int64
     assert out["num_batches_tracked"].item() == (3 if needs_base else 5)  # the base's, else #0's
-    assert "non-float tensor 'num_batches_tracked' differs between #0 and #1" in caplog.text
     same = merge_state_dicts([{"idx": torch.tensor([1, 2])}] * 2, strategy, base={"idx": torch.tensor([0, 0])} if needs_base else None, **kw)
     assert torch.equal(same["idx"], torch.tensor([1, 2]))  # identical non-float tensors are copied as they are
 
@@ -537,7 +538,7 @@ def test_merge_state_dicts_takes_a_module_as_base():
     assert torch.allclose(by_module["weight"], expected, atol=1e-6)
 
 
-def test_merge_state_dicts_merges_batchnorm_statistics_convexly_and_keeps_tied_keys_tied(caplog):
+def test_merge_state_dicts_merges_batchnorm_statistics_convexly_and_keeps_tied_keys_tied():
     """A task vector of a running variance can make it negative: buffers named (or a module base's) are the
     mean under the task-arithmetic family; keys tied in every state dict are merged once (one DARE mask)."""
     torch.manual_seed(0)
@@ -557,12 +558,47 @@ def test_merge_state_dicts_merges_batchnorm_statistics_convexly_and_keeps_tied_k
     assert torch.allclose(out["1.running_var"], torch.full((4,), 0.15))  # mean, not 1 + (-0.9) + (-0.8) = -0.7
     assert torch.equal(out["1.num_batches_tracked"], sds[0]["1.num_batches_tracked"])
     assert torch.allclose(out["0.weight"], base[0].weight + sum(e[0].weight - base[0].weight for e in experts))
-    with caplog.at_level("WARNING", logger="mergekit_video.merging"):
-        plain = merge_state_dicts(sds, "task_arithmetic", base=base.state_dict(), lam=1.0)
+    with pytest.warns(UserWarning, match=r"^merge_state_dicts: '1.running_mean' \(and 1 more\) look like BatchNorm statistics"):
+        plain = merge_state_dicts(sds, "task_arithmetic", base=base.state_dict(), lam=1.0)  # ... a UserWarning
     assert torch.allclose(plain["1.running_var"], torch.full((4,), -0.7))  # as parameters when not named ...
-    assert "'1.running_mean' (and 1 more) look like BatchNorm statistics" in caplog.text  # ... with a warning
     named = merge_state_dicts(sds, "task_arithmetic", base=base.state_dict(), lam=1.0, buffers=["1.running_var", "1.running_mean"])
     assert torch.equal(named["1.running_var"], out["1.running_var"])
     dare = merge_state_dicts(sds, "dare", base=base, drop_rate=0.5, seed=3)
     assert torch.equal(dare["0.weight"], dare["2.weight"]) and dare["0.weight"] is dare["2.weight"]
     assert not torch.equal(dare["0.weight"], out["0.weight"])  # a mask was drawn
+
+
+def test_differing_non_float_tensors_are_one_user_warning_per_call_naming_the_first_and_the_container():
+    """Defect: each differing non-float tensor (BatchNorm counters) was a log.warning of its own, one per key, invisible
+    to warnings filters, and a collapse did not name the container. Now: one UserWarning per merge_state_dicts,
+    collapse or collapse_experts call, counting them and naming the first (and its container)."""
+    import copy
+    import warnings
+
+    from torch import nn
+
+    import mergekit_video as mv
+
+    def block() -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3))
+
+    sds = [{f"{i}.num_batches_tracked": torch.tensor(n + i) for i in range(3)} for n in (5, 7)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_state_dicts(sds, "mean")
+    assert [str(w.message) for w in caught] == [
+        "3 non-float tensors differ between the merged tensors and are not averaged; kept #0's value (first: '0.num_batches_tracked', #0 vs #1)"]
+    model = nn.Sequential(block(), block())
+    mv.add_experts(model, "*", 2, init="copy", router="fixed", expert=1)
+    model.train()(torch.randn(4, 3))  # expert 1 of each container counts a batch
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mv.collapse_experts(copy.deepcopy(model))
+        model[1].collapse()
+    assert [str(w.message) for w in caught] == [
+        "4 non-float tensors differ between the merged tensors and are not averaged; kept #0's value (first: '1.num_batches_tracked' "
+        "in expert container '0', #0 vs #1)",
+        "2 non-float tensors differ between the merged tensors and are not averaged; kept #0's value (first: '1.num_batches_tracked' "
+        "in expert container '1', #0 vs #1)",
+    ]
+    assert all(w.category is UserWarning for w in caught)
