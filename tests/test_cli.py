@@ -959,3 +959,17 @@ def test_check_paths_reads_the_lists_and_class_csvs_naming_their_keys(tmp_path, 
                      f"eval.datasets=[{{name: ucf, kind: zero_shot, root: {data}, class_csv: {csv}, splits: [{{list: {data / 'nope.txt'}}}]}}]"]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "(2 problems)" in err and "this looks like UCF-101's classInd.txt" in err and "nope.txt" in err
+
+
+def test_a_mote_recipe_without_training_data_is_refused_by_validate_naming_each_key(capsys, tmp_path):
+    """data.synthetic=null with no data paths passed validate; the run then died with a bare KeyError ('class_csv',
+    then 'train_list', then 'root' after the model was built)."""
+    over = [f"output_dir={tmp_path / 'o'}", "data.synthetic=null", "eval.datasets=[]", "~eval.summary"]
+    assert cli_main(["validate", str(QUICKSTART), *over]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "(3 problems)" in err
+    for key in ("data.train_list", "data.class_csv", "data.root"):
+        assert f"- {key}: required: " in err and "unless data.synthetic writes a dataset" in err
+    assert cli_main(["run", str(QUICKSTART), *over, "data.train_list=/x/train.txt"]) == 1  # refused before anything runs
+    assert "(2 problems)" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "o").exists()

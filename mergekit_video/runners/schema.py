@@ -576,11 +576,24 @@ def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
             "set objective.wmr_weight=0 or model.num_experts>0",
         ))
     problems += _flip_label_problems(cfg.get("data") or {})
+    problems += _training_data_problems(cfg.get("data") or {})
     total, accum = (cfg.get("data") or {}).get("batch_size", 144), (cfg.get("train") or {}).get("grad_accumulation", 1)
     if isinstance(total, int) and isinstance(accum, int) and accum > 0 and total % accum:
         problems.append(Problem("train.grad_accumulation", f"{accum} does not divide data.batch_size={total} (the total batch, "
                                                            "split into grad_accumulation micro-batches)"))
     return problems
+
+
+def _training_data_problems(data: dict[str, Any]) -> list[Problem]:
+    """The data a ``mote`` run trains on: ``data.train_list``, ``data.class_csv`` and ``data.root``, unless
+    ``data.synthetic`` writes them (each is nullable alone, as ``data.synthetic`` fills them in)."""
+    if data.get("synthetic"):
+        return []
+    what = {"train_list": "the training list ('relative/path.mp4 label' per line)",
+            "class_csv": "the class names (CSV 'id,name' with a header)",
+            "root": "the folder the list's paths are relative to"}
+    return [Problem(f"data.{key}", f"required: {text}, unless data.synthetic writes a dataset")
+            for key, text in what.items() if not data.get(key)]
 
 
 def _flip_label_problems(data: dict[str, Any]) -> list[Problem]:
