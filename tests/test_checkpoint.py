@@ -766,6 +766,29 @@ def test_save_model_refuses_a_symlinked_folder_before_writing(tmp_path):
     assert torch.equal(load(real).head.frame_position_embeddings.weight, a.head.frame_position_embeddings.weight)
 
 
+def test_save_model_names_the_file_it_could_not_write_and_leaves_the_previous_model(tmp_path, monkeypatch):
+    """A full disk during the final model export said only "SafetensorError: Error while serializing: I/O error:
+    No space left on device (os error 28)", without a path."""
+    import safetensors.torch
+
+    from mergekit_video.models import load, save_model
+
+    a, b = _tiny_model(seed=2), _tiny_model(seed=3)
+    out = save_model(a, tmp_path / "model")
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError) as info:
+        save_model(b, out, overwrite=True)
+    assert str(info.value) == (f"could not write {out / 'clip.safetensors'} (RuntimeError: Error while serializing: I/O error: "
+                               f"No space left on device (os error 28)); nothing was replaced at {out}")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp folder left
+    assert torch.equal(load(out).head.frame_position_embeddings.weight, a.head.frame_position_embeddings.weight)
+
+
 def test_a_dense_export_of_a_dense_export_keeps_the_original_provenance(tmp_path):
     from mergekit_video.models import export_dense, load
 

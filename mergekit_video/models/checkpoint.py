@@ -94,7 +94,8 @@ def describe_mismatches(missing: list[str], unexpected: list[str], wrong: list[t
     return "; ".join(parts)
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, *, destination: Path) -> None:
+    """Write ``tensors`` to ``path`` (in the temp folder of a save of ``destination``, which errors name)."""
     from safetensors.torch import save_file
 
     seen: dict[int, str] = {}
@@ -107,7 +108,11 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
         elif ptr is not None:
             seen[ptr] = k
         flat[k] = t.contiguous()
-    save_file(flat, str(path), metadata=metadata)
+    try:
+        save_file(flat, str(path), metadata=metadata)
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error (a full disk: "I/O error ... os error 28")
+        raise OSError(f"could not write {destination / path.name} ({type(exc).__name__}: {exc}); nothing was "
+                      f"replaced at {destination}") from exc
 
 
 #: A temp folder of save_model whose name does not tell its writer (older ones, another host's) and that
@@ -265,8 +270,8 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
             config.update(extra_config)
         clip_tensors, clip_other = split_tensors(model.clip.state_dict())
         head_tensors, head_other = split_tensors(model.head.state_dict())
-        _save_tensors(tmp / CLIP_FILE, clip_tensors, {"format": "open_clip"})
-        _save_tensors(tmp / HEAD_FILE, head_tensors, {"format": "mergekit_video/temporal_head"})
+        _save_tensors(tmp / CLIP_FILE, clip_tensors, {"format": "open_clip"}, destination=directory)
+        _save_tensors(tmp / HEAD_FILE, head_tensors, {"format": "mergekit_video/temporal_head"}, destination=directory)
         other = {part: StateEncoder(inline=True, what=part).encode(state) for part, state in (("clip", clip_other), ("head", head_other)) if state}
         from ..training.checkpoint import file_checksum
 
