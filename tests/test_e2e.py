@@ -1544,6 +1544,19 @@ def test_variant_labels_and_plain_models(caplog):
     assert Variant(name="x").kind == "merged"
 
 
+def test_a_dense_exports_variant_is_merged_as_its_models(tmp_path):
+    """``mergevid eval run/model_dense`` labelled its rows ``model`` / ``model+tfm`` where ``run/model`` gives ``merged`` /
+    ``merged+tfm`` with the same numbers, so results compared by key found nothing in common."""
+    from mergekit_video.models import build_video_clip, export_dense, load
+
+    mote = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=3)
+    dense = load(export_dense(mote, tmp_path / "dense"))
+    assert [v.name for v in build_variants(mote)] == ["merged", "merged+tfm"]
+    assert [v.name for v in build_variants(dense)] == ["merged", "merged+tfm"]
+    plain = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=0)
+    assert [v.name for v in build_variants(load(export_dense(plain, tmp_path / "plain")))] == ["model", "model+tfm"]  # no merge
+
+
 def test_variants_route_the_visual_towers_experts_too():
     """With experts in the CLIP tower as well, expert_i / a merge / the logit ensemble are the whole model
     under that routing (frames encoded once per routing, shared by TFM off/on), not the head alone on the

@@ -93,6 +93,9 @@ def build_variants(
     The TFM-off and TFM-on variants of one routing share its context.
     """
     n = max((c.num_experts for _, c in find_containers(model)), default=0)  # the head's, or the CLIP tower's
+    config = getattr(model, "config", None)
+    exported = isinstance(config, dict) and ((config.get("exported_from") or {}).get("num_experts") or 0) > 0
+    plain = "merged" if exported else "model"  # a dense export is its experts' merge; the baseline is the model
     if not n and (merges or experts or logit_ensemble or random_routing):
         log.warning("the model has no experts (a dense export or the plain-FFN baseline): only the model itself is evaluated")
     merge_ctx = [_merge_ctx(spec["name"], {k: v for k, v in spec.items() if k != "name"}) for spec in merges]
@@ -100,7 +103,7 @@ def build_variants(
     out: list[Variant] = []
     for mod in modulation:
         sfx = tfm_suffix(mod)
-        out.append(Variant(name=f"merged{sfx}" if n else f"model{sfx}", modulation=mod))
+        out.append(Variant(name=f"merged{sfx}" if n else f"{plain}{sfx}", modulation=mod))
         if not n:
             continue
         for spec, ctx in zip(merges, merge_ctx):
