@@ -813,6 +813,30 @@ def test_a_failed_validation_keeps_the_trained_epoch_and_the_rerun_validates_it(
     assert json.loads((ckpt / "state.json").read_text())["metrics"]["top1"] == _val_records(reference)[-1]["val/top1"]
 
 
+def test_the_latest_pointer_of_a_checkpoints_folder_loads_the_checkpoint_it_names(reference_runs, tmp_path):
+    """``mergevid eval run/checkpoints/latest`` said only "is not a mergekit_video model directory or checkpoint
+    (no config.json)"; train.resume took the pointer, loading did not."""
+    from mergekit_video.models import load
+    from mergekit_video.models.checkpoint import read_model_config
+
+    ckpts = reference_runs(0, 1) / "checkpoints"
+    named = ckpts / (ckpts / "latest").read_text().strip()
+    assert named.name == "step_00000008"
+    a, b = load(ckpts / "latest"), load(named)
+    assert read_model_config(ckpts / "latest") == read_model_config(named)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    from mergekit_video.config.schema import holds_saved_model
+
+    assert holds_saved_model(ckpts / "latest")  # an evaluate recipe's checkpoint: key passes --check-paths
+    stray = tmp_path / "checkpoints"
+    stray.mkdir()
+    (stray / "latest").write_text("step_00000003\n")
+    with pytest.raises(FileNotFoundError, match=f"^{stray / 'latest'} is a checkpoints folder's 'latest' pointer, but {stray} holds no complete checkpoint$"):
+        load(stray / "latest")
+    assert not holds_saved_model(stray / "latest")
+
+
 def test_resume_from_a_checkpoint_with_another_schedule_length_is_refused(reference_runs, synthetic_data, tmp_path):
     """train.resume=<a 2-epoch run> with schedule.epochs=3: the checkpoint's 8-step cosine would be
     restored over the recipe's 12 steps (lr 0 from step 9), so the resume is refused, naming both."""

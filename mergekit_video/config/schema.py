@@ -416,7 +416,13 @@ def resume_names_a_path(value: str) -> bool:
 
 
 def holds_saved_model(path: Path) -> bool:
-    """Whether ``path`` is a folder holding a saved model (``config.json``) or trainer checkpoint (``state.json``)."""
+    """Whether ``path`` is a folder holding a saved model (``config.json``) or trainer checkpoint (``state.json``),
+    or a checkpoints folder's ``latest`` pointer file naming one (the trainer checkpoint it names is loaded)."""
+    if path.name == "latest" and path.is_file():
+        try:
+            path = path.parent / path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return False
     return (path / "config.json").is_file() or (path / "state.json").is_file()
 
 

@@ -398,9 +398,22 @@ def validate_model_config(config: Any, *, source: str) -> dict[str, Any]:
     return config
 
 
+def _follow_latest_pointer(path: Path) -> Path:
+    """``path``, or for a checkpoints folder's ``latest`` pointer file the checkpoint it names."""
+    from ..training.checkpoint import checkpoint_named_by_pointer
+
+    if path.name != "latest" or not path.is_file():
+        return path
+    found = checkpoint_named_by_pointer(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} is a checkpoints folder's 'latest' pointer, but {path.parent} holds no complete checkpoint")
+    log.info("%s names checkpoint %s", path, found)
+    return found
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The model config of a model directory or trainer checkpoint (a JSON object; :func:`load` validates it)."""
-    return _open_saved(Path(path), validate=False).config
+    return _open_saved(_follow_latest_pointer(Path(path)), validate=False).config
 
 
 def read_model_config(path: str | os.PathLike, *, validate: bool = True) -> dict[str, Any]:
@@ -408,7 +421,7 @@ def read_model_config(path: str | os.PathLike, *, validate: bool = True) -> dict
     ``FileNotFoundError`` naming the path when it holds none, and ``ValueError`` naming the file
     and key when its structure is not a model config (:func:`validate_model_config`; with
     ``validate=False`` only its being a JSON object is checked). No tensor is read."""
-    return _open_saved(Path(path), validate=validate).config
+    return _open_saved(_follow_latest_pointer(Path(path)), validate=validate).config
 
 
 class _Saved:
@@ -585,7 +598,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
     from ..utils.io import read_safetensors
     from ..utils.state_json import decode_state
 
-    path = Path(path)
+    path = _follow_latest_pointer(Path(path))  # checkpoints/latest: the checkpoint it names
     saved = _open_saved(path)
     import_model_plugins(saved.config, source=str(path))  # before the build: its router/merge names are theirs
     model = video_clip_from_config(saved.config)

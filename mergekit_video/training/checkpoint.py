@@ -755,6 +755,15 @@ def _unreadable_in(directory: Path) -> list[tuple[Path, str]]:
     return found
 
 
+def checkpoint_named_by_pointer(path: str | os.PathLike) -> Path | None:
+    """For the ``latest`` pointer file of a checkpoints folder, the checkpoint it names (the newest complete
+    one when it names none that is readable); None for any other path."""
+    p = Path(path)
+    if p.name != _LATEST or not p.is_file():
+        return None
+    return _latest_in(p.parent)
+
+
 def _latest_in(directory: Path) -> Path | None:
     pointer = directory / _LATEST
     try:
