@@ -81,3 +81,16 @@ def test_labels_in_a_crowded_row_name_their_own_point_or_draw_a_leader_line() ->
     assert 1 <= leaders < len(points)
     for a, b in itertools.combinations(boxes, 2):
         assert not a.overlaps(b)
+
+
+def test_a_variant_without_hm_zs_is_not_drawn_on_the_hm_zs_axis(tmp_path, monkeypatch) -> None:
+    """A variant missing one zero-shot dataset (no HM_ZS) was drawn at its first dataset's top-1 on the HM_ZS axis."""
+    from mergekit_video.evaluation import report
+
+    drawn = []
+    real = report._place_labels
+    monkeypatch.setattr(report, "_place_labels", lambda fig, ax, points, **kw: drawn.extend(points) or real(fig, ax, points, **kw))
+    summary = {"a": {"k400": {"top1": 60.0}, "ucf": {"top1": 50.0}, "hmdb": {"top1": 30.0}, "HM_ZS": 37.5},
+               "c": {"k400": {"top1": 62.0}, "ucf": {"top1": 50.0}}}
+    assert plot_tradeoff(summary, tmp_path / "t.png", close_set="k400", zero_shot=["ucf", "hmdb"]) is not None
+    assert [(x, y, label) for x, y, label in drawn] == [(60.0, 37.5, "a")]

@@ -120,7 +120,9 @@ def plot_tradeoff(
     for var, row in summary.items():
         if close_set not in row:
             continue
-        if len(zero_shot) > 1 and "HM_ZS" in row:
+        if len(zero_shot) > 1:  # the HM_ZS axis: a variant without it (a dataset missing) is left out
+            if "HM_ZS" not in row:
+                continue
             y = row["HM_ZS"]
         elif zero_shot and zero_shot[0] in row:
             y = row[zero_shot[0]]["top1"]
