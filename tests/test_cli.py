@@ -860,8 +860,9 @@ def test_sigterm_outside_the_training_loop_is_an_interrupt_that_says_what_was_ke
 
     before = signal.getsignal(signal.SIGTERM)
     start = time.monotonic()
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted) as info:
         reraise_interrupts(preempted)
+    assert info.value.exit_code == 143  # 128 + SIGTERM, as the shell reports a process it ended
     assert time.monotonic() - start < 4 and signal.getsignal(signal.SIGTERM) is before
     # a DDP rank keeps the default: blocked in a collective on a dead peer, it would never run a Python handler
     import pytest as _pytest

@@ -1006,22 +1006,25 @@ def test_a_failing_final_evaluation_keeps_the_trained_model(reference_runs, synt
     assert _max_diff(_load_state(reference / "model"), _load_state(out / "model")) == 0.0
 
 
-def test_cli_reports_an_interrupted_run_with_exit_code_130(capsys):
+def test_cli_reports_an_interrupted_run_with_the_shells_exit_code_of_its_signal(capsys):
+    """Exit 130 for Ctrl-C and 143 (128 + SIGTERM) for a scheduler's SIGTERM; SIGTERM exited 130 too."""
     import typer
 
     from mergekit_video.cli.errors import reraise_interrupts, run_app
     from mergekit_video.training.trainer import TrainingInterrupted
 
-    def train() -> None:
-        raise TrainingInterrupted("stopped by SIGTERM after step 5; checkpoint saved in runs/x/checkpoints. Rerun the same command to resume.", step=5, signal_name="SIGTERM")
+    def train(name: str) -> None:
+        raise TrainingInterrupted(f"stopped by {name} after step 5; checkpoint saved in runs/x/checkpoints. Rerun the same command to resume.", step=5, signal_name=name)
 
     app = typer.Typer()
-    app.command("run")(lambda: reraise_interrupts(train))
+    app.command("run")(lambda: reraise_interrupts(train, "SIGTERM"))
+    app.command("stop")(lambda: reraise_interrupts(train, "SIGINT"))
     app.command("other")(lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
-    assert run_app(app, ["run"]) == 130
+    assert run_app(app, ["run"]) == 143
     assert capsys.readouterr().err.strip() == (
         "Interrupted: stopped by SIGTERM after step 5; checkpoint saved in runs/x/checkpoints. Rerun the same command to resume."
     )
+    assert run_app(app, ["stop"]) == 130 and "stopped by SIGINT after step 5" in capsys.readouterr().err
     assert run_app(app, ["other"]) == 130 and capsys.readouterr().err.strip() == "Interrupted."  # was exit code 0
 
 

@@ -38,8 +38,13 @@ class Interrupted(Exception):
     """A command stopped by Ctrl-C or SIGTERM; the message says what was kept (e.g. the checkpoint).
 
     typer turns a ``KeyboardInterrupt`` into a bare exit code 130 and drops its message, so
-    long-running commands re-raise it as this (see :func:`reraise_interrupts`).
+    long-running commands re-raise it as this (see :func:`reraise_interrupts`). ``exit_code`` is the
+    shell's for the signal: 130 (128 + SIGINT) for Ctrl-C, 143 (128 + SIGTERM) for a scheduler's stop.
     """
+
+    def __init__(self, message: str = "", *, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def refuse_existing_output(output: Any, overwrite: bool, *, folder: bool = False) -> None:
@@ -106,7 +111,10 @@ def reraise_interrupts(fn: Any, *args: Any, **kwargs: Any) -> Any:
     import signal
     import threading
 
+    terminated = []
+
     def terminate(signum: int, frame: Any) -> None:
+        terminated.append(signum)
         raise KeyboardInterrupt
 
     previous = None
@@ -117,7 +125,8 @@ def reraise_interrupts(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt as exc:
-        raise Interrupted(str(exc)) from exc
+        by_sigterm = bool(terminated) or getattr(exc, "signal_name", None) == "SIGTERM"  # the trainer's stop says which
+        raise Interrupted(str(exc), exit_code=128 + signal.SIGTERM if by_sigterm else 130) from exc
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -189,7 +198,7 @@ def run_app(app: Any, argv: list[str]) -> int:
         rank = _launched_rank()
         where = f"[rank {rank}] " if rank is not None else ""  # under torchrun every rank reports: say whose it is
         print(f"{where}Interrupted: {e}" if str(e) else f"{where}Interrupted.", file=sys.stderr)
-        return 130
+        return e.exit_code
     except _EXIT as e:
         return e.exit_code
     except _ABORT:

@@ -133,7 +133,7 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM right after an optimizer step, whose checkpoint was saved.
 
     A ``KeyboardInterrupt``, so callers that do not know it still stop; ``mergevid`` prints its
-    message and exits with 130. Rerunning the same command resumes from that checkpoint.
+    message and exits with 130 (SIGINT) or 143 (SIGTERM). Rerunning the same command resumes from that checkpoint.
     """
 
     def __init__(self, message: str, *, step: int, signal_name: str) -> None:
