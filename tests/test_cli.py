@@ -974,3 +974,15 @@ def test_a_mote_recipe_without_training_data_is_refused_by_validate_naming_each_
     assert cli_main(["run", str(QUICKSTART), *over, "data.train_list=/x/train.txt"]) == 1  # refused before anything runs
     assert "(2 problems)" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "o").exists()
+
+
+def test_a_key_given_in_the_wrong_section_is_pointed_to_where_it_belongs(capsys, tmp_path):
+    """``keep_last=2`` at the top level said only "unknown key" (suggestions came from the same level alone)."""
+    for given, hint in (("keep_last=2", "keep_last: unknown key; did you mean 'train.keep_last'?"),
+                        ("+data.lr=2e-3", "data.lr: unknown key; did you mean 'optimizer.lr'?"),
+                        ("+train.epochs=3", "train.epochs: unknown key; did you mean 'schedule.epochs'?"),
+                        ("+data.shots=2", "data.shots: unknown key; did you mean 'data.few_shot.shots'?")):
+        assert cli_main(["validate", str(QUICKSTART), f"output_dir={tmp_path / 'o'}", given]) == 1
+        assert hint in " ".join(capsys.readouterr().err.split()), given
+    assert cli_main(["validate", str(QUICKSTART), f"output_dir={tmp_path / 'o'}", "+data.nonsense=2"]) == 1
+    assert "data.nonsense: unknown key (known keys here:" in " ".join(capsys.readouterr().err.split())  # nothing alike: no guess

@@ -230,9 +230,20 @@ def _type_ok(value: Any, t: Any) -> bool:
 
 
 class _Validator:
-    def __init__(self) -> None:
+    def __init__(self, root: Section | None = None) -> None:
         self.problems: list[Problem] = []
         self.checked_components: set[str] = set()
+        self.root = root  # the whole recipe's schema: an unknown key is looked for in other sections too
+
+    def _elsewhere(self, key: Any, path: str) -> str:
+        """``"; did you mean 'train.keep_last'?"`` for an unknown ``key`` at ``path`` that is a key of another
+        section (``keep_last=2`` given at the top level), else ``""``."""
+        if self.root is None:
+            return ""
+        word = str(key).lower()
+        found = [full for full, _ in iter_schema(self.root)
+                 if full.rsplit(".", 1)[-1].lower() == word and full != join_key(path, key)]
+        return f"; did you mean {' or '.join(repr(f) for f in found[:3])}?" if found else ""
 
     def add(self, path: str, message: str) -> None:
         self.problems.append(Problem(path, message))
@@ -275,7 +286,8 @@ class _Validator:
             for k in value:
                 if k not in spec.fields:
                     known = ", ".join(spec.fields) or "(none)"
-                    self.add(join_key(path, k), f"unknown key{did_you_mean(k, spec.fields)} (known keys here: {known})")
+                    hint = self._elsewhere(k, path) or did_you_mean(k, spec.fields)  # the exact key elsewhere first
+                    self.add(join_key(path, k), f"unknown key{hint} (known keys here: {known})")
 
     def field(self, value: Any, spec: Field, path: str) -> None:
         if not _type_ok(value, spec.type):
@@ -370,7 +382,7 @@ def validate_recipe(
     ``_component_`` target imports (or is registered) and its keys are parameters of the target.
     Nothing is instantiated.
     """
-    v = _Validator()
+    v = _Validator(schema if isinstance(schema, Section) else None)
     if not isinstance(cfg, Mapping):
         raise ValidationError([Problem("", f"a recipe must be a mapping, got {_value_kind(cfg)}")], source=source)
     plugins = cfg.get("plugins") or []
