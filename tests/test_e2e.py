@@ -272,6 +272,28 @@ def test_rerunning_a_finished_run_whose_checkpoints_were_deleted_is_refused_not_
     assert (moved / "metrics.jsonl").read_text() == metrics and not (moved / "checkpoints").exists()
 
 
+def test_a_finished_run_started_from_another_runs_checkpoint_is_not_retrained_from_it(quick_run, tmp_path, capsys):
+    """A run started with train.resume=<another run's checkpoint>, finished, its checkpoints/ deleted to save space:
+    rerunning the same command trained again from that checkpoint over its model/ and results.json, without a word
+    (the check for a finished run without checkpoints ran only when no checkpoint at all was found)."""
+    from mergekit_video.cli.commands import _load_validated
+    from mergekit_video.cli.main import main as cli_main
+    from mergekit_video.config import dump_recipe
+
+    out, _ = quick_run
+    start = sorted((out / "checkpoints").glob("step_*"))[0]
+    started = tmp_path / "started"
+    shutil.copytree(out, started, ignore=shutil.ignore_patterns(LOCK_FILE, "checkpoints"))
+    args = [f"output_dir={started}", *QUICK_OVERRIDES, f"train.resume={start}"]
+    (started / "recipe.yaml").write_text(dump_recipe(_load_validated(QUICKSTART, args)))  # as if it had been started so
+    results = (started / "results.json").read_text()
+    assert cli_main(["run", str(QUICKSTART), *args]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"output_dir {started} holds a trained run of this recipe (model/, model_dense/, results.json) but no checkpoint to resume "
+            f"from ({started / 'checkpoints'} is gone): training again from train.resume's checkpoint {start} would replace them") in err
+    assert (started / "results.json").read_text() == results and not (started / "checkpoints").exists()
+
+
 def test_a_mistyped_path_is_named_before_a_recipe_mismatch_of_the_output_folder(quick_run, tmp_path, capsys):
     """The second evaluation into one folder with a missing class CSV was refused as "a different recipe ... pass
     --overwrite to DELETE its results.json"; only with --overwrite did it name the missing file."""

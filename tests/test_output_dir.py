@@ -117,6 +117,66 @@ def test_a_rerun_with_resume_null_does_not_silently_replace_the_earlier_run(tmp_
     assert "--overwrite: deleted the earlier outputs" in caplog.text and "(metrics.jsonl, checkpoints/)" in caplog.text
 
 
+def test_resume_null_over_a_trained_run_without_checkpoints_or_metrics_is_refused(tmp_path, caplog):
+    """train.resume=null over a finished run whose checkpoints/ and metrics.jsonl were deleted (to save disk) replaced
+    its model/ and results.json without --overwrite (only checkpoints/ or metrics.jsonl made it a restart), logging
+    "resuming the earlier run ..., which do not change what it trains"; with --overwrite it deleted nothing and told
+    the user to "set train.resume=null with --overwrite", which they had. A fresh-start word ("never") is null too."""
+    out = tmp_path / "run"
+    cfg = {"runner": "mote", "output_dir": str(out), "train": {"resume": "auto"}}
+    prepare_output_dir(cfg, overwrite=False, main=True)
+    (out / "model").mkdir()
+    (out / "model" / "config.json").write_text("{}")
+    (out / "results.json").write_text('{"summary": {}}')
+    for resume in (None, "never"):
+        with caplog.at_level("INFO", logger="mergekit_video"), pytest.raises(FileExistsError, match=(
+                rf"^output_dir {re.escape(str(out))} holds a trained run of this recipe \(model/, results.json\) but no checkpoint to "
+                rf"continue from, and train.resume is null, which trains from step 1 and would replace them. Evaluate the saved model "
+                rf"with mergevid eval {re.escape(str(out / 'model'))} \.\.\., use another output_dir, or pass --overwrite to DELETE its "
+                rf"model/, results.json and train again from step 1$")):
+            prepare_output_dir({**cfg, "train": {"resume": resume}}, overwrite=False, main=True)
+    assert "resuming" not in caplog.text
+    assert (out / "recipe.yaml").read_text() == dump_recipe(cfg) and (out / "model" / "config.json").exists()
+    (out / "checkpoints" / "step_00000006").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000006" / "state.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="and train.resume is null, which trains from step 1 .* set train.resume=auto to continue it"):
+        prepare_output_dir({**cfg, "train": {"resume": "never"}}, overwrite=False, main=True)
+    shutil.rmtree(out / "checkpoints")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mergekit_video.runners.common"):
+        prepare_output_dir({**cfg, "train": {"resume": None}}, overwrite=True, main=True)  # asked: train again from step 1
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml"]
+    assert "--overwrite: deleted the earlier outputs" in caplog.text and "(model/, results.json)" in caplog.text
+    assert "set train.resume=null with --overwrite" not in caplog.text
+
+
+def test_resuming_an_older_checkpoint_inside_the_run_says_to_train_into_another_folder(tmp_path):
+    """output_dir=R train.resume=R/checkpoints/step_N (rolling R back) was refused as "an earlier run of a different
+    recipe (train.resume: 'auto' -> ...)" with --overwrite as the way out, and with --overwrite refused again
+    ("--overwrite would delete R/checkpoints, which holds train.resume"): it says what continuing there would replace
+    and the way that works, output_dir=NEW train.resume=R/checkpoints/step_N."""
+    out = tmp_path / "run"
+    cfg = {"runner": "mote", "output_dir": str(out), "train": {"resume": "auto"}}
+    prepare_output_dir(cfg, overwrite=False, main=True)
+    older = out / "checkpoints" / "step_00000006"
+    for step in (older, out / "checkpoints" / "step_00000012"):
+        step.mkdir(parents=True)
+        (step / "state.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    rollback = {**cfg, "train": {"resume": str(older)}}
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=(
+                rf"^train.resume={re.escape(str(older))} is inside output_dir {re.escape(str(out))}, which holds the run it belongs "
+                rf"to: in its own folder a run continues only from its latest checkpoint \(train.resume=auto\), and continuing from "
+                rf"another one there would replace the checkpoints, metrics and model saved after it \(--overwrite or not: .*\)\. To "
+                rf"continue from that checkpoint, train into another folder: output_dir=NEW train.resume={re.escape(str(older))} ")):
+            prepare_output_dir(rollback, overwrite=overwrite, main=True)
+    assert (out / "recipe.yaml").read_text() == dump_recipe(cfg)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000012"]
+    new = {**rollback, "output_dir": str(tmp_path / "new")}  # the way the refusal names
+    assert prepare_output_dir(new, overwrite=False, main=True) == tmp_path / "new"
+
+
 def test_results_neutral_changes_resume_and_are_recorded(tmp_path, caplog):
     """data.num_workers, eval.num_workers, train.log_every, train.tensorboard, train.keep_last: a rerun
     that changes only these keeps the earlier run's outputs (it resumes), with or without --overwrite."""
@@ -179,8 +239,9 @@ def test_overwrite_never_deletes_an_input_of_the_run(tmp_path):
     assert (out / "recipe.yaml").read_text() == dump_recipe(cfg)
     assert (out / "model" / "config.json").read_text() == "{}"  # untouched
     resume = {**cfg, "schedule": {"epochs": 6}, "train": {"resume": str(out / "model")}}
-    with pytest.raises(FileExistsError, match=r"holds train.resume="):
+    with pytest.raises(FileExistsError, match=r"^train.resume=.*/model is inside output_dir .*\(--overwrite or not: it would delete"):
         prepare_output_dir(resume, overwrite=True, main=True)
+    assert (out / "model" / "config.json").read_text() == "{}"
     prepare_output_dir({**cfg, "schedule": {"epochs": 6}, "train": {"resume": "auto"}}, overwrite=True, main=True)
     assert not (out / "model").exists()  # no input inside: --overwrite deletes as asked
 

@@ -272,6 +272,24 @@ def describe_change(key: str, old: Any, new: Any) -> str:
     return f"{key}: {show(old)} -> {show(new)}"
 
 
+def recorded_recipe_changes(cfg: dict[str, Any], recorded: str, out: str | os.PathLike) -> list[tuple[str, Any, Any]]:
+    """The changes (:func:`recipe_changes`) from ``recorded``, the text of a ``recipe.yaml`` a run wrote in ``out``,
+    to the resolved recipe ``cfg`` that a run there would record, as :func:`prepare_output_dir` compares them:
+    ``output_dir`` and the paths inside it relative to each recipe's own ``output_dir`` (``run``, ``/abs/run/``
+    and a moved run are the same run), and settings a later mergekit_video added, left at their defaults, are
+    no change."""
+    import yaml
+
+    from ..config import dump_recipe
+
+    earlier = yaml.safe_load(recorded)
+    here = Path(os.path.expanduser(str(out))).resolve()
+    changes = recipe_changes(
+        _relative_to_output_dir(earlier, _output_dir_of(earlier, here)), _relative_to_output_dir(yaml.safe_load(dump_recipe(cfg)), here)
+    )
+    return _without_new_defaults(cfg, earlier, changes)
+
+
 def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> Path:
     """Create ``output_dir`` and save the resolved recipe there.
 
@@ -282,7 +300,9 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
     outputs (it failed at start-up). With ``overwrite``, the outputs of an earlier, different run
     (or files named like them in a folder without ``recipe.yaml``) are deleted first
     (:data:`RUN_OUTPUTS`; an evaluation's: :data:`EVAL_OUTPUTS`), so that the new run neither
-    resumes from nor appends to them.
+    resumes from nor appends to them. So are, with ``train.resume`` null, the outputs of the same
+    recipe (whatever is left of them); a ``train.resume`` path inside the run's own folder is refused,
+    ``overwrite`` or not (:func:`_refuse_resuming_inside_the_run`).
     """
     import yaml
 
@@ -328,36 +348,38 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                 f"output_dir {out} holds {what}; a run records its resolved recipe there and would replace it, "
                 f"--overwrite or not: move {saved} elsewhere or set output_dir to another folder"
             )
-        changes: list[tuple[str, Any, Any]] = []
-        if previous is not None and previous != text:  # both recorded recipes: mappings
-            earlier = yaml.safe_load(previous)
-            here = out.resolve()
-            # output_dir itself, and the paths inside it, may be written otherwise (`run`, `/abs/run/`) or
-            # the run moved: compare them relative to each recipe's own output_dir
-            changes = recipe_changes(
-                _relative_to_output_dir(earlier, _output_dir_of(earlier, here)), _relative_to_output_dir(yaml.safe_load(text), here)
-            )
-            changes = _without_new_defaults(cfg, earlier, changes)  # none left: the same run
+        if not evaluation and outputs:
+            _refuse_resuming_inside_the_run(cfg, out)
+        changes = recorded_recipe_changes(cfg, previous, out) if previous is not None and previous != text else []
         # a trained run whose final evaluation failed (no results yet) may be evaluated with other eval.* settings
         unevaluated = cfg.get("runner") not in ("evaluate", "compare") and out / "results.json" not in outputs
         # train.resume between null and auto says whether to continue, not what is trained (null is checked below)
         neutral = bool(changes) and all(
             key in RESULTS_NEUTRAL_KEYS or (unevaluated and only_final_evaluation(key))
-            or (key == "train.resume" and {old, new} <= {None, False, "auto"})
+            or (key == "train.resume" and {_resume_kind(old), _resume_kind(new)} <= {"fresh", "auto"})
             for key, old, new in changes
         )
         # files named like a run's outputs in a folder without recipe.yaml (overwrite given): replaced, not appended to
         foreign = previous is None and bool(outputs)
-        # train.resume: null trains from step 1: the earlier run's checkpoints and metrics would be replaced
-        restart = (not evaluation and (not changes or neutral) and previous is not None and not (cfg.get("train") or {}).get("resume", "auto")
-                   and any(p.name in ("checkpoints", "metrics.jsonl") for p in outputs))
+        # train.resume: null trains from step 1: whatever the earlier run left (checkpoints, metrics, or a trained
+        # model and results whose checkpoints/ was deleted to save space) would be replaced
+        restart = (not evaluation and (not changes or neutral) and previous is not None
+                   and _resume_kind((cfg.get("train") or {}).get("resume", "auto")) == "fresh" and bool(outputs))
         if restart and not overwrite:
             release_output_dir(out)
+            listed = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
+            trained = [p.name for p in outputs if p.name in ("model", "model_dense", "results.json")]
+            if trained and not any(p.name == "checkpoints" for p in outputs):  # nothing that train.resume=auto could continue
+                raise FileExistsError(
+                    f"output_dir {out} holds a trained run of this recipe ({listed}) but no checkpoint to continue from, "
+                    f"and train.resume is null, which trains from step 1 and would replace them. Evaluate the saved model with "
+                    f"mergevid eval {out / ('model' if 'model' in trained else trained[0])} ..., use another output_dir, or pass "
+                    f"--overwrite to DELETE its {listed} and train again from step 1"
+                )
             raise FileExistsError(
                 f"output_dir {out} holds an earlier run of this recipe ({', '.join(p.name for p in outputs)}), and train.resume is null, "
                 f"which trains from step 1 and would replace them: set train.resume=auto to continue it, use another "
-                f"output_dir, or pass --overwrite to DELETE its {', '.join(p.name + ('/' if p.is_dir() else '') for p in outputs)} "
-                f"and train again from step 1"
+                f"output_dir, or pass --overwrite to DELETE its {listed} and train again from step 1"
             )
         if outputs and ((changes and not neutral) or foreign or restart):
             if not overwrite:
@@ -398,6 +420,43 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                      "; the final evaluation runs with them" if any(only_final_evaluation(k) for k, _, _ in changes) else "")
         save_resolved_recipe(cfg, saved, overwrite=True)  # atomic; the same text is left alone
     return out
+
+
+def _refuse_resuming_inside_the_run(cfg: dict[str, Any], out: Path) -> None:
+    """``train.resume`` naming a checkpoint (or the checkpoints) of the run that ``out`` already holds: refused,
+    ``--overwrite`` or not. In its own folder a run continues only from its latest checkpoint (``auto``); from an
+    older one it would replace the checkpoints, metrics and model saved after it (and ``--overwrite`` would delete
+    the checkpoint it reads). Training from it into another folder leaves the run as it is."""
+    from ..training.checkpoint import resume_kind
+    from ..utils.io import is_within
+
+    value = (cfg.get("train") or {}).get("resume", "auto")
+    if not isinstance(value, str) or resume_kind(value) != "path":
+        return
+    try:
+        inside = is_within(os.path.expanduser(value), out)
+    except (OSError, RuntimeError):
+        return
+    if inside:
+        release_output_dir(out)
+        raise FileExistsError(
+            f"train.resume={value} is inside output_dir {out}, which holds the run it belongs to: in its own folder a run "
+            f"continues only from its latest checkpoint (train.resume=auto), and continuing from another one there would replace "
+            f"the checkpoints, metrics and model saved after it (--overwrite or not: it would delete the checkpoint it reads). "
+            f"To continue from that checkpoint, train into another folder: output_dir=NEW train.resume={value} "
+            f"({out} stays as it is); to continue {out} from its latest checkpoint, set train.resume=auto"
+        )
+
+
+def _resume_kind(value: Any) -> str:
+    """:func:`~mergekit_video.training.checkpoint.resume_kind` of a recipe's ``train.resume`` (``"never"`` starts
+    fresh as ``null`` does); a value that is no resume setting at all (absent from a recipe) is ``"other"``."""
+    from ..config import MISSING
+    from ..training.checkpoint import resume_kind
+
+    if value is MISSING or isinstance(value, _UnderOutputDir):
+        return "other" if value is MISSING else "path"
+    return resume_kind(value) if value is None or isinstance(value, (bool, str)) else "other"
 
 
 #: The file a running run holds an advisory lock on, in its output_dir.

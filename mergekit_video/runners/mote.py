@@ -102,8 +102,11 @@ class MoTERunner:
         resume = cfg["train"].get("resume", "auto")
         resume = self._own_checkpoints_first(resume)
         found = self.checkpoints.load_resume(resume) if resume else None
-        if found is None and resume and not self.overwrite:
-            self._refuse_retraining_a_finished_run()
+        from ..utils.io import is_within
+
+        if not self.overwrite and (found is None or not is_within(found[0], self.checkpoints.directory)):
+            # starting over (train.resume=null: prepare_output_dir refused already) or from another run's checkpoint
+            self._refuse_retraining_a_finished_run(None if found is None else found[0])
         ckpt_path = None if found is None else found[0]
         if found is not None:
             self.trainer.resume(found[1])
@@ -185,18 +188,21 @@ class MoTERunner:
                     "other experts in backward. Turn that checkpointing off, or route them deterministically (fixed, topk)"
                 )
 
-    def _refuse_retraining_a_finished_run(self) -> None:
-        """No checkpoint to resume from, but the folder holds a trained model or results of this recipe (its
-        ``checkpoints/`` deleted to save space, say): training from step 1 would replace them and drop the
-        metrics history, so that needs ``--overwrite``. (A run that crashed before its first checkpoint
-        left neither and starts again.)"""
+    def _refuse_retraining_a_finished_run(self, started_from: Path | None = None) -> None:
+        """No checkpoint of its own to resume from, but the folder holds a trained model or results of this
+        recipe (its ``checkpoints/`` deleted to save space, say): training again, from step 1 or from the other
+        run's checkpoint ``started_from`` that ``train.resume`` names, would replace them and drop the metrics
+        history, so that needs ``--overwrite``. (A run that crashed before its first checkpoint left neither
+        and starts again.)"""
         done = [name for name in ("model", "model_dense", "results.json") if (self.output_dir / name).exists()]
         if done:
             shown = ", ".join(n + ("/" if (self.output_dir / n).is_dir() else "") for n in done)
+            again = "from step 1" if started_from is None else f"from train.resume's checkpoint {started_from}"
+            history = " and its metrics.jsonl history" if (self.output_dir / "metrics.jsonl").exists() else ""
             raise FileExistsError(
-                f"output_dir {self.output_dir} holds a trained run of this recipe ({shown}) but no checkpoint to resume "
-                f"from ({self.output_dir / 'checkpoints'} is {'empty' if (self.output_dir / 'checkpoints').is_dir() else 'gone'}): "
-                "training again from step 1 would replace them and its metrics.jsonl history. Evaluate the saved model with "
+                f"output_dir {self.output_dir} holds a trained run of this recipe ({shown}) but no checkpoint to "
+                f"resume from ({self.output_dir / 'checkpoints'} is {'empty' if (self.output_dir / 'checkpoints').is_dir() else 'gone'}): "
+                f"training again {again} would replace them{history}. Evaluate the saved model with "
                 f"mergevid eval {self.output_dir / 'model'} ..., use another output_dir, or pass --overwrite to train again"
             )
 
