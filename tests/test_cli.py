@@ -260,6 +260,28 @@ def test_run_refuses_to_record_over_a_hand_written_recipe_in_its_output_dir(tmp_
     _refuse_recording_over_the_recipe(tmp_path / "exp.yaml", cfg)
 
 
+def test_run_never_rewrites_a_recorded_recipe_it_is_given_with_other_settings(tmp_path, capsys):
+    """A recipe.yaml that a run recorded, run in place with overrides (mergevid run OUT/recipe.yaml schedule.epochs=1),
+    was rewritten with them: the user's file said epochs 50, then 1. Any other setting (a results-neutral one,
+    with --overwrite too) is refused naming the file and the change; an identical rerun stays a resume."""
+    from mergekit_video.cli.commands import _load_validated, _refuse_recording_over_the_recipe
+    from mergekit_video.config import dump_recipe
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    mine = out / "recipe.yaml"
+    mine.write_text(dump_recipe(_load_validated(QUICKSTART, [f"output_dir={out}"])))
+    text = mine.read_text()
+    for args, change in ((["schedule.epochs=1"], "schedule.epochs: 50 -> 1"), (["--overwrite", "train.log_every=7"], "train.log_every: ")):
+        assert cli_main(["run", *args[:-1], str(mine), args[-1]]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert (f"{mine} is the recipe.yaml that the run in output_dir {out} recorded, and this run would rewrite it with other "
+                f"settings ({change}") in err
+        assert f"--overwrite or not. To run with them, copy it and run the copy (cp {mine} {tmp_path / 'exp.yaml'};" in err
+        assert mine.read_text() == text and sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]  # nothing touched
+    _refuse_recording_over_the_recipe(mine, _load_validated(mine, []))  # the same settings: a resume
+
+
 def test_convert_rejects_non_mote_files(tmp_path, capsys):
     assert cli_main(["convert", "mote-official", str(tmp_path), str(tmp_path.parent / f"{tmp_path.name}_out")]) == 1
     assert f"{tmp_path} is a folder; pass the official checkpoint file in it" in " ".join(capsys.readouterr().err.split())

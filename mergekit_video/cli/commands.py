@@ -289,18 +289,43 @@ def run_cmd(
 def _refuse_recording_over_the_recipe(recipe: Path, cfg: dict) -> None:
     """A run records its resolved recipe as ``{output_dir}/recipe.yaml``: refuse to run a hand-written
     recipe kept at that very path (it would lose its comments and ``${...}``, and take in the
-    overrides). A recipe a run recorded there (machine-written) may be rerun: that is a resume."""
-    from ..config import is_recorded_recipe
+    overrides). A recipe a run recorded there (machine-written) may be rerun as it is: that is a resume;
+    with overrides (or edits) that it would record, it is refused too, ``--overwrite`` or not: the file
+    passed is never rewritten with other settings (run a copy of it instead, which is compared with the
+    record as any recipe is)."""
+    import copy
+
+    from ..config import dump_recipe, is_recorded_recipe
+    from ..config.schema import expand_user_paths
+    from ..runners.common import describe_change, recorded_recipe_changes
+    from ..runners.schema import SCHEMAS
 
     saved = Path(os.path.expanduser(str(cfg["output_dir"]))) / "recipe.yaml"
     if not (saved.exists() and recipe.resolve() == saved.resolve()):
         return
-    if not is_recorded_recipe(recipe.read_text(encoding="utf-8")):
+    text = recipe.read_text(encoding="utf-8")
+    copy_to = saved.parent.parent / (saved.parent.name + ".yaml")
+    if not is_recorded_recipe(text):
         raise UserError(
             f"{recipe} is where this run records its resolved recipe (output_dir {saved.parent}, recipe.yaml), and running it "
             f"would replace your file (comments and ${{...}} resolved, overrides written in); keep the recipe elsewhere "
-            f"(e.g. mv {recipe} {saved.parent.parent / (saved.parent.name + '.yaml')}) or set output_dir to another folder"
+            f"(e.g. mv {recipe} {copy_to}) or set output_dir to another folder"
         )
+    recorded = copy.deepcopy(cfg)  # what the run would write there: its paths as start_run expands them
+    if recorded.get("runner") in SCHEMAS:
+        expand_user_paths(recorded, SCHEMAS[recorded["runner"]])
+    if dump_recipe(recorded) == text:
+        return
+    changes = recorded_recipe_changes(recorded, text, saved.parent)
+    if not changes:  # only settings a later mergekit_video added, at their defaults: the same run
+        return
+    shown = "; ".join(describe_change(*c) for c in changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+    raise UserError(
+        f"{recipe} is the recipe.yaml that the run in output_dir {saved.parent} recorded, and this run would rewrite it with "
+        f"other settings ({shown}), --overwrite or not. To run with them, copy it and run the copy (cp {recipe} {copy_to}; "
+        f"mergevid run {copy_to} ...): the run there compares it with this record as with any recipe (a resume, or a "
+        f"different recipe that needs --overwrite); or set output_dir to another folder"
+    )
 
 
 #: Folder names that say where a dataset keeps its lists, not which dataset it is.
