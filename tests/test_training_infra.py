@@ -832,8 +832,10 @@ def test_resume_refuses_a_checkpoint_without_a_state_the_trainer_always_saves(ti
     with pytest.raises(ValueError) as info:
         trainer.resume(load_checkpoint(copy))
     assert str(info.value) == (f"train.resume: checkpoint {copy} is damaged: {copy / 'state.json'} lacks {lacks}, which every checkpoint "
-                               "of a training run holds; resume from an earlier checkpoint (train.resume=<its step_* folder>), or set "
-                               "train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)")
+                               "of a training run holds; move that checkpoint folder away so that train.resume=auto continues from "
+                               "the one before it, train from an earlier checkpoint into another folder (output_dir=NEW "
+                               "train.resume=<its step_* folder>), or set train.resume=null to start a new run (with --overwrite "
+                               "where this output_dir holds its checkpoints)")
     assert trainer.state.step == 0
 
 

@@ -533,8 +533,9 @@ class Trainer:
         missing = [what for what, value in (("optimizer", ckpt.optimizer_state), ("scheduler", ckpt.scheduler_state),
                                             ("rng", ckpt.rng)) if value is None]
         missing += [f"extra.{k}" for k in self._ALWAYS_IN_EXTRA if k not in (ckpt.extra or {})]
-        advice = ("resume from an earlier checkpoint (train.resume=<its step_* folder>), or set train.resume=null to start a "
-                  "new run (with --overwrite where this output_dir holds its checkpoints)")
+        advice = ("move that checkpoint folder away so that train.resume=auto continues from the one before it, train from an "
+                  "earlier checkpoint into another folder (output_dir=NEW train.resume=<its step_* folder>), or set "
+                  "train.resume=null to start a new run (with --overwrite where this output_dir holds its checkpoints)")
         if missing:
             raise ValueError(
                 f"train.resume: checkpoint {ckpt.path} is damaged: {Path(ckpt.path) / 'state.json'} lacks {', '.join(missing)}, "
