@@ -759,6 +759,24 @@ def test_device_cpu_joins_the_process_group_with_gloo(monkeypatch):
     assert asked == ["gloo", None, None]
 
 
+def test_dist_timeout_s_reaches_the_process_group(monkeypatch):
+    """A stalled rank held the others for torch's fixed 1800 s: the recipe had no key for the collective timeout."""
+    from mergekit_video.runners.common import start_run
+    from mergekit_video.training import distributed
+
+    asked = []
+
+    def stop(**kwargs):
+        asked.append(kwargs.get("timeout_s"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(distributed, "init_distributed", stop)
+    for cfg in ({}, {"dist_timeout_s": 600}):
+        with pytest.raises(RuntimeError, match="stop here"):
+            start_run({"runner": "mote", "output_dir": "unused", **cfg}, overwrite=False)
+    assert asked == [1800.0, 600.0]
+
+
 def test_overwrite_never_deletes_a_file_the_new_run_reads(tmp_path):
     """--overwrite deletes an earlier, different run's outputs: any path the recipe reads inside them (not only
     checkpoint, train.resume and model.pretrained) is refused first, naming the key; nothing is deleted."""

@@ -39,7 +39,8 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
     from ..training.rng import seed_everything
 
     # device: cpu on a CUDA machine: gloo (NCCL would get CPU tensors); otherwise NCCL on CUDA, gloo on the CPU
-    dist = init_distributed(backend="gloo" if str(cfg.get("device", "auto")) == "cpu" else None)
+    dist = init_distributed(backend="gloo" if str(cfg.get("device", "auto")) == "cpu" else None,
+                            timeout_s=float(cfg.get("dist_timeout_s", 1800.0)))
     main = dist.rank == 0
     device = select_device(cfg.get("device", "auto"), dist.local_rank)
     if device.type == "cpu":

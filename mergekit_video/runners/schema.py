@@ -271,6 +271,8 @@ COMMON = {
     "seed": Field(int, default=0, min=0, max=SEED_MAX),
     "device": DEVICE,
     "precision": PRECISION,
+    "dist_timeout_s": Field(float, default=1800.0, min=1, doc="DDP: how long a process waits for the others in a collective "
+                            "before the job fails (a stalled rank stops every rank after this)"),
     "text": TEXT,
     "eval": EVAL,
 }
