@@ -1135,6 +1135,7 @@ def test_ddp_two_processes_agree_and_count_every_video_once(reference_runs, synt
            "-m", "mergekit_video", "run", str(QUICKSTART), *overrides]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert res.returncode == 0, f"torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-4000:]}"
+    assert res.stderr.count("No pretrained weights loaded") == 1  # open_clip's note from rank 0 only (was one per rank)
 
     # the ranks hold bit-identical weights, and rank 0 saved exactly those
     r0, r1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))

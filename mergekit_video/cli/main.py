@@ -69,6 +69,8 @@ def configure_logging(*, debug: bool = False) -> None:
         # warnings still show, once
         others = _stderr_handler(level=logging.WARNING)
         others.addFilter(lambda record: not record.name.startswith("mergekit_video"))
+        if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: open_clip's notes (no pretrained weights) once, from rank 0
+            others.addFilter(lambda record: "open_clip" not in record.pathname)
         root.addHandler(others)
 
 
