@@ -973,6 +973,7 @@ class ExpertContainer(nn.Module):
         return out.movedim(0, bd) if bd else out
 
     def extra_repr(self) -> str:
+        """The module repr's summary: expert count, eval merge strategy and a non-default ``batch_dim``."""
         return f"num_experts={self.num_experts}, merge={self.merge!r}" + (f", batch_dim={self.batch_dim}" if self.batch_dim else "")
 
     def _label(self) -> str:

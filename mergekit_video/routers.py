@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,7 @@ class Router(nn.Module):
         return RouterOutput(indices=indices, weights=weights, granularity=self.granularity)
 
     def extra_repr(self) -> str:
+        """The module repr's summary: expert count and granularity."""
         return f"num_experts={self.num_experts}, granularity={self.granularity!r}"
 
 
@@ -135,7 +137,7 @@ def multinomial_probs(num_experts: int, temperature: float = 1.0) -> torch.Tenso
 class MultinomialRouter(Router):
     """Stochastic routing with P(i) ∝ exp(i / temperature), i = 1..N (MoTE Eq. 5)."""
 
-    def __init__(self, *, num_experts: int, temperature: float = 1.0, **kw) -> None:
+    def __init__(self, *, num_experts: int, temperature: float = 1.0, **kw: Any) -> None:
         super().__init__(num_experts=num_experts, **kw)
         if temperature == 0 or math.isnan(temperature):
             raise ValueError(f"multinomial router temperature must be non-zero and not NaN, got {temperature}")
@@ -186,7 +188,7 @@ class FixedRouter(Router):
 
     stochastic = False
 
-    def __init__(self, *, num_experts: int, expert: int = 0, **kw) -> None:
+    def __init__(self, *, num_experts: int, expert: int = 0, **kw: Any) -> None:
         super().__init__(num_experts=num_experts, **kw)
         if not -num_experts <= expert < num_experts:
             raise ValueError(f"fixed router expert={expert} is out of range for {num_experts} experts")
@@ -234,7 +236,7 @@ class TopKRouter(Router):
         granularity: str = "token",
         renormalize: bool | None = None,
         channels_first: bool = False,
-        **kw,
+        **kw: Any,
     ) -> None:
         if granularity == "batch":
             raise ValueError("topk router works at 'token' or 'sample' granularity, not 'batch'")
@@ -300,10 +302,11 @@ class TopKRouter(Router):
         )
 
     def extra_repr(self) -> str:
+        """The base summary plus ``k`` and ``renormalize``."""
         return super().extra_repr() + f", k={self.k}, renormalize={self.renormalize}"
 
 
-def build_router(router: str | Router, *, module: nn.Module | None = None, **kwargs) -> Router:
+def build_router(router: str | Router, *, module: nn.Module | None = None, **kwargs: Any) -> Router:
     """Return ``router`` if it is already a Router, else build it from the registry.
 
     A gated router's ``dim`` (its input width), when not given, is the ``in_features`` of the

@@ -17,10 +17,14 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # PyAV is optional: only for the annotations
+    from av.container import InputContainer
+    from av.video.stream import VideoStream
 
 BACKENDS = ("auto", "decord", "pyav", "frames")
 DEFAULT_IMAGE_TEMPLATE = "img_{:05d}.jpg"  # TSN frame folders, 1-based
@@ -94,7 +98,7 @@ def decord_decodes_width(width: int) -> bool:
     return padded == width or (3 * padded) % width != 0
 
 
-def video_stream(container):
+def video_stream(container: InputContainer) -> VideoStream | None:
     """The video stream of ``container`` (open with PyAV) that decord reads; None if it has none.
 
     decord takes FFmpeg's ``av_find_best_stream`` as its FFmpeg 4.1 ranks the streams: the most frames seen
@@ -138,7 +142,7 @@ def _hms_seconds(text: str) -> float | None:
     return None if m is None else int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
 
 
-def header_length(container, stream) -> HeaderLength:
+def header_length(container: InputContainer, stream: VideoStream) -> HeaderLength:
     """The length the header of ``container`` (open with PyAV) gives its video ``stream``.
 
     Only headers written when the file was finished count: the mp4/mov sample table, the AVI stream
@@ -179,7 +183,7 @@ def truncation(header: HeaderLength, *, frames: int, end_s: float | None, frame_
     return None
 
 
-def frame_seconds(stream) -> float | None:
+def frame_seconds(stream: VideoStream) -> float | None:
     """Average frame duration of a PyAV video stream in seconds, None if it has no rate."""
     rate = stream.average_rate or stream.guessed_rate
     return float(1 / rate) if rate else None
