@@ -54,7 +54,7 @@ class MoTEStepOutput:
 
 
 class MoTEObjective:
-    """Computes the MoTE loss for a :class:`TemporalHead` on frame features.
+    """Computes the MoTE loss L = L_TE + λ·L_WMR + η·L_MSE (Eq. 10) for a :class:`TemporalHead` on frame features.
 
     Args:
         wmr_weight: λ (0 switches WMR off).
@@ -113,7 +113,7 @@ class MoTEObjective:
         labels: torch.Tensor,
         logit_scale: torch.Tensor | float,
     ) -> MoTEStepOutput:
-        """Loss and logits for frame features ``[B, T, D]``, class features ``[C, D]`` and labels ``[B]``."""
+        """Loss (Eq. 10) and logits for frame features ``[B, T, D]``, class features ``[C, D]`` and labels ``[B]``."""
         has_experts = bool(find_containers(head))
         if not has_experts and self.wmr_weight > 0:
             raise ValueError("WMR needs experts: set model.num_experts > 0 or objective.wmr_weight=0")

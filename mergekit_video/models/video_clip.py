@@ -88,13 +88,13 @@ class VideoCLIP(nn.Module):
         return self.config["clip"]["name"]
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """Frames ``[B, T, 3, H, W]`` → per-frame CLIP features e ``[B, T, D]``."""
+        """Frames ``[B, T, 3, H, W]`` → per-frame CLIP features e ``[B, T, D]`` (f(V|θ_v), MoTE Eq. 1)."""
         b, t = frames.shape[:2]
         feats = self.visual(frames.flatten(0, 1))  # [B*T, D]
         return feats.view(b, t, -1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[C, L]`` → text features ``[C, D]`` (frozen text tower)."""
+        """Token ids ``[C, L]`` → text features y ``[C, D]`` (g(C|θ_c), MoTE Eq. 1; frozen text tower)."""
         return self.clip.encode_text(tokens)
 
     def forward(self, frames: torch.Tensor, class_features: torch.Tensor, modulation: bool = False) -> torch.Tensor:
