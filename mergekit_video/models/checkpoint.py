@@ -273,7 +273,7 @@ def save_model(model: VideoCLIP, directory: str | os.PathLike, *, overwrite: boo
         _save_tensors(tmp / CLIP_FILE, clip_tensors, {"format": "open_clip"}, destination=directory)
         _save_tensors(tmp / HEAD_FILE, head_tensors, {"format": "mergekit_video/temporal_head"}, destination=directory)
         other = {part: StateEncoder(inline=True, what=part).encode(state) for part, state in (("clip", clip_other), ("head", head_other)) if state}
-        from ..training.checkpoint import file_checksum
+        from ..utils.io import file_checksum
 
         checksums = {name: file_checksum(tmp / name) for name in (CLIP_FILE, HEAD_FILE)}
         atomic_write_json(tmp / CONFIG_FILE, {**config, **({NON_TENSOR_KEY: other} if other else {}), CHECKSUMS_KEY: checksums})
@@ -608,10 +608,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
         for part, file in files.items():
             found = {**_header_shapes(file), **{k: None for k in decode_state(saved.other.get(part) or {})}}
             _check_fits(file, part, parts[part], found, saved, strict=strict)
-        from ..training.checkpoint import _verify_checksum
+        from ..utils.io import verify_checksum
 
         for file in files.values():  # a byte changed by a bad disk or a botched copy: refused, not evaluated or exported
-            _verify_checksum(file, {"checksums": saved.checksums})
+            verify_checksum(file, saved.checksums)
         clip_sd = {**read_safetensors(files["clip"]), **decode_state(saved.other.get("clip") or {})}
         head_sd = {**read_safetensors(files["head"]), **decode_state(saved.other.get("head") or {})}
     else:  # a trainer checkpoint: tied tensors and non-tensor entries restored, the optimizer's tensors not read

@@ -35,7 +35,6 @@ import secrets
 import shutil
 import tempfile
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,8 +44,8 @@ from typing import Any
 import torch
 
 from ..utils import io as uio
-from ..utils.io import (TEMP_OWNER_PATTERN, apply_default_modes, atomic_write_text, is_stale_temp, read_safetensors,
-                        remove_stale_atomic_temps, temp_owner)
+from ..utils.io import (TEMP_OWNER_PATTERN, apply_default_modes, atomic_write_text, file_checksum, is_stale_temp,
+                        read_safetensors, remove_stale_atomic_temps, temp_owner, verify_checksum)
 from ..utils.state_json import StateEncoder, decode_state, split_tensors
 
 log = logging.getLogger(__name__)
@@ -789,24 +788,9 @@ def _checked_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def file_checksum(path: Path, *, chunk: int = 1 << 24) -> str:
-    """``crc32:<8 hex digits>`` of a file's bytes, read in 16 MiB chunks (2.5 GB/s from the page cache on a 2-core CPU)."""
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return f"crc32:{crc:08x}"
-
-
 def _verify_checksum(path: Path, meta: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming ``path`` when its bytes are not those its state.json recorded
-    (checkpoints written before checksums were recorded are read unchecked)."""
-    expected = (meta.get("checksums") or {}).get(path.name)
-    if expected is None:
-        return
-    found = file_checksum(path)
-    if found != expected:
-        raise ValueError(f"{path} does not hold the bytes it was saved with (checksum {found}, saved {expected}): the file is damaged")
+    """:func:`~mergekit_video.utils.io.verify_checksum` against the checksums its state.json recorded."""
+    verify_checksum(path, meta.get("checksums") or {})
 
 
 def checkpoint_model_state(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
