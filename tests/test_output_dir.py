@@ -741,40 +741,34 @@ def test_a_recipe_without_eval_datasets_says_the_final_evaluation_is_skipped(tmp
     assert f"no eval.datasets in the recipe: no final evaluation; evaluate the saved model with mergevid eval {tmp_path / 'model'}" in console.export_text()
 
 
-def test_device_cpu_joins_the_process_group_with_gloo(monkeypatch):
-    """On a CUDA machine init_distributed picked NCCL even for device: cpu, whose CPU tensors NCCL cannot reduce."""
+def _process_group_arguments(monkeypatch, recipes: list[dict]) -> list[dict]:
+    """The keyword arguments start_run gives init_distributed for each recipe (stopped right there)."""
     from mergekit_video.runners.common import start_run
     from mergekit_video.training import distributed
 
     asked = []
 
     def stop(**kwargs):
-        asked.append(kwargs.get("backend"))
+        asked.append(kwargs)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(distributed, "init_distributed", stop)
-    for device, backend in (("cpu", "gloo"), ("auto", None), ("cuda", None)):
+    for cfg in recipes:
         with pytest.raises(RuntimeError, match="stop here"):
-            start_run({"runner": "mote", "output_dir": "unused", "device": device}, overwrite=False)
-    assert asked == ["gloo", None, None]
+            start_run({"runner": "mote", "output_dir": "unused", **cfg}, overwrite=False)
+    return asked
+
+
+def test_device_cpu_joins_the_process_group_with_gloo(monkeypatch):
+    """On a CUDA machine init_distributed picked NCCL even for device: cpu, whose CPU tensors NCCL cannot reduce."""
+    asked = _process_group_arguments(monkeypatch, [{"device": device} for device in ("cpu", "auto", "cuda")])
+    assert [a["backend"] for a in asked] == ["gloo", None, None]
 
 
 def test_dist_timeout_s_reaches_the_process_group(monkeypatch):
     """A stalled rank held the others for torch's fixed 1800 s: the recipe had no key for the collective timeout."""
-    from mergekit_video.runners.common import start_run
-    from mergekit_video.training import distributed
-
-    asked = []
-
-    def stop(**kwargs):
-        asked.append(kwargs.get("timeout_s"))
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(distributed, "init_distributed", stop)
-    for cfg in ({}, {"dist_timeout_s": 600}):
-        with pytest.raises(RuntimeError, match="stop here"):
-            start_run({"runner": "mote", "output_dir": "unused", **cfg}, overwrite=False)
-    assert asked == [1800.0, 600.0]
+    asked = _process_group_arguments(monkeypatch, [{}, {"dist_timeout_s": 600}])
+    assert [a["timeout_s"] for a in asked] == [1800.0, 600.0]
 
 
 def test_overwrite_never_deletes_a_file_the_new_run_reads(tmp_path):
