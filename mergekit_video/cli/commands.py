@@ -680,7 +680,8 @@ def bench_head_cmd(
     output: Path = typer.Option(Path("bench_head.json"), "--output", help="JSON results file."),
     device: str = typer.Option("auto", "--device", help=f"{DEVICE_VALUES} (auto: cuda when available, else cpu)."),
     steps: int = typer.Option(50, "--steps", min=1, help="Timed iterations per measurement."),
-    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed iterations before each measurement."),
+    warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed iterations before each measurement (at least 1: the first "
+                                                          "call of each variant allocates and caches, and would be timed)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     frames: int = typer.Option(8, "--frames", min=1),
     shape: Optional[list[str]] = typer.Option(None, "--shape", help="Head shape WIDTHxLAYERS, repeatable (default: 512x4 and 768x6, the ViT-B/16 and ViT-L/14 heads)."),
