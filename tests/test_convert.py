@@ -230,6 +230,8 @@ def test_convert_refuses_checkpoints_that_do_not_supply_the_model_exactly(tmp_pa
         convert_official(ckpt, clip_name="ViT-B-16")
     assert str(info.value).startswith("model_state_dict does not fit open_clip ViT-B-16's vision tower (--clip-name): it lacks 120 tensors "
                                       "('visual.transformer.resblocks.2.attn.in_proj_bias', ") and "32 tensors of another shape" in str(info.value)
+    with pytest.raises(ValueError, match=r"^unknown open_clip model 'NoSuch' \(--clip-name\); "):  # said model.clip_name, a recipe key
+        convert_official(ckpt, clip_name="NoSuch")
     # the CLI: one line, exit 1, no output folder
     bad = copy.deepcopy(ckpt)
     _MALFORMED["missing ln_post and logit_scale"][0](bad)

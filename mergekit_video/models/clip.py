@@ -176,10 +176,11 @@ def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
     return False
 
 
-def model_config(model_name: str, *, quick_gelu: bool | None = None) -> dict[str, Any]:
+def model_config(model_name: str, *, quick_gelu: bool | None = None, name_key: str = "recipe key model.clip_name") -> dict[str, Any]:
     """The open_clip architecture config (``embed_dim``, ``vision_cfg``, ``text_cfg``) of ``model_name``.
 
-    ``quick_gelu`` True / False sets the activation; None keeps the config's own.
+    ``quick_gelu`` True / False sets the activation; None keeps the config's own. ``name_key`` is where
+    the user gave the name, which an unknown name's error names.
     """
     import open_clip
 
@@ -192,7 +193,7 @@ def model_config(model_name: str, *, quick_gelu: bool | None = None) -> dict[str
         close = difflib.get_close_matches(model_name, names, n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         vits = ", ".join(m for m in names if m.startswith("ViT-") and "quickgelu" not in m)[:300]
-        raise ValueError(f"unknown open_clip model {model_name!r} (recipe key model.clip_name); {hint}ViT models include: {vits} ...")
+        raise ValueError(f"unknown open_clip model {model_name!r} ({name_key}); {hint}ViT models include: {vits} ...")
     cfg = copy.deepcopy(cfg)
     if quick_gelu is not None:
         cfg["quick_gelu"] = bool(quick_gelu)

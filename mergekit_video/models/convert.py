@@ -242,6 +242,8 @@ def convert_official(
     arch = infer_architecture(clip_sd, fusion)
     merge, merge_kwargs = _fusion_merge(fusion_weights, arch)
 
+    if clip_name:
+        model_config(clip_name, name_key="--clip-name")  # an unknown name is told by its option, before anything is built
     name = clip_name or matching_open_clip_name(arch)
     if clip_pretrained is not None:
         if name is None:
