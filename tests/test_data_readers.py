@@ -505,9 +505,22 @@ def test_decord_probes_only_the_headers_it_needs_and_once_per_file(tmp_path):
 def test_a_file_without_a_video_stream_says_so(tmp_path, backend):
     """decord said "Check failed: st_nb >= 0 (-1381258232 vs. 0) ... wanted index: -1"."""
     path = write_audio_only(tmp_path / "audio.mp4")
-    with pytest.raises(VideoReadError, match=rf"^{re.escape(str(path))}: no video stream$") as info:
+    with pytest.raises(VideoReadError, match=rf"^{re.escape(str(path))}: no video stream \(it holds only audio\)$") as info:
         open_video(path, backend=backend)
     assert info.value.__cause__ is not None or backend == "pyav"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_mp4_cut_inside_its_index_is_called_truncated_not_streamless(tmp_path, backend):
+    """An mp4 whose index (moov, at the end) was cut short opened with only a data track: "no video stream", as if
+    it were an audio file."""
+    whole = write_level_video(tmp_path / "whole.mp4", n=20).read_bytes()
+    assert whole.find(b"moov") > len(whole) // 2  # the index at the end, as a download cut short loses it
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole[:-900])
+    with pytest.raises(VideoReadError, match=rf"^{re.escape(str(cut))}: no video stream: the file holds no audio or video "
+                                             r"streams \(truncated or corrupt\)$"):
+        open_video(cut, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

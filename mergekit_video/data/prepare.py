@@ -104,7 +104,7 @@ def _video_frames(src: Path, size_box: dict, threads: int):
     """
     import av
 
-    from .readers import _pyav_diagnosis, frame_seconds, header_length, truncation, video_stream
+    from .readers import _pyav_diagnosis, frame_seconds, header_length, no_video_stream, truncation, video_stream
 
     try:
         opened = av.open(str(src))
@@ -113,7 +113,7 @@ def _video_frames(src: Path, size_box: dict, threads: int):
     with opened as container:
         stream = video_stream(container)
         if stream is None:
-            raise ValueError("no video stream")
+            raise ValueError(no_video_stream(container))
         stream.codec_context.thread_count = threads
         rate = stream.average_rate or stream.guessed_rate or Fraction(30)
         cc = stream.codec_context

@@ -98,6 +98,15 @@ def decord_decodes_width(width: int) -> bool:
     return padded == width or (3 * padded) % width != 0
 
 
+def no_video_stream(container: InputContainer) -> str:
+    """Why a file has no video stream, in plain words: it holds other media (an audio-only file), or no media
+    at all (an mp4 cut inside its index leaves none, or only a data track: truncated or corrupt)."""
+    media = sorted({str(s.type) for s in container.streams} - {"data", "attachment"})
+    if not media:
+        return "no video stream: the file holds no audio or video streams (truncated or corrupt)"
+    return f"no video stream (it holds only {', '.join(media)})"
+
+
 def video_stream(container: InputContainer) -> VideoStream | None:
     """The video stream of ``container`` (open with PyAV) that decord reads; None if it has none.
 
@@ -205,7 +214,7 @@ def _probe_cached(path: str, mtime_ns: int, size: int) -> _Probe:
         with av.open(path) as container:
             stream = video_stream(container)
             if stream is None:
-                raise VideoReadError(f"{path}: no video stream", path=path)
+                raise VideoReadError(f"{path}: {no_video_stream(container)}", path=path)
             cc = stream.codec_context
             h, w = int(cc.height), int(cc.width)
             header = header_length(container, stream)
@@ -673,7 +682,7 @@ class PyAVReader:
     def _index(self, num_threads: int) -> None:
         stream = video_stream(self._container)
         if stream is None:
-            raise VideoReadError(f"{self.path}: no video stream", path=self.path)
+            raise VideoReadError(f"{self.path}: {no_video_stream(self._container)}", path=self.path)
         self._stream = stream
         self._stream.codec_context.thread_count = max(0, int(num_threads))
         pts: list[int | None] = []
