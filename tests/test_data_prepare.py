@@ -311,11 +311,11 @@ def test_prepare_recovers_a_folder_whose_manifest_was_lost_and_checks_the_settin
     kw = _level_sources(tmp_path, ["v0.mp4", "v1.mp4"])
     out = kw["out_dir"]
     prepare_dataset(**kw)
-    for name in ("prepare_manifest.json", "prepare_report.json", "list.txt"):  # as if killed before writing them
+    for name in ("prepare_manifest.json", "prepare_report_list.json", "list.txt"):  # as if killed before writing them
         (out / name).unlink()
     rep = prepare_dataset(**{**kw, "short_side": 40})  # outputs of another short side are not adopted (32 < 40 < 48)
     assert rep.failed == 2 and all("size 42x32, expected 52x40" in f["error"] for f in rep.failures)
-    for name in ("prepare_manifest.json", "prepare_report.json", "list.txt"):
+    for name in ("prepare_manifest.json", "prepare_report_list.json", "list.txt"):
         (out / name).unlink()
     rep = prepare_dataset(**kw)  # nothing to encode: every output recovered, and the manifest written
     assert (rep.encoded, rep.skipped, rep.failed) == (0, 2, 0)
@@ -642,3 +642,16 @@ def test_bench_takes_from_a_list_only_the_videos_decord_reads_itself(tmp_path):
     assert [r.path for r in kept] == ["good1.mp4", "good2.mp4"]
     assert [p for p, _ in left_out] == ["narrow.mp4", "empty.mp4"]
     assert "decord cannot decode frames 48 px wide" in left_out[0][1]
+
+
+def test_each_list_prepared_into_a_folder_keeps_its_own_report(tmp_path):
+    """Preparing val after train into the same folder replaced train's prepare_report.json: its failures were gone."""
+    kw = _level_sources(tmp_path, ["v0.mp4", "v1.mp4"])
+    (kw["root"] / "v1.mp4").write_bytes(b"")  # one bad source in the training list
+    val = kw["root"] / "val.txt"
+    val.write_text("v0.mp4 0\n")
+    train_rep = prepare_dataset(**kw)
+    val_rep = prepare_dataset(**{**kw, "list_file": val})
+    assert (train_rep.report_path.name, val_rep.report_path.name) == ("prepare_report_list.json", "prepare_report_val.json")
+    assert [f["path"] for f in json.loads(train_rep.report_path.read_text())["failures"]] == [str(kw["root"] / "v1.mp4")]  # kept
+    assert json.loads(val_rep.report_path.read_text())["failures"] == []

@@ -5,7 +5,7 @@ decodes nearly all of it. Re-encoding with a short GOP (a keyframe every ``gop``
 scene-cut keyframes), x264's ``fastdecode`` tuning and a smaller short side makes every later epoch
 cheaper. The run is parallel with a progress bar, resumable (finished, verified outputs recorded
 in ``prepare_manifest.json`` are skipped), checks that every output decodes, writes a new
-annotation list, and lists every failure in ``prepare_report.json``: none is dropped silently,
+annotation list, and lists every failure in ``prepare_report_<list>.json``: none is dropped silently,
 whether two sources would share an output name, a source no longer encodes or its worker died.
 Audio is not kept. Videos are never upscaled: a short side already at or below the target stays.
 One prepare at a time writes an output folder (an advisory lock on ``.prepare.lock`` in it; the
@@ -34,7 +34,12 @@ from .encode import encode_video, keyframe_indices, video_info
 from .watchdog import DEFAULT_READ_TIMEOUT_S, ReadTimeoutError, run_with_timeout
 
 MANIFEST = "prepare_manifest.json"
-REPORT = "prepare_report.json"
+REPORT = "prepare_report_{list}.json"  # one per list prepared into the folder (train and val share a folder)
+
+
+def report_path(out_dir: Path, new_list: Path) -> Path:
+    """Where the report of preparing ``new_list`` into ``out_dir`` goes (``prepare_report_train.json``)."""
+    return out_dir / REPORT.format(list=new_list.stem)
 #: The file a running prepare holds an advisory lock on, in its output folder.
 LOCK_FILE = ".prepare.lock"
 
@@ -522,7 +527,7 @@ def prepare_dataset(
     Outputs keep their relative paths (suffix ``.mp4``; frame folders become ``folder.mp4`` at
     ``fps``), with the short side scaled to ``short_side`` and a keyframe every ``gop`` frames. A
     new list ``out_dir/<list name>`` names the outputs; failures are left out of it and listed in
-    ``out_dir/prepare_report.json``. Sources whose outputs would share a name (``x.avi`` and
+    ``out_dir/prepare_report_<list stem>.json``. Sources whose outputs would share a name (``x.avi`` and
     ``x.mp4``) all fail, and nothing is encoded for them. A failed source loses the output an
     earlier run made of it, so every rerun tries it again and reports it until it encodes; so does
     a source whose worker process died. Re-running skips outputs recorded as finished and verified.
@@ -554,7 +559,7 @@ def prepare_dataset(
     if new_list.resolve() == list_file.resolve():
         new_list = out_dir / (list_file.stem + ".prepared" + list_file.suffix)
     if not (out_dir / MANIFEST).is_file():  # a folder no earlier run of this command wrote into
-        for mine in (new_list, out_dir / REPORT):
+        for mine in (new_list, report_path(out_dir, new_list)):
             if mine.exists():
                 raise FileExistsError(f"{mine} exists and was not written by `mergevid data prepare`; "
                                       "prepare into another folder so that it is not overwritten")
@@ -599,7 +604,7 @@ def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Pat
                              f"prepare into another output folder, or delete the folder {out_dir} to prepare it again "
                              "with these settings")
         manifest["files"] = old.get("files", {})
-    removed_temps = _remove_stale_temps(out_dir, list(by_out), (MANIFEST, REPORT, new_list.name))
+    removed_temps = _remove_stale_temps(out_dir, list(by_out), (MANIFEST, report_path(out_dir, new_list).name, new_list.name))
 
     jobs: list[dict] = []
     done: dict[str, dict] = {}  # source key -> result
@@ -698,7 +703,7 @@ def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Pat
     new_records = [VideoRecord(path=done[key_of[r.path]]["out"], label=r.label) for r in records
                    if done.get(key_of[r.path], {}).get("ok")]
     write_annotation_list(new_list, new_records)  # even when empty: an earlier run's list must not outlive its files
-    report = PrepareReport(out_dir=out_dir, list_file=new_list, report_path=out_dir / REPORT, total=len(sources) - len(alias),
+    report = PrepareReport(out_dir=out_dir, list_file=new_list, report_path=report_path(out_dir, new_list), total=len(sources) - len(alias),
                            encoded=sum(r["ok"] for r in results), skipped=sum(1 for d in done.values() if d.get("skipped")),
                            failed=len(failures), failures=failures, seconds=round(time.perf_counter() - t0, 3), settings=settings,
                            removed_temps=removed_temps)
