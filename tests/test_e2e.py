@@ -1732,7 +1732,7 @@ def test_bench_head_writes_json_and_markdown(tmp_path, capsys):
     assert head_shape("768x6") == ("ViT-L/14 head", 768, 6) and head_shape("64x2") == ("64x2 head", 64, 2)
     out, md = tmp_path / "head.json", tmp_path / "bench.md"
     md.write_text("# Benchmarks\n")
-    args = ["bench", "head", "--steps", "2", "--warmup", "0", "--batch-size", "2", "--device", "cpu", "--shape", "64x2", "--shape", "128x1"]
+    args = ["bench", "head", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--device", "cpu", "--shape", "64x2", "--shape", "128x1"]
     assert cli_main([*args, "--output", str(out), "--markdown", str(md)]) == 0
     res = json.loads(out.read_text())
     assert {"device", "batch_size", "frames", "num_experts", "shapes"} <= set(res)
