@@ -521,6 +521,9 @@ def test_an_mp4_cut_inside_its_index_is_called_truncated_not_streamless(tmp_path
     with pytest.raises(VideoReadError, match=rf"^{re.escape(str(cut))}: no video stream: the file holds no audio or video "
                                              r"streams \(truncated or corrupt\)$"):
         open_video(cut, backend=backend)
+    cut.write_bytes(whole[:-100])  # the index keeps its sample table but loses where the samples lie: no packet left
+    with pytest.raises(VideoReadError, match=rf"^{re.escape(str(cut))}: truncated \(the header lists 20 frames, the file holds 0\)$"):
+        open_video(cut, backend=backend)  # said "video has no frames"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -523,8 +523,8 @@ class DecordReader:
                 warned="decord indexes no timestamps for this file (AVI with H.264 or B-frames) and would seek to wrong "
                        "frames; reading such videos with PyAV, from the start (slower)")
             return
-        if self._num_frames <= 0:
-            raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
+        if self._num_frames <= 0:  # PyAV says whether the header promised frames (an index cut short: truncated)
+            raise VideoReadError(f"{self.path}: {_pyav_diagnosis(self.path) or 'video has no frames'}", path=self.path)
         if keyframes_reordered(self.path, head=head):
             why = "keyframes out of display order (an open GOP with B-frames, as MPEG-4 part 2/Xvid or x264 open-gop write)"
             self._read_with_pyav(refused=f"decord would seek to wrong frames in this file: {why}",
@@ -704,13 +704,13 @@ class PyAVReader:
                 pts.append(pkt.pts)
         except Exception as e:  # noqa: BLE001
             raise VideoReadError(f"{self.path}: corrupt container ({type(e).__name__}: {_first_line(e)})", path=self.path) from e
-        if not pts:
-            raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
         frame_s = frame_seconds(self._stream)
         end_s = float(end * self._stream.time_base) if end is not None and self._stream.time_base else (packets * frame_s if frame_s else None)
         why = truncation(header_length(self._container, self._stream), frames=packets, end_s=end_s, frame_s=frame_s)
-        if why is not None:
+        if why is not None:  # before "no frames": an mp4 whose index lost its chunk table lists frames it cannot reach
             raise VideoReadError(f"{self.path}: truncated ({why})", path=self.path)
+        if not pts:
+            raise VideoReadError(f"{self.path}: video has no frames", path=self.path)
         self._num_frames = len(pts)
         # AVI stores no presentation times: with B-frames its packets' are decode-order guesses, which neither
         # match the decoded frames' nor serve as seek targets
