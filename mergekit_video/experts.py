@@ -388,6 +388,19 @@ class ExpertContainer(nn.Module):
         self.merge_count = 0  # how many times the eval merge was computed
         self._plan: Plan | None = None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``container.router = r`` after construction gets the constructor's checks
+        if name == "router" and "batch_dim_given" in self.__dict__:
+            if not isinstance(value, nn.Module):
+                raise TypeError(f"{self._label()}: router must be a Router (build one with build_router), got {type(value).__name__}")
+            if getattr(value, "num_experts", self.num_experts) != self.num_experts:
+                raise ValueError(f"{self._label()}: the router is built for {value.num_experts} experts but the container has {self.num_experts}")
+            if getattr(value, "granularity", None) == "sample":
+                problem = self.sequence_first_problem(fix="ExpertContainer(..., batch_dim=1) or add_experts(..., batch_dim=1)")
+                if problem is not None:
+                    raise ValueError(problem)
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str) -> Any:
         # Drop-in replacement: attributes the container lacks are read from expert 0, so
         # backbone code that inspects its module (open_clip's text tower reads

@@ -17,7 +17,7 @@ from torch import nn
 import mergekit_video as mv
 from mergekit_video.experts import ExpertContainer, find_containers, use_merge
 from mergekit_video.registry import RegistryError
-from mergekit_video.routers import MultinomialRouter, TopKRouter
+from mergekit_video.routers import MultinomialRouter, TopKRouter, build_router
 from mergekit_video.surgery import SurgeryError, match_modules, nearest_names, reinit_normal_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -831,6 +831,31 @@ def test_per_sample_routing_of_a_sequence_first_target_is_refused_without_batch_
                                          r"\(ExpertContainer\(\.\.\., batch_dim=1\)\)"):
         ExpertContainer([copy.deepcopy(layer) for _ in range(2)], "random", router_kwargs={"granularity": "sample"})
     mv.add_experts(_seq_first_encoder(), "layers.*", 2, router="random", granularity="sample", batch_dim=0)  # given: trusted
+
+
+def test_assigning_a_router_after_construction_gets_the_constructor_checks():
+    """Defect: ``container.router = <per-sample router>`` on a sequence-first expert skipped the refusal that
+    add_experts, ExpertContainer and use_router make (sample routing would split the sequence); a router for another
+    expert count was taken too. Both are refused now, naming the container; a per-batch router is taken."""
+    enc = _seq_first_encoder()
+    mv.add_experts(enc, "layers.*", 2, router="multinomial", seed=0)
+    c = enc.layers[0]
+    with pytest.raises(ValueError, match=r"^expert container 'layers.0' holds a MultiheadAttention \('self_attn'\) with "
+                                         r"batch_first=False.*pass batch_dim=1"):
+        c.router = build_router("random", num_experts=2, granularity="sample")
+    with pytest.raises(ValueError, match=r"^expert container 'layers.0': the router is built for 3 experts but the container has 2$"):
+        c.router = build_router("random", num_experts=3)
+    with pytest.raises(TypeError, match=r"router must be a Router \(build one with build_router\), got int"):
+        c.router = 1
+    assert type(c.router).__name__ == "MultinomialRouter"  # unchanged by the refusals
+    c.router = build_router("fixed", num_experts=2, expert=1)
+    enc.train()
+    x = torch.randn(5, 3, 16)  # [S, B, D]
+    with torch.no_grad():
+        assert torch.equal(enc(x), nn.TransformerEncoder(c.experts[1], 1, enable_nested_tensor=False)(x))
+    sample_ok = _seq_first_encoder()
+    mv.add_experts(sample_ok, "layers.*", 2, router="multinomial", seed=0, batch_dim=1)
+    sample_ok.layers[0].router = build_router("random", num_experts=2, granularity="sample")  # batch_dim given: taken
 
 
 def test_batch_dim_routes_each_sample_of_a_sequence_first_input_whole():
