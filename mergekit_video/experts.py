@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 import operator
 import threading
 import types
@@ -48,6 +49,7 @@ from .merging import (
     buffer_coefficients,
     buffer_merge as _merge_buffer,
     check_merge_arguments,
+    convex_buffer_weights,
     default_seed,
     is_output_space,
     linear_combinations,
@@ -56,6 +58,7 @@ from .merging import (
     merge_tensors,
     non_float_notices,
     requires_base,
+    resolve_strategy,
 )
 from .routers import GRANULARITIES, Router, RouterOutput, build_router, num_groups
 from .utils.warn import warn_user
@@ -199,17 +202,6 @@ def _all_equal(tensors: Sequence[torch.Tensor]) -> bool:
         return False
 
 
-def _convex_buffer_weights(weights: torch.Tensor) -> torch.Tensor:
-    """Weights for floating buffers (running statistics): ``weights`` normalised to sum 1 when none is negative,
-    else the mean. Negative or unnormalised weights (``weighted`` with ``normalize=False``) would make a running
-    variance negative or scale it. Tensor ops only: no host read of weights on a GPU."""
-    total = weights.sum()
-    usable = (weights >= 0).all() & (total > 0)
-    rescale = usable & ((total - 1.0).abs() > 1e-9)  # weights summing to 1 stay as they are (bit-exact)
-    normalised = torch.where(rescale, weights / torch.where(usable, total, torch.ones_like(total)), weights)
-    return torch.where(usable, normalised, torch.full_like(weights, 1.0 / weights.numel()))
-
-
 def _module_kind(m: nn.Module) -> type:
     """A submodule's class for the structure check: a parametrized module's original class
     (``torch.nn.utils.parametrize`` makes a new ``Parametrized<Class>`` for every module)."""
@@ -305,6 +297,25 @@ def sequence_first_problem(module: nn.Module, *, label: str, fix: str) -> str | 
     return None if found is None else _sequence_first_message(found, label=label, fix=fix)
 
 
+def _generator_as_seed(strategy: str | Callable[..., torch.Tensor], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with a ``generator=`` of a seeded strategy (DARE) replaced by a seed drawn from it once.
+
+    A container merges again after every change of its experts (and :meth:`ExpertContainer.collapse`
+    merges once more): a live generator would draw other masks each time, so the evaluated merge and
+    the exported one would differ. Containers given one generator in turn draw their own seeds."""
+    g = kwargs.get("generator")
+    if not isinstance(g, torch.Generator):
+        return kwargs
+    try:
+        params = inspect.signature(resolve_strategy(strategy)).parameters
+    except Exception:  # noqa: BLE001 - an unknown strategy: check_merge_arguments names it
+        return kwargs
+    if "seed" not in params or "generator" not in params:
+        return kwargs
+    seed = int(torch.randint(0, 2**62, (), generator=g, device=g.device))
+    return {**{k: v for k, v in kwargs.items() if k != "generator"}, "seed": seed}
+
+
 class ExpertEnsemble(nn.Module):
     """Output-space "merge": runs all N experts and averages their outputs (N forwards)."""
 
@@ -315,11 +326,12 @@ class ExpertEnsemble(nn.Module):
         if w.numel() != len(experts) or abs(float(w.sum())) < 1e-12:
             raise ValueError(f"ensemble weights {w.tolist()} must give one weight per expert ({len(experts)}) and not sum to zero")
         self.register_buffer("weights", w / w.sum(), persistent=False)
+        self._weight_values = tuple((w / w.sum()).tolist())  # Python floats: no device read per forward on a GPU
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Σ wᵢ·expertᵢ(x): N forwards, the output-space reference for weight merges."""
         out = None
-        for w, e in zip(self.weights.tolist(), self.experts):
+        for w, e in zip(self._weight_values, self.experts):
             y = _tensor_output(e(x, *args, **kwargs), "ensemble merge", "averaging expert outputs") * w
             out = y if out is None else out + y
         return out
@@ -514,7 +526,7 @@ class ExpertContainer(nn.Module):
         kwargs.pop("base", None)
         check_merge_arguments(strategy, {**kwargs, "base": base}, num_experts=self.num_experts)
         if is_output_space(strategy):
-            return ExpertEnsemble([copy.deepcopy(e) for e in self.experts], **kwargs)
+            return ExpertEnsemble([copy.deepcopy(e) for e in self.experts], **kwargs).train(self.training)
         # differing non-float tensors (BatchNorm counters): one warning naming this container (the first per tensor)
         with torch.no_grad(), non_float_notices(where=self._label()):
             base_sd = base.state_dict() if isinstance(base, nn.Module) else base
@@ -752,6 +764,7 @@ class ExpertContainer(nn.Module):
         """
         # lists, tuples and dicts copied: the caller editing its list later must not split eval from collapse()
         kwargs = self._with_own_base(strategy, {k: _copy_containers(v) for k, v in kwargs.items()})
+        kwargs = _generator_as_seed(strategy, kwargs)
         check_merge_arguments(strategy, kwargs, num_experts=self.num_experts)
         pool, key = self.__dict__["_merge_pool"], _merge_key(strategy, kwargs)
         kept = pool.pop(key, (None,))[0]
@@ -816,7 +829,7 @@ class ExpertContainer(nn.Module):
 
         Floating parameters: Σ wᵢ·θᵢ, one multi-tensor op, differentiable. Floating buffers
         (BatchNorm running statistics, masks): Σ wᵢ·bᵢ as a constant (a buffer that requires
-        grad breaks BatchNorm) with the weights made convex (:func:`_convex_buffer_weights`: a
+        grad breaks BatchNorm) with the weights made convex (:func:`convex_buffer_weights`: a
         variance stays a variance), except the entries equal in every expert, which keep expert 0's
         value (a -inf mask stays -inf: 0 · -inf would be NaN). Other tensors are expert 0's;
         buffers among them are copies, so a merged forward in training mode (BatchNorm's
@@ -831,7 +844,7 @@ class ExpertContainer(nn.Module):
             out[i] = m
         if buffers:
             with torch.no_grad():
-                w = _convex_buffer_weights(weights.detach())
+                w = convex_buffer_weights(weights.detach())
                 for i in buffers:
                     out[i] = _merge_buffer(tensors[i], w) if tensors[i][0].is_floating_point() else tensors[i][0].clone()
         return out

@@ -209,6 +209,17 @@ def buffer_coefficients(strategy: str | MergeFn, n: int, **kwargs: Any) -> Tenso
     return mean_coefficients(n)
 
 
+def convex_buffer_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Weights for floating buffers (running statistics): ``weights`` normalised to sum 1 when none is negative,
+    else the mean. Negative or unnormalised weights (``weighted`` with ``normalize=False``) would make a running
+    variance negative or scale it. Tensor ops only: no host read of weights on a GPU."""
+    total = weights.sum()
+    usable = (weights >= 0).all() & (total > 0)
+    rescale = usable & ((total - 1.0).abs() > 1e-9)  # weights summing to 1 stay as they are (bit-exact)
+    normalised = torch.where(rescale, weights / torch.where(usable, total, torch.ones_like(total)), weights)
+    return torch.where(usable, normalised, torch.full_like(weights, 1.0 / weights.numel()))
+
+
 def buffer_merge(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
     """Σ wᵢ·bᵢ of floating buffers (``weights`` convex, see :func:`buffer_coefficients`), except where every
     tensor holds the same value: there tensor 0's (a -inf mask stays -inf, an untrained statistic bit-exact)."""
@@ -430,7 +441,9 @@ def dare(
     instead).
 
     Seeded: the drop masks come from ``generator`` or else from a generator seeded with ``seed``
-    (0 when not given or None), never from torch's global RNG, so merging again (an eval
+    (0 when not given or None), never from torch's global RNG. The same ``seed`` draws the same
+    masks; a ``generator`` advances, as torch's generators do. An expert container given a
+    ``generator`` draws one seed from it when the merge is set, so that merging again (an eval
     re-merge, the exported collapse) draws the same masks.
     """
     if combine not in ("linear", "ties"):
@@ -635,6 +648,8 @@ def _checked_result(fn: MergeFn, out: Any, like: Tensor) -> Tensor:
 def _shared_infinities(tensors: Sequence[Tensor], base: Tensor | None) -> Tensor | None:
     """Bool mask of the entries that are the same ±inf in every tensor and in ``base``; None when there are none."""
     ref = tensors[0]
+    if ref.device.type == "meta":  # no values to compare (a model built on the meta device)
+        return None
     shared = torch.isinf(ref)
     if not bool(shared.any()):  # the common case: one pass over tensor #0, nothing else
         return None
@@ -663,10 +678,11 @@ def merge_state_dicts(
     stay tied.
 
     ``buffers`` names the keys that are floating buffers (BatchNorm running statistics); a module
-    ``base`` names its own. Under a strategy that is not a fixed linear combination they are a
-    convex combination (:func:`buffer_coefficients`), as :meth:`ExpertContainer.collapse` merges
-    them: a task vector of a running variance can make it negative. Without them such keys are
-    merged as parameters, with a warning for keys named like BatchNorm statistics.
+    ``base`` names its own. They are a convex combination, as :meth:`ExpertContainer.collapse`
+    merges them: under a fixed linear combination its weights normalised, or the mean when one is
+    negative (:func:`convex_buffer_weights`), else :func:`buffer_coefficients` (a task vector of a
+    running variance can make it negative). Without them such keys are merged as parameters, with
+    a warning for keys named like BatchNorm statistics under a strategy that is not linear.
     """
     if not state_dicts:
         raise ValueError("merge_state_dicts needs at least one state dict")
@@ -693,9 +709,11 @@ def merge_state_dicts(
         if seed is not None:
             kwargs = {k: v for k, v in kwargs.items() if k != "seed"}
             kwargs["generator"] = torch.Generator().manual_seed(int(seed))
-    linear = getattr(fn, "coefficients", None) is not None  # a fixed linear combination: buffers stay convex under it
+    linear = getattr(fn, "coefficients", None) is not None  # a fixed linear combination
     buffer_keys = set(buffers or ())
-    if not linear:
+    if linear:  # its weights made convex (negative or unnormalised ones would make a variance negative or scale it)
+        buffer_weights = convex_buffer_weights(fn.coefficients(len(state_dicts), **kwargs))
+    else:
         buffer_weights = buffer_coefficients(fn, len(state_dicts), **kwargs)
         unnamed = [k for k in keys if k not in buffer_keys and k.rpartition(".")[2] in ("running_mean", "running_var")
                    and state_dicts[0][k].is_floating_point()]
@@ -713,7 +731,7 @@ def merge_state_dicts(
                 continue
             tensors = [sd[k] for sd in state_dicts]
             try:
-                if not linear and k in buffer_keys and tensors[0].is_floating_point():
+                if k in buffer_keys and tensors[0].is_floating_point():
                     _check_same_shape(tensors)
                     out[k] = buffer_merge(tensors, buffer_weights.to(tensors[0].device))
                 else:

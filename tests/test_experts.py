@@ -659,6 +659,34 @@ def test_unseeded_dare_eval_merge_is_the_exported_collapse():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def test_dare_with_a_generator_merges_the_same_masks_each_time():
+    """Defect: a container given merge_kwargs generator=g re-drew DARE masks at every re-merge (a train()/eval() toggle,
+    an optimizer step) and in collapse(), so evaluated and exported weights differed. The container now draws one seed
+    from g when the merge is set; two containers given the same g in turn draw different seeds."""
+    mods = experts(3)
+    base = copy.deepcopy(mods[0])
+    g = torch.Generator().manual_seed(7)
+    c = ExpertContainer(copy.deepcopy(mods), "multinomial", merge="dare",
+                        merge_kwargs={"base": base, "drop_rate": 0.5, "generator": g}).eval()
+    assert "generator" not in c.merge_kwargs and isinstance(c.merge_kwargs["seed"], int)
+    x = torch.randn(4, 4)
+    with torch.no_grad():
+        y = c(x)
+        c.train()
+        c.eval()
+        assert torch.equal(c(x), y) and c.merge_count == 2  # merged again, the same masks
+        assert torch.equal(c.collapse()(x), y) and torch.equal(c.collapse()(x), y)
+    other = ExpertContainer(copy.deepcopy(mods), "multinomial", merge="dare",
+                            merge_kwargs={"base": base, "drop_rate": 0.5, "generator": g})
+    assert other.merge_kwargs["seed"] != c.merge_kwargs["seed"]
+    again = torch.Generator().manual_seed(7)
+    same = ExpertContainer(copy.deepcopy(mods), "multinomial", merge="dare",
+                           merge_kwargs={"base": base, "drop_rate": 0.5, "generator": again}).eval()
+    assert same.merge_kwargs["seed"] == c.merge_kwargs["seed"]  # reproducible from the generator's seed
+    with torch.no_grad():
+        assert torch.equal(same(x), y)
+
+
 def test_collapse_mean_weighted_and_task_arithmetic():
     mods = experts(3)
     c = ExpertContainer(copy.deepcopy(mods), "multinomial").eval()
@@ -699,6 +727,8 @@ def test_ensemble_collapse_and_eval():
     assert maxdiff(c2(x), mean_out) <= 1e-6
     c2(x)
     assert c2.merge_count == 1
+    assert not c2.collapse().training  # the container's mode, as weight merges keep it
+    assert c.collapse("ensemble").training
 
 
 class WithBuffers(nn.Module):

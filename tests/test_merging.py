@@ -602,3 +602,49 @@ def test_differing_non_float_tensors_are_one_user_warning_per_call_naming_the_fi
         "in expert container '1', #0 vs #1)",
     ]
     assert all(w.category is UserWarning for w in caught)
+
+
+def test_named_buffers_stay_convex_under_linear_weights_as_collapse_keeps_them():
+    """Defect: merge_state_dicts combined named BatchNorm statistics with a linear strategy's raw weights: weights
+    [1, -2, 3] gave a negative running variance (NaN outputs) and normalize=False three times the variance, where
+    ExpertContainer.collapse takes them normalised, or the mean when a weight is negative. Both paths agree now."""
+    from torch import nn
+
+    from mergekit_video import ExpertContainer
+
+    torch.manual_seed(0)
+    mods = []
+    for i in range(3):
+        m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).train()
+        m(torch.randn(32, 4) * (i + 1))
+        mods.append(m)
+    with torch.no_grad():
+        mods[1][1].running_var.mul_(50)
+    sds = [m.state_dict() for m in mods]
+    var = [m[1].running_var for m in mods]
+    c = ExpertContainer(mods, "multinomial")
+    for kw, want in (({"weights": [1.0, -2.0, 3.0]}, sum(var) / 3),  # a negative weight: the mean
+                     ({"weights": [1.0, 1.0, 1.0], "normalize": False}, sum(var) / 3),  # normalised
+                     ({"weights": [1.0, 0.0, 3.0]}, 0.25 * var[0] + 0.75 * var[2])):
+        merged = merge_state_dicts(sds, "weighted", base=mods[0], **kw)
+        assert torch.allclose(merged["1.running_var"], want, rtol=1e-6)
+        assert torch.allclose(merged["1.running_var"], c.collapse("weighted", **kw)[1].running_var, rtol=1e-6)
+    weights = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)  # the parameters still take the raw weights
+    merged = merge_state_dicts(sds, "weighted", base=mods[0], weights=[1.0, -2.0, 3.0], normalize=False)
+    want = sum(w * sd["0.weight"].double() for w, sd in zip(weights, sds)).float()
+    assert torch.allclose(merged["0.weight"], want, atol=1e-6)
+
+
+def test_state_dicts_and_collapse_on_the_meta_device():
+    """Defect: merge_state_dicts read values of meta tensors (the shared-infinity check) and failed with 'Tensor.item()
+    cannot be called on meta tensors', so collapse('ties') of a model built on the meta device failed too."""
+    from torch import nn
+
+    from mergekit_video import ExpertContainer
+
+    sds = [nn.Linear(4, 3, device="meta").state_dict() for _ in range(2)]
+    merged = merge_state_dicts(sds, "mean")
+    assert merged["weight"].device.type == "meta" and merged["weight"].shape == (3, 4)
+    c = ExpertContainer([nn.Linear(4, 3, device="meta") for _ in range(3)], "multinomial")
+    dense = c.collapse("ties", base=nn.Linear(4, 3, device="meta"), density=0.5)
+    assert dense.weight.device.type == "meta" and dense.weight.shape == (3, 4)
