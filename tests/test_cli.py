@@ -987,6 +987,38 @@ def test_check_paths_reads_the_lists_and_class_csvs_naming_their_keys(tmp_path, 
     assert "(2 problems)" in err and "this looks like UCF-101's classInd.txt" in err and "nope.txt" in err
 
 
+def test_a_list_paired_with_a_class_csv_of_fewer_classes_is_refused_before_training(tmp_path, capsys):
+    """Defect: an eval list whose labels go past its class CSV passed validate --check-paths and the run's start-up, and
+    failed only after training ("labels go up to 4, but there are only 4 class names"): on the paper's recipe, epochs lost
+    to one key. validate --check-paths pairs each list with its class CSV; the run refuses at setup, naming the key."""
+    data = tmp_path / "data"
+    data.mkdir()
+    listed, two, three = data / "list.txt", data / "two.csv", data / "three.csv"
+    listed.write_text("a.mp4 0\nb.mp4 2\nc.mp4 2\n")
+    two.write_text("id,name\n0,a\n1,b\n")
+    three.write_text("id,name\n0,a\n1,b\n2,c\n")
+    base = [f"output_dir={tmp_path / 'out'}", "~data.synthetic", f"data.root={data}", f"data.train_list={listed}",
+            f"data.val_list={listed}", f"data.class_csv={three}", "~eval.summary"]
+    ok = f"eval.datasets=[{{name: v, kind: close_set, root: {data}, list: {listed}, class_csv: {three}}}]"
+    assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base, ok]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    said = (f"labels of {listed} go up to 2, but the class CSV {two} has 2 class names (ids 0..1); 2 of 3 videos have a label "
+            f">= 2 (first: 'b.mp4' with label 2). Wrong class CSV for this list?")
+    wrong = f"eval.datasets=[{{name: z, kind: zero_shot, root: {data}, class_csv: {three}, splits: [{{list: {listed}, class_csv: {two}}}]}}]"
+    assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base, wrong]) == 1
+    assert f"- eval.datasets.0.splits.0.list: {said} (its class CSV: eval.datasets.0.splits.0.class_csv)" in " ".join(capsys.readouterr().err.split())
+    assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base[:-2], f"data.class_csv={two}", "~eval.summary", ok]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "(2 problems)" in err  # the training list and the validation list
+    assert f"- data.train_list: {said} (its class CSV: data.class_csv)" in err
+    assert f"- data.val_list: {said} (its class CSV: data.class_csv)" in err
+    # the run refuses at setup, before training (the videos do not exist: nothing is read before the refusal)
+    assert cli_main(["run", str(QUICKSTART), *base, wrong, "schedule.epochs=1"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"eval.datasets.0.splits.0.list: {said}" in err
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_a_mote_recipe_without_training_data_is_refused_by_validate_naming_each_key(capsys, tmp_path):
     """data.synthetic=null with no data paths passed validate; the run then died with a bare KeyError ('class_csv',
     then 'train_list', then 'root' after the model was built)."""

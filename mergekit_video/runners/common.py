@@ -687,6 +687,33 @@ def check_recipe_paths(cfg: dict[str, Any], data_cfg: dict[str, Any] | None = No
         raise ValidationError(problems)
 
 
+def list_label_problem(list_file: str | os.PathLike, class_csv: str | os.PathLike, *, list_format: str = "video",
+                       on_error: str = "raise") -> str | None:
+    """Why ``list_file``'s labels do not fit the class names of ``class_csv`` (a label past the last id), or None.
+
+    The dataset refuses such a pair when it is built (:meth:`VideoDataset._check_labels`, with the same
+    allowance for a few stray lines under ``skip``/``resample``); this says it before a run trains for
+    hours and then builds its evaluation sets. Files that are missing or unreadable are left to the
+    checks that name them (None here).
+    """
+    from ..data import VideoDataset
+    from ..data.annotations import read_annotation_list, read_class_names
+
+    try:
+        records = read_annotation_list(os.path.expanduser(str(list_file)), list_format)
+        num_classes = len(read_class_names(os.path.expanduser(str(class_csv))))
+    except (ValueError, OSError):
+        return None
+    outside = [r for r in records if r.label >= num_classes]
+    if not outside or (on_error in ("skip", "resample") and len(outside) <= VideoDataset.stray_label_fraction * len(records)):
+        return None
+    first, total = outside[0], len(records)
+    return (f"labels of {list_file} go up to {max(r.label for r in outside)}, but the class CSV {class_csv} has "
+            f"{num_classes} class name{'s' * (num_classes != 1)} (ids 0..{num_classes - 1}); {len(outside)} of {total} "
+            f"video{'s' * (total != 1)} {'has' if len(outside) == 1 else 'have'} a label >= {num_classes} (first: "
+            f"{first.path!r} with label {first.label}). Wrong class CSV for this list?")
+
+
 #: Path keys holding an annotation list (read with the list format of their section) or a class CSV.
 _LIST_KEYS, _CLASS_CSV_KEYS = ("train_list", "val_list", "list"), ("class_csv",)
 
@@ -715,6 +742,13 @@ def _annotation_file_problems(cfg: dict[str, Any], schema: Any) -> list[Any]:
         except (ValueError, OSError) as e:
             problems.append(Problem(key, str(e)))
             continue
+        csv_key, csv = _paired_class_csv(cfg, parts)
+        if csv and Path(os.path.expanduser(csv)).is_file():
+            # as the run builds them: the per-epoch validation set skips bad items, the others follow their on_error
+            on_error = "skip" if key == "data.val_list" else section.get("on_error") or ("resample" if key == "data.train_list" else "raise")
+            problem = list_label_problem(value, csv, list_format=section.get("list_format") or "video", on_error=on_error)
+            if problem is not None:
+                problems.append(Problem(key, f"{problem} (its class CSV: {csv_key})"))
         shots = (section.get("few_shot") or {}).get("shots") if key == "data.train_list" else None
         if shots:  # the K-shot subset is drawn per class of the list: each needs K videos
             from collections import Counter
@@ -724,6 +758,21 @@ def _annotation_file_problems(cfg: dict[str, Any], schema: Any) -> list[Any]:
                 problems.append(Problem("data.few_shot.shots", f"{shots} shots, but class {short[0][0]} of {value} has "
                                         f"{short[0][1]} video{'s' * (short[0][1] != 1)}" + (f" (and {len(short) - 1} more classes)" if len(short) > 1 else "")))
     return problems
+
+
+def _paired_class_csv(cfg: dict[str, Any], parts: list[str]) -> tuple[str, str | None]:
+    """The key and value of the class CSV a list key's labels index: ``data.class_csv`` for the training and
+    validation lists, an eval dataset's (or its split's own) ``class_csv`` for its lists."""
+    if parts[0] == "data":
+        return "data.class_csv", (cfg.get("data") or {}).get("class_csv")
+    if parts[:2] == ["eval", "datasets"] and len(parts) > 2 and parts[2].isdigit():
+        ds = ((cfg.get("eval") or {}).get("datasets") or [{}])[int(parts[2])]
+        if len(parts) > 4 and parts[3] == "splits" and parts[4].isdigit():
+            split = (ds.get("splits") or [{}])[int(parts[4])]
+            if split.get("class_csv"):
+                return f"eval.datasets.{parts[2]}.splits.{parts[4]}.class_csv", split["class_csv"]
+        return f"eval.datasets.{parts[2]}.class_csv", ds.get("class_csv")
+    return "", None
 
 
 def without_synthetic_paths(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -837,13 +886,16 @@ def eval_suite(
     *,
     model_input_size: int | None = None,
     model_num_positions: int | None = None,
+    check_labels: bool = False,
 ) -> list[EvalSuiteEntry]:
     """Turn the recipe's ``eval.datasets`` into entries; paths and sizes default to the training data's.
 
     ``model_input_size`` (the visual tower's frame size) is the default input size and is
     checked against every size the recipe sets; ``model_num_positions`` (the head's frame position
     table) bounds every frame count. The runners call this at setup, so that a dataset that cannot
-    be evaluated is named before training. Raises ValueError naming the key.
+    be evaluated is named before training. ``check_labels``: also read each list and class CSV, and
+    refuse a list whose labels go past its class names (:func:`list_label_problem`). Raises ValueError
+    naming the key.
     """
     data_cfg = data_cfg or {}
     entries = []
@@ -864,6 +916,13 @@ def eval_suite(
         else:
             raise ValueError(f"eval.datasets.{i} ({ds.get('name')}) needs 'list' (one annotation list) or 'splits' "
                              f"(zero-shot: [{{list, class_csv}}, ...])")
+        if check_labels:
+            for j, split in enumerate(splits):
+                key = f"eval.datasets.{i}.splits.{j}.list" if ds.get("splits") else f"eval.datasets.{i}.list"
+                problem = list_label_problem(split.list_file, split.class_csv, list_format=ds.get("list_format", "video"),
+                                             on_error=ds.get("on_error", "raise"))
+                if problem is not None:
+                    raise ValueError(f"{key}: {problem}")
         num_frames = ds.get("num_frames") or data_cfg.get("num_frames", 8)
         if model_num_positions is not None and num_frames > model_num_positions:
             key = f"eval.datasets.{i}.num_frames" if ds.get("num_frames") else "data.num_frames"

@@ -37,7 +37,7 @@ class EvaluateRunner:
         self._check_compare_merges()
         # every evaluation dataset is checked now (sizes, frame counts, class lists), before the first one runs
         eval_suite(cfg.get("eval") or {}, self.data_cfg, model_input_size=getattr(self.model, "input_size", None),
-                   model_num_positions=head_positions(self.model))
+                   model_num_positions=head_positions(self.model), check_labels=True)
         self.clip_blend_base = read_clip_blend_base(self.model, cfg)
         if self.compare_defaults:  # a validated recipe has them already (schema); a recipe dict built in Python may not
             ev = dict(cfg.get("eval") or {})

@@ -76,7 +76,7 @@ class MoTERunner:
             raise ValueError(f"data.num_frames={self.data_cfg.get('num_frames', 8)}, but the model's temporal head has {positions} "
                              f"frame position embeddings (model.num_positions): use at most {positions} frames")
         # every evaluation dataset is checked now (sizes, frame counts, class lists), not after training
-        eval_suite(cfg.get("eval") or {}, self.data_cfg, model_input_size=self.model.input_size, model_num_positions=positions)
+        eval_suite(cfg.get("eval") or {}, self.data_cfg, model_input_size=self.model.input_size, model_num_positions=positions, check_labels=True)
         self.class_features = class_features(self.model, self.train_class_names, cfg.get("text") or {})
         self.model.head.set_source_class_features(self.class_features)  # y_f of TFM, saved with the model
         if cfg["train"].get("freeze_visual"):
