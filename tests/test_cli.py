@@ -783,12 +783,36 @@ def test_a_library_logging_at_module_level_does_not_double_our_log_lines():
     assert "module-level info" not in err and "an info of theirs" not in err
 
 
+def test_the_per_epoch_validation_runs_at_train_val_precision_and_the_final_evaluation_at_eval_precision(tmp_path, monkeypatch):
+    """The paper recipes evaluate in fp32 (the official test code); their per-epoch validation, which only picks
+    checkpoints, ran in fp32 too (on CUDA several times slower than bf16). train.val_precision sets it apart."""
+    import mergekit_video.evaluation.evaluator as evaluator
+
+    seen = []
+    real = evaluator.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("dataset_name"), kwargs.get("precision")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "evaluate", spy)
+    tiny = ["data.synthetic.videos_per_class=2", "data.synthetic.val_per_class=1", "data.synthetic.num_novel_classes=0",
+            "data.synthetic.frames=8", "data.synthetic.size=[32,32]", "~eval.summary", "eval.compare=null", "device=cpu",
+            "data.batch_size=6", "schedule.epochs=1", "train.eval_every_epochs=1", "eval.datasets=[{name: v, kind: close_set, list: '${output_dir}/data/val.txt', class_csv: '${output_dir}/data/classes.csv'}]",
+            "eval.modulation=[false]", "train.export_dense=false"]
+    assert cli_main(["run", str(QUICKSTART), *tiny, "train.val_precision=bf16", "eval.precision=fp32", f"output_dir={tmp_path / 'a'}"]) == 0
+    assert seen[0] == ("val", "bf16") and seen[-1][1] == "fp32" and seen[-1][0] != "val"
+    seen.clear()
+    assert cli_main(["run", str(QUICKSTART), *tiny, "eval.precision=fp32", f"output_dir={tmp_path / 'b'}"]) == 0
+    assert seen[0] == ("val", "fp32")  # unset: as the evaluation
+
+
 def test_a_run_refuses_an_eval_precision_the_device_lacks_and_a_batch_larger_than_the_data(tmp_path, capsys):
     """eval.precision=fp16 on a CPU failed only at the first validation, after an epoch of training (and the
     corrected rerun was then refused as another recipe); a batch the list cannot fill trained 0 steps and saved
     the random init."""
     out = tmp_path / "run"
-    for key in ("eval.precision", "precision"):
+    for key in ("eval.precision", "precision", "train.val_precision"):
         assert cli_main(["run", str(QUICKSTART), f"{key}=fp16", f"output_dir={out}", "device=cpu"]) == 1
         assert f"error: {key}=fp16: precision 'fp16' needs a CUDA device, got cpu; use 'fp32' or 'bf16'" in capsys.readouterr().err
         assert not out.exists()

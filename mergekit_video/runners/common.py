@@ -115,11 +115,12 @@ VALIDATION_KEYS = ("eval.batch_size", "eval.precision", "eval.test_offsets")
 
 
 def check_precisions(cfg: dict[str, Any], device: torch.device) -> None:
-    """Raise ``ValueError`` naming the key when ``precision`` or ``eval.precision`` cannot run on ``device``
-    (``fp16`` needs CUDA)."""
+    """Raise ``ValueError`` naming the key when ``precision``, ``eval.precision`` or ``train.val_precision``
+    cannot run on ``device`` (``fp16`` needs CUDA)."""
     from ..training.precision import resolve_precision
 
-    for key, value in (("precision", cfg.get("precision")), ("eval.precision", (cfg.get("eval") or {}).get("precision"))):
+    for key, value in (("precision", cfg.get("precision")), ("eval.precision", (cfg.get("eval") or {}).get("precision")),
+                       ("train.val_precision", (cfg.get("train") or {}).get("val_precision"))):
         if value is not None:
             try:
                 resolve_precision(device, value)

@@ -371,7 +371,8 @@ class MoTERunner:
             )
         try:
             res = evaluate(self.model, self._val_loader, self.class_features, device=self.device,
-                           precision=eval_precision(self.cfg), dataset_name="val", views=(clips, crops))
+                           precision=self.cfg["train"].get("val_precision") or eval_precision(self.cfg), dataset_name="val",
+                           views=(clips, crops))
         except NoVideoEvaluatedError as e:  # a validation never stops training: this epoch has no val accuracy
             if self.main:
                 log.warning("epoch %d: %s; no validation accuracy for this epoch (training goes on)", epoch + 1, e)

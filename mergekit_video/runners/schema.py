@@ -251,6 +251,10 @@ TRAIN = Section(
         "log_every": Field(int, default=10, min=1),
         "eval_every_epochs": Field(int, default=1, min=1),
         "val_views": Field(list, default=[1, 1], items=VIEWS, doc="[clips, crops] of the per-epoch validation (crops: 1 or 3)"),
+        "val_precision": Field(
+            str, nullable=True, choices=("auto", "bf16", "fp16", "fp32"),
+            doc="precision of the per-epoch validation (model selection); default: eval.precision, else the run's 'precision'",
+        ),
         "save_every_steps": Field(int, nullable=True, default=None, min=1),
         "keep_last": Field(int, default=2, min=1),
         "resume": Field(str, nullable=True, default="auto", path="checkpoint", doc="auto | a checkpoint path | null"),
