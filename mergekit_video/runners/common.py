@@ -1037,6 +1037,18 @@ def _partial_results_kept(results: Mapping[str, list[Any]], partial: Path, *, ma
         raise
 
 
+@contextlib.contextmanager
+def _in_eval_mode(model: Any) -> Iterator[None]:
+    """``model`` in eval mode for a whole suite, its mode restored after: each dataset's evaluation would
+    otherwise switch a model in training mode back, and its experts would merge again for the next one."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def run_eval_suite(
     model: Any,
     *,
@@ -1097,7 +1109,7 @@ def run_eval_suite(
         for written in (partial, output_dir / "results.json", output_dir / "tradeoff.png"):
             remove_stale_atomic_temps(written)  # temp files of an earlier evaluation's writes a kill cut short
     with clip_blended_with_pretrained(model, eval_cfg.get("clip_blend"), clip_blend_base), \
-            _partial_results_kept(results, partial, main=main):
+            _partial_results_kept(results, partial, main=main), _in_eval_mode(model):
         for i, entry in enumerate(entries):
             for k, split in enumerate(entry.splits):
                 loader = build_eval_loader(entry, split, eval_cfg=eval_cfg, data_cfg=data_cfg, normalize=normalize, dist=dist, seed=cfg.get("seed", 0))

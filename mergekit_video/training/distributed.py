@@ -156,7 +156,8 @@ def all_reduce_mean(values: Mapping[str, float | int | torch.Tensor]) -> dict[st
     if not keys:
         return {}
     if not is_distributed():
-        return dict(zip(keys, torch.stack([s.cpu() for s in scalars]).tolist()))
+        dev = next((s.device for s in scalars if s.device.type != "cpu"), torch.device("cpu"))
+        return dict(zip(keys, torch.stack([s.to(dev) for s in scalars]).cpu().tolist()))  # one device read, not K
     device = _collective_device()
     buf = torch.stack([s.to(device) for s in scalars])  # [K]
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
