@@ -234,7 +234,14 @@ def test_cli_writes_lists_refuses_existing_and_prints_recipe_keys(tmp_path, caps
                                 "class_csv": str(out / "ucf_labels.csv")}
     assert sections["eval"]["datasets"] == [{"name": "ucf101", "kind": "zero_shot", "root": sections["data"]["root"],
                                              "class_csv": str(out / "ucf_labels.csv"),
-                                             "splits": [{"list": str(out / "testlist01.txt")}, {"list": str(out / "testlist02.txt")}]}]
+                                             "splits": [{"list": str(out / "testlist01.txt")}, {"list": str(out / "testlist02.txt")}],
+                                             "num_clips": 3, "num_crops": 1, "num_frames": 8}]  # zeroshot_ucf101.yaml's views
+    assert printed.split("\n\n", 1)[1].startswith(
+        "# recipe sections for these lists (the lists' paths are relative to root): merge them into the recipe's data\n"
+        "# and eval sections, in place of its entries of the same name; eval.summary names the datasets to score, so\n"
+        "# keep these names or update it (MoTE's zero-shot views: 3 clips x 1 crop of 8 frames)\n"
+        "# kind: zero_shot is MoTE's protocol for a model trained on other classes (Kinetics); close_set for one\n"
+        "# trained on these; the few-shot recipes (fewshot_*.yaml) take kind: few_shot with num_clips: 1, num_crops: 1\ndata:\n")
 
     assert cli_main(["data", "lists", "ucf101", str(folder), "--out", str(out), "--names", "raw"]) == 1
     assert f"error: {out / 'trainlist01.txt'} exists; pass --overwrite to replace it" in capsys.readouterr().err
@@ -265,8 +272,8 @@ def test_cli_kinetics_writes_the_missing_list(tmp_path, capsys):
     assert cli_main(["data", "lists", "kinetics", str(train), str(val), str(test), "--root", str(root), "--out", str(out), "--overwrite"]) == 0
     printed = capsys.readouterr().out
     entries = yaml.safe_load(printed.split("\n\n", 1)[1])["eval"]["datasets"]
-    assert [(e["name"], e["kind"], e["list"]) for e in entries] == [("kinetics_val", "close_set", str(out / "val.txt")),
-                                                                    ("kinetics_test", "close_set", str(out / "test.txt"))]
+    assert [(e["name"], e["kind"], e["list"], e["num_clips"], e["num_crops"]) for e in entries] == [
+        ("kinetics_val", "close_set", str(out / "val.txt"), 4, 3), ("kinetics_test", "close_set", str(out / "test.txt"), 4, 3)]
     # every video found now: the earlier missing list would be wrong beside the new list, so --overwrite removes it
     for rel in ("train/abseiling/gone____000003_000013.mp4", "train/zumba/never_000020_000030.mp4"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -384,3 +391,41 @@ def test_printed_recipe_keys_paste_into_yaml_and_kinetics_val_reuses_the_train_c
     assert "  val.txt                1 video\n" in printed and "3 classes (the --classes file, kept)" in printed
     assert (kout / "kinetics_3_labels.csv").stat().st_mtime_ns == before
     assert lines(kout / "val.txt") == ["val/abseiling/val001_000100_000110.webm 0"]
+
+
+def test_printed_k400_eval_entry_pasted_into_the_recipe_keeps_its_4x3_views_and_summary(tmp_path, capsys):
+    """The documented workflow: the printed eval.datasets entry replaces mote_vitb16.yaml's own (same name, k400), so
+    the recipe's eval.summary still names it and the close-set protocol stays 4 clips x 3 crops."""
+    from mergekit_video.cli.commands import _load_validated
+
+    root = tmp_path / "k400"
+    rows = [K400_HEADER]
+    for i in range(400):  # one video per class: 400 classes make the official name k400
+        (root / f"v{i:03d}_000000_000010.mp4").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"v{i:03d}_000000_000010.mp4").write_bytes(b"x")
+        rows.append(f"class {i:03d},v{i:03d},0,10,validate")
+    val = tmp_path / "validate.csv"
+    val.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "lists"
+    assert cli_main(["data", "lists", "kinetics", str(val), "--root", str(root), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "# keep these names or update it (MoTE's close-set views: 4 clips x 3 crops)\n" in printed
+    entries = yaml.safe_load(printed.split("\n\n", 1)[1])["eval"]["datasets"]
+    assert entries == [{"name": "k400", "kind": "close_set", "root": str(root), "class_csv": str(out / "kinetics_400_labels.csv"),
+                        "list": str(out / "val.txt"), "num_clips": 4, "num_crops": 3}]
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "mote_vitb16.yaml").read_text())
+    recipe["eval"]["datasets"] = [entries[0] if d["name"] == entries[0]["name"] else d for d in recipe["eval"]["datasets"]]
+    pasted = tmp_path / "mine.yaml"
+    pasted.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    cfg = _load_validated(pasted, [])
+    assert cfg["eval"]["summary"] == {"close_set": "k400", "zero_shot": []}
+    assert [(d["name"], d["num_clips"], d["num_crops"]) for d in cfg["eval"]["datasets"]] == [("k400", 4, 3)]
+
+
+def test_eval_dataset_names_follow_the_shipped_recipes():
+    from mergekit_video.data.official_lists import eval_dataset_name
+
+    assert [eval_dataset_name("kinetics", n, c) for n, c in (("val.txt", 400), ("test.txt", 400), ("val.txt", 600), ("val.txt", 3))] == [
+        "k400", "k400_test", "k600", "kinetics_val"]
+    assert [eval_dataset_name(f, n, 2) for f, n in (("ucf101", "testlist01.txt"), ("hmdb51", "vallist_split1.txt"),
+                                                    ("ssv2", "val.txt"), ("ssv2", "extra.txt"))] == ["ucf101", "hmdb51", "ssv2", "ssv2_extra"]

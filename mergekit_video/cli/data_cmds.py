@@ -127,10 +127,14 @@ _ROOT_HINT = {
 
 
 def recipe_snippet(fmt: str, result: Any, *, out: Path, root: Path | None, class_csv: Path) -> str:
-    """The recipe sections to paste for converted lists, as YAML (nested keys, paths quoted where needed):
-    ``data`` (training) and ``eval.datasets``. UCF-101 / HMDB-51's numbered splits are one zero-shot dataset
-    (mean ± std over them); Kinetics / SSv2 val and test are one close-set dataset each, not splits to average."""
+    """The recipe sections for converted lists, as YAML (nested keys, paths quoted where needed) to merge into a
+    recipe: ``data`` (training) and ``eval.datasets`` with the recipes' views (:data:`~mergekit_video.data.official_lists.EVAL_VIEWS`)
+    and names (:func:`~mergekit_video.data.official_lists.eval_dataset_name`). UCF-101 / HMDB-51's numbered splits
+    are one zero-shot dataset (mean ± std over them); Kinetics / SSv2 val and test are one close-set dataset each,
+    not splits to average."""
     import yaml
+
+    from ..data.official_lists import EVAL_VIEWS, eval_dataset_name
 
     root_value = str(root.absolute()) if root is not None else f"<{_ROOT_HINT[fmt]}>"
     sections: dict[str, Any] = {}
@@ -138,20 +142,27 @@ def recipe_snippet(fmt: str, result: Any, *, out: Path, root: Path | None, class
         sections["data"] = {"root": root_value, "train_list": str((out / result.train[0]).absolute()),
                             **({"val_list": str((out / result.test[0]).absolute())} if result.test else {}),
                             "class_csv": str(class_csv.absolute())}
+    n = len(result.class_names)
     if result.test:
         common = {"root": root_value, "class_csv": str(class_csv.absolute())}
         if fmt in ("ucf101", "hmdb51"):
-            entries = [{"name": fmt, "kind": "zero_shot", **common,
-                        "splits": [{"list": str((out / name).absolute())} for name in result.test]}]
+            entries = [{"name": eval_dataset_name(fmt, result.test[0], n), "kind": "zero_shot", **common,
+                        "splits": [{"list": str((out / name).absolute())} for name in result.test], **EVAL_VIEWS[fmt]}]
         else:
-            entries = [{"name": f"{fmt}_{Path(name).stem}", "kind": "close_set", **common, "list": str((out / name).absolute())}
-                       for name in result.test]
+            entries = [{"name": eval_dataset_name(fmt, name, n), "kind": "close_set", **common,
+                        "list": str((out / name).absolute()), **EVAL_VIEWS[fmt]} for name in result.test]
         sections["eval"] = {"datasets": entries}
     text = yaml.safe_dump(sections, sort_keys=False, default_flow_style=False, allow_unicode=True, width=1 << 16)
-    kind_note = ("\n# kind: zero_shot is MoTE's protocol for a model trained on other classes (Kinetics); close_set for one "
-                 "trained on these" if fmt in ("ucf101", "hmdb51") and result.test else "")
-    return ("# recipe sections for these lists (the lists' paths are relative to root); they replace a recipe's own\n"
-            "# data and eval.datasets entries (set eval.summary to these names too)" + kind_note + "\n" + text.rstrip("\n"))
+    views = {"ucf101": "MoTE's zero-shot views: 3 clips x 1 crop of 8 frames",
+             "hmdb51": "MoTE's zero-shot views: 3 clips x 1 crop of 8 frames",
+             "kinetics": "MoTE's close-set views: 4 clips x 3 crops",
+             "ssv2": "one view, as MoTE's SSv2 (few-shot) protocol"}[fmt]
+    kind_note = ("\n# kind: zero_shot is MoTE's protocol for a model trained on other classes (Kinetics); close_set for one\n"
+                 "# trained on these; the few-shot recipes (fewshot_*.yaml) take kind: few_shot with num_clips: 1, num_crops: 1"
+                 if fmt in ("ucf101", "hmdb51") and result.test else "")
+    return ("# recipe sections for these lists (the lists' paths are relative to root): merge them into the recipe's data\n"
+            "# and eval sections, in place of its entries of the same name; eval.summary names the datasets to score, so\n"
+            f"# keep these names or update it ({views})" + kind_note + "\n" + text.rstrip("\n"))
 
 
 @data_app.command("lists")

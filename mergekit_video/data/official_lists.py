@@ -37,6 +37,32 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", "
 #: UCF-101 class folders whose display name is not their CamelCase split, as in MoTE's ``ucf_labels.csv``.
 UCF101_NAME_EXCEPTIONS = {"YoYo": "YoYo"}
 
+#: The eval views of the recipes for each format's test lists (``recipes/*.yaml``): MoTE §4.1 tests zero-shot
+#: UCF-101 / HMDB-51 (and K600) with 3 clips x 1 crop of 8 frames, close-set Kinetics-400 with 4 clips x 3 crops;
+#: its only SSv2 protocol (few-shot) takes one view.
+EVAL_VIEWS: dict[str, dict[str, int]] = {
+    "ucf101": {"num_clips": 3, "num_crops": 1, "num_frames": 8},
+    "hmdb51": {"num_clips": 3, "num_crops": 1, "num_frames": 8},
+    "kinetics": {"num_clips": 4, "num_crops": 3},
+    "ssv2": {"num_clips": 1, "num_crops": 1},
+}
+
+
+def eval_dataset_name(fmt: str, list_name: str, num_classes: int) -> str:
+    """The ``eval.datasets`` name for a converted test list, the one the shipped recipes' ``eval.summary`` uses:
+    ``ucf101`` / ``hmdb51`` (all splits in one dataset); Kinetics-400/600/700's ``val.txt`` -> ``k400`` / ``k600`` /
+    ``k700`` (another list: ``k400_test``; another class count: ``kinetics_val``); SSv2's ``val.txt`` -> ``ssv2``
+    (another list: ``ssv2_<stem>``)."""
+    stem = Path(list_name).stem
+    if fmt in ("ucf101", "hmdb51"):
+        return fmt
+    if fmt == "kinetics":
+        if num_classes not in (400, 600, 700):
+            return f"kinetics_{stem}"
+        return f"k{num_classes}" if stem == "val" else f"k{num_classes}_{stem}"
+    return fmt if stem == "val" else f"{fmt}_{stem}"
+
+
 _UCF_SPLIT_FILE = re.compile(r"(train|test)list0([1-9])\.txt")
 _HMDB_SPLIT_FILE = re.compile(r"(.+)_test_split([1-9])\.txt")
 
