@@ -130,12 +130,22 @@ def test_ucf101_refuses_inconsistent_files(tmp_path):
     (folder / "classInd.txt").unlink()
     with pytest.raises(FileNotFoundError, match="classInd.txt not found"):
         ucf101_lists(folder)
-    with pytest.raises(FileNotFoundError, match="is a file; give the folder"):
+    with pytest.raises(FileNotFoundError) as info:
         ucf101_lists(folder / "testlist01.txt")
+    assert str(info.value) == (f"{folder / 'testlist01.txt'} is a file; give the official UCF-101 split folder itself "
+                               "(ucfTrainTestlist/ with classInd.txt, trainlist01.txt, testlist01.txt)")
+    with pytest.raises(FileNotFoundError) as info:  # the folder above it: named
+        ucf101_lists(write_ucf(tmp_path / "ucf" / "ucfTrainTestlist").parent)
+    assert str(info.value) == (f"{tmp_path / 'ucf' / 'classInd.txt'} not found; give the official ucfTrainTestlist/ folder itself: "
+                               f"{tmp_path / 'ucf' / 'ucfTrainTestlist'}")
 
 
 def test_hmdb51_lists(tmp_path):
     res = hmdb51_lists(write_hmdb(tmp_path / "testTrainMulti_7030_splits"))
+    with pytest.raises(FileNotFoundError) as info:
+        hmdb51_lists(tmp_path / "testTrainMulti_7030_splits" / "chew_test_split1.txt")
+    assert str(info.value) == (f"{tmp_path / 'testTrainMulti_7030_splits' / 'chew_test_split1.txt'} is a file; give the official "
+                               "HMDB-51 split folder itself (testTrainMulti_7030_splits/ with brush_hair_test_split1.txt, ...)")
     assert res.class_names == ["brush hair", "chew"] and res.class_csv == "hmdb51_labels.csv"
     assert (res.train, res.test) == (["trainlist_split1.txt", "trainlist_split2.txt"], ["vallist_split1.txt", "vallist_split2.txt"])
     as_lines = {name: [f"{r.path} {r.label}" for r in recs] for name, recs in res.lists.items()}

@@ -99,10 +99,11 @@ def _lines(path: Path, what: str) -> list[tuple[int, str]]:
 
 
 def _folder(path: str | os.PathLike, what: str, example: str) -> Path:
+    """``path`` as a folder; a file given in its place (one of the split files) is refused naming the folder to give."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{what} not found: {path}" if not path.exists() else
-                                f"{path} is a file; give the folder that holds the official {what} ({example})")
+                                f"{path} is a file; give the official {what} itself ({example})")
     return path
 
 
@@ -141,7 +142,9 @@ def ucf101_lists(folder: str | os.PathLike, *, names: str = "words") -> Official
     folder = _folder(folder, "UCF-101 split folder", "ucfTrainTestlist/ with classInd.txt, trainlist01.txt, testlist01.txt")
     index_file = folder / "classInd.txt"
     if not index_file.is_file():
-        raise FileNotFoundError(f"{index_file} not found; give the official ucfTrainTestlist/ folder")
+        inner = folder / "ucfTrainTestlist"
+        raise FileNotFoundError(f"{index_file} not found; give the official ucfTrainTestlist/ folder"
+                                + (f" itself: {inner}" if (inner / "classInd.txt").is_file() else ""))
     classes = read_ucf101_class_index(index_file)
     ids = {c: i for i, c in enumerate(classes)}
     folded = {c.casefold(): i for i, c in enumerate(classes)}
