@@ -629,3 +629,37 @@ def test_a_failed_synthetic_write_leaves_no_staging_folder(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         synthetic.write_synthetic_dataset(tmp_path / "syn", num_classes=2, videos_per_class=1, workers=1)
     assert not list(tmp_path.iterdir())
+
+
+def test_hash_lines_are_comments_with_a_warning_when_they_read_as_entries(tmp_path, caplog):
+    """HMDB-51 has videos named '#20_...avi': a '#' line stays a comment, but one that reads as an entry is named in a
+    warning with the ./ spelling that lists it; write_annotation_list writes such paths that way."""
+    from mergekit_video.data import write_annotation_list
+
+    lst = tmp_path / "hmdb.txt"
+    lst.write_text("# clap videos\n#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi 3\nb/x.avi 0\n#2_Gum_chew_h_nm_np1_fr_med_0.avi 1\n# c.avi 2\n")
+    with caplog.at_level(logging.WARNING, logger="mergekit_video.data.annotations"):
+        assert read_annotation_list(lst) == [VideoRecord("b/x.avi", 0)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{lst}:2: '#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi 3' starts with '#', so it is a comment, not a video (and 1 more such "
+        "line); to list a video whose name starts with '#', write its path as ./#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi "
+        "(and a comment as '# ...')"]
+    caplog.clear()
+    lst.write_text("# a.avi 3\n#TODO: add 12 more\n#20 clips left\nb/x.avi 0\n")  # '# ' and non-entries: plain comments
+    with caplog.at_level(logging.WARNING, logger="mergekit_video.data.annotations"):
+        assert read_annotation_list(lst) == [VideoRecord("b/x.avi", 0)]
+    assert not caplog.records
+    frames = tmp_path / "frames.txt"
+    frames.write_text("#20_clap 30 2\nb 10 0\n")
+    with caplog.at_level(logging.WARNING, logger="mergekit_video.data.annotations"):
+        assert read_annotation_list(frames, "frames") == [VideoRecord("b", 0, 10)]
+    assert "write its path as ./#20_clap" in caplog.records[0].getMessage()
+    caplog.clear()
+    # the ./ spelling lists it; our writer uses it, so the list reads back whole, and the video loads
+    write_annotation_list(lst, [VideoRecord("#20_clap.mp4", 1), VideoRecord("b.mp4", 0)])
+    assert lst.read_text() == "./#20_clap.mp4 1\nb.mp4 0\n"
+    assert read_annotation_list(lst) == [VideoRecord("./#20_clap.mp4", 1), VideoRecord("b.mp4", 0)] and not caplog.records
+    write_level_video(tmp_path / "#20_clap.mp4", 16)
+    write_level_video(tmp_path / "b.mp4", 16)
+    ds = VideoDataset(list_file=lst, root=tmp_path, class_names=["a", "b"], train=False, num_frames=4, input_size=32)
+    assert [ds[i]["label"] for i in range(2)] == [1, 0]

@@ -1,6 +1,7 @@
 """Annotation lists, class-name CSVs and few-shot subsets.
 
-Formats (one video per line; blank lines and ``#`` comments ignored; paths may contain spaces):
+Formats (one video per line; blank lines and ``#`` comments ignored; paths may contain spaces; a path that starts
+with ``#``, such as HMDB-51's ``#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi``, is written ``./#20_...``):
 - ``video``:  ``relative/path.mp4 label``
 - ``frames``: ``folder num_frames label`` (TSN frame folders)
 Class names: a CSV ``id,name`` with a header, ids ``0..C-1`` (MoTE's ``*_labels.csv``).
@@ -90,8 +91,20 @@ def _read_utf8(path: Path, what: str) -> str:
                          f"(line {line}) is not valid UTF-8 ({e.reason}).{hint} Re-save the file as UTF-8.") from None
 
 
+def _entry_fields(line: str, fields: int) -> list[str] | None:
+    """``line`` split as an entry (``path label`` / ``folder num_frames label``) when its numbers are whole, else None."""
+    parts = line.rsplit(maxsplit=fields - 1)
+    if len(parts) != fields or not all(re.fullmatch("[0-9]+", p) for p in parts[1:]):
+        return None
+    return parts
+
+
 def read_annotation_list(path: str | os.PathLike, list_format: str = "video") -> list[VideoRecord]:
-    """Parse an annotation list into :class:`VideoRecord` objects; errors name the file and line."""
+    """Parse an annotation list into :class:`VideoRecord` objects; errors name the file and line.
+
+    A line starting with ``#`` is a comment, always; one that reads as an entry with ``#`` right before its path
+    (``#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi 3``: HMDB-51 has such videos) is logged as a warning once per call,
+    naming the first such line: such a video is listed as ``./#20_...``, a comment written ``# ...``."""
     if list_format not in LIST_FORMATS:
         raise ValueError(f"list_format must be one of {LIST_FORMATS}, got {list_format!r}")
     path = Path(path)
@@ -101,9 +114,12 @@ def read_annotation_list(path: str | os.PathLike, list_format: str = "video") ->
     fields = 2 if list_format == "video" else 3
     example = "relative/path.mp4 label" if list_format == "video" else "folder num_frames label"
     records = []
+    looks_like_entries: list[tuple[int, str]] = []  # '#' lines that read as entries: (line number, line)
     text = _read_utf8(path, "an annotation list")
     for lineno, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
         line = line.strip()
+        if line.startswith("#") and len(line) > 1 and not line[1].isspace() and _entry_fields(line, fields):
+            looks_like_entries.append((lineno, line))
         if not line or line.startswith("#"):
             continue
         parts = line.rsplit(maxsplit=fields - 1)
@@ -120,6 +136,12 @@ def read_annotation_list(path: str | os.PathLike, list_format: str = "video") ->
         if num_frames is not None and num_frames < 0:
             raise ValueError(f"{path}:{lineno}: negative frame count {num_frames}")
         records.append(VideoRecord(path=parts[0], label=label, num_frames=num_frames))
+    if looks_like_entries:
+        lineno, line = looks_like_entries[0]
+        more = len(looks_like_entries) - 1
+        log.warning("%s:%d: %s starts with '#', so it is a comment, not a video%s; to list a video whose name starts "
+                    "with '#', write its path as ./%s (and a comment as '# ...')", path, lineno, quoted_excerpt(line),
+                    f" (and {more} more such line{'s' * (more != 1)})" if more else "", line.rsplit(maxsplit=fields - 1)[0])
     if not records:
         raise ValueError(f"annotation list {path} has no entries")
     if list_format == "video":
@@ -128,14 +150,16 @@ def read_annotation_list(path: str | os.PathLike, list_format: str = "video") ->
 
 
 def write_annotation_list(path: str | os.PathLike, records: list[VideoRecord], *, overwrite: bool = True) -> Path:
-    """Write records atomically in the format they carry (with frame counts if they have them)."""
+    """Write records atomically in the format they carry (with frame counts if they have them); a path that starts
+    with ``#`` is written ``./#...`` (else it would read back as a comment)."""
     from ..utils.io import atomic_write_text
 
     lines = []
     for r in records:
         if any(c in r.path for c in "\n\r"):
             raise ValueError(f"path {r.path!r} contains a newline")
-        lines.append(f"{r.path} {r.label}" if r.num_frames is None else f"{r.path} {r.num_frames} {r.label}")
+        p = f"./{r.path}" if r.path.startswith("#") else r.path
+        lines.append(f"{p} {r.label}" if r.num_frames is None else f"{p} {r.num_frames} {r.label}")
     return atomic_write_text(path, "\n".join(lines) + "\n", overwrite=overwrite)
 
 
