@@ -550,6 +550,26 @@ def test_validate_explain_lists_every_key_with_its_value_default_and_allowed_val
     assert cells("data.batch_size")[1] == "144"
 
 
+@pytest.mark.parametrize("columns", [None, "90"])
+def test_validate_explain_never_wraps_a_key(capsys, monkeypatch, columns):
+    """Piped (160 columns) 'data.few_shot.repeat_to_full' was cut into 'data.few_shot.repeat_to_f' / 'ull': grep missed it."""
+    from pathlib import Path
+
+    from mergekit_video.cli.main import main as cli_main
+    from mergekit_video.config.schema import explain_schema
+    from mergekit_video.runners.schema import SCHEMAS
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "fewshot_ucf101.yaml"
+    assert cli_main(["validate", str(recipe), "--explain"]) == 0
+    keys = [line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert "data.few_shot.repeat_to_full" in keys and "eval.datasets.*.splits.*.class_csv" in keys
+    assert set(keys) - {"", "key"} == {r["key"] for r in explain_schema(SCHEMAS["mote"])}  # none cut: each a whole key
+
+
 def test_one_cross_check_problem_does_not_hide_the_merge_and_router_dry_runs(capsys):
     """A ties entry in eval.compare.merges (refused for MoTE experts) hid every merge and router argument problem."""
     from pathlib import Path

@@ -256,8 +256,10 @@ def _print_recipe_keys(cfg: dict) -> None:
     rows = explain_schema(SCHEMAS[cfg["runner"]])
     row_keys = {row["key"] for row in rows}
     table = Table(title=f"keys of the '{cfg['runner']}' runner (value: this recipe, defaults filled in)", header_style="bold")
-    for column in ("key", "value", "type", "default", "allowed", "description"):
-        table.add_column(column, overflow="fold", style="cyan" if column == "key" else None)
+    # keys are never wrapped, so that `validate --explain | grep KEY` finds them; the other columns fold
+    table.add_column("key", style="cyan", no_wrap=True, min_width=max(len(k) for k in row_keys))
+    for column in ("value", "type", "default", "allowed", "description"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         default = row["default"] or component_default(row["key"])
         value = value_of(row["key"])
