@@ -414,8 +414,8 @@ def test_printed_k400_eval_entry_pasted_into_the_recipe_keeps_its_4x3_views_and_
         (root / f"v{i:03d}_000000_000010.mp4").parent.mkdir(parents=True, exist_ok=True)
         (root / f"v{i:03d}_000000_000010.mp4").write_bytes(b"x")
         rows.append(f"class {i:03d},v{i:03d},0,10,validate")
-    val = tmp_path / "validate.csv"
-    val.write_text("\n".join(rows) + "\n")
+    val = tmp_path / "validate.csv"  # the official name; without a split column its list is val.txt all the same
+    val.write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
     out = tmp_path / "lists"
     assert cli_main(["data", "lists", "kinetics", str(val), "--root", str(root), "--out", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -398,3 +398,11 @@ def test_merge_dry_runs_apply_the_strategys_argument_ranges_plugins_included():
     finally:
         MERGES._entries.pop("test_scaled_mean_ranges", None)
         MERGES._owners.pop("test_scaled_mean_ranges", None)
+
+
+def test_recipes_name_the_official_kinetics_csvs():
+    """The official Kinetics-400 files are train.csv / validate.csv / test.csv (there is no val.csv)."""
+    for recipe in RECIPES:
+        for line in recipe.read_text().splitlines():
+            if "mergevid data lists kinetics" in line:
+                assert "train.csv validate.csv" in line, (recipe.name, line)

@@ -169,7 +169,7 @@ def recipe_snippet(fmt: str, result: Any, *, out: Path, root: Path | None, class
 def lists_cmd(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="ucf101 | hmdb51 | kinetics | ssv2."),
     inputs: list[Path] = typer.Argument(..., metavar="INPUTS", help="ucf101: the ucfTrainTestlist/ folder; hmdb51: testTrainMulti_7030_splits/; "
-                                        "kinetics: the CSVs (train.csv, val.csv, ...); ssv2: something-something-v2-labels.json and the train / validation JSON."),
+                                        "kinetics: the CSVs (train.csv, validate.csv, ...); ssv2: something-something-v2-labels.json and the train / validation JSON."),
     out: Path = typer.Option(..., "--out", help="Folder for the lists and the class CSV (created if new)."),
     root: Optional[Path] = typer.Option(None, "--root", help="The video folder the lists' paths are relative to (the recipe's root:). Required for kinetics (the files are "
                                         "found there by name); for the others, videos not under it are left out and listed."),

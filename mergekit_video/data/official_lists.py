@@ -270,14 +270,15 @@ def _seconds(text: str, path: Path, lineno: int, column: str) -> int:
 
 
 def _split_name(values: set[str], path: Path) -> str:
-    """The list's file stem: ``train`` / ``val`` / ``test`` when the CSV's split column says one of them, else the CSV's stem."""
+    """The list's file stem: ``train`` / ``val`` / ``test`` when the CSV's split column says one of them, else the CSV's
+    stem (the official ``validate.csv`` / ``validation.csv``: ``val``, the name the recipes give its list)."""
     if len(values) == 1:
         v = values.pop().strip().lower()
         if v in ("train", "test"):
             return v
         if v in ("val", "validate", "validation"):
             return "val"
-    return path.stem
+    return "val" if path.stem.lower() in ("validate", "validation") else path.stem
 
 
 def kinetics_lists(csv_files: list[str | os.PathLike], *, root: str | os.PathLike,
