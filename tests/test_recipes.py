@@ -88,6 +88,20 @@ def test_few_shot_recipes():
         assert cfg8["output_dir"].endswith("_k8") and cfg8["data"]["few_shot"]["shots"] == 8
 
 
+def test_few_shot_facts_of_the_docs():
+    """docs/data.md "Few-shot training": the defaults, the UCF-101 split 1 arithmetic, and the summary rule."""
+    from mergekit_video.data import VideoRecord, few_shot_subset
+
+    cfg = _load_validated(_recipe("fewshot_ucf101.yaml"), ["~data.few_shot.seed", "~data.few_shot.repeat_to_full"])
+    assert cfg["data"]["few_shot"] == {"shots": 2, "seed": 0, "repeat_to_full": True}
+    ucf_split1 = [VideoRecord(f"{i % 101}/{i}.avi", i % 101) for i in range(9537)]  # 9,537 videos of 101 classes
+    assert len(few_shot_subset(ucf_split1, shots=2, seed=0)) == 202 * 47
+    assert len(few_shot_subset(ucf_split1, shots=2, seed=0, repeat_to_full=False)) == 202
+    probs, _ = _problems(["eval.summary.zero_shot=[ucf101]"], recipe=_recipe("fewshot_ucf101.yaml"))
+    assert probs["eval.summary.zero_shot.0"].startswith("'ucf101' is a few_shot dataset; HM_ZS is over zero_shot datasets")
+    assert "## Few-shot training" in (REPO / "docs" / "data.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------------
 # overrides and key removal on real recipes
 # ---------------------------------------------------------------------------------------------
