@@ -527,7 +527,7 @@ def test_validate_explain_lists_every_key_with_its_value_default_and_allowed_val
     assert rows["text.templates"]["type"] == "str or list of str" and rows["text.templates"]["default"] == '"mote"'
     assert rows["eval.datasets.*.num_crops"]["allowed"] == "one of 1, 3"
     assert rows["output_dir"]["default"] == "required"
-    assert rows["model.num_experts"]["allowed"] == ">= 0"  # a component's checked arguments are listed too
+    assert rows["model.num_experts"]["allowed"] == ">= 0, <= 1024"  # a component's checked arguments are listed too
     assert rows["eval.clip_blend"]["allowed"] == "> 0, <= 1" and rows["eval.clip_blend"]["type"] == "float or null"
     from pathlib import Path
 
@@ -596,3 +596,37 @@ def test_evaluate_recipes_take_the_readers_backend_and_time_limit(tmp_path, caps
     assert cli_main(["validate", str(recipe), "data.read_timeout_s=3", "data.backend=pyav"]) == 0
     assert cli_main(["validate", str(recipe), "data.read_timeout_s=0"]) == 1
     assert "- data.read_timeout_s: must be > 0" in " ".join(capsys.readouterr().err.split())
+
+
+def test_validate_refuses_values_the_run_would_refuse_only_after_building_the_model(capsys):
+    """Defects from a fuzz of the recipe keys: each passed validate and the run died later (after writing the data and
+    building the model; an --overwrite run had deleted the earlier outputs first) or with a message naming nothing:
+    prompts with other format fields ("error: 'x'"), data.backend=frames over video lists, frames lists with synthetic
+    data, a WMR τ table past float range ("OverflowError: int too large to convert to float"), an expert count the dry run
+    could not allocate, and a list as the runner ("unhashable type: 'list'")."""
+    from pathlib import Path
+
+    from mergekit_video.cli.main import main as cli_main
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    cases = [
+        ("text.templates=['a {} {x}']", "- text.templates.0: 'a {} {x}' cannot be filled with a class name (field {x}): one '{}' "
+                                         "for the class name, and other braces doubled ('{{' and '}}')"),
+        ("text.templates=['a {} video {}']", "- text.templates.0: 'a {} video {}' cannot be filled with a class name "
+                                             "(Replacement index 1 out of range for positional args tuple)"),
+        ("text.templates=['a {} }']", "(Single '}' encountered in format string)"),
+        ("data.list_format=frames", "- data.list_format: frames, but data.synthetic writes mp4 files with video lists"),
+        ("objective.wmr.num_powers=2000", "- objective.wmr.num_powers: must be <= 64, got 2000"),
+        ("model.num_experts=1000000000000", "- model.num_experts: must be <= 1024, got 1000000000000"),
+        ("model.num_positions=1000000000000", "- model.num_positions: must be <= 4096, got 1000000000000"),
+        ("runner=[mote]", "key 'runner' must be one of mote, evaluate, compare, got ['mote'] (did you mean 'mote'?)"),
+    ]
+    for override, said in cases:
+        assert cli_main(["validate", recipe, override]) == 1, override
+        assert said in " ".join(capsys.readouterr().err.split()), override
+    assert cli_main(["validate", recipe, "data.backend=frames"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "(3 problems)" in err
+    assert "- data.backend: frames reads frame folders, but data.list_format is video" in err
+    assert "- eval.datasets.1.list_format: video, but data.backend is frames (frame folders)" in err
+    assert cli_main(["validate", recipe, "text.templates=['a {{tiny}} {}']"]) == 0  # doubled braces are literal

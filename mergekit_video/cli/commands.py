@@ -124,7 +124,7 @@ def _validated(cfg: dict, *, source: str) -> dict:
     from ..runners.schema import CROSS_CHECKS, RUNNER_NAMES, SCHEMAS
 
     runner = cfg.get("runner")
-    if runner not in SCHEMAS:
+    if not isinstance(runner, str) or runner not in SCHEMAS:  # a list or mapping is unhashable: said, not a TypeError
         import difflib
 
         if "runner" not in cfg:
@@ -314,7 +314,7 @@ def _refuse_recording_over_the_recipe(recipe: Path, cfg: dict) -> None:
             f"(e.g. mv {recipe} {copy_to}) or set output_dir to another folder"
         )
     recorded = copy.deepcopy(cfg)  # what the run would write there: its paths as start_run expands them
-    if recorded.get("runner") in SCHEMAS:
+    if isinstance(recorded.get("runner"), str) and recorded["runner"] in SCHEMAS:
         expand_user_paths(recorded, SCHEMAS[recorded["runner"]])
     if dump_recipe(recorded) == text:
         return

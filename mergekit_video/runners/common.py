@@ -51,7 +51,7 @@ def start_run(cfg: dict[str, Any], *, overwrite: bool) -> RunContext:
     from ..config.schema import expand_user_paths
     from .schema import SCHEMAS
 
-    if cfg.get("runner") in SCHEMAS:  # `~` in paths: read and write what check_recipe_paths checks
+    if isinstance(cfg.get("runner"), str) and cfg["runner"] in SCHEMAS:  # `~` in paths: read and write what check_recipe_paths checks
         expand_user_paths(cfg, SCHEMAS[cfg["runner"]])
     # before the output folder is looked at: a mistyped path is said first (not a recipe mismatch whose advice,
     # --overwrite, would delete an earlier run's outputs and then fail on that path)

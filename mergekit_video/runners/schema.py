@@ -27,13 +27,13 @@ MODEL_FIELDS = {
     "force_quick_gelu": Field(bool, nullable=True, doc="QuickGELU activations (OpenAI weights); null: from the tag or file"),
     "cache_dir": Field(str, nullable=True, doc="where open_clip keeps downloaded weights (default: its own cache)"),
     "temporal_layers": Field(int, min=1),
-    "num_experts": Field(int, min=0, doc="0 = plain FFN (baseline)"),
+    "num_experts": Field(int, min=0, max=1024, doc="0 = plain FFN (baseline)"),
     "router": Field(str, choices=_names("routers"), choices_hint=PLUGIN_HINT),
     "expert_init": Field(str, choices=("normal", "copy", "copy_noise")),
     "merge": Field(str, choices=_names("merges"), choices_hint=PLUGIN_HINT),
     "tfm_k": Field(int, min=1),
     "tfm_gamma": Field(float, min=0, exclusive_min=True),
-    "num_positions": Field(int, min=1, doc="frame position embeddings: the most frames the head takes"),
+    "num_positions": Field(int, min=1, max=4096, doc="frame position embeddings: the most frames the head takes"),
     "grad_checkpointing": Field(bool),
     "router_kwargs": Field(dict, nullable=True, doc="arguments of the router (topk: k, granularity, ...)"),
     "merge_kwargs": Field(dict, nullable=True, doc="arguments of the merge (temperature_softmax: tau, weighted: weights)"),
@@ -50,7 +50,7 @@ OBJECTIVE_FIELDS = {
     "wmr": Section(
         {
             "beta": Field(float, min=0, exclusive_min=True, doc="β of Eq. 7: τ ∈ {±2ⁿ·β} ∪ {∞} (default 0.6)"),
-            "num_powers": Field(int, min=1, doc="n = 0 .. num_powers-1 (default 5: 11 values of τ)"),
+            "num_powers": Field(int, min=1, max=64, doc="n = 0 .. num_powers-1 (default 5: 11 values of τ)"),
             "sampling": Field(str, choices=("discrete", "point", "normal", "uniform"),
                               doc="discrete (default, Eq. 7), point (τ = ∞ only), or continuous (Table 2e, 7f)"),
             "seed": Field(int, nullable=True, min=0, max=SEED_MAX, doc="seed of the τ draws (default: drawn from the torch RNG, which the run's seed sets)"),
@@ -482,8 +482,20 @@ def _text_problems(cfg: dict[str, Any]) -> list[Problem]:
     if isinstance(templates, list):
         if not templates:
             return [Problem("text.templates", "an empty list: give at least one prompt with '{}'")]
-        return [Problem(f"text.templates.{i}", f"{t!r} has no '{{}}' placeholder for the class name")
-                for i, t in enumerate(templates) if isinstance(t, str) and "{}" not in t]
+        problems = []
+        for i, t in enumerate(templates):
+            if not isinstance(t, str):
+                continue
+            if "{}" not in t:
+                problems.append(Problem(f"text.templates.{i}", f"{t!r} has no '{{}}' placeholder for the class name"))
+                continue
+            try:  # the prompt is made with str.format(class name): other fields or stray braces fail there
+                t.format("class")
+            except (KeyError, IndexError, ValueError) as err:
+                why = f"field {{{err.args[0]}}}" if isinstance(err, KeyError) else str(err)
+                problems.append(Problem(f"text.templates.{i}", f"{t!r} cannot be filled with a class name ({why}): one '{{}}' "
+                                                                "for the class name, and other braces doubled ('{{' and '}}')"))
+        return problems
     return []
 
 
@@ -553,7 +565,7 @@ def _clip_problems(cfg: dict[str, Any]) -> list[Problem]:
 
 def _common_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
     problems = [*_base_merge_problems(cfg), *_compare_merge_arguments(cfg), *_summary_problems(cfg), *_device_problems(cfg),
-                *_synthetic_problems(cfg), *_clip_problems(cfg), *_text_problems(cfg)]
+                *_synthetic_problems(cfg), *_clip_problems(cfg), *_text_problems(cfg), *_list_format_problems(cfg)]
     # dry runs of merges and routers: reported for the keys not already named above (the same bad argument
     # would be told twice), so that one problem elsewhere does not hide them
     named = {p.path for p in problems}
@@ -587,6 +599,26 @@ def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
     if isinstance(total, int) and isinstance(accum, int) and accum > 0 and total % accum:
         problems.append(Problem("train.grad_accumulation", f"{accum} does not divide data.batch_size={total} (the total batch, "
                                                            "split into grad_accumulation micro-batches)"))
+    return problems
+
+
+def _list_format_problems(cfg: dict[str, Any]) -> list[Problem]:
+    """``data.backend: frames`` reads frame folders, which only ``list_format: frames`` lists name (for the
+    training data and every eval dataset, which reads with ``data.backend``); ``data.synthetic`` writes video lists."""
+    data = cfg.get("data") or {}
+    problems = []
+    backend = data.get("backend", "decord")
+    if data.get("synthetic") and data.get("list_format", "video") == "frames":
+        problems.append(Problem("data.list_format", "frames, but data.synthetic writes mp4 files with video lists "
+                                                    "('relative/path.mp4 label'): use list_format=video"))
+    elif cfg.get("runner") == "mote" and backend == "frames" and data.get("list_format", "video") == "video":
+        problems.append(Problem("data.backend", "frames reads frame folders, but data.list_format is video: set "
+                                                "data.list_format=frames (lists 'folder num_frames label') or another backend"))
+    if backend == "frames":
+        for i, ds in enumerate((cfg.get("eval") or {}).get("datasets") or []):
+            if isinstance(ds, dict) and ds.get("list_format", "video") == "video":
+                problems.append(Problem(f"eval.datasets.{i}.list_format", "video, but data.backend is frames (frame folders), "
+                                        "which this dataset reads with: set its list_format=frames, or data.backend to a video reader"))
     return problems
 
 
