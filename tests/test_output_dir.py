@@ -15,7 +15,14 @@ import pytest
 
 from mergekit_video.config import dump_recipe
 from mergekit_video.data import synthetic
-from mergekit_video.runners.common import LOCK_FILE, ensure_synthetic_data, prepare_output_dir, release_output_dir
+from mergekit_video.runners.common import (
+    LOCK_FILE,
+    OVERWRITTEN_DIR,
+    delete_set_aside,
+    ensure_synthetic_data,
+    prepare_output_dir,
+    release_output_dir,
+)
 
 TINY = dict(num_classes=2, videos_per_class=2, val_per_class=1, num_novel_classes=1, frames=8, size=(32, 32), seed=0)
 
@@ -56,6 +63,7 @@ def test_output_dir_with_foreign_files_is_refused_unless_overwrite(tmp_path):
         prepare_output_dir(_cfg(out), overwrite=False, main=True)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "notes.txt", "results.json"]  # not even a lock file left
     prepare_output_dir(_cfg(out), overwrite=True, main=True)  # asked: the run replaces (not appends to) files named as its outputs
+    delete_set_aside(out)  # the runner's setup passed: what --overwrite set aside goes
     assert (out / "recipe.yaml").read_text() == dump_recipe(_cfg(out))
     assert sorted(p.name for p in out.iterdir()) == [".mergevid.lock", "notes.txt", "recipe.yaml"]
 
@@ -70,6 +78,7 @@ def test_an_evaluation_with_overwrite_deletes_only_what_an_evaluation_writes(tmp
     with pytest.raises(FileExistsError, match=r"pass --overwrite to write into it \(DELETING its results.json, which a run writes\)$"):
         prepare_output_dir(cfg, overwrite=False, main=True)
     prepare_output_dir(cfg, overwrite=True, main=True)
+    delete_set_aside(out)  # the runner's setup passed: what --overwrite set aside goes
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml", "weights"]
     assert (out / "weights" / "model.bin").read_text() == "the user's model"
 
@@ -89,6 +98,7 @@ def test_changed_recipe_needs_overwrite_only_when_the_earlier_run_left_outputs(t
     prepare_output_dir(_cfg(out, lr=1), overwrite=True, main=True)  # the same recipe: a resume keeps everything
     assert (out / "checkpoints" / "step_1").exists()
     prepare_output_dir(_cfg(out, lr=2), overwrite=True, main=True)  # another run: start clean, no resume or append
+    delete_set_aside(out)  # the runner's setup passed: what --overwrite set aside goes
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["notes.txt", "recipe.yaml"]
 
 
@@ -113,8 +123,9 @@ def test_a_rerun_with_resume_null_does_not_silently_replace_the_earlier_run(tmp_
     caplog.clear()
     with caplog.at_level("WARNING", logger="mergekit_video.runners.common"):
         prepare_output_dir(cfg, overwrite=True, main=True)  # asked: train again from step 1
+        delete_set_aside(out)  # the runner's setup passed: what --overwrite set aside goes
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml"]
-    assert "--overwrite: deleted the earlier outputs" in caplog.text and "(metrics.jsonl, checkpoints/)" in caplog.text
+    assert "--overwrite: deleted the earlier outputs" in caplog.text and "(checkpoints/, metrics.jsonl)" in caplog.text
 
 
 def test_resume_null_over_a_trained_run_without_checkpoints_or_metrics_is_refused(tmp_path, caplog):
@@ -145,6 +156,7 @@ def test_resume_null_over_a_trained_run_without_checkpoints_or_metrics_is_refuse
     caplog.clear()
     with caplog.at_level("WARNING", logger="mergekit_video.runners.common"):
         prepare_output_dir({**cfg, "train": {"resume": None}}, overwrite=True, main=True)  # asked: train again from step 1
+        delete_set_aside(out)  # the runner's setup passed: what --overwrite set aside goes
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml"]
     assert "--overwrite: deleted the earlier outputs" in caplog.text and "(model/, results.json)" in caplog.text
     assert "set train.resume=null with --overwrite" not in caplog.text
@@ -223,6 +235,7 @@ def test_a_different_recipe_is_refused_naming_the_changes_and_what_overwrite_del
     assert "It saved no model yet (interrupted: rerun its own recipe.yaml to continue it). Or use another" in str(info.value)
     assert "mergevid eval" not in str(info.value)
     prepare_output_dir(longer, overwrite=True, main=True)
+    delete_set_aside(out)  # the runner's setup passed: what --overwrite set aside goes
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml"]
 
 
@@ -803,3 +816,37 @@ def test_a_failed_evaluations_partial_results_do_not_make_a_corrected_rerun_anot
     prepare_output_dir({**first, "eval": {"datasets": [{"name": "x", "list": "/b.txt"}]}}, overwrite=False, main=True)
     release_output_dir(out)
     assert "/b.txt" in (out / "recipe.yaml").read_text()
+
+
+def test_overwrite_sets_the_earlier_run_aside_until_the_new_one_has_started(tmp_path, caplog):
+    """Defect: --overwrite deleted the earlier run's outputs before the runner's setup, whose checks (the frame size the
+    model's tower takes, the eval lists' labels) then refused the new recipe: the earlier run was lost to a typo. The
+    outputs are set aside now, put back (with the earlier recipe.yaml) when the start fails, deleted once it passed; an
+    --overwrite run killed before it started is put back by the next run."""
+    from mergekit_video.cli.main import main as cli_main
+
+    QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    out = tmp_path / "run"
+    tiny = [f"output_dir={out}", "data.synthetic.videos_per_class=2", "data.synthetic.val_per_class=1", "data.synthetic.frames=8",
+            "data.synthetic.num_novel_classes=0", "eval.datasets=[]", "~eval.summary", "schedule.epochs=1", "device=cpu",
+            "data.batch_size=6", "data.num_workers=0", "train.export_dense=false"]
+    assert cli_main(["run", str(QUICKSTART), *tiny]) == 0
+    recipe, metrics = (out / "recipe.yaml").read_text(), (out / "metrics.jsonl").read_bytes()
+    weights = (out / "model" / "head.safetensors").read_bytes()
+    # a start that fails in the runner's setup (after the model is built): everything as it was
+    assert cli_main(["run", str(QUICKSTART), *tiny, "data.input_size=36", "--overwrite"]) == 1
+    assert (out / "recipe.yaml").read_text() == recipe and (out / "metrics.jsonl").read_bytes() == metrics
+    assert (out / "model" / "head.safetensors").read_bytes() == weights and not (out / OVERWRITTEN_DIR).exists()
+    assert "the run did not start; the earlier outputs in" in caplog.text
+    # killed after setting aside, before the start finished: the next run puts them back first
+    (out / OVERWRITTEN_DIR).mkdir()
+    os.replace(out / "model", out / OVERWRITTEN_DIR / "model")
+    (out / OVERWRITTEN_DIR / "recipe.yaml").write_text(recipe)
+    (out / "recipe.yaml").write_text(recipe.replace("lr: 0.001", "lr: 0.002"))
+    assert cli_main(["run", str(QUICKSTART), *tiny]) == 0  # the same recipe: finished, nothing to train
+    assert (out / "recipe.yaml").read_text() == recipe and (out / "model" / "head.safetensors").read_bytes() == weights
+    # a start that passes: the earlier outputs are deleted, the new run trains from step 1
+    caplog.clear()
+    assert cli_main(["run", str(QUICKSTART), *tiny, "optimizer.lr=2e-3", "--overwrite"]) == 0
+    assert "--overwrite: deleted the earlier outputs in" in caplog.text and not (out / OVERWRITTEN_DIR).exists()
+    assert "lr: 0.002" in (out / "recipe.yaml").read_text() and (out / "model" / "head.safetensors").read_bytes() != weights

@@ -30,14 +30,14 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
     from pathlib import Path
 
     from ..training.distributed import barrier
-    from .common import LOCK_FILE, output_dir_state, release_output_dir
+    from .common import LOCK_FILE, output_dir_state, release_output_dir, restore_set_aside
 
     out = Path(os.path.expanduser(str(cfg["output_dir"])))
     before = {p.name for p in out.iterdir()} if out.is_dir() else set()
     runner = build_runner(cfg, overwrite=overwrite, console=console)
     finished, phase = False, "setup"
     try:
-        runner.setup()
+        runner.setup()  # ends by deleting what --overwrite set aside (delete_set_aside)
         phase = "train"
         runner.train()
         phase = "save"
@@ -52,6 +52,8 @@ def run_recipe(cfg: dict[str, Any], *, overwrite: bool = False, console: Any = N
         raise KeyboardInterrupt(_interrupted_in(phase, cfg, out)) from exc
     finally:
         held, created = output_dir_state(out)  # a run refused by another's lock undoes nothing
+        if phase == "setup" and held and getattr(runner, "main", True):
+            restore_set_aside(out)  # --overwrite: the earlier run's outputs back, as the failed start found them
         runner.cleanup()
         release_output_dir(cfg["output_dir"])
         if not finished and held and getattr(runner, "main", True):

@@ -292,6 +292,52 @@ def recorded_recipe_changes(cfg: dict[str, Any], recorded: str, out: str | os.Pa
     return _without_new_defaults(cfg, earlier, changes)
 
 
+#: Where ``--overwrite`` puts an earlier run's outputs (and its recipe.yaml) until the new run has started.
+OVERWRITTEN_DIR = ".mergevid-overwritten"
+
+
+def _set_aside(out: Path, outputs: Sequence[Path], recipe: Path | None) -> None:
+    """Move ``outputs`` (and a copy of the earlier ``recipe``) into :data:`OVERWRITTEN_DIR` (renames in one folder:
+    nothing is copied); :func:`delete_set_aside` deletes them once the run has started, :func:`restore_set_aside`
+    puts them back when it fails to start (a check of the runner's setup: the frame size the model takes)."""
+    aside = out / OVERWRITTEN_DIR
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
+    if recipe is not None:
+        shutil.copy2(recipe, aside / "recipe.yaml")
+    for path in outputs:
+        os.replace(path, aside / path.name)
+
+
+def delete_set_aside(out: str | os.PathLike, *, main: bool = True) -> None:
+    """Delete what ``--overwrite`` set aside in ``out`` (the run has started: its setup passed)."""
+    aside = Path(out) / OVERWRITTEN_DIR
+    if main and aside.is_dir():
+        names = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in aside.iterdir() if p.name != "recipe.yaml"))
+        shutil.rmtree(aside)
+        log.warning("--overwrite: deleted the earlier outputs in %s (%s)", out, names)
+
+
+def restore_set_aside(out: str | os.PathLike) -> bool:
+    """Put back what ``--overwrite`` set aside in ``out`` (the run failed to start, or was killed before): the earlier
+    run's outputs and recipe.yaml, as they were. Whether anything was put back."""
+    out = Path(out)
+    aside = out / OVERWRITTEN_DIR
+    if not aside.is_dir():
+        return False
+    for path in aside.iterdir():
+        target = out / path.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)  # what the failed start wrote in its place (an empty metrics folder, a new recipe.yaml)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(path, target)
+    aside.rmdir()
+    log.warning("--overwrite: the run did not start; the earlier outputs in %s are back as they were", out)
+    return True
+
+
 def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> Path:
     """Create ``output_dir`` and save the resolved recipe there.
 
@@ -302,7 +348,8 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
     outputs (it failed at start-up). With ``overwrite``, the outputs of an earlier, different run
     (or files named like them in a folder without ``recipe.yaml``) are deleted first
     (:data:`RUN_OUTPUTS`; an evaluation's: :data:`EVAL_OUTPUTS`), so that the new run neither
-    resumes from nor appends to them. So are, with ``train.resume`` null, the outputs of the same
+    resumes from nor appends to them: set aside first (:func:`_set_aside`), deleted when the runner's
+    setup has passed, put back when it fails. So are, with ``train.resume`` null, the outputs of the same
     recipe (whatever is left of them); a ``train.resume`` path inside the run's own folder is refused,
     ``overwrite`` or not (:func:`_refuse_resuming_inside_the_run`).
     """
@@ -317,6 +364,7 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
         raise FileExistsError(f"output_dir {out} is a file, not a folder; set output_dir to a folder (new or of an earlier run)")
     if main:
         lock_output_dir(out)  # before anything is read or written there: one run per folder at a time
+        restore_set_aside(out)  # an --overwrite run killed before it started: the earlier run's outputs back first
         saved = out / "recipe.yaml"
         # data/ is checked on its own (ensure_synthetic_data); a run writes nothing else there
         evaluation = cfg.get("runner") in ("evaluate", "compare")
@@ -404,13 +452,10 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                     f"Or use another output_dir, or pass --overwrite to DELETE the earlier run's {names} and train again from step 1"
                 )
             _refuse_deleting_inputs(cfg, outputs)
-            deleted = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
-            for path in outputs:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            log.warning("--overwrite: deleted the earlier outputs in %s (%s)", out, deleted)
+            moved = ", ".join(p.name + ("/" if p.is_dir() else "") for p in outputs)
+            _set_aside(out, outputs, saved if saved.is_file() else None)
+            log.warning("--overwrite: the earlier outputs in %s (%s) are set aside in %s/ and deleted once the run has "
+                        "started (put back if it fails to start)", out, moved, OVERWRITTEN_DIR)
             outputs = []
         elif overwrite and outputs and not evaluation:
             log.warning("--overwrite: %s holds an earlier run of this recipe, which resumes; nothing was deleted (to train "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import instantiate
-from .common import eval_suite, head_positions, read_clip_blend_base, run_eval_suite, start_run
+from .common import delete_set_aside, eval_suite, head_positions, read_clip_blend_base, run_eval_suite, start_run
 from .schema import DEFAULT_COMPARE_MERGES  # noqa: F401  (re-exported: the compare runner's default merges)
 
 
@@ -47,6 +47,7 @@ class EvaluateRunner:
             compare.setdefault("logit_ensemble", True)
             ev["compare"] = compare
             self.cfg = {**cfg, "eval": ev}
+        delete_set_aside(self.output_dir, main=self.main)  # set up: what --overwrite set aside goes now
 
     def _check_compare_merges(self) -> None:
         """Dry-run every ``eval.compare.merges`` entry for the loaded model's expert count (validation

@@ -14,6 +14,7 @@ from ..config import instantiate
 from .common import (
     class_features,
     class_names_from,
+    delete_set_aside,
     eval_num_workers,
     eval_precision,
     eval_suite,
@@ -121,6 +122,7 @@ class MoTERunner:
             resume_step=self.trainer.state.step,  # a fresh start (0) drops the lines of an attempt that left no checkpoint
         )
         self.trainer.metrics = self.metrics
+        delete_set_aside(self.output_dir, main=self.main)  # set up: what --overwrite set aside goes now
 
     def _warn_other_settings(self, ckpt_path: Path, ckpt: Any) -> None:
         """A checkpoint of another run (``train.resume=<path>``) trained with other model or objective
