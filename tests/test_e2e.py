@@ -480,7 +480,8 @@ def test_input_size_defaults_to_the_models_and_mismatches_name_the_key():
 
 
 def test_compare_merge_arguments_are_dry_run_for_the_checkpoints_expert_count(quick_run, tmp_path, capsys):
-    """Validation cannot know a checkpoint's expert count: the compare runner's setup checks the merges with it."""
+    """Validation reads the checkpoint's expert count from its config.json; the compare runner's setup checks the
+    merges with the loaded model's count too (a recipe dict run from Python is not validated)."""
     import yaml
 
     out, _ = quick_run
@@ -492,11 +493,18 @@ def test_compare_merge_arguments_are_dry_run_for_the_checkpoints_expert_count(qu
                                                 "class_csv": str(data / "classes.csv")}],
                  "compare": {"merges": [{"name": "mean"}, {"name": "weighted", "weights": [1, 2]}]}},
     }))
-    assert cli_main(["validate", str(recipe)]) == 0
-    capsys.readouterr()
+    said = "eval.compare.merges.1: 'weighted' with {'weights': [1, 2]} cannot merge 4 experts: merge strategy 'weighted': 2 weights for 4 experts"
+    assert cli_main(["validate", str(recipe)]) == 1
+    assert said in " ".join(capsys.readouterr().err.split())
     assert cli_main(["eval", str(recipe)]) == 1
-    err = " ".join(capsys.readouterr().err.split())
-    assert "error: eval.compare.merges.1: 'weighted' with {'weights': [1, 2]} cannot merge 4 experts: merge strategy 'weighted': 2 weights for 4 experts" in err
+    assert said in " ".join(capsys.readouterr().err.split())
+    import re
+
+    from mergekit_video.runners.evaluate import CompareRunner
+
+    cfg = yaml.safe_load(recipe.read_text())
+    with pytest.raises(ValueError, match=re.escape(said)):
+        CompareRunner(cfg=cfg).setup()
     assert not (tmp_path / "cmp" / "results.json").exists()
 
 

@@ -420,3 +420,50 @@ def test_recipes_name_the_official_kinetics_csvs():
         for line in recipe.read_text().splitlines():
             if "mergevid data lists kinetics" in line:
                 assert "train.csv validate.csv" in line, (recipe.name, line)
+
+
+def test_compare_merges_of_a_checkpoint_are_dry_run_for_its_expert_count(tmp_path):
+    """eval.compare.merges of an evaluate/compare recipe with ``checkpoint:`` were not checked by validate (the
+    run failed after loading): they are dry-run for the expert count in the checkpoint's config.json, and with
+    the checks that need no count where the checkpoint cannot be read."""
+    import json
+
+    from mergekit_video.cli.commands import _validated
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"format": "mergekit_video/video_clip", "head": {"num_experts": 3}}))
+
+    def problems(cfg):
+        with pytest.raises(ValidationError) as e:
+            _validated(cfg, source="t")
+        return {p.path: p.message for p in e.value.problems}
+
+    for runner in ("compare", "evaluate"):
+        base = {"runner": runner, "output_dir": str(tmp_path / "out"), "checkpoint": str(model)}
+        bad = {"eval": {"compare": {"merges": [{"name": "temperature_softmax", "tau": "bogus"}]}}}
+        assert problems({**base, **bad}) == {"eval.compare.merges.0": "'temperature_softmax' with {'tau': 'bogus'} cannot merge "
+                                                                      "3 experts: could not convert string to float: 'bogus'"}
+        weights = {"eval": {"compare": {"merges": [{"name": "weighted", "weights": [1, 2]}]}}}
+        assert problems({**base, **weights}) == {"eval.compare.merges.0": "'weighted' with {'weights': [1, 2]} cannot merge 3 "
+                                                                          "experts: merge strategy 'weighted': 2 weights for 3 experts"}
+        gone = {**base, "checkpoint": str(tmp_path / "gone")}  # no expert count: the type checks still run
+        assert problems({**gone, **bad}) == {"eval.compare.merges.0": "'temperature_softmax' with {'tau': 'bogus'} cannot merge "
+                                                                      "experts: could not convert string to float: 'bogus'"}
+        _validated({**gone, **weights}, source="t")  # the length needs the count
+        _validated({**base, "eval": {"compare": {"merges": [{"name": "weighted", "weights": [1, 2, 3]}]}}}, source="t")
+        typo = problems({**base, "eval": {"compare": {"merges": [{"name": "temperature_softmax", "tau": 1, "taux": 1}]}}})
+        assert list(typo) == ["eval.compare.merges.0.taux"]  # told once, under the argument
+
+
+def test_an_evaluation_recipe_with_both_checkpoint_and_model_is_refused(tmp_path):
+    """The run loaded the checkpoint and silently ignored model."""
+    from mergekit_video.cli.commands import _validated
+
+    cfg = {"runner": "evaluate", "output_dir": str(tmp_path / "out"), "checkpoint": str(tmp_path / "model"),
+           "model": {"_component_": "mergekit_video.models.build_video_clip", "clip_name": "mergevid-tiny-vit"}}
+    with pytest.raises(ValidationError) as e:
+        _validated(cfg, source="t")
+    assert {p.path: p.message for p in e.value.problems}["checkpoint"] == (
+        "set either checkpoint (a saved model to load) or model (a _component_ that builds one), not both: the run "
+        "would load checkpoint and ignore model")

@@ -367,8 +367,9 @@ def compare_merge_specs(cfg: dict[str, Any]) -> list[Any]:
     return ((cfg.get("eval") or {}).get("compare") or {}).get("merges") or []
 
 
-def compare_merge_problems(cfg: dict[str, Any], num_experts: int) -> list[Problem]:
-    """Every ``eval.compare.merges`` entry dry-run (:func:`merge_argument_problem`) for ``num_experts`` experts."""
+def compare_merge_problems(cfg: dict[str, Any], num_experts: int | None) -> list[Problem]:
+    """Every ``eval.compare.merges`` entry dry-run (:func:`merge_argument_problem`) for ``num_experts`` experts
+    (None: unknown, the checks that need no count)."""
     from ..registry import MERGES
 
     problems = []
@@ -381,18 +382,20 @@ def compare_merge_problems(cfg: dict[str, Any], num_experts: int) -> list[Proble
     return problems
 
 
-def merge_argument_problem(strategy: str, kwargs: dict[str, Any], num_experts: int) -> str | None:
+def merge_argument_problem(strategy: str, kwargs: dict[str, Any], num_experts: int | None) -> str | None:
     """Why ``strategy`` with ``kwargs`` cannot merge ``num_experts`` experts (None when it can).
 
     A dry run of the strategy on small random tensors: argument values of the wrong type, a weight
     list of another length, a two-expert strategy (slerp) for more experts show here, before
-    anything heavy runs, instead of in the first merge after training.
+    anything heavy runs, instead of in the first merge after training. With ``num_experts=None``
+    (the count unknown) the checks that need no count run: the signature, ranges and value types
+    (the dry run merges as many tensors as ``weights`` holds, or the strategy's fixed count, or 2).
     """
     import torch
 
-    from ..merging import check_merge_arguments, is_output_space, merge_tensors, requires_base
+    from ..merging import check_merge_arguments, is_output_space, merge_tensors, requires_base, resolve_strategy
 
-    if num_experts < 1 or is_output_space(strategy):
+    if (num_experts is not None and num_experts < 1) or is_output_space(strategy):
         return None  # nothing merged
     g = torch.Generator().manual_seed(0)
     try:
@@ -401,9 +404,15 @@ def merge_argument_problem(strategy: str, kwargs: dict[str, Any], num_experts: i
                               num_experts=num_experts)
         if requires_base(strategy):
             return None  # refused with its own message where no base is given
-        merge_tensors([torch.randn(3, 2, generator=g) for _ in range(num_experts)], strategy, **kwargs)
+        count = num_experts
+        if count is None:
+            weights = kwargs.get("weights")
+            count = len(weights) if isinstance(weights, (list, tuple)) and weights else (
+                getattr(resolve_strategy(strategy), "num_tensors", None) or 2)
+        merge_tensors([torch.randn(3, 2, generator=g) for _ in range(count)], strategy, **kwargs)
     except Exception as err:  # noqa: BLE001 - a plugin's strategy may raise anything
-        return f"{strategy!r} with {kwargs or 'its defaults'} cannot merge {num_experts} experts: {err}"
+        experts = f"{num_experts} experts" if num_experts is not None else "experts"
+        return f"{strategy!r} with {kwargs or 'its defaults'} cannot merge {experts}: {err}"
     return None
 
 
@@ -580,7 +589,34 @@ def evaluate_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
     if not cfg.get("checkpoint") and not cfg.get("model"):
         problems.append(Problem("checkpoint", "nothing to evaluate: set checkpoint (a saved model, dense export or trainer "
                                               "checkpoint) or model (a _component_ that builds one)"))
+    problems += _checkpoint_problems(cfg, named={p.path for p in problems})
     return problems
+
+
+def _checkpoint_problems(cfg: dict[str, Any], *, named: set[str]) -> list[Problem]:
+    """``checkpoint`` and ``model`` both set (the run would load the checkpoint and ignore ``model``), and the
+    ``eval.compare.merges`` arguments dry-run for the checkpoint's expert count (read from its config; where
+    it cannot be read, the checks that need no count). Entries already named elsewhere are left out."""
+    checkpoint = cfg.get("checkpoint")
+    if not checkpoint:
+        return []
+    if cfg.get("model"):
+        return [Problem("checkpoint", "set either checkpoint (a saved model to load) or model (a _component_ that builds "
+                                      "one), not both: the run would load checkpoint and ignore model")]
+    num_experts = None
+    if isinstance(checkpoint, str):
+        import os
+
+        from ..models.checkpoint import read_config
+
+        try:
+            head = read_config(os.path.expanduser(checkpoint)).get("head")
+        except (OSError, ValueError):
+            head = None  # a missing or foreign path: --check-paths and the run say so
+        if isinstance(head, dict) and isinstance(head.get("num_experts"), int) and not isinstance(head["num_experts"], bool):
+            num_experts = head["num_experts"]
+    return [p for p in compare_merge_problems(cfg, num_experts)
+            if p.path not in named and not any(k.startswith(f"{p.path}.") for k in named)]
 
 
 def mote_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
