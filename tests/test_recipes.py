@@ -467,3 +467,25 @@ def test_an_evaluation_recipe_with_both_checkpoint_and_model_is_refused(tmp_path
     assert {p.path: p.message for p in e.value.problems}["checkpoint"] == (
         "set either checkpoint (a saved model to load) or model (a _component_ that builds one), not both: the run "
         "would load checkpoint and ignore model")
+
+
+def test_an_eval_dataset_with_both_list_and_splits_is_refused():
+    """splits won silently over list (at validation, and in eval_suite for a recipe dict run from Python)."""
+    import re
+
+    from mergekit_video.runners.common import eval_suite
+
+    said = "sets both list (one annotation list) and splits (several, each {list, class_csv}): set one of them"
+    probs, _ = _problems(["eval.datasets.0.splits=[{list: a.txt}]"])
+    assert probs == {"eval.datasets.0": said}
+    with pytest.raises(ValueError, match=re.escape(f"eval.datasets.0: {said}")):
+        eval_suite({"datasets": [{"name": "v", "root": "r", "list": "l.txt", "class_csv": "c.csv", "splits": [{"list": "a.txt"}]}]}, {})
+
+
+def test_the_synthetic_novel_split_is_refused_when_num_novel_classes_is_0(tmp_path):
+    """The run failed after writing the dataset, with 'eval.datasets.1.list: file not found: .../novel.txt'."""
+    probs, _ = _problems([f"output_dir={tmp_path}", "data.synthetic.num_novel_classes=0"])
+    assert probs == {"eval.datasets.1.list": f"{tmp_path}/data/novel.txt is the synthetic novel split, but "
+                                             "data.synthetic.num_novel_classes=0 writes none: set data.synthetic.num_novel_classes>0 "
+                                             "or remove this dataset (and its eval.summary entry)"}
+    _load_validated(QUICKSTART, [f"output_dir={tmp_path}", "data.synthetic.num_novel_classes=1"])

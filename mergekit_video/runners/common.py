@@ -949,6 +949,9 @@ def eval_suite(
         root = ds.get("root") or data_cfg.get("root")
         if not root:
             raise ValueError(f"eval.datasets.{i}.root is not set (and there is no data.root to default to)")
+        if ds.get("splits") and ds.get("list"):
+            raise ValueError(f"eval.datasets.{i}: sets both list (one annotation list) and splits (several, each "
+                             "{list, class_csv}): set one of them")
         if ds.get("splits"):
             splits = [EvalSplit(s["list"], s.get("class_csv") or ds.get("class_csv")) for s in ds["splits"]]
             for j, s in enumerate(splits):

@@ -561,6 +561,35 @@ def _synthetic_problems(cfg: dict[str, Any]) -> list[Problem]:
     return []
 
 
+def _eval_dataset_problems(cfg: dict[str, Any]) -> list[Problem]:
+    """An ``eval.datasets`` entry with both ``list`` and ``splits`` (the run took ``splits`` and ignored ``list``),
+    and one naming the synthetic novel files when ``data.synthetic.num_novel_classes`` is 0 (none are written)."""
+    import os
+
+    problems = []
+    syn = (cfg.get("data") or {}).get("synthetic")
+    novel_files = set()
+    if isinstance(syn, dict) and syn.get("num_novel_classes", 4) == 0 and isinstance(cfg.get("output_dir"), str):
+        data = os.path.join(os.path.expanduser(cfg["output_dir"]), "data")
+        novel_files = {os.path.normpath(os.path.join(data, f)) for f in ("novel.txt", "novel_classes.csv")}
+    for i, ds in enumerate((cfg.get("eval") or {}).get("datasets") or []):
+        if not isinstance(ds, dict):
+            continue
+        if ds.get("list") and ds.get("splits"):
+            problems.append(Problem(f"eval.datasets.{i}", "sets both list (one annotation list) and splits (several, each "
+                                                         "{list, class_csv}): set one of them"))
+        named = [(f"eval.datasets.{i}.{key}", ds.get(key)) for key in ("list", "class_csv")]
+        named += [(f"eval.datasets.{i}.splits.{j}.{key}", sp.get(key)) for j, sp in enumerate(ds.get("splits") or [])
+                  if isinstance(sp, dict) for key in ("list", "class_csv")]
+        for key, path in named:
+            if novel_files and isinstance(path, str) and os.path.normpath(os.path.expanduser(path)) in novel_files:
+                problems.append(Problem(key, f"{path} is the synthetic novel split, but data.synthetic.num_novel_classes=0 "
+                                             "writes none: set data.synthetic.num_novel_classes>0 or remove this dataset "
+                                             "(and its eval.summary entry)"))
+                break
+    return problems
+
+
 def _clip_problems(cfg: dict[str, Any]) -> list[Problem]:
     """An unknown open_clip architecture or pretrained tag, checked offline (the run would fail after writing data/)."""
     model = cfg.get("model")
@@ -575,6 +604,7 @@ def _clip_problems(cfg: dict[str, Any]) -> list[Problem]:
 def _common_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
     problems = [*_base_merge_problems(cfg), *_compare_merge_arguments(cfg), *_summary_problems(cfg), *_device_problems(cfg),
                 *_synthetic_problems(cfg), *_clip_problems(cfg), *_text_problems(cfg), *_list_format_problems(cfg)]
+    problems += _eval_dataset_problems(cfg)
     # dry runs of merges and routers: reported for the keys not already named above (the same bad argument
     # would be told twice), so that one problem elsewhere does not hide them
     named = {p.path for p in problems}
