@@ -66,6 +66,21 @@ def num_groups(x: torch.Tensor, granularity: str) -> int:
     return math.prod(x.shape[:-1])
 
 
+class RouterArgumentError(TypeError):
+    """A router argument of the wrong type; ``argument`` names it (a recipe's check names ``model.router_kwargs.<argument>``)."""
+
+    def __init__(self, message: str, *, argument: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
+def _check_type(owner: str, argument: str, value: Any, kind: type, what: str) -> None:
+    """Raise :class:`RouterArgumentError` unless ``value`` is a ``kind`` (never a bool where an int is asked for)."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RouterArgumentError(f"{owner} {argument} must be {what}, got {type(value).__name__} ({value!r})",
+                                  argument=argument)
+
+
 def default_generator(seed: int | None = None) -> torch.Generator:
     """A CPU generator seeded from ``seed``, or from the global torch RNG when None.
 
@@ -97,6 +112,8 @@ class Router(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
+        if generator is not None:
+            _check_type("router", "generator", generator, torch.Generator, "a torch.Generator (set seed for a seeded one)")
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         self.num_experts = int(num_experts)
@@ -189,6 +206,7 @@ class FixedRouter(Router):
     stochastic = False
 
     def __init__(self, *, num_experts: int, expert: int = 0, **kw: Any) -> None:
+        _check_type("fixed router", "expert", expert, int, "an int (an expert index)")
         super().__init__(num_experts=num_experts, **kw)
         if not -num_experts <= expert < num_experts:
             raise ValueError(f"fixed router expert={expert} is out of range for {num_experts} experts")
@@ -242,6 +260,9 @@ class TopKRouter(Router):
             raise ValueError("topk router works at 'token' or 'sample' granularity, not 'batch'")
         if channels_first and granularity != "sample":
             raise ValueError("topk router: channels_first inputs ([B, C, H, W], convolutions) are routed per sample: pass granularity='sample'")
+        _check_type("topk router", "k", k, int, "an int (experts per group)")
+        if renormalize is not None:
+            _check_type("topk router", "renormalize", renormalize, bool, "true, false or null (only when k > 1)")
         self.channels_first = bool(channels_first)
         super().__init__(num_experts=num_experts, granularity=granularity, **kw)
         if not 1 <= k <= num_experts:

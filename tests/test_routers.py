@@ -325,3 +325,39 @@ def test_topk_routes_an_empty_batch_with_zero_aux_losses(granularity):
     assert {k: v.item() for k, v in c.aux_losses.items()} == {"load_balance": 0.0, "z_loss": 0.0}
     sum(c.aux_losses.values()).backward()
     assert c.router.gate.weight.grad is not None and torch.equal(c.router.gate.weight.grad, torch.zeros(3, 4))
+
+
+def test_router_arguments_of_the_wrong_type_are_refused_naming_them():
+    """k=2.5 ran with k=2 (config.json said 2.5), expert=1.5 routed to 1, renormalize='false' became True via bool(),
+    and generator=1 failed in the first forward with torch's randn signature dump."""
+    from mergekit_video.routers import RouterArgumentError, build_router
+
+    expert = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    cases = [
+        ("topk", {"k": 2.5}, "k", "topk router k must be an int (experts per group), got float (2.5)"),
+        ("topk", {"k": True}, "k", "topk router k must be an int (experts per group), got bool (True)"),
+        ("fixed", {"expert": 1.5}, "expert", "fixed router expert must be an int (an expert index), got float (1.5)"),
+        ("fixed", {"expert": True}, "expert", "fixed router expert must be an int (an expert index), got bool (True)"),
+        ("topk", {"k": 2, "renormalize": "false"}, "renormalize",
+         "topk router renormalize must be true, false or null (only when k > 1), got str ('false')"),
+        ("multinomial", {"generator": 1}, "generator", "router generator must be a torch.Generator (set seed for a seeded one), got int (1)"),
+    ]
+    for name, kwargs, argument, said in cases:
+        with pytest.raises(RouterArgumentError) as e:
+            build_router(name, num_experts=4, module=expert, **kwargs)
+        assert str(e.value) == said and e.value.argument == argument and isinstance(e.value, TypeError)
+    assert build_router("topk", num_experts=4, module=expert, k=2, renormalize=False).renormalize is False
+    assert build_router("fixed", num_experts=4, module=expert, expert=-1).expert == 3
+
+
+def test_a_recipe_names_the_router_argument_of_the_wrong_type():
+    from mergekit_video.cli.commands import _load_validated
+    from mergekit_video.config import ValidationError
+
+    from pathlib import Path
+
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    with pytest.raises(ValidationError) as e:
+        _load_validated(quickstart, ["model.router=topk", "model.router_kwargs.k=2.5"])
+    assert {p.path: p.message for p in e.value.problems} == {
+        "model.router_kwargs.k": "'topk' with {'k': 2.5} for 4 experts: topk router k must be an int (experts per group), got float (2.5)"}

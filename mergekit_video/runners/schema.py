@@ -464,8 +464,10 @@ def _model_problems(cfg: dict[str, Any]) -> list[Problem]:
         try:
             build_router(router, num_experts=n, module=expert, **router_kwargs)
         except Exception as err:  # noqa: BLE001 - a plugin's router may raise anything
-            problems.append(Problem("model.router_kwargs" if router_kwargs else "model.router",
-                                    f"{router!r} with {router_kwargs or 'its defaults'} for {n} experts: {err}"))
+            argument = getattr(err, "argument", None)  # a RouterArgumentError names the argument of the wrong type
+            where = (f"model.router_kwargs.{argument}" if argument in router_kwargs
+                     else "model.router_kwargs" if router_kwargs else "model.router")
+            problems.append(Problem(where, f"{router!r} with {router_kwargs or 'its defaults'} for {n} experts: {err}"))
     positions = model.get("num_positions", 77)
     if isinstance(positions, int):
         data = cfg.get("data") or {}
