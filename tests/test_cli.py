@@ -1067,3 +1067,14 @@ def test_a_key_given_in_the_wrong_section_is_pointed_to_where_it_belongs(capsys,
         assert hint in " ".join(capsys.readouterr().err.split()), given
     assert cli_main(["validate", str(QUICKSTART), f"output_dir={tmp_path / 'o'}", "+data.nonsense=2"]) == 1
     assert "data.nonsense: unknown key (known keys here:" in " ".join(capsys.readouterr().err.split())  # nothing alike: no guess
+
+
+def test_a_few_shot_subset_larger_than_a_class_names_data_few_shot_shots(tmp_path, capsys):
+    """With data.synthetic the training list is written by the run, so only the run can count a class's videos:
+    it said 'few_shot_subset: class 0 has 2 videos, fewer than shots=16', naming no recipe key."""
+    out = tmp_path / "run"
+    assert cli_main(["run", str(QUICKSTART), f"output_dir={out}", "schedule.epochs=1", "data.synthetic.videos_per_class=2",
+                     "data.synthetic.val_per_class=1", "data.synthetic.frames=8", "data.num_workers=0", "data.few_shot={shots: 16}"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"error: data.few_shot.shots=16: class 0 has 2 videos, fewer than shots=16 (training list {out / 'data' / 'train.txt'}); "
+            "lower data.few_shot.shots (each class needs that many videos)") in err

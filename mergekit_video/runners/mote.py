@@ -258,7 +258,12 @@ class MoTERunner:
         )
         if d.get("few_shot"):
             fs = d["few_shot"]
-            ds = few_shot_subset(ds, shots=fs["shots"], seed=fs.get("seed", 0), repeat_to_full=fs.get("repeat_to_full", True))
+            try:
+                ds = few_shot_subset(ds, shots=fs["shots"], seed=fs.get("seed", 0), repeat_to_full=fs.get("repeat_to_full", True))
+            except ValueError as err:  # "few_shot_subset: class 0 has 2 videos, fewer than shots=16": name the key
+                detail = str(err).removeprefix("few_shot_subset: ")
+                raise ValueError(f"data.few_shot.shots={fs['shots']}: {detail} (training list {d.get('train_list')}); lower "
+                                 "data.few_shot.shots (each class needs that many videos)") from None
         per_rank = total // (world * accum)
         if len(ds) < total:  # not one optimizer step per epoch: nothing would train
             raise ValueError(
