@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +77,8 @@ class RouterArgumentError(TypeError):
 
 def _check_type(owner: str, argument: str, value: Any, kind: type, what: str) -> None:
     """Raise :class:`RouterArgumentError` unless ``value`` is a ``kind`` (never a bool where an int is asked for)."""
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    accepted = numbers.Integral if kind is int else kind  # numpy and other integer types are ints
+    if not isinstance(value, accepted) or (kind is int and isinstance(value, bool)):
         raise RouterArgumentError(f"{owner} {argument} must be {what}, got {type(value).__name__} ({value!r})",
                                   argument=argument)
 
@@ -210,7 +212,7 @@ class FixedRouter(Router):
         super().__init__(num_experts=num_experts, **kw)
         if not -num_experts <= expert < num_experts:
             raise ValueError(f"fixed router expert={expert} is out of range for {num_experts} experts")
-        self.expert = expert % num_experts
+        self.expert = int(expert) % num_experts
 
     def route(self, x: torch.Tensor) -> RouterOutput:
         """Every group goes to the configured expert."""

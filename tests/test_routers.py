@@ -348,6 +348,11 @@ def test_router_arguments_of_the_wrong_type_are_refused_naming_them():
         assert str(e.value) == said and e.value.argument == argument and isinstance(e.value, TypeError)
     assert build_router("topk", num_experts=4, module=expert, k=2, renormalize=False).renormalize is False
     assert build_router("fixed", num_experts=4, module=expert, expert=-1).expert == 3
+    import numpy as np  # integral types other than int are ints
+
+    fixed = build_router("fixed", num_experts=4, module=expert, expert=np.int64(2))
+    assert fixed.expert == 2 and type(fixed.expert) is int
+    assert build_router("topk", num_experts=4, module=expert, k=np.int32(2)).k == 2
 
 
 def test_a_recipe_names_the_router_argument_of_the_wrong_type():
