@@ -1026,16 +1026,18 @@ def test_a_list_paired_with_a_class_csv_of_fewer_classes_is_refused_before_train
     ok = f"eval.datasets=[{{name: v, kind: close_set, root: {data}, list: {listed}, class_csv: {three}}}]"
     assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base, ok]) == 0, capsys.readouterr().err
     capsys.readouterr()
-    said = (f"labels of {listed} go up to 2, but the class CSV {two} has 2 class names (ids 0..1); 2 of 3 videos have a label "
-            f">= 2 (first: 'b.mp4' with label 2). Wrong class CSV for this list?")
+    said = (f"{listed}: labels go up to 2, but there are only 2 class names (ids 0..1, from the class CSV {two}); 2 of 3 videos "
+            f"have a label >= 2 (first: 'b.mp4' with label 2). Wrong class CSV for this list? Give the class CSV that belongs "
+            f"to list.txt.")
     wrong = f"eval.datasets=[{{name: z, kind: zero_shot, root: {data}, class_csv: {three}, splits: [{{list: {listed}, class_csv: {two}}}]}}]"
     assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base, wrong]) == 1
     assert f"- eval.datasets.0.splits.0.list: {said} (its class CSV: eval.datasets.0.splits.0.class_csv)" in " ".join(capsys.readouterr().err.split())
     assert cli_main(["validate", "--check-paths", str(QUICKSTART), *base[:-2], f"data.class_csv={two}", "~eval.summary", ok]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "(2 problems)" in err  # the training list and the validation list
-    assert f"- data.train_list: {said} (its class CSV: data.class_csv)" in err
-    assert f"- data.val_list: {said} (its class CSV: data.class_csv)" in err
+    assert (f"- data.train_list: {said} More than 1% of the list is refused under on_error=resample too. "
+            "(its class CSV: data.class_csv)") in err
+    assert f"- data.val_list: {said} More than 1% of the list is refused under on_error=skip too. (its class CSV: data.class_csv)" in err
     # the run refuses at setup, before training (the videos do not exist: nothing is read before the refusal)
     assert cli_main(["run", str(QUICKSTART), *base, wrong, "schedule.epochs=1"]) == 1
     err = " ".join(capsys.readouterr().err.split())

@@ -109,6 +109,28 @@ def flip_label_map(pairs: Sequence[Sequence[int]] | None) -> dict[int, int]:
     return mapping
 
 
+def label_range_problem(records: Sequence[VideoRecord], num_classes: int, *, list_file: str | os.PathLike,
+                        source: str | os.PathLike | None = None, on_error: str = "raise",
+                        stray_fraction: float = 0.01) -> str | None:
+    """Why the labels of ``records`` (the list ``list_file``) do not fit ``num_classes`` class names (those of the
+    class CSV ``source``), or None: none lies past them, or, under ``skip``/``resample``, at most ``stray_fraction``
+    of the list does (stray lines, bad items under the policy)."""
+    outside = [r for r in records if r.label >= num_classes]
+    n, total = len(outside), len(records)
+    if not outside or (on_error in ("skip", "resample") and n <= stray_fraction * total):
+        return None
+    where = f", from the class CSV {source}" if source is not None else ""
+    first, name = outside[0], Path(list_file).name
+    policy = (f" More than {stray_fraction:.0%} of the list is refused under on_error={on_error} too."
+              if on_error in ("skip", "resample") else "")
+    return (
+        f"{list_file}: labels go up to {max(r.label for r in outside)}, but there {'is' if num_classes == 1 else 'are'} only "
+        f"{num_classes} class name{'s' * (num_classes != 1)} (ids 0..{num_classes - 1}{where}); {n} of {total} video{'s' * (total != 1)} "
+        f"{'has' if n == 1 else 'have'} a label >= {num_classes} (first: {first.path!r} with label {first.label}). "
+        f"Wrong class CSV for this list? Give the class CSV that belongs to {name}.{policy}"
+    )
+
+
 class VideoDataset(torch.utils.data.Dataset):
     """Video clips from an annotation list, for training (random views) or testing (fixed views).
 
@@ -227,28 +249,20 @@ class VideoDataset(torch.utils.data.Dataset):
 
         Under ``skip``/``resample`` a few such lines (at most :attr:`stray_label_fraction` of the
         list: one in a list of 100) are bad items instead: logged here, then skipped or resampled
-        like an unreadable video when drawn.
+        like an unreadable video when drawn (:func:`label_range_problem`).
         """
         num_classes = len(self.class_names)
+        problem = label_range_problem(self.records, num_classes, list_file=self.list_file, source=source,
+                                      on_error=on_error, stray_fraction=self.stray_label_fraction)
+        if problem is not None:
+            raise ValueError(problem)
         outside = [r for r in self.records if r.label >= num_classes]
-        if not outside:
-            return
-        highest = max(r.label for r in outside)
-        where = f", from the class CSV {source}" if source is not None else ""
-        first, n, total = outside[0], len(outside), len(self.records)
-        if on_error in ("skip", "resample") and n <= self.stray_label_fraction * total:
+        if outside:  # a few stray lines, tolerated under the policy
+            where = f", from the class CSV {source}" if source is not None else ""
+            first, n, total = outside[0], len(outside), len(self.records)
             log.warning("%s: %d of %d video%s %s a label >= %d, the class count%s (first: %r with label %d): bad items under on_error=%s",
                         self.list_file, n, total, "s" * (total != 1), "has" if n == 1 else "have", num_classes, where,
                         first.path, first.label, on_error)
-            return
-        policy = (f" More than {self.stray_label_fraction:.0%} of the list is refused under on_error={on_error} too."
-                  if on_error in ("skip", "resample") else "")
-        raise ValueError(
-            f"{self.list_file}: labels go up to {highest}, but there {'is' if num_classes == 1 else 'are'} only {num_classes} "
-            f"class name{'s' * (num_classes != 1)} (ids 0..{num_classes - 1}{where}); {n} of {total} video{'s' * (total != 1)} "
-            f"{'has' if n == 1 else 'have'} a label >= {num_classes} (first: {first.path!r} with label {first.label}). "
-            f"Wrong class CSV for this list? Give the class CSV that belongs to {self.list_file.name}.{policy}"
-        )
 
     # ----------------------------------------------------------------- bookkeeping
     def _reset_failures(self) -> None:

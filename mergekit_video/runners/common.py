@@ -737,27 +737,21 @@ def list_label_problem(list_file: str | os.PathLike, class_csv: str | os.PathLik
                        on_error: str = "raise") -> str | None:
     """Why ``list_file``'s labels do not fit the class names of ``class_csv`` (a label past the last id), or None.
 
-    The dataset refuses such a pair when it is built (:meth:`VideoDataset._check_labels`, with the same
-    allowance for a few stray lines under ``skip``/``resample``); this says it before a run trains for
-    hours and then builds its evaluation sets. Files that are missing or unreadable are left to the
-    checks that name them (None here).
+    The dataset's own refusal (:func:`~mergekit_video.data.datasets.label_range_problem`, with its allowance for
+    a few stray lines under ``skip``/``resample``), said before a run trains for hours and then builds its
+    evaluation sets. Files that are missing or unreadable are left to the checks that name them (None here).
     """
     from ..data import VideoDataset
     from ..data.annotations import read_annotation_list, read_class_names
+    from ..data.datasets import label_range_problem
 
     try:
         records = read_annotation_list(os.path.expanduser(str(list_file)), list_format)
         num_classes = len(read_class_names(os.path.expanduser(str(class_csv))))
     except (ValueError, OSError):
         return None
-    outside = [r for r in records if r.label >= num_classes]
-    if not outside or (on_error in ("skip", "resample") and len(outside) <= VideoDataset.stray_label_fraction * len(records)):
-        return None
-    first, total = outside[0], len(records)
-    return (f"labels of {list_file} go up to {max(r.label for r in outside)}, but the class CSV {class_csv} has "
-            f"{num_classes} class name{'s' * (num_classes != 1)} (ids 0..{num_classes - 1}); {len(outside)} of {total} "
-            f"video{'s' * (total != 1)} {'has' if len(outside) == 1 else 'have'} a label >= {num_classes} (first: "
-            f"{first.path!r} with label {first.label}). Wrong class CSV for this list?")
+    return label_range_problem(records, num_classes, list_file=list_file, source=class_csv, on_error=on_error,
+                               stray_fraction=VideoDataset.stray_label_fraction)
 
 
 #: Path keys holding an annotation list (read with the list format of their section) or a class CSV.
