@@ -602,7 +602,7 @@ def test_validate_refuses_values_the_run_would_refuse_only_after_building_the_mo
     """Defects from a fuzz of the recipe keys: each passed validate and the run died later (after writing the data and
     building the model; an --overwrite run had deleted the earlier outputs first) or with a message naming nothing:
     prompts with other format fields ("error: 'x'"), data.backend=frames over video lists, frames lists with synthetic
-    data, a WMR τ table past float range ("OverflowError: int too large to convert to float"), an expert count the dry run
+    data, a frame size the CLIP architecture does not take, eval.clip_blend without weights, a WMR τ table past float range ("OverflowError: int too large to convert to float"), an expert count the dry run
     could not allocate, and a list as the runner ("unhashable type: 'list'")."""
     from pathlib import Path
 
@@ -620,6 +620,10 @@ def test_validate_refuses_values_the_run_would_refuse_only_after_building_the_mo
         ("model.num_experts=1000000000000", "- model.num_experts: must be <= 1024, got 1000000000000"),
         ("model.num_positions=1000000000000", "- model.num_positions: must be <= 4096, got 1000000000000"),
         ("runner=[mote]", "key 'runner' must be one of mote, evaluate, compare, got ['mote'] (did you mean 'mote'?)"),
+        ("data.input_size=36", "- data.input_size: 36, but mergevid-tiny-vit's visual tower takes 32x32 frames (set "
+                               "data.input_size=32 or leave it unset)"),
+        ("eval.clip_blend=0.5", "- eval.clip_blend: blends the fine-tuned CLIP with the pretrained weights it started from, "
+                                "but model.pretrained is null (random weights)"),
     ]
     for override, said in cases:
         assert cli_main(["validate", recipe, override]) == 1, override
@@ -630,3 +634,6 @@ def test_validate_refuses_values_the_run_would_refuse_only_after_building_the_mo
     assert "- data.backend: frames reads frame folders, but data.list_format is video" in err
     assert "- eval.datasets.1.list_format: video, but data.backend is frames (frame folders)" in err
     assert cli_main(["validate", recipe, "text.templates=['a {{tiny}} {}']"]) == 0  # doubled braces are literal
+    assert cli_main(["validate", recipe, "eval.clip_blend=0.5", "eval.clip_blend_weights=bogus"]) == 1
+    assert ("- eval.clip_blend_weights: 'bogus' is neither an open_clip pretrained tag for mergevid-tiny-vit nor a file"
+            in " ".join(capsys.readouterr().err.split()))

@@ -513,8 +513,9 @@ def test_evaluation_settings_that_cannot_run_stop_the_run_before_training(tmp_pa
     out = tmp_path / "run"
     rc = cli_main(["run", str(QUICKSTART), f"output_dir={out}", *QUICK_OVERRIDES, "eval.datasets.0.input_size=16"])
     err = " ".join(capsys.readouterr().err.split())
-    assert rc == 1 and "error: eval.datasets.0.input_size=16, but the model's visual tower takes 32x32 frames" in err
-    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    assert rc == 1 and ("- eval.datasets.0.input_size: 16, but mergevid-tiny-vit's visual tower takes 32x32 frames (set "
+                        "eval.datasets.0.input_size=32 or leave it unset)") in err  # validation: before anything is written
+    assert not out.exists()
     # an output_dir that cannot be a folder is said with its key, not as an OSError from deep inside
     (tmp_path / "afile").write_text("x")
     rc = cli_main(["run", str(QUICKSTART), f"output_dir={tmp_path / 'afile' / 'run'}", *QUICK_OVERRIDES])
@@ -1007,8 +1008,14 @@ def test_a_val_list_past_the_training_classes_is_refused_before_training(synthet
 def test_clip_blend_without_pretrained_weights_is_refused_before_training(synthetic_data, tmp_path):
     from mergekit_video.runners import run_recipe
 
+    from mergekit_video.config import ValidationError
+
     out = _new_run_dir(tmp_path / "run", synthetic_data)
-    cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", "eval.clip_blend=0.99"])
+    with pytest.raises(ValidationError, match=r"eval.clip_blend: blends the fine-tuned CLIP with the pretrained weights it "
+                                              r"started from, but model.pretrained is null"):
+        _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0", "eval.clip_blend=0.99"])
+    cfg = _load_validated(QUICKSTART, [f"output_dir={out}", *TRAIN_OVERRIDES, "data.num_workers=0"])
+    cfg["eval"]["clip_blend"] = 0.99  # a recipe built in Python, not validated: the runner's setup refuses it
     with pytest.raises(ValueError, match=r"^eval.clip_blend blends the fine-tuned CLIP with the pretrained weights"):
         run_recipe(cfg)
     assert not (out / "checkpoints").exists() and not (out / "model").exists()  # nothing trained

@@ -819,8 +819,8 @@ def test_a_failed_evaluations_partial_results_do_not_make_a_corrected_rerun_anot
 
 
 def test_overwrite_sets_the_earlier_run_aside_until_the_new_one_has_started(tmp_path, caplog):
-    """Defect: --overwrite deleted the earlier run's outputs before the runner's setup, whose checks (the frame size the
-    model's tower takes, the eval lists' labels) then refused the new recipe: the earlier run was lost to a typo. The
+    """Defect: --overwrite deleted the earlier run's outputs before the runner's setup, whose checks (the eval lists'
+    labels, the frame size a checkpoint's tower takes) then refused the new recipe: the earlier run was lost to a typo. The
     outputs are set aside now, put back (with the earlier recipe.yaml) when the start fails, deleted once it passed; an
     --overwrite run killed before it started is put back by the next run."""
     from mergekit_video.cli.main import main as cli_main
@@ -833,8 +833,12 @@ def test_overwrite_sets_the_earlier_run_aside_until_the_new_one_has_started(tmp_
     assert cli_main(["run", str(QUICKSTART), *tiny]) == 0
     recipe, metrics = (out / "recipe.yaml").read_text(), (out / "metrics.jsonl").read_bytes()
     weights = (out / "model" / "head.safetensors").read_bytes()
-    # a start that fails in the runner's setup (after the model is built): everything as it was
-    assert cli_main(["run", str(QUICKSTART), *tiny, "data.input_size=36", "--overwrite"]) == 1
+    # a start that fails in the runner's setup (after the model is built: an eval list whose labels go past its
+    # class CSV, which only --check-paths reads before): everything as it was
+    one = tmp_path / "one_class.csv"
+    one.write_text("id,name\n0,a\n")
+    mismatched = f"eval.datasets=[{{name: v, kind: close_set, list: '${{output_dir}}/data/val.txt', class_csv: {one}}}]"
+    assert cli_main(["run", str(QUICKSTART), *tiny, "optimizer.lr=2e-3", mismatched, "--overwrite"]) == 1
     assert (out / "recipe.yaml").read_text() == recipe and (out / "metrics.jsonl").read_bytes() == metrics
     assert (out / "model" / "head.safetensors").read_bytes() == weights and not (out / OVERWRITTEN_DIR).exists()
     assert "the run did not start; the earlier outputs in" in caplog.text

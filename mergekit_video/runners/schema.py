@@ -600,7 +600,46 @@ def _clip_problems(cfg: dict[str, Any]) -> list[Problem]:
     from ..models.clip import clip_choice_problem
 
     found = clip_choice_problem(model["clip_name"], model.get("pretrained"))
-    return [Problem(f"model.{found[0]}", found[1])] if found else []
+    if found:
+        return [Problem(f"model.{found[0]}", found[1])]
+    return [*_clip_blend_problems(cfg, model), *_input_size_problems(cfg, model["clip_name"])]
+
+
+def _clip_blend_problems(cfg: dict[str, Any], model: dict[str, Any]) -> list[Problem]:
+    """``eval.clip_blend`` of a built model: weights to blend with (``eval.clip_blend_weights``, else
+    ``model.pretrained``), an open_clip tag of the architecture or a file."""
+    from ..models.clip import clip_choice_problem
+
+    ev = cfg.get("eval") or {}
+    if not ev.get("clip_blend"):
+        return []
+    weights = ev.get("clip_blend_weights")
+    if weights is None:
+        pretrained = model.get("pretrained")
+        if not isinstance(pretrained, str) or pretrained.lower() in ("", "none", "null", "random"):
+            return [Problem("eval.clip_blend", "blends the fine-tuned CLIP with the pretrained weights it started from, but "
+                                               "model.pretrained is null (random weights): set eval.clip_blend_weights to "
+                                               "them (an open_clip tag or a file), or unset eval.clip_blend")]
+        return []
+    found = clip_choice_problem(model["clip_name"], weights)
+    return [Problem("eval.clip_blend_weights", found[1])] if found and found[0] == "pretrained" else []
+
+
+def _input_size_problems(cfg: dict[str, Any], clip_name: str) -> list[Problem]:
+    """Frame sizes (``data.input_size``, ``eval.datasets.N.input_size``) other than the one the architecture's
+    visual tower takes (its position embeddings fix it): refused by the run after building the model."""
+    from ..models.clip import model_config
+
+    size = model_config(clip_name).get("vision_cfg", {}).get("image_size")
+    if isinstance(size, (list, tuple)) and len(set(size)) == 1:
+        size = size[0]
+    if not isinstance(size, int):
+        return []
+    keys = [("data.input_size", (cfg.get("data") or {}).get("input_size"))]
+    keys += [(f"eval.datasets.{i}.input_size", ds.get("input_size"))
+             for i, ds in enumerate((cfg.get("eval") or {}).get("datasets") or []) if isinstance(ds, dict)]
+    return [Problem(key, f"{value}, but {clip_name}'s visual tower takes {size}x{size} frames (set {key}={size} or leave it unset)")
+            for key, value in keys if isinstance(value, int) and not isinstance(value, bool) and value != size]
 
 
 def _common_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
