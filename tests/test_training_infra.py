@@ -451,6 +451,47 @@ def test_two_process_gloo(tmp_path):
     assert r0["host"] == r1["host"] == [True, False, 7, True, True, 30]
 
 
+def _class_features_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (it hangs there)
+    from mergekit_video.models import build_video_clip, clip as clip_module
+    from mergekit_video.runners.common import class_features
+
+    encoded = []
+    real = clip_module.encode_class_names
+
+    def counting(*args, **kwargs):
+        encoded.append(rank)
+        return real(*args, **kwargs)
+
+    clip_module.encode_class_names = counting
+    torch.manual_seed(0)  # the same random weights on both ranks, as after a checkpoint load
+    model = build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=0)
+    init_distributed(timeout_s=60)
+    try:
+        feats = class_features(model, ["archery", "bowling", "cycling"], {"cache_dir": os.path.join(out_dir, "cache"),
+                                                                          "templates": "single"})
+        torch.save(feats, os.path.join(out_dir, f"feats{rank}.pt"))
+        with open(os.path.join(out_dir, f"encoded{rank}.json"), "w") as f:
+            json.dump(len(encoded), f)
+    finally:
+        cleanup()
+
+
+def test_ddp_class_features_are_encoded_by_rank_0_and_read_from_the_cache_by_the_others(tmp_path):
+    import torch.multiprocessing as mp
+
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    mp.start_processes(_class_features_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    encoded = [json.loads((tmp_path / f"encoded{r}.json").read_text()) for r in (0, 1)]
+    assert encoded == [1, 0]  # rank 1 waited for rank 0's cache entry instead of encoding the same prompts
+    f0, f1 = torch.load(tmp_path / "feats0.pt"), torch.load(tmp_path / "feats1.pt")
+    assert f0.shape == (3, f0.shape[1]) and torch.equal(f0, f1)
+    assert len(list((tmp_path / "cache" / "text_features").glob("*.safetensors"))) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics and progress
 # ---------------------------------------------------------------------------------------------

@@ -869,11 +869,22 @@ def class_names_from(csv_path: str | os.PathLike) -> list[str]:
 
 
 def class_features(model: Any, names: Sequence[str], text_cfg: dict[str, Any]) -> torch.Tensor:
-    """Prompt-ensembled class features ``[C, D]`` (cached on disk)."""
+    """Prompt-ensembled class features ``[C, D]`` (cached on disk).
+
+    Under DDP every rank calls this; rank 0 encodes and writes the cache entry first while the other
+    ranks wait, then they read it (a rank whose cache directory is not shared encodes on its own).
+    """
     from ..models.clip import ClassFeatureCache
+    from ..training.distributed import get_rank, is_distributed
 
     cache = ClassFeatureCache(directory=text_cfg.get("cache_dir"))
-    return model.class_features(names, templates=text_cfg.get("templates", "mote"), cache=cache)
+    rank_zero_first = is_distributed()
+    if rank_zero_first and get_rank() != 0:
+        _barrier()  # rank 0 fills the cache entry
+    feats = model.class_features(names, templates=text_cfg.get("templates", "mote"), cache=cache)
+    if rank_zero_first and get_rank() == 0:
+        _barrier()
+    return feats
 
 
 @dataclass
