@@ -1425,6 +1425,13 @@ def test_variants_equal_the_collapsed_models_and_the_ensemble_of_their_logits():
         top5 = ref.topk(5, -1).indices[:, -1]  # labels ranked 5th by the reference: top-5 hits, top-1 misses
         res = evaluate(model, loader(top5), cls, variants=variants)
         assert (res.variants[name].top1, res.variants[name].top5) == (0.0, 100.0), name
+    rho_calls = []
+    rho = model.head.modulation_weights
+    model.head.modulation_weights = lambda e, c: rho_calls.append(e.shape[0]) or rho(e, c)
+    res2 = evaluate(model, loader(refs["merged+tfm"].argmax(-1)), cls, variants=variants)
+    del model.head.modulation_weights
+    assert rho_calls == [8] * 4  # ρ once per batch of 4 videos x 2 views, shared by the 7 TFM variants
+    assert res2.variants["merged+tfm"].top1 == 100.0  # the shared ρ is the one each variant computed for itself
     # the logit ensemble without eval.compare.experts: the experts run for it but are not reported
     hidden = build_variants(model.head, modulation=(False,), experts=False, logit_ensemble=True)
     labels = refs["logit_ensemble"].argmax(-1)
@@ -1668,6 +1675,12 @@ def test_variants_route_the_visual_towers_experts_too():
         for other, o in refs.items():
             assert res.variants[other].top1 == 100.0 * (o == ref).float().mean().item(), (name, other)
     assert len(calls) == 2 * 4  # 4 routings per batch (merged, one merge, 2 experts), each shared by TFM off and on
+    rho_calls = []
+    rho = model.head.modulation_weights
+    model.head.modulation_weights = lambda e, c: rho_calls.append(e.shape[0]) or rho(e, c)
+    evaluate(model, [{"frames": frames, "label": refs["merged"], "index": torch.arange(8), "failed": []}], cls, variants=variants)
+    del model.head.modulation_weights
+    assert rho_calls == [8] * 4  # ρ once per routing of the tower: its frame features differ
 
     def failing_loader():  # a decode error after one batch: the model's train/eval mode is restored all the same
         yield {"frames": frames, "label": refs["merged"], "index": torch.arange(8), "failed": []}

@@ -323,6 +323,7 @@ def _variant_scores(
     b, v = frames.shape[:2]
     random_plans: dict[int, Callable[[torch.nn.Module], ContextManager]] = {}  # by seed: one draw per batch
     encoded: dict[Any, torch.Tensor] = {}  # frame features [B*V, T, D] by routing context
+    rhos: dict[Any, torch.Tensor] = {}  # TFM's ρ [B*V] by routing context
     view_logits: dict[str, torch.Tensor] = {}  # [B, V, C] cosine logits, kept for logit ensembles
     probs: dict[str, torch.Tensor] = {}
     for var in variants:
@@ -341,7 +342,12 @@ def _variant_scores(
                 with autocast_context(device, precision):
                     encoded[key] = model.encode_frames(frames.flatten(0, 1)).float()  # [B*V, T, D]
             with autocast_context(device, precision):
-                logits = model.head(encoded[key], cls, modulation=var.modulation).float()  # [B*V, C]
+                if var.modulation:  # ρ depends on the frame features and classes only, not on the merge
+                    if key not in rhos:
+                        rhos[key] = model.head.modulation_weights(encoded[key], cls)  # [B*V]
+                    logits = model.head(encoded[key], cls, modulation=True, rho=rhos[key]).float()  # [B*V, C]
+                else:
+                    logits = model.head(encoded[key], cls, modulation=False).float()  # [B*V, C]
         logits = logits.view(b, v, -1)  # [B, V, C]
         if var.kind == "expert":
             view_logits[var.name] = logits

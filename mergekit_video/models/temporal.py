@@ -246,9 +246,23 @@ class TemporalHead(nn.Module):
             frame_features, class_features, self.source_class_features, k=self.tfm_k, gamma=self.tfm_gamma
         )
 
-    def forward(self, frame_features: torch.Tensor, class_features: torch.Tensor, modulation: bool = False) -> torch.Tensor:
-        """Cosine logits ``[B, C]`` (unscaled) from frame features ``[B, T, D]`` and class features ``[C, D]``."""
-        rho = self.modulation_weights(frame_features, class_features) if modulation else None
+    def forward(
+        self,
+        frame_features: torch.Tensor,
+        class_features: torch.Tensor,
+        modulation: bool = False,
+        *,
+        rho: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cosine logits ``[B, C]`` (unscaled) from frame features ``[B, T, D]`` and class features ``[C, D]``.
+
+        With ``modulation``, ρ of Eq. 11 scales h(e); ``rho`` (``[B]``, from :meth:`modulation_weights`
+        on the same inputs) reuses one computed before, as an evaluation of several merges does.
+        """
+        if not modulation:
+            rho = None
+        elif rho is None:
+            rho = self.modulation_weights(frame_features, class_features)
         return cosine_logits(self.video_features(frame_features, rho), class_features)
 
     # -- source classes --------------------------------------------------------------
