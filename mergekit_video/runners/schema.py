@@ -106,7 +106,7 @@ DATA = Section(
             list, nullable=True, item=Field(list, items=(Field(int, min=0, doc="class id"), Field(int, min=0, doc="class id"))),
             doc="[[a, b], ...]: classes a flip turns into each other, swapped in a flipped clip's label (SSv2: [[86, 87], [93, 94], [166, 167]])",
         ),
-        "grayscale_p": Field(float, default=0.2, min=0, max=1, doc="probability of a grayscale clip in training (MoTE: 0 for SSv2)"),
+        "grayscale_p": Field(float, default=0.2, min=0, max=1, doc="probability of a grayscale clip in training (the official MoTE code: 0 for SSv2)"),
         "decode_short_side": Field(int, nullable=True, default=None, min=8),
         "on_error": Field(str, default="resample", choices=("raise", "skip", "resample")),
         "read_timeout_s": Field(float, default=60.0, min=0, exclusive_min=True),
