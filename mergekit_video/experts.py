@@ -614,8 +614,20 @@ class ExpertContainer(nn.Module):
         self._merged_call()
         return self._merge_cache[2]
 
+    def _refuse_data_parallel_replica(self) -> None:
+        """Merged forwards cannot run in an ``nn.DataParallel`` replica (routed ones can)."""
+        if self.__dict__.get("_is_replica"):
+            raise RuntimeError(
+                f"{self._label()}: an nn.DataParallel replica cannot merge its experts (DataParallel copies the "
+                "parameters of each replica as plain tensors, which the container does not see: the merge would be "
+                "of the original's tensors or of expert 0's). Train with DistributedDataParallel (torchrun; "
+                "mergevid run does), or evaluate the collapsed model (mergekit_video.collapse_experts(model)) "
+                "under DataParallel"
+            )
+
     def _merged_call(self) -> Callable[..., Any]:
         """The cached merge's forward, merged again first if an expert tensor changed."""
+        self._refuse_data_parallel_replica()
         cache = self._merge_cache
         if cache is None or not self._merge_is_current(cache):
             try:
@@ -822,6 +834,7 @@ class ExpertContainer(nn.Module):
         """
         if torch.compiler.is_compiling():
             return _merge_slots_outside_graph(self, weights, tensors)
+        self._refuse_data_parallel_replica()
         return self._merge_slots_now(weights, tensors)
 
     def _merge_slots_now(self, weights: torch.Tensor, tensors: list[list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
@@ -1199,11 +1212,12 @@ def use_router(model: nn.Module, router: str = "random", *, seed: int = 0, granu
     name), in train and eval mode alike; the routers share one generator seeded with ``seed``.
 
     ``use_router(head, "random")`` routes each sample to a uniformly drawn expert per layer: the
-    "Random routing" aggregation of MoTE Table 2c (all experts kept, one runs per input).
+    "Random routing" aggregation of MoTE Table 2c (all experts kept, one runs per input). A gated
+    router's width (``dim``) is inferred per container from its experts, as :func:`add_experts` does.
     """
     generator = torch.Generator().manual_seed(int(seed))
     return routing_plan(model, lambda name, c: build_router(router, num_experts=c.num_experts, granularity=granularity,
-                                                            generator=generator, **router_kwargs))
+                                                            generator=generator, module=c.experts[0], **router_kwargs))
 
 
 def use_merge_weights(model: nn.Module, weights: torch.Tensor | Mapping[str, torch.Tensor]) -> Any:

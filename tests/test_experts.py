@@ -1634,3 +1634,58 @@ def test_a_fused_plan_with_a_routed_segment_then_an_eval_forward_says_nothing_ab
             model(x)
         model.train()
         assert collect_aux_losses(model) == {}
+
+
+def test_a_data_parallel_replica_refuses_merged_forwards_and_routes_as_the_model(monkeypatch):
+    """``nn.DataParallel`` copies each replica's parameters as plain tensors (``replicate``), which the
+    container does not see: its eval merge and merged forwards would silently be expert 0's. They are
+    refused, naming the way out; routed training forwards equal the model's. (``replicate``'s own module
+    code, with the CUDA broadcast swapped for CPU copies.)"""
+    import importlib
+
+    from mergekit_video import add_experts, collapse_experts
+
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")  # the module (the package exports the function)
+
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape",
+                        lambda ts, devs, detach=False: [[(t.detach() if detach else t).clone() for t in ts] for _ in devs])
+    monkeypatch.setattr(replicate_module, "_get_device_index", lambda x, optional=False: x)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    add_experts(model, ["0", "2"], 3, init="normal", router="fixed", expert=2)
+    x = torch.randn(5, 4)
+    replica = replicate_module.replicate(model, [0, 1])[1]
+    assert torch.equal(replica(x), model(x))  # routed: each expert module runs on the replica's own tensors
+    with pytest.raises(RuntimeError, match=r"expert container '0': an nn.DataParallel replica cannot merge .*DistributedDataParallel"):
+        with use_merge_weights(replica, torch.tensor([0.2, 0.3, 0.5])):
+            replica(x)
+    model.eval()
+    with torch.no_grad():
+        replica = replicate_module.replicate(model, [0, 1], detach=True)[1]
+        with pytest.raises(RuntimeError, match="DataParallel replica cannot merge"):
+            replica(x)
+        dense = collapse_experts(copy.deepcopy(model))  # the way out: a collapsed model replicates as any other
+        assert torch.allclose(replicate_module.replicate(dense, [0, 1], detach=True)[1](x), model(x), atol=1e-6)
+
+
+def test_use_router_infers_a_gated_routers_width_per_container():
+    """use_router(model, "topk") on containers of widths 4 and 8: each plan router's dim is its
+    container's (a single dim= fits one of them only), and the routed output is the chosen experts'."""
+    from mergekit_video import add_experts
+    from mergekit_video.experts import use_router
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    add_experts(model, ["0", "2"], 3)
+    x = torch.randn(6, 4)
+    with torch.no_grad(), use_router(model, "topk", seed=1, renormalize=True):
+        y = model(x)
+        routers = [model[i]._plan for i in (0, 2)]
+        assert [r.gate.in_features for r in routers] == [4, 8]
+        hidden = torch.stack([model[0].experts[int(k)](row) for k, row in zip(model[0].last_routing.indices[:, 0], x)])
+        hidden = F.gelu(hidden)
+        ref = torch.stack([model[2].experts[int(k)](row) for k, row in zip(model[2].last_routing.indices[:, 0], hidden)])
+    assert torch.allclose(y, ref, atol=1e-6)
+    with pytest.raises(ValueError, match=r"expert container '2': topk router: its input has width 8 .* router's dim is 4"):
+        with use_router(model, "topk", dim=4):
+            model(x)
