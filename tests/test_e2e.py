@@ -272,6 +272,29 @@ def test_rerunning_a_finished_run_whose_checkpoints_were_deleted_is_refused_not_
     assert (moved / "metrics.jsonl").read_text() == metrics and not (moved / "checkpoints").exists()
 
 
+def test_rerunning_a_finished_run_says_its_final_evaluation_runs_again(quick_run, tmp_path, capsys, monkeypatch):
+    """The same command on a finished run resumes at its last step, trains nothing and evaluates again
+    (hours at paper scale): it says so before the evaluation starts, naming results.json."""
+    from mergekit_video.cli.main import main as cli_main
+    from mergekit_video.runners.mote import MoTERunner
+
+    out, _ = quick_run
+    again = tmp_path / "again"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns(LOCK_FILE))
+
+    def stop(self):  # the message is all this test needs: no second evaluation
+        raise RuntimeError("evaluation reached")
+
+    monkeypatch.setattr(MoTERunner, "evaluate", stop)
+    assert cli_main(["run", str(QUICKSTART), f"output_dir={again}", *QUICK_OVERRIDES]) == 1
+    captured = capsys.readouterr()
+    said = " ".join(captured.out.split())
+    assert "finished before (nothing left to train)" in said
+    assert (f"this run was finished before: its final evaluation runs again and replaces {again / 'results.json'} "
+            f"(to evaluate the model otherwise: mergevid eval {again / 'model'} --list LIST --classes CSV)") in said
+    assert "evaluation reached" in captured.err
+
+
 def test_a_finished_run_started_from_another_runs_checkpoint_is_not_retrained_from_it(quick_run, tmp_path, capsys):
     """A run started with train.resume=<another run's checkpoint>, finished, its checkpoints/ deleted to save space:
     rerunning the same command trained again from that checkpoint over its model/ and results.json, without a word
@@ -749,6 +772,26 @@ def test_resume_inside_a_logging_window_logs_the_same_averages(reference_runs, s
         for key in ("loss", "te", "wmr", "mse"):
             expected = (reference[r["step"] - 1][key] + reference[r["step"]][key]) / 2
             assert abs(r[key] - expected) <= 1e-6, f"step {r['step']}: {key} {r[key]} != {expected}"
+
+
+def test_a_resume_with_another_log_every_logs_the_carried_steps_on_their_own(reference_runs, synthetic_data, tmp_path, monkeypatch):
+    """log_every=2, a checkpoint at step 3, resumed with log_every=1: step 3 (carried in the checkpoint,
+    not yet logged) gets its own line, and step 4's is step 4 alone (it averaged steps 3 and 4); the
+    losses are the uninterrupted run's."""
+    reference = {r["step"]: r for r in _train_records(reference_runs(0, 1))}  # logged every step
+    out = _new_run_dir(tmp_path / "run", synthetic_data)
+    _die_after_checkpoint(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        _run_in_process(out, ["data.num_workers=0", "train.log_every=2"])
+    monkeypatch.undo()
+    # with a checkpoint every 2 steps (was 3) and another DDP timeout too: neither changes a result
+    assert _resume_to_the_end(out, ["data.num_workers=0", "train.log_every=1", "train.save_every_steps=2", "dist_timeout_s=600"]) == (3, 0, 3)
+    got = _train_records(out)
+    assert [r["step"] for r in got] == [2, 3, 4, 5, 6, 7, 8]
+    assert abs(got[0]["loss"] - (reference[1]["loss"] + reference[2]["loss"]) / 2) <= 1e-6
+    for r in got[1:]:
+        for key in ("loss", "te", "wmr", "mse"):
+            assert abs(r[key] - reference[r["step"]][key]) <= 1e-6, f"step {r['step']}: {key} {r[key]} != {reference[r['step']][key]}"
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -190,19 +190,22 @@ def test_resuming_an_older_checkpoint_inside_the_run_says_to_train_into_another_
 
 
 def test_results_neutral_changes_resume_and_are_recorded(tmp_path, caplog):
-    """data.num_workers, eval.num_workers, train.log_every, train.tensorboard, train.keep_last: a rerun
+    """data.num_workers, eval.num_workers, train.log_every, train.tensorboard, train.keep_last,
+    train.save_every_steps, train.export_dense, dist_timeout_s: a rerun
     that changes only these keeps the earlier run's outputs (it resumes), with or without --overwrite."""
     out = tmp_path / "run"
     first = {"runner": "mote", "output_dir": str(out), "data": {"num_workers": 8}, "train": {"log_every": 10, "keep_last": 2}}
     prepare_output_dir(first, overwrite=False, main=True)
     (out / "checkpoints").mkdir()
     (out / "metrics.jsonl").write_text("{}\n")
-    changed = {**first, "data": {"num_workers": 0}, "train": {"log_every": 1, "keep_last": 2, "tensorboard": True},
-               "eval": {"num_workers": 1}}
+    changed = {**first, "data": {"num_workers": 0}, "train": {"log_every": 1, "keep_last": 2, "tensorboard": True,
+               "save_every_steps": 50, "export_dense": False}, "eval": {"num_workers": 1}, "dist_timeout_s": 600.0}
     with caplog.at_level("INFO", logger="mergekit_video"):
         prepare_output_dir(changed, overwrite=False, main=True)
     assert (out / "recipe.yaml").read_text() == dump_recipe(changed)
-    assert "data.num_workers: 8 -> 0; train.log_every: 10 -> 1; train.tensorboard: (absent) -> True; eval.num_workers: (absent) -> 1" in caplog.text
+    assert ("data.num_workers: 8 -> 0; train.log_every: 10 -> 1; train.tensorboard: (absent) -> True; "
+            "train.save_every_steps: (absent) -> 50; train.export_dense: (absent) -> False; eval.num_workers: (absent) -> 1; "
+            "dist_timeout_s: (absent) -> 600.0") in caplog.text
     prepare_output_dir({**changed, "data": {"num_workers": 2}}, overwrite=True, main=True)  # --overwrite deletes nothing here
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["checkpoints", "metrics.jsonl", "recipe.yaml"]
     assert "num_workers: 2" in (out / "recipe.yaml").read_text()
@@ -222,7 +225,7 @@ def test_a_different_recipe_is_refused_naming_the_changes_and_what_overwrite_del
     assert str(info.value) == (
         f"output_dir {out} holds an earlier run of a different recipe (schedule.epochs: 5 -> 6). "  # not the worker count, allowed to change
         "A run resumes only with the same recipe (it may differ in data.num_workers, eval.num_workers, train.log_every, "
-        "train.tensorboard, train.keep_last; until it has results, also in the eval.* keys of the final evaluation but "
+        "train.tensorboard, train.keep_last, train.save_every_steps, train.export_dense, dist_timeout_s; until it has results, also in the eval.* keys of the final evaluation but "
         "eval.batch_size, eval.precision, eval.test_offsets). "
         f"To evaluate its model otherwise: mergevid eval {out / 'model'} --list LIST --classes CSV. Or use another output_dir, or pass --overwrite "
         "to DELETE the earlier run's metrics.jsonl, checkpoints/, model/ and train again from step 1"

@@ -95,9 +95,11 @@ EVAL_OUTPUTS = ("results.json", "tradeoff.png")
 PARTIAL_RESULTS = "results.partial.json"
 
 #: Recipe keys that cannot change what a run computes, only how fast it loads data, how often it
-#: logs and how many checkpoints it keeps: a rerun that changes nothing else resumes the earlier
+#: logs and saves, how many checkpoints it keeps, whether it also writes the dense export and how
+#: long DDP waits (lowered after a hang): a rerun that changes nothing else resumes the earlier
 #: run and records the new ``recipe.yaml``.
-RESULTS_NEUTRAL_KEYS = ("data.num_workers", "eval.num_workers", "train.log_every", "train.tensorboard", "train.keep_last")
+RESULTS_NEUTRAL_KEYS = ("data.num_workers", "eval.num_workers", "train.log_every", "train.tensorboard", "train.keep_last",
+                        "train.save_every_steps", "train.export_dense", "dist_timeout_s")
 
 
 def only_final_evaluation(key: str) -> bool:

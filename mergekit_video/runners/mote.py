@@ -427,6 +427,11 @@ class MoTERunner:
                 title += f", best val top-1 {state.best_metric:.2f}"
             print_summary(rows, title, console=self.console)
             self._best_hint = True  # printed after the final evaluation, the last thing the user reads
+        if self.main and self.console is not None and state.step == first_step > 0 and (self.output_dir / "results.json").is_file():
+            # a rerun of a finished run: say that the (long) final evaluation is about to be redone
+            self.console.print(f"[bold]this run was finished before[/]: its final evaluation runs again and replaces "
+                               f"{self.output_dir / 'results.json'} (to evaluate the model otherwise: mergevid eval "
+                               f"{self.output_dir / 'model'} --list LIST --classes CSV)")
 
     def _print_best_checkpoint_hint(self) -> None:
         """Name the best checkpoint and a ready ``mergevid eval`` command when it scored strictly better than the last."""

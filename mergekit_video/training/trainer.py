@@ -278,6 +278,7 @@ class Trainer:
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_count = 0
         self._checked_step = 0  # the losses of the steps up to this one were read and finite
+        self._carried_window_step: int | None = None  # set by a resume with another log_every
         # (step, folder, whether this run verified it) of the last checkpoint written or resumed from
         self._last_checkpoint: tuple[int, Path, bool] | None = None
         self.generators = named_generators(model, objective)
@@ -439,7 +440,8 @@ class Trainer:
         """The loss sums not yet logged, averaged over ranks (identical on every rank after a resume)."""
         from .distributed import all_reduce_mean
 
-        return {"count": self._loss_count, "sums": all_reduce_mean(self._loss_sums) if self._loss_sums else {}}
+        return {"count": self._loss_count, "sums": all_reduce_mean(self._loss_sums) if self._loss_sums else {},
+                "log_every": self.log_every}
 
     def resume(self, ckpt: Any) -> None:
         """Restore from a loaded ``CheckpointState``.
@@ -513,6 +515,8 @@ class Trainer:
         self._loss_count = int(window.get("count", 0))
         self._loss_sums = {k: torch.tensor(float(v), dtype=torch.float64, device=self.device) for k, v in window.get("sums", {}).items()}
         self._checked_step = self.state.step - self._loss_count // self.grad_accumulation  # the window's steps are read later
+        # another train.log_every: the carried sums get a line of their own (see _log_carried_window)
+        self._carried_window_step = self.state.step if self._loss_count and window.get("log_every", self.log_every) != self.log_every else None
         self._last_checkpoint = (self.state.step, Path(ckpt.path), False)
         # a checkpoint of this run's own directory holds this state: closing a finished epoch
         # (batches_in_epoch == its micro-batches: stopped right after its last step, or its
@@ -677,6 +681,7 @@ class Trainer:
 
         self.model.train()
         self._log_missing_validation()
+        self._log_carried_window()
         if self.show_progress and _is_main(self.dist):
             self.progress = TrainProgress(total_steps=max(self.total_steps, 1), start_step=self.state.step, console=self.console, log_every=self.log_every)
             self.progress.start()
@@ -687,6 +692,18 @@ class Trainer:
             if self.progress is not None:
                 self.progress.stop()
         return self.state
+
+    def _log_carried_window(self) -> None:
+        """After a resume with another ``train.log_every``: the losses the checkpoint carried (the steps
+        since the interrupted run's last line, finite: checked before it was written) are logged as a line
+        of their own at the checkpoint's step, not averaged into the first line of the new cadence."""
+        step, self._carried_window_step = self._carried_window_step, None
+        if step is None or not self._loss_count:
+            return
+        if self.metrics is not None:  # the sums were averaged over ranks when the checkpoint was saved
+            self.metrics.log({k: float(v) / self._loss_count for k, v in self._loss_sums.items()}, step=step, epoch=self.state.epoch)
+        self._loss_sums, self._loss_count = {}, 0
+        self._checked_step = step
 
     def _log_missing_validation(self) -> None:
         """The validation of the epoch a resume starts after is logged after its checkpoint was
