@@ -199,6 +199,54 @@ def test_load_recipe_yaml_floats_overrides_then_interpolation(tmp_path):
     assert cfg["train"]["name"] == "run-16f"
 
 
+def test_yaml_merge_keys_and_aliases_load_as_independent_copies(tmp_path):
+    """``<<: *anchor`` was refused as "not valid YAML"; an alias shared one dict with its anchor, so an
+    override of one place (``d.c.x=5``) changed every place the alias reached."""
+    (tmp_path / "m.yaml").write_text(textwrap.dedent("""\
+        base: &b
+          a: 1
+          c: {x: 2}
+        d:
+          <<: *b
+          a: 3
+        e:
+          - <<: [*b]
+            z: 1
+        g: *b
+        """))
+    cfg = load_recipe(tmp_path / "m.yaml", ["d.c.x=5", "e.0.a=9"])
+    assert cfg == {
+        "base": {"a": 1, "c": {"x": 2}},
+        "d": {"a": 3, "c": {"x": 5}},  # explicit keys override merged ones
+        "e": [{"a": 9, "c": {"x": 2}, "z": 1}],
+        "g": {"a": 1, "c": {"x": 2}},
+    }
+    (tmp_path / "dup.yaml").write_text("b: &b {a: 1}\nd:\n  <<: *b\n  a: 2\n  a: 3\n")
+    with pytest.raises(ConfigError, match="duplicate key 'a' at line 5"):
+        load_recipe(tmp_path / "dup.yaml")
+    (tmp_path / "rec.yaml").write_text("a: &x\n  b: *x\n")
+    with pytest.raises(ConfigError, match="recursive anchor"):
+        load_recipe(tmp_path / "rec.yaml")
+
+
+def test_quickstart_with_a_merge_key_in_eval_datasets_validates(tmp_path):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml").read_text()
+    old = "    - name: val\n      kind: close_set\n"
+    assert old in text
+    text = text.replace(old, "    - &val_set\n      name: val\n      kind: close_set\n")
+    old = "    - name: novel\n      kind: zero_shot\n      root: ${output_dir}/data\n"
+    assert old in text
+    text = text.replace(old, "    - <<: *val_set\n      name: novel\n      kind: zero_shot\n")  # root comes from the merge
+    (tmp_path / "qs.yaml").write_text(text)
+    from mergekit_video.cli.main import main as cli_main
+
+    assert cli_main(["validate", str(tmp_path / "qs.yaml"), f"output_dir={tmp_path}/run"]) == 0
+    novel = load_recipe(tmp_path / "qs.yaml")["eval"]["datasets"][1]
+    assert novel["kind"] == "zero_shot" and novel["num_clips"] == 3 and novel["root"] == "runs/quickstart/data"
+
+
 def test_load_recipe_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_recipe(tmp_path / "nope.yaml")

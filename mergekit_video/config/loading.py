@@ -18,11 +18,15 @@ from .base import MISSING, ConfigError, did_you_mean, join_key
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader where ``5e-5`` is a float (YAML 1.1 wants ``5.0e-5``) and duplicate keys are errors."""
+    """SafeLoader where ``5e-5`` is a float (YAML 1.1 wants ``5.0e-5``) and duplicate keys are errors.
+
+    Merge keys (``<<: *anchor``) work as in YAML 1.1: explicit keys override merged ones."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # flattened by SafeConstructor below
+                continue
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 line = key_node.start_mark.line + 1
@@ -54,7 +58,26 @@ def _yaml_load(text: str, *, name: str | None = None) -> Any:
     if name is not None:
         stream = io.StringIO(text)
         stream.name = name
-    return yaml.load(stream, Loader=_RecipeLoader)  # noqa: S506 - SafeLoader subclass
+    return _unshare(yaml.load(stream, Loader=_RecipeLoader))  # noqa: S506 - SafeLoader subclass
+
+
+def _unshare(node: Any) -> Any:
+    """A copy of a loaded YAML tree in which no two places share one dict or list.
+
+    An anchor (``&a``) and its aliases (``*a``, ``<<: *a``) load as one object; without this an
+    override of one place (``d.c.x=5``) would change every place that alias reaches."""
+    return _unshare_path(node, ())
+
+
+def _unshare_path(node: Any, path: tuple[int, ...]) -> Any:
+    if isinstance(node, (dict, list)):
+        if id(node) in path:
+            raise ConfigError("a YAML alias refers to a mapping or list that contains it (a recursive anchor)")
+        path = (*path, id(node))
+        if isinstance(node, dict):
+            return {k: _unshare_path(v, path) for k, v in node.items()}
+        return [_unshare_path(v, path) for v in node]
+    return node
 
 
 def dump_recipe(cfg: Mapping[str, Any]) -> str:
