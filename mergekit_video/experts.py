@@ -177,6 +177,17 @@ def _argument_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _holds_module(value: Any) -> bool:
+    """Whether ``value`` (mappings and sequences searched) holds an ``nn.Module`` (a base given as a module)."""
+    if isinstance(value, nn.Module):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_module(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_module(v) for v in value)
+    return False
+
+
 def _copy_containers(value: Any) -> Any:
     """``value`` with its lists, tuples and dicts copied, recursively; tensors, modules and the rest shared."""
     if isinstance(value, Mapping):
@@ -392,7 +403,7 @@ class ExpertContainer(nn.Module):
             problem = self.sequence_first_problem(fix="ExpertContainer(..., batch_dim=1)", label="the expert")
             if problem is not None:
                 raise ValueError(problem)
-        object.__setattr__(self, "_merge_cache", None)  # (tensors merged, their versions, module, argument versions)
+        object.__setattr__(self, "_merge_cache", None)  # (tensors merged, versions, module, argument versions, data, base module's)
         object.__setattr__(self, "_merge_pool", collections.OrderedDict())  # merges of other strategies, by _merge_key
         self.set_merge(merge, **dict(merge_kwargs or {}))  # fails now on an unknown name, not at the first eval forward
         self.aux_losses: dict[str, torch.Tensor] = {}
@@ -686,6 +697,12 @@ class ExpertContainer(nn.Module):
             return False
         if cache[3] and list(map(_version_of, self._merge_arg_tensors)) != cache[3]:
             return False  # a tensor argument of the merge (weights=..., base=...) was written in place
+        if cache[5] is not None:  # a base module: a tensor of it replaced (new Parameter, assign=True, .data =, .double())
+            current = _argument_tensors(self._merge_kwargs)
+            if len(current) != len(cache[5][0]) or not all(map(operator.is_, current, cache[5][0])):
+                return False
+            if _data_pointers(current) != cache[5][1]:
+                return False
         if versions is None or list(map(_version_of, tensors)) != versions:
             return False
         return cache[4] is None or _data_pointers(tensors) == cache[4][0]  # new data through .data = (no version bump)
@@ -694,6 +711,8 @@ class ExpertContainer(nn.Module):
     def _remerge(self) -> tuple:
         # built outside inference mode: a cache filled inside torch.inference_mode() would
         # hold inference tensors and break a later eval forward that needs autograd
+        if self.__dict__.get("_merge_arg_module"):  # the base module's tensors now (collapse() reads them afresh)
+            object.__setattr__(self, "_merge_arg_tensors", _argument_tensors(self._merge_kwargs))
         with torch.inference_mode(False):
             dense = self.collapse()
         dense.eval()
@@ -718,7 +737,12 @@ class ExpertContainer(nn.Module):
         pointers = _data_pointers(tensors)
         # the merged-from data is kept alive with its addresses: freed, its memory could come back under the same
         # address after two `.data =` (a stale merge would pass the check)
-        cache = (tensors, versions, dense, argument_versions, None if pointers is None else (pointers, [t.detach() for t in tensors]))
+        module_arguments = None
+        if self.__dict__.get("_merge_arg_module"):
+            arg_tensors = self._merge_arg_tensors
+            module_arguments = (arg_tensors, _data_pointers(arg_tensors), [t.detach() for t in arg_tensors])  # refs keep addresses
+        cache = (tensors, versions, dense, argument_versions, None if pointers is None else (pointers, [t.detach() for t in tensors]),
+                 module_arguments)
         object.__setattr__(self, "_merge_cache", cache)
         self.merge_count += 1
         return cache
@@ -788,6 +812,7 @@ class ExpertContainer(nn.Module):
         object.__setattr__(self, "_merge_kwargs", dict(kwargs))
         # tensor arguments (weights=..., the base's tensors): an in-place write to one merges again
         object.__setattr__(self, "_merge_arg_tensors", _argument_tensors(kwargs))
+        object.__setattr__(self, "_merge_arg_module", _holds_module(kwargs))  # its tensors may be replaced: checked by identity
         object.__setattr__(self, "_merge_key", key)
         object.__setattr__(self, "_merge_cache", kept)
         if kwargs.get("base") is not None:

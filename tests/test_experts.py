@@ -1392,6 +1392,38 @@ def test_an_in_place_edit_of_the_base_merges_again(as_state_dict):
     assert c.merge_count == 2
 
 
+@pytest.mark.parametrize("replace", ["new_parameter", "assign", "data"])
+def test_a_replaced_tensor_of_a_base_module_merges_again(replace):
+    """A base module's tensor replaced (not written in place) kept the old merge in eval while
+    collapse() read the new one: eval and the exported model differed."""
+    torch.manual_seed(0)
+    base = nn.Linear(3, 3)
+    lin = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        for e in lin:
+            e.weight.add_(torch.randn(3, 3))
+    c = ExpertContainer(lin, router="fixed", merge="task_arithmetic", merge_kwargs={"base": base}).eval()
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        before = c(x)
+        if replace == "new_parameter":
+            base.weight = nn.Parameter(torch.zeros(3, 3))
+        elif replace == "assign":
+            base.load_state_dict({k: v + 1.0 for k, v in base.state_dict().items()}, assign=True)
+        else:
+            base.weight.data = base.weight.data + 1.0
+        after = c(x)
+        assert c.merge_count == 2 and not torch.allclose(after, before, atol=1e-3)
+        assert torch.equal(after, c.collapse()(x))
+        expected = nn.Linear(3, 3)
+        expected.load_state_dict({k: base.state_dict()[k] + sum(e.state_dict()[k] - base.state_dict()[k] for e in lin)
+                                  for k in ("weight", "bias")})
+        assert torch.allclose(after, expected(x), atol=1e-6)
+        c(x)
+        c(x)
+    assert c.merge_count == 2  # unchanged since: the cache holds
+
+
 def test_slerp_takes_its_buffers_at_t_so_the_ends_are_the_experts():
     # the buffers of a slerp merge are lerped with (1 − t, t): t = 0 / 1 give expert 0 / 1 exactly, BatchNorm included
     torch.manual_seed(0)
