@@ -276,6 +276,18 @@ def test_few_shot_of_a_dataset_keeps_its_settings(tiny_synthetic):
     assert sub[0]["frames"].shape == (4, 3, 32, 32)
 
 
+def test_few_shot_leaves_labels_outside_the_class_names_out_of_the_draw(tiny_synthetic, caplog):
+    """A stray label (tolerated under resample) was a class of its own: one such line failed with
+    'class 7 has 1 video, fewer than shots', two made a fourth class of bad items."""
+    ds = make(tiny_synthetic, train=True)
+    strays = ds.with_records(list(ds.records) + [VideoRecord("stray.mp4", 7), VideoRecord("stray2.mp4", 7)])
+    with caplog.at_level("WARNING", logger="mergekit_video.data.annotations"):
+        sub = few_shot_subset(strays, shots=2, seed=0, repeat_to_full=False)
+    assert sub.records == few_shot_subset(ds, shots=2, seed=0, repeat_to_full=False).records
+    assert sorted(r.label for r in sub.records) == [0, 0, 1, 1, 2, 2]
+    assert "2 videos with a label outside the 3 class names left out" in caplog.text
+
+
 @pytest.fixture()
 def bad_list(tmp_path, tiny_synthetic):
     """Two good videos then: truncated, zero-byte, text-as-mp4, missing, and a label out of range."""

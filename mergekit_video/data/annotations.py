@@ -272,6 +272,8 @@ def few_shot_subset(dataset_or_records: Any, *, shots: int, seed: int, repeat_to
     With ``repeat_to_full`` the subset is repeated ``len(full) // len(subset)`` times, keeping an
     epoch about as long as on the full set (the paper's few-shot protocol, after Text4Vis).
     Takes a :class:`VideoDataset` (returns a copy over the subset) or a list of records (returns a list).
+    A dataset's records whose label is outside its class names (tolerated under ``on_error`` skip or
+    resample) are left out of the draw, with a warning.
     """
     import torch
 
@@ -280,9 +282,19 @@ def few_shot_subset(dataset_or_records: Any, *, shots: int, seed: int, repeat_to
     records = list(getattr(dataset_or_records, "records", dataset_or_records))
     if not records:
         raise ValueError("few_shot_subset: no records")
+    class_names = getattr(dataset_or_records, "class_names", None)
     by_class: dict[int, list[int]] = {}
+    stray = 0
     for i, r in enumerate(records):
+        if class_names is not None and not 0 <= r.label < len(class_names):
+            stray += 1  # a label past the class CSV (tolerated under on_error=skip/resample) is no class of its own
+            continue
         by_class.setdefault(r.label, []).append(i)
+    if stray:
+        log.warning("few_shot_subset: %d video%s with a label outside the %d class names left out of the draw",
+                    stray, "s" * (stray != 1), len(class_names))
+    if not by_class:
+        raise ValueError("few_shot_subset: no records with a label inside the class names")
     g = torch.Generator().manual_seed(int(seed))
     chosen: list[int] = []
     for label in sorted(by_class):
