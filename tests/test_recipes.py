@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_helpers import tiny_synthetic  # noqa: F401
+
 from mergekit_video.cli.commands import _load_validated
 from mergekit_video.cli.errors import UserError
 from mergekit_video.cli.main import main as cli_main
@@ -489,3 +491,86 @@ def test_the_synthetic_novel_split_is_refused_when_num_novel_classes_is_0(tmp_pa
                                              "data.synthetic.num_novel_classes=0 writes none: set data.synthetic.num_novel_classes>0 "
                                              "or remove this dataset (and its eval.summary entry)"}
     _load_validated(QUICKSTART, [f"output_dir={tmp_path}", "data.synthetic.num_novel_classes=1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the test resize: data.short_side, eval.datasets.N.short_side (issue 4 §3)
+# ---------------------------------------------------------------------------------------------
+def _short_side_recipe(syn, tmp_path, *overrides):
+    """The quickstart on the tiny synthetic dataset (48x64 videos; frames of 32, 4 per clip)."""
+    return _load_validated(QUICKSTART, [
+        f"output_dir={tmp_path}", "~data.synthetic", f"data.root={syn.root}", f"data.train_list={syn.train_list}",
+        f"data.val_list={syn.val_list}", f"data.class_csv={syn.class_csv}", "data.num_frames=4", "data.num_workers=0",
+        "eval.num_workers=0", "eval.datasets.0.num_clips=1", "eval.datasets.0.num_crops=3",
+        *[f"eval.datasets.{i}.{k}={v}" for i, lst, csv in ((0, syn.val_list, syn.class_csv), (1, syn.novel_list, syn.novel_class_csv))
+          for k, v in (("root", syn.root), ("list", lst), ("class_csv", csv))],
+        *overrides,
+    ])
+
+
+def test_the_test_resize_reaches_validation_and_every_eval_dataset(tiny_synthetic, tmp_path):
+    """"Resize the short side to S, then crop": the recipe's loaders give VideoDataset(short_side=S)'s frames, unlike the default."""
+    from mergekit_video.data import VideoDataset
+    from mergekit_video.runners.common import build_eval_loader, eval_suite
+    from mergekit_video.runners.mote import MoTERunner
+
+    syn = tiny_synthetic
+
+    def direct(short_side, list_file=syn.val_list, class_csv=syn.class_csv, **kw):  # item 0 of that list, built by hand
+        return VideoDataset(list_file=list_file, root=syn.root, class_names=class_csv, num_frames=4, train=False, input_size=32,
+                            short_side=short_side, normalize=False, **kw)[0]["frames"]
+
+    def evaluated(cfg):  # item 0 of each eval dataset, through the recipe's loaders
+        entries = eval_suite(cfg["eval"], cfg["data"], model_input_size=32)
+        return [build_eval_loader(e, e.splits[0], eval_cfg=cfg["eval"], data_cfg=cfg["data"], normalize=False, dist=None,
+                                  seed=0).dataset[0]["frames"] for e in entries]
+
+    def validated(cfg):
+        runner = MoTERunner(cfg=cfg)
+        runner.data_cfg, runner.input_size, runner.train_class_names = cfg["data"], 32, syn.class_names
+        return runner._build_val_dataset()[0]["frames"]
+
+    default = _short_side_recipe(syn, tmp_path)
+    val, novel = evaluated(default)
+    assert val.shape == (3, 4, 3, 32, 32) and novel.shape == (3, 4, 3, 32, 32)
+    assert torch.equal(val, direct(None, num_crops=3)) and torch.equal(validated(default), direct(None, num_crops=1, num_clips=1))
+    # data.short_side: validation and every eval dataset; eval.datasets.1.short_side overrides it for that dataset
+    cfg = _short_side_recipe(syn, tmp_path, "data.short_side=48", "eval.datasets.1.short_side=40")
+    val, novel = evaluated(cfg)
+    assert torch.equal(val, direct(48, num_crops=3))
+    assert torch.equal(novel, direct(40, syn.novel_list, syn.novel_class_csv, num_clips=3))
+    assert torch.equal(validated(cfg), direct(48))
+    assert not torch.equal(val, direct(None, num_crops=3)) and not torch.equal(validated(cfg), validated(default))
+    assert not torch.equal(novel, direct(None, syn.novel_list, syn.novel_class_csv, num_clips=3))
+    # 48 is the videos' own short side: the crop is the 32x32 centre of the decoded 48x64 frame (no resize)
+    full = VideoDataset(list_file=syn.val_list, root=syn.root, num_frames=4, train=False, input_size=48, short_side=48, normalize=False)
+    decoded = full[0]["frames"][0]  # [T,3,48,48], the centre of 48x64 frames
+    assert torch.equal(val[1], decoded[:, :, 8:40, 8:40])  # the centre crop of the 3 (view 1)
+
+
+def test_the_test_resize_must_not_be_smaller_than_the_frame_size(tmp_path):
+    from mergekit_video.runners.common import eval_suite
+
+    tail = "test views resize the short side to {k}, then crop 32x32; set {k} >= 32, or leave it unset (resize to 32)"
+    probs, _ = _problems(["data.short_side=16"])
+    assert probs == {"data.short_side": "16 is smaller than the frame size 32 (data.input_size): " + tail.format(k="data.short_side")}
+    probs, _ = _problems(["eval.datasets.1.short_side=31", "data.short_side=40"])
+    assert probs == {"eval.datasets.1.short_side": "31 is smaller than the frame size 32 (data.input_size): "
+                                                   + tail.format(k="eval.datasets.1.short_side")}
+    probs, _ = _problems(["~data.input_size", "data.short_side=24"])  # the architecture's frame size
+    assert probs == {"data.short_side": "24 is smaller than the frame size 32 (the visual tower of model.clip_name mergevid-tiny-vit): "
+                                        + tail.format(k="data.short_side")}
+    assert _problems(["data.short_side=0", "eval.datasets.0.short_side=2.5"])[0] == {
+        "data.short_side": "must be >= 8, got 0", "eval.datasets.0.short_side": "expected int, got float (2.5)"}
+    assert _load_validated(QUICKSTART, ["data.short_side=32", "eval.datasets.0.short_side=36"])["data"]["short_side"] == 32
+    assert _load_validated(QUICKSTART, [])["data"]["short_side"] is None  # the default: resize to the frame size
+    # at run time (a recipe dict run from Python; the model's frame size): the same, naming the key
+    ds = {"name": "v", "kind": "close_set", "root": "/r", "list": "/r/v.txt", "class_csv": "/r/c.csv"}
+    assert [e.short_side for e in eval_suite({"datasets": [ds, {**ds, "short_side": 40}]}, {"short_side": 36}, model_input_size=32)] == [36, 40]
+    assert eval_suite({"datasets": [ds]}, {}, model_input_size=32)[0].short_side is None
+    with pytest.raises(ValueError, match=r"^data.short_side=24 is smaller than the frame size 32 \(the model's visual tower\): "):
+        eval_suite({"datasets": [ds]}, {"short_side": 24}, model_input_size=32)
+    with pytest.raises(ValueError, match=r"^eval.datasets.1.short_side=24 is smaller than the frame size 32 \(data.input_size\): "):
+        eval_suite({"datasets": [ds, {**ds, "short_side": 24}]}, {"input_size": 32, "short_side": 48}, model_input_size=32)
+    with pytest.raises(ValueError, match=r"^eval.datasets.0.short_side must be a positive integer \(pixels\), got 0$"):
+        eval_suite({"datasets": [{**ds, "short_side": 0}]}, {}, model_input_size=32)

@@ -914,6 +914,7 @@ class EvalSuiteEntry:
     test_offsets: str = "centre"
     sampling: str = "segment"
     stride: int = 8
+    short_side: int | None = None  # the test resize; None: input_size
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -929,6 +930,24 @@ def resolve_input_size(key: str, value: int | None, model_size: int | None) -> i
         raise ValueError(
             f"{key}={value}, but the model's visual tower takes {model_size}x{model_size} frames "
             f"(set {key}={model_size} or leave it unset)"
+        )
+    return int(value)
+
+
+def check_short_side(key: str, value: int | None, input_size: int, input_key: str) -> int | None:
+    """The test resize ``key`` (short side resized to it, then the ``input_size`` crop), checked; None: resize to ``input_size``.
+
+    A short side below the crop would leave the crop outside the frame; the error names ``key`` and
+    where the frame size came from (``input_key``).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{key} must be a positive integer (pixels), got {value!r}")
+    if value < input_size:
+        raise ValueError(
+            f"{key}={value} is smaller than the frame size {input_size} ({input_key}): test views resize the short side "
+            f"to {key}, then crop {input_size}x{input_size}; set {key} >= {input_size}, or leave it unset (resize to {input_size})"
         )
     return int(value)
 
@@ -984,6 +1003,13 @@ def eval_suite(
             key = f"eval.datasets.{i}.num_frames" if ds.get("num_frames") else "data.num_frames"
             raise ValueError(f"{key}={num_frames}, but the model's temporal head has {model_num_positions} frame position "
                              f"embeddings (model.num_positions): use at most {model_num_positions} frames")
+        input_key = f"eval.datasets.{i}.input_size" if ds.get("input_size") else "data.input_size"
+        input_size = resolve_input_size(input_key, ds.get("input_size") or data_cfg.get("input_size"), model_input_size)
+        if not (ds.get("input_size") or data_cfg.get("input_size")):
+            input_key = "the model's visual tower" if model_input_size else "the default"
+        short_key = f"eval.datasets.{i}.short_side" if ds.get("short_side") is not None else "data.short_side"
+        short_side = check_short_side(short_key, ds["short_side"] if ds.get("short_side") is not None else data_cfg.get("short_side"),
+                                      input_size, input_key)
         entries.append(
             EvalSuiteEntry(
                 name=ds["name"],
@@ -994,11 +1020,8 @@ def eval_suite(
                 num_clips=ds.get("num_clips", 1),
                 num_crops=ds.get("num_crops", 1),
                 num_frames=num_frames,
-                input_size=resolve_input_size(
-                    f"eval.datasets.{i}.input_size" if ds.get("input_size") else "data.input_size",
-                    ds.get("input_size") or data_cfg.get("input_size"),
-                    model_input_size,
-                ),
+                input_size=input_size,
+                short_side=short_side,
                 on_error=ds.get("on_error", "raise"),
                 test_offsets=ds.get("test_offsets") or eval_cfg.get("test_offsets") or "centre",
                 sampling=ds.get("sampling") or data_cfg.get("sampling") or "segment",
@@ -1032,6 +1055,7 @@ def build_eval_loader(entry: EvalSuiteEntry, split: EvalSplit, *, eval_cfg: dict
         sampling=entry.sampling,
         stride=entry.stride,
         input_size=entry.input_size,
+        short_side=entry.short_side,
         normalize=normalize,
         on_error=entry.on_error,
         read_timeout_s=data_cfg.get("read_timeout_s", 60.0),

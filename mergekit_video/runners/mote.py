@@ -12,6 +12,7 @@ import torch
 
 from ..config import instantiate
 from .common import (
+    check_short_side,
     class_features,
     class_names_from,
     delete_set_aside,
@@ -358,7 +359,10 @@ class MoTERunner:
             backend=d.get("backend", "decord"), sampling=d.get("sampling", "segment"), stride=d.get("stride", 8),
             num_clips=clips, num_crops=crops,
             test_offsets=(self.cfg.get("eval") or {}).get("test_offsets") or "centre",
-            input_size=self.input_size, normalize=False,  # uint8 out of the workers; normalised on the device in one op
+            input_size=self.input_size,
+            short_side=check_short_side("data.short_side", d.get("short_side"), self.input_size,
+                                        "data.input_size" if d.get("input_size") else "the model's visual tower"),
+            normalize=False,  # uint8 out of the workers; normalised on the device in one op
             on_error="skip", read_timeout_s=d.get("read_timeout_s", 60.0), seed=self.cfg.get("seed", 0),
         )
 

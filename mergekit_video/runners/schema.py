@@ -107,7 +107,16 @@ DATA = Section(
             doc="[[a, b], ...]: classes a flip turns into each other, swapped in a flipped clip's label (SSv2: [[86, 87], [93, 94], [166, 167]])",
         ),
         "grayscale_p": Field(float, default=0.2, min=0, max=1, doc="probability of a grayscale clip in training (the official MoTE code: 0 for SSv2)"),
-        "decode_short_side": Field(int, nullable=True, default=None, min=8),
+        "short_side": Field(
+            int, nullable=True, default=None, min=8,
+            doc="test views (validation, and the default of eval.datasets.*.short_side): resize the short side to this, then crop "
+                "input_size (e.g. 256 for resize 256, crop 224); default: input_size",
+        ),
+        "decode_short_side": Field(
+            int, nullable=True, default=None, min=8,
+            doc="training only: decode frames with the short side at this size (decoder's scaler; large videos); validation and "
+                "evaluation decode at full size",
+        ),
         "on_error": Field(str, default="resample", choices=("raise", "skip", "resample")),
         "read_timeout_s": Field(float, default=60.0, min=0, exclusive_min=True),
         "few_shot": FEW_SHOT,
@@ -140,6 +149,7 @@ EVAL_DATASET = Section(
         "stride": Field(int, nullable=True, min=1, doc="sampling=dense: default data.stride (8)"),
         "num_frames": Field(int, nullable=True, min=1, max=77, doc="default: data.num_frames"),
         "input_size": Field(int, nullable=True, min=8, doc="default: data.input_size, else the model's"),
+        "short_side": Field(int, nullable=True, min=8, doc="resize the short side to this, then crop input_size; default: data.short_side, else input_size"),
         "on_error": Field(str, default="raise", choices=("raise", "skip"), doc="a video that cannot be read: stop, or skip it and report the count"),
     }
 )
@@ -625,15 +635,21 @@ def _clip_blend_problems(cfg: dict[str, Any], model: dict[str, Any]) -> list[Pro
     return [Problem("eval.clip_blend_weights", found[1])] if found and found[0] == "pretrained" else []
 
 
-def _input_size_problems(cfg: dict[str, Any], clip_name: str) -> list[Problem]:
-    """Frame sizes (``data.input_size``, ``eval.datasets.N.input_size``) other than the one the architecture's
-    visual tower takes (its position embeddings fix it): refused by the run after building the model."""
+def _architecture_input_size(clip_name: str) -> int | None:
+    """The square frame size the open_clip architecture's visual tower takes, None if not one size."""
     from ..models.clip import model_config
 
     size = model_config(clip_name).get("vision_cfg", {}).get("image_size")
     if isinstance(size, (list, tuple)) and len(set(size)) == 1:
         size = size[0]
-    if not isinstance(size, int):
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _input_size_problems(cfg: dict[str, Any], clip_name: str) -> list[Problem]:
+    """Frame sizes (``data.input_size``, ``eval.datasets.N.input_size``) other than the one the architecture's
+    visual tower takes (its position embeddings fix it): refused by the run after building the model."""
+    size = _architecture_input_size(clip_name)
+    if size is None:
         return []
     keys = [("data.input_size", (cfg.get("data") or {}).get("input_size"))]
     keys += [(f"eval.datasets.{i}.input_size", ds.get("input_size"))
@@ -642,10 +658,49 @@ def _input_size_problems(cfg: dict[str, Any], clip_name: str) -> list[Problem]:
             for key, value in keys if isinstance(value, int) and not isinstance(value, bool) and value != size]
 
 
+def _short_side_problems(cfg: dict[str, Any]) -> list[Problem]:
+    """A test resize (``data.short_side``, ``eval.datasets.N.short_side``) below the frame size it is cropped to: the
+    crop would not fit. The frame size is the recipe's input_size key, else ``model.clip_name``'s (when it is known)."""
+    def given(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    arch, arch_key = None, ""
+    if isinstance(model.get("clip_name"), str):
+        try:
+            arch, arch_key = _architecture_input_size(model["clip_name"]), f"the visual tower of model.clip_name {model['clip_name']}"
+        except ValueError:  # an unknown architecture: _clip_problems names it
+            pass
+
+    def frame_size(*keyed: tuple[str, Any]) -> tuple[int | None, str]:
+        for key, value in keyed:
+            if given(value):
+                return value, key
+        return arch, arch_key
+
+    checks = [("data.short_side", data.get("short_side"), *frame_size(("data.input_size", data.get("input_size"))))]
+    for i, ds in enumerate((cfg.get("eval") or {}).get("datasets") or []):
+        if isinstance(ds, dict) and ds.get("short_side") is not None:
+            checks.append((f"eval.datasets.{i}.short_side", ds["short_side"],
+                           *frame_size((f"eval.datasets.{i}.input_size", ds.get("input_size")), ("data.input_size", data.get("input_size")))))
+        elif isinstance(ds, dict) and given(ds.get("input_size")) and given(data.get("short_side")):
+            # data.short_side is this dataset's test resize, against its own frame size
+            checks.append(("data.short_side", data["short_side"], ds["input_size"], f"eval.datasets.{i}.input_size"))
+    problems, seen = [], set()
+    for key, value, size, size_key in checks:
+        if given(value) and value > 0 and size is not None and value < size and key not in seen:
+            seen.add(key)
+            problems.append(Problem(key, f"{value} is smaller than the frame size {size} ({size_key}): test views resize the short "
+                                         f"side to {key}, then crop {size}x{size}; set {key} >= {size}, or leave it unset (resize to {size})"))
+    return problems
+
+
 def _common_cross_checks(cfg: dict[str, Any]) -> list[Problem]:
     problems = [*_base_merge_problems(cfg), *_compare_merge_arguments(cfg), *_summary_problems(cfg), *_device_problems(cfg),
                 *_synthetic_problems(cfg), *_clip_problems(cfg), *_text_problems(cfg), *_list_format_problems(cfg)]
     problems += _eval_dataset_problems(cfg)
+    problems += _short_side_problems(cfg)
     # dry runs of merges and routers: reported for the keys not already named above (the same bad argument
     # would be told twice), so that one problem elsewhere does not hide them
     named = {p.path for p in problems}
