@@ -488,6 +488,7 @@ def test_eval_of_a_recipe_refuses_the_options_of_a_model_directory_naming_the_ke
         ("--frames", "32"): "eval.datasets.N.num_frames=32",
         ("--views", "4x3"): "eval.datasets.N.num_clips=4 eval.datasets.N.num_crops=3",
         ("--input-size", "336"): "eval.datasets.N.input_size=336",
+        ("--short-side", "256"): "eval.datasets.N.short_side=256",
         ("--output-dir", "elsewhere"): "output_dir=elsewhere",
         ("--compare",): "runner=compare",
         ("--list", "a.txt"): "eval.datasets.N.list=LIST",
@@ -524,6 +525,7 @@ def test_eval_output_folder_is_named_per_run_and_its_refusal_speaks_of_evaluatio
     # another protocol gets its own folder (it would otherwise be refused as another recipe)
     assert default_eval_dir(a, tmp_path / "ucf" / "val.txt", views="4x3", frames=16) == Path("runs/eval/mote_a_model_ucf_val_4x3_f16")
     assert default_eval_dir(a, tmp_path / "ucf" / "val.txt", zero_shot=True, compare=True) == Path("runs/eval/mote_a_model_ucf_val_zs_compare")
+    assert default_eval_dir(a, tmp_path / "ucf" / "val.txt", views="4x3", short_side=256) == Path("runs/eval/mote_a_model_ucf_val_4x3_s256")
     # through the command: a missing list is named with the recipe, and the folder made for it is removed again
     monkeypatch.chdir(tmp_path)
     assert cli_main(["eval", str(a), "--list", "v.txt", "--classes", str(tmp_path / "c.csv")]) == 1
@@ -708,6 +710,7 @@ def test_eval_model_options_out_of_range_are_named(tmp_path, capsys):
     args = ["eval", str(tmp_path), "--list", str(tmp_path / "v.txt"), "--classes", str(tmp_path / "c.csv"), "--output-dir", str(tmp_path / "out")]
     for extra, code, message in (
         (["--input-size", "0"], 2, "Error: Invalid value for '--input-size': Input should be greater than or equal to 8"),
+        (["--short-side", "0"], 2, "Error: Invalid value for '--short-side': Input should be greater than or equal to 8"),
         (["--frames", "0"], 2, "Error: Invalid value for '--frames': Input should be greater than or equal to 1"),
         (["--frames", "78"], 2, "Error: Invalid value for '--frames': Input should be less than or equal to 77"),
         (["--views", "4"], 1, "error: --views must look like 1x1 or 4x3, got '4'"),
@@ -716,6 +719,33 @@ def test_eval_model_options_out_of_range_are_named(tmp_path, capsys):
         assert cli_main([*args, *extra]) == code
         assert message in capsys.readouterr().err.splitlines()
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_short_side_sets_the_datasets_test_resize_and_is_checked_against_the_frame_size(tmp_path, capsys, monkeypatch):
+    """``--short-side 256 --views 1x1`` on a 224 model is "resize 256, centre-crop 224"; below the frame size: refused up front."""
+    from mergekit_video.cli import commands
+    from mergekit_video.models import build_video_clip
+
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps(build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2).config))
+    (tmp_path / "v.mp4").write_bytes(b"")
+    (tmp_path / "v.txt").write_text("v.mp4 0\n")
+    (tmp_path / "c.csv").write_text("id,name\n0,a\n")
+    ran = []
+    monkeypatch.setattr(commands, "_run_validated", lambda cfg, **kw: ran.append(cfg))
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", str(model), "--list", str(tmp_path / "v.txt"), "--classes", str(tmp_path / "c.csv")]
+    assert cli_main([*args, "--short-side", "40"]) == 0
+    assert ran[0]["eval"]["datasets"][0]["short_side"] == 40 and ran[0]["output_dir"].endswith("_v_s40")
+    assert cli_main(args) == 0
+    assert "short_side" not in ran[1]["eval"]["datasets"][0] and ran[1]["output_dir"].endswith("_v")  # default: the frame size
+    for extra, where in ((["--short-side", "24"], "the model's visual tower"), (["--short-side", "24", "--input-size", "32"], "--input-size")):
+        assert cli_main([*args, *extra]) == 1
+        assert capsys.readouterr().err.splitlines()[0] == (
+            f"error: --short-side 24 is smaller than the frame size 32 ({where}): the test views resize the short side, then "
+            "crop 32x32; pass --short-side 32 or more, or leave it out")
+    assert len(ran) == 2 and not (tmp_path / "runs").exists()
 
 
 def test_bench_data_counts_out_of_range_are_named_before_any_work(tmp_path, capsys):

@@ -19,7 +19,7 @@ PLUGIN_HELP = ("Import this plugin module first (repeatable): a dotted module na
 #: The runners ``mergevid eval RECIPE`` runs (they train nothing).
 EVAL_RUNNERS = ("evaluate", "compare")
 #: Bounds of eval.datasets.* keys that ``mergevid eval MODEL`` options set: checked as the options' own ranges.
-_FRAMES, _INPUT_SIZE = EVAL_DATASET.fields["num_frames"], EVAL_DATASET.fields["input_size"]
+_FRAMES, _INPUT_SIZE, _SHORT_SIDE = EVAL_DATASET.fields["num_frames"], EVAL_DATASET.fields["input_size"], EVAL_DATASET.fields["short_side"]
 
 
 def _console():
@@ -342,9 +342,9 @@ def _dataset_folder(list_file: Path) -> str:
 
 def default_eval_dir(
     target: Path, list_file: Path | None = None, *, views: str = "1x1", frames: int = 8, compare: bool = False, zero_shot: bool = False,
-    splits: int = 1,
+    splits: int = 1, short_side: int | None = None,
 ) -> Path:
-    """``runs/eval/<run>_<model>[_<list folder>_<list>][_<views>][_f<frames>][_zs][_compare]`` for ``mergevid eval MODEL --list LIST``.
+    """``runs/eval/<run>_<model>[_<list folder>_<list>][_<views>][_f<frames>][_s<short side>][_zs][_compare]`` for ``mergevid eval MODEL --list LIST``.
 
     A list folder named like ``lists`` or ``annotations`` comes with its parent (``ucf101_lists``);
     ``splits`` lists of one zero-shot dataset (``list_file`` the first) give ``<list folder>_<splits>splits``.
@@ -353,8 +353,8 @@ def default_eval_dir(
     ``model/``, so the model's own name alone would send every run's evaluation to one folder
     (a trainer checkpoint is named with its run too: ``<run>_checkpoints_step_N``), and the
     list keeps the evaluations of one model on several datasets apart. Views other than 1x1,
-    frames other than 8, ``--zero-shot`` and ``--compare`` are added, so that another protocol
-    does not meet the first one's results.
+    frames other than 8, a ``--short-side``, ``--zero-shot`` and ``--compare`` are added, so that
+    another protocol does not meet the first one's results.
     """
     path = target.resolve()
     parts = [path.stem if path.is_file() else path.name]
@@ -374,6 +374,8 @@ def default_eval_dir(
         parts.append(views.lower())
     if frames != 8:
         parts.append(f"f{frames}")
+    if short_side is not None:
+        parts.append(f"s{short_side}")
     if zero_shot:
         parts.append("zs")
     if compare:
@@ -396,6 +398,9 @@ def eval_cmd(
     views: str = typer.Option("1x1", "--views", help="clips x crops, e.g. 1x1, 4x3, 3x1."),
     num_frames: int = typer.Option(8, "--frames", min=_FRAMES.min, max=_FRAMES.max),
     input_size: Optional[int] = typer.Option(None, "--input-size", min=_INPUT_SIZE.min, help="Frame size (default: the model's, e.g. 224)."),
+    short_side: Optional[int] = typer.Option(
+        None, "--short-side", min=_SHORT_SIDE.min, help="Resize the short side to this, then crop the frame size (e.g. 256 for resize 256, crop 224; default: the frame size)."
+    ),
     compare: bool = typer.Option(False, "--compare", help="Also evaluate each expert, other merges and ensembles."),
     zero_shot: bool = typer.Option(
         False, "--zero-shot", help="Classes unseen in training: reported as zero-shot (mean ± std over the --list splits, HM_ZS)."
@@ -454,6 +459,11 @@ def eval_cmd(
         if input_size is not None and isinstance(model_size, int) and input_size != model_size:
             raise UserError(f"--input-size {input_size}, but the model's visual tower takes {model_size}x{model_size} frames: "
                             f"leave --input-size out (or pass {model_size})")
+        frame_size = input_size if input_size is not None else model_size
+        if short_side is not None and isinstance(frame_size, int) and short_side < frame_size:
+            where = "--input-size" if input_size is not None else "the model's visual tower"
+            raise UserError(f"--short-side {short_side} is smaller than the frame size {frame_size} ({where}): the test views resize the "
+                            f"short side, then crop {frame_size}x{frame_size}; pass --short-side {frame_size} or more, or leave it out")
         # several lists are the splits of one dataset: named after it (ucf101/lists/testlist0N.txt → ucf101)
         name = list_files[0].stem if len(list_files) == 1 else _dataset_folder(list_files[0])
         lists = [str(f.resolve()) for f in list_files]  # absolute: the same evaluation whatever the working folder
@@ -463,7 +473,8 @@ def eval_cmd(
             "runner": "compare" if compare else "evaluate",
             # ~ and .. folded as a recipe's output_dir is (load_recipe)
             "output_dir": os.path.normpath(os.path.expanduser(str(output_dir))) if output_dir else str(default_eval_dir(
-                target, list_files[0], views=views, frames=num_frames, compare=compare, zero_shot=zero_shot, splits=len(list_files))),
+                target, list_files[0], views=views, frames=num_frames, compare=compare, zero_shot=zero_shot, splits=len(list_files),
+                short_side=short_side)),
             "checkpoint": str(target.resolve()),
             **({"plugins": plugins} if plugins else {}),
             "eval": {
@@ -480,6 +491,7 @@ def eval_cmd(
                         "num_crops": crops,
                         "num_frames": num_frames,
                         **({"input_size": input_size} if input_size is not None else {}),
+                        **({"short_side": short_side} if short_side is not None else {}),
                     }
                 ],
                 "summary": {"zero_shot": [name]} if zero_shot else {"close_set": name},
@@ -538,6 +550,7 @@ _MODEL_EVAL_OPTIONS = {
     "views": ("--views", "eval.datasets.N.num_clips=4 eval.datasets.N.num_crops=3"),
     "num_frames": ("--frames", "eval.datasets.N.num_frames={}"),
     "input_size": ("--input-size", "eval.datasets.N.input_size={}"),
+    "short_side": ("--short-side", "eval.datasets.N.short_side={}"),
     "compare": ("--compare", "runner=compare"),
     "zero_shot": ("--zero-shot", "eval.datasets.N.kind=zero_shot"),
     "output_dir": ("--output-dir", "output_dir={}"),
