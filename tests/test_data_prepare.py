@@ -485,6 +485,27 @@ def test_prepare_refuses_an_output_inside_a_source_frame_folder(tmp_path):
     assert "symbolic" not in str(info.value) and not inside.exists()
 
 
+def test_prepare_reads_frame_folders_numbered_from_0_with_frame_index_base(tmp_path, capsys):
+    import shutil
+
+    from mergekit_video.cli.main import main
+
+    one = write_frame_folder(tmp_path / "one" / "v1", 6)
+    (tmp_path / "zero" / "v1").mkdir(parents=True)
+    for i in range(6):
+        shutil.copy(one / f"img_{i + 1:05d}.jpg", tmp_path / "zero" / "v1" / f"img_{i:05d}.jpg")
+    for root in ("one", "zero"):
+        (tmp_path / root / "list.txt").write_text("v1 6 0\n")
+    args = ["--list-format", "frames", "--short-side", "32", "--gop", "4", "--workers", "1"]
+    assert main(["data", "prepare", str(tmp_path / "one" / "list.txt"), str(tmp_path / "out1"), *args]) == 0
+    # read from 1, the folder is refused (it came back one frame off) and the option is named
+    assert main(["data", "prepare", str(tmp_path / "zero" / "list.txt"), str(tmp_path / "out0"), *args]) == 1
+    assert "has img_00000.jpg: set frame_index_base=0" in capsys.readouterr().err.replace("\n", " ")
+    assert main(["data", "prepare", str(tmp_path / "zero" / "list.txt"), str(tmp_path / "out0b"), *args, "--frame-index-base", "0"]) == 0
+    with open_video(tmp_path / "out1" / "v1.mp4", backend="pyav") as a, open_video(tmp_path / "out0b" / "v1.mp4", backend="pyav") as b:
+        assert a.num_frames == b.num_frames == 6 and torch.equal(a.get_frames(range(6)), b.get_frames(range(6)))
+
+
 def _dead_pid() -> int:
     """A pid no process has: above the kernel's largest."""
     with open("/proc/sys/kernel/pid_max") as f:

@@ -91,13 +91,18 @@ def test_frame_folders_count_only_the_templates_files_and_say_when_numbering_sta
             shutil.copy(folder / f"img_{i:05d}.jpg", folder / f"{kind}_{i:05d}.jpg")
     (folder / "notes.jpg").write_bytes(b"")
     assert open_video(folder, backend="frames").num_frames == 6
-    # a folder numbered from 0 (img_00000.jpg ... img_00005.jpg): the frame past its last file names the cause
+    # a folder numbered from 0 (img_00000.jpg ... img_00005.jpg) is refused at open: read from 1, its frames came
+    # back one off (the centre indices never reach the missing img_00006.jpg), without any error
     zero = tmp_path / "zero"
     zero.mkdir()
     for i in range(6):
         shutil.copy(folder / f"img_{i + 1:05d}.jpg", zero / f"img_{i:05d}.jpg")
-    with pytest.raises(VideoReadError, match=r"img_00006.jpg: cannot read frame .*numbered from 1 .*has img_00000.jpg"):
-        open_video(zero, backend="frames", num_frames=6).get_frames([5])
+    for num_frames in (6, None):
+        with pytest.raises(VideoReadError, match=r"zero: frame folders are read numbered from 1 \(img_00001.jpg is frame 0\), "
+                                                 r"but this one has img_00000.jpg: set frame_index_base=0"):
+            open_video(zero, backend="frames", num_frames=num_frames)
+    from_zero = open_video(zero, backend="frames", num_frames=6, frame_index_base=0)
+    assert torch.equal(from_zero.get_frames([0, 2, 5]), open_video(folder, backend="frames").get_frames([0, 2, 5]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

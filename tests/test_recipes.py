@@ -574,3 +574,53 @@ def test_the_test_resize_must_not_be_smaller_than_the_frame_size(tmp_path):
         eval_suite({"datasets": [ds, {**ds, "short_side": 24}]}, {"input_size": 32, "short_side": 48}, model_input_size=32)
     with pytest.raises(ValueError, match=r"^eval.datasets.0.short_side must be a positive integer \(pixels\), got 0$"):
         eval_suite({"datasets": [{**ds, "short_side": 0}]}, {}, model_input_size=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# frame folders numbered from 0: data.frame_index_base
+# ---------------------------------------------------------------------------------------------
+def test_frame_folders_numbered_from_0_are_read_with_data_frame_index_base(tmp_path):
+    """A folder of img_00000.jpg ... read from 1 came back one frame off, without an error; it is refused at
+    open now, and data.frame_index_base=0 reads it (validation and evaluation alike)."""
+    import shutil
+
+    from data_helpers import write_frame_folder
+
+    from mergekit_video.data import VideoReadError
+    from mergekit_video.runners.common import build_eval_loader, eval_suite
+    from mergekit_video.runners.mote import MoTERunner
+
+    one = write_frame_folder(tmp_path / "one" / "v0", 10, h=48, w=64)
+    (tmp_path / "zero" / "v0").mkdir(parents=True)
+    for i in range(10):
+        shutil.copy(one / f"img_{i + 1:05d}.jpg", tmp_path / "zero" / "v0" / f"img_{i:05d}.jpg")
+    for root in ("one", "zero"):
+        (tmp_path / root / "list.txt").write_text("v0 10 0\n")
+    (tmp_path / "classes.csv").write_text("id,name\n0,a\n1,b\n")
+
+    def recipe(root, *overrides):
+        r = tmp_path / root
+        return _load_validated(QUICKSTART, [
+            f"output_dir={tmp_path / 'run'}", "~data.synthetic", f"data.root={r}", f"data.train_list={r}/list.txt",
+            f"data.val_list={r}/list.txt", f"data.class_csv={tmp_path}/classes.csv", "data.list_format=frames", "data.backend=frames",
+            "data.num_frames=4", "data.num_workers=0", "eval.num_workers=0", "eval.datasets=[{name: val, kind: close_set, "
+            f"root: {r}, list: {r}/list.txt, class_csv: {tmp_path}/classes.csv, list_format: frames}}]",
+            "eval.summary={close_set: val}", *overrides])
+
+    def frames(cfg):  # validation and evaluation items, through the recipe's datasets
+        runner = MoTERunner(cfg=cfg)
+        runner.data_cfg, runner.input_size, runner.train_class_names = cfg["data"], 32, ["a", "b"]
+        entry = eval_suite(cfg["eval"], cfg["data"], model_input_size=32)[0]
+        loader = build_eval_loader(entry, entry.splits[0], eval_cfg=cfg["eval"], data_cfg=cfg["data"], normalize=False, dist=None, seed=0)
+        return runner._build_val_dataset()[0]["frames"], loader.dataset[0]["frames"]
+
+    reference = frames(recipe("one"))
+    got = frames(recipe("zero", "data.frame_index_base=0"))
+    assert all(torch.equal(a, b) for a, b in zip(got, reference)) and reference[0].shape == (1, 4, 3, 32, 32)
+    cfg = recipe("zero")
+    entry = eval_suite(cfg["eval"], cfg["data"], model_input_size=32)[0]
+    loader = build_eval_loader(entry, entry.splits[0], eval_cfg=cfg["eval"], data_cfg=cfg["data"], normalize=False, dist=None, seed=0)
+    with pytest.raises(VideoReadError, match=r"has img_00000.jpg: set frame_index_base=0 \(data.frame_index_base in a recipe"):
+        loader.dataset[0]
+    probs, _ = _problems(["data.frame_index_base=2"])
+    assert probs == {"data.frame_index_base": "2 is not one of: 0, 1"}

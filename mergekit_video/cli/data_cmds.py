@@ -69,6 +69,8 @@ def prepare_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Parallel encoders (default: all cores)."),
     list_format: str = typer.Option("video", "--list-format", help="video | frames ('folder num_frames label')."),
     fps: float = typer.Option(30.0, "--fps", help="Frame rate for frame-folder inputs."),
+    frame_index_base: int = typer.Option(1, "--frame-index-base", min=0, max=1,
+                                         help="Frame folders: the number of the first image (1: img_00001.jpg, or 0)."),
     read_timeout: float = typer.Option(DEFAULT_READ_TIMEOUT_S, "--read-timeout",
                                        help="Seconds a source may take to open or to decode its next frames; past it the video fails as hung and the run goes on."),
 ) -> None:
@@ -77,7 +79,8 @@ def prepare_cmd(
 
     refuse_file_as_folder(out_dir, "OUT_DIR")
     report = prepare_dataset(list_file=list_file, root=root or list_file.parent, out_dir=out_dir, short_side=short_side, gop=gop,
-                             fastdecode=fastdecode, workers=workers, list_format=list_format, fps=fps, read_timeout_s=read_timeout)
+                             fastdecode=fastdecode, workers=workers, list_format=list_format, fps=fps, read_timeout_s=read_timeout,
+                             frame_index_base=frame_index_base)
     typer.echo(f"{report.total} videos: {report.encoded} encoded, {report.skipped} already done, {report.failed} failed "
                f"({report.seconds:.1f} s)")
     if report.removed_temps:

@@ -143,7 +143,8 @@ class VideoDataset(torch.utils.data.Dataset):
     with :func:`normalize_frames`). Keys may be an int or an ``(index, epoch)`` pair from
     :class:`VideoSampler`. ``flip_label_pairs`` (training with ``flip``): class ids that a horizontal
     flip turns into each other, swapped in the label of a flipped clip (SSv2's left/right classes,
-    :data:`SSV2_FLIP_LABEL_PAIRS`).
+    :data:`SSV2_FLIP_LABEL_PAIRS`). Frame folders (``list_format="frames"``) hold ``image_template``
+    files numbered from ``frame_index_base`` (1, as TSN writes them, or 0).
 
     A list whose labels go past the given class names is refused at construction (ValueError: the
     list and the class CSV do not belong together). Bad data (unreadable, empty, truncated or missing file, a read past
@@ -186,6 +187,7 @@ class VideoDataset(torch.utils.data.Dataset):
         read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S,
         seed: int = 0,
         image_template: str = DEFAULT_IMAGE_TEMPLATE,
+        frame_index_base: int = 1,
         num_threads: int = 1,
         records: Sequence[VideoRecord] | None = None,
     ) -> None:
@@ -234,6 +236,9 @@ class VideoDataset(torch.utils.data.Dataset):
         self.num_clips, self.num_crops, self.input_size, self.test_offsets = num_clips, num_crops, input_size, test_offsets
         self.decode_short_side, self.normalize, self.on_error = decode_short_side, normalize, on_error
         self.read_timeout_s, self.seed, self.image_template, self.num_threads = read_timeout_s, seed, image_template, num_threads
+        if frame_index_base not in (0, 1):
+            raise ValueError(f"frame_index_base must be 0 or 1 (the number of a frame folder's first image), got {frame_index_base!r}")
+        self.frame_index_base = frame_index_base
         if train:
             self.transform: Any = TrainTransform(size=input_size, scale=scale, flip_p=0.5 if flip else 0.0, grayscale_p=grayscale_p, normalize=normalize)
         else:
@@ -322,7 +327,8 @@ class VideoDataset(torch.utils.data.Dataset):
     def _decode(self, record: VideoRecord, generator: torch.Generator) -> torch.Tensor:
         path = self.root / record.path
         reader = open_video(path, backend=self.backend, short_side=self.decode_short_side, num_frames=record.num_frames,
-                            num_threads=self.num_threads, image_template=self.image_template)
+                            num_threads=self.num_threads, image_template=self.image_template,
+                            frame_index_base=self.frame_index_base)
         try:
             views = self._indices(reader.num_frames, generator)
             return reader.get_frames([i for v in views for i in v])  # [K*T, H, W, 3]

@@ -153,12 +153,12 @@ def _video_frames(src: Path, size_box: dict, threads: int):
             raise ValueError(f"truncated ({why})")
 
 
-def _folder_frames(src: Path, num_frames: int | None, size_box: dict):
+def _folder_frames(src: Path, num_frames: int | None, size_box: dict, index_base: int = 1):
     import av
 
     from .readers import FrameFolderReader
 
-    reader = FrameFolderReader(path=src, num_frames=num_frames)
+    reader = FrameFolderReader(path=src, num_frames=num_frames, index_base=index_base)
     first = reader.get_frames([0])[0]  # [H, W, 3]
     h, w = target_size(first.shape[0], first.shape[1], size_box["short_side"])
     size_box.update(height=h, width=w, fps=Fraction(size_box["folder_fps"]).limit_denominator(1001))
@@ -251,7 +251,7 @@ def _prepare_one(job: dict) -> dict:
     box: dict[str, Any] = {"short_side": job["short_side"], "folder_fps": job["fps"]}
     try:
         if job["list_format"] == "frames":
-            gen = _folder_frames(src, job["num_frames"], box)
+            gen = _folder_frames(src, job["num_frames"], box, job.get("frame_index_base", 1))
         else:
             if src.is_dir():
                 raise IsADirectoryError("a folder, not a file")
@@ -368,12 +368,12 @@ def _run_jobs(jobs: list[dict], workers: int) -> Iterator[tuple[dict, dict]]:
             yield job, (_failure(job, WORKER_DIED) if died(f) else result(f, job))
 
 
-def _expected_size(src: Path, *, list_format: str, num_frames: int | None, short_side: int) -> tuple[int, int]:
+def _expected_size(src: Path, *, list_format: str, num_frames: int | None, short_side: int, frame_index_base: int = 1) -> tuple[int, int]:
     """(height, width) that :func:`_prepare_one` gives the output of ``src``."""
     if list_format == "frames":
         from .readers import FrameFolderReader
 
-        h, w = FrameFolderReader(path=src, num_frames=num_frames).get_frames([0]).shape[1:3]  # [1, H, W, 3]
+        h, w = FrameFolderReader(path=src, num_frames=num_frames, index_base=frame_index_base).get_frames([0]).shape[1:3]  # [1, H, W, 3]
     else:
         info = video_info(src)
         h, w = info["height"], info["width"]
@@ -521,6 +521,7 @@ def prepare_dataset(
     crf: int | None = None,
     progress: bool = True,
     read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S,
+    frame_index_base: int = 1,
 ) -> PrepareReport:
     """Re-encode every video of ``list_file`` (paths relative to ``root``) into ``out_dir``.
 
@@ -534,7 +535,8 @@ def prepare_dataset(
     An ``out_dir`` prepared with other settings is refused rather than overwritten, and so is
     one where the new list or the report would replace a file this command did not write.
     A source whose read (opening it, or decoding its next frames) takes longer than ``read_timeout_s``
-    seconds fails as hung, and the run goes on (None: no limit).
+    seconds fails as hung, and the run goes on (None: no limit). ``frame_index_base``: the number of a
+    frame folder's first image (1: ``img_00001.jpg``, or 0).
     """
     t0 = time.perf_counter()
     list_file, root, out_dir = Path(list_file), Path(root), Path(out_dir)
@@ -543,6 +545,8 @@ def prepare_dataset(
         raise ValueError(f"short_side (--short-side) must be positive, got {short_side}")
     if gop <= 0:
         raise ValueError(f"gop (--gop) must be positive, got {gop}")
+    if frame_index_base not in (0, 1):
+        raise ValueError(f"frame_index_base (--frame-index-base) must be 0 or 1, got {frame_index_base}")
     if list_format not in LIST_FORMATS:
         raise ValueError(f"list_format (--list-format) must be one of {', '.join(LIST_FORMATS)}, got {list_format!r}")
     if list_format == "frames" and not fps > 0:
@@ -583,17 +587,21 @@ def prepare_dataset(
         return _prepare_locked(
             list_file=list_file, root=root, out_dir=out_dir, new_list=new_list, records=records, key_of=key_of, sources=sources,
             by_out=by_out, early_failures=early_failures, short_side=short_side, gop=gop, fastdecode=fastdecode, workers=workers,
-            list_format=list_format, fps=fps, preset=preset, crf=crf, progress=progress, read_timeout_s=read_timeout_s, t0=t0)
+            list_format=list_format, fps=fps, preset=preset, crf=crf, progress=progress, read_timeout_s=read_timeout_s, t0=t0,
+            frame_index_base=frame_index_base)
 
 
 def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Path, records: list[VideoRecord], key_of: dict[str, str],
                     sources: dict[str, VideoRecord], by_out: dict[str, list[str]], early_failures: list[dict], short_side: int,
                     gop: int, fastdecode: bool, workers: int | None, list_format: str, fps: float, preset: str | None,
-                    crf: int | None, progress: bool, read_timeout_s: float | None, t0: float) -> PrepareReport:
+                    crf: int | None, progress: bool, read_timeout_s: float | None, t0: float,
+                    frame_index_base: int = 1) -> PrepareReport:
     """The rest of :func:`prepare_dataset`, run while this process holds ``out_dir``'s lock."""
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     settings = {"short_side": short_side, "gop": gop, "fastdecode": fastdecode, "preset": preset, "crf": crf,
                 "fps_for_frame_folders": fps if list_format == "frames" else None}
+    if list_format == "frames" and frame_index_base != 1:  # (absent at 1: folders prepared before the option stay valid)
+        settings["frame_index_base"] = frame_index_base
 
     manifest_path = out_dir / MANIFEST
     manifest: dict[str, Any] = {"settings": settings, "files": {}}
@@ -637,7 +645,8 @@ def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Pat
             # way is not ours, and is never overwritten.
             try:
                 height, width = run_with_timeout(
-                    partial(_expected_size, src, list_format=list_format, num_frames=r.num_frames, short_side=short_side),
+                    partial(_expected_size, src, list_format=list_format, num_frames=r.num_frames, short_side=short_side,
+                            frame_index_base=frame_index_base),
                     read_timeout_s, what=str(src))
             except Exception as e:  # noqa: BLE001
                 early_failures.append({"ok": False, "src": r.path, "out": out_rel,
@@ -657,7 +666,7 @@ def _prepare_locked(*, list_file: Path, root: Path, out_dir: Path, new_list: Pat
         jobs.append({"src": str(src), "out": str(out), "rel": r.path, "key": key, "out_rel": out_rel, "short_side": short_side,
                      "gop": gop, "fastdecode": fastdecode, "preset": preset, "crf": crf, "threads": 1 if workers > 1 else 0,
                      "list_format": list_format, "num_frames": r.num_frames, "fps": fps, "stamp": stamp,
-                     "read_timeout": read_timeout_s})
+                     "read_timeout": read_timeout_s, "frame_index_base": frame_index_base})
 
     results: list[dict] = list(early_failures)
 

@@ -829,7 +829,12 @@ def template_pattern(image_template: str) -> re.Pattern[str]:
 
 
 class FrameFolderReader:
-    """Frame-folder backend: one JPEG (or PNG) per frame, ``img_{:05d}.jpg`` numbered from 1 (TSN)."""
+    """Frame-folder backend: one JPEG (or PNG) per frame, ``img_{:05d}.jpg`` numbered from 1 (TSN).
+
+    ``index_base`` is the number of the first frame's file (1, or 0 for folders numbered from 0).
+    A folder that holds a file numbered ``index_base - 1`` is refused at open, naming the setting:
+    read from 1, a folder numbered from 0 would come back one frame off without any error.
+    """
 
     def __init__(
         self,
@@ -846,6 +851,11 @@ class FrameFolderReader:
         self.image_template = image_template
         self.index_base = index_base
         self.short_side = short_side
+        if index_base > 0 and (self.path / image_template.format(index_base - 1)).exists():  # one stat per open
+            raise VideoReadError(
+                f"{self.path}: frame folders are read numbered from {index_base} ({image_template.format(index_base)} is "
+                f"frame 0), but this one has {image_template.format(index_base - 1)}: set frame_index_base={index_base - 1} "
+                f"(data.frame_index_base in a recipe, --frame-index-base {index_base - 1} for mergevid data prepare)", path=self.path)
         listed = num_frames is not None
         if num_frames is None:  # the files the template names (flow_x_/flow_y_ images may share the folder)
             pattern = template_pattern(image_template)
@@ -875,12 +885,7 @@ class FrameFolderReader:
                         im.draft("RGB", (w, h))  # JPEG: decode at the smallest 1/2^k scale still >= (w, h)
                     images.append(np.asarray(im.convert("RGB")))  # [H, W, 3]
             except Exception as e:  # noqa: BLE001
-                hint = ""
-                if isinstance(e, FileNotFoundError) and (self.path / self.image_template.format(self.index_base - 1)).exists():
-                    hint = (f"; frame folders are numbered from {self.index_base} "
-                            f"({self.image_template.format(self.index_base)} is frame 0), but this one has "
-                            f"{self.image_template.format(self.index_base - 1)}: renumber its files")
-                raise VideoReadError(f"{f}: cannot read frame ({type(e).__name__}: {_first_line(e)}){hint}", path=f) from e
+                raise VideoReadError(f"{f}: cannot read frame ({type(e).__name__}: {_first_line(e)})", path=f) from e
         if len({im.shape for im in images}) > 1:
             raise VideoReadError(f"{self.path}: frames have different sizes", path=self.path)
         frames = torch.from_numpy(np.stack(images))  # [N, H, W, 3]
@@ -910,12 +915,14 @@ def open_video(
     num_frames: int | None = None,
     num_threads: int = 1,
     image_template: str = DEFAULT_IMAGE_TEMPLATE,
+    frame_index_base: int = 1,
 ) -> VideoReader:
     """Open a video (or a frame folder) with the chosen backend.
 
     ``backend="auto"`` picks frames for a directory, else decord when installed, else PyAV.
     ``short_side`` resizes at decode time (aspect kept). ``num_frames`` is the frame count of a
-    frame folder (from a ``folder num_frames label`` list); video backends ignore it.
+    frame folder (from a ``folder num_frames label`` list); video backends ignore it, as they do
+    ``image_template`` and ``frame_index_base`` (the number of a frame folder's first file).
     Raises :class:`VideoReadError` naming the file when it cannot be opened.
     """
     if backend not in BACKENDS:
@@ -924,7 +931,8 @@ def open_video(
     if backend == "auto":
         backend = "frames" if path.is_dir() else ("decord" if decord_available() else "pyav")
     if backend == "frames":
-        return FrameFolderReader(path=path, num_frames=num_frames, short_side=short_side, image_template=image_template)
+        return FrameFolderReader(path=path, num_frames=num_frames, short_side=short_side, image_template=image_template,
+                                 index_base=frame_index_base)
     if backend == "decord":
         if not decord_available():
             raise ImportError("decord is not installed (no wheel for this platform); use backend='pyav' or 'auto'")

@@ -1049,6 +1049,7 @@ def build_eval_loader(entry: EvalSuiteEntry, split: EvalSplit, *, eval_cfg: dict
         class_names=class_names_from(split.class_csv),
         list_format=entry.list_format,
         backend=data_cfg.get("backend", "decord"),
+        frame_index_base=data_cfg.get("frame_index_base", 1),
         num_clips=entry.num_clips,
         num_crops=entry.num_crops,
         test_offsets=entry.test_offsets,

@@ -245,6 +245,7 @@ class MoTERunner:
             class_names=self.train_class_names,
             list_format=d.get("list_format", "video"),
             backend=d.get("backend", "decord"),
+            frame_index_base=d.get("frame_index_base", 1),
             sampling=d.get("sampling", "segment"),
             stride=d.get("stride", 8),
             input_size=self.input_size,
@@ -356,8 +357,8 @@ class MoTERunner:
         return VideoDataset(
             list_file=d["val_list"], root=d["root"], num_frames=d.get("num_frames", 8), train=False,
             class_names=self.train_class_names, list_format=d.get("list_format", "video"),
-            backend=d.get("backend", "decord"), sampling=d.get("sampling", "segment"), stride=d.get("stride", 8),
-            num_clips=clips, num_crops=crops,
+            backend=d.get("backend", "decord"), frame_index_base=d.get("frame_index_base", 1),
+            sampling=d.get("sampling", "segment"), stride=d.get("stride", 8), num_clips=clips, num_crops=crops,
             test_offsets=(self.cfg.get("eval") or {}).get("test_offsets") or "centre",
             input_size=self.input_size,
             short_side=check_short_side("data.short_side", d.get("short_side"), self.input_size,

@@ -95,6 +95,8 @@ DATA = Section(
         "synthetic": SYNTHETIC,
         "list_format": Field(str, default="video", choices=("video", "frames")),
         "backend": Field(str, default="decord", choices=("decord", "pyav", "frames", "auto")),
+        "frame_index_base": Field(int, default=1, choices=(0, 1), doc="frame folders (list_format frames): the number of each "
+                                  "folder's first image, img_00001.jpg (1, as TSN/mmaction2 write them) or img_00000.jpg (0)"),
         "num_frames": Field(int, default=8, min=1, max=77),
         "sampling": Field(str, default="segment", choices=("segment", "dense"), doc="segment: TSN (one frame per segment); dense: num_frames frames stride apart"),
         "stride": Field(int, default=8, min=1, doc="sampling=dense: frames between sampled frames (a clip spans num_frames × stride)"),
@@ -313,6 +315,7 @@ EVALUATE_SCHEMA = recipe_schema(
             "synthetic": SYNTHETIC,
             "root": Field(str, nullable=True),
             "backend": DATA.fields["backend"],  # the evaluation's readers, as in training
+            "frame_index_base": DATA.fields["frame_index_base"],
             "read_timeout_s": DATA.fields["read_timeout_s"],
         }, nullable=True),
     },
