@@ -670,6 +670,24 @@ def test_misspelt_options_and_unwritable_outputs_are_named_before_any_work(tmp_p
     assert f"recipe {tmp_path} is a folder, not a YAML file" in capsys.readouterr().err
 
 
+def test_bench_markdown_onto_its_json_output_and_bench_train_without_warmup_are_refused(tmp_path, capsys, monkeypatch):
+    """--markdown same.json appended the table into the JSON just written; bench train --warmup 0 timed the first,
+    allocating step of MoTE (a meaningless MoTE/baseline ratio)."""
+    from mergekit_video.training import benchmark
+
+    monkeypatch.setattr(benchmark, "bench_head", lambda **kw: pytest.fail("benchmarked before the refusal"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    for output, markdown in (("same.json", "same.json"), ("same.json", str(tmp_path / "same.json")), ("same.json", "sub/../same.json")):
+        assert cli_main(["bench", "head", "--steps", "1", "--output", output, "--markdown", markdown]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert err.startswith(f"error: --markdown {markdown} is the --output file; give the markdown table a file of its own"), err
+    assert not (tmp_path / "same.json").exists()
+    assert cli_main(["bench", "train", str(QUICKSTART), "--warmup", "0", "--output", str(tmp_path / "t.json")]) == 2
+    assert "Invalid value for '--warmup': Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+
+
 def test_folder_arguments_naming_a_file_are_named_with_the_option(tmp_path, capsys):
     """A file given where a folder is written gave mkdir's bare "[Errno 17] File exists"."""
     afile, lst, out = tmp_path / "afile", tmp_path / "list.txt", tmp_path / "bench.json"

@@ -1850,11 +1850,11 @@ def test_bench_train_writes_json(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(benchmark, "time_interleaved", spy)
     out = tmp_path / "train.json"
-    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "0", "--batch-size", "2", "--output", str(out)]) == 0
+    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "1", "--batch-size", "2", "--output", str(out)]) == 0
     assert timed == [["mote", "baseline"]]  # both variants timed in alternation, in one call
     res = json.loads(out.read_text())
     assert {"device", "batch_size", "frames", "input_size", "runs", "overhead_mote_vs_baseline", "compile", "grad_checkpointing"} <= set(res)
-    assert (res["precision"], res["model"], res["num_experts"], res["steps"], res["warmup"]) == ("fp32", "mergevid-tiny-vit", 4, 1, 0)
+    assert (res["precision"], res["model"], res["num_experts"], res["steps"], res["warmup"]) == ("fp32", "mergevid-tiny-vit", 4, 1, 1)
     assert (res["compile"], res["grad_checkpointing"]) == (False, False)  # the quickstart recipe's train settings
     assert (res["batch_size"], res["frames"], res["input_size"]) == (2, 8, 32)
     assert sorted(res["runs"]) == ["baseline", "mote"]
@@ -1864,8 +1864,8 @@ def test_bench_train_writes_json(tmp_path, capsys, monkeypatch):
     assert res["overhead_mote_vs_baseline"] == pytest.approx(res["runs"]["mote"]["step_s"] / res["runs"]["baseline"]["step_s"])
     assert "MoTE step / baseline step" in capsys.readouterr().out
     # --no-baseline times MoTE alone
-    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "0", "--batch-size", "2", "--no-baseline", "--output", str(out)]) == 1
+    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "1", "--batch-size", "2", "--no-baseline", "--output", str(out)]) == 1
     assert f"{out} exists; pass --overwrite to replace it" in capsys.readouterr().err
-    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "0", "--batch-size", "2", "--no-baseline", "--output", str(out), "--overwrite"]) == 0
+    assert cli_main(["bench", "train", str(QUICKSTART), "--steps", "1", "--warmup", "1", "--batch-size", "2", "--no-baseline", "--output", str(out), "--overwrite"]) == 0
     res = json.loads(out.read_text())
     assert sorted(res["runs"]) == ["mote"] and "overhead_mote_vs_baseline" not in res

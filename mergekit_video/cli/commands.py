@@ -711,6 +711,8 @@ def bench_head_cmd(
     checked_device(device)
     if markdown is not None:
         refuse_existing_output(markdown, True)  # appended to: it must be a writable file's place
+        if markdown.resolve() == output.resolve():  # the table would be appended into the JSON just written
+            raise UserError(f"--markdown {markdown} is the --output file; give the markdown table a file of its own")
     shapes = [head_shape(s) for s in shape] if shape else HEAD_SHAPES
     res = bench_head(device=device, steps=steps, warmup=warmup, batch_size=batch_size, frames=frames, shapes=shapes)
     atomic_write_json(output, res, overwrite=overwrite)
@@ -727,7 +729,8 @@ def bench_train_cmd(
     recipe: Path = typer.Argument(..., help="A mote recipe (model, objective, batch size, frames)."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     steps: int = typer.Option(10, "--steps", min=1),
-    warmup: int = typer.Option(3, "--warmup", min=0),
+    warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed steps before each measurement (at least 1: the first "
+                                                          "step allocates and caches, and would be timed)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Per-device batch (default: the recipe's total batch)."),
     output: Path = typer.Option(Path("bench_train.json"), "--output"),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the plain-FFN baseline and report the MoTE overhead."),
