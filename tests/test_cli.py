@@ -688,6 +688,52 @@ def test_bench_markdown_onto_its_json_output_and_bench_train_without_warmup_are_
     assert not (tmp_path / "t.json").exists()
 
 
+def test_eval_into_the_model_folder_is_refused(tmp_path, capsys, monkeypatch):
+    """eval MODEL --output-dir MODEL --overwrite wrote recipe.yaml and results.json into the saved model's folder."""
+    from mergekit_video.models import build_video_clip
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    model = tmp_path / "saved"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(build_video_clip(clip_name="mergevid-tiny-vit", temporal_layers=1, num_experts=2).config))
+    (tmp_path / "v.txt").write_text("")
+    (tmp_path / "c.csv").write_text("id,name\n0,a\n")
+    for out in (model, tmp_path):
+        assert cli_main(["eval", str(model), "--list", str(tmp_path / "v.txt"), "--classes", str(tmp_path / "c.csv"),
+                         "--output-dir", str(out), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: output_dir {out} {'is' if out == model else 'holds'} the checkpoint {model} that this "
+                              "evaluation reads; it would write its recipe.yaml and results.json there"), err
+        assert "--overwrite" not in err
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "saved", "v.txt"]
+
+
+def test_validate_check_paths_names_an_output_dir_the_run_would_refuse(tmp_path, capsys, monkeypatch):
+    """validate --check-paths said ok of an output_dir that is a file, under a file, or in a folder that cannot be
+    written, which the run refuses at once; it creates nothing."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    afile, locked = tmp_path / "afile", tmp_path / "locked"
+    afile.write_text("mine")
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))  # (root writes anywhere)
+    for out, said in ((afile, f"output_dir {afile} is a file, not a folder; set output_dir to a folder (new or of an earlier run)"),
+                      (afile / "run", f"output_dir={afile / 'run'}: cannot create or write it (Not a directory: {afile} is a file); "
+                                      "set output_dir to a folder you can write"),
+                      (locked / "a" / "b", f"output_dir={locked / 'a' / 'b'}: cannot create or write it (Permission denied: folder "
+                                           f"{locked} is not writable); set output_dir to a folder you can write")):
+        for command in (["validate", "--check-paths"], ["run"]):  # the same words, before anything is created
+            assert cli_main([*command, str(QUICKSTART), f"output_dir={out}"]) == 1
+            err = capsys.readouterr().err
+            assert f"error: {said}\n" in err, (command, err)
+    assert cli_main(["validate", "--check-paths", str(QUICKSTART), f"output_dir={tmp_path / 'new' / 'run'}"]) == 0
+    assert "ok " in capsys.readouterr().out
+    assert cli_main(["validate", str(QUICKSTART), f"output_dir={afile}"]) == 0  # without --check-paths: the recipe alone
+    capsys.readouterr()
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "locked"] and not any(locked.iterdir())
+
+
 def test_folder_arguments_naming_a_file_are_named_with_the_option(tmp_path, capsys):
     """A file given where a folder is written gave mkdir's bare "[Errno 17] File exists"."""
     afile, lst, out = tmp_path / "afile", tmp_path / "list.txt", tmp_path / "bench.json"

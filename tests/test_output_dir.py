@@ -857,3 +857,60 @@ def test_overwrite_sets_the_earlier_run_aside_until_the_new_one_has_started(tmp_
     assert cli_main(["run", str(QUICKSTART), *tiny, "optimizer.lr=2e-3", "--overwrite"]) == 0
     assert "--overwrite: deleted the earlier outputs in" in caplog.text and not (out / OVERWRITTEN_DIR).exists()
     assert "lr: 0.002" in (out / "recipe.yaml").read_text() and (out / "model" / "head.safetensors").read_bytes() != weights
+
+
+def test_an_evaluation_never_writes_into_the_checkpoint_it_reads_nor_beside_its_lists(tmp_path):
+    """mergevid eval MODEL --output-dir MODEL --overwrite wrote recipe.yaml and results.json into the saved model's
+    folder (and set aside a results.json there); so did an output_dir that is the folder of the lists."""
+    model, lists, videos = tmp_path / "m" / "saved", tmp_path / "lists", tmp_path / "videos"  # (a run's model/: "holds a training run")
+    for folder in (model, lists, videos):
+        folder.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (lists / "v.txt").write_text("a.mp4 0\n")
+    (lists / "c.csv").write_text("id,name\n0,a\n")
+    (lists / "results.json").write_text("the user's")
+    dataset = {"name": "v", "root": str(videos), "list": str(lists / "v.txt"), "class_csv": str(lists / "c.csv")}
+    advice = "evaluate into another folder (output_dir=DIR; for a model folder, mergevid eval --output-dir DIR)"
+    for out, said in ((model, f"is the checkpoint {model}"), (model.parent, f"holds the checkpoint {model}"),
+                      (model / "sub", f"lies inside the checkpoint {model}"),
+                      (lists, f"is the folder of eval.datasets.0.list={lists / 'v.txt'}, an input of this evaluation"),
+                      (videos, f"is eval.datasets.0.root={videos}, a folder this evaluation reads")):
+        for runner in ("evaluate", "compare"):
+            cfg = {"runner": runner, "output_dir": str(out), "checkpoint": str(model), "eval": {"datasets": [dataset]}}
+            for overwrite in (False, True):
+                with pytest.raises(FileExistsError) as refused:
+                    prepare_output_dir(cfg, overwrite=overwrite, main=True)
+                msg = str(refused.value)
+                assert msg.startswith(f"output_dir {out} {said}"), msg
+                assert msg.endswith(f"; it would write its recipe.yaml and results.json there: {advice}") and "--overwrite" not in msg
+    # nothing was written, set aside or created in any of them
+    assert sorted(p.name for p in model.parent.iterdir()) == ["saved"] and sorted(p.name for p in model.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in lists.iterdir()) == ["c.csv", "results.json", "v.txt"] and (lists / "results.json").read_text() == "the user's"
+    assert not any(videos.iterdir())
+    # a folder of its own is fine (beside the model, or holding the lists' folder)
+    for out in (tmp_path / "m" / "eval", tmp_path / "ev"):
+        prepare_output_dir({"runner": "evaluate", "output_dir": str(out), "checkpoint": str(model), "eval": {"datasets": [dataset]}},
+                           overwrite=False, main=True)
+        release_output_dir(out)
+        assert (out / "recipe.yaml").is_file()
+
+
+def test_a_training_run_into_a_finished_evaluations_folder_says_it_holds_an_evaluation(tmp_path):
+    """It said "It saved no model yet (interrupted: rerun its own recipe.yaml to continue it)" of an evaluation's results."""
+    out = tmp_path / "ev"
+    for runner in ("evaluate", "compare"):
+        if out.exists():
+            shutil.rmtree(out)
+        prepare_output_dir({"runner": runner, "output_dir": str(out), "checkpoint": str(tmp_path / "gone")}, overwrite=False, main=True)
+        release_output_dir(out)
+        (out / "results.json").write_text("{}")
+        with pytest.raises(FileExistsError) as refused:
+            prepare_output_dir(_cfg(out), overwrite=False, main=True)
+        assert str(refused.value) == (
+            f"output_dir {out} holds the results of an evaluation (its recipe.yaml: runner '{runner}'), not a training run. "
+            "Use another output_dir, or pass --overwrite to DELETE its results.json and train into it")
+        assert (out / "results.json").read_text() == "{}"
+    prepare_output_dir(_cfg(out), overwrite=True, main=True)
+    delete_set_aside(out)
+    release_output_dir(out)
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["recipe.yaml"]

@@ -176,7 +176,7 @@ def validate_cmd(
     ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    check_paths: bool = typer.Option(False, "--check-paths", help="Also check that the lists, class CSVs, data roots and checkpoint exist, and read the lists and class CSVs as the run will."),
+    check_paths: bool = typer.Option(False, "--check-paths", help="Also check that the lists, class CSVs, data roots and checkpoint exist, read the lists and class CSVs as the run will, and that output_dir can be written."),
     explain: bool = typer.Option(False, "--explain", help="Also list every key the recipe's runner takes: its value here, type, default, allowed values."),
 ) -> None:
     """Validate a recipe (types, allowed values, components, plugins) without running anything heavy."""
@@ -192,7 +192,7 @@ def validate_cmd(
         _console().print(f"[yellow]warning[/]: {escape(replaced)}")
     if check_paths:
         from ..config import ValidationError
-        from ..runners.common import check_recipe_paths, without_synthetic_paths
+        from ..runners.common import check_recipe_paths, output_dir_problem, without_synthetic_paths
 
         if (cfg.get("data") or {}).get("synthetic"):  # written by the run itself under output_dir
             _console().print("[yellow]note[/]: data.synthetic is set; its files are written when the recipe runs (the other paths are checked)")
@@ -200,6 +200,9 @@ def validate_cmd(
             check_recipe_paths(without_synthetic_paths(cfg), contents=True)
         except ValidationError as err:
             raise ValidationError(err.problems, source=str(recipe)) from None
+        _, problem = output_dir_problem(cfg)  # what the run refuses at its start (a file, a folder it cannot write)
+        if problem is not None:
+            raise UserError(problem)
     _console().print(f"[green]ok[/] {recipe}: runner '{cfg['runner']}', output_dir {cfg['output_dir']}")
 
 

@@ -340,6 +340,59 @@ def restore_set_aside(out: str | os.PathLike) -> bool:
     return True
 
 
+def output_dir_problem(cfg: dict[str, Any]) -> tuple[str, str | None]:
+    """``(kind, message)``: why a run of ``cfg`` cannot write its ``output_dir``, or ``(\"\", None)`` when it can. Only
+    looks (creates nothing): :func:`prepare_output_dir` refuses with it, ``mergevid validate --check-paths`` says it.
+
+    ``kind`` is ``"file"`` (output_dir is a file), ``"unwritable"`` (a path under a file, or in a folder this user
+    cannot write) or ``"input"``: an evaluation (``evaluate`` / ``compare``) whose output_dir holds a training run, is,
+    holds or lies inside the ``checkpoint`` it reads, or is the folder of one of its lists, class CSVs or video roots;
+    it would write its recipe.yaml and results.json among them (and ``--overwrite`` would set aside a results.json
+    found there). None of these is lifted by ``--overwrite``."""
+    from ..utils.io import is_within
+
+    out = Path(os.path.expanduser(str(cfg["output_dir"])))
+    if out.exists() and not out.is_dir():
+        return "file", f"output_dir {out} is a file, not a folder; set output_dir to a folder (new or of an earlier run)"
+    folder = out.absolute()
+    while not os.path.lexists(folder) and folder != folder.parent:  # the nearest part of it that exists
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        return "unwritable", (f"output_dir={cfg['output_dir']}: cannot create or write it (Not a directory: {folder} is a file); "
+                              "set output_dir to a folder you can write")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        return "unwritable", (f"output_dir={cfg['output_dir']}: cannot create or write it (Permission denied: folder {folder} is "
+                              "not writable); set output_dir to a folder you can write")
+    if cfg.get("runner") in ("evaluate", "compare"):
+        # never into a training run's folder: its results.json and recipe.yaml are the run's record
+        trained = [name for name in RUN_OUTPUTS if name not in EVAL_OUTPUTS and (out / name).exists() and _holds_output(out / name)]
+        if trained:
+            return "input", (f"output_dir {out} holds a training run ({', '.join(trained)}); an evaluation would replace its "
+                             f"recipe.yaml and results.json: evaluate into another folder (mergevid eval: --output-dir DIR)")
+        advice = "evaluate into another folder (output_dir=DIR; for a model folder, mergevid eval --output-dir DIR)"
+        checkpoint = cfg.get("checkpoint")
+        if isinstance(checkpoint, str) and checkpoint and os.path.exists(os.path.expanduser(checkpoint)):
+            checkpoint = os.path.expanduser(checkpoint)
+            if is_within(out, checkpoint) or is_within(checkpoint, out):
+                where = ("is" if is_within(checkpoint, out) and is_within(out, checkpoint) else
+                         "lies inside" if is_within(out, checkpoint) else "holds")
+                return "input", (f"output_dir {out} {where} the checkpoint {checkpoint} that this evaluation reads; it would "
+                                 f"write its recipe.yaml and results.json there: {advice}")
+        from ..config.schema import path_values
+        from .schema import SCHEMAS
+
+        for key, value in path_values(cfg, SCHEMAS[cfg["runner"]]) if cfg["runner"] in SCHEMAS else []:
+            value = os.path.expanduser(value)
+            parts = key.split(".")
+            if parts[0] != "eval" or not os.path.exists(value):
+                continue
+            root = parts[-1] == "root"  # a folder (of videos); the other keys name files (lists, class CSVs)
+            if Path(value if root else os.path.dirname(os.path.abspath(value))).resolve() == out.resolve():
+                what = f"is {key}={value}, a folder this evaluation reads" if root else f"is the folder of {key}={value}, an input of this evaluation"
+                return "input", f"output_dir {out} {what}; it would write its recipe.yaml and results.json there: {advice}"
+    return "", None
+
+
 def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> Path:
     """Create ``output_dir`` and save the resolved recipe there.
 
@@ -362,22 +415,19 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
     if isinstance(cfg.get("output_dir"), str) and cfg["output_dir"].startswith("~"):
         cfg["output_dir"] = os.path.expanduser(cfg["output_dir"])  # written where check_paths looks
     out = Path(cfg["output_dir"])
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output_dir {out} is a file, not a folder; set output_dir to a folder (new or of an earlier run)")
+    kind, problem = output_dir_problem(cfg)
+    if problem is not None:  # before anything is created there
+        raise (ValueError if kind == "unwritable" else FileExistsError)(problem)  # unwritable: said as start_run says OSErrors
     if main:
         lock_output_dir(out)  # before anything is read or written there: one run per folder at a time
-        restore_set_aside(out)  # an --overwrite run killed before it started: the earlier run's outputs back first
+        if restore_set_aside(out):  # an --overwrite run killed before it started: the earlier run's outputs back first
+            kind, problem = output_dir_problem(cfg)  # among them, a training run that an evaluation must not write into
+            if problem is not None:
+                release_output_dir(out)
+                raise (ValueError if kind == "unwritable" else FileExistsError)(problem)
         saved = out / "recipe.yaml"
         # data/ is checked on its own (ensure_synthetic_data); a run writes nothing else there
         evaluation = cfg.get("runner") in ("evaluate", "compare")
-        if evaluation:  # never into a training run's folder: its results.json and recipe.yaml are the run's record
-            trained = [name for name in RUN_OUTPUTS if name not in EVAL_OUTPUTS and (out / name).exists() and _holds_output(out / name)]
-            if trained:
-                release_output_dir(out)
-                raise FileExistsError(
-                    f"output_dir {out} holds a training run ({', '.join(trained)}); an evaluation would replace its recipe.yaml "
-                    f"and results.json: evaluate into another folder (mergevid eval: --output-dir DIR)"
-                )
         written = EVAL_OUTPUTS if evaluation else RUN_OUTPUTS
         outputs = [out / name for name in written if (out / name).exists() and _holds_output(out / name)]
         if not saved.exists() and out.is_dir() and any(p.name not in ("data", LOCK_FILE) for p in out.iterdir()) and not overwrite:
@@ -445,6 +495,12 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                         f"(output_dir=DIR; for a model folder, mergevid eval --output-dir DIR), or pass --overwrite to DELETE "
                         f"its {names} and evaluate into it"
                     )
+                recorded = _recorded_runner(previous)
+                if recorded in ("evaluate", "compare") and not (out / "model").is_dir():  # no training run to continue or evaluate
+                    raise FileExistsError(
+                        f"output_dir {out} holds the results of an evaluation (its recipe.yaml: runner '{recorded}'), not a "
+                        f"training run. Use another output_dir, or pass --overwrite to DELETE its {names} and train into it"
+                    )
                 raise FileExistsError(
                     f"output_dir {out} holds an earlier run of a different recipe ({shown}). A run resumes only with the "
                     f"same recipe (it may differ in {', '.join(RESULTS_NEUTRAL_KEYS)}; until it has results, also in the "
@@ -469,6 +525,17 @@ def prepare_output_dir(cfg: dict[str, Any], *, overwrite: bool, main: bool) -> P
                      "; the final evaluation runs with them" if any(only_final_evaluation(k) for k, _, _ in changes) else "")
         save_resolved_recipe(cfg, saved, overwrite=True)  # atomic; the same text is left alone
     return out
+
+
+def _recorded_runner(recorded: str | None) -> Any:
+    """The ``runner`` of a recorded ``recipe.yaml``'s text (None when it names none or is not a mapping)."""
+    import yaml
+
+    try:
+        earlier = yaml.safe_load(recorded) if recorded is not None else None
+    except yaml.YAMLError:
+        return None
+    return earlier.get("runner") if isinstance(earlier, dict) else None
 
 
 def _refuse_resuming_inside_the_run(cfg: dict[str, Any], out: Path) -> None:
