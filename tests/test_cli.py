@@ -709,6 +709,15 @@ def test_eval_into_the_model_folder_is_refused(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "saved", "v.txt"]
 
 
+def test_eval_help_fits_80_columns(capsys, monkeypatch):
+    """The --output-dir example was one word too long to fold ("runs/eval/mote_vitl14_k400_mode…")."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli_main(["eval", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "…" not in shown and "runs/eval/mote_model_ucf_val" in shown
+    assert max(len(line) for line in shown.splitlines()) <= 80
+
+
 def test_validate_check_paths_names_an_output_dir_the_run_would_refuse(tmp_path, capsys, monkeypatch):
     """validate --check-paths said ok of an output_dir that is a file, under a file, or in a folder that cannot be
     written, which the run refuses at once; it creates nothing."""

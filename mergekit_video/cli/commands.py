@@ -409,7 +409,8 @@ def eval_cmd(
         False, "--zero-shot", help="Classes unseen in training: reported as zero-shot (mean ± std over the --list splits, HM_ZS)."
     ),
     output_dir: Optional[Path] = typer.Option(
-        None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>_<list folder>_<list>, e.g. runs/eval/mote_vitl14_k400_model_ucf101_lists_testlist01)."
+        None, "--output-dir", help="Where results go (default: runs/eval/<run>_<model folder>_<list folder>_<list>: runs/eval/mote_model_ucf_val "
+        "for runs/mote/model and ucf/val.txt). Not the model's folder nor the list's."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an output folder holding other results: DELETES them first."),
     plugins: Optional[list[str]] = typer.Option(
