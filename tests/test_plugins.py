@@ -23,8 +23,26 @@ from mergekit_video import registry as reg_mod
 from mergekit_video.registry import MERGES, REGISTRIES, ROUTERS, import_plugins, load_entry_point_plugins
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins" / "mergekit-video-example"
-PLUGIN_SRC = PLUGIN_DIR / "src"
 MODULE = "mergekit_video_example"
+
+
+def _plugin_src() -> Path:
+    """The plugin's ``src`` folder, or a copy of its module alone when ``pip install plugins/mergekit-video-example``
+    left an egg-info there: on ``sys.path`` that egg-info declares the entry point, and every registry lookup would
+    load the plugin before the tests that import it another way (two failed after such an install)."""
+    src = PLUGIN_DIR / "src"
+    if not any(src.glob("*.egg-info")):
+        return src
+    import atexit
+    import tempfile
+
+    copy = Path(tempfile.mkdtemp(prefix="mkv-plugin-src-"))
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    shutil.copytree(src / MODULE, copy / MODULE, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+PLUGIN_SRC = _plugin_src()
 
 
 def _forget_plugin() -> None:
