@@ -80,7 +80,7 @@ def load_entry_point_plugins() -> list[str]:
         try:
             ep.load()
             loaded.append(ep.name)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin (even one calling sys.exit) must not end the CLI
             _restore_registries(before, ep.module)  # skipped whole: nothing it registered before failing stays
             log.warning("plugin %r (%s) failed to load and is skipped: %s", ep.name, ep.value, _describe_failure(exc),
                         exc_info=log.isEnabledFor(logging.DEBUG))
@@ -127,7 +127,7 @@ def import_plugins(modules: Iterable[str]) -> None:
                 hint = (f" (install its package, or put the folder that holds {top}/ or {top}.py on PYTHONPATH: "
                         "the working directory is not searched by the mergevid command)")
             raise ImportError(f"plugin module {name!r} could not be imported: {exc}{hint}") from exc
-        except Exception as exc:  # noqa: BLE001 - named as the plugin's failure, not a bare error from inside it
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - named as the plugin's failure (sys.exit too), not a bare error from inside it
             _restore_registries(before, name)
             raise ImportError(f"plugin module {name!r} failed while importing: {_describe_failure(exc)}") from exc
         finally:

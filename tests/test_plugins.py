@@ -156,6 +156,30 @@ def test_broken_entry_point_is_logged_and_skipped(clean_registries, monkeypatch,
     assert "cyclic" in ROUTERS  # the good plugin still works
 
 
+def test_a_plugin_calling_sys_exit_is_named_not_the_end_of_the_command(clean_registries, monkeypatch, tmp_path, caplog):
+    """sys.exit() while a plugin imports is its failure like any other: an entry point is logged and skipped, a recipe
+    plugin is the ImportError naming it (a bare SystemExit ended every mergevid command with no message)."""
+    (tmp_path / "mkv_exits.py").write_text("from mergekit_video.registry import MERGES\n"
+                                           "MERGES.register('mkv_exits_merge', lambda tensors, *, base=None: tensors[0])\n"
+                                           "import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ImportError, match=rf"^plugin module 'mkv_exits' failed while importing: SystemExit: 3 "
+                                              rf"\({tmp_path / 'mkv_exits.py'}:4\)$"):
+            reg_mod.import_plugins(["mkv_exits"])
+        assert "mkv_exits_merge" not in MERGES
+        sys.modules.pop("mkv_exits", None)
+        _fake_install(tmp_path, "[mergekit_video.plugins]\nexits = mkv_exits\n", name="mkv_exits_plugin")
+        monkeypatch.setattr(reg_mod, "_entry_points_loaded", False)
+        importlib.invalidate_caches()
+        with caplog.at_level(logging.WARNING, logger="mergekit_video.registry"):
+            assert "exits" not in load_entry_point_plugins()
+        assert "plugin 'exits' (mkv_exits) failed to load and is skipped: SystemExit: 3" in caplog.text
+        assert "mkv_exits_merge" not in MERGES and "mean" in MERGES  # the registries still answer
+    finally:
+        sys.modules.pop("mkv_exits", None)
+
+
 HALF_FAILING = """import functools
 from mergekit_video.registry import MERGES
 
