@@ -1372,14 +1372,20 @@ def test_replacing_an_expert_tensors_data_merges_again():
     assert c.merge_count == 3  # unchanged experts: the cache holds
 
 
-@pytest.mark.parametrize("as_state_dict", [False, True])
-def test_an_in_place_edit_of_the_base_merges_again(as_state_dict):
+def _base_and_two_moved_copies() -> tuple[nn.Linear, list[nn.Linear]]:
+    """A base Linear and two experts that are the base plus a random weight shift (task vectors)."""
     torch.manual_seed(0)
     base = nn.Linear(3, 3)
     lin = [copy.deepcopy(base) for _ in range(2)]
     with torch.no_grad():
         for e in lin:
             e.weight.add_(torch.randn(3, 3))
+    return base, lin
+
+
+@pytest.mark.parametrize("as_state_dict", [False, True])
+def test_an_in_place_edit_of_the_base_merges_again(as_state_dict):
+    base, lin = _base_and_two_moved_copies()
     base_arg = {k: v.clone() for k, v in base.state_dict().items()} if as_state_dict else base
     c = ExpertContainer(lin, router="fixed", merge="task_arithmetic", merge_kwargs={"base": base_arg}).eval()
     x = torch.randn(2, 3)
@@ -1396,12 +1402,7 @@ def test_an_in_place_edit_of_the_base_merges_again(as_state_dict):
 def test_a_replaced_tensor_of_a_base_module_merges_again(replace):
     """A base module's tensor replaced (not written in place) kept the old merge in eval while
     collapse() read the new one: eval and the exported model differed."""
-    torch.manual_seed(0)
-    base = nn.Linear(3, 3)
-    lin = [copy.deepcopy(base) for _ in range(2)]
-    with torch.no_grad():
-        for e in lin:
-            e.weight.add_(torch.randn(3, 3))
+    base, lin = _base_and_two_moved_copies()
     c = ExpertContainer(lin, router="fixed", merge="task_arithmetic", merge_kwargs={"base": base}).eval()
     x = torch.randn(2, 3)
     with torch.no_grad():
