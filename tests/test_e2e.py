@@ -1347,6 +1347,10 @@ def test_multi_view_averages_softmax_probabilities_and_counts_each_video_once():
     assert (soft.num_videos, soft.num_failed, soft.failed, soft.views) == (2, 1, ["/x/bad.mp4"], (2, 1))
     with pytest.raises(ValueError, match="view_reduce must be one of"):
         evaluate(_LogitsModel(), [batch], cls, view_reduce="max")
+    # a dense export is its experts' merge: named so without variants, as the runners and CLI name it
+    exported = _LogitsModel()
+    exported.config = {"exported_from": {"num_experts": 4, "merge": "mean"}}
+    assert list(evaluate(exported, [batch], cls, views=(2, 1)).variants) == ["merged"]
 
 
 def test_failed_videos_are_counted_per_list_line_not_per_path():

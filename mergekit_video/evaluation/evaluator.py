@@ -187,14 +187,16 @@ def evaluate(
         view_reduce: ``softmax_mean`` (average per-view probabilities of the unscaled cosine
             logits, as the official code) or ``logit_mean``.
         progress: called with the number of videos after each batch.
-
-    Raises :class:`NoVideoEvaluatedError` (a ValueError) when no video was evaluated (an empty list, or every video failed under
-    ``on_error: skip``): there is no accuracy to report, and a 0 would turn HM_ZS into 0.
         precision: as the trainer's (:func:`~mergekit_video.training.precision.resolve_precision`):
             ``auto`` is bf16 autocast on a CUDA device that supports bf16, fp32 otherwise. Autocast
             covers the visual tower and the temporal transformer; the class similarities and ρ
             (Eq. 11) are always fp32 (:func:`~mergekit_video.models.cosine_logits`,
             :func:`~mergekit_video.models.semantic_association`), as the official test code.
+
+    Without ``variants``: the model alone, named ``merged`` (``model`` for the plain-FFN baseline).
+
+    Raises :class:`NoVideoEvaluatedError` (a ValueError) when no video was evaluated (an empty list, or every video failed under
+    ``on_error: skip``): there is no accuracy to report, and a 0 would turn HM_ZS into 0.
 
     In DDP every rank evaluates its shard; results are gathered and de-duplicated by
     dataset index, so padded samples never count twice.
@@ -204,7 +206,7 @@ def evaluate(
     device = torch.device(device)
     precision = resolve_precision(device, precision)  # the trainer's decision (bf16 only where supported)
     head = model.head
-    variants = list(variants or build_variants(head, modulation=(False,)))
+    variants = list(variants or build_variants(model, modulation=(False,)))
     # experts outside the head (in the visual tower): a variant's routing covers the whole model
     whole_model = len(find_containers(model)) > len(find_containers(head))
     if whole_model:
