@@ -144,6 +144,12 @@ def test_cli_synth_and_prepare(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 1 and "1 of 3 videos failed" in captured.err and "missing.mp4" in captured.err
     assert len(read_annotation_list(tmp_path / "prep" / "train.txt")) == 2
+    # tune=fastdecode is on unless --no-fastdecode: the same folder again with it off is a change of settings
+    args = [str(root / "train.txt"), str(tmp_path / "prep"), "--short-side", "16", "--gop", "4", "--workers", "1"]
+    assert main(["data", "prepare", *args, "--no-fastdecode"]) == 1
+    assert "fastdecode (--fastdecode/--no-fastdecode) was True, now False" in capsys.readouterr().err
+    assert main(["data", "prepare", *args, "--fastdecode", "--no-fastdecode"]) != 0
+    assert "--fastdecode and --no-fastdecode contradict each other" in capsys.readouterr().err
 
 
 def test_bench_pipelines_decode_the_same_frames(tiny_synthetic):

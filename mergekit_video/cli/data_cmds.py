@@ -65,7 +65,9 @@ def prepare_cmd(
     root: Optional[Path] = typer.Option(None, "--root", help="Dataset root the list's paths are relative to (default: the list's folder)."),
     short_side: int = typer.Option(256, "--short-side", help="Scale the short side down to this many pixels (never up)."),
     gop: int = typer.Option(16, "--gop", help="Keyframe every this many frames."),
-    fastdecode: bool = typer.Option(True, "--fastdecode/--no-fastdecode", help="x264 tune=fastdecode."),
+    # one name per column: a --fastdecode/--no-fastdecode pair widened the option column until names were cut at 80 columns
+    no_fastdecode: bool = typer.Option(False, "--no-fastdecode", help="Encode without x264 tune=fastdecode (on by default)."),
+    fastdecode_flag: bool = typer.Option(False, "--fastdecode", hidden=True, help="tune=fastdecode: the default."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Parallel encoders (default: all cores)."),
     list_format: str = typer.Option("video", "--list-format", help="video | frames ('folder num_frames label')."),
     fps: float = typer.Option(30.0, "--fps", help="Frame rate for frame-folder inputs."),
@@ -77,6 +79,9 @@ def prepare_cmd(
     """Re-encode a dataset for fast training: short GOP, fastdecode, smaller short side; resumable."""
     from ..data.prepare import prepare_dataset, refuse_file_as_folder
 
+    if no_fastdecode and fastdecode_flag:
+        raise typer.BadParameter("--fastdecode and --no-fastdecode contradict each other: give one")
+    fastdecode = not no_fastdecode
     refuse_file_as_folder(out_dir, "OUT_DIR")
     report = prepare_dataset(list_file=list_file, root=root or list_file.parent, out_dir=out_dir, short_side=short_side, gop=gop,
                              fastdecode=fastdecode, workers=workers, list_format=list_format, fps=fps, read_timeout_s=read_timeout,
