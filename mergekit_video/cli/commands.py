@@ -206,6 +206,9 @@ def validate_cmd(
     _console().print(f"[green]ok[/] {recipe}: runner '{cfg['runner']}', output_dir {cfg['output_dir']}")
 
 
+EXPLAIN_TABLE_MIN_WIDTH = 140  # narrower, validate --explain lists one record per key instead of a six-column table
+
+
 def _print_recipe_keys(cfg: dict) -> None:
     """The keys of ``cfg``'s runner schema as a table, with the (validated, defaults filled) value each has here."""
     import inspect
@@ -258,19 +261,46 @@ def _print_recipe_keys(cfg: dict) -> None:
 
     rows = explain_schema(SCHEMAS[cfg["runner"]])
     row_keys = {row["key"] for row in rows}
-    table = Table(title=f"keys of the '{cfg['runner']}' runner (value: this recipe, defaults filled in)", header_style="bold")
+    title = f"keys of the '{cfg['runner']}' runner (value: this recipe, defaults filled in)"
+    console = _console()
+
+    def filled(row: dict) -> tuple[str, str]:
+        """(value, default) of a row: a key left out of a section the recipe has shows the default it gets."""
+        default = row["default"] or component_default(row["key"])
+        value = value_of(row["key"])
+        if value == "":  # left out of a section the recipe has: the default applies
+            value = default if default not in ("", "required") else ""
+        return value or "", default
+
+    if console.width < EXPLAIN_TABLE_MIN_WIDTH:  # six columns do not fit: one record per key, its key line whole
+        import textwrap
+
+        from rich.text import Text
+
+        def indented(text: str) -> str:
+            return textwrap.fill(text, width=console.width, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
+
+        console.print(Text(title, style="bold"))
+        for row in rows:
+            value, default = filled(row)
+            head = Text(row["key"], style="cyan")
+            if value:
+                head.append(f" = {value}")
+            console.print(head, overflow="fold")
+            facts = "; ".join(f"{name}: {v}" for name, v in (("type", row["type"]), ("default", default), ("allowed", row["allowed"])) if v)
+            console.print(Text(indented(facts)), soft_wrap=True)
+            if row["doc"]:
+                console.print(Text(indented(row["doc"]), style="dim"), soft_wrap=True)
+        return
+    table = Table(title=title, header_style="bold")
     # keys are never wrapped, so that `validate --explain | grep KEY` finds them; the other columns fold
     table.add_column("key", style="cyan", no_wrap=True, min_width=max(len(k) for k in row_keys))
     for column in ("value", "type", "default", "allowed", "description"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        default = row["default"] or component_default(row["key"])
-        value = value_of(row["key"])
-        if value == "":  # left out of a section the recipe has: the default applies
-            value = default if default not in ("", "required") else ""
-        value = value or ""
+        value, default = filled(row)
         table.add_row(*(escape(v) for v in (row["key"], value, row["type"], default, row["allowed"], row["doc"])))
-    _console().print(table)
+    console.print(table)
 
 
 @app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
