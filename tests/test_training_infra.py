@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -495,7 +496,7 @@ def test_ddp_class_features_are_encoded_by_rank_0_and_read_from_the_cache_by_the
 # ---------------------------------------------------------------------------------------------
 # metrics and progress
 # ---------------------------------------------------------------------------------------------
-def test_metrics_logger_jsonl_and_resume(tmp_path):
+def test_metrics_logger_jsonl_and_resume(tmp_path, caplog):
     with MetricsLogger(output_dir=tmp_path) as log:
         for step in (10, 20, 30):
             log.log({"loss": torch.tensor(step / 10), "lr": 1e-4, "split": "train"}, step=step, epoch=step // 20)
@@ -508,6 +509,14 @@ def test_metrics_logger_jsonl_and_resume(tmp_path):
     with MetricsLogger(output_dir=tmp_path, resume_step=20) as log:  # resumed from the step-20 checkpoint
         log.log({"loss": 9.0}, step=30)
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(10, 1.0), (20, 2.0), (30, 9.0)]
+    # a damaged line inside the file is not the torn end of a crash: kept and named, not deleted by the resume
+    text = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "metrics.jsonl").write_text(text[0] + '{"step": 15, bad json\n' + "".join(text[1:]))
+    with caplog.at_level(logging.WARNING, logger="mergekit_video.training.metrics"):
+        MetricsLogger(output_dir=tmp_path, resume_step=20).close()
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines()[1] == '{"step": 15, bad json'
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [10, 20]
+    assert "metrics.jsonl: line 2 is not a JSON record; kept as it is (readers skip it)" in caplog.text
     with pytest.raises(ValueError, match="reserved"):
         MetricsLogger(output_dir=tmp_path).log({"step": 1}, step=1)
     MetricsLogger(output_dir=tmp_path / "off", enabled=False).log({"loss": 1.0}, step=1)

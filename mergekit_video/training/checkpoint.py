@@ -592,7 +592,7 @@ class CheckpointManager:
             if _step_of(path) > chosen_step and path not in self._reported:
                 self._reported.add(path)
                 log.warning("checkpoint %s is unreadable (%s); %s", path, why,
-                            f"resuming from the previous one, {chosen.name}" if chosen is not None else "no older checkpoint to resume from")
+                            f"resuming from the previous one, {chosen.name}" if chosen is not None else "no readable older checkpoint to resume from")
 
     def latest(self) -> Path | None:
         """The checkpoint named by ``latest`` (or, if that is missing or broken, the newest

@@ -6,12 +6,15 @@ Only the main process writes or prints; on other ranks every method is a no-op.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MetricsLogger", "TrainProgress", "json_line", "print_summary", "read_metrics", "summary_table"]
 
@@ -50,7 +53,7 @@ def json_line(record: Mapping[str, Any]) -> str:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file (a torn last line from a crash is skipped)."""
+    """Records of a ``metrics.jsonl`` file (a line that is not JSON, such as the torn last line of a crash, is skipped)."""
     out = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
@@ -58,6 +61,33 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def _lines_up_to(path: Path, step: int) -> str:
+    """The text of ``path`` without the records past ``step`` (written after the checkpoint a run resumes from).
+
+    A torn last line (a crash while writing) is dropped; any other line that is not a JSON record is
+    damage, not ours to delete: it is kept as it is, and named.
+    """
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out, damaged = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            if number < len(lines) and line.strip():
+                damaged.append(number)
+                out.append(line + "\n")
+            continue
+        if record.get("step", -1) <= step:
+            out.append(json_line(record))
+    if damaged:
+        log.warning("%s: line%s %s %s not a JSON record; kept as %s (readers skip %s)", path, "s" * (len(damaged) > 1),
+                    ", ".join(map(str, damaged)), "are" if len(damaged) > 1 else "is", "they are" if len(damaged) > 1 else "it is",
+                    "them" if len(damaged) > 1 else "it")
+    return "".join(out)
 
 
 class MetricsLogger:
@@ -106,8 +136,7 @@ class MetricsLogger:
 
         remove_stale_atomic_temps(self.path)  # left by a rewrite below that a kill cut short
         if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
-            atomic_write_text(self.path, "".join(json_line(r) for r in kept))
+            atomic_write_text(self.path, _lines_up_to(self.path, int(resume_step)))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def log(self, metrics: Mapping[str, Any], *, step: int, epoch: float | None = None) -> None:
