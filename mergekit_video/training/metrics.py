@@ -83,10 +83,10 @@ def _lines_up_to(path: Path, step: int) -> str:
             continue
         if record.get("step", -1) <= step:
             out.append(json_line(record))
-    if damaged:
-        log.warning("%s: line%s %s %s not a JSON record; kept as %s (readers skip %s)", path, "s" * (len(damaged) > 1),
-                    ", ".join(map(str, damaged)), "are" if len(damaged) > 1 else "is", "they are" if len(damaged) > 1 else "it is",
-                    "them" if len(damaged) > 1 else "it")
+    if len(damaged) == 1:
+        log.warning("%s: line %d is not a JSON record; kept as it is (readers skip it)", path, damaged[0])
+    elif damaged:
+        log.warning("%s: lines %s are not JSON records; kept as they are (readers skip them)", path, ", ".join(map(str, damaged)))
     return "".join(out)
 
 
